@@ -1,0 +1,141 @@
+"""Volume configs: one human-readable TOML file per volume under $BALEFS_HOME."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import tomli_w
+
+from .errors import ConfigError, VolumeExistsError, VolumeNotFoundError
+from .storage.node import normalize_node_url
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def balefs_home() -> str:
+    """The directory that holds volume configs: $BALEFS_HOME or ~/.config/balefs."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("BALEFS_HOME") or "~/.config/balefs"))
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """Parse 4194304, '4MiB', '64M' or '1.5g' into bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: cannot read {value!r} as a size (e.g. 4MiB, 64M, 1073741824)")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def check_volume_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ConfigError(f"bad volume name {name!r}: use letters, digits, '-', '_' or '.', up to 63 characters")
+    return name
+
+
+@dataclass
+class VolumeConfig:
+    """Everything a client needs to open a volume."""
+
+    name: str
+    nodes: list[str]
+    meta: str = ""
+    chunk_size: int = 64 << 20
+    block_size: int = 4 << 20
+    replicas: int = 1
+    compression: str = "none"
+    cache_size: int = 1 << 30
+    meta_cache_ttl: float = 1.0
+    readahead_blocks: int = 4
+    io_threads: int = 16
+    upload_inflight: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_volume_name(self.name)
+        if not self.nodes:
+            raise ConfigError(f"volume {self.name!r}: no nodes (give at least one --node)")
+        self.nodes = [normalize_node_url(n) for n in self.nodes]
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ConfigError(f"volume {self.name!r}: a node is listed twice")
+        for key in ("chunk_size", "block_size", "cache_size"):
+            setattr(self, key, parse_size(getattr(self, key), key))
+        if not 4096 <= self.block_size <= 1 << 30:
+            raise ConfigError(f"block_size {self.block_size} must lie between 4 KiB and 1 GiB")
+        if self.chunk_size < self.block_size or self.chunk_size % self.block_size:
+            raise ConfigError(f"chunk_size {self.chunk_size} must be a multiple of block_size {self.block_size}")
+        if not 1 <= int(self.replicas) <= len(self.nodes):
+            raise ConfigError(f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
+        if self.compression not in ("none", "lz4"):
+            raise ConfigError(f"compression {self.compression!r}: use 'none' or 'lz4'")
+        for key in ("readahead_blocks", "io_threads", "upload_inflight"):
+            if int(getattr(self, key)) < (0 if key == "readahead_blocks" else 1):
+                raise ConfigError(f"{key} must be positive")
+
+    @property
+    def meta_url(self) -> str:
+        """The metadata store; by default an SQLite file beside the config."""
+        return self.meta or f"sqlite://{os.path.join(balefs_home(), self.name + '.db')}"
+
+    def with_options(self, options: dict[str, Any]) -> "VolumeConfig":
+        """A copy with fsspec storage_options applied on top."""
+        known = {f.name for f in fields(self)}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"unknown volume option(s): {', '.join(sorted(unknown))}")
+        return VolumeConfig(**{**asdict(self), **options})
+
+    def to_toml(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k not in ("name", "extra")}
+        data = {k: v for k, v in data.items() if v != ""}
+        return f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n" + tomli_w.dumps(data)
+
+
+def config_path(name: str) -> str:
+    return os.path.join(balefs_home(), check_volume_name(name) + ".toml")
+
+
+def load_config(name: str) -> VolumeConfig:
+    """Read the config of volume `name`, with a clear error when missing or malformed."""
+    path = config_path(name)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise VolumeNotFoundError(name, balefs_home()) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    known = {f.name for f in fields(VolumeConfig)} - {"name"}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    if "nodes" not in data or not isinstance(data["nodes"], list):
+        raise ConfigError(f"{path}: 'nodes' must be a list of node URLs")
+    try:
+        return VolumeConfig(name=name, **data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_config(cfg: VolumeConfig, overwrite: bool = False) -> str:
+    """Write the config atomically; refuse to replace an existing volume unless told to."""
+    path = config_path(cfg.name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path) and not overwrite:
+        raise VolumeExistsError(f"volume {cfg.name!r} already exists ({path})")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_toml())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,43 @@
+"""Errors that balefs raises; each one says what failed and where, so a user can act on it."""
+from __future__ import annotations
+
+
+class BaleError(Exception):
+    """Base of every balefs error."""
+
+
+class ConfigError(BaleError, ValueError):
+    """A volume config or an option is malformed."""
+
+
+class VolumeNotFoundError(BaleError, FileNotFoundError):
+    """No config exists for the named volume."""
+
+    def __init__(self, name: str, home: str) -> None:
+        super().__init__(f"unknown volume {name!r}: no {name}.toml under {home} (create it with `balefs init {name} --node DIR`)")
+        self.name = name
+
+
+class VolumeExistsError(BaleError, FileExistsError):
+    """`init` was asked to create a volume that already exists."""
+
+
+class NodeError(BaleError, OSError):
+    """A storage node cannot be used: missing, not writable, unreachable or full."""
+
+
+class BlockNotFoundError(NodeError):
+    """A block that metadata references is absent from a node."""
+
+
+class CorruptBlockError(BaleError, OSError):
+    """A block's header or checksum does not match: its bytes are never returned as data."""
+
+    def __init__(self, reason: str, chunk: int | None = None, block: int | None = None, node: str | None = None) -> None:
+        where = f"chunk {chunk} block {block} on node {node}" if chunk is not None else f"block on node {node}"
+        super().__init__(f"corrupt {where}: {reason}")
+        self.reason, self.chunk, self.block, self.node = reason, chunk, block, node
+
+    def located(self, chunk: int, block: int, node: str) -> "CorruptBlockError":
+        """The same error, naming the chunk, block and node it was read from."""
+        return CorruptBlockError(self.reason, chunk, block, node)

@@ -1,0 +1,487 @@
+"""Client: one open volume; ties metadata, nodes, placement, chunk writer, block reader and cache.
+
+Every interface (fsspec, CLI, FUSE, loaders, checkpoints) goes through this class; it
+knows nothing of any of them. Paths are volume-relative ("a/b/c").
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import xxhash
+
+from ..config import VolumeConfig, load_config, save_config, config_path
+from ..errors import ConfigError, NodeError, VolumeExistsError
+from .cache import BlockCache
+from .codec import BlockCodec
+from .meta import ROOT, BlockRecord, Extent, FileWrite, Inode, SqliteMeta, open_meta, split_path
+from .node import Node, open_node
+from .placement import Placement
+from .reader import BlockReader
+from .writer import ChunkWriter, parse_block_key
+
+
+def _enoent(path: str) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+
+def _parent(path: str) -> tuple[str, str]:
+    parts = split_path(path)
+    if not parts:
+        return "", ""
+    return "/".join(parts[:-1]), parts[-1]
+
+
+class FileReader:
+    """Reads one committed file by byte range, with readahead on sequential access."""
+
+    def __init__(self, client: "Client", path: str, inode: Inode, extents: list[Extent]) -> None:
+        self.client, self.path, self.inode, self.extents = client, path, inode, extents
+        self.size = inode.size
+        self._last_end = -1
+
+    def read(self, start: int, end: int) -> bytes:
+        end = min(end, self.size)
+        if start >= end:
+            return b""
+        data = self.client.reader.read(self.extents, start, end)
+        ahead = self.client.cfg.readahead_blocks
+        if ahead and start == self._last_end and end < self.size:
+            span = ahead * self.client.cfg.block_size
+            self.client.reader.prefetch(r for r, _, _ in self.client.reader.plan(self.extents, end, min(self.size, end + span)))
+        self._last_end = end
+        return data
+
+
+@dataclass
+class FileWriter:
+    """Bytes of one file on their way into chunks; committed (made visible) by close()."""
+
+    client: "Client"
+    path: str
+    mode: int = 0o644
+    exclusive: bool = False
+    extents: list[Extent] = field(default_factory=list)
+    size: int = 0
+    first_gen: int = -1
+    last_gen: int = -1
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self._hash = xxhash.xxh3_128()
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.closed:
+            raise ValueError(f"{self.path}: write to a closed file")
+        n = len(data)
+        if not n:
+            return 0
+        gen, pieces = self.client.writer.append(data)
+        if self.first_gen < 0:
+            self.first_gen = gen
+        self.last_gen = gen
+        self._hash.update(data)
+        for chunk, coff, length in pieces:
+            last = self.extents[-1] if self.extents else None
+            if last and last.chunk == chunk and last.chunk_off + last.length == coff and last.off + last.length == self.size:
+                self.extents[-1] = last._replace(length=last.length + length)
+            else:
+                self.extents.append(Extent(self.size, chunk, coff, length))
+            self.size += length
+        return n
+
+    def as_write(self) -> FileWrite:
+        return FileWrite(self.path, list(self.extents), self.size, self._hash.hexdigest(), self.mode, exclusive=self.exclusive)
+
+    def close(self) -> None:
+        """Commit the file: at once, or with the enclosing batch when one is open."""
+        if self.closed:
+            return
+        self.closed = True
+        self.client._finish(self)
+
+    def abort(self) -> None:
+        """Drop the file: nothing of it becomes visible."""
+        self.closed = True
+
+
+class _Ticket:
+    def __init__(self, files: list[FileWriter]) -> None:
+        self.files = files
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Client:
+    """An open volume."""
+
+    def __init__(self, cfg: VolumeConfig, meta: SqliteMeta | None = None) -> None:
+        self.cfg = cfg
+        self.meta = meta or open_meta(cfg.meta_url)
+        ids = self.meta.register_nodes(cfg.nodes)
+        self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in self.meta.nodes().items()}
+        for url in cfg.nodes:
+            self.nodes[ids[url]].check(writable=False)
+        self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
+        self.codec = BlockCodec(cfg.compression)
+        self.cache = BlockCache(cfg.cache_size)
+        self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
+        self.reader = BlockReader(self.meta.blocks_of, self.nodes, self.cache, self._pool)
+        self._writer: ChunkWriter | None = None
+        self._writer_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Ticket] = []
+        self._batch = threading.local()
+        self._dirs: dict[str, tuple[Inode, float]] = {}
+
+    @classmethod
+    def open(cls, name: str, **options: object) -> "Client":
+        """Open volume `name` from its config, with options overriding the config."""
+        cfg = load_config(name)
+        if options:
+            cfg = cfg.with_options(options)
+        return cls(cfg)
+
+    @staticmethod
+    def init(name: str, nodes: Sequence[str], meta: str = "", **settings: object) -> VolumeConfig:
+        """Create a volume: check every node, create its metadata store and write its config."""
+        cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
+        if os.path.exists(config_path(name)):
+            raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
+        for url in cfg.nodes:
+            open_node(url).check(writable=True)
+        if cfg.meta_url.startswith("sqlite://") and os.path.exists(cfg.meta_url[len("sqlite://"):]):
+            raise VolumeExistsError(f"metadata {cfg.meta_url} already exists; remove it or pass another --meta")
+        store = open_meta(cfg.meta_url, create=True)
+        store.register_nodes(cfg.nodes)
+        store.close()
+        save_config(cfg)
+        return cfg
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._pool.shutdown(wait=True)
+        self.meta.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _dir(self, path: str) -> Inode:
+        """The directory inode at `path`, from a short-lived cache (cfg.meta_cache_ttl)."""
+        key = "/".join(split_path(path))
+        hit = self._dirs.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        if not key:
+            node = self.meta.getattr(ROOT)
+        else:
+            parent_path, name = _parent(key)
+            node = self.meta.lookup(self._dir(parent_path).ino, name)
+            if node is None:
+                raise _enoent(path)
+        if node.kind != "d":
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        if self.cfg.meta_cache_ttl > 0:
+            self._dirs[key] = (node, now + self.cfg.meta_cache_ttl)
+        return node
+
+    def _invalidate(self) -> None:
+        self._dirs.clear()
+
+    def stat(self, path: str) -> Inode:
+        """The inode at `path`; FileNotFoundError / NotADirectoryError as POSIX would raise."""
+        parent_path, name = _parent(path)
+        if not name:
+            return self._dir("")
+        node = self.meta.lookup(self._dir(parent_path).ino, name)
+        if node is None:
+            raise _enoent(path)
+        return node
+
+    def stat_many(self, paths: Iterable[str]) -> dict[str, Inode | OSError]:
+        """Stat many paths with one query per directory (and per 500 names)."""
+        by_dir: dict[str, list[tuple[str, str]]] = {}
+        out: dict[str, Inode | OSError] = {}
+        for p in paths:
+            parent_path, name = _parent(p)
+            if not name:
+                out[p] = self._dir("")
+            else:
+                by_dir.setdefault(parent_path, []).append((p, name))
+        for parent_path, items in by_dir.items():
+            try:
+                parent = self._dir(parent_path)
+            except OSError as exc:
+                for p, _ in items:
+                    out[p] = type(exc)(exc.errno, exc.strerror, p)
+                continue
+            found = self.meta.lookup_many(parent.ino, [n for _, n in items])
+            for p, name in items:
+                out[p] = found.get(name) or _enoent(p)
+        return out
+
+    def listdir(self, path: str) -> list[tuple[str, Inode]]:
+        node = self.stat(path)
+        if node.kind != "d":
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        return self.meta.listdir(node.ino)
+
+    def walk(self, path: str) -> Iterator[tuple[str, Inode]]:
+        """(path relative to the volume, inode) of every entry below directory `path`."""
+        node = self.stat(path)
+        base = "/".join(split_path(path))
+        if node.kind != "d":
+            yield base, node
+            return
+        for rel, child in self.meta.walk(node.ino):
+            yield (f"{base}/{rel}" if base else rel), child
+
+    def readlink(self, path: str) -> str:
+        node = self.stat(path)
+        if node.kind != "l":
+            raise OSError(errno.EINVAL, "not a symbolic link", path)
+        return node.target or ""
+
+    # -- reading -------------------------------------------------------------------------
+
+    def open_read(self, path: str) -> FileReader:
+        node = self.stat(path)
+        if node.kind == "d":
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        return FileReader(self, path, node, self.meta.extents_of([node.ino])[node.ino])
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
+        """Serve many (path, start, end) reads at once: each needed block is fetched once."""
+        stats = self.stat_many({p for p, _, _ in requests})
+        files = {p: s for p, s in stats.items() if isinstance(s, Inode) and s.kind == "f"}
+        extents = self.meta.extents_of(s.ino for s in files.values())
+        out: list[bytes | Exception] = [b""] * len(requests)
+        plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
+        for i, (p, start, end) in enumerate(requests):
+            node = stats[p]
+            if isinstance(node, Exception):
+                out[i] = node
+            elif node.kind == "d":
+                out[i] = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
+            else:
+                size = node.size
+                s = max(0, size + start if start < 0 else start)
+                e = size if end is None else max(0, size + end if end < 0 else min(end, size))
+                plan.append((i, (extents.get(node.ino, []), s, max(s, e))))
+        for (i, _), data in zip(plan, self.reader.read_many([req for _, req in plan])):
+            out[i] = data
+        return out
+
+    def read_file(self, path: str) -> bytes:
+        data = self.read_ranges([(path, 0, None)])[0]
+        if isinstance(data, Exception):
+            raise data
+        return data
+
+    # -- writing -------------------------------------------------------------------------
+
+    @property
+    def writer(self) -> ChunkWriter:
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    for nid in self.placement.node_ids:
+                        self.nodes[nid].check(writable=True)
+                    self._writer = ChunkWriter(self.meta.new_chunk, self.nodes, self.placement, self.codec,
+                                               self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight)
+        return self._writer
+
+    def open_write(self, path: str, append: bool = False, exclusive: bool = False, mode: int = 0o644) -> FileWriter:
+        """Start writing a file; it becomes visible when closed (or when its batch ends)."""
+        parent_path, name = _parent(path)
+        if not name:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or "/")
+        self._check_parent(parent_path, path)
+        fw = FileWriter(self, "/".join(split_path(path)), mode, exclusive)
+        if append:
+            try:
+                old = self.open_read(path)
+            except FileNotFoundError:
+                return fw
+            fw._hash.update(old.read(0, old.size))
+            fw.extents, fw.size, fw.mode = list(old.extents), old.size, old.inode.mode
+        return fw
+
+    def _check_parent(self, parent_path: str, path: str) -> None:
+        """Fail early (before any byte is written) when a parent component is a file."""
+        try:
+            self._dir(parent_path)
+        except FileNotFoundError:
+            pass  # missing parents are created at commit, as object stores do
+        except NotADirectoryError:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+
+    def write_file(self, path: str, data: bytes | memoryview, exclusive: bool = False) -> None:
+        fw = self.open_write(path, exclusive=exclusive)
+        fw.write(data)
+        fw.close()
+
+    @contextmanager
+    def batch(self) -> Iterator[list[FileWriter]]:
+        """Files closed inside the block are committed together, in one transaction, at its end."""
+        outer = getattr(self._batch, "files", None)
+        if outer is not None:
+            yield outer
+            return
+        self._batch.files = files = []
+        try:
+            yield files
+        except BaseException:
+            self._batch.files = None
+            raise
+        self._batch.files = None
+        if files:
+            self.commit(files)
+
+    def _finish(self, fw: FileWriter) -> None:
+        files = getattr(self._batch, "files", None)
+        if files is not None:
+            files.append(fw)
+        else:
+            self.commit([fw])
+
+    def commit(self, files: list[FileWriter]) -> None:
+        """Make files durable and visible. Concurrent callers share one flush and one transaction."""
+        ticket = _Ticket(files)
+        with self._queue_lock:
+            self._queue.append(ticket)
+        with self._commit_lock:
+            if not ticket.done:
+                with self._queue_lock:
+                    tickets, self._queue = self._queue, []
+                self._commit_tickets(tickets)
+        if ticket.error is not None:
+            raise ticket.error
+
+    def _commit_tickets(self, tickets: list[_Ticket]) -> None:
+        try:
+            blocks, sizes, _ = self.writer.take(force=True)
+        except BaseException as exc:
+            for t in tickets:
+                t.error, t.done = exc, True
+            raise
+        good: list[_Ticket] = []
+        for t in tickets:
+            lost = next((self.writer.failure(f.first_gen, f.last_gen) for f in t.files if f.first_gen >= 0
+                         and self.writer.failure(f.first_gen, f.last_gen)), None)
+            if lost is not None:
+                t.error = NodeError(f"{t.files[0].path}: not committed, a block upload failed: {lost}")
+                t.done = True
+            else:
+                good.append(t)
+        try:
+            self.meta.commit(blocks, [f.as_write() for t in good for f in t.files], sizes)
+        except Exception:
+            self.meta.commit(blocks, [], sizes)  # keep the blocks booked; then find whose files fail
+            for t in good:
+                try:
+                    self.meta.commit([], [f.as_write() for f in t.files], {})
+                except Exception as exc:  # noqa: BLE001 - handed to that ticket's caller
+                    t.error = exc
+        finally:
+            for t in good:
+                t.done = True
+            self._invalidate()
+
+    def commit_durable(self, files: list[FileWriter], force: bool = False) -> list[FileWriter]:
+        """Commit those of `files` whose bytes are all durable already; return the rest.
+
+        This is group commit for bulk writers: no block is cut short and nothing waits.
+        With force the last partial block is written and every file is committed.
+        """
+        with self._commit_lock:
+            blocks, sizes, marks = self.writer.take(force=force)
+            ready, rest = [], []
+            for f in files:
+                lost = f.first_gen >= 0 and self.writer.failure(f.first_gen, f.last_gen)
+                if lost:
+                    raise NodeError(f"{f.path}: not committed, a block upload failed: {lost}")
+                durable = all(e.chunk_off + e.length <= marks.get(e.chunk, 1 << 62) for e in f.extents)
+                (ready if durable else rest).append(f)
+            self.meta.commit(blocks, [f.as_write() for f in ready], sizes)
+            self._invalidate()
+            return rest
+
+    # -- namespace changes ---------------------------------------------------------------
+
+    def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False, mode: int = 0o755) -> None:
+        self._check_parent(_parent(path)[0], path)
+        self.meta.mkdir(path, mode, parents=parents, exist_ok=exist_ok)
+        self._invalidate()
+
+    def remove(self, path: str, recursive: bool = False) -> int:
+        if not split_path(path):
+            raise PermissionError(errno.EPERM, "refusing to remove the volume root", "/")
+        try:
+            return self.meta.remove(path, recursive=recursive)
+        finally:
+            self._invalidate()
+
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        try:
+            self.meta.rename(src, dst, replace=replace)
+        finally:
+            self._invalidate()
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy a file without moving bytes: the copy shares the source's chunks."""
+        self.meta.copy_file(src, dst)
+        self._invalidate()
+
+    def touch(self, path: str, truncate: bool = True) -> None:
+        try:
+            node = self.stat(path)
+        except FileNotFoundError:
+            node = None
+        if node is None or (truncate and node.kind == "f"):
+            self.write_file(path, b"")
+        else:
+            self.meta.setattr(path, mtime_ns=time.time_ns())
+
+    def setattr(self, path: str, **attrs: int | None) -> None:
+        self.meta.setattr(path, **attrs)
+
+    def symlink(self, path: str, target: str) -> None:
+        self.meta.symlink(path, target)
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def usage(self, scan_nodes: bool = True) -> dict[str, object]:
+        """Volume figures for `balefs df`; with scan_nodes, blocks on nodes that metadata does not know."""
+        figures = self.meta.usage()
+        known = self.meta.block_keys() if scan_nodes else set()
+        nodes = []
+        for nid, node in sorted(self.nodes.items()):
+            blocks, stored = figures["per_node"].get(nid, (0, 0))  # type: ignore[union-attr]
+            row: dict[str, object] = {"id": nid, "url": node.url, "blocks": blocks, "stored_bytes": stored,
+                                      "in_use": nid in self.placement.node_ids}
+            try:
+                row["capacity"], row["free"] = node.capacity()
+                if scan_nodes:
+                    orphans = [(k, size) for k, size in node.list() if parse_block_key(k) not in known]
+                    row["orphan_blocks"], row["orphan_bytes"] = len(orphans), sum(s for _, s in orphans)
+            except OSError as exc:
+                row["error"] = str(exc)
+            nodes.append(row)
+        figures["nodes"] = nodes
+        del figures["per_node"]
+        return figures

@@ -1,0 +1,538 @@
+"""SqliteMeta: the embedded metadata engine (inodes, directory entries, extents, chunks, blocks, nodes).
+
+Every change is one transaction (BEGIN IMMEDIATE, WAL, synchronous=FULL), so a crash at
+any moment leaves either the whole change or none of it. Paths are volume-relative
+strings ("a/b/c", "" for the root). Errors are the errno-carrying OSErrors that POSIX
+and fsspec users expect.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple
+
+from ..errors import ConfigError
+
+SCHEMA_VERSION = 1
+ROOT = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes(id INTEGER PRIMARY KEY, url TEXT UNIQUE NOT NULL, state TEXT NOT NULL DEFAULT 'up');
+CREATE TABLE IF NOT EXISTS inodes(
+  ino INTEGER PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+  size INTEGER NOT NULL DEFAULT 0, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, btime_ns INTEGER NOT NULL,
+  nlink INTEGER NOT NULL DEFAULT 1, target TEXT, hash TEXT);
+CREATE TABLE IF NOT EXISTS dentries(parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
+  PRIMARY KEY(parent, name)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dentries_ino ON dentries(ino);
+CREATE TABLE IF NOT EXISTS extents(ino INTEGER NOT NULL, off INTEGER NOT NULL, chunk INTEGER NOT NULL,
+  chunk_off INTEGER NOT NULL, length INTEGER NOT NULL, PRIMARY KEY(ino, off)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS extents_chunk ON extents(chunk);
+CREATE TABLE IF NOT EXISTS chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, state TEXT NOT NULL,
+  size INTEGER NOT NULL DEFAULT 0, live INTEGER NOT NULL DEFAULT 0, created_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks(chunk INTEGER NOT NULL, idx INTEGER NOT NULL, off INTEGER NOT NULL,
+  length INTEGER NOT NULL, stored INTEGER NOT NULL, PRIMARY KEY(chunk, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS block_copies(chunk INTEGER NOT NULL, idx INTEGER NOT NULL, node INTEGER NOT NULL,
+  rank INTEGER NOT NULL, PRIMARY KEY(chunk, idx, node)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS block_copies_node ON block_copies(node);
+CREATE TABLE IF NOT EXISTS xattrs(ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+  PRIMARY KEY(ino, name)) WITHOUT ROWID;
+"""
+
+
+class Inode(NamedTuple):
+    ino: int
+    kind: str  # 'f' file, 'd' directory, 'l' symlink
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    btime_ns: int
+    nlink: int
+    target: str | None
+    hash: str | None
+
+
+class Extent(NamedTuple):
+    """Bytes [off, off+length) of a file live at chunk_off in chunk."""
+
+    off: int
+    chunk: int
+    chunk_off: int
+    length: int
+
+
+class BlockRecord(NamedTuple):
+    """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node."""
+
+    chunk: int
+    idx: int
+    off: int
+    length: int
+    stored: int
+    nodes: tuple[int, ...]
+
+
+@dataclass
+class FileWrite:
+    """One file to create or replace in a commit."""
+
+    path: str
+    extents: list[Extent]
+    size: int
+    hash: str
+    mode: int = 0o644
+    mtime_ns: int | None = None
+    exclusive: bool = False
+
+
+_INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash"
+_S_IFMT = {"f": 0o100000, "d": 0o040000, "l": 0o120000}
+
+
+def split_path(path: str) -> list[str]:
+    """Split a volume-relative path into components, refusing '..' and empty names."""
+    parts = [p for p in path.strip("/").split("/") if p and p != "."]
+    for p in parts:
+        if p == "..":
+            raise ValueError(f"path {path!r}: '..' is not allowed")
+    return parts
+
+
+def _oserror(code: int, path: str) -> OSError:
+    cls = {errno.ENOENT: FileNotFoundError, errno.EEXIST: FileExistsError, errno.EISDIR: IsADirectoryError,
+           errno.ENOTDIR: NotADirectoryError}.get(code, OSError)
+    return cls(code, os.strerror(code), path)
+
+
+class SqliteMeta:
+    """Metadata of one volume in an SQLite file; safe for many threads and processes."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = path
+        if not create and not os.path.exists(path):
+            raise ConfigError(f"metadata file {path} does not exist (was the volume initialised here?)")
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        with self._write() as db:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise ConfigError(f"metadata {path} has schema version {row[0]}, newer than this balefs ({SCHEMA_VERSION}): upgrade balefs")
+            if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT,)).fetchone() is None:
+                now = time.time_ns()
+                db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                           (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None))
+
+    # -- connections and transactions -------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA cache_size=-65536")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._conns.clear()
+        self._local = threading.local()
+
+    # -- nodes and chunks ----------------------------------------------------------------
+
+    def register_nodes(self, urls: Iterable[str]) -> dict[str, int]:
+        """Ensure every node URL has an id; return url -> id for all known nodes."""
+        with self._write() as db:
+            for url in urls:
+                db.execute("INSERT OR IGNORE INTO nodes(url) VALUES(?)", (url,))
+            return {url: nid for nid, url in db.execute("SELECT id, url FROM nodes")}
+
+    def nodes(self) -> dict[int, str]:
+        return {nid: url for nid, url in self._conn().execute("SELECT id, url FROM nodes ORDER BY id")}
+
+    def new_chunk(self, writer: str) -> int:
+        """Allocate a chunk id for one writer; ids never collide across processes."""
+        with self._write() as db:
+            cur = db.execute("INSERT INTO chunks(writer, state, created_ns) VALUES(?, 'open', ?)", (writer, time.time_ns()))
+            return int(cur.lastrowid)
+
+    def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
+        """Committed blocks of each chunk, ordered by index, with the nodes holding them."""
+        ids = sorted(set(chunks))
+        out: dict[int, list[BlockRecord]] = {c: [] for c in ids}
+        db = self._conn()
+        for part in _batches(ids, 500):
+            marks = ",".join("?" * len(part))
+            copies: dict[tuple[int, int], list[int]] = {}
+            for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) ORDER BY chunk, idx, rank", part):
+                copies.setdefault((c, i), []).append(n)
+            for c, i, off, length, stored in db.execute(
+                    f"SELECT chunk, idx, off, length, stored FROM blocks WHERE chunk IN ({marks}) ORDER BY chunk, idx", part):
+                out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ()))))
+        return out
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Inode | None:
+        row = self._conn().execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return Inode(*row) if row else None
+
+    def lookup(self, parent: int, name: str) -> Inode | None:
+        row = self._conn().execute(
+            f"SELECT i.{_INODE_COLS.replace(', ', ', i.')} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+            "WHERE d.parent=? AND d.name=?", (parent, name)).fetchone()
+        return Inode(*row) if row else None
+
+    def lookup_many(self, parent: int, names: list[str]) -> dict[str, Inode]:
+        """Look up many names in one directory with a few queries."""
+        out: dict[str, Inode] = {}
+        db = self._conn()
+        cols = "i." + _INODE_COLS.replace(", ", ", i.")
+        for part in _batches(sorted(set(names)), 500):
+            marks = ",".join("?" * len(part))
+            for row in db.execute(f"SELECT d.name, {cols} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                                  f"WHERE d.parent=? AND d.name IN ({marks})", (parent, *part)):
+                out[row[0]] = Inode(*row[1:])
+        return out
+
+    def resolve(self, path: str, db: sqlite3.Connection | None = None) -> Inode:
+        """Walk `path` from the root; raise FileNotFoundError / NotADirectoryError."""
+        db = db or self._conn()
+        node = Inode(*db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ROOT,)).fetchone())
+        for name in split_path(path):
+            if node.kind != "d":
+                raise _oserror(errno.ENOTDIR, path)
+            row = db.execute(f"SELECT i.{_INODE_COLS.replace(', ', ', i.')} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                             "WHERE d.parent=? AND d.name=?", (node.ino, name)).fetchone()
+            if row is None:
+                raise _oserror(errno.ENOENT, path)
+            node = Inode(*row)
+        return node
+
+    def listdir(self, ino: int) -> list[tuple[str, Inode]]:
+        cols = "i." + _INODE_COLS.replace(", ", ", i.")
+        rows = self._conn().execute(f"SELECT d.name, {cols} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                                    "WHERE d.parent=? ORDER BY d.name", (ino,))
+        return [(r[0], Inode(*r[1:])) for r in rows]
+
+    def extents_of(self, inos: Iterable[int]) -> dict[int, list[Extent]]:
+        ids = sorted(set(inos))
+        out: dict[int, list[Extent]] = {i: [] for i in ids}
+        db = self._conn()
+        for part in _batches(ids, 500):
+            marks = ",".join("?" * len(part))
+            for ino, off, chunk, coff, length in db.execute(
+                    f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE ino IN ({marks}) ORDER BY ino, off", part):
+                out[ino].append(Extent(off, chunk, coff, length))
+        return out
+
+    def walk(self, ino: int) -> Iterator[tuple[str, Inode]]:
+        """Every entry below directory `ino` as (relative path, inode), depth first, sorted."""
+        for name, child in self.listdir(ino):
+            yield name, child
+            if child.kind == "d":
+                for sub, grand in self.walk(child.ino):
+                    yield f"{name}/{sub}", grand
+
+    def getxattr(self, ino: int, name: str) -> bytes | None:
+        row = self._conn().execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def listxattr(self, ino: int) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _alloc_inode(self, db: sqlite3.Connection, kind: str, mode: int, size: int = 0, mtime_ns: int | None = None,
+                     target: str | None = None, hash: str | None = None) -> int:
+        now = time.time_ns()
+        cur = db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?)",
+                         (kind, mode & 0o7777, os.getuid(), os.getgid(), size, mtime_ns or now, now, now,
+                          2 if kind == "d" else 1, target, hash))
+        return int(cur.lastrowid)
+
+    def _parent_of(self, db: sqlite3.Connection, path: str, create: bool, cache: dict[str, int] | None = None) -> tuple[int, str]:
+        """Return (parent inode, name) for `path`, creating missing parent dirs if `create`."""
+        parts = split_path(path)
+        if not parts:
+            raise _oserror(errno.EEXIST, path)
+        ino, walked = ROOT, ""
+        for name in parts[:-1]:
+            walked = f"{walked}/{name}" if walked else name
+            if cache is not None and walked in cache:
+                ino = cache[walked]
+                continue
+            row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
+                             (ino, name)).fetchone()
+            if row is None:
+                if not create:
+                    raise _oserror(errno.ENOENT, path)
+                child = self._alloc_inode(db, "d", 0o755)
+                db.execute("INSERT INTO dentries VALUES(?,?,?)", (ino, name, child))
+                ino = child
+            elif row[1] != "d":
+                raise _oserror(errno.ENOTDIR, path)
+            else:
+                ino = row[0]
+            if cache is not None:
+                cache[walked] = ino
+        return ino, parts[-1]
+
+    def _drop_extents(self, db: sqlite3.Connection, ino: int, live: dict[int, int]) -> None:
+        for chunk, length in db.execute("SELECT chunk, length FROM extents WHERE ino=?", (ino,)):
+            live[chunk] = live.get(chunk, 0) - length
+        db.execute("DELETE FROM extents WHERE ino=?", (ino,))
+
+    @staticmethod
+    def _apply_live(db: sqlite3.Connection, live: dict[int, int]) -> None:
+        db.executemany("UPDATE chunks SET live = live + ? WHERE id=?", [(d, c) for c, d in live.items() if d])
+
+    def _unlink_inode(self, db: sqlite3.Connection, ino: int, live: dict[int, int]) -> None:
+        db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino=?", (ino,))
+        if db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0] <= 0:
+            self._drop_extents(db, ino, live)
+            db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+            db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+
+    def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]]) -> dict[str, int]:
+        """Record durable blocks and create/replace files in one transaction; return path -> inode."""
+        out: dict[str, int] = {}
+        live: dict[int, int] = {}
+        dirs: dict[str, int] = {}
+        with self._write() as db:
+            db.executemany("INSERT OR REPLACE INTO blocks VALUES(?,?,?,?,?)",
+                           [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
+            db.executemany("INSERT OR IGNORE INTO block_copies VALUES(?,?,?,?)",
+                           [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
+            for chunk, (size, sealed) in chunk_sizes.items():
+                db.execute("UPDATE chunks SET size = max(size, ?), state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?",
+                           (size, sealed, chunk))
+            now = time.time_ns()
+            rows: list[tuple[int, int, int, int, int]] = []
+            for fw in files:
+                parent, name = self._parent_of(db, fw.path, create=True, cache=dirs)
+                row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
+                                 (parent, name)).fetchone()
+                if row is not None:
+                    if fw.exclusive:
+                        raise _oserror(errno.EEXIST, fw.path)
+                    if row[1] == "d":
+                        raise _oserror(errno.EISDIR, fw.path)
+                    ino = row[0]
+                    self._drop_extents(db, ino, live)
+                    db.execute("UPDATE inodes SET kind='f', size=?, mtime_ns=?, ctime_ns=?, hash=?, target=NULL WHERE ino=?",
+                               (fw.size, fw.mtime_ns or now, now, fw.hash, ino))
+                else:
+                    ino = self._alloc_inode(db, "f", fw.mode, fw.size, fw.mtime_ns, hash=fw.hash)
+                    db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+                for e in fw.extents:
+                    rows.append((ino, e.off, e.chunk, e.chunk_off, e.length))
+                    live[e.chunk] = live.get(e.chunk, 0) + e.length
+                out[fw.path] = ino
+            db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", rows)
+            self._apply_live(db, live)
+        return out
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False) -> int:
+        with self._write() as db:
+            parent, name = self._parent_of(db, path, create=parents)
+            row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
+                             (parent, name)).fetchone()
+            if row is not None:
+                if exist_ok and row[1] == "d":
+                    return int(row[0])
+                raise _oserror(errno.EEXIST, path)
+            ino = self._alloc_inode(db, "d", mode)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            return ino
+
+    def symlink(self, path: str, target: str) -> int:
+        with self._write() as db:
+            parent, name = self._parent_of(db, path, create=False)
+            if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
+                raise _oserror(errno.EEXIST, path)
+            ino = self._alloc_inode(db, "l", 0o777, len(target.encode()), target=target)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            return ino
+
+    def remove(self, path: str, recursive: bool = False, dir_ok: bool = True) -> int:
+        """Remove a file, an empty directory, or (recursive) a whole tree; return entries removed."""
+        live: dict[int, int] = {}
+        with self._write() as db:
+            parent, name = self._parent_of(db, path, create=False)
+            row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
+                             (parent, name)).fetchone()
+            if row is None:
+                raise _oserror(errno.ENOENT, path)
+            ino, kind = row
+            removed = 1
+            if kind == "d":
+                if not dir_ok:
+                    raise _oserror(errno.EISDIR, path)
+                has_children = db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)).fetchone()
+                if has_children and not recursive:
+                    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
+                removed += self._remove_children(db, ino, live)
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+                db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+                db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+            else:
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+                self._unlink_inode(db, ino, live)
+            self._apply_live(db, live)
+            return removed
+
+    def _remove_children(self, db: sqlite3.Connection, ino: int, live: dict[int, int]) -> int:
+        count = 0
+        for child, kind in db.execute("SELECT d.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=?",
+                                      (ino,)).fetchall():
+            count += 1
+            if kind == "d":
+                count += self._remove_children(db, child, live)
+                db.execute("DELETE FROM xattrs WHERE ino=?", (child,))
+                db.execute("DELETE FROM inodes WHERE ino=?", (child,))
+            else:
+                self._unlink_inode(db, child, live)
+        db.execute("DELETE FROM dentries WHERE parent=?", (ino,))
+        return count
+
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        """Move src to dst atomically, replacing a file (or an empty directory) at dst like rename(2)."""
+        live: dict[int, int] = {}
+        with self._write() as db:
+            sp, sname = self._parent_of(db, src, create=False)
+            srow = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
+                              (sp, sname)).fetchone()
+            if srow is None:
+                raise _oserror(errno.ENOENT, src)
+            dp, dname = self._parent_of(db, dst, create=True)
+            if srow[1] == "d":
+                walk = dp
+                while walk != ROOT:
+                    if walk == srow[0]:
+                        raise OSError(errno.EINVAL, f"cannot move a directory into itself: {src} -> {dst}", dst)
+                    walk = db.execute("SELECT parent FROM dentries WHERE ino=?", (walk,)).fetchone()[0]
+            drow = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
+                              (dp, dname)).fetchone()
+            if drow is not None:
+                if drow[0] == srow[0]:
+                    return
+                if not replace:
+                    raise _oserror(errno.EEXIST, dst)
+                if drow[1] == "d":
+                    if srow[1] != "d":
+                        raise _oserror(errno.EISDIR, dst)
+                    if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (drow[0],)).fetchone():
+                        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
+                    db.execute("DELETE FROM inodes WHERE ino=?", (drow[0],))
+                elif srow[1] == "d":
+                    raise _oserror(errno.ENOTDIR, dst)
+                else:
+                    self._unlink_inode(db, drow[0], live)
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (dp, dname))
+            db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?", (dp, dname, sp, sname))
+            db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (time.time_ns(), srow[0]))
+            self._apply_live(db, live)
+
+    def copy_file(self, src: str, dst: str) -> int:
+        """Copy a file by reference: the new inode points at the same chunk bytes."""
+        src_node = self.resolve(src)
+        if src_node.kind == "d":
+            raise _oserror(errno.EISDIR, src)
+        extents = self.extents_of([src_node.ino])[src_node.ino]
+        fw = FileWrite(dst, extents, src_node.size, src_node.hash or "", src_node.mode)
+        return self.commit([], [fw], {})[dst]
+
+    def setattr(self, path: str, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None) -> None:
+        with self._write() as db:
+            node = self.resolve(path, db)
+            db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
+                       "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
+                       (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), node.ino))
+
+    def setxattr(self, ino: int, name: str, value: bytes | None) -> None:
+        """Set (or with None remove) an extended attribute."""
+        with self._write() as db:
+            if value is None:
+                db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name))
+            else:
+                db.execute("INSERT OR REPLACE INTO xattrs VALUES(?,?,?)", (ino, name, value))
+
+    # -- accounting ----------------------------------------------------------------------
+
+    def usage(self) -> dict[str, object]:
+        """Figures for `balefs df`: files, dirs, bytes, chunks, live/dead bytes, blocks per node."""
+        db = self._conn()
+        files, dirs, file_bytes = db.execute(
+            "SELECT sum(kind='f'), sum(kind='d'), coalesce(sum(CASE WHEN kind='f' THEN size END), 0) FROM inodes").fetchone()
+        chunks, chunk_bytes, live = db.execute(
+            "SELECT count(*), coalesce(sum(size),0), coalesce(sum(live),0) FROM chunks WHERE size > 0").fetchone()
+        referenced = db.execute(
+            "SELECT coalesce(sum(b.length),0) FROM blocks b").fetchone()[0]
+        per_node = {nid: (cnt, stored) for nid, cnt, stored in db.execute(
+            "SELECT c.node, count(*), coalesce(sum(b.stored),0) FROM block_copies c "
+            "JOIN blocks b ON b.chunk=c.chunk AND b.idx=c.idx GROUP BY c.node")}
+        return {"files": files or 0, "dirs": (dirs or 1) - 1, "file_bytes": file_bytes, "chunks": chunks,
+                "chunk_bytes": max(chunk_bytes, referenced), "live_bytes": live,
+                "dead_bytes": max(0, chunk_bytes - live), "per_node": per_node}
+
+    def block_keys(self) -> set[tuple[int, int]]:
+        """(chunk, idx) of every committed block."""
+        return set(self._conn().execute("SELECT chunk, idx FROM blocks"))
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def mode_bits(node: Inode) -> int:
+    """st_mode of an inode: type bits plus permission bits."""
+    return _S_IFMT[node.kind] | node.mode
+
+
+def open_meta(url: str, create: bool = False) -> SqliteMeta:
+    """Open the metadata store named by a URL (`sqlite:///path/to/volume.db`)."""
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if create:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return SqliteMeta(path, create=create)
+    raise ConfigError(f"metadata URL {url!r}: only sqlite:// is supported so far")

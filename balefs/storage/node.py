@@ -1,0 +1,196 @@
+"""Storage nodes: where encoded blocks live. A node is named by a URL.
+
+The interface is small on purpose (put/get/get_range/delete/list/capacity) so that an
+S3 node or a multipath node can slot in beside the local and in-memory ones.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from typing import Iterator, Protocol
+from urllib.parse import urlparse
+
+import xxhash
+
+from ..errors import BlockNotFoundError, ConfigError, NodeError
+
+
+class Node(Protocol):
+    """One storage target for blocks."""
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` under `key` durably; return only once it would survive a crash."""
+
+    def get(self, key: str) -> bytes:
+        """Return the whole object stored under `key`."""
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Return bytes [start, end) of the object under `key`."""
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        """Yield (key, stored size) of every object on the node."""
+
+    def capacity(self) -> tuple[int, int]:
+        """Return (total, free) bytes of the node's backing store."""
+
+    def check(self, writable: bool = True) -> None:
+        """Raise NodeError if the node cannot be used (missing, not writable)."""
+
+
+class LocalNode:
+    """A directory on a local (or mounted) filesystem; keys fan out over 65536 subdirectories."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+        self._blocks = os.path.join(self.root, "blocks")
+
+    def _path(self, key: str) -> str:
+        h = xxhash.xxh3_64_hexdigest(key.encode())
+        return os.path.join(self._blocks, h[:2], h[2:4], key)
+
+    def check(self, writable: bool = True) -> None:
+        if not os.path.isdir(self.root):
+            raise NodeError(f"node {self.url}: directory does not exist")
+        if not writable:
+            return
+        probe = os.path.join(self.root, f".balefs-probe-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise NodeError(f"node {self.url}: not writable ({exc.strerror})") from None
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if exc.errno == errno.ENOSPC:
+                raise NodeError(f"node {self.url}: disk full writing block {key}") from None
+            raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+        except OSError as exc:
+            raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                return os.pread(f.fileno(), end - start, start)
+        except FileNotFoundError:
+            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        if not os.path.isdir(self._blocks):
+            return
+        for top in sorted(os.scandir(self._blocks), key=lambda e: e.name):
+            for mid in sorted(os.scandir(top.path), key=lambda e: e.name):
+                for entry in os.scandir(mid.path):
+                    if ".tmp" not in entry.name:
+                        yield entry.name, entry.stat().st_size
+
+    def capacity(self) -> tuple[int, int]:
+        usage = shutil.disk_usage(self.root)
+        return usage.total, usage.free
+
+
+class MemoryNode:
+    """A node held in this process's memory, for tests; nodes of the same URL share their store."""
+
+    _stores: dict[str, dict[str, bytes]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, url: str, capacity_bytes: int = 1 << 40) -> None:
+        self.url = url
+        self._cap = capacity_bytes
+        with self._lock:
+            self._data = self._stores.setdefault(url, {})
+
+    def check(self, writable: bool = True) -> None:
+        return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._data[key] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self.get(key)[start:end]
+
+    def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        for key, blob in list(self._data.items()):
+            yield key, len(blob)
+
+    def capacity(self) -> tuple[int, int]:
+        used = sum(len(b) for b in self._data.values())
+        return self._cap, max(0, self._cap - used)
+
+
+def normalize_node_url(url: str) -> str:
+    """Return the canonical form of a node URL: an absolute path for local nodes."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else url
+        if not path:
+            raise ConfigError(f"node {url!r}: empty path")
+        return os.path.abspath(os.path.expanduser(path))
+    if parsed.scheme == "memory":
+        return url
+    raise ConfigError(f"node {url!r}: unsupported scheme {parsed.scheme!r} (use a directory, file:// or memory://)")
+
+
+def open_node(url: str) -> Node:
+    """Return the node for a URL (`/path`, `file:///path`, `memory://name`)."""
+    url = normalize_node_url(url)
+    if url.startswith("memory://"):
+        return MemoryNode(url)
+    return LocalNode(url)

@@ -1,0 +1,183 @@
+"""ChunkWriter: packs the bytes of many files into this writer's open chunk and uploads full blocks.
+
+Bytes are appended back to back into the open chunk (one per writer, so processes never
+share a chunk) and cut into blocks; each full block is encoded and uploaded to its nodes
+in the background with many blocks in flight. The writer reports, per chunk, how far the
+bytes are durable, so the client can commit exactly the files whose bytes are all safe.
+A failed upload poisons the generation of files that had bytes in flight, never a later one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Callable
+
+from .codec import BlockCodec
+from .meta import BlockRecord, Extent
+from .node import Node
+from .placement import Placement
+
+
+def block_key(chunk: int, idx: int) -> str:
+    """The name of a block on every node that holds it."""
+    return f"{chunk:012x}-{idx:06x}"
+
+
+def parse_block_key(key: str) -> tuple[int, int] | None:
+    try:
+        chunk, idx = key.split("-")
+        return int(chunk, 16), int(idx, 16)
+    except ValueError:
+        return None
+
+
+class ChunkWriter:
+    """Appends bytes into chunks, uploads blocks in the background, tracks what is durable."""
+
+    def __init__(self, new_chunk: Callable[[str], int], nodes: dict[int, Node], placement: Placement,
+                 codec: BlockCodec, chunk_size: int, block_size: int, inflight: int = 32) -> None:
+        self._new_chunk = new_chunk
+        self._nodes = nodes
+        self._placement = placement
+        self._codec = codec
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.writer_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)), thread_name_prefix="bale-upload")
+        self._slots = threading.BoundedSemaphore(inflight)
+        self._lock = threading.RLock()  # re-entered when a finished future's callback runs inside submit
+        self._chunk: int | None = None
+        self._chunk_off = 0
+        self._block_idx = 0
+        self._block_start = 0
+        self._buf = bytearray()
+        self._inflight: set[Future] = set()
+        self._done: list[BlockRecord] = []
+        self._done_idx: dict[int, dict[int, BlockRecord]] = {}
+        self._watermark: dict[int, int] = {}
+        self._next_idx: dict[int, int] = {}
+        self._sizes: dict[int, tuple[int, bool]] = {}
+        self.generation = 0
+        self._failed: dict[int, BaseException] = {}
+
+    def busy(self) -> bool:
+        """Whether bytes are buffered or uploads are in flight."""
+        with self._lock:
+            return bool(self._buf or self._inflight)
+
+    # -- appending -----------------------------------------------------------------------
+
+    def append(self, data: bytes | memoryview) -> tuple[int, list[tuple[int, int, int]]]:
+        """Append bytes; return (generation, [(chunk, chunk_off, length), ...]) where they landed."""
+        view = memoryview(data).cast("B")
+        pieces: list[tuple[int, int, int]] = []
+        with self._lock:
+            gen = self.generation
+            while view:
+                if self._chunk is None:
+                    self._open_chunk()
+                n = min(len(view), self.block_size - len(self._buf), self.chunk_size - self._chunk_off)
+                self._buf += view[:n]
+                pieces.append((self._chunk, self._chunk_off, n))
+                self._chunk_off += n
+                view = view[n:]
+                if len(self._buf) >= self.block_size or self._chunk_off >= self.chunk_size:
+                    self._submit_block()
+            return gen, pieces
+
+    def _open_chunk(self) -> None:
+        self._chunk = self._new_chunk(self.writer_id)
+        self._chunk_off = self._block_idx = self._block_start = 0
+        self._watermark[self._chunk] = 0
+        self._next_idx[self._chunk] = 0
+
+    def _submit_block(self) -> None:
+        """Hand the buffered block to the upload pool (called with the lock held)."""
+        if not self._buf:
+            return
+        chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
+        raw = bytes(self._buf)
+        self._buf = bytearray()
+        self._block_idx += 1
+        self._block_start = self._chunk_off
+        sealed = self._chunk_off >= self.chunk_size
+        self._sizes[chunk] = (self._chunk_off, sealed)
+        if sealed:
+            self._chunk = None
+        self._lock.release()
+        try:
+            self._slots.acquire()
+        finally:
+            self._lock.acquire()
+        fut = self._pool.submit(self._upload, chunk, idx, off, raw, gen)
+        self._inflight.add(fut)
+        fut.add_done_callback(self._retire)
+
+    def _upload(self, chunk: int, idx: int, off: int, raw: bytes, gen: int) -> BlockRecord:
+        """Encode and store one block on its nodes; book the result before the future completes."""
+        try:
+            blob = self._codec.encode(raw)
+            node_ids = self._placement.nodes_for(chunk, idx)
+            key = block_key(chunk, idx)
+            for nid in node_ids:
+                self._nodes[nid].put(key, blob)
+            rec = BlockRecord(chunk, idx, off, len(raw), len(blob), node_ids)
+        except BaseException as exc:
+            with self._lock:
+                self._failed[gen] = exc
+                if gen == self.generation:
+                    # Abandon the chunk: later files start in a fresh chunk of a new generation.
+                    self.generation += 1
+                    self._chunk = None
+                    self._buf = bytearray()
+            raise
+        finally:
+            self._slots.release()
+        with self._lock:
+            self._done.append(rec)
+            per = self._done_idx.setdefault(chunk, {})
+            per[idx] = rec
+            nxt = self._next_idx.get(chunk, 0)
+            while nxt in per:
+                self._watermark[chunk] = per[nxt].off + per[nxt].length
+                del per[nxt]
+                nxt += 1
+            self._next_idx[chunk] = nxt
+        return rec
+
+    def _retire(self, fut: Future) -> None:
+        with self._lock:
+            self._inflight.discard(fut)
+
+    # -- durability ----------------------------------------------------------------------
+
+    def failure(self, first_gen: int, last_gen: int) -> BaseException | None:
+        """The upload error that lost bytes of a generation in [first_gen, last_gen], if any."""
+        with self._lock:
+            for gen in range(first_gen, last_gen + 1):
+                if gen in self._failed:
+                    return self._failed[gen]
+            return None
+
+    def take(self, force: bool) -> tuple[list[BlockRecord], dict[int, tuple[int, bool]], dict[int, int]]:
+        """Return blocks made durable since the last take, chunk sizes to record, and durable watermarks.
+
+        With force, the partial block is cut and uploaded and every upload in flight is
+        awaited first, so every byte appended before the call is durable on return.
+        """
+        if force:
+            with self._lock:
+                if self._buf:
+                    self._submit_block()
+                pending = list(self._inflight)
+            wait(pending)
+        with self._lock:
+            blocks, self._done = self._done, []
+            sizes, self._sizes = self._sizes, {}
+            return blocks, sizes, dict(self._watermark)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
