@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 
 import xxhash
 
-from ..config import VolumeConfig, load_config, save_config, config_path
+from .config import VolumeConfig, load_config, save_config, config_path
 from ..errors import ConfigError, NodeError, VolumeExistsError
 from .cache import BlockCache
 from .codec import BlockCodec
@@ -72,6 +72,7 @@ class FileWriter:
     first_gen: int = -1
     last_gen: int = -1
     closed: bool = False
+    mtime_ns: int | None = None
 
     def __post_init__(self) -> None:
         self._hash = xxhash.xxh3_128()
@@ -97,7 +98,7 @@ class FileWriter:
         return n
 
     def as_write(self) -> FileWrite:
-        return FileWrite(self.path, list(self.extents), self.size, self._hash.hexdigest(), self.mode, exclusive=self.exclusive)
+        return FileWrite(self.path, list(self.extents), self.size, self._hash.hexdigest(), self.mode, self.mtime_ns, self.exclusive)
 
     def close(self) -> None:
         """Commit the file: at once, or with the enclosing batch when one is open."""

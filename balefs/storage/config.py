@@ -9,8 +9,8 @@ from typing import Any
 
 import tomli_w
 
-from .errors import ConfigError, VolumeExistsError, VolumeNotFoundError
-from .storage.node import normalize_node_url
+from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
+from .node import normalize_node_url
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)

@@ -1,0 +1,288 @@
+"""The `balefs` command: create volumes and move files in and out of them."""
+from __future__ import annotations
+
+import functools
+import os
+import stat as stat_mod
+import sys
+import time
+from typing import Callable
+
+import click
+from tqdm import tqdm
+
+from .storage.config import parse_size
+from .errors import BaleError
+from .storage.client import Client
+from .storage.ingest import ingest_local, walk_local
+from .storage.meta import Inode, mode_bits, split_path
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn user mistakes into one clear line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("balefs: interrupted; files committed before the interrupt are intact", err=True)
+            sys.exit(130)
+        except (BaleError, OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.filename and exc.strerror:
+                msg = f"{exc.filename}: {exc.strerror}"
+            else:
+                msg = str(exc)
+            click.echo(f"balefs: error: {msg}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, path)."""
+    rest = url[len("bale://"):] if url.startswith("bale://") else url
+    volume, _, path = rest.partition("/")
+    if not volume:
+        raise click.UsageError(f"{url!r}: expected bale://VOLUME/path")
+    return volume, "/".join(split_path(path))
+
+
+def _is_bale(url: str) -> bool:
+    return url.startswith("bale://")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="balefs")
+def main() -> None:
+    """balefs: many small files baled into large chunks, striped over storage nodes.
+
+    Volumes are named in config files under $BALEFS_HOME (default ~/.config/balefs);
+    files are addressed as bale://VOLUME/path.
+    """
+
+
+@main.command()
+@click.argument("name")
+@click.option("--node", "nodes", multiple=True, required=True,
+              help="Storage node: an existing directory (one per disk) or memory://name. Repeat for each node.")
+@click.option("--meta", default="", help="Metadata store URL; default: an SQLite file beside the config.")
+@click.option("--replicas", default=1, show_default=True, help="Copies of each block, on distinct nodes.")
+@click.option("--chunk-size", default="64MiB", show_default=True, help="Size of the chunks small files are packed into.")
+@click.option("--block-size", default="4MiB", show_default=True, help="Unit of striping, caching and checksums.")
+@click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
+              help="Compress blocks with lz4 (kept only where it shrinks a block).")
+@click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
+@user_errors
+def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, chunk_size: str, block_size: str,
+         compression: str, cache_size: str) -> None:
+    """Create volume NAME over the given nodes."""
+    cfg = Client.init(name, nodes, meta=meta, replicas=replicas, chunk_size=parse_size(chunk_size, "--chunk-size"),
+                      block_size=parse_size(block_size, "--block-size"), compression=compression,
+                      cache_size=parse_size(cache_size, "--cache-size"))
+    click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), replicas {cfg.replicas}, "
+               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {cfg.meta_url}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.argument("dest")
+@click.option("--threads", default=8, show_default=True, help="Source files read in parallel.")
+@user_errors
+def put(sources: tuple[str, ...], dest: str, threads: int) -> None:
+    """Copy local files or directories into a volume (like cp -r).
+
+    If DEST is an existing directory, each source lands inside it; otherwise a single
+    source becomes DEST. Files become visible in groups as their blocks are durable.
+    """
+    if not _is_bale(dest):
+        raise click.UsageError(f"DEST must be a bale:// URL, got {dest!r}")
+    volume, vdest = parse_url(dest)
+    with Client.open(volume) as client:
+        try:
+            into_dir = client.stat(vdest).kind == "d" and bool(vdest)
+        except FileNotFoundError:
+            into_dir = False
+        if len(sources) > 1 and not into_dir and vdest:
+            client.mkdir(vdest, parents=True, exist_ok=True)
+            into_dir = True
+        pairs: list[tuple[str, str]] = []
+        for src in sources:
+            files, empty = walk_local(src)
+            base = f"{vdest}/{os.path.basename(os.path.abspath(src))}" if into_dir else vdest
+            if not base:
+                base = os.path.basename(os.path.abspath(src))
+            single = not os.path.isdir(src)
+            pairs += [(full, base if single else f"{base}/{rel}") for full, rel in files]
+            for rel in empty:
+                client.mkdir(f"{base}/{rel}", parents=True, exist_ok=True)
+            if not files and not single:
+                client.mkdir(base, parents=True, exist_ok=True)
+        total = sum(os.path.getsize(p) for p, _ in pairs) if len(pairs) < 2_000_000 else None
+        t0 = time.monotonic()
+        with tqdm(total=len(pairs), unit="file", desc="put", disable=None, smoothing=0.1) as bar:
+            moved = [0]
+
+            def progress(n: int, nbytes: int) -> None:
+                moved[0] += nbytes
+                bar.update(n)
+                if bar.n % 256 == 0:
+                    bar.set_postfix_str(f"{moved[0] / max(1e-9, time.monotonic() - t0) / 1e6:.0f} MB/s")
+
+            files, nbytes = ingest_local(client, pairs, threads=threads, progress=progress)
+        dt = max(1e-9, time.monotonic() - t0)
+        click.echo(f"put {files} files, {_human(nbytes)} in {dt:.1f}s ({files / dt:.0f} files/s, {nbytes / dt / 1e6:.0f} MB/s)"
+                   + ("" if total is None else ""), err=True)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest")
+@user_errors
+def get(source: str, dest: str) -> None:
+    """Copy a file or directory tree out of a volume (like cp -r)."""
+    if not _is_bale(source):
+        raise click.UsageError(f"SOURCE must be a bale:// URL, got {source!r}")
+    volume, vsrc = parse_url(source)
+    with Client.open(volume) as client:
+        node = client.stat(vsrc)
+        name = split_path(vsrc)[-1] if split_path(vsrc) else volume
+        target = os.path.join(dest, name) if os.path.isdir(dest) else dest
+        if node.kind != "d":
+            entries = [("", node)]
+        else:
+            os.makedirs(target, exist_ok=True)
+            entries = [(rel[len(vsrc):].lstrip("/") if vsrc else rel, n) for rel, n in client.walk(vsrc)]
+        files = [(rel, n) for rel, n in entries if n.kind == "f"]
+        for rel, n in entries:
+            if n.kind == "d":
+                os.makedirs(os.path.join(target, rel), exist_ok=True)
+            elif n.kind == "l":
+                os.symlink(n.target or "", os.path.join(target, rel))
+        with tqdm(total=len(files), unit="file", desc="get", disable=None) as bar:
+            batch: list[tuple[str, Inode]] = []
+            budget = 0
+            for i, (rel, n) in enumerate(files):
+                batch.append((rel, n))
+                budget += n.size
+                if budget >= 256 << 20 or len(batch) >= 4096 or i == len(files) - 1:
+                    paths = [f"{vsrc}/{r}" if r else vsrc for r, _ in batch]
+                    for (r, n2), data in zip(batch, client.read_ranges([(p, 0, None) for p in paths])):
+                        if isinstance(data, Exception):
+                            raise data
+                        out = os.path.join(target, r) if r else target
+                        with open(out, "wb") as f:
+                            f.write(data)
+                        os.utime(out, ns=(n2.mtime_ns, n2.mtime_ns))
+                    bar.update(len(batch))
+                    batch, budget = [], 0
+
+
+@main.command("ls")
+@click.argument("url")
+@click.option("-l", "long", is_flag=True, help="Long listing: mode, size, modification time, name.")
+@click.option("-R", "recursive", is_flag=True, help="List the whole tree below URL.")
+@user_errors
+def ls_cmd(url: str, long: bool, recursive: bool) -> None:
+    """List a directory of a volume."""
+    volume, vpath = parse_url(url)
+    with Client.open(volume) as client:
+        node = client.stat(vpath)
+        if node.kind != "d":
+            rows = [(split_path(vpath)[-1], node)]
+        elif recursive:
+            rows = [(rel[len(vpath):].lstrip("/") if vpath else rel, n) for rel, n in client.walk(vpath)]
+        else:
+            rows = client.listdir(vpath)
+        out = sys.stdout
+        for name, n in rows:
+            if long:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(n.mtime_ns / 1e9))
+                suffix = f" -> {n.target}" if n.kind == "l" else ""
+                out.write(f"{stat_mod.filemode(mode_bits(n))} {n.size:>12} {when} {name}{suffix}\n")
+            else:
+                out.write(name + ("/" if n.kind == "d" else "") + "\n")
+
+
+@main.command()
+@click.argument("urls", nargs=-1, required=True)
+@user_errors
+def cat(urls: tuple[str, ...]) -> None:
+    """Write the bytes of files to standard output."""
+    out = sys.stdout.buffer
+    for url in urls:
+        volume, vpath = parse_url(url)
+        with Client.open(volume) as client:
+            reader = client.open_read(vpath)
+            step = 16 << 20
+            for start in range(0, reader.size, step):
+                out.write(reader.read(start, start + step))
+    out.flush()
+
+
+@main.command()
+@click.argument("urls", nargs=-1, required=True)
+@click.option("-r", "--recursive", is_flag=True, help="Remove directories and everything below them.")
+@user_errors
+def rm(urls: tuple[str, ...], recursive: bool) -> None:
+    """Remove files (and with -r, directory trees). Their bytes become dead space until gc."""
+    for url in urls:
+        volume, vpath = parse_url(url)
+        with Client.open(volume) as client:
+            client.remove(vpath, recursive=recursive)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest")
+@user_errors
+def mv(source: str, dest: str) -> None:
+    """Rename a file or directory atomically within a volume (replacing a file at DEST)."""
+    v1, p1 = parse_url(source)
+    v2, p2 = parse_url(dest)
+    if v1 != v2:
+        raise click.UsageError("mv works within one volume; use get and put to move between volumes")
+    with Client.open(v1) as client:
+        try:
+            if p2 and client.stat(p2).kind == "d" and client.stat(p1).kind != "d":
+                p2 = f"{p2}/{split_path(p1)[-1]}"
+        except FileNotFoundError:
+            pass
+        client.rename(p1, p2)
+
+
+@main.command()
+@click.argument("volume")
+@click.option("--no-scan", is_flag=True, help="Skip listing the nodes for blocks that metadata does not know.")
+@user_errors
+def df(volume: str, no_scan: bool) -> None:
+    """Show a volume's files, chunks, live and dead bytes, and usage per node."""
+    with Client.open(volume) as client:
+        u = client.usage(scan_nodes=not no_scan)
+    click.echo(f"volume {volume}: {u['files']} files, {u['dirs']} directories, {_human(u['file_bytes'])} in files")
+    click.echo(f"chunks: {u['chunks']}, {_human(u['chunk_bytes'])} packed, live {_human(u['live_bytes'])}, "
+               f"dead {_human(u['dead_bytes'])}")
+    click.echo(f"{'node':<40} {'blocks':>8} {'stored':>11} {'free':>11} {'orphans':>8} {'orphan bytes':>12}")
+    total_orphans = 0
+    for n in u["nodes"]:
+        if "error" in n:
+            click.echo(f"{n['url']:<40} error: {n['error']}")
+            continue
+        orphans = n.get("orphan_blocks", "-")
+        total_orphans += n.get("orphan_blocks", 0)
+        click.echo(f"{n['url']:<40} {n['blocks']:>8} {_human(n['stored_bytes']):>11} {_human(n['free']):>11} "
+                   f"{orphans:>8} {_human(n.get('orphan_bytes', 0)) if 'orphan_bytes' in n else '-':>12}")
+    if total_orphans:
+        click.echo(f"{total_orphans} orphan block(s) on the nodes (left by interrupted writes; `balefs gc` will reclaim them)")
+
+
+if __name__ == "__main__":
+    main()
