@@ -187,20 +187,24 @@ class BaleFileSystem(AbstractFileSystem):
         return results
 
     def cat(self, path, recursive: bool = False, on_error: str = "raise", **kwargs: Any):
-        paths = self.expand_path(path, recursive=recursive)
-        if len(paths) > 1 or isinstance(path, list) or paths[0] != self._strip_protocol(path):
-            files = [p for p in paths if not self.isdir(p)] if recursive else paths
-            data = self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")
-            out = {}
-            for p, d in zip(files, data):
-                if isinstance(d, Exception):
-                    if on_error == "raise":
-                        raise d
-                    if on_error == "omit":
-                        continue
-                out[p] = d
-            return out
-        return self.cat_file(paths[0])
+        """Read many files at once; every needed block is fetched once, in parallel."""
+        if recursive:
+            files: list[str] = []
+            for p in self.expand_path(path):
+                files.extend(self.find(p) if self.isdir(p) else [p])
+        else:
+            files = self.expand_path(path)
+        if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):
+            return self.cat_file(files[0])
+        out = {}
+        for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
+            if isinstance(d, Exception):
+                if on_error == "raise":
+                    raise d
+                if on_error == "omit":
+                    continue
+            out[p] = d
+        return out
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
               cache_options: dict | None = None, **kwargs: Any) -> "BaleFile":
