@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .storage.config import parse_size
 from .errors import BaleError
 from .storage.client import Client
+from .storage.gc import collect_garbage
 from .storage.ingest import ingest_local, walk_local
 from .storage.meta import Inode, mode_bits, split_path
 
@@ -281,7 +282,23 @@ def df(volume: str, no_scan: bool) -> None:
         click.echo(f"{n['url']:<40} {n['blocks']:>8} {_human(n['stored_bytes']):>11} {_human(n['free']):>11} "
                    f"{orphans:>8} {_human(n.get('orphan_bytes', 0)) if 'orphan_bytes' in n else '-':>12}")
     if total_orphans:
-        click.echo(f"{total_orphans} orphan block(s) on the nodes (left by interrupted writes; `balefs gc` will reclaim them)")
+        click.echo(f"{total_orphans} orphan block(s) on the nodes: written but never committed (interrupted "
+                   "writes, or writes in flight right now); `balefs gc` reclaims those whose writer is gone")
+
+
+@main.command()
+@click.argument("volume")
+@click.option("--grace", default=3600.0, show_default=True,
+              help="Seconds a chunk of a writer that may still be running is left alone.")
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted, delete nothing.")
+@user_errors
+def gc(volume: str, grace: float, dry_run: bool) -> None:
+    """Delete orphan blocks (never committed) and chunks no file references any more."""
+    with Client.open(volume) as client:
+        r = collect_garbage(client, grace_s=grace, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {r.orphan_blocks} orphan block(s) ({_human(r.orphan_bytes)}) and {r.dead_chunks} dead chunk(s) "
+               f"({r.dead_blocks} block(s)); left {r.skipped_live_writer} block(s) of writers that may still be running")
 
 
 if __name__ == "__main__":

@@ -517,6 +517,28 @@ class SqliteMeta:
         """(chunk, idx) of every committed block."""
         return set(self._conn().execute("SELECT chunk, idx FROM blocks"))
 
+    def chunk_table(self) -> dict[int, tuple[str, str, int, int, int]]:
+        """id -> (writer, state, size, live bytes, created_ns) of every chunk."""
+        return {r[0]: tuple(r[1:]) for r in self._conn().execute("SELECT id, writer, state, size, live, created_ns FROM chunks")}
+
+    def referenced_chunks(self) -> set[int]:
+        """Chunks that at least one file extent points into."""
+        return {r[0] for r in self._conn().execute("SELECT DISTINCT chunk FROM extents")}
+
+    def drop_chunks(self, chunks: Iterable[int]) -> list[BlockRecord]:
+        """Forget chunks no file references; return their blocks so the caller can delete them."""
+        ids = sorted(set(chunks))
+        blocks = [b for recs in self.blocks_of(ids).values() for b in recs]
+        with self._write() as db:
+            for part in _batches(ids, 500):
+                marks = ",".join("?" * len(part))
+                if db.execute(f"SELECT 1 FROM extents WHERE chunk IN ({marks}) LIMIT 1", part).fetchone():
+                    raise RuntimeError("a chunk to drop is referenced again; run gc once more")
+                for table in ("block_copies", "blocks"):
+                    db.execute(f"DELETE FROM {table} WHERE chunk IN ({marks})", part)
+                db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
+        return blocks
+
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):

@@ -1,0 +1,76 @@
+"""Garbage collection: delete blocks that no committed file can ever reach.
+
+Two kinds: orphan blocks (on a node, never committed: an interrupted write) and the
+blocks of dead chunks (every file in them deleted). A block of a chunk whose writer may
+still commit into is left alone: its writer process is alive on this host (or on another
+host, where liveness cannot be seen) and the chunk is younger than the grace period.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from .client import Client
+from .writer import block_key, parse_block_key
+
+
+@dataclass
+class GcReport:
+    orphan_blocks: int = 0
+    orphan_bytes: int = 0
+    dead_chunks: int = 0
+    dead_blocks: int = 0
+    skipped_live_writer: int = 0
+
+
+def _writer_gone(writer: str, created_ns: int, grace_s: float) -> bool:
+    """Whether a chunk's writer can no longer commit into it: its process is gone from this
+    host, or the chunk is older than the grace period (no writer holds files that long)."""
+    if time.time_ns() - created_ns > grace_s * 1e9:
+        return True
+    host, _, pid = writer.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """Delete orphan blocks and dead chunks; return what was (or, dry run, would be) removed."""
+    report = GcReport()
+    meta = client.meta
+    chunks = meta.chunk_table()
+    referenced = meta.referenced_chunks()
+    dead = [c for c, (writer, _state, _size, _live, created) in chunks.items()
+            if c not in referenced and _writer_gone(writer, created, grace_s)]
+    report.dead_chunks = len(dead)
+    if dead and not dry_run:
+        for rec in meta.drop_chunks(dead):
+            report.dead_blocks += 1
+            for nid in rec.nodes:
+                node = client.nodes.get(nid)
+                if node is not None:
+                    node.delete(block_key(rec.chunk, rec.idx))
+    known = meta.block_keys()
+    chunks = meta.chunk_table()
+    for node in client.nodes.values():
+        for key, size in list(node.list()):
+            parsed = parse_block_key(key)
+            if parsed is None or parsed in known:
+                continue
+            info = chunks.get(parsed[0])
+            if info is not None and not _writer_gone(info[0], info[4], grace_s):
+                report.skipped_live_writer += 1
+                continue
+            report.orphan_blocks += 1
+            report.orphan_bytes += size
+            if not dry_run:
+                node.delete(key)
+    return report
