@@ -119,7 +119,7 @@ class BlockReader:
             if len(raw) != rec.length:
                 errors.append(CorruptBlockError(f"holds {len(raw)} bytes, metadata says {rec.length}", rec.chunk, rec.idx, node.url))
                 continue
-            data = bytes(raw)
+            data = raw  # a view into the node's buffer: no copy of the block
             self.cache.put((rec.chunk, rec.idx), data)
             return data
         if not errors:
