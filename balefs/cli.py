@@ -34,6 +34,10 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            # The reader of our output went away (`balefs ls | head`): not an error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except KeyboardInterrupt:
             click.echo("balefs: interrupted; files committed before the interrupt are intact", err=True)
             sys.exit(130)
@@ -290,15 +294,20 @@ def df(volume: str, no_scan: bool) -> None:
 @click.argument("volume")
 @click.option("--grace", default=3600.0, show_default=True,
               help="Seconds a chunk of a writer that may still be running is left alone.")
-@click.option("--dry-run", is_flag=True, help="Report what would be deleted, delete nothing.")
+@click.option("--min-live", default=0.5, show_default=True,
+              help="Compact chunks whose live bytes are below this fraction of their size (0 turns compaction off).")
+@click.option("--dry-run", is_flag=True, help="Report what would be done, change nothing.")
 @user_errors
-def gc(volume: str, grace: float, dry_run: bool) -> None:
-    """Delete orphan blocks (never committed) and chunks no file references any more."""
+def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
+    """Compact sparse chunks, delete dead chunks and orphan blocks (never committed)."""
+    if not 0 <= min_live <= 1:
+        raise click.BadParameter("must lie between 0 and 1", param_hint="--min-live")
     with Client.open(volume) as client:
-        r = collect_garbage(client, grace_s=grace, dry_run=dry_run)
-    verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {r.orphan_blocks} orphan block(s) ({_human(r.orphan_bytes)}) and {r.dead_chunks} dead chunk(s) "
-               f"({r.dead_blocks} block(s)); left {r.skipped_live_writer} block(s) of writers that may still be running")
+        r = collect_garbage(client, grace_s=grace, dry_run=dry_run, min_live=min_live)
+    verb = "would" if dry_run else "did"
+    click.echo(f"{verb} compact {r.compacted_chunks} chunk(s) ({r.compacted_files} file(s), {_human(r.compacted_bytes)} live); "
+               f"{verb} delete {r.dead_chunks} dead chunk(s) ({r.dead_blocks} block(s)) and {r.orphan_blocks} orphan block(s) "
+               f"({_human(r.orphan_bytes)}); left {r.skipped_live_writer} block(s) of writers that may still be running")
 
 
 if __name__ == "__main__":

@@ -525,6 +525,47 @@ class SqliteMeta:
         """Chunks that at least one file extent points into."""
         return {r[0] for r in self._conn().execute("SELECT DISTINCT chunk FROM extents")}
 
+    def extents_in(self, chunks: Iterable[int]) -> dict[int, list[Extent]]:
+        """ino -> the extents of that file that lie in any of `chunks`."""
+        ids = sorted(set(chunks))
+        out: dict[int, list[Extent]] = {}
+        db = self._conn()
+        for part in _batches(ids, 500):
+            marks = ",".join("?" * len(part))
+            for ino, off, chunk, coff, length in db.execute(
+                    f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE chunk IN ({marks}) ORDER BY ino, off", part):
+                out.setdefault(ino, []).append(Extent(off, chunk, coff, length))
+        return out
+
+    def swap_extents(self, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]],
+                     changes: list[tuple[int, list[Extent], list[Extent]]]) -> int:
+        """Point files at rewritten copies of their bytes; a file whose extents changed meanwhile is
+        left as it is. Records the new blocks in the same transaction; returns files swapped."""
+        live: dict[int, int] = {}
+        swapped = 0
+        with self._write() as db:
+            db.executemany("INSERT OR REPLACE INTO blocks VALUES(?,?,?,?,?)",
+                           [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
+            db.executemany("INSERT OR IGNORE INTO block_copies VALUES(?,?,?,?)",
+                           [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
+            for chunk, (size, sealed) in sizes.items():
+                db.execute("UPDATE chunks SET size = max(size, ?), state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?",
+                           (size, sealed, chunk))
+            for ino, old, new in changes:
+                current = [Extent(*db.execute("SELECT off, chunk, chunk_off, length FROM extents WHERE ino=? AND off=?",
+                                              (ino, e.off)).fetchone() or (None, None, None, None)) for e in old]
+                if current != old:
+                    continue
+                db.executemany("DELETE FROM extents WHERE ino=? AND off=?", [(ino, e.off) for e in old])
+                db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", [(ino, e.off, e.chunk, e.chunk_off, e.length) for e in new])
+                for e in old:
+                    live[e.chunk] = live.get(e.chunk, 0) - e.length
+                for e in new:
+                    live[e.chunk] = live.get(e.chunk, 0) + e.length
+                swapped += 1
+            self._apply_live(db, live)
+        return swapped
+
     def drop_chunks(self, chunks: Iterable[int]) -> list[BlockRecord]:
         """Forget chunks no file references; return their blocks so the caller can delete them."""
         ids = sorted(set(chunks))
