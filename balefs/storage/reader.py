@@ -175,11 +175,11 @@ class BlockReader:
         futures = {key: self.fetch(rec) for key, rec in wave_blocks.items()}
         for i, pieces, start, end, extents in wave:
             try:
-                out = bytearray(end - start) if _has_holes(extents, start, end) else None
-                if out is None:
+                if sum(hi - lo for _, lo, hi in pieces) == end - start:
                     parts = [memoryview(futures[(r.chunk, r.idx)].result())[lo:hi] for r, lo, hi in pieces]
                     results[i] = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-                else:
+                else:  # a sparse file (truncated past its end): holes read as zeros
+                    out = bytearray(end - start)
                     self._fill(out, futures, extents, start, end)
                     results[i] = bytes(out)
             except Exception as exc:  # noqa: BLE001 - reported per request
@@ -196,15 +196,3 @@ class BlockReader:
                 out[pos:pos + bhi - blo] = memoryview(fut.result())[blo:bhi]
                 pos += bhi - blo
 
-
-def _has_holes(extents: Sequence[Extent], start: int, end: int) -> bool:
-    pos = start
-    for e in extents:
-        if e.off + e.length <= pos:
-            continue
-        if e.off > pos:
-            return pos < end
-        pos = e.off + e.length
-        if pos >= end:
-            return False
-    return pos < end
