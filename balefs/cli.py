@@ -310,5 +310,58 @@ def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
                f"({_human(r.orphan_bytes)}); left {r.skipped_live_writer} block(s) of writers that may still be running")
 
 
+@main.command("mount")
+@click.argument("volume")
+@click.argument("mountpoint")
+@click.option("--foreground", is_flag=True, help="Serve in this process until unmounted (for debugging); default: in the background.")
+@click.option("--read-only", is_flag=True, help="Mount read-only: every change fails with EROFS.")
+@click.option("--cache-size", default=None, help="Memory block cache of the mount (default: the volume's, e.g. 1GiB).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Local disk cache tier for blocks, kept across remounts (also holds spool files of random writes).")
+@click.option("--disk-cache-size", default=None, help="Bound of the disk cache in bytes (default 10GiB).")
+@click.option("--allow-other", is_flag=True, help="Let other users than the one mounting use the mount (permission bits still apply).")
+@click.option("--uid", type=int, default=None, help="Report every file and directory as owned by this user id.")
+@click.option("--gid", type=int, default=None, help="Report every file and directory as owned by this group id.")
+@click.option("--attr-timeout", type=float, default=1.0, show_default=True,
+              help="Seconds the kernel caches attributes and names; a change made by another mount is seen after at most this.")
+@click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+@user_errors
+def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
+              cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
+              attr_timeout: float, debug: bool, ready_fd: int | None) -> None:
+    """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
+
+    Returns once the mount works; files written and closed there are packed into chunks
+    and visible to every client. Unmount with `balefs umount MOUNTPOINT`.
+    """
+    from .fuse.mount import MountOptions, mount, serve
+
+    opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
+                        allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout, debug=debug)
+    if ready_fd is not None:  # the daemon started by a background mount
+        import logging
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .fuse.mount import check_can_mount
+        serve(volume, check_can_mount(volume, mountpoint), opts, ready_fd=ready_fd)
+        return
+    pid = mount(volume, mountpoint, opts, foreground=foreground)
+    if not foreground:
+        click.echo(f"mounted {volume} at {os.path.abspath(mountpoint)} (daemon pid {pid}); "
+                   f"unmount with: balefs umount {mountpoint}", err=True)
+
+
+@main.command("umount")
+@click.argument("mountpoint")
+@click.option("--lazy", is_flag=True, help="Detach at once even if files are open; they are committed when closed.")
+@user_errors
+def umount_cmd(mountpoint: str, lazy: bool) -> None:
+    """Unmount a balefs mount after every file on it is committed (also cleans up a dead mount)."""
+    from .fuse.mount import umount
+
+    click.echo(umount(mountpoint, lazy=lazy), err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import xxhash
 from .config import VolumeConfig, load_config, save_config, config_path
 from ..errors import ConfigError, NodeError, VolumeExistsError
 from .cache import BlockCache
+from .diskcache import DiskBlockCache
 from .codec import BlockCodec
 from .meta import ROOT, BlockRecord, Extent, FileWrite, Inode, SqliteMeta, open_meta, split_path
 from .node import Node, open_node
@@ -51,6 +52,8 @@ class FileReader:
         if start >= end:
             return b""
         data = self.client.reader.read(self.extents, start, end)
+        if isinstance(data, Exception):  # read_many reports errors per request; a single read raises
+            raise data
         ahead = self.client.cfg.readahead_blocks
         if ahead and start == self._last_end and end < self.size:
             span = ahead * self.client.cfg.block_size
@@ -134,6 +137,10 @@ class Client:
         self.cache = BlockCache(cfg.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
         self.reader = BlockReader(self.meta.blocks_of, self.nodes, self.cache, self._pool)
+        self.disk_cache: DiskBlockCache | None = None
+        if cfg.cache_dir:
+            self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.meta.volume_uuid())
+            self.reader.disk_cache = self.disk_cache
         self._writer: ChunkWriter | None = None
         self._writer_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -170,6 +177,8 @@ class Client:
         if self._writer is not None:
             self._writer.close()
         self._pool.shutdown(wait=True)
+        if self.disk_cache is not None:
+            self.disk_cache.close()
         self.meta.close()
 
     def __enter__(self) -> "Client":
@@ -460,6 +469,7 @@ class Client:
 
     def setattr(self, path: str, **attrs: int | None) -> None:
         self.meta.setattr(path, **attrs)
+        self._invalidate()
 
     def symlink(self, path: str, target: str) -> None:
         self.meta.symlink(path, target)
@@ -486,3 +496,114 @@ class Client:
         figures["nodes"] = nodes
         del figures["per_node"]
         return figures
+
+    # -- POSIX semantics (the FUSE mount uses these; any interface may) -----------------
+
+    def open_read_inode(self, node: Inode) -> FileReader:
+        """A reader of the version of a file that `node` (from stat) describes.
+
+        The reader is a snapshot: later commits to the file do not change what it reads."""
+        if node.kind == "d":
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(node.ino))
+        for _ in range(5):
+            extents = self.meta.extents_of([node.ino])[node.ino]
+            again = self.meta.getattr(node.ino)
+            if again is None or again == node:
+                break
+            node = again  # committed meanwhile: take the newer version whole
+        return FileReader(self, "", node, extents)
+
+    def extend_write(self, path: str, base: FileReader, keep: int | None = None) -> FileWriter:
+        """Start a new version of `path` whose first `keep` bytes (default: all) are those of
+        `base`, sharing its chunks (no byte is copied); what is written next is appended."""
+        keep = base.size if keep is None else max(0, min(keep, base.size))
+        fw = FileWriter(self, "/".join(split_path(path)), base.inode.mode)
+        step = 16 << 20
+        for start in range(0, keep, step):
+            fw._hash.update(base.read(start, min(keep, start + step)))
+        fw.extents = [e._replace(length=min(e.length, keep - e.off)) for e in base.extents if e.off < keep]
+        fw.size = keep
+        return fw
+
+    def truncate(self, path: str, length: int) -> None:
+        """Cut or extend (with zeros, stored as a hole) the file at `path` to `length` bytes."""
+        if length < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        node = self.stat(path)
+        if node.kind == "d":
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if node.kind != "f":
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        fw = self.extend_write(path, self.open_read_inode(node), keep=length)
+        zeros = bytes(min(length - fw.size, 16 << 20)) if length > fw.size else b""
+        while fw.size < length:  # the extension is a hole: hashed as zeros, never stored
+            n = min(len(zeros), length - fw.size)
+            fw._hash.update(zeros[:n])
+            fw.size += n
+        fw.close()
+
+    def unlink(self, path: str) -> None:
+        """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2)."""
+        try:
+            self.meta.remove(path, dir_ok=False)
+        finally:
+            self._invalidate()
+
+    def rmdir(self, path: str) -> None:
+        """Remove an empty directory (ENOTDIR for a file, ENOTEMPTY if it holds entries), like rmdir(2)."""
+        if not split_path(path):
+            raise OSError(errno.EBUSY, "refusing to remove the volume root", "/")
+        if self.stat(path).kind != "d":
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        self.remove(path, recursive=False)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        value = self.meta.getxattr(self.stat(path).ino, name)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such extended attribute", path)
+        return value
+
+    def setxattr(self, path: str, name: str, value: bytes, create: bool = False, replace: bool = False) -> None:
+        """Set an extended attribute; with create it must not exist (EEXIST), with replace it must (ENODATA)."""
+        ino = self.stat(path).ino
+        if create or replace:
+            exists = self.meta.getxattr(ino, name) is not None
+            if create and exists:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+            if replace and not exists:
+                raise OSError(errno.ENODATA, "no such extended attribute", path)
+        self.meta.setxattr(ino, name, bytes(value))
+
+    def listxattr(self, path: str) -> list[str]:
+        return self.meta.listxattr(self.stat(path).ino)
+
+    def removexattr(self, path: str, name: str) -> None:
+        ino = self.stat(path).ino
+        if self.meta.getxattr(ino, name) is None:
+            raise OSError(errno.ENODATA, "no such extended attribute", path)
+        self.meta.setxattr(ino, name, None)
+
+    def statfs(self) -> dict[str, int]:
+        """Capacity figures for statvfs(2): the nodes' real total and free bytes (a disk that
+        holds several nodes counted once), divided by the number of replicas; files in use."""
+        total = free = 0
+        seen: set[object] = set()
+        for nid in self.placement.node_ids:
+            node = self.nodes[nid]
+            root = getattr(node, "root", None)
+            try:
+                where: object = os.stat(root).st_dev if root else node.url
+                if where in seen:
+                    continue
+                seen.add(where)
+                t, f = node.capacity()
+            except OSError:
+                continue
+            total, free = total + t, free + f
+        reps = max(1, self.placement.replicas)
+        frsize = 4096
+        files = self.meta.count_inodes()
+        spare = max(0, free // reps // 4096)  # inodes are rows: bounded by space, not a table
+        return {"f_bsize": self.cfg.block_size, "f_frsize": frsize, "f_blocks": total // reps // frsize,
+                "f_bfree": free // reps // frsize, "f_bavail": free // reps // frsize,
+                "f_files": files + spare, "f_ffree": spare, "f_favail": spare, "f_namemax": 255}

@@ -55,6 +55,8 @@ class VolumeConfig:
     readahead_blocks: int = 4
     io_threads: int = 16
     upload_inflight: int = 32
+    cache_dir: str = ""
+    disk_cache_size: int = 10 << 30
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +71,9 @@ class VolumeConfig:
             raise ConfigError(f"volume {self.name!r}: a node is listed twice")
         for key in ("chunk_size", "block_size", "cache_size"):
             setattr(self, key, parse_size(getattr(self, key), key))
+        self.disk_cache_size = parse_size(self.disk_cache_size, "disk_cache_size")
+        if self.cache_dir:
+            self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
         if not 4096 <= self.block_size <= 1 << 30:
             raise ConfigError(f"block_size {self.block_size} must lie between 4 KiB and 1 GiB")
         if self.chunk_size < self.block_size or self.chunk_size % self.block_size:

@@ -580,6 +580,19 @@ class SqliteMeta:
                 db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
         return blocks
 
+    def volume_uuid(self) -> str:
+        """A random id of this volume, made once: names the volume's entries in shared caches."""
+        row = self._conn().execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
+        if row is None:
+            import uuid
+            with self._write() as db:
+                db.execute("INSERT OR IGNORE INTO meta VALUES('volume_uuid', ?)", (uuid.uuid4().hex,))
+            row = self._conn().execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
+        return str(row[0])
+
+    def count_inodes(self) -> int:
+        return int(self._conn().execute("SELECT count(*) FROM inodes").fetchone()[0])
+
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):

@@ -24,6 +24,8 @@ Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's 
 class BlockReader:
     """Fetches, verifies and caches blocks; assembles byte ranges of files from them."""
 
+    disk_cache = None  # an optional DiskBlockCache: the tier between memory and the nodes
+
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, wave_bytes: int = 512 << 20) -> None:
         self._blocks_of = blocks_of
@@ -101,6 +103,12 @@ class BlockReader:
             self._inflight.pop(key, None)
 
     def _load(self, rec: BlockRecord) -> bytes:
+        disk = self.disk_cache
+        if disk is not None:
+            data = disk.get((rec.chunk, rec.idx), rec.length)
+            if data is not None:
+                self.cache.put((rec.chunk, rec.idx), data)
+                return data
         key = block_key(rec.chunk, rec.idx)
         errors: list[Exception] = []
         for nid in rec.nodes:
@@ -121,6 +129,8 @@ class BlockReader:
                 continue
             data = raw  # a view into the node's buffer: no copy of the block
             self.cache.put((rec.chunk, rec.idx), data)
+            if disk is not None:
+                disk.put((rec.chunk, rec.idx), data)
             return data
         if not errors:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: no node holds it")

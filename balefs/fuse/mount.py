@@ -1,0 +1,396 @@
+"""Mounting and unmounting: `balefs mount VOLUME MOUNTPOINT` and `balefs umount MOUNTPOINT`.
+
+By default the mount runs in the background: the command starts a daemon (the same
+command in the foreground, in a new session, logging to $BALEFS_HOME/run/), waits until
+the kernel has finished mounting (the daemon reports readiness from FUSE's init), and
+only then returns; if the mount fails it prints the daemon's reason and exits 1.
+Unmounting waits for the daemon to exit, so every file is committed when it returns.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BaleError
+from ..storage.config import balefs_home, load_config, parse_size
+
+log = logging.getLogger("balefs.fuse")
+
+
+class MountError(BaleError):
+    """A mount or unmount cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class MountOptions:
+    read_only: bool = False
+    cache_size: str | int | None = None       # memory block cache (bytes or "4GiB")
+    cache_dir: str | None = None              # local disk cache tier for blocks
+    disk_cache_size: str | int | None = None  # its bound in bytes
+    allow_other: bool = False
+    uid: int | None = None                    # report every entry as owned by this user...
+    gid: int | None = None                    # ...and group
+    attr_timeout: float = 1.0                 # seconds the kernel trusts attributes and names
+    debug: bool = False
+
+
+# -- where things are ----------------------------------------------------------------------
+
+def run_dir() -> str:
+    return os.path.join(balefs_home(), "run")
+
+
+def _key(mountpoint: str) -> str:
+    return hashlib.sha1(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+
+
+def state_path(mountpoint: str) -> str:
+    return os.path.join(run_dir(), f"mount-{_key(mountpoint)}.json")
+
+
+def log_path(mountpoint: str) -> str:
+    return os.path.join(run_dir(), f"mount-{_key(mountpoint)}.log")
+
+
+def _unescape(field: str) -> str:
+    """Decode the octal escapes of /proc/self/mountinfo (\\040 for a space)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(filesystem type, source) of what is mounted at `mountpoint`, or None."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts = left.split()
+                if len(parts) >= 5 and _unescape(parts[4]) == target:
+                    fstype, source = (right.split() + ["", ""])[:2]
+                    found = (fstype, _unescape(source))  # the last one is on top
+    except OSError:
+        return None
+    return found
+
+
+def _fusermount() -> list[str]:
+    for name in ("fusermount3", "fusermount"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return []
+
+
+# -- checks --------------------------------------------------------------------------------
+
+def check_can_mount(volume: str, mountpoint: str) -> str:
+    """Return the absolute mountpoint, or raise MountError saying what is wrong."""
+    load_config(volume)  # a clear error for an unknown volume before anything starts
+    mp = os.path.abspath(mountpoint)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist: load the fuse module (modprobe fuse) or, in a container, "
+                         "run it with --device /dev/fuse --cap-add SYS_ADMIN")
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        os.close(fd)
+    except OSError as exc:
+        raise MountError(f"/dev/fuse cannot be opened ({exc.strerror}): check its permissions") from None
+    try:
+        from . import ops  # noqa: F401 - loads mfusepy and libfuse: fails here, with its reason
+    except (ImportError, OSError, EnvironmentError, AttributeError) as exc:
+        raise MountError(f"the FUSE binding cannot load ({exc}): install libfuse3 (apt install fuse3) "
+                         "and mfusepy (pip install 'balefs[fuse]')") from None
+    if os.geteuid() != 0 and not _fusermount():
+        raise MountError("fusermount3 is not installed (apt install fuse3): needed to mount as a user")
+    if find_mount(mp) is not None:
+        raise MountError(f"{mp}: something is already mounted there (balefs umount {mp})")
+    if not os.path.isdir(mp):
+        if os.path.exists(mp):
+            raise MountError(f"{mp}: not a directory")
+        raise MountError(f"{mp}: mountpoint does not exist (mkdir -p {mp})")
+    if os.listdir(mp):
+        raise MountError(f"{mp}: mountpoint is not empty (its files would be hidden under the mount)")
+    return mp
+
+
+# -- serving -------------------------------------------------------------------------------
+
+def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None = None) -> None:
+    """Mount and serve in this process until unmounted (the foreground mode)."""
+    from ..storage.client import Client
+    from .ops import LIBFUSE_VERSION, BaleFUSE, BaleOperations
+
+    mp = os.path.abspath(mountpoint)
+    overrides: dict[str, Any] = {}
+    if opts.cache_size is not None:
+        overrides["cache_size"] = parse_size(opts.cache_size, "--cache-size")
+    if opts.cache_dir:
+        overrides["cache_dir"] = os.path.abspath(opts.cache_dir)
+        os.makedirs(overrides["cache_dir"], exist_ok=True)
+    if opts.disk_cache_size is not None:
+        overrides["disk_cache_size"] = parse_size(opts.disk_cache_size, "--disk-cache-size")
+    client = Client.open(volume, **overrides)
+    spool = os.path.join(overrides["cache_dir"], "spool") if opts.cache_dir else None
+    if spool:
+        os.makedirs(spool, exist_ok=True)
+
+    def ready() -> None:
+        _write_state(mp, volume)
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, b"ok\n")
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready)
+    fuse_options: dict[str, Any] = {
+        "foreground": True,
+        "nothreads": False,          # one thread per request in flight
+        "raw_fi": True,              # open() decides keep_cache per file
+        "fsname": f"balefs:{volume}",
+        "subtype": "balefs",
+        "default_permissions": True,  # the kernel enforces mode bits, owners, groups
+        "max_read": 1 << 20,
+        "attr_timeout": opts.attr_timeout,
+        "entry_timeout": opts.attr_timeout,
+        "negative_timeout": 0,
+        "hard_remove": True,
+        "use_ino": True,
+    }
+    if LIBFUSE_VERSION >= (3, 12):
+        fuse_options["max_threads"] = 64  # requests served at once (threads are kept, not churned)
+    if opts.read_only:
+        fuse_options["ro"] = True
+    if opts.allow_other:
+        fuse_options["allow_other"] = True
+    if opts.debug:
+        fuse_options["debug"] = True
+    try:
+        BaleFUSE(ops, mp, **fuse_options)
+    except RuntimeError as exc:
+        raise MountError(f"libfuse could not mount {mp} (code {exc}); its reason is in {log_path(mp)} "
+                         "or on stderr with --foreground") from None
+    finally:
+        try:
+            ops.destroy("/")
+        finally:
+            client.close()
+            _clear_state(mp)
+
+
+def _write_state(mp: str, volume: str) -> None:
+    try:
+        os.makedirs(run_dir(), exist_ok=True)
+        tmp = state_path(mp) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "volume": volume, "mountpoint": mp, "log": log_path(mp)}, f)
+        os.replace(tmp, state_path(mp))
+    except OSError as exc:
+        log.warning("cannot record the mount in %s: %s", run_dir(), exc)
+
+
+def _read_state(mp: str) -> dict[str, Any] | None:
+    try:
+        with open(state_path(mp)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _clear_state(mp: str) -> None:
+    state = _read_state(mp)
+    if state is not None and state.get("pid") == os.getpid():
+        try:
+            os.unlink(state_path(mp))
+        except OSError:
+            pass
+
+
+def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = False, timeout: float = 60.0) -> int:
+    """Mount VOLUME at MOUNTPOINT; in the background, return the daemon's pid once the mount works."""
+    mp = check_can_mount(volume, mountpoint)
+    if foreground:
+        logging.basicConfig(level=logging.DEBUG if opts.debug else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serve(volume, mp, opts)
+        return os.getpid()
+    os.makedirs(run_dir(), exist_ok=True)
+    cmd = [sys.executable, "-m", "balefs.cli", "mount", volume, mp, "--foreground"]
+    if opts.read_only:
+        cmd.append("--read-only")
+    if opts.allow_other:
+        cmd.append("--allow-other")
+    for flag, value in (("--cache-size", opts.cache_size), ("--cache-dir", opts.cache_dir),
+                        ("--disk-cache-size", opts.disk_cache_size), ("--uid", opts.uid), ("--gid", opts.gid)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    cmd += ["--attr-timeout", str(opts.attr_timeout)]
+    if opts.debug:
+        cmd.append("--debug")
+    r, w = os.pipe()
+    cmd += ["--ready-fd", str(w)]
+    logfile = log_path(mp)
+    with open(logfile, "ab") as logf:
+        logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} mount {volume} at {mp}\n".encode())
+        logf.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                                start_new_session=True, close_fds=True)
+    os.close(w)
+    message = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], 0.2)
+            if ready:
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    break  # the daemon closed its end: ready, or gone
+                message += chunk
+                if b"ok\n" in message:
+                    break
+            elif proc.poll() is not None:
+                break
+        else:
+            proc.kill()
+            raise MountError(f"{mp}: the mount did not come up within {timeout:.0f}s (log: {logfile})")
+    finally:
+        os.close(r)
+    if b"ok\n" in message and _serving(mp, proc):
+        proc.returncode = 0  # it lives on as the daemon; not ours to wait for
+        return proc.pid
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = -9
+    raise MountError(f"mounting {volume} at {mp} failed (exit {code}): {_last_error(logfile)}")
+
+
+def _serving(mp: str, proc: subprocess.Popen) -> bool:
+    """Whether the mount answers requests (libfuse may still give up right after init)."""
+    for _ in range(50):
+        if proc.poll() is not None or find_mount(mp) is None:
+            return False
+        try:
+            os.statvfs(mp)  # a round trip through the daemon
+            return proc.poll() is None
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _last_error(logfile: str) -> str:
+    """The daemon's own one-line reason, or the last lines libfuse wrote."""
+    try:
+        with open(logfile, errors="replace") as f:
+            lines = f.read().split("\n--- ")[-1].splitlines()[1:]
+    except OSError:
+        return f"see {logfile}"
+    for line in reversed(lines):
+        if line.startswith("balefs: error:"):
+            return line[len("balefs: error:"):].strip()
+    tail = [ln for ln in lines if ln.strip()][-3:]
+    return ("; ".join(tail) if tail else "no reason given") + f" (log: {logfile})"
+
+
+# -- unmounting ----------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited: it only waits for its parent
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _detach(mp: str, lazy: bool) -> subprocess.CompletedProcess:
+    tool = _fusermount()
+    if tool:
+        cmd = tool + (["-u", "-z"] if lazy else ["-u"]) + [mp]
+    else:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [mp]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def umount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
+    """Unmount, then wait for the daemon to commit and exit. Returns what was done, in words."""
+    mp = os.path.abspath(mountpoint)
+    found = find_mount(mp)
+    state = _read_state(mp)
+    if found is None:
+        if state is not None and not _alive(int(state.get("pid", 0))):
+            os.unlink(state_path(mp))
+        raise MountError(f"{mp}: not mounted")
+    fstype, source = found
+    if not fstype.startswith("fuse"):
+        raise MountError(f"{mp}: not a balefs mount ({fstype} from {source})")
+    dead = False
+    try:
+        os.stat(mp)
+    except OSError as exc:
+        dead = exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    if dead:  # the daemon is gone (kill -9, crash): detach what is left
+        res = _detach(mp, lazy=True)
+        if find_mount(mp) is not None and os.geteuid() == 0:
+            res = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
+        if find_mount(mp) is not None:
+            raise MountError(f"{mp}: cannot detach the dead mount: {(res.stderr or res.stdout).strip()}")
+        if state is not None:
+            try:
+                os.unlink(state_path(mp))
+            except OSError:
+                pass
+        return f"{mp}: the mount's daemon was gone; detached the dead mount (files closed or fsynced before are intact)"
+    res = _detach(mp, lazy=lazy)
+    if res.returncode != 0:
+        err = (res.stderr or res.stdout).strip()
+        if "busy" in err.lower():
+            raise MountError(f"{mp}: busy: a file or directory on it is in use (close it, or `balefs umount --lazy` "
+                             "to detach now; files still open are committed when they are closed)")
+        raise MountError(f"{mp}: cannot unmount: {err}")
+    if lazy:
+        return f"{mp}: detached; the daemon commits files still open as they are closed, then exits"
+    pid = int(state["pid"]) if state and state.get("pid") else None
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise MountError(f"{mp}: unmounted, but the daemon (pid {pid}) is still running after {timeout:.0f}s")
+            time.sleep(0.02)
+    return f"{mp}: unmounted"
+
+
+def stop_daemon(mountpoint: str, sig: int = signal.SIGKILL) -> int | None:
+    """Send a signal to a mount's daemon (for tests of crashes); return its pid."""
+    state = _read_state(os.path.abspath(mountpoint))
+    if state is None:
+        return None
+    os.kill(int(state["pid"]), sig)
+    return int(state["pid"])

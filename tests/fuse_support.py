@@ -1,0 +1,88 @@
+"""Fixtures for the tests of the POSIX mount (imported by tests/test_fuse_*.py).
+
+Each mount is a real one, made with `balefs mount` in a subprocess (the daemon), over a
+volume made by conftest's fixtures, and is always unmounted at the end of its test, even
+when the test fails or killed the daemon.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from helpers import run_cli
+
+
+def _why_no_fuse() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse cannot be opened: {exc.strerror}"
+    try:
+        import balefs.fuse.ops  # noqa: F401 - loads mfusepy and libfuse
+    except Exception as exc:  # noqa: BLE001 - any reason means: no mount here
+        return f"mfusepy/libfuse unavailable: {exc}"
+    if os.geteuid() != 0 and not (shutil.which("fusermount3") or shutil.which("fusermount")):
+        return "fusermount3 is not installed"
+    return None
+
+
+NO_FUSE = _why_no_fuse()
+needs_fuse = pytest.mark.skipif(NO_FUSE is not None, reason=NO_FUSE or "")
+
+
+def is_mounted(mp: Path) -> bool:
+    from balefs.fuse.mount import find_mount
+
+    return find_mount(str(mp)) is not None
+
+
+def force_unmount(mp: Path) -> None:
+    """Last resort for a test's cleanup: detach whatever is at mp and kill its daemon."""
+    from balefs.fuse.mount import _read_state
+
+    state = _read_state(str(mp))
+    for cmd in (["fusermount3", "-uz", str(mp)], ["umount", "-l", str(mp)]):
+        if not is_mounted(mp):
+            break
+        subprocess.run(cmd, capture_output=True)
+    if state and state.get("pid"):
+        try:
+            os.kill(int(state["pid"]), 9)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
+    """mount_volume(name="vol", *options) mounts a volume with `balefs mount` at a fresh
+    directory and returns it; every mount is unmounted when the test ends."""
+    mounts: list[Path] = []
+
+    def mount(name: str = "vol", *options: str, mountpoint: Path | None = None) -> Path:
+        mp = mountpoint or tmp_path / f"mnt{len(mounts)}"
+        mp.mkdir(exist_ok=True)
+        res = run_cli("mount", name, mp, *options, timeout=60)
+        assert res.returncode == 0, res.stderr.decode()
+        assert is_mounted(mp)
+        mounts.append(mp)
+        return mp
+
+    yield mount
+    for mp in mounts:
+        if is_mounted(mp):
+            res = run_cli("umount", mp, timeout=60)
+            if res.returncode != 0 or is_mounted(mp):
+                force_unmount(mp)
+
+
+@pytest.fixture
+def mnt(volume, mount_volume) -> Path:
+    """The test volume mounted (background daemon)."""
+    return mount_volume(volume.name)
