@@ -86,3 +86,51 @@ def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
 def mnt(volume, mount_volume) -> Path:
     """The test volume mounted (background daemon)."""
     return mount_volume(volume.name)
+
+
+class SharedMount:
+    """One volume mounted for a whole test module (mounting costs ~0.5 s): each test works in
+    a directory of its own under it."""
+
+    def __init__(self, home: Path, volume: str, nodes: list[Path], root: Path) -> None:
+        self.home, self.volume, self.nodes, self.root = home, volume, nodes, root
+
+
+@pytest.fixture(scope="module")
+def shared_mount(tmp_path_factory: pytest.TempPathFactory):
+    from balefs.storage.client import Client
+    from helpers import BLOCK, CHUNK
+
+    if NO_FUSE is not None:
+        pytest.skip(NO_FUSE)
+    base = tmp_path_factory.mktemp("fuse-shared")
+    with pytest.MonkeyPatch.context() as mp:
+        home = base / "home"
+        home.mkdir()
+        mp.setenv("BALEFS_HOME", str(home))
+        nodes = [base / "nodes" / f"n{i}" for i in range(3)]
+        for d in nodes:
+            d.mkdir(parents=True)
+        Client.init("vol", [str(d) for d in nodes], block_size=BLOCK, chunk_size=CHUNK)
+        root = base / "mnt"
+        root.mkdir()
+        res = run_cli("mount", "vol", root, timeout=60)
+        assert res.returncode == 0, res.stderr.decode()
+        try:
+            yield SharedMount(home, "vol", nodes, root)
+        finally:
+            if is_mounted(root):
+                res = run_cli("umount", root, timeout=60)
+                if res.returncode != 0 or is_mounted(root):
+                    force_unmount(root)
+
+
+@pytest.fixture
+def smnt(shared_mount: SharedMount, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh directory of this test on the module's shared mount; BALEFS_HOME points at
+    the shared volume's home, so Client.open("vol") sees what the mount wrote (under
+    the directory's name, `smnt.name`)."""
+    monkeypatch.setenv("BALEFS_HOME", str(shared_mount.home))
+    d = shared_mount.root / "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in request.node.name)
+    d.mkdir()
+    return d

@@ -15,10 +15,16 @@ from pathlib import Path
 import pytest
 
 from balefs.storage.client import Client
-from fuse_support import mnt, mount_volume, needs_fuse  # noqa: F401 - fixtures
+from fuse_support import needs_fuse, shared_mount, smnt  # noqa: F401 - fixtures
 from helpers import BLOCK, CHUNK, payload
 
 pytestmark = needs_fuse
+
+
+@pytest.fixture
+def mnt(smnt: Path) -> Path:
+    """This test's directory on the module's mount (volume "vol"; volume path: mnt.name/...)."""
+    return smnt
 
 
 def errno_of(fn, *args, **kwargs) -> int:
@@ -29,7 +35,7 @@ def errno_of(fn, *args, **kwargs) -> int:
 
 # -- data ------------------------------------------------------------------------------------
 
-def test_files_of_every_size_round_trip(mnt: Path, volume) -> None:
+def test_files_of_every_size_round_trip(mnt: Path) -> None:
     sizes = [0, 1, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, CHUNK + 5 * BLOCK + 3]
     for i, n in enumerate(sizes):
         (mnt / f"f{i}").write_bytes(payload(n, seed=i))
@@ -38,9 +44,9 @@ def test_files_of_every_size_round_trip(mnt: Path, volume) -> None:
         assert p.stat().st_size == n
         assert p.read_bytes() == payload(n, seed=i)
     # committed: a client of its own (another process would do the same) reads the same bytes
-    with Client.open(volume.name) as c:
+    with Client.open("vol") as c:
         for i, n in enumerate(sizes):
-            assert c.read_file(f"f{i}") == payload(n, seed=i)
+            assert c.read_file(f"{mnt.name}/f{i}") == payload(n, seed=i)
     assert sorted(os.listdir(mnt)) == sorted(f"f{i}" for i in range(len(sizes)))
 
 
@@ -66,7 +72,7 @@ def test_mmap_and_numpy_like_readers(mnt: Path) -> None:
         assert m[BLOCK:BLOCK + 10] == data[BLOCK:BLOCK + 10]
 
 
-def test_random_writes_read_your_writes_and_truncate(mnt: Path, volume) -> None:
+def test_random_writes_read_your_writes_and_truncate(mnt: Path) -> None:
     p = mnt / "r.bin"
     model = bytearray(payload(150_000, seed=1))
     p.write_bytes(bytes(model))
@@ -94,8 +100,8 @@ def test_random_writes_read_your_writes_and_truncate(mnt: Path, volume) -> None:
     assert p.read_bytes() == bytes(model[:1234])
     os.truncate(p, 5000)
     assert p.read_bytes() == bytes(model[:1234]) + bytes(5000 - 1234)
-    with Client.open(volume.name) as c:
-        assert c.read_file("r.bin") == bytes(model[:1234]) + bytes(5000 - 1234)
+    with Client.open("vol") as c:
+        assert c.read_file(f"{mnt.name}/r.bin") == bytes(model[:1234]) + bytes(5000 - 1234)
 
 
 def test_append_and_o_trunc(mnt: Path) -> None:
@@ -115,25 +121,25 @@ def test_append_and_o_trunc(mnt: Path) -> None:
     assert p.read_text() == "new"
 
 
-def test_closed_file_is_readable_at_once_and_new_file_exists_while_written(mnt: Path, volume) -> None:
-    with Client.open(volume.name) as c:
+def test_closed_file_is_readable_at_once_and_new_file_exists_while_written(mnt: Path) -> None:
+    with Client.open("vol") as c:
         f = open(mnt / "w.bin", "wb")
         f.write(b"x" * 1000)
         f.flush()
         assert (mnt / "w.bin").exists()
-        assert c.stat("w.bin").size == 0  # created empty at once; the content comes with close
+        assert c.stat(f"{mnt.name}/w.bin").size == 0  # created empty at once; the content comes with close
         f.close()
         assert (mnt / "w.bin").read_bytes() == b"x" * 1000
-        assert c.read_file("w.bin") == b"x" * 1000
+        assert c.read_file(f"{mnt.name}/w.bin") == b"x" * 1000
 
 
-def test_fsync_makes_data_durable_before_close(mnt: Path, volume) -> None:
+def test_fsync_makes_data_durable_before_close(mnt: Path) -> None:
     fd = os.open(mnt / "s.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         os.write(fd, b"durable bytes")
         os.fsync(fd)
-        with Client.open(volume.name) as c:  # another client sees it: committed
-            assert c.read_file("s.bin") == b"durable bytes"
+        with Client.open("vol") as c:  # another client sees it: committed
+            assert c.read_file(f"{mnt.name}/s.bin") == b"durable bytes"
         os.write(fd, b"!")
     finally:
         os.close(fd)
@@ -226,7 +232,7 @@ def test_errors(mnt: Path) -> None:
 
 # -- attributes, links, xattrs, statfs ------------------------------------------------------------
 
-def test_chmod_chown_utimens(mnt: Path, volume) -> None:
+def test_chmod_chown_utimens(mnt: Path) -> None:
     p = mnt / "f"
     p.write_bytes(b"f")
     os.chmod(p, 0o640)
@@ -247,8 +253,8 @@ def test_chmod_chown_utimens(mnt: Path, volume) -> None:
     os.utime(src, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     subprocess.run(["cp", "-p", str(src), str(mnt / "copy.txt")], check=True)
     assert (mnt / "copy.txt").stat().st_mtime_ns == 1_500_000_000_000_000_000
-    with Client.open(volume.name) as c:
-        n = c.stat("f")
+    with Client.open("vol") as c:
+        n = c.stat(f"{mnt.name}/f")
         assert (n.mode, n.uid, n.gid, n.mtime_ns) == (0o640, 1234, 42, 1_600_000_000_123_456_789)
 
 
@@ -290,9 +296,9 @@ def test_extended_attributes(mnt: Path) -> None:
     assert os.getxattr(mnt / "d", "user.dir") == b"1"
 
 
-def test_statfs_reports_the_nodes_capacity(mnt: Path, volume) -> None:
+def test_statfs_reports_the_nodes_capacity(mnt: Path, shared_mount) -> None:
     st = os.statvfs(mnt)
-    usage = shutil.disk_usage(volume.nodes[0])  # all test nodes share one disk: counted once
+    usage = shutil.disk_usage(shared_mount.nodes[0])  # all test nodes share one disk: counted once
     assert st.f_frsize > 0
     assert abs(st.f_blocks * st.f_frsize - usage.total) <= 64 * st.f_frsize
     assert st.f_bavail * st.f_frsize <= usage.total

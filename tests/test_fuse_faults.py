@@ -1,0 +1,257 @@
+"""The POSIX mount under bad input and faults, each on a real mount: a read-only mount,
+permission bits enforced for another user, a corrupted block, the daemon killed with
+kill -9, unmounting with a file open, and mount/umount errors."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from balefs.fuse.mount import _read_state
+from balefs.storage.client import Client
+from balefs.storage.codec import HEADER_SIZE
+from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
+
+pytestmark = needs_fuse
+
+
+def errno_of(fn, *args, **kwargs) -> int:
+    with pytest.raises(OSError) as info:
+        fn(*args, **kwargs)
+    return info.value.errno
+
+
+def wait_gone(pid: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still alive")
+
+
+def test_read_only_mount(volume, mount_volume) -> None:
+    with Client.open(volume.name) as c:
+        c.write_file("ro.txt", b"read me")
+        c.mkdir("dir")
+    mp = mount_volume(volume.name, "--read-only")
+    assert (mp / "ro.txt").read_bytes() == b"read me"
+    assert sorted(os.listdir(mp)) == ["dir", "ro.txt"]
+    assert errno_of(open, mp / "ro.txt", "wb") == errno.EROFS
+    assert errno_of(open, mp / "ro.txt", "ab") == errno.EROFS
+    assert errno_of(open, mp / "new.txt", "wb") == errno.EROFS
+    assert errno_of(os.mkdir, mp / "d2") == errno.EROFS
+    assert errno_of(os.rmdir, mp / "dir") == errno.EROFS
+    assert errno_of(os.unlink, mp / "ro.txt") == errno.EROFS
+    assert errno_of(os.rename, mp / "ro.txt", mp / "x") == errno.EROFS
+    assert errno_of(os.chmod, mp / "ro.txt", 0o600) == errno.EROFS
+    assert errno_of(os.truncate, mp / "ro.txt", 0) == errno.EROFS
+    assert errno_of(os.symlink, "ro.txt", mp / "link") == errno.EROFS
+    assert errno_of(os.setxattr, mp / "ro.txt", "user.x", b"1") == errno.EROFS
+    assert errno_of(os.utime, mp / "ro.txt", (1, 1)) == errno.EROFS
+    assert (mp / "ro.txt").read_bytes() == b"read me"
+
+
+def _as_nobody(ops) -> dict[str, object]:
+    """Run `ops()` in a forked child with uid/gid 65534; it returns name -> errno or value."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no exec (the interpreter may not be reachable for nobody)
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, json.dumps(ops()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(out)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_permission_bits_are_enforced_for_other_users(volume, mount_volume) -> None:
+    # a mountpoint other users can reach (pytest's own tmp directory is private to root)
+    base = Path(tempfile.mkdtemp(prefix="balefs-perm-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        mp = mount_volume(volume.name, "--allow-other", mountpoint=base / "mnt")
+        os.chmod(mp, 0o755)
+        (mp / "secret").write_bytes(b"root only")
+        os.chmod(mp / "secret", 0o600)
+        (mp / "public").write_bytes(b"everyone")
+        os.chmod(mp / "public", 0o644)
+        (mp / "private").mkdir(mode=0o700)
+        (mp / "shared").mkdir()
+        os.chmod(mp / "shared", 0o777)  # (mkdir's mode passes through the umask)
+
+        def ops() -> dict[str, object]:
+            out: dict[str, object] = {}
+
+            def attempt(name, fn, *args):
+                try:
+                    res = fn(*args)
+                    out[name] = res if isinstance(res, (str, int, list)) else "ok"
+                except OSError as exc:
+                    out[name] = exc.errno
+
+            attempt("read_public", lambda: open(mp / "public", "rb").read().decode())
+            attempt("list_root", lambda: sorted(os.listdir(mp)))
+            attempt("read_secret", lambda: open(mp / "secret", "rb").read())
+            attempt("write_public", lambda: open(mp / "public", "ab"))
+            attempt("create_in_root", lambda: open(mp / "mine", "wb"))
+            attempt("list_private", os.listdir, mp / "private")
+            attempt("chmod_public", os.chmod, mp / "public", 0o666)
+            attempt("chown_public", os.chown, mp / "public", 65534, 65534)
+            attempt("unlink_public", os.unlink, mp / "public")
+
+            def create_shared():
+                with open(mp / "shared" / "mine", "wb") as f:
+                    f.write(b"nobody's")
+                st = os.stat(mp / "shared" / "mine")
+                return [st.st_uid, st.st_gid]
+
+            attempt("create_in_shared", create_shared)
+            return out
+
+        got = _as_nobody(ops)
+        assert got["read_public"] == "everyone"
+        assert got["list_root"] == ["private", "public", "secret", "shared"]
+        assert got["read_secret"] == errno.EACCES
+        assert got["write_public"] == errno.EACCES
+        assert got["create_in_root"] == errno.EACCES
+        assert got["list_private"] == errno.EACCES
+        assert got["chmod_public"] == errno.EPERM
+        assert got["chown_public"] == errno.EPERM
+        assert got["unlink_public"] == errno.EACCES
+        assert got["create_in_shared"] == [65534, 65534]  # a new file belongs to its creator
+        assert (mp / "shared" / "mine").read_bytes() == b"nobody's"
+        assert (mp / "secret").read_bytes() == b"root only"  # unchanged
+    finally:
+        if is_mounted(base / "mnt"):
+            run_cli("umount", base / "mnt")
+            force_unmount(base / "mnt")
+        for p in sorted(base.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        base.rmdir()
+
+
+def test_corrupt_block_is_eio_and_the_mount_stays_up(volume, mount_volume, balefs_home) -> None:
+    good, bad = payload(3 * BLOCK, seed=1), payload(2 * BLOCK + 7, seed=2)
+    with Client.open(volume.name) as c:
+        c.write_file("good.bin", good)
+        c.write_file("bad.bin", bad)
+        bad_blocks = blocks_of_file(c, "bad.bin")
+        assert not set(bad_blocks) & set(blocks_of_file(c, "good.bin"))
+        for p in block_paths(c, bad_blocks[1]):
+            flip_bit(p, HEADER_SIZE + 100)
+    mp = mount_volume(volume.name)
+    with open(mp / "bad.bin", "rb") as f:
+        assert f.read(BLOCK) == bad[:BLOCK]  # the intact first block still reads
+        assert errno_of(f.read) == errno.EIO
+    assert errno_of((mp / "bad.bin").read_bytes) == errno.EIO
+    # the mount is still up and everything else works
+    assert (mp / "good.bin").read_bytes() == good
+    (mp / "after.txt").write_bytes(b"still writable")
+    assert (mp / "after.txt").read_bytes() == b"still writable"
+    assert sorted(os.listdir(mp)) == ["after.txt", "bad.bin", "good.bin"]
+    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
+    assert "corrupt" in log and "checksum" in log
+
+
+def test_kill_9_keeps_every_closed_or_fsynced_file(volume, mount_volume) -> None:
+    mp = mount_volume(volume.name)
+    closed, synced, partial = payload(5 * BLOCK + 3, 1), payload(BLOCK + 9, 2), payload(3 * BLOCK, 3)
+    (mp / "closed.bin").write_bytes(closed)
+    (mp / "dir").mkdir()
+    (mp / "dir" / "small.txt").write_bytes(b"small")
+    fd_synced = os.open(mp / "synced.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd_synced, synced)
+    os.fsync(fd_synced)
+    fd_partial = os.open(mp / "partial.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd_partial, partial)
+    pid = int(_read_state(str(mp))["pid"])
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    assert errno_of(os.stat, mp) in (errno.ENOTCONN, errno.ECONNABORTED)  # the kernel's word for a dead daemon
+    for fd in (fd_synced, fd_partial):
+        try:
+            os.close(fd)  # the flush fails: nobody is there to take it
+        except OSError:
+            pass
+    res = run_cli("umount", mp)  # cleans up the dead mount
+    assert res.returncode == 0, res.stderr.decode()
+    assert b"gone" in res.stderr
+    assert not is_mounted(mp)
+    mp2 = mount_volume(volume.name, mountpoint=mp)
+    assert (mp2 / "closed.bin").read_bytes() == closed
+    assert (mp2 / "dir" / "small.txt").read_bytes() == b"small"
+    assert (mp2 / "synced.bin").read_bytes() == synced
+    # never closed nor fsynced: created (empty, as at creat()), never half-written
+    assert (mp2 / "partial.bin").read_bytes() == b""
+
+
+def test_umount_with_a_file_open(volume, mount_volume) -> None:
+    mp = mount_volume(volume.name)
+    fd = os.open(mp / "open.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"a" * 1000)
+    res = run_cli("umount", mp)
+    assert res.returncode == 1
+    err = res.stderr.decode()
+    assert "busy" in err and "--lazy" in err and "Traceback" not in err
+    assert is_mounted(mp) and os.listdir(mp) == ["open.bin"]  # still served
+    pid = int(_read_state(str(mp))["pid"])
+    res = run_cli("umount", "--lazy", mp)
+    assert res.returncode == 0, res.stderr.decode()
+    assert not is_mounted(mp)  # detached at once...
+    os.write(fd, b"b" * 1000)  # ...while the open file still works
+    os.close(fd)  # committed on close; then the daemon exits
+    wait_gone(pid)
+    mp2 = mount_volume(volume.name, mountpoint=mp)
+    assert (mp2 / "open.bin").read_bytes() == b"a" * 1000 + b"b" * 1000
+
+
+def test_mount_and_umount_errors_are_one_clear_line(volume, mount_volume, tmp_path: Path) -> None:
+    def fails(*args: object, expect: str) -> None:
+        res = run_cli(*args)
+        err = res.stderr.decode()
+        assert res.returncode == 1, err
+        assert "Traceback" not in err and err.startswith("balefs: error:") and expect in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+    (tmp_path / "empty").mkdir()
+    fails("mount", "nosuchvolume", tmp_path / "empty", expect="unknown volume")
+    fails("mount", volume.name, tmp_path / "missing", expect="does not exist")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_bytes(b"x")
+    fails("mount", volume.name, tmp_path / "full", expect="not empty")
+    (tmp_path / "afile").write_bytes(b"")
+    fails("mount", volume.name, tmp_path / "afile", expect="not a directory")
+    fails("umount", tmp_path / "empty", expect="not mounted")
+    mp = mount_volume(volume.name)
+    fails("mount", volume.name, mp, expect="already mounted")
+    fails("umount", tmp_path, expect="not mounted")
+    assert not is_mounted(tmp_path / "empty")
+    res = run_cli("umount", mp)
+    assert res.returncode == 0 and not is_mounted(mp)
