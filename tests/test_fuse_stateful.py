@@ -1,0 +1,152 @@
+"""Random sequences of POSIX operations, run on the mount and on a plain local directory side
+by side (Hypothesis stateful testing): every operation must give the same result or the
+same errno on both, and after every step both trees must hold the same names, types,
+sizes, permission bits and bytes."""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
+from helpers import BLOCK, payload
+
+pytestmark = needs_fuse
+
+NAMES = ["a", "b", "c"]
+PATHS = NAMES + ["a/a", "a/b", "a/c", "b/a", "c/b"]  # few names: operations collide often
+paths = st.sampled_from(PATHS)
+sizes = st.one_of(st.integers(0, 3000), st.sampled_from([BLOCK - 1, BLOCK + 1, 2 * BLOCK + 100]))
+modes = st.sampled_from([0o600, 0o644, 0o640, 0o755, 0o700, 0o444])
+
+
+def outcome(fn):
+    """What an operation did: ("ok", value) or ("err", errno name)."""
+    try:
+        return ("ok", fn())
+    except OSError as exc:
+        return ("err", errno.errorcode.get(exc.errno, exc.errno))
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """name -> (type, size for files, permission bits, bytes for files) of the whole tree."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st_ = os.lstat(p)
+            rel = str(p.relative_to(root))
+            if stat.S_ISDIR(st_.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st_.st_mode))
+            else:
+                out[rel] = ("file", st_.st_size, stat.S_IMODE(st_.st_mode), p.read_bytes())
+    return out
+
+
+def make_machine(mount_root: Path, local_root: Path, counter=itertools.count()):
+    class PosixVsLocal(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            n = next(counter)
+            self.roots = (mount_root / f"ex{n}", local_root / f"ex{n}")
+            for r in self.roots:
+                r.mkdir()
+
+        @initialize(seed=st.integers(0, 99))
+        def start(self, seed):
+            """Begin from a directory with a file and a directory in it, so that most operations find something."""
+            for r in self.roots:
+                (r / "a").mkdir()
+                (r / "a" / "b").write_bytes(payload(100 + seed, seed))
+                (r / "c").write_bytes(payload(seed, seed + 1))
+
+        def both(self, op):
+            """Run op(root) on the mount and on the local directory; results must agree."""
+            got = [outcome(lambda r=r: op(r)) for r in self.roots]
+            assert got[0] == got[1], f"mount: {got[0]!r}  local: {got[1]!r}"
+            return got[1]
+
+        @rule(path=paths, size=sizes, seed=st.integers(0, 99))
+        def write_file(self, path, size, seed):
+            def op(root):
+                with open(root / path, "wb") as f:
+                    f.write(payload(size, seed))
+            self.both(op)
+
+        @rule(path=paths, offset=st.one_of(st.integers(0, 5000), st.integers(0, 3 * BLOCK)),
+              size=st.integers(0, 2000), seed=st.integers(0, 99))
+        def write_at(self, path, offset, size, seed):
+            def op(root):
+                fd = os.open(root / path, os.O_WRONLY)
+                try:
+                    return os.pwrite(fd, payload(size, seed), offset)
+                finally:
+                    os.close(fd)
+            self.both(op)
+
+        @rule(path=paths, size=st.integers(0, 500), seed=st.integers(0, 99))
+        def append(self, path, size, seed):
+            def op(root):
+                with open(root / path, "ab") as f:
+                    f.write(payload(size, seed))
+            self.both(op)
+
+        @rule(path=paths, length=st.one_of(st.integers(0, 4000), st.integers(0, 3 * BLOCK)))
+        def truncate(self, path, length):
+            self.both(lambda root: os.truncate(root / path, length))
+
+        @rule(path=paths, offset=st.integers(0, 4000), length=st.integers(0, 4000))
+        def read(self, path, offset, length):
+            def op(root):
+                with open(root / path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(length)
+            self.both(op)
+
+        @rule(src=paths, dst=paths)
+        def rename(self, src, dst):
+            self.both(lambda root: os.rename(root / src, root / dst))
+
+        @rule(path=paths)
+        def unlink(self, path):
+            self.both(lambda root: os.unlink(root / path))
+
+        @rule(path=paths)
+        def mkdir(self, path):
+            self.both(lambda root: os.mkdir(root / path))
+
+        @rule(path=paths)
+        def rmdir(self, path):
+            self.both(lambda root: os.rmdir(root / path))
+
+        @rule(path=paths, mode=modes)
+        def chmod(self, path, mode):
+            self.both(lambda root: os.chmod(root / path, mode))
+
+        @rule(path=paths)
+        def listdir(self, path):
+            self.both(lambda root: sorted(os.listdir(root / path)))
+
+        @invariant()
+        def same_trees(self):
+            a, b = (snapshot(r) for r in self.roots)
+            assert a == b
+
+    return PosixVsLocal
+
+
+def test_random_posix_operations_match_a_local_directory(volume, mount_volume, tmp_path: Path) -> None:
+    mp = mount_volume(volume.name)
+    local = tmp_path / "local"
+    local.mkdir()
+    machine = make_machine(mp, local)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=int(os.environ.get("BALEFS_FUSE_EXAMPLES", "50")), stateful_step_count=25, deadline=None,
+        suppress_health_check=list(HealthCheck), derandomize=False))
