@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ class MountOptions:
     uid: int | None = None                    # report every entry as owned by this user...
     gid: int | None = None                    # ...and group
     attr_timeout: float = 1.0                 # seconds the kernel trusts attributes and names
+    readahead: str | int | None = "4MiB"      # kernel readahead window of the mount (root only)
     debug: bool = False
 
 
@@ -156,6 +158,9 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
 
     def ready() -> None:
         _write_state(mp, volume)
+        if opts.readahead:
+            threading.Thread(target=_tune_readahead, args=(mp, parse_size(opts.readahead, "--readahead")),
+                             name="bale-readahead", daemon=True).start()
         if ready_fd is not None:
             try:
                 os.write(ready_fd, b"ok\n")
@@ -197,6 +202,18 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         finally:
             client.close()
             _clear_state(mp)
+
+
+def _tune_readahead(mp: str, nbytes: int) -> None:
+    """Widen the kernel's readahead window for this mount (128 KiB by default; FUSE cannot
+    ask for more at init). Needs root; best effort: a failure only costs sequential speed."""
+    try:
+        st = os.stat(mp)  # served by the daemon once init is done
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(max(4, nbytes // 1024)))
+    except OSError as exc:
+        log.info("readahead of %s left as it is: %s", mp, exc)
 
 
 def _write_state(mp: str, volume: str) -> None:
@@ -242,7 +259,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
     if opts.allow_other:
         cmd.append("--allow-other")
     for flag, value in (("--cache-size", opts.cache_size), ("--cache-dir", opts.cache_dir),
-                        ("--disk-cache-size", opts.disk_cache_size), ("--uid", opts.uid), ("--gid", opts.gid)):
+                        ("--disk-cache-size", opts.disk_cache_size), ("--uid", opts.uid), ("--gid", opts.gid),
+                        ("--readahead", opts.readahead)):
         if value is not None:
             cmd += [flag, str(value)]
     cmd += ["--attr-timeout", str(opts.attr_timeout)]
@@ -278,6 +296,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         os.close(r)
     if b"ok\n" in message and _serving(mp, proc):
         proc.returncode = 0  # it lives on as the daemon; not ours to wait for
+        if opts.readahead:  # (the daemon does it too; here it is in place before we return)
+            _tune_readahead(mp, parse_size(opts.readahead, "--readahead"))
         return proc.pid
     try:
         code = proc.wait(timeout=10)

@@ -488,12 +488,16 @@ class BaleOperations(Operations):
         else:
             version = (node.mtime_ns, node.size, node.hash)
             keep = self._seen.get(node.ino) == version and node.ino not in self._dirty
+            if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
+                self._seen.clear()
             self._seen[node.ino] = version
             if not writable:
                 h._base()  # snapshot the version at open: a later commit does not change this handle
         fi.fh = self._add(h)
         fi.keep_cache = 1 if keep else 0
         fi.direct_io = 0
+        if not writable and hasattr(fi, "noflush"):
+            fi.noflush = 1  # nothing to commit at close: spare the kernel a FLUSH round trip
         return 0
 
     @_op
