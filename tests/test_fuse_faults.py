@@ -255,3 +255,12 @@ def test_mount_and_umount_errors_are_one_clear_line(volume, mount_volume, tmp_pa
     assert not is_mounted(tmp_path / "empty")
     res = run_cli("umount", mp)
     assert res.returncode == 0 and not is_mounted(mp)
+
+
+def test_uid_gid_mapping(volume, mount_volume) -> None:
+    mp = mount_volume(volume.name, "--uid", "1234", "--gid", "4321")
+    (mp / "f").write_bytes(b"f")
+    (mp / "d").mkdir()
+    for p in (mp, mp / "f", mp / "d"):
+        st = os.stat(p)
+        assert (st.st_uid, st.st_gid) == (1234, 4321)

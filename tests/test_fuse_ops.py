@@ -119,6 +119,11 @@ def test_append_and_o_trunc(mnt: Path) -> None:
         assert p.stat().st_size == 0
         f.write("new")
     assert p.read_text() == "new"
+    with open(p, "r+b") as f:  # cut through a handle that wrote nothing yet, then append
+        f.truncate(2)
+        f.seek(0, os.SEEK_END)
+        f.write(b"!")
+    assert p.read_text() == "ne!"
 
 
 def test_closed_file_is_readable_at_once_and_new_file_exists_while_written(mnt: Path) -> None:
@@ -222,6 +227,8 @@ def test_errors(mnt: Path) -> None:
     assert errno_of(os.mkdir, mnt / "file") == errno.EEXIST
     assert errno_of(os.open, mnt / "file", os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
     assert errno_of(os.symlink, "t", mnt / "file") == errno.EEXIST
+    # EPERM: no hard links
+    assert errno_of(os.link, mnt / "file", mnt / "hard") == errno.EPERM
     # EINVAL
     assert errno_of(os.rename, mnt / "d", mnt / "d" / "sub" / "inner") == errno.EINVAL
     assert errno_of(os.readlink, mnt / "file") == errno.EINVAL

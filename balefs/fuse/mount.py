@@ -156,7 +156,10 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     if spool:
         os.makedirs(spool, exist_ok=True)
 
+    started = []
+
     def ready() -> None:
+        started.append(True)
         _write_state(mp, volume)
         if opts.readahead:
             threading.Thread(target=_tune_readahead, args=(mp, parse_size(opts.readahead, "--readahead")),
@@ -184,7 +187,10 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         "use_ino": True,
     }
     if LIBFUSE_VERSION >= (3, 12):
-        fuse_options["max_threads"] = 64  # requests served at once (threads are kept, not churned)
+        # requests served at once; with as many idle threads allowed, no thread is ever torn
+        # down and made again (each keeps its Python thread state; see ops._pin_thread)
+        fuse_options["max_threads"] = 64
+        fuse_options["max_idle_threads"] = 64
     if opts.read_only:
         fuse_options["ro"] = True
     if opts.allow_other:
@@ -194,6 +200,9 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     try:
         BaleFUSE(ops, mp, **fuse_options)
     except RuntimeError as exc:
+        if started:  # libfuse reports a stop by SIGTERM/SIGINT/SIGHUP as an error too
+            log.warning("stopped by a signal; %s is unmounted", mp)
+            return
         raise MountError(f"libfuse could not mount {mp} (code {exc}); its reason is in {log_path(mp)} "
                          "or on stderr with --foreground") from None
     finally:

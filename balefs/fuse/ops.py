@@ -183,6 +183,11 @@ class Handle:
                 current = self.fw.size if self.fw is not None else (self.size if self.dirty else self._base().size)
                 if length == current:
                     return
+                if self.fw is None and not self.dirty and length < current:  # cut: share the kept chunks
+                    self.fw = self.client.extend_write(self.path, self._base(), keep=length)
+                    self.size = length
+                    self._mark()
+                    return
                 self._to_spool()
             self.spool.truncate(length)
             self.size = length
@@ -333,12 +338,12 @@ class BaleOperations(Operations):
             self.on_ready()
 
     def destroy(self, path: str) -> None:
-        """Unmount: commit what open handles still hold (a lazy unmount with files open)."""
+        """The session ends. The kernel ends it only once every file is closed (a lazy unmount
+        waits for that); if the daemon is stopped with files still open for writing, their
+        unflushed bytes are dropped, as in a crash, so that no half-written file shows up."""
         for h in list(self._handles.values()):
-            try:
-                h.commit(h.path)
-            except Exception as exc:  # noqa: BLE001 - report, go on with the others
-                log.error("unmount: %s not committed: %s", h.path, exc)
+            if h.dirty:
+                log.warning("stopping with %s open and not closed: its unflushed writes are dropped", h.path)
             h.close()
         self._handles.clear()
 
@@ -442,6 +447,10 @@ class BaleOperations(Operations):
         self.client.symlink(vpath, source)
         self._own(vpath)
         return 0
+
+    @_op
+    def link(self, target: str, source: str) -> int:
+        raise FuseOSError(errno.EPERM)  # no hard links: an inode has one name (as on FAT or S3)
 
     @_op
     def readlink(self, path: str) -> str:
