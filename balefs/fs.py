@@ -62,6 +62,8 @@ class BaleFileSystem(AbstractFileSystem):
         if isinstance(path, list):
             return [cls._strip_protocol(p) for p in path]  # type: ignore[return-value]
         path = str(path)
+        if "//" not in path and "::" not in path and "./" not in path and path[-1:] not in ("/", ".") and path[:1] != "/":
+            return path  # already plain: the common case of batched reads
         if path.startswith("bale://"):
             path = path[len("bale://"):]
         elif path.startswith("bale::"):
@@ -192,6 +194,8 @@ class BaleFileSystem(AbstractFileSystem):
             files: list[str] = []
             for p in self.expand_path(path):
                 files.extend(self.find(p) if self.isdir(p) else [p])
+        elif isinstance(path, list) and not any(c in p for p in path for c in "*?["):
+            files = [self._strip_protocol(p) for p in path]  # as given: no glob, no sort
         else:
             files = self.expand_path(path)
         if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):

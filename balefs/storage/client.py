@@ -224,12 +224,19 @@ class Client:
 
     def stat_many(self, paths: Iterable[str]) -> dict[str, Inode | OSError]:
         """Stat many paths with one query per directory (and per 500 names)."""
+        return self._lookup_grouped(paths, self.meta.lookup_many, lambda node: node)
+
+    def _lookup_grouped(self, paths: Iterable[str], fetch, wrap) -> dict:
+        """Look up paths grouped by parent directory: `fetch(parent ino, names)` per directory;
+        `wrap` turns the root inode into fetch's result shape. Missing paths map to OSErrors."""
         by_dir: dict[str, list[tuple[str, str]]] = {}
-        out: dict[str, Inode | OSError] = {}
+        out: dict = {}
         for p in paths:
-            parent_path, name = _parent(p)
+            parent_path, _, name = p.strip("/").rpartition("/")
+            if "//" in p or name in ("", ".", "..") or "/./" in p:
+                parent_path, name = _parent(p)
             if not name:
-                out[p] = self._dir("")
+                out[p] = wrap(self._dir(""))
             else:
                 by_dir.setdefault(parent_path, []).append((p, name))
         for parent_path, items in by_dir.items():
@@ -239,7 +246,7 @@ class Client:
                 for p, _ in items:
                     out[p] = type(exc)(exc.errno, exc.strerror, p)
                 continue
-            found = self.meta.lookup_many(parent.ino, [n for _, n in items])
+            found = fetch(parent.ino, [n for _, n in items])
             for p, name in items:
                 out[p] = found.get(name) or _enoent(p)
         return out
@@ -276,22 +283,23 @@ class Client:
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         """Serve many (path, start, end) reads at once: each needed block is fetched once."""
-        stats = self.stat_many({p for p, _, _ in requests})
-        files = {p: s for p, s in stats.items() if isinstance(s, Inode) and s.kind == "f"}
-        extents = self.meta.extents_of(s.ino for s in files.values())
+        found = self._lookup_grouped({p for p, _, _ in requests}, self.meta.lookup_files,
+                                     lambda node: (node, []))
         out: list[bytes | Exception] = [b""] * len(requests)
         plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
         for i, (p, start, end) in enumerate(requests):
-            node = stats[p]
-            if isinstance(node, Exception):
-                out[i] = node
-            elif node.kind == "d":
+            hit = found[p]
+            if isinstance(hit, Exception):
+                out[i] = hit
+                continue
+            node, extents = hit
+            if node.kind == "d":
                 out[i] = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
             else:
                 size = node.size
                 s = max(0, size + start if start < 0 else start)
                 e = size if end is None else max(0, size + end if end < 0 else min(end, size))
-                plan.append((i, (extents.get(node.ino, []), s, max(s, e))))
+                plan.append((i, (extents, s, max(s, e))))
         for (i, _), data in zip(plan, self.reader.read_many([req for _, req in plan])):
             out[i] = data
         return out
@@ -315,12 +323,17 @@ class Client:
                                                self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight)
         return self._writer
 
-    def open_write(self, path: str, append: bool = False, exclusive: bool = False, mode: int = 0o644) -> FileWriter:
-        """Start writing a file; it becomes visible when closed (or when its batch ends)."""
+    def open_write(self, path: str, append: bool = False, exclusive: bool = False, mode: int = 0o644,
+                   check_parent: bool = True) -> FileWriter:
+        """Start writing a file; it becomes visible when closed (or when its batch ends).
+
+        check_parent fails early when a parent is a file; bulk writers that already checked
+        a directory pass False (the commit refuses such a path all the same)."""
         parent_path, name = _parent(path)
         if not name:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or "/")
-        self._check_parent(parent_path, path)
+        if check_parent:
+            self._check_parent(parent_path, path)
         fw = FileWriter(self, "/".join(split_path(path)), mode, exclusive)
         if append:
             try:

@@ -34,6 +34,7 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
     unreadable source file; files committed before that stay committed.
     """
     pending: list[FileWriter] = []
+    checked: set[str] = set()
     files = nbytes = 0
     last = time.monotonic()
     window = max(4, threads * 4)
@@ -47,7 +48,9 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
             for nsrc, ndst in _take(it, 1):
                 queue.append((nsrc, ndst, pool.submit(_read_small, nsrc)))
             data, st = fut.result()
-            fw = client.open_write(dst, mode=st.st_mode & 0o7777)
+            parent = dst.rpartition("/")[0]
+            fw = client.open_write(dst, mode=st.st_mode & 0o7777, check_parent=parent not in checked)
+            checked.add(parent)
             fw.mtime_ns = st.st_mtime_ns
             if data is not None:
                 fw.write(data)

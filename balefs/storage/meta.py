@@ -231,6 +231,23 @@ class SqliteMeta:
                 out[row[0]] = Inode(*row[1:])
         return out
 
+    def lookup_files(self, parent: int, names: list[str]) -> dict[str, tuple[Inode, list[Extent]]]:
+        """Look up many names in one directory together with their extents: the batched read path."""
+        out: dict[str, tuple[Inode, list[Extent]]] = {}
+        db = self._conn()
+        cols = "i." + _INODE_COLS.replace(", ", ", i.")
+        for part in _batches(sorted(set(names)), 500):
+            marks = ",".join("?" * len(part))
+            for row in db.execute(f"SELECT d.name, {cols}, e.off, e.chunk, e.chunk_off, e.length FROM dentries d "
+                                  f"JOIN inodes i ON i.ino=d.ino LEFT JOIN extents e ON e.ino=i.ino "
+                                  f"WHERE d.parent=? AND d.name IN ({marks}) ORDER BY d.name, e.off", (parent, *part)):
+                hit = out.get(row[0])
+                if hit is None:
+                    hit = out[row[0]] = (Inode(*row[1:13]), [])
+                if row[14] is not None:
+                    hit[1].append(Extent(*row[13:]))
+        return out
+
     def resolve(self, path: str, db: sqlite3.Connection | None = None) -> Inode:
         """Walk `path` from the root; raise FileNotFoundError / NotADirectoryError."""
         db = db or self._conn()

@@ -53,8 +53,11 @@ class BlockReader:
     def _pieces(self, chunk: int, start: int, end: int) -> list[Piece]:
         """The blocks holding bytes [start, end) of a chunk, with the slice of each."""
         for attempt in (0, 1):
-            self.load_maps([chunk], refresh=attempt == 1)
-            offs, recs = self._maps.get(chunk, ([], []))
+            known = self._maps.get(chunk)
+            if known is None or attempt:
+                self.load_maps([chunk], refresh=attempt == 1)
+                known = self._maps.get(chunk, ([], []))
+            offs, recs = known
             if recs and recs[-1].off + recs[-1].length >= end:
                 break
         else:
