@@ -356,3 +356,20 @@ def test_rename_over_an_open_file(mnt: Path) -> None:
     w.close()
     assert (mnt / "moved").read_bytes() == b"follow me!"
     assert not (mnt / "moving").exists()
+
+
+def test_names(mnt: Path) -> None:
+    names = ["é ü.txt", "😀 emoji", "sp ace", "a'b\"c", "x" * 255, "ü" * 127]
+    for name in names:
+        (mnt / name).write_text(name)
+    assert sorted(os.listdir(mnt)) == sorted(names)
+    for name in names:
+        assert (mnt / name).read_text() == name
+    assert errno_of(open, mnt / ("y" * 256), "wb") == errno.ENAMETOOLONG
+    assert errno_of(os.mkdir, mnt / ("ü" * 128)) == errno.ENAMETOOLONG
+    assert errno_of(open, os.fsencode(mnt) + b"/not-utf8-\xff", "wb") == errno.EINVAL
+    fd = os.open(mnt, os.O_RDONLY)  # fsync of a directory: its changes are durable already
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -58,7 +58,17 @@ IO_SIZE = 1 << 20  # st_blksize: the I/O size cp, Python and stdio pick for thei
 
 
 def _v(path: str) -> str:
-    """FUSE path ("/a/b") to volume path ("a/b")."""
+    """FUSE path ("/a/b") to volume path ("a/b"), refusing names a volume cannot hold: longer
+    than 255 bytes (ENAMETOOLONG, as local filesystems do) or not UTF-8 (EINVAL). The
+    kernel looks paths up one component at a time, so checking the last one is enough."""
+    name = path[path.rfind("/") + 1:]
+    if len(name) > 63 or not name.isascii():
+        try:
+            size = len(name.encode())
+        except UnicodeEncodeError:
+            raise FuseOSError(errno.EINVAL) from None
+        if size > 255:
+            raise FuseOSError(errno.ENAMETOOLONG)
     return path.strip("/")
 
 
