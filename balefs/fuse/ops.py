@@ -510,8 +510,7 @@ class BaleOperations(Operations):
             if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
                 self._seen.clear()
             self._seen[node.ino] = version
-            if not writable:
-                h._base()  # snapshot the version at open: a later commit does not change this handle
+            h._base()  # the version at open: what this handle reads and builds on, even once replaced
         fi.fh = self._add(h)
         fi.keep_cache = 1 if keep else 0
         fi.direct_io = 0

@@ -521,7 +521,9 @@ class Client:
         for _ in range(5):
             extents = self.meta.extents_of([node.ino])[node.ino]
             again = self.meta.getattr(node.ino)
-            if again is None or again == node:
+            if again is None:  # removed meanwhile: its extents are gone, never read them as a hole
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), f"inode {node.ino}")
+            if again == node:
                 break
             node = again  # committed meanwhile: take the newer version whole
         return FileReader(self, "", node, extents)
