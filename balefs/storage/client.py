@@ -276,10 +276,12 @@ class Client:
     # -- reading -------------------------------------------------------------------------
 
     def open_read(self, path: str) -> FileReader:
-        node = self.stat(path)
-        if node.kind == "d":
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        return FileReader(self, path, node, self.meta.extents_of([node.ino])[node.ino])
+        with self.meta.snapshot():  # the size and the extents of one version of the file
+            node = self.stat(path)
+            if node.kind == "d":
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            extents = self.meta.extents_of([node.ino])[node.ino]
+        return FileReader(self, path, node, extents)
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         """Serve many (path, start, end) reads at once: each needed block is fetched once."""
@@ -413,8 +415,16 @@ class Client:
                 good.append(t)
         try:
             self.meta.commit(blocks, [f.as_write() for t in good for f in t.files], sizes)
-        except Exception:
-            self.meta.commit(blocks, [], sizes)  # keep the blocks booked; then find whose files fail
+        except Exception as exc:
+            try:
+                self.meta.commit(blocks, [], sizes)  # keep the blocks booked; then find whose files fail
+            except Exception:
+                # Nothing was recorded: every file of the group failed, and the blocks go back to
+                # the writer, to be booked by the next commit (files still open have bytes in them).
+                self.writer.untake(blocks, sizes)
+                for t in good:
+                    t.error = exc
+                return
             for t in good:
                 try:
                     self.meta.commit([], [f.as_write() for f in t.files], {})
@@ -440,7 +450,11 @@ class Client:
                     raise NodeError(f"{f.path}: not committed, a block upload failed: {lost}")
                 durable = all(e.chunk_off + e.length <= marks.get(e.chunk, 1 << 62) for e in f.extents)
                 (ready if durable else rest).append(f)
-            self.meta.commit(blocks, [f.as_write() for f in ready], sizes)
+            try:
+                self.meta.commit(blocks, [f.as_write() for f in ready], sizes)
+            except BaseException:
+                self.writer.untake(blocks, sizes)  # booked by the next commit instead
+                raise
             self._invalidate()
             return rest
 

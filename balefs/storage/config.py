@@ -33,6 +33,16 @@ def parse_size(value: int | str, what: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _whole(value: object, what: str) -> int:
+    """A setting that counts things: an int or its decimal string; never 1.5, True or 'two'."""
+    if not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{what} must be a whole number, not {value!r}")
+
+
 def check_volume_name(name: str) -> str:
     if not _NAME.match(name or ""):
         raise ConfigError(f"bad volume name {name!r}: use letters, digits, '-', '_' or '.', up to 63 characters")
@@ -66,6 +76,8 @@ class VolumeConfig:
         check_volume_name(self.name)
         if not self.nodes:
             raise ConfigError(f"volume {self.name!r}: no nodes (give at least one --node)")
+        if not all(isinstance(n, str) for n in self.nodes):
+            raise ConfigError(f"volume {self.name!r}: every node must be a URL or directory path (a string)")
         self.nodes = [normalize_node_url(n) for n in self.nodes]
         if len(set(self.nodes)) != len(self.nodes):
             raise ConfigError(f"volume {self.name!r}: a node is listed twice")
@@ -78,12 +90,16 @@ class VolumeConfig:
             raise ConfigError(f"block_size {self.block_size} must lie between 4 KiB and 1 GiB")
         if self.chunk_size < self.block_size or self.chunk_size % self.block_size:
             raise ConfigError(f"chunk_size {self.chunk_size} must be a multiple of block_size {self.block_size}")
-        if not 1 <= int(self.replicas) <= len(self.nodes):
+        for key in ("replicas", "readahead_blocks", "io_threads", "upload_inflight"):
+            setattr(self, key, _whole(getattr(self, key), key))
+        if not 1 <= self.replicas <= len(self.nodes):
             raise ConfigError(f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
         if self.compression not in ("none", "lz4"):
             raise ConfigError(f"compression {self.compression!r}: use 'none' or 'lz4'")
+        if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):
+            raise ConfigError(f"meta_cache_ttl must be a number of seconds, not {self.meta_cache_ttl!r}")
         for key in ("readahead_blocks", "io_threads", "upload_inflight"):
-            if int(getattr(self, key)) < (0 if key == "readahead_blocks" else 1):
+            if getattr(self, key) < (0 if key == "readahead_blocks" else 1):
                 raise ConfigError(f"{key} must be positive")
 
     @property

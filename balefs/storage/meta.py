@@ -164,6 +164,21 @@ class SqliteMeta:
         else:
             db.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads made by this thread inside the block all see one state of the metadata (one
+        SQLite read transaction), so an inode's size and its extents always belong together."""
+        db = self._conn()
+        if db.in_transaction:
+            yield
+            return
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
+
     def close(self) -> None:
         with self._conns_lock:
             for conn in self._conns:
@@ -197,14 +212,15 @@ class SqliteMeta:
         ids = sorted(set(chunks))
         out: dict[int, list[BlockRecord]] = {c: [] for c in ids}
         db = self._conn()
-        for part in _batches(ids, 500):
-            marks = ",".join("?" * len(part))
-            copies: dict[tuple[int, int], list[int]] = {}
-            for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) ORDER BY chunk, idx, rank", part):
-                copies.setdefault((c, i), []).append(n)
-            for c, i, off, length, stored in db.execute(
-                    f"SELECT chunk, idx, off, length, stored FROM blocks WHERE chunk IN ({marks}) ORDER BY chunk, idx", part):
-                out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ()))))
+        with self.snapshot():  # a block and its copies are committed together: read them together
+            for part in _batches(ids, 500):
+                marks = ",".join("?" * len(part))
+                copies: dict[tuple[int, int], list[int]] = {}
+                for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) ORDER BY chunk, idx, rank", part):
+                    copies.setdefault((c, i), []).append(n)
+                for c, i, off, length, stored in db.execute(
+                        f"SELECT chunk, idx, off, length, stored FROM blocks WHERE chunk IN ({marks}) ORDER BY chunk, idx", part):
+                    out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ()))))
         return out
 
     # -- reads ---------------------------------------------------------------------------

@@ -58,7 +58,8 @@ class LocalNode:
 
     def check(self, writable: bool = True) -> None:
         if not os.path.isdir(self.root):
-            raise NodeError(f"node {self.url}: directory does not exist")
+            what = "is not a directory" if os.path.exists(self.root) else "directory does not exist"
+            raise NodeError(f"node {self.url}: {what}")
         if not writable:
             return
         probe = os.path.join(self.root, f".balefs-probe-{os.getpid()}-{threading.get_ident()}")
@@ -115,6 +116,8 @@ class LocalNode:
                 return os.pread(f.fileno(), end - start, start)
         except FileNotFoundError:
             raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+        except OSError as exc:
+            raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
 
     def delete(self, key: str) -> None:
         try:

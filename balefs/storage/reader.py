@@ -53,19 +53,27 @@ class BlockReader:
     def _pieces(self, chunk: int, start: int, end: int) -> list[Piece]:
         """The blocks holding bytes [start, end) of a chunk, with the slice of each."""
         for attempt in (0, 1):
+            # A known map can lack blocks booked since it was loaded: at its end, or (blocks are
+            # booked as they become durable, in any order) anywhere. Reload it once then.
             known = self._maps.get(chunk)
             if known is None or attempt:
                 self.load_maps([chunk], refresh=attempt == 1)
                 known = self._maps.get(chunk, ([], []))
             offs, recs = known
-            if recs and recs[-1].off + recs[-1].length >= end:
-                break
-        else:
-            raise NodeError(f"chunk {chunk}: bytes {start}-{end} are not in any committed block (metadata is inconsistent)")
+            out = self._slice(offs, recs, start, end)
+            if out is not None:
+                return out
+        raise NodeError(f"chunk {chunk}: bytes {start}-{end} are not in any committed block (metadata is inconsistent)")
+
+    @staticmethod
+    def _slice(offs: list[int], recs: list[BlockRecord], start: int, end: int) -> list[Piece] | None:
+        """The pieces of bytes [start, end) in these blocks; None where a block is missing."""
         out: list[Piece] = []
         i = bisect.bisect_right(offs, start) - 1
         pos = start
         while pos < end:
+            if not 0 <= i < len(recs) or not recs[i].off <= pos < recs[i].off + recs[i].length:
+                return None
             rec = recs[i]
             lo, hi = pos - rec.off, min(end, rec.off + rec.length) - rec.off
             out.append((rec, lo, hi))
@@ -150,7 +158,10 @@ class BlockReader:
 
     def read(self, extents: Sequence[Extent], start: int, end: int) -> bytes:
         """Bytes [start, end) of a file with these extents (holes, if any, read as zeros)."""
-        return self.read_many([(extents, start, end)])[0]
+        data = self.read_many([(extents, start, end)])[0]
+        if isinstance(data, Exception):  # read_many reports errors per request; a single read raises
+            raise data
+        return data
 
     def read_many(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[bytes | Exception]:
         """Serve many (extents, start, end) requests, fetching each needed block once.

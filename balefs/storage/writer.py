@@ -178,6 +178,14 @@ class ChunkWriter:
             sizes, self._sizes = self._sizes, {}
             return blocks, sizes, dict(self._watermark)
 
+    def untake(self, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
+        """Hand back what take() returned when it could not be recorded: the next take returns it again."""
+        with self._lock:
+            self._done[:0] = blocks
+            for chunk, (size, sealed) in sizes.items():
+                now = self._sizes.get(chunk)
+                self._sizes[chunk] = (max(size, now[0]), sealed or now[1]) if now else (size, sealed)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 

@@ -1,0 +1,95 @@
+"""Shared fixtures: every test gets its own BALEFS_HOME and node directories, and volumes with
+small blocks (64 KiB) and chunks (1 MiB) so that multi-block and multi-chunk paths run on
+little data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from balefs.fs import BaleFileSystem
+from balefs.storage.client import Client
+from balefs.storage.config import VolumeConfig
+
+from helpers import BLOCK, CHUNK
+
+
+@pytest.fixture(autouse=True)
+def balefs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private $BALEFS_HOME (subprocesses inherit it through the environment)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BALEFS_HOME", str(home))
+    return home
+
+
+def _drop_fsspec_instances() -> None:
+    """fsspec caches filesystem instances (and their open clients) per process: close and forget
+    them so that no test sees a client of another test's volume."""
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    for inst in list(BaleFileSystem._cache.values()):
+        for client in list(inst._clients.values()):
+            client.close()
+        inst._clients.clear()
+    BaleFileSystem.clear_instance_cache()
+    AsyncFileSystemWrapper.clear_instance_cache()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fsspec():
+    _drop_fsspec_instances()
+    yield
+    _drop_fsspec_instances()
+
+
+@pytest.fixture
+def node_dirs(tmp_path: Path) -> Callable[[int, str], list[Path]]:
+    """Create `n` empty node directories under tmp_path/<prefix>."""
+
+    def make(n: int = 3, prefix: str = "nodes") -> list[Path]:
+        dirs = [tmp_path / prefix / f"n{i}" for i in range(n)]
+        for d in dirs:
+            d.mkdir(parents=True)
+        return dirs
+
+    return make
+
+
+@pytest.fixture
+def make_volume(node_dirs) -> Callable[..., VolumeConfig]:
+    """Create a volume over fresh node directories, small blocks and chunks unless told otherwise."""
+
+    def make(name: str = "vol", nodes: int = 3, **settings: object) -> VolumeConfig:
+        settings.setdefault("block_size", BLOCK)
+        settings.setdefault("chunk_size", CHUNK)
+        dirs = node_dirs(nodes, f"nodes-{name}")
+        return Client.init(name, [str(d) for d in dirs], **settings)
+
+    return make
+
+
+@pytest.fixture
+def volume(make_volume) -> VolumeConfig:
+    return make_volume()
+
+
+@pytest.fixture
+def open_client():
+    """Open clients of a volume; every one is closed at the end of the test."""
+    clients: list[Client] = []
+
+    def open_(name: str = "vol", **options: object) -> Client:
+        c = Client.open(name, **options)
+        clients.append(c)
+        return c
+
+    yield open_
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def client(volume, open_client) -> Client:
+    return open_client(volume.name)

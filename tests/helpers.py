@@ -1,0 +1,75 @@
+"""Helpers shared by the tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from balefs.storage.client import Client
+from balefs.storage.meta import BlockRecord
+from balefs.storage.node import LocalNode
+from balefs.storage.writer import block_key
+
+KiB = 1024
+MiB = 1024 * KiB
+BLOCK = 64 * KiB
+CHUNK = 1 * MiB
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    """Deterministic incompressible bytes."""
+    return random.Random(seed).randbytes(n)
+
+
+def cli_cmd() -> list[str]:
+    """The installed `balefs` console script of this interpreter's environment, else `python -m balefs.cli`."""
+    script = os.path.join(os.path.dirname(sys.executable), "balefs")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-m", "balefs.cli"]
+
+
+def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run the balefs command with the test's environment (BALEFS_HOME included); capture bytes."""
+    return subprocess.run([*cli_cmd(), *map(str, args)], capture_output=True, timeout=timeout, **kwargs)
+
+
+def blocks_of_file(client: Client, path: str) -> list[BlockRecord]:
+    """The committed blocks that hold the bytes of a file, in file order."""
+    node = client.stat(path)
+    extents = client.meta.extents_of([node.ino])[node.ino]
+    seen: list[BlockRecord] = []
+    for rec, _, _ in client.reader.plan(extents, 0, node.size):
+        if rec not in seen:
+            seen.append(rec)
+    return seen
+
+
+def block_paths(client: Client, rec: BlockRecord) -> list[Path]:
+    """Where each copy of a block lives on the local node directories, primary first."""
+    return [Path(LocalNode(client.nodes[nid].url)._path(block_key(rec.chunk, rec.idx))) for nid in rec.nodes]
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def make_tree(root: Path, n_files: int, min_size: int, max_size: int, seed: int = 0, fanout: int = 10) -> dict[str, bytes]:
+    """A tree of n_files random files in `fanout` subdirectories; returns relative path -> bytes."""
+    rng = random.Random(seed)
+    blob = rng.randbytes(max(4 * max_size, 1 << 20))
+    out: dict[str, bytes] = {}
+    for i in range(n_files):
+        rel = f"d{i % fanout:02d}/f{i:05d}.bin"
+        size = rng.randint(min_size, max_size)
+        start = rng.randint(0, len(blob) - size)
+        data = blob[start:start + size]
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        out[rel] = data
+    return out

@@ -1,0 +1,240 @@
+"""The `balefs` command, run for real in subprocesses with the test's BALEFS_HOME."""
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from balefs.storage.client import Client
+from balefs.storage.codec import HEADER_SIZE
+
+from helpers import block_paths, blocks_of_file, flip_bit, make_tree, payload, run_cli
+
+
+def ok(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    r = run_cli(*args, **kwargs)
+    assert r.returncode == 0, (args, r.stderr.decode())
+    assert b"Traceback" not in r.stderr
+    return r
+
+
+def user_error(*args: str) -> str:
+    """Run a command that must fail as a user mistake: non-zero, one `balefs: error:` line, no traceback."""
+    r = run_cli(*args)
+    err = r.stderr.decode()
+    assert r.returncode != 0, (args, r.stdout, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("balefs: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def cli_volume(node_dirs) -> list[Path]:
+    nodes = node_dirs(3)
+    args = ["init", "cv", "--block-size", "16KiB", "--chunk-size", "256KiB"]
+    for n in nodes:
+        args += ["--node", str(n)]
+    r = ok(*args)
+    assert b"created volume 'cv'" in r.stdout
+    return nodes
+
+
+def same_trees(a: Path, b: Path) -> None:
+    c = filecmp.dircmp(a, b)
+    stack = [c]
+    while stack:
+        d = stack.pop()
+        assert not d.left_only and not d.right_only and not d.funny_files, (d.left, d.left_only, d.right_only)
+        _, mismatch, errors = filecmp.cmpfiles(d.left, d.right, d.common_files, shallow=False)
+        assert not mismatch and not errors, (d.left, mismatch, errors)
+        stack.extend(d.subdirs.values())
+
+
+def test_round_trip(cli_volume, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    files = make_tree(src, 80, 0, 40_000, seed=3, fanout=5)
+    (src / "d01" / "empty-inside").mkdir()
+    (src / "empty").mkdir()
+    (src / "top.txt").write_text("top\n")
+    files["top.txt"] = b"top\n"
+    r = ok("put", src, "bale://cv/data")
+    assert b"put 81 files" in r.stderr
+
+    listing = ok("ls", "bale://cv/data").stdout.decode().splitlines()
+    assert listing == ["d00/", "d01/", "d02/", "d03/", "d04/", "empty/", "top.txt"]
+    long = ok("ls", "-l", "cv/data/d02").stdout.decode().splitlines()
+    expect = sorted(p for p in files if p.startswith("d02/"))
+    assert len(long) == len(expect)
+    for line, rel in zip(long, expect):
+        mode, size, _date, _time, name = line.split()
+        assert mode == stat.filemode((src / rel).stat().st_mode)
+        assert int(size) == len(files[rel]) and name == rel.split("/")[1]
+    dirs = ok("ls", "-l", "bale://cv/data").stdout.decode().splitlines()
+    assert dirs[0].startswith("d") and dirs[0].endswith(" d00")
+    recursive = ok("ls", "-R", "bale://cv/data").stdout.decode().splitlines()
+    assert "d01/empty-inside/" in recursive and len([x for x in recursive if not x.endswith("/")]) == 81
+
+    some = sorted(files)[7]
+    assert ok("cat", f"bale://cv/data/{some}").stdout == files[some]
+    assert ok("cat", "bale://cv/data/top.txt", f"bale://cv/data/{some}").stdout == b"top\n" + files[some]
+
+    out = tmp_path / "out"
+    ok("get", "bale://cv/data", out)
+    same_trees(src, out)
+    assert (out / "empty").is_dir() and not any((out / "empty").iterdir())
+    assert (out / "d01" / "empty-inside").is_dir()
+    assert subprocess.run(["diff", "-r", str(src), str(out)], capture_output=True).returncode == 0
+    for rel in list(files)[:10]:  # modification times survive the round trip
+        assert (out / rel).stat().st_mtime_ns == (src / rel).stat().st_mtime_ns
+    # get into an existing directory lands inside it; a single file to a file name
+    (tmp_path / "into").mkdir()
+    ok("get", "bale://cv/data/d03", tmp_path / "into")
+    same_trees(src / "d03", tmp_path / "into" / "d03")
+    ok("get", "bale://cv/data/top.txt", tmp_path / "one.txt")
+    assert (tmp_path / "one.txt").read_bytes() == b"top\n"
+
+
+def test_put_into_existing_directory_and_many_sources(cli_volume, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(payload(50_000, 1))
+    b.write_bytes(b"")
+    ok("put", a, "bale://cv/single.bin")
+    ok("put", a, b, "bale://cv/many")
+    assert ok("ls", "bale://cv/many").stdout.decode().split() == ["a.bin", "b.bin"]
+    ok("put", a, "bale://cv/many")  # existing directory: lands inside (replacing)
+    assert ok("cat", "bale://cv/single.bin").stdout == a.read_bytes()
+    assert ok("cat", "bale://cv/many/b.bin").stdout == b""
+
+
+def test_mv_and_rm(cli_volume, tmp_path: Path) -> None:
+    src = tmp_path / "t"
+    make_tree(src, 6, 1, 5000, fanout=2)
+    ok("put", src, "bale://cv/t")
+    ok("mv", "bale://cv/t", "bale://cv/t2")
+    assert ok("ls", "bale://cv").stdout.decode().split() == ["t2/"]
+    ok("mv", "bale://cv/t2/d00/f00000.bin", "bale://cv/t2/d01")
+    assert "f00000.bin" in ok("ls", "bale://cv/t2/d01").stdout.decode().split()
+    ok("rm", "bale://cv/t2/d01/f00000.bin")
+    ok("rm", "-r", "bale://cv/t2")
+    assert ok("ls", "bale://cv").stdout == b""
+
+
+def test_df(cli_volume, tmp_path: Path) -> None:
+    src = tmp_path / "t"
+    files = make_tree(src, 30, 1000, 30_000, fanout=3)
+    ok("put", src, "bale://cv/t")
+    out = ok("df", "cv").stdout.decode()
+    assert re.search(rf"volume cv: 30 files, 4 directories", out), out
+    assert "chunks:" in out and "dead 0 B" in out
+    for node in cli_volume:
+        [line] = [l for l in out.splitlines() if l.startswith(str(node))]
+        blocks = int(line.split()[1])
+        assert blocks > 0
+    with Client.open("cv") as c:
+        total_blocks = sum(n["blocks"] for n in c.usage()["nodes"])
+    assert total_blocks == sum(int(l.split()[1]) for l in out.splitlines() if l.startswith(str(cli_volume[0].parent)))
+    assert "orphan block(s)" not in out
+    ok("rm", "-r", "bale://cv/t/d00")
+    out = ok("df", "cv").stdout.decode()
+    assert "volume cv: 20 files" in out and "dead 0 B" not in out
+    out_no_scan = ok("df", "cv", "--no-scan").stdout.decode()
+    assert "volume cv: 20 files" in out_no_scan
+
+
+def test_unknown_volume() -> None:
+    for args in (["ls", "bale://nosuchvol/"], ["cat", "bale://nosuchvol/x"], ["df", "nosuchvol"]):
+        line = user_error(*args)
+        assert "nosuchvol" in line
+
+
+def test_missing_source_path(cli_volume, tmp_path: Path) -> None:
+    line = user_error("put", tmp_path / "does-not-exist", "bale://cv/x")
+    assert str(tmp_path / "does-not-exist") in line and "No such file" in line
+
+
+def test_missing_file(cli_volume, tmp_path: Path) -> None:
+    assert "No such file" in user_error("cat", "bale://cv/missing")
+    assert "No such file" in user_error("get", "bale://cv/missing", tmp_path / "x")
+    assert "No such file" in user_error("ls", "bale://cv/missing")
+    assert "No such file" in user_error("rm", "bale://cv/missing")
+    assert not (tmp_path / "x").exists()
+
+
+def test_rm_non_empty_directory_needs_r(cli_volume, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    ok("put", tmp_path / "f", "bale://cv/d/f")
+    assert "Directory not empty" in user_error("rm", "bale://cv/d")
+    assert ok("cat", "bale://cv/d/f").stdout == b"f"
+
+
+def test_cat_directory(cli_volume, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    ok("put", tmp_path / "f", "bale://cv/d/f")
+    assert "Is a directory" in user_error("cat", "bale://cv/d")
+
+
+@pytest.mark.parametrize("size,needle", [("banana", "--block-size"), ("1k", "block_size"), ("3GiB", "block_size")])
+def test_bad_block_size(node_dirs, balefs_home: Path, size: str, needle: str) -> None:
+    node = node_dirs(1)[0]
+    assert needle in user_error("init", "v", "--node", node, "--block-size", size)
+    assert not (balefs_home / "v.toml").exists()
+
+
+def test_bad_chunk_size_and_replicas(node_dirs) -> None:
+    node = node_dirs(1)[0]
+    assert "multiple of block_size" in user_error("init", "v", "--node", node, "--block-size", "64KiB", "--chunk-size", "100KiB")
+    assert "replicas=2" in user_error("init", "v", "--node", node, "--replicas", "2")
+
+
+def test_missing_node_dir_at_init(tmp_path: Path, balefs_home: Path) -> None:
+    line = user_error("init", "v", "--node", tmp_path / "nope")
+    assert str(tmp_path / "nope") in line
+    assert not (balefs_home / "v.toml").exists()
+
+
+def test_init_existing_volume(cli_volume) -> None:
+    assert "already exists" in user_error("init", "cv", "--node", cli_volume[0])
+
+
+def test_mv_into_own_subtree(cli_volume, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    ok("put", tmp_path / "f", "bale://cv/d/f")
+    line = user_error("mv", "bale://cv/d", "bale://cv/d/sub")
+    assert "into itself" in line or "Invalid argument" in line
+
+
+def test_corrupt_block_is_an_error_not_data(cli_volume, tmp_path: Path) -> None:
+    data = payload(10_000, 4)
+    (tmp_path / "f").write_bytes(data)
+    ok("put", tmp_path / "f", "bale://cv/f")
+    with Client.open("cv") as c:
+        [rec] = blocks_of_file(c, "f")
+        path = block_paths(c, rec)[0]
+    flip_bit(path, HEADER_SIZE + 100)
+    r = run_cli("cat", "bale://cv/f")
+    assert r.returncode != 0 and r.stdout == b""
+    err = r.stderr.decode()
+    assert "Traceback" not in err
+    assert err.startswith("balefs: error: corrupt chunk") and f"block {rec.idx}" in err
+    line = user_error("get", "bale://cv/f", tmp_path / "copy")
+    assert "corrupt" in line
+
+
+def test_help_and_version() -> None:
+    r = ok("--help")
+    for cmd in ("init", "put", "get", "ls", "cat", "rm", "mv", "df"):
+        assert cmd in r.stdout.decode()
+    assert b"0.1.0" in ok("--version").stdout
+
+
+def test_python_m_entry_point(cli_volume, tmp_path: Path) -> None:
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "balefs.cli", "ls", "bale://cv"], capture_output=True)
+    assert r.returncode == 0 and r.stdout == b""
