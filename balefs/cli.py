@@ -256,12 +256,7 @@ def mv(source: str, dest: str) -> None:
     if v1 != v2:
         raise click.UsageError("mv works within one volume; use get and put to move between volumes")
     with Client.open(v1) as client:
-        try:
-            if p2 and client.stat(p2).kind == "d" and client.stat(p1).kind != "d":
-                p2 = f"{p2}/{split_path(p1)[-1]}"
-        except FileNotFoundError:
-            pass
-        client.rename(p1, p2)
+        client.move(p1, p2)
 
 
 @main.command()

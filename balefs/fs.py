@@ -218,11 +218,19 @@ class BaleFileSystem(AbstractFileSystem):
     # -- writing -------------------------------------------------------------------------
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        if self._intrans:  # through open() so that the transaction commits (or discards) it
+            with self.open(path, "xb" if mode == "create" else "wb") as f:
+                f.write(value)
+            return
         client, vpath = self._split(path)
         client.write_file(vpath, value, exclusive=mode == "create")
 
     def pipe(self, path, value=None, **kwargs: Any) -> None:
         items = path if isinstance(path, dict) else {path: value}
+        if self._intrans:
+            for p, v in items.items():
+                self.pipe_file(p, v)
+            return
         by_client: dict[int, tuple[Client, list[tuple[str, bytes]]]] = {}
         for p, v in items.items():
             client, vpath = self._split(p)
@@ -326,7 +334,7 @@ class BaleFileSystem(AbstractFileSystem):
         c1, v1 = self._split(path1)
         c2, v2 = self._split(path2)
         if c1 is c2:
-            c1.rename(v1, v2)
+            c1.move(v1, v2)
         else:
             self.copy(path1, path2, recursive=True)
             self.rm(path1, recursive=True)

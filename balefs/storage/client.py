@@ -479,6 +479,17 @@ class Client:
         finally:
             self._invalidate()
 
+    def move(self, src: str, dst: str) -> None:
+        """Move like mv(1): into `dst` when it is an existing directory, else rename onto it."""
+        try:
+            target = self.stat(dst)
+        except FileNotFoundError:
+            target = None
+        if target is not None and target.kind == "d" and split_path(dst) != split_path(src):
+            if target.ino != self.stat(src).ino:
+                dst = "/".join(split_path(dst) + split_path(src)[-1:])
+        self.rename(src, dst)
+
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
         self.meta.copy_file(src, dst)
