@@ -49,5 +49,8 @@ class BlockCache:
     def size(self) -> int:
         return self._size
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
     def __len__(self) -> int:
         return len(self._items)

@@ -181,12 +181,12 @@ class BlockReader:
                 results[i] = exc
                 continue
             new = [p[0] for p in pieces if (p[0].chunk, p[0].idx) not in wave_blocks]
-            extra = sum(r.length for r in new)
+            extra = sum(r.length for r in new if (r.chunk, r.idx) not in self.cache)  # cached blocks cost no memory
             if wave and wave_size + extra > self._wave_bytes:
                 self._serve(wave, wave_blocks, results)
                 wave, wave_blocks, wave_size = [], {}, 0
                 new = [p[0] for p in pieces]
-                extra = sum(r.length for r in new)
+                extra = sum(r.length for r in new if (r.chunk, r.idx) not in self.cache)
             for rec in new:
                 wave_blocks[(rec.chunk, rec.idx)] = rec
             wave_size += extra
@@ -196,27 +196,45 @@ class BlockReader:
         return results
 
     def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list) -> None:
-        futures = {key: self.fetch(rec) for key, rec in wave_blocks.items()}
+        blocks: dict[tuple[int, int], object] = {}
+        futures: dict[tuple[int, int], Future] = {}
+        for key, rec in wave_blocks.items():
+            data = self.cache.get(key)
+            if data is None:
+                futures[key] = self.fetch(rec)
+            else:
+                blocks[key] = data
+        for key, fut in futures.items():
+            try:
+                blocks[key] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported to the requests that need this block
+                blocks[key] = exc
         for i, pieces, start, end, extents in wave:
             try:
                 if sum(hi - lo for _, lo, hi in pieces) == end - start:
-                    parts = [memoryview(futures[(r.chunk, r.idx)].result())[lo:hi] for r, lo, hi in pieces]
+                    parts = [memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces]
                     results[i] = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
                 else:  # a sparse file (truncated past its end): holes read as zeros
                     out = bytearray(end - start)
-                    self._fill(out, futures, extents, start, end)
+                    self._fill(out, blocks, extents, start, end)
                     results[i] = bytes(out)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
 
-    def _fill(self, out: bytearray, futures, extents: Sequence[Extent], start: int, end: int) -> None:
+    def _fill(self, out: bytearray, blocks: dict, extents: Sequence[Extent], start: int, end: int) -> None:
         for e in extents:
             lo, hi = max(start, e.off), min(end, e.off + e.length)
             if lo >= hi:
                 continue
             pos = lo - start
             for rec, blo, bhi in self._pieces(e.chunk, e.chunk_off + lo - e.off, e.chunk_off + hi - e.off):
-                fut = futures.get((rec.chunk, rec.idx)) or self.fetch(rec)
-                out[pos:pos + bhi - blo] = memoryview(fut.result())[blo:bhi]
+                data = blocks.get((rec.chunk, rec.idx))
+                out[pos:pos + bhi - blo] = memoryview(self.get(rec) if data is None else _ok(data))[blo:bhi]
                 pos += bhi - blo
 
+
+def _ok(data):
+    """A block's bytes, or raise the error its fetch ended with."""
+    if isinstance(data, Exception):
+        raise data
+    return data
