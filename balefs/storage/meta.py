@@ -363,19 +363,24 @@ class SqliteMeta:
             db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
             db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
 
+    @staticmethod
+    def _record_blocks(db: sqlite3.Connection, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
+        """Book durable blocks, the nodes holding them, and the chunks' sizes (inside a transaction)."""
+        db.executemany("INSERT OR REPLACE INTO blocks VALUES(?,?,?,?,?)",
+                       [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
+        db.executemany("INSERT OR IGNORE INTO block_copies VALUES(?,?,?,?)",
+                       [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
+        for chunk, (size, sealed) in sizes.items():
+            db.execute("UPDATE chunks SET size = max(size, ?), state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?",
+                       (size, sealed, chunk))
+
     def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]]) -> dict[str, int]:
         """Record durable blocks and create/replace files in one transaction; return path -> inode."""
         out: dict[str, int] = {}
         live: dict[int, int] = {}
         dirs: dict[str, int] = {}
         with self._write() as db:
-            db.executemany("INSERT OR REPLACE INTO blocks VALUES(?,?,?,?,?)",
-                           [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
-            db.executemany("INSERT OR IGNORE INTO block_copies VALUES(?,?,?,?)",
-                           [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
-            for chunk, (size, sealed) in chunk_sizes.items():
-                db.execute("UPDATE chunks SET size = max(size, ?), state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?",
-                           (size, sealed, chunk))
+            self._record_blocks(db, blocks, chunk_sizes)
             now = time.time_ns()
             rows: list[tuple[int, int, int, int, int]] = []
             for fw in files:
@@ -577,13 +582,7 @@ class SqliteMeta:
         live: dict[int, int] = {}
         swapped = 0
         with self._write() as db:
-            db.executemany("INSERT OR REPLACE INTO blocks VALUES(?,?,?,?,?)",
-                           [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
-            db.executemany("INSERT OR IGNORE INTO block_copies VALUES(?,?,?,?)",
-                           [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
-            for chunk, (size, sealed) in sizes.items():
-                db.execute("UPDATE chunks SET size = max(size, ?), state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?",
-                           (size, sealed, chunk))
+            self._record_blocks(db, blocks, sizes)
             for ino, old, new in changes:
                 current = [Extent(*db.execute("SELECT off, chunk, chunk_off, length FROM extents WHERE ino=? AND off=?",
                                               (ino, e.off)).fetchone() or (None, None, None, None)) for e in old]
