@@ -57,7 +57,8 @@ def interrupted_put(tmp_path: Path, sig: int) -> tuple[int, str, Path, str, dict
         if proc.poll() is None:
             proc.send_signal(sig)
             _, err = proc.communicate(timeout=60)
-            finished = f"put {n_files} files" in err.decode()  # the signal came as the put was exiting
+            with Client.open(VOLUME) as watcher:  # the signal may land as the put is exiting
+                finished = len(visible_files(watcher, dest)) == n_files
             if proc.returncode != 0 and not finished:
                 return proc.returncode, err.decode(), src, dest, files
         else:
