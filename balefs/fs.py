@@ -10,7 +10,7 @@ import datetime as dt
 import errno
 import os
 import threading
-from typing import Any, Iterable
+from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.transaction import Transaction

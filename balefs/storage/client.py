@@ -17,11 +17,11 @@ from typing import Iterable, Iterator, Sequence
 import xxhash
 
 from .config import VolumeConfig, load_config, save_config, config_path
-from ..errors import ConfigError, NodeError, VolumeExistsError
+from ..errors import NodeError, VolumeExistsError
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .codec import BlockCodec
-from .meta import ROOT, BlockRecord, Extent, FileWrite, Inode, SqliteMeta, open_meta, split_path
+from .meta import ROOT, Extent, FileWrite, Inode, SqliteMeta, open_meta, split_path
 from .node import Node, open_node
 from .placement import Placement
 from .reader import BlockReader

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import tomli_w
@@ -67,7 +67,6 @@ class VolumeConfig:
     upload_inflight: int = 32
     cache_dir: str = ""
     disk_cache_size: int = 10 << 30
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,7 +115,7 @@ class VolumeConfig:
         return VolumeConfig(**{**asdict(self), **options})
 
     def to_toml(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if k not in ("name", "extra")}
+        data = {k: v for k, v in asdict(self).items() if k != "name"}
         data = {k: v for k, v in data.items() if v != ""}
         return f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n" + tomli_w.dumps(data)
 

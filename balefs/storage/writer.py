@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 from .codec import BlockCodec
-from .meta import BlockRecord, Extent
+from .meta import BlockRecord
 from .node import Node
 from .placement import Placement
 
