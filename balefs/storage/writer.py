@@ -98,7 +98,7 @@ class ChunkWriter:
         if not self._buf:
             return
         chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
-        raw = bytes(self._buf)
+        raw = self._buf  # handed over whole: the writer never touches it again
         self._buf = bytearray()
         self._block_idx += 1
         self._block_start = self._chunk_off
