@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""POSIX mount benchmark (issue 3): files read and written through `balefs mount` against
+the same files loose on the local disk, side by side in the same run, reported as ratios.
+
+Data: set A of benchmarks/small_files.py (N files of 4-64 KiB in an ImageNet-like tree of
+class directories, each file's bytes recomputable for verification), written loose under
+--workdir and packed with ingest_local into a volume over 4 node directories on the same
+disk, which `balefs mount` then serves at --workdir/mnt.
+
+Passes (loose first, then the mount; "cold" = `sync; echo 3 > /proc/sys/vm/drop_caches`,
+and for the mount also a fresh mount, so the daemon's block cache is empty too):
+  dir-cold / dir-warm     small-file reads in directory order, 16-thread pool doing
+                          open/read/close (files/s); warm = the same pass again right after
+  rand-cold / rand-warm   the same in a random order
+  stat-cold / stat-warm   os.stat of every file of the tree (entries/s)
+  walk-cold / walk-warm   os.walk listing of the tree (entries/s)
+  seq-write               one large file written with 8 MiB writes, then fsync and close
+                          (the mount commits the file at close)                      (MB/s)
+  seq-read-cold           the same file read back cold with 8 MiB reads             (MB/s)
+and the disk's own sequential rates measured in the same run (fio, 4 MiB direct I/O,
+QD16, read and write; plus a cold single-stream read of a 2 GiB file).
+
+Bars of issue 3: dir-cold >= 1x loose, dir-warm >= 0.7x, stat-warm and stat-cold >= 0.5x,
+large sequential read and write through the mount >= 60% of the disk's rate.
+
+With --profile SECONDS the mount daemon is sampled with py-spy while directory-order read
+passes over the mount run (after the measurements, so the profile does not slow them), and
+a summary of where its samples go (libfuse/mfusepy glue, ops.py, storage) is printed.
+
+    python benchmarks/fuse_mount.py                                   # 20k files, 2 GiB file
+    python benchmarks/fuse_mount.py --files 5000 --big-size 512MiB    # quick
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import small_files as sf  # noqa: E402  (data generation, cache dropping, verification, machine info)
+from small_files import GiB, MiB, Checker, Result, log  # noqa: E402
+
+BARS = {"dir-cold": 1.0, "dir-warm": 0.7, "stat-cold": 0.5, "stat-warm": 0.5}
+DISK_BAR = 0.6
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "balefs.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Mount:
+    """`balefs mount` / `balefs umount` of one volume at one mountpoint."""
+
+    def __init__(self, volume: str, mp: str, options: list[str]) -> None:
+        self.volume, self.mp, self.options = volume, mp, options
+        self.pid: int | None = None
+
+    def up(self) -> None:
+        os.makedirs(self.mp, exist_ok=True)
+        res = cli("mount", self.volume, self.mp, *self.options)
+        if res.returncode != 0:
+            raise SystemExit(f"balefs mount failed: {res.stderr.strip()}")
+        from balefs.fuse.mount import _read_state
+        self.pid = int(_read_state(self.mp)["pid"])
+
+    def down(self) -> None:
+        from balefs.fuse.mount import find_mount
+        if find_mount(self.mp) is None:
+            return
+        res = cli("umount", self.mp, timeout=600)
+        if res.returncode != 0 or find_mount(self.mp) is not None:
+            log(f"balefs umount failed ({res.stderr.strip()}); detaching lazily")
+            subprocess.run(["fusermount3", "-uz", self.mp], capture_output=True)
+            if self.pid:
+                try:
+                    os.kill(self.pid, 9)
+                except OSError:
+                    pass
+        self.pid = None
+
+    def fresh(self) -> None:
+        self.down()
+        self.up()
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the daemon has used."""
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds the daemon has used."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+# -- passes -----------------------------------------------------------------------------------
+
+
+def read_pass(ds: sf.DataSet, root: str, order: list[int], chk: Checker, args: argparse.Namespace) -> Result:
+    return sf.loose_pass(dataclasses.replace(ds, root=root), order, chk, args.threads, args.chunk)
+
+
+def stat_pass(root: str, rels: list[str]) -> Result:
+    paths = [os.path.join(root, r) for r in rels]
+    cpu, t = sf._cpu(), time.perf_counter()
+    nbytes = 0
+    for p in paths:
+        nbytes += os.stat(p).st_size
+    return Result(len(paths), nbytes, time.perf_counter() - t, sf._cpu() - cpu)
+
+
+def walk_pass(root: str) -> Result:
+    cpu, t = sf._cpu(), time.perf_counter()
+    n = 0
+    for _, dirs, files in os.walk(os.path.join(root, "train")):
+        n += len(dirs) + len(files)
+    return Result(n, 0, time.perf_counter() - t, sf._cpu() - cpu)
+
+
+def write_big(path: str, size: int) -> Result:
+    block = memoryview(os.urandom(8 * MiB))
+    cpu, t = sf._cpu(), time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[:min(left, len(block))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # the mount commits the file here
+    return Result(1, size, time.perf_counter() - t, sf._cpu() - cpu)
+
+
+def read_big(path: str) -> Result:
+    buf = bytearray(8 * MiB)
+    cpu, t = sf._cpu(), time.perf_counter()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while (k := f.readinto(buf)):
+            n += k
+    return Result(1, n, time.perf_counter() - t, sf._cpu() - cpu)
+
+
+def fio_rate(path: str, size: int, rw: str) -> float:
+    cmd = ["/usr/bin/fio", f"--name=seq{rw}", f"--filename={path}", f"--rw={rw}", "--bs=4m", "--direct=1",
+           "--ioengine=libaio", "--iodepth=16", f"--size={size}", "--time_based", "--runtime=6",
+           "--output-format=json"]
+    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return res["jobs"][0]["read" if rw == "read" else "write"]["bw_bytes"] / 1e6
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+
+def classify(frames: list[str]) -> str:
+    """Where one py-spy sample of the daemon goes, from its frames (root first). Without
+    --native, time in C (sqlite, os.pread, ctypes) counts against the Python line calling it."""
+    if not frames or frames == [""]:
+        return "no Python frame (thread in libfuse/kernel: /dev/fuse read/reply, or idle)"
+    if any("balefs/storage/meta.py" in f for f in frames):
+        return "metadata: sqlite queries in storage/meta.py (lookup, getattr, extents_of)"
+    if any("balefs/storage" in f for f in frames):
+        return "storage: block reads, cache, client Python (storage/ outside meta.py)"
+    if any("balefs/fuse/ops.py" in f and "_wrapper" not in f for f in frames):
+        return "ops.py Python (handles, attrs, errors)"
+    if any("mfusepy" in f or "balefs/fuse/ops.py" in f for f in frames):
+        return "mfusepy glue (ctypes callback, path decode, stat struct)"
+    return "other"
+
+
+def profile(mount: Mount, ds: sf.DataSet, chk: Checker, args: argparse.Namespace, out: str) -> dict:
+    """py-spy record on the daemon while directory-order read passes over the mount run."""
+    pyspy = shutil.which("py-spy")
+    if not pyspy:
+        log("py-spy not found; no profile")
+        return {}
+    mount.fresh()
+    sf.drop_caches()
+    order = list(range(ds.n))
+    proc = subprocess.Popen([pyspy, "record", "--pid", str(mount.pid), "--format", "raw", "-o", out,
+                             "--duration", str(args.profile), "--rate", "100", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    cpu0, t0 = mount.cpu(), time.perf_counter()
+    files = passes = 0
+    while proc.poll() is None and time.perf_counter() - t0 < args.profile - 1:
+        r = read_pass(ds, mount.mp, order, chk, args)
+        chk.finish("profile")
+        files += r.files
+        passes += 1
+    wall, dcpu = time.perf_counter() - t0, mount.cpu() - cpu0
+    proc.wait(timeout=120)
+    cats: collections.Counter = collections.Counter()
+    funcs: collections.Counter = collections.Counter()
+    total = 0
+    with open(out) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            frames = stack.split(";")
+            total += n
+            cats[classify(frames)] += n
+            op = next((fr.split(" ")[0] for fr in frames if fr.startswith("BaleOperations.")), None)
+            funcs[op or "-"] += n
+    # the storage part alone: what the daemon's open+read does per file, in this process,
+    # one thread, no FUSE (a fresh client, so pass 1 fills its block cache; pass 2 is warm)
+    from balefs.storage.client import Client
+    client = Client.open(mount.volume)
+    direct = []
+    try:
+        for _ in range(2):
+            cpu, t = sf._cpu(), time.perf_counter()
+            for i in order:
+                node = client.stat(ds.rels[i])
+                data = client.open_read_inode(node).read(0, node.size)
+                if len(data) != ds.sizes[i]:
+                    raise SystemExit(f"VERIFY FAILED: direct read of {ds.rels[i]} gave {len(data)} bytes")
+            direct.append(((time.perf_counter() - t) / ds.n, (sf._cpu() - cpu) / ds.n))
+    finally:
+        client.close()
+    return {"wall": wall, "files": files, "passes": passes, "daemon_cpu": dcpu, "samples": total, "direct": direct,
+            "rate": 100, "cats": dict(cats), "funcs": dict(funcs.most_common(12)), "raw": out,
+            "pyspy_stderr": proc.stderr.read()[-500:] if proc.stderr else ""}
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
+    from balefs.storage.client import Client
+    from balefs.storage.ingest import ingest_local
+
+    wd = args.workdir
+    ds = sf.plan_set("a", args.files, os.path.join(wd, "loose"), args.classes, args.seed)
+    sf.generate(ds, keep=False)
+    volume, vol_dir = "fusebench", os.path.join(wd, "vol")
+    sf.make_volume(volume, vol_dir, args.nodes)
+    t = time.perf_counter()
+    client = Client.open(volume)
+    files, nbytes = ingest_local(client, [(os.path.join(ds.root, r), r) for r in ds.rels], threads=8)
+    client.close()
+    if files != ds.n or nbytes != ds.total:
+        raise SystemExit(f"VERIFY FAILED: ingest committed {files}/{nbytes}, expected {ds.n}/{ds.total}")
+    log(f"ingested {files} files into volume {volume} in {time.perf_counter() - t:.1f}s")
+
+    mp = os.path.join(wd, "mnt")
+    opts = ["--cache-size", args.cache_size] if args.cache_size else []
+    mount = Mount(volume, mp, opts)
+    chk = Checker(ds, args.verify_frac, args.seed)
+    rows: list[dict] = []
+    disk: dict = {}
+    prof: dict = {}
+    dir_order = list(range(ds.n))
+    rand_order = dir_order[:]
+    random.Random(f"{args.seed}-fuse-order").shuffle(rand_order)
+
+    def show(name: str, side: str, r: Result, unit: str) -> Result:
+        rate = f"{r.fps:9.0f} {unit}" if unit != "MB/s" else f"{r.mbps:9.0f} MB/s"
+        log(f"{name:13s} {side:6s}: {rate}  {r.seconds:6.2f}s cpu {100 * r.cpu / r.seconds:3.0f}%")
+        return r
+
+    def daemon_cpu(fn):
+        u0, s0 = mount.cpu_split()
+        r = fn()
+        u1, s1 = mount.cpu_split()
+        r.extra["daemon_cpu"] = (u1 - u0) + (s1 - s0)
+        r.extra["daemon_sys"] = s1 - s0
+        return r
+
+    try:
+        mount.up()
+        for order_name, order in (("dir", dir_order), ("rand", rand_order)):
+            for temp in ("cold", "warm"):
+                name = f"{order_name}-{temp}"
+                if temp == "cold":
+                    sf.drop_caches()
+                lo = read_pass(ds, ds.root, order, chk, args)
+                chk.finish(f"{name}/loose")
+                show(name, "loose", lo, "files/s")
+                if temp == "cold":
+                    mount.fresh()
+                    sf.drop_caches()
+                mo = daemon_cpu(lambda: read_pass(ds, mp, order, chk, args))
+                chk.finish(f"{name}/mount")
+                show(name, "mount", mo, "files/s")
+                rows.append({"pass": name, "unit": "files/s", "loose": lo, "mount": mo})
+        for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
+            for temp in ("cold", "warm"):
+                name = f"{kind}-{temp}"
+                if temp == "cold":
+                    sf.drop_caches()
+                lo = show(name, "loose", fn(ds.root), "entries/s")
+                if temp == "cold":
+                    mount.fresh()
+                    sf.drop_caches()
+                mo = show(name, "mount", daemon_cpu(lambda: fn(mp)), "entries/s")
+                if kind == "stat" and mo.nbytes != ds.total:
+                    raise SystemExit(f"VERIFY FAILED: stat through the mount sums {mo.nbytes} bytes, expected {ds.total}")
+                if kind == "walk" and mo.files != lo.files:
+                    raise SystemExit(f"VERIFY FAILED: walk through the mount saw {mo.files} entries, loose {lo.files}")
+                rows.append({"pass": name, "unit": "entries/s", "loose": lo, "mount": mo})
+
+        # large file: the disk's own rates, then loose and mount side by side
+        fio_path = os.path.join(wd, "fio.bin")
+        disk = sf.disk_bandwidth(wd, args.big_size, keep=False)  # cold single-stream read + fio read
+        disk["fio_write_MBps"] = fio_rate(fio_path, args.big_size, "write")
+        os.unlink(fio_path)
+        log(f"disk sequential write: fio 4 MiB direct QD16 {disk['fio_write_MBps']:.0f} MB/s")
+        os.unlink(os.path.join(wd, "seqread.bin"))
+        loose_big, mount_big = os.path.join(wd, "big.bin"), os.path.join(mp, "big.bin")
+        sf.drop_caches()
+        lo = show("seq-write", "loose", write_big(loose_big, args.big_size), "MB/s")
+        mount.fresh()
+        sf.drop_caches()
+        mo = show("seq-write", "mount", daemon_cpu(lambda: write_big(mount_big, args.big_size)), "MB/s")
+        rows.append({"pass": "seq-write", "unit": "MB/s", "loose": lo, "mount": mo})
+        sf.drop_caches()
+        lo = show("seq-read-cold", "loose", read_big(loose_big), "MB/s")
+        mount.fresh()
+        sf.drop_caches()
+        mo = show("seq-read-cold", "mount", daemon_cpu(lambda: read_big(mount_big)), "MB/s")
+        if lo.nbytes != args.big_size or mo.nbytes != args.big_size:
+            raise SystemExit(f"VERIFY FAILED: big file read {lo.nbytes} loose / {mo.nbytes} mount bytes")
+        rows.append({"pass": "seq-read-cold", "unit": "MB/s", "loose": lo, "mount": mo})
+        os.unlink(loose_big)
+        os.unlink(mount_big)
+        # the disk again at the end; the best figure is kept (the stricter bar)
+        again = sf.disk_bandwidth(wd, args.big_size, keep=False)
+        os.unlink(os.path.join(wd, "seqread.bin"))
+        w2 = fio_rate(fio_path, args.big_size, "write")
+        os.unlink(fio_path)
+        for k in ("dd_MBps", "fio_MBps", "MBps"):
+            if k in again:
+                disk[k] = max(disk.get(k, 0.0), again[k])
+        disk["fio_write_MBps"] = max(disk["fio_write_MBps"], w2)
+
+        if args.profile:
+            prof = profile(mount, ds, chk, args, os.path.join(wd, "pyspy.txt"))
+            if args.keep_profile:
+                shutil.copy(prof["raw"], args.keep_profile)
+    finally:
+        mount.down()
+    return rows, disk, prof
+
+
+def verdict(row: dict, disk: dict) -> tuple[float, str]:
+    lo, mo = row["loose"], row["mount"]
+    if row["unit"] == "MB/s":
+        ratio = mo.mbps / lo.mbps
+        ref = disk.get("fio_write_MBps") if row["pass"] == "seq-write" else disk.get("MBps")
+        frac = mo.mbps / ref
+        return ratio, f"{frac:.2f} of disk ({ref:.0f} MB/s) >={DISK_BAR:g} {'PASS' if frac >= DISK_BAR else 'MISS'}"
+    ratio = mo.fps / lo.fps
+    bar = BARS.get(row["pass"])
+    return ratio, (f">={bar:g}x {'PASS' if ratio >= bar else 'MISS'}" if bar else "")
+
+
+def table(rows: list[dict], disk: dict) -> str:
+    lines = ["| pass | unit | loose | mount | mount/loose | bar | cpu loose / mount client / daemon |", "|" + "---|" * 7]
+    for row in rows:
+        lo, mo = row["loose"], row["mount"]
+        ratio, bar = verdict(row, disk)
+        val = (lambda r: r.mbps) if row["unit"] == "MB/s" else (lambda r: r.fps)
+        dcpu = mo.extra.get("daemon_cpu")
+        cpu = (f"{100 * lo.cpu / lo.seconds:.0f}% / {100 * mo.cpu / mo.seconds:.0f}% / "
+               + (f"{100 * dcpu / mo.seconds:.0f}%" if dcpu is not None else "-"))
+        if dcpu is not None and row["unit"] == "files/s":
+            cpu += f" ({1e6 * dcpu / mo.files:.0f} us daemon cpu/file, {100 * mo.extra['daemon_sys'] / max(dcpu, 1e-9):.0f}% of it system)"
+        lines.append(f"| {row['pass']} | {row['unit']} | {val(lo):,.0f} | {val(mo):,.0f} | {ratio:.2f} | {bar} | {cpu} |")
+    return "\n".join(lines)
+
+
+def profile_text(prof: dict) -> str:
+    if not prof:
+        return ""
+    idle = sum(v for k, v in prof["cats"].items() if k.startswith("no Python frame"))
+    secs = (prof["samples"] - idle) / prof["rate"]
+    out = [f"py-spy on the daemon: {prof['passes']} dir-order read passes, {prof['files']} files in {prof['wall']:.1f}s "
+           f"({prof['files'] / prof['wall']:,.0f} files/s); daemon CPU {prof['daemon_cpu']:.1f}s "
+           f"= {1e6 * prof['daemon_cpu'] / prof['files']:.0f} us/file; "
+           f"samples with Python frames {prof['samples'] - idle} = {secs:.1f} thread-s = {1e6 * secs / prof['files']:.0f} us/file "
+           f"(plus {idle} samples of threads with no Python frame)"]
+    busy = max(1, prof["samples"] - idle)
+    for k, v in sorted(prof["cats"].items(), key=lambda kv: -kv[1]):
+        if not k.startswith("no Python frame"):
+            out.append(f"  {100 * v / busy:5.1f}%  {k}")
+    if prof.get("direct"):
+        (w1, c1), (w2, c2) = prof["direct"]
+        out.append(f"storage alone (Client.stat + open_read_inode + read in-process, 1 thread, no FUSE): "
+                   f"{1e6 * w1:.0f} us/file first pass, {1e6 * w2:.0f} us/file warm (cpu {1e6 * c1:.0f} / {1e6 * c2:.0f} us)")
+    out.append("  by FUSE operation (share of samples with Python frames): "
+               + ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in prof["funcs"].items() if k != "-"))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=20_000, help="small files of 4-64 KiB (default 20000)")
+    p.add_argument("--classes", type=int, default=100, help="class directories (default 100)")
+    p.add_argument("--big-size", type=sf.parse_size, default=2 * GiB, help="size of the large sequential file (default 2GiB)")
+    p.add_argument("--workdir", default="/tmp/fusebench", help="data, volume, mountpoint and BALEFS_HOME (default /tmp/fusebench; deleted at the end)")
+    p.add_argument("--threads", type=int, default=16, help="threads of the small-file reader pool (default 16)")
+    p.add_argument("--chunk", type=int, default=16, help="files per thread-pool task (default 16)")
+    p.add_argument("--nodes", type=int, default=4, help="node directories of the volume (default 4)")
+    p.add_argument("--cache-size", default=None, help="--cache-size of the mount (default: the volume's)")
+    p.add_argument("--verify-frac", type=float, default=0.01, help="fraction of files whose bytes are compared (default 0.01)")
+    p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                   help="after the measurements, py-spy the daemon for this long during read passes (default 0: off)")
+    p.add_argument("--keep-profile", metavar="PATH", help="copy py-spy's raw output here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    args.workdir = os.path.abspath(args.workdir)
+    if os.path.exists(args.workdir) and os.listdir(args.workdir):
+        p.error(f"{args.workdir} exists and is not empty (another run, or one that was killed?); "
+                "unmount anything under it (balefs umount) and remove it first")
+    os.makedirs(args.workdir, exist_ok=True)
+    os.environ["BALEFS_HOME"] = os.path.join(args.workdir, "home")
+    os.makedirs(os.environ["BALEFS_HOME"], exist_ok=True)
+    log(sf.machine())
+    log(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    log(f"balefs: {sf.balefs_build()}")
+    try:
+        rows, disk, prof = run(args)
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+    print()
+    print(f"machine: {sf.machine()}")
+    print(f"balefs: {sf.balefs_build()}")
+    print(f"small files: {args.files} of 4-64 KiB in {args.classes} dirs; reader: {args.threads}-thread pool open/read/close; "
+          f"large file {args.big_size / GiB:g} GiB, 8 MiB reads/writes")
+    print(f"disk (best of start and end of the large-file phase): read single stream {disk['dd_MBps']:.0f} MB/s, "
+          f"fio read 4 MiB direct QD16 {disk.get('fio_MBps', 0):.0f} MB/s, fio write {disk['fio_write_MBps']:.0f} MB/s")
+    if sf._can_drop is False:
+        print("WARNING: the page cache could not be dropped: cold passes were not cold")
+    print()
+    print(table(rows, disk))
+    if prof:
+        print()
+        print(profile_text(prof))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"disk": disk, "rows": [{"pass": r["pass"], "unit": r["unit"],
+                                               **{f"{s}_{k}": getattr(r[s], k) for s in ("loose", "mount")
+                                                  for k in ("files", "nbytes", "seconds", "cpu")},
+                                               "daemon_cpu": r["mount"].extra.get("daemon_cpu")} for r in rows],
+                       "profile": {k: v for k, v in prof.items() if k != "raw"}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
