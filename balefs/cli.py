@@ -321,12 +321,14 @@ def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
               help="Seconds the kernel caches attributes and names; a change made by another mount is seen after at most this.")
 @click.option("--readahead", default="4MiB", show_default=True,
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
+@click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="FUSE requests served at once. On few cores more threads only contend for Python's lock.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @user_errors
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
-              attr_timeout: float, readahead: str, debug: bool, ready_fd: int | None) -> None:
+              attr_timeout: float, readahead: str, threads: int, debug: bool, ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -336,7 +338,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
 
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
                         allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout,
-                        readahead=None if readahead in ("0", "") else readahead, debug=debug)
+                        readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug)
     if ready_fd is not None:  # the daemon started by a background mount
         import logging
         logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,

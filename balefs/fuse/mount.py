@@ -44,6 +44,7 @@ class MountOptions:
     gid: int | None = None                    # ...and group
     attr_timeout: float = 1.0                 # seconds the kernel trusts attributes and names
     readahead: str | int | None = "4MiB"      # kernel readahead window of the mount (root only)
+    threads: int = 4  # FUSE requests served at once: more only contend for the GIL (benchmarks/RESULTS.md)
     debug: bool = False
 
 
@@ -189,8 +190,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     if LIBFUSE_VERSION >= (3, 12):
         # requests served at once; with as many idle threads allowed, no thread is ever torn
         # down and made again (each keeps its Python thread state; see ops._pin_thread)
-        fuse_options["max_threads"] = 64
-        fuse_options["max_idle_threads"] = 64
+        fuse_options["max_threads"] = opts.threads
+        fuse_options["max_idle_threads"] = opts.threads
     if opts.read_only:
         fuse_options["ro"] = True
     if opts.allow_other:
@@ -272,7 +273,7 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
                         ("--readahead", opts.readahead)):
         if value is not None:
             cmd += [flag, str(value)]
-    cmd += ["--attr-timeout", str(opts.attr_timeout)]
+    cmd += ["--attr-timeout", str(opts.attr_timeout), "--threads", str(opts.threads)]
     if opts.debug:
         cmd.append("--debug")
     r, w = os.pipe()
