@@ -119,9 +119,9 @@ class Handle:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _base(self) -> FileReader:
+    def _base(self, reader: FileReader | None = None) -> FileReader:
         if self.base is None:
-            self.base = self.client.open_read_inode(self.node)
+            self.base = reader if reader is not None else self.client.open_read_inode(self.node)
             if not self.dirty:
                 self.size = self.base.size
         return self.base
@@ -497,9 +497,11 @@ class BaleOperations(Operations):
         if writable or flags & os.O_TRUNC:
             self._writable()
         vpath = _v(path)
-        node = self.client.stat(vpath)
-        if node.kind == "d":
-            raise FuseOSError(errno.EISDIR)
+        try:
+            reader = self.client.open_read(vpath)  # inode and extents in one query
+        except IsADirectoryError:
+            raise FuseOSError(errno.EISDIR) from None
+        node = reader.inode
         h = Handle(self, vpath, node, writable)
         if writable and flags & os.O_TRUNC:
             h.truncate_all()
@@ -510,7 +512,7 @@ class BaleOperations(Operations):
             if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
                 self._seen.clear()
             self._seen[node.ino] = version
-            h._base()  # the version at open: what this handle reads and builds on, even once replaced
+            h._base(reader)  # the version at open: what this handle reads and builds on, even once replaced
         fi.fh = self._add(h)
         fi.keep_cache = 1 if keep else 0
         fi.direct_io = 0

@@ -276,11 +276,13 @@ class Client:
     # -- reading -------------------------------------------------------------------------
 
     def open_read(self, path: str) -> FileReader:
-        with self.meta.snapshot():  # the size and the extents of one version of the file
-            node = self.stat(path)
-            if node.kind == "d":
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-            extents = self.meta.extents_of([node.ino])[node.ino]
+        """A reader of the current version of a file: its inode and extents come from one query."""
+        hit = self._lookup_grouped([path], self.meta.lookup_files, lambda node: (node, []))[path]
+        if isinstance(hit, Exception):
+            raise hit
+        node, extents = hit
+        if node.kind == "d":
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         return FileReader(self, path, node, extents)
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
