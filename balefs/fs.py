@@ -250,7 +250,7 @@ class BaleFileSystem(AbstractFileSystem):
     def put(self, lpath, rpath, recursive: bool = False, callback=None, maxdepth=None, **kwargs: Any) -> None:
         """Upload local files; many files are read in parallel and committed in groups."""
         pairs = _collect_pairs(lambda: super(BaleFileSystem, self).put(lpath, rpath, recursive=recursive, maxdepth=maxdepth, **kwargs),
-                               self, "_put_pairs")
+                               self, "put_file")
         dirs = [r for l, r in pairs if os.path.isdir(l)]
         for d in dirs:
             self.makedirs(d, exist_ok=True)
@@ -277,7 +277,7 @@ class BaleFileSystem(AbstractFileSystem):
     def get(self, rpath, lpath, recursive: bool = False, callback=None, maxdepth=None, **kwargs: Any) -> None:
         """Download files; blocks are fetched once for many files, in bounded batches."""
         pairs = _collect_pairs(lambda: super(BaleFileSystem, self).get(rpath, lpath, recursive=recursive, maxdepth=maxdepth, **kwargs),
-                               self, "_get_pairs")
+                               self, "get_file")
         files = []
         for r, l in pairs:
             if self.isdir(r):
@@ -359,23 +359,15 @@ class BaleFileSystem(AbstractFileSystem):
             client._invalidate()
 
 
-def _collect_pairs(run, fs: BaleFileSystem, attr: str) -> list[tuple[str, str]]:
-    """Let fsspec's own put/get work out the (source, target) pairs, without moving bytes."""
+def _collect_pairs(run, fs: BaleFileSystem, method: str) -> list[tuple[str, str]]:
+    """Let fsspec's own put/get work out the (source, target) pairs, without moving bytes:
+    while `run` runs, the instance's `method` (put_file or get_file) only records its pair."""
     pairs: list[tuple[str, str]] = []
-    cls = type(fs)
-    original = cls.put_file if attr == "_put_pairs" else cls.get_file
-
-    def record(self, a, b, *args, **kwargs):
-        if self is fs:
-            pairs.append((a, b))
-        else:
-            original(self, a, b, *args, **kwargs)
-
-    fs.__dict__["put_file" if attr == "_put_pairs" else "get_file"] = record.__get__(fs)
+    setattr(fs, method, lambda a, b, *args, **kwargs: pairs.append((a, b)))
     try:
         run()
     finally:
-        del fs.__dict__["put_file" if attr == "_put_pairs" else "get_file"]
+        delattr(fs, method)
     return pairs
 
 
