@@ -52,8 +52,6 @@ class FileReader:
         if start >= end:
             return b""
         data = self.client.reader.read(self.extents, start, end)
-        if isinstance(data, Exception):  # read_many reports errors per request; a single read raises
-            raise data
         ahead = self.client.cfg.readahead_blocks
         if ahead and start == self._last_end and end < self.size:
             span = ahead * self.client.cfg.block_size
@@ -338,15 +336,12 @@ class Client:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or "/")
         if check_parent:
             self._check_parent(parent_path, path)
-        fw = FileWriter(self, "/".join(split_path(path)), mode, exclusive)
         if append:
             try:
-                old = self.open_read(path)
+                return self.extend_write(path, self.open_read(path))
             except FileNotFoundError:
-                return fw
-            fw._hash.update(old.read(0, old.size))
-            fw.extents, fw.size, fw.mode = list(old.extents), old.size, old.inode.mode
-        return fw
+                pass
+        return FileWriter(self, "/".join(split_path(path)), mode, exclusive)
 
     def _check_parent(self, parent_path: str, path: str) -> None:
         """Fail early (before any byte is written) when a parent component is a file."""
