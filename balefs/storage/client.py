@@ -74,6 +74,7 @@ class FileWriter:
     last_gen: int = -1
     closed: bool = False
     mtime_ns: int | None = None
+    known_hash: str | None = None  # the content hash when the bytes are shared, not written (reference_write)
 
     def __post_init__(self) -> None:
         self._hash = xxhash.xxh3_128()
@@ -99,7 +100,8 @@ class FileWriter:
         return n
 
     def as_write(self) -> FileWrite:
-        return FileWrite(self.path, list(self.extents), self.size, self._hash.hexdigest(), self.mode, self.mtime_ns, self.exclusive)
+        digest = self.known_hash if self.known_hash is not None and self.first_gen < 0 else self._hash.hexdigest()
+        return FileWrite(self.path, list(self.extents), self.size, digest, self.mode, self.mtime_ns, self.exclusive)
 
     def close(self) -> None:
         """Commit the file: at once, or with the enclosing batch when one is open."""
@@ -486,6 +488,14 @@ class Client:
             if target.ino != self.stat(src).ino:
                 dst = "/".join(split_path(dst) + split_path(src)[-1:])
         self.rename(src, dst)
+
+    def reference_write(self, src: str, dst: str) -> FileWriter:
+        """A writer of `dst` that shares every byte and the content hash of `src` (nothing is read or
+        copied); closing it commits `dst`, with the enclosing batch when one is open."""
+        base = self.open_read(src)
+        fw = FileWriter(self, "/".join(split_path(dst)), base.inode.mode, known_hash=base.inode.hash or "")
+        fw.extents, fw.size = list(base.extents), base.size
+        return fw
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
