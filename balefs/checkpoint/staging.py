@@ -80,6 +80,7 @@ class StagingBuffer:
         self._buf = buf
         self.allocations += 1
 
+    @torch.no_grad()
     def stage(self, slots: list[Slot]) -> list[Staged]:
         """Copy the tensors of one round into the buffer; return once every byte is in host memory."""
         assert self._buf is not None

@@ -157,7 +157,7 @@ class StepReader:
                 raise CorruptCheckpointError(f"{self.path}: array {name!r} is listed in the manifest but its data is missing") from None
             if fr.size != info["nbytes"] or (fr.inode.hash and fr.inode.hash != info["hash"]):
                 raise CorruptCheckpointError(f"{self.path}: array {name!r} does not match its manifest (size or hash)")
-            dst = tensor.view(-1).view(torch.uint8).numpy() if tensor.dim() else tensor.view(1).view(torch.uint8).numpy()
+            dst = tensor.detach().reshape(-1).view(torch.uint8).numpy()
             pos = 0
             for rec, lo, hi in reader.plan(fr.extents, 0, fr.size):
                 jobs.setdefault((rec.chunk, rec.idx), (rec, []))[1].append((dst, pos, lo, hi))

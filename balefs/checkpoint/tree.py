@@ -46,7 +46,7 @@ def flatten(state: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
             seen.add(path)
             if value.is_sparse or value.layout != torch.strided:
                 raise UnrepresentableError(f"state[{where}]: {value.layout} tensors are not supported; save a dense tensor")
-            tensors.append((path, value.detach()))
+            tensors.append((path, value))
             return {TENSOR: path}
         if value is None or isinstance(value, (bool, str)):
             return value
