@@ -1,49 +1,76 @@
-"""SqliteMeta: the embedded metadata engine (inodes, directory entries, extents, chunks, blocks, nodes).
+"""Metadata engines: one SQL model of a volume (inodes, directory entries, extents, chunks,
+blocks, nodes) behind one interface, on SQLite (embedded, this module) or PostgreSQL
+(many hosts, meta_pg.py).
 
-Every change is one transaction (BEGIN IMMEDIATE, WAL, synchronous=FULL), so a crash at
-any moment leaves either the whole change or none of it. Paths are volume-relative
-strings ("a/b/c", "" for the root). Errors are the errno-carrying OSErrors that POSIX
-and fsspec users expect.
+`SqlMeta` holds every query and rule once; an engine subclass supplies connections,
+transactions, the DDL types and its row locks. Every change is one transaction, so a
+crash at any moment leaves either the whole change or none of it. Paths are
+volume-relative strings ("a/b/c", "" for the root). Errors are the errno-carrying
+OSErrors that POSIX and fsspec users expect.
+
+Locking: SQLite serialises writers (BEGIN IMMEDIATE). PostgreSQL runs writers in
+parallel at READ COMMITTED; a writer share-locks every directory it walks through and
+update-locks the entries it replaces or removes, a cross-directory move of a directory
+takes a volume-wide lock (as Linux's rename mutex), and a transaction that loses a race
+(unique violation, deadlock, serialization failure, lost connection before COMMIT) is
+run again from the start.
+
+Cache rule (close-to-open): every change that can make a cached lookup wrong (replacing
+or removing an entry, renaming, setattr) bumps the `generation` counter in the same
+transaction; a client reads that counter when it opens a file and drops its caches if
+it moved (see Client.revalidate).
 """
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 from ..errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROOT = 1
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS nodes(id INTEGER PRIMARY KEY, url TEXT UNIQUE NOT NULL, state TEXT NOT NULL DEFAULT 'up');
+# Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
+# engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
+MIGRATIONS: dict[int, str] = {
+    1: """
+CREATE TABLE IF NOT EXISTS nodes(id {serial}, url TEXT UNIQUE NOT NULL, state TEXT NOT NULL DEFAULT 'up');
 CREATE TABLE IF NOT EXISTS inodes(
-  ino INTEGER PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
-  size INTEGER NOT NULL DEFAULT 0, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, btime_ns INTEGER NOT NULL,
-  nlink INTEGER NOT NULL DEFAULT 1, target TEXT, hash TEXT);
-CREATE TABLE IF NOT EXISTS dentries(parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
-  PRIMARY KEY(parent, name)) WITHOUT ROWID;
+  ino {serial}, kind TEXT NOT NULL, mode {int} NOT NULL, uid {int} NOT NULL, gid {int} NOT NULL,
+  size {int} NOT NULL DEFAULT 0, mtime_ns {int} NOT NULL, ctime_ns {int} NOT NULL, btime_ns {int} NOT NULL,
+  nlink {int} NOT NULL DEFAULT 1, target TEXT, hash TEXT);
+CREATE TABLE IF NOT EXISTS dentries(parent {int} NOT NULL, name {name} NOT NULL, ino {int} NOT NULL,
+  PRIMARY KEY(parent, name)){no_rowid};
 CREATE INDEX IF NOT EXISTS dentries_ino ON dentries(ino);
-CREATE TABLE IF NOT EXISTS extents(ino INTEGER NOT NULL, off INTEGER NOT NULL, chunk INTEGER NOT NULL,
-  chunk_off INTEGER NOT NULL, length INTEGER NOT NULL, PRIMARY KEY(ino, off)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS extents(ino {int} NOT NULL, off {int} NOT NULL, chunk {int} NOT NULL,
+  chunk_off {int} NOT NULL, length {int} NOT NULL, PRIMARY KEY(ino, off)){no_rowid};
 CREATE INDEX IF NOT EXISTS extents_chunk ON extents(chunk);
-CREATE TABLE IF NOT EXISTS chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, state TEXT NOT NULL,
-  size INTEGER NOT NULL DEFAULT 0, live INTEGER NOT NULL DEFAULT 0, created_ns INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS blocks(chunk INTEGER NOT NULL, idx INTEGER NOT NULL, off INTEGER NOT NULL,
-  length INTEGER NOT NULL, stored INTEGER NOT NULL, PRIMARY KEY(chunk, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS block_copies(chunk INTEGER NOT NULL, idx INTEGER NOT NULL, node INTEGER NOT NULL,
-  rank INTEGER NOT NULL, PRIMARY KEY(chunk, idx, node)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks(id {serial_once}, writer TEXT NOT NULL, state TEXT NOT NULL,
+  size {int} NOT NULL DEFAULT 0, live {int} NOT NULL DEFAULT 0, created_ns {int} NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks(chunk {int} NOT NULL, idx {int} NOT NULL, off {int} NOT NULL,
+  length {int} NOT NULL, stored {int} NOT NULL, PRIMARY KEY(chunk, idx)){no_rowid};
+CREATE TABLE IF NOT EXISTS block_copies(chunk {int} NOT NULL, idx {int} NOT NULL, node {int} NOT NULL,
+  rank {int} NOT NULL, PRIMARY KEY(chunk, idx, node)){no_rowid};
 CREATE INDEX IF NOT EXISTS block_copies_node ON block_copies(node);
-CREATE TABLE IF NOT EXISTS xattrs(ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
-  PRIMARY KEY(ino, name)) WITHOUT ROWID;
-"""
+CREATE TABLE IF NOT EXISTS xattrs(ino {int} NOT NULL, name TEXT NOT NULL, value {blob} NOT NULL,
+  PRIMARY KEY(ino, name)){no_rowid};
+""",
+    2: """
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value {int} NOT NULL);
+INSERT INTO counters VALUES('generation', 0) ON CONFLICT DO NOTHING;
+""",
+}
+
+# Every table, in an order that copying respects (migrate-meta).
+TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs")
 
 
 class Inode(NamedTuple):
@@ -95,6 +122,7 @@ class FileWrite:
 
 
 _INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash"
+_I_COLS = "i." + _INODE_COLS.replace(", ", ", i.")
 _S_IFMT = {"f": 0o100000, "d": 0o040000, "l": 0o120000}
 
 
@@ -113,31 +141,680 @@ def _oserror(code: int, path: str) -> OSError:
     return cls(code, os.strerror(code), path)
 
 
-class SqliteMeta:
-    """Metadata of one volume in an SQLite file; safe for many threads and processes."""
+class Db(Protocol):
+    """What the queries need of a connection: DB-API execute/executemany with '?' placeholders."""
+
+    def execute(self, sql: str, params: Iterable[Any] = ...) -> Any: ...
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any: ...
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retrying(fn: F) -> F:
+    """Run a metadata operation again (from the start) when it lost a race the engine reports
+    as transient; each attempt is a whole transaction, so nothing of a failed one remains."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "SqlMeta", *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.005
+        while True:
+            try:
+                return fn(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the engine decides what is transient
+                if not self._transient(exc) or self._in_transaction() or time.monotonic() > deadline:
+                    raise self._translate(exc) from exc
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class SqlMeta:
+    """Metadata of one volume in an SQL database: every query and rule, engine-neutral.
+
+    Subclasses implement _read/_write/snapshot/close and set the dialect attributes."""
+
+    #: DDL tokens of the engine (see MIGRATIONS)
+    DDL_TYPES: dict[str, str] = {}
+    #: row-lock suffix for a directory walked through (kept while the transaction runs)
+    LOCK_SHARE = ""
+    #: row-lock suffix for an entry that is replaced, moved or removed
+    LOCK_UPDATE = ""
+    #: seconds a transient failure is retried before it is raised
+    retry_seconds = 30.0
+    url = ""
+
+    # -- engine hooks --------------------------------------------------------------------
+
+    def _read(self) -> Any:
+        """Context manager yielding a Db for reads (the thread's transaction, if one is open)."""
+        raise NotImplementedError
+
+    def _write(self) -> Any:
+        """Context manager yielding a Db inside one write transaction (committed on exit)."""
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        """Reads made by this thread inside the block all see one state of the metadata."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _lock_namespace(self, db: Db) -> None:
+        """Serialise with every other namespace-wide change (a directory moved across directories)."""
+
+    def _transient(self, exc: BaseException) -> bool:
+        """Whether `exc` means the transaction lost a race (or its connection) and may be run again."""
+        return False
+
+    def _in_transaction(self) -> bool:
+        """Whether this thread is inside a transaction that an inner retry must not restart."""
+        return False
+
+    def _translate(self, exc: Exception) -> Exception:
+        """The error to raise for an engine error (e.g. a lost server as MetaUnavailableError)."""
+        return exc
+
+    def _table_exists(self, db: Db, table: str) -> bool:
+        raise NotImplementedError
+
+    # -- schema --------------------------------------------------------------------------
+
+    def _migrate(self, db: Db, create: bool) -> None:
+        """Bring the schema to SCHEMA_VERSION inside the open transaction; refuse a newer one."""
+        version = 0
+        if self._table_exists(db, "meta"):
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"metadata {self.url} has schema version {version}, newer than this balefs "
+                              f"({SCHEMA_VERSION}): upgrade balefs")
+        if version == 0 and not create:
+            raise ConfigError(f"metadata {self.url} holds no balefs volume (was the volume initialised here?)")
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for stmt in MIGRATIONS[v].format(**self.DDL_TYPES).split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+        db.execute("INSERT INTO meta VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                   (str(SCHEMA_VERSION),))
+        if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT,)).fetchone() is None:
+            now = time.time_ns()
+            db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None))
+            self._after_explicit_ids(db)
+
+    def _after_explicit_ids(self, db: Db) -> None:
+        """Rows were inserted with explicit ids: move the engine's id sequences past them."""
+
+    def schema_version(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    # -- nodes and chunks ----------------------------------------------------------------
+
+    @retrying
+    def register_nodes(self, urls: Iterable[str]) -> dict[str, int]:
+        """Ensure every node URL has an id; return url -> id for all known nodes."""
+        urls = list(urls)
+        with self._read() as db:
+            known = {url: nid for nid, url in db.execute("SELECT id, url FROM nodes")}
+        if all(u in known for u in urls):
+            return known
+        with self._write() as db:
+            db.executemany("INSERT INTO nodes(url) VALUES(?) ON CONFLICT DO NOTHING", [(u,) for u in urls])
+            return {url: nid for nid, url in db.execute("SELECT id, url FROM nodes")}
+
+    @retrying
+    def nodes(self) -> dict[int, str]:
+        with self._read() as db:
+            return {nid: url for nid, url in db.execute("SELECT id, url FROM nodes ORDER BY id")}
+
+    @retrying
+    def new_chunk(self, writer: str) -> int:
+        """Allocate a chunk id for one writer; ids never collide across processes and hosts."""
+        with self._write() as db:
+            return int(db.execute("INSERT INTO chunks(writer, state, created_ns) VALUES(?, 'open', ?) RETURNING id",
+                                  (writer, time.time_ns())).fetchone()[0])
+
+    @retrying
+    def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
+        """Committed blocks of each chunk, ordered by index, with the nodes holding them."""
+        ids = sorted(set(chunks))
+        out: dict[int, list[BlockRecord]] = {c: [] for c in ids}
+        with self.snapshot(), self._read() as db:  # a block and its copies are committed together
+            for part in _batches(ids, 500):
+                marks = ",".join("?" * len(part))
+                copies: dict[tuple[int, int], list[int]] = {}
+                for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) "
+                                          "ORDER BY chunk, idx, rank", part):
+                    copies.setdefault((c, i), []).append(n)
+                for c, i, off, length, stored in db.execute(
+                        f"SELECT chunk, idx, off, length, stored FROM blocks WHERE chunk IN ({marks}) ORDER BY chunk, idx", part):
+                    out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ()))))
+        return out
+
+    # -- reads ---------------------------------------------------------------------------
+
+    @retrying
+    def generation(self) -> int:
+        """The change counter: moves whenever a cached lookup may have become wrong."""
+        with self._read() as db:
+            return int(db.execute("SELECT value FROM counters WHERE name='generation'").fetchone()[0])
+
+    @retrying
+    def getattr(self, ino: int) -> Inode | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return Inode(*row) if row else None
+
+    @retrying
+    def lookup(self, parent: int, name: str) -> Inode | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {_I_COLS} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                             "WHERE d.parent=? AND d.name=?", (parent, name)).fetchone()
+        return Inode(*row) if row else None
+
+    @retrying
+    def lookup_many(self, parent: int, names: list[str]) -> dict[str, Inode]:
+        """Look up many names in one directory with a few queries."""
+        out: dict[str, Inode] = {}
+        with self._read() as db:
+            for part in _batches(sorted(set(names)), 500):
+                marks = ",".join("?" * len(part))
+                for row in db.execute(f"SELECT d.name, {_I_COLS} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                                      f"WHERE d.parent=? AND d.name IN ({marks})", (parent, *part)):
+                    out[row[0]] = Inode(*row[1:])
+        return out
+
+    @retrying
+    def lookup_files(self, parent: int, names: list[str]) -> dict[str, tuple[Inode, list[Extent]]]:
+        """Look up many names in one directory together with their extents: the batched read path."""
+        out: dict[str, tuple[Inode, list[Extent]]] = {}
+        with self._read() as db:
+            for part in _batches(sorted(set(names)), 500):
+                marks = ",".join("?" * len(part))
+                for row in db.execute(f"SELECT d.name, {_I_COLS}, e.off, e.chunk, e.chunk_off, e.length FROM dentries d "
+                                      f"JOIN inodes i ON i.ino=d.ino LEFT JOIN extents e ON e.ino=i.ino "
+                                      f"WHERE d.parent=? AND d.name IN ({marks}) ORDER BY d.name, e.off", (parent, *part)):
+                    hit = out.get(row[0])
+                    if hit is None:
+                        hit = out[row[0]] = (Inode(*row[1:13]), [])
+                    if row[14] is not None:
+                        hit[1].append(Extent(*row[13:]))
+        return out
+
+    def resolve(self, path: str, db: Db | None = None) -> Inode:
+        """Walk `path` from the root; raise FileNotFoundError / NotADirectoryError."""
+        if db is None:
+            with self._read() as db:
+                return self.resolve(path, db)
+        node = Inode(*db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ROOT,)).fetchone())
+        for name in split_path(path):
+            if node.kind != "d":
+                raise _oserror(errno.ENOTDIR, path)
+            row = db.execute(f"SELECT {_I_COLS} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                             "WHERE d.parent=? AND d.name=?", (node.ino, name)).fetchone()
+            if row is None:
+                raise _oserror(errno.ENOENT, path)
+            node = Inode(*row)
+        return node
+
+    @retrying
+    def listdir(self, ino: int) -> list[tuple[str, Inode]]:
+        with self._read() as db:
+            rows = db.execute(f"SELECT d.name, {_I_COLS} FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                              "WHERE d.parent=? ORDER BY d.name", (ino,)).fetchall()
+        return [(r[0], Inode(*r[1:])) for r in rows]
+
+    @retrying
+    def extents_of(self, inos: Iterable[int]) -> dict[int, list[Extent]]:
+        ids = sorted(set(inos))
+        out: dict[int, list[Extent]] = {i: [] for i in ids}
+        with self._read() as db:
+            for part in _batches(ids, 500):
+                marks = ",".join("?" * len(part))
+                for ino, off, chunk, coff, length in db.execute(
+                        f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE ino IN ({marks}) ORDER BY ino, off", part):
+                    out[ino].append(Extent(off, chunk, coff, length))
+        return out
+
+    def walk(self, ino: int) -> Iterator[tuple[str, Inode]]:
+        """Every entry below directory `ino` as (relative path, inode), depth first, sorted."""
+        for name, child in self.listdir(ino):
+            yield name, child
+            if child.kind == "d":
+                for sub, grand in self.walk(child.ino):
+                    yield f"{name}/{sub}", grand
+
+    @retrying
+    def getxattr(self, ino: int, name: str) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+        return bytes(row[0]) if row else None
+
+    @retrying
+    def listxattr(self, ino: int) -> list[str]:
+        with self._read() as db:
+            return [r[0] for r in db.execute("SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _alloc_inode(self, db: Db, kind: str, mode: int, size: int = 0, mtime_ns: int | None = None,
+                     target: str | None = None, hash: str | None = None) -> int:
+        now = time.time_ns()
+        cols = _INODE_COLS.replace("ino, ", "", 1)
+        return int(db.execute(f"INSERT INTO inodes({cols}) VALUES(?,?,?,?,?,?,?,?,?,?,?) RETURNING ino",
+                              (kind, mode & 0o7777, os.getuid(), os.getgid(), size, mtime_ns or now, now, now,
+                               2 if kind == "d" else 1, target, hash)).fetchone()[0])
+
+    def _entry(self, db: Db, parent: int, name: str, lock: str = "") -> tuple[int, str] | None:
+        """(ino, kind) of entry `name` in directory `parent`, row-locked with `lock` where the engine locks."""
+        row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                         f"WHERE d.parent=? AND d.name=?{lock}", (parent, name)).fetchone()
+        return (int(row[0]), row[1]) if row else None
+
+    def _parent_of(self, db: Db, path: str, create: bool, cache: dict[str, int] | None = None) -> tuple[int, str]:
+        """Return (parent inode, name) for `path`, creating missing parent dirs if `create`.
+        Every directory walked through stays share-locked until the transaction ends."""
+        parts = split_path(path)
+        if not parts:
+            raise _oserror(errno.EEXIST, path)
+        ino, walked = ROOT, ""
+        for name in parts[:-1]:
+            walked = f"{walked}/{name}" if walked else name
+            if cache is not None and walked in cache:
+                ino = cache[walked]
+                continue
+            row = self._entry(db, ino, name, self.LOCK_SHARE)
+            if row is None:
+                if not create:
+                    raise _oserror(errno.ENOENT, path)
+                child = self._alloc_inode(db, "d", 0o755)
+                db.execute("INSERT INTO dentries VALUES(?,?,?)", (ino, name, child))
+                ino = child
+            elif row[1] != "d":
+                raise _oserror(errno.ENOTDIR, path)
+            else:
+                ino = row[0]
+            if cache is not None:
+                cache[walked] = ino
+        return ino, parts[-1]
+
+    def _drop_extents(self, db: Db, ino: int, live: dict[int, int]) -> None:
+        for chunk, length in db.execute("SELECT chunk, length FROM extents WHERE ino=?", (ino,)).fetchall():
+            live[chunk] = live.get(chunk, 0) - length
+        db.execute("DELETE FROM extents WHERE ino=?", (ino,))
+
+    @staticmethod
+    def _apply_live(db: Db, live: dict[int, int]) -> None:
+        db.executemany("UPDATE chunks SET live = live + ? WHERE id=?", [(d, c) for c, d in sorted(live.items()) if d])
+
+    @staticmethod
+    def _bump_generation(db: Db) -> None:
+        """Tell every client's cache that a lookup may have changed (last statement of a transaction)."""
+        db.execute("UPDATE counters SET value = value + 1 WHERE name='generation'")
+
+    def _unlink_inode(self, db: Db, ino: int, live: dict[int, int]) -> None:
+        db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino=?", (ino,))
+        if db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0] <= 0:
+            self._drop_extents(db, ino, live)
+            db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+            db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+
+    @staticmethod
+    def _record_blocks(db: Db, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
+        """Book durable blocks, the nodes holding them, and the chunks' sizes (inside a transaction)."""
+        db.executemany("INSERT INTO blocks VALUES(?,?,?,?,?) ON CONFLICT(chunk, idx) DO UPDATE SET "
+                       "off=excluded.off, length=excluded.length, stored=excluded.stored",
+                       [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
+        db.executemany("INSERT INTO block_copies VALUES(?,?,?,?) ON CONFLICT DO NOTHING",
+                       [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
+        for chunk, (size, sealed) in sorted(sizes.items()):
+            db.execute("UPDATE chunks SET size = CASE WHEN size > ? THEN size ELSE ? END, "
+                       "state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?", (size, size, bool(sealed), chunk))
+
+    @retrying
+    def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]]) -> dict[str, int]:
+        """Record durable blocks and create/replace files in one transaction; return path -> inode."""
+        out: dict[str, int] = {}
+        live: dict[int, int] = {}
+        dirs: dict[str, int] = {}
+        replaced = False
+        with self._write() as db:
+            self._record_blocks(db, blocks, chunk_sizes)
+            now = time.time_ns()
+            rows: list[tuple[int, int, int, int, int]] = []
+            for fw in files:
+                parent, name = self._parent_of(db, fw.path, create=True, cache=dirs)
+                row = self._entry(db, parent, name, self.LOCK_UPDATE)
+                if row is not None:
+                    if fw.exclusive:
+                        raise _oserror(errno.EEXIST, fw.path)
+                    if row[1] == "d":
+                        raise _oserror(errno.EISDIR, fw.path)
+                    ino = row[0]
+                    self._drop_extents(db, ino, live)
+                    db.execute("UPDATE inodes SET kind='f', size=?, mtime_ns=?, ctime_ns=?, hash=?, target=NULL WHERE ino=?",
+                               (fw.size, fw.mtime_ns or now, now, fw.hash, ino))
+                    replaced = True
+                else:
+                    ino = self._alloc_inode(db, "f", fw.mode, fw.size, fw.mtime_ns, hash=fw.hash)
+                    db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+                for e in fw.extents:
+                    rows.append((ino, e.off, e.chunk, e.chunk_off, e.length))
+                    live[e.chunk] = live.get(e.chunk, 0) + e.length
+                out[fw.path] = ino
+            db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", rows)
+            self._apply_live(db, live)
+            if replaced:
+                self._bump_generation(db)
+        return out
+
+    @retrying
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False) -> int:
+        with self._write() as db:
+            parent, name = self._parent_of(db, path, create=parents)
+            row = self._entry(db, parent, name)
+            if row is not None:
+                if exist_ok and row[1] == "d":
+                    return row[0]
+                raise _oserror(errno.EEXIST, path)
+            ino = self._alloc_inode(db, "d", mode)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            return ino
+
+    @retrying
+    def symlink(self, path: str, target: str) -> int:
+        with self._write() as db:
+            parent, name = self._parent_of(db, path, create=False)
+            if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
+                raise _oserror(errno.EEXIST, path)
+            ino = self._alloc_inode(db, "l", 0o777, len(target.encode()), target=target)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            return ino
+
+    @retrying
+    def remove(self, path: str, recursive: bool = False, dir_ok: bool = True) -> int:
+        """Remove a file, an empty directory, or (recursive) a whole tree; return entries removed."""
+        live: dict[int, int] = {}
+        with self._write() as db:
+            parent, name = self._parent_of(db, path, create=False)
+            row = self._entry(db, parent, name, self.LOCK_UPDATE)
+            if row is None:
+                raise _oserror(errno.ENOENT, path)
+            ino, kind = row
+            removed = 1
+            if kind == "d":
+                if not dir_ok:
+                    raise _oserror(errno.EISDIR, path)
+                has_children = db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)).fetchone()
+                if has_children and not recursive:
+                    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
+                removed += self._remove_children(db, ino, live)
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+                db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+                db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+            else:
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+                self._unlink_inode(db, ino, live)
+            self._apply_live(db, live)
+            self._bump_generation(db)
+            return removed
+
+    def _remove_children(self, db: Db, ino: int, live: dict[int, int]) -> int:
+        count = 0
+        for child, kind in db.execute("SELECT d.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino "
+                                      f"WHERE d.parent=?{self.LOCK_UPDATE}", (ino,)).fetchall():
+            count += 1
+            if kind == "d":
+                count += self._remove_children(db, child, live)
+                db.execute("DELETE FROM xattrs WHERE ino=?", (child,))
+                db.execute("DELETE FROM inodes WHERE ino=?", (child,))
+            else:
+                self._unlink_inode(db, child, live)
+        db.execute("DELETE FROM dentries WHERE parent=?", (ino,))
+        return count
+
+    @retrying
+    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        """Move src to dst atomically, replacing a file (or an empty directory) at dst like rename(2)."""
+        live: dict[int, int] = {}
+        with self._write() as db:
+            sp, sname = self._parent_of(db, src, create=False)
+            srow = self._entry(db, sp, sname, self.LOCK_UPDATE)
+            if srow is None:
+                raise _oserror(errno.ENOENT, src)
+            dp, dname = self._parent_of(db, dst, create=True)
+            if srow[1] == "d":
+                if dp != sp:
+                    self._lock_namespace(db)  # no two moves can build a cycle between them
+                walk = dp
+                while walk != ROOT:
+                    if walk == srow[0]:
+                        raise OSError(errno.EINVAL, f"cannot move a directory into itself: {src} -> {dst}", dst)
+                    walk = db.execute("SELECT parent FROM dentries WHERE ino=?", (walk,)).fetchone()[0]
+            drow = self._entry(db, dp, dname, self.LOCK_UPDATE)
+            if drow is not None:
+                if drow[0] == srow[0]:
+                    return
+                if not replace:
+                    raise _oserror(errno.EEXIST, dst)
+                if drow[1] == "d":
+                    if srow[1] != "d":
+                        raise _oserror(errno.EISDIR, dst)
+                    if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (drow[0],)).fetchone():
+                        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
+                    db.execute("DELETE FROM inodes WHERE ino=?", (drow[0],))
+                elif srow[1] == "d":
+                    raise _oserror(errno.ENOTDIR, dst)
+                else:
+                    self._unlink_inode(db, drow[0], live)
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (dp, dname))
+            db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?", (dp, dname, sp, sname))
+            db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (time.time_ns(), srow[0]))
+            self._apply_live(db, live)
+            self._bump_generation(db)
+
+    def copy_file(self, src: str, dst: str) -> int:
+        """Copy a file by reference: the new inode points at the same chunk bytes."""
+        src_node = self.resolve(src)
+        if src_node.kind == "d":
+            raise _oserror(errno.EISDIR, src)
+        extents = self.extents_of([src_node.ino])[src_node.ino]
+        fw = FileWrite(dst, extents, src_node.size, src_node.hash or "", src_node.mode)
+        return self.commit([], [fw], {})[dst]
+
+    @retrying
+    def setattr(self, path: str, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None) -> None:
+        with self._write() as db:
+            node = self.resolve(path, db)
+            db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
+                       "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
+                       (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), node.ino))
+            self._bump_generation(db)
+
+    @retrying
+    def setxattr(self, ino: int, name: str, value: bytes | None) -> None:
+        """Set (or with None remove) an extended attribute."""
+        with self._write() as db:
+            if value is None:
+                db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name))
+            else:
+                db.execute("INSERT INTO xattrs VALUES(?,?,?) ON CONFLICT(ino, name) DO UPDATE SET value=excluded.value",
+                           (ino, name, value))
+
+    # -- accounting ----------------------------------------------------------------------
+
+    @retrying
+    def usage(self) -> dict[str, object]:
+        """Figures for `balefs df`: files, dirs, bytes, chunks, live/dead bytes, blocks per node."""
+        with self._read() as db:
+            files, dirs, file_bytes = db.execute(
+                "SELECT sum(CASE WHEN kind='f' THEN 1 ELSE 0 END), sum(CASE WHEN kind='d' THEN 1 ELSE 0 END), "
+                "coalesce(sum(CASE WHEN kind='f' THEN size END), 0) FROM inodes").fetchone()
+            chunks, chunk_bytes, live = db.execute(
+                "SELECT count(*), coalesce(sum(size),0), coalesce(sum(live),0) FROM chunks WHERE size > 0").fetchone()
+            referenced = db.execute("SELECT coalesce(sum(b.length),0) FROM blocks b").fetchone()[0]
+            per_node = {nid: (int(cnt), int(stored)) for nid, cnt, stored in db.execute(
+                "SELECT c.node, count(*), coalesce(sum(b.stored),0) FROM block_copies c "
+                "JOIN blocks b ON b.chunk=c.chunk AND b.idx=c.idx GROUP BY c.node")}
+        chunk_bytes, live = int(chunk_bytes), int(live)
+        return {"files": int(files or 0), "dirs": int(dirs or 1) - 1, "file_bytes": int(file_bytes), "chunks": int(chunks),
+                "chunk_bytes": max(chunk_bytes, int(referenced)), "live_bytes": live,
+                "dead_bytes": max(0, chunk_bytes - live), "per_node": per_node}
+
+    @retrying
+    def block_keys(self) -> set[tuple[int, int]]:
+        """(chunk, idx) of every committed block."""
+        with self._read() as db:
+            return {(int(c), int(i)) for c, i in db.execute("SELECT chunk, idx FROM blocks")}
+
+    @retrying
+    def chunk_table(self) -> dict[int, tuple[str, str, int, int, int]]:
+        """id -> (writer, state, size, live bytes, created_ns) of every chunk."""
+        with self._read() as db:
+            return {r[0]: tuple(r[1:]) for r in db.execute("SELECT id, writer, state, size, live, created_ns FROM chunks")}
+
+    @retrying
+    def referenced_chunks(self) -> set[int]:
+        """Chunks that at least one file extent points into."""
+        with self._read() as db:
+            return {r[0] for r in db.execute("SELECT DISTINCT chunk FROM extents")}
+
+    @retrying
+    def extents_in(self, chunks: Iterable[int]) -> dict[int, list[Extent]]:
+        """ino -> the extents of that file that lie in any of `chunks`."""
+        ids = sorted(set(chunks))
+        out: dict[int, list[Extent]] = {}
+        with self._read() as db:
+            for part in _batches(ids, 500):
+                marks = ",".join("?" * len(part))
+                for ino, off, chunk, coff, length in db.execute(
+                        f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE chunk IN ({marks}) ORDER BY ino, off", part):
+                    out.setdefault(ino, []).append(Extent(off, chunk, coff, length))
+        return out
+
+    @retrying
+    def swap_extents(self, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]],
+                     changes: list[tuple[int, list[Extent], list[Extent]]]) -> int:
+        """Point files at rewritten copies of their bytes; a file whose extents changed meanwhile is
+        left as it is. Records the new blocks in the same transaction; returns files swapped."""
+        live: dict[int, int] = {}
+        swapped = 0
+        with self._write() as db:
+            self._record_blocks(db, blocks, sizes)
+            for ino, old, new in changes:
+                if db.execute(f"SELECT 1 FROM inodes i WHERE i.ino=?{self.LOCK_UPDATE}", (ino,)).fetchone() is None:
+                    continue
+                current = [Extent(*db.execute("SELECT off, chunk, chunk_off, length FROM extents WHERE ino=? AND off=?",
+                                              (ino, e.off)).fetchone() or (None, None, None, None)) for e in old]
+                if current != old:
+                    continue
+                db.executemany("DELETE FROM extents WHERE ino=? AND off=?", [(ino, e.off) for e in old])
+                db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", [(ino, e.off, e.chunk, e.chunk_off, e.length) for e in new])
+                for e in old:
+                    live[e.chunk] = live.get(e.chunk, 0) - e.length
+                for e in new:
+                    live[e.chunk] = live.get(e.chunk, 0) + e.length
+                swapped += 1
+            self._apply_live(db, live)
+        return swapped
+
+    @retrying
+    def drop_chunks(self, chunks: Iterable[int]) -> list[BlockRecord]:
+        """Forget chunks no file references; return their blocks so the caller can delete them."""
+        ids = sorted(set(chunks))
+        blocks = [b for recs in self.blocks_of(ids).values() for b in recs]
+        with self._write() as db:
+            for part in _batches(ids, 500):
+                marks = ",".join("?" * len(part))
+                if db.execute(f"SELECT 1 FROM extents WHERE chunk IN ({marks}) LIMIT 1", part).fetchone():
+                    raise RuntimeError("a chunk to drop is referenced again; run gc once more")
+                for table in ("block_copies", "blocks"):
+                    db.execute(f"DELETE FROM {table} WHERE chunk IN ({marks})", part)
+                db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
+        return blocks
+
+    @retrying
+    def volume_uuid(self) -> str:
+        """A random id of this volume, made once: names the volume's entries in shared caches."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
+        if row is None:
+            with self._write() as db:
+                db.execute("INSERT INTO meta VALUES('volume_uuid', ?) ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
+                row = db.execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
+        return str(row[0])
+
+    @retrying
+    def count_inodes(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT count(*) FROM inodes").fetchone()[0])
+
+    # -- whole-table access (migrate-meta) --------------------------------------------------
+
+    def table_rows(self, table: str, batch: int = 10_000) -> Iterator[list[tuple]]:
+        """Every row of a metadata table, in batches, in one consistent snapshot."""
+        if table not in TABLES:
+            raise ValueError(f"unknown metadata table {table!r}")
+        with self.snapshot(), self._read() as db:
+            cur = db.execute(f"SELECT * FROM {table}")
+            while rows := cur.fetchmany(batch):
+                yield [tuple(r) for r in rows]
+
+    def is_empty(self) -> bool:
+        """Whether the store holds nothing but an empty root (a fresh volume)."""
+        with self._read() as db:
+            return (db.execute("SELECT count(*) FROM inodes").fetchone()[0] <= 1
+                    and db.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0)
+
+    def load_tables(self, tables: Iterable[tuple[str, list[tuple]]]) -> None:
+        """Replace the whole contents with the given rows, in one transaction (migrate-meta)."""
+        with self._write() as db:
+            for table in reversed(TABLES):
+                db.execute(f"DELETE FROM {table}")
+            for table, rows in tables:
+                if rows:
+                    marks = ",".join("?" * len(rows[0]))
+                    db.executemany(f"INSERT INTO {table} VALUES({marks})", rows)
+            self._after_explicit_ids(db)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def mode_bits(node: Inode) -> int:
+    """st_mode of an inode: type bits plus permission bits."""
+    return _S_IFMT[node.kind] | node.mode
+
+
+class SqliteMeta(SqlMeta):
+    """Metadata of one volume in an SQLite file (WAL, synchronous=FULL); safe for many threads
+    and processes on one host. Writers are serialised by BEGIN IMMEDIATE."""
+
+    DDL_TYPES = {"serial": "INTEGER PRIMARY KEY", "serial_once": "INTEGER PRIMARY KEY AUTOINCREMENT",
+                 "int": "INTEGER", "blob": "BLOB", "name": "TEXT", "no_rowid": " WITHOUT ROWID"}
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
+        self.url = f"sqlite://{path}"
         if not create and not os.path.exists(path):
             raise ConfigError(f"metadata file {path} does not exist (was the volume initialised here?)")
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         with self._write() as db:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise ConfigError(f"metadata {path} has schema version {row[0]}, newer than this balefs ({SCHEMA_VERSION}): upgrade balefs")
-            if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT,)).fetchone() is None:
-                now = time.time_ns()
-                db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                           (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None))
-
-    # -- connections and transactions -------------------------------------------------
+            self._migrate(db, create=True)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -151,6 +828,10 @@ class SqliteMeta:
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        yield self._conn()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -179,6 +860,9 @@ class SqliteMeta:
             if db.in_transaction:
                 db.execute("COMMIT")
 
+    def _table_exists(self, db: Db, table: str) -> bool:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
+
     def close(self) -> None:
         with self._conns_lock:
             for conn in self._conns:
@@ -189,458 +873,21 @@ class SqliteMeta:
             self._conns.clear()
         self._local = threading.local()
 
-    # -- nodes and chunks ----------------------------------------------------------------
 
-    def register_nodes(self, urls: Iterable[str]) -> dict[str, int]:
-        """Ensure every node URL has an id; return url -> id for all known nodes."""
-        with self._write() as db:
-            for url in urls:
-                db.execute("INSERT OR IGNORE INTO nodes(url) VALUES(?)", (url,))
-            return {url: nid for nid, url in db.execute("SELECT id, url FROM nodes")}
-
-    def nodes(self) -> dict[int, str]:
-        return {nid: url for nid, url in self._conn().execute("SELECT id, url FROM nodes ORDER BY id")}
-
-    def new_chunk(self, writer: str) -> int:
-        """Allocate a chunk id for one writer; ids never collide across processes."""
-        with self._write() as db:
-            cur = db.execute("INSERT INTO chunks(writer, state, created_ns) VALUES(?, 'open', ?)", (writer, time.time_ns()))
-            return int(cur.lastrowid)
-
-    def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
-        """Committed blocks of each chunk, ordered by index, with the nodes holding them."""
-        ids = sorted(set(chunks))
-        out: dict[int, list[BlockRecord]] = {c: [] for c in ids}
-        db = self._conn()
-        with self.snapshot():  # a block and its copies are committed together: read them together
-            for part in _batches(ids, 500):
-                marks = ",".join("?" * len(part))
-                copies: dict[tuple[int, int], list[int]] = {}
-                for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) ORDER BY chunk, idx, rank", part):
-                    copies.setdefault((c, i), []).append(n)
-                for c, i, off, length, stored in db.execute(
-                        f"SELECT chunk, idx, off, length, stored FROM blocks WHERE chunk IN ({marks}) ORDER BY chunk, idx", part):
-                    out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ()))))
-        return out
-
-    # -- reads ---------------------------------------------------------------------------
-
-    def getattr(self, ino: int) -> Inode | None:
-        row = self._conn().execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
-        return Inode(*row) if row else None
-
-    def lookup(self, parent: int, name: str) -> Inode | None:
-        row = self._conn().execute(
-            f"SELECT i.{_INODE_COLS.replace(', ', ', i.')} FROM dentries d JOIN inodes i ON i.ino=d.ino "
-            "WHERE d.parent=? AND d.name=?", (parent, name)).fetchone()
-        return Inode(*row) if row else None
-
-    def lookup_many(self, parent: int, names: list[str]) -> dict[str, Inode]:
-        """Look up many names in one directory with a few queries."""
-        out: dict[str, Inode] = {}
-        db = self._conn()
-        cols = "i." + _INODE_COLS.replace(", ", ", i.")
-        for part in _batches(sorted(set(names)), 500):
-            marks = ",".join("?" * len(part))
-            for row in db.execute(f"SELECT d.name, {cols} FROM dentries d JOIN inodes i ON i.ino=d.ino "
-                                  f"WHERE d.parent=? AND d.name IN ({marks})", (parent, *part)):
-                out[row[0]] = Inode(*row[1:])
-        return out
-
-    def lookup_files(self, parent: int, names: list[str]) -> dict[str, tuple[Inode, list[Extent]]]:
-        """Look up many names in one directory together with their extents: the batched read path."""
-        out: dict[str, tuple[Inode, list[Extent]]] = {}
-        db = self._conn()
-        cols = "i." + _INODE_COLS.replace(", ", ", i.")
-        for part in _batches(sorted(set(names)), 500):
-            marks = ",".join("?" * len(part))
-            for row in db.execute(f"SELECT d.name, {cols}, e.off, e.chunk, e.chunk_off, e.length FROM dentries d "
-                                  f"JOIN inodes i ON i.ino=d.ino LEFT JOIN extents e ON e.ino=i.ino "
-                                  f"WHERE d.parent=? AND d.name IN ({marks}) ORDER BY d.name, e.off", (parent, *part)):
-                hit = out.get(row[0])
-                if hit is None:
-                    hit = out[row[0]] = (Inode(*row[1:13]), [])
-                if row[14] is not None:
-                    hit[1].append(Extent(*row[13:]))
-        return out
-
-    def resolve(self, path: str, db: sqlite3.Connection | None = None) -> Inode:
-        """Walk `path` from the root; raise FileNotFoundError / NotADirectoryError."""
-        db = db or self._conn()
-        node = Inode(*db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ROOT,)).fetchone())
-        for name in split_path(path):
-            if node.kind != "d":
-                raise _oserror(errno.ENOTDIR, path)
-            row = db.execute(f"SELECT i.{_INODE_COLS.replace(', ', ', i.')} FROM dentries d JOIN inodes i ON i.ino=d.ino "
-                             "WHERE d.parent=? AND d.name=?", (node.ino, name)).fetchone()
-            if row is None:
-                raise _oserror(errno.ENOENT, path)
-            node = Inode(*row)
-        return node
-
-    def listdir(self, ino: int) -> list[tuple[str, Inode]]:
-        cols = "i." + _INODE_COLS.replace(", ", ", i.")
-        rows = self._conn().execute(f"SELECT d.name, {cols} FROM dentries d JOIN inodes i ON i.ino=d.ino "
-                                    "WHERE d.parent=? ORDER BY d.name", (ino,))
-        return [(r[0], Inode(*r[1:])) for r in rows]
-
-    def extents_of(self, inos: Iterable[int]) -> dict[int, list[Extent]]:
-        ids = sorted(set(inos))
-        out: dict[int, list[Extent]] = {i: [] for i in ids}
-        db = self._conn()
-        for part in _batches(ids, 500):
-            marks = ",".join("?" * len(part))
-            for ino, off, chunk, coff, length in db.execute(
-                    f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE ino IN ({marks}) ORDER BY ino, off", part):
-                out[ino].append(Extent(off, chunk, coff, length))
-        return out
-
-    def walk(self, ino: int) -> Iterator[tuple[str, Inode]]:
-        """Every entry below directory `ino` as (relative path, inode), depth first, sorted."""
-        for name, child in self.listdir(ino):
-            yield name, child
-            if child.kind == "d":
-                for sub, grand in self.walk(child.ino):
-                    yield f"{name}/{sub}", grand
-
-    def getxattr(self, ino: int, name: str) -> bytes | None:
-        row = self._conn().execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def listxattr(self, ino: int) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]
-
-    # -- writes --------------------------------------------------------------------------
-
-    def _alloc_inode(self, db: sqlite3.Connection, kind: str, mode: int, size: int = 0, mtime_ns: int | None = None,
-                     target: str | None = None, hash: str | None = None) -> int:
-        now = time.time_ns()
-        cur = db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?)",
-                         (kind, mode & 0o7777, os.getuid(), os.getgid(), size, mtime_ns or now, now, now,
-                          2 if kind == "d" else 1, target, hash))
-        return int(cur.lastrowid)
-
-    def _parent_of(self, db: sqlite3.Connection, path: str, create: bool, cache: dict[str, int] | None = None) -> tuple[int, str]:
-        """Return (parent inode, name) for `path`, creating missing parent dirs if `create`."""
-        parts = split_path(path)
-        if not parts:
-            raise _oserror(errno.EEXIST, path)
-        ino, walked = ROOT, ""
-        for name in parts[:-1]:
-            walked = f"{walked}/{name}" if walked else name
-            if cache is not None and walked in cache:
-                ino = cache[walked]
-                continue
-            row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
-                             (ino, name)).fetchone()
-            if row is None:
-                if not create:
-                    raise _oserror(errno.ENOENT, path)
-                child = self._alloc_inode(db, "d", 0o755)
-                db.execute("INSERT INTO dentries VALUES(?,?,?)", (ino, name, child))
-                ino = child
-            elif row[1] != "d":
-                raise _oserror(errno.ENOTDIR, path)
-            else:
-                ino = row[0]
-            if cache is not None:
-                cache[walked] = ino
-        return ino, parts[-1]
-
-    def _drop_extents(self, db: sqlite3.Connection, ino: int, live: dict[int, int]) -> None:
-        for chunk, length in db.execute("SELECT chunk, length FROM extents WHERE ino=?", (ino,)):
-            live[chunk] = live.get(chunk, 0) - length
-        db.execute("DELETE FROM extents WHERE ino=?", (ino,))
-
-    @staticmethod
-    def _apply_live(db: sqlite3.Connection, live: dict[int, int]) -> None:
-        db.executemany("UPDATE chunks SET live = live + ? WHERE id=?", [(d, c) for c, d in live.items() if d])
-
-    def _unlink_inode(self, db: sqlite3.Connection, ino: int, live: dict[int, int]) -> None:
-        db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino=?", (ino,))
-        if db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0] <= 0:
-            self._drop_extents(db, ino, live)
-            db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
-            db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
-
-    @staticmethod
-    def _record_blocks(db: sqlite3.Connection, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
-        """Book durable blocks, the nodes holding them, and the chunks' sizes (inside a transaction)."""
-        db.executemany("INSERT OR REPLACE INTO blocks VALUES(?,?,?,?,?)",
-                       [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
-        db.executemany("INSERT OR IGNORE INTO block_copies VALUES(?,?,?,?)",
-                       [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
-        for chunk, (size, sealed) in sizes.items():
-            db.execute("UPDATE chunks SET size = max(size, ?), state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?",
-                       (size, sealed, chunk))
-
-    def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]]) -> dict[str, int]:
-        """Record durable blocks and create/replace files in one transaction; return path -> inode."""
-        out: dict[str, int] = {}
-        live: dict[int, int] = {}
-        dirs: dict[str, int] = {}
-        with self._write() as db:
-            self._record_blocks(db, blocks, chunk_sizes)
-            now = time.time_ns()
-            rows: list[tuple[int, int, int, int, int]] = []
-            for fw in files:
-                parent, name = self._parent_of(db, fw.path, create=True, cache=dirs)
-                row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
-                                 (parent, name)).fetchone()
-                if row is not None:
-                    if fw.exclusive:
-                        raise _oserror(errno.EEXIST, fw.path)
-                    if row[1] == "d":
-                        raise _oserror(errno.EISDIR, fw.path)
-                    ino = row[0]
-                    self._drop_extents(db, ino, live)
-                    db.execute("UPDATE inodes SET kind='f', size=?, mtime_ns=?, ctime_ns=?, hash=?, target=NULL WHERE ino=?",
-                               (fw.size, fw.mtime_ns or now, now, fw.hash, ino))
-                else:
-                    ino = self._alloc_inode(db, "f", fw.mode, fw.size, fw.mtime_ns, hash=fw.hash)
-                    db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
-                for e in fw.extents:
-                    rows.append((ino, e.off, e.chunk, e.chunk_off, e.length))
-                    live[e.chunk] = live.get(e.chunk, 0) + e.length
-                out[fw.path] = ino
-            db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", rows)
-            self._apply_live(db, live)
-        return out
-
-    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False) -> int:
-        with self._write() as db:
-            parent, name = self._parent_of(db, path, create=parents)
-            row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
-                             (parent, name)).fetchone()
-            if row is not None:
-                if exist_ok and row[1] == "d":
-                    return int(row[0])
-                raise _oserror(errno.EEXIST, path)
-            ino = self._alloc_inode(db, "d", mode)
-            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
-            return ino
-
-    def symlink(self, path: str, target: str) -> int:
-        with self._write() as db:
-            parent, name = self._parent_of(db, path, create=False)
-            if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
-                raise _oserror(errno.EEXIST, path)
-            ino = self._alloc_inode(db, "l", 0o777, len(target.encode()), target=target)
-            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
-            return ino
-
-    def remove(self, path: str, recursive: bool = False, dir_ok: bool = True) -> int:
-        """Remove a file, an empty directory, or (recursive) a whole tree; return entries removed."""
-        live: dict[int, int] = {}
-        with self._write() as db:
-            parent, name = self._parent_of(db, path, create=False)
-            row = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
-                             (parent, name)).fetchone()
-            if row is None:
-                raise _oserror(errno.ENOENT, path)
-            ino, kind = row
-            removed = 1
-            if kind == "d":
-                if not dir_ok:
-                    raise _oserror(errno.EISDIR, path)
-                has_children = db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)).fetchone()
-                if has_children and not recursive:
-                    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
-                removed += self._remove_children(db, ino, live)
-                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-                db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
-                db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
-            else:
-                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-                self._unlink_inode(db, ino, live)
-            self._apply_live(db, live)
-            return removed
-
-    def _remove_children(self, db: sqlite3.Connection, ino: int, live: dict[int, int]) -> int:
-        count = 0
-        for child, kind in db.execute("SELECT d.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=?",
-                                      (ino,)).fetchall():
-            count += 1
-            if kind == "d":
-                count += self._remove_children(db, child, live)
-                db.execute("DELETE FROM xattrs WHERE ino=?", (child,))
-                db.execute("DELETE FROM inodes WHERE ino=?", (child,))
-            else:
-                self._unlink_inode(db, child, live)
-        db.execute("DELETE FROM dentries WHERE parent=?", (ino,))
-        return count
-
-    def rename(self, src: str, dst: str, replace: bool = True) -> None:
-        """Move src to dst atomically, replacing a file (or an empty directory) at dst like rename(2)."""
-        live: dict[int, int] = {}
-        with self._write() as db:
-            sp, sname = self._parent_of(db, src, create=False)
-            srow = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
-                              (sp, sname)).fetchone()
-            if srow is None:
-                raise _oserror(errno.ENOENT, src)
-            dp, dname = self._parent_of(db, dst, create=True)
-            if srow[1] == "d":
-                walk = dp
-                while walk != ROOT:
-                    if walk == srow[0]:
-                        raise OSError(errno.EINVAL, f"cannot move a directory into itself: {src} -> {dst}", dst)
-                    walk = db.execute("SELECT parent FROM dentries WHERE ino=?", (walk,)).fetchone()[0]
-            drow = db.execute("SELECT i.ino, i.kind FROM dentries d JOIN inodes i ON i.ino=d.ino WHERE d.parent=? AND d.name=?",
-                              (dp, dname)).fetchone()
-            if drow is not None:
-                if drow[0] == srow[0]:
-                    return
-                if not replace:
-                    raise _oserror(errno.EEXIST, dst)
-                if drow[1] == "d":
-                    if srow[1] != "d":
-                        raise _oserror(errno.EISDIR, dst)
-                    if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (drow[0],)).fetchone():
-                        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
-                    db.execute("DELETE FROM inodes WHERE ino=?", (drow[0],))
-                elif srow[1] == "d":
-                    raise _oserror(errno.ENOTDIR, dst)
-                else:
-                    self._unlink_inode(db, drow[0], live)
-                db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (dp, dname))
-            db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?", (dp, dname, sp, sname))
-            db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (time.time_ns(), srow[0]))
-            self._apply_live(db, live)
-
-    def copy_file(self, src: str, dst: str) -> int:
-        """Copy a file by reference: the new inode points at the same chunk bytes."""
-        src_node = self.resolve(src)
-        if src_node.kind == "d":
-            raise _oserror(errno.EISDIR, src)
-        extents = self.extents_of([src_node.ino])[src_node.ino]
-        fw = FileWrite(dst, extents, src_node.size, src_node.hash or "", src_node.mode)
-        return self.commit([], [fw], {})[dst]
-
-    def setattr(self, path: str, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None) -> None:
-        with self._write() as db:
-            node = self.resolve(path, db)
-            db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
-                       "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
-                       (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), node.ino))
-
-    def setxattr(self, ino: int, name: str, value: bytes | None) -> None:
-        """Set (or with None remove) an extended attribute."""
-        with self._write() as db:
-            if value is None:
-                db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name))
-            else:
-                db.execute("INSERT OR REPLACE INTO xattrs VALUES(?,?,?)", (ino, name, value))
-
-    # -- accounting ----------------------------------------------------------------------
-
-    def usage(self) -> dict[str, object]:
-        """Figures for `balefs df`: files, dirs, bytes, chunks, live/dead bytes, blocks per node."""
-        db = self._conn()
-        files, dirs, file_bytes = db.execute(
-            "SELECT sum(kind='f'), sum(kind='d'), coalesce(sum(CASE WHEN kind='f' THEN size END), 0) FROM inodes").fetchone()
-        chunks, chunk_bytes, live = db.execute(
-            "SELECT count(*), coalesce(sum(size),0), coalesce(sum(live),0) FROM chunks WHERE size > 0").fetchone()
-        referenced = db.execute(
-            "SELECT coalesce(sum(b.length),0) FROM blocks b").fetchone()[0]
-        per_node = {nid: (cnt, stored) for nid, cnt, stored in db.execute(
-            "SELECT c.node, count(*), coalesce(sum(b.stored),0) FROM block_copies c "
-            "JOIN blocks b ON b.chunk=c.chunk AND b.idx=c.idx GROUP BY c.node")}
-        return {"files": files or 0, "dirs": (dirs or 1) - 1, "file_bytes": file_bytes, "chunks": chunks,
-                "chunk_bytes": max(chunk_bytes, referenced), "live_bytes": live,
-                "dead_bytes": max(0, chunk_bytes - live), "per_node": per_node}
-
-    def block_keys(self) -> set[tuple[int, int]]:
-        """(chunk, idx) of every committed block."""
-        return set(self._conn().execute("SELECT chunk, idx FROM blocks"))
-
-    def chunk_table(self) -> dict[int, tuple[str, str, int, int, int]]:
-        """id -> (writer, state, size, live bytes, created_ns) of every chunk."""
-        return {r[0]: tuple(r[1:]) for r in self._conn().execute("SELECT id, writer, state, size, live, created_ns FROM chunks")}
-
-    def referenced_chunks(self) -> set[int]:
-        """Chunks that at least one file extent points into."""
-        return {r[0] for r in self._conn().execute("SELECT DISTINCT chunk FROM extents")}
-
-    def extents_in(self, chunks: Iterable[int]) -> dict[int, list[Extent]]:
-        """ino -> the extents of that file that lie in any of `chunks`."""
-        ids = sorted(set(chunks))
-        out: dict[int, list[Extent]] = {}
-        db = self._conn()
-        for part in _batches(ids, 500):
-            marks = ",".join("?" * len(part))
-            for ino, off, chunk, coff, length in db.execute(
-                    f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE chunk IN ({marks}) ORDER BY ino, off", part):
-                out.setdefault(ino, []).append(Extent(off, chunk, coff, length))
-        return out
-
-    def swap_extents(self, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]],
-                     changes: list[tuple[int, list[Extent], list[Extent]]]) -> int:
-        """Point files at rewritten copies of their bytes; a file whose extents changed meanwhile is
-        left as it is. Records the new blocks in the same transaction; returns files swapped."""
-        live: dict[int, int] = {}
-        swapped = 0
-        with self._write() as db:
-            self._record_blocks(db, blocks, sizes)
-            for ino, old, new in changes:
-                current = [Extent(*db.execute("SELECT off, chunk, chunk_off, length FROM extents WHERE ino=? AND off=?",
-                                              (ino, e.off)).fetchone() or (None, None, None, None)) for e in old]
-                if current != old:
-                    continue
-                db.executemany("DELETE FROM extents WHERE ino=? AND off=?", [(ino, e.off) for e in old])
-                db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", [(ino, e.off, e.chunk, e.chunk_off, e.length) for e in new])
-                for e in old:
-                    live[e.chunk] = live.get(e.chunk, 0) - e.length
-                for e in new:
-                    live[e.chunk] = live.get(e.chunk, 0) + e.length
-                swapped += 1
-            self._apply_live(db, live)
-        return swapped
-
-    def drop_chunks(self, chunks: Iterable[int]) -> list[BlockRecord]:
-        """Forget chunks no file references; return their blocks so the caller can delete them."""
-        ids = sorted(set(chunks))
-        blocks = [b for recs in self.blocks_of(ids).values() for b in recs]
-        with self._write() as db:
-            for part in _batches(ids, 500):
-                marks = ",".join("?" * len(part))
-                if db.execute(f"SELECT 1 FROM extents WHERE chunk IN ({marks}) LIMIT 1", part).fetchone():
-                    raise RuntimeError("a chunk to drop is referenced again; run gc once more")
-                for table in ("block_copies", "blocks"):
-                    db.execute(f"DELETE FROM {table} WHERE chunk IN ({marks})", part)
-                db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
-        return blocks
-
-    def volume_uuid(self) -> str:
-        """A random id of this volume, made once: names the volume's entries in shared caches."""
-        row = self._conn().execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
-        if row is None:
-            import uuid
-            with self._write() as db:
-                db.execute("INSERT OR IGNORE INTO meta VALUES('volume_uuid', ?)", (uuid.uuid4().hex,))
-            row = self._conn().execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
-        return str(row[0])
-
-    def count_inodes(self) -> int:
-        return int(self._conn().execute("SELECT count(*) FROM inodes").fetchone()[0])
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def mode_bits(node: Inode) -> int:
-    """st_mode of an inode: type bits plus permission bits."""
-    return _S_IFMT[node.kind] | node.mode
-
-
-def open_meta(url: str, create: bool = False) -> SqliteMeta:
-    """Open the metadata store named by a URL (`sqlite:///path/to/volume.db`)."""
+def open_meta(url: str, create: bool = False) -> SqlMeta:
+    """Open the metadata store named by a URL: `sqlite:///path/to/volume.db` or
+    `postgresql://user:password@host:port/database` (psycopg, imported only then)."""
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if create:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return SqliteMeta(path, create=create)
-    raise ConfigError(f"metadata URL {url!r}: only sqlite:// is supported so far")
+    if is_postgres_url(url):
+        from .meta_pg import PostgresMeta
+
+        return PostgresMeta(url, create=create)
+    raise ConfigError(f"metadata URL {url!r}: use sqlite:///path or postgresql://user@host:port/database")
