@@ -26,6 +26,10 @@ class NodeError(BaleError, OSError):
     """A storage node cannot be used: missing, not writable, unreachable or full."""
 
 
+class NodeUnreachableError(NodeError):
+    """No path of a node answers: it is down or cut off (reads try the other replicas)."""
+
+
 class BlockNotFoundError(NodeError):
     """A block that metadata references is absent from a node."""
 
@@ -41,3 +45,8 @@ class CorruptBlockError(BaleError, OSError):
     def located(self, chunk: int, block: int, node: str) -> "CorruptBlockError":
         """The same error, naming the chunk, block and node it was read from."""
         return CorruptBlockError(self.reason, chunk, block, node)
+
+
+class MetaUnavailableError(BaleError, ConnectionError):
+    """The metadata database cannot be reached (down, restarting, refused the login), or was
+    lost while a change was being committed, so its outcome is unknown."""

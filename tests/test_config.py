@@ -68,7 +68,7 @@ def test_init_writes_readable_config(volume, balefs_home: Path) -> None:
     ('nodes = ["/tmp"]\ncompression = "zstd"\n', "compression"),
     ('nodes = ["/tmp"]\nmeta_cache_ttl = "soon"\n', "meta_cache_ttl"),
     ('nodes = ["/tmp", "/tmp"]\n', "listed twice"),
-    ('nodes = ["s3://bucket"]\n', "unsupported scheme"),
+    ('nodes = ["ftp://bucket"]\n', "unsupported scheme"),
 ])
 def test_malformed_config_is_config_error_naming_file(balefs_home: Path, text: str, needle: str) -> None:
     path = write_config(balefs_home, "bad", text)

@@ -200,8 +200,8 @@ def test_relative_node_path_made_absolute(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_unsupported_node_scheme() -> None:
-    with pytest.raises(ConfigError, match="s3"):
-        normalize_node_url("s3://bucket/x")
+    with pytest.raises(ConfigError, match="ftp"):
+        normalize_node_url("ftp://bucket/x")
 
 
 def test_memory_volume_round_trip(open_client) -> None:

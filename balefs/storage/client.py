@@ -6,6 +6,7 @@ knows nothing of any of them. Paths are volume-relative ("a/b/c").
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import xxhash
 
 from .config import VolumeConfig, load_config, save_config, config_path
-from ..errors import NodeError, VolumeExistsError
+from ..errors import NodeError, NodeUnreachableError, VolumeExistsError
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .codec import BlockCodec
@@ -26,6 +27,9 @@ from .node import Node, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .writer import ChunkWriter, parse_block_key
+
+
+log = logging.getLogger(__name__)
 
 
 def _enoent(path: str) -> FileNotFoundError:
@@ -131,7 +135,10 @@ class Client:
         ids = self.meta.register_nodes(cfg.nodes)
         self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in self.meta.nodes().items()}
         for url in cfg.nodes:
-            self.nodes[ids[url]].check(writable=False)
+            try:
+                self.nodes[ids[url]].check(writable=False)
+            except NodeUnreachableError as exc:  # down now: reads use the other replicas, writes the other nodes
+                log.warning("opening volume %s: %s", cfg.name, exc)
         self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
         self.codec = BlockCodec(cfg.compression)
         self.cache = BlockCache(cfg.cache_size)
@@ -177,6 +184,9 @@ class Client:
         if self._writer is not None:
             self._writer.close()
         self._pool.shutdown(wait=True)
+        self.reader.close()
+        for node in self.nodes.values():
+            getattr(node, "close", lambda: None)()
         if self.disk_cache is not None:
             self.disk_cache.close()
         self.meta.close()
@@ -322,9 +332,13 @@ class Client:
             with self._writer_lock:
                 if self._writer is None:
                     for nid in self.placement.node_ids:
-                        self.nodes[nid].check(writable=True)
+                        try:
+                            self.nodes[nid].check(writable=True)
+                        except NodeUnreachableError as exc:  # blocks go to the next nodes of their ring
+                            log.warning("volume %s: %s", self.cfg.name, exc)
                     self._writer = ChunkWriter(self.meta.new_chunk, self.nodes, self.placement, self.codec,
-                                               self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight)
+                                               self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight,
+                                               self.cfg.write_quorum)
         return self._writer
 
     def open_write(self, path: str, append: bool = False, exclusive: bool = False, mode: int = 0o644,

@@ -59,6 +59,7 @@ class VolumeConfig:
     chunk_size: int = 64 << 20
     block_size: int = 4 << 20
     replicas: int = 1
+    write_quorum: int = 0  # copies of a block that must be stored before it counts as durable; 0: all `replicas`
     compression: str = "none"
     cache_size: int = 1 << 30
     meta_cache_ttl: float = 1.0
@@ -89,10 +90,12 @@ class VolumeConfig:
             raise ConfigError(f"block_size {self.block_size} must lie between 4 KiB and 1 GiB")
         if self.chunk_size < self.block_size or self.chunk_size % self.block_size:
             raise ConfigError(f"chunk_size {self.chunk_size} must be a multiple of block_size {self.block_size}")
-        for key in ("replicas", "readahead_blocks", "io_threads", "upload_inflight"):
+        for key in ("replicas", "write_quorum", "readahead_blocks", "io_threads", "upload_inflight"):
             setattr(self, key, _whole(getattr(self, key), key))
         if not 1 <= self.replicas <= len(self.nodes):
             raise ConfigError(f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
+        if not 0 <= self.write_quorum <= self.replicas:
+            raise ConfigError(f"write_quorum={self.write_quorum} must lie between 1 and replicas={self.replicas} (0: all replicas)")
         if self.compression not in ("none", "lz4"):
             raise ConfigError(f"compression {self.compression!r}: use 'none' or 'lz4'")
         if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):

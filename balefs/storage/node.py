@@ -188,12 +188,27 @@ def normalize_node_url(url: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
     if parsed.scheme == "memory":
         return url
-    raise ConfigError(f"node {url!r}: unsupported scheme {parsed.scheme!r} (use a directory, file:// or memory://)")
+    if parsed.scheme == "s3":
+        from .s3node import normalize_s3_url
+        return normalize_s3_url(url)
+    raise ConfigError(f"node {url!r}: unsupported scheme {parsed.scheme!r} (use a directory, file://, s3:// or memory://)")
 
 
 def open_node(url: str) -> Node:
-    """Return the node for a URL (`/path`, `file:///path`, `memory://name`)."""
+    """Return the node for a URL (`/path`, `file:///path`, `s3://bucket/prefix?endpoint=...`, `memory://name`)."""
     url = normalize_node_url(url)
     if url.startswith("memory://"):
         return MemoryNode(url)
+    if url.startswith("s3://"):
+        try:
+            from .s3node import S3Node
+        except ImportError as exc:  # boto3 is an extra
+            raise ConfigError(f"node {url}: S3 nodes need boto3 (pip install 'balefs[s3]'): {exc}") from None
+        return S3Node(url)
     return LocalNode(url)
+
+
+def node_is_up(node: Node) -> bool:
+    """Whether a node is believed reachable (nodes without paths always are)."""
+    is_up = getattr(node, "is_up", None)
+    return True if is_up is None else bool(is_up())

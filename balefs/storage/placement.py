@@ -28,8 +28,13 @@ class Placement:
         if not 1 <= self.replicas <= len(self.node_ids):
             raise ConfigError(f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.node_ids)})")
 
-    def nodes_for(self, chunk: int, block: int) -> tuple[int, ...]:
-        """Return the ids of the nodes that hold `block` of `chunk`, primary first."""
+    def ring(self, chunk: int, block: int) -> tuple[int, ...]:
+        """Every node id in the order `block` of `chunk` prefers them: the first R hold its copies,
+        the rest stand in (in this order) for a copy whose node cannot take it."""
         n = len(self.node_ids)
         start = xxhash.xxh3_64_intdigest(chunk.to_bytes(8, "little")) % n
-        return tuple(self.node_ids[(start + block + r) % n] for r in range(self.replicas))
+        return tuple(self.node_ids[(start + block + r) % n] for r in range(n))
+
+    def nodes_for(self, chunk: int, block: int) -> tuple[int, ...]:
+        """Return the ids of the nodes that hold `block` of `chunk`, primary first."""
+        return self.ring(chunk, block)[:self.replicas]

@@ -3,20 +3,30 @@
 Many reads are planned together: the blocks they need are deduplicated, fetched in
 parallel (one request per block, however many files it holds) and then sliced, so a
 batch of ten thousand small files costs a few dozen block reads.
+
+Remote nodes: replicas known to be up are read first; a read far slower than that node
+usually is (hedge_factor times its typical latency) is raced against the next replica, or
+against another path of the same node when the block has one copy; a copy that comes back
+corrupt or missing is rewritten from the good one (repair). A block missing from every node
+its cached map names (moved meanwhile by rebalance or drain) is looked up again.
 """
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Sequence
 
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
 from .meta import BlockRecord, Extent
-from .node import Node
+from .node import Node, node_is_up
 from .writer import block_key
+
+log = logging.getLogger(__name__)
 
 Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's raw bytes
 
@@ -25,6 +35,9 @@ class BlockReader:
     """Fetches, verifies and caches blocks; assembles byte ranges of files from them."""
 
     disk_cache = None  # an optional DiskBlockCache: the tier between memory and the nodes
+    hedge_factor = 4.0  # a remote read slower than this many times the node's typical latency is raced
+    hedge_min = 0.05  # seconds: never hedge sooner than this
+    hedge_initial = 0.5  # seconds: the hedge delay before a node's latency is known
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, wave_bytes: int = 512 << 20) -> None:
@@ -36,6 +49,10 @@ class BlockReader:
         self._maps: dict[int, tuple[list[int], list[BlockRecord]]] = {}
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
+        self._latency: dict[int, float] = {}  # node id -> EWMA seconds of a block read
+        self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
+        self.hedged = 0  # reads raced against another replica or path
+        self.repaired = 0  # bad copies rewritten from a good one
 
     # -- block maps ----------------------------------------------------------------------
 
@@ -120,35 +137,143 @@ class BlockReader:
             if data is not None:
                 self.cache.put((rec.chunk, rec.idx), data)
                 return data
+        try:
+            data = self._from_nodes(rec)
+        except BlockNotFoundError:
+            # Copies may have moved (rebalance, drain) since this map was loaded: look again once.
+            fresh = self._fresh_record(rec)
+            if fresh is None or fresh.nodes == rec.nodes:
+                raise
+            data = self._from_nodes(fresh)
+        self.cache.put((rec.chunk, rec.idx), data)
+        if disk is not None:
+            disk.put((rec.chunk, rec.idx), data)
+        return data
+
+    def _fresh_record(self, rec: BlockRecord) -> BlockRecord | None:
+        self.load_maps([rec.chunk], refresh=True)
+        offs, recs = self._maps.get(rec.chunk, ([], []))
+        return next((r for r in recs if r.idx == rec.idx), None)
+
+    def _from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
+        """The verified raw bytes of a block from the first replica that serves them; repair bad copies."""
         key = block_key(rec.chunk, rec.idx)
+        up = [n for n in rec.nodes if n in self._nodes and node_is_up(self._nodes[n])]
+        order = up + [n for n in rec.nodes if n not in up]
         errors: list[Exception] = []
-        for nid in rec.nodes:
-            node = self._nodes.get(nid)
-            if node is None:
-                errors.append(NodeError(f"chunk {rec.chunk} block {rec.idx}: node id {nid} is not in this volume"))
-                continue
+        bad: list[int] = []
+        remote = any(hasattr(self._nodes.get(n), "paths") for n in order)
+        got = self._race(rec, key, order, errors, bad) if remote else self._in_turn(rec, key, order, errors, bad)
+        if got is None:
+            if not errors:
+                raise NodeError(f"chunk {rec.chunk} block {rec.idx}: no node holds it")
+            # A block missing everywhere says so; otherwise the most telling error (corrupt, down) wins.
+            if all(isinstance(e, BlockNotFoundError) for e in errors):
+                raise errors[0]
+            raise next(e for e in errors if not isinstance(e, BlockNotFoundError))
+        raw, blob = got
+        if bad:
+            self._repair(rec, key, blob, bad)
+        return raw  # a view into the node's buffer: no copy of the block
+
+    def _read_copy(self, rec: BlockRecord, key: str, nid: int) -> tuple[bytes | memoryview, bytes]:
+        """(raw bytes, stored blob) of one copy, verified; raises what went wrong."""
+        node = self._nodes.get(nid)
+        if node is None:
+            raise NodeError(f"chunk {rec.chunk} block {rec.idx}: node id {nid} is not in this volume")
+        started = time.monotonic()
+        blob = node.get(key)
+        took = time.monotonic() - started
+        old = self._latency.get(nid)
+        self._latency[nid] = took if old is None else 0.8 * old + 0.2 * took
+        try:
+            raw = BlockCodec.decode(blob)
+        except CorruptBlockError as exc:
+            raise exc.located(rec.chunk, rec.idx, node.url) from None
+        if len(raw) != rec.length:
+            raise CorruptBlockError(f"holds {len(raw)} bytes, metadata says {rec.length}", rec.chunk, rec.idx, node.url)
+        return raw, blob
+
+    @staticmethod
+    def _book(nid: int, exc: Exception, errors: list[Exception], bad: list[int]) -> None:
+        if not isinstance(exc, (CorruptBlockError, NodeError)):
+            raise exc
+        errors.append(exc)
+        if isinstance(exc, (CorruptBlockError, BlockNotFoundError)):
+            bad.append(nid)
+
+    def _in_turn(self, rec: BlockRecord, key: str, order: list[int], errors: list[Exception], bad: list[int]):
+        """Local nodes: try the copies one after the other in this thread."""
+        for nid in order:
             try:
-                raw = BlockCodec.decode(node.get(key))
-            except CorruptBlockError as exc:
-                errors.append(exc.located(rec.chunk, rec.idx, node.url))
+                return self._read_copy(rec, key, nid)
+            except Exception as exc:  # noqa: BLE001 - booked
+                self._book(nid, exc, errors, bad)
+        return None
+
+    def _race(self, rec: BlockRecord, key: str, order: list[int], errors: list[Exception], bad: list[int]):
+        """Remote nodes: read the first copy; when it is far slower than usual, race the next copy
+        (or, for a single copy, another path of its node); on failure go on to the next copy."""
+        if self._node_pool is None:
+            with self._lock:
+                if self._node_pool is None:
+                    self._node_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bale-node")
+        pool = self._node_pool
+        queue = list(order[1:])
+        paths = getattr(self._nodes.get(order[0]), "paths", None) if order else None
+        spare = [order[0]] if len(order) == 1 and paths is not None and len(paths.paths) > 1 else []
+        pending: dict[Future, int] = {}
+
+        def launch(nid: int) -> None:
+            pending[pool.submit(self._read_copy, rec, key, nid)] = nid
+
+        if order:
+            launch(order[0])
+        while pending:
+            timeout = None
+            if queue or spare:
+                timeout = max(self.hedge_min, min(self.hedge_factor * self._latency.get(n, self.hedge_initial / self.hedge_factor)
+                                                  for n in pending.values()))
+            done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            if not done:
+                self.hedged += 1
+                launch(queue.pop(0) if queue else spare.pop(0))
                 continue
-            except (BlockNotFoundError, NodeError) as exc:
-                errors.append(exc)
+            for fut in done:
+                nid = pending.pop(fut)
+                try:
+                    return fut.result()
+                except Exception as exc:  # noqa: BLE001 - booked
+                    self._book(nid, exc, errors, bad)
+            if not pending and queue:
+                launch(queue.pop(0))
+        return None
+
+    def _repair(self, rec: BlockRecord, key: str, blob: bytes, bad: list[int]) -> None:
+        """Rewrite the copies that came back corrupt or missing from the good one, before the read returns."""
+        for nid in dict.fromkeys(bad):
+            node = self._nodes.get(nid)
+            if node is None or not node_is_up(node):
                 continue
-            if len(raw) != rec.length:
-                errors.append(CorruptBlockError(f"holds {len(raw)} bytes, metadata says {rec.length}", rec.chunk, rec.idx, node.url))
-                continue
-            data = raw  # a view into the node's buffer: no copy of the block
-            self.cache.put((rec.chunk, rec.idx), data)
-            if disk is not None:
-                disk.put((rec.chunk, rec.idx), data)
-            return data
-        if not errors:
-            raise NodeError(f"chunk {rec.chunk} block {rec.idx}: no node holds it")
-        raise errors[0]
+
+            def put(node=node) -> None:
+                try:
+                    node.put(key, blob)
+                    with self._lock:
+                        self.repaired += 1
+                    log.warning("repaired chunk %d block %d on node %s", rec.chunk, rec.idx, node.url)
+                except Exception as exc:  # noqa: BLE001 - the copy stays bad; fsck or the next read retries
+                    log.warning("could not repair chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)
+
+            put()
 
     def get(self, rec: BlockRecord) -> bytes:
         return self.fetch(rec).result()
+
+    def close(self) -> None:
+        """Stop the remote-read threads (reads abandoned by a hedge finish in the background)."""
+        if self._node_pool is not None:
+            self._node_pool.shutdown(wait=False, cancel_futures=True)
 
     def prefetch(self, recs: Iterable[BlockRecord]) -> None:
         for rec in recs:

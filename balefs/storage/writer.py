@@ -5,6 +5,12 @@ share a chunk) and cut into blocks; each full block is encoded and uploaded to i
 in the background with many blocks in flight. The writer reports, per chunk, how far the
 bytes are durable, so the client can commit exactly the files whose bytes are all safe.
 A failed upload poisons the generation of files that had bytes in flight, never a later one.
+
+Replicas: with R >= 2 the R copies of a block are written in parallel to the first R nodes
+of its placement ring that are up; a copy whose node fails goes to the next node of the ring
+(with R = 1 a block's node is fixed and its failure fails the write). A
+block is durable (and booked with the nodes that really hold it) once `write_quorum`
+copies are stored (default: all R); with fewer the upload fails and nothing of it is committed.
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
+from ..errors import NodeError
 from .codec import BlockCodec
 from .meta import BlockRecord
-from .node import Node
+from .node import Node, node_is_up
 from .placement import Placement
 
 
@@ -37,7 +44,8 @@ class ChunkWriter:
     """Appends bytes into chunks, uploads blocks in the background, tracks what is durable."""
 
     def __init__(self, new_chunk: Callable[[str], int], nodes: dict[int, Node], placement: Placement,
-                 codec: BlockCodec, chunk_size: int, block_size: int, inflight: int = 32) -> None:
+                 codec: BlockCodec, chunk_size: int, block_size: int, inflight: int = 32,
+                 write_quorum: int = 0) -> None:
         self._new_chunk = new_chunk
         self._nodes = nodes
         self._placement = placement
@@ -46,6 +54,9 @@ class ChunkWriter:
         self.block_size = block_size
         self.writer_id = f"{socket.gethostname()}:{os.getpid()}"
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)), thread_name_prefix="bale-upload")
+        self.write_quorum = write_quorum or placement.replicas
+        self._copies = (ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)) * (placement.replicas - 1),
+                                           thread_name_prefix="bale-replica") if placement.replicas > 1 else None)
         self._slots = threading.BoundedSemaphore(inflight)
         self._lock = threading.RLock()  # re-entered when a finished future's callback runs inside submit
         self._chunk: int | None = None
@@ -119,10 +130,7 @@ class ChunkWriter:
         """Encode and store one block on its nodes; book the result before the future completes."""
         try:
             blob = self._codec.encode(raw)
-            node_ids = self._placement.nodes_for(chunk, idx)
-            key = block_key(chunk, idx)
-            for nid in node_ids:
-                self._nodes[nid].put(key, blob)
+            node_ids = self._store(chunk, idx, blob)
             rec = BlockRecord(chunk, idx, off, len(raw), len(blob), node_ids)
         except BaseException as exc:
             with self._lock:
@@ -146,6 +154,49 @@ class ChunkWriter:
                 nxt += 1
             self._next_idx[chunk] = nxt
         return rec
+
+    def _store(self, chunk: int, idx: int, blob: bytes) -> tuple[int, ...]:
+        """Put the copies of a block; return the ids of the nodes holding them, in ring order."""
+        key = block_key(chunk, idx)
+        ring = self._placement.ring(chunk, idx)
+        want = self._placement.replicas
+        if want == 1:
+            ring = ring[:1]  # no replicas asked for: a block's node is fixed, its failure fails the write
+        up = [n for n in ring if node_is_up(self._nodes[n])]
+        order = up + [n for n in ring if n not in up]  # nodes known to be down stand in last
+        targets, spares = order[:want], order[want:]
+        stored: list[int] = []
+        errors: list[BaseException] = []
+        while targets:
+            failed = 0
+            for nid, exc in self._put_copies(targets, key, blob):
+                if exc is None:
+                    stored.append(nid)
+                else:
+                    errors.append(exc)
+                    failed += 1
+            targets, spares = spares[:failed], spares[failed:]
+        if len(stored) < self.write_quorum:
+            why = "; ".join(str(e) for e in errors[:3])
+            raise NodeError(f"chunk {chunk} block {idx}: only {len(stored)} of {want} copies stored, "
+                            f"write quorum is {self.write_quorum}: {why}")
+        return tuple(sorted(stored, key=ring.index))
+
+    def _put_copies(self, nids: list[int], key: str, blob: bytes) -> list[tuple[int, BaseException | None]]:
+        """Put one block on several nodes at once; (node id, error or None) for each."""
+
+        def put(nid: int) -> BaseException | None:
+            try:
+                self._nodes[nid].put(key, blob)
+            except Exception as exc:  # noqa: BLE001 - the caller counts copies
+                return exc
+            return None
+
+        if len(nids) == 1 or self._copies is None:
+            return [(nid, put(nid)) for nid in nids]
+        others = [self._copies.submit(put, nid) for nid in nids[1:]]
+        first = put(nids[0])
+        return [(nids[0], first)] + [(nid, f.result()) for nid, f in zip(nids[1:], others)]
 
     def _retire(self, fut: Future) -> None:
         with self._lock:
@@ -188,4 +239,6 @@ class ChunkWriter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._copies is not None:
+            self._copies.shutdown(wait=True)
 
