@@ -123,12 +123,12 @@ class PathSet(Generic[Target]):
         return any(p.up for p in self.paths)
 
     def pick(self, exclude: tuple[NodePath, ...] = ()) -> NodePath[Target] | None:
-        """The up path with the fewest requests in flight (then the lowest latency); None if all are down."""
+        """The up path with the fewest requests in flight (ties: the fewest requests so far); None if all are down."""
         best = None
         for p in self.paths:
             if not p.up or p in exclude:
                 continue
-            if best is None or (p.outstanding, p.latency or 0.0) < (best.outstanding, best.latency or 0.0):
+            if best is None or (p.outstanding, p.requests) < (best.outstanding, best.requests):
                 best = p
         if best is None and exclude:
             return self.pick()

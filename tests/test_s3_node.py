@@ -1,0 +1,293 @@
+"""S3 nodes on a moto server over loopback: the node interface, paths, throttling, bad buckets and
+credentials, replicas (corrupt copy repaired, node down at open, node dying mid-write), hedged reads."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from remote_support import free_port, make_bucket, s3_url, set_credentials
+
+from balefs.errors import BlockNotFoundError, ConfigError, NodeError
+from balefs.storage.client import Client
+from balefs.storage.node import normalize_node_url, open_node
+from balefs.storage.s3node import S3Node
+from balefs.storage.writer import block_key
+
+from helpers import BLOCK, CHUNK, payload, run_cli
+
+pytest.importorskip("moto.server")
+from benchmarks.testbed.proxy import ProxyThread  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server on loopback for this module; its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    set_credentials()
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxies():
+    """Fault proxies on an asyncio thread; each test adds its own."""
+    pt = ProxyThread()
+    yield pt
+    pt.stop()
+
+
+def proxied(proxies: ProxyThread, moto: str, n: int = 1, delay: float = 0.0):
+    """n proxies in front of the moto server: (their endpoint URLs, the proxies)."""
+    port = int(moto.rsplit(":", 1)[1])
+    made = [proxies.add(("127.0.0.1", 0), ("127.0.0.1", port), delay) for _ in range(n)]
+    return [f"http://127.0.0.1:{p.listen[1]}" for p in made], made
+
+
+def fast(url: str) -> str:
+    return url + "&connect_timeout=0.5&read_timeout=2&attempts=4"
+
+
+# -- the node interface ------------------------------------------------------------------
+
+
+def test_s3_node_put_get_range_delete_list(moto) -> None:
+    node = open_node(s3_url(make_bucket(moto), [moto]))
+    assert isinstance(node, S3Node)
+    node.check(writable=True)
+    data = payload(100_000, 1)
+    node.put("000000000001-000000", data)
+    node.put("000000000001-000001", memoryview(b"second"))
+    assert node.get("000000000001-000000") == data
+    assert node.get_range("000000000001-000000", 10, 500) == data[10:500]
+    assert node.get_range("000000000001-000000", 5, 5) == b""
+    assert sorted(node.list()) == [("000000000001-000000", 100_000), ("000000000001-000001", 6)]
+    node.delete("000000000001-000000")
+    node.delete("000000000001-000000")  # a missing key is not an error
+    with pytest.raises(BlockNotFoundError, match="000000000001-000000"):
+        node.get("000000000001-000000")
+    assert [k for k, _ in node.list()] == ["000000000001-000001"]
+    total, free = node.capacity()
+    assert total >= free > 0
+
+
+def test_s3_url_is_checked_and_normalized() -> None:
+    url = normalize_node_url("s3://bkt/a/b/?read_timeout=3&endpoint=http://x:1,http://y:2/")
+    assert url == "s3://bkt/a/b?endpoint=http://x:1,http://y:2&read_timeout=3"
+    for bad, needle in [("s3://bkt/p?endpoint=ftp://x", "http"), ("s3://bkt/p?color=red", "unknown option"),
+                        ("s3://bkt/p?endpoint=http://x,http://x", "twice"), ("s3://bkt/p?read_timeout=-1", "positive"),
+                        ("s3:///p", "BUCKET")]:
+        with pytest.raises(ConfigError, match=needle):
+            normalize_node_url(bad)
+
+
+def test_missing_bucket_is_a_clear_error(moto) -> None:
+    url = s3_url("no-such-bucket-here", [moto])
+    with pytest.raises(NodeError, match="bucket 'no-such-bucket-here' does not exist") as info:
+        open_node(url).check(writable=False)
+    assert "s3://no-such-bucket-here/blocks" in str(info.value)
+    with pytest.raises(NodeError, match="does not exist"):
+        open_node(url).get("000000000001-000000")
+    with pytest.raises(NodeError, match="does not exist"):
+        Client.init("nob", [url])
+
+
+def test_wrong_credentials_are_a_clear_error(tmp_path) -> None:
+    """A server that checks credentials (moto with auth on) rejects unknown keys: the error says so."""
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = open_node(s3_url("any", [f"http://127.0.0.1:{port}"], connect_timeout=1))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                node.check(writable=False)
+            except NodeError as exc:
+                if "credentials" in str(exc):
+                    break
+                if time.monotonic() > deadline:
+                    raise
+                node.paths.paths[0].up = True  # the server is still starting
+                time.sleep(0.2)
+        with pytest.raises(NodeError, match="rejected the credentials.*AWS_ACCESS_KEY_ID"):
+            node.put("000000000001-000000", b"x")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_throttling_backs_off_and_succeeds(moto, proxies) -> None:
+    eps, (p,) = proxied(proxies, moto)
+    node = open_node(s3_url(make_bucket(moto), eps))
+    proxies.set(p, throttle=3)
+    node.put("000000000001-000000", b"abc")
+    assert node.get("000000000001-000000") == b"abc"
+    assert p.state.throttled == 3
+    assert node.paths.paths[0].up and node.paths.paths[0].errors == 0  # throttling is not the path's fault
+    proxies.set(p, throttle=1000)
+    with pytest.raises(NodeError, match="gave up.*SlowDown"):
+        node.get("000000000001-000000")
+    proxies.set(p, mode="normal", throttle=0)
+
+
+# -- paths -------------------------------------------------------------------------------
+
+
+def test_requests_spread_over_paths_and_a_dead_path_is_routed_around(moto, proxies) -> None:
+    eps, (a, b) = proxied(proxies, moto, 2)
+    node = open_node(fast(s3_url(make_bucket(moto), eps)))
+    node.paths.policy.probe_interval = 0.1
+    for i in range(20):
+        node.put(block_key(1, i), b"x" * 100)
+    stats = node.path_stats()
+    assert all(s["requests"] >= 5 for s in stats), stats
+    proxies.set(a, mode="reset")
+    for i in range(20):
+        assert node.get(block_key(1, i)) == b"x" * 100
+    assert [s["up"] for s in node.path_stats()] == [False, True]
+    assert node.is_up()
+    proxies.set(a, mode="normal")
+    deadline = time.monotonic() + 5
+    while not node.paths.paths[0].up and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.paths.paths[0].up, "the prober brings the path back"
+    proxies.set(b, mode="reset")
+    proxies.set(a, mode="reset")
+    with pytest.raises(NodeError):
+        node.get(block_key(1, 0))
+    assert not node.is_up()
+    proxies.set(a, mode="normal")
+    proxies.set(b, mode="normal")
+
+
+def test_slow_path_is_hedged(moto, proxies, open_client) -> None:
+    """One path of a single-copy node turns slow: the read is raced on the other path."""
+    eps, (a, b) = proxied(proxies, moto, 2)
+    Client.init("hedge", [s3_url(make_bucket(moto), eps)], block_size=BLOCK, chunk_size=CHUNK)
+    c = open_client("hedge", cache_size=0)
+    data = payload(8 * BLOCK, 3)
+    c.write_file("f", data)
+    assert c.read_file("f") == data  # learn the usual latency
+    proxies.set(a, delay=1.5)
+    proxies.set(b, delay=0.0)
+    t = time.monotonic()
+    for _ in range(3):
+        assert c.read_file("f") == data
+    assert time.monotonic() - t < 3.0
+    assert c.reader.hedged > 0
+    proxies.set(a, delay=0.0)
+
+
+# -- replicas ----------------------------------------------------------------------------
+
+
+def _replicated(moto, proxies, name: str, nodes: int, **settings):
+    """A volume over `nodes` S3 nodes, each behind its own fault proxy: (node URLs, proxies)."""
+    eps, ps = proxied(proxies, moto, nodes)
+    urls = [fast(s3_url(make_bucket(moto), [e])) for e in eps]
+    settings.setdefault("block_size", BLOCK)
+    settings.setdefault("chunk_size", CHUNK)
+    Client.init(name, urls, **settings)
+    return urls, ps
+
+
+def test_corrupt_copy_is_served_from_replica_and_repaired(moto, proxies, open_client) -> None:
+    urls, _ = _replicated(moto, proxies, "rep", 2, replicas=2)
+    c = open_client("rep", cache_size=0)
+    data = payload(4 * BLOCK, 4)
+    c.write_file("f", data)
+    rec = c.reader.plan(c.open_read("f").extents, 0, 1)[0][0]
+    primary = c.nodes[rec.nodes[0]]
+    key = block_key(rec.chunk, rec.idx)
+    good = primary.get(key)
+    bad = bytearray(good)
+    bad[100] ^= 1
+    primary.put(key, bytes(bad))
+    fresh = open_client("rep", cache_size=0)
+    assert fresh.read_file("f") == data
+    assert fresh.reader.repaired == 1
+    assert primary.get(key) == good
+
+
+def test_node_down_when_volume_is_opened(moto, proxies, open_client) -> None:
+    urls, ps = _replicated(moto, proxies, "down", 3, replicas=2)
+    c = open_client("down")
+    files = {f"d/{i}": payload(BLOCK + 1000 * i, i) for i in range(12)}
+    for p, d in files.items():
+        c.write_file(p, d)
+    proxies.set(ps[1], mode="reset")
+    t = time.monotonic()
+    fresh = open_client("down", cache_size=0)  # opens although a node is down
+    assert not fresh.nodes[fresh.placement.node_ids[1]].is_up()
+    assert fresh.read_ranges([(p, 0, None) for p in files]) == list(files.values())
+    fresh.write_file("new", payload(6 * BLOCK, 99))  # copies go to the two nodes that are up
+    assert time.monotonic() - t < 10
+    proxies.set(ps[1], mode="normal")
+    assert open_client("down", cache_size=0).read_file("new") == payload(6 * BLOCK, 99)
+
+
+def test_node_dying_mid_write_completes_on_the_others(moto, proxies, open_client) -> None:
+    urls, ps = _replicated(moto, proxies, "mid3", 3, replicas=2)
+    c = open_client("mid3")
+    data = payload(40 * BLOCK, 5)
+    fw = c.open_write("big")
+    fw.write(data[:10 * BLOCK])
+    proxies.set(ps[2], mode="reset")
+    fw.write(data[10 * BLOCK:])
+    fw.close()
+    proxies.set(ps[2], mode="normal")
+    fresh = open_client("mid3", cache_size=0)
+    assert fresh.read_file("big") == data
+    for recs in fresh.meta.blocks_of(fresh.meta.referenced_chunks()).values():
+        assert all(len(r.nodes) == 2 for r in recs)  # every block has its two copies
+
+
+def test_node_dying_mid_write_without_enough_nodes_fails_loudly(moto, proxies, open_client) -> None:
+    urls, ps = _replicated(moto, proxies, "mid2", 2, replicas=2)
+    c = open_client("mid2")
+    c.write_file("before", b"b")
+    fw = c.open_write("big")
+    fw.write(payload(10 * BLOCK, 6))
+    proxies.set(ps[1], mode="reset")
+    with pytest.raises(NodeError, match="not committed|copies stored"):
+        fw.write(payload(10 * BLOCK, 7))
+        fw.close()
+    proxies.set(ps[1], mode="normal")
+    fresh = open_client("mid2")
+    with pytest.raises(FileNotFoundError):
+        fresh.stat("big")
+    assert fresh.read_file("before") == b"b"
+
+
+def test_write_quorum_accepts_fewer_copies(moto, proxies, open_client) -> None:
+    urls, ps = _replicated(moto, proxies, "wq", 2, replicas=2, write_quorum=1)
+    c = open_client("wq")
+    proxies.set(ps[1], mode="reset")
+    c.write_file("f", payload(5 * BLOCK, 8))
+    proxies.set(ps[1], mode="normal")
+    fresh = open_client("wq", cache_size=0)
+    assert fresh.read_file("f") == payload(5 * BLOCK, 8)
+    recs = [r for recs in fresh.meta.blocks_of(fresh.meta.referenced_chunks()).values() for r in recs]
+    assert recs and all(len(r.nodes) == 1 for r in recs)  # booked with the one node that holds it
+
+
+def test_cli_init_and_status_with_s3_nodes(moto) -> None:
+    url = s3_url(make_bucket(moto), [moto])
+    r = run_cli("init", "cli3", "--node", url, "--block-size", "64KiB", "--chunk-size", "1MiB")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("status", "cli3")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "up" in out and moto in out
+    r = run_cli("init", "cli4", "--node", s3_url("missing-bucket-x", [moto]))
+    assert r.returncode == 1 and b"does not exist" in r.stderr
