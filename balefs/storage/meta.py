@@ -754,6 +754,31 @@ class SqlMeta:
                 row = db.execute("SELECT value FROM meta WHERE key='volume_uuid'").fetchone()
         return str(row[0])
 
+    # -- block copies (rebalance, drain) ------------------------------------------------
+
+    @retrying
+    def chunks_on(self, node: int) -> list[int]:
+        """Chunks with at least one block copy on node `node`."""
+        with self._read() as db:
+            return [int(r[0]) for r in db.execute("SELECT DISTINCT chunk FROM block_copies WHERE node=? ORDER BY chunk", (node,))]
+
+    @retrying
+    def move_block_copy(self, chunk: int, idx: int, src: int | None, dst: int) -> str:
+        """Record that a block's copy on node `src` now lives on `dst` (src None: an extra copy on dst).
+        Returns 'moved', 'gone' (the block was dropped meanwhile) or 'present' (dst holds it already)."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM blocks WHERE chunk=? AND idx=?", (chunk, idx)).fetchone() is None:
+                return "gone"
+            if db.execute("SELECT 1 FROM block_copies WHERE chunk=? AND idx=? AND node=?", (chunk, idx, dst)).fetchone():
+                return "present"
+            if src is None:
+                rank = db.execute("SELECT coalesce(max(rank), -1) + 1 FROM block_copies WHERE chunk=? AND idx=?",
+                                  (chunk, idx)).fetchone()[0]
+                db.execute("INSERT INTO block_copies VALUES(?,?,?,?)", (chunk, idx, dst, rank))
+                return "moved"
+            cur = db.execute("UPDATE block_copies SET node=? WHERE chunk=? AND idx=? AND node=?", (dst, chunk, idx, src))
+            return "moved" if cur.rowcount == 1 else "gone"
+
     @retrying
     def count_inodes(self) -> int:
         with self._read() as db:
