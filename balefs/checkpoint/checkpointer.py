@@ -12,6 +12,7 @@ retention. A thread, not a process: see benchmarks/RESULTS.md, issue 5, for the 
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,16 @@ def parse_url(url: str) -> tuple[str, str]:
     return volume, path.strip("/")
 
 
+def _lower_priority(nice: int) -> None:
+    """Run this thread (and the upload threads it starts, which inherit it) at a lower CPU priority,
+    so the background write yields the cores to the training loop."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError:
+            pass
+
+
 class _Job:
     """One save on its way: staged rounds flow from the stager to the writer through a queue."""
 
@@ -56,7 +67,7 @@ class Checkpointer:
     """Saves and loads the steps of one run (`bale://VOLUME/run/dir`)."""
 
     def __init__(self, url: str, keep_last: int | None = 3, staging_limit: int | None = None, wait_if_busy: bool = True,
-                 incremental: bool = True, verify: bool = True, client: Client | None = None,
+                 incremental: bool = True, verify: bool = True, writer_nice: int = 10, client: Client | None = None,
                  **storage_options: Any) -> None:
         self.volume, self.run = parse_url(url)
         self.url = url
@@ -65,7 +76,8 @@ class Checkpointer:
         self.client = client or Client.open(self.volume, **storage_options)
         self.staging = StagingBuffer(staging_limit)
         self._lease = RunLease(self.client, self.run)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="bale-ckpt-write")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="bale-ckpt-write", initializer=_lower_priority,
+                                          initargs=(writer_nice,))
         self._stager = ThreadPoolExecutor(1, thread_name_prefix="bale-ckpt-stage")
         self._job: _Job | None = None
         self._lock = threading.Lock()
