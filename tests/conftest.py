@@ -13,6 +13,7 @@ from balefs.storage.client import Client
 from balefs.storage.config import VolumeConfig
 
 from helpers import BLOCK, CHUNK
+from pg_server import meta_engine, pg_server, pg_url  # noqa: F401 - fixtures: a real PostgreSQL for the metadata tests
 
 
 @pytest.fixture(autouse=True)

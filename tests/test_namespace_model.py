@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -129,6 +130,13 @@ ops = st.one_of(
 )
 
 _examples = itertools.count()
+
+
+@pytest.fixture
+def client(make_volume, open_client, meta_engine) -> Client:
+    """The model is checked against each metadata engine (SQLite, a real PostgreSQL)."""
+    make_volume(meta=meta_engine)
+    return open_client("vol")
 
 
 def test_namespace_matches_model(client: Client) -> None:

@@ -22,7 +22,7 @@ from ..errors import NodeError, NodeUnreachableError, VolumeExistsError
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .codec import BlockCodec
-from .meta import ROOT, Extent, FileWrite, Inode, SqliteMeta, open_meta, split_path
+from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
 from .node import Node, open_node
 from .placement import Placement
 from .reader import BlockReader
@@ -129,7 +129,7 @@ class _Ticket:
 class Client:
     """An open volume."""
 
-    def __init__(self, cfg: VolumeConfig, meta: SqliteMeta | None = None) -> None:
+    def __init__(self, cfg: VolumeConfig, meta: SqlMeta | None = None) -> None:
         self.cfg = cfg
         self.meta = meta or open_meta(cfg.meta_url)
         ids = self.meta.register_nodes(cfg.nodes)
@@ -155,6 +155,8 @@ class Client:
         self._queue: list[_Ticket] = []
         self._batch = threading.local()
         self._dirs: dict[str, tuple[Inode, float]] = {}
+        self._attrs: dict[str, tuple[Inode, float]] = {}  # stat of files and links, same TTL
+        self._generation = self.meta.generation()
 
     @classmethod
     def open(cls, name: str, **options: object) -> "Client":
@@ -221,15 +223,36 @@ class Client:
 
     def _invalidate(self) -> None:
         self._dirs.clear()
+        self._attrs.clear()
+
+    def revalidate(self) -> None:
+        """Close-to-open consistency: drop every cached lookup if any client changed an entry
+        since (one read of the metadata's generation counter). Every open calls this, so an
+        open sees each file closed anywhere before it; a stat may be up to meta_cache_ttl old."""
+        if not self._dirs and not self._attrs:
+            return
+        gen = self.meta.generation()
+        if gen != self._generation:
+            self._generation = gen
+            self._invalidate()
 
     def stat(self, path: str) -> Inode:
         """The inode at `path`; FileNotFoundError / NotADirectoryError as POSIX would raise."""
         parent_path, name = _parent(path)
         if not name:
             return self._dir("")
+        key = f"{parent_path}/{name}"
+        hit = self._attrs.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
         node = self.meta.lookup(self._dir(parent_path).ino, name)
         if node is None:
             raise _enoent(path)
+        if self.cfg.meta_cache_ttl > 0:
+            if len(self._attrs) >= 262_144:  # bounded: forgetting only costs a lookup
+                self._attrs.clear()
+            self._attrs[key] = (node, now + self.cfg.meta_cache_ttl)
         return node
 
     def stat_many(self, paths: Iterable[str]) -> dict[str, Inode | OSError]:
@@ -287,6 +310,7 @@ class Client:
 
     def open_read(self, path: str) -> FileReader:
         """A reader of the current version of a file: its inode and extents come from one query."""
+        self.revalidate()
         hit = self._lookup_grouped([path], self.meta.lookup_files, lambda node: (node, []))[path]
         if isinstance(hit, Exception):
             raise hit
@@ -297,6 +321,7 @@ class Client:
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         """Serve many (path, start, end) reads at once: each needed block is fetched once."""
+        self.revalidate()
         found = self._lookup_grouped({p for p, _, _ in requests}, self.meta.lookup_files,
                                      lambda node: (node, []))
         out: list[bytes | Exception] = [b""] * len(requests)
@@ -524,7 +549,7 @@ class Client:
         if node is None or (truncate and node.kind == "f"):
             self.write_file(path, b"")
         else:
-            self.meta.setattr(path, mtime_ns=time.time_ns())
+            self.setattr(path, mtime_ns=time.time_ns())
 
     def setattr(self, path: str, **attrs: int | None) -> None:
         self.meta.setattr(path, **attrs)

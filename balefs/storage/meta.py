@@ -454,6 +454,8 @@ class SqlMeta:
 
     @staticmethod
     def _apply_live(db: Db, live: dict[int, int]) -> None:
+        """Add to chunks' live bytes. Chunk rows are locked after every namespace row, in id order,
+        so that writers and removers never wait on each other in a cycle."""
         db.executemany("UPDATE chunks SET live = live + ? WHERE id=?", [(d, c) for c, d in sorted(live.items()) if d])
 
     @staticmethod
@@ -488,7 +490,6 @@ class SqlMeta:
         dirs: dict[str, int] = {}
         replaced = False
         with self._write() as db:
-            self._record_blocks(db, blocks, chunk_sizes)
             now = time.time_ns()
             rows: list[tuple[int, int, int, int, int]] = []
             for fw in files:
@@ -512,6 +513,7 @@ class SqlMeta:
                     live[e.chunk] = live.get(e.chunk, 0) + e.length
                 out[fw.path] = ino
             db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", rows)
+            self._record_blocks(db, blocks, chunk_sizes)  # chunk rows last: locks in namespace-then-chunks order
             self._apply_live(db, live)
             if replaced:
                 self._bump_generation(db)
@@ -710,7 +712,6 @@ class SqlMeta:
         live: dict[int, int] = {}
         swapped = 0
         with self._write() as db:
-            self._record_blocks(db, blocks, sizes)
             for ino, old, new in changes:
                 if db.execute(f"SELECT 1 FROM inodes i WHERE i.ino=?{self.LOCK_UPDATE}", (ino,)).fetchone() is None:
                     continue
@@ -725,6 +726,7 @@ class SqlMeta:
                 for e in new:
                     live[e.chunk] = live.get(e.chunk, 0) + e.length
                 swapped += 1
+            self._record_blocks(db, blocks, sizes)
             self._apply_live(db, live)
         return swapped
 
