@@ -78,19 +78,23 @@ def main() -> None:
 @main.command()
 @click.argument("name")
 @click.option("--node", "nodes", multiple=True, required=True,
-              help="Storage node: an existing directory (one per disk) or memory://name. Repeat for each node.")
+              help="Storage node: an existing directory (one per disk), s3://BUCKET/PREFIX?endpoint=URL,URL "
+                   "(credentials from the AWS environment or profile) or memory://name. Repeat for each node.")
 @click.option("--meta", default="", help="Metadata store URL; default: an SQLite file beside the config.")
 @click.option("--replicas", default=1, show_default=True, help="Copies of each block, on distinct nodes.")
+@click.option("--write-quorum", default=0, show_default=True,
+              help="Copies that must be stored before a block counts as durable (0: all --replicas); "
+                   "with fewer, files stay readable from the copies that were stored.")
 @click.option("--chunk-size", default="64MiB", show_default=True, help="Size of the chunks small files are packed into.")
 @click.option("--block-size", default="4MiB", show_default=True, help="Unit of striping, caching and checksums.")
 @click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
               help="Compress blocks with lz4 (kept only where it shrinks a block).")
 @click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
 @user_errors
-def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, chunk_size: str, block_size: str,
-         compression: str, cache_size: str) -> None:
+def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quorum: int, chunk_size: str,
+         block_size: str, compression: str, cache_size: str) -> None:
     """Create volume NAME over the given nodes."""
-    cfg = Client.init(name, nodes, meta=meta, replicas=replicas, chunk_size=parse_size(chunk_size, "--chunk-size"),
+    cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
                       cache_size=parse_size(cache_size, "--cache-size"))
     click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), replicas {cfg.replicas}, "
@@ -100,9 +104,13 @@ def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, chunk_size
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.argument("dest")
-@click.option("--threads", default=8, show_default=True, help="Source files read in parallel.")
+@click.option("--threads", default=8, show_default=True, help="Source files read in parallel (per Ray task with --ray).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Pack in parallel on a Ray cluster: one task per share of the files, each into its own chunks. "
+                   "SOURCES may then be any fsspec URL (s3://, gs://, file://).")
+@click.option("--ray-address", default=None, help="Ray cluster to use with --ray (default: RAY_ADDRESS, one running here, or a new local one).")
 @user_errors
-def put(sources: tuple[str, ...], dest: str, threads: int) -> None:
+def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_address: str | None) -> None:
     """Copy local files or directories into a volume (like cp -r).
 
     If DEST is an existing directory, each source lands inside it; otherwise a single
@@ -119,12 +127,13 @@ def put(sources: tuple[str, ...], dest: str, threads: int) -> None:
         if len(sources) > 1 and not into_dir and vdest:
             client.mkdir(vdest, parents=True, exist_ok=True)
             into_dir = True
+        if use_ray:
+            _put_ray(client, sources, vdest, into_dir, ray_address, min(threads, 4))
+            return
         pairs: list[tuple[str, str]] = []
         for src in sources:
             files, empty = walk_local(src)
-            base = f"{vdest}/{os.path.basename(os.path.abspath(src))}" if into_dir else vdest
-            if not base:
-                base = os.path.basename(os.path.abspath(src))
+            base = _dest_base(src, vdest, into_dir)
             single = not os.path.isdir(src)
             pairs += [(full, base if single else f"{base}/{rel}") for full, rel in files]
             for rel in empty:
@@ -146,6 +155,38 @@ def put(sources: tuple[str, ...], dest: str, threads: int) -> None:
         dt = max(1e-9, time.monotonic() - t0)
         click.echo(f"put {files} files, {_human(nbytes)} in {dt:.1f}s ({files / dt:.0f} files/s, {nbytes / dt / 1e6:.0f} MB/s)"
                    + ("" if total is None else ""), err=True)
+
+
+def _dest_base(src: str, vdest: str, into_dir: bool) -> str:
+    """Where source `src` lands: inside `vdest` when that is a directory, else at `vdest`."""
+    name = src.rstrip("/").rpartition("/")[2] if "://" in src else os.path.basename(os.path.abspath(src))
+    if not vdest:
+        return name
+    return f"{vdest}/{name}" if into_dir else vdest
+
+
+def _put_ray(client: Client, sources: tuple[str, ...], vdest: str, into_dir: bool, address: str | None,
+             threads: int) -> None:
+    """`put --ray`: list each source, then pack its shares with Ray tasks, with a progress bar."""
+    from .ingest_ray import list_source, put_ray
+
+    t0 = time.monotonic()
+    files = nbytes = skipped = 0
+    for src in sources:
+        source, found, empty, single = list_source(src)
+        base = _dest_base(src, vdest, into_dir)
+        pairs = [(full, base if single else f"{base}/{rel}") for full, rel in found]
+        for rel in empty:
+            client.mkdir(f"{base}/{rel}", parents=True, exist_ok=True)
+        if not found and not single:
+            client.mkdir(base, parents=True, exist_ok=True)
+        with tqdm(total=len(pairs), unit="file", desc=f"put --ray {src}", disable=None, smoothing=0.1) as bar:
+            report = put_ray(client.cfg, source, pairs, address=address, threads=threads,
+                             progress=lambda n, _b: bar.update(n))
+        files, nbytes, skipped = files + report.files, nbytes + report.bytes, skipped + report.skipped
+    dt = max(1e-9, time.monotonic() - t0)
+    click.echo(f"put {files} files, {_human(nbytes)} in {dt:.1f}s ({files / dt:.0f} files/s) with Ray"
+               + (f"; {skipped} already there, identical" if skipped else ""), err=True)
 
 
 @main.command()
@@ -303,6 +344,102 @@ def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
     click.echo(f"{verb} compact {r.compacted_chunks} chunk(s) ({r.compacted_files} file(s), {_human(r.compacted_bytes)} live); "
                f"{verb} delete {r.dead_chunks} dead chunk(s) ({r.dead_blocks} block(s)) and {r.orphan_blocks} orphan block(s) "
                f"({_human(r.orphan_bytes)}); left {r.skipped_live_writer} block(s) of writers that may still be running")
+
+
+@main.command()
+@click.argument("volume")
+@click.option("--no-probe", is_flag=True, help="Do not contact the nodes; show only what metadata knows.")
+@user_errors
+def status(volume: str, no_probe: bool) -> None:
+    """Show every node and path of a volume: up/down, latency, errors, bytes moved, blocks held."""
+    from .storage.status import volume_status
+
+    with Client.open(volume) as client:
+        rows = volume_status(client, probe=not no_probe)
+    for n in rows:
+        state = "up" if n["up"] else "DOWN"
+        role = "" if n["in_use"] else " (not in placement: draining or drained)"
+        click.echo(f"node {n['id']} {n['url']}: {state}, {n['blocks']} blocks, {_human(n['stored_bytes'])}{role}")
+        for p in n["paths"]:
+            lat = "-" if p["latency_ms"] is None else f"{p['latency_ms']:.1f} ms"
+            click.echo(f"  path {p['path']}: {'up' if p['up'] else 'DOWN'}, latency {lat}, {p['requests']} requests, "
+                       f"{p['errors']} errors, in {_human(p['bytes_in'])}, out {_human(p['bytes_out'])}"
+                       + (f", last error: {p['last_error']}" if p["last_error"] else ""))
+
+
+def _move_with_bar(client: Client, moves: list, what: str) -> None:
+    """Run block moves with a progress bar; exit 1 if any failed."""
+    from .storage.rebalance import run_moves
+
+    total = sum(m.rec.stored for m in moves)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=what, disable=None) as bar:
+        report = run_moves(client, moves, progress=lambda n, nbytes: bar.update(nbytes or 0))
+    click.echo(f"{what}: moved {report.moved} block copies, added {report.added} missing copies, "
+               f"{_human(report.bytes)}; {report.skipped} already done or gone; {len(report.errors)} failed", err=True)
+    for e in report.errors[:10]:
+        click.echo(f"  {e}", err=True)
+    if report.errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("volume")
+@click.option("--add-node", "add", multiple=True, help="Add this node to the volume first (checked; repeatable).")
+@click.option("--dry-run", is_flag=True, help="Say what would move, move nothing.")
+@user_errors
+def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
+    """Even out block copies over the volume's nodes, restore missing replicas and move copies off
+    nodes that left the volume. Copy, then record, then delete: files stay readable throughout."""
+    from .storage.config import load_config, save_config
+    from .storage.node import normalize_node_url, open_node
+    from .storage.rebalance import plan_rebalance
+
+    if add:
+        cfg = load_config(volume)
+        for url in map(normalize_node_url, add):
+            if url not in cfg.nodes:
+                open_node(url).check(writable=True)
+                cfg.nodes.append(url)
+        cfg.validate()
+        save_config(cfg, overwrite=True)
+    with Client.open(volume) as client:
+        moves = plan_rebalance(client)
+        if dry_run:
+            click.echo(f"would move {sum(m.src is not None for m in moves)} block copies and add "
+                       f"{sum(m.src is None for m in moves)} missing ones ({_human(sum(m.rec.stored for m in moves))})")
+            return
+        _move_with_bar(client, moves, "rebalance")
+
+
+@main.command()
+@click.argument("volume")
+@click.argument("node")
+@user_errors
+def drain(volume: str, node: str) -> None:
+    """Move every block copy off NODE (its URL or id) and take it out of the volume's placement.
+
+    New blocks stop going to NODE at once (for clients opened from now on); files stay readable
+    throughout. Run it again after long-running clients restart, to move what they wrote meanwhile."""
+    from .storage.config import load_config, save_config
+    from .storage.node import normalize_node_url
+    from .storage.rebalance import plan_drain
+
+    cfg = load_config(volume)
+    with Client.open(volume) as client:
+        known = client.meta.nodes()
+        nid = int(node) if node.isdigit() and int(node) in known else next(
+            (i for i, u in known.items() if u == normalize_node_url(node)), None)
+        if nid is None:
+            raise click.BadParameter(f"{node!r} is not a node of volume {volume}", param_hint="NODE")
+        url = known[nid]
+    if url in cfg.nodes:
+        cfg.nodes.remove(url)
+        if len(cfg.nodes) < cfg.replicas:
+            raise click.UsageError(f"draining {url} would leave {len(cfg.nodes)} node(s) for {cfg.replicas} replicas")
+        cfg.validate()
+        save_config(cfg, overwrite=True)
+    with Client.open(volume) as client:
+        _move_with_bar(client, plan_drain(client, nid), f"drain {url}")
 
 
 @main.command("mount")

@@ -135,8 +135,9 @@ def test_throttling_backs_off_and_succeeds(moto, proxies) -> None:
     assert p.state.throttled == 3
     assert node.paths.paths[0].up and node.paths.paths[0].errors == 0  # throttling is not the path's fault
     proxies.set(p, throttle=1000)
+    impatient = open_node(s3_url(node.bucket, eps, attempts=3))
     with pytest.raises(NodeError, match="gave up.*SlowDown"):
-        node.get("000000000001-000000")
+        impatient.get("000000000001-000000")
     proxies.set(p, mode="normal", throttle=0)
 
 

@@ -9,6 +9,7 @@ answer again.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -58,18 +59,31 @@ class NodePath(Generic[Target]):
         self.last_error = ""
         self.down_since = 0.0
         self._lock = threading.Lock()
+        self._started: dict[int, float] = {}  # request token -> when it started
+        self._tokens = itertools.count()
 
-    def begin(self) -> float:
+    def begin(self) -> int:
+        """Book a request starting now; returns its token for succeeded/failed/released."""
+        token = next(self._tokens)
         with self._lock:
             self.outstanding += 1
             self.requests += 1
-        return time.monotonic()
+            self._started[token] = time.monotonic()
+        return token
 
-    def succeeded(self, started: float, bytes_in: int = 0, bytes_out: int = 0) -> None:
+    def stalled(self, now: float) -> bool:
+        """Whether a request in flight has taken far longer than this path's usual latency."""
+        limit = max(0.05, 4 * (self.latency or 0.1))
+        return any(now - s > limit for s in list(self._started.values()))
+
+    def _end(self, token: int) -> float:
+        self.outstanding -= 1
+        return time.monotonic() - self._started.pop(token, time.monotonic())
+
+    def succeeded(self, token: int, bytes_in: int = 0, bytes_out: int = 0) -> None:
         """Book a successful request; a path that answers is up."""
-        took = time.monotonic() - started
         with self._lock:
-            self.outstanding -= 1
+            took = self._end(token)
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
             self.consecutive_errors = 0
@@ -78,10 +92,10 @@ class NodePath(Generic[Target]):
                 log.warning("path %s is up again", self.name)
             self.up = True
 
-    def failed(self, error: BaseException, mark_down: bool, server_errors_to_down: int = 3) -> None:
+    def failed(self, token: int, error: BaseException, mark_down: bool, server_errors_to_down: int = 3) -> None:
         """Book a failed request; mark the path down when told or after repeated server errors."""
         with self._lock:
-            self.outstanding -= 1
+            self._end(token)
             self.errors += 1
             self.consecutive_errors += 1
             self.last_error = f"{type(error).__name__}: {error}"[:200]
@@ -90,10 +104,10 @@ class NodePath(Generic[Target]):
                 self.down_since = time.monotonic()
                 log.warning("path %s is down: %s", self.name, self.last_error)
 
-    def released(self) -> None:
+    def released(self, token: int) -> None:
         """Book an attempt that neither succeeded nor counts as the path's failure."""
         with self._lock:
-            self.outstanding -= 1
+            self._end(token)
 
     def stats(self) -> dict[str, Any]:
         """The figures of this path, for `balefs status`."""
@@ -123,13 +137,16 @@ class PathSet(Generic[Target]):
         return any(p.up for p in self.paths)
 
     def pick(self, exclude: tuple[NodePath, ...] = ()) -> NodePath[Target] | None:
-        """The up path with the fewest requests in flight (ties: the fewest requests so far); None if all are down."""
-        best = None
+        """The up path with the fewest requests in flight, avoiding paths with a stalled request
+        (ties: the fewest requests so far); None if all are down."""
+        best, best_key = None, None
+        now = time.monotonic()
         for p in self.paths:
             if not p.up or p in exclude:
                 continue
-            if best is None or (p.outstanding, p.requests) < (best.outstanding, best.requests):
-                best = p
+            key = (p.stalled(now) if len(self.paths) > 1 else False, p.outstanding, p.requests)
+            if best_key is None or key < best_key:
+                best, best_key = p, key
         if best is None and exclude:
             return self.pick()
         return best
@@ -145,29 +162,29 @@ class PathSet(Generic[Target]):
                 self._start_prober()
                 raise NodeUnreachableError(f"node {self.label}: no path is up"
                                            + (f" (last error: {last})" if last else "")) from None
-            started = path.begin()
+            token = path.begin()
             try:
                 result = fn(path.target)
             except Exception as exc:  # noqa: BLE001 - classified below
                 kind = self._classify(exc)
                 last = exc
                 if kind == FATAL:
-                    path.released()
+                    path.released(token)
                     raise
                 if kind == THROTTLED:
-                    path.released()
+                    path.released(token)
                     throttled += 1
                     delay = min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** throttled)
                     time.sleep(random.uniform(0, delay))
                     continue
-                path.failed(exc, mark_down=kind == PATH_DOWN, server_errors_to_down=self.policy.server_errors_to_down)
+                path.failed(token, exc, mark_down=kind == PATH_DOWN, server_errors_to_down=self.policy.server_errors_to_down)
                 if not path.up:
                     self._start_prober()
                 tried = (*tried, path)
                 if kind == SERVER:
                     time.sleep(random.uniform(0, self.policy.backoff_base))
                 continue
-            path.succeeded(started, size_in(result), size_out)
+            path.succeeded(token, size_in(result), size_out)
             return result
         raise NodeError(f"node {self.label}: gave up after {self.policy.attempts} attempts: {last}") from last
 
@@ -188,17 +205,28 @@ class PathSet(Generic[Target]):
             if not down:
                 break
             for p in down:
-                started = p.begin()
+                token = p.begin()
                 try:
                     self._probe(p)
                 except Exception as exc:  # noqa: BLE001 - the path stays down
-                    p.failed(exc, mark_down=True)
+                    p.failed(token, exc, mark_down=True)
                 else:
-                    p.succeeded(started)
+                    p.succeeded(token)
         with self._lock:
             self._prober = None
         if not self._closed and any(not p.up for p in self.paths):
             self._start_prober()
+
+    def probe_all(self) -> None:
+        """Probe every path now (for `balefs status`): its up/down state and latency are fresh."""
+        for p in self.paths:
+            token = p.begin()
+            try:
+                self._probe(p)
+            except Exception as exc:  # noqa: BLE001 - booked as the path's failure
+                p.failed(token, exc, mark_down=True)
+            else:
+                p.succeeded(token)
 
     def close(self) -> None:
         self._closed = True

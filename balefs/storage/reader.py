@@ -16,6 +16,7 @@ import bisect
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Sequence
 
@@ -49,7 +50,7 @@ class BlockReader:
         self._maps: dict[int, tuple[list[int], list[BlockRecord]]] = {}
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
-        self._latency: dict[int, float] = {}  # node id -> EWMA seconds of a block read
+        self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
         self.hedged = 0  # reads raced against another replica or path
         self.repaired = 0  # bad copies rewritten from a good one
@@ -173,7 +174,11 @@ class BlockReader:
             raise next(e for e in errors if not isinstance(e, BlockNotFoundError))
         raw, blob = got
         if bad:
-            self._repair(rec, key, blob, bad)
+            # Only copies that metadata still places there: a copy moved off by drain/rebalance is not bad.
+            fresh = self._fresh_record(rec)
+            bad = [n for n in bad if fresh is not None and n in fresh.nodes]
+            if bad:
+                self._repair(rec, key, blob, bad)
         return raw  # a view into the node's buffer: no copy of the block
 
     def _read_copy(self, rec: BlockRecord, key: str, nid: int) -> tuple[bytes | memoryview, bytes]:
@@ -183,9 +188,7 @@ class BlockReader:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: node id {nid} is not in this volume")
         started = time.monotonic()
         blob = node.get(key)
-        took = time.monotonic() - started
-        old = self._latency.get(nid)
-        self._latency[nid] = took if old is None else 0.8 * old + 0.2 * took
+        self._latency.setdefault(nid, deque(maxlen=32)).append(time.monotonic() - started)
         try:
             raw = BlockCodec.decode(blob)
         except CorruptBlockError as exc:
@@ -232,8 +235,7 @@ class BlockReader:
         while pending:
             timeout = None
             if queue or spare:
-                timeout = max(self.hedge_min, min(self.hedge_factor * self._latency.get(n, self.hedge_initial / self.hedge_factor)
-                                                  for n in pending.values()))
+                timeout = max(self.hedge_min, min(self._hedge_after(n) for n in pending.values()))
             done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
             if not done:
                 self.hedged += 1
@@ -248,6 +250,11 @@ class BlockReader:
             if not pending and queue:
                 launch(queue.pop(0))
         return None
+
+    def _hedge_after(self, nid: int) -> float:
+        """Seconds after which a read from node `nid` counts as far slower than usual (its median times hedge_factor)."""
+        recent = sorted(self._latency.get(nid, ()))
+        return self.hedge_factor * recent[len(recent) // 2] if recent else self.hedge_initial
 
     def _repair(self, rec: BlockRecord, key: str, blob: bytes, bad: list[int]) -> None:
         """Rewrite the copies that came back corrupt or missing from the good one, before the read returns."""

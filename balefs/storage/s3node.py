@@ -193,6 +193,10 @@ class S3Node:
         """Whether at least one path to the node is up."""
         return self.paths.is_up()
 
+    def probe_paths(self) -> None:
+        """Probe every path now, so that path_stats shows fresh state and latency."""
+        self.paths.probe_all()
+
     def path_stats(self) -> list[dict[str, Any]]:
         """The figures of every path, for `balefs status`."""
         return self.paths.stats()

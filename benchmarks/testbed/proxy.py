@@ -170,5 +170,15 @@ class ProxyThread:
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(10)
 
     def stop(self) -> None:
+        """Cancel every connection, stop the loop and close it."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()

@@ -1,0 +1,39 @@
+"""Volume status: every node and every path of it, up or down, latency, errors, bytes moved."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+def volume_status(client: "Client", probe: bool = True) -> list[dict[str, Any]]:
+    """One row per node: id, url, in_use, up, blocks, stored bytes and its paths' figures.
+
+    With probe, every path is probed first (a HEAD of the bucket; a directory check for local
+    nodes), so up/down and latency are as of now; request counts and bytes are this process's."""
+    per_node = client.meta.usage()["per_node"]
+    rows = []
+    for nid, node in sorted(client.nodes.items()):
+        blocks, stored = per_node.get(nid, (0, 0))
+        row: dict[str, Any] = {"id": nid, "url": node.url, "in_use": nid in client.placement.node_ids,
+                               "blocks": blocks, "stored_bytes": stored, "error": ""}
+        if hasattr(node, "path_stats"):
+            if probe:
+                node.probe_paths()
+            row["paths"] = node.path_stats()
+            row["up"] = node.is_up()
+        else:
+            started = time.monotonic()
+            try:
+                node.check(writable=False)
+                row["up"] = True
+            except OSError as exc:
+                row["up"], row["error"] = False, str(exc)
+            took = (time.monotonic() - started) * 1e3
+            row["paths"] = [{"path": node.url, "up": row["up"], "latency_ms": round(took, 2), "requests": 1,
+                             "errors": int(not row["up"]), "bytes_in": 0, "bytes_out": 0, "outstanding": 0,
+                             "last_error": row["error"]}]
+        rows.append(row)
+    return rows
