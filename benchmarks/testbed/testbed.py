@@ -58,6 +58,8 @@ class Host:
 class Testbed:
     """N namespaced S3 hosts with shaped links; a context manager that always tears down."""
 
+    __test__ = False  # not a pytest test class
+
     hosts: int = 4
     paths: int = 1
     rate: float = 50e6  # bytes/s per link and direction (0: unshaped)

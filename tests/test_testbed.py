@@ -1,0 +1,126 @@
+"""Faults on the testbed: S3 hosts in their own network namespaces, reached over veth links.
+
+Needs root and iproute2 (CI has both); the namespaces are created per module with names
+unique to this process and always deleted, leftovers of crashed runs included."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from remote_support import set_credentials
+
+from balefs.storage.client import Client
+
+from helpers import payload
+
+from benchmarks.testbed import Testbed, netns  # noqa: E402  (remote_support put the repo root on sys.path)
+
+BLOCK = 256 << 10
+CHUNK = 4 << 20
+OPTS = {"connect_timeout": 0.5, "read_timeout": 2, "attempts": 4}
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    why = netns.unavailable()
+    if why:
+        pytest.fail(f"the testbed tests need root and iproute2 with network namespaces: {why}")
+    set_credentials()
+    with Testbed(hosts=3, paths=2, rate=100e6, delay=0.001) as tb:
+        yield tb
+    assert not [n for n in netns.namespaces() if n.startswith(f"{netns.PREFIX}{tb.sid}h")]
+
+
+def _volume(tb: Testbed, name: str, replicas: int) -> Client:
+    Client.init(name, [tb.node_url(i, prefix=name, **OPTS) for i in range(tb.hosts)], replicas=replicas,
+                block_size=BLOCK, chunk_size=CHUNK)
+    return Client.open(name)
+
+
+def _read_while(client_name: str, path: str, data: bytes, fault, settle: float = 0.15) -> float:
+    """Read `path` (no cache) in a thread, run `fault()` once the read is under way; return seconds taken."""
+    out: list = []
+    with Client.open(client_name, cache_size=0) as reader:
+        def read() -> None:
+            t = time.monotonic()
+            try:
+                out.append(reader.read_file(path))
+            except Exception as exc:  # noqa: BLE001 - checked below
+                out.append(exc)
+            out.append(time.monotonic() - t)
+
+        th = threading.Thread(target=read)
+        th.start()
+        time.sleep(settle)
+        fault()
+        th.join(60)
+    assert not th.is_alive()
+    got, took = out
+    if isinstance(got, Exception):
+        raise got
+    assert got == data
+    return took
+
+
+def test_testbed_starts_and_stops_cleanly() -> None:
+    if netns.unavailable():
+        pytest.fail(netns.unavailable())
+    tb = Testbed(hosts=1, paths=1, rate=0, delay=0)
+    with tb:
+        assert f"{netns.PREFIX}{tb.sid}h0" in netns.namespaces()
+    assert f"{netns.PREFIX}{tb.sid}h0" not in netns.namespaces()
+
+
+def test_path_dies_mid_read(testbed) -> None:
+    with _volume(testbed, "pathdie", replicas=1) as c:
+        data = payload(40 * BLOCK, 1)
+        c.write_file("big", data)
+    try:
+        took = _read_while("pathdie", "big", data, lambda: testbed.cut(0, path=0))
+        assert took < 10
+    finally:
+        testbed.restore(0)
+
+
+def test_host_cut_off_mid_read_with_replicas(testbed) -> None:
+    with _volume(testbed, "hostcut", replicas=2) as c:
+        data = payload(40 * BLOCK, 2)
+        c.write_file("big", data)
+    try:
+        took = _read_while("hostcut", "big", data, lambda: testbed.cut(1))
+        assert took < 10
+        with Client.open("hostcut", cache_size=0) as again:  # opened while the host is cut off
+            t = time.monotonic()
+            assert again.read_file("big") == data
+            assert time.monotonic() - t < 8
+    finally:
+        testbed.restore(1)
+
+
+def test_host_returns_corrupt_bytes(testbed) -> None:
+    with _volume(testbed, "corrupt", replicas=2) as c:
+        data = payload(20 * BLOCK, 3)
+        c.write_file("big", data)
+    testbed.mode(2, mode="corrupt")
+    try:
+        with Client.open("corrupt", cache_size=0) as reader:
+            assert reader.read_file("big") == data  # every block damaged in flight from host 2 came from its replica
+    finally:
+        testbed.mode(2, mode="normal")
+
+
+def test_host_dies_mid_write_and_mid_read(testbed) -> None:
+    """Last in the module: the killed server does not come back."""
+    with _volume(testbed, "die", replicas=2) as c:
+        data = payload(30 * BLOCK, 4)
+        c.write_file("before", data)
+        fw = c.open_write("during")
+        fw.write(data[:len(data) // 2])
+        testbed.stop(2)
+        fw.write(data[len(data) // 2:])
+        fw.close()
+    with Client.open("die", cache_size=0) as reader:
+        assert reader.read_file("during") == data
+        assert reader.read_file("before") == data
