@@ -68,6 +68,12 @@ class BlockReader:
             for chunk, recs in found.items():
                 self._maps[chunk] = ([r.off for r in recs], recs)
 
+    def adopt_maps(self, maps: dict[int, list[BlockRecord]]) -> None:
+        """Take block lists fetched elsewhere (a snapshot's): reads of these chunks then query no metadata."""
+        with self._lock:
+            for chunk, recs in maps.items():
+                self._maps.setdefault(chunk, ([r.off for r in recs], list(recs)))
+
     def _pieces(self, chunk: int, start: int, end: int) -> list[Piece]:
         """The blocks holding bytes [start, end) of a chunk, with the slice of each."""
         for attempt in (0, 1):
