@@ -16,7 +16,7 @@ from .errors import BaleError
 from .storage.client import Client
 from .storage.gc import collect_garbage
 from .storage.ingest import ingest_local, walk_local
-from .storage.meta import Inode, mode_bits, split_path
+from .storage.meta import Inode, mode_bits, redact_url, split_path
 
 
 def _human(n: float) -> str:
@@ -98,7 +98,7 @@ def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quor
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
                       cache_size=parse_size(cache_size, "--cache-size"))
     click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), replicas {cfg.replicas}, "
-               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {cfg.meta_url}")
+               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}")
 
 
 @main.command()
@@ -440,6 +440,27 @@ def drain(volume: str, node: str) -> None:
         save_config(cfg, overwrite=True)
     with Client.open(volume) as client:
         _move_with_bar(client, plan_drain(client, nid), f"drain {url}")
+
+
+@main.command("migrate-meta")
+@click.argument("volume")
+@click.option("--to", "to_url", required=True, help="The new metadata store, e.g. postgresql://user:password@host:5432/db (must be empty).")
+@user_errors
+def migrate_meta_cmd(volume: str, to_url: str) -> None:
+    """Move VOLUME's metadata into another store (e.g. from the embedded SQLite file into PostgreSQL).
+
+    Copies every row in one transaction, verifies the copy file by file (paths, sizes, hashes,
+    extents, blocks), then switches the volume's config. Stop the volume's clients first; the
+    old store is left in place, unused."""
+    from .storage.migrate_meta import migrate_meta
+
+    with tqdm(unit="row", desc="copy", disable=None) as copy_bar, tqdm(unit="entry", desc="verify", disable=None) as check_bar:
+        report = migrate_meta(volume, to_url, copy_progress=lambda _t, n: copy_bar.update(n),
+                              verify_progress=check_bar.update)
+    from .storage.config import load_config
+
+    click.echo(f"migrated {volume}: {report.rows} rows, {report.files} files ({_human(report.bytes)}) and "
+               f"{report.dirs} directories verified; metadata now {redact_url(load_config(volume).meta_url)}", err=True)
 
 
 @main.command("mount")

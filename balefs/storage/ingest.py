@@ -11,28 +11,75 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Sequence
 
 from .client import Client, FileWriter
 
 SMALL = 16 << 20
 
 
-def _read_small(path: str) -> tuple[bytes | None, os.stat_result]:
-    st = os.stat(path)
-    if st.st_size > SMALL:
-        return None, st
-    with open(path, "rb", buffering=0) as f:
-        return f.read(), st
+class SourceStat(NamedTuple):
+    """What ingest keeps of a source file's metadata (os.stat_result has the same fields)."""
+
+    st_size: int
+    st_mode: int
+    st_mtime_ns: int | None
+
+
+class LocalSource:
+    """Source files on the local filesystem."""
+
+    def read_small(self, path: str) -> tuple[bytes | None, SourceStat | os.stat_result]:
+        """The file's stat and, when it is small, its bytes (read in one call)."""
+        st = os.stat(path)
+        if st.st_size > SMALL:
+            return None, st
+        with open(path, "rb", buffering=0) as f:
+            return f.read(), st
+
+    def open(self, path: str) -> BinaryIO:
+        return open(path, "rb", buffering=0)
+
+
+class FsspecSource:
+    """Source files on any fsspec filesystem (s3://, gs://, file://, ...)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def read_small(self, path: str) -> tuple[bytes | None, SourceStat]:
+        info = self.fs.info(path)
+        st = SourceStat(int(info.get("size") or 0), int(info.get("mode") or 0o644) & 0o7777, _mtime_ns(info))
+        if st.st_size > SMALL:
+            return None, st
+        return self.fs.cat_file(path), st
+
+    def open(self, path: str) -> BinaryIO:
+        return self.fs.open(path, "rb")
+
+
+def _mtime_ns(info: dict) -> int | None:
+    """Modification time of an fsspec info dict, in ns, where the filesystem gives one."""
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp() * 1e9)
+    try:
+        return int(float(value) * 1e9)
+    except (TypeError, ValueError):
+        return None
 
 
 def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int = 8, commit_every: float = 1.0,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
-    """Copy local files to volume paths; return (files, bytes) committed.
+                 progress: Callable[[int, int], None] | None = None,
+                 source: LocalSource | FsspecSource | None = None) -> tuple[int, int]:
+    """Copy source files (local by default, or from `source`) to volume paths; return (files, bytes) committed.
 
     `progress(files, bytes)` is called as each file is packed. Raises on the first
     unreadable source file; files committed before that stay committed.
     """
+    source = source or LocalSource()
     pending: list[FileWriter] = []
     checked: set[str] = set()
     files = nbytes = 0
@@ -42,11 +89,11 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
         queue: deque[tuple[str, str, Future]] = deque()
         it = iter(pairs)
         for src, dst in _take(it, window):
-            queue.append((src, dst, pool.submit(_read_small, src)))
+            queue.append((src, dst, pool.submit(source.read_small, src)))
         while queue:
             src, dst, fut = queue.popleft()
             for nsrc, ndst in _take(it, 1):
-                queue.append((nsrc, ndst, pool.submit(_read_small, nsrc)))
+                queue.append((nsrc, ndst, pool.submit(source.read_small, nsrc)))
             data, st = fut.result()
             parent = dst.rpartition("/")[0]
             fw = client.open_write(dst, mode=st.st_mode & 0o7777, check_parent=parent not in checked)
@@ -55,7 +102,7 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
             if data is not None:
                 fw.write(data)
             else:
-                with open(src, "rb", buffering=0) as f:
+                with source.open(src) as f:
                     while piece := f.read(8 << 20):
                         fw.write(piece)
             fw.closed = True

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -899,6 +900,11 @@ class SqliteMeta(SqlMeta):
                     pass
             self._conns.clear()
         self._local = threading.local()
+
+
+def redact_url(url: str) -> str:
+    """A metadata URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def is_postgres_url(url: str) -> bool:

@@ -7,7 +7,6 @@ psycopg is imported only when a postgresql:// URL is opened.
 from __future__ import annotations
 
 import functools
-import re
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -20,17 +19,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("postgresql:// metadata needs psycopg: pip install 'balefs[postgres]'") from exc
 
 from ..errors import ConfigError, MetaUnavailableError, VolumeExistsError
-from .meta import SqlMeta
+from .meta import SqlMeta, redact_url
 
 _NAMESPACE_LOCK = 0x62616C65  # 'bale': pg_advisory_xact_lock key of namespace-wide changes
 _SCHEMA_LOCK = 0x62616C66     # serialises schema creation and migrations across hosts
 _TRANSIENT = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
               psycopg.errors.UniqueViolation, psycopg.errors.LockNotAvailable)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -70,7 +64,7 @@ class PostgresMeta(SqlMeta):
 
     def __init__(self, url: str, create: bool = False, pool_size: int = 8, connect_timeout: float = 10.0,
                  retry_seconds: float = 30.0) -> None:
-        self.url = redact(url)
+        self.url = redact_url(url)
         self.retry_seconds = retry_seconds
         self._local = threading.local()
         kwargs = {"autocommit": True, "connect_timeout": max(1, int(connect_timeout))}
