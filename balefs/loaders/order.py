@@ -1,0 +1,125 @@
+"""The sample order of an epoch and its split across consumers (ranks x workers); no torch here.
+
+Canonical order S (depends on seed, epoch and the snapshot, never on the world size): the
+chunks are permuted; consecutive runs of `window` chunks form windows; the samples of each
+window are shuffled together (the shuffle buffer: samples of `window` chunks in flight mix).
+S is a permutation of the snapshot's rows.
+
+Split: the positions of S not yet consumed are cut into T = ranks x workers contiguous
+parts of equal length (pad: the short ones repeat a sample; drop: the long ones lose one),
+consumer c = rank * workers + worker. Each part covers few windows, so each chunk is read
+by one or two consumers.
+
+Progress is a set of consumed positions of S, kept as sorted [start, end) intervals: at most
+a few per consumer, so a state is small and any T can resume it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Intervals = list[list[int]]
+
+
+def epoch_order(groups: np.ndarray, seed: int, epoch: int, shuffle: bool, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, window starts): row indices in the order of the epoch, and where in S each window begins.
+    `groups[i]` is row i's chunk; rows of a chunk are adjacent."""
+    n = len(groups)
+    window = max(1, window)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    if not shuffle or n == 0:
+        return np.arange(n, dtype=np.int64), starts[::window]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.r_[starts[1:], n]
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(starts))
+    out = np.empty(n, dtype=np.int64)
+    bounds = []
+    pos = 0
+    for w in range(0, len(perm), window):
+        rows = np.concatenate([np.arange(starts[g], ends[g]) for g in perm[w:w + window]])
+        np.random.default_rng([seed, epoch, w]).shuffle(rows)
+        out[pos:pos + len(rows)] = rows
+        bounds.append(pos)
+        pos += len(rows)
+    return out, np.asarray(bounds, dtype=np.int64)
+
+
+def pieces(positions: np.ndarray, bounds: np.ndarray, most: int) -> list[np.ndarray]:
+    """Cut a consumer's positions where a window ends (and every `most` samples): the reading units."""
+    if len(positions) == 0:
+        return []
+    win = np.searchsorted(bounds, positions, side="right")
+    cuts = np.flatnonzero(np.diff(win) != 0) + 1
+    out = []
+    for part in np.split(positions, cuts):
+        out.extend(part[i:i + most] for i in range(0, len(part), most))
+    return out
+
+
+def merge(intervals: Intervals) -> Intervals:
+    """Sorted, non-overlapping, non-adjacent [start, end) intervals covering the same positions."""
+    out: Intervals = []
+    for a, b in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def runs(positions: np.ndarray) -> Intervals:
+    """Intervals covering sorted positions."""
+    if len(positions) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(positions) != 1) + 1
+    return [[int(p[0]), int(p[-1]) + 1] for p in np.split(positions, cuts)]
+
+
+def remaining(n: int, consumed: Intervals) -> np.ndarray:
+    """Positions of S not in `consumed`, ascending."""
+    mask = np.ones(n, dtype=bool)
+    for a, b in consumed:
+        mask[a:b] = False
+    return np.flatnonzero(mask)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One consumer's share: positions of S to deliver, of which the first `real` are its own."""
+
+    positions: np.ndarray
+    real: int
+
+    def consumed(self, taken: int) -> Intervals:
+        """The positions of S consumed once `taken` samples of this part were delivered."""
+        return runs(np.sort(self.positions[:min(taken, self.real)]))
+
+
+def split(todo: np.ndarray, consumers: int, consumer: int, drop_last: bool) -> Part:
+    """Consumer `consumer`'s contiguous share of the positions `todo`; every share has the same
+    length: ceil(len/T) (padded by repeating the share's last sample, or the first of the epoch
+    for an empty share) or, with drop_last, floor(len/T)."""
+    m = len(todo)
+    base, extra = divmod(m, consumers)
+    start = consumer * base + min(consumer, extra)
+    own = todo[start:start + base + (consumer < extra)]
+    if drop_last:
+        return Part(own[:base], base)
+    want = base + (extra > 0)
+    if len(own) < want and m:
+        fill = own[-1:] if len(own) else todo[:1]
+        own = np.concatenate([own, np.repeat(fill, want - len(own))])
+    return Part(own, min(len(own), base + (consumer < extra)))
+
+
+def seen_by_workers(batches: int, batch_size: int, workers: int, per_worker: int) -> list[int]:
+    """Samples each DataLoader worker had delivered when `batches` batches were consumed: batches come
+    round robin from the workers (batch i from worker i % workers), each worker's in order."""
+    workers = max(1, workers)
+    out = []
+    for k in range(workers):
+        got = (batches - k + workers - 1) // workers if batches > k else 0
+        out.append(min(per_worker, got * batch_size))
+    return out

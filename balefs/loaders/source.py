@@ -1,0 +1,196 @@
+"""BaleSource: a snapshot of a baled tree plus a per-process client that reads its samples.
+
+What every loader (torch, DALI, Ray) shares. Built in the main process (which builds or
+reuses the snapshot and fetches the block maps of its chunks, once); pickled or forked into
+workers, where it memory-maps the local snapshot copy and opens its own Client on first use
+(the Client is not fork-safe: a process never uses one opened by another). Reads go through
+the client's batched BlockReader.read_many with the snapshot's extents: no metadata query.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import BaleError, CorruptBlockError, NodeError
+from ..storage.client import Client
+from ..storage.config import load_config
+from ..storage.meta import Extent, split_path
+from ..storage.snapshot import Snapshot, _local_copy, load_local, open_snapshot
+
+log = logging.getLogger(__name__)
+
+Label = None | str | Callable[[str], Any]
+
+
+class SampleError(BaleError):
+    """A sample could not be read or decoded; the message names it."""
+
+
+def parse_bale_url(url: str) -> tuple[str, str]:
+    """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, volume-relative path)."""
+    rest = url[len("bale://"):] if url.startswith("bale://") else url
+    volume, _, path = rest.partition("/")
+    if not volume:
+        raise ValueError(f"{url!r}: expected bale://VOLUME/path")
+    return volume, "/".join(split_path(path))
+
+
+class BaleSource:
+    """The files of one snapshotted tree, readable from any process."""
+
+    def __init__(self, url: str, rebuild: bool = False, **options: Any) -> None:
+        self.volume, self.tree = parse_bale_url(url)
+        cfg = load_config(self.volume)
+        self.cfg = cfg.with_options(options) if options else cfg
+        with Client(self.cfg) as client:
+            snap = open_snapshot(client, self.tree, rebuild=rebuild)
+        self.fingerprint, self.classes, self.location = snap.fingerprint, snap.classes, snap.location
+        self.local_path = snap.local_path
+        self.blocks = snap.blocks
+        self._snap: Snapshot | None = snap
+        self._cols: dict[str, np.ndarray] = {}
+        self._paths: list[str] | None = None
+        self._client: Client | None = None
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_snap=None, _cols={}, _paths=None, _client=None, _pid=-1)
+        return state
+
+    # -- per process -----------------------------------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        """This process's client (opened on first use, never shared across fork)."""
+        if self._client is None or self._pid != os.getpid():
+            self._client, self._pid = Client(self.cfg), os.getpid()
+            self._client.reader.adopt_maps(self.blocks)
+        return self._client
+
+    @property
+    def snapshot(self) -> Snapshot:
+        if self._snap is None:
+            if not os.path.exists(self.local_path):  # another host: fetch the snapshot from the volume
+                self.local_path = _local_copy(self.client, self.location)
+            snap = load_local(self.local_path, self.location)
+            if snap.fingerprint != self.fingerprint:
+                raise SampleError(f"{self.local_path}: snapshot changed under a running job")
+            self._snap = snap
+        return self._snap
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in self._cols:
+            self._cols[name] = self.snapshot.column(name)
+        return self._cols[name]
+
+    @property
+    def paths(self) -> list[str]:
+        if self._paths is None:
+            self._paths = self.snapshot.paths()
+        return self._paths
+
+    def close(self) -> None:
+        if self._client is not None and self._pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+    # -- samples ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.column("size"))
+
+    def name(self, row: int) -> str:
+        """The URL of the file at `row`."""
+        rel = self.paths[int(row)]
+        return f"bale://{self.volume}/{self.tree}/{rel}" if self.tree else f"bale://{self.volume}/{rel}"
+
+    def label(self, row: int, how: Label) -> Any:
+        """The label of a sample: its class index ('dir') or what a callable makes of its path."""
+        if how == "dir":
+            return int(self.column("label")[row])
+        if callable(how):
+            return how(self.paths[int(row)])
+        raise ValueError(f"label must be None, 'dir' or a callable of the path, got {how!r}")
+
+    def _extents(self, row: int) -> list[Extent]:
+        size, length = int(self.column("size")[row]), int(self.column("length")[row])
+        if length == size:  # the usual case: one extent
+            return [Extent(0, int(self.column("chunk")[row]), int(self.column("offset")[row]), size)] if size else []
+        return self.snapshot.extents([row])[0]
+
+    def read(self, rows: Sequence[int]) -> list[bytes | Exception]:
+        """The bytes of the files at `rows` (one batched read: each block fetched once); an error
+        per sample names its file. Bytes moved since the snapshot (gc) are read by path instead."""
+        sizes = self.column("size")
+        reqs = [(self._extents(r), 0, int(sizes[r])) for r in rows]
+        out = self.client.reader.read_many(reqs)
+        moved = [i for i, d in enumerate(out) if isinstance(d, NodeError) and not isinstance(d, CorruptBlockError)]
+        if moved:
+            again = self.client.read_ranges([(self._full_path(rows[i]), 0, None) for i in moved])
+            for i, d in zip(moved, again):
+                out[i] = d
+        for i, d in enumerate(out):
+            if isinstance(d, Exception):
+                err = SampleError(f"{self.name(rows[i])}: {d}")
+                err.__cause__ = d
+                out[i] = err
+        return out
+
+    def _full_path(self, row: int) -> str:
+        rel = self.paths[int(row)]
+        return f"{self.tree}/{rel}" if self.tree else rel
+
+
+class SkipCounter:
+    """Counts samples skipped under on_error='skip' (per process)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+
+def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exception], decode: Callable | None,
+            label: Label, on_error: str, counter: SkipCounter, last: list) -> Iterator[Any]:
+    """Decode and label read samples. With on_error='skip' a bad sample is counted and replaced by
+    a repeat of a good one (the last good one, or the next), so every consumer keeps its length."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    pending = 0
+    for row, d in zip(rows, data):
+        try:
+            if isinstance(d, Exception):
+                raise d
+            try:
+                item = decode(d) if decode is not None else d
+            except Exception as exc:
+                raise SampleError(f"{source.name(row)}: decode failed: {exc!r}") from exc
+            sample = item if label is None else (item, source.label(row, label))
+        except SampleError as exc:
+            if on_error == "raise":
+                raise
+            counter.skipped += 1
+            log.warning("skipping sample: %s", exc)
+            if last:
+                yield last[0]
+            else:
+                pending += 1
+            continue
+        last[:] = [sample]
+        for _ in range(pending + 1):
+            yield sample
+        pending = 0
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of at most `size` items."""
+    buf: list = []
+    for it in items:
+        buf.append(it)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,256 @@
+"""PyTorch datasets over a baled tree: chunk-aware shuffling, exact splits, prefetch, resume.
+
+    ds = BaleIterableDataset("bale://demo/imagenet/train", shuffle=True, seed=0, decode=fn, label="dir")
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=8, pin_memory=True)
+
+The sample order of an epoch, its split across ranks x workers and the resume state are
+described in balefs.loaders.order; reading in balefs.loaders.source.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, split
+from .source import BaleSource, Label, SampleError, SkipCounter, samples
+
+STATE_VERSION = 1
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """rank and world size: as given, else from torch.distributed when initialised, else 0 and 1."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
+class _Prefetcher:
+    """Reads the next pieces in a background thread while the current one is consumed; holds at
+    most `depth` read pieces (memory: about depth + 1 windows of chunks)."""
+
+    def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, units), daemon=True, name="bale-prefetch")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: BaleSource, units: list[np.ndarray]) -> None:
+        try:
+            for rows in units:
+                if not self._put((rows, source.read(rows.tolist()))):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
+            return
+        self._put(None)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list]]:
+        try:
+            while (item := self._q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+
+class BaleIterableDataset(tud.IterableDataset):
+    """The samples of a baled tree, streamed chunk by chunk with a chunk-aware shuffle.
+
+    url: bale://VOLUME/path of a directory (its snapshot is built or reused).
+    decode: bytes -> sample (default: the raw bytes); label: None, 'dir' (class index from the
+    top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
+    shuffle_buffer: chunks whose samples are mixed together (memory: about that many chunks,
+    times prefetch + 1). prefetch: read-ahead depth in windows. drop_last: every consumer gets
+    floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
+    on_error: 'raise' (an error naming the sample) or 'skip' (count it in `skipped`, repeat a good one).
+    options: client options overriding the volume config (cache_size, cache_dir, ...).
+    """
+
+    def __init__(self, url: str, shuffle: bool = True, seed: int = 0, decode: Callable[[bytes], Any] | None = None,
+                 label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 4,
+                 prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 4096,
+                 rebuild: bool = False, **options: Any) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.source = BaleSource(url, rebuild=rebuild, **options)
+        self.url, self.shuffle, self.seed, self.decode, self.label = url, shuffle, seed, decode, label
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.window, self.prefetch, self.drop_last, self.on_error, self.piece = shuffle_buffer, prefetch, drop_last, on_error, piece
+        self.epoch = 0
+        self._resume: dict | None = None
+        self._live: tuple[Intervals, Part, int, int, int] | None = None  # base, part, taken, consumer, consumers
+        self._counter = SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped (on_error='skip') by iterations in this process."""
+        return self._counter.skipped
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names behind label='dir' (top directories, sorted)."""
+        return self.source.classes
+
+    def samples_per_rank(self, num_workers: int = 0) -> int:
+        """Samples each rank delivers in a full epoch with this many DataLoader workers."""
+        workers = max(1, num_workers)
+        n, t = len(self.source), self.world_size * workers
+        return workers * ((n // t) if self.drop_last else -(-n // t))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch`; a loaded state of another epoch no longer applies."""
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None
+        self.epoch = epoch
+
+    # -- order -----------------------------------------------------------------------------
+
+    def _order(self) -> tuple[np.ndarray, np.ndarray]:
+        return epoch_order(self.source.column("chunk"), self.seed, self.epoch, self.shuffle, self.window)
+
+    def _base(self) -> Intervals:
+        """Positions of this epoch consumed before this iteration (from a loaded state)."""
+        st = self._resume
+        return merge(st["consumed"]) if st is not None and st["epoch"] == self.epoch else []
+
+    def _consumers(self) -> tuple[int, int]:
+        info = tud.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[Any]:
+        consumer, consumers = self._consumers()
+        base, taken = self._base(), 0
+        st = self._resume
+        if st is not None and st["epoch"] == self.epoch and st.get("consumer") and st["consumer"][:2] == [consumer, consumers]:
+            base, taken = merge(st["base"]), st["consumer"][2]  # same layout (StatefulDataLoader): resume this share
+        order, bounds = self._order()
+        part = split(remaining(len(order), base), consumers, consumer, self.drop_last)
+        self._live = (base, part, taken, consumer, consumers)
+        units = pieces(part.positions[taken:], bounds, self.piece)
+        last: list = []
+        for positions, data in _Prefetcher(self.source, [order[u] for u in units], self.prefetch):
+            for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
+                                  self._counter, last):
+                taken += 1
+                self._live = (base, part, taken, consumer, consumers)
+                yield sample
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self, batches: int | None = None, batch_size: int | None = None,
+                   num_workers: int | None = None) -> dict:
+        """The resume state: epoch, seed and the consumed positions of the epoch's order.
+
+        Exact when called where the dataset is iterated (num_workers=0, or inside workers as
+        torchdata's StatefulDataLoader does). With a plain DataLoader and workers, pass the
+        batches this rank consumed, the batch size and num_workers (all ranks in lock step)."""
+        st = {"version": STATE_VERSION, "fingerprint": self.source.fingerprint, "seed": self.seed, "epoch": self.epoch,
+              "shuffle": self.shuffle, "shuffle_buffer": self.window, "drop_last": self.drop_last,
+              "samples": len(self.source)}
+        base = self._base()
+        if batches is not None:
+            if batch_size is None or num_workers is None:
+                raise ValueError("state_dict(batches=...) needs batch_size and num_workers too")
+            workers = max(1, num_workers)
+            consumers = self.world_size * workers
+            todo = remaining(len(self.source), base)
+            parts = [split(todo, consumers, c, self.drop_last) for c in range(consumers)]
+            seen = seen_by_workers(batches, batch_size, workers, len(parts[0].positions))
+            consumed = base + [iv for c, p in enumerate(parts) for iv in p.consumed(seen[c % workers])]
+        elif self._live is not None:
+            live_base, part, taken, consumer, consumers = self._live
+            consumed = live_base + part.consumed(taken)
+            st["base"], st["consumer"] = live_base, [consumer, consumers, taken]
+        else:
+            consumed = base
+        st["consumed"] = merge(consumed)
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a state of this dataset (refused, with the reason, for any other)."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a BaleIterableDataset state (version {STATE_VERSION}): {str(state)[:200]}")
+        if state["fingerprint"] != self.source.fingerprint:
+            raise ValueError(f"the state is of another dataset or another version of it (fingerprint "
+                             f"{state['fingerprint']}, {self.url} has {self.source.fingerprint}): refusing to resume")
+        for key, mine in (("shuffle", self.shuffle), ("shuffle_buffer", self.window), ("drop_last", self.drop_last)):
+            if state[key] != mine:
+                raise ValueError(f"the state was saved with {key}={state[key]!r}, this dataset has {mine!r}: "
+                                 "the epoch's order would differ")
+        self.seed, self.epoch, self._resume, self._live = state["seed"], state["epoch"], state, None
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One state from the states of several workers or ranks of one job (e.g. every worker state
+        of StatefulDataLoaders): their consumed positions united, loadable with any world size."""
+        if not states:
+            raise ValueError("no states to merge")
+        first = states[0]
+        keys = ("version", "fingerprint", "seed", "epoch", "shuffle", "shuffle_buffer", "drop_last")
+        for st in states[1:]:
+            if any(st[k] != first[k] for k in keys):
+                raise ValueError("states of different datasets or epochs cannot be merged")
+        out = {k: first[k] for k in (*keys, "samples")}
+        out["consumed"] = merge([iv for st in states for iv in st["consumed"]])
+        return out
+
+
+class BaleDataset(tud.Dataset):
+    """Map-style: index -> sample (indices in storage order), for any sampler. A DataLoader batch
+    is read with one batched read (__getitems__)."""
+
+    def __init__(self, url: str, decode: Callable[[bytes], Any] | None = None, label: Label = None,
+                 on_error: str = "raise", rebuild: bool = False, **options: Any) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.source = BaleSource(url, rebuild=rebuild, **options)
+        self.url, self.decode, self.label, self.on_error = url, decode, label, on_error
+        self._counter = SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        return self._counter.skipped
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        n = len(self.source)
+        rows = [int(i) + n if int(i) < 0 else int(i) for i in indices]
+        for i, r in zip(indices, rows):
+            if not 0 <= r < n:
+                raise IndexError(f"index {i} out of range for {n} samples")
+        out = list(samples(self.source, rows, self.source.read(rows), self.decode, self.label, self.on_error,
+                           self._counter, []))
+        if len(out) != len(rows):
+            raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
+        return out
