@@ -23,6 +23,19 @@ _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenie
                      "ExpiredToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed"}
 _OPTIONS = {"endpoint", "region", "connect_timeout", "read_timeout", "pool", "attempts"}
 CAPACITY = 1 << 50  # an object store reports no capacity: 1 PiB total and free
+_SESSION = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _session_unlocked():
+    """One boto3 session for every S3 node of the process (call with _SESSION_LOCK held): clients
+    made from it share its loaded service models, so opening many nodes is quick."""
+    global _SESSION
+    import boto3
+
+    if _SESSION is None:
+        _SESSION = boto3.session.Session()
+    return _SESSION
 
 
 def parse_s3_url(url: str) -> tuple[str, str, list[str], dict[str, str]]:
@@ -59,7 +72,8 @@ def normalize_s3_url(url: str) -> str:
 
 def classify_s3_error(exc: BaseException) -> str:
     """How PathSet treats a failed S3 request: fatal, throttled, path down or server error."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError,
+                                     ResponseStreamingError)
 
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -69,6 +83,8 @@ def classify_s3_error(exc: BaseException) -> str:
         return SERVER if status >= 500 else FATAL
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return FATAL
+    if isinstance(exc, ResponseStreamingError):
+        return SERVER  # a body cut short: retried; the path goes down only if it keeps happening
     if isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError)):
         return PATH_DOWN  # cannot connect, timed out, connection dropped mid-body
     try:
@@ -84,7 +100,6 @@ class S3Node:
     """A bucket/prefix on an S3-compatible store, reached over one or more endpoints (paths)."""
 
     def __init__(self, url: str) -> None:
-        import boto3
         from botocore.config import Config
 
         self.url = normalize_s3_url(url)
@@ -101,9 +116,10 @@ class S3Node:
             response_checksum_validation="when_required",
             tcp_keepalive=True,
         )
-        session = boto3.session.Session()
-        paths = [NodePath(ep or "aws", session.client("s3", endpoint_url=ep, region_name=region, config=config))
-                 for ep in (endpoints or [None])]
+        with _SESSION_LOCK:  # a session is not thread-safe; its clients are
+            session = _session_unlocked()
+            paths = [NodePath(ep or "aws", session.client("s3", endpoint_url=ep, region_name=region, config=config))
+                     for ep in (endpoints or [None])]
         policy = PathPolicy(attempts=int(float(opts.get("attempts", 6))))
         self.paths = PathSet(self.label, paths, classify_s3_error, self._probe, policy)
         self._probe_lock = threading.Lock()
