@@ -1,0 +1,277 @@
+"""PyTorch loaders over a baled tree: exact splits, chunk-aware shuffle, resume (also elastic), faults."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from balefs.loaders.device import DevicePrefetcher
+from balefs.loaders.order import epoch_order
+from balefs.loaders.source import SampleError
+from balefs.loaders.torch import BaleDataset, BaleIterableDataset
+from balefs.storage.client import Client
+
+from helpers import KiB, block_paths, blocks_of_file, flip_bit, payload
+
+N_FILES = 240
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create", "ignore:'set_vital' is deprecated")
+URL = "bale://vol/data"
+
+
+def _content(rel: str, i: int) -> bytes:
+    return f"{rel}|".encode() + payload(1 * KiB + (i * 37) % (5 * KiB), seed=i)
+
+
+@pytest.fixture
+def tree(make_volume, open_client) -> dict[str, bytes]:
+    """240 files in 4 class directories, in ~20 chunks of 64 KiB (blocks of 16 KiB)."""
+    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB)
+    client = open_client("vol")
+    files = {f"c{i % 4}/f{i:04d}.bin": None for i in range(N_FILES)}
+    with client.batch():
+        for i, rel in enumerate(files):
+            files[rel] = _content(rel, i)
+            client.write_file(f"data/{rel}", files[rel])
+    return files
+
+
+def name_of(sample: bytes) -> str:
+    return bytes(sample).split(b"|", 1)[0].decode()
+
+
+def collect(ds, num_workers: int = 0, batch_size: int = 8, **kw) -> list[list[str]]:
+    """Batches of file names, through a real DataLoader."""
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: [name_of(s) for s in b], **kw)
+    return list(loader)
+
+
+def test_every_sample_once_with_its_bytes_and_label(tree):
+    ds = BaleIterableDataset(URL, shuffle=True, seed=3, label="dir")
+    got = {name_of(s): (bytes(s), y) for s, y in ds}
+    assert got.keys() == tree.keys()
+    assert all(got[k][0] == v for k, v in tree.items())
+    assert all(ds.classes[y] == k.split("/")[0] for k, (_, y) in got.items())
+
+
+@pytest.mark.parametrize("ranks,workers,drop_last", [(2, 2, False), (3, 1, True), (1, 3, False)])
+def test_exact_split_across_ranks_and_workers(tree, ranks, workers, drop_last):
+    per_rank = []
+    for r in range(ranks):
+        ds = BaleIterableDataset(URL, seed=1, rank=r, world_size=ranks, drop_last=drop_last)
+        per_rank.append([n for b in collect(ds, workers, batch_size=7) for n in b])
+    counts = collections.Counter(n for names in per_rank for n in names)
+    assert len({len(p) for p in per_rank}) == 1, "every rank must deliver the same number of samples"
+    consumers = ranks * workers
+    if drop_last:
+        assert all(c == 1 for c in counts.values()) and len(counts) == N_FILES // consumers * consumers
+    else:
+        assert counts.keys() == tree.keys()
+        assert sum(counts.values()) - N_FILES == -N_FILES % consumers  # pads only
+    assert len(per_rank[0]) == BaleIterableDataset(URL, world_size=ranks, drop_last=drop_last).samples_per_rank(workers)
+
+
+def test_more_workers_than_chunks(make_volume, open_client):
+    make_volume("vol")
+    client = open_client("vol")
+    with client.batch():
+        for i in range(5):
+            client.write_file(f"data/f{i}", f"f{i}|x".encode())
+    ds = BaleIterableDataset(URL)
+    assert len(ds.source.snapshot.chunks()) == 1
+    names = [n for b in collect(ds, num_workers=3, batch_size=2) for n in b]
+    assert sorted(set(names)) == [f"f{i}" for i in range(5)] and len(names) == 6  # 3 workers x 2, one pad
+
+
+def test_order_is_seeded_per_epoch_and_independent_of_world_size(tree):
+    one = BaleIterableDataset(URL, seed=5)
+    groups = one.source.column("chunk")
+    s0, _ = epoch_order(groups, 5, 0, True, 4)
+    assert not np.array_equal(s0, epoch_order(groups, 5, 1, True, 4)[0])
+    assert np.array_equal(s0, epoch_order(groups, 5, 0, True, 4)[0])
+    # the canonical order, cut into the shares of 1 and of 3 ranks, is the same sequence
+    whole = [name_of(s) for s in one]
+    three = [[name_of(s) for s in BaleIterableDataset(URL, seed=5, rank=r, world_size=3)] for r in range(3)]
+    assert whole == [n for part in three for n in part]
+    one.set_epoch(1)
+    assert [name_of(s) for s in one] != whole
+
+
+def _spread(names: list[str], storage: dict[str, int], batch: int) -> float:
+    """Mean number of distinct storage groups (of 24 files) per batch, over that of a random order."""
+    def mean_groups(seq):
+        return np.mean([len({storage[n] // 24 for n in seq[i:i + batch]}) for i in range(0, len(seq), batch)])
+    rnd = list(names)
+    np.random.default_rng(0).shuffle(rnd)
+    return mean_groups(names) / mean_groups(rnd)
+
+
+def test_shuffle_quality(tree):
+    storage = {name_of(s): i for i, s in enumerate(BaleIterableDataset(URL, shuffle=False))}
+    plain = [name_of(s) for s in BaleIterableDataset(URL, shuffle=False)]
+    mixed = [name_of(s) for s in BaleIterableDataset(URL, shuffle=True, shuffle_buffer=8)]
+    q_plain, q_mixed = _spread(plain, storage, 16), _spread(mixed, storage, 16)
+    rank_corr = abs(np.corrcoef([storage[n] for n in mixed], np.arange(len(mixed)))[0, 1])
+    assert q_plain < 0.4 < 0.75 < q_mixed  # a batch mixes about as many places as a random one
+    assert rank_corr < 0.5
+
+
+def test_resume_with_other_workers_and_world_size(tree):
+    """2 ranks x 2 workers consume 5 batches each; 3 ranks x 1 worker finish the epoch exactly."""
+    first = []
+    for r in range(2):
+        ds = BaleIterableDataset(URL, seed=9, rank=r, world_size=2)
+        ds.set_epoch(2)
+        batches = iter(collect(ds, num_workers=2, batch_size=6))
+        first += [n for _ in range(5) for n in next(batches)]
+    state = ds.state_dict(batches=5, batch_size=6, num_workers=2)
+    assert len(str(state)) < 2000 and state["epoch"] == 2
+    rest = []
+    for r in range(3):
+        ds2 = BaleIterableDataset(URL, seed=0, rank=r, world_size=3)
+        ds2.load_state_dict(state)
+        ds2.set_epoch(2)
+        rest += [n for b in collect(ds2, num_workers=0, batch_size=6) for n in b]
+    assert not set(first) & set(rest)
+    assert set(first) | set(rest) == tree.keys()
+    assert len(rest) - len(set(rest)) < 3  # pads only
+
+
+def test_resume_in_process_state_is_exact(tree):
+    ds = BaleIterableDataset(URL, seed=2, label="dir")
+    it = iter(ds)
+    head = [name_of(next(it)[0]) for _ in range(50)]
+    state = ds.state_dict()
+    ds2 = BaleIterableDataset(URL, seed=2, label="dir")
+    ds2.load_state_dict(state)
+    tail = [name_of(s) for s, _ in ds2]
+    assert head + tail == [name_of(s) for s, _ in BaleIterableDataset(URL, seed=2, label="dir")]
+
+
+def test_stateful_dataloader_resume_and_merge(tree):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader(ds):
+        return StatefulDataLoader(ds, batch_size=5, num_workers=2, collate_fn=lambda b: [name_of(s) for s in b])
+
+    ds = BaleIterableDataset(URL, seed=4)
+    dl = loader(ds)
+    it = iter(dl)
+    head = [n for _ in range(7) for n in next(it)]
+    sd = dl.state_dict()
+    del it
+    rest = [n for b in loader_resumed(loader, sd) for n in b]
+    assert sorted(head + rest) == sorted(tree.keys())  # 240 = 2 x 120: no pads
+    # the workers' states merged: one state for any layout (here: in process, no workers)
+    worker_states = [w["dataset_state"] for w in sd["_snapshot"]["_worker_snapshots"].values()]
+    merged = BaleIterableDataset.merge_states(worker_states)
+    ds3 = BaleIterableDataset(URL, seed=4)
+    ds3.load_state_dict(merged)
+    assert sorted(head + [name_of(s) for s in ds3]) == sorted(tree.keys())
+
+
+def loader_resumed(make, sd):
+    dl = make(BaleIterableDataset(URL, seed=4))
+    dl.load_state_dict(sd)
+    return list(dl)
+
+
+def test_training_steps_of_a_tiny_model(tree):
+    def decode(b: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b[-64:]), dtype=torch.uint8).float() / 255
+
+    ds = BaleIterableDataset(URL, seed=0, decode=decode, label="dir")
+    loader = DataLoader(ds, batch_size=16, num_workers=2)
+    model = torch.nn.Linear(64, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    losses = []
+    for x, y in DevicePrefetcher(loader):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert len(losses) == 2 * -(-N_FILES // 2 // 16) and all(np.isfinite(losses))
+    assert not torch.equal(before, model.weight)  # (each worker ends on a short batch)
+
+
+def test_map_style_with_random_sampler(tree):
+    ds = BaleDataset(URL, label="dir")
+    assert len(ds) == N_FILES
+    loader = DataLoader(ds, batch_size=10, num_workers=2, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
+                        collate_fn=lambda b: b)
+    got = {name_of(s): (bytes(s), y) for batch in loader for s, y in batch}
+    assert got.keys() == tree.keys() and all(got[k][0] == v for k, v in tree.items())
+    assert bytes(ds[-1][0]) == tree[ds.source.paths[-1]]
+
+
+def test_device_prefetcher_passes_batches_through_on_cpu():
+    batches = [(torch.ones(2), {"y": torch.zeros(1)}), (torch.ones(3), {"y": torch.ones(1)})]
+    pre = DevicePrefetcher(batches, device="cpu")
+    assert not pre.active and list(pre) == batches
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+def test_missing_or_empty_path(volume, client):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        BaleIterableDataset("bale://vol/nope")
+    client.mkdir("empty")
+    with pytest.raises(FileNotFoundError, match="no files"):
+        BaleDataset("bale://vol/empty")
+
+
+def _corrupt(rel: str) -> set[str]:
+    """Flip a bit in the blocks of a file; return every file of the tree with bytes in them."""
+    client = Client.open("vol")
+    try:
+        bad = blocks_of_file(client, f"data/{rel}")
+        for rec in bad:
+            flip_bit(block_paths(client, rec)[0], 40)
+        keys = {(r.chunk, r.idx) for r in bad}
+        return {p[5:] for p, _ in client.walk("data") if not p.startswith("data/.")
+                and client.stat(p).kind == "f" and keys & {(r.chunk, r.idx) for r in blocks_of_file(client, p)}}
+    finally:
+        client.close()
+
+
+def test_corrupt_block_names_the_file_or_is_skipped(tree):
+    ds = BaleIterableDataset(URL, shuffle=False, label="dir")
+    victims = _corrupt(ds.source.paths[100])
+    with pytest.raises(SampleError, match=r"bale://vol/data/c\d/f\d+\.bin: corrupt chunk \d+ block") as err:
+        list(BaleIterableDataset(URL, shuffle=False))
+    assert str(err.value).split(": ")[0][len("bale://vol/data/"):] in victims
+    skip = BaleIterableDataset(URL, shuffle=False, on_error="skip")
+    names = [name_of(s) for s in skip]
+    assert len(names) == N_FILES and skip.skipped == len(victims)  # each replaced by a repeat
+    assert set(tree) - set(names) == victims
+    m = BaleDataset(URL, on_error="skip")
+    assert len(m.__getitems__([0, 100])) == 2 and m.skipped == 1
+
+
+def test_decode_error_names_the_sample(tree):
+    def decode(b: bytes):
+        if name_of(b).endswith("0007.bin"):
+            raise ValueError("bad jpeg")
+        return b
+
+    with pytest.raises(SampleError, match=r"data/c3/f0007\.bin: decode failed: ValueError\('bad jpeg'\)"):
+        list(BaleIterableDataset(URL, decode=decode))
+    ds = BaleIterableDataset(URL, decode=decode, on_error="skip")
+    assert len(list(ds)) == N_FILES and ds.skipped == 1
+
+
+def test_resume_from_another_dataset_is_refused(tree, open_client):
+    open_client("vol").write_file("other/a/x", b"x|1")
+    state = BaleIterableDataset("bale://vol/other").state_dict()
+    ds = BaleIterableDataset(URL)
+    with pytest.raises(ValueError, match="another dataset"):
+        ds.load_state_dict(state)
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        ds.load_state_dict(BaleIterableDataset(URL, shuffle_buffer=2).state_dict())
+    with pytest.raises(ValueError, match="not a BaleIterableDataset state"):
+        ds.load_state_dict({"epoch": 1})
