@@ -521,5 +521,24 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
     click.echo(umount(mountpoint, lazy=lazy), err=True)
 
 
+@main.command()
+@click.argument("url")
+@click.option("--rebuild", is_flag=True, help="Build it anew even when the stored snapshot is fresh.")
+@user_errors
+def snapshot(url: str, rebuild: bool) -> None:
+    """Freeze the listing of a tree into a snapshot index (Arrow IPC, stored in the volume) that
+    loaders memory-map: readers then make no metadata queries. Reused while the tree is unchanged."""
+    from .storage.snapshot import open_snapshot
+
+    volume, tree = parse_url(url)
+    t0 = time.monotonic()
+    with Client.open(volume) as client:
+        snap = open_snapshot(client, tree, rebuild=rebuild)
+    size = int(snap.column("size").sum())
+    click.echo(f"snapshot of bale://{volume}/{tree}: {len(snap)} files, {_human(size)}, {len(snap.chunks())} chunks, "
+               f"{len(snap.classes)} classes, fingerprint {snap.fingerprint} in {time.monotonic() - t0:.1f}s; "
+               f"stored at bale://{volume}/{snap.location}")
+
+
 if __name__ == "__main__":
     main()
