@@ -1,0 +1,92 @@
+"""The DALI pipeline (CPU decoding: device_id=None) and the Ray Data datasource over a baled tree."""
+from __future__ import annotations
+
+import collections
+import io
+import os
+
+import numpy as np
+import pytest
+
+from balefs.storage.client import Client
+from balefs.storage.config import VolumeConfig
+
+from helpers import KiB
+
+
+def _jpeg(value: int, h: int, w: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_dali_pipeline_decodes_on_cpu(make_volume, open_client):
+    pytest.importorskip("PIL")
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from balefs.loaders.dali import bale_pipeline
+
+    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB)
+    client = open_client("vol")
+    with client.batch():
+        for i in range(30):  # class k{c}: images of grey level 40 * c + 20
+            client.write_file(f"img/k{i % 3}/x{i:02d}.jpg", _jpeg(40 * (i % 3) + 20, 12 + i % 5, 10))
+    pipe = bale_pipeline("bale://vol/img", batch_size=8, num_threads=1, device_id=None, shuffle=True, seed=0,
+                         size=(8, 8), py_num_workers=1)
+    it = DALIGenericIterator(pipe, ["images", "labels"])
+    for epoch in range(2):
+        seen = collections.Counter()
+        for batch in it:
+            images, labels = batch[0]["images"], batch[0]["labels"].flatten()
+            assert images.shape == (8, 8, 8, 3)
+            for img, lab in zip(images, labels):  # the decoded pixels match the label's grey level
+                assert abs(float(img.float().mean()) - (40 * int(lab) + 20)) < 6
+            seen.update(labels.tolist())
+        it.reset()
+        assert sum(seen.values()) == 32 and set(seen) == {0, 1, 2}  # 30 samples, the last batch padded
+
+
+@pytest.fixture(scope="module")
+def ray_volume(tmp_path_factory):
+    """One Ray runtime for the module (slow to start) and a volume its workers can open."""
+    ray = pytest.importorskip("ray")
+    home = tmp_path_factory.mktemp("ray-home")
+    old = os.environ.get("BALEFS_HOME")
+    os.environ["BALEFS_HOME"] = str(home)
+    nodes = [home / f"n{i}" for i in range(2)]
+    for d in nodes:
+        d.mkdir()
+    cfg = Client.init("rayvol", [str(d) for d in nodes], chunk_size=64 * KiB, block_size=16 * KiB)
+    files = {}
+    with Client(cfg) as client, client.batch():
+        for i in range(120):
+            files[f"k{i % 4}/f{i:03d}"] = f"f{i:03d}|".encode() * (100 + 10 * i)
+            client.write_file(f"ds/k{i % 4}/f{i:03d}", files[f"k{i % 4}/f{i:03d}"])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield cfg, files, str(home)
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("BALEFS_HOME", None)
+    else:
+        os.environ["BALEFS_HOME"] = old
+
+
+def test_ray_datasource_reads_whole_chunks_per_task(ray_volume, monkeypatch):
+    import ray
+
+    from balefs.loaders.ray import BaleDatasource
+
+    cfg, files, home = ray_volume
+    monkeypatch.setenv("BALEFS_HOME", home)
+    src = BaleDatasource("bale://rayvol/ds")
+    tasks = src.get_read_tasks(3)
+    assert len(tasks) == 3 and sum(t.metadata.num_rows for t in tasks) == 120
+    chunks = src.source.column("chunk")
+    groups = [set(chunks[sum(t.metadata.num_rows for t in tasks[:i]):][:tasks[i].metadata.num_rows]) for i in range(3)]
+    assert not (groups[0] & groups[1]) and not (groups[1] & groups[2])  # no chunk split between tasks
+    rows = ray.data.read_datasource(src, override_num_blocks=3).take_all()
+    got = {r["path"]: (r["bytes"], r["label"]) for r in rows}
+    assert got.keys() == files.keys()
+    assert all(got[p][0] == files[p] and got[p][1] == int(p[1]) for p in files)
