@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -221,6 +222,7 @@ def main() -> None:
     ap.add_argument("--cut-at", type=float, default=7.0)
     ap.add_argument("--duration", type=float, default=15.0)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the testbed is torn down
     os.environ.update({"AWS_ACCESS_KEY_ID": "testbed", "AWS_SECRET_ACCESS_KEY": "testbed", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ["BALEFS_HOME"] = tempfile.mkdtemp(prefix="balefs-remote-")
     print(f"# benchmarks/remote.py {' '.join(sys.argv[1:])}")
