@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from balefs.storage.client import Client
-from balefs.storage.config import VolumeConfig
 
 from helpers import KiB
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -183,14 +183,3 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
             yield sample
         pending = 0
 
-
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    """Consecutive lists of at most `size` items."""
-    buf: list = []
-    for it in items:
-        buf.append(it)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
