@@ -89,12 +89,22 @@ def index_of(data: bytes) -> int:
 
 
 def pack(batch: list[tuple[bytes, int]]):
-    """Collate (every loader): the batch's bytes in one uint8 tensor (one shared-memory transfer from
-    the worker, not 256 pickled objects), with offsets and labels."""
+    """Collate (every loader): the batch's bytes copied once into one uint8 tensor, in shared memory
+    when in a worker (as default_collate does), so the batch crosses to the consumer as one tensor,
+    not 256 pickled objects; with offsets and labels."""
     import torch
+    from torch.utils.data import get_worker_info
 
     sizes = [len(d) for d, _ in batch]
-    blob = torch.frombuffer(bytearray(b"".join(bytes(d) for d, _ in batch)), dtype=torch.uint8)
+    total = sum(sizes)
+    if get_worker_info() is not None:
+        blob = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    else:
+        blob = torch.empty(total, dtype=torch.uint8)
+    view, pos = memoryview(blob.numpy()), 0
+    for (d, _), n in zip(batch, sizes):
+        view[pos:pos + n] = d
+        pos += n
     offs = torch.tensor(np.r_[0, np.cumsum(sizes)], dtype=torch.int64)
     return blob, offs, torch.tensor([int(y) for _, y in batch], dtype=torch.int64)
 
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--shard-files", type=int, default=2000, help="files per WebDataset shard (default 2000, ~70 MB)")
     p.add_argument("--wds-buffer", type=int, default=5000, help="WebDataset sample shuffle buffer (per worker)")
-    p.add_argument("--shuffle-chunks", type=int, default=4, help="BaleIterableDataset shuffle_buffer, in chunks")
+    p.add_argument("--shuffle-chunks", type=int, default=8, help="BaleIterableDataset shuffle_buffer, in chunks")
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--workdir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the files, shards and volume")

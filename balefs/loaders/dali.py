@@ -56,7 +56,7 @@ class BaleBatchSource:
 
 
 def bale_pipeline(url: str, batch_size: int, num_threads: int = 2, device_id: int | None = None,
-                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 4,
+                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 8,
                   drop_last: bool = False, py_num_workers: int = 2, prefetch_queue_depth: int = 2,
                   size: tuple[int, int] | None = None, **options: Any):
     """A built DALI pipeline with outputs (images HWC uint8 RGB, labels int32 from the top directory).

@@ -80,15 +80,16 @@ class BaleIterableDataset(tud.IterableDataset):
     url: bale://VOLUME/path of a directory (its snapshot is built or reused).
     decode: bytes -> sample (default: the raw bytes); label: None, 'dir' (class index from the
     top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
-    shuffle_buffer: chunks whose samples are mixed together (memory: about that many chunks,
-    times prefetch + 1). prefetch: read-ahead depth in windows. drop_last: every consumer gets
+    shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the client's block
+    cache, bounded by cache_size: keep it above shuffle_buffer x chunk size). prefetch: read units
+    (at most `piece` samples of one window) read ahead in a background thread. drop_last: every consumer gets
     floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
     on_error: 'raise' (an error naming the sample) or 'skip' (count it in `skipped`, repeat a good one).
     options: client options overriding the volume config (cache_size, cache_dir, ...).
     """
 
     def __init__(self, url: str, shuffle: bool = True, seed: int = 0, decode: Callable[[bytes], Any] | None = None,
-                 label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 4,
+                 label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 8,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 4096,
                  rebuild: bool = False, **options: Any) -> None:
         if on_error not in ("raise", "skip"):
