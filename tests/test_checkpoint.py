@@ -150,15 +150,18 @@ def test_retention_keeps_the_last_n(volume) -> None:
 
 def slow_nodes(client: Client, delay: float, fail: BaseException | None = None) -> None:
     for node in client.nodes.values():
-        put = node.put
+        for method in ("put", "put_deferred"):  # local nodes take bulk writes through put_deferred
+            put = getattr(node, method, None)
+            if put is None:
+                continue
 
-        def slow(key, data, put=put):
-            time.sleep(delay)
-            if fail is not None:
-                raise fail
-            put(key, data)
+            def slow(key, data, put=put):
+                time.sleep(delay)
+                if fail is not None:
+                    raise fail
+                put(key, data)
 
-        node.put = slow
+            setattr(node, method, slow)
 
 
 def test_second_save_waits_or_is_refused(volume) -> None:
@@ -205,12 +208,12 @@ KILL_SCRIPT = textwrap.dedent("""
     c = Checkpointer("bale://vol/runs/r")
     c.save(1, {"w": torch.full((1000,), 1.0)}).result()
     for node in c.client.nodes.values():
-        put = node.put
+        put = node.put_deferred
         def slow(key, data, put=put):
             put(key, data)
             print("block", flush=True)
             time.sleep(0.05)
-        node.put = slow
+        node.put_deferred = slow
     c.save(2, {"w": torch.randn(2_000_000), "v": torch.randn(100)})
     time.sleep(60)
 """)

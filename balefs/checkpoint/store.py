@@ -101,7 +101,7 @@ class StepWriter:
                 except FileNotFoundError:
                     fw = None
             if fw is None:
-                fw = self.client.open_write(target, check_parent=False)
+                fw = self.client.open_write(target, check_parent=False, content_hash=digest)  # hashed once, here
                 fw.write(memoryview(s.data.numpy()))
                 self.written_bytes += nbytes
             self.files.append(fw)

@@ -79,6 +79,7 @@ class FileWriter:
     closed: bool = False
     mtime_ns: int | None = None
     known_hash: str | None = None  # the content hash when the bytes are shared, not written (reference_write)
+    content_hash: str | None = None  # the xxh3-128 of every byte to be written, computed by the caller: not hashed again
 
     def __post_init__(self) -> None:
         self._hash = xxhash.xxh3_128()
@@ -93,7 +94,8 @@ class FileWriter:
         if self.first_gen < 0:
             self.first_gen = gen
         self.last_gen = gen
-        self._hash.update(data)
+        if self.content_hash is None:
+            self._hash.update(data)
         for chunk, coff, length in pieces:
             last = self.extents[-1] if self.extents else None
             if last and last.chunk == chunk and last.chunk_off + last.length == coff and last.off + last.length == self.size:
@@ -104,7 +106,12 @@ class FileWriter:
         return n
 
     def as_write(self) -> FileWrite:
-        digest = self.known_hash if self.known_hash is not None and self.first_gen < 0 else self._hash.hexdigest()
+        if self.content_hash is not None:
+            digest = self.content_hash
+        elif self.known_hash is not None and self.first_gen < 0:
+            digest = self.known_hash
+        else:
+            digest = self._hash.hexdigest()
         return FileWrite(self.path, list(self.extents), self.size, digest, self.mode, self.mtime_ns, self.exclusive)
 
     def close(self) -> None:
@@ -367,11 +374,13 @@ class Client:
         return self._writer
 
     def open_write(self, path: str, append: bool = False, exclusive: bool = False, mode: int = 0o644,
-                   check_parent: bool = True) -> FileWriter:
+                   check_parent: bool = True, content_hash: str | None = None) -> FileWriter:
         """Start writing a file; it becomes visible when closed (or when its batch ends).
 
         check_parent fails early when a parent is a file; bulk writers that already checked
-        a directory pass False (the commit refuses such a path all the same)."""
+        a directory pass False (the commit refuses such a path all the same). content_hash: the
+        xxh3-128 hex digest of all the bytes the caller will write, when it has computed it
+        already (the file's bytes are then not hashed a second time; a wrong one is the caller's bug)."""
         parent_path, name = _parent(path)
         if not name:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or "/")
@@ -382,7 +391,9 @@ class Client:
                 return self.extend_write(path, self.open_read(path))
             except FileNotFoundError:
                 pass
-        return FileWriter(self, "/".join(split_path(path)), mode, exclusive)
+        fw = FileWriter(self, "/".join(split_path(path)), mode, exclusive)
+        fw.content_hash = content_hash
+        return fw
 
     def _check_parent(self, parent_path: str, path: str) -> None:
         """Fail early (before any byte is written) when a parent component is a file."""

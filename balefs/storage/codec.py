@@ -34,6 +34,12 @@ class BlockCodec:
 
     def encode(self, raw: bytes | memoryview) -> bytes:
         """Return header + payload for `raw`."""
+        return b"".join(self.encode_parts(raw))
+
+    def encode_parts(self, raw: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
+        """(header, payload) of the encoded block, without joining them: the payload is `raw`
+        itself when it is stored uncompressed, so a node that writes both parts at once
+        (os.writev) never copies the block in memory."""
         flags = 0
         payload: bytes | memoryview = raw
         if self.compression == "lz4" and len(raw) > 64:
@@ -41,7 +47,7 @@ class BlockCodec:
             if len(packed) < len(raw):
                 payload, flags = packed, FLAG_LZ4
         head = _HEAD.pack(MAGIC, VERSION, flags, 0, len(raw), len(payload), xxhash.xxh3_64_intdigest(raw))
-        return b"".join((head, _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head)), payload))
+        return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head)), payload
 
     @staticmethod
     def decode(blob: bytes | memoryview) -> bytes | memoryview:
