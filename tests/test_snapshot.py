@@ -84,3 +84,19 @@ def test_cli_snapshot(tree):
     assert snapshot_location("t").encode() in out.stdout
     bad = run_cli("snapshot", "bale://vol/nope")
     assert bad.returncode == 1 and b"balefs: error:" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+def test_local_copy_is_shared_and_crash_leftovers_are_cleaned(tree, balefs_home):
+    import os
+
+    snap = open_snapshot(tree, "t")
+    local = os.path.dirname(snap.local_path)
+    assert os.path.dirname(local) == str(balefs_home / "cache")
+    stale, fresh = os.path.join(local, "x.part"), os.path.join(local, "y.part")
+    for p in (stale, fresh):
+        open(p, "wb").close()
+    os.utime(stale, (0, 0))
+    os.unlink(snap.local_path)  # the next open copies it again (and sweeps old partial copies)
+    again = open_snapshot(tree, "t")
+    assert again.local_path == snap.local_path and os.path.exists(again.local_path)
+    assert not os.path.exists(stale) and os.path.exists(fresh)

@@ -185,6 +185,18 @@ def load_local(local_path: str, location: str = "") -> Snapshot:
                     local_path, location)
 
 
+def _drop_stale_parts(where: str, age_s: float = 3600.0) -> None:
+    """Remove partial copies left by a process killed while writing one (older than `age_s`)."""
+    now = time.time()
+    for name in os.listdir(where):
+        if name.endswith(".part"):
+            try:
+                if now - os.path.getmtime(os.path.join(where, name)) > age_s:
+                    os.unlink(os.path.join(where, name))
+            except OSError:
+                pass
+
+
 def _local_copy(client: "Client", location: str) -> str:
     """A local file with the bytes of the snapshot at `location`, named by its content hash."""
     node = client.stat(location)
@@ -192,6 +204,7 @@ def _local_copy(client: "Client", location: str) -> str:
     if os.path.exists(path) and os.path.getsize(path) == node.size:
         return path
     os.makedirs(_local_dir(), exist_ok=True)
+    _drop_stale_parts(_local_dir())
     fd, tmp = tempfile.mkstemp(dir=_local_dir(), suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
