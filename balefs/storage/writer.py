@@ -16,11 +16,14 @@ Durability in batches: on nodes that offer put_deferred/sync (local directories)
 written without waiting for the disk (its writeback starts at once), and take() makes every
 block it returns durable first (the files' data in parallel, then their directories), so a
 commit never books a block that a crash could lose, and one flush serves all the blocks of a
-commit instead of an fsync (and a directory fsync) per block. Block buffers are reused, and a
-block's header and payload go to the node as two buffers (writev): no copy of the block.
+commit instead of an fsync (and a directory fsync) per block. Block buffers are page-aligned
+memory, reused from block to block, with room for the block's header in front of its bytes:
+an uncompressed block goes to the node as one buffer, never copied (a local node writes it
+with O_DIRECT).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import threading
@@ -28,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 from ..errors import NodeError
-from .codec import BlockCodec
+from .codec import HEADER_SIZE, BlockCodec
 from .meta import BlockRecord
 from .node import Node, node_is_up
 from .placement import Placement
@@ -70,9 +73,9 @@ class ChunkWriter:
         self._chunk_off = 0
         self._block_idx = 0
         self._block_start = 0
-        self._buf: bytearray | None = None  # the block being filled (block_size bytes), reused once uploaded
+        self._buf: mmap.mmap | None = None  # the block being filled: header room, then block_size bytes
         self._fill = 0  # bytes of it filled
-        self._free: list[bytearray] = []  # uploaded block buffers, ready for reuse (no page faults)
+        self._free: list[mmap.mmap] = []  # uploaded block buffers, ready for reuse (no page faults)
         self._free_max = max(2, min(inflight, (64 << 20) // max(1, block_size)))
         self._unsynced: list[tuple[int, int, int, tuple[int, ...]]] = []  # (chunk, idx, gen, nodes) not yet synced
         self._sync_pool: ThreadPoolExecutor | None = None
@@ -103,8 +106,9 @@ class ChunkWriter:
                     self._open_chunk()
                 n = min(len(view), self.block_size - self._fill, self.chunk_size - self._chunk_off)
                 if self._buf is None:
-                    self._buf = self._free.pop() if self._free else bytearray(self.block_size)
-                self._buf[self._fill:self._fill + n] = view[:n]  # same length: a copy, never a resize
+                    self._buf = self._free.pop() if self._free else mmap.mmap(-1, HEADER_SIZE + self.block_size)
+                at = HEADER_SIZE + self._fill
+                self._buf[at:at + n] = view[:n]
                 self._fill += n
                 pieces.append((self._chunk, self._chunk_off, n))
                 self._chunk_off += n
@@ -141,11 +145,15 @@ class ChunkWriter:
         self._inflight.add(fut)
         fut.add_done_callback(self._retire)
 
-    def _upload(self, chunk: int, idx: int, off: int, buf: bytearray, fill: int, gen: int) -> BlockRecord:
+    def _upload(self, chunk: int, idx: int, off: int, buf: mmap.mmap, fill: int, gen: int) -> BlockRecord:
         """Encode and store one block on its nodes; book the result before the future completes."""
-        raw = memoryview(buf)[:fill]
+        whole = memoryview(buf)
+        raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
-            parts = self._codec.encode_parts(raw)
+            parts: tuple = self._codec.encode_parts(raw)
+            if parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
+                whole[:HEADER_SIZE] = parts[0]
+                parts = (whole[:HEADER_SIZE + fill],)
             node_ids, deferred = self._store(chunk, idx, parts)
             rec = BlockRecord(chunk, idx, off, fill, sum(len(p) for p in parts), node_ids)
         except BaseException as exc:
@@ -156,7 +164,7 @@ class ChunkWriter:
             raise
         finally:
             parts = None
-            self._recycle(buf, raw)
+            self._recycle(buf, (raw, whole))
             self._slots.release()
         with self._lock:
             if deferred:
@@ -178,14 +186,15 @@ class ChunkWriter:
         self._chunk = None
         self._fill = 0
 
-    def _recycle(self, buf: bytearray, raw: memoryview) -> None:
+    def _recycle(self, buf: mmap.mmap, views: tuple[memoryview, ...]) -> None:
         """Take back an uploaded block's buffer for a later block (no node keeps a reference to it)."""
         try:
-            raw.release()
+            for v in views:
+                v.release()
         except BufferError:  # something still holds a view of it: leave it to the garbage collector
             return
         with self._lock:
-            if len(self._free) < self._free_max and len(buf) == self.block_size:
+            if len(self._free) < self._free_max and len(buf) == HEADER_SIZE + self.block_size:
                 self._free.append(buf)
 
     def _store(self, chunk: int, idx: int, parts: tuple) -> tuple[tuple[int, ...], tuple[int, ...]]:
