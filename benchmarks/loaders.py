@@ -8,8 +8,8 @@ each through a torch DataLoader with the same number of workers, batch size and 
 
   (a) loose     map-style dataset over the files on the local disk, shuffle=True (the peer)
   (b) wds       WebDataset over tar shards of the same files (shard shuffle + sample buffer)
-  (c) bale-iter BaleIterableDataset (chunk-aware shuffle)
-  (d) bale-map  BaleDataset with a RandomSampler (one batched read per batch)
+  (c) bale-iter BaleIterableDataset (chunk-aware shuffle; zero_copy: samples are views into blocks)
+  (d) bale-map  BaleDataset with a RandomSampler (one batched read per batch; zero_copy)
 
 each cold (page cache dropped, fresh worker processes and clients) and warm (a second pass,
 page cache warm; each pass forks fresh workers, so balefs block caches start empty both
@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         if which == "b":
             return DataLoader(wds_dataset(urls, args.wds_buffer, args.seed), **dl)
         if which == "c":
-            return DataLoader(BaleIterableDataset(url, shuffle=True, seed=args.seed, label="dir",
+            return DataLoader(BaleIterableDataset(url, shuffle=True, seed=args.seed, label="dir", zero_copy=True,
                                                   shuffle_buffer=args.shuffle_chunks), **dl)
-        return DataLoader(BaleDataset(url, label="dir", cache_size=int(ds.total * 1.2)), shuffle=True, generator=gen, **dl)
+        return DataLoader(BaleDataset(url, label="dir", zero_copy=True, cache_size=int(ds.total * 1.2)), shuffle=True,
+                          generator=gen, **dl)
 
     names = {"a": "(a) loose files", "b": "(b) WebDataset", "c": "(c) BaleIterableDataset", "d": "(d) BaleDataset+RandomSampler"}
     results: dict[tuple[str, str], sf.Result] = {}

@@ -275,3 +275,12 @@ def test_resume_from_another_dataset_is_refused(tree, open_client):
         ds.load_state_dict(BaleIterableDataset(URL, shuffle_buffer=2).state_dict())
     with pytest.raises(ValueError, match="not a BaleIterableDataset state"):
         ds.load_state_dict({"epoch": 1})
+
+
+def test_zero_copy_samples_are_read_only_views_with_the_right_bytes(tree):
+    raw = next(iter(BaleIterableDataset(URL, zero_copy=True)))
+    assert isinstance(raw, memoryview) and raw.readonly
+    got = {name_of(s): s for s in BaleIterableDataset(URL, zero_copy=True, decode=bytes)}
+    assert got == tree
+    loader = DataLoader(BaleDataset(URL, zero_copy=True, decode=bytes), batch_size=50, num_workers=2, collate_fn=lambda b: b)
+    assert {name_of(s): s for batch in loader for s in batch} == tree

@@ -122,12 +122,13 @@ class BaleSource:
             return [Extent(0, int(self.column("chunk")[row]), int(self.column("offset")[row]), size)] if size else []
         return self.snapshot.extents([row])[0]
 
-    def read(self, rows: Sequence[int]) -> list[bytes | Exception]:
+    def read(self, rows: Sequence[int], views: bool = False) -> list[bytes | memoryview | Exception]:
         """The bytes of the files at `rows` (one batched read: each block fetched once); an error
-        per sample names its file. Bytes moved since the snapshot (gc) are read by path instead."""
+        per sample names its file. Bytes moved since the snapshot (gc) are read by path instead.
+        With views, a file held in one block is a read-only view into it (no copy)."""
         sizes = self.column("size")
         reqs = [(self._extents(r), 0, int(sizes[r])) for r in rows]
-        out = self.client.reader.read_many(reqs)
+        out = self.client.reader.read_many(reqs, views=views)
         moved = [i for i, d in enumerate(out) if isinstance(d, NodeError) and not isinstance(d, CorruptBlockError)]
         if moved:
             again = self.client.read_ranges([(self._full_path(rows[i]), 0, None) for i in moved])

@@ -38,7 +38,8 @@ class _Prefetcher:
     """Reads the next pieces in a background thread while the current one is consumed; holds at
     most `depth` read pieces (memory: about depth + 1 windows of chunks)."""
 
-    def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int) -> None:
+    def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int, views: bool) -> None:
+        self._views = views
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source, units), daemon=True, name="bale-prefetch")
@@ -56,7 +57,7 @@ class _Prefetcher:
     def _run(self, source: BaleSource, units: list[np.ndarray]) -> None:
         try:
             for rows in units:
-                if not self._put((rows, source.read(rows.tolist()))):
+                if not self._put((rows, source.read(rows.tolist(), self._views))):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(exc)
@@ -85,19 +86,23 @@ class BaleIterableDataset(tud.IterableDataset):
     (at most `piece` samples of one window) read ahead in a background thread. drop_last: every consumer gets
     floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
     on_error: 'raise' (an error naming the sample) or 'skip' (count it in `skipped`, repeat a good one).
+    zero_copy: hand decode (or the consumer) read-only memoryviews into the cached blocks instead of
+    bytes: one copy less per sample; decode must not keep them (and must turn them into something
+    picklable when DataLoader workers are used).
     options: client options overriding the volume config (cache_size, cache_dir, ...).
     """
 
     def __init__(self, url: str, shuffle: bool = True, seed: int = 0, decode: Callable[[bytes], Any] | None = None,
                  label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 8,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 4096,
-                 rebuild: bool = False, **options: Any) -> None:
+                 zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source = BaleSource(url, rebuild=rebuild, **options)
         self.url, self.shuffle, self.seed, self.decode, self.label = url, shuffle, seed, decode, label
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self.window, self.prefetch, self.drop_last, self.on_error, self.piece = shuffle_buffer, prefetch, drop_last, on_error, piece
+        self.zero_copy = zero_copy
         self.epoch = 0
         self._resume: dict | None = None
         self._live: tuple[Intervals, Part, int, int, int] | None = None  # base, part, taken, consumer, consumers
@@ -151,7 +156,7 @@ class BaleIterableDataset(tud.IterableDataset):
         self._live = (base, part, taken, consumer, consumers)
         units = pieces(part.positions[taken:], bounds, self.piece)
         last: list = []
-        for positions, data in _Prefetcher(self.source, [order[u] for u in units], self.prefetch):
+        for positions, data in _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy):
             for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
                                   self._counter, last):
                 taken += 1
@@ -223,11 +228,11 @@ class BaleDataset(tud.Dataset):
     is read with one batched read (__getitems__)."""
 
     def __init__(self, url: str, decode: Callable[[bytes], Any] | None = None, label: Label = None,
-                 on_error: str = "raise", rebuild: bool = False, **options: Any) -> None:
+                 on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source = BaleSource(url, rebuild=rebuild, **options)
-        self.url, self.decode, self.label, self.on_error = url, decode, label, on_error
+        self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
         self._counter = SkipCounter()
 
     @property
@@ -250,7 +255,7 @@ class BaleDataset(tud.Dataset):
         for i, r in zip(indices, rows):
             if not 0 <= r < n:
                 raise IndexError(f"index {i} out of range for {n} samples")
-        out = list(samples(self.source, rows, self.source.read(rows), self.decode, self.label, self.on_error,
+        out = list(samples(self.source, rows, self.source.read(rows, self.zero_copy), self.decode, self.label, self.on_error,
                            self._counter, []))
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")

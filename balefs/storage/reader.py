@@ -301,11 +301,13 @@ class BlockReader:
             raise data
         return data
 
-    def read_many(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[bytes | Exception]:
+    def read_many(self, requests: Sequence[tuple[Sequence[Extent], int, int]],
+                  views: bool = False) -> list[bytes | memoryview | Exception]:
         """Serve many (extents, start, end) requests, fetching each needed block once.
 
         Requests are served in waves bounded in block bytes, so memory stays bounded
         however many files are asked for. An error in one request does not fail the others.
+        With views, a request held in one block comes back as a read-only view into it (no copy).
         """
         results: list[bytes | Exception] = [b""] * len(requests)
         self.load_maps({e.chunk for ext, _, _ in requests for e in ext})
@@ -321,7 +323,7 @@ class BlockReader:
             new = [p[0] for p in pieces if (p[0].chunk, p[0].idx) not in wave_blocks]
             extra = sum(r.length for r in new if (r.chunk, r.idx) not in self.cache)  # cached blocks cost no memory
             if wave and wave_size + extra > self._wave_bytes:
-                self._serve(wave, wave_blocks, results)
+                self._serve(wave, wave_blocks, results, views)
                 wave, wave_blocks, wave_size = [], {}, 0
                 new = [p[0] for p in pieces]
                 extra = sum(r.length for r in new if (r.chunk, r.idx) not in self.cache)
@@ -330,10 +332,10 @@ class BlockReader:
             wave_size += extra
             wave.append((i, pieces, start, end, extents))
         if wave:
-            self._serve(wave, wave_blocks, results)
+            self._serve(wave, wave_blocks, results, views)
         return results
 
-    def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list) -> None:
+    def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list, views: bool = False) -> None:
         blocks: dict[tuple[int, int], object] = {}
         futures: dict[tuple[int, int], Future] = {}
         for key, rec in wave_blocks.items():
@@ -351,7 +353,7 @@ class BlockReader:
             try:
                 if sum(hi - lo for _, lo, hi in pieces) == end - start:
                     parts = [memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces]
-                    results[i] = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+                    results[i] = (parts[0].toreadonly() if views else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
                 else:  # a sparse file (truncated past its end): holes read as zeros
                     out = bytearray(end - start)
                     self._fill(out, blocks, extents, start, end)
