@@ -226,6 +226,43 @@ class LocalNode:
         except OSError as exc:
             raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
 
+    def read_into(self, key: str, buf: object) -> int:
+        """Read the whole block into `buf` (writable, page-aligned, at least its size rounded up to
+        a page); return its size. With O_DIRECT where the filesystem allows: for one-off bulk reads
+        (a checkpoint load) that would only churn the page cache, and cost its copy and reclaim."""
+        path = self._path(key)
+        direct = os.O_DIRECT if self._direct and _page_aligned(buf) else 0
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | direct)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not direct:
+                    raise
+                direct = 0
+                fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+                end = -(-size // _PAGE) * _PAGE if direct else size
+                if end > len(view):
+                    raise NodeError(f"node {self.url}: block {key} holds {size} bytes, more than the {len(view)} to read it into")
+                got = 0
+                while got < size:
+                    n = os.readv(fd, [view[got:end]])
+                    if not n:
+                        break
+                    got += n
+                    if direct and got % _PAGE and got < size:  # a short read off a page boundary
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                        direct, end = 0, size
+                return got
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+        except OSError as exc:
+            raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
+
     def get_range(self, key: str, start: int, end: int) -> bytes:
         try:
             with open(self._path(key), "rb", buffering=0) as f:
