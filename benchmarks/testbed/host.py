@@ -1,66 +1,65 @@
-"""One storage host of the testbed: a moto S3 server plus a FaultProxy per path address.
+"""One storage host of the testbed: moto's S3 app served by a FaultServer on every path address.
 
 Run inside the host's network namespace by Testbed:
-    python -m benchmarks.testbed.host --moto-port 5000 --listen 10.1.0.2:9000 --control /tmp/x.sock
-The control socket takes one JSON object per line ({"mode": "corrupt"}, {"delay": 0.001},
-{"throttle": 5}) and applies it to every proxy of the host; it answers "ok".
+    python -m benchmarks.testbed.host --listen 10.1.0.2:9000 --listen 10.1.1.2:9000 --control /tmp/x.sock
+All servers of the host share one moto backend (its bucket) and one FaultState. The control
+socket takes one JSON object per line and answers one line: {"mode": "corrupt"}, {"delay": 0.001}
+or {"throttle": 5} change the state and answer "ok"; {"stats": 1} answers the state and its
+counters as JSON.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import signal
+import socketserver
+import threading
 
-from .proxy import FaultProxy
+from .faults import FaultServer, FaultState, moto_app
 
 
-async def _control(path: str, proxies: list[FaultProxy]) -> asyncio.AbstractServer:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while line := await reader.readline():
-            cmd = json.loads(line)
-            for p in proxies:
-                p.set(**cmd)
-            writer.write(b"ok\n")
-            await writer.drain()
-        writer.close()
+def _control(path: str, state: FaultState) -> socketserver.UnixStreamServer:
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                cmd = json.loads(line)
+                if cmd.pop("stats", None):
+                    self.wfile.write(json.dumps(state.stats()).encode() + b"\n")
+                    continue
+                state.set(**cmd)
+                self.wfile.write(b"ok\n")
 
     if os.path.exists(path):
         os.unlink(path)
-    return await asyncio.start_unix_server(handle, path)
-
-
-async def _main(args: argparse.Namespace) -> None:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.moto_port, verbose=False)
-    server.start()
-    proxies = []
-    for spec in args.listen:
-        host, port = spec.rsplit(":", 1)
-        p = FaultProxy((host, int(port)), ("127.0.0.1", args.moto_port), delay=args.delay)
-        await p.start()
-        proxies.append(p)
-    await _control(args.control, proxies)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    server.stop()
+    server = socketserver.ThreadingUnixStreamServer(path, Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+    return server
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--moto-port", type=int, default=5000)
-    ap.add_argument("--listen", action="append", required=True, help="HOST:PORT a proxy listens on (one per path)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--listen", action="append", required=True, help="HOST:PORT to serve S3 on (one per path)")
     ap.add_argument("--control", required=True, help="unix socket for mode changes")
     ap.add_argument("--delay", type=float, default=0.0, help="seconds added in each direction")
-    asyncio.run(_main(ap.parse_args()))
+    args = ap.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    state = FaultState(delay=args.delay)
+    app = moto_app()
+    servers = []
+    for spec in args.listen:
+        host, port = spec.rsplit(":", 1)
+        servers.append(FaultServer(host, int(port), app, state).start())
+    _control(args.control, state)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print("ready", flush=True)
+    while not stop.wait(1):
+        pass
+    state.drop()
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 Host i lives in namespace bt<sid>h<i>; each of its P paths is a veth pair joining the
 root namespace (the client, 10.B.<4i+p>.1) to the host (10.B.<4i+p>.2), shaped with tc
-tbf to `rate` bytes/s in both directions. Inside, a FaultProxy on every path address
-(port 9000) adds `delay` seconds per direction (netem is missing on these kernels) and
-forwards to the host's moto server on 127.0.0.1:5000. The client reaches host i through
+tbf to `rate` bytes/s in both directions. Inside, one process serves moto's S3 app on every
+path address (port 9000) through a FaultServer (faults.py), which adds `delay` seconds per
+direction to each request (netem is missing on these kernels) and injects faults; no proxy
+sits in the data path. The client reaches host i through
 ``s3://bale/<prefix>?endpoint=http://10.B.<4i>.2:9000,http://10.B.<4i+1>.2:9000``.
 
 Faults: cut(i) takes a host's links down (data is silently dropped: requests hang until
 their timeout), cut(i, fast=True) removes the route instead (connections are refused at
 once), stop(i) kills the host's server process, mode(i, mode="corrupt"|"throttle"|...)
-switches its proxies (see proxy.py).
+switches its servers (see faults.py) and stats(i) returns their counters.
 """
 from __future__ import annotations
 
@@ -189,13 +190,27 @@ class Testbed:
             os.kill(h.pid, signal.SIGKILL)
 
     def mode(self, i: int, **cmd: object) -> None:
-        """Switch host i's proxies: mode="corrupt"|"blackhole"|"reset"|"normal", delay=s, throttle=n."""
+        """Switch host i's servers: mode="corrupt"|"blackhole"|"reset"|"normal", delay=s, throttle=n."""
+        if self._control(i, cmd) != b"ok":
+            raise RuntimeError(f"testbed host {i}: {cmd} not applied")
+
+    def stats(self, i: int) -> dict:
+        """Host i's fault state and counters: mode, delay, requests, throttled, corrupted, connections."""
+        return json.loads(self._control(i, {"stats": 1}))
+
+    def _control(self, i: int, cmd: dict) -> bytes:
+        """Send one command to host i's control socket; its one-line answer."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(self.members[i].control)
             s.sendall(json.dumps(cmd).encode() + b"\n")
-            if s.recv(16).strip() != b"ok":
-                raise RuntimeError(f"testbed host {i}: {cmd} not applied")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                got = s.recv(4096)
+                if not got:
+                    break
+                answer += got
+        return answer.strip()
 
     # -- the `up`/`down` commands --------------------------------------------------------
 
