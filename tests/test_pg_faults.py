@@ -70,6 +70,13 @@ def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client) -
     assert c2.read_file("a") == b"x"
 
 
+def wait_until(cond, timeout: float = 60.0) -> None:
+    """Poll `cond` until it holds or `timeout` seconds pass (the asserts after say what failed)."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_database_restart_mid_write(pg_server, make_volume, open_client) -> None:
     """Writes during a server restart are retried (or fail loudly); every write that returned is
     there whole, and nothing is half-committed."""
@@ -91,10 +98,10 @@ def test_database_restart_mid_write(pg_server, make_volume, open_client) -> None
 
     t = threading.Thread(target=writer)
     t.start()
-    time.sleep(0.3)
+    wait_until(lambda: len(done) >= 3 or not t.is_alive())
     before = len(done)
     pg_server.restart()
-    time.sleep(0.3)
+    wait_until(lambda: len(done) > before + 5 or not t.is_alive())
     stop.set()
     t.join(120)
     assert not t.is_alive()
