@@ -152,8 +152,8 @@ class StepReader:
         """Fill each CPU contiguous tensor in `targets` (array name -> tensor) with the array's bytes."""
         client = self.client
         reader = client.reader
-        jobs: dict[tuple[int, int], tuple[Any, list[tuple[np.ndarray, int, int, int]]]] = {}
-        order: list[tuple[str, np.ndarray]] = []
+        jobs: dict[tuple[int, int], tuple[Any, list[tuple[str, np.ndarray, int, int, int]]]] = {}
+        left: dict[str, int] = {}  # array name -> pieces not yet copied: hashed by the thread that copies its last
         for name, tensor in targets.items():
             info = self.manifest.arrays[name]
             if not info["nbytes"]:
@@ -168,9 +168,11 @@ class StepReader:
             dst = tensor.detach().reshape(-1).view(torch.uint8).numpy()
             pos = 0
             for rec, lo, hi in reader.plan(fr.extents, 0, fr.size):
-                jobs.setdefault((rec.chunk, rec.idx), (rec, []))[1].append((dst, pos, lo, hi))
+                jobs.setdefault((rec.chunk, rec.idx), (rec, []))[1].append((name, dst, pos, lo, hi))
+                left[name] = left.get(name, 0) + 1
                 pos += hi - lo
-            order.append((name, dst))
+        lock = threading.Lock()
+        failed: list[str] = []
 
         scratch = threading.local()
         scratch_size = -(-(HEADER_SIZE + client.cfg.block_size) // _PAGE) * _PAGE
@@ -202,10 +204,15 @@ class StepReader:
                 break
             return reader.get(rec)
 
-        def fetch(rec: Any, pieces: list[tuple[np.ndarray, int, int, int]]) -> None:
+        def fetch(rec: Any, pieces: list[tuple[str, np.ndarray, int, int, int]]) -> None:
             block = np.frombuffer(block_bytes(rec), dtype=np.uint8)
-            for dst, pos, lo, hi in pieces:
+            for name, dst, pos, lo, hi in pieces:
                 dst[pos:pos + hi - lo] = block[lo:hi]
+                with lock:
+                    left[name] -= 1
+                    complete = not left[name]
+                if complete and verify and xxhash.xxh3_128(dst).hexdigest() != self.manifest.arrays[name]["hash"]:
+                    failed.append(name)  # checked while other blocks are still being read
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="bale-ckpt-load") as pool:
             futures = [(rec, pool.submit(fetch, rec, pieces)) for rec, pieces in jobs.values()]
@@ -216,8 +223,6 @@ class StepReader:
                     for f in futures:
                         f[1].cancel()
                     raise CorruptCheckpointError(f"{self.path}: cannot read chunk {rec.chunk} block {rec.idx}: {exc}") from exc
-        if verify:
-            for name, dst in order:
-                if xxhash.xxh3_128(dst).hexdigest() != self.manifest.arrays[name]["hash"]:
-                    raise CorruptCheckpointError(f"{self.path}: array {name!r} fails its checksum")
+        if failed:
+            raise CorruptCheckpointError(f"{self.path}: array {sorted(failed)[0]!r} fails its checksum")
 
