@@ -106,10 +106,14 @@ class Testbed:
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "benchmarks.testbed.host", "--control", host.control,
                "--delay", str(self.delay)] + [a for link in host.links for a in ("--listen", f"{link[3]}:{PORT}")]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        host.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        logdir = os.environ.get("BALEFS_TESTBED_LOGS")  # keep each host's stderr there (debugging)
+        err = open(os.path.join(logdir, f"{ns}.log"), "wb") if logdir else subprocess.DEVNULL
+        host.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,
                                      start_new_session=self.persistent,
                                      preexec_fn=None if self.persistent else _die_with_parent)
         host.pid = host.proc.pid
+        if logdir:
+            err.close()
 
     @staticmethod
     def _wait_ready(host: Host, timeout: float = 60) -> None:
