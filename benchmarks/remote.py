@@ -42,6 +42,19 @@ def _cpu_busy() -> tuple[float, float]:
     return sum(v) - idle, sum(v)
 
 
+def _cpu_seconds(tb: Testbed) -> tuple[float, float]:
+    """(this process, the testbed's host processes) CPU seconds used so far, user + system."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    hosts = 0.0
+    for h in tb.members:
+        with open(f"/proc/{h.pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        hosts += (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+    return r.ru_utime + r.ru_stime, hosts
+
+
 def _files(n: int, seed: int = 0) -> dict[str, bytes]:
     """n files of 4-64 KiB in 100 directories, like the issue-2 small-file set, in directory
     order (the order `balefs put` of the tree stores them in)."""
@@ -86,25 +99,30 @@ def part_small(args) -> None:
 
         names = list(files)
         random.Random(1).shuffle(names)
-        t = time.monotonic()
+        cpu0, t = _cpu_seconds(tb), time.monotonic()
         with ThreadPoolExecutor(args.threads) as ex:
             got = list(ex.map(lambda k: s3.get_object(Bucket="bale", Key=f"peer/{k}")["Body"].read(), names))
         peer = len(names) / (time.monotonic() - t)
+        cpu_peer = [(b - a) * 1e3 / len(names) for a, b in zip(cpu0, _cpu_seconds(tb))]
         assert all(len(g) == len(files[k]) for g, k in zip(got, names))
         del got
         with Client.open("small", cache_size=0, io_threads=args.threads) as r:  # as many reads in flight as the peer
             listing = sorted(names)  # a directory walk order, as `cat` of a tree or a chunk-ordered loader gets
-            t = time.monotonic()
+            cpu0, t = _cpu_seconds(tb), time.monotonic()
             bad = 0
             for i in range(0, len(listing), 4000):
                 part = listing[i:i + 4000]
                 for k, d in zip(part, r.read_ranges([(k, 0, None) for k in part])):
                     bad += isinstance(d, Exception) or len(d) != len(files[k])
             bale = len(names) / (time.monotonic() - t)
+            cpu_bale = [(b - a) * 1e3 / len(names) for a, b in zip(cpu0, _cpu_seconds(tb))]
             assert not bad, f"{bad} wrong reads"
-    print("| read | files/s | MB/s | ratio |\n|---|---:|---:|---:|")
-    print(f"| one object per file, 1 host, boto3 {args.threads} threads | {peer:.0f} | {peer * total / len(files) / MB:.1f} | 1.00 |")
-    print(f"| balefs over 4 hosts, {args.threads} io_threads, read_ranges in batches of 4000 (cat) | {bale:.0f} | {bale * total / len(files) / MB:.1f} | {bale / peer:.2f} |")
+    print("| read | files/s | MB/s | ratio | client CPU ms/file | servers CPU ms/file |\n|---|---:|---:|---:|---:|---:|")
+    print(f"| one object per file, 1 host, boto3 {args.threads} threads | {peer:.0f} | {peer * total / len(files) / MB:.1f} "
+          f"| 1.00 | {cpu_peer[0]:.3f} | {cpu_peer[1]:.3f} |")
+    print(f"| balefs over 4 hosts, {args.threads} io_threads, read_ranges in batches of 4000 (cat) | {bale:.0f} | "
+          f"{bale * total / len(files) / MB:.1f} | {bale / peer:.2f} | {cpu_bale[0]:.3f} | {cpu_bale[1]:.3f} |")
+    print(f"(CPU per file: the peer costs {sum(cpu_peer) / sum(cpu_bale):.1f}x what balefs does, client and servers together)")
     ceiling = 4 * args.rate / (total / len(files))  # files/s that 4 links can carry
     print(f"(ingest: peer {put_peer:.0f} files/s, balefs {put_bale:.0f} files/s. Link ceilings: the peer's one link "
           f"carries {args.rate / (total / len(files)):.0f} files/s, balefs' four {ceiling:.0f} files/s, so against "
