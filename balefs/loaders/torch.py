@@ -75,7 +75,30 @@ class _Prefetcher:
             self._thread.join()
 
 
-class BaleIterableDataset(tud.IterableDataset):
+class _BaleSamples:
+    """What both datasets share: the source (snapshot + per-process client), decode and label,
+    the error policy and the count of skipped samples."""
+
+    def _setup(self, url: str, decode: Callable[[bytes], Any] | None, label: Label, on_error: str,
+               zero_copy: bool, rebuild: bool, options: dict[str, Any]) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.source = BaleSource(url, rebuild=rebuild, **options)
+        self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
+        self._counter = SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped (on_error='skip') by iterations in this process."""
+        return self._counter.skipped
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names behind label='dir' (top directories, sorted)."""
+        return self.source.classes
+
+
+class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     """The samples of a baled tree, streamed chunk by chunk with a chunk-aware shuffle.
 
     url: bale://VOLUME/path of a directory (its snapshot is built or reused).
@@ -96,27 +119,13 @@ class BaleIterableDataset(tud.IterableDataset):
                  label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 8,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 4096,
                  zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.source = BaleSource(url, rebuild=rebuild, **options)
-        self.url, self.shuffle, self.seed, self.decode, self.label = url, shuffle, seed, decode, label
+        self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
+        self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
-        self.window, self.prefetch, self.drop_last, self.on_error, self.piece = shuffle_buffer, prefetch, drop_last, on_error, piece
-        self.zero_copy = zero_copy
+        self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
         self.epoch = 0
         self._resume: dict | None = None
         self._live: tuple[Intervals, Part, int, int, int] | None = None  # base, part, taken, consumer, consumers
-        self._counter = SkipCounter()
-
-    @property
-    def skipped(self) -> int:
-        """Samples skipped (on_error='skip') by iterations in this process."""
-        return self._counter.skipped
-
-    @property
-    def classes(self) -> list[str]:
-        """The class names behind label='dir' (top directories, sorted)."""
-        return self.source.classes
 
     def samples_per_rank(self, num_workers: int = 0) -> int:
         """Samples each rank delivers in a full epoch with this many DataLoader workers."""
@@ -223,25 +232,13 @@ class BaleIterableDataset(tud.IterableDataset):
         return out
 
 
-class BaleDataset(tud.Dataset):
+class BaleDataset(_BaleSamples, tud.Dataset):
     """Map-style: index -> sample (indices in storage order), for any sampler. A DataLoader batch
     is read with one batched read (__getitems__)."""
 
     def __init__(self, url: str, decode: Callable[[bytes], Any] | None = None, label: Label = None,
                  on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.source = BaleSource(url, rebuild=rebuild, **options)
-        self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
-        self._counter = SkipCounter()
-
-    @property
-    def skipped(self) -> int:
-        return self._counter.skipped
-
-    @property
-    def classes(self) -> list[str]:
-        return self.source.classes
+        self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
 
     def __len__(self) -> int:
         return len(self.source)
