@@ -164,7 +164,7 @@ def part_scaling(args) -> None:
                 base = {"w": w, "r": rd}
             print(f"| {hosts} | {paths} | {links} | {w:.0f} | {rd:.0f} | {100 * w / (base['w'] * links):.0f} | "
                   f"{100 * rd / (base['r'] * links):.0f} | {cpu:.0f} |", flush=True)
-    print("(CPU %: the whole machine over the write and read, client, proxies and moto servers together)")
+    print("(CPU %: the whole machine over the write and read: client, moto servers and whatever else runs on it)")
 
 
 # -- 3: failover -------------------------------------------------------------------------

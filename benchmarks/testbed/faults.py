@@ -126,6 +126,7 @@ class FaultHandler(WSGIRequestHandler):
     """Keep-alive HTTP/1.1 for a WSGI app, with the server's FaultState applied to each request."""
 
     protocol_version = "HTTP/1.1"
+    timeout = 120  # seconds of silence after which a connection is closed (idle keep-alive, dead peer)
     server: "FaultServer"
 
     def setup(self) -> None:
