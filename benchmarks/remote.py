@@ -224,8 +224,12 @@ def part_failover(args) -> None:
     print(f"| before the cut (mean of 0.25 s windows) | {before:.0f} |")
     print(f"| worst 0.25 s window after the cut | {min(buckets[int(args.cut_at / step):int(args.duration / step)]):.0f} |")
     print(f"| from 3 s after the cut to the end | {sum(after) / max(1, len(after)):.0f} |")
+    settled = sum(after) / max(1, len(after))  # what 3 hosts of 4 can serve
+    steady = next((i * step + step - args.cut_at for i in range(int(args.cut_at / step), len(buckets) - 2)
+                   if sum(buckets[i:i + 2]) / 2 >= 0.9 * settled), None)
     print(f"read errors: {len(errors)}; throughput back to >= 70% of before within "
-          f"{'never' if recovered is None else f'{recovered:.2f} s'} of the cut")
+          f"{'never' if recovered is None else f'{recovered:.2f} s'} of the cut; to >= 90% of its level "
+          f"from 3 s after the cut within {'never' if steady is None else f'{steady:.2f} s'}")
     print("timeline (MB/s per 0.25 s): " + " ".join(f"{b:.0f}" for b in buckets))
     if errors:
         print("first errors:", errors[:3])
