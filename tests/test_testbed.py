@@ -72,6 +72,35 @@ def test_testbed_starts_and_stops_cleanly() -> None:
     assert f"{netns.PREFIX}{tb.sid}h0" not in netns.namespaces()
 
 
+def test_concurrent_testbeds_get_distinct_address_ranges() -> None:
+    """Testbeds started at once (a test suite beside a benchmark) must not share a 10.B range: the
+    root namespace would get two routes to the same subnet and one testbed's requests would reach
+    the other's hosts."""
+    if netns.unavailable():
+        pytest.fail(netns.unavailable())
+    beds = [Testbed(hosts=1, paths=1, rate=0, delay=0) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def up(tb: Testbed) -> None:
+        try:
+            tb.up()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=up, args=(tb,)) for tb in beds]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not errors, errors
+        subnets = [tb.members[0].links[0][2].rsplit(".", 2)[0] for tb in beds]
+        assert len(set(subnets)) == len(beds), subnets
+    finally:
+        for tb in beds:
+            tb.down()
+
+
 def test_path_dies_mid_read(testbed) -> None:
     with _volume(testbed, "pathdie", replicas=1) as c:
         data = payload(40 * BLOCK, 1)

@@ -16,6 +16,7 @@ switches its servers (see faults.py) and stats(i) returns their counters.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import itertools
 import json
 import os
@@ -77,11 +78,15 @@ class Testbed:
         if self.paths > 4:
             raise ValueError("at most 4 paths per host")
         netns.clean_leftovers(keep=set(_state_sids()))
-        octet = netns.free_octet()
         self.workdir = tempfile.mkdtemp(prefix=f"balefs-testbed-{self.sid}-")
         try:
-            for i in range(self.hosts):
-                self._add_host(i, octet)
+            # Testbeds of other processes (a test suite and a benchmark at once) must not pick the
+            # same 10.B range: the one found free stays locked until its addresses are configured.
+            with open(LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                octet = netns.free_octet()
+                for i in range(self.hosts):
+                    self._add_host(i, octet)
             for h in self.members:
                 self._wait_ready(h)
             self._make_buckets()
@@ -235,6 +240,7 @@ class Testbed:
 
 
 STATE = os.path.join(tempfile.gettempdir(), "balefs-testbed.json")
+LOCK = os.path.join(tempfile.gettempdir(), "balefs-testbed.lock")
 
 
 def _state_sids() -> list[str]:
