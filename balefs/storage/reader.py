@@ -38,7 +38,9 @@ class BlockReader:
     disk_cache = None  # an optional DiskBlockCache: the tier between memory and the nodes
     hedge_factor = 4.0  # a remote read slower than this many times the node's typical latency is raced
     hedge_min = 0.05  # seconds: never hedge sooner than this
-    hedge_initial = 0.5  # seconds: the hedge delay before a node's latency is known
+    # seconds: the hedge delay before a node's latency is known; a 4 MiB block queued on a busy 50 MB/s
+    # link takes ~0.65 s, so a shorter first guess sends many first reads twice (benchmarks/RESULTS.md, issue 6)
+    hedge_initial = 2.0
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, wave_bytes: int = 512 << 20) -> None:
