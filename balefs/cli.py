@@ -475,8 +475,9 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--allow-other", is_flag=True, help="Let other users than the one mounting use the mount (permission bits still apply).")
 @click.option("--uid", type=int, default=None, help="Report every file and directory as owned by this user id.")
 @click.option("--gid", type=int, default=None, help="Report every file and directory as owned by this group id.")
-@click.option("--attr-timeout", type=float, default=1.0, show_default=True,
-              help="Seconds the kernel caches attributes and names; a change made by another mount is seen after at most this.")
+@click.option("--attr-timeout", type=float, default=None,
+              help="Seconds the kernel caches attributes and names (and, read-only, absent names); a change made by "
+                   "another mount is seen after at most this. Default 1, or 60 with --read-only.")
 @click.option("--readahead", default="4MiB", show_default=True,
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
@@ -486,7 +487,7 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @user_errors
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
-              attr_timeout: float, readahead: str, threads: int, debug: bool, ready_fd: int | None) -> None:
+              attr_timeout: float | None, readahead: str, threads: int, debug: bool, ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks

@@ -19,6 +19,10 @@ and for the mount also a fresh mount, so the daemon's block cache is empty too):
   seq-read-cold           the same file read back cold with 8 MiB reads             (MB/s)
 and the disk's own sequential rates measured in the same run (fio, 4 MiB direct I/O,
 QD16, read and write; plus a cold single-stream read of a 2 GiB file).
+Every read, stat and walk pass and seq-read-cold also run on a second mount of the volume
+with --read-only (its defaults: 60 s attribute, entry and negative timeouts), reported in
+the "ro" columns, after the read-write mount's and with only one of them mounted at a
+time; --no-read-only skips them.
 
 Bars of issue 3: dir-cold >= 1x loose, dir-warm >= 0.7x, stat-warm and stat-cold >= 0.5x,
 large sequential read and write through the mount >= 60% of the disk's rate.
@@ -253,9 +257,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
         raise SystemExit(f"VERIFY FAILED: ingest committed {files}/{nbytes}, expected {ds.n}/{ds.total}")
     log(f"ingested {files} files into volume {volume} in {time.perf_counter() - t:.1f}s")
 
-    mp = os.path.join(wd, "mnt")
+    mp, ro_mp = os.path.join(wd, "mnt"), os.path.join(wd, "mnt-ro")
     opts = ["--cache-size", args.cache_size] if args.cache_size else []
     mount = Mount(volume, mp, opts)
+    # the same volume mounted --read-only (its default: 60 s attribute/entry/negative timeouts);
+    # one of the two is up at a time
+    ro = Mount(volume, ro_mp, opts + ["--read-only"]) if args.read_only else None
     chk = Checker(ds, args.verify_frac, args.seed)
     rows: list[dict] = []
     disk: dict = {}
@@ -269,10 +276,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
         log(f"{name:13s} {side:6s}: {rate}  {r.seconds:6.2f}s cpu {100 * r.cpu / r.seconds:3.0f}%")
         return r
 
-    def daemon_cpu(fn):
-        u0, s0 = mount.cpu_split()
+    def daemon_cpu(fn, m: Mount = mount):
+        u0, s0 = m.cpu_split()
         r = fn()
-        u1, s1 = mount.cpu_split()
+        u1, s1 = m.cpu_split()
         r.extra["daemon_cpu"] = (u1 - u0) + (s1 - s0)
         r.extra["daemon_sys"] = s1 - s0
         return r
@@ -294,6 +301,20 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                 chk.finish(f"{name}/mount")
                 show(name, "mount", mo, "files/s")
                 rows.append({"pass": name, "unit": "files/s", "loose": lo, "mount": mo})
+        if ro is not None:  # the same passes on the read-only mount, after the read-write mount's
+            mount.down()
+            for order_name, order in (("dir", dir_order), ("rand", rand_order)):
+                for temp in ("cold", "warm"):
+                    name = f"{order_name}-{temp}"
+                    if temp == "cold":
+                        ro.fresh()
+                        sf.drop_caches()
+                    r = daemon_cpu(lambda: read_pass(ds, ro_mp, order, chk, args), ro)
+                    chk.finish(f"{name}/ro")
+                    show(name, "ro", r, "files/s")
+                    next(row for row in rows if row["pass"] == name)["ro"] = r
+            ro.down()
+            mount.up()
         for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
             for temp in ("cold", "warm"):
                 name = f"{kind}-{temp}"
@@ -309,6 +330,23 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                 if kind == "walk" and mo.files != lo.files:
                     raise SystemExit(f"VERIFY FAILED: walk through the mount saw {mo.files} entries, loose {lo.files}")
                 rows.append({"pass": name, "unit": "entries/s", "loose": lo, "mount": mo})
+        if ro is not None:
+            mount.down()
+            for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
+                for temp in ("cold", "warm"):
+                    name = f"{kind}-{temp}"
+                    if temp == "cold":
+                        ro.fresh()
+                        sf.drop_caches()
+                    r = show(name, "ro", daemon_cpu(lambda: fn(ro_mp), ro), "entries/s")
+                    row = next(row for row in rows if row["pass"] == name)
+                    if kind == "stat" and r.nbytes != ds.total:
+                        raise SystemExit(f"VERIFY FAILED: stat through the ro mount sums {r.nbytes} bytes, expected {ds.total}")
+                    if kind == "walk" and r.files != row["loose"].files:
+                        raise SystemExit(f"VERIFY FAILED: walk through the ro mount saw {r.files} entries")
+                    row["ro"] = r
+            ro.down()
+            mount.up()
 
         # large file: the disk's own rates, then loose and mount side by side
         fio_path = os.path.join(wd, "fio.bin")
@@ -331,7 +369,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
         mo = show("seq-read-cold", "mount", daemon_cpu(lambda: read_big(mount_big)), "MB/s")
         if lo.nbytes != args.big_size or mo.nbytes != args.big_size:
             raise SystemExit(f"VERIFY FAILED: big file read {lo.nbytes} loose / {mo.nbytes} mount bytes")
-        rows.append({"pass": "seq-read-cold", "unit": "MB/s", "loose": lo, "mount": mo})
+        row = {"pass": "seq-read-cold", "unit": "MB/s", "loose": lo, "mount": mo}
+        if ro is not None:
+            mount.down()
+            ro.fresh()
+            sf.drop_caches()
+            row["ro"] = show("seq-read-cold", "ro", daemon_cpu(lambda: read_big(os.path.join(ro_mp, "big.bin")), ro), "MB/s")
+            if row["ro"].nbytes != args.big_size:
+                raise SystemExit(f"VERIFY FAILED: big file read {row['ro'].nbytes} bytes through the ro mount")
+            ro.down()
+            mount.up()
+        rows.append(row)
         os.unlink(loose_big)
         os.unlink(mount_big)
         # the disk again at the end; the best figure is kept (the stricter bar)
@@ -350,11 +398,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                 shutil.copy(prof["raw"], args.keep_profile)
     finally:
         mount.down()
+        if ro is not None:
+            ro.down()
     return rows, disk, prof
 
 
-def verdict(row: dict, disk: dict) -> tuple[float, str]:
-    lo, mo = row["loose"], row["mount"]
+def verdict(row: dict, disk: dict, side: str = "mount") -> tuple[float, str]:
+    lo, mo = row["loose"], row[side]
     if row["unit"] == "MB/s":
         ratio = mo.mbps / lo.mbps
         ref = disk.get("fio_write_MBps") if row["pass"] == "seq-write" else disk.get("MBps")
@@ -366,17 +416,35 @@ def verdict(row: dict, disk: dict) -> tuple[float, str]:
 
 
 def table(rows: list[dict], disk: dict) -> str:
-    lines = ["| pass | unit | loose | mount | mount/loose | bar | cpu loose / mount client / daemon |", "|" + "---|" * 7]
+    with_ro = any("ro" in row for row in rows)
+    head = "| pass | unit | loose | mount | mount/loose | bar |"
+    if with_ro:
+        head += " ro mount | ro/loose | bar (ro) |"
+    head += " cpu loose / mount client / daemon |"
+    lines = [head, "|" + "---|" * head[1:].count("|")]
     for row in rows:
         lo, mo = row["loose"], row["mount"]
         ratio, bar = verdict(row, disk)
         val = (lambda r: r.mbps) if row["unit"] == "MB/s" else (lambda r: r.fps)
-        dcpu = mo.extra.get("daemon_cpu")
-        cpu = (f"{100 * lo.cpu / lo.seconds:.0f}% / {100 * mo.cpu / mo.seconds:.0f}% / "
-               + (f"{100 * dcpu / mo.seconds:.0f}%" if dcpu is not None else "-"))
-        if dcpu is not None and row["unit"] == "files/s":
-            cpu += f" ({1e6 * dcpu / mo.files:.0f} us daemon cpu/file, {100 * mo.extra['daemon_sys'] / max(dcpu, 1e-9):.0f}% of it system)"
-        lines.append(f"| {row['pass']} | {row['unit']} | {val(lo):,.0f} | {val(mo):,.0f} | {ratio:.2f} | {bar} | {cpu} |")
+        line = f"| {row['pass']} | {row['unit']} | {val(lo):,.0f} | {val(mo):,.0f} | {ratio:.2f} | {bar} |"
+        if with_ro:
+            if "ro" in row:
+                ro_ratio, ro_bar = verdict(row, disk, "ro")
+                line += f" {val(row['ro']):,.0f} | {ro_ratio:.2f} | {ro_bar} |"
+            else:
+                line += " - | - | |"
+        cpus = []
+        for side in ("mount", "ro"):
+            r = row.get(side)
+            if r is None:
+                continue
+            dcpu = r.extra.get("daemon_cpu")
+            cpu = (f"{side}: {100 * lo.cpu / lo.seconds:.0f}% / {100 * r.cpu / r.seconds:.0f}% / "
+                   + (f"{100 * dcpu / r.seconds:.0f}%" if dcpu is not None else "-"))
+            if dcpu is not None and row["unit"] == "files/s":
+                cpu += f" ({1e6 * dcpu / r.files:.0f} us daemon cpu/file, {100 * r.extra['daemon_sys'] / max(dcpu, 1e-9):.0f}% sys)"
+            cpus.append(cpu)
+        lines.append(line + f" {'; '.join(cpus)} |")
     return "\n".join(lines)
 
 
@@ -417,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                    help="after the measurements, py-spy the daemon for this long during read passes (default 0: off)")
     p.add_argument("--keep-profile", metavar="PATH", help="copy py-spy's raw output here")
+    p.add_argument("--no-read-only", dest="read_only", action="store_false",
+                   help="skip the passes over a second, --read-only mount of the volume (default: run them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -455,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"disk": disk, "rows": [{"pass": r["pass"], "unit": r["unit"],
                                                **{f"{s}_{k}": getattr(r[s], k) for s in ("loose", "mount")
                                                   for k in ("files", "nbytes", "seconds", "cpu")},
+                                               **({f"ro_{k}": getattr(r["ro"], k) for k in ("files", "nbytes", "seconds", "cpu")}
+                                                  if "ro" in r else {}),
                                                "daemon_cpu": r["mount"].extra.get("daemon_cpu")} for r in rows],
                        "profile": {k: v for k, v in prof.items() if k != "raw"}}, f, indent=1)
     return 0

@@ -42,10 +42,34 @@ class MountOptions:
     allow_other: bool = False
     uid: int | None = None                    # report every entry as owned by this user...
     gid: int | None = None                    # ...and group
-    attr_timeout: float = 1.0                 # seconds the kernel trusts attributes and names
+    attr_timeout: float | None = None         # seconds the kernel trusts attributes and names (None: default_timeouts)
     readahead: str | int | None = "4MiB"      # kernel readahead window of the mount (root only)
     threads: int = 4  # FUSE requests served at once: more only contend for the GIL (benchmarks/RESULTS.md)
     debug: bool = False
+
+
+ATTR_TIMEOUT = 1.0      # read-write mounts: a file closed on another mount shows its new size within 1 s
+RO_ATTR_TIMEOUT = 60.0  # read-only mounts (datasets): repeat stats and walks are served by the kernel
+
+
+def default_timeouts(read_only: bool, attr_timeout: float | None = None) -> tuple[float, float, float]:
+    """(attr, entry, negative) timeouts of the kernel's caches, in seconds.
+
+    Read-write: 1 s for attributes and names, no caching of absent names, so a file created
+    on another mount can be opened here at once, and this mount's own changes are always
+    seen (the kernel updates its caches on every change made through it).
+
+    Read-only: 60 s for all three. Nothing changes through this mount, so only changes made
+    elsewhere can be missed, and each is seen within the timeout: a file created, replaced,
+    removed or renamed on another mount shows up here within 60 s of its close. The page
+    cache of a file is still dropped at the open that finds a new version (open always asks
+    the daemon), so a read never mixes versions; only its size may be up to 60 s old.
+    The same as gcsfuse's and Mountpoint for S3's metadata caching defaults (60 s).
+
+    An explicit --attr-timeout sets attr and entry (and, read-only, negative) timeouts."""
+    if attr_timeout is None:
+        attr_timeout = RO_ATTR_TIMEOUT if read_only else ATTR_TIMEOUT
+    return attr_timeout, attr_timeout, attr_timeout if read_only else 0.0
 
 
 # -- where things are ----------------------------------------------------------------------
@@ -173,6 +197,7 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
                 pass
 
     ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready)
+    attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout)
     fuse_options: dict[str, Any] = {
         "foreground": True,
         "nothreads": False,          # one thread per request in flight
@@ -181,9 +206,9 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         "subtype": "balefs",
         "default_permissions": True,  # the kernel enforces mode bits, owners, groups
         "max_read": 1 << 20,
-        "attr_timeout": opts.attr_timeout,
-        "entry_timeout": opts.attr_timeout,
-        "negative_timeout": 0,
+        "attr_timeout": attr_timeout,
+        "entry_timeout": entry_timeout,
+        "negative_timeout": negative_timeout,
         "hard_remove": True,
         "use_ino": True,
     }
@@ -273,7 +298,9 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
                         ("--readahead", opts.readahead)):
         if value is not None:
             cmd += [flag, str(value)]
-    cmd += ["--attr-timeout", str(opts.attr_timeout), "--threads", str(opts.threads)]
+    if opts.attr_timeout is not None:
+        cmd += ["--attr-timeout", str(opts.attr_timeout)]
+    cmd += ["--threads", str(opts.threads)]
     if opts.debug:
         cmd.append("--debug")
     r, w = os.pipe()

@@ -16,6 +16,12 @@ What lives here is only what a file handle needs that a path-based client does n
   the same file in this mount, and stat reports the unflushed size.
 - The kernel page cache is kept for a file across opens while its committed version is
   unchanged (keep_cache), and dropped when it changed.
+- readdir answers READDIRPLUS with every entry's attributes (from the one listdir query),
+  so `ls -l` or a walk that stats primes the kernel's entry and attribute caches in one
+  round trip per directory instead of a LOOKUP per name.
+- open keeps close-to-open: it reads the metadata's generation counter (one small query)
+  and, while it has not moved, takes the file's inode and extents from what the last open
+  of that path found instead of looking them up again.
 
 Errors are errno-carrying OSErrors from the client, passed through; corrupt blocks and
 unreachable nodes become EIO (logged), and the mount stays up.
@@ -54,6 +60,9 @@ UTIME_OMIT = (1 << 30) - 2
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 COPY_STEP = 4 << 20
+FUSE_READDIR_PLUS = 1 << 0  # readdir flag: the kernel asks for attributes too (READDIRPLUS)
+FUSE_FILL_DIR_PLUS = 1 << 1  # filler flag: this entry's stat is complete, hand it to the kernel
+OPEN_CACHE_MAX = 262_144     # paths whose (generation, inode, extents) open remembers
 IO_SIZE = 1 << 20  # st_blksize: the I/O size cp, Python and stdio pick for their buffers
 
 
@@ -137,7 +146,7 @@ class Handle:
                 self._to_spool()
                 return os.pread(self.spool.fileno(), size, offset)
             base = self._base()
-        return base.read(offset, offset + size)
+        return base.read(offset, offset + size, views=True)  # a view into the cached block: no copy
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -296,6 +305,9 @@ class BaleOperations(Operations):
         self._lock = threading.Lock()
         self._dirty: dict[int, Handle] = {}  # ino -> the handle that last wrote it, unflushed
         self._seen: dict[int, tuple] = {}    # ino -> version at its last open: keep the page cache if unchanged
+        self._opened: dict[str, tuple[int, Inode, list]] = {}  # path -> (generation, inode, extents) at its last open
+        self._listings: dict[int, list[tuple[str, Inode | None]]] = {}  # open directory -> its entries
+        self._dh = itertools.count(1)
         self._me = (os.getuid(), os.getgid())
 
     # -- handles ---------------------------------------------------------------------------
@@ -380,10 +392,34 @@ class BaleOperations(Operations):
 
     @_op
     def readdir(self, path: str, fh: int) -> list:
+        """The plain mfusepy form (names, types, inode numbers); BaleFUSE uses readdir_plus."""
         out: list = [(".", {"st_mode": S.S_IFDIR}, 0), ("..", {"st_mode": S.S_IFDIR}, 0)]
         for name, node in self.client.listdir(_v(path)):
             out.append((name, {"st_mode": mode_bits(node), "st_ino": node.ino}, 0))
         return out
+
+    @_op
+    def opendir(self, path: str) -> int:
+        with self._lock:
+            return next(self._dh)
+
+    @_op
+    def readdir_plus(self, path: str, fh: int, offset: int) -> list[tuple[str, Inode | None]]:
+        """The entries of an open directory from position `offset` on, with their inodes
+        ("." and ".." have none). Listed with one query when read from the start; later
+        requests of the same open directory (the kernel asks in buffer-sized pieces) continue
+        in that listing, so a directory changed meanwhile is never read half old, half new."""
+        entries = self._listings.get(fh) if offset else None
+        if entries is None:
+            entries = [(".", None), ("..", None)]
+            entries += self.client.listdir(_v(path))
+            if fh:
+                self._listings[fh] = entries
+        return entries[offset:]
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self._listings.pop(fh, None)
+        return 0
 
     @_op
     def chmod(self, path: str | None, mode: int) -> int:
@@ -498,7 +534,7 @@ class BaleOperations(Operations):
             self._writable()
         vpath = _v(path)
         try:
-            reader = self.client.open_read(vpath)  # inode and extents in one query
+            reader = self._open_read(vpath)
         except IsADirectoryError:
             raise FuseOSError(errno.EISDIR) from None
         node = reader.inode
@@ -520,8 +556,23 @@ class BaleOperations(Operations):
             fi.noflush = 1  # nothing to commit at close: spare the kernel a FLUSH round trip
         return 0
 
+    def _open_read(self, vpath: str) -> FileReader:
+        """A reader of the file's current version, under the client's close-to-open rule: the
+        generation counter is read at every open; while it has not moved since the last open
+        of this path, no entry was replaced, removed or renamed anywhere, so the inode and
+        extents found then are still the file's, and no lookup query is needed."""
+        gen = self.client.meta.generation()  # read before the lookup: a change after it shows next time
+        hit = self._opened.get(vpath)
+        if hit is not None and hit[0] == gen:
+            return FileReader(self.client, vpath, hit[1], hit[2])
+        reader = self.client.open_read(vpath)  # inode and extents in one query
+        if len(self._opened) >= OPEN_CACHE_MAX:  # bounded: forgetting only costs a lookup
+            self._opened.clear()
+        self._opened[vpath] = (gen, reader.inode, reader.extents)
+        return reader
+
     @_op
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes | memoryview:
         h = self._handle(fi)
         d = self._dirty.get(h.ino)
         if d is not None and d is not h and not h.dirty:
@@ -625,6 +676,25 @@ def _pin_thread() -> None:
         _pinned.done = True
 
 
+_TS_FIELDS = {"st_atime": "st_atimespec", "st_mtime": "st_mtimespec", "st_ctime": "st_ctimespec"}
+
+
+def _fill_stat(st: Any, attrs: dict[str, int]) -> None:
+    """mfusepy.set_st_attrs for BaleOperations._attrs' keys (times in ns), without its
+    per-key lookups: a READDIRPLUS answer fills one per entry."""
+    for key, val in attrs.items():
+        ts = _TS_FIELDS.get(key)
+        if ts is None:
+            setattr(st, key, val)
+        else:
+            setattr(st, ts, mfusepy.c_timespec(*divmod(val, 1_000_000_000)))
+
+
+if not all(hasattr(mfusepy.c_stat, f) for f in _TS_FIELDS.values()):  # another platform's struct stat
+    def _fill_stat(st: Any, attrs: dict[str, int]) -> None:  # noqa: F811
+        mfusepy.set_st_attrs(st, attrs, use_ns=True)
+
+
 class BaleFUSE(FUSE):
     """mfusepy's FUSE with what a correct mount needs beyond it: persistent thread states,
     rename flags (RENAME_NOREPLACE) and the file handle of ftruncate passed through."""
@@ -639,6 +709,52 @@ class BaleFUSE(FUSE):
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = (fip.contents if self.raw_fi else fip.contents.fh) if fip else None
         return self.operations.truncate(None if path is None else path.decode(self.encoding, self.errors), length, fh)
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        """READDIR and READDIRPLUS. mfusepy hands libfuse only names and types, with offset 0
+        (libfuse then buffers the whole directory and, in libfuse before 3.17, answers
+        READDIRPLUS with no attributes). Here each entry gets its position as offset, so
+        libfuse streams entries to the kernel as it is asked for them, and under READDIRPLUS
+        every entry (but "." and "..") carries its full attributes with FUSE_FILL_DIR_PLUS:
+        the kernel then caches the entry and its attributes for entry/attr_timeout, and a stat
+        of it needs no LOOKUP/GETATTR round trip."""
+        ops = self.operations
+        entries = ops.readdir_plus(None if path is None else path.decode(self.encoding, self.errors),
+                                   fip.contents.fh, offset)
+        plus = bool(flags & FUSE_READDIR_PLUS)
+        st = mfusepy.c_stat()
+        for i, (name, node) in enumerate(entries, offset + 1):
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            if node is None:  # "." and "..": the kernel knows them
+                st.st_mode = S.S_IFDIR
+                fill = 0
+            elif plus:
+                _fill_stat(st, ops._attrs(node))
+                fill = FUSE_FILL_DIR_PLUS
+            else:
+                st.st_mode = mode_bits(node)
+                st.st_ino = node.ino
+                fill = 0
+            if filler(buf, name.encode(self.encoding, self.errors), st, i, fill) != 0:
+                break  # the kernel's buffer is full: it asks again from this entry's offset
+        return 0
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        """As mfusepy's, but the operation may return a memoryview (a slice of a cached block),
+        copied into libfuse's buffer once, without first becoming bytes."""
+        fh = fip.contents if self.raw_fi else fip.contents.fh
+        ret = self.operations.read(None if path is None else path.decode(self.encoding, self.errors), size, offset, fh)
+        n = len(ret)
+        if not n:
+            return 0
+        if n > size:
+            raise OSError(errno.EIO, f"read returned {n} bytes, more than the {size} asked for")
+        if isinstance(ret, bytes):
+            ctypes.memmove(buf, ret, n)
+        else:
+            dst = (ctypes.c_ubyte * n).from_address(ctypes.addressof(buf.contents))
+            memoryview(dst).cast("B")[:] = memoryview(ret).cast("B")
+        return n
 
 
 LIBFUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)

@@ -51,11 +51,18 @@ class FileReader:
         self.size = inode.size
         self._last_end = -1
 
-    def read(self, start: int, end: int) -> bytes:
+    def read(self, start: int, end: int, views: bool = False) -> bytes | memoryview:
+        """Bytes [start, end); with views, a range held in one block comes back as a read-only
+        view into the cached block (no copy; see BlockReader.read_many)."""
         end = min(end, self.size)
         if start >= end:
             return b""
-        data = self.client.reader.read(self.extents, start, end)
+        if views:
+            data = self.client.reader.read_many([(self.extents, start, end)], views=True)[0]
+            if isinstance(data, Exception):
+                raise data
+        else:
+            data = self.client.reader.read(self.extents, start, end)
         ahead = self.client.cfg.readahead_blocks
         if ahead and start == self._last_end and end < self.size:
             span = ahead * self.client.cfg.block_size
