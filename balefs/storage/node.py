@@ -163,7 +163,7 @@ class LocalNode:
         except OSError as exc:
             raise NodeError(f"node {self.url}: cannot make block {os.path.basename(key)} durable ({exc.strerror})") from None
 
-    _direct = hasattr(os, "O_DIRECT")  # cleared on the first filesystem that refuses it (tmpfs)
+    _direct = hasattr(os, "O_DIRECT")  # cleared per node when its filesystem refuses it (tmpfs)
 
     def _write_direct(self, fd: int, view: memoryview) -> None:
         """Write `view` (page-aligned) through O_DIRECT up to its last whole page, the rest buffered."""
@@ -181,7 +181,7 @@ class LocalNode:
             except OSError as exc:
                 if exc.errno != errno.EINVAL or done:
                     raise
-                LocalNode._direct = False  # this filesystem does not do O_DIRECT: buffered from now on
+                self._direct = False  # this node's filesystem does not do O_DIRECT: buffered from now on
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         _write_all(fd, (view[done:],))
 
