@@ -63,7 +63,7 @@ def default_timeouts(read_only: bool, attr_timeout: float | None = None) -> tupl
     elsewhere can be missed, and each is seen within the timeout: a file created, replaced,
     removed or renamed on another mount shows up here within 60 s of its close. The page
     cache of a file is still dropped at the open that finds a new version (open always asks
-    the daemon), so a read never mixes versions; only its size may be up to 60 s old.
+    the daemon), so a read never mixes versions; only its size may be up to 60 s old (and reads stop at it).
     The same as gcsfuse's and Mountpoint for S3's metadata caching defaults (60 s).
 
     An explicit --attr-timeout sets attr and entry (and, read-only, negative) timeouts."""
