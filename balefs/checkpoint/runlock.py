@@ -12,6 +12,7 @@ import socket
 import uuid
 
 from ..storage.client import Client
+from ..storage.liveness import pid_alive
 from .store import CheckpointError
 
 LEASE = ".balefs-writer.json"
@@ -25,12 +26,9 @@ def _alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # cannot see processes of other hosts: assume it lives
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError):
-        return True
-    return True
+        return pid_alive(int(holder["pid"]))
+    except (KeyError, ValueError, TypeError):
+        return True  # a lease it cannot read is not taken over
 
 
 class RunLease:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import BaleError
 from ..storage.config import balefs_home, load_config, parse_size
+from ..storage.liveness import pid_alive
 
 log = logging.getLogger("balefs.fuse")
 
@@ -373,19 +374,6 @@ def _last_error(logfile: str) -> str:
 
 # -- unmounting ----------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited: it only waits for its parent
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
 
 def _detach(mp: str, lazy: bool) -> subprocess.CompletedProcess:
     tool = _fusermount()
@@ -402,7 +390,7 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
     found = find_mount(mp)
     state = _read_state(mp)
     if found is None:
-        if state is not None and not _alive(int(state.get("pid", 0))):
+        if state is not None and not pid_alive(int(state.get("pid", 0))):
             os.unlink(state_path(mp))
         raise MountError(f"{mp}: not mounted")
     fstype, source = found
@@ -437,7 +425,7 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
     pid = int(state["pid"]) if state and state.get("pid") else None
     if pid is not None:
         deadline = time.monotonic() + timeout
-        while _alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise MountError(f"{mp}: unmounted, but the daemon (pid {pid}) is still running after {timeout:.0f}s")
             time.sleep(0.02)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .client import Client
 from .meta import Extent
+from .liveness import pid_alive
 from .writer import block_key, parse_block_key
 
 
@@ -39,13 +40,7 @@ def _writer_gone(writer: str, created_ns: int, grace_s: float) -> bool:
     host, _, pid = writer.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(int(pid))
 
 
 def compact(client: Client, report: GcReport, min_live: float, grace_s: float, dry_run: bool) -> None:

@@ -7,6 +7,8 @@ import shutil
 import signal
 import subprocess
 
+from balefs.storage.liveness import pid_alive
+
 PREFIX = "bt"  # every namespace and link of the testbed starts with this
 _NS = re.compile(rf"^{PREFIX}(\d+)x\d+h\d+$")  # bt<owner pid>x<n>h<host>
 
@@ -67,14 +69,7 @@ def shape(ns: str | None, dev: str, rate_bytes: float) -> None:
            "burst", str(burst), "latency", "200ms")
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+alive = pid_alive  # the testbed's hosts are processes of this machine
 
 
 def namespaces() -> list[str]:
