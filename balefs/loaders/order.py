@@ -30,7 +30,6 @@ def epoch_order(groups: np.ndarray, seed: int, epoch: int, shuffle: bool, window
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, dtype=np.int64)
     if not shuffle or n == 0:
         return np.arange(n, dtype=np.int64), starts[::window]
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
     ends = np.r_[starts[1:], n]
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(starts))
