@@ -77,8 +77,9 @@ def verify(src: SqlMeta, dst: SqlMeta, progress: Callable[[int], None] | None = 
                 report.dirs += 1
         if progress:
             progress(len(part))
-    chunks = sorted(src.chunk_table())
-    if src.chunk_table() != dst.chunk_table() or src.blocks_of(chunks) != dst.blocks_of(chunks):
+    src_chunks = src.chunk_table()
+    chunks = sorted(src_chunks)
+    if src_chunks != dst.chunk_table() or src.blocks_of(chunks) != dst.blocks_of(chunks):
         raise MigrationError("chunks or blocks differ")
     if src.nodes() != dst.nodes() or src.volume_uuid() != dst.volume_uuid():
         raise MigrationError("nodes or volume id differ")
