@@ -57,12 +57,7 @@ class FileReader:
         end = min(end, self.size)
         if start >= end:
             return b""
-        if views:
-            data = self.client.reader.read_many([(self.extents, start, end)], views=True)[0]
-            if isinstance(data, Exception):
-                raise data
-        else:
-            data = self.client.reader.read(self.extents, start, end)
+        data = self.client.reader.read(self.extents, start, end, views=views)
         ahead = self.client.cfg.readahead_blocks
         if ahead and start == self._last_end and end < self.size:
             span = ahead * self.client.cfg.block_size

@@ -296,9 +296,10 @@ class BlockReader:
 
     # -- assembling ----------------------------------------------------------------------
 
-    def read(self, extents: Sequence[Extent], start: int, end: int) -> bytes:
-        """Bytes [start, end) of a file with these extents (holes, if any, read as zeros)."""
-        data = self.read_many([(extents, start, end)])[0]
+    def read(self, extents: Sequence[Extent], start: int, end: int, views: bool = False) -> bytes | memoryview:
+        """Bytes [start, end) of a file with these extents (holes, if any, read as zeros);
+        views as in read_many."""
+        data = self.read_many([(extents, start, end)], views=views)[0]
         if isinstance(data, Exception):  # read_many reports errors per request; a single read raises
             raise data
         return data
