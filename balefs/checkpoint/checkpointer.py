@@ -172,11 +172,18 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Numbers of the complete steps of the run, oldest first."""
+        return self._complete(self._step_dirs())
+
+    def _step_dirs(self) -> dict[str, int]:
+        """Step directories of the run (name -> step), complete or not."""
         try:
             entries = self.client.listdir(self.run)
         except FileNotFoundError:
-            return []
-        dirs = {n: s for n, node in entries if node.kind == "d" and (s := layout.parse_step_dir(n)) is not None}
+            return {}
+        return {n: s for n, node in entries if node.kind == "d" and (s := layout.parse_step_dir(n)) is not None}
+
+    def _complete(self, dirs: dict[str, int]) -> list[int]:
+        """The steps of `dirs` that have a manifest, oldest first."""
         if not dirs:
             return []
         found = self.client.stat_many(f"{self.run}/{n}/zarr.json" for n in dirs)
@@ -201,14 +208,10 @@ class Checkpointer:
 
     def _drop_incomplete(self) -> None:
         """Remove step directories without a manifest (a save that crashed): only the lease holder does."""
-        try:
-            entries = self.client.listdir(self.run)
-        except FileNotFoundError:
-            return
-        complete = set(self.steps())
-        for name, node in entries:
-            s = layout.parse_step_dir(name)
-            if node.kind == "d" and s is not None and s not in complete:
+        dirs = self._step_dirs()
+        complete = set(self._complete(dirs))
+        for name, s in dirs.items():
+            if s not in complete:
                 self._remove(f"{self.run}/{name}")
 
     def _previous(self, step: int) -> tuple[str, Manifest] | None:
