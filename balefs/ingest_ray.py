@@ -75,14 +75,16 @@ def not_yet_committed(client: Client, source: LocalSource | FsspecSource, pairs:
         if isinstance(node, Exception) or node.kind != "f":
             todo.append((src, dst))
             continue
-        data, st = source.read_small(src)
+        st = source.stat(src)
         if node.size != st.st_size:
             todo.append((src, dst))
         elif st.st_mtime_ns is not None:
             if node.mtime_ns != st.st_mtime_ns:
                 todo.append((src, dst))
-        elif data is None or xxhash.xxh3_128_hexdigest(data) != node.hash:
-            todo.append((src, dst))
+        else:  # no mtime to go by: only then read the bytes, to compare hashes
+            data, _ = source.read_small(src)
+            if data is None or xxhash.xxh3_128_hexdigest(data) != node.hash:
+                todo.append((src, dst))
     return todo
 
 

@@ -29,6 +29,9 @@ class SourceStat(NamedTuple):
 class LocalSource:
     """Source files on the local filesystem."""
 
+    def stat(self, path: str) -> SourceStat | os.stat_result:
+        return os.stat(path)
+
     def read_small(self, path: str) -> tuple[bytes | None, SourceStat | os.stat_result]:
         """The file's stat and, when it is small, its bytes (read in one call)."""
         st = os.stat(path)
@@ -47,9 +50,12 @@ class FsspecSource:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
 
-    def read_small(self, path: str) -> tuple[bytes | None, SourceStat]:
+    def stat(self, path: str) -> SourceStat:
         info = self.fs.info(path)
-        st = SourceStat(int(info.get("size") or 0), int(info.get("mode") or 0o644) & 0o7777, _mtime_ns(info))
+        return SourceStat(int(info.get("size") or 0), int(info.get("mode") or 0o644) & 0o7777, _mtime_ns(info))
+
+    def read_small(self, path: str) -> tuple[bytes | None, SourceStat]:
+        st = self.stat(path)
         if st.st_size > SMALL:
             return None, st
         return self.fs.cat_file(path), st
