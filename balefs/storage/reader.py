@@ -270,17 +270,13 @@ class BlockReader:
             node = self._nodes.get(nid)
             if node is None or not node_is_up(node):
                 continue
-
-            def put(node=node) -> None:
-                try:
-                    node.put(key, blob)
-                    with self._lock:
-                        self.repaired += 1
-                    log.warning("repaired chunk %d block %d on node %s", rec.chunk, rec.idx, node.url)
-                except Exception as exc:  # noqa: BLE001 - the copy stays bad; fsck or the next read retries
-                    log.warning("could not repair chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)
-
-            put()
+            try:
+                node.put(key, blob)
+                with self._lock:
+                    self.repaired += 1
+                log.warning("repaired chunk %d block %d on node %s", rec.chunk, rec.idx, node.url)
+            except Exception as exc:  # noqa: BLE001 - the copy stays bad; fsck or the next read retries
+                log.warning("could not repair chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)
 
     def get(self, rec: BlockRecord) -> bytes:
         return self.fetch(rec).result()
