@@ -255,9 +255,10 @@ def open_snapshot(client: "Client", tree: str, rebuild: bool = False) -> Snapsho
     fingerprint = table.schema.metadata[b"balefs.fingerprint"].decode()
     if old is not None and old.fingerprint == fingerprint and not rebuild:
         client.setxattr(where, STAMP_XATTR, listed_at.encode())  # same listing: re-stamp it
+        snap = old
     else:
         _write(client, tree, table, listed_at)
-    snap = load_local(_local_copy(client, where), where)
+        snap = load_local(_local_copy(client, where), where)
     fresh = _with_blocks(client, snap)
     if fresh is None:  # gc moved bytes while we listed: list again
         return open_snapshot(client, tree, rebuild=True)
