@@ -133,13 +133,7 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
         pairs: list[tuple[str, str]] = []
         for src in sources:
             files, empty = walk_local(src)
-            base = _dest_base(src, vdest, into_dir)
-            single = not os.path.isdir(src)
-            pairs += [(full, base if single else f"{base}/{rel}") for full, rel in files]
-            for rel in empty:
-                client.mkdir(f"{base}/{rel}", parents=True, exist_ok=True)
-            if not files and not single:
-                client.mkdir(base, parents=True, exist_ok=True)
+            pairs += _place(client, src, vdest, into_dir, files, empty, single=not os.path.isdir(src))
         total = sum(os.path.getsize(p) for p, _ in pairs) if len(pairs) < 2_000_000 else None
         t0 = time.monotonic()
         with tqdm(total=len(pairs), unit="file", desc="put", disable=None, smoothing=0.1) as bar:
@@ -165,6 +159,18 @@ def _dest_base(src: str, vdest: str, into_dir: bool) -> str:
     return f"{vdest}/{name}" if into_dir else vdest
 
 
+def _place(client: Client, src: str, vdest: str, into_dir: bool, files: list[tuple[str, str]], empty: list[str],
+           single: bool) -> list[tuple[str, str]]:
+    """(source path, volume path) of each file listed under `src`; makes its empty directories
+    (and its own, when it holds no file) in the volume now."""
+    base = _dest_base(src, vdest, into_dir)
+    for rel in empty:
+        client.mkdir(f"{base}/{rel}", parents=True, exist_ok=True)
+    if not files and not single:
+        client.mkdir(base, parents=True, exist_ok=True)
+    return [(full, base if single else f"{base}/{rel}") for full, rel in files]
+
+
 def _put_ray(client: Client, sources: tuple[str, ...], vdest: str, into_dir: bool, address: str | None,
              threads: int) -> None:
     """`put --ray`: list each source, then pack its shares with Ray tasks, with a progress bar."""
@@ -174,12 +180,7 @@ def _put_ray(client: Client, sources: tuple[str, ...], vdest: str, into_dir: boo
     files = nbytes = skipped = 0
     for src in sources:
         source, found, empty, single = list_source(src)
-        base = _dest_base(src, vdest, into_dir)
-        pairs = [(full, base if single else f"{base}/{rel}") for full, rel in found]
-        for rel in empty:
-            client.mkdir(f"{base}/{rel}", parents=True, exist_ok=True)
-        if not found and not single:
-            client.mkdir(base, parents=True, exist_ok=True)
+        pairs = _place(client, src, vdest, into_dir, found, empty, single)
         with tqdm(total=len(pairs), unit="file", desc=f"put --ray {src}", disable=None, smoothing=0.1) as bar:
             report = put_ray(client.cfg, source, pairs, address=address, threads=threads,
                              progress=lambda n, _b: bar.update(n))
