@@ -296,14 +296,10 @@ class Checkpointer:
             live = dict(targets)
             for n, tmp in staged.items():
                 live[n].copy_(tmp)
-            loaded = dict(live)
-            for n in arrays:
-                if n not in loaded:
-                    loaded[n] = reader.empty(n)
-            missing = {n: loaded[n] for n in arrays if n not in live}
+            missing = {n: reader.empty(n) for n in arrays if n not in live}
             if missing:
                 reader.read_into(missing, verify=self.verify)
-            return unflatten(reader.manifest.tree, loaded)
+            return unflatten(reader.manifest.tree, {**live, **missing})
 
         with torch.no_grad():
             return self._with_fallback(step, fallback, read)
