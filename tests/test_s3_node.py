@@ -21,7 +21,7 @@ from balefs.storage.writer import block_key
 from helpers import BLOCK, CHUNK, payload, run_cli
 
 pytest.importorskip("moto.server")
-from benchmarks.testbed.proxy import ProxyThread  # noqa: E402
+from benchmarks.testbed.faults import FaultServer, FaultState, moto_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +38,19 @@ def moto():
 
 
 @pytest.fixture(scope="module")
-def proxies():
-    """Fault proxies on an asyncio thread; each test adds its own."""
-    pt = ProxyThread()
-    yield pt
-    pt.stop()
+def faulty():
+    """Makes n fault-injecting endpoints (FaultServers serving this process's moto backend):
+    (their endpoint URLs, the servers); each test adds its own, all stopped at the module's end."""
+    app, made = moto_app(), []
 
+    def add(n: int = 1) -> tuple[list[str], list[FaultServer]]:
+        new = [FaultServer("127.0.0.1", 0, app, FaultState()).start() for _ in range(n)]
+        made.extend(new)
+        return [f"http://127.0.0.1:{s.port}" for s in new], new
 
-def proxied(proxies: ProxyThread, moto: str, n: int = 1, delay: float = 0.0):
-    """n proxies in front of the moto server: (their endpoint URLs, the proxies)."""
-    port = int(moto.rsplit(":", 1)[1])
-    made = [proxies.add(("127.0.0.1", 0), ("127.0.0.1", port), delay) for _ in range(n)]
-    return [f"http://127.0.0.1:{p.listen[1]}" for p in made], made
+    yield add
+    for s in made:
+        s.stop()
 
 
 def fast(url: str) -> str:
@@ -126,75 +127,75 @@ def test_wrong_credentials_are_a_clear_error(tmp_path) -> None:
         proc.wait()
 
 
-def test_throttling_backs_off_and_succeeds(moto, proxies) -> None:
-    eps, (p,) = proxied(proxies, moto)
+def test_throttling_backs_off_and_succeeds(moto, faulty) -> None:
+    eps, (p,) = faulty()
     node = open_node(s3_url(make_bucket(moto), eps))
-    proxies.set(p, throttle=3)
+    p.faults.set(throttle=3)
     node.put("000000000001-000000", b"abc")
     assert node.get("000000000001-000000") == b"abc"
-    assert p.state.throttled == 3
+    assert p.faults.throttled == 3
     assert node.paths.paths[0].up and node.paths.paths[0].errors == 0  # throttling is not the path's fault
-    proxies.set(p, throttle=1000)
+    p.faults.set(throttle=1000)
     impatient = open_node(s3_url(node.bucket, eps, attempts=3))
     with pytest.raises(NodeError, match="gave up.*SlowDown"):
         impatient.get("000000000001-000000")
-    proxies.set(p, mode="normal", throttle=0)
+    p.faults.set(mode="normal", throttle=0)
 
 
 # -- paths -------------------------------------------------------------------------------
 
 
-def test_requests_spread_over_paths_and_a_dead_path_is_routed_around(moto, proxies) -> None:
-    eps, (a, b) = proxied(proxies, moto, 2)
+def test_requests_spread_over_paths_and_a_dead_path_is_routed_around(moto, faulty) -> None:
+    eps, (a, b) = faulty(2)
     node = open_node(fast(s3_url(make_bucket(moto), eps)))
     node.paths.policy.probe_interval = 0.1
     for i in range(20):
         node.put(block_key(1, i), b"x" * 100)
     stats = node.path_stats()
     assert all(s["requests"] >= 5 for s in stats), stats
-    proxies.set(a, mode="reset")
+    a.faults.set(mode="reset")
     for i in range(20):
         assert node.get(block_key(1, i)) == b"x" * 100
     assert [s["up"] for s in node.path_stats()] == [False, True]
     assert node.is_up()
-    proxies.set(a, mode="normal")
+    a.faults.set(mode="normal")
     deadline = time.monotonic() + 5
     while not node.paths.paths[0].up and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node.paths.paths[0].up, "the prober brings the path back"
-    proxies.set(b, mode="reset")
-    proxies.set(a, mode="reset")
+    b.faults.set(mode="reset")
+    a.faults.set(mode="reset")
     with pytest.raises(NodeError):
         node.get(block_key(1, 0))
     assert not node.is_up()
-    proxies.set(a, mode="normal")
-    proxies.set(b, mode="normal")
+    a.faults.set(mode="normal")
+    b.faults.set(mode="normal")
 
 
-def test_slow_path_is_hedged(moto, proxies, open_client) -> None:
+def test_slow_path_is_hedged(moto, faulty, open_client) -> None:
     """One path of a single-copy node turns slow: the read is raced on the other path."""
-    eps, (a, b) = proxied(proxies, moto, 2)
+    eps, (a, b) = faulty(2)
     Client.init("hedge", [s3_url(make_bucket(moto), eps)], block_size=BLOCK, chunk_size=CHUNK)
     c = open_client("hedge", cache_size=0)
     data = payload(8 * BLOCK, 3)
     c.write_file("f", data)
     assert c.read_file("f") == data  # learn the usual latency
-    proxies.set(a, delay=1.5)
-    proxies.set(b, delay=0.0)
+    a.faults.set(delay=1.5)
+    b.faults.set(delay=0.0)
     t = time.monotonic()
     for _ in range(3):
         assert c.read_file("f") == data
     assert time.monotonic() - t < 3.0
     assert c.reader.hedged > 0
-    proxies.set(a, delay=0.0)
+    a.faults.set(delay=0.0)
 
 
 # -- replicas ----------------------------------------------------------------------------
 
 
-def _replicated(moto, proxies, name: str, nodes: int, **settings):
-    """A volume over `nodes` S3 nodes, each behind its own fault proxy: (node URLs, proxies)."""
-    eps, ps = proxied(proxies, moto, nodes)
+def _replicated(moto, faulty, name: str, nodes: int, **settings):
+    """A volume over `nodes` S3 nodes, each on its own fault server: (node URLs, servers)."""
+    eps, ps = faulty(nodes)
     urls = [fast(s3_url(make_bucket(moto), [e])) for e in eps]
     settings.setdefault("block_size", BLOCK)
     settings.setdefault("chunk_size", CHUNK)
@@ -202,8 +203,8 @@ def _replicated(moto, proxies, name: str, nodes: int, **settings):
     return urls, ps
 
 
-def test_corrupt_copy_is_served_from_replica_and_repaired(moto, proxies, open_client) -> None:
-    urls, _ = _replicated(moto, proxies, "rep", 2, replicas=2)
+def test_corrupt_copy_is_served_from_replica_and_repaired(moto, faulty, open_client) -> None:
+    urls, _ = _replicated(moto, faulty, "rep", 2, replicas=2)
     c = open_client("rep", cache_size=0)
     data = payload(4 * BLOCK, 4)
     c.write_file("f", data)
@@ -220,62 +221,62 @@ def test_corrupt_copy_is_served_from_replica_and_repaired(moto, proxies, open_cl
     assert primary.get(key) == good
 
 
-def test_node_down_when_volume_is_opened(moto, proxies, open_client) -> None:
-    urls, ps = _replicated(moto, proxies, "down", 3, replicas=2)
+def test_node_down_when_volume_is_opened(moto, faulty, open_client) -> None:
+    urls, ps = _replicated(moto, faulty, "down", 3, replicas=2)
     c = open_client("down")
     files = {f"d/{i}": payload(BLOCK + 1000 * i, i) for i in range(12)}
     for p, d in files.items():
         c.write_file(p, d)
-    proxies.set(ps[1], mode="reset")
+    ps[1].faults.set(mode="reset")
     t = time.monotonic()
     fresh = open_client("down", cache_size=0)  # opens although a node is down
     assert not fresh.nodes[fresh.placement.node_ids[1]].is_up()
     assert fresh.read_ranges([(p, 0, None) for p in files]) == list(files.values())
     fresh.write_file("new", payload(6 * BLOCK, 99))  # copies go to the two nodes that are up
     assert time.monotonic() - t < 10
-    proxies.set(ps[1], mode="normal")
+    ps[1].faults.set(mode="normal")
     assert open_client("down", cache_size=0).read_file("new") == payload(6 * BLOCK, 99)
 
 
-def test_node_dying_mid_write_completes_on_the_others(moto, proxies, open_client) -> None:
-    urls, ps = _replicated(moto, proxies, "mid3", 3, replicas=2)
+def test_node_dying_mid_write_completes_on_the_others(moto, faulty, open_client) -> None:
+    urls, ps = _replicated(moto, faulty, "mid3", 3, replicas=2)
     c = open_client("mid3")
     data = payload(40 * BLOCK, 5)
     fw = c.open_write("big")
     fw.write(data[:10 * BLOCK])
-    proxies.set(ps[2], mode="reset")
+    ps[2].faults.set(mode="reset")
     fw.write(data[10 * BLOCK:])
     fw.close()
-    proxies.set(ps[2], mode="normal")
+    ps[2].faults.set(mode="normal")
     fresh = open_client("mid3", cache_size=0)
     assert fresh.read_file("big") == data
     for recs in fresh.meta.blocks_of(fresh.meta.referenced_chunks()).values():
         assert all(len(r.nodes) == 2 for r in recs)  # every block has its two copies
 
 
-def test_node_dying_mid_write_without_enough_nodes_fails_loudly(moto, proxies, open_client) -> None:
-    urls, ps = _replicated(moto, proxies, "mid2", 2, replicas=2)
+def test_node_dying_mid_write_without_enough_nodes_fails_loudly(moto, faulty, open_client) -> None:
+    urls, ps = _replicated(moto, faulty, "mid2", 2, replicas=2)
     c = open_client("mid2")
     c.write_file("before", b"b")
     fw = c.open_write("big")
     fw.write(payload(10 * BLOCK, 6))
-    proxies.set(ps[1], mode="reset")
+    ps[1].faults.set(mode="reset")
     with pytest.raises(NodeError, match="not committed|copies stored"):
         fw.write(payload(10 * BLOCK, 7))
         fw.close()
-    proxies.set(ps[1], mode="normal")
+    ps[1].faults.set(mode="normal")
     fresh = open_client("mid2")
     with pytest.raises(FileNotFoundError):
         fresh.stat("big")
     assert fresh.read_file("before") == b"b"
 
 
-def test_write_quorum_accepts_fewer_copies(moto, proxies, open_client) -> None:
-    urls, ps = _replicated(moto, proxies, "wq", 2, replicas=2, write_quorum=1)
+def test_write_quorum_accepts_fewer_copies(moto, faulty, open_client) -> None:
+    urls, ps = _replicated(moto, faulty, "wq", 2, replicas=2, write_quorum=1)
     c = open_client("wq")
-    proxies.set(ps[1], mode="reset")
+    ps[1].faults.set(mode="reset")
     c.write_file("f", payload(5 * BLOCK, 8))
-    proxies.set(ps[1], mode="normal")
+    ps[1].faults.set(mode="normal")
     fresh = open_client("wq", cache_size=0)
     assert fresh.read_file("f") == payload(5 * BLOCK, 8)
     recs = [r for recs in fresh.meta.blocks_of(fresh.meta.referenced_chunks()).values() for r in recs]

@@ -241,10 +241,6 @@ class FaultServer(ThreadedWSGIServer):
         super().__init__(host, port, app, handler=FaultHandler)
         self._thread: threading.Thread | None = None
 
-    @property
-    def state(self) -> FaultState:
-        return self.faults
-
     def start(self) -> "FaultServer":
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"fault-server-{self.port}", daemon=True)
