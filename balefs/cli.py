@@ -134,7 +134,6 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
         for src in sources:
             files, empty = walk_local(src)
             pairs += _place(client, src, vdest, into_dir, files, empty, single=not os.path.isdir(src))
-        total = sum(os.path.getsize(p) for p, _ in pairs) if len(pairs) < 2_000_000 else None
         t0 = time.monotonic()
         with tqdm(total=len(pairs), unit="file", desc="put", disable=None, smoothing=0.1) as bar:
             moved = [0]
@@ -147,8 +146,7 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
 
             files, nbytes = ingest_local(client, pairs, threads=threads, progress=progress)
         dt = max(1e-9, time.monotonic() - t0)
-        click.echo(f"put {files} files, {_human(nbytes)} in {dt:.1f}s ({files / dt:.0f} files/s, {nbytes / dt / 1e6:.0f} MB/s)"
-                   + ("" if total is None else ""), err=True)
+        click.echo(f"put {files} files, {_human(nbytes)} in {dt:.1f}s ({files / dt:.0f} files/s, {nbytes / dt / 1e6:.0f} MB/s)", err=True)
 
 
 def _dest_base(src: str, vdest: str, into_dir: bool) -> str:
