@@ -205,28 +205,26 @@ class PathSet(Generic[Target]):
             if not down:
                 break
             for p in down:
-                token = p.begin()
-                try:
-                    self._probe(p)
-                except Exception as exc:  # noqa: BLE001 - the path stays down
-                    p.failed(token, exc, mark_down=True)
-                else:
-                    p.succeeded(token)
+                self._probe_one(p)
         with self._lock:
             self._prober = None
         if not self._closed and any(not p.up for p in self.paths):
             self._start_prober()
 
+    def _probe_one(self, p: NodePath[Target]) -> None:
+        """Probe one path, booked as a request: up if it answers, down if not."""
+        token = p.begin()
+        try:
+            self._probe(p)
+        except Exception as exc:  # noqa: BLE001 - booked as the path's failure
+            p.failed(token, exc, mark_down=True)
+        else:
+            p.succeeded(token)
+
     def probe_all(self) -> None:
         """Probe every path now (for `balefs status`): its up/down state and latency are fresh."""
         for p in self.paths:
-            token = p.begin()
-            try:
-                self._probe(p)
-            except Exception as exc:  # noqa: BLE001 - booked as the path's failure
-                p.failed(token, exc, mark_down=True)
-            else:
-                p.succeeded(token)
+            self._probe_one(p)
 
     def close(self) -> None:
         self._closed = True
