@@ -122,7 +122,6 @@ class S3Node:
                      for ep in (endpoints or [None])]
         policy = PathPolicy(attempts=int(float(opts.get("attempts", 6))))
         self.paths = PathSet(self.label, paths, classify_s3_error, self._probe, policy)
-        self._probe_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
 
