@@ -70,14 +70,19 @@ def normalize_s3_url(url: str) -> str:
     return f"s3://{bucket}/{prefix}" + (f"?{query}" if query else "")
 
 
+def _code_status(exc) -> tuple[str, int]:
+    """The error code and HTTP status of a botocore ClientError."""
+    return (str(exc.response.get("Error", {}).get("Code", "")),
+            int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0))
+
+
 def classify_s3_error(exc: BaseException) -> str:
     """How PathSet treats a failed S3 request: fatal, throttled, path down or server error."""
     from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError,
                                      ResponseStreamingError)
 
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        code, status = _code_status(exc)
         if code in _THROTTLE_CODES or status in (429, 503):
             return THROTTLED
         return SERVER if status >= 500 else FATAL
@@ -141,8 +146,7 @@ class S3Node:
                             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
 
     def _error(self, exc, what: str, key: str) -> NodeError:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        code, status = _code_status(exc)
         message = exc.response.get("Error", {}).get("Message", "") or str(exc)
         if code == "NoSuchBucket" or (what == "check" and status == 404):
             return NodeError(f"node {self.label}: bucket {self.bucket!r} does not exist (create it, or fix the node URL)")
