@@ -73,3 +73,23 @@ def test_cache_off_is_always_fresh(make_volume, meta_engine, open_client) -> Non
     assert a.stat("f").size == 1
     b.write_file("f", b"22")
     assert a.stat("f").size == 2
+
+
+def test_reads_reuse_lookups_until_the_generation_moves(two_clients, monkeypatch) -> None:
+    """A read keeps the inode and extents it looked up, past the stat TTL, for as long as no
+    client has replaced, removed or renamed anything: a warm re-read makes no lookup query."""
+    a, b = two_clients
+    monkeypatch.setattr(a.cfg, "meta_cache_ttl", 1e-9)  # stats expire at once; reads need not
+    b.write_file("r/1", b"one")
+    b.write_file("r/2", b"two")
+    calls = []
+    real = a.meta.lookup_files
+    monkeypatch.setattr(a.meta, "lookup_files", lambda *args: (calls.append(args[1]), real(*args))[1])
+    assert a.read_ranges([("r/1", 0, None), ("r/2", 0, None)]) == [b"one", b"two"]
+    assert len(calls) == 1
+    b.write_file("r/3", b"new file: the generation stays")
+    assert a.read_ranges([("r/1", 0, None), ("r/2", 0, None)]) == [b"one", b"two"]
+    assert len(calls) == 1
+    b.write_file("r/2", b"TWO")  # a replace elsewhere moves the generation
+    assert a.read_ranges([("r/1", 0, None), ("r/2", 0, None)]) == [b"one", b"TWO"]
+    assert len(calls) == 2

@@ -21,6 +21,7 @@ from .config import VolumeConfig, load_config, save_config, config_path
 from ..errors import NodeError, NodeUnreachableError, VolumeExistsError
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
+from .gcpause import collector_paused
 from .codec import BlockCodec
 from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
 from .node import Node, open_node
@@ -34,6 +35,14 @@ log = logging.getLogger(__name__)
 
 def _enoent(path: str) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+
+def _cache_key(path: str) -> str:
+    """The lookup-cache key of a volume path: its components joined by '/'."""
+    key = path.strip("/")
+    if "//" in key or "./" in key or key.endswith("."):
+        key = "/".join(split_path(path))
+    return key
 
 
 def _parent(path: str) -> tuple[str, str]:
@@ -164,7 +173,8 @@ class Client:
         self._queue: list[_Ticket] = []
         self._batch = threading.local()
         self._dirs: dict[str, tuple[Inode, float]] = {}
-        self._attrs: dict[str, tuple[Inode, float]] = {}  # stat of files and links, same TTL
+        # stat of files and links, same TTL; with a file's extents once a read has looked it up
+        self._attrs: dict[str, tuple[Inode, float, list[Extent] | None]] = {}
         self._generation = self.meta.generation()
 
     @classmethod
@@ -247,22 +257,48 @@ class Client:
 
     def stat(self, path: str) -> Inode:
         """The inode at `path`; FileNotFoundError / NotADirectoryError as POSIX would raise."""
-        parent_path, name = _parent(path)
-        if not name:
-            return self._dir("")
-        key = f"{parent_path}/{name}"
+        key = _cache_key(path)
         hit = self._attrs.get(key)
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
+        parent_path, name = _parent(path)
+        if not name:
+            return self._dir("")
         node = self.meta.lookup(self._dir(parent_path).ino, name)
         if node is None:
             raise _enoent(path)
-        if self.cfg.meta_cache_ttl > 0:
-            if len(self._attrs) >= 262_144:  # bounded: forgetting only costs a lookup
-                self._attrs.clear()
-            self._attrs[key] = (node, now + self.cfg.meta_cache_ttl)
+        self._remember({key: (node, None)})
         return node
+
+    def _remember(self, found: dict[str, tuple[Inode, list[Extent] | None]]) -> None:
+        """Cache looked-up entries (key -> inode, extents or None), bounded: forgetting costs a lookup."""
+        if self.cfg.meta_cache_ttl <= 0:
+            return
+        if len(self._attrs) + len(found) > 262_144:
+            self._attrs.clear()
+        expires = time.monotonic() + self.cfg.meta_cache_ttl
+        for key, (node, extents) in found.items():
+            self._attrs[key] = (node, expires, extents)
+
+    def _locate(self, paths: Iterable[str]) -> dict[str, tuple[Inode, list[Extent]] | OSError]:
+        """Inode and extents of each path, for reading. Callers revalidate first, so an entry a
+        read looked up stays good past its TTL until any client changes the volume; the misses
+        cost one query per directory."""
+        out: dict[str, tuple[Inode, list[Extent]] | OSError] = {}
+        missing: list[str] = []
+        attrs = self._attrs
+        for p in paths:
+            hit = attrs.get(_cache_key(p))
+            if hit is not None and hit[2] is not None:
+                out[p] = (hit[0], hit[2])
+            else:
+                missing.append(p)
+        if missing:
+            found = self._lookup_grouped(missing, self.meta.lookup_files, lambda node: (node, []))
+            self._remember({_cache_key(p): hit for p, hit in found.items() if not isinstance(hit, Exception)})
+            out.update(found)
+        return out
 
     def stat_many(self, paths: Iterable[str]) -> dict[str, Inode | OSError]:
         """Stat many paths with one query per directory (and per 500 names)."""
@@ -320,7 +356,7 @@ class Client:
     def open_read(self, path: str) -> FileReader:
         """A reader of the current version of a file: its inode and extents come from one query."""
         self.revalidate()
-        hit = self._lookup_grouped([path], self.meta.lookup_files, lambda node: (node, []))[path]
+        hit = self._locate([path])[path]
         if isinstance(hit, Exception):
             raise hit
         node, extents = hit
@@ -330,9 +366,12 @@ class Client:
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         """Serve many (path, start, end) reads at once: each needed block is fetched once."""
+        with collector_paused():
+            return self._read_ranges(requests)
+
+    def _read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         self.revalidate()
-        found = self._lookup_grouped({p for p, _, _ in requests}, self.meta.lookup_files,
-                                     lambda node: (node, []))
+        found = self._locate({p for p, _, _ in requests})
         out: list[bytes | Exception] = [b""] * len(requests)
         plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
         for i, (p, start, end) in enumerate(requests):

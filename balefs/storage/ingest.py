@@ -7,8 +7,6 @@ before it and shows nothing half-written.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import time
 from collections import deque
@@ -16,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from .client import Client, FileWriter
+from .gcpause import collector_paused
 
 SMALL = 16 << 20
 BATCH_BYTES = 8 << 20  # bytes one reader task holds at most (plus one file)
@@ -100,7 +99,7 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
     files = nbytes = 0
     last = time.monotonic()
     batches = _batches(pairs, per_batch)
-    with _cyclic_gc_paused(), ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bale-ingest") as pool:
+    with collector_paused(), ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bale-ingest") as pool:
         queue: deque[Future] = deque(pool.submit(_read_batch, source, b) for b in _take(batches, 2 * max(1, threads)))
         while queue:
             done = queue.popleft().result()
@@ -128,19 +127,6 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
                 last = now
     client.commit_durable(pending, force=True)
     return files, nbytes
-
-
-@contextlib.contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Hold off Python's cycle collector while packing: ingest makes many small objects that
-    refcounting frees, and each collection would walk all of them (8% of the CPU measured)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _batches(pairs: Sequence[tuple[str, str]], per_batch: int) -> Iterator[Sequence[tuple[str, str]]]:
