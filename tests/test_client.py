@@ -180,6 +180,29 @@ def test_sequential_reads_with_readahead(client: Client, open_client) -> None:
     assert b"".join(r.read(i, i + step) for i in range(0, len(data), step)) == data
 
 
+
+def test_batched_scan_reads_ahead_of_its_run(client: Client, open_client) -> None:
+    """A read_ranges batch that covers a run of a chunk's blocks fetches the next
+    readahead_blocks blocks too, so a scan's next batch finds them cached; a batch of scattered
+    single blocks fetches nothing extra."""
+    size = BLOCK // 4
+    with client.batch():
+        for i in range(40):  # 10 blocks of one chunk, 4 files per block
+            client.write_file(f"s/{i:02d}", payload(size, seed=i))
+    fresh = open_client("vol", readahead_blocks=3)
+    chunk = fresh.open_read("s/00").extents[0].chunk
+    fresh.read_ranges([(f"s/{i:02d}", 0, None) for i in range(8)])  # blocks 0 and 1; then wait for the fetches
+    for fut in list(fresh.reader._inflight.values()):
+        fut.result()
+    cached = sorted(idx for (c, idx) in list(fresh.cache._items) if c == chunk)
+    assert cached == [0, 1, 2, 3, 4]
+    other = open_client("vol", readahead_blocks=3)
+    other.read_ranges([("s/00", 0, None), ("s/20", 0, None)])  # blocks 0 and 5: not a run
+    for fut in list(other.reader._inflight.values()):
+        fut.result()
+    assert sorted(idx for (c, idx) in list(other.cache._items) if c == chunk) == [0, 5]
+
+
 # -- batches -----------------------------------------------------------------------------
 
 

@@ -162,6 +162,7 @@ class Client:
         self.cache = BlockCache(cfg.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
         self.reader = BlockReader(self.meta.blocks_of, self.nodes, self.cache, self._pool)
+        self.reader.readahead_blocks = cfg.readahead_blocks
         self.disk_cache: DiskBlockCache | None = None
         if cfg.cache_dir:
             self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.meta.volume_uuid())

@@ -41,6 +41,7 @@ class BlockReader:
     # seconds: the hedge delay before a node's latency is known; a 4 MiB block queued on a busy 50 MB/s
     # link takes ~0.65 s, so a shorter first guess sends many first reads twice (benchmarks/RESULTS.md, issue 6)
     hedge_initial = 2.0
+    readahead_blocks = 4  # a batch that reads a run of a chunk's blocks fetches this many after it
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, wave_bytes: int = 512 << 20) -> None:
@@ -343,6 +344,8 @@ class BlockReader:
                 futures[key] = self.fetch(rec)
             else:
                 blocks[key] = data
+        if futures and self.readahead_blocks:
+            self._read_ahead(wave_blocks)
         for key, fut in futures.items():
             try:
                 blocks[key] = fut.result()
@@ -359,6 +362,24 @@ class BlockReader:
                     results[i] = bytes(out)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
+
+    def _read_ahead(self, wave_blocks: dict[tuple[int, int], BlockRecord]) -> None:
+        """Fetch the blocks that follow each run of two or more consecutive blocks this wave reads
+        of a chunk: a scan's next batch then finds them cached or in flight, and the nodes do not
+        sit idle while this wave is sliced and the next one is looked up."""
+        runs: dict[int, list[int]] = {}
+        for chunk, idx in wave_blocks:
+            runs.setdefault(chunk, []).append(idx)
+        for chunk, idxs in runs.items():
+            if len(idxs) < 2 or max(idxs) - min(idxs) + 1 != len(idxs):
+                continue
+            known = self._maps.get(chunk)
+            if known is None:
+                continue
+            recs = known[1]
+            pos = next((k for k in range(len(recs) - 1, -1, -1) if recs[k].idx == max(idxs)), None)
+            if pos is not None:
+                self.prefetch(r for r in recs[pos + 1:pos + 1 + self.readahead_blocks] if (r.chunk, r.idx) not in self.cache)
 
     def _fill(self, out: bytearray, blocks: dict, extents: Sequence[Extent], start: int, end: int) -> None:
         for e in extents:
