@@ -17,6 +17,7 @@ from fsspec.transaction import Transaction
 
 from .storage.config import balefs_home
 from .storage.client import Client, FileWriter
+from .storage.gcpause import collector_paused
 from .storage.ingest import ingest_local
 from .storage.meta import Inode, split_path
 
@@ -175,17 +176,20 @@ class BaleFileSystem(AbstractFileSystem):
         if len(starts) != len(paths) or len(ends) != len(paths):
             raise ValueError("cat_ranges: paths, starts and ends must have the same length")
         results: list[Any] = [None] * len(paths)
-        by_client: dict[int, tuple[Client, list[int], list[tuple[str, int, int | None]]]] = {}
-        for i, (p, s, e) in enumerate(zip(paths, starts, ends)):
-            client, vpath = self._split(p)
-            slot = by_client.setdefault(id(client), (client, [], []))
-            slot[1].append(i)
-            slot[2].append((vpath, s or 0, e))
-        for client, idx, reqs in by_client.values():
-            for i, data in zip(idx, client.read_ranges(reqs)):
-                if isinstance(data, Exception) and on_error == "raise":
-                    raise data
-                results[i] = data
+        by_volume: dict[str, tuple[Client, list[int], list[tuple[str, int, int | None]]]] = {}
+        with collector_paused():
+            for i, (p, s, e) in enumerate(zip(paths, starts, ends)):
+                volume, _, vpath = self._strip_protocol(p).partition("/")
+                slot = by_volume.get(volume)
+                if slot is None:
+                    slot = by_volume[volume] = (self._split(volume)[0], [], [])
+                slot[1].append(i)
+                slot[2].append((vpath, s or 0, e))
+            for client, idx, reqs in by_volume.values():
+                for i, data in zip(idx, client.read_ranges(reqs)):
+                    if isinstance(data, Exception) and on_error == "raise":
+                        raise data
+                    results[i] = data
         return results
 
     def cat(self, path, recursive: bool = False, on_error: str = "raise", **kwargs: Any):
@@ -201,13 +205,14 @@ class BaleFileSystem(AbstractFileSystem):
         if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):
             return self.cat_file(files[0])
         out = {}
-        for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
-            if isinstance(d, Exception):
-                if on_error == "raise":
-                    raise d
-                if on_error == "omit":
-                    continue
-            out[p] = d
+        with collector_paused():
+            for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
+                if isinstance(d, Exception):
+                    if on_error == "raise":
+                        raise d
+                    if on_error == "omit":
+                        continue
+                out[p] = d
         return out
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,

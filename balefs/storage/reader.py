@@ -110,6 +110,10 @@ class BlockReader:
 
     def plan(self, extents: Sequence[Extent], start: int, end: int) -> list[Piece]:
         """Map file bytes [start, end) to block pieces."""
+        if len(extents) == 1:  # most files
+            e = extents[0]
+            lo, hi = max(start, e.off), min(end, e.off + e.length)
+            return self._pieces(e.chunk, e.chunk_off + lo - e.off, e.chunk_off + hi - e.off) if lo < hi else []
         out: list[Piece] = []
         for e in extents:
             lo, hi = max(start, e.off), min(end, e.off + e.length)
@@ -314,20 +318,23 @@ class BlockReader:
         wave: list[tuple[int, list[Piece], int, int, Sequence[Extent]]] = []
         wave_blocks: dict[tuple[int, int], BlockRecord] = {}
         wave_size = 0
+        cached = self.cache.__contains__
         for i, (extents, start, end) in enumerate(requests):
             try:
                 pieces = self.plan(extents, start, end)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
                 continue
-            new = [p[0] for p in pieces if (p[0].chunk, p[0].idx) not in wave_blocks]
-            extra = sum(r.length for r in new if (r.chunk, r.idx) not in self.cache)  # cached blocks cost no memory
+            extra = 0  # bytes of blocks this request adds to the wave; cached blocks cost no memory
+            for rec, _, _ in pieces:
+                key = (rec.chunk, rec.idx)
+                if key not in wave_blocks and not cached(key):
+                    extra += rec.length
             if wave and wave_size + extra > self._wave_bytes:
                 self._serve(wave, wave_blocks, results, views)
                 wave, wave_blocks, wave_size = [], {}, 0
-                new = [p[0] for p in pieces]
-                extra = sum(r.length for r in new if (r.chunk, r.idx) not in self.cache)
-            for rec in new:
+                extra = sum(r.length for r, _, _ in pieces if not cached((r.chunk, r.idx)))
+            for rec, _, _ in pieces:
                 wave_blocks[(rec.chunk, rec.idx)] = rec
             wave_size += extra
             wave.append((i, pieces, start, end, extents))
@@ -353,7 +360,11 @@ class BlockReader:
                 blocks[key] = exc
         for i, pieces, start, end, extents in wave:
             try:
-                if sum(hi - lo for _, lo, hi in pieces) == end - start:
+                if len(pieces) == 1 and pieces[0][2] - pieces[0][1] == end - start:  # most small files
+                    rec, lo, hi = pieces[0]
+                    view = memoryview(_ok(blocks[(rec.chunk, rec.idx)]))[lo:hi]
+                    results[i] = view.toreadonly() if views else view.tobytes()
+                elif sum(hi - lo for _, lo, hi in pieces) == end - start:
                     parts = [memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces]
                     results[i] = (parts[0].toreadonly() if views else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
                 else:  # a sparse file (truncated past its end): holes read as zeros
