@@ -389,8 +389,10 @@ class BlockReader:
                 continue
             recs = known[1]
             pos = next((k for k in range(len(recs) - 1, -1, -1) if recs[k].idx == max(idxs)), None)
-            if pos is not None:
-                self.prefetch(r for r in recs[pos + 1:pos + 1 + self.readahead_blocks] if (r.chunk, r.idx) not in self.cache)
+            if pos is None:
+                continue
+            ahead = max(self.readahead_blocks, len(idxs))  # the next batch of a scan is likely as long
+            self.prefetch(r for r in recs[pos + 1:pos + 1 + ahead] if (r.chunk, r.idx) not in self.cache)
 
     def _fill(self, out: bytearray, blocks: dict, extents: Sequence[Extent], start: int, end: int) -> None:
         for e in extents:
