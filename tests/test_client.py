@@ -603,6 +603,22 @@ def test_copy_by_reference(client: Client, open_client) -> None:
         client.copy("nothing", "x")
 
 
+def test_reference_write_then_append_hashes_the_whole_file(client: Client, open_client) -> None:
+    """A file that starts as a reference to another's bytes and then grows records the hash of
+    all its bytes, not of the appended ones only; with nothing appended it keeps the source's."""
+    data = payload(BLOCK + 77, 5)
+    client.write_file("base", data)
+    same = client.reference_write("base", "same")
+    same.close()
+    grown = client.reference_write("base", "grown")
+    grown.write(b"tail bytes")
+    grown.close()
+    fresh = open_client("vol")
+    assert fresh.stat("same").hash == fresh.stat("base").hash == xxhash.xxh3_128_hexdigest(data)
+    assert fresh.read_file("grown") == data + b"tail bytes"
+    assert fresh.stat("grown").hash == xxhash.xxh3_128_hexdigest(data + b"tail bytes")
+
+
 def test_touch(client: Client) -> None:
     client.touch("t")
     assert client.stat("t").size == 0 and client.read_file("t") == b""

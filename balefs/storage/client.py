@@ -101,6 +101,8 @@ class FileWriter:
         n = len(data)
         if not n:
             return 0
+        if self.known_hash is not None and self.content_hash is None:
+            self._hash_existing()  # the new bytes follow shared ones: the hash must cover both
         gen, pieces = self.client.writer.append(data)
         if self.first_gen < 0:
             self.first_gen = gen
@@ -115,6 +117,14 @@ class FileWriter:
                 self.extents.append(Extent(self.size, chunk, coff, length))
             self.size += length
         return n
+
+    def _hash_existing(self) -> None:
+        """Fold the bytes this version already holds (shared with another file's chunks, not
+        written here) into the content hash, so it covers the whole file."""
+        step = 16 << 20
+        for start in range(0, self.size, step):
+            self._hash.update(self.client.reader.read(self.extents, start, min(self.size, start + step)))
+        self.known_hash = None
 
     def as_write(self) -> FileWrite:
         if self.content_hash is not None:
@@ -657,11 +667,9 @@ class Client:
         `base`, sharing its chunks (no byte is copied); what is written next is appended."""
         keep = base.size if keep is None else max(0, min(keep, base.size))
         fw = FileWriter(self, "/".join(split_path(path)), base.inode.mode)
-        step = 16 << 20
-        for start in range(0, keep, step):
-            fw._hash.update(base.read(start, min(keep, start + step)))
         fw.extents = [e._replace(length=min(e.length, keep - e.off)) for e in base.extents if e.off < keep]
         fw.size = keep
+        fw._hash_existing()
         return fw
 
     def truncate(self, path: str, length: int) -> None:
