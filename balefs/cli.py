@@ -11,7 +11,7 @@ from typing import Callable
 import click
 from tqdm import tqdm
 
-from .storage.config import parse_size
+from .storage.config import parse_bale_url, parse_size
 from .errors import BaleError
 from .storage.client import Client
 from .storage.gc import collect_garbage
@@ -53,12 +53,11 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, path)."""
-    rest = url[len("bale://"):] if url.startswith("bale://") else url
-    volume, _, path = rest.partition("/")
-    if not volume:
-        raise click.UsageError(f"{url!r}: expected bale://VOLUME/path")
-    return volume, "/".join(split_path(path))
+    """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, path); a usage error if malformed."""
+    try:
+        return parse_bale_url(url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _is_bale(url: str) -> bool:

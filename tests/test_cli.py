@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import filecmp
-import os
 import re
 import stat
 import subprocess
@@ -130,7 +129,7 @@ def test_df(cli_volume, tmp_path: Path) -> None:
     files = make_tree(src, 30, 1000, 30_000, fanout=3)
     ok("put", src, "bale://cv/t")
     out = ok("df", "cv").stdout.decode()
-    assert re.search(rf"volume cv: 30 files, 4 directories", out), out
+    assert re.search(r"volume cv: 30 files, 4 directories", out), out
     assert "chunks:" in out and "dead 0 B" in out
     for node in cli_volume:
         [line] = [l for l in out.splitlines() if l.startswith(str(node))]

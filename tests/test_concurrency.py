@@ -7,7 +7,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from balefs.storage.client import Client
 
 from helpers import BLOCK, cli_cmd, make_tree, payload
 

@@ -156,3 +156,16 @@ def test_config_round_trips_through_toml(balefs_home: Path, node_dirs) -> None:
                        cache_size="16MiB", readahead_blocks=2, io_threads=4, upload_inflight=8)
     save_config(cfg)
     assert load_config("rt") == cfg
+
+
+def test_parse_bale_url_one_rule_for_every_entry_point():
+    """The CLI, the loaders and the checkpointer split bale:// URLs with this one function."""
+    from balefs.storage.config import parse_bale_url
+    assert parse_bale_url("bale://v/a//b/") == ("v", "a/b")
+    assert parse_bale_url("v/./a") == ("v", "a")
+    assert parse_bale_url("bale://v") == ("v", "")
+    for bad in ("bale://", "", "/"):
+        with pytest.raises(ValueError, match="expected bale://VOLUME/path"):
+            parse_bale_url(bad)
+    with pytest.raises(ValueError, match="'..' is not allowed"):
+        parse_bale_url("bale://v/a/../b")

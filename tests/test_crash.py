@@ -2,7 +2,6 @@
 visible file complete and correct, nothing half-written visible, and a volume that works on."""
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess

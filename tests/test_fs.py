@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import filecmp
-import os
 from pathlib import Path
 
 import fsspec
@@ -13,7 +12,6 @@ import xxhash
 
 from balefs.errors import CorruptBlockError, VolumeNotFoundError
 from balefs.fs import BaleFileSystem
-from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 
 from helpers import BLOCK, CHUNK, block_paths, blocks_of_file, flip_bit, make_tree, payload

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from balefs.fuse.mount import ATTR_TIMEOUT, RO_ATTR_TIMEOUT, default_timeouts
 from balefs.storage.client import Client

@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from balefs.storage.client import Client
 from balefs.storage.meta import ROOT, SqlMeta
 
 from helpers import BLOCK, payload

@@ -5,12 +5,11 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-import pytest
 
 from balefs.storage.client import Client
 from balefs.storage.config import load_config
 from balefs.storage.node import LocalNode
-from balefs.storage.rebalance import plan_drain, plan_rebalance, run_moves
+from balefs.storage.rebalance import plan_rebalance, run_moves
 
 from helpers import BLOCK, payload, run_cli
 

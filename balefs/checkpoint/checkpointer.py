@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..storage.client import Client
+from ..storage.config import parse_bale_url
 from . import layout
 from .runlock import RunLease
 from .staging import StagingBuffer
@@ -34,12 +35,11 @@ class CheckpointBusyError(CheckpointError):
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    """'bale://VOLUME/run/dir' -> ('VOLUME', 'run/dir')."""
-    rest = url[len("bale://"):] if url.startswith("bale://") else url
-    volume, _, path = rest.strip("/").partition("/")
-    if not volume or not path:
+    """'bale://VOLUME/run/dir' -> ('VOLUME', 'run/dir'): a run is a directory, never the volume root."""
+    volume, path = parse_bale_url(url, what="path/to/run")
+    if not path:
         raise ValueError(f"checkpoint URL {url!r}: expected bale://VOLUME/path/to/run")
-    return volume, path.strip("/")
+    return volume, path
 
 
 def _lower_priority(nice: int) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import BaleError, CorruptBlockError, NodeError
 from ..storage.client import Client
-from ..storage.config import load_config
-from ..storage.meta import Extent, split_path
+from ..storage.config import load_config, parse_bale_url
+from ..storage.meta import Extent
 from ..storage.snapshot import Snapshot, _local_copy, load_local, open_snapshot
 
 log = logging.getLogger(__name__)
@@ -27,15 +27,6 @@ Label = None | str | Callable[[str], Any]
 
 class SampleError(BaleError):
     """A sample could not be read or decoded; the message names it."""
-
-
-def parse_bale_url(url: str) -> tuple[str, str]:
-    """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, volume-relative path)."""
-    rest = url[len("bale://"):] if url.startswith("bale://") else url
-    volume, _, path = rest.partition("/")
-    if not volume:
-        raise ValueError(f"{url!r}: expected bale://VOLUME/path")
-    return volume, "/".join(split_path(path))
 
 
 class BaleSource:

@@ -10,6 +10,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
+from .meta import split_path
 from .node import normalize_node_url
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -121,6 +122,16 @@ class VolumeConfig:
         data = {k: v for k, v in asdict(self).items() if k != "name"}
         data = {k: v for k, v in data.items() if v != ""}
         return f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n" + tomli_w.dumps(data)
+
+
+def parse_bale_url(url: str, what: str = "path") -> tuple[str, str]:
+    """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, normalised volume path).
+    ValueError names what was expected, for a missing volume or a '..' component."""
+    rest = url[len("bale://"):] if url.startswith("bale://") else url
+    volume, _, path = rest.strip("/").partition("/")
+    if not volume:
+        raise ValueError(f"{url!r}: expected bale://VOLUME/{what}")
+    return volume, "/".join(split_path(path))
 
 
 def config_path(name: str) -> str:
