@@ -80,6 +80,8 @@ def part_small(args) -> None:
         import boto3
         from botocore.config import Config
 
+        from balefs.loaders.torch import BaleIterableDataset
+
         # The peer: one client shared by all threads, one pooled keep-alive connection per thread.
         s3 = boto3.client("s3", endpoint_url=tb.members[0].endpoints()[0], region_name="us-east-1",
                           config=Config(max_pool_connections=max(32, args.threads), retries={"total_max_attempts": 3},
@@ -117,11 +119,23 @@ def part_small(args) -> None:
             bale = len(names) / (time.monotonic() - t)
             cpu_bale = [(b - a) * 1e3 / len(names) for a, b in zip(cpu0, _cpu_seconds(tb))]
             assert not bad, f"{bad} wrong reads"
+        # The loader: chunk-ordered, shuffled, in this process; its snapshot is made before the clock,
+        # as a training job finds it made. Its block cache holds the chunks of its shuffle buffer.
+        ds = BaleIterableDataset("bale://small/train", shuffle=True, seed=0, rank=0, world_size=1,
+                                 label=lambda rel: f"train/{rel}", io_threads=args.threads)
+        cpu0, t = _cpu_seconds(tb), time.monotonic()
+        sizes = {rel: len(d) for d, rel in ds}
+        loader = len(sizes) / (time.monotonic() - t)
+        cpu_loader = [(b - a) * 1e3 / max(1, len(sizes)) for a, b in zip(cpu0, _cpu_seconds(tb))]
+        assert sizes == {k: len(d) for k, d in files.items()}, "the loader did not yield every file once, whole"
+        ds.source.close()
     print("| read | files/s | MB/s | ratio | client CPU ms/file | servers CPU ms/file |\n|---|---:|---:|---:|---:|---:|")
     print(f"| one object per file, 1 host, boto3 {args.threads} threads | {peer:.0f} | {peer * total / len(files) / MB:.1f} "
           f"| 1.00 | {cpu_peer[0]:.3f} | {cpu_peer[1]:.3f} |")
     print(f"| balefs over 4 hosts, {args.threads} io_threads, read_ranges in batches of 4000 (cat) | {bale:.0f} | "
           f"{bale * total / len(files) / MB:.1f} | {bale / peer:.2f} | {cpu_bale[0]:.3f} | {cpu_bale[1]:.3f} |")
+    print(f"| balefs over 4 hosts, BaleIterableDataset (shuffled, in-process) | {loader:.0f} | "
+          f"{loader * total / len(files) / MB:.1f} | {loader / peer:.2f} | {cpu_loader[0]:.3f} | {cpu_loader[1]:.3f} |")
     print(f"(CPU per file: the peer costs {sum(cpu_peer) / sum(cpu_bale):.1f}x what balefs does, client and servers together)")
     ceiling = 4 * args.rate / (total / len(files))  # files/s that 4 links can carry
     print(f"(ingest: peer {put_peer:.0f} files/s, balefs {put_bale:.0f} files/s. Link ceilings: the peer's one link "

@@ -201,6 +201,12 @@ def test_batched_scan_reads_ahead_of_its_run(client: Client, open_client) -> Non
     for fut in list(other.reader._inflight.values()):
         fut.result()
     assert sorted(idx for (c, idx) in list(other.cache._items) if c == chunk) == [0, 5]
+    uncached = open_client("vol", readahead_blocks=3, cache_size=0)  # a block read ahead would be read twice
+    loads = []
+    real = uncached.reader._load
+    uncached.reader._load = lambda rec: (loads.append(rec.idx), real(rec))[1]
+    uncached.read_ranges([(f"s/{i:02d}", 0, None) for i in range(8)])
+    assert sorted(loads) == [0, 1]
 
 
 # -- batches -----------------------------------------------------------------------------

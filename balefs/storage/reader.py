@@ -351,7 +351,7 @@ class BlockReader:
                 futures[key] = self.fetch(rec)
             else:
                 blocks[key] = data
-        if futures and self.readahead_blocks:
+        if futures and self.readahead_blocks and self.cache.capacity:  # uncached, a block read ahead is read twice
             self._read_ahead(wave_blocks)
         for key, fut in futures.items():
             try:
