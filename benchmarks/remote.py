@@ -148,8 +148,9 @@ def part_small(args) -> None:
 
 def part_scaling(args) -> None:
     print(f"\n## multipath scaling: large files, R=1, 4 MiB blocks; links {args.rate / MB:.0f} MB/s each")
-    print("| hosts | paths/host | links | write MB/s | read MB/s | write % of linear | read % of linear | machine CPU % |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| hosts | paths/host | links | write MB/s | read MB/s | write % of linear | read % of linear | machine CPU % "
+          "| client process CPU % (write / read) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base: dict[str, float] = {}
     blob = random.Random(2).randbytes(64 << 20)
     for paths in (1, 2):
@@ -161,24 +162,27 @@ def part_scaling(args) -> None:
                 c = _volume(tb, name, block_size=4 << 20, chunk_size=64 << 20, upload_inflight=8 * links + 8,
                             io_threads=8 * links + 8)
                 nfiles = max(1, size // len(blob))
-                cpu0, t = _cpu_busy(), time.monotonic()
+                cpu0, t, own = _cpu_busy(), time.monotonic(), time.process_time()
                 with c.batch():
                     for i in range(nfiles):
                         c.write_file(f"big{i}", blob)
-                w = nfiles * len(blob) / (time.monotonic() - t) / MB
+                dt = time.monotonic() - t
+                w, own_w = nfiles * len(blob) / dt / MB, 100 * (time.process_time() - own) / dt
                 c.close()
                 with Client.open(name, cache_size=0, io_threads=8 * links + 8) as r:
-                    t = time.monotonic()
+                    t, own = time.monotonic(), time.process_time()
                     for i in range(nfiles):
                         assert len(r.read_file(f"big{i}")) == len(blob)
-                    rd = nfiles * len(blob) / (time.monotonic() - t) / MB
+                    dt = time.monotonic() - t
+                    rd, own_r = nfiles * len(blob) / dt / MB, 100 * (time.process_time() - own) / dt
                 cpu1 = _cpu_busy()
                 cpu = 100 * (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1])
             if links == 1:
                 base = {"w": w, "r": rd}
             print(f"| {hosts} | {paths} | {links} | {w:.0f} | {rd:.0f} | {100 * w / (base['w'] * links):.0f} | "
-                  f"{100 * rd / (base['r'] * links):.0f} | {cpu:.0f} |", flush=True)
-    print("(CPU %: the whole machine over the write and read: client, moto servers and whatever else runs on it)")
+                  f"{100 * rd / (base['r'] * links):.0f} | {cpu:.0f} | {own_w:.0f} / {own_r:.0f} |", flush=True)
+    print("(machine CPU %: all cores over the write and read: client, moto servers and whatever else runs on it; "
+          "client process CPU %: this process, in % of one core; its Python runs on one core at a time)")
 
 
 # -- 3: failover -------------------------------------------------------------------------
