@@ -103,7 +103,9 @@ def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quor
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.argument("dest")
-@click.option("--threads", default=4, show_default=True, help="Source files read in parallel (per Ray task with --ray).")
+@click.option("--threads", default=4, show_default=True,
+              help="Source files read in parallel (per Ray task with --ray). From an object store (s3://...) "
+                   "each read waits on the network: more threads help there.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Pack in parallel on a Ray cluster: one task per share of the files, each into its own chunks. "
                    "SOURCES may then be any fsspec URL (s3://, gs://, file://).")

@@ -87,13 +87,17 @@ def _mtime_ns(info: dict) -> int | None:
 
 def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int = 4, commit_every: float = 1.0,
                  progress: Callable[[int, int], None] | None = None,
-                 source: LocalSource | FsspecSource | None = None, per_batch: int = 64) -> tuple[int, int]:
+                 source: LocalSource | FsspecSource | None = None, per_batch: int | None = None) -> tuple[int, int]:
     """Copy source files (local by default, or from `source`) to volume paths; return (files, bytes) committed.
 
     `progress(files, bytes)` is called as each file is packed. Raises on the first
-    unreadable source file; files committed before that stay committed.
+    unreadable source file; files committed before that stay committed. A reader thread takes
+    `per_batch` files at a time: 64 from local disk (one hand-off per batch, not per file),
+    1 from a remote source, where each file waits on the network.
     """
     source = source or LocalSource()
+    if per_batch is None:
+        per_batch = 64 if isinstance(source, LocalSource) else 1
     pending: list[FileWriter] = []
     checked: set[str] = set()
     files = nbytes = 0
@@ -137,7 +141,7 @@ def _batches(pairs: Sequence[tuple[str, str]], per_batch: int) -> Iterator[Seque
 def _read_batch(source: LocalSource | FsspecSource, batch: Sequence[tuple[str, str]]) -> list[tuple]:
     """(src, dst, bytes or None, stat) for each pair: one pool task per batch, not per file, so
     the reader threads and the packing thread hand over (lock, wake-up) once per batch. Past
-    `budget` bytes the rest are only stat'ed (bytes None: the packing thread streams them)."""
+    BATCH_BYTES the rest are only stat'ed (bytes None: the packing thread streams them)."""
     out, budget = [], BATCH_BYTES
     for src, dst in batch:
         if budget > 0:
