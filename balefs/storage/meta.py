@@ -374,16 +374,23 @@ class SqlMeta:
                               "WHERE d.parent=? ORDER BY d.name", (ino,)).fetchall()
         return [(r[0], Inode(*r[1:])) for r in rows]
 
-    @retrying
     def extents_of(self, inos: Iterable[int]) -> dict[int, list[Extent]]:
+        """ino -> that file's extents in file order (empty for a file without any)."""
         ids = sorted(set(inos))
-        out: dict[int, list[Extent]] = {i: [] for i in ids}
+        found = self._extents_where("ino", ids)
+        return {i: found.get(i, []) for i in ids}
+
+    @retrying
+    def _extents_where(self, column: str, ids: Iterable[int]) -> dict[int, list[Extent]]:
+        """ino -> the extents whose `column` (ino or chunk) is one of `ids`, in file order."""
+        out: dict[int, list[Extent]] = {}
         with self._read() as db:
-            for part in _batches(ids, 500):
+            for part in _batches(sorted(set(ids)), 500):
                 marks = ",".join("?" * len(part))
                 for ino, off, chunk, coff, length in db.execute(
-                        f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE ino IN ({marks}) ORDER BY ino, off", part):
-                    out[ino].append(Extent(off, chunk, coff, length))
+                        f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE {column} IN ({marks}) "
+                        "ORDER BY ino, off", part):
+                    out.setdefault(ino, []).append(Extent(off, chunk, coff, length))
         return out
 
     def walk(self, ino: int) -> Iterator[tuple[str, Inode]]:
@@ -692,18 +699,9 @@ class SqlMeta:
         with self._read() as db:
             return {r[0] for r in db.execute("SELECT DISTINCT chunk FROM extents")}
 
-    @retrying
     def extents_in(self, chunks: Iterable[int]) -> dict[int, list[Extent]]:
         """ino -> the extents of that file that lie in any of `chunks`."""
-        ids = sorted(set(chunks))
-        out: dict[int, list[Extent]] = {}
-        with self._read() as db:
-            for part in _batches(ids, 500):
-                marks = ",".join("?" * len(part))
-                for ino, off, chunk, coff, length in db.execute(
-                        f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE chunk IN ({marks}) ORDER BY ino, off", part):
-                    out.setdefault(ino, []).append(Extent(off, chunk, coff, length))
-        return out
+        return self._extents_where("chunk", chunks)
 
     @retrying
     def swap_extents(self, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]],
