@@ -110,10 +110,6 @@ class BlockReader:
 
     def plan(self, extents: Sequence[Extent], start: int, end: int) -> list[Piece]:
         """Map file bytes [start, end) to block pieces."""
-        if len(extents) == 1:  # most files
-            e = extents[0]
-            lo, hi = max(start, e.off), min(end, e.off + e.length)
-            return self._pieces(e.chunk, e.chunk_off + lo - e.off, e.chunk_off + hi - e.off) if lo < hi else []
         out: list[Piece] = []
         for e in extents:
             lo, hi = max(start, e.off), min(end, e.off + e.length)
@@ -365,8 +361,7 @@ class BlockReader:
                     view = memoryview(_ok(blocks[(rec.chunk, rec.idx)]))[lo:hi]
                     results[i] = view.toreadonly() if views else view.tobytes()
                 elif sum(hi - lo for _, lo, hi in pieces) == end - start:
-                    parts = [memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces]
-                    results[i] = (parts[0].toreadonly() if views else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
+                    results[i] = b"".join(memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces)
                 else:  # a sparse file (truncated past its end): holes read as zeros
                     out = bytearray(end - start)
                     self._fill(out, blocks, extents, start, end)
@@ -382,13 +377,14 @@ class BlockReader:
         for chunk, idx in wave_blocks:
             runs.setdefault(chunk, []).append(idx)
         for chunk, idxs in runs.items():
-            if len(idxs) < 2 or max(idxs) - min(idxs) + 1 != len(idxs):
+            last = max(idxs)
+            if len(idxs) < 2 or last - min(idxs) + 1 != len(idxs):
                 continue
             known = self._maps.get(chunk)
             if known is None:
                 continue
             recs = known[1]
-            pos = next((k for k in range(len(recs) - 1, -1, -1) if recs[k].idx == max(idxs)), None)
+            pos = next((k for k, r in enumerate(recs) if r.idx == last), None)
             if pos is None:
                 continue
             ahead = max(self.readahead_blocks, len(idxs))  # the next batch of a scan is likely as long
