@@ -90,6 +90,9 @@ def test_reads_reuse_lookups_until_the_generation_moves(two_clients, monkeypatch
     b.write_file("r/3", b"new file: the generation stays")
     assert a.read_ranges([("r/1", 0, None), ("r/2", 0, None)]) == [b"one", b"two"]
     assert len(calls) == 1
+    assert a.stat("r/1").size == 3  # a stat past the TTL looks the inode up again, and it is unchanged ...
+    assert a.open_read("r/1").read(0, 3) == b"one"  # ... so the extents a read found are kept for the next open
+    assert len(calls) == 1
     b.write_file("r/2", b"TWO")  # a replace elsewhere moves the generation
     assert a.read_ranges([("r/1", 0, None), ("r/2", 0, None)]) == [b"one", b"TWO"]
     assert len(calls) == 2

@@ -62,7 +62,6 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 COPY_STEP = 4 << 20
 FUSE_READDIR_PLUS = 1 << 0  # readdir flag: the kernel asks for attributes too (READDIRPLUS)
 FUSE_FILL_DIR_PLUS = 1 << 1  # filler flag: this entry's stat is complete, hand it to the kernel
-OPEN_CACHE_MAX = 262_144     # paths whose (generation, inode, extents) open remembers
 IO_SIZE = 1 << 20  # st_blksize: the I/O size cp, Python and stdio pick for their buffers
 
 
@@ -305,7 +304,6 @@ class BaleOperations(Operations):
         self._lock = threading.Lock()
         self._dirty: dict[int, Handle] = {}  # ino -> the handle that last wrote it, unflushed
         self._seen: dict[int, tuple] = {}    # ino -> version at its last open: keep the page cache if unchanged
-        self._opened: dict[str, tuple[int, Inode, list]] = {}  # path -> (generation, inode, extents) at its last open
         self._listings: dict[int, list[tuple[str, Inode | None]]] = {}  # open directory -> its entries
         self._dh = itertools.count(1)
         self._me = (os.getuid(), os.getgid())
@@ -534,7 +532,7 @@ class BaleOperations(Operations):
             self._writable()
         vpath = _v(path)
         try:
-            reader = self._open_read(vpath)
+            reader = self.client.open_read(vpath)  # close-to-open: the client's lookup cache, revalidated
         except IsADirectoryError:
             raise FuseOSError(errno.EISDIR) from None
         node = reader.inode
@@ -555,21 +553,6 @@ class BaleOperations(Operations):
         if not writable and hasattr(fi, "noflush"):
             fi.noflush = 1  # nothing to commit at close: spare the kernel a FLUSH round trip
         return 0
-
-    def _open_read(self, vpath: str) -> FileReader:
-        """A reader of the file's current version, under the client's close-to-open rule: the
-        generation counter is read at every open; while it has not moved since the last open
-        of this path, no entry was replaced, removed or renamed anywhere, so the inode and
-        extents found then are still the file's, and no lookup query is needed."""
-        gen = self.client.meta.generation()  # read before the lookup: a change after it shows next time
-        hit = self._opened.get(vpath)
-        if hit is not None and hit[0] == gen:
-            return FileReader(self.client, vpath, hit[1], hit[2])
-        reader = self.client.open_read(vpath)  # inode and extents in one query
-        if len(self._opened) >= OPEN_CACHE_MAX:  # bounded: forgetting only costs a lookup
-            self._opened.clear()
-        self._opened[vpath] = (gen, reader.inode, reader.extents)
-        return reader
 
     @_op
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes | memoryview:

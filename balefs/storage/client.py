@@ -279,7 +279,8 @@ class Client:
         node = self.meta.lookup(self._dir(parent_path).ino, name)
         if node is None:
             raise _enoent(path)
-        self._remember({key: (node, None)})
+        # a read's extents stay with the same version of the inode (a new version has new attributes)
+        self._remember({key: (node, hit[2] if hit is not None and hit[0] == node else None)})
         return node
 
     def _remember(self, found: dict[str, tuple[Inode, list[Extent] | None]]) -> None:
