@@ -205,14 +205,13 @@ class BaleFileSystem(AbstractFileSystem):
         if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):
             return self.cat_file(files[0])
         out = {}
-        with collector_paused():
-            for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
-                if isinstance(d, Exception):
-                    if on_error == "raise":
-                        raise d
-                    if on_error == "omit":
-                        continue
-                out[p] = d
+        for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
+            if isinstance(d, Exception):
+                if on_error == "raise":
+                    raise d
+                if on_error == "omit":
+                    continue
+            out[p] = d
         return out
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
