@@ -129,7 +129,7 @@ class FileWriter:
     def as_write(self) -> FileWrite:
         if self.content_hash is not None:
             digest = self.content_hash
-        elif self.known_hash is not None and self.first_gen < 0:
+        elif self.known_hash is not None:  # nothing written: a write hashes the shared bytes and clears it
             digest = self.known_hash
         else:
             digest = self._hash.hexdigest()
@@ -162,11 +162,7 @@ class Client:
         self.meta = meta or open_meta(cfg.meta_url)
         ids = self.meta.register_nodes(cfg.nodes)
         self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in self.meta.nodes().items()}
-        for url in cfg.nodes:
-            try:
-                self.nodes[ids[url]].check(writable=False)
-            except NodeUnreachableError as exc:  # down now: reads use the other replicas, writes the other nodes
-                log.warning("opening volume %s: %s", cfg.name, exc)
+        self._check_nodes([ids[url] for url in cfg.nodes], writable=False)  # down now: reads use other replicas
         self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
         self.codec = BlockCodec(cfg.compression)
         self.cache = BlockCache(cfg.cache_size)
@@ -211,6 +207,14 @@ class Client:
         store.close()
         save_config(cfg)
         return cfg
+
+    def _check_nodes(self, nids: Iterable[int], writable: bool) -> None:
+        """Check nodes; one that is unreachable now is logged and left to the replicas and the ring."""
+        for nid in nids:
+            try:
+                self.nodes[nid].check(writable=writable)
+            except NodeUnreachableError as exc:
+                log.warning("volume %s: %s", self.cfg.name, exc)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -416,11 +420,7 @@ class Client:
         if self._writer is None:
             with self._writer_lock:
                 if self._writer is None:
-                    for nid in self.placement.node_ids:
-                        try:
-                            self.nodes[nid].check(writable=True)
-                        except NodeUnreachableError as exc:  # blocks go to the next nodes of their ring
-                            log.warning("volume %s: %s", self.cfg.name, exc)
+                    self._check_nodes(self.placement.node_ids, writable=True)  # blocks go to the next nodes of their ring
                     self._writer = ChunkWriter(self.meta.new_chunk, self.nodes, self.placement, self.codec,
                                                self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight,
                                                self.cfg.write_quorum)
