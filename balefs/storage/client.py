@@ -179,8 +179,7 @@ class Client:
         self._queue_lock = threading.Lock()
         self._queue: list[_Ticket] = []
         self._batch = threading.local()
-        self._dirs: dict[str, tuple[Inode, float]] = {}
-        # stat of files and links, same TTL; with a file's extents once a read has looked it up
+        # lookups by path, for cfg.meta_cache_ttl: (inode, expiry, the extents once a read looked them up)
         self._attrs: dict[str, tuple[Inode, float, list[Extent] | None]] = {}
         self._generation = self.meta.generation()
 
@@ -236,34 +235,32 @@ class Client:
     # -- lookups -------------------------------------------------------------------------
 
     def _dir(self, path: str) -> Inode:
-        """The directory inode at `path`, from a short-lived cache (cfg.meta_cache_ttl)."""
-        key = "/".join(split_path(path))
-        hit = self._dirs.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        if not key:
-            node = self.meta.getattr(ROOT)
+        """The directory inode at `path`, from the lookup cache (cfg.meta_cache_ttl)."""
+        key = _cache_key(path)
+        hit = self._attrs.get(key)
+        if hit is not None and hit[1] > time.monotonic():
+            node = hit[0]
         else:
-            parent_path, name = _parent(key)
-            node = self.meta.lookup(self._dir(parent_path).ino, name)
-            if node is None:
-                raise _enoent(path)
+            if not key:
+                node = self.meta.getattr(ROOT)
+            else:
+                parent_path, name = _parent(key)
+                node = self.meta.lookup(self._dir(parent_path).ino, name)
+                if node is None:
+                    raise _enoent(path)
+            self._remember({key: (node, None)})
         if node.kind != "d":
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        if self.cfg.meta_cache_ttl > 0:
-            self._dirs[key] = (node, now + self.cfg.meta_cache_ttl)
         return node
 
     def _invalidate(self) -> None:
-        self._dirs.clear()
         self._attrs.clear()
 
     def revalidate(self) -> None:
         """Close-to-open consistency: drop every cached lookup if any client changed an entry
         since (one read of the metadata's generation counter). Every open calls this, so an
         open sees each file closed anywhere before it; a stat may be up to meta_cache_ttl old."""
-        if not self._dirs and not self._attrs:
+        if not self._attrs:
             return
         gen = self.meta.generation()
         if gen != self._generation:
