@@ -23,8 +23,9 @@ from .meta import SqlMeta, redact_url
 
 _NAMESPACE_LOCK = 0x62616C65  # 'bale': pg_advisory_xact_lock key of namespace-wide changes
 _SCHEMA_LOCK = 0x62616C66     # serialises schema creation and migrations across hosts
-_TRANSIENT = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
-              psycopg.errors.UniqueViolation, psycopg.errors.LockNotAvailable)
+# lost races (serialization failure, deadlock, lock not available are OperationalErrors) and lost
+# connections, which psycopg raises as OperationalError too; two creates of one name: UniqueViolation
+_TRANSIENT = (psycopg.OperationalError, psycopg.errors.UniqueViolation)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -100,7 +101,7 @@ class PostgresMeta(SqlMeta):
 
     @contextmanager
     def _write(self) -> Iterator[_PgDb]:
-        if getattr(self._local, "db", None) is not None:
+        if self._in_transaction():
             raise RuntimeError("a metadata write cannot start inside another transaction of the same thread")
         with self._pool.connection() as conn:
             db = self._local.db = _PgDb(conn)
@@ -122,7 +123,7 @@ class PostgresMeta(SqlMeta):
     @contextmanager
     def snapshot(self) -> Iterator[None]:
         """Reads made by this thread inside the block all see one state (a REPEATABLE READ transaction)."""
-        if getattr(self._local, "db", None) is not None:
+        if self._in_transaction():
             yield
             return
         with self._pool.connection() as conn:
@@ -143,7 +144,7 @@ class PostgresMeta(SqlMeta):
         db.execute("SELECT pg_advisory_xact_lock(?)", (_NAMESPACE_LOCK,))
 
     def _transient(self, exc: BaseException) -> bool:
-        return isinstance(exc, _TRANSIENT) or isinstance(exc, psycopg.OperationalError)
+        return isinstance(exc, _TRANSIENT)
 
     def _in_transaction(self) -> bool:
         return getattr(self._local, "db", None) is not None
