@@ -25,6 +25,7 @@ from .errors import BaleError
 from .storage.client import Client
 from .storage.config import VolumeConfig
 from .storage.ingest import FsspecSource, LocalSource, ingest_local, walk_local
+from .storage.meta import slices
 
 Pair = tuple[str, str]  # (source path, volume path)
 
@@ -63,7 +64,7 @@ def split_shares(pairs: Sequence[Pair], workers: int, min_files: int = 256, max_
     if not pairs:
         return []
     per = min(max_files, max(min_files, math.ceil(len(pairs) / max(1, 4 * workers))))
-    return [list(pairs[i:i + per]) for i in range(0, len(pairs), per)]
+    return [list(share) for share in slices(pairs, per)]
 
 
 def not_yet_committed(client: Client, source: LocalSource | FsspecSource, pairs: Sequence[Pair]) -> list[Pair]:

@@ -11,10 +11,11 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Sequence
 
 from .client import Client, FileWriter
 from .gcpause import collector_paused
+from .meta import slices
 
 SMALL = 16 << 20
 BATCH_BYTES = 8 << 20  # bytes one reader task holds at most (plus one file)
@@ -102,7 +103,7 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
     checked: set[str] = set()
     files = nbytes = 0
     last = time.monotonic()
-    batches = _batches(pairs, per_batch)
+    batches = slices(pairs, per_batch)
     with collector_paused(), ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bale-ingest") as pool:
         queue: deque[Future] = deque(pool.submit(_read_batch, source, b) for b in _take(batches, 2 * max(1, threads)))
         while queue:
@@ -131,11 +132,6 @@ def ingest_local(client: Client, pairs: Sequence[tuple[str, str]], threads: int 
                 last = now
     client.commit_durable(pending, force=True)
     return files, nbytes
-
-
-def _batches(pairs: Sequence[tuple[str, str]], per_batch: int) -> Iterator[Sequence[tuple[str, str]]]:
-    for i in range(0, len(pairs), per_batch):
-        yield pairs[i:i + per_batch]
 
 
 def _read_batch(source: LocalSource | FsspecSource, batch: Sequence[tuple[str, str]]) -> list[tuple]:

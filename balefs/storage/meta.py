@@ -32,7 +32,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 from ..errors import ConfigError
 
@@ -290,7 +290,7 @@ class SqlMeta:
         ids = sorted(set(chunks))
         out: dict[int, list[BlockRecord]] = {c: [] for c in ids}
         with self.snapshot(), self._read() as db:  # a block and its copies are committed together
-            for part in _batches(ids, 500):
+            for part in slices(ids, 500):
                 marks = ",".join("?" * len(part))
                 copies: dict[tuple[int, int], list[int]] = {}
                 for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) "
@@ -327,7 +327,7 @@ class SqlMeta:
         """Look up many names in one directory with a few queries."""
         out: dict[str, Inode] = {}
         with self._read() as db:
-            for part in _batches(sorted(set(names)), 500):
+            for part in slices(sorted(set(names)), 500):
                 marks = ",".join("?" * len(part))
                 for row in db.execute(f"SELECT d.name, {_I_COLS} FROM dentries d JOIN inodes i ON i.ino=d.ino "
                                       f"WHERE d.parent=? AND d.name IN ({marks})", (parent, *part)):
@@ -339,7 +339,7 @@ class SqlMeta:
         """Look up many names in one directory together with their extents: the batched read path."""
         out: dict[str, tuple[Inode, list[Extent]]] = {}
         with self._read() as db:
-            for part in _batches(sorted(set(names)), 500):
+            for part in slices(sorted(set(names)), 500):
                 marks = ",".join("?" * len(part))
                 for row in db.execute(f"SELECT d.name, {_I_COLS}, e.off, e.chunk, e.chunk_off, e.length FROM dentries d "
                                       f"JOIN inodes i ON i.ino=d.ino LEFT JOIN extents e ON e.ino=i.ino "
@@ -385,7 +385,7 @@ class SqlMeta:
         """ino -> the extents whose `column` (ino or chunk) is one of `ids`, in file order."""
         out: dict[int, list[Extent]] = {}
         with self._read() as db:
-            for part in _batches(sorted(set(ids)), 500):
+            for part in slices(sorted(set(ids)), 500):
                 marks = ",".join("?" * len(part))
                 for ino, off, chunk, coff, length in db.execute(
                         f"SELECT ino, off, chunk, chunk_off, length FROM extents WHERE {column} IN ({marks}) "
@@ -735,7 +735,7 @@ class SqlMeta:
         ids = sorted(set(chunks))
         blocks = [b for recs in self.blocks_of(ids).values() for b in recs]
         with self._write() as db:
-            for part in _batches(ids, 500):
+            for part in slices(ids, 500):
                 marks = ",".join("?" * len(part))
                 if db.execute(f"SELECT 1 FROM extents WHERE chunk IN ({marks}) LIMIT 1", part).fetchone():
                     raise RuntimeError("a chunk to drop is referenced again; run gc once more")
@@ -814,7 +814,8 @@ class SqlMeta:
             self._after_explicit_ids(db)
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
+def slices(items: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of `items`, `size` long (the last one shorter)."""
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
