@@ -365,3 +365,10 @@ def node_is_up(node: Node) -> bool:
     """Whether a node is believed reachable (nodes without paths always are)."""
     is_up = getattr(node, "is_up", None)
     return True if is_up is None else bool(is_up())
+
+
+def up_first(ids: Iterable[int], nodes: dict[int, Node]) -> list[int]:
+    """`ids` in their order, those of nodes believed down (or unknown) after the others."""
+    ids = list(ids)
+    up = [n for n in ids if n in nodes and node_is_up(nodes[n])]
+    return up + [n for n in ids if n not in up]

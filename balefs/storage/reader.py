@@ -24,7 +24,7 @@ from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
 from .meta import BlockRecord, Extent
-from .node import Node, node_is_up
+from .node import Node, node_is_up, up_first
 from .writer import block_key
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class BlockReader:
     def _from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
         """The verified raw bytes of a block from the first replica that serves them; repair bad copies."""
         key = block_key(rec.chunk, rec.idx)
-        up = [n for n in rec.nodes if n in self._nodes and node_is_up(self._nodes[n])]
-        order = up + [n for n in rec.nodes if n not in up]
+        order = up_first(rec.nodes, self._nodes)
         errors: list[Exception] = []
         bad: list[int] = []
         remote = any(hasattr(self._nodes.get(n), "paths") for n in order)

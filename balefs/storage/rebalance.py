@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 from ..errors import NodeError
 from .codec import BlockCodec
 from .meta import BlockRecord
-from .node import node_is_up
+from .node import up_first
 from .placement import Placement
 from .writer import block_key
 
@@ -126,7 +126,8 @@ def plan_rebalance(client: "Client", slack: float = 0.05) -> list[Move]:
 def _move(client: "Client", m: Move) -> tuple[str, int]:
     """Carry out one move: copy (verified), record, delete. Returns (outcome, bytes copied)."""
     key = block_key(m.rec.chunk, m.rec.idx)
-    sources = sorted((n for n in m.rec.nodes if n in client.nodes), key=lambda n: (n != m.src, not node_is_up(client.nodes[n])))
+    # the move's source first, then the other copies, up ones before down ones (a stable sort)
+    sources = sorted(up_first((n for n in m.rec.nodes if n in client.nodes), client.nodes), key=lambda n: n != m.src)
     blob, last = None, None
     for n in sources:
         try:

@@ -33,7 +33,7 @@ from typing import Callable
 from ..errors import NodeError
 from .codec import HEADER_SIZE, BlockCodec
 from .meta import BlockRecord
-from .node import Node, node_is_up
+from .node import Node, up_first
 from .placement import Placement
 
 
@@ -205,8 +205,7 @@ class ChunkWriter:
         want = self._placement.replicas
         if want == 1:
             ring = ring[:1]  # no replicas asked for: a block's node is fixed, its failure fails the write
-        up = [n for n in ring if node_is_up(self._nodes[n])]
-        order = up + [n for n in ring if n not in up]  # nodes known to be down stand in last
+        order = up_first(ring, self._nodes)  # nodes known to be down stand in last
         targets, spares = order[:want], order[want:]
         stored: list[int] = []
         errors: list[BaseException] = []
