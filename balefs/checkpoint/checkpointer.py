@@ -290,15 +290,13 @@ class Checkpointer:
                 if list(t.shape) != info["shape"] or layout.dtype_name(t.dtype) != info["dtype"]:
                     raise CheckpointError(f"step {s}: tensor {name!r} is {info['dtype']}{info['shape']} in the checkpoint, "
                                           f"{layout.dtype_name(t.dtype)}{list(t.shape)} in the state to load into")
+            live = dict(targets)
             direct = {n: t for n, t in targets if t.device.type == "cpu" and t.is_contiguous()}
             staged = {n: reader.empty(n) for n, t in targets if n not in direct}
-            reader.read_into({**direct, **staged}, verify=self.verify)
-            live = dict(targets)
+            missing = {n: reader.empty(n) for n in arrays if n not in live}  # saved, not asked for: as saved
+            reader.read_into({**direct, **staged, **missing}, verify=self.verify)  # one pass: blocks are shared
             for n, tmp in staged.items():
                 live[n].copy_(tmp)
-            missing = {n: reader.empty(n) for n in arrays if n not in live}
-            if missing:
-                reader.read_into(missing, verify=self.verify)
             return unflatten(reader.manifest.tree, {**live, **missing})
 
         with torch.no_grad():
@@ -308,13 +306,9 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for the save in flight (errors are left in its future), release the run, close the client."""
-        job = self._job
-        if job is not None:
-            job.future.exception()
-        self._writer.shutdown(wait=True)
+        self._writer.shutdown(wait=True)  # _write settles the job's future however it ends
         self._stager.shutdown(wait=True)
-        if self._lease.held:
-            self._lease.release()
+        self._lease.release()
         if self._own_client:
             self.client.close()
 

@@ -37,9 +37,10 @@ class BaleCheckpointCallback(TrainerCallback):
         if not self.resume:
             return
         ckpt = self._open()
-        if ckpt.latest_step() is None:
+        step = ckpt.latest_step()
+        if step is None:
             return
-        saved = ckpt.load_into({"model": model.state_dict()})  # the weights in place; the rest as saved
+        saved = ckpt.load_into({"model": model.state_dict()}, step=step)  # the weights in place; the rest as saved
         if optimizer is not None and "optimizer" in saved:
             optimizer.load_state_dict(saved["optimizer"])
         if lr_scheduler is not None and "scheduler" in saved:

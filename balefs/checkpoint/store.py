@@ -154,6 +154,7 @@ class StepReader:
         reader = client.reader
         jobs: dict[tuple[int, int], tuple[Any, list[tuple[str, np.ndarray, int, int, int]]]] = {}
         left: dict[str, int] = {}  # array name -> pieces not yet copied: hashed by the thread that copies its last
+        opened = []
         for name, tensor in targets.items():
             info = self.manifest.arrays[name]
             if not info["nbytes"]:
@@ -165,6 +166,9 @@ class StepReader:
                 raise CorruptCheckpointError(f"{self.path}: array {name!r} is listed in the manifest but its data is missing") from None
             if fr.size != info["nbytes"] or (fr.inode.hash and fr.inode.hash != info["hash"]):
                 raise CorruptCheckpointError(f"{self.path}: array {name!r} does not match its manifest (size or hash)")
+            opened.append((name, tensor, fr))
+        reader.load_maps({e.chunk for _, _, fr in opened for e in fr.extents})  # one query, not one per chunk
+        for name, tensor, fr in opened:
             dst = tensor.detach().reshape(-1).view(torch.uint8).numpy()
             pos = 0
             for rec, lo, hi in reader.plan(fr.extents, 0, fr.size):

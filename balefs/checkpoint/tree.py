@@ -93,22 +93,3 @@ def unflatten(skeleton: Any, tensors: dict[str, Any]) -> Any:
                 return float(inner)
         return {k: unflatten(v, tensors) for k, v in skeleton.items()}
     return skeleton
-
-
-def tensor_paths(skeleton: Any) -> list[str]:
-    """Array paths referenced by a skeleton, in order."""
-    out: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, dict):
-            if len(node) == 1 and TENSOR in node:
-                out.append(node[TENSOR])
-                return
-            for v in node.values():
-                walk(v)
-
-    walk(skeleton)
-    return out
