@@ -21,11 +21,9 @@ import numpy as np
 import torch
 import xxhash
 
-from ..errors import BaleError, CorruptBlockError, NodeError
+from ..errors import BaleError
 from ..storage.client import Client
-from ..storage.codec import HEADER_SIZE, BlockCodec
-from ..storage.node import node_is_up
-from ..storage.writer import block_key
+from ..storage.codec import HEADER_SIZE
 from . import layout
 from .staging import Staged
 
@@ -183,9 +181,9 @@ class StepReader:
 
         def block_bytes(rec: Any) -> Any:
             """The verified raw bytes of a block. Read with O_DIRECT into this thread's reused,
-            page-aligned buffer from a node that can (no page-cache copy or reclaim, no block
-            cache churn: a load reads each block once); else, and after any error, through the
-            block reader (cache, other replicas, blocks moved since, repair, its clear errors)."""
+            page-aligned buffer where a node can (no page-cache copy or reclaim, no block cache
+            churn: a load reads each block once); else, and after any error, through the block
+            reader (cache, other replicas, blocks moved since, repair, its clear errors)."""
             cached = reader.cache.get((rec.chunk, rec.idx))
             if cached is not None:
                 return cached
@@ -193,20 +191,8 @@ class StepReader:
             buf = getattr(scratch, "buf", None)
             if buf is None or len(buf) < need:
                 buf = scratch.buf = mmap.mmap(-1, max(need, scratch_size))
-            key = block_key(rec.chunk, rec.idx)
-            for nid in rec.nodes:
-                node = client.nodes.get(nid)
-                read_into = getattr(node, "read_into", None)
-                if read_into is None or not node_is_up(node):
-                    continue
-                try:
-                    raw = BlockCodec.decode(memoryview(buf)[:read_into(key, buf)])
-                except (CorruptBlockError, NodeError):
-                    break
-                if len(raw) == rec.length:
-                    return raw
-                break
-            return reader.get(rec)
+            raw = reader.read_direct(rec, buf)
+            return raw if raw is not None else reader.get(rec)
 
         def fetch(rec: Any, pieces: list[tuple[str, np.ndarray, int, int, int]]) -> None:
             block = np.frombuffer(block_bytes(rec), dtype=np.uint8)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
@@ -189,13 +189,26 @@ class BlockReader:
                 self._repair(rec, key, blob, bad)
         return raw  # a view into the node's buffer: no copy of the block
 
-    def _read_copy(self, rec: BlockRecord, key: str, nid: int) -> tuple[bytes | memoryview, bytes]:
-        """(raw bytes, stored blob) of one copy, verified; raises what went wrong."""
+    def read_direct(self, rec: BlockRecord, buf: Any) -> bytes | memoryview | None:
+        """The verified raw bytes of a block, read into `buf` (page-aligned, reused by the caller) from
+        the first up copy whose node reads into buffers (O_DIRECT on local disks): for one-off bulk
+        reads that would only churn the caches. None where no copy can or that read fails; the
+        caller then reads through get() (other replicas, moved blocks, repair, clear errors)."""
+        nid = next((n for n in rec.nodes if hasattr(self._nodes.get(n), "read_into") and node_is_up(self._nodes[n])), None)
+        if nid is None:
+            return None
+        try:
+            return self._read_copy(rec, block_key(rec.chunk, rec.idx), nid, buf)[0]
+        except (CorruptBlockError, NodeError):
+            return None
+
+    def _read_copy(self, rec: BlockRecord, key: str, nid: int, buf: Any = None) -> tuple[bytes | memoryview, bytes | memoryview]:
+        """(raw bytes, stored blob) of one copy, verified, read into `buf` if given; raises what went wrong."""
         node = self._nodes.get(nid)
         if node is None:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: node id {nid} is not in this volume")
         started = time.monotonic()
-        blob = node.get(key)
+        blob = node.get(key) if buf is None else memoryview(buf)[:node.read_into(key, buf)]
         self._latency.setdefault(nid, deque(maxlen=32)).append(time.monotonic() - started)
         try:
             raw = BlockCodec.decode(blob)
