@@ -128,10 +128,8 @@ class Checkpointer:
         path = layout.step_dir(self.run, job.step)
         writer = None
         try:
-            if self._exists(job.step):
-                self._remove(path)
-            self._drop_incomplete()
-            previous = self._previous(job.step) if self.incremental else None
+            others = self._clear_for(job.step, path)
+            previous = self._previous(others) if self.incremental else None
             writer = StepWriter(self.client, path, previous)
             for i in range(len(job.rounds)):
                 item = job.staged.get()
@@ -141,7 +139,7 @@ class Checkpointer:
                 job.consumed[i].set()
             writer.commit(Manifest(job.step, job.tree, {}, {"writer": self.client.writer.writer_id}))
             self.last_stats = {"written_bytes": writer.written_bytes, "referenced_bytes": writer.referenced_bytes}
-            self._retain()
+            self._retain(sorted(others + [job.step]))
             job.future.set_result(job.step)
         except BaseException as exc:  # noqa: BLE001 - reported through the future
             for ev in job.consumed:
@@ -206,28 +204,32 @@ class Checkpointer:
         except FileNotFoundError:
             pass
 
-    def _drop_incomplete(self) -> None:
-        """Remove step directories without a manifest (a save that crashed): only the lease holder does."""
+    def _clear_for(self, step: int, path: str) -> list[int]:
+        """Before writing `step` at `path` (only the lease holder writes): remove step directories
+        without a manifest (saves that crashed) and an earlier save of this step; return the other
+        complete steps, oldest first. One listing of the run serves all of it."""
         dirs = self._step_dirs()
-        complete = set(self._complete(dirs))
+        complete = self._complete(dirs)
         for name, s in dirs.items():
-            if s not in complete:
+            if s not in complete or f"{self.run}/{name}" == path:
                 self._remove(f"{self.run}/{name}")
+        return [s for s in complete if s != step]
 
-    def _previous(self, step: int) -> tuple[str, Manifest] | None:
-        older = [s for s in self.steps() if s != step]
-        if not older:
+    def _previous(self, others: list[int]) -> tuple[str, Manifest] | None:
+        """The newest other complete step and its manifest: an incremental save shares its bytes."""
+        if not others:
             return None
-        path = layout.step_dir(self.run, older[-1])
+        path = layout.step_dir(self.run, others[-1])
         try:
             return path, read_manifest(self.client, path)
         except CheckpointError:
             return None
 
-    def _retain(self) -> None:
+    def _retain(self, steps: list[int]) -> None:
+        """Remove all but the newest keep_last of `steps` (the run's complete steps, oldest first)."""
         if not self.keep_last:
             return
-        for s in self.steps()[:-self.keep_last]:
+        for s in steps[:-self.keep_last]:
             self._remove(layout.step_dir(self.run, s))
 
     # -- loading -------------------------------------------------------------------------
