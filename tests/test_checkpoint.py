@@ -148,6 +148,22 @@ def test_retention_keeps_the_last_n(volume) -> None:
         assert c.load(3)["x"][0] == 3
 
 
+def test_a_save_replaces_its_step_and_drops_crashed_ones(volume, open_client) -> None:
+    """Saving a step that exists replaces it; a step directory without a manifest (a save that
+    crashed) is removed by the next save; retention counts the replaced step once."""
+    client = open_client("vol")
+    with Checkpointer(URL, keep_last=2) as c:
+        c.save(1, {"x": torch.zeros(4)}).result()
+        c.save(2, {"x": torch.ones(4)}).result()
+        client.write_file("runs/r/step-0000000007/x/c/0", b"half a save")  # no zarr.json: incomplete
+        c.save(2, {"x": torch.full((4,), 5.0)}).result()
+        assert c.steps() == [1, 2]
+        assert torch.equal(c.load(2)["x"], torch.full((4,), 5.0))
+        assert [n for n, _ in client.listdir("runs/r") if n.startswith("step-")] == ["step-0000000001", "step-0000000002"]
+        c.save(3, {"x": torch.ones(4)}).result()
+        assert c.steps() == [2, 3]
+
+
 def slow_nodes(client: Client, delay: float, fail: BaseException | None = None) -> None:
     for node in client.nodes.values():
         for method in ("put", "put_deferred"):  # local nodes take bulk writes through put_deferred
