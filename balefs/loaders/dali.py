@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .order import epoch_order, remaining, split
+from .order import epoch_order, remaining, share_len, split
 from .source import BaleSource
 
 
@@ -29,9 +29,7 @@ class BaleBatchSource:
 
     def batches(self) -> int:
         """Batches per epoch on this rank."""
-        n = len(self.source)
-        share = n // self.world_size if self.drop_last else -(-n // self.world_size)
-        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
+        return share_len(share_len(len(self.source), self.world_size, self.drop_last), self.batch_size, self.drop_last)
 
     def _rows(self, epoch: int) -> np.ndarray:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -46,10 +44,7 @@ class BaleBatchSource:
         rows = self._rows(info.epoch_idx)[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
         if len(rows) < self.batch_size:  # pad the last batch by repeating its samples
             rows = np.resize(rows, self.batch_size)
-        data = self.source.read(rows.tolist())
-        for d in data:
-            if isinstance(d, Exception):
-                raise d
+        data = self.source.read(rows.tolist(), strict=True)
         labels = self.source.column("label")
         return ([np.frombuffer(d, dtype=np.uint8) for d in data],
                 [np.array([labels[r]], dtype=np.int32) for r in rows])

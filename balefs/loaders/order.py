@@ -22,12 +22,22 @@ import numpy as np
 Intervals = list[list[int]]
 
 
+def chunk_starts(groups: np.ndarray) -> np.ndarray:
+    """Where each chunk's rows begin: `groups[i]` is row i's chunk; rows of a chunk are adjacent."""
+    return np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if len(groups) else np.zeros(0, dtype=np.int64)
+
+
+def share_len(n: int, consumers: int, drop_last: bool) -> int:
+    """Samples in every consumer's share of n: floor(n/T) with drop_last, else ceil(n/T) (padded)."""
+    return n // consumers if drop_last else -(-n // consumers)
+
+
 def epoch_order(groups: np.ndarray, seed: int, epoch: int, shuffle: bool, window: int) -> tuple[np.ndarray, np.ndarray]:
     """(S, window starts): row indices in the order of the epoch, and where in S each window begins.
     `groups[i]` is row i's chunk; rows of a chunk are adjacent."""
     n = len(groups)
     window = max(1, window)
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    starts = chunk_starts(groups)
     if not shuffle or n == 0:
         return np.arange(n, dtype=np.int64), starts[::window]
     ends = np.r_[starts[1:], n]
@@ -106,7 +116,7 @@ def split(todo: np.ndarray, consumers: int, consumer: int, drop_last: bool) -> P
     own = todo[start:start + base + (consumer < extra)]
     if drop_last:
         return Part(own[:base], base)
-    want = base + (extra > 0)
+    want = share_len(m, consumers, drop_last)
     if len(own) < want and m:
         fill = own[-1:] if len(own) else todo[:1]
         own = np.concatenate([own, np.repeat(fill, want - len(own))])

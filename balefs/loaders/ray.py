@@ -12,6 +12,7 @@ import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from .order import chunk_starts
 from .source import BaleSource
 
 
@@ -21,10 +22,7 @@ def _read_rows(source: BaleSource, rows: np.ndarray, piece: int) -> Iterator[Any
     paths, labels = source.paths, source.column("label")
     for i in range(0, len(rows), piece):
         part = rows[i:i + piece].tolist()
-        data = source.read(part)
-        for d in data:
-            if isinstance(d, Exception):
-                raise d
+        data = source.read(part, strict=True)
         yield pa.table({"path": [paths[r] for r in part], "bytes": pa.array(data, type=pa.binary()),
                         "label": pa.array(labels[part], type=pa.int32())})
 
@@ -43,7 +41,7 @@ class BaleDatasource(Datasource):
                        data_context: Any = None) -> list[ReadTask]:
         chunks, sizes = self.source.column("chunk"), self.source.column("size")
         n = len(chunks)
-        starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])  # rows of a chunk are adjacent
+        starts = chunk_starts(chunks)
         groups = np.array_split(np.arange(len(starts)), max(1, min(parallelism, len(starts))))
         bounds = np.r_[starts, n]
         tasks = []

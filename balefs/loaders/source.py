@@ -96,8 +96,7 @@ class BaleSource:
 
     def name(self, row: int) -> str:
         """The URL of the file at `row`."""
-        rel = self.paths[int(row)]
-        return f"bale://{self.volume}/{self.tree}/{rel}" if self.tree else f"bale://{self.volume}/{rel}"
+        return f"bale://{self.volume}/{self._full_path(row)}"
 
     def label(self, row: int, how: Label) -> Any:
         """The label of a sample: its class index ('dir') or what a callable makes of its path."""
@@ -113,10 +112,11 @@ class BaleSource:
             return [Extent(0, int(self.column("chunk")[row]), int(self.column("offset")[row]), size)] if size else []
         return self.snapshot.extents([row])[0]
 
-    def read(self, rows: Sequence[int], views: bool = False) -> list[bytes | memoryview | Exception]:
+    def read(self, rows: Sequence[int], views: bool = False, strict: bool = False) -> list[bytes | memoryview | Exception]:
         """The bytes of the files at `rows` (one batched read: each block fetched once); an error
-        per sample names its file. Bytes moved since the snapshot (gc) are read by path instead.
-        With views, a file held in one block is a read-only view into it (no copy)."""
+        per sample names its file (strict: the first one is raised). Bytes moved since the snapshot
+        (gc) are read by path instead. With views, a file held in one block is a read-only view
+        into it (no copy)."""
         sizes = self.column("size")
         reqs = [(self._extents(r), 0, int(sizes[r])) for r in rows]
         out = self.client.reader.read_many(reqs, views=views)
@@ -129,6 +129,8 @@ class BaleSource:
             if isinstance(d, Exception):
                 err = SampleError(f"{self.name(rows[i])}: {d}")
                 err.__cause__ = d
+                if strict:
+                    raise err
                 out[i] = err
         return out
 
@@ -148,8 +150,6 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
             label: Label, on_error: str, counter: SkipCounter, last: list) -> Iterator[Any]:
     """Decode and label read samples. With on_error='skip' a bad sample is counted and replaced by
     a repeat of a good one (the last good one, or the next), so every consumer keeps its length."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     pending = 0
     for row, d in zip(rows, data):
         try:

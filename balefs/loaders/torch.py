@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 
-from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, split
+from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
 from .source import BaleSource, Label, SampleError, SkipCounter, samples
 
 STATE_VERSION = 1
@@ -130,8 +130,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     def samples_per_rank(self, num_workers: int = 0) -> int:
         """Samples each rank delivers in a full epoch with this many DataLoader workers."""
         workers = max(1, num_workers)
-        n, t = len(self.source), self.world_size * workers
-        return workers * ((n // t) if self.drop_last else -(-n // t))
+        return workers * share_len(len(self.source), self.world_size * workers, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of `epoch`; a loaded state of another epoch no longer applies."""
