@@ -125,7 +125,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
         self.epoch = 0
         self._resume: dict | None = None
-        self._live: tuple[Intervals, Part, int, int, int] | None = None  # base, part, taken, consumer, consumers
+        self._live: tuple[Intervals, Part, int, int] | None = None  # base, part, consumer, consumers of this iteration
+        self._taken = 0  # samples of that part yielded so far
 
     def samples_per_rank(self, num_workers: int = 0) -> int:
         """Samples each rank delivers in a full epoch with this many DataLoader workers."""
@@ -161,14 +162,13 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
             base, taken = merge(st["base"]), st["consumer"][2]  # same layout (StatefulDataLoader): resume this share
         order, bounds = self._order()
         part = split(remaining(len(order), base), consumers, consumer, self.drop_last)
-        self._live = (base, part, taken, consumer, consumers)
+        self._live, self._taken = (base, part, consumer, consumers), taken
         units = pieces(part.positions[taken:], bounds, self.piece)
         last: list = []
         for positions, data in _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy):
             for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
                                   self._counter, last):
-                taken += 1
-                self._live = (base, part, taken, consumer, consumers)
+                self._taken += 1
                 yield sample
 
     # -- state -----------------------------------------------------------------------------
@@ -194,7 +194,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
             seen = seen_by_workers(batches, batch_size, workers, len(parts[0].positions))
             consumed = base + [iv for c, p in enumerate(parts) for iv in p.consumed(seen[c % workers])]
         elif self._live is not None:
-            live_base, part, taken, consumer, consumers = self._live
+            live_base, part, consumer, consumers = self._live
+            taken = self._taken
             consumed = live_base + part.consumed(taken)
             st["base"], st["consumer"] = live_base, [consumer, consumers, taken]
         else:
