@@ -144,9 +144,9 @@ def _ipc_bytes(table: "pa.Table") -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write(client: "Client", tree: str, table: "pa.Table", listed_at: str) -> None:
+def _write(client: "Client", tree: str, table: "pa.Table", listed_at: str) -> bytes:
     """Store the snapshot in the volume and stamp it; a change by another client since the listing
-    (stamp `listed_at`) leaves it unstamped, so the next open re-checks it."""
+    (stamp `listed_at`) leaves it unstamped, so the next open re-checks it. Returns its bytes."""
     where = snapshot_location(tree)
     before = [int(x) for x in listed_at.split(":")]
     try:
@@ -160,10 +160,12 @@ def _write(client: "Client", tree: str, table: "pa.Table", listed_at: str) -> No
             except FileNotFoundError:
                 new_dirs += 1
         expected = (before[0], before[1] + 1 + new_dirs)
-    client.write_file(where, _ipc_bytes(table))
+    data = _ipc_bytes(table)
+    client.write_file(where, data)
     after = volume_stamp(client)
     ours = tuple(int(x) for x in after.split(":")) == expected
     client.setxattr(where, STAMP_XATTR, (after if ours else "unstamped").encode())
+    return data
 
 
 # -- opening -----------------------------------------------------------------------------
@@ -203,13 +205,18 @@ def _local_copy(client: "Client", location: str) -> str:
     path = os.path.join(_local_dir(), f"{node.hash or node.ino}.arrow")
     if os.path.exists(path) and os.path.getsize(path) == node.size:
         return path
+    return _store_local(path, client.read_file(location))
+
+
+def _store_local(path: str, data: bytes) -> str:
+    """Write a local snapshot copy atomically: concurrent openers see the whole file or none."""
     os.makedirs(_local_dir(), exist_ok=True)
     _drop_stale_parts(_local_dir())
     fd, tmp = tempfile.mkstemp(dir=_local_dir(), suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(client.read_file(location))
-        os.replace(tmp, path)  # atomic: concurrent openers see the whole file or none
+            f.write(data)
+        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -257,8 +264,8 @@ def open_snapshot(client: "Client", tree: str, rebuild: bool = False) -> Snapsho
         client.setxattr(where, STAMP_XATTR, listed_at.encode())  # same listing: re-stamp it
         snap = old
     else:
-        _write(client, tree, table, listed_at)
-        snap = load_local(_local_copy(client, where), where)
+        data = _write(client, tree, table, listed_at)  # the local copy from these bytes, named as _local_copy names it
+        snap = load_local(_store_local(os.path.join(_local_dir(), f"{xxhash.xxh3_128_hexdigest(data)}.arrow"), data), where)
     fresh = _with_blocks(client, snap)
     if fresh is None:  # gc moved bytes while we listed: list again
         return open_snapshot(client, tree, rebuild=True)
