@@ -536,7 +536,7 @@ def snapshot(url: str, rebuild: bool) -> None:
     with Client.open(volume) as client:
         snap = open_snapshot(client, tree, rebuild=rebuild)
     size = int(snap.column("size").sum())
-    click.echo(f"snapshot of bale://{volume}/{tree}: {len(snap)} files, {_human(size)}, {len(snap.chunks())} chunks, "
+    click.echo(f"snapshot of bale://{volume}/{tree}: {len(snap)} files, {_human(size)}, {len(snap.blocks)} chunks, "
                f"{len(snap.classes)} classes, fingerprint {snap.fingerprint} in {time.monotonic() - t0:.1f}s; "
                f"stored at bale://{volume}/{snap.location}")
 
