@@ -626,10 +626,8 @@ class Client:
         figures = self.meta.usage()
         known = self.meta.block_keys() if scan_nodes else set()
         nodes = []
-        for nid, node in sorted(self.nodes.items()):
-            blocks, stored = figures["per_node"].get(nid, (0, 0))  # type: ignore[union-attr]
-            row: dict[str, object] = {"id": nid, "url": node.url, "blocks": blocks, "stored_bytes": stored,
-                                      "in_use": nid in self.placement.node_ids}
+        for row in self.node_rows():
+            node = self.nodes[row["id"]]
             try:
                 row["capacity"], row["free"] = node.capacity()
                 if scan_nodes:
@@ -639,8 +637,14 @@ class Client:
                 row["error"] = str(exc)
             nodes.append(row)
         figures["nodes"] = nodes
-        del figures["per_node"]
         return figures
+
+    def node_rows(self) -> list[dict[str, object]]:
+        """One row per node, by id: id, url, in_use (in placement), blocks and stored bytes it holds."""
+        per_node = self.meta.blocks_per_node()
+        return [{"id": nid, "url": node.url, "in_use": nid in self.placement.node_ids,
+                 "blocks": per_node.get(nid, (0, 0))[0], "stored_bytes": per_node.get(nid, (0, 0))[1]}
+                for nid, node in sorted(self.nodes.items())]
 
     # -- POSIX semantics (the FUSE mount uses these; any interface may) -----------------
 

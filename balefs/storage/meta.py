@@ -665,7 +665,7 @@ class SqlMeta:
 
     @retrying
     def usage(self) -> dict[str, object]:
-        """Figures for `balefs df`: files, dirs, bytes, chunks, live/dead bytes, blocks per node."""
+        """Figures for `balefs df`: files, dirs, bytes, chunks, live/dead bytes (per node: blocks_per_node)."""
         with self._read() as db:
             files, dirs, file_bytes = db.execute(
                 "SELECT sum(CASE WHEN kind='f' THEN 1 ELSE 0 END), sum(CASE WHEN kind='d' THEN 1 ELSE 0 END), "
@@ -673,13 +673,18 @@ class SqlMeta:
             chunks, chunk_bytes, live = db.execute(
                 "SELECT count(*), coalesce(sum(size),0), coalesce(sum(live),0) FROM chunks WHERE size > 0").fetchone()
             referenced = db.execute("SELECT coalesce(sum(b.length),0) FROM blocks b").fetchone()[0]
-            per_node = {nid: (int(cnt), int(stored)) for nid, cnt, stored in db.execute(
-                "SELECT c.node, count(*), coalesce(sum(b.stored),0) FROM block_copies c "
-                "JOIN blocks b ON b.chunk=c.chunk AND b.idx=c.idx GROUP BY c.node")}
         chunk_bytes, live = int(chunk_bytes), int(live)
         return {"files": int(files or 0), "dirs": int(dirs or 1) - 1, "file_bytes": int(file_bytes), "chunks": int(chunks),
                 "chunk_bytes": max(chunk_bytes, int(referenced)), "live_bytes": live,
-                "dead_bytes": max(0, chunk_bytes - live), "per_node": per_node}
+                "dead_bytes": max(0, chunk_bytes - live)}
+
+    @retrying
+    def blocks_per_node(self) -> dict[int, tuple[int, int]]:
+        """node id -> (block copies it holds, their stored bytes)."""
+        with self._read() as db:
+            return {nid: (int(cnt), int(stored)) for nid, cnt, stored in db.execute(
+                "SELECT c.node, count(*), coalesce(sum(b.stored),0) FROM block_copies c "
+                "JOIN blocks b ON b.chunk=c.chunk AND b.idx=c.idx GROUP BY c.node")}
 
     @retrying
     def block_keys(self) -> set[tuple[int, int]]:

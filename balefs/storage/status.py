@@ -13,12 +13,10 @@ def volume_status(client: "Client", probe: bool = True) -> list[dict[str, Any]]:
 
     With probe, every path is probed first (a HEAD of the bucket; a directory check for local
     nodes), so up/down and latency are as of now; request counts and bytes are this process's."""
-    per_node = client.meta.usage()["per_node"]
-    rows = []
-    for nid, node in sorted(client.nodes.items()):
-        blocks, stored = per_node.get(nid, (0, 0))
-        row: dict[str, Any] = {"id": nid, "url": node.url, "in_use": nid in client.placement.node_ids,
-                               "blocks": blocks, "stored_bytes": stored, "error": ""}
+    rows = client.node_rows()
+    for row in rows:
+        node = client.nodes[row["id"]]
+        row["error"] = ""
         if hasattr(node, "path_stats"):
             if probe:
                 node.probe_paths()
@@ -35,5 +33,4 @@ def volume_status(client: "Client", probe: bool = True) -> list[dict[str, Any]]:
             row["paths"] = [{"path": node.url, "up": row["up"], "latency_ms": round(took, 2), "requests": 1,
                              "errors": int(not row["up"]), "bytes_in": 0, "bytes_out": 0, "outstanding": 0,
                              "last_error": row["error"]}]
-        rows.append(row)
     return rows
