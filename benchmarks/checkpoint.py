@@ -311,23 +311,23 @@ def bench_loop(state: dict, volume: str, steps: int, every: int, nice: int, long
     assert parent.recv() == "ready"  # the child's start-up (imports) is not part of the loop's time
     pending = [0]
 
-    def checkpoint(i: int) -> None:
-        while pending[0]:  # the previous save must be written before the buffer is reused
+    def drain() -> None:
+        """Wait for the saves sent to the writer process."""
+        while pending[0]:
             parent.recv()
             pending[0] -= 1
+
+    def checkpoint(i: int) -> None:
+        drain()  # the previous save must be written before the buffer is reused
         staged = staging.stage(rounds[0])
         parent.send((i, [(s.path, slot.offset, s.data.numel(), str(s.dtype).removeprefix("torch."), list(s.shape))
                          for s, slot in zip(staged, rounds[0])]))
         pending[0] += 1
 
     out["process_s"] = loop.run(steps, every, checkpoint)
-    while pending[0]:
-        parent.recv()
-        pending[0] -= 1
+    drain()
     parent.send(None)
     proc.join()
-    del shared, staging
-    gc.collect()
     log(f"loop with a writer process every {every} steps: {out['process_s']:.2f}s")
     return out
 

@@ -129,10 +129,11 @@ def part2(home: str, workdir: str, n_files: int) -> tuple[float, float, int]:
     client; `put --ray` lists the source and runs put_ray on a 2-CPU Ray cluster that is up
     before the clock starts."""
     import ray
-    from small_files import generate, plan_set, warm_source
+    from small_files import generate, make_volume, plan_set, warm_source
 
     from balefs.ingest_ray import list_source, put_ray
     from balefs.storage.client import Client
+    from balefs.storage.config import load_config
     from balefs.storage.ingest import ingest_local, walk_local
 
     os.environ["BALEFS_HOME"] = home
@@ -140,14 +141,12 @@ def part2(home: str, workdir: str, n_files: int) -> tuple[float, float, int]:
     generate(ds, keep=True)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     rates = []
+    want = len(walk_local(ds.root)[0])  # the set's files and its manifest
     for mode in ("put", "put --ray"):
         name = "ingest" + ("-ray" if "ray" in mode else "")
         vol_dir = os.path.join(workdir, name)
-        shutil.rmtree(vol_dir, ignore_errors=True)
-        nodes = [os.path.join(vol_dir, f"n{k}") for k in range(4)]
-        for d in nodes:
-            os.makedirs(d)
-        cfg = Client.init(name, nodes)
+        make_volume(name, vol_dir, 4)
+        cfg = load_config(name)
         os.sync()
         warm_source(ds, 8)
         t = time.perf_counter()
@@ -161,7 +160,6 @@ def part2(home: str, workdir: str, n_files: int) -> tuple[float, float, int]:
         dt = time.perf_counter() - t
         with Client.open(name) as c:
             u = c.usage(scan_nodes=False)
-        want = len(walk_local(ds.root)[0])  # the set's files and its manifest
         if files != want or u["files"] != want or u["live_bytes"] != u["file_bytes"]:
             raise SystemExit(f"VERIFY FAILED: {mode} committed {files} files, volume holds {u['files']}, source has {want}")
         log(f"  {mode}: {files / dt:,.0f} files/s")
