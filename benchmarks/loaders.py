@@ -40,12 +40,17 @@ import small_files as sf  # noqa: E402 - the set, its checks, cache dropping and
 BARS = {"cold": 5.0}
 
 
+def label_of(rel: str) -> int:
+    """The class of a file of the set from its path ('a/c042/...' -> 42), as every loader labels it."""
+    return int(rel.split("/")[1][1:])
+
+
 class LooseFiles:
     """(a) The peer: index -> (bytes, label) from files on the local disk."""
 
     def __init__(self, ds: sf.DataSet) -> None:
         self.paths = [os.path.join(ds.root, r) for r in ds.rels]
-        self.labels = [int(r.split("/")[1][1:]) for r in ds.rels]
+        self.labels = [label_of(r) for r in ds.rels]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,7 +72,7 @@ def make_shards(ds: sf.DataSet, root: str, per_shard: int, keep: bool) -> list[s
     for k, url in enumerate(urls):
         with tarfile.open(url, "w") as tar:
             for i in range(k * per_shard, min(ds.n, (k + 1) * per_shard)):
-                for ext, data in (("jpeg", ds.expected(i)), ("cls", str(int(ds.rels[i].split("/")[1][1:])).encode())):
+                for ext, data in (("jpeg", ds.expected(i)), ("cls", str(label_of(ds.rels[i])).encode())):
                     info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         sf.log(f"put into balefs: {put.fps:.0f} files/s")
     url = f"bale://{volume}/train"
     t = time.perf_counter()
-    BaleIterableDataset(url)  # the snapshot, built once (then reused by every loader below)
+    bale_rows = BaleIterableDataset(url).source  # the snapshot, built once (then reused by every loader below)
     sf.log(f"snapshot of {url}: {time.perf_counter() - t:.1f}s")
 
     w, b = args.workers, args.batch
@@ -209,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     names = {"a": "(a) loose files", "b": "(b) WebDataset", "c": "(c) BaleIterableDataset", "d": "(d) BaleDataset+RandomSampler"}
     results: dict[tuple[str, str], sf.Result] = {}
     quality: dict[str, tuple[float, float]] = {}
-    bale_rows = BaleIterableDataset(url).source
     storage = {"a": np.arange(ds.n), "b": np.arange(ds.n), "d": np.arange(ds.n)}
     row_of = np.empty(ds.n, dtype=np.int64)
     row_of[[int(p.rsplit("_", 1)[1].split(".")[0]) for p in bale_rows.paths]] = np.arange(len(bale_rows))
