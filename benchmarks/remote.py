@@ -268,7 +268,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=15.0)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the testbed is torn down
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testbed", "AWS_SECRET_ACCESS_KEY": "testbed", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(Testbed.credentials())
     os.environ["BALEFS_HOME"] = tempfile.mkdtemp(prefix="balefs-remote-")
     print(f"# benchmarks/remote.py {' '.join(sys.argv[1:])}; load average at start: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from balefs.storage.client import Client
@@ -73,3 +75,17 @@ def make_tree(root: Path, n_files: int, min_size: int, max_size: int, seed: int 
         p.write_bytes(data)
         out[rel] = data
     return out
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond, timeout: float = 60.0) -> None:
+    """Poll `cond` until it holds or `timeout` seconds pass (the asserts after say what failed)."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -14,12 +14,13 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from typing import Iterator
 
 import pytest
+
+from helpers import free_port
 
 PASSWORD_USER = "bale"
 
@@ -33,12 +34,6 @@ def find_pg_bin() -> str | None:
     return os.path.dirname(os.path.realpath(which)) if which else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgServer:
     """One PostgreSQL server in a temp dir; start(), stop(), restart(), urls for fresh schemas."""
 
@@ -48,7 +43,7 @@ class PgServer:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
         self.root = tempfile.mkdtemp(prefix="balefs-pg-")
         self.data, self.log = os.path.join(self.root, "data"), os.path.join(self.root, "server.log")
-        self.port = _free_port()
+        self.port = free_port()
         self.password = secrets.token_hex(8)
         self.settings = {"listen_addresses": "127.0.0.1", "unix_socket_directories": self.root, "max_connections": "200",
                          "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", **(settings or {})}

@@ -3,7 +3,6 @@ BaleStorageWriter/Reader (async_save), and a 2-rank gloo save loaded back at wor
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,13 +16,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from balefs.checkpoint import BaleStorageReader, BaleStorageWriter
 
+from helpers import free_port
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def state(seed: int = 0) -> dict:

@@ -3,7 +3,6 @@ newer balefs, and the server restarting while a client writes."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -12,7 +11,7 @@ from balefs.storage.client import Client
 from balefs.storage.meta import SCHEMA_VERSION, open_meta
 
 from helpers import payload, run_cli
-from pg_server import _free_port
+from helpers import free_port, wait_until
 
 
 def _clean_failure(r, *needles: str) -> str:
@@ -25,7 +24,7 @@ def _clean_failure(r, *needles: str) -> str:
 
 
 def test_unreachable_database_at_open(pg_server, node_dirs) -> None:
-    dead = pg_server.url(port=_free_port())
+    dead = pg_server.url(port=free_port())
     err = _clean_failure(run_cli("init", "v", "--node", node_dirs(1)[0], "--meta", dead),
                          "balefs: error: cannot open metadata database", "Connection refused")
     assert pg_server.password not in err
@@ -36,7 +35,7 @@ def test_unreachable_database_at_open(pg_server, node_dirs) -> None:
 def test_volume_whose_database_went_away(pg_server, make_volume, balefs_home) -> None:
     url = pg_server.fresh_url()
     cfg = make_volume(meta=url)
-    text = (balefs_home / "vol.toml").read_text().replace(str(pg_server.port), str(_free_port()))
+    text = (balefs_home / "vol.toml").read_text().replace(str(pg_server.port), str(free_port()))
     (balefs_home / "vol.toml").write_text(text)
     err = _clean_failure(run_cli("ls", "bale://vol/"), "cannot open metadata database")
     assert pg_server.password not in err and cfg.name == "vol"
@@ -68,13 +67,6 @@ def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client) -
     c2 = open_client("vol")
     assert c2.meta.schema_version() == SCHEMA_VERSION and c2.meta.generation() == 0
     assert c2.read_file("a") == b"x"
-
-
-def wait_until(cond, timeout: float = 60.0) -> None:
-    """Poll `cond` until it holds or `timeout` seconds pass (the asserts after say what failed)."""
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def test_database_restart_mid_write(pg_server, make_volume, open_client) -> None:

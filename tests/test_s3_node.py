@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from remote_support import free_port, make_bucket, s3_url, set_credentials
+from remote_support import make_bucket, s3_url, set_credentials
 
 from balefs.errors import BlockNotFoundError, ConfigError, NodeError
 from balefs.storage.client import Client
@@ -17,7 +17,7 @@ from balefs.storage.node import normalize_node_url, open_node
 from balefs.storage.s3node import S3Node
 from balefs.storage.writer import block_key
 
-from helpers import BLOCK, CHUNK, payload, run_cli
+from helpers import BLOCK, CHUNK, free_port, payload, run_cli, wait_until
 
 pytest.importorskip("moto.server")
 from benchmarks.testbed.faults import FaultServer, FaultState, moto_app  # noqa: E402
@@ -158,9 +158,7 @@ def test_requests_spread_over_paths_and_a_dead_path_is_routed_around(moto, fault
     assert [s["up"] for s in node.path_stats()] == [False, True]
     assert node.is_up()
     a.faults.set(mode="normal")
-    deadline = time.monotonic() + 5
-    while not node.paths.paths[0].up and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: node.paths.paths[0].up, timeout=5)
     assert node.paths.paths[0].up, "the prober brings the path back"
     b.faults.set(mode="reset")
     a.faults.set(mode="reset")

@@ -1,4 +1,4 @@
 """The remote-storage testbed: namespaced S3 hosts with shaped links and fault injection."""
-from .testbed import Testbed, wait_until
+from .testbed import Testbed
 
-__all__ = ["Testbed", "wait_until"]
+__all__ = ["Testbed"]

@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 from . import netns
@@ -121,7 +120,7 @@ class Testbed:
             err.close()
 
     @staticmethod
-    def _wait_ready(host: Host, timeout: float = 60) -> None:
+    def _wait_ready(host: Host) -> None:
         assert host.proc is not None and host.proc.stdout is not None
         line = host.proc.stdout.readline()
         if line.strip() != b"ready":
@@ -132,7 +131,8 @@ class Testbed:
 
         for h in self.members:
             c = boto3.client("s3", endpoint_url=h.endpoints()[0], region_name="us-east-1",
-                             aws_access_key_id="testbed", aws_secret_access_key="testbed")
+                             aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
             c.create_bucket(Bucket=BUCKET)
 
     def down(self) -> None:
@@ -249,13 +249,3 @@ def _state_sids() -> list[str]:
             return [json.load(f)["sid"]]
     except (OSError, ValueError, KeyError):
         return []
-
-
-def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
-    """Poll `pred()` until true or `timeout` seconds passed."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
