@@ -11,16 +11,15 @@ from balefs.storage.client import Client
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
 from helpers import BLOCK, payload
 
-pytestmark = needs_fuse
 
-
-def test_default_timeouts() -> None:
+def test_default_timeouts() -> None:  # no mount: runs without FUSE too
     assert default_timeouts(False) == (ATTR_TIMEOUT, ATTR_TIMEOUT, 0.0)  # no negative caching read-write
     assert default_timeouts(True) == (RO_ATTR_TIMEOUT, RO_ATTR_TIMEOUT, RO_ATTR_TIMEOUT)
     assert default_timeouts(True, 5) == (5, 5, 5)
     assert default_timeouts(False, 0) == (0, 0, 0.0)
 
 
+@needs_fuse
 def test_listing_hands_the_kernel_the_same_attributes_as_stat(volume, mount_volume) -> None:
     sizes = [0, 1, 4096, BLOCK + 3, 3 * BLOCK]
     with Client.open(volume.name) as c:
@@ -53,6 +52,7 @@ def test_listing_hands_the_kernel_the_same_attributes_as_stat(volume, mount_volu
             assert (mp / "d" / f"f{i}").read_bytes() == payload(n, seed=i)
 
 
+@needs_fuse
 def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount_volume) -> None:
     """More entries than one READDIRPLUS reply holds: the kernel asks again from an offset,
     and the listing continues where it stopped, each name once, attributes right."""
@@ -69,6 +69,7 @@ def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount
         assert os.stat(mp / "big" / f"{'x' * 100}{i:05d}").st_size == i % 300
 
 
+@needs_fuse
 def test_read_only_mount_with_long_timeouts_sees_changes_after_a_remount(volume, mount_volume, tmp_path) -> None:
     with Client.open(volume.name) as c:
         c.write_file("data/a.bin", payload(1000, seed=1))
@@ -89,6 +90,7 @@ def test_read_only_mount_with_long_timeouts_sees_changes_after_a_remount(volume,
     assert (mp / "data" / "b.bin").read_bytes() == payload(77, seed=3)
 
 
+@needs_fuse
 def test_open_sees_a_version_committed_elsewhere_after_reusing_its_lookup(volume, mount_volume) -> None:
     """open reuses the inode and extents of its last open of a path only while the
     generation counter is unchanged: a file replaced by another client (same size, so the

@@ -64,7 +64,7 @@ def ray_volume(tmp_path_factory):
             files[f"k{i % 4}/f{i:03d}"] = f"f{i:03d}|".encode() * (100 + 10 * i)
             client.write_file(f"ds/k{i % 4}/f{i:03d}", files[f"k{i % 4}/f{i:03d}"])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield cfg, files, str(home)
+    yield files, str(home)
     ray.shutdown()
     if old is None:
         os.environ.pop("BALEFS_HOME", None)
@@ -77,7 +77,7 @@ def test_ray_datasource_reads_whole_chunks_per_task(ray_volume, monkeypatch):
 
     from balefs.loaders.ray import BaleDatasource
 
-    cfg, files, home = ray_volume
+    files, home = ray_volume
     monkeypatch.setenv("BALEFS_HOME", home)
     src = BaleDatasource("bale://rayvol/ds")
     tasks = src.get_read_tasks(3)

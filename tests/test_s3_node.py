@@ -191,17 +191,17 @@ def test_slow_path_is_hedged(moto, faulty, open_client) -> None:
 
 
 def _replicated(moto, faulty, name: str, nodes: int, **settings):
-    """A volume over `nodes` S3 nodes, each on its own fault server: (node URLs, servers)."""
+    """A volume over `nodes` S3 nodes, each on its own fault server; returns the servers."""
     eps, ps = faulty(nodes)
     urls = [fast(s3_url(make_bucket(moto), [e])) for e in eps]
     settings.setdefault("block_size", BLOCK)
     settings.setdefault("chunk_size", CHUNK)
     Client.init(name, urls, **settings)
-    return urls, ps
+    return ps
 
 
 def test_corrupt_copy_is_served_from_replica_and_repaired(moto, faulty, open_client) -> None:
-    urls, _ = _replicated(moto, faulty, "rep", 2, replicas=2)
+    _replicated(moto, faulty, "rep", 2, replicas=2)
     c = open_client("rep", cache_size=0)
     data = payload(4 * BLOCK, 4)
     c.write_file("f", data)
@@ -219,7 +219,7 @@ def test_corrupt_copy_is_served_from_replica_and_repaired(moto, faulty, open_cli
 
 
 def test_node_down_when_volume_is_opened(moto, faulty, open_client) -> None:
-    urls, ps = _replicated(moto, faulty, "down", 3, replicas=2)
+    ps = _replicated(moto, faulty, "down", 3, replicas=2)
     c = open_client("down")
     files = {f"d/{i}": payload(BLOCK + 1000 * i, i) for i in range(12)}
     for p, d in files.items():
@@ -236,7 +236,7 @@ def test_node_down_when_volume_is_opened(moto, faulty, open_client) -> None:
 
 
 def test_node_dying_mid_write_completes_on_the_others(moto, faulty, open_client) -> None:
-    urls, ps = _replicated(moto, faulty, "mid3", 3, replicas=2)
+    ps = _replicated(moto, faulty, "mid3", 3, replicas=2)
     c = open_client("mid3")
     data = payload(40 * BLOCK, 5)
     fw = c.open_write("big")
@@ -252,7 +252,7 @@ def test_node_dying_mid_write_completes_on_the_others(moto, faulty, open_client)
 
 
 def test_node_dying_mid_write_without_enough_nodes_fails_loudly(moto, faulty, open_client) -> None:
-    urls, ps = _replicated(moto, faulty, "mid2", 2, replicas=2)
+    ps = _replicated(moto, faulty, "mid2", 2, replicas=2)
     c = open_client("mid2")
     c.write_file("before", b"b")
     fw = c.open_write("big")
@@ -269,7 +269,7 @@ def test_node_dying_mid_write_without_enough_nodes_fails_loudly(moto, faulty, op
 
 
 def test_write_quorum_accepts_fewer_copies(moto, faulty, open_client) -> None:
-    urls, ps = _replicated(moto, faulty, "wq", 2, replicas=2, write_quorum=1)
+    ps = _replicated(moto, faulty, "wq", 2, replicas=2, write_quorum=1)
     c = open_client("wq")
     ps[1].faults.set(mode="reset")
     c.write_file("f", payload(5 * BLOCK, 8))
