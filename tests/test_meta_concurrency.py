@@ -37,6 +37,13 @@ def spawn(body: str, *args: object) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def spawn_together(body: str, argsets: list[tuple]) -> list[subprocess.Popen]:
+    """One process per argument set; each opens the volume as `c`, then all start `body` at once."""
+    start = time.time() + 1.0
+    together = "start = float(sys.argv.pop())\nc = Client.open('vol')\nwait_until(start)\n"
+    return [spawn(together + textwrap.dedent(body), *args, start) for args in argsets]
+
+
 def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
     outs = []
     for p in procs:
@@ -80,11 +87,8 @@ def engine_volume(make_volume, meta_engine):
 
 def test_many_processes_write_one_directory(engine_volume, open_client) -> None:
     n, tags = 30, ("p0", "p1", "p2", "p3")
-    start = time.time() + 1.0
-    procs = [spawn("""
-        tag, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-        c = Client.open("vol")
-        wait_until(start)
+    procs = spawn_together("""
+        tag, n = sys.argv[1], int(sys.argv[2])
         for i in range(n):
             if i % 5 == 0:
                 with c.batch():
@@ -93,7 +97,7 @@ def test_many_processes_write_one_directory(engine_volume, open_client) -> None:
             else:
                 c.write_file(f"shared/{tag}-{i}", data_of(tag, i))
         c.close()
-    """, tag, n, start) for tag in tags]
+    """, [(tag, n) for tag in tags])
     finish(procs)
     c = open_client("vol")
     names = {name for name, _ in c.listdir("shared")}
@@ -138,11 +142,8 @@ def test_replace_while_others_read(engine_volume, open_client) -> None:
 
 def test_racing_exclusive_creates_have_one_winner(engine_volume, open_client) -> None:
     names, tags = 15, ("r0", "r1", "r2")
-    start = time.time() + 1.0
-    procs = [spawn("""
-        tag, names, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-        c = Client.open("vol")
-        wait_until(start)
+    procs = spawn_together("""
+        tag, names = sys.argv[1], int(sys.argv[2])
         for i in range(names):
             try:
                 c.write_file(f"race/{i}", tag.encode() * 1000, exclusive=True)
@@ -150,7 +151,7 @@ def test_racing_exclusive_creates_have_one_winner(engine_volume, open_client) ->
             except FileExistsError:
                 print("lost", i)
         c.close()
-    """, tag, names, start) for tag in tags]
+    """, [(tag, names) for tag in tags])
     outs = finish(procs)
     c = open_client("vol")
     for i in range(names):
@@ -169,11 +170,8 @@ def test_concurrent_moves_never_make_a_cycle(engine_volume, open_client) -> None
         c.mkdir(f"m{r}/a", parents=True)
         c.mkdir(f"m{r}/b")
         c.write_file(f"m{r}/a/f", b"a")
-    start = time.time() + 1.0
-    procs = [spawn("""
-        src, dst, rounds, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-        c = Client.open("vol")
-        wait_until(start)
+    procs = spawn_together("""
+        src, dst, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
         for r in range(rounds):
             try:
                 c.rename(f"m{r}/{src}", f"m{r}/{dst}/{src}")
@@ -181,7 +179,7 @@ def test_concurrent_moves_never_make_a_cycle(engine_volume, open_client) -> None
             except OSError as exc:
                 print("refused", r, exc.errno)
         c.close()
-    """, s, d, rounds, start) for s, d in (("a", "b"), ("b", "a"))]
+    """, [(s, d, rounds) for s, d in (("a", "b"), ("b", "a"))])
     outs = finish(procs)
     for r in range(rounds):
         moved = sum(f"moved {r}\n" in out for out in outs)
