@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -265,6 +266,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     ro = Mount(volume, ro_mp, opts + ["--read-only"]) if args.read_only else None
     chk = Checker(ds, args.verify_frac, args.seed)
     rows: list[dict] = []
+
+    @contextlib.contextmanager
+    def ro_turn():
+        """The read-only mount's passes: only one of the two mounts is up at a time."""
+        mount.down()
+        yield
+        ro.down()
+        mount.up()
+
+    def row_of(name: str) -> dict:
+        return next(row for row in rows if row["pass"] == name)
     disk: dict = {}
     prof: dict = {}
     dir_order = list(range(ds.n))
@@ -302,19 +314,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                 show(name, "mount", mo, "files/s")
                 rows.append({"pass": name, "unit": "files/s", "loose": lo, "mount": mo})
         if ro is not None:  # the same passes on the read-only mount, after the read-write mount's
-            mount.down()
-            for order_name, order in (("dir", dir_order), ("rand", rand_order)):
-                for temp in ("cold", "warm"):
-                    name = f"{order_name}-{temp}"
-                    if temp == "cold":
-                        ro.fresh()
-                        sf.drop_caches()
-                    r = daemon_cpu(lambda: read_pass(ds, ro_mp, order, chk, args), ro)
-                    chk.finish(f"{name}/ro")
-                    show(name, "ro", r, "files/s")
-                    next(row for row in rows if row["pass"] == name)["ro"] = r
-            ro.down()
-            mount.up()
+            with ro_turn():
+                for order_name, order in (("dir", dir_order), ("rand", rand_order)):
+                    for temp in ("cold", "warm"):
+                        name = f"{order_name}-{temp}"
+                        if temp == "cold":
+                            ro.fresh()
+                            sf.drop_caches()
+                        r = daemon_cpu(lambda: read_pass(ds, ro_mp, order, chk, args), ro)
+                        chk.finish(f"{name}/ro")
+                        show(name, "ro", r, "files/s")
+                        row_of(name)["ro"] = r
         for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
             for temp in ("cold", "warm"):
                 name = f"{kind}-{temp}"
@@ -331,22 +341,20 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
                     raise SystemExit(f"VERIFY FAILED: walk through the mount saw {mo.files} entries, loose {lo.files}")
                 rows.append({"pass": name, "unit": "entries/s", "loose": lo, "mount": mo})
         if ro is not None:
-            mount.down()
-            for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
-                for temp in ("cold", "warm"):
-                    name = f"{kind}-{temp}"
-                    if temp == "cold":
-                        ro.fresh()
-                        sf.drop_caches()
-                    r = show(name, "ro", daemon_cpu(lambda: fn(ro_mp), ro), "entries/s")
-                    row = next(row for row in rows if row["pass"] == name)
-                    if kind == "stat" and r.nbytes != ds.total:
-                        raise SystemExit(f"VERIFY FAILED: stat through the ro mount sums {r.nbytes} bytes, expected {ds.total}")
-                    if kind == "walk" and r.files != row["loose"].files:
-                        raise SystemExit(f"VERIFY FAILED: walk through the ro mount saw {r.files} entries")
-                    row["ro"] = r
-            ro.down()
-            mount.up()
+            with ro_turn():
+                for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
+                    for temp in ("cold", "warm"):
+                        name = f"{kind}-{temp}"
+                        if temp == "cold":
+                            ro.fresh()
+                            sf.drop_caches()
+                        r = show(name, "ro", daemon_cpu(lambda: fn(ro_mp), ro), "entries/s")
+                        row = row_of(name)
+                        if kind == "stat" and r.nbytes != ds.total:
+                            raise SystemExit(f"VERIFY FAILED: stat through the ro mount sums {r.nbytes} bytes, expected {ds.total}")
+                        if kind == "walk" and r.files != row["loose"].files:
+                            raise SystemExit(f"VERIFY FAILED: walk through the ro mount saw {r.files} entries")
+                        row["ro"] = r
 
         # large file: the disk's own rates, then loose and mount side by side
         fio_path = os.path.join(wd, "fio.bin")
@@ -371,14 +379,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
             raise SystemExit(f"VERIFY FAILED: big file read {lo.nbytes} loose / {mo.nbytes} mount bytes")
         row = {"pass": "seq-read-cold", "unit": "MB/s", "loose": lo, "mount": mo}
         if ro is not None:
-            mount.down()
-            ro.fresh()
-            sf.drop_caches()
-            row["ro"] = show("seq-read-cold", "ro", daemon_cpu(lambda: read_big(os.path.join(ro_mp, "big.bin")), ro), "MB/s")
-            if row["ro"].nbytes != args.big_size:
-                raise SystemExit(f"VERIFY FAILED: big file read {row['ro'].nbytes} bytes through the ro mount")
-            ro.down()
-            mount.up()
+            with ro_turn():
+                ro.fresh()
+                sf.drop_caches()
+                row["ro"] = show("seq-read-cold", "ro", daemon_cpu(lambda: read_big(os.path.join(ro_mp, "big.bin")), ro), "MB/s")
+                if row["ro"].nbytes != args.big_size:
+                    raise SystemExit(f"VERIFY FAILED: big file read {row['ro'].nbytes} bytes through the ro mount")
         rows.append(row)
         os.unlink(loose_big)
         os.unlink(mount_big)
