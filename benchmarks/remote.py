@@ -68,6 +68,11 @@ def _files(n: int, seed: int = 0) -> dict[str, bytes]:
     return dict(sorted(out.items()))
 
 
+def _ms_per_file(before: list[float], after: list[float], files: int) -> list[float]:
+    """CPU milliseconds per file of each process group, from two _cpu_seconds readings."""
+    return [(b - a) * 1e3 / max(1, files) for a, b in zip(before, after)]
+
+
 # -- 1: small files ----------------------------------------------------------------------
 
 
@@ -105,7 +110,7 @@ def part_small(args) -> None:
         with ThreadPoolExecutor(args.threads) as ex:
             got = list(ex.map(lambda k: s3.get_object(Bucket="bale", Key=f"peer/{k}")["Body"].read(), names))
         peer = len(names) / (time.monotonic() - t)
-        cpu_peer = [(b - a) * 1e3 / len(names) for a, b in zip(cpu0, _cpu_seconds(tb))]
+        cpu_peer = _ms_per_file(cpu0, _cpu_seconds(tb), len(names))
         assert all(len(g) == len(files[k]) for g, k in zip(got, names))
         del got
         with Client.open("small", cache_size=0, io_threads=args.threads) as r:  # as many reads in flight as the peer
@@ -117,7 +122,7 @@ def part_small(args) -> None:
                 for k, d in zip(part, r.read_ranges([(k, 0, None) for k in part])):
                     bad += isinstance(d, Exception) or len(d) != len(files[k])
             bale = len(names) / (time.monotonic() - t)
-            cpu_bale = [(b - a) * 1e3 / len(names) for a, b in zip(cpu0, _cpu_seconds(tb))]
+            cpu_bale = _ms_per_file(cpu0, _cpu_seconds(tb), len(names))
             assert not bad, f"{bad} wrong reads"
         # The loader: chunk-ordered, shuffled, in this process; its snapshot is made before the clock,
         # as a training job finds it made. Its block cache holds the chunks of its shuffle buffer.
@@ -126,7 +131,7 @@ def part_small(args) -> None:
         cpu0, t = _cpu_seconds(tb), time.monotonic()
         sizes = {rel: len(d) for d, rel in ds}
         loader = len(sizes) / (time.monotonic() - t)
-        cpu_loader = [(b - a) * 1e3 / max(1, len(sizes)) for a, b in zip(cpu0, _cpu_seconds(tb))]
+        cpu_loader = _ms_per_file(cpu0, _cpu_seconds(tb), len(sizes))
         assert sizes == {k: len(d) for k, d in files.items()}, "the loader did not yield every file once, whole"
         ds.source.close()
     print("| read | files/s | MB/s | ratio | client CPU ms/file | servers CPU ms/file |\n|---|---:|---:|---:|---:|---:|")
@@ -234,17 +239,20 @@ def part_failover(args) -> None:
     first = min(at for at, _ in samples)
     warm = [b for i, b in enumerate(buckets) if first + 1.0 <= i * step < args.cut_at]
     before = sum(warm) / max(1, len(warm))
-    target = 0.7 * before
-    recovered = next((i * step + step - args.cut_at for i in range(int(args.cut_at / step), len(buckets) - 2)
-                      if sum(buckets[i:i + 2]) / 2 >= target), None)
+
+    def back_to(level: float) -> float | None:
+        """Seconds from the cut until two 0.25 s windows in a row average at least `level`."""
+        return next((i * step + step - args.cut_at for i in range(int(args.cut_at / step), len(buckets) - 2)
+                     if sum(buckets[i:i + 2]) / 2 >= level), None)
+
+    recovered = back_to(0.7 * before)
     after = buckets[int((args.cut_at + 3) / step):int(args.duration / step)]
     print("| phase | read MB/s |\n|---|---:|")
     print(f"| before the cut (mean of 0.25 s windows) | {before:.0f} |")
     print(f"| worst 0.25 s window after the cut | {min(buckets[int(args.cut_at / step):int(args.duration / step)]):.0f} |")
     print(f"| from 3 s after the cut to the end | {sum(after) / max(1, len(after)):.0f} |")
     settled = sum(after) / max(1, len(after))  # what 3 hosts of 4 can serve
-    steady = next((i * step + step - args.cut_at for i in range(int(args.cut_at / step), len(buckets) - 2)
-                   if sum(buckets[i:i + 2]) / 2 >= 0.9 * settled), None)
+    steady = back_to(0.9 * settled)
     print(f"read errors: {len(errors)}; throughput back to >= 70% of before within "
           f"{'never' if recovered is None else f'{recovered:.2f} s'} of the cut; to >= 90% of its level "
           f"from 3 s after the cut within {'never' if steady is None else f'{steady:.2f} s'}")
