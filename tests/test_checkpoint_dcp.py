@@ -16,7 +16,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from balefs.checkpoint import BaleStorageReader, BaleStorageWriter
 
-from helpers import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -74,7 +73,9 @@ RANK_SCRIPT = textwrap.dedent("""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from balefs.checkpoint import BaleStorageWriter
-    dist.init_process_group("gloo")
+    # a file rendezvous: no TCP port to pick ahead of time, so no race for it with other tests
+    dist.init_process_group("gloo", init_method=os.environ["BALE_TEST_INIT"],
+                            rank=int(os.environ["RANK"]), world_size=2)
     mesh = init_device_mesh("cpu", (2,))
     full = torch.arange(64 * 8, dtype=torch.float32).reshape(64, 8)
     sd = {"w": distribute_tensor(full, mesh, [Shard(0)]), "step": 9}
@@ -83,11 +84,12 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_save_and_reshard_to_one(volume) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+def test_two_ranks_save_and_reshard_to_one(volume, tmp_path) -> None:
+    env = dict(os.environ, BALE_TEST_INIT=f"file://{tmp_path}/rendezvous", WORLD_SIZE="2", GLOO_SOCKET_IFNAME="lo")
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stderr=logs[r].open("w")) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
     names = {p.rsplit("/", 1)[1] for p in fsspec.filesystem("bale").ls("vol/runs/mr/step9", detail=False)}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= names  # one file per rank, metadata by rank 0
     out = {"w": torch.zeros(64, 8), "step": 0}
