@@ -284,3 +284,15 @@ def test_zero_copy_samples_are_read_only_views_with_the_right_bytes(tree):
     assert got == tree
     loader = DataLoader(BaleDataset(URL, zero_copy=True, decode=bytes), batch_size=50, num_workers=2, collate_fn=lambda b: b)
     assert {name_of(s): s for batch in loader for s in batch} == tree
+
+
+def test_set_epoch_drops_the_progress_of_the_previous_epoch(tree):
+    ds = BaleIterableDataset(URL, seed=6)
+    assert len(list(ds)) == N_FILES
+    assert ds.state_dict()["consumed"] == [[0, N_FILES]]  # epoch 0 done
+    ds.set_epoch(1)
+    state = ds.state_dict()
+    assert state["epoch"] == 1 and state["consumed"] == []
+    ds2 = BaleIterableDataset(URL, seed=6)
+    ds2.load_state_dict(state)
+    assert sorted(name_of(s) for s in ds2) == sorted(tree)

@@ -134,10 +134,11 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         return workers * share_len(len(self.source), self.world_size * workers, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the order of `epoch`; a loaded state of another epoch no longer applies."""
+        """Start `epoch` (its order): the progress of the previous iteration is dropped, and a loaded
+        state of another epoch no longer applies."""
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
-        self.epoch = epoch
+        self.epoch, self._live, self._taken = epoch, None, 0
 
     # -- order -----------------------------------------------------------------------------
 
