@@ -111,10 +111,10 @@ class BlockReader:
     def plan(self, extents: Sequence[Extent], start: int, end: int) -> list[Piece]:
         """Map file bytes [start, end) to block pieces."""
         out: list[Piece] = []
-        for e in extents:
-            lo, hi = max(start, e.off), min(end, e.off + e.length)
+        for off, chunk, chunk_off, length in extents:  # Extents, or the plain tuples of the client's lookup cache
+            lo, hi = max(start, off), min(end, off + length)
             if lo < hi:
-                out.extend(self._pieces(e.chunk, e.chunk_off + lo - e.off, e.chunk_off + hi - e.off))
+                out.extend(self._pieces(chunk, chunk_off + lo - off, chunk_off + hi - off))
         return out
 
     # -- blocks --------------------------------------------------------------------------
@@ -322,7 +322,7 @@ class BlockReader:
         With views, a request held in one block comes back as a read-only view into it (no copy).
         """
         results: list[bytes | Exception] = [b""] * len(requests)
-        self.load_maps({e.chunk for ext, _, _ in requests for e in ext})
+        self.load_maps({e[1] for ext, _, _ in requests for e in ext})  # e: (off, chunk, chunk_off, length)
         wave: list[tuple[int, list[Piece], int, int, Sequence[Extent]]] = []
         wave_blocks: dict[tuple[int, int], BlockRecord] = {}
         wave_size = 0
@@ -403,12 +403,12 @@ class BlockReader:
             self.prefetch(r for r in recs[pos + 1:pos + 1 + ahead] if (r.chunk, r.idx) not in self.cache)
 
     def _fill(self, out: bytearray, blocks: dict, extents: Sequence[Extent], start: int, end: int) -> None:
-        for e in extents:
-            lo, hi = max(start, e.off), min(end, e.off + e.length)
+        for off, chunk, chunk_off, length in extents:
+            lo, hi = max(start, off), min(end, off + length)
             if lo >= hi:
                 continue
             pos = lo - start
-            for rec, blo, bhi in self._pieces(e.chunk, e.chunk_off + lo - e.off, e.chunk_off + hi - e.off):
+            for rec, blo, bhi in self._pieces(chunk, chunk_off + lo - off, chunk_off + hi - off):
                 data = blocks.get((rec.chunk, rec.idx))
                 out[pos:pos + bhi - blo] = memoryview(self.get(rec) if data is None else _ok(data))[blo:bhi]
                 pos += bhi - blo
