@@ -1,6 +1,6 @@
 """The POSIX mount under bad input and faults, each on a real mount: a read-only mount,
 permission bits enforced for another user, a corrupted block, the daemon killed with
-kill -9, unmounting with a file open, and mount/umount errors."""
+kill -9, unmounting with a file open, a full spool disk, and mount/umount errors."""
 from __future__ import annotations
 
 import errno
@@ -16,7 +16,7 @@ import pytest
 from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
-from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
+from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse, small_tmpfs  # noqa: F401 - fixtures
 from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
 
 pytestmark = needs_fuse
@@ -210,6 +210,76 @@ def test_kill_9_keeps_every_closed_or_fsynced_file(volume, mount_volume) -> None
     assert (mp2 / "synced.bin").read_bytes() == synced
     # never closed nor fsynced: created (empty, as at creat()), never half-written
     assert (mp2 / "partial.bin").read_bytes() == b""
+
+
+def _pwrite_all_or_errno(fd: int, data: bytes, offset: int) -> int:
+    """Write all of `data` as a careful program does (on after short writes); 0, or the errno."""
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _wait_free(path: Path, nbytes: int, timeout: float = 10) -> None:
+    """The kernel releases a closed file's handle a moment after close() returns."""
+    deadline = time.monotonic() + timeout
+    while _free(path) < nbytes:
+        assert time.monotonic() < deadline, f"{path}: only {_free(path)} bytes free"
+        time.sleep(0.02)
+
+
+def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volume, mount_volume, small_tmpfs) -> None:
+    """Out-of-order writes go to a spool file in <cache-dir>/spool. On a 200 KiB disk, a 600 KB
+    write cannot fit: it, fsync and close fail with ENOSPC, and the file keeps its previous
+    committed version (never a version with the bytes that did not fit missing)."""
+    cache = small_tmpfs("200k")
+    old = payload(50_000, seed=7)
+    with Client.open(volume.name) as c:
+        c.write_file("ckpt.bin", old)
+    mp = mount_volume(volume.name, "--cache-dir", str(cache))
+    big = payload(600_000, seed=8)
+
+    # a file created by this open: written at offset 10 first (spooled from then on)
+    fd = os.open(mp / "new.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    assert os.pwrite(fd, b"x", 10) == 1
+    assert _pwrite_all_or_errno(fd, big, 4096) == errno.ENOSPC
+    assert errno_of(os.pwrite, fd, b"z", 0) == errno.ENOSPC  # the handle stays failed
+    assert errno_of(os.fsync, fd) == errno.ENOSPC
+    assert errno_of(os.close, fd) == errno.ENOSPC
+    assert (mp / "new.bin").read_bytes() == b""  # as created, never half-written
+
+    # a committed file rewritten out of order: its 50 KB are copied to the spool, then 600 KB more
+    _wait_free(cache, 120_000)
+    fd = os.open(mp / "ckpt.bin", os.O_RDWR)
+    assert os.pread(fd, 100, 0) == old[:100]
+    assert os.pwrite(fd, b"y" * 100, 1000) == 100
+    assert os.pread(fd, 200, 950) == old[950:1000] + b"y" * 100 + old[1100:1150]  # reads its own writes
+    assert _pwrite_all_or_errno(fd, big, 60_000) == errno.ENOSPC
+    assert errno_of(os.close, fd) == errno.ENOSPC
+    assert (mp / "ckpt.bin").read_bytes() == old  # its previous version, page cache included
+    assert os.stat(mp / "ckpt.bin").st_size == len(old)
+    with Client.open(volume.name) as c:
+        assert c.read_file("ckpt.bin") == old
+        assert c.read_file("new.bin") == b""
+
+    # the spools' space is given back, and out-of-order writes that fit commit whole
+    _wait_free(cache, 120_000)
+    data = payload(80_000, seed=9)
+    fd = os.open(mp / "fits.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    assert _pwrite_all_or_errno(fd, data[40_000:], 40_000) == 0
+    assert _pwrite_all_or_errno(fd, data[:40_000], 0) == 0
+    os.close(fd)
+    assert (mp / "fits.bin").read_bytes() == data
+    assert is_mounted(mp)
 
 
 def test_umount_with_a_file_open(volume, mount_volume) -> None:

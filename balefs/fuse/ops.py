@@ -80,6 +80,36 @@ def _v(path: str) -> str:
     return path.strip("/")
 
 
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite every byte of `data` at `offset`: a short write (a disk filling up) is retried
+    for the rest, so it ends either with all of it written or with the error (ENOSPC)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # no progress and no error: say what it almost certainly is
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """Exactly `size` bytes at `offset`, reading on after a short read; EIO if the file ends first."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    parts, got = [data], len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            raise OSError(errno.EIO, f"spool file ends at {offset + got}, short of {offset + size}")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _errno_of(exc: BaseException) -> int:
+    return exc.errno if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
+
+
 def _op(fn: Callable) -> Callable:
     """Turn what the client raises into errnos: OSErrors keep theirs; a corrupt block, an
     unreachable node or any other fault of storage is EIO (and logged), never a crash."""
@@ -123,7 +153,7 @@ class Handle:
         self.dirty = False
         self.mtime_ns: int | None = None     # set by utimens while dirty; kept at commit
         self.wtime_ns = node.mtime_ns        # time of the last write, reported while dirty
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # set once a write or commit failed: never commit after
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -137,13 +167,12 @@ class Handle:
     def read(self, offset: int, size: int) -> bytes:
         with self.lock:
             self._check()
-            if self.spool is not None:
-                return os.pread(self.spool.fileno(), size, offset)
-            if self.fw is not None:
+            if self.spool is None and self.fw is not None:
                 if self.fw.size == 0:
                     return b""
                 self._to_spool()
-                return os.pread(self.spool.fileno(), size, offset)
+            if self.spool is not None:
+                return _pread_all(self.spool.fileno(), max(0, min(size, self.size - offset)), offset)
             base = self._base()
         return base.read(offset, offset + size, views=True)  # a view into the cached block: no copy
 
@@ -151,13 +180,27 @@ class Handle:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise FuseOSError(errno.EIO)
+            raise FuseOSError(_errno_of(self.error))
+
+    def _fail(self, exc: BaseException) -> None:
+        """A write went wrong part way (ENOSPC on the spool's disk, a node error): what the
+        handle holds is no longer what was written, so it must never be committed. Every
+        later write, flush, fsync and close of this handle fails with the same errno; the
+        file keeps its committed version, which other handles read again from now on."""
+        if self.error is None:
+            log.error("write %s: %s; the file keeps its committed version", self.path, exc)
+            self.error = exc
+        self.ops._clear_dirty(self)
 
     def _mark(self) -> None:
         self.dirty = True
         self.mtime_ns = None
         self.wtime_ns = time.time_ns()
         self.ops._set_dirty(self)
+        # the kernel may now cache pages of a version that is never committed (a write or commit
+        # that fails): the next open must not keep the page cache on the grounds that the
+        # committed version is unchanged
+        self.ops._seen.pop(self.ino, None)
 
     def truncate_all(self) -> None:
         """O_TRUNC: the new version starts empty."""
@@ -174,42 +217,56 @@ class Handle:
     def write(self, offset: int, data: bytes) -> int:
         with self.lock:
             self._check()
-            if self.spool is None:
-                if self.fw is None and not self.dirty:
-                    self._base()
-                    if offset == self.size:  # appending to the committed version: share its chunks
-                        self.fw = (self.client.open_write(self.path, mode=self.node.mode) if self.size == 0
-                                   else self.client.extend_write(self.path, self._base()))
-                if self.fw is not None and offset == self.fw.size:
-                    self.fw.write(data)
-                    self.size = self.fw.size
-                    self._mark()
-                    return len(data)
-                self._to_spool()
-            os.pwrite(self.spool.fileno(), data, offset)
-            self.size = max(self.size, offset + len(data))
-            self._mark()
-            return len(data)
+            try:
+                return self._write(offset, data)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+
+    def _write(self, offset: int, data: bytes) -> int:
+        if self.spool is None:
+            if self.fw is None and not self.dirty:
+                self._base()
+                if offset == self.size:  # appending to the committed version: share its chunks
+                    self.fw = (self.client.open_write(self.path, mode=self.node.mode) if self.size == 0
+                               else self.client.extend_write(self.path, self._base()))
+            if self.fw is not None and offset == self.fw.size:
+                self.fw.write(data)
+                self.size = self.fw.size
+                self._mark()
+                return len(data)
+            self._to_spool()
+        _pwrite_all(self.spool.fileno(), data, offset)
+        self.size = max(self.size, offset + len(data))
+        self._mark()
+        return len(data)
 
     def truncate(self, length: int) -> None:
         with self.lock:
             self._check()
-            if length == 0:
-                self.truncate_all()
+            try:
+                self._truncate(length)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+
+    def _truncate(self, length: int) -> None:
+        if length == 0:
+            self.truncate_all()
+            return
+        if self.spool is None:
+            current = self.fw.size if self.fw is not None else (self.size if self.dirty else self._base().size)
+            if length == current:
                 return
-            if self.spool is None:
-                current = self.fw.size if self.fw is not None else (self.size if self.dirty else self._base().size)
-                if length == current:
-                    return
-                if self.fw is None and not self.dirty and length < current:  # cut: share the kept chunks
-                    self.fw = self.client.extend_write(self.path, self._base(), keep=length)
-                    self.size = length
-                    self._mark()
-                    return
-                self._to_spool()
-            self.spool.truncate(length)
-            self.size = length
-            self._mark()
+            if self.fw is None and not self.dirty and length < current:  # cut: share the kept chunks
+                self.fw = self.client.extend_write(self.path, self._base(), keep=length)
+                self.size = length
+                self._mark()
+                return
+            self._to_spool()
+        self.spool.truncate(length)
+        self.size = length
+        self._mark()
 
     def _to_spool(self) -> None:
         """Fall back to a temp file holding the whole content (random writes, reads of own writes)."""
@@ -226,7 +283,11 @@ class Handle:
                 src = self._base()
                 size = self.size
             for start in range(0, size, COPY_STEP):
-                os.pwrite(spool.fileno(), src.read(start, min(size, start + COPY_STEP)), start)
+                end = min(size, start + COPY_STEP)
+                data = src.read(start, end)
+                if len(data) != end - start:
+                    raise OSError(errno.EIO, f"{self.path}: read {len(data)} bytes at {start}, expected {end - start}")
+                _pwrite_all(spool.fileno(), data, start)
             spool.truncate(size)
         except BaseException:
             spool.close()
@@ -256,8 +317,12 @@ class Handle:
                 else:
                     fw = self.client.open_write(vpath, mode=self.node.mode)
                     fw.mtime_ns = self.mtime_ns
-                    for start in range(0, self.size, COPY_STEP):
-                        fw.write(os.pread(self.spool.fileno(), min(COPY_STEP, self.size - start), start))
+                    try:
+                        for start in range(0, self.size, COPY_STEP):
+                            fw.write(_pread_all(self.spool.fileno(), min(COPY_STEP, self.size - start), start))
+                    except BaseException:
+                        fw.abort()  # never commit a version with bytes missing
+                        raise
                     fw.close()
             except BaseException as exc:
                 if self.spool is None:  # the streamed bytes are lost: fail this handle from now on
@@ -277,6 +342,8 @@ class Handle:
 
     def close(self) -> None:
         with self.lock:
+            if self.dirty or self.error is not None:  # never committed: see _mark
+                self.ops._seen.pop(self.ino, None)
             if self.fw is not None:
                 self.fw.abort()
                 self.fw = None
