@@ -42,9 +42,13 @@ def name_of(sample: bytes) -> str:
     return bytes(sample).split(b"|", 1)[0].decode()
 
 
+def names_of(batch: list) -> list[str]:
+    return [name_of(s) for s in batch]
+
+
 def collect(ds, num_workers: int = 0, batch_size: int = 8, **kw) -> list[list[str]]:
     """Batches of file names, through a real DataLoader."""
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: [name_of(s) for s in b], **kw)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=names_of, **kw)
     return list(loader)
 
 
@@ -296,3 +300,19 @@ def test_set_epoch_drops_the_progress_of_the_previous_epoch(tree):
     ds2 = BaleIterableDataset(URL, seed=6)
     ds2.load_state_dict(state)
     assert sorted(name_of(s) for s in ds2) == sorted(tree)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_state_dict_refuses_to_guess_after_dataloader_workers(tree, context):
+    """The main process knows that workers iterated this epoch: a state without batches= is refused."""
+    ds = BaleIterableDataset(URL, seed=7)
+    batches = iter(collect(ds, num_workers=2, batch_size=6, multiprocessing_context=context))
+    head = [n for _ in range(5) for n in next(batches)]
+    with pytest.raises(ValueError, match=r"iterated by DataLoader workers.*state_dict\(batches="):
+        ds.state_dict()
+    state = ds.state_dict(batches=5, batch_size=6, num_workers=2)  # the exact way still works
+    ds2 = BaleIterableDataset(URL, seed=7)
+    ds2.load_state_dict(state)
+    assert sorted(head + [name_of(s) for s in ds2]) == sorted(tree)
+    ds.set_epoch(1)  # a new epoch: nothing consumed yet, nothing to guess
+    assert ds.state_dict()["consumed"] == []

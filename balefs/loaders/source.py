@@ -9,6 +9,7 @@ the client's batched BlockReader.read_many with the snapshot's extents: no metad
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -137,6 +138,24 @@ class BaleSource:
     def _full_path(self, row: int) -> str:
         rel = self.paths[int(row)]
         return f"{self.tree}/{rel}" if self.tree else rel
+
+
+class SharedCells:
+    """A few int64 cells shared by a dataset and its DataLoader workers: anonymous shared memory,
+    inherited by fork and handed over by spawn's pickling, freed by the kernel with the last process
+    that maps it (nothing to clean up after a crash, nothing shared between jobs). Pickled any
+    other way (deepcopy, cloudpickle), the copy is private. No lock: a cell has one writer, or
+    its writers write the same value."""
+
+    def __init__(self, values: Sequence[int]) -> None:
+        self.cells = multiprocessing.RawArray("q", list(values))
+
+    def __getstate__(self) -> Any:
+        spawning = multiprocessing.context.get_spawning_popen() is not None
+        return self.cells if spawning else list(self.cells)
+
+    def __setstate__(self, state: Any) -> None:
+        self.cells = multiprocessing.RawArray("q", state) if isinstance(state, list) else state
 
 
 class SkipCounter:

@@ -17,9 +17,10 @@ import torch
 import torch.utils.data as tud
 
 from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
-from .source import BaleSource, Label, SampleError, SkipCounter, samples
+from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
 
 STATE_VERSION = 1
+ITERATED = 0  # shared cell: the last epoch that DataLoader workers iterated (-1: none since set_epoch)
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -127,6 +128,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self._resume: dict | None = None
         self._live: tuple[Intervals, Part, int, int] | None = None  # base, part, consumer, consumers of this iteration
         self._taken = 0  # samples of that part yielded so far
+        self._shared = SharedCells([-1])  # what DataLoader workers tell the main process
 
     def samples_per_rank(self, num_workers: int = 0) -> int:
         """Samples each rank delivers in a full epoch with this many DataLoader workers."""
@@ -139,6 +141,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
         self.epoch, self._live, self._taken = epoch, None, 0
+        self._shared.cells[ITERATED] = -1
 
     # -- order -----------------------------------------------------------------------------
 
@@ -157,6 +160,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         consumer, consumers = self._consumers()
+        self._shared.cells[ITERATED] = self.epoch if tud.get_worker_info() is not None else -1
         base, taken = self._base(), 0
         st = self._resume
         if st is not None and st["epoch"] == self.epoch and st.get("consumer") and st["consumer"][:2] == [consumer, consumers]:
@@ -180,11 +184,18 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
         Exact when called where the dataset is iterated (num_workers=0, or inside workers as
         torchdata's StatefulDataLoader does). With a plain DataLoader and workers, pass the
-        batches this rank consumed, the batch size and num_workers (all ranks in lock step)."""
+        batches this rank consumed, the batch size and num_workers (all ranks in lock step):
+        without them, a ValueError (this process cannot see how far its workers got)."""
         st = {"version": STATE_VERSION, "fingerprint": self.source.fingerprint, "seed": self.seed, "epoch": self.epoch,
               "shuffle": self.shuffle, "shuffle_buffer": self.window, "drop_last": self.drop_last,
               "samples": len(self.source)}
         base = self._base()
+        if batches is None and self._shared.cells[ITERATED] == self.epoch and tud.get_worker_info() is None:
+            raise ValueError(
+                f"epoch {self.epoch} was iterated by DataLoader workers, whose progress this process cannot see: "
+                "call state_dict(batches=<batches consumed this epoch>, batch_size=..., num_workers=...), "
+                "use torchdata's StatefulDataLoader (loader.state_dict()), or, at the end of an epoch, "
+                "set_epoch(next epoch) first")
         if batches is not None:
             if batch_size is None or num_workers is None:
                 raise ValueError("state_dict(batches=...) needs batch_size and num_workers too")
@@ -216,6 +227,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                 raise ValueError(f"the state was saved with {key}={state[key]!r}, this dataset has {mine!r}: "
                                  "the epoch's order would differ")
         self.seed, self.epoch, self._resume, self._live = state["seed"], state["epoch"], state, None
+        self._shared.cells[ITERATED] = -1
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
