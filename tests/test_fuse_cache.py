@@ -1,12 +1,14 @@
 """What the mount lets the kernel cache, on real mounts: attributes handed over by
-READDIRPLUS, the read-only mount's long timeouts, and open's reuse of its last lookup
-under the close-to-open rule (generation counter)."""
+READDIRPLUS, the read-only mount's long timeouts, open's reuse of its last lookup
+under the close-to-open rule (generation counter), and how many requests the kernel
+may keep in flight (INIT)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 
-from balefs.fuse.mount import ATTR_TIMEOUT, RO_ATTR_TIMEOUT, default_timeouts
+from balefs.fuse.mount import ATTR_TIMEOUT, RO_ATTR_TIMEOUT, default_timeouts, log_path
 from balefs.storage.client import Client
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
 from helpers import BLOCK, payload
@@ -112,3 +114,21 @@ def test_open_sees_a_version_committed_elsewhere_after_reusing_its_lookup(volume
     with Client.open(volume.name) as c:
         c.rename("other.bin", "f.bin")
     assert (mp / "f.bin").read_bytes() == b"x"
+
+
+@needs_fuse
+def test_init_lets_the_kernel_keep_128_background_requests_in_flight(volume, mount_volume) -> None:
+    """libfuse's --debug log shows the INIT reply: max_background (readahead and async reads
+    in flight at once) is 128 or more, with the congestion threshold at about 3/4 of it."""
+    data = payload(3 * BLOCK, seed=4)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", data)
+    mp = mount_volume(volume.name, "--debug")
+    assert (mp / "f.bin").read_bytes() == data
+    with open(log_path(str(mp)), errors="replace") as f:
+        log = f.read()
+    reply = log[log.rindex("   INIT:"):]  # libfuse indents its replies; the kernel's INIT has no indent
+    background = int(re.search(r"max_background=(\d+)", reply).group(1))
+    congestion = int(re.search(r"congestion_threshold=(\d+)", reply).group(1))
+    assert background >= 128
+    assert background // 2 < congestion < background

@@ -63,6 +63,8 @@ COPY_STEP = 4 << 20
 FUSE_READDIR_PLUS = 1 << 0  # readdir flag: the kernel asks for attributes too (READDIRPLUS)
 FUSE_FILL_DIR_PLUS = 1 << 1  # filler flag: this entry's stat is complete, hand it to the kernel
 IO_SIZE = 1 << 20  # st_blksize: the I/O size cp, Python and stdio pick for their buffers
+MAX_BACKGROUND = 128       # FUSE requests in flight in the background (the kernel's default is 12)
+CONGESTION_THRESHOLD = 96  # 3/4 of it, the kernel's own ratio (12 and 9)
 
 
 def _v(path: str) -> str:
@@ -419,8 +421,16 @@ class BaleOperations(Operations):
         if conn is not None:
             if hasattr(conn, "max_read"):  # libfuse 3 wants the max_read mount option repeated here
                 conn.max_read = self.max_read
-            conn.max_background = max(conn.max_background, 64)  # parallel readahead requests
-            conn.congestion_threshold = max(conn.congestion_threshold, 48)
+            # background requests (readahead, async reads) the kernel keeps in flight at once;
+            # past the congestion threshold it makes readahead wait. A non-root daemon's value
+            # is capped by the kernel's fs.fuse.max_user_bgreq.
+            conn.max_background = max(conn.max_background, MAX_BACKGROUND)
+            conn.congestion_threshold = max(conn.congestion_threshold, CONGESTION_THRESHOLD)
+            # No FUSE_CAP_SPLICE_*: with the high-level API and mfusepy's read/write (no
+            # read_buf/write_buf) they change nothing. libfuse 3.14 splices a reply only from a
+            # file-descriptor buffer (read returns memory), and SPLICE_READ would splice each
+            # request into a pipe only to copy it back to memory for write; fuse_fs_init clears
+            # it for that reason. Turned on, a 32 MiB write and read made no splice call.
         if self.on_ready is not None:
             self.on_ready()
 
