@@ -316,3 +316,15 @@ def test_state_dict_refuses_to_guess_after_dataloader_workers(tree, context):
     assert sorted(head + [name_of(s) for s in ds2]) == sorted(tree)
     ds.set_epoch(1)  # a new epoch: nothing consumed yet, nothing to guess
     assert ds.state_dict()["consumed"] == []
+
+
+def test_set_epoch_reaches_persistent_workers(tree):
+    ds = BaleIterableDataset(URL, seed=8)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True, collate_fn=names_of)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append([n for b in loader for n in b])
+    assert all(sorted(e) == sorted(tree) for e in epochs)  # 240 = 2 x 120: every sample once, no pads
+    assert epochs[0] != epochs[1]
+    assert epochs[1] == [n for b in collect(ds, num_workers=2) for n in b]  # epoch 1's order, as fresh workers see it

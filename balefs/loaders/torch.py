@@ -20,7 +20,9 @@ from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_
 from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
 
 STATE_VERSION = 1
-ITERATED = 0  # shared cell: the last epoch that DataLoader workers iterated (-1: none since set_epoch)
+# shared cells: the last epoch that DataLoader workers iterated (-1: none since set_epoch), and the
+# epoch set in the main process (persistent workers read it when an iteration starts)
+ITERATED, EPOCH = 0, 1
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -124,11 +126,11 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
+        self._shared = SharedCells([-1, 0])  # what DataLoader workers and the main process tell each other
         self.epoch = 0
         self._resume: dict | None = None
         self._live: tuple[Intervals, Part, int, int] | None = None  # base, part, consumer, consumers of this iteration
         self._taken = 0  # samples of that part yielded so far
-        self._shared = SharedCells([-1])  # what DataLoader workers tell the main process
 
     def samples_per_rank(self, num_workers: int = 0) -> int:
         """Samples each rank delivers in a full epoch with this many DataLoader workers."""
@@ -141,7 +143,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         if self._resume is not None and self._resume["epoch"] != epoch:
             self._resume = None
         self.epoch, self._live, self._taken = epoch, None, 0
-        self._shared.cells[ITERATED] = -1
+        self._shared.cells[ITERATED], self._shared.cells[EPOCH] = -1, epoch
 
     # -- order -----------------------------------------------------------------------------
 
@@ -160,7 +162,10 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         consumer, consumers = self._consumers()
-        self._shared.cells[ITERATED] = self.epoch if tud.get_worker_info() is not None else -1
+        in_worker = tud.get_worker_info() is not None
+        if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
+            self.epoch = int(self._shared.cells[EPOCH])
+        self._shared.cells[ITERATED] = self.epoch if in_worker else -1
         base, taken = self._base(), 0
         st = self._resume
         if st is not None and st["epoch"] == self.epoch and st.get("consumer") and st["consumer"][:2] == [consumer, consumers]:
@@ -227,7 +232,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                 raise ValueError(f"the state was saved with {key}={state[key]!r}, this dataset has {mine!r}: "
                                  "the epoch's order would differ")
         self.seed, self.epoch, self._resume, self._live = state["seed"], state["epoch"], state, None
-        self._shared.cells[ITERATED] = -1
+        self._shared.cells[ITERATED], self._shared.cells[EPOCH] = -1, self.epoch
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
