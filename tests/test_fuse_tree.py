@@ -1,15 +1,17 @@
 """The POSIX mount with real tools and many processes: `cp -r` of hundreds of small files
 compared with `diff -r` and sha256, concurrent readers and writers in several processes,
-two mounts of one volume, and the disk cache tier across remounts."""
+two mounts of one volume, the disk cache tier across remounts, and torch.save/torch.load."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 
 from balefs.storage.client import Client
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
@@ -154,6 +156,47 @@ def test_disk_cache_tier_serves_blocks_after_a_remount(volume, mount_volume, tmp
     mp2 = mount_volume(volume.name, "--cache-dir", str(cache), "--disk-cache-size", "4MiB", mountpoint=mp)
     for name, data in files.items():
         assert (mp2 / name).read_bytes() == data
+
+
+def test_torch_save_and_load_through_the_mount_and_after_a_remount(volume, mount_volume) -> None:
+    """A model's state_dict saved with torch.save to a path on the mount, and to a file object
+    opened on it, loads back equal, tensor by tensor (also memory-mapped), through this
+    mount, from the store, and through a fresh mount after unmounting."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1100, 1000), torch.nn.BatchNorm1d(1000), torch.nn.ReLU(),
+                                torch.nn.Linear(1000, 10)).to(torch.float32)
+    model(torch.randn(8, 1100))  # moves the BatchNorm's running statistics and its int64 counter
+    state = dict(model.state_dict())
+    state["extra.half"] = torch.randn(300, 7).half()
+    big = state["0.weight"]
+    assert big.numel() * big.element_size() > 4 << 20  # spans volume blocks and the 4 MiB default
+    assert {t.dtype for t in state.values()} >= {torch.float32, torch.float16, torch.int64}
+
+    def same(loaded: dict) -> None:
+        assert list(loaded) == list(state)
+        for name, t in state.items():
+            got = loaded[name]
+            assert got.dtype == t.dtype and got.shape == t.shape, name
+            assert torch.equal(got, t), name
+
+    mp = mount_volume(volume.name)
+    (mp / "ckpt").mkdir()
+    torch.save(state, mp / "ckpt" / "model.pt")  # by path: torch's own C++ file writer
+    with open(mp / "ckpt" / "model-f.pt", "wb") as f:  # through a Python file object
+        torch.save(state, f)
+    for name in ("model.pt", "model-f.pt"):
+        same(torch.load(mp / "ckpt" / name, weights_only=True))
+        same(torch.load(mp / "ckpt" / name, weights_only=True, mmap=True))
+        with open(mp / "ckpt" / name, "rb") as f:
+            same(torch.load(f, weights_only=True))
+    with Client.open(volume.name) as c:
+        same(torch.load(io.BytesIO(c.read_file("ckpt/model.pt")), weights_only=True))
+    assert subprocess.run([*_cli(), "umount", str(mp)]).returncode == 0
+    mp2 = mount_volume(volume.name, mountpoint=mp)
+    for name in ("model.pt", "model-f.pt"):
+        same(torch.load(mp2 / "ckpt" / name, weights_only=True))
+        same(torch.load(mp2 / "ckpt" / name, weights_only=True, mmap=True))
 
 
 def _cli() -> list[str]:
