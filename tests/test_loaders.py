@@ -328,3 +328,15 @@ def test_set_epoch_reaches_persistent_workers(tree):
     assert all(sorted(e) == sorted(tree) for e in epochs)  # 240 = 2 x 120: every sample once, no pads
     assert epochs[0] != epochs[1]
     assert epochs[1] == [n for b in collect(ds, num_workers=2) for n in b]  # epoch 1's order, as fresh workers see it
+
+
+def test_skips_in_dataloader_workers_are_counted_in_the_main_process(tree):
+    victims = _corrupt(BaleIterableDataset(URL, shuffle=False).source.paths[100])
+    ds = BaleIterableDataset(URL, seed=1, on_error="skip")
+    names = [n for b in collect(ds, num_workers=2) for n in b]
+    assert len(names) == N_FILES and set(tree) - set(names) == victims
+    assert ds.skipped == len(victims)
+    m = BaleDataset(URL, on_error="skip")
+    loader = DataLoader(m, batch_size=10, num_workers=2, collate_fn=names_of)
+    assert sum(len(b) for b in loader) == N_FILES and m.skipped == len(victims)
+    assert sum(len(b) for b in loader) == N_FILES and m.skipped == 2 * len(victims)  # counts add up over epochs

@@ -159,10 +159,20 @@ class SharedCells:
 
 
 class SkipCounter:
-    """Counts samples skipped under on_error='skip' (per process)."""
+    """Counts samples skipped under on_error='skip' in the cells [first:] of `shared`, so that the main
+    process sees the skips of its DataLoader workers: each process adds to its own cell (`slot`: 0 in
+    the main process, 1 + worker id in a worker, wrapping around), so no lock is needed."""
 
-    def __init__(self) -> None:
-        self.skipped = 0
+    def __init__(self, shared: SharedCells, first: int) -> None:
+        self.shared, self.first, self.slot = shared, first, 0
+
+    def add(self) -> None:
+        cells = self.shared.cells
+        cells[self.first + self.slot % (len(cells) - self.first)] += 1
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.shared.cells[self.first:])
 
 
 def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exception], decode: Callable | None,
@@ -182,7 +192,7 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
         except SampleError as exc:
             if on_error == "raise":
                 raise
-            counter.skipped += 1
+            counter.add()
             log.warning("skipping sample: %s", exc)
             if last:
                 yield last[0]

@@ -20,9 +20,15 @@ from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_
 from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
 
 STATE_VERSION = 1
-# shared cells: the last epoch that DataLoader workers iterated (-1: none since set_epoch), and the
-# epoch set in the main process (persistent workers read it when an iteration starts)
-ITERATED, EPOCH = 0, 1
+# cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
+# the epoch set in the main process (persistent workers read it when an iteration starts), skip counts
+ITERATED, EPOCH, SKIPS, SKIP_CELLS = 0, 1, 2, 64
+
+
+def _slot() -> int:
+    """This process's skip cell: 0 in the main process, 1 + id in a DataLoader worker."""
+    info = tud.get_worker_info()
+    return 0 if info is None else 1 + info.id
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -88,11 +94,12 @@ class _BaleSamples:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source = BaleSource(url, rebuild=rebuild, **options)
         self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
-        self._counter = SkipCounter()
+        self._shared = SharedCells([-1, 0] + [0] * SKIP_CELLS)
+        self._counter = SkipCounter(self._shared, SKIPS)
 
     @property
     def skipped(self) -> int:
-        """Samples skipped (on_error='skip') by iterations in this process."""
+        """Samples skipped (on_error='skip') by this dataset in this process and its DataLoader workers."""
         return self._counter.skipped
 
     @property
@@ -126,7 +133,6 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
-        self._shared = SharedCells([-1, 0])  # what DataLoader workers and the main process tell each other
         self.epoch = 0
         self._resume: dict | None = None
         self._live: tuple[Intervals, Part, int, int] | None = None  # base, part, consumer, consumers of this iteration
@@ -166,6 +172,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
             self.epoch = int(self._shared.cells[EPOCH])
         self._shared.cells[ITERATED] = self.epoch if in_worker else -1
+        self._counter.slot = _slot()
         base, taken = self._base(), 0
         st = self._resume
         if st is not None and st["epoch"] == self.epoch and st.get("consumer") and st["consumer"][:2] == [consumer, consumers]:
@@ -270,6 +277,7 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         for i, r in zip(indices, rows):
             if not 0 <= r < n:
                 raise IndexError(f"index {i} out of range for {n} samples")
+        self._counter.slot = _slot()
         out = list(samples(self.source, rows, self.source.read(rows, self.zero_copy), self.decode, self.label, self.on_error,
                            self._counter, []))
         if len(out) != len(rows):
