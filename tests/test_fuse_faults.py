@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -325,6 +327,69 @@ def test_mount_and_umount_errors_are_one_clear_line(volume, mount_volume, tmp_pa
     assert not is_mounted(tmp_path / "empty")
     res = run_cli("umount", mp)
     assert res.returncode == 0 and not is_mounted(mp)
+
+
+OTHER_FS = """
+import errno, stat, sys
+import balefs.fuse.ops  # noqa: F401 - picks libfuse 3 for mfusepy
+import mfusepy
+
+class Empty(mfusepy.Operations):
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+        raise mfusepy.FuseOSError(errno.ENOENT)
+
+    def readdir(self, path, fh):
+        return [".", ".."]
+
+options = {"subtype": sys.argv[2]} if sys.argv[2] else {}
+mfusepy.FUSE(Empty(), sys.argv[1], foreground=True, fsname="otherfs", **options)
+"""
+
+
+def test_umount_refuses_a_fuse_mount_that_is_not_balefs(tmp_path: Path) -> None:
+    """Another FUSE filesystem (here a tiny empty one made with mfusepy, with a subtype like
+    sshfs's fuse.sshfs, and without one: plain "fuse") is left mounted, with a clear error."""
+    from balefs.fuse.mount import find_mount
+
+    for subtype, fstype in (("otherfs", "fuse.otherfs"), ("", "fuse")):
+        mp = tmp_path / f"other-{subtype or 'plain'}"
+        mp.mkdir()
+        proc = subprocess.Popen([sys.executable, "-c", OTHER_FS, str(mp), subtype], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while find_mount(str(mp)) is None:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "the other FUSE filesystem did not mount"
+                time.sleep(0.05)
+            assert find_mount(str(mp)) == (fstype, "otherfs")
+            res = run_cli("umount", mp)
+            err = res.stderr.decode()
+            assert res.returncode == 1, err
+            assert err.startswith("balefs: error:") and "not a balefs mount" in err and fstype in err, err
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert find_mount(str(mp)) == (fstype, "otherfs") and proc.poll() is None  # untouched
+            assert os.listdir(mp) == []
+        finally:
+            force_unmount(mp)
+            proc.kill()
+            proc.wait()
+
+
+def test_is_balefs_mount() -> None:
+    from balefs.fuse.mount import FSTYPE, is_balefs_mount
+
+    assert FSTYPE == "fuse.balefs"
+
+    ours = {"pid": 1, "mountpoint": "/mnt/bale"}
+    assert is_balefs_mount("/mnt/bale", "fuse.balefs", None)
+    assert is_balefs_mount("/mnt/bale", "fuse.balefs", ours)
+    assert is_balefs_mount("/mnt/bale", "fuse", ours)  # no subtype recorded: our state file says it is ours
+    assert not is_balefs_mount("/mnt/bale", "fuse", None)
+    assert not is_balefs_mount("/mnt/other", "fuse", ours)
+    for other in ("fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuseblk.ntfs", "tmpfs", "nfs4"):
+        assert not is_balefs_mount("/mnt/bale", other, ours)
 
 
 def test_uid_gid_mapping(volume, mount_volume) -> None:

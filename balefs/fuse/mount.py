@@ -121,6 +121,20 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
     return found
 
 
+SUBTYPE = "balefs"
+FSTYPE = f"fuse.{SUBTYPE}"  # the type the kernel shows for our mounts (/proc/self/mountinfo)
+
+
+def is_balefs_mount(mp: str, fstype: str, state: dict[str, Any] | None) -> bool:
+    """Whether the mount at `mp` is one of ours: its type is fuse.balefs or, where the type
+    does not tell (plain "fuse": a kernel or fusermount without subtypes), our state file
+    under BALEFS_HOME/run names this mountpoint. Another FUSE filesystem (sshfs, rclone...)
+    is never ours, state file or not: it may have been mounted over a dead mount of ours."""
+    if fstype == FSTYPE:
+        return True
+    return fstype in ("fuse", "fuseblk") and state is not None and state.get("mountpoint") == mp
+
+
 def _fusermount() -> list[str]:
     for name in ("fusermount3", "fusermount"):
         path = shutil.which(name)
@@ -204,7 +218,7 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         "nothreads": False,          # one thread per request in flight
         "raw_fi": True,              # open() decides keep_cache per file
         "fsname": f"balefs:{volume}",
-        "subtype": "balefs",
+        "subtype": SUBTYPE,
         "default_permissions": True,  # the kernel enforces mode bits, owners, groups
         "max_read": 1 << 20,
         "attr_timeout": attr_timeout,
@@ -394,8 +408,9 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
             os.unlink(state_path(mp))
         raise MountError(f"{mp}: not mounted")
     fstype, source = found
-    if not fstype.startswith("fuse"):
-        raise MountError(f"{mp}: not a balefs mount ({fstype} from {source})")
+    if not is_balefs_mount(mp, fstype, state):
+        raise MountError(f"{mp}: not a balefs mount ({fstype} from {source}); left mounted "
+                         f"(unmount it with its own tool, or umount {mp})")
     dead = False
     try:
         os.stat(mp)
