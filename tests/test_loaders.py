@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import collections
+import multiprocessing
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from balefs.loaders.device import DevicePrefetcher
+from balefs.loaders.device import DevicePrefetcher, _to
 from balefs.loaders.order import epoch_order
 from balefs.loaders.source import SampleError
-from balefs.loaders.torch import BaleDataset, BaleIterableDataset
+from balefs.loaders.torch import BaleDataset, BaleIterableDataset, _dist_rank_world, _Prefetcher
 from balefs.storage.client import Client
 
-from helpers import KiB, block_paths, blocks_of_file, flip_bit, payload
+from helpers import KiB, block_paths, blocks_of_file, flip_bit, payload, wait_until
 
 N_FILES = 240
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create", "ignore:'set_vital' is deprecated")
@@ -212,12 +215,6 @@ def test_map_style_with_random_sampler(tree):
     assert bytes(ds[-1][0]) == tree[ds.source.paths[-1]]
 
 
-def test_device_prefetcher_passes_batches_through_on_cpu():
-    batches = [(torch.ones(2), {"y": torch.zeros(1)}), (torch.ones(3), {"y": torch.ones(1)})]
-    pre = DevicePrefetcher(batches, device="cpu")
-    assert not pre.active and list(pre) == batches
-
-
 # -- faults --------------------------------------------------------------------------------
 
 
@@ -340,3 +337,87 @@ def test_skips_in_dataloader_workers_are_counted_in_the_main_process(tree):
     loader = DataLoader(m, batch_size=10, num_workers=2, collate_fn=names_of)
     assert sum(len(b) for b in loader) == N_FILES and m.skipped == len(victims)
     assert sum(len(b) for b in loader) == N_FILES and m.skipped == 2 * len(victims)  # counts add up over epochs
+
+
+def test_prefetcher_reads_ahead_and_stays_bounded(tree):
+    source = BaleIterableDataset(URL, shuffle=False).source
+    reads, read = [], source.read
+
+    def counted(rows, views=False):
+        reads.append(rows[0])
+        return read(rows, views)
+
+    source.read = counted
+    units, depth = [np.arange(i, i + 10) for i in range(0, N_FILES, 10)], 2
+    it = iter(_Prefetcher(source, units, depth, False))
+    for k in range(len(units)):
+        rows, data = next(it)
+        assert np.array_equal(rows, units[k]) and [bytes(d) for d in data] == [tree[source.paths[r]] for r in rows]
+        ahead = min(len(units), k + 1 + depth + 1)  # delivered, queued, and one read waiting for room in the queue
+        wait_until(lambda: len(reads) >= ahead, timeout=10)
+        time.sleep(0.02)
+        assert len(reads) == ahead, f"{len(reads)} units read while the consumer holds unit {k}"
+    assert next(it, None) is None and reads == [int(u[0]) for u in units]
+    # stopping early ends the thread; an error of a read reaches the consumer
+    pre = _Prefetcher(source, units, depth, False)
+    it = iter(pre)
+    next(it)
+    it.close()
+    assert not pre._thread.is_alive()
+    source.read = lambda rows, views=False: (_ for _ in ()).throw(OSError("node down"))
+    with pytest.raises(OSError, match="node down"):
+        list(_Prefetcher(source, units, depth, False))
+
+
+def _rank_of_group(init: str, rank: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        ds = BaleIterableDataset(URL, seed=3)
+        given = BaleIterableDataset(URL, rank=0, world_size=1)
+        out.put((rank, (ds.rank, ds.world_size), (given.rank, given.world_size), _dist_rank_world(None, 4),
+                 [name_of(s) for s in ds]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_and_world_size_from_torch_distributed(tree, tmp_path):
+    """Two ranks of a gloo group: a dataset built with no rank takes both from the group; given ones win."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_of_group, args=(f"file://{tmp_path / 'rdv'}", r, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, rest) for r, *rest in (out.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(10)
+    for r in range(2):
+        assert got[r][:3] == [(r, 2), (0, 1), (r, 4)]
+    assert sorted(got[0][3] + got[1][3]) == sorted(tree) and len(got[0][3]) == N_FILES // 2
+    assert _dist_rank_world(None, None) == (0, 1)  # no group here
+
+
+def test_device_prefetcher_passes_batches_through_on_cpu():
+    batches = [(torch.ones(2), {"y": torch.zeros(1)}), (torch.ones(3), {"y": torch.ones(1)})]
+    pre = DevicePrefetcher(batches, device="cpu")
+    assert not pre.active and len(pre) == 2
+    assert all(a is b for a, b in zip(pre, batches)) and len(list(pre)) == 2  # the same objects, untouched
+    if not torch.cuda.is_available():
+        assert not DevicePrefetcher(batches).active  # the default device without CUDA is the CPU
+    # a pinned DataLoader (pinning needs an accelerator: on CPU it warns and does not pin) passes through too
+    loader = DataLoader(torch.utils.data.TensorDataset(torch.arange(10.0)), batch_size=4, pin_memory=torch.cuda.is_available())
+    assert [b[0].tolist() for b in DevicePrefetcher(loader, device="cpu")] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # the copy keeps the batch's structure: tuples, named tuples, lists, dicts; other leaves as they are
+    Pair = collections.namedtuple("Pair", "x y")
+    moved = _to([Pair(torch.ones(1), {"k": torch.zeros(2), "name": "a"}), 3], torch.device("cpu"))
+    assert type(moved) is list and type(moved[0]) is Pair and moved[0].y["name"] == "a" and moved[1] == 3
+    assert torch.equal(moved[0].x, torch.ones(1)) and torch.equal(moved[0].y["k"], torch.zeros(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_prefetcher_copies_to_cuda_in_order():
+    loader = DataLoader(torch.utils.data.TensorDataset(torch.arange(64.0).reshape(16, 4)), batch_size=4, pin_memory=True)
+    got = list(DevicePrefetcher(loader))
+    assert all(b[0].is_cuda for b in got)
+    assert torch.equal(torch.cat([b[0] for b in got]).cpu(), torch.arange(64.0).reshape(16, 4))
