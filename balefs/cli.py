@@ -390,18 +390,10 @@ def _move_with_bar(client: Client, moves: list, what: str) -> None:
 def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
     """Even out block copies over the volume's nodes, restore missing replicas and move copies off
     nodes that left the volume. Copy, then record, then delete: files stay readable throughout."""
-    from .storage.config import load_config, save_config
-    from .storage.node import normalize_node_url, open_node
     from .storage.rebalance import plan_rebalance
 
     if add:
-        cfg = load_config(volume)
-        for url in map(normalize_node_url, add):
-            if url not in cfg.nodes:
-                open_node(url).check(writable=True)
-                cfg.nodes.append(url)
-        cfg.validate()
-        save_config(cfg, overwrite=True)
+        Client.add_nodes(volume, add)
     with Client.open(volume) as client:
         moves = plan_rebalance(client)
         if dry_run:
@@ -440,6 +432,7 @@ def drain(volume: str, node: str) -> None:
         save_config(cfg, overwrite=True)
     with Client.open(volume) as client:
         _move_with_bar(client, plan_drain(client, nid), f"drain {url}")
+        client.release_node(nid)
 
 
 @main.command("migrate-meta")

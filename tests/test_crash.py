@@ -86,7 +86,7 @@ def block_inventory(nodes: list[Path], db_path: Path) -> tuple[set, set]:
     on_nodes = set()
     for i, node in enumerate(nodes):
         for f in (node / "blocks").rglob("*"):
-            if f.is_file() and ".tmp" not in f.name:
+            if f.is_file() and ".tmp" not in f.name and f.name != "balefs-volume":  # not the volume's mark
                 on_nodes.add((str(node), parse_block_key(f.name), f.stat().st_size))
     db = sqlite3.connect(db_path)
     recorded = {(url, (chunk, idx), stored) for chunk, idx, stored, url in db.execute(

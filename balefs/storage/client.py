@@ -5,6 +5,7 @@ knows nothing of any of them. Paths are volume-relative ("a/b/c").
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -24,7 +25,7 @@ from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
 from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
-from .node import Node, open_node
+from .node import VOLUME_KEY, Node, claim_nodes, normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .writer import ChunkWriter, parse_block_key
@@ -205,14 +206,42 @@ class Client:
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
-        for url in cfg.nodes:
-            open_node(url).check(writable=True)
+        nodes = [open_node(url) for url in cfg.nodes]
+        for node in nodes:
+            node.check(writable=True)
         if cfg.meta_url.startswith("sqlite://") and os.path.exists(cfg.meta_url[len("sqlite://"):]):
             raise VolumeExistsError(f"metadata {cfg.meta_url} already exists; remove it or pass another --meta")
         store = open_meta(cfg.meta_url, create=True)
-        store.register_nodes(cfg.nodes)
+        try:
+            claim_nodes(nodes, store.volume_uuid(), name)
+            store.register_nodes(cfg.nodes)
+        except BaseException:
+            store.close()
+            if cfg.meta_url.startswith("sqlite://"):  # made just now: nothing of this volume is left behind
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(cfg.meta_url[len("sqlite://"):] + suffix)
+            raise
         store.close()
         save_config(cfg)
+        return cfg
+
+    @staticmethod
+    def add_nodes(name: str, urls: Sequence[str]) -> VolumeConfig:
+        """Add nodes to a volume's config (checked, and marked as this volume's); return the new config."""
+        cfg = load_config(name)
+        new = [url for url in dict.fromkeys(map(normalize_node_url, urls)) if url not in cfg.nodes]
+        nodes = [open_node(url) for url in new]
+        for node in nodes:
+            node.check(writable=True)
+        store = open_meta(cfg.meta_url)
+        try:
+            claim_nodes(nodes, store.volume_uuid(), name)
+        finally:
+            store.close()
+        cfg.nodes.extend(new)
+        cfg.validate()
+        save_config(cfg, overwrite=True)
         return cfg
 
     def _check_nodes(self, nids: Iterable[int], writable: bool) -> None:
@@ -644,13 +673,22 @@ class Client:
             try:
                 row["capacity"], row["free"] = node.capacity()
                 if scan_nodes:
-                    orphans = [(k, size) for k, size in node.list() if parse_block_key(k) not in known]
+                    orphans = [(k, size) for k, size in node.list() if (b := parse_block_key(k)) is not None and b not in known]
                     row["orphan_blocks"], row["orphan_bytes"] = len(orphans), sum(s for _, s in orphans)
             except OSError as exc:
                 row["error"] = str(exc)
             nodes.append(row)
         figures["nodes"] = nodes
         return figures
+
+    def release_node(self, nid: int) -> bool:
+        """Take back this volume's mark from a node out of the placement that holds none of its
+        blocks any more (after a drain), so another volume may use it; whether it was released."""
+        row = next(r for r in self.node_rows() if r["id"] == nid)
+        if row["in_use"] or row["blocks"]:
+            return False
+        self.nodes[nid].delete(VOLUME_KEY)
+        return True
 
     def node_rows(self) -> list[dict[str, object]]:
         """One row per node, by id: id, url, in_use (in placement), blocks and stored bytes it holds."""

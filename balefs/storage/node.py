@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -17,6 +18,9 @@ from urllib.parse import urlparse
 import xxhash
 
 from ..errors import BlockNotFoundError, ConfigError, NodeError
+
+
+VOLUME_KEY = "balefs-volume"  # the object on each node naming the volume it belongs to (not a block)
 
 
 class Node(Protocol):
@@ -43,7 +47,7 @@ class Node(Protocol):
         """Remove `key`; a missing key is not an error."""
 
     def list(self) -> Iterator[tuple[str, int]]:
-        """Yield (key, stored size) of every object on the node."""
+        """Yield (key, stored size) of every block on the node (not the VOLUME_KEY mark)."""
 
     def capacity(self) -> tuple[int, int]:
         """Return (total, free) bytes of the node's backing store."""
@@ -284,7 +288,7 @@ class LocalNode:
         for top in sorted(os.scandir(self._blocks), key=lambda e: e.name):
             for mid in sorted(os.scandir(top.path), key=lambda e: e.name):
                 for entry in os.scandir(mid.path):
-                    if ".tmp" not in entry.name:
+                    if ".tmp" not in entry.name and entry.name != VOLUME_KEY:
                         yield entry.name, entry.stat().st_size
 
     def capacity(self) -> tuple[int, int]:
@@ -324,7 +328,8 @@ class MemoryNode:
 
     def list(self) -> Iterator[tuple[str, int]]:
         for key, blob in list(self._data.items()):
-            yield key, len(blob)
+            if key != VOLUME_KEY:
+                yield key, len(blob)
 
     def capacity(self) -> tuple[int, int]:
         used = sum(len(b) for b in self._data.values())
@@ -359,6 +364,37 @@ def open_node(url: str) -> Node:
             raise ConfigError(f"node {url}: S3 nodes need boto3 (pip install 'balefs[s3]'): {exc}") from None
         return S3Node(url)
     return LocalNode(url)
+
+
+def claim_nodes(nodes: Sequence[Node], volume_id: str, volume: str) -> None:
+    """Make `nodes` this volume's: each must hold no block and no other volume's mark. Block keys
+    are numbered per volume, so two volumes on one node would read, and gc delete, each other's
+    blocks; the same storage named twice (a symlink, a second URL) would hold both "replicas".
+    All or none: on a refusal the marks written so far are taken back."""
+    claimed: list[Node] = []
+    try:
+        for node in nodes:
+            try:
+                owner = json.loads(node.get(VOLUME_KEY)).get("uuid")
+            except BlockNotFoundError:
+                owner = None
+            except (ValueError, AttributeError):
+                owner = "unreadable"
+            if owner == volume_id:
+                raise ConfigError(f"node {node.url} is already a node of volume {volume!r}: "
+                                  "the same storage under another name (a symlink or a second URL)?")
+            if owner is not None:
+                raise ConfigError(f"node {node.url} already belongs to another volume ({owner}): give each volume "
+                                  "its own node directory or bucket prefix")
+            if next(iter(node.list()), None) is not None:
+                raise ConfigError(f"node {node.url} already holds blocks (of a volume made before volumes marked "
+                                  "their nodes, or left over): empty it or use another directory")
+            node.put(VOLUME_KEY, json.dumps({"uuid": volume_id, "volume": volume}).encode())
+            claimed.append(node)
+    except BaseException:
+        for node in claimed:
+            node.delete(VOLUME_KEY)
+        raise
 
 
 def node_is_up(node: Node) -> bool:

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlparse
 
 from ..errors import BlockNotFoundError, ConfigError, NodeError
 from .paths import FATAL, PATH_DOWN, SERVER, THROTTLED, NodePath, PathPolicy, PathSet
+from .node import VOLUME_KEY
 
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "RequestThrottled", "TooManyRequestsException", "ProvisionedThroughputExceededException"}
@@ -197,7 +198,7 @@ class S3Node:
             page = self._run("list", prefix, lambda c: c.list_objects_v2(**args))
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix):]
-                if "/" not in name and not name.startswith(".balefs-probe"):
+                if "/" not in name and not name.startswith(".balefs-probe") and name != VOLUME_KEY:
                     yield name, int(obj["Size"])
             if not page.get("IsTruncated"):
                 return
