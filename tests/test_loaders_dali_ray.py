@@ -1,7 +1,6 @@
 """The DALI pipeline (CPU decoding: device_id=None) and the Ray Data datasource over a baled tree."""
 from __future__ import annotations
 
-import collections
 import io
 import os
 
@@ -21,30 +20,73 @@ def _jpeg(value: int, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
-def test_dali_pipeline_decodes_on_cpu(make_volume, open_client):
+N_IMAGES = 30
+
+
+def _grey(i: int) -> int:
+    return 8 * i + 10  # image i is uniformly this grey: its decoded pixels name it
+
+
+@pytest.fixture
+def images(make_volume, open_client) -> dict[int, int]:
+    """30 JPEGs of 3 classes (k{i % 3}), each of its own grey level; returns image index -> class."""
     pytest.importorskip("PIL")
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-    from balefs.loaders.dali import bale_pipeline
-
     make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB)
     client = open_client("vol")
     with client.batch():
-        for i in range(30):  # class k{c}: images of grey level 40 * c + 20
-            client.write_file(f"img/k{i % 3}/x{i:02d}.jpg", _jpeg(40 * (i % 3) + 20, 12 + i % 5, 10))
-    pipe = bale_pipeline("bale://vol/img", batch_size=8, num_threads=1, device_id=None, shuffle=True, seed=0,
-                         size=(8, 8), py_num_workers=1)
+        for i in range(N_IMAGES):
+            client.write_file(f"img/k{i % 3}/x{i:02d}.jpg", _jpeg(_grey(i), 12 + i % 5, 10))
+    return {i: i % 3 for i in range(N_IMAGES)}
+
+
+def _epochs(pipe, epochs: int) -> list[list[int]]:
+    """The images each epoch delivered, in order, told apart by their grey level (labels checked)."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
     it = DALIGenericIterator(pipe, ["images", "labels"])
-    for epoch in range(2):
-        seen = collections.Counter()
+    out = []
+    for _ in range(epochs):
+        got = []
         for batch in it:
             images, labels = batch[0]["images"], batch[0]["labels"].flatten()
             assert images.shape == (8, 8, 8, 3)
-            for img, lab in zip(images, labels):  # the decoded pixels match the label's grey level
-                assert abs(float(img.float().mean()) - (40 * int(lab) + 20)) < 6
-            seen.update(labels.tolist())
+            for img, lab in zip(images, labels):
+                i = round((float(img.float().mean()) - 10) / 8)
+                assert abs(float(img.float().mean()) - _grey(i)) < 2.5 and int(lab) == i % 3
+                got.append(i)
         it.reset()
-        assert sum(seen.values()) == 32 and set(seen) == {0, 1, 2}  # 30 samples, the last batch padded
+        out.append(got)
+    return out
+
+
+def _padded(share: list[int], batch: int) -> list[int]:
+    """A share as the pipeline delivers it: the last batch padded by repeating its own samples."""
+    tail = share[len(share) // batch * batch:]
+    return share + [int(i) for i in np.resize(tail, -len(share) % batch)]
+
+
+def test_dali_pipeline_decodes_on_cpu(images):
+    from balefs.loaders.dali import bale_pipeline
+
+    pipe = bale_pipeline("bale://vol/img", batch_size=8, num_threads=1, device_id=None, shuffle=True, seed=0,
+                         size=(8, 8), py_num_workers=1)
+    epochs = _epochs(pipe, 2)
+    for got in epochs:  # every image once, then the last batch (6 images) padded with its first 2
+        assert len(got) == 32 and sorted(got[:N_IMAGES]) == sorted(images) and got == _padded(got[:N_IMAGES], 8)
+    assert epochs[0] != epochs[1]  # each epoch its own order
+
+
+def test_dali_two_ranks_split_the_epoch(images):
+    from balefs.loaders.dali import bale_pipeline
+
+    shares = []
+    for rank in range(2):
+        pipe = bale_pipeline("bale://vol/img", batch_size=8, num_threads=1, device_id=None, shuffle=True, seed=1,
+                             rank=rank, world_size=2, size=(8, 8), py_num_workers=1)
+        (got,) = _epochs(pipe, 1)
+        assert len(got) == 16 and got == _padded(got[:15], 8)  # 15 images each, the last batch padded with 1
+        shares.append(got[:15])
+    assert sorted(shares[0] + shares[1]) == sorted(images)  # together: every image exactly once
 
 
 @pytest.fixture(scope="module")
