@@ -128,11 +128,18 @@ def test_init_with_missing_or_file_node(tmp_path: Path, node_dirs, balefs_home: 
             Client.open("v")
 
 
-def test_open_volume_whose_node_vanished(make_volume, open_client) -> None:
+def test_open_volume_whose_node_vanished(make_volume, open_client, caplog) -> None:
+    """A missing node directory is a node down (a disk not mounted): the volume opens with a
+    warning naming it, as with any unreachable node; reads of its blocks fail naming it (with
+    replicas, they are served by the other copies: test_node_claim.py)."""
     cfg = make_volume("gone", nodes=2)
+    with Client.open("gone") as c:
+        c.write_file("f", b"x" * 200_000)
     os.rename(cfg.nodes[1], cfg.nodes[1] + ".moved")
+    c = open_client("gone")
+    assert any(cfg.nodes[1] in r.getMessage() and "does not exist" in r.getMessage() for r in caplog.records)
     with pytest.raises(NodeError, match=cfg.nodes[1]):
-        Client.open("gone")
+        c.read_file("f")
 
 
 def _mount(args: list[str]) -> None:

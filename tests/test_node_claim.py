@@ -65,3 +65,27 @@ def test_rebalance_add_node_refuses_another_volumes_node(make_volume) -> None:
     r = run_cli("rebalance", "a", "--add-node", other.nodes[0])
     assert r.returncode != 0 and b"belongs to another volume" in r.stderr and b"Traceback" not in r.stderr
     assert len(load_config("a").nodes) == 1
+
+
+def test_a_replicated_volume_reads_and_writes_with_a_node_directory_gone(make_volume, open_client) -> None:
+    cfg = make_volume("r", nodes=3, replicas=2)
+    with Client.open("r") as c:
+        c.write_file("f", b"z" * 300_000)
+    gone = cfg.nodes[1]
+    os.rename(gone, gone + ".away")  # as a disk that did not mount
+    c = open_client("r")  # opens: the missing directory counts as an unreachable node
+    assert c.read_file("f") == b"z" * 300_000  # every block from its other copy
+    c.write_file("g", b"w" * 300_000)  # new blocks go to the next nodes of their ring
+    assert not os.path.exists(gone), "the missing node directory was made again on the filesystem under it"
+    assert c.read_file("g") == b"w" * 300_000
+
+
+def test_a_missing_node_directory_on_an_unreplicated_volume_is_named(make_volume, open_client) -> None:
+    from balefs.errors import NodeError
+
+    cfg = make_volume("one", nodes=2)
+    with Client.open("one") as c:
+        c.write_file("f", b"q" * 300_000)
+    os.rename(cfg.nodes[0], cfg.nodes[0] + ".away")
+    with pytest.raises(NodeError, match="directory does not exist"):
+        open_client("one").read_file("f")

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import xxhash
 
-from ..errors import BlockNotFoundError, ConfigError, NodeError
+from ..errors import BlockNotFoundError, ConfigError, NodeError, NodeUnreachableError
 
 
 VOLUME_KEY = "balefs-volume"  # the object on each node naming the volume it belongs to (not a block)
@@ -121,10 +121,18 @@ class LocalNode:
         h = xxhash.xxh3_64_hexdigest(key.encode())
         return os.path.join(self._blocks, h[:2], h[2:4], key)
 
+    def _gone(self) -> NodeUnreachableError:
+        """The node's directory is missing: a disk not mounted, a share gone (its replicas serve reads)."""
+        return NodeUnreachableError(f"node {self.url}: directory does not exist (a disk not mounted?)")
+
+    def _missing(self, key: str) -> NodeError:
+        return BlockNotFoundError(f"node {self.url}: block {key} is missing") if os.path.isdir(self.root) else self._gone()
+
     def check(self, writable: bool = True) -> None:
         if not os.path.isdir(self.root):
-            what = "is not a directory" if os.path.exists(self.root) else "directory does not exist"
-            raise NodeError(f"node {self.url}: {what}")
+            if os.path.exists(self.root):
+                raise NodeError(f"node {self.url}: is not a directory")
+            raise self._gone()
         if not writable:
             return
         probe = os.path.join(self.root, f".balefs-probe-{os.getpid()}-{threading.get_ident()}")
@@ -196,6 +204,8 @@ class LocalNode:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             except FileNotFoundError:
+                if not os.path.isdir(self.root):  # never made again here: it would land on the filesystem under a mount
+                    raise self._gone() from None
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -226,7 +236,7 @@ class LocalNode:
             with open(self._path(key), "rb", buffering=0) as f:
                 return f.read()
         except FileNotFoundError:
-            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+            raise self._missing(key) from None
         except OSError as exc:
             raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
 
@@ -263,7 +273,7 @@ class LocalNode:
             finally:
                 os.close(fd)
         except FileNotFoundError:
-            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+            raise self._missing(key) from None
         except OSError as exc:
             raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
 
@@ -272,7 +282,7 @@ class LocalNode:
             with open(self._path(key), "rb", buffering=0) as f:
                 return os.pread(f.fileno(), end - start, start)
         except FileNotFoundError:
-            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+            raise self._missing(key) from None
         except OSError as exc:
             raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
 
