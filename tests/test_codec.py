@@ -16,6 +16,9 @@ from helpers import payload
 
 COMPRESSIBLE = b"balefs packs many small files into large chunks. " * 400
 RANDOM = payload(20_000, seed=7)
+VOL = "5f0c0ffee"  # a volume uuid
+AT = (3, 1)  # the block's identity: chunk, index
+DEC = BlockCodec(volume=VOL)
 
 
 def flags_of(blob: bytes) -> int:
@@ -25,44 +28,44 @@ def flags_of(blob: bytes) -> int:
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 @pytest.mark.parametrize("raw", [b"", b"x", b"ab" * 40, COMPRESSIBLE, RANDOM], ids=["empty", "one", "short", "text", "random"])
 def test_round_trip(compression: str, raw: bytes) -> None:
-    blob = BlockCodec(compression).encode(raw)
+    blob = BlockCodec(compression, VOL).encode(raw, *AT)
     assert blob[:4] == MAGIC
-    assert bytes(BlockCodec.decode(blob)) == raw
+    assert bytes(DEC.decode(blob, *AT)) == raw
 
 
 @settings(max_examples=60, deadline=None)
 @given(raw=st.binary(max_size=5000), compression=st.sampled_from(["none", "lz4"]))
 def test_round_trip_any_bytes(raw: bytes, compression: str) -> None:
-    blob = BlockCodec(compression).encode(raw)
-    assert bytes(BlockCodec.decode(blob)) == raw
+    blob = BlockCodec(compression, VOL).encode(raw, *AT)
+    assert bytes(DEC.decode(blob, *AT)) == raw
     assert len(blob) <= HEADER_SIZE + len(raw)  # compression never makes a block bigger
 
 
 def test_header_fields() -> None:
-    blob = BlockCodec("none").encode(RANDOM)
+    blob = BlockCodec("none", VOL).encode(RANDOM, *AT)
     magic, version, flags, _, raw_len, stored_len, digest = struct.unpack_from("<4sBBHIIQ", blob)
-    assert (magic, version, flags) == (MAGIC, 1, 0)
+    assert (magic, version, flags) == (MAGIC, 2, 0)
     assert raw_len == stored_len == len(RANDOM)
-    assert digest == xxhash.xxh3_64_intdigest(RANDOM)
+    assert digest == xxhash.xxh3_64_intdigest(RANDOM, xxhash.xxh3_64_intdigest(f"{VOL}/3/1".encode()))  # seeded by identity
     assert len(blob) == HEADER_SIZE + len(RANDOM)
     assert blob[HEADER_SIZE:] == RANDOM
 
 
 def test_lz4_used_when_it_shrinks() -> None:
-    blob = BlockCodec("lz4").encode(COMPRESSIBLE)
+    blob = BlockCodec("lz4", VOL).encode(COMPRESSIBLE, *AT)
     assert flags_of(blob) & FLAG_LZ4
     assert len(blob) < len(COMPRESSIBLE) // 4
 
 
 def test_lz4_not_kept_for_random_data() -> None:
-    blob = BlockCodec("lz4").encode(RANDOM)
+    blob = BlockCodec("lz4", VOL).encode(RANDOM, *AT)
     assert flags_of(blob) == 0
     assert len(blob) == HEADER_SIZE + len(RANDOM)
     assert blob[HEADER_SIZE:] == RANDOM
 
 
 def test_no_compression_when_not_asked() -> None:
-    blob = BlockCodec("none").encode(COMPRESSIBLE)
+    blob = BlockCodec("none", VOL).encode(COMPRESSIBLE, *AT)
     assert flags_of(blob) == 0
     assert blob[HEADER_SIZE:] == COMPRESSIBLE
 
@@ -74,65 +77,65 @@ def test_unknown_compression_refused() -> None:
 
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_truncated_header(compression: str) -> None:
-    blob = BlockCodec(compression).encode(COMPRESSIBLE)
+    blob = BlockCodec(compression, VOL).encode(COMPRESSIBLE, *AT)
     for n in (0, 1, 4, HEADER_SIZE - 1):
         with pytest.raises(CorruptBlockError, match="truncated header"):
-            BlockCodec.decode(blob[:n])
+            DEC.decode(blob[:n], *AT)
 
 
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_truncated_payload(compression: str) -> None:
-    blob = BlockCodec(compression).encode(COMPRESSIBLE)
+    blob = BlockCodec(compression, VOL).encode(COMPRESSIBLE, *AT)
     for n in (HEADER_SIZE, HEADER_SIZE + 1, len(blob) - 1):
         with pytest.raises(CorruptBlockError, match="truncated payload"):
-            BlockCodec.decode(blob[:n])
+            DEC.decode(blob[:n], *AT)
 
 
 def test_extra_trailing_bytes_detected() -> None:
-    blob = BlockCodec("none").encode(RANDOM)
+    blob = BlockCodec("none", VOL).encode(RANDOM, *AT)
     with pytest.raises(CorruptBlockError):
-        BlockCodec.decode(blob + b"\0")
+        DEC.decode(blob + b"\0", *AT)
 
 
 def test_bad_magic() -> None:
-    blob = bytearray(BlockCodec("none").encode(RANDOM))
+    blob = bytearray(BlockCodec("none", VOL).encode(RANDOM, *AT))
     blob[:4] = b"ELAB"
     with pytest.raises(CorruptBlockError, match="bad magic"):
-        BlockCodec.decode(bytes(blob))
+        DEC.decode(bytes(blob), *AT)
 
 
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_every_flipped_header_bit_detected(compression: str) -> None:
-    blob = BlockCodec(compression).encode(COMPRESSIBLE)
+    blob = BlockCodec(compression, VOL).encode(COMPRESSIBLE, *AT)
     for bit in range(HEADER_SIZE * 8):
         bad = bytearray(blob)
         bad[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(CorruptBlockError):
-            BlockCodec.decode(bytes(bad))
+            DEC.decode(bytes(bad), *AT)
 
 
 def test_every_flipped_payload_bit_detected_raw() -> None:
     raw = payload(256, seed=3)
-    blob = BlockCodec("none").encode(raw)
+    blob = BlockCodec("none", VOL).encode(raw, *AT)
     for bit in range(HEADER_SIZE * 8, len(blob) * 8):
         bad = bytearray(blob)
         bad[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(CorruptBlockError, match="checksum mismatch"):
-            BlockCodec.decode(bytes(bad))
+            DEC.decode(bytes(bad), *AT)
 
 
 def test_flipped_payload_bit_lz4_never_returns_wrong_bytes() -> None:
     """A flip inside an lz4 payload either raises CorruptBlockError or (for the few bits lz4
     ignores) decodes to exactly the original bytes: wrong data is never returned."""
     raw = (b"hello balefs " * 60) + payload(40, seed=4)
-    blob = BlockCodec("lz4").encode(raw)
+    blob = BlockCodec("lz4", VOL).encode(raw, *AT)
     assert flags_of(blob) & FLAG_LZ4
     detected = 0
     for bit in range(HEADER_SIZE * 8, len(blob) * 8):
         bad = bytearray(blob)
         bad[bit // 8] ^= 1 << (bit % 8)
         try:
-            out = BlockCodec.decode(bytes(bad))
+            out = DEC.decode(bytes(bad), *AT)
         except CorruptBlockError:
             detected += 1
         else:
@@ -142,8 +145,29 @@ def test_flipped_payload_bit_lz4_never_returns_wrong_bytes() -> None:
 
 def test_corrupt_error_carries_location() -> None:
     with pytest.raises(CorruptBlockError) as info:
-        BlockCodec.decode(b"short")
+        DEC.decode(b"short", *AT)
     located = info.value.located(7, 3, "/data/n1")
     assert (located.chunk, located.block, located.node) == (7, 3, "/data/n1")
     assert "chunk 7 block 3 on node /data/n1" in str(located)
     assert isinstance(located, OSError)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_a_valid_block_of_another_identity_is_refused(compression: str) -> None:
+    """A whole, valid block read where another should be: other index, chunk, or volume."""
+    blob = BlockCodec(compression, VOL).encode(COMPRESSIBLE, 3, 1)
+    for codec, chunk, idx in ((DEC, 3, 2), (DEC, 4, 1), (BlockCodec(volume="other"), 3, 1)):
+        with pytest.raises(CorruptBlockError, match="another chunk, index or volume"):
+            codec.decode(blob, chunk, idx)
+    assert bytes(DEC.decode(blob, 3, 1)) == COMPRESSIBLE
+
+
+def test_format_1_blocks_are_still_read() -> None:
+    """Blocks written before identities were part of the check (format 1: unseeded xxh3)."""
+    head = struct.pack("<4sBBHIIQ", MAGIC, 1, 0, 0, len(RANDOM), len(RANDOM), xxhash.xxh3_64_intdigest(RANDOM))
+    blob = head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)) + RANDOM
+    assert bytes(DEC.decode(blob, 9, 9)) == RANDOM
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    with pytest.raises(CorruptBlockError, match="checksum mismatch"):
+        DEC.decode(bytes(damaged), 9, 9)

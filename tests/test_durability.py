@@ -32,9 +32,9 @@ def test_codec_parts_join_to_the_encoded_block() -> None:
     raw = payload(5000, 3)
     for comp in ("none", "lz4"):
         codec = BlockCodec(comp)
-        head, body = codec.encode_parts(raw)
-        assert head + bytes(body) == codec.encode(raw)
-        assert bytes(BlockCodec.decode(head + bytes(body))) == raw
+        head, body = codec.encode_parts(raw, 1, 0)
+        assert head + bytes(body) == codec.encode(raw, 1, 0)
+        assert bytes(codec.decode(head + bytes(body), 1, 0)) == raw
 
 
 def counting(client: Client) -> dict[str, list]:

@@ -75,16 +75,36 @@ def test_truncated_block_file(filled, open_client, keep: int) -> None:
 
 
 def test_block_swapped_for_another_is_detected(filled, open_client) -> None:
-    """A valid block file in the wrong place (here: another block of the file) is refused."""
+    """A valid block file in the wrong place (here: another block of the file) is refused, also
+    when both blocks have the same length: the check covers the block's identity."""
     c = filled()
     recs = blocks_of_file(c, "data/c")
-    assert len(recs) >= 2
-    a, b = block_paths(c, recs[0])[0], block_paths(c, recs[-1])[0]
-    if a.stat().st_size == b.stat().st_size:
-        pytest.fail("test needs blocks of different lengths")
-    b.write_bytes(a.read_bytes())
-    with pytest.raises(CorruptBlockError, match="metadata says"):
+    assert len(recs) >= 3
+    first, second, last = (block_paths(c, r)[0] for r in (recs[0], recs[1], recs[-1]))
+    assert first.stat().st_size == second.stat().st_size != last.stat().st_size
+    second.write_bytes(first.read_bytes())  # same length
+    with pytest.raises(CorruptBlockError, match="another chunk, index or volume") as info:
         open_client("vol").read_file("data/c")
+    assert_names_location(info.value, recs[1], c.nodes[recs[1].nodes[0]].url)
+    last.write_bytes(first.read_bytes())  # another length
+    with pytest.raises(CorruptBlockError):
+        open_client("vol").read_file("data/c")
+
+
+def test_a_block_of_another_volume_is_detected(make_volume, open_client) -> None:
+    """Two volumes' blocks with the same key and length (chunk 1 block 0 in each): one put in
+    place of the other is refused."""
+    make_volume("a", nodes=1)
+    make_volume("b", nodes=1)
+    data = payload(5000, seed=1)
+    with Client.open("a") as a, Client.open("b") as b:
+        a.write_file("f", data)
+        b.write_file("f", payload(5000, seed=2))
+        [ra], [rb] = blocks_of_file(a, "f"), blocks_of_file(b, "f")
+        assert (ra.chunk, ra.idx, ra.stored) == (rb.chunk, rb.idx, rb.stored)
+        block_paths(b, rb)[0].write_bytes(block_paths(a, ra)[0].read_bytes())
+    with pytest.raises(CorruptBlockError, match="another chunk, index or volume"):
+        open_client("b").read_file("f")
 
 
 def test_deleted_block_file(filled, open_client) -> None:

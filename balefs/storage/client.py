@@ -173,14 +173,14 @@ class Client:
         self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in self.meta.nodes().items()}
         self._check_nodes([ids[url] for url in cfg.nodes], writable=False)  # down now: reads use other replicas
         self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
-        self.codec = BlockCodec(cfg.compression)
+        self.codec = BlockCodec(cfg.compression, self.meta.volume_uuid())
         self.cache = BlockCache(cfg.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
-        self.reader = BlockReader(self.meta.blocks_of, self.nodes, self.cache, self._pool)
+        self.reader = BlockReader(self.meta.blocks_of, self.nodes, self.cache, self._pool, self.codec)
         self.reader.readahead_blocks = cfg.readahead_blocks
         self.disk_cache: DiskBlockCache | None = None
         if cfg.cache_dir:
-            self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.meta.volume_uuid())
+            self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.codec.volume)
             self.reader.disk_cache = self.disk_cache
         self._writer: ChunkWriter | None = None
         self._writer_lock = threading.Lock()

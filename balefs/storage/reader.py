@@ -44,8 +44,9 @@ class BlockReader:
     readahead_blocks = 4  # a batch that reads a run of a chunk's blocks fetches this many after it
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
-                 cache: BlockCache, pool: ThreadPoolExecutor, wave_bytes: int = 512 << 20) -> None:
+                 cache: BlockCache, pool: ThreadPoolExecutor, codec: BlockCodec, wave_bytes: int = 512 << 20) -> None:
         self._blocks_of = blocks_of
+        self._codec = codec
         self._nodes = nodes
         self.cache = cache
         self._pool = pool
@@ -211,7 +212,7 @@ class BlockReader:
         blob = node.get(key) if buf is None else memoryview(buf)[:node.read_into(key, buf)]
         self._latency.setdefault(nid, deque(maxlen=32)).append(time.monotonic() - started)
         try:
-            raw = BlockCodec.decode(blob)
+            raw = self._codec.decode(blob, rec.chunk, rec.idx)
         except CorruptBlockError as exc:
             raise exc.located(rec.chunk, rec.idx, node.url) from None
         if len(raw) != rec.length:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import NodeError
-from .codec import BlockCodec
 from .meta import BlockRecord
 from .node import up_first
 from .placement import Placement
@@ -132,7 +131,7 @@ def _move(client: "Client", m: Move) -> tuple[str, int]:
     for n in sources:
         try:
             candidate = client.nodes[n].get(key)
-            BlockCodec.decode(candidate)
+            client.codec.decode(candidate, m.rec.chunk, m.rec.idx)
             blob = candidate
             break
         except Exception as exc:  # noqa: BLE001 - try the next copy

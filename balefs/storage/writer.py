@@ -150,7 +150,7 @@ class ChunkWriter:
         whole = memoryview(buf)
         raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
-            parts: tuple = self._codec.encode_parts(raw)
+            parts: tuple = self._codec.encode_parts(raw, chunk, idx)
             if parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
                 whole[:HEADER_SIZE] = parts[0]
                 parts = (whole[:HEADER_SIZE + fill],)
