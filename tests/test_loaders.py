@@ -421,3 +421,21 @@ def test_device_prefetcher_copies_to_cuda_in_order():
     got = list(DevicePrefetcher(loader))
     assert all(b[0].is_cuda for b in got)
     assert torch.equal(torch.cat([b[0] for b in got]).cpu(), torch.arange(64.0).reshape(16, 4))
+
+
+@pytest.mark.parametrize("kind", ["iterable", "map"])
+def test_workers_read_with_the_metadata_store_gone(tree, balefs_home, kind):
+    """The snapshot and the block maps are all a worker needs: with the volume's metadata store
+    moved away after the dataset was built, 2 DataLoader workers still read every sample (a
+    job's thousands of workers open no metadata connection and make no query)."""
+    ds = BaleIterableDataset(URL, shuffle=True, seed=1) if kind == "iterable" else BaleDataset(URL)
+    db = balefs_home / "vol.db"
+    db.rename(db.with_suffix(".away"))
+    try:
+        if kind == "iterable":
+            got = [n for batch in collect(ds, num_workers=2) for n in batch]
+        else:
+            got = [n for batch in collect(ds, num_workers=2, sampler=RandomSampler(ds)) for n in batch]
+        assert sorted(got) == sorted(tree)
+    finally:
+        db.with_suffix(".away").rename(db)

@@ -39,6 +39,7 @@ class BaleSource:
         self.cfg = cfg.with_options(options) if options else cfg
         with Client(self.cfg) as client:
             snap = open_snapshot(client, self.tree, rebuild=rebuild)
+            self.identity = client.identity  # workers open their clients from it: no metadata store
         self.fingerprint, self.classes, self.location = snap.fingerprint, snap.classes, snap.location
         self.local_path = snap.local_path
         self.blocks = snap.blocks
@@ -57,9 +58,10 @@ class BaleSource:
 
     @property
     def client(self) -> Client:
-        """This process's client (opened on first use, never shared across fork)."""
+        """This process's client (opened on first use, never shared across fork). It reads with the
+        snapshot's block maps and opens the metadata store only for files moved since (gc)."""
         if self._client is None or self._pid != os.getpid():
-            self._client, self._pid = Client(self.cfg), os.getpid()
+            self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
             self._client.reader.adopt_maps(self.blocks)
         return self._client
 

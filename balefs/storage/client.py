@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 
@@ -163,20 +163,36 @@ class _Ticket:
         self.error: BaseException | None = None
 
 
+class VolumeIdentity(NamedTuple):
+    """What a client learns from the metadata store at open: the nodes by id, and the volume's uuid."""
+
+    nodes: dict[int, str]
+    volume_uuid: str
+
+
 class Client:
     """An open volume."""
 
-    def __init__(self, cfg: VolumeConfig, meta: SqlMeta | None = None) -> None:
+    def __init__(self, cfg: VolumeConfig, meta: SqlMeta | None = None, identity: "VolumeIdentity | None" = None) -> None:
+        """Open a volume. With the `identity` of an open client (its nodes and uuid), the metadata
+        store is only opened on first use: a loader's workers read through the snapshot's block
+        maps and never query it (or hold a connection)."""
         self.cfg = cfg
-        self.meta = meta or open_meta(cfg.meta_url)
-        ids = self.meta.register_nodes(cfg.nodes)
-        self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in self.meta.nodes().items()}
+        self._meta = meta
+        self._meta_lock = threading.Lock()
+        if identity is None:
+            ids = self.meta.register_nodes(cfg.nodes)
+            identity = VolumeIdentity(self.meta.nodes(), self.meta.volume_uuid())
+        else:
+            ids = {url: nid for nid, url in identity.nodes.items()}
+        self.identity = identity
+        self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in identity.nodes.items()}
         self._check_nodes([ids[url] for url in cfg.nodes], writable=False)  # down now: reads use other replicas
         self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
-        self.codec = BlockCodec(cfg.compression, self.meta.volume_uuid())
+        self.codec = BlockCodec(cfg.compression, identity.volume_uuid)
         self.cache = BlockCache(cfg.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
-        self.reader = BlockReader(self.meta.blocks_of, self.nodes, self.cache, self._pool, self.codec)
+        self.reader = BlockReader(lambda chunks: self.meta.blocks_of(chunks), self.nodes, self.cache, self._pool, self.codec)
         self.reader.readahead_blocks = cfg.readahead_blocks
         self.disk_cache: DiskBlockCache | None = None
         if cfg.cache_dir:
@@ -190,7 +206,16 @@ class Client:
         self._batch = threading.local()
         # lookups by path, for cfg.meta_cache_ttl: (inode, expiry, the extents once a read looked them up)
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
-        self._generation = self.meta.generation()
+        self._generation = self.meta.generation() if self._meta is not None else None
+
+    @property
+    def meta(self) -> SqlMeta:
+        """The metadata store (opened on first use)."""
+        if self._meta is None:
+            with self._meta_lock:
+                if self._meta is None:
+                    self._meta = open_meta(self.cfg.meta_url)
+        return self._meta
 
     @classmethod
     def open(cls, name: str, **options: object) -> "Client":
@@ -261,7 +286,8 @@ class Client:
             getattr(node, "close", lambda: None)()
         if self.disk_cache is not None:
             self.disk_cache.close()
-        self.meta.close()
+        if self._meta is not None:
+            self._meta.close()
 
     def __enter__(self) -> "Client":
         return self
