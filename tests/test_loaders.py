@@ -405,6 +405,8 @@ def test_device_prefetcher_passes_batches_through_on_cpu():
     assert all(a is b for a, b in zip(pre, batches)) and len(list(pre)) == 2  # the same objects, untouched
     if not torch.cuda.is_available():
         assert not DevicePrefetcher(batches).active  # the default device without CUDA is the CPU
+        with pytest.raises(ValueError, match="CUDA is not available"):  # asked for by name: told at once
+            DevicePrefetcher(batches, device="cuda")
     # a pinned DataLoader (pinning needs an accelerator: on CPU it warns and does not pin) passes through too
     loader = DataLoader(torch.utils.data.TensorDataset(torch.arange(10.0)), batch_size=4, pin_memory=torch.cuda.is_available())
     assert [b[0].tolist() for b in DevicePrefetcher(loader, device="cpu")] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

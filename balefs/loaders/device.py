@@ -29,6 +29,9 @@ class DevicePrefetcher:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.active = self.device.type == "cuda"
+        if self.active and not torch.cuda.is_available():
+            raise ValueError(f"DevicePrefetcher: device {self.device} asked for, but CUDA is not available here "
+                             "(leave device=None to pass batches through on a CPU-only machine)")
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]

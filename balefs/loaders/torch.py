@@ -45,7 +45,7 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
 
 class _Prefetcher:
     """Reads the next pieces in a background thread while the current one is consumed; holds at
-    most `depth` read pieces (memory: about depth + 1 windows of chunks)."""
+    most `depth` read pieces queued plus the one being read (memory: about depth + 2 pieces)."""
 
     def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int, views: bool) -> None:
         self._views = views
