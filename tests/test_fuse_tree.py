@@ -1,4 +1,4 @@
-"""The POSIX mount with real tools and many processes: `cp -r` of hundreds of small files
+"""The POSIX mount with real tools and many processes: `cp -r` of thousands of small files
 compared with `diff -r` and sha256, concurrent readers and writers in several processes,
 two mounts of one volume, the disk cache tier across remounts, and torch.save/torch.load."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ def sha(data: bytes) -> str:
 
 def test_cp_r_a_tree_of_small_files(volume, mount_volume, tmp_path: Path) -> None:
     src = tmp_path / "imagenet-mini"
-    tree = make_tree(src, 300, 0, 20_000, seed=5, fanout=12)
+    tree = make_tree(src, 2000, 0, 20_000, seed=5, fanout=12)
     (src / "empty-dir").mkdir()
     (src / "big").mkdir()
     for i in range(2):
