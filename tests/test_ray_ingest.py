@@ -3,30 +3,51 @@ from local paths and fsspec URLs, on each metadata engine; a worker killed mid-i
 retried without losing or duplicating a file."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 
+import fsspec
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from balefs.ingest_ray import list_source, pack_share, put_ray, split_shares  # noqa: E402
+from balefs.storage.client import Client  # noqa: E402
+from balefs.storage.config import VolumeConfig  # noqa: E402
 from balefs.storage.ingest import FsspecSource, LocalSource, ingest_local  # noqa: E402
 
 from helpers import make_tree, run_cli  # noqa: E402
 
 
-class KillingSource(LocalSource):
-    """A local source whose reader SIGKILLs its own (worker) process at one file, once."""
+class KillingSource(FsspecSource):
+    """Local files read through fsspec (so ingest reads, packs and group-commits them one by one),
+    slowly, until the reader SIGKILLs its own (worker) process at the victim file, once: only
+    after files of `watch` (the victim's share, before it) are committed, so that the retry has
+    committed files to skip. The marker file records them: path -> [ino, ctime_ns, extents]."""
 
-    def __init__(self, victim: str, marker: str) -> None:
-        self.victim, self.marker = victim, marker
+    def __init__(self, victim: str, marker: str, spec: dict, watch: list[str], delay: float = 0.04) -> None:
+        super().__init__(fsspec.filesystem("file"))
+        self.victim, self.marker, self.spec, self.watch, self.delay = victim, marker, spec, watch, delay
 
     def read_small(self, path: str):
-        if path.endswith(self.victim) and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if not os.path.exists(self.marker):  # the first attempt: slow, so group commits (every 1 s) come mid-share
+            time.sleep(self.delay)
+            if path == self.victim:
+                committed: dict = {}
+                deadline = time.monotonic() + 60
+                while not committed and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    with Client(VolumeConfig(**self.spec)) as c:
+                        found = {p: n for p, n in c.stat_many(self.watch).items() if not isinstance(n, Exception)}
+                        extents = c.meta.extents_of([n.ino for n in found.values()])
+                        committed = {p: [n.ino, n.ctime_ns, [list(e) for e in extents[n.ino]]] for p, n in found.items()}
+                with open(self.marker + ".tmp", "w") as f:
+                    json.dump(committed, f)
+                os.replace(self.marker + ".tmp", self.marker)
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().read_small(path)
 
 
@@ -44,7 +65,7 @@ def _check(client, dest: str, files: dict[str, bytes]) -> None:
     assert sorted(p for p, n in client.walk(dest) if n.kind == "f") == [f"{dest}/{p}" for p in paths]
     assert client.read_ranges([(f"{dest}/{p}", 0, None) for p in paths]) == [files[p] for p in paths]
     u = client.usage(scan_nodes=False)
-    assert u["live_bytes"] == u["file_bytes"]
+    assert u["live_bytes"] == u["file_bytes"] == sum(map(len, files.values()))
 
 
 def test_ray_put_on_each_engine(ray_cluster, make_volume, meta_engine, open_client, tmp_path) -> None:
@@ -55,8 +76,14 @@ def test_ray_put_on_each_engine(ray_cluster, make_volume, meta_engine, open_clie
     assert (report.files, report.skipped) == (700, 0) and report.shares >= 2
     c = open_client("vol")
     _check(c, "in", files)
-    writers = {w for w, *_ in c.meta.chunk_table().values()}
+    table = c.meta.chunk_table()
+    writers = {w for w, *_ in table.values()}
     assert len(writers) >= 2  # packed by several tasks, each into its own chunks
+    assert c.usage(scan_nodes=False)["dead_bytes"] == 0
+    again = put_ray(cfg, source, [(s, f"in/{rel}") for s, rel in pairs])  # as a retry of every share sees it
+    assert (again.files, again.bytes, again.skipped) == (0, 0, 700)
+    _check(c, "in", files)
+    assert c.meta.chunk_table() == table and c.usage(scan_nodes=False)["dead_bytes"] == 0  # nothing packed twice
 
 
 def test_cli_put_ray_from_fsspec_url(ray_cluster, volume, open_client, tmp_path) -> None:
@@ -68,14 +95,36 @@ def test_cli_put_ray_from_fsspec_url(ray_cluster, volume, open_client, tmp_path)
 
 
 def test_killed_worker_is_retried_without_loss_or_duplicates(ray_cluster, volume, open_client, tmp_path) -> None:
+    """A worker SIGKILLed after group commits of its share: Ray runs the share again, which skips
+    the files committed before the kill (they keep their inode, ctime and bytes in place) and
+    packs the rest, each exactly once."""
     files = make_tree(tmp_path / "src", 900, 10, 30_000, fanout=3)
     marker = tmp_path / "killed"
     _, pairs, _, _ = list_source(str(tmp_path / "src"))
-    source = KillingSource(sorted(files)[600], str(marker))
-    report = put_ray(volume, source, [(s, f"k/{rel}") for s, rel in pairs])
+    pairs = [(s, f"k/{rel}") for s, rel in pairs]
+    share = split_shares(pairs, workers=2)[0]  # as put_ray cuts them on the 2-CPU cluster
+    assert len(share) > 200
+    spec = {**volume.__dict__, "meta": volume.meta_url}
+    source = KillingSource(share[200][0], str(marker), spec, [dst for _, dst in share[:200]])
+    report = put_ray(volume, source, pairs)
     assert marker.exists(), "the worker was never killed"
+    before = json.loads(marker.read_text())  # files of the share committed when the worker was killed
+    assert before, "no file of the share was committed before the kill"
+    assert report.skipped >= len(before)  # the retry packed none of them again
     assert report.files + report.skipped == 900
-    _check(open_client("vol"), "k", files)
+    c = open_client("vol")
+    _check(c, "k", files)
+    now = c.stat_many(before)
+    extents = c.meta.extents_of([n.ino for n in now.values()])
+    assert {p: [n.ino, n.ctime_ns, [list(e) for e in extents[n.ino]]] for p, n in now.items()} == before
+    # Dead bytes only where the killed attempt stopped (what it stored after its last group commit):
+    # its files committed before the kill stay live, and no other attempt's chunk holds a dead byte.
+    table = c.meta.chunk_table()  # id -> (writer, state, size, live, created_ns)
+    killed = {table[chunk][0] for _, _, ext in before.values() for _, chunk, _, _ in ext}
+    assert len(killed) == 1
+    assert sum(live for writer, _, _, live, _ in table.values() if writer in killed) >= sum(
+        len(files[p.removeprefix("k/")]) for p in before)
+    assert c.usage(scan_nodes=False)["dead_bytes"] == sum(size - live for w, _, size, live, _ in table.values() if w in killed)
 
 
 def test_a_share_packed_twice_is_skipped_the_second_time(volume, open_client, tmp_path) -> None:
