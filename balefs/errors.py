@@ -50,3 +50,9 @@ class CorruptBlockError(BaleError, OSError):
 class MetaUnavailableError(BaleError, ConnectionError):
     """The metadata database cannot be reached (down, restarting, refused the login), or was
     lost while a change was being committed, so its outcome is unknown."""
+
+
+class MetaFileError(BaleError, OSError):
+    """The SQLite metadata file of a volume cannot be used: it is corrupt or truncated (not a
+    database balefs can read), or it cannot be created or opened where it is (a read-only or
+    missing directory). Raised on open, before anything is changed."""

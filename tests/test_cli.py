@@ -237,3 +237,60 @@ def test_python_m_entry_point(cli_volume, tmp_path: Path) -> None:
 
     r = subprocess.run([sys.executable, "-m", "balefs.cli", "ls", "bale://cv"], capture_output=True)
     assert r.returncode == 0 and r.stdout == b""
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_damaged_metadata_file_is_one_clear_error(cli_volume, tmp_path: Path, balefs_home: Path, damage: str) -> None:
+    (tmp_path / "f").write_bytes(payload(5000, 1))
+    ok("put", tmp_path / "f", "bale://cv/f")
+    db = balefs_home / "cv.db"
+    ok("df", "cv")  # checkpoints the WAL into the file
+    for extra in (balefs_home / "cv.db-wal", balefs_home / "cv.db-shm"):
+        extra.unlink(missing_ok=True)
+    if damage == "garbage":
+        db.write_bytes(b"this is not an SQLite database\n" * 200)
+    elif damage == "truncated":
+        db.write_bytes(db.read_bytes()[:4096])
+    else:
+        db.write_bytes(b"")
+    damaged = db.read_bytes()
+    blocks = sorted(p for n in cli_volume for p in n.rglob("*") if p.is_file())
+    for args in (["ls", "bale://cv"], ["cat", "bale://cv/f"], ["df", "cv"], ["put", tmp_path / "f", "bale://cv/g"],
+                 ["drain", "cv", "1"], ["gc", "cv"]):
+        line = user_error(*args)
+        assert str(db) in line, line
+        assert ("empty" if damage == "empty" else "corrupt or truncated") in line, line
+    # nothing was changed: the file is as it was (an empty one not re-created as a fresh empty
+    # volume, whose new chunks would overwrite the old blocks), the nodes hold the same blocks
+    assert db.read_bytes() == damaged
+    assert sorted(p for n in cli_volume for p in n.rglob("*") if p.is_file()) == blocks
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """An empty directory nobody can write to: chmod 0o555, or as root (whom permission bits do
+    not stop) a read-only tmpfs mounted there."""
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {r.stderr.decode().strip()}")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_init_with_a_read_only_balefs_home(node_dirs, read_only_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = node_dirs(1)[0]
+    monkeypatch.setenv("BALEFS_HOME", str(read_only_dir))
+    line = user_error("init", "v", "--node", node)
+    assert str(read_only_dir / "v.db") in line and "cannot be created" in line and "not writable" in line, line
+    assert not any(read_only_dir.iterdir()) and not any(node.iterdir())

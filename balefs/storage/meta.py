@@ -842,20 +842,41 @@ class SqliteMeta(SqlMeta):
         self.url = f"sqlite://{path}"
         if not create and not os.path.exists(path):
             raise ConfigError(f"metadata file {path} does not exist (was the volume initialised here?)")
+        if not create and os.path.getsize(path) == 0 and not _nonempty(path + "-wal"):
+            raise _meta_file_error(path, "is empty (truncated?): it holds none of the volume's files; "
+                                         "restore it from a backup")
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
-        with self._write() as db:
-            self._migrate(db, create=True)
+        existed = {p for p in (path, path + "-wal", path + "-shm") if os.path.exists(p)}
+        try:
+            with self._write() as db:
+                self._migrate(db, create=create)
+        except BaseException as exc:
+            self.close()
+            if create:  # remove what this failed create made, nothing else
+                for p in {path, path + "-wal", path + "-shm"} - existed:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+            if isinstance(exc, sqlite3.Error):
+                raise _sqlite_open_error(path, exc, create) from None
+            raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA cache_size=-65536")
+            try:
+                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.execute("PRAGMA cache_size=-65536")
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                raise _sqlite_open_error(self.path, exc, create=not os.path.exists(self.path)) from None
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
@@ -904,6 +925,31 @@ class SqliteMeta(SqlMeta):
                     pass
             self._conns.clear()
         self._local = threading.local()
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
+
+
+def _meta_file_error(path: str, what: str) -> Exception:
+    from ..errors import MetaFileError
+
+    return MetaFileError(f"metadata file {path} {what}")
+
+
+def _sqlite_open_error(path: str, exc: sqlite3.Error, create: bool) -> Exception:
+    """One clear error for an SQLite file that cannot be opened: which file, and what is wrong."""
+    if not isinstance(exc, sqlite3.OperationalError):  # "file is not a database", "disk image is malformed"
+        return _meta_file_error(path, f"is corrupt or truncated ({exc}); nothing was changed: "
+                                      "restore it from a backup")
+    where = os.path.dirname(os.path.abspath(path))
+    why = f"{where} is not writable" if os.path.isdir(where) and not os.access(where, os.W_OK) else ""
+    if not why and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        why = "the file is not readable and writable by this user"
+    return _meta_file_error(path, f"cannot be {'created' if create else 'opened'}: {exc}" + (f" ({why})" if why else ""))
 
 
 def redact_url(url: str) -> str:
