@@ -112,7 +112,9 @@ def test_concurrent_readers_and_writers_in_several_processes(volume, mount_volum
             assert (mp / name).read_bytes() == random.Random(name).randbytes(size)
 
 
-def test_a_second_mount_sees_the_first_ones_closed_files(volume, mount_volume) -> None:
+def test_a_second_mount_sees_the_first_ones_closed_files(make_volume, meta_engine, mount_volume) -> None:
+    """Close-to-open across two mounts (two hosts of a cluster, with PostgreSQL metadata)."""
+    volume = make_volume(meta=meta_engine)
     a = mount_volume(volume.name)
     b = mount_volume(volume.name, "--attr-timeout", "0")
     (a / "d").mkdir()
