@@ -690,3 +690,42 @@ def test_gc_compacts_and_deletes_dead_chunks(client: Client, open_client) -> Non
     assert sum(n["blocks"] for n in after["nodes"]) < sum(n["blocks"] for n in before["nodes"])
     assert all(n["orphan_blocks"] == 0 for n in after["nodes"])
     assert fresh.read_ranges([(p, 0, None) for p in keep]) == list(keep.values())
+
+
+def test_file_reader_reads_ahead_after_sequential_reads_only(make_volume, open_client) -> None:
+    """FileReader: a read that starts where the previous one ended fetches the next
+    readahead_blocks blocks in the background (cached or in flight on return); a read elsewhere
+    in the file fetches only what it asked for, and sequential reading after it reads ahead again."""
+    block = 16 * 1024
+    make_volume("ra", block_size=block, chunk_size=16 * block)
+    data = payload(12 * block, seed=7)
+    open_client("ra").write_file("f", data)
+
+    def fresh_reader():
+        c = open_client("ra", readahead_blocks=3)  # nothing cached from the writer
+        r = c.open_read("f")
+        assert len(r.extents) == 1 and r.extents[0].chunk_off == 0 and len(c.cache) == 0  # block i = bytes [i*block, (i+1)*block)
+        return c, r, r.extents[0].chunk
+
+    def cached_after_fetches(c, chunk) -> list[int]:
+        for fut in list(c.reader._inflight.values()):
+            fut.result()
+        return sorted(idx for ch, idx in list(c.cache._items) if ch == chunk)
+
+    c, r, chunk = fresh_reader()
+    assert r.read(0, block) == data[:block]  # one block each: no batch run, no readahead of BlockReader's own
+    assert cached_after_fetches(c, chunk) == [0]  # a first read is not yet sequential
+    assert r.read(block, 2 * block) == data[block:2 * block]
+    # in flight first: a fetch leaves _inflight only once its block is in the cache
+    assert [k for k in ((chunk, i) for i in (2, 3, 4)) if not (k in c.reader._inflight or k in c.cache)] == []
+    assert cached_after_fetches(c, chunk) == [0, 1, 2, 3, 4]
+    assert r.read(2 * block, 3 * block) == data[2 * block:3 * block]
+    assert cached_after_fetches(c, chunk) == [0, 1, 2, 3, 4, 5]
+
+    c, r, chunk = fresh_reader()
+    assert r.read(0, block) == data[:block]
+    assert r.read(6 * block, 7 * block) == data[6 * block:7 * block]  # a jump: not sequential
+    assert cached_after_fetches(c, chunk) == [0, 6]
+    assert r.read(7 * block, 7 * block + 100) == data[7 * block:7 * block + 100]  # sequential again
+    assert cached_after_fetches(c, chunk) == [0, 6, 7, 8, 9, 10]
+
