@@ -27,6 +27,32 @@ def _human(n: float) -> str:
     return str(n)
 
 
+# The extra of pyproject.toml that installs each optional dependency (by top-level module).
+_EXTRA_OF = {"ray": "ray", "psycopg": "postgres", "psycopg_pool": "postgres", "boto3": "s3", "botocore": "s3",
+             "mfusepy": "fuse", "fuse": "fuse", "torch": "torch", "torchdata": "torch", "nvidia": "dali",
+             "pyarrow": "arrow", "pandas": "arrow", "zarr": "checkpoint"}
+
+
+def _missing_dependency(exc: ImportError) -> str | None:
+    """What to say for an optional dependency that is not installed: the error and the extra
+    that installs it. None when the import that failed is balefs's own (a bug: let it show)."""
+    name = None
+    e: BaseException | None = exc
+    while e is not None and name is None:
+        name = getattr(e, "name", None)
+        e = e.__cause__ or e.__context__
+    top = (name or "").partition(".")[0]
+    if top == "balefs":
+        return None
+    msg = str(exc)
+    if "pip install" in msg:
+        return msg
+    extra = _EXTRA_OF.get(top)
+    if extra:
+        return f"{msg}: install it with pip install 'balefs[{extra}]'"
+    return f"{msg} (an optional dependency: pip install 'balefs[all]' installs every one)"
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn user mistakes into one clear line and a non-zero exit, never a traceback."""
 
@@ -41,6 +67,12 @@ def user_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("balefs: interrupted; files committed before the interrupt are intact", err=True)
             sys.exit(130)
+        except ImportError as exc:
+            msg = _missing_dependency(exc)
+            if msg is None:
+                raise
+            click.echo(f"balefs: error: {msg}", err=True)
+            sys.exit(1)
         except (BaleError, OSError, ValueError) as exc:
             if isinstance(exc, OSError) and exc.filename and exc.strerror:
                 msg = f"{exc.filename}: {exc.strerror}"
@@ -120,6 +152,8 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
     if not _is_bale(dest):
         raise click.UsageError(f"DEST must be a bale:// URL, got {dest!r}")
     volume, vdest = parse_url(dest)
+    if use_ray:
+        from . import ingest_ray  # noqa: F401 - without Ray installed, fail here, before the volume is touched
     with Client.open(volume) as client:
         try:
             into_dir = client.stat(vdest).kind == "d" and bool(vdest)

@@ -18,8 +18,13 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import fsspec
-import ray
 import xxhash
+
+try:
+    import ray
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(f"parallel ingest with Ray needs the ray package ({exc}): pip install 'balefs[ray]'",
+                      name=exc.name) from exc
 
 from .errors import BaleError
 from .storage.client import Client

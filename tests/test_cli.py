@@ -294,3 +294,32 @@ def test_init_with_a_read_only_balefs_home(node_dirs, read_only_dir: Path, monke
     line = user_error("init", "v", "--node", node)
     assert str(read_only_dir / "v.db") in line and "cannot be created" in line and "not writable" in line, line
     assert not any(read_only_dir.iterdir()) and not any(node.iterdir())
+
+
+def run_cli_without(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the balefs command in a Python where `module` cannot be imported (as if not installed)."""
+    import sys
+
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            f"from balefs.cli import main\nmain({[str(a) for a in args]!r}, prog_name='balefs')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+
+
+def test_put_ray_without_ray_says_what_to_install(cli_volume, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    r = run_cli_without("ray", "put", "--ray", tmp_path / "f", "bale://cv/d/f")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("balefs: error: ") and "ray" in line and "pip install 'balefs[ray]'" in line, line
+    assert ok("ls", "bale://cv").stdout == b""  # the volume was not touched
+
+
+def test_missing_optional_dependency_names_its_extra(cli_volume, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    ok("put", tmp_path / "f", "bale://cv/t/f")
+    r = run_cli_without("pyarrow", "snapshot", "bale://cv/t")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("balefs: error: ") and "pyarrow" in line and "pip install 'balefs[arrow]'" in line, line

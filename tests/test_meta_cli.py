@@ -19,3 +19,18 @@ def test_cli_on_a_postgres_volume(pg_server, pg_url, node_dirs, tmp_path) -> Non
     assert run_cli("rm", "-r", "bale://shared/y/d00").returncode == 0
     r = run_cli("df", "shared", "--no-scan")
     assert r.returncode == 0 and b"20 files" in r.stdout
+
+
+def test_postgres_meta_without_psycopg_says_what_to_install(node_dirs, balefs_home) -> None:
+    import subprocess
+    import sys
+
+    node = node_dirs(1)[0]
+    args = ["init", "v", "--node", str(node), "--meta", "postgresql://bale@127.0.0.1:1/balefs"]
+    code = f"import sys; sys.modules['psycopg'] = None\nfrom balefs.cli import main\nmain({args!r}, prog_name='balefs')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("balefs: error: ") and "psycopg" in line and "pip install 'balefs[postgres]'" in line, line
+    assert not (balefs_home / "v.toml").exists() and not any(node.iterdir())
