@@ -729,3 +729,14 @@ def test_file_reader_reads_ahead_after_sequential_reads_only(make_volume, open_c
     assert r.read(7 * block, 7 * block + 100) == data[7 * block:7 * block + 100]  # sequential again
     assert cached_after_fetches(c, chunk) == [0, 6, 7, 8, 9, 10]
 
+
+def test_sqlite_metadata_is_in_wal_mode(client: Client, volume) -> None:
+    """The SQLite store runs in WAL mode (persistent in the file) with synchronous=FULL."""
+    client.write_file("x", b"1")
+    assert volume.meta_url.startswith("sqlite:///")
+    db = sqlite3.connect(volume.meta_url.removeprefix("sqlite://"))
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+    assert client.meta._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
