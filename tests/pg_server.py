@@ -5,6 +5,10 @@ As root (initdb refuses root) the server runs as the `postgres` system user of t
 Debian package, or `nobody`. Every test gets its own schema, so volumes never meet.
 Fixtures: `pg_server` (session), `pg_url` (a fresh, empty schema), `meta_engine`
 (parametrized: "sqlite" or "postgresql", the `meta=` to pass to Client.init).
+
+Without the server binaries the PostgreSQL tests skip, except in CI: where `required("PG")`
+(BALEFS_REQUIRE_PG=1, which .ci/run exports, or CI set) they fail instead, so a CI run
+cannot pass with none of them run. conftest applies the same rule to FUSE.
 """
 from __future__ import annotations
 
@@ -23,6 +27,15 @@ import pytest
 from helpers import free_port
 
 PASSWORD_USER = "bale"
+
+
+def required(what: str) -> bool:
+    """Whether a missing `what` ("PG", "FUSE") fails the tests that need it instead of skipping
+    them: BALEFS_REQUIRE_<what> or CI (set by CI services) is set to anything but 0/false/no."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+    return on(f"BALEFS_REQUIRE_{what}") or on("CI")
 
 
 def find_pg_bin() -> str | None:
@@ -128,6 +141,8 @@ def pg_server() -> Iterator[PgServer]:
     try:
         server = PgServer()
     except FileNotFoundError as exc:
+        if required("PG"):
+            pytest.fail(f"{exc} (BALEFS_REQUIRE_PG or CI is set: the PostgreSQL tests must run, not skip)", pytrace=False)
         pytest.skip(str(exc))
     try:
         yield server
