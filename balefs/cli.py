@@ -1,10 +1,12 @@
 """The `balefs` command: create volumes and move files in and out of them."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat as stat_mod
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -153,7 +155,13 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
         raise click.UsageError(f"DEST must be a bale:// URL, got {dest!r}")
     volume, vdest = parse_url(dest)
     if use_ray:
-        from . import ingest_ray  # noqa: F401 - without Ray installed, fail here, before the volume is touched
+        if (ray_address or os.environ.get("RAY_ADDRESS") or "auto") not in ("auto", "local"):
+            # a named cluster: bound each wait of Ray's for it (read once, when Ray is imported)
+            os.environ.setdefault("RAY_py_gcs_connect_timeout_s", "15")
+        from .ingest_ray import connect  # without Ray installed, fail here, before the volume is touched
+
+        with _stderr_held_back():  # Ray's own retry warnings: its failure is said in one line
+            connect(ray_address)
     with Client.open(volume) as client:
         try:
             into_dir = client.stat(vdest).kind == "d" and bool(vdest)
@@ -182,6 +190,28 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
             files, nbytes = ingest_local(client, pairs, threads=threads, progress=progress)
         dt = max(1e-9, time.monotonic() - t0)
         click.echo(f"put {files} files, {_human(nbytes)} in {dt:.1f}s ({files / dt:.0f} files/s, {nbytes / dt / 1e6:.0f} MB/s)", err=True)
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+    """Hold back what is written to the standard error (fd 2, so a C++ library's lines too)
+    inside the block: replayed if the block succeeds, dropped if it raises (its error says it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        done = False
+        try:
+            yield
+            done = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if done:
+                held.seek(0)
+                sys.stderr.buffer.write(held.read())
+                sys.stderr.flush()
 
 
 def _dest_base(src: str, vdest: str, into_dir: bool) -> str:

@@ -56,3 +56,7 @@ class MetaFileError(BaleError, OSError):
     """The SQLite metadata file of a volume cannot be used: it is corrupt or truncated (not a
     database balefs can read), or it cannot be created or opened where it is (a read-only or
     missing directory). Raised on open, before anything is changed."""
+
+
+class RayConnectError(BaleError, ConnectionError):
+    """The Ray cluster named by --ray-address (or RAY_ADDRESS) does not answer."""

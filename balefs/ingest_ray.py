@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -26,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"parallel ingest with Ray needs the ray package ({exc}): pip install 'balefs[ray]'",
                       name=exc.name) from exc
 
-from .errors import BaleError
+from .errors import BaleError, RayConnectError
 from .storage.client import Client
 from .storage.config import VolumeConfig
 from .storage.ingest import FsspecSource, LocalSource, ingest_local, walk_local
@@ -105,14 +106,63 @@ def pack_share(cfg: dict, source: LocalSource | FsspecSource, pairs: list[Pair],
 _pack_share_remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(pack_share)
 
 
+#: seconds to wait for an explicitly named Ray cluster to answer before giving up
+CONNECT_TIMEOUT_S = 10.0
+_HINT = " (is a Ray cluster running there? check --ray-address or RAY_ADDRESS)"
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Fail fast, with one clear error, when nothing listens at a Ray address (HOST:PORT or
+    ray://HOST:PORT): Ray itself would retry for many minutes, printing warnings."""
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        return  # not HOST:PORT: let Ray say what is wrong with it
+    hosts = [host]
+    if host in ("localhost", "::1") or host.startswith("127."):
+        hosts.append(ray.util.get_node_ip_address())  # Ray connects to this host's address instead
+    for h in hosts:
+        try:
+            socket.create_connection((h, int(port)), timeout=timeout).close()
+            return
+        except OSError as exc:
+            why = f"no answer within {timeout:.0f}s" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+    raise RayConnectError(f"cannot reach the Ray cluster at {address}: {why}{_HINT}")
+
+
+def connect(address: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Connect this process to Ray, once: the cluster at `address`, else RAY_ADDRESS, one running
+    on this host, or a new local one. A named cluster that does not answer fails within about
+    `timeout` seconds (plus, for a port that answers but is no Ray cluster, one attempt of
+    Ray's own, RAY_py_gcs_connect_timeout_s: 30 s by default) with RayConnectError."""
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    named = bool(target) and target not in ("auto", "local")
+    if named:
+        _check_reachable(target, timeout)
+    saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if named and saved is None:  # one attempt of Ray's to reach the GCS, not 20 of ~40 s each
+        os.environ["RAY_gcs_server_port_wait_time_s"] = "1"
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        if not named:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RayConnectError(f"cannot connect to the Ray cluster at {target}: {first}{_HINT}") from None
+    finally:
+        if named and saved is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+
+
 def put_ray(cfg: VolumeConfig, source: LocalSource | FsspecSource, pairs: Sequence[Pair], address: str | None = None,
             threads: int = 4, progress: Callable[[int, int], None] | None = None) -> RayIngestReport:
     """Pack `pairs` into the volume with Ray tasks, one per share; `progress(files, bytes)` per finished share.
 
     Connects to the Ray cluster at `address` (default: RAY_ADDRESS, a cluster running on
     this host, or a new local one)."""
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    connect(address)
     spec = asdict(cfg)
     spec["meta"] = cfg.meta_url  # resolved here: workers on other hosts have no $BALEFS_HOME
     spec["cache_size"] = min(cfg.cache_size, 64 << 20)  # tasks only write

@@ -323,3 +323,39 @@ def test_missing_optional_dependency_names_its_extra(cli_volume, tmp_path: Path)
     assert r.returncode == 1 and "Traceback" not in err, err
     [line] = err.strip().splitlines()
     assert line.startswith("balefs: error: ") and "pyarrow" in line and "pip install 'balefs[arrow]'" in line, line
+
+
+def test_put_ray_to_an_address_where_nothing_listens(cli_volume, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    pytest.importorskip("ray")
+    (tmp_path / "f").write_bytes(b"f")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    line = user_error("put", "--ray", "--ray-address", f"127.0.0.1:{port}", tmp_path / "f", "bale://cv/d/f")
+    assert time.monotonic() - t0 < 30
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in line and "refused" in line, line
+    assert ok("ls", "bale://cv").stdout == b""  # the volume was not touched
+
+
+def test_put_ray_to_an_address_that_is_no_ray_cluster(cli_volume, tmp_path: Path) -> None:
+    """A port that accepts connections but never speaks Ray's protocol: Ray itself would retry for
+    minutes, printing warnings; balefs gives up after one bounded attempt, with one line."""
+    import socket
+    import time
+
+    pytest.importorskip("ray")
+    (tmp_path / "f").write_bytes(b"f")
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))  # Ray dials this host's address, not 127.0.0.1
+        s.listen(64)  # connections complete in the backlog; nothing ever answers
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        line = user_error("put", "--ray", "--ray-address", f"127.0.0.1:{port}", tmp_path / "f", "bale://cv/d/f")
+        assert time.monotonic() - t0 < 60
+    assert f"cannot connect to the Ray cluster at 127.0.0.1:{port}" in line, line
+    assert ok("ls", "bale://cv").stdout == b""
+
