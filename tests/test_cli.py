@@ -359,3 +359,35 @@ def test_put_ray_to_an_address_that_is_no_ray_cluster(cli_volume, tmp_path: Path
     assert f"cannot connect to the Ray cluster at 127.0.0.1:{port}" in line, line
     assert ok("ls", "bale://cv").stdout == b""
 
+
+
+def test_pyproject_extras() -> None:
+    """Each interface's dependencies install with one extra, and `all` installs every one of them."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    extras: dict[str, list[str]] = project["optional-dependencies"]
+
+    def names(extra: str, seen: frozenset = frozenset()) -> set[str]:
+        """The distributions an extra installs, balefs[...] self-references expanded."""
+        out: set[str] = set()
+        for req in extras[extra]:
+            name, _, inner = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(\[([^\]]*)\])?", req).groups()
+            if name.lower() == project["name"]:
+                for e in (x.strip() for x in inner.split(",")):
+                    assert e in extras and e not in seen, (extra, req)
+                    out |= names(e, seen | {extra})
+            else:
+                out.add(re.sub(r"[-_.]+", "-", name).lower())
+        return out
+
+    wanted = {"s3": {"boto3"}, "fuse": {"mfusepy"}, "torch": {"torch", "torchdata"}, "dali": {"nvidia-dali-cuda120"},
+              "ray": {"ray"}, "postgres": {"psycopg"}}
+    for extra, needs in wanted.items():
+        assert extra in extras and needs <= names(extra), (extra, extras.get(extra))
+    every = names("all")
+    for extra in extras:
+        if extra not in ("all", "test"):
+            assert names(extra) <= every, (extra, names(extra) - every)
+    assert {"pytest"} <= names("test")  # tox.ini installs the suite's dependencies with extras = test
