@@ -69,6 +69,11 @@ def user_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("balefs: interrupted; files committed before the interrupt are intact", err=True)
             sys.exit(130)
+        except click.ClickException as exc:
+            # a bad value found once the command runs (a malformed URL, a node that is not the
+            # volume's): one line, like every other user error, not click's usage block
+            click.echo(f"balefs: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
         except ImportError as exc:
             msg = _missing_dependency(exc)
             if msg is None:
@@ -94,11 +99,36 @@ def parse_url(url: str) -> tuple[str, str]:
         raise click.UsageError(str(exc)) from None
 
 
+def volume_arg(value: str) -> str:
+    """A VOLUME argument: the volume's name, or its URL bale://NAME (not a path inside it)."""
+    if not _is_bale(value):
+        return value
+    volume, path = parse_url(value)
+    if path:
+        raise click.UsageError(f"{value!r}: expected a volume, NAME or bale://NAME, not a path inside one")
+    return volume
+
+
 def _is_bale(url: str) -> bool:
     return url.startswith("bale://")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The `balefs` group: an option or argument with a bad value (`--replicas two`) is one
+    `balefs: error:` line; only a command of the wrong shape (a missing argument, an unknown
+    option) gets click's usage block."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.BadParameter as exc:
+            if isinstance(exc, click.MissingParameter):
+                raise
+            click.echo(f"balefs: error: {exc.format_message()}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="balefs")
 def main() -> None:
     """balefs: many small files baled into large chunks, striped over storage nodes.
@@ -126,7 +156,10 @@ def main() -> None:
 @user_errors
 def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quorum: int, chunk_size: str,
          block_size: str, compression: str, cache_size: str) -> None:
-    """Create volume NAME over the given nodes."""
+    """Create volume NAME (or bale://NAME) over the given nodes."""
+    name = volume_arg(name)
+    if replicas < 1:
+        raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
                       cache_size=parse_size(cache_size, "--cache-size"))
@@ -370,6 +403,7 @@ def mv(source: str, dest: str) -> None:
 @user_errors
 def df(volume: str, no_scan: bool) -> None:
     """Show a volume's files, chunks, live and dead bytes, and usage per node."""
+    volume = volume_arg(volume)
     with Client.open(volume) as client:
         u = client.usage(scan_nodes=not no_scan)
     click.echo(f"volume {volume}: {u['files']} files, {u['dirs']} directories, {_human(u['file_bytes'])} in files")
@@ -400,6 +434,7 @@ def df(volume: str, no_scan: bool) -> None:
 @user_errors
 def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
     """Compact sparse chunks, delete dead chunks and orphan blocks (never committed)."""
+    volume = volume_arg(volume)
     if not 0 <= min_live <= 1:
         raise click.BadParameter("must lie between 0 and 1", param_hint="--min-live")
     with Client.open(volume) as client:
@@ -416,6 +451,7 @@ def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
 @user_errors
 def status(volume: str, no_probe: bool) -> None:
     """Show every node and path of a volume: up/down, latency, errors, bytes moved, blocks held."""
+    volume = volume_arg(volume)
     from .storage.status import volume_status
 
     with Client.open(volume) as client:
@@ -454,6 +490,7 @@ def _move_with_bar(client: Client, moves: list, what: str) -> None:
 def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
     """Even out block copies over the volume's nodes, restore missing replicas and move copies off
     nodes that left the volume. Copy, then record, then delete: files stay readable throughout."""
+    volume = volume_arg(volume)
     from .storage.rebalance import plan_rebalance
 
     if add:
@@ -476,6 +513,7 @@ def drain(volume: str, node: str) -> None:
 
     New blocks stop going to NODE at once (for clients opened from now on); files stay readable
     throughout. Run it again after long-running clients restart, to move what they wrote meanwhile."""
+    volume = volume_arg(volume)
     from .storage.config import load_config, save_config
     from .storage.node import normalize_node_url
     from .storage.rebalance import plan_drain
@@ -509,6 +547,7 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
     Copies every row in one transaction, verifies the copy file by file (paths, sizes, hashes,
     extents, blocks), then switches the volume's config. Stop the volume's clients first; the
     old store is left in place, unused."""
+    volume = volume_arg(volume)
     from .storage.migrate_meta import migrate_meta
 
     with tqdm(unit="row", desc="copy", disable=None) as copy_bar, tqdm(unit="entry", desc="verify", disable=None) as check_bar:
@@ -550,6 +589,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
     Returns once the mount works; files written and closed there are packed into chunks
     and visible to every client. Unmount with `balefs umount MOUNTPOINT`.
     """
+    volume = volume_arg(volume)
     from .fuse.mount import MountOptions, mount, serve
 
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,

@@ -391,3 +391,37 @@ def test_pyproject_extras() -> None:
         if extra not in ("all", "test"):
             assert names(extra) <= every, (extra, names(extra) - every)
     assert {"pytest"} <= names("test")  # tox.ini installs the suite's dependencies with extras = test
+
+
+def test_bad_values_are_one_line_not_a_usage_block(cli_volume, tmp_path: Path, balefs_home: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    ok("put", tmp_path / "f", "bale://cv/a")
+    assert "expected bale://VOLUME" in user_error("put", tmp_path / "f", "bale://")
+    assert "within one volume" in user_error("mv", "bale://cv/a", "bale://other/b")
+    assert "--min-live" in user_error("gc", "cv", "--min-live", "2")
+    line = user_error("drain", "cv", "99")
+    assert "'99' is not a node of volume cv" in line, line
+    assert "expected bale://VOLUME" in user_error("ls", "")
+    line = user_error("init", "v", "--node", cli_volume[0], "--replicas", "0")
+    assert "--replicas" in line and "1 or more" in line and "needs at least" not in line, line
+    assert "--replicas" in user_error("init", "v", "--node", cli_volume[0], "--replicas", "two")
+    assert not (balefs_home / "v.toml").exists()
+    assert ok("cat", "bale://cv/a").stdout == b"f"  # nothing moved or lost on the way
+    # a command of the wrong shape still gets click's usage block
+    r = run_cli("ls")
+    assert r.returncode == 2 and b"Usage: balefs ls" in r.stderr and b"Missing argument" in r.stderr
+
+
+def test_volume_arguments_take_a_bale_url(cli_volume, tmp_path: Path, node_dirs, balefs_home: Path) -> None:
+    (tmp_path / "f").write_bytes(b"f")
+    ok("put", tmp_path / "f", "bale://cv/a")
+    assert "volume cv: 1 files" in ok("df", "bale://cv", "--no-scan").stdout.decode()
+    assert "volume cv: 1 files" in ok("df", "bale://cv/").stdout.decode()
+    assert ok("gc", "bale://cv", "--dry-run").stdout.startswith(b"would compact")
+    assert ok("status", "bale://cv", "--no-probe").stdout.startswith(b"node 1 ")
+    assert ok("rebalance", "bale://cv", "--dry-run").stdout.startswith(b"would move")
+    assert "not a node of volume cv" in user_error("drain", "bale://cv", "99")
+    line = user_error("df", "bale://cv/a")
+    assert "not a path inside one" in line and "bad volume name" not in line, line
+    ok("init", "bale://v2", "--node", node_dirs(1, "more")[0])
+    assert (balefs_home / "v2.toml").exists() and ok("ls", "bale://v2").stdout == b""
