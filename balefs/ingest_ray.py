@@ -3,7 +3,8 @@
 The source listing is cut into shares of neighbouring files; each share is packed by one
 Ray task that opens its own Client (so its own chunk writer, filling its own chunks on
 the nodes, on whatever host Ray runs it) and commits its files in durable groups, as
-`balefs put` does. A task whose worker dies is run again by Ray (max_retries); the new
+`balefs put` does. A task whose worker dies, or that loses a node or the metadata store for a
+while, is run again by Ray (max_retries); the new
 attempt skips every file an earlier attempt already committed with the same size and
 modification time (or, where the source has no mtime, the same content hash), so a
 retry neither packs a file twice nor loses one. Works from local paths and any fsspec URL.
@@ -27,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"parallel ingest with Ray needs the ray package ({exc}): pip install 'balefs[ray]'",
                       name=exc.name) from exc
 
-from .errors import BaleError, RayConnectError
+from .errors import BaleError, MetaUnavailableError, NodeUnreachableError, RayConnectError
 from .storage.client import Client
 from .storage.config import VolumeConfig
 from .storage.ingest import FsspecSource, LocalSource, ingest_local, walk_local
@@ -103,7 +104,10 @@ def pack_share(cfg: dict, source: LocalSource | FsspecSource, pairs: list[Pair],
     return files, nbytes, len(pairs) - len(todo)
 
 
-_pack_share_remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False)(pack_share)
+# a share is run again when its worker dies, and when it fails for a reason that passes (a node or the
+# metadata store out of reach for a while); a bad source file or a full volume fails the ingest at once
+_pack_share_remote = ray.remote(num_cpus=1, max_retries=3,
+                                retry_exceptions=[NodeUnreachableError, MetaUnavailableError])(pack_share)
 
 
 #: seconds to wait for an explicitly named Ray cluster to answer before giving up

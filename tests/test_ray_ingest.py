@@ -51,6 +51,21 @@ class KillingSource(FsspecSource):
         return super().read_small(path)
 
 
+class FlakySource(FsspecSource):
+    """Local files through fsspec; reading `victim` fails once with `error` (the marker file
+    remembers that it did), as a node or the metadata store out of reach for a moment."""
+
+    def __init__(self, victim: str, marker: str, error: Exception) -> None:
+        super().__init__(fsspec.filesystem("file"))
+        self.victim, self.marker, self.error = victim, marker, error
+
+    def read_small(self, path: str):
+        if path == self.victim and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise self.error
+        return super().read_small(path)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray cluster for the module (starting Ray is slow)."""
@@ -152,3 +167,27 @@ def test_fsspec_source_and_shares(client, tmp_path) -> None:
     assert client.read_file("mem/a/y") == b"2" * 20
     shares = split_shares([(str(i), str(i)) for i in range(1000)], workers=2, min_files=100)
     assert len(shares) == 8 and sum(map(len, shares)) == 1000
+
+
+def test_a_share_that_fails_for_a_passing_reason_is_run_again(ray_cluster, volume, open_client, tmp_path) -> None:
+    from balefs.errors import MetaUnavailableError
+
+    files = make_tree(tmp_path / "src", 300, 10, 20_000, fanout=3)
+    _, pairs, _, _ = list_source(str(tmp_path / "src"))
+    victim = pairs[len(pairs) // 3][0]
+    source = FlakySource(victim, str(tmp_path / "failed-once"), MetaUnavailableError("metadata store restarting"))
+    report = put_ray(volume, source, [(s, f"in/{rel}") for s, rel in pairs])
+    assert os.path.exists(tmp_path / "failed-once")  # it did fail once
+    assert report.files + report.skipped == 300
+    _check(open_client("vol"), "in", files)
+
+
+def test_a_share_that_fails_for_a_lasting_reason_fails_the_ingest_at_once(ray_cluster, volume, tmp_path) -> None:
+    from balefs.ingest_ray import IngestError
+
+    make_tree(tmp_path / "src", 60, 10, 2000, fanout=2)
+    _, pairs, _, _ = list_source(str(tmp_path / "src"))
+    marker = tmp_path / "failed"
+    source = FlakySource(pairs[5][0], str(marker), PermissionError(13, "Permission denied", pairs[5][0]))
+    with pytest.raises(IngestError, match="Permission denied"):
+        put_ray(volume, source, [(s, f"in/{rel}") for s, rel in pairs])

@@ -94,7 +94,8 @@ class VolumeConfig:
         for key in ("replicas", "write_quorum", "readahead_blocks", "io_threads", "upload_inflight"):
             setattr(self, key, _whole(getattr(self, key), key))
         if not 1 <= self.replicas <= len(self.nodes):
-            raise ConfigError(f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
+            raise ConfigError(f"replicas must be 1 or more, got {self.replicas}" if self.replicas < 1 else
+                              f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
         if not 0 <= self.write_quorum <= self.replicas:
             raise ConfigError(f"write_quorum={self.write_quorum} must lie between 1 and replicas={self.replicas} (0: all replicas)")
         if self.compression not in ("none", "lz4"):
