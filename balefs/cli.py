@@ -55,13 +55,29 @@ def _missing_dependency(exc: ImportError) -> str | None:
     return f"{msg} (an optional dependency: pip install 'balefs[all]' installs every one)"
 
 
+def _during_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` was raised while a KeyboardInterrupt was being handled."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__
+    return False
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn user mistakes into one clear line and a non-zero exit, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if _during_interrupt(exc):  # cleanup that failed while a Ctrl-C unwound the command
+                    raise KeyboardInterrupt from exc
+                raise
         except BrokenPipeError:
             # The reader of our output went away (`balefs ls | head`): not an error.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -425,3 +425,21 @@ def test_volume_arguments_take_a_bale_url(cli_volume, tmp_path: Path, node_dirs,
     assert "not a path inside one" in line and "bad volume name" not in line, line
     ok("init", "bale://v2", "--node", node_dirs(1, "more")[0])
     assert (balefs_home / "v2.toml").exists() and ok("ls", "bale://v2").stdout == b""
+
+
+def test_an_error_raised_while_a_ctrl_c_unwinds_is_reported_as_the_interrupt(capsys) -> None:
+    """A cleanup that fails as Ctrl-C unwinds a command (a lock released twice, a pool shut
+    down) still ends as the interrupt: exit 130 and one line, not that error's traceback."""
+    from balefs.cli import user_errors
+
+    @user_errors
+    def command() -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("cannot release un-acquired lock")
+
+    with pytest.raises(SystemExit) as info:
+        command()
+    assert info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err

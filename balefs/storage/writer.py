@@ -136,8 +136,8 @@ class ChunkWriter:
         self._sizes[chunk] = (self._chunk_off, sealed)
         if sealed:
             self._chunk = None
-        self._lock.release()
-        try:
+        try:  # the release inside the try: a Ctrl-C raised as it returns still gets the lock taken back
+            self._lock.release()
             self._slots.acquire()
         finally:
             self._lock.acquire()
