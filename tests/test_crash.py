@@ -41,12 +41,16 @@ def interrupted_put(tmp_path: Path, sig: int) -> tuple[int, str, Path, str, dict
     The tree grows and the put is retried if a machine is so fast that the put ends before the
     first group commit (which comes after about a second) can be seen."""
     n_files = 4000
+    tries: list[str] = []
     for attempt in range(4):
         src = tmp_path / f"src{attempt}"
         files = make_tree(src, n_files, 500, 3000, seed=attempt, fanout=16)
         dest = f"data{attempt}"
+        # SIGINT back to its default in the child: a test run started in the background by a
+        # non-interactive shell inherits it ignored, and Python then never raises KeyboardInterrupt
         proc = subprocess.Popen([*cli_cmd(), "put", str(src), f"bale://{VOLUME}/{dest}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         with Client.open(VOLUME) as watcher:
             deadline = time.monotonic() + 60
             while proc.poll() is None and time.monotonic() < deadline:
@@ -60,10 +64,12 @@ def interrupted_put(tmp_path: Path, sig: int) -> tuple[int, str, Path, str, dict
                 finished = len(visible_files(watcher, dest)) == n_files
             if proc.returncode != 0 and not finished:
                 return proc.returncode, err.decode(), src, dest, files
+            tries.append(f"{n_files} files: rc {proc.returncode} after the signal, all visible: {finished}")
         else:
             proc.communicate()
+            tries.append(f"{n_files} files: done (rc {proc.returncode}) before any file was visible")
         n_files *= 3  # it finished before it could be interrupted: try a bigger tree
-    pytest.fail("balefs put always finished before it could be interrupted")
+    pytest.fail(f"balefs put always finished before it could be interrupted: {tries}")
 
 
 def check_visible_files_intact(client: Client, dest: str, files: dict[str, bytes]) -> dict[str, int]:
