@@ -561,6 +561,10 @@ def test_rename_into_own_subtree_refused(client: Client) -> None:
     with pytest.raises(OSError) as info:
         client.rename("top/mid", "top/mid/x")
     assert info.value.errno == errno.EINVAL
+    # the volume root moves nowhere and nothing moves onto it: one clear error, not EEXIST of ''
+    for src, dst in (("", "x"), ("/", "top/x"), ("top", "")):
+        with pytest.raises(PermissionError, match="volume root"):
+            client.rename(src, dst)
     # nothing changed, and the refused rename created none of the target's parents
     assert [p for p, _ in client.walk("")] == ["top", "top/mid", "top/mid/leaf"]
     assert client.read_file("top/mid/leaf") == b"l"

@@ -641,6 +641,9 @@ class Client:
             self._invalidate()
 
     def rename(self, src: str, dst: str, replace: bool = True) -> None:
+        for path in (src, dst):
+            if not split_path(path):
+                raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
         try:
             self.meta.rename(src, dst, replace=replace)
         finally:
