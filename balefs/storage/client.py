@@ -5,7 +5,6 @@ knows nothing of any of them. Paths are volume-relative ("a/b/c").
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -241,11 +240,7 @@ class Client:
             claim_nodes(nodes, store.volume_uuid(), name)
             store.register_nodes(cfg.nodes)
         except BaseException:
-            store.close()
-            if cfg.meta_url.startswith("sqlite://"):  # made just now: nothing of this volume is left behind
-                for suffix in ("", "-wal", "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(cfg.meta_url[len("sqlite://"):] + suffix)
+            store.discard()  # made just now: nothing of this volume is left behind
             raise
         store.close()
         save_config(cfg)

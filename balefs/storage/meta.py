@@ -205,6 +205,10 @@ class SqlMeta:
     def close(self) -> None:
         raise NotImplementedError
 
+    def discard(self) -> None:
+        """Close a store just made for a volume whose creation then failed (SQLite also removes its files)."""
+        self.close()
+
     def _lock_namespace(self, db: Db) -> None:
         """Serialise with every other namespace-wide change (a directory moved across directories)."""
 
@@ -848,21 +852,26 @@ class SqliteMeta(SqlMeta):
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
-        existed = {p for p in (path, path + "-wal", path + "-shm") if os.path.exists(p)}
+        files = (path, path + "-wal", path + "-shm")
+        self._made = {p for p in files if not os.path.exists(p)} if create else set()  # what discard() removes
         try:
             with self._write() as db:
                 self._migrate(db, create=create)
         except BaseException as exc:
-            self.close()
-            if create:  # remove what this failed create made, nothing else
-                for p in {path, path + "-wal", path + "-shm"} - existed:
-                    try:
-                        os.unlink(p)
-                    except OSError:
-                        pass
+            self.discard()
             if isinstance(exc, sqlite3.Error):
                 raise _sqlite_open_error(path, exc, create) from None
             raise
+
+    def discard(self) -> None:
+        """Close, and remove the files that this store's create made (nothing else): a volume
+        whose creation failed leaves nothing behind."""
+        self.close()
+        for p in self._made:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
