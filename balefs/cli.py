@@ -115,14 +115,24 @@ def parse_url(url: str) -> tuple[str, str]:
         raise click.UsageError(str(exc)) from None
 
 
-def volume_arg(value: str) -> str:
+class _Volume(click.ParamType):
     """A VOLUME argument: the volume's name, or its URL bale://NAME (not a path inside it)."""
-    if not _is_bale(value):
-        return value
-    volume, path = parse_url(value)
-    if path:
-        raise click.UsageError(f"{value!r}: expected a volume, NAME or bale://NAME, not a path inside one")
-    return volume
+
+    name = "volume"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not _is_bale(value):
+            return value
+        try:
+            volume, path = parse_bale_url(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if path:
+            self.fail(f"{value!r}: expected a volume, NAME or bale://NAME, not a path inside one", param, ctx)
+        return volume
+
+
+VOLUME = _Volume()
 
 
 def _is_bale(url: str) -> bool:
@@ -155,7 +165,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", type=VOLUME)
 @click.option("--node", "nodes", multiple=True, required=True,
               help="Storage node: an existing directory (one per disk), s3://BUCKET/PREFIX?endpoint=URL,URL "
                    "(credentials from the AWS environment or profile) or memory://name. Repeat for each node.")
@@ -173,7 +183,6 @@ def main() -> None:
 def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quorum: int, chunk_size: str,
          block_size: str, compression: str, cache_size: str) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
-    name = volume_arg(name)
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
@@ -414,12 +423,11 @@ def mv(source: str, dest: str) -> None:
 
 
 @main.command()
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.option("--no-scan", is_flag=True, help="Skip listing the nodes for blocks that metadata does not know.")
 @user_errors
 def df(volume: str, no_scan: bool) -> None:
     """Show a volume's files, chunks, live and dead bytes, and usage per node."""
-    volume = volume_arg(volume)
     with Client.open(volume) as client:
         u = client.usage(scan_nodes=not no_scan)
     click.echo(f"volume {volume}: {u['files']} files, {u['dirs']} directories, {_human(u['file_bytes'])} in files")
@@ -441,7 +449,7 @@ def df(volume: str, no_scan: bool) -> None:
 
 
 @main.command()
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.option("--grace", default=3600.0, show_default=True,
               help="Seconds a chunk of a writer that may still be running is left alone.")
 @click.option("--min-live", default=0.5, show_default=True,
@@ -450,7 +458,6 @@ def df(volume: str, no_scan: bool) -> None:
 @user_errors
 def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
     """Compact sparse chunks, delete dead chunks and orphan blocks (never committed)."""
-    volume = volume_arg(volume)
     if not 0 <= min_live <= 1:
         raise click.BadParameter("must lie between 0 and 1", param_hint="--min-live")
     with Client.open(volume) as client:
@@ -462,12 +469,11 @@ def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
 
 
 @main.command()
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.option("--no-probe", is_flag=True, help="Do not contact the nodes; show only what metadata knows.")
 @user_errors
 def status(volume: str, no_probe: bool) -> None:
     """Show every node and path of a volume: up/down, latency, errors, bytes moved, blocks held."""
-    volume = volume_arg(volume)
     from .storage.status import volume_status
 
     with Client.open(volume) as client:
@@ -499,14 +505,13 @@ def _move_with_bar(client: Client, moves: list, what: str) -> None:
 
 
 @main.command()
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.option("--add-node", "add", multiple=True, help="Add this node to the volume first (checked; repeatable).")
 @click.option("--dry-run", is_flag=True, help="Say what would move, move nothing.")
 @user_errors
 def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
     """Even out block copies over the volume's nodes, restore missing replicas and move copies off
     nodes that left the volume. Copy, then record, then delete: files stay readable throughout."""
-    volume = volume_arg(volume)
     from .storage.rebalance import plan_rebalance
 
     if add:
@@ -521,7 +526,7 @@ def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
 
 
 @main.command()
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.argument("node")
 @user_errors
 def drain(volume: str, node: str) -> None:
@@ -529,7 +534,6 @@ def drain(volume: str, node: str) -> None:
 
     New blocks stop going to NODE at once (for clients opened from now on); files stay readable
     throughout. Run it again after long-running clients restart, to move what they wrote meanwhile."""
-    volume = volume_arg(volume)
     from .storage.config import load_config, save_config
     from .storage.node import normalize_node_url
     from .storage.rebalance import plan_drain
@@ -554,7 +558,7 @@ def drain(volume: str, node: str) -> None:
 
 
 @main.command("migrate-meta")
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.option("--to", "to_url", required=True, help="The new metadata store, e.g. postgresql://user:password@host:5432/db (must be empty).")
 @user_errors
 def migrate_meta_cmd(volume: str, to_url: str) -> None:
@@ -563,7 +567,6 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
     Copies every row in one transaction, verifies the copy file by file (paths, sizes, hashes,
     extents, blocks), then switches the volume's config. Stop the volume's clients first; the
     old store is left in place, unused."""
-    volume = volume_arg(volume)
     from .storage.migrate_meta import migrate_meta
 
     with tqdm(unit="row", desc="copy", disable=None) as copy_bar, tqdm(unit="entry", desc="verify", disable=None) as check_bar:
@@ -576,7 +579,7 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 
 
 @main.command("mount")
-@click.argument("volume")
+@click.argument("volume", type=VOLUME)
 @click.argument("mountpoint")
 @click.option("--foreground", is_flag=True, help="Serve in this process until unmounted (for debugging); default: in the background.")
 @click.option("--read-only", is_flag=True, help="Mount read-only: every change fails with EROFS.")
@@ -605,7 +608,6 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
     Returns once the mount works; files written and closed there are packed into chunks
     and visible to every client. Unmount with `balefs umount MOUNTPOINT`.
     """
-    volume = volume_arg(volume)
     from .fuse.mount import MountOptions, mount, serve
 
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
