@@ -175,6 +175,11 @@ def _local_dir() -> str:
     return os.path.join(balefs_home(), "cache", "snapshots")
 
 
+def _local_path(content_hash: str) -> str:
+    """Where the local copy of a snapshot file with this content hash (xxh3-128) lives."""
+    return os.path.join(_local_dir(), f"{content_hash}.arrow")
+
+
 def load_local(local_path: str, location: str = "") -> Snapshot:
     """Memory-map a local snapshot copy (what worker processes do: no metadata query)."""
     import pyarrow as pa
@@ -202,7 +207,7 @@ def _drop_stale_parts(where: str, age_s: float = 3600.0) -> None:
 def _local_copy(client: "Client", location: str) -> str:
     """A local file with the bytes of the snapshot at `location`, named by its content hash."""
     node = client.stat(location)
-    path = os.path.join(_local_dir(), f"{node.hash or node.ino}.arrow")
+    path = _local_path(str(node.hash or node.ino))
     if os.path.exists(path) and os.path.getsize(path) == node.size:
         return path
     return _store_local(path, client.read_file(location))
@@ -264,8 +269,8 @@ def open_snapshot(client: "Client", tree: str, rebuild: bool = False) -> Snapsho
         client.setxattr(where, STAMP_XATTR, listed_at.encode())  # same listing: re-stamp it
         snap = old
     else:
-        data = _write(client, tree, table, listed_at)  # the local copy from these bytes, named as _local_copy names it
-        snap = load_local(_store_local(os.path.join(_local_dir(), f"{xxhash.xxh3_128_hexdigest(data)}.arrow"), data), where)
+        data = _write(client, tree, table, listed_at)  # the local copy from these bytes
+        snap = load_local(_store_local(_local_path(xxhash.xxh3_128_hexdigest(data)), data), where)
     fresh = _with_blocks(client, snap)
     if fresh is None:  # gc moved bytes while we listed: list again
         return open_snapshot(client, tree, rebuild=True)
