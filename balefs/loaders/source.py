@@ -162,15 +162,15 @@ class SharedCells:
 
 class SkipCounter:
     """Counts samples skipped under on_error='skip' in the cells [first:] of `shared`, so that the main
-    process sees the skips of its DataLoader workers: each process adds to its own cell (`slot`: 0 in
+    process sees the skips of its DataLoader workers: each process adds to its own cell (`slot()`: 0 in
     the main process, 1 + worker id in a worker, wrapping around), so no lock is needed."""
 
-    def __init__(self, shared: SharedCells, first: int) -> None:
-        self.shared, self.first, self.slot = shared, first, 0
+    def __init__(self, shared: SharedCells, first: int, slot: Callable[[], int]) -> None:
+        self.shared, self.first, self.slot = shared, first, slot
 
     def add(self) -> None:
         cells = self.shared.cells
-        cells[self.first + self.slot % (len(cells) - self.first)] += 1
+        cells[self.first + self.slot() % (len(cells) - self.first)] += 1
 
     @property
     def skipped(self) -> int:

@@ -95,7 +95,7 @@ class _BaleSamples:
         self.source = BaleSource(url, rebuild=rebuild, **options)
         self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
         self._shared = SharedCells([-1, 0] + [0] * SKIP_CELLS)
-        self._counter = SkipCounter(self._shared, SKIPS)
+        self._counter = SkipCounter(self._shared, SKIPS, _slot)
 
     @property
     def skipped(self) -> int:
@@ -172,7 +172,6 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
             self.epoch = int(self._shared.cells[EPOCH])
         self._shared.cells[ITERATED] = self.epoch if in_worker else -1
-        self._counter.slot = _slot()
         base, taken = self._base(), 0
         st = self._resume
         if st is not None and st["epoch"] == self.epoch and st.get("consumer") and st["consumer"][:2] == [consumer, consumers]:
@@ -238,8 +237,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
             if state[key] != mine:
                 raise ValueError(f"the state was saved with {key}={state[key]!r}, this dataset has {mine!r}: "
                                  "the epoch's order would differ")
-        self.seed, self.epoch, self._resume, self._live = state["seed"], state["epoch"], state, None
-        self._shared.cells[ITERATED], self._shared.cells[EPOCH] = -1, self.epoch
+        self.seed, self._resume = state["seed"], state
+        self.set_epoch(state["epoch"])  # the state's own epoch: it stays loaded
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
@@ -277,7 +276,6 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         for i, r in zip(indices, rows):
             if not 0 <= r < n:
                 raise IndexError(f"index {i} out of range for {n} samples")
-        self._counter.slot = _slot()
         out = list(samples(self.source, rows, self.source.read(rows, self.zero_copy), self.decode, self.label, self.on_error,
                            self._counter, []))
         if len(out) != len(rows):
