@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import checkpoint as cb  # noqa: E402
-from small_files import drop_caches, log  # noqa: E402
+from small_files import drop_caches, log, make_volume  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="bale-ckload-", dir=args.workdir)
     os.environ["BALEFS_HOME"] = os.path.join(work, "home")
     from balefs.checkpoint import Checkpointer
-    from balefs.storage.client import Client
 
-    nodes = [os.path.join(work, f"n{i}") for i in range(4)]
-    for d in nodes:
-        os.makedirs(d)
-    Client.init("ckload", nodes)
+    make_volume("ckload", os.path.join(work, "vol"), 4)
     try:
         state = cb.make_state(int(args.size * cb.GiB), "cpu")
         path = os.path.join(work, "t.pt")
         torch.save(state, path)
-        pairs = []
         with Checkpointer("bale://ckload/run") as c:
             c.save(1, state).result()
             del state
@@ -56,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
                 back = c.load()
                 cl = time.perf_counter() - t
                 del back
-                pairs.append((tl, cl))
                 log(f"pair {i}: torch.load {tl:.2f}s, Checkpointer.load {cl:.2f}s, ratio {tl / cl:.2f}")
         drop_caches()
         fio = ["fio", "--name=seqread", f"--filename={path}", "--rw=read", "--bs=4m", "--direct=1",

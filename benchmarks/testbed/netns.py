@@ -69,9 +69,6 @@ def shape(ns: str | None, dev: str, rate_bytes: float) -> None:
            "burst", str(burst), "latency", "200ms")
 
 
-alive = pid_alive  # the testbed's hosts are processes of this machine
-
-
 def namespaces() -> list[str]:
     return [line.split()[0] for line in _run(["ip", "netns", "list"], False).splitlines() if line.strip()]
 
@@ -91,7 +88,7 @@ def clean_leftovers(keep: set[str] = frozenset()) -> list[str]:
     gone = []
     for ns in namespaces():
         m = _NS.match(ns)
-        if m and not any(ns.startswith(f"{PREFIX}{k}h") for k in keep) and not alive(int(m.group(1))):
+        if m and not any(ns.startswith(f"{PREFIX}{k}h") for k in keep) and not pid_alive(int(m.group(1))):
             delete_namespace(ns)
             gone.append(ns)
     return gone

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from balefs.storage.liveness import pid_alive
+
 from . import netns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -144,7 +146,7 @@ class Testbed:
                     h.proc.wait(5)
                 except subprocess.TimeoutExpired:
                     h.proc.kill()
-            elif h.pid and netns.alive(h.pid):
+            elif h.pid and pid_alive(h.pid):
                 os.kill(h.pid, signal.SIGTERM)
             netns.delete_namespace(h.ns)
         self.members = []
