@@ -79,13 +79,3 @@ def test_a_replicated_volume_reads_and_writes_with_a_node_directory_gone(make_vo
     assert not os.path.exists(gone), "the missing node directory was made again on the filesystem under it"
     assert c.read_file("g") == b"w" * 300_000
 
-
-def test_a_missing_node_directory_on_an_unreplicated_volume_is_named(make_volume, open_client) -> None:
-    from balefs.errors import NodeError
-
-    cfg = make_volume("one", nodes=2)
-    with Client.open("one") as c:
-        c.write_file("f", b"q" * 300_000)
-    os.rename(cfg.nodes[0], cfg.nodes[0] + ".away")
-    with pytest.raises(NodeError, match="directory does not exist"):
-        open_client("one").read_file("f")
