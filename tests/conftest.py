@@ -3,7 +3,6 @@ small blocks (64 KiB) and chunks (1 MiB) so that multi-block and multi-chunk pat
 little data."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -13,23 +12,19 @@ from balefs.fs import BaleFileSystem
 from balefs.storage.client import Client
 from balefs.storage.config import VolumeConfig
 
-from helpers import BLOCK, CHUNK
-from pg_server import meta_engine, pg_server, pg_url, required  # noqa: F401 - fixtures: a real PostgreSQL for the metadata tests
+from helpers import BLOCK, CHUNK, skip_or_fail
+from pg_server import meta_engine, pg_server, pg_url  # noqa: F401 - fixtures: a real PostgreSQL for the metadata tests
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """The CI rule for the mount's tests: where FUSE is required (BALEFS_REQUIRE_FUSE=1, which
-    .ci/run exports, or CI set), a test skipped because this machine cannot mount (no /dev/fuse,
-    no fusermount3, no libfuse: fuse_support.NO_FUSE) fails instead."""
-    rep = yield
-    fuse = sys.modules.get("fuse_support")
-    reason = getattr(fuse, "NO_FUSE", None)
-    if (rep.skipped and reason and isinstance(rep.longrepr, tuple) and reason in str(rep.longrepr[2])
-            and required("FUSE")):
-        rep.outcome = "failed"
-        rep.longrepr = f"{reason} (BALEFS_REQUIRE_FUSE or CI is set: the FUSE tests must run, not skip)"
-    return rep
+@pytest.fixture
+def fuse() -> None:
+    """For the mount's tests (fuse_support.needs_fuse): skip where this machine cannot mount (no
+    /dev/fuse, no fusermount3, no libfuse: fuse_support.NO_FUSE), or fail instead where FUSE is
+    required (BALEFS_REQUIRE_FUSE=1, which .ci/run exports, or CI set)."""
+    from fuse_support import NO_FUSE
+
+    if NO_FUSE is not None:
+        skip_or_fail("FUSE", NO_FUSE)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, skip_or_fail
 
 
 def _why_no_fuse() -> str | None:
@@ -34,7 +34,9 @@ def _why_no_fuse() -> str | None:
 
 
 NO_FUSE = _why_no_fuse()
-needs_fuse = pytest.mark.skipif(NO_FUSE is not None, reason=NO_FUSE or "")
+# a test (or a module, as its pytestmark) that mounts: conftest's `fuse` fixture skips it where
+# this machine cannot mount, or fails it where FUSE is required (helpers.skip_or_fail)
+needs_fuse = pytest.mark.usefixtures("fuse")
 
 
 def is_mounted(mp: Path) -> bool:
@@ -102,7 +104,7 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory):
     from helpers import BLOCK, CHUNK
 
     if NO_FUSE is not None:
-        pytest.skip(NO_FUSE)
+        skip_or_fail("FUSE", NO_FUSE)
     base = tmp_path_factory.mktemp("fuse-shared")
     with pytest.MonkeyPatch.context() as mp:
         home = base / "home"

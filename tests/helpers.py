@@ -8,6 +8,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 from balefs.storage.client import Client
 from balefs.storage.meta import BlockRecord
@@ -18,6 +21,24 @@ KiB = 1024
 MiB = 1024 * KiB
 BLOCK = 64 * KiB
 CHUNK = 1 * MiB
+
+
+def required(what: str) -> bool:
+    """Whether a missing `what` ("PG", "FUSE") fails the tests that need it instead of skipping
+    them: BALEFS_REQUIRE_<what> or CI (set by CI services) is set to anything but 0/false/no."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+    return on(f"BALEFS_REQUIRE_{what}") or on("CI")
+
+
+def skip_or_fail(what: str, reason: str) -> NoReturn:
+    """Skip a test for want of `what` ("PG", "FUSE") on this machine, or fail it where
+    required(what): a CI run cannot pass with none of those tests run."""
+    if required(what):
+        pytest.fail(f"{reason} (BALEFS_REQUIRE_{what} or CI is set: the tests that need {what} must run, not skip)",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 def payload(n: int, seed: int = 0) -> bytes:

@@ -8,7 +8,7 @@ Fixtures: `pg_server` (session), `pg_url` (a fresh, empty schema), `meta_engine`
 
 Without the server binaries the PostgreSQL tests skip, except in CI: where `required("PG")`
 (BALEFS_REQUIRE_PG=1, which .ci/run exports, or CI set) they fail instead, so a CI run
-cannot pass with none of them run. conftest applies the same rule to FUSE.
+cannot pass with none of them run (helpers.skip_or_fail, which the FUSE tests use too).
 """
 from __future__ import annotations
 
@@ -24,18 +24,9 @@ from typing import Iterator
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, skip_or_fail
 
 PASSWORD_USER = "bale"
-
-
-def required(what: str) -> bool:
-    """Whether a missing `what` ("PG", "FUSE") fails the tests that need it instead of skipping
-    them: BALEFS_REQUIRE_<what> or CI (set by CI services) is set to anything but 0/false/no."""
-    def on(name: str) -> bool:
-        return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-    return on(f"BALEFS_REQUIRE_{what}") or on("CI")
 
 
 def find_pg_bin() -> str | None:
@@ -141,9 +132,7 @@ def pg_server() -> Iterator[PgServer]:
     try:
         server = PgServer()
     except FileNotFoundError as exc:
-        if required("PG"):
-            pytest.fail(f"{exc} (BALEFS_REQUIRE_PG or CI is set: the PostgreSQL tests must run, not skip)", pytrace=False)
-        pytest.skip(str(exc))
+        skip_or_fail("PG", str(exc))
     try:
         yield server
     finally:
