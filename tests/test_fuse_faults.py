@@ -284,6 +284,40 @@ def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volum
     assert is_mounted(mp)
 
 
+def test_after_a_failed_write_the_next_open_drops_the_page_cache(volume, mount_volume, small_tmpfs) -> None:
+    """W rewrites a file in place; B opens it meanwhile and reads W's unflushed bytes (as the
+    handles of one mount do), so the kernel caches pages of them; W's next write fails
+    (ENOSPC on the spool's disk). C, opened before W is closed, reads the committed version:
+    the open does not keep pages of a version that was never committed. (W sets the mtime
+    back and changes no size, so the attributes the kernel sees stay as they were and do not
+    make it drop the pages by itself.)"""
+    cache = small_tmpfs("200k")
+    old = payload(50_000, seed=10)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", old)
+    mp = mount_volume(volume.name, "--cache-dir", str(cache))
+    f = mp / "f.bin"
+    mtime = os.stat(f).st_mtime_ns
+    w = os.open(f, os.O_RDWR)
+    assert os.pwrite(w, b"y" * 4096, 4096) == 4096  # out of order: the file is spooled
+    os.utime(f, ns=(mtime, mtime))
+    filler = cache / "filler"
+    with open(filler, "wb", buffering=0) as out:  # the spool's disk is full from now on
+        assert _pwrite_all_or_errno(out.fileno(), bytes(1 << 20), 0) == errno.ENOSPC
+    b = os.open(f, os.O_RDONLY)
+    assert os.pread(b, 8192, 4096) == b"y" * 4096 + old[8192:12288]
+    assert errno_of(os.pwrite, w, b"x" * 4096, 53_248) == errno.ENOSPC  # a new spool page: W fails
+    c = os.open(f, os.O_RDONLY)
+    assert (os.fstat(c).st_mtime_ns, os.fstat(c).st_size) == (mtime, len(old))
+    assert os.pread(c, 8192, 4096) == old[4096:12288]
+    os.close(c)
+    os.close(b)
+    filler.unlink()
+    assert errno_of(os.close, w) == errno.ENOSPC
+    assert f.read_bytes() == old
+    assert is_mounted(mp)
+
+
 def test_umount_with_a_file_open(volume, mount_volume) -> None:
     mp = mount_volume(volume.name)
     fd = os.open(mp / "open.bin", os.O_WRONLY | os.O_CREAT, 0o644)

@@ -199,10 +199,6 @@ class Handle:
         self.mtime_ns = None
         self.wtime_ns = time.time_ns()
         self.ops._set_dirty(self)
-        # the kernel may now cache pages of a version that is never committed (a write or commit
-        # that fails): the next open must not keep the page cache on the grounds that the
-        # committed version is unchanged
-        self.ops._seen.pop(self.ino, None)
 
     def truncate_all(self) -> None:
         """O_TRUNC: the new version starts empty."""
@@ -339,13 +335,11 @@ class Handle:
         if self.fw is not None:
             self.fw.abort()
             self.fw = None
+        self.ops._clear_dirty(self)  # while still dirty: its writes are dropped (see _clear_dirty)
         self.dirty = False
-        self.ops._clear_dirty(self)
 
     def close(self) -> None:
         with self.lock:
-            if self.dirty or self.error is not None:  # never committed: see _mark
-                self.ops._seen.pop(self.ino, None)
             if self.fw is not None:
                 self.fw.abort()
                 self.fw = None
@@ -396,7 +390,14 @@ class BaleOperations(Operations):
             self._dirty[h.ino] = h
 
     def _clear_dirty(self, h: Handle) -> None:
+        """h's writes stop counting as the file's newest content: committed (h.dirty already
+        False), or never to be (still dirty, or failed). In the second case the kernel may hold
+        pages of a version that is never committed, written or read while h was dirty, so the
+        next open must not keep the page cache on the grounds that the committed version is
+        unchanged. (While the file has unflushed writes, open keeps no page cache of it anyway.)"""
         with self._lock:
+            if h.dirty or h.error is not None:
+                self._seen.pop(h.ino, None)
             if self._dirty.get(h.ino) is h:
                 del self._dirty[h.ino]
 
