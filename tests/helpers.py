@@ -59,6 +59,26 @@ def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedP
     return subprocess.run([*cli_cmd(), *map(str, args)], capture_output=True, timeout=timeout, **kwargs)
 
 
+def run_cli_without(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the balefs command in a Python where `module` cannot be imported (as if not installed)."""
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            f"from balefs.cli import main\nmain({[str(a) for a in args]!r}, prog_name='balefs')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+
+
+def user_error(*args: str, without: str | None = None) -> str:
+    """Run a command that must fail as a user mistake: non-zero, one `balefs: error:` line, no
+    traceback; returns that line. With `without`, in a Python where that module cannot be
+    imported (run_cli_without): a missing dependency exits 1."""
+    r = run_cli_without(without, *args) if without else run_cli(*args)
+    err = r.stderr.decode()
+    assert (r.returncode == 1 if without else r.returncode != 0), (args, r.returncode, r.stdout, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("balefs: error: "), err
+    return lines[0]
+
+
 def blocks_of_file(client: Client, path: str) -> list[BlockRecord]:
     """The committed blocks that hold the bytes of a file, in file order."""
     node = client.stat(path)

@@ -12,7 +12,7 @@ import pytest
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 
-from helpers import block_paths, blocks_of_file, flip_bit, make_tree, payload, run_cli
+from helpers import block_paths, blocks_of_file, flip_bit, make_tree, payload, run_cli, user_error
 
 
 def ok(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -20,17 +20,6 @@ def ok(*args: str, **kwargs) -> subprocess.CompletedProcess:
     assert r.returncode == 0, (args, r.stderr.decode())
     assert b"Traceback" not in r.stderr
     return r
-
-
-def user_error(*args: str) -> str:
-    """Run a command that must fail as a user mistake: non-zero, one `balefs: error:` line, no traceback."""
-    r = run_cli(*args)
-    err = r.stderr.decode()
-    assert r.returncode != 0, (args, r.stdout, err)
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("balefs: error: "), err
-    return lines[0]
 
 
 @pytest.fixture
@@ -296,33 +285,18 @@ def test_init_with_a_read_only_balefs_home(node_dirs, read_only_dir: Path, monke
     assert not any(read_only_dir.iterdir()) and not any(node.iterdir())
 
 
-def run_cli_without(module: str, *args: str) -> subprocess.CompletedProcess:
-    """Run the balefs command in a Python where `module` cannot be imported (as if not installed)."""
-    import sys
-
-    code = (f"import sys; sys.modules[{module!r}] = None\n"
-            f"from balefs.cli import main\nmain({[str(a) for a in args]!r}, prog_name='balefs')")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-
-
 def test_put_ray_without_ray_says_what_to_install(cli_volume, tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"f")
-    r = run_cli_without("ray", "put", "--ray", tmp_path / "f", "bale://cv/d/f")
-    err = r.stderr.decode()
-    assert r.returncode == 1 and "Traceback" not in err, err
-    [line] = err.strip().splitlines()
-    assert line.startswith("balefs: error: ") and "ray" in line and "pip install 'balefs[ray]'" in line, line
+    line = user_error("put", "--ray", tmp_path / "f", "bale://cv/d/f", without="ray")
+    assert "ray" in line and "pip install 'balefs[ray]'" in line, line
     assert ok("ls", "bale://cv").stdout == b""  # the volume was not touched
 
 
 def test_missing_optional_dependency_names_its_extra(cli_volume, tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"f")
     ok("put", tmp_path / "f", "bale://cv/t/f")
-    r = run_cli_without("pyarrow", "snapshot", "bale://cv/t")
-    err = r.stderr.decode()
-    assert r.returncode == 1 and "Traceback" not in err, err
-    [line] = err.strip().splitlines()
-    assert line.startswith("balefs: error: ") and "pyarrow" in line and "pip install 'balefs[arrow]'" in line, line
+    line = user_error("snapshot", "bale://cv/t", without="pyarrow")
+    assert "pyarrow" in line and "pip install 'balefs[arrow]'" in line, line
 
 
 def test_put_ray_to_an_address_where_nothing_listens(cli_volume, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The balefs command on a PostgreSQL volume: init --meta postgresql://, put, ls, cat, mv, rm."""
 from __future__ import annotations
 
-from helpers import make_tree, run_cli
+from helpers import make_tree, run_cli, user_error
 
 
 def test_cli_on_a_postgres_volume(pg_server, pg_url, node_dirs, tmp_path) -> None:
@@ -22,15 +22,7 @@ def test_cli_on_a_postgres_volume(pg_server, pg_url, node_dirs, tmp_path) -> Non
 
 
 def test_postgres_meta_without_psycopg_says_what_to_install(node_dirs, balefs_home) -> None:
-    import subprocess
-    import sys
-
     node = node_dirs(1)[0]
-    args = ["init", "v", "--node", str(node), "--meta", "postgresql://bale@127.0.0.1:1/balefs"]
-    code = f"import sys; sys.modules['psycopg'] = None\nfrom balefs.cli import main\nmain({args!r}, prog_name='balefs')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-    err = r.stderr.decode()
-    assert r.returncode == 1 and "Traceback" not in err, err
-    [line] = err.strip().splitlines()
-    assert line.startswith("balefs: error: ") and "psycopg" in line and "pip install 'balefs[postgres]'" in line, line
+    line = user_error("init", "v", "--node", node, "--meta", "postgresql://bale@127.0.0.1:1/balefs", without="psycopg")
+    assert "psycopg" in line and "pip install 'balefs[postgres]'" in line, line
     assert not (balefs_home / "v.toml").exists() and not any(node.iterdir())
