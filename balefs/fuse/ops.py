@@ -38,7 +38,8 @@ import stat as S
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from ctypes.util import find_library
 
@@ -185,14 +186,24 @@ class Handle:
             raise FuseOSError(_errno_of(self.error))
 
     def _fail(self, exc: BaseException) -> None:
-        """A write went wrong part way (ENOSPC on the spool's disk, a node error): what the
-        handle holds is no longer what was written, so it must never be committed. Every
-        later write, flush, fsync and close of this handle fails with the same errno; the
-        file keeps its committed version, which other handles read again from now on."""
+        """A write went wrong part way (ENOSPC on the spool's disk, a node error), or the
+        commit of streamed bytes failed: what the handle holds is no longer what was written,
+        so it must never be committed. Every later write, flush, fsync and close of this
+        handle fails with the same errno; the file keeps its committed version, which other
+        handles read again from now on."""
         if self.error is None:
             log.error("write %s: %s; the file keeps its committed version", self.path, exc)
             self.error = exc
         self.ops._clear_dirty(self)
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A change of the handle's content: if it raises, the handle fails (see _fail)."""
+        try:
+            yield
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def _mark(self) -> None:
         self.dirty = True
@@ -215,11 +226,8 @@ class Handle:
     def write(self, offset: int, data: bytes) -> int:
         with self.lock:
             self._check()
-            try:
+            with self._failing():
                 return self._write(offset, data)
-            except BaseException as exc:
-                self._fail(exc)
-                raise
 
     def _write(self, offset: int, data: bytes) -> int:
         if self.spool is None:
@@ -242,11 +250,8 @@ class Handle:
     def truncate(self, length: int) -> None:
         with self.lock:
             self._check()
-            try:
+            with self._failing():
                 self._truncate(length)
-            except BaseException as exc:
-                self._fail(exc)
-                raise
 
     def _truncate(self, length: int) -> None:
         if length == 0:
@@ -324,8 +329,7 @@ class Handle:
                     fw.close()
             except BaseException as exc:
                 if self.spool is None:  # the streamed bytes are lost: fail this handle from now on
-                    self.error = exc
-                    self.ops._clear_dirty(self)
+                    self._fail(exc)
                 raise
             self.path = vpath
             self.dirty = False
