@@ -12,7 +12,7 @@ import pytest
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 
-from helpers import block_paths, blocks_of_file, flip_bit, make_tree, payload, run_cli, user_error
+from helpers import block_paths, blocks_of_file, flip_bit, free_port, make_tree, payload, run_cli, user_error
 
 
 def ok(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -300,14 +300,11 @@ def test_missing_optional_dependency_names_its_extra(cli_volume, tmp_path: Path)
 
 
 def test_put_ray_to_an_address_where_nothing_listens(cli_volume, tmp_path: Path) -> None:
-    import socket
     import time
 
     pytest.importorskip("ray")
     (tmp_path / "f").write_bytes(b"f")
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     t0 = time.monotonic()
     line = user_error("put", "--ray", "--ray-address", f"127.0.0.1:{port}", tmp_path / "f", "bale://cv/d/f")
     assert time.monotonic() - t0 < 30
