@@ -25,6 +25,13 @@ def node_block_count(client: Client) -> int:
     return sum(1 for n in client.nodes.values() for _ in n.list())
 
 
+def cached_after_fetches(client: Client, chunk: int) -> list[int]:
+    """The cached blocks of `chunk` (their indexes, sorted) once the reads ahead in flight are done."""
+    for fut in list(client.reader._inflight.values()):
+        fut.result()
+    return sorted(idx for ch, idx in list(client.cache._items) if ch == chunk)
+
+
 # -- writing and reading ----------------------------------------------------------------
 
 
@@ -191,16 +198,11 @@ def test_batched_scan_reads_ahead_of_its_run(client: Client, open_client) -> Non
             client.write_file(f"s/{i:02d}", payload(size, seed=i))
     fresh = open_client("vol", readahead_blocks=3)
     chunk = fresh.open_read("s/00").extents[0].chunk
-    fresh.read_ranges([(f"s/{i:02d}", 0, None) for i in range(8)])  # blocks 0 and 1; then wait for the fetches
-    for fut in list(fresh.reader._inflight.values()):
-        fut.result()
-    cached = sorted(idx for (c, idx) in list(fresh.cache._items) if c == chunk)
-    assert cached == [0, 1, 2, 3, 4]
+    fresh.read_ranges([(f"s/{i:02d}", 0, None) for i in range(8)])  # blocks 0 and 1
+    assert cached_after_fetches(fresh, chunk) == [0, 1, 2, 3, 4]
     other = open_client("vol", readahead_blocks=3)
     other.read_ranges([("s/00", 0, None), ("s/20", 0, None)])  # blocks 0 and 5: not a run
-    for fut in list(other.reader._inflight.values()):
-        fut.result()
-    assert sorted(idx for (c, idx) in list(other.cache._items) if c == chunk) == [0, 5]
+    assert cached_after_fetches(other, chunk) == [0, 5]
     uncached = open_client("vol", readahead_blocks=3, cache_size=0)  # a block read ahead would be read twice
     loads = []
     real = uncached.reader._load
@@ -710,11 +712,6 @@ def test_file_reader_reads_ahead_after_sequential_reads_only(make_volume, open_c
         r = c.open_read("f")
         assert len(r.extents) == 1 and r.extents[0].chunk_off == 0 and len(c.cache) == 0  # block i = bytes [i*block, (i+1)*block)
         return c, r, r.extents[0].chunk
-
-    def cached_after_fetches(c, chunk) -> list[int]:
-        for fut in list(c.reader._inflight.values()):
-            fut.result()
-        return sorted(idx for ch, idx in list(c.cache._items) if ch == chunk)
 
     c, r, chunk = fresh_reader()
     assert r.read(0, block) == data[:block]  # one block each: no batch run, no readahead of BlockReader's own
