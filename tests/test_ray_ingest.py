@@ -22,6 +22,13 @@ from balefs.storage.ingest import FsspecSource, LocalSource, ingest_local  # noq
 from helpers import make_tree, run_cli  # noqa: E402
 
 
+def committed_record(client: Client, nodes: dict) -> dict:
+    """path -> [ino, ctime_ns, extents] of these paths' stat results: what the kill test's marker
+    file records of the files committed before the kill, and compares after the retry."""
+    extents = client.meta.extents_of([n.ino for n in nodes.values()])
+    return {p: [n.ino, n.ctime_ns, [list(e) for e in extents[n.ino]]] for p, n in nodes.items()}
+
+
 class KillingSource(FsspecSource):
     """Local files read through fsspec (so ingest reads, packs and group-commits them one by one),
     slowly, until the reader SIGKILLs its own (worker) process at the victim file, once: only
@@ -42,8 +49,7 @@ class KillingSource(FsspecSource):
                     time.sleep(0.05)
                     with Client(VolumeConfig(**self.spec)) as c:
                         found = {p: n for p, n in c.stat_many(self.watch).items() if not isinstance(n, Exception)}
-                        extents = c.meta.extents_of([n.ino for n in found.values()])
-                        committed = {p: [n.ino, n.ctime_ns, [list(e) for e in extents[n.ino]]] for p, n in found.items()}
+                        committed = committed_record(c, found)
                 with open(self.marker + ".tmp", "w") as f:
                     json.dump(committed, f)
                 os.replace(self.marker + ".tmp", self.marker)
@@ -129,9 +135,7 @@ def test_killed_worker_is_retried_without_loss_or_duplicates(ray_cluster, volume
     assert report.files + report.skipped == 900
     c = open_client("vol")
     _check(c, "k", files)
-    now = c.stat_many(before)
-    extents = c.meta.extents_of([n.ino for n in now.values()])
-    assert {p: [n.ino, n.ctime_ns, [list(e) for e in extents[n.ino]]] for p, n in now.items()} == before
+    assert committed_record(c, c.stat_many(before)) == before
     # Dead bytes only where the killed attempt stopped (what it stored after its last group commit):
     # its files committed before the kill stay live, and no other attempt's chunk holds a dead byte.
     table = c.meta.chunk_table()  # id -> (writer, state, size, live, created_ns)
