@@ -3,6 +3,8 @@ small blocks (64 KiB) and chunks (1 MiB) so that multi-block and multi-chunk pat
 little data."""
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +56,30 @@ def _fresh_fsspec():
     _drop_fsspec_instances()
     yield
     _drop_fsspec_instances()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Callable[..., Path]:
+    """tmpfs("200k", *options) mounts a tmpfs of that size (a disk that fills up; "ro": one nobody,
+    root included, can write to) at a fresh directory and returns it; every one is unmounted
+    when the test ends. Needs root: skips where mounting is not permitted."""
+    made: list[Path] = []
+
+    def mount(size: str, *options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a tmpfs")
+        d = tmp_path / f"tmpfs{len(made)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs", str(d)],
+                           capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        made.append(d)
+        return d
+
+    yield mount
+    stuck = [d for d in made if subprocess.run(["umount", "-l", str(d)], capture_output=True).returncode]
+    assert not stuck, f"cannot unmount the tmpfs at {stuck}"
 
 
 @pytest.fixture

@@ -136,25 +136,3 @@ def smnt(shared_mount: SharedMount, request: pytest.FixtureRequest, monkeypatch:
     d = shared_mount.root / "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in request.node.name)
     d.mkdir()
     return d
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Callable[[str], Path]:
-    """small_tmpfs("200k") mounts a tmpfs of that size at a fresh directory and returns it (a
-    disk that fills up); every one is unmounted when the test ends. Needs root."""
-    made: list[Path] = []
-
-    def make(size: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("needs root to mount a small tmpfs")
-        d = tmp_path / f"tmpfs{len(made)}"
-        d.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-                          capture_output=True).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)

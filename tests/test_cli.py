@@ -256,25 +256,19 @@ def test_damaged_metadata_file_is_one_clear_error(cli_volume, tmp_path: Path, ba
 
 
 @pytest.fixture
-def read_only_dir(tmp_path: Path):
+def read_only_dir(tmp_path: Path, tmpfs):
     """An empty directory nobody can write to: chmod 0o555, or as root (whom permission bits do
-    not stop) a read-only tmpfs mounted there."""
+    not stop) a read-only tmpfs."""
     import os
 
+    if os.geteuid() == 0:
+        yield tmpfs("1m", "ro")
+        return
     ro = tmp_path / "ro"
     ro.mkdir()
-    if os.geteuid() != 0:
-        ro.chmod(0o555)
-        yield ro
-        ro.chmod(0o755)
-        return
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield ro
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
+    ro.chmod(0o555)
+    yield ro
+    ro.chmod(0o755)
 
 
 def test_init_with_a_read_only_balefs_home(node_dirs, read_only_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

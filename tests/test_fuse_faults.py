@@ -18,7 +18,7 @@ import pytest
 from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
-from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse, small_tmpfs  # noqa: F401 - fixtures
+from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
 from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
 
 pytestmark = needs_fuse
@@ -239,11 +239,11 @@ def _wait_free(path: Path, nbytes: int, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
-def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volume, mount_volume, small_tmpfs) -> None:
+def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volume, mount_volume, tmpfs) -> None:
     """Out-of-order writes go to a spool file in <cache-dir>/spool. On a 200 KiB disk, a 600 KB
     write cannot fit: it, fsync and close fail with ENOSPC, and the file keeps its previous
     committed version (never a version with the bytes that did not fit missing)."""
-    cache = small_tmpfs("200k")
+    cache = tmpfs("200k")
     old = payload(50_000, seed=7)
     with Client.open(volume.name) as c:
         c.write_file("ckpt.bin", old)
@@ -284,14 +284,14 @@ def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volum
     assert is_mounted(mp)
 
 
-def test_after_a_failed_write_the_next_open_drops_the_page_cache(volume, mount_volume, small_tmpfs) -> None:
+def test_after_a_failed_write_the_next_open_drops_the_page_cache(volume, mount_volume, tmpfs) -> None:
     """W rewrites a file in place; B opens it meanwhile and reads W's unflushed bytes (as the
     handles of one mount do), so the kernel caches pages of them; W's next write fails
     (ENOSPC on the spool's disk). C, opened before W is closed, reads the committed version:
     the open does not keep pages of a version that was never committed. (W sets the mtime
     back and changes no size, so the attributes the kernel sees stay as they were and do not
     make it drop the pages by itself.)"""
-    cache = small_tmpfs("200k")
+    cache = tmpfs("200k")
     old = payload(50_000, seed=10)
     with Client.open(volume.name) as c:
         c.write_file("f.bin", old)
