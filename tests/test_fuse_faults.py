@@ -19,7 +19,7 @@ from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, wait_until
 
 pytestmark = needs_fuse
 
@@ -233,10 +233,8 @@ def _free(path: Path) -> int:
 
 def _wait_free(path: Path, nbytes: int, timeout: float = 10) -> None:
     """The kernel releases a closed file's handle a moment after close() returns."""
-    deadline = time.monotonic() + timeout
-    while _free(path) < nbytes:
-        assert time.monotonic() < deadline, f"{path}: only {_free(path)} bytes free"
-        time.sleep(0.02)
+    wait_until(lambda: _free(path) >= nbytes, timeout)
+    assert _free(path) >= nbytes, f"{path}: only {_free(path)} bytes free"
 
 
 def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volume, mount_volume, tmpfs) -> None:
@@ -392,11 +390,9 @@ def test_umount_refuses_a_fuse_mount_that_is_not_balefs(tmp_path: Path) -> None:
         mp.mkdir()
         proc = subprocess.Popen([sys.executable, "-c", OTHER_FS, str(mp), subtype], stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 20
-            while find_mount(str(mp)) is None:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "the other FUSE filesystem did not mount"
-                time.sleep(0.05)
+            wait_until(lambda: find_mount(str(mp)) is not None or proc.poll() is not None, 20)
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert find_mount(str(mp)) is not None, "the other FUSE filesystem did not mount"
             assert find_mount(str(mp)) == (fstype, "otherfs")
             res = run_cli("umount", mp)
             err = res.stderr.decode()
