@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import re
+import socket
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,8 +226,6 @@ def test_help_and_version() -> None:
 
 
 def test_python_m_entry_point(cli_volume, tmp_path: Path) -> None:
-    import sys
-
     r = subprocess.run([sys.executable, "-m", "balefs.cli", "ls", "bale://cv"], capture_output=True)
     assert r.returncode == 0 and r.stdout == b""
 
@@ -259,8 +261,6 @@ def test_damaged_metadata_file_is_one_clear_error(cli_volume, tmp_path: Path, ba
 def read_only_dir(tmp_path: Path, tmpfs):
     """An empty directory nobody can write to: chmod 0o555, or as root (whom permission bits do
     not stop) a read-only tmpfs."""
-    import os
-
     if os.geteuid() == 0:
         yield tmpfs("1m", "ro")
         return
@@ -294,8 +294,6 @@ def test_missing_optional_dependency_names_its_extra(cli_volume, tmp_path: Path)
 
 
 def test_put_ray_to_an_address_where_nothing_listens(cli_volume, tmp_path: Path) -> None:
-    import time
-
     pytest.importorskip("ray")
     (tmp_path / "f").write_bytes(b"f")
     port = free_port()
@@ -309,9 +307,6 @@ def test_put_ray_to_an_address_where_nothing_listens(cli_volume, tmp_path: Path)
 def test_put_ray_to_an_address_that_is_no_ray_cluster(cli_volume, tmp_path: Path) -> None:
     """A port that accepts connections but never speaks Ray's protocol: Ray itself would retry for
     minutes, printing warnings; balefs gives up after one bounded attempt, with one line."""
-    import socket
-    import time
-
     pytest.importorskip("ray")
     (tmp_path / "f").write_bytes(b"f")
     with socket.socket() as s:
@@ -328,7 +323,6 @@ def test_put_ray_to_an_address_that_is_no_ray_cluster(cli_volume, tmp_path: Path
 
 def test_pyproject_extras() -> None:
     """Each interface's dependencies install with one extra, and `all` installs every one of them."""
-    import re
     import tomllib
 
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
-import threading
 import time
 
 import numpy as np
@@ -161,7 +160,7 @@ def test_stateful_dataloader_resume_and_merge(tree):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     def loader(ds):
-        return StatefulDataLoader(ds, batch_size=5, num_workers=2, collate_fn=lambda b: [name_of(s) for s in b])
+        return StatefulDataLoader(ds, batch_size=5, num_workers=2, collate_fn=names_of)
 
     ds = BaleIterableDataset(URL, seed=4)
     dl = loader(ds)
