@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the files, shards and volume")
     p.add_argument("--only", default="a,b,c,d", help="loaders to run (default a,b,c,d)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
     import torch
@@ -248,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         sp, rho = quality[which]
         print(f"| {names[which]} | {c.fps:,.0f} | {c.mbps:,.0f} | {wm.fps:,.0f} | {wm.mbps:,.0f} | {ratio(c, 'cold')} | "
               f"{ratio(wm, 'warm')} | {sp:.3f} | {rho:.3f} |")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"machine": sf.machine(), "rows": [
+                {"loader": which, "pass": temp, "files": r.files, "nbytes": r.nbytes, "seconds": r.seconds, "cpu": r.cpu}
+                for (which, temp), r in results.items()]}, f, indent=1)
     if ("c", "cold") in results:
         print()
         if base["cold"]:
