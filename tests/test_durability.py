@@ -10,7 +10,7 @@ import xxhash
 from balefs.errors import NodeError
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE, BlockCodec
-from balefs.storage.node import LocalNode
+from balefs.storage.localnode import LocalNode
 
 from helpers import BLOCK, payload
 
