@@ -137,8 +137,9 @@ class NodeWrapper:
     """Base of nodes that wrap another (encrypting, counting, ...): the Node methods delegate to
     `inner`, and the wrapper has exactly the optional capabilities `inner` has (of those listed in
     `forwards`), each forwarded to it, so that wrapping a LocalNode keeps its deferred durability.
-    A subclass overrides what it changes, capability methods included (an encrypting wrapper
-    encrypts in put_deferred too), and leaves out of `forwards` a capability it cannot keep."""
+    A subclass takes the wrapped node as its first argument, overrides what it changes, capability
+    methods included (an encrypting wrapper encrypts in put_deferred too), and leaves out of
+    `forwards` a capability it cannot keep."""
 
     forwards: tuple[type, ...] = ()  # every capability, set below; a subclass may list fewer
 
