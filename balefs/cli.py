@@ -535,7 +535,7 @@ def drain(volume: str, node: str) -> None:
     New blocks stop going to NODE at once (for clients opened from now on); files stay readable
     throughout. Run it again after long-running clients restart, to move what they wrote meanwhile."""
     from .storage.config import load_config, save_config
-    from .storage.node import normalize_node_url
+    from .storage.node_registry import normalize_node_url
     from .storage.rebalance import plan_drain
 
     cfg = load_config(volume)

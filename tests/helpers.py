@@ -14,8 +14,8 @@ import pytest
 
 from balefs.storage.client import Client
 from balefs.storage.meta import BlockRecord
-from balefs.storage.node import LocalNode
-from balefs.storage.writer import block_key
+from balefs.storage.layout import block_key
+from balefs.storage.localnode import LocalNode
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -6,6 +6,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # benchmarks.testbed lives beside the package, not in it
@@ -30,3 +34,17 @@ def s3_url(bucket: str, endpoints: list[str], prefix: str = "blocks", **options:
 def set_credentials() -> None:
     for k, v in CREDENTIALS.items():
         os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server on loopback for the importing test module; its endpoint URL."""
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    set_credentials()
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from balefs.storage.client import Client
-from balefs.storage.writer import parse_block_key
+from balefs.storage.layout import parse_block_key
 
 from helpers import cli_cmd, make_tree, run_cli
 

@@ -10,7 +10,8 @@ import xxhash
 from balefs.errors import NodeError
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE, BlockCodec
-from balefs.storage.node import LocalNode
+from balefs.storage.localnode import LocalNode
+from balefs.storage.node import NodeWrapper
 
 from helpers import BLOCK, payload
 
@@ -75,6 +76,24 @@ def test_every_block_is_synced_before_it_is_committed(client: Client, open_clien
     puts = [e for e in log["events"] if e[0] == "put"]
     assert len(puts) == 6  # one deferred put per block, no plain put
     assert open_client("vol").read_file("big") == data
+
+
+def test_wrapped_local_nodes_still_defer(client: Client, open_client) -> None:
+    """A wrapper around a LocalNode forwards its deferred durability: every block is stored with
+    put_deferred and made durable by sync before it is booked, never by a durable put (an fsync each)."""
+    log = counting(client)
+    for nid, node in client.nodes.items():
+        def put(key, data, nid=nid):
+            log["events"].append(("durable put", nid, key))
+        node.put = put
+        client.nodes[nid] = NodeWrapper(node)
+    data = payload(5 * BLOCK + 123, 8)
+    client.write_file("wrapped", data)
+    puts = [e for e in log["events"] if e[0] == "put"]
+    synced = {(e[1], k) for e in log["events"] if e[0] == "sync" for k in e[2]}
+    assert len(puts) == 6 and {(nid, key) for _, nid, key in puts} <= synced
+    assert not [e for e in log["events"] if e[0] == "durable put"]
+    assert open_client("vol").read_file("wrapped") == data
 
 
 def test_a_failed_sync_commits_nothing_and_poisons_the_files(client: Client, open_client) -> None:

@@ -1,4 +1,5 @@
-"""Storage nodes: local directories (and memory:// for tests), their errors and layout."""
+"""Local directory nodes (and memory:// volumes): their layout on disk, and their errors in a volume.
+The node interface every kind shares is tested in test_node_contract.py; URLs in test_node_registry.py."""
 from __future__ import annotations
 
 import os
@@ -9,49 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from balefs.errors import BlockNotFoundError, ConfigError, NodeError, VolumeNotFoundError
+from balefs.errors import NodeError, VolumeNotFoundError
 from balefs.storage.client import Client
-from balefs.storage.node import LocalNode, MemoryNode, normalize_node_url, open_node
+from balefs.storage.localnode import LocalNode
+from balefs.storage.memorynode import MemoryNode
 
 from helpers import payload
-
-
-@pytest.fixture(params=["local", "memory"])
-def node(request, tmp_path: Path):
-    if request.param == "local":
-        d = tmp_path / "node"
-        d.mkdir()
-        return LocalNode(str(d))
-    return MemoryNode(f"memory://{uuid.uuid4().hex}")
-
-
-def test_put_get_range_delete_list(node) -> None:
-    data = payload(10_000, seed=1)
-    node.put("000000000001-000000", data)
-    node.put("000000000001-000001", b"second")
-    assert node.get("000000000001-000000") == data
-    assert node.get_range("000000000001-000000", 100, 300) == data[100:300]
-    assert node.get_range("000000000001-000000", 9_990, 10_000) == data[9_990:]
-    assert sorted(node.list()) == [("000000000001-000000", 10_000), ("000000000001-000001", 6)]
-    node.put("000000000001-000001", b"replaced")  # put replaces
-    assert node.get("000000000001-000001") == b"replaced"
-    node.delete("000000000001-000000")
-    node.delete("000000000001-000000")  # deleting a missing key is not an error
-    assert [k for k, _ in node.list()] == ["000000000001-000001"]
-    with pytest.raises(BlockNotFoundError, match="000000000001-000000"):
-        node.get("000000000001-000000")
-    with pytest.raises(BlockNotFoundError):
-        node.get_range("000000000001-000000", 0, 1)
-    total, free = node.capacity()
-    assert total > 0 and 0 <= free <= total
-
-
-def test_missing_key_error_names_node(tmp_path: Path) -> None:
-    node = LocalNode(str(tmp_path))
-    with pytest.raises(BlockNotFoundError) as info:
-        node.get("00000000000a-000000")
-    assert str(tmp_path) in str(info.value)
-    assert isinstance(info.value, NodeError)
 
 
 def test_keys_fan_out_into_subdirectories(tmp_path: Path) -> None:
@@ -87,17 +51,6 @@ def test_list_skips_temporary_files(tmp_path: Path) -> None:
     assert list(node.list()) == [("000000000001-000000", 1)]
 
 
-def test_missing_node_directory(tmp_path: Path) -> None:
-    path = tmp_path / "absent"
-    node = LocalNode(str(path))
-    with pytest.raises(NodeError, match=str(path)):
-        node.check(writable=False)
-    with pytest.raises(NodeError, match=str(path)):
-        node.check(writable=True)
-    with pytest.raises(NodeError, match=str(path)):
-        node.get("000000000001-000000")
-
-
 def test_node_path_is_a_regular_file(tmp_path: Path) -> None:
     path = tmp_path / "file"
     path.write_bytes(b"not a directory")
@@ -113,19 +66,18 @@ def test_node_path_is_a_regular_file(tmp_path: Path) -> None:
     assert path.read_bytes() == b"not a directory"
 
 
-def test_init_with_missing_or_file_node(tmp_path: Path, node_dirs, balefs_home: Path) -> None:
+def test_init_with_file_node(tmp_path: Path, node_dirs, balefs_home: Path) -> None:
+    """(A missing node directory: test_node_contract.py's missing store.)"""
     good = str(node_dirs(1)[0])
-    missing = tmp_path / "missing"
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    for bad in (missing, a_file):
-        with pytest.raises(NodeError) as info:
-            Client.init("v", [good, str(bad)])
-        assert str(bad) in str(info.value)
-        assert not (balefs_home / "v.toml").exists()
-        assert not (balefs_home / "v.db").exists()
-        with pytest.raises(VolumeNotFoundError):
-            Client.open("v")
+    with pytest.raises(NodeError) as info:
+        Client.init("v", [good, str(a_file)])
+    assert str(a_file) in str(info.value)
+    assert not (balefs_home / "v.toml").exists()
+    assert not (balefs_home / "v.db").exists()
+    with pytest.raises(VolumeNotFoundError):
+        Client.open("v")
 
 
 def test_open_volume_whose_node_vanished(make_volume, open_client, caplog) -> None:
@@ -189,27 +141,6 @@ def test_node_turned_read_only_after_init(make_volume, open_client) -> None:
             c2.stat("b")
     finally:
         subprocess.run(["umount", node], check=True)
-
-
-@pytest.mark.parametrize("url,expected", [
-    ("/data/n0", "/data/n0"),
-    ("file:///data/n0", "/data/n0"),
-    ("memory://x", "memory://x"),
-])
-def test_normalize_node_url(url: str, expected: str) -> None:
-    assert normalize_node_url(url) == expected
-
-
-def test_relative_node_path_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert normalize_node_url("n0") == str(tmp_path / "n0")
-    assert isinstance(open_node("n0"), LocalNode)
-    assert isinstance(open_node("memory://abc"), MemoryNode)
-
-
-def test_unsupported_node_scheme() -> None:
-    with pytest.raises(ConfigError, match="ftp"):
-        normalize_node_url("ftp://bucket/x")
 
 
 def test_memory_volume_round_trip(open_client) -> None:

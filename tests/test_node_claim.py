@@ -11,7 +11,8 @@ from balefs.errors import ConfigError
 from balefs.storage.client import Client
 from balefs.storage.config import config_path, load_config
 from balefs.storage.gc import collect_garbage
-from balefs.storage.node import VOLUME_KEY, open_node
+from balefs.storage.node import VOLUME_KEY
+from balefs.storage.node_registry import open_node
 
 from helpers import run_cli
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 from balefs.storage.client import Client
 from balefs.storage.config import load_config
-from balefs.storage.node import LocalNode
+from balefs.storage.localnode import LocalNode
 from balefs.storage.rebalance import plan_rebalance, run_moves
 
 from helpers import BLOCK, payload, run_cli

@@ -1,5 +1,6 @@
-"""S3 nodes on a moto server over loopback: the node interface, paths, throttling, bad buckets and
-credentials, replicas (corrupt copy repaired, node down at open, node dying mid-write), hedged reads."""
+"""S3 nodes on a moto server over loopback: URLs, paths, throttling, bad credentials, replicas (corrupt
+copy repaired, node down at open, node dying mid-write), hedged reads. The node interface and a
+missing bucket are tested with every node kind in test_node_contract.py."""
 from __future__ import annotations
 
 import os
@@ -9,31 +10,17 @@ import time
 
 import pytest
 
-from remote_support import make_bucket, s3_url, set_credentials
+from remote_support import make_bucket, moto, s3_url, set_credentials  # noqa: F401 - moto: a fixture
 
-from balefs.errors import BlockNotFoundError, ConfigError, NodeError
+from balefs.errors import ConfigError, NodeError
 from balefs.storage.client import Client
-from balefs.storage.node import normalize_node_url, open_node
-from balefs.storage.s3node import S3Node
-from balefs.storage.writer import block_key
+from balefs.storage.layout import block_key
+from balefs.storage.node_registry import normalize_node_url, open_node
 
 from helpers import BLOCK, CHUNK, free_port, payload, run_cli, wait_until
 
 pytest.importorskip("moto.server")
 from benchmarks.testbed.faults import FaultServer, FaultState, moto_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def moto():
-    """A moto S3 server on loopback for this module; its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    set_credentials()
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +43,7 @@ def fast(url: str) -> str:
     return url + "&connect_timeout=0.5&read_timeout=2&attempts=4"
 
 
-# -- the node interface ------------------------------------------------------------------
-
-
-def test_s3_node_put_get_range_delete_list(moto) -> None:
-    node = open_node(s3_url(make_bucket(moto), [moto]))
-    assert isinstance(node, S3Node)
-    node.check(writable=True)
-    data = payload(100_000, 1)
-    node.put("000000000001-000000", data)
-    node.put("000000000001-000001", memoryview(b"second"))
-    assert node.get("000000000001-000000") == data
-    assert node.get_range("000000000001-000000", 10, 500) == data[10:500]
-    assert node.get_range("000000000001-000000", 5, 5) == b""
-    assert sorted(node.list()) == [("000000000001-000000", 100_000), ("000000000001-000001", 6)]
-    node.delete("000000000001-000000")
-    node.delete("000000000001-000000")  # a missing key is not an error
-    with pytest.raises(BlockNotFoundError, match="000000000001-000000"):
-        node.get("000000000001-000000")
-    assert [k for k, _ in node.list()] == ["000000000001-000001"]
-    total, free = node.capacity()
-    assert total >= free > 0
+# -- URLs and errors ---------------------------------------------------------------------
 
 
 def test_s3_url_is_checked_and_normalized() -> None:
@@ -89,19 +56,9 @@ def test_s3_url_is_checked_and_normalized() -> None:
             normalize_node_url(bad)
 
 
-def test_missing_bucket_is_a_clear_error(moto) -> None:
-    url = s3_url("no-such-bucket-here", [moto])
-    with pytest.raises(NodeError, match="bucket 'no-such-bucket-here' does not exist") as info:
-        open_node(url).check(writable=False)
-    assert "s3://no-such-bucket-here/blocks" in str(info.value)
-    with pytest.raises(NodeError, match="does not exist"):
-        open_node(url).get("000000000001-000000")
-    with pytest.raises(NodeError, match="does not exist"):
-        Client.init("nob", [url])
-
-
 def test_wrong_credentials_are_a_clear_error(tmp_path) -> None:
     """A server that checks credentials (moto with auth on) rejects unknown keys: the error says so."""
+    set_credentials()  # keys the server does not know (no moto fixture here to set them)
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,

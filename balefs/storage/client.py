@@ -24,10 +24,13 @@ from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
 from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
-from .node import VOLUME_KEY, Node, claim_nodes, normalize_node_url, open_node
+from .layout import parse_block_key
+from .node import VOLUME_KEY, Closable, LocalDirectory, Node, supports
+from .node_registry import normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
-from .writer import ChunkWriter, parse_block_key
+from .volume import claim_nodes
+from .writer import ChunkWriter
 
 
 log = logging.getLogger(__name__)
@@ -278,7 +281,8 @@ class Client:
         self._pool.shutdown(wait=True)
         self.reader.close()
         for node in self.nodes.values():
-            getattr(node, "close", lambda: None)()
+            if supports(node, Closable):
+                node.close()
         if self.disk_cache is not None:
             self.disk_cache.close()
         if self._meta is not None:
@@ -814,7 +818,7 @@ class Client:
         seen: set[object] = set()
         for nid in self.placement.node_ids:
             node = self.nodes[nid]
-            root = getattr(node, "root", None)
+            root = node.root if supports(node, LocalDirectory) else None
             try:
                 where: object = os.stat(root).st_dev if root else node.url
                 if where in seen:

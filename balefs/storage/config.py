@@ -11,7 +11,7 @@ import tomli_w
 
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
 from .meta import split_path
-from .node import normalize_node_url
+from .node_registry import normalize_node_url
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 
 from .client import Client
+from .layout import block_key, parse_block_key
 from .meta import Extent
 from .liveness import pid_alive
-from .writer import block_key, parse_block_key
 
 
 @dataclass

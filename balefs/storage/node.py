@@ -1,23 +1,18 @@
 """Storage nodes: where encoded blocks live. A node is named by a URL.
 
-The interface is small on purpose (put/get/get_range/delete/list/capacity) so that an
-S3 node or a multipath node can slot in beside the local and in-memory ones.
+The interface every node has is small on purpose (put/get/get_range/delete/list/capacity/check),
+so that an S3 node or a multipath node can slot in beside the local and in-memory ones. What
+only some nodes can do is a named optional capability (a Protocol below): callers ask with
+`supports(node, Capability)`, and a `NodeWrapper` has exactly the capabilities of the node it
+wraps. Node kinds are opened by URL scheme through `node_registry`; this module imports none.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
-import os
-import shutil
-import sys
-import threading
-from typing import Iterable, Iterator, Protocol, Sequence
-from urllib.parse import urlparse
+import functools
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence, TypeGuard, TypeVar, runtime_checkable
 
-import xxhash
-
-from ..errors import BlockNotFoundError, ConfigError, NodeError, NodeUnreachableError
+if TYPE_CHECKING:
+    from .paths import PathSet
 
 
 VOLUME_KEY = "balefs-volume"  # the object on each node naming the volume it belongs to (not a block)
@@ -30,12 +25,6 @@ class Node(Protocol):
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key` durably; return only once it would survive a crash."""
-
-    # Optional, for bulk writers (the chunk writer uses them when a node has both):
-    #   put_deferred(key, parts) stores the concatenation of the buffers in `parts` under `key`,
-    #   not yet durable (readers of committed blocks never see it: it is not committed yet);
-    #   sync(keys) returns once every block stored so under `keys` would survive a crash.
-    # Nodes whose put is cheap to make durable (object stores) simply do not define them.
 
     def get(self, key: str) -> bytes:
         """Return the whole object stored under `key`."""
@@ -56,361 +45,184 @@ class Node(Protocol):
         """Raise NodeError if the node cannot be used (missing, not writable)."""
 
 
-def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
-    """Write every byte of `parts`, in order, with as few system calls as the kernel allows."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+# -- optional capabilities ---------------------------------------------------------------
+
+CAPABILITIES: list[type] = []  # every named capability, in the order they are declared
+_MEMBERS: dict[type, tuple[str, ...]] = {}  # capability -> the attribute names a node needs for it
+C = TypeVar("C")
 
 
-_PAGE = 4096
+def _capability(proto: type[C]) -> type[C]:
+    """Declare a Protocol as a named optional node capability (also usable with isinstance)."""
+    proto = runtime_checkable(proto)  # type: ignore[arg-type]
+    body = vars(proto)
+    _MEMBERS[proto] = tuple(sorted({n for n in body if not n.startswith("_")} | set(body.get("__annotations__", {}))))
+    CAPABILITIES.append(proto)
+    return proto
 
 
-def _page_aligned(buf: object) -> bool:
-    """Whether a writable buffer starts on a page boundary (O_DIRECT needs it; read-only ones are not asked)."""
-    try:
-        import ctypes
-
-        return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _PAGE == 0  # type: ignore[arg-type]
-    except (TypeError, ValueError, BufferError):
-        return False
-
-
-def _fsync_dir(path: str) -> None:
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _load_sync_file_range():
-    """libc's sync_file_range(2) (Linux), to start a file's writeback without waiting; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        import ctypes.util
-
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn  # a ctypes call releases the GIL; its return value is advisory and ignored
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-class LocalNode:
-    """A directory on a local (or mounted) filesystem; keys fan out over 65536 subdirectories."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
-        self.url = self.root
-        self._blocks = os.path.join(self.root, "blocks")
-
-    def _path(self, key: str) -> str:
-        h = xxhash.xxh3_64_hexdigest(key.encode())
-        return os.path.join(self._blocks, h[:2], h[2:4], key)
-
-    def _gone(self) -> NodeUnreachableError:
-        """The node's directory is missing: a disk not mounted, a share gone (its replicas serve reads)."""
-        return NodeUnreachableError(f"node {self.url}: directory does not exist (a disk not mounted?)")
-
-    def _missing(self, key: str) -> NodeError:
-        return BlockNotFoundError(f"node {self.url}: block {key} is missing") if os.path.isdir(self.root) else self._gone()
-
-    def check(self, writable: bool = True) -> None:
-        if not os.path.isdir(self.root):
-            if os.path.exists(self.root):
-                raise NodeError(f"node {self.url}: is not a directory")
-            raise self._gone()
-        if not writable:
-            return
-        probe = os.path.join(self.root, f".balefs-probe-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"ok")
-            os.unlink(probe)
-        except OSError as exc:
-            raise NodeError(f"node {self.url}: not writable ({exc.strerror})") from None
-
-    def put(self, key: str, data: bytes) -> None:
-        self._store(key, (data,), durable=True)
+@_capability
+class DeferredDurability(Protocol):
+    """Bulk writes made durable in batches (local directories): the chunk writer stores each block
+    with put_deferred and makes a commit's blocks durable with one sync, not an fsync per block.
+    Nodes whose put is cheap to make durable (object stores) do not have it."""
 
     def put_deferred(self, key: str, parts: Sequence[bytes | memoryview]) -> None:
-        """Store the concatenation of `parts` under `key`, not durable until sync([key]).
-
-        One writable buffer that starts on a page boundary (the chunk writer's block buffers)
-        is written with O_DIRECT, all but its last partial page: the disk reads it straight
-        from that memory, with no copy into the page cache, no page-cache reclaim and no
-        writeback later, which on a busy machine is most of a buffered write's CPU time.
-        Other parts are written with one writev and their writeback is started at once,
-        so sync finds little left to do."""
-        self._store(key, parts, durable=False)
+        """Store the concatenation of the buffers in `parts` under `key`, not yet durable (readers of
+        committed blocks never see it: it is not committed yet)."""
 
     def sync(self, keys: Iterable[str]) -> None:
-        """Make blocks stored by put_deferred durable: each file's data, then each directory's entries."""
-        dirs: set[str] = set()
-        key = ""
-        try:
-            for key in keys:
-                path = self._path(key)
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-                dirs.add(os.path.dirname(path))
-            for key in dirs:
-                _fsync_dir(key)
-        except OSError as exc:
-            raise NodeError(f"node {self.url}: cannot make block {os.path.basename(key)} durable ({exc.strerror})") from None
-
-    _direct = hasattr(os, "O_DIRECT")  # cleared per node when its filesystem refuses it (tmpfs)
-
-    def _write_direct(self, fd: int, view: memoryview) -> None:
-        """Write `view` (page-aligned) through O_DIRECT up to its last whole page, the rest buffered."""
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        aligned = len(view) // _PAGE * _PAGE
-        done = 0
-        if aligned:
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-                while done < aligned:
-                    n = os.write(fd, view[done:aligned])
-                    done += n
-                    if n % _PAGE:  # a short write off a page boundary: go on buffered
-                        break
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or done:
-                    raise
-                self._direct = False  # this node's filesystem does not do O_DIRECT: buffered from now on
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        _write_all(fd, (view[done:],))
-
-    def _store(self, key: str, parts: Sequence[bytes | memoryview], durable: bool) -> None:
-        path = self._path(key)
-        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-        try:
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            except FileNotFoundError:
-                if not os.path.isdir(self.root):  # never made again here: it would land on the filesystem under a mount
-                    raise self._gone() from None
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                if not durable and len(parts) == 1 and self._direct and _page_aligned(parts[0]):
-                    self._write_direct(fd, memoryview(parts[0]).cast("B"))
-                else:
-                    _write_all(fd, parts)
-                if durable:
-                    os.fsync(fd)
-                elif _sync_file_range is not None:
-                    _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # start writeback now; sync() waits for it
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            if durable:
-                _fsync_dir(os.path.dirname(path))
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if exc.errno == errno.ENOSPC:
-                raise NodeError(f"node {self.url}: disk full writing block {key}") from None
-            raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
-
-    def get(self, key: str) -> bytes:
-        try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                return f.read()
-        except FileNotFoundError:
-            raise self._missing(key) from None
-        except OSError as exc:
-            raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
-
-    def read_into(self, key: str, buf: object) -> int:
-        """Read the whole block into `buf` (writable, page-aligned, at least its size rounded up to
-        a page); return its size. With O_DIRECT where the filesystem allows: for one-off bulk reads
-        (a checkpoint load) that would only churn the page cache, and cost its copy and reclaim."""
-        path = self._path(key)
-        direct = os.O_DIRECT if self._direct and _page_aligned(buf) else 0
-        try:
-            try:
-                fd = os.open(path, os.O_RDONLY | direct)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or not direct:
-                    raise
-                direct = 0
-                fd = os.open(path, os.O_RDONLY)
-            try:
-                size = os.fstat(fd).st_size
-                view = memoryview(buf).cast("B")  # type: ignore[arg-type]
-                end = -(-size // _PAGE) * _PAGE if direct else size
-                if end > len(view):
-                    raise NodeError(f"node {self.url}: block {key} holds {size} bytes, more than the {len(view)} to read it into")
-                got = 0
-                while got < size:
-                    n = os.readv(fd, [view[got:end]])
-                    if not n:
-                        break
-                    got += n
-                    if direct and got % _PAGE and got < size:  # a short read off a page boundary
-                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                        direct, end = 0, size
-                return got
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            raise self._missing(key) from None
-        except OSError as exc:
-            raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                return os.pread(f.fileno(), end - start, start)
-        except FileNotFoundError:
-            raise self._missing(key) from None
-        except OSError as exc:
-            raise NodeError(f"node {self.url}: cannot read block {key} ({exc.strerror})") from None
-
-    def delete(self, key: str) -> None:
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
-
-    def list(self) -> Iterator[tuple[str, int]]:
-        if not os.path.isdir(self._blocks):
-            return
-        for top in sorted(os.scandir(self._blocks), key=lambda e: e.name):
-            for mid in sorted(os.scandir(top.path), key=lambda e: e.name):
-                for entry in os.scandir(mid.path):
-                    if ".tmp" not in entry.name and entry.name != VOLUME_KEY:
-                        yield entry.name, entry.stat().st_size
-
-    def capacity(self) -> tuple[int, int]:
-        usage = shutil.disk_usage(self.root)
-        return usage.total, usage.free
+        """Return once every block stored with put_deferred under `keys` would survive a crash."""
 
 
-class MemoryNode:
-    """A node held in this process's memory, for tests; nodes of the same URL share their store."""
+@_capability
+class ReadInto(Protocol):
+    """Whole-block reads into a caller's page-aligned buffer (O_DIRECT on local disks), for
+    one-off bulk reads (a checkpoint load) that would only churn the page cache."""
 
-    _stores: dict[str, dict[str, bytes]] = {}
-    _lock = threading.Lock()
+    def read_into(self, key: str, buf: Any) -> int:
+        """Read the whole block under `key` into `buf`; return its size."""
 
-    def __init__(self, url: str, capacity_bytes: int = 1 << 40) -> None:
-        self.url = url
-        self._cap = capacity_bytes
-        with self._lock:
-            self._data = self._stores.setdefault(url, {})
 
-    def check(self, writable: bool = True) -> None:
-        return None
+@_capability
+class MultiPath(Protocol):
+    """A node reached over several network paths (endpoints), with per-path health and figures;
+    the reader races a slow read on another path or replica."""
+
+    paths: PathSet
+
+    def probe_paths(self) -> None:
+        """Probe every path now, so that path_stats shows fresh state and latency."""
+
+    def path_stats(self) -> list[dict[str, Any]]:
+        """The figures of every path, for `balefs status`."""
+
+
+@_capability
+class Liveness(Protocol):
+    """A node that knows whether it is reachable now; nodes without it are taken to be up."""
+
+    def is_up(self) -> bool:
+        """Whether the node is believed reachable."""
+
+
+@_capability
+class Closable(Protocol):
+    """A node holding resources (connections, threads) to release when its client closes."""
+
+    def close(self) -> None:
+        """Release the node's resources."""
+
+
+@_capability
+class LocalDirectory(Protocol):
+    """A node stored in a directory of this machine's filesystems (statfs counts each disk once)."""
+
+    root: str
+
+
+def supports(node: object, capability: type[C]) -> TypeGuard[C]:
+    """Whether `node` has the named optional `capability` (one of CAPABILITIES); the one way to ask.
+    As cheap as the hasattr checks it stands for (isinstance with a Protocol costs ~20x more)."""
+    for name in _MEMBERS[capability]:
+        if not hasattr(node, name):
+            return False
+    return True
+
+
+# -- wrappers ----------------------------------------------------------------------------
+
+
+class NodeWrapper:
+    """Base of nodes that wrap another (encrypting, counting, ...): the Node methods delegate to
+    `inner`, and the wrapper has exactly the optional capabilities `inner` has (of those listed in
+    `forwards`), each forwarded to it, so that wrapping a LocalNode keeps its deferred durability.
+    A subclass takes the wrapped node as its first argument, overrides what it changes, capability
+    methods included (an encrypting wrapper encrypts in put_deferred too), and leaves out of
+    `forwards` a capability it cannot keep."""
+
+    forwards: tuple[type, ...] = ()  # every capability, set below; a subclass may list fewer
+
+    def __new__(cls, inner: Node, *args: Any, **kwargs: Any) -> "NodeWrapper":
+        kept = tuple(c for c in cls.forwards if supports(inner, c))
+        return super().__new__(_forwarding_class(cls, kept))
+
+    def __init__(self, inner: Node) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    def __reduce__(self) -> tuple:
+        """Pickle as the subclass with the same capabilities (the class made for them is not importable)."""
+        cls = type(self)
+        base = cls.__dict__.get("_wrapper_base", cls)
+        return _rebuild_wrapper, (base, cls.__dict__.get("_forwarded", ()), self.__dict__)
 
     def put(self, key: str, data: bytes) -> None:
-        self._data[key] = bytes(data)
+        self.inner.put(key, data)
 
     def get(self, key: str) -> bytes:
-        try:
-            return self._data[key]
-        except KeyError:
-            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+        return self.inner.get(key)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        return self.get(key)[start:end]
+        return self.inner.get_range(key, start, end)
 
     def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+        self.inner.delete(key)
 
     def list(self) -> Iterator[tuple[str, int]]:
-        for key, blob in list(self._data.items()):
-            if key != VOLUME_KEY:
-                yield key, len(blob)
+        return self.inner.list()
 
     def capacity(self) -> tuple[int, int]:
-        used = sum(len(b) for b in self._data.values())
-        return self._cap, max(0, self._cap - used)
+        return self.inner.capacity()
+
+    def check(self, writable: bool = True) -> None:
+        self.inner.check(writable)
 
 
-def normalize_node_url(url: str) -> str:
-    """Return the canonical form of a node URL: an absolute path for local nodes."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else url
-        if not path:
-            raise ConfigError(f"node {url!r}: empty path")
-        return os.path.abspath(os.path.expanduser(path))
-    if parsed.scheme == "memory":
-        return url
-    if parsed.scheme == "s3":
-        from .s3node import normalize_s3_url
-        return normalize_s3_url(url)
-    raise ConfigError(f"node {url!r}: unsupported scheme {parsed.scheme!r} (use a directory, file://, s3:// or memory://)")
+NodeWrapper.forwards = tuple(CAPABILITIES)
 
 
-def open_node(url: str) -> Node:
-    """Return the node for a URL (`/path`, `file:///path`, `s3://bucket/prefix?endpoint=...`, `memory://name`)."""
-    url = normalize_node_url(url)
-    if url.startswith("memory://"):
-        return MemoryNode(url)
-    if url.startswith("s3://"):
-        try:
-            from .s3node import S3Node
-        except ImportError as exc:  # boto3 is an extra
-            raise ConfigError(f"node {url}: S3 nodes need boto3 (pip install 'balefs[s3]'): {exc}") from None
-        return S3Node(url)
-    return LocalNode(url)
+def _forwarder(capability: type) -> type:
+    """A mixin forwarding each member of `capability` to `self.inner` (methods called, attributes read)."""
+    body: dict[str, Any] = {}
+    for name in _MEMBERS[capability]:
+        declared = getattr(capability, name, None)
+        if callable(declared):
+            def forward(self: NodeWrapper, *args: Any, _name: str = name, **kwargs: Any) -> Any:
+                return getattr(self.inner, _name)(*args, **kwargs)
+            body[name] = functools.wraps(declared)(forward)
+        else:
+            body[name] = property(lambda self, _name=name: getattr(self.inner, _name),
+                                  doc=f"The wrapped node's {name}.")
+    return type(f"Forward{capability.__name__}", (), body)
 
 
-def claim_nodes(nodes: Sequence[Node], volume_id: str, volume: str) -> None:
-    """Make `nodes` this volume's: each must hold no block and no other volume's mark. Block keys
-    are numbered per volume, so two volumes on one node would read, and gc delete, each other's
-    blocks; the same storage named twice (a symlink, a second URL) would hold both "replicas".
-    All or none: on a refusal the marks written so far are taken back."""
-    claimed: list[Node] = []
-    try:
-        for node in nodes:
-            try:
-                owner = json.loads(node.get(VOLUME_KEY)).get("uuid")
-            except BlockNotFoundError:
-                owner = None
-            except (ValueError, AttributeError):
-                owner = "unreadable"
-            if owner == volume_id:
-                raise ConfigError(f"node {node.url} is already a node of volume {volume!r}: "
-                                  "the same storage under another name (a symlink or a second URL)?")
-            if owner is not None:
-                raise ConfigError(f"node {node.url} already belongs to another volume ({owner}): give each volume "
-                                  "its own node directory or bucket prefix")
-            if next(iter(node.list()), None) is not None:
-                raise ConfigError(f"node {node.url} already holds blocks (of a volume made before volumes marked "
-                                  "their nodes, or left over): empty it or use another directory")
-            node.put(VOLUME_KEY, json.dumps({"uuid": volume_id, "volume": volume}).encode())
-            claimed.append(node)
-    except BaseException:
-        for node in claimed:
-            node.delete(VOLUME_KEY)
-        raise
+_FORWARDERS = {c: _forwarder(c) for c in CAPABILITIES}
+
+
+@functools.lru_cache(maxsize=None)
+def _forwarding_class(cls: type, capabilities: tuple[type, ...]) -> type:
+    """`cls` with forwarders for `capabilities` mixed in behind it (made once per combination)."""
+    if not capabilities:
+        return cls
+    return type(cls.__name__, (cls, *(_FORWARDERS[c] for c in capabilities)),
+                {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                 "_wrapper_base": cls, "_forwarded": capabilities})
+
+
+def _rebuild_wrapper(base: type, capabilities: tuple[type, ...], state: dict[str, Any]) -> NodeWrapper:
+    """Unpickle a NodeWrapper: an instance of `base` forwarding `capabilities`, with `state`."""
+    wrapper = object.__new__(_forwarding_class(base, capabilities))
+    wrapper.__dict__.update(state)
+    return wrapper
+
+
+# -- liveness ----------------------------------------------------------------------------
 
 
 def node_is_up(node: Node) -> bool:
-    """Whether a node is believed reachable (nodes without paths always are)."""
-    is_up = getattr(node, "is_up", None)
-    return True if is_up is None else bool(is_up())
+    """Whether a node is believed reachable (nodes without Liveness always are)."""
+    return bool(node.is_up()) if supports(node, Liveness) else True
 
 
 def up_first(ids: Iterable[int], nodes: dict[int, Node]) -> list[int]:

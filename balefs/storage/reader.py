@@ -24,8 +24,8 @@ from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
 from .meta import BlockRecord, Extent
-from .node import Node, node_is_up, up_first
-from .writer import block_key
+from .layout import block_key
+from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class BlockReader:
         order = up_first(rec.nodes, self._nodes)
         errors: list[Exception] = []
         bad: list[int] = []
-        remote = any(hasattr(self._nodes.get(n), "paths") for n in order)
+        remote = any(supports(self._nodes.get(n), MultiPath) for n in order)
         got = self._race(rec, key, order, errors, bad) if remote else self._in_turn(rec, key, order, errors, bad)
         if got is None:
             if not errors:
@@ -195,7 +195,7 @@ class BlockReader:
         the first up copy whose node reads into buffers (O_DIRECT on local disks): for one-off bulk
         reads that would only churn the caches. None where no copy can or that read fails; the
         caller then reads through get() (other replicas, moved blocks, repair, clear errors)."""
-        nid = next((n for n in rec.nodes if hasattr(self._nodes.get(n), "read_into") and node_is_up(self._nodes[n])), None)
+        nid = next((n for n in rec.nodes if supports(self._nodes.get(n), ReadInto) and node_is_up(self._nodes[n])), None)
         if nid is None:
             return None
         try:
@@ -245,7 +245,8 @@ class BlockReader:
                     self._node_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bale-node")
         pool = self._node_pool
         queue = list(order[1:])
-        paths = getattr(self._nodes.get(order[0]), "paths", None) if order else None
+        first = self._nodes.get(order[0]) if order else None
+        paths = first.paths if supports(first, MultiPath) else None
         spare = [order[0]] if len(order) == 1 and paths is not None and len(paths.paths) > 1 else []
         pending: dict[Future, int] = {}
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import NodeError
+from .layout import block_key
 from .meta import BlockRecord
 from .node import up_first
 from .placement import Placement
-from .writer import block_key
 
 if TYPE_CHECKING:
     from .client import Client

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from .node import MultiPath, node_is_up, supports
+
 if TYPE_CHECKING:
     from .client import Client
 
@@ -17,11 +19,11 @@ def volume_status(client: "Client", probe: bool = True) -> list[dict[str, Any]]:
     for row in rows:
         node = client.nodes[row["id"]]
         row["error"] = ""
-        if hasattr(node, "path_stats"):
+        if supports(node, MultiPath):
             if probe:
                 node.probe_paths()
             row["paths"] = node.path_stats()
-            row["up"] = node.is_up()
+            row["up"] = node_is_up(node)
         else:
             started = time.monotonic()
             try:

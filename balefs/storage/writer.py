@@ -12,7 +12,7 @@ of its placement ring that are up; a copy whose node fails goes to the next node
 block is durable (and booked with the nodes that really hold it) once `write_quorum`
 copies are stored (default: all R); with fewer the upload fails and nothing of it is committed.
 
-Durability in batches: on nodes that offer put_deferred/sync (local directories), a block is
+Durability in batches: on nodes with DeferredDurability (put_deferred/sync: local directories), a block is
 written without waiting for the disk (its writeback starts at once), and take() makes every
 block it returns durable first (the files' data in parallel, then their directories), so a
 commit never books a block that a crash could lose, and one flush serves all the blocks of a
@@ -33,21 +33,9 @@ from typing import Callable
 from ..errors import NodeError
 from .codec import HEADER_SIZE, BlockCodec
 from .meta import BlockRecord
-from .node import Node, up_first
+from .layout import block_key
+from .node import DeferredDurability, Node, supports, up_first
 from .placement import Placement
-
-
-def block_key(chunk: int, idx: int) -> str:
-    """The name of a block on every node that holds it."""
-    return f"{chunk:012x}-{idx:06x}"
-
-
-def parse_block_key(key: str) -> tuple[int, int] | None:
-    try:
-        chunk, idx = key.split("-")
-        return int(chunk, 16), int(idx, 16)
-    except ValueError:
-        return None
 
 
 class ChunkWriter:
@@ -223,7 +211,7 @@ class ChunkWriter:
             raise NodeError(f"chunk {chunk} block {idx}: only {len(stored)} of {want} copies stored, "
                             f"write quorum is {self.write_quorum}: {why}")
         stored.sort(key=ring.index)
-        return tuple(stored), tuple(n for n in stored if _defers(self._nodes[n]))
+        return tuple(stored), tuple(n for n in stored if supports(self._nodes[n], DeferredDurability))
 
     def _put_copies(self, nids: list[int], key: str, parts: tuple) -> list[tuple[int, BaseException | None]]:
         """Put one block on several nodes at once; (node id, error or None) for each."""
@@ -239,7 +227,7 @@ class ChunkWriter:
         def put(nid: int) -> BaseException | None:
             node = self._nodes[nid]
             try:
-                if _defers(node):
+                if supports(node, DeferredDurability):
                     node.put_deferred(key, parts)
                 else:
                     node.put(key, blob())
@@ -331,9 +319,4 @@ class ChunkWriter:
             self._copies.shutdown(wait=True)
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
-
-
-def _defers(node: Node) -> bool:
-    """Whether a node stores blocks with put_deferred and makes them durable with sync."""
-    return hasattr(node, "put_deferred") and hasattr(node, "sync")
 

@@ -1,0 +1,49 @@
+"""MemoryNode: blocks held in this process's memory (``memory://NAME``), for tests and demos."""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from ..errors import BlockNotFoundError
+from .node import VOLUME_KEY
+
+
+class MemoryNode:
+    """A node held in this process's memory, for tests; nodes of the same URL share their store."""
+
+    _stores: dict[str, dict[str, bytes]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, url: str, capacity_bytes: int = 1 << 40) -> None:
+        self.url = url
+        self._cap = capacity_bytes
+        with self._lock:
+            self._data = self._stores.setdefault(url, {})
+
+    def check(self, writable: bool = True) -> None:
+        return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._data[key] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise BlockNotFoundError(f"node {self.url}: block {key} is missing") from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self.get(key)[start:end]
+
+    def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        for key, blob in list(self._data.items()):
+            if key != VOLUME_KEY:
+                yield key, len(blob)
+
+    def capacity(self) -> tuple[int, int]:
+        used = sum(len(b) for b in self._data.values())
+        return self._cap, max(0, self._cap - used)
+
