@@ -40,17 +40,21 @@ def _ebadf() -> OSError:
 
 
 class OpenFile:
-    """One open file: what it reads, and the new version it is writing, if any."""
+    """One open file: what it reads, and the new version it is writing, if any.
 
-    def __init__(self, files: "OpenFiles", path: str, node: Inode, writable: bool) -> None:
+    `base`: the committed version it reads and builds on, even once replaced (default: the
+    version `node` describes, read when first needed)."""
+
+    def __init__(self, files: "OpenFiles", path: str, node: Inode, writable: bool,
+                 base: FileReader | None = None) -> None:
         self.files, self.client = files, files.client
         self.path, self.node, self.ino = path, node, node.ino
         self.writable = writable
         self.lock = threading.RLock()
-        self.base: FileReader | None = None  # the committed version this file reads
+        self.base = base                     # the committed version this file reads
         self.fw: FileWriter | None = None    # streaming new version (sequential writes)
         self.spool: Spool | None = None      # temp file with the whole new content
-        self.size = node.size
+        self.size = node.size if base is None else base.size
         self.dirty = False
         self.mtime_ns: int | None = None     # set by utimens while dirty; kept at commit
         self.wtime_ns = node.mtime_ns        # time of the last write, reported while dirty
@@ -58,9 +62,9 @@ class OpenFile:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _base(self, reader: FileReader | None = None) -> FileReader:
+    def _base(self) -> FileReader:
         if self.base is None:
-            self.base = reader if reader is not None else self.client.open_read_inode(self.node)
+            self.base = self.client.open_read_inode(self.node)
             if not self.dirty:
                 self.size = self.base.size
         return self.base
@@ -298,17 +302,15 @@ class OpenFiles:
 
     def create(self, path: str, node: Inode) -> int:
         """Open for writing the file `node` at `path` just created (committed empty); its handle."""
-        of = OpenFile(self, path, node, writable=True)
-        of.base = FileReader(self.client, path, node, [])
-        return self._add(of)
+        return self._add(OpenFile(self, path, node, writable=True, base=FileReader(self.client, path, node, [])))
 
     def open(self, path: str, reader: FileReader, writable: bool, truncate: bool = False) -> tuple[int, bool]:
         """Open the file that `reader` (of `path`) reads; truncate starts its new version empty
         (O_TRUNC). Returns the handle, and whether what this session cached of the file at its
         last open is still its content (committed version unchanged, no unflushed writes)."""
         node = reader.inode
-        of = OpenFile(self, path, node, writable)
         if truncate:
+            of = OpenFile(self, path, node, writable)
             of.truncate_all()
             keep = False
         else:
@@ -317,7 +319,7 @@ class OpenFiles:
             if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
                 self._seen.clear()
             self._seen[node.ino] = version
-            of._base(reader)  # the version at open: what this file reads and builds on, even once replaced
+            of = OpenFile(self, path, node, writable, base=reader)  # the version at open, even once replaced
         return self._add(of), keep
 
     def release(self, fh: int, path: str | None) -> None:
