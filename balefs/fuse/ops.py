@@ -1,21 +1,16 @@
-"""BaleOperations: the FUSE operations of a balefs mount, a thin adapter over storage.Client.
+"""BaleOperations: the FUSE operations of a balefs mount, a thin adapter over storage.Client
+and storage.openfile.OpenFiles. It translates calls, paths and stat structs; it holds no
+file state:
 
-What lives here is only what a file handle needs that a path-based client does not have:
-
-- Writes. Files are immutable once committed; a write makes a new version of the whole
-  file. Each handle opened for writing streams sequential writes (offset == size) straight
-  into a FileWriter, so small files are packed into chunks as in the core. On the first
-  write elsewhere, a truncate to a length other than 0, or a read of its own unflushed
-  bytes, the handle falls back to a spool: a local temp file holding the file's whole
-  content. flush (every close), fsync and release commit the handle's content as the new
-  version, so a file is visible to every mount once close() returns (close-to-open) and
-  durable once fsync() returns.
+- Open files (writes, the spool, unflushed data seen by reads and stat, commit on flush,
+  fsync and release) are storage.openfile's OpenFile, by handle number in an OpenFiles.
+  flush (every close), fsync and release commit a handle's content as the new version, so a
+  file is visible to every mount once close() returns (close-to-open) and durable once
+  fsync() returns.
 - A file created with creat()/O_CREAT is committed empty at once, so it exists (ls, stat,
   O_EXCL) while being written, as POSIX has it.
-- Reads of a handle with unflushed writes see them; so do reads through other handles of
-  the same file in this mount, and stat reports the unflushed size.
 - The kernel page cache is kept for a file across opens while its committed version is
-  unchanged (keep_cache), and dropped when it changed.
+  unchanged (keep_cache, as OpenFiles.open says), and dropped when it changed.
 - readdir answers READDIRPLUS with every entry's attributes (from the one listdir query),
   so `ls -l` or a walk that stats primes the kernel's entry and attribute caches in one
   round trip per directory instead of a LOOKUP per name.
@@ -24,7 +19,7 @@ What lives here is only what a file handle needs that a path-based client does n
   of that path found instead of looking them up again.
 
 Errors are errno-carrying OSErrors from the client, passed through; corrupt blocks and
-unreachable nodes become EIO (logged), and the mount stays up.
+unreachable nodes become EIO (logged), and the mount stays up (storage.errnos.errno_of).
 """
 from __future__ import annotations
 
@@ -35,11 +30,9 @@ import itertools
 import logging
 import os
 import stat as S
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ctypes.util import find_library
 
@@ -51,8 +44,10 @@ import mfusepy  # noqa: E402 - after choosing the library
 from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # noqa: E402
 
 from ..errors import BaleError
-from ..storage.client import Client, FileReader, FileWriter
+from ..storage.client import Client
+from ..storage.errnos import errno_of
 from ..storage.meta import Inode, mode_bits
+from ..storage.openfile import OpenFile, OpenFiles
 
 log = logging.getLogger("balefs.fuse")
 
@@ -60,7 +55,6 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-COPY_STEP = 4 << 20
 FUSE_READDIR_PLUS = 1 << 0  # readdir flag: the kernel asks for attributes too (READDIRPLUS)
 FUSE_FILL_DIR_PLUS = 1 << 1  # filler flag: this entry's stat is complete, hand it to the kernel
 IO_SIZE = 1 << 20  # st_blksize: the I/O size cp, Python and stdio pick for their buffers
@@ -83,39 +77,15 @@ def _v(path: str) -> str:
     return path.strip("/")
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite every byte of `data` at `offset`: a short write (a disk filling up) is retried
-    for the rest, so it ends either with all of it written or with the error (ENOSPC)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:  # no progress and no error: say what it almost certainly is
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view, offset = view[n:], offset + n
-
-
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
-    """Exactly `size` bytes at `offset`, reading on after a short read; EIO if the file ends first."""
-    data = os.pread(fd, size, offset)
-    if len(data) == size:
-        return data
-    parts, got = [data], len(data)
-    while got < size:
-        more = os.pread(fd, size - got, offset + got)
-        if not more:
-            raise OSError(errno.EIO, f"spool file ends at {offset + got}, short of {offset + size}")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def _errno_of(exc: BaseException) -> int:
-    return exc.errno if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
+def _vol(path: str | None) -> str | None:
+    """_v, keeping None: the path of an open file that was unlinked (or replaced) while open."""
+    return None if path is None else _v(path)
 
 
 def _op(fn: Callable) -> Callable:
-    """Turn what the client raises into errnos: OSErrors keep theirs; a corrupt block, an
-    unreachable node or any other fault of storage is EIO (and logged), never a crash."""
+    """Turn what the client raises into errnos (storage.errnos.errno_of): OSErrors keep
+    theirs; a corrupt block, an unreachable node or any other fault of storage is EIO (and
+    logged), never a crash."""
 
     @functools.wraps(fn)
     def wrapper(self: "BaleOperations", *args: Any) -> Any:
@@ -123,234 +93,19 @@ def _op(fn: Callable) -> Callable:
             return fn(self, *args)
         except FuseOSError:
             raise
-        except BaleError as exc:  # CorruptBlockError, NodeError, BlockNotFoundError...
-            log.error("%s %s: %s", fn.__name__, args[0] if args else "", exc)
-            raise FuseOSError(errno.EIO) from None
-        except OSError as exc:
-            if isinstance(exc.errno, int) and exc.errno > 0:
-                raise FuseOSError(exc.errno) from None
-            log.error("%s %s: %s", fn.__name__, args[0] if args else "", exc)
-            raise FuseOSError(errno.EIO) from None
-        except ValueError as exc:  # e.g. a path with '..' in it
-            log.warning("%s %s: %s", fn.__name__, args[0] if args else "", exc)
-            raise FuseOSError(errno.EINVAL) from None
-        except Exception:  # noqa: BLE001 - one failing call must not take the mount down
-            log.exception("%s %s failed", fn.__name__, args[0] if args else "")
-            raise FuseOSError(errno.EIO) from None
+        except Exception as exc:  # noqa: BLE001 - one failing call must not take the mount down
+            code = errno_of(exc)
+            where = args[0] if args else ""
+            if isinstance(exc, (BaleError, OSError)):
+                if isinstance(exc, BaleError) or code != exc.errno:  # CorruptBlockError, NodeError...; no errno
+                    log.error("%s %s: %s", fn.__name__, where, exc)
+            elif isinstance(exc, ValueError):  # e.g. a path with '..' in it
+                log.warning("%s %s: %s", fn.__name__, where, exc)
+            else:
+                log.exception("%s %s failed", fn.__name__, where)
+            raise FuseOSError(code) from None
 
     return wrapper
-
-
-class Handle:
-    """One open file: what it reads, and the new version it is writing, if any."""
-
-    def __init__(self, ops: "BaleOperations", path: str, node: Inode, writable: bool) -> None:
-        self.ops, self.client = ops, ops.client
-        self.path, self.node, self.ino = path, node, node.ino
-        self.writable = writable
-        self.lock = threading.RLock()
-        self.base: FileReader | None = None  # the committed version this handle reads
-        self.fw: FileWriter | None = None    # streaming new version (sequential writes)
-        self.spool: Any = None               # temp file with the whole new content
-        self.size = node.size
-        self.dirty = False
-        self.mtime_ns: int | None = None     # set by utimens while dirty; kept at commit
-        self.wtime_ns = node.mtime_ns        # time of the last write, reported while dirty
-        self.error: BaseException | None = None  # set once a write or commit failed: never commit after
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def _base(self, reader: FileReader | None = None) -> FileReader:
-        if self.base is None:
-            self.base = reader if reader is not None else self.client.open_read_inode(self.node)
-            if not self.dirty:
-                self.size = self.base.size
-        return self.base
-
-    def read(self, offset: int, size: int) -> bytes:
-        with self.lock:
-            self._check()
-            if self.spool is None and self.fw is not None:
-                if self.fw.size == 0:
-                    return b""
-                self._to_spool()
-            if self.spool is not None:
-                return _pread_all(self.spool.fileno(), max(0, min(size, self.size - offset)), offset)
-            base = self._base()
-        return base.read(offset, offset + size, views=True)  # a view into the cached block: no copy
-
-    # -- writing ---------------------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise FuseOSError(_errno_of(self.error))
-
-    def _fail(self, exc: BaseException) -> None:
-        """A write went wrong part way (ENOSPC on the spool's disk, a node error), or the
-        commit of streamed bytes failed: what the handle holds is no longer what was written,
-        so it must never be committed. Every later write, flush, fsync and close of this
-        handle fails with the same errno; the file keeps its committed version, which other
-        handles read again from now on."""
-        if self.error is None:
-            log.error("write %s: %s; the file keeps its committed version", self.path, exc)
-            self.error = exc
-        self.ops._clear_dirty(self)
-
-    @contextmanager
-    def _failing(self) -> Iterator[None]:
-        """A change of the handle's content: if it raises, the handle fails (see _fail)."""
-        try:
-            yield
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-
-    def _mark(self) -> None:
-        self.dirty = True
-        self.mtime_ns = None
-        self.wtime_ns = time.time_ns()
-        self.ops._set_dirty(self)
-
-    def truncate_all(self) -> None:
-        """O_TRUNC: the new version starts empty."""
-        with self.lock:
-            if self.fw is not None:
-                self.fw.abort()
-            if self.spool is not None:
-                self.spool.close()
-                self.spool = None
-            self.fw = self.client.open_write(self.path, mode=self.node.mode)
-            self.size = 0
-            self._mark()
-
-    def write(self, offset: int, data: bytes) -> int:
-        with self.lock:
-            self._check()
-            with self._failing():
-                return self._write(offset, data)
-
-    def _write(self, offset: int, data: bytes) -> int:
-        if self.spool is None:
-            if self.fw is None and not self.dirty:
-                self._base()
-                if offset == self.size:  # appending to the committed version: share its chunks
-                    self.fw = (self.client.open_write(self.path, mode=self.node.mode) if self.size == 0
-                               else self.client.extend_write(self.path, self._base()))
-            if self.fw is not None and offset == self.fw.size:
-                self.fw.write(data)
-                self.size = self.fw.size
-                self._mark()
-                return len(data)
-            self._to_spool()
-        _pwrite_all(self.spool.fileno(), data, offset)
-        self.size = max(self.size, offset + len(data))
-        self._mark()
-        return len(data)
-
-    def truncate(self, length: int) -> None:
-        with self.lock:
-            self._check()
-            with self._failing():
-                self._truncate(length)
-
-    def _truncate(self, length: int) -> None:
-        if length == 0:
-            self.truncate_all()
-            return
-        if self.spool is None:
-            current = self.fw.size if self.fw is not None else (self.size if self.dirty else self._base().size)
-            if length == current:
-                return
-            if self.fw is None and not self.dirty and length < current:  # cut: share the kept chunks
-                self.fw = self.client.extend_write(self.path, self._base(), keep=length)
-                self.size = length
-                self._mark()
-                return
-            self._to_spool()
-        self.spool.truncate(length)
-        self.size = length
-        self._mark()
-
-    def _to_spool(self) -> None:
-        """Fall back to a temp file holding the whole content (random writes, reads of own writes)."""
-        spool = tempfile.TemporaryFile(dir=self.ops.spool_dir, prefix="balefs-spool-")
-        try:
-            if self.fw is not None:
-                # The streamed bytes are in blocks that may not be durable or recorded yet:
-                # commit no file, which records every block, then read them back.
-                fw = self.fw
-                self.client.commit([])
-                src = FileReader(self.client, self.path, self.node._replace(size=fw.size), list(fw.extents))
-                size = fw.size
-            else:
-                src = self._base()
-                size = self.size
-            for start in range(0, size, COPY_STEP):
-                end = min(size, start + COPY_STEP)
-                data = src.read(start, end)
-                if len(data) != end - start:
-                    raise OSError(errno.EIO, f"{self.path}: read {len(data)} bytes at {start}, expected {end - start}")
-                _pwrite_all(spool.fileno(), data, start)
-            spool.truncate(size)
-        except BaseException:
-            spool.close()
-            raise
-        if self.fw is not None:
-            self.fw.abort()
-            self.fw = None
-        self.spool = spool
-
-    def commit(self, path: str | None) -> None:
-        """Make the handle's content the file's committed version (flush, fsync, release)."""
-        with self.lock:
-            self._check()
-            if not self.dirty:
-                return
-            if path is None:  # unlinked (or replaced) while open: its bytes have nowhere to go
-                self._drop()
-                return
-            vpath = _v(path)
-            try:
-                if self.fw is not None:
-                    fw, self.fw = self.fw, None
-                    fw.path = "/".join(p for p in vpath.split("/") if p)
-                    fw.mtime_ns = self.mtime_ns
-                    fw.close()
-                    self.base = FileReader(self.client, vpath, self.node._replace(size=fw.size), list(fw.extents))
-                else:
-                    fw = self.client.open_write(vpath, mode=self.node.mode)
-                    fw.mtime_ns = self.mtime_ns
-                    try:
-                        for start in range(0, self.size, COPY_STEP):
-                            fw.write(_pread_all(self.spool.fileno(), min(COPY_STEP, self.size - start), start))
-                    except BaseException:
-                        fw.abort()  # never commit a version with bytes missing
-                        raise
-                    fw.close()
-            except BaseException as exc:
-                if self.spool is None:  # the streamed bytes are lost: fail this handle from now on
-                    self._fail(exc)
-                raise
-            self.path = vpath
-            self.dirty = False
-            self.ops._clear_dirty(self)
-
-    def _drop(self) -> None:
-        if self.fw is not None:
-            self.fw.abort()
-            self.fw = None
-        self.ops._clear_dirty(self)  # while still dirty: its writes are dropped (see _clear_dirty)
-        self.dirty = False
-
-    def close(self) -> None:
-        with self.lock:
-            if self.fw is not None:
-                self.fw.abort()
-                self.fw = None
-            if self.spool is not None:
-                self.spool.close()
-                self.spool = None
-            self.ops._clear_dirty(self)
 
 
 class BaleOperations(Operations):
@@ -364,46 +119,17 @@ class BaleOperations(Operations):
         self.max_read = max_read
         self.read_only = read_only
         self.uid, self.gid = uid, gid
-        self.spool_dir = spool_dir or None
         self.on_ready = on_ready
-        self._handles: dict[int, Handle] = {}
-        self._fh = itertools.count(1)
+        self.files = OpenFiles(client, spool_dir)  # the open files, by fi.fh
         self._lock = threading.Lock()
-        self._dirty: dict[int, Handle] = {}  # ino -> the handle that last wrote it, unflushed
-        self._seen: dict[int, tuple] = {}    # ino -> version at its last open: keep the page cache if unchanged
         self._listings: dict[int, list[tuple[str, Inode | None]]] = {}  # open directory -> its entries
         self._dh = itertools.count(1)
         self._me = (os.getuid(), os.getgid())
 
     # -- handles ---------------------------------------------------------------------------
 
-    def _handle(self, fi: Any) -> Handle:
-        h = self._handles.get(fi.fh if fi is not None else 0)
-        if h is None:
-            raise FuseOSError(errno.EBADF)
-        return h
-
-    def _add(self, h: Handle) -> int:
-        with self._lock:
-            fh = next(self._fh)
-            self._handles[fh] = h
-        return fh
-
-    def _set_dirty(self, h: Handle) -> None:
-        with self._lock:
-            self._dirty[h.ino] = h
-
-    def _clear_dirty(self, h: Handle) -> None:
-        """h's writes stop counting as the file's newest content: committed (h.dirty already
-        False), or never to be (still dirty, or failed). In the second case the kernel may hold
-        pages of a version that is never committed, written or read while h was dirty, so the
-        next open must not keep the page cache on the grounds that the committed version is
-        unchanged. (While the file has unflushed writes, open keeps no page cache of it anyway.)"""
-        with self._lock:
-            if h.dirty or h.error is not None:
-                self._seen.pop(h.ino, None)
-            if self._dirty.get(h.ino) is h:
-                del self._dirty[h.ino]
+    def _handle(self, fi: Any) -> OpenFile:
+        return self.files.get(fi.fh if fi is not None else 0)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -443,20 +169,12 @@ class BaleOperations(Operations):
         """The session ends. The kernel ends it only once every file is closed (a lazy unmount
         waits for that); if the daemon is stopped with files still open for writing, their
         unflushed bytes are dropped, as in a crash, so that no half-written file shows up."""
-        for h in list(self._handles.values()):
-            if h.dirty:
-                log.warning("stopping with %s open and not closed: its unflushed writes are dropped", h.path)
-            h.close()
-        self._handles.clear()
+        self.files.close_all()
 
     # -- attributes ------------------------------------------------------------------------
 
     def _attrs(self, node: Inode) -> dict[str, int]:
-        size = node.size
-        mtime = node.mtime_ns
-        d = self._dirty.get(node.ino)
-        if d is not None:
-            size, mtime = d.size, d.mtime_ns or d.wtime_ns
+        size, mtime = self.files.size_and_mtime(node)
         return {"st_mode": mode_bits(node), "st_ino": node.ino, "st_nlink": node.nlink,
                 "st_uid": node.uid if self.uid is None else self.uid,
                 "st_gid": node.gid if self.gid is None else self.gid,
@@ -466,8 +184,8 @@ class BaleOperations(Operations):
     @_op
     def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
         if path is None:  # fstat of an unlinked open file
-            h = self._handle(fh)
-            return self._attrs(self.client.meta.getattr(h.ino) or h.node)
+            of = self._handle(fh)
+            return self._attrs(self.client.meta.getattr(of.ino) or of.node)
         return self._attrs(self.client.stat(_v(path)))
 
     @_op
@@ -523,12 +241,7 @@ class BaleOperations(Operations):
         mtime = time.time_ns() if times is None or times[1] == UTIME_NOW else times[1]
         if times is not None and times[1] == UTIME_OMIT:
             return 0
-        vpath = _v(path)
-        node = self.client.stat(vpath)
-        d = self._dirty.get(node.ino)
-        if d is not None:  # cp -p sets times before close: keep them through the commit
-            d.mtime_ns = mtime
-        self.client.setattr(vpath, mtime_ns=mtime)
+        self.files.set_mtime(_v(path), mtime)  # an unflushed version keeps it through its commit
         return 0
 
     @_op
@@ -599,9 +312,7 @@ class BaleOperations(Operations):
         if node.kind != "f":
             raise FuseOSError(errno.EISDIR if node.kind == "d" else errno.EEXIST)
         self._own(vpath)
-        h = Handle(self, vpath, node, writable=True)
-        h.base = FileReader(self.client, vpath, node, [])
-        fi.fh = self._add(h)
+        fi.fh = self.files.create(vpath, node)
         fi.keep_cache = 0
         fi.direct_io = 0
         return 0
@@ -617,19 +328,7 @@ class BaleOperations(Operations):
             reader = self.client.open_read(vpath)  # close-to-open: the client's lookup cache, revalidated
         except IsADirectoryError:
             raise FuseOSError(errno.EISDIR) from None
-        node = reader.inode
-        h = Handle(self, vpath, node, writable)
-        if writable and flags & os.O_TRUNC:
-            h.truncate_all()
-            keep = False
-        else:
-            version = (node.mtime_ns, node.size, node.hash)
-            keep = self._seen.get(node.ino) == version and node.ino not in self._dirty
-            if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
-                self._seen.clear()
-            self._seen[node.ino] = version
-            h._base(reader)  # the version at open: what this handle reads and builds on, even once replaced
-        fi.fh = self._add(h)
+        fi.fh, keep = self.files.open(vpath, reader, writable, truncate=writable and bool(flags & os.O_TRUNC))
         fi.keep_cache = 1 if keep else 0
         fi.direct_io = 0
         if not writable and hasattr(fi, "noflush"):
@@ -638,11 +337,8 @@ class BaleOperations(Operations):
 
     @_op
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes | memoryview:
-        h = self._handle(fi)
-        d = self._dirty.get(h.ino)
-        if d is not None and d is not h and not h.dirty:
-            h = d  # unflushed writes through another handle of this mount are seen here too
-        return h.read(offset, size)
+        # unflushed writes through another handle of this mount are seen here too
+        return self.files.reading(fi.fh if fi is not None else 0).read(offset, size)
 
     @_op
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
@@ -654,46 +350,30 @@ class BaleOperations(Operations):
         self._writable()
         if length < 0:
             raise FuseOSError(errno.EINVAL)
-        if fh is not None and fh.fh in self._handles:
-            self._handles[fh.fh].truncate(length)
+        of = self.files.find(fh.fh) if fh is not None else None
+        if of is not None:
+            of.truncate(length)
             return 0
         if path is None:
             raise FuseOSError(errno.EBADF)
-        vpath = _v(path)
-        node = self.client.stat(vpath)
-        d = self._dirty.get(node.ino)
-        if d is not None:  # an open handle of this mount holds a newer version: cut that one
-            d.truncate(length)
-        else:
-            self.client.truncate(vpath, length)
+        self.files.truncate(_v(path), length)  # an open handle of this mount holding a newer version is cut
         return 0
 
     @_op
     def flush(self, path: str | None, fi: Any) -> int:
-        h = self._handles.get(fi.fh)
-        if h is not None and (h.dirty or h.error is not None):
-            h.commit(path)
+        of = self.files.find(fi.fh)
+        if of is not None and of.needs_flush:
+            of.commit(_vol(path))
         return 0
 
     @_op
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        h = self._handle(fi)
-        h.commit(path)  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+        self._handle(fi).commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
         return 0
 
     @_op
     def release(self, path: str | None, fi: Any) -> int:
-        with self._lock:
-            h = self._handles.pop(fi.fh, None)
-        if h is None:
-            return 0
-        try:
-            if h.dirty:  # written after the last flush (e.g. through a shared mmap)
-                h.commit(path)
-        except Exception as exc:  # noqa: BLE001 - release cannot report; flush did
-            log.error("release %s: not committed: %s", path or h.path, exc)
-        finally:
-            h.close()
+        self.files.release(fi.fh, _vol(path))  # commits what was written after the last flush
         return 0
 
     # -- extended attributes ---------------------------------------------------------------
