@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 
@@ -28,6 +28,9 @@ from .node import VOLUME_KEY, Node, claim_nodes, normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .writer import ChunkWriter, parse_block_key
+from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
+from .readinto import read_files_into
+from .snapshot import Snapshot, local_copy, open_snapshot
 
 
 log = logging.getLogger(__name__)
@@ -472,6 +475,44 @@ class Client:
         if isinstance(data, Exception):
             raise data
         return data
+
+    # -- reads for adapters (loaders, checkpoints): named here, so none reaches into the reader
+
+    def open_snapshot(self, tree: str, rebuild: bool = False) -> Snapshot:
+        """The snapshot of directory `tree` (its files in storage order, with fresh block maps):
+        reused when still fresh, else built and stored in the volume (see snapshot.py)."""
+        return open_snapshot(self, tree, rebuild=rebuild)
+
+    def fetch_snapshot(self, location: str) -> str:
+        """The path of this host's local copy of the snapshot stored at volume path `location`
+        (fetched first if this host has none); Snapshot.load memory-maps it."""
+        return local_copy(self, location)
+
+    def adopt_block_maps(self, maps: dict[int, list[BlockRecord]]) -> None:
+        """Take block maps fetched elsewhere (a snapshot's, by chunk): reads of those chunks then
+        make no metadata query (a loader's workers never open the metadata store)."""
+        self.reader.adopt_maps(maps)
+
+    def read_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]],
+                     views: bool = False) -> list[bytes | memoryview | Exception]:
+        """Serve many (extents, start, end) reads of files known by their extents (a snapshot's),
+        fetching each needed block once; an error per request, not raised. With views, a range
+        held in one block is a read-only view into the cached block (no copy)."""
+        return self.reader.read_many(requests, views=views)
+
+    def read_files_into(self, files: Sequence[tuple[FileReader, object]], threads: int = 16,
+                        on_file_done: Callable[[int], None] | None = None) -> None:
+        """Read whole files (from open_read) straight into writable buffers, given as (reader, buffer)
+        pairs, each block once, in parallel, O_DIRECT where a node can: a bulk load that bypasses
+        the caches. on_file_done(i) is called once file i is complete; BlockReadError names a
+        block that cannot be read (see readinto.py)."""
+        read_files_into(self.reader, self.cfg.block_size, [(fr.extents, fr.size, buf) for fr, buf in files],
+                        threads, on_file_done)
+
+    @property
+    def writer_id(self) -> str:
+        """Who writes this client's chunks ("host:pid"), as recorded with each chunk."""
+        return self.writer.writer_id
 
     # -- writing -------------------------------------------------------------------------
 

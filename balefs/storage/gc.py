@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .client import Client
 from .meta import Extent
-from .liveness import pid_alive
+from ..liveness import pid_alive
 from .writer import block_key, parse_block_key
 
 

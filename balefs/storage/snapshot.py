@@ -68,6 +68,11 @@ class Snapshot:
     location: str = ""
     blocks: dict[int, list[BlockRecord]] = field(default_factory=dict)  # fresh block maps (main process only)
 
+    @staticmethod
+    def load(local_path: str, location: str = "") -> "Snapshot":
+        """Memory-map a local snapshot copy: what worker processes do (no client, no metadata query)."""
+        return load_local(local_path, location)
+
     def __len__(self) -> int:
         return self.table.num_rows
 
@@ -204,7 +209,7 @@ def _drop_stale_parts(where: str, age_s: float = 3600.0) -> None:
                 pass
 
 
-def _local_copy(client: "Client", location: str) -> str:
+def local_copy(client: "Client", location: str) -> str:
     """A local file with the bytes of the snapshot at `location`, named by its content hash."""
     node = client.stat(location)
     path = _local_path(str(node.hash or node.ino))
@@ -252,7 +257,7 @@ def open_snapshot(client: "Client", tree: str, rebuild: bool = False) -> Snapsho
     old: Snapshot | None = None
     try:
         stamp = _stamp_of(client, where)
-        old = load_local(_local_copy(client, where), where)
+        old = load_local(local_copy(client, where), where)
     except (FileNotFoundError, ValueError, OSError):
         stamp = None
     if old is not None and not rebuild and stamp == volume_stamp(client):
