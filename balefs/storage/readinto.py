@@ -27,8 +27,8 @@ Target = tuple[int, memoryview, int, int, int]  # file index, its buffer, where 
 def read_files_into(reader: BlockReader, block_size: int, files: Sequence[tuple[Sequence[Extent], int, Any]],
                     threads: int = 16, on_file_done: Callable[[int], None] | None = None) -> None:
     """Fill each writable buffer with its file's bytes, for files given as (extents, size, buffer)
-    (the buffer holds at least size bytes). on_file_done(i) is called in the thread that copies
-    the last piece of file i, while other blocks are still read (to check a hash meanwhile).
+    (the buffer holds at least size bytes). on_file_done(i) is called once per file, in the thread
+    that copies its last piece, while other blocks are still read (to check a hash meanwhile).
     A block no copy of which can be read raises BlockReadError naming it, its cause the last error."""
     views = [memoryview(buf).cast("B") for _, _, buf in files]
     reader.load_maps({e[1] for ext, _, _ in files for e in ext})  # one query, not one per chunk
@@ -50,6 +50,10 @@ def read_files_into(reader: BlockReader, block_size: int, files: Sequence[tuple[
             covered = end
         if covered < size:
             dst[covered:size] = bytes(size - covered)
+    if on_file_done is not None:
+        for i in range(len(files)):
+            if i not in left:  # nothing to read (empty, or all hole): complete already
+                on_file_done(i)
     lock = threading.Lock()
     scratch = threading.local()
     scratch_size = -(-(HEADER_SIZE + block_size) // PAGE) * PAGE
