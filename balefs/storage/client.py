@@ -28,7 +28,9 @@ from .node import VOLUME_KEY, Node, claim_nodes, normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .writer import ChunkWriter, parse_block_key
+from .counters import CounterRegistry
 from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
+from .paths import PathSet
 from .readinto import read_files_into
 from .snapshot import Snapshot, local_copy, open_snapshot
 
@@ -209,6 +211,7 @@ class Client:
         # lookups by path, for cfg.meta_cache_ttl: (inode, expiry, the extents once a read looked them up)
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
         self._generation = self.meta.generation() if self._meta is not None else None
+        self.counter_registry = self._gather_counters()
 
     @property
     def meta(self) -> SqlMeta:
@@ -513,6 +516,25 @@ class Client:
     def writer_id(self) -> str:
         """Who writes this client's chunks ("host:pid"), as recorded with each chunk."""
         return self.writer.writer_id
+
+    def counters(self) -> dict[str, int]:
+        """Every counter of this client now, flat: {"cache.hits": n, "disk_cache.errors": n,
+        "reader.hedged": n, "node.<id>.path.<i>.requests": n, ...}; for stats output and exporters."""
+        return self.counter_registry.snapshot()
+
+    def _gather_counters(self) -> CounterRegistry:
+        """The registry of the counters of this client's caches, block reader and node paths."""
+        registry = CounterRegistry()
+        registry.add("cache", self.cache.counters)
+        if self.disk_cache is not None:
+            registry.add("disk_cache", self.disk_cache.counters)
+        registry.add("reader", self.reader.counters)
+        for nid, node in sorted(self.nodes.items()):
+            paths = getattr(node, "paths", None)
+            if isinstance(paths, PathSet):
+                for i, path in enumerate(paths.paths):
+                    registry.add(f"node.{nid}.path.{i}", path.counters)
+        return registry
 
     # -- writing -------------------------------------------------------------------------
 
