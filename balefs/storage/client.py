@@ -35,6 +35,10 @@ from .readinto import read_files_into
 from .snapshot import Snapshot, local_copy, open_snapshot
 
 
+# The public API, and the value types it takes and returns: adapters import these from here,
+# and nothing else from the storage core but its config (tests/test_layering.py).
+__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "Snapshot"]
+
 log = logging.getLogger(__name__)
 
 
