@@ -510,8 +510,8 @@ class Client:
     def read_files_into(self, files: Sequence[tuple[FileReader, object]], threads: int = 16,
                         on_file_done: Callable[[int], None] | None = None) -> None:
         """Read whole files (from open_read) straight into writable buffers, given as (reader, buffer)
-        pairs, each block once, in parallel, O_DIRECT where a node can: a bulk load that bypasses
-        the caches. on_file_done(i) is called once file i is complete; BlockReadError names a
+        pairs, each block once, in parallel, O_DIRECT where a node can: a bulk load that does not
+        fill the caches. on_file_done(i) is called once file i is complete; BlockReadError names a
         block that cannot be read (see readinto.py)."""
         read_files_into(self.reader, self.cfg.block_size, [(fr.extents, fr.size, buf) for fr, buf in files],
                         threads, on_file_done)
