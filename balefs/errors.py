@@ -47,6 +47,11 @@ class CorruptBlockError(BaleError, OSError):
         return CorruptBlockError(self.reason, chunk, block, node)
 
 
+class BlockReadError(BaleError, OSError):
+    """A block of a file being read could not be read from any copy; names the chunk and block,
+    its cause is the last error (a bulk read that cannot go on without it)."""
+
+
 class MetaUnavailableError(BaleError, ConnectionError):
     """The metadata database cannot be reached (down, restarting, refused the login), or was
     lost while a change was being committed, so its outcome is unknown."""

@@ -741,3 +741,61 @@ def test_sqlite_metadata_is_in_wal_mode(client: Client, volume) -> None:
     finally:
         db.close()
     assert client.meta._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+# -- the named reads that adapters (loaders, checkpoints) use ------------------------------
+
+
+def test_read_files_into_reads_each_block_once_and_holes_as_zeros(client: Client, open_client, volume) -> None:
+    a, b = payload(3 * BLOCK + 17, 1), payload(BLOCK // 2, 2)
+    with client.batch():
+        client.write_file("a", a)
+        client.write_file("b", b)  # packed right after a: they share a block
+    client.copy("a", "a2")  # shares every block of a
+    client.write_file("s", b"xyz")
+    client.truncate("s", BLOCK + 5)
+    fw = client.open_write("s", append=True)
+    fw.write(b"tail")  # after a hole of BLOCK + 2 bytes
+    fw.close()
+    client.write_file("empty", b"")
+    fresh = open_client("vol")
+    read: list[str] = []
+    for node in fresh.nodes.values():
+        real = node.read_into
+        node.read_into = lambda key, buf, real=real: read.append(key) or real(key, buf)
+    files = [fresh.open_read(p) for p in ("a", "b", "a2", "s", "empty")]
+    bufs = [bytearray(b"\xff" * f.size) for f in files]
+    done: list[int] = []
+    fresh.read_files_into(list(zip(files, bufs)), threads=4, on_file_done=done.append)
+    assert bufs == [a, b, a, b"xyz" + bytes(BLOCK + 2) + b"tail", b""]
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    assert read and len(read) == len(set(read))  # straight from the nodes, each block once
+    assert len(fresh.cache) == 0  # a bulk load does not churn the block cache
+
+
+def test_read_files_into_names_a_block_that_no_copy_holds(client: Client, open_client, volume) -> None:
+    from balefs.errors import BlockReadError
+
+    client.write_file("a", payload(2 * BLOCK, 3))
+    for node in volume.nodes:
+        for f in (Path(node) / "blocks").rglob("*"):
+            if f.is_file():
+                f.unlink()
+    fresh = open_client("vol")
+    fr = fresh.open_read("a")
+    with pytest.raises(BlockReadError, match=r"^cannot read chunk \d+ block \d+: ") as err:
+        fresh.read_files_into([(fr, bytearray(fr.size))])
+    assert isinstance(err.value.__cause__, NodeError)
+
+
+def test_read_extents_serves_a_snapshot_of_extents_without_lookups(client: Client, open_client) -> None:
+    files = {f"d/{i}": payload(1000 + i, seed=i) for i in range(20)}
+    with client.batch():
+        for path, data in files.items():
+            client.write_file(path, data)
+    extents = {p: client.open_read(p).extents for p in files}
+    fresh = open_client("vol")
+    reqs = [(extents[p], 0, len(d)) for p, d in files.items()] + [(extents["d/3"], 10, 20)]
+    out = fresh.read_extents(reqs, views=True)
+    assert [bytes(o) for o in out] == list(files.values()) + [files["d/3"][10:20]]
+    assert all(isinstance(o, memoryview) and o.readonly for o in out)

@@ -141,6 +141,11 @@ def test_slow_path_is_hedged(moto, faulty, open_client) -> None:
         assert c.read_file("f") == data
     assert time.monotonic() - t < 3.0
     assert c.reader.hedged > 0
+    counters = c.counters()  # the client's one snapshot agrees, and counts each path of the node
+    assert counters["reader.hedged"] == c.reader.hedged
+    paths = c.nodes[1].paths.paths
+    assert [counters[f"node.1.path.{i}.requests"] for i in (0, 1)] == [p.requests for p in paths]
+    assert all(counters[f"node.1.path.{i}.requests"] > 0 and counters[f"node.1.path.{i}.bytes_in"] > 0 for i in (0, 1))
     a.faults.set(delay=0.0)
 
 

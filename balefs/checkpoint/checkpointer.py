@@ -137,7 +137,7 @@ class Checkpointer:
                     raise item
                 writer.add(item)
                 job.consumed[i].set()
-            writer.commit(Manifest(job.step, job.tree, {}, {"writer": self.client.writer.writer_id}))
+            writer.commit(Manifest(job.step, job.tree, {}, {"writer": self.client.writer_id}))
             self.last_stats = {"written_bytes": writer.written_bytes, "referenced_bytes": writer.referenced_bytes}
             self._retain(sorted(others + [job.step]))
             job.future.set_result(job.step)

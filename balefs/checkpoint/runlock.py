@@ -11,8 +11,8 @@ import os
 import socket
 import uuid
 
+from ..liveness import pid_alive
 from ..storage.client import Client
-from ..storage.liveness import pid_alive
 from .store import CheckpointError
 
 LEASE = ".balefs-writer.json"

@@ -11,9 +11,6 @@ without it is incomplete and invisible.
 from __future__ import annotations
 
 import json
-import mmap
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -21,14 +18,10 @@ import numpy as np
 import torch
 import xxhash
 
-from ..errors import BaleError
+from ..errors import BaleError, BlockReadError
 from ..storage.client import Client
-from ..storage.codec import HEADER_SIZE
 from . import layout
 from .staging import Staged
-
-
-_PAGE = 4096
 
 
 class CheckpointError(BaleError):
@@ -149,10 +142,7 @@ class StepReader:
     def read_into(self, targets: dict[str, torch.Tensor], verify: bool = True) -> None:
         """Fill each CPU contiguous tensor in `targets` (array name -> tensor) with the array's bytes."""
         client = self.client
-        reader = client.reader
-        jobs: dict[tuple[int, int], tuple[Any, list[tuple[str, np.ndarray, int, int, int]]]] = {}
-        left: dict[str, int] = {}  # array name -> pieces not yet copied: hashed by the thread that copies its last
-        opened = []
+        opened: list[tuple[str, Any, np.ndarray]] = []
         for name, tensor in targets.items():
             info = self.manifest.arrays[name]
             if not info["nbytes"]:
@@ -164,55 +154,18 @@ class StepReader:
                 raise CorruptCheckpointError(f"{self.path}: array {name!r} is listed in the manifest but its data is missing") from None
             if fr.size != info["nbytes"] or (fr.inode.hash and fr.inode.hash != info["hash"]):
                 raise CorruptCheckpointError(f"{self.path}: array {name!r} does not match its manifest (size or hash)")
-            opened.append((name, tensor, fr))
-        reader.load_maps({e.chunk for _, _, fr in opened for e in fr.extents})  # one query, not one per chunk
-        for name, tensor, fr in opened:
-            dst = tensor.detach().reshape(-1).view(torch.uint8).numpy()
-            pos = 0
-            for rec, lo, hi in reader.plan(fr.extents, 0, fr.size):
-                jobs.setdefault((rec.chunk, rec.idx), (rec, []))[1].append((name, dst, pos, lo, hi))
-                left[name] = left.get(name, 0) + 1
-                pos += hi - lo
-        lock = threading.Lock()
+            opened.append((name, fr, tensor.detach().reshape(-1).view(torch.uint8).numpy()))
         failed: list[str] = []
 
-        scratch = threading.local()
-        scratch_size = -(-(HEADER_SIZE + client.cfg.block_size) // _PAGE) * _PAGE
+        def check(i: int) -> None:
+            """Hash an array once its last byte is in, while other blocks are still being read."""
+            name, _, dst = opened[i]
+            if xxhash.xxh3_128(dst).hexdigest() != self.manifest.arrays[name]["hash"]:
+                failed.append(name)
 
-        def block_bytes(rec: Any) -> Any:
-            """The verified raw bytes of a block. Read with O_DIRECT into this thread's reused,
-            page-aligned buffer where a node can (no page-cache copy or reclaim, no block cache
-            churn: a load reads each block once); else, and after any error, through the block
-            reader (cache, other replicas, blocks moved since, repair, its clear errors)."""
-            cached = reader.cache.get((rec.chunk, rec.idx))
-            if cached is not None:
-                return cached
-            need = -(-rec.stored // _PAGE) * _PAGE
-            buf = getattr(scratch, "buf", None)
-            if buf is None or len(buf) < need:
-                buf = scratch.buf = mmap.mmap(-1, max(need, scratch_size))
-            raw = reader.read_direct(rec, buf)
-            return raw if raw is not None else reader.get(rec)
-
-        def fetch(rec: Any, pieces: list[tuple[str, np.ndarray, int, int, int]]) -> None:
-            block = np.frombuffer(block_bytes(rec), dtype=np.uint8)
-            for name, dst, pos, lo, hi in pieces:
-                dst[pos:pos + hi - lo] = block[lo:hi]
-                with lock:
-                    left[name] -= 1
-                    complete = not left[name]
-                if complete and verify and xxhash.xxh3_128(dst).hexdigest() != self.manifest.arrays[name]["hash"]:
-                    failed.append(name)  # checked while other blocks are still being read
-
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="bale-ckpt-load") as pool:
-            futures = [(rec, pool.submit(fetch, rec, pieces)) for rec, pieces in jobs.values()]
-            for rec, fut in futures:
-                try:
-                    fut.result()
-                except OSError as exc:
-                    for f in futures:
-                        f[1].cancel()
-                    raise CorruptCheckpointError(f"{self.path}: cannot read chunk {rec.chunk} block {rec.idx}: {exc}") from exc
+        try:
+            client.read_files_into([(fr, dst) for _, fr, dst in opened], self.threads, check if verify else None)
+        except BlockReadError as exc:
+            raise CorruptCheckpointError(f"{self.path}: {exc}") from exc
         if failed:
             raise CorruptCheckpointError(f"{self.path}: array {sorted(failed)[0]!r} fails its checksum")
-

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import BaleError
 from ..storage.config import balefs_home, load_config, parse_size
-from ..storage.liveness import pid_alive
+from ..liveness import pid_alive
 
 log = logging.getLogger("balefs.fuse")
 

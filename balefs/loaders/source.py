@@ -4,7 +4,7 @@ What every loader (torch, DALI, Ray) shares. Built in the main process (which bu
 reuses the snapshot and fetches the block maps of its chunks, once); pickled or forked into
 workers, where it memory-maps the local snapshot copy and opens its own Client on first use
 (the Client is not fork-safe: a process never uses one opened by another). Reads go through
-the client's batched BlockReader.read_many with the snapshot's extents: no metadata query.
+the client's batched read_extents with the snapshot's extents: no metadata query.
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import BaleError, CorruptBlockError, NodeError
-from ..storage.client import Client
+from ..storage.client import Client, Extent, Snapshot
 from ..storage.config import load_config, parse_bale_url
-from ..storage.meta import Extent
-from ..storage.snapshot import Snapshot, _local_copy, load_local, open_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ class BaleSource:
         cfg = load_config(self.volume)
         self.cfg = cfg.with_options(options) if options else cfg
         with Client(self.cfg) as client:
-            snap = open_snapshot(client, self.tree, rebuild=rebuild)
+            snap = client.open_snapshot(self.tree, rebuild=rebuild)
             self.identity = client.identity  # workers open their clients from it: no metadata store
         self.fingerprint, self.classes, self.location = snap.fingerprint, snap.classes, snap.location
         self.local_path = snap.local_path
@@ -62,15 +60,15 @@ class BaleSource:
         snapshot's block maps and opens the metadata store only for files moved since (gc)."""
         if self._client is None or self._pid != os.getpid():
             self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
-            self._client.reader.adopt_maps(self.blocks)
+            self._client.adopt_block_maps(self.blocks)
         return self._client
 
     @property
     def snapshot(self) -> Snapshot:
         if self._snap is None:
             if not os.path.exists(self.local_path):  # another host: fetch the snapshot from the volume
-                self.local_path = _local_copy(self.client, self.location)
-            snap = load_local(self.local_path, self.location)
+                self.local_path = self.client.fetch_snapshot(self.location)
+            snap = Snapshot.load(self.local_path, self.location)
             if snap.fingerprint != self.fingerprint:
                 raise SampleError(f"{self.local_path}: snapshot changed under a running job")
             self._snap = snap
@@ -122,7 +120,7 @@ class BaleSource:
         into it (no copy)."""
         sizes = self.column("size")
         reqs = [(self._extents(r), 0, int(sizes[r])) for r in rows]
-        out = self.client.reader.read_many(reqs, views=views)
+        out = self.client.read_extents(reqs, views=views)
         moved = [i for i, d in enumerate(out) if isinstance(d, NodeError) and not isinstance(d, CorruptBlockError)]
         if moved:
             again = self.client.read_ranges([(self._full_path(rows[i]), 0, None) for i in moved])

@@ -5,6 +5,8 @@ import threading
 from collections import OrderedDict
 from typing import Hashable
 
+from .counters import CounterGroup
+
 
 class BlockCache:
     """An LRU map of block key -> raw bytes whose total size never exceeds `capacity` bytes."""
@@ -14,16 +16,16 @@ class BlockCache:
         self._items: OrderedDict[Hashable, bytes] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.counters = CounterGroup("hits", "misses")
 
     def get(self, key: Hashable) -> bytes | None:
         with self._lock:
             data = self._items.get(key)
             if data is None:
-                self.misses += 1
+                self.counters.misses.add()
                 return None
             self._items.move_to_end(key)
-            self.hits += 1
+            self.counters.hits.add()
             return data
 
     def put(self, key: Hashable, data: bytes) -> None:
@@ -44,6 +46,9 @@ class BlockCache:
             old = self._items.pop(key, None)
             if old is not None:
                 self._size -= len(old)
+
+    hits = property(lambda self: self.counters.hits.value, doc="lookups served from memory")
+    misses = property(lambda self: self.counters.misses.value, doc="lookups not served")
 
     @property
     def size(self) -> int:

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 
@@ -25,13 +25,21 @@ from .gcpause import collector_paused
 from .codec import BlockCodec
 from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
 from .layout import parse_block_key
-from .node import VOLUME_KEY, Closable, LocalDirectory, Node, supports
+from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, supports
 from .node_registry import normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .volume import claim_nodes
 from .writer import ChunkWriter
+from .counters import CounterRegistry
+from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
+from .readinto import read_files_into
+from .snapshot import Snapshot, local_copy, open_snapshot
 
+
+# The public API, and the value types it takes and returns: adapters import these from here,
+# and nothing else from the storage core but its config (tests/test_layering.py).
+__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "Snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +217,7 @@ class Client:
         # lookups by path, for cfg.meta_cache_ttl: (inode, expiry, the extents once a read looked them up)
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
         self._generation = self.meta.generation() if self._meta is not None else None
+        self.counter_registry = self._gather_counters()
 
     @property
     def meta(self) -> SqlMeta:
@@ -476,6 +485,62 @@ class Client:
         if isinstance(data, Exception):
             raise data
         return data
+
+    # -- reads for adapters (loaders, checkpoints): named here, so none reaches into the reader
+
+    def open_snapshot(self, tree: str, rebuild: bool = False) -> Snapshot:
+        """The snapshot of directory `tree` (its files in storage order, with fresh block maps):
+        reused when still fresh, else built and stored in the volume (see snapshot.py)."""
+        return open_snapshot(self, tree, rebuild=rebuild)
+
+    def fetch_snapshot(self, location: str) -> str:
+        """The path of this host's local copy of the snapshot stored at volume path `location`
+        (fetched first if this host has none); Snapshot.load memory-maps it."""
+        return local_copy(self, location)
+
+    def adopt_block_maps(self, maps: dict[int, list[BlockRecord]]) -> None:
+        """Take block maps fetched elsewhere (a snapshot's, by chunk): reads of those chunks then
+        make no metadata query (a loader's workers never open the metadata store)."""
+        self.reader.adopt_maps(maps)
+
+    def read_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]],
+                     views: bool = False) -> list[bytes | memoryview | Exception]:
+        """Serve many (extents, start, end) reads of files known by their extents (a snapshot's),
+        fetching each needed block once; an error per request, not raised. With views, a range
+        held in one block is a read-only view into the cached block (no copy)."""
+        return self.reader.read_many(requests, views=views)
+
+    def read_files_into(self, files: Sequence[tuple[FileReader, object]], threads: int = 16,
+                        on_file_done: Callable[[int], None] | None = None) -> None:
+        """Read whole files (from open_read) straight into writable buffers, given as (reader, buffer)
+        pairs, each block once, in parallel, O_DIRECT where a node can: a bulk load that does not
+        fill the caches. on_file_done(i) is called once file i is complete; BlockReadError names a
+        block that cannot be read (see readinto.py)."""
+        read_files_into(self.reader, self.cfg.block_size, [(fr.extents, fr.size, buf) for fr, buf in files],
+                        threads, on_file_done)
+
+    @property
+    def writer_id(self) -> str:
+        """Who writes this client's chunks ("host:pid"), as recorded with each chunk."""
+        return self.writer.writer_id
+
+    def counters(self) -> dict[str, int]:
+        """Every counter of this client now, flat: {"cache.hits": n, "disk_cache.errors": n,
+        "reader.hedged": n, "node.<id>.path.<i>.requests": n, ...}; for stats output and exporters."""
+        return self.counter_registry.snapshot()
+
+    def _gather_counters(self) -> CounterRegistry:
+        """The registry of the counters of this client's caches, block reader and node paths."""
+        registry = CounterRegistry()
+        registry.add("cache", self.cache.counters)
+        if self.disk_cache is not None:
+            registry.add("disk_cache", self.disk_cache.counters)
+        registry.add("reader", self.reader.counters)
+        for nid, node in sorted(self.nodes.items()):
+            if supports(node, MultiPath):
+                for i, path in enumerate(node.paths.paths):
+                    registry.add(f"node.{nid}.path.{i}", path.counters)
+        return registry
 
     # -- writing -------------------------------------------------------------------------
 

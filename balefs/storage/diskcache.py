@@ -30,6 +30,8 @@ from collections import OrderedDict
 
 import xxhash
 
+from .counters import CounterGroup
+
 log = logging.getLogger("balefs.diskcache")
 
 MAGIC = b"BDC1"
@@ -49,7 +51,7 @@ class DiskBlockCache:
         self._size = 0
         self._lock = threading.Lock()
         self._paused_until = 0.0
-        self.hits = self.misses = self.writes = self.dropped = self.errors = 0
+        self.counters = CounterGroup("hits", "misses", "writes", "dropped", "errors")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_depth))
         try:
             os.makedirs(self.root, exist_ok=True)
@@ -112,7 +114,7 @@ class DiskBlockCache:
                 blob = f.read()
         except OSError:
             self._forget(key)
-            self.misses += 1
+            self.counters.misses.add()
             return None
         try:
             magic, n, digest = _HEAD.unpack_from(blob)
@@ -124,7 +126,7 @@ class DiskBlockCache:
             log.warning("disk cache: dropping damaged entry %s", path)
             _unlink(path)
             self._forget(key)
-            self.misses += 1
+            self.counters.misses.add()
             return None
         with self._lock:
             if key in self._index:
@@ -136,7 +138,7 @@ class DiskBlockCache:
             os.utime(path)  # the LRU order survives restarts
         except OSError:
             pass
-        self.hits += 1
+        self.counters.hits.add()
         return data
 
     def _forget(self, key: Key) -> None:
@@ -158,7 +160,7 @@ class DiskBlockCache:
         try:
             self._queue.put_nowait((key, data))
         except queue.Full:
-            self.dropped += 1
+            self.counters.dropped.add()
 
     def _drain(self) -> None:
         while True:
@@ -197,7 +199,7 @@ class DiskBlockCache:
             os.replace(tmp, path)
         except OSError as exc:
             _unlink(tmp)
-            self.errors += 1
+            self.counters.errors.add()
             self._paused_until = time.monotonic() + self.pause_s
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 with self._lock:  # the disk is fuller than our bound assumed: make real room
@@ -209,7 +211,7 @@ class DiskBlockCache:
         with self._lock:
             self._index[key] = need
             self._size += need
-        self.writes += 1
+        self.counters.writes.add()
 
     def _evict_locked(self, need: int, shrink_to: int | None = None) -> list[str]:
         """Pop least recently used entries until `need` more bytes fit; return their paths."""
@@ -226,6 +228,12 @@ class DiskBlockCache:
     @property
     def size(self) -> int:
         return self._size
+
+    hits = property(lambda self: self.counters.hits.value, doc="entries served from disk")
+    misses = property(lambda self: self.counters.misses.value, doc="lookups not served (absent or damaged)")
+    writes = property(lambda self: self.counters.writes.value, doc="entries written")
+    dropped = property(lambda self: self.counters.dropped.value, doc="entries not cached: the write queue was full")
+    errors = property(lambda self: self.counters.errors.value, doc="writes that failed (the cache then pauses)")
 
     def __len__(self) -> int:
         return len(self._index)

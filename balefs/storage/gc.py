@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .client import Client
 from .layout import block_key, parse_block_key
 from .meta import Extent
-from .liveness import pid_alive
+from ..liveness import pid_alive
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 from ..errors import NodeError, NodeUnreachableError
+from .counters import CounterGroup
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,8 @@ class NodePath(Generic[Target]):
         self.target = target
         self.outstanding = 0
         self.up = True
-        self.requests = 0
-        self.errors = 0
+        self.counters = CounterGroup("requests", "errors", "bytes_in", "bytes_out")
         self.consecutive_errors = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.latency: float | None = None  # EWMA of the seconds a successful request took
         self.last_error = ""
         self.down_since = 0.0
@@ -62,12 +60,17 @@ class NodePath(Generic[Target]):
         self._started: dict[int, float] = {}  # request token -> when it started
         self._tokens = itertools.count()
 
+    requests = property(lambda self: self.counters.requests.value, doc="requests sent on this path")
+    errors = property(lambda self: self.counters.errors.value, doc="requests that failed on this path")
+    bytes_in = property(lambda self: self.counters.bytes_in.value, doc="bytes received")
+    bytes_out = property(lambda self: self.counters.bytes_out.value, doc="bytes sent")
+
     def begin(self) -> int:
         """Book a request starting now; returns its token for succeeded/failed/released."""
         token = next(self._tokens)
         with self._lock:
             self.outstanding += 1
-            self.requests += 1
+            self.counters.requests.add()
             self._started[token] = time.monotonic()
         return token
 
@@ -84,8 +87,8 @@ class NodePath(Generic[Target]):
         """Book a successful request; a path that answers is up."""
         with self._lock:
             took = self._end(token)
-            self.bytes_in += bytes_in
-            self.bytes_out += bytes_out
+            self.counters.bytes_in.add(bytes_in)
+            self.counters.bytes_out.add(bytes_out)
             self.consecutive_errors = 0
             self.latency = took if self.latency is None else 0.8 * self.latency + 0.2 * took
             if not self.up:
@@ -96,7 +99,7 @@ class NodePath(Generic[Target]):
         """Book a failed request; mark the path down when told or after repeated server errors."""
         with self._lock:
             self._end(token)
-            self.errors += 1
+            self.counters.errors.add()
             self.consecutive_errors += 1
             self.last_error = f"{type(error).__name__}: {error}"[:200]
             if (mark_down or self.consecutive_errors >= server_errors_to_down) and self.up:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
+from .counters import CounterGroup
 from .meta import BlockRecord, Extent
 from .layout import block_key
 from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
@@ -56,8 +57,10 @@ class BlockReader:
         self._lock = threading.Lock()
         self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
-        self.hedged = 0  # reads raced against another replica or path
-        self.repaired = 0  # bad copies rewritten from a good one
+        self.counters = CounterGroup("hedged", "repaired")
+
+    hedged = property(lambda self: self.counters.hedged.value, doc="reads raced against another replica or path")
+    repaired = property(lambda self: self.counters.repaired.value, doc="bad copies rewritten from a good one")
 
     # -- block maps ----------------------------------------------------------------------
 
@@ -261,7 +264,7 @@ class BlockReader:
                 timeout = max(self.hedge_min, min(self._hedge_after(n) for n in pending.values()))
             done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
             if not done:
-                self.hedged += 1
+                self.counters.hedged.add()
                 launch(queue.pop(0) if queue else spare.pop(0))
                 continue
             for fut in done:
@@ -287,8 +290,7 @@ class BlockReader:
                 continue
             try:
                 node.put(key, blob)
-                with self._lock:
-                    self.repaired += 1
+                self.counters.repaired.add()
                 log.warning("repaired chunk %d block %d on node %s", rec.chunk, rec.idx, node.url)
             except Exception as exc:  # noqa: BLE001 - the copy stays bad; fsck or the next read retries
                 log.warning("could not repair chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)

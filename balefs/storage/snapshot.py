@@ -27,21 +27,32 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import xxhash
 
 from .config import balefs_home
-from .meta import BlockRecord, Extent, split_path
+from .meta import BlockRecord, Extent, Inode, split_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from .client import Client
-
 SNAPSHOT_DIR = ".balefs/snapshots"
 STAMP_XATTR = "balefs.snapshot.stamp"
 FORMAT = 1
+
+
+class OpenVolume(Protocol):
+    """What snapshots need of an open volume (a Client, which this module does not import)."""
+
+    @property
+    def meta(self) -> Any: ...
+    def stat(self, path: str) -> Inode: ...
+    def walk(self, path: str) -> Iterator[tuple[str, Inode]]: ...
+    def read_file(self, path: str) -> bytes: ...
+    def write_file(self, path: str, data: bytes | memoryview, exclusive: bool = False) -> None: ...
+    def getxattr(self, path: str, name: str) -> bytes: ...
+    def setxattr(self, path: str, name: str, value: bytes, create: bool = False, replace: bool = False) -> None: ...
 
 
 def snapshot_location(tree: str) -> str:
@@ -51,7 +62,7 @@ def snapshot_location(tree: str) -> str:
     return f"{SNAPSHOT_DIR}/{safe}-{xxhash.xxh3_64_hexdigest(tree.encode())[:12]}.arrow"
 
 
-def volume_stamp(client: "Client") -> str:
+def volume_stamp(client: OpenVolume) -> str:
     """The volume's change stamp: generation counter and inode count (see the module doc)."""
     return f"{client.meta.generation()}:{client.meta.count_inodes()}"
 
@@ -67,6 +78,11 @@ class Snapshot:
     local_path: str
     location: str = ""
     blocks: dict[int, list[BlockRecord]] = field(default_factory=dict)  # fresh block maps (main process only)
+
+    @staticmethod
+    def load(local_path: str, location: str = "") -> "Snapshot":
+        """Memory-map a local snapshot copy: what worker processes do (no client, no metadata query)."""
+        return load_local(local_path, location)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -94,7 +110,7 @@ class Snapshot:
 # -- building ----------------------------------------------------------------------------
 
 
-def _listing(client: "Client", tree: str) -> list[tuple]:
+def _listing(client: OpenVolume, tree: str) -> list[tuple]:
     """(rel path, inode, extents) of every file below `tree`, the snapshot directory excepted."""
     node = client.stat(tree)
     if node.kind != "d":
@@ -144,7 +160,7 @@ def _ipc_bytes(table: "pa.Table") -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write(client: "Client", tree: str, table: "pa.Table", listed_at: str) -> bytes:
+def _write(client: OpenVolume, tree: str, table: "pa.Table", listed_at: str) -> bytes:
     """Store the snapshot in the volume and stamp it; a change by another client since the listing
     (stamp `listed_at`) leaves it unstamped, so the next open re-checks it. Returns its bytes."""
     where = snapshot_location(tree)
@@ -204,7 +220,7 @@ def _drop_stale_parts(where: str, age_s: float = 3600.0) -> None:
                 pass
 
 
-def _local_copy(client: "Client", location: str) -> str:
+def local_copy(client: OpenVolume, location: str) -> str:
     """A local file with the bytes of the snapshot at `location`, named by its content hash."""
     node = client.stat(location)
     path = _local_path(str(node.hash or node.ino))
@@ -228,14 +244,14 @@ def _store_local(path: str, data: bytes) -> str:
     return path
 
 
-def _stamp_of(client: "Client", location: str) -> str | None:
+def _stamp_of(client: OpenVolume, location: str) -> str | None:
     try:
         return client.getxattr(location, STAMP_XATTR).decode()
     except OSError:
         return None
 
 
-def _with_blocks(client: "Client", snap: Snapshot) -> Snapshot | None:
+def _with_blocks(client: OpenVolume, snap: Snapshot) -> Snapshot | None:
     """The snapshot with fresh block maps of its chunks; None when a chunk is gone (gc moved bytes)."""
     chunks = snap.chunks()
     blocks = client.meta.blocks_of(chunks) if chunks else {}
@@ -245,14 +261,14 @@ def _with_blocks(client: "Client", snap: Snapshot) -> Snapshot | None:
     return snap
 
 
-def open_snapshot(client: "Client", tree: str, rebuild: bool = False) -> Snapshot:
+def open_snapshot(client: OpenVolume, tree: str, rebuild: bool = False) -> Snapshot:
     """The snapshot of `tree`: reused when fresh (see the module doc), else built and stored."""
     tree = "/".join(split_path(tree))
     where = snapshot_location(tree)
     old: Snapshot | None = None
     try:
         stamp = _stamp_of(client, where)
-        old = load_local(_local_copy(client, where), where)
+        old = load_local(local_copy(client, where), where)
     except (FileNotFoundError, ValueError, OSError):
         stamp = None
     if old is not None and not rebuild and stamp == volume_stamp(client):

@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 
-from balefs.storage.liveness import pid_alive
+from balefs.liveness import pid_alive
 
 PREFIX = "bt"  # every namespace and link of the testbed starts with this
 _NS = re.compile(rf"^{PREFIX}(\d+)x\d+h\d+$")  # bt<owner pid>x<n>h<host>

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from balefs.storage.liveness import pid_alive
+from balefs.liveness import pid_alive
 
 from . import netns
 
