@@ -150,8 +150,10 @@ def test_unknown_option_refused(volume) -> None:
 
 
 def test_bad_option_value_refused(volume) -> None:
-    with pytest.raises(ConfigError, match="block_size"):
-        Client.open("vol", block_size="3KiB")
+    with pytest.raises(ConfigError, match="io_threads must be positive"):
+        Client.open("vol", io_threads=0)
+    with pytest.raises(ConfigError, match="block_size is part of the volume's format .* cannot be set per caller"):
+        Client.open("vol", block_size="3KiB")  # refused whatever its value (test_format.py)
 
 
 def test_config_round_trips_through_toml(balefs_home: Path, node_dirs) -> None:
