@@ -56,8 +56,8 @@ class VolumeConfig:
     """Everything a client needs to open a volume.
 
     The format settings (volume_format.FORMAT_KEYS) are the volume's, kept in its metadata: None
-    here until an open fills them in (settle_format); a host config that names them (one of an
-    older release) must name the stored values."""
+    here until an open fills them in (with_format, in Client); a host config that names them (one
+    of an older release) must name the stored values."""
 
     name: str
     nodes: list[str]
@@ -88,13 +88,13 @@ class VolumeConfig:
         if len(set(self.nodes)) != len(self.nodes):
             raise ConfigError(f"volume {self.name!r}: a node is listed twice")
         for key in ("chunk_size", "block_size", "cache_size"):
-            if getattr(self, key) is not None:
+            if not (key in FORMAT_KEYS and getattr(self, key) is None):
                 setattr(self, key, parse_size(getattr(self, key), key))
         self.disk_cache_size = parse_size(self.disk_cache_size, "disk_cache_size")
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
         for key in ("replicas", "write_quorum", "readahead_blocks", "io_threads", "upload_inflight"):
-            if getattr(self, key) is not None:
+            if not (key in FORMAT_KEYS and getattr(self, key) is None):
                 setattr(self, key, _whole(getattr(self, key), key))
         fmt = self.volume_format()  # the settings this config leaves to the metadata checked as their defaults
         if not 4096 <= fmt.block_size <= 1 << 30:

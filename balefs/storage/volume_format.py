@@ -9,14 +9,11 @@ from a host's config or a caller's options. Each chunk also records its own layo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from .codec import VERSION as BLOCK_FORMAT
-from .meta import ChunkLayout
-
-if TYPE_CHECKING:
-    from .meta import SqlMeta
+from .meta import ChunkLayout, SqlMeta
 
 #: the format's settings a host config may still name (configs of older releases carry them)
 FORMAT_KEYS = ("block_size", "chunk_size", "replicas", "write_quorum", "compression")
@@ -62,7 +59,7 @@ class VolumeFormat:
                 f"replicas {self.replicas}, write quorum {quorum}, compression {self.compression}")
 
 
-def stored_format(store: "SqlMeta", fallback: VolumeFormat) -> VolumeFormat:
+def stored_format(store: SqlMeta, fallback: VolumeFormat) -> VolumeFormat:
     """The volume's format, from its metadata store. A volume made before formats were stored
     adopts `fallback` and stores it: the format its host config names (an older release's TOML
     is the only source there is), with defaults for the rest, as that release read it."""
