@@ -8,7 +8,7 @@ from a host's config or a caller's options. Each chunk also records its own layo
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -18,6 +18,7 @@ from .meta import ChunkLayout, SqlMeta
 #: the format's settings a host config may still name (configs of older releases carry them)
 FORMAT_KEYS = ("block_size", "chunk_size", "replicas", "write_quorum", "compression")
 _SIZES = ("block_size", "chunk_size")
+SCHEMA2_BLOCK_FORMAT = 2  # the block format of the last release of metadata schema 2 (codec.VERSION then)
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,12 @@ class VolumeFormat:
 def stored_format(store: SqlMeta, fallback: VolumeFormat) -> VolumeFormat:
     """The volume's format, from its metadata store. A volume made before formats were stored
     adopts `fallback` and stores it: the format its host config names (an older release's TOML
-    is the only source there is), with defaults for the rest, as that release read it."""
+    is the only source there is), with defaults for the rest, as that release read it, and the
+    block format that release wrote."""
     record = store.read_format()
     if record is None:
-        record = store.write_format(fallback.to_record(), fallback.chunk_layout())  # another host may have been first
+        adopted = replace(fallback, block_format=SCHEMA2_BLOCK_FORMAT)
+        record = store.write_format(adopted.to_record(), adopted.chunk_layout())  # another host may have been first
     return VolumeFormat.from_record(record)
 
 
