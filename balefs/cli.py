@@ -430,7 +430,9 @@ def df(volume: str, no_scan: bool) -> None:
     """Show a volume's files, chunks, live and dead bytes, and usage per node."""
     with Client.open(volume) as client:
         u = client.usage(scan_nodes=not no_scan)
+        fmt = client.identity.format
     click.echo(f"volume {volume}: {u['files']} files, {u['dirs']} directories, {_human(u['file_bytes'])} in files")
+    click.echo(f"format: {fmt.describe()}")
     click.echo(f"chunks: {u['chunks']}, {_human(u['chunk_bytes'])} packed, live {_human(u['live_bytes'])}, "
                f"dead {_human(u['dead_bytes'])}")
     click.echo(f"{'node':<40} {'blocks':>8} {'stored':>11} {'free':>11} {'orphans':>8} {'orphan bytes':>12}")
@@ -545,11 +547,11 @@ def drain(volume: str, node: str) -> None:
             (i for i, u in known.items() if u == normalize_node_url(node)), None)
         if nid is None:
             raise click.BadParameter(f"{node!r} is not a node of volume {volume}", param_hint="NODE")
-        url = known[nid]
+        url, replicas = known[nid], client.cfg.replicas
     if url in cfg.nodes:
         cfg.nodes.remove(url)
-        if len(cfg.nodes) < cfg.replicas:
-            raise click.UsageError(f"draining {url} would leave {len(cfg.nodes)} node(s) for {cfg.replicas} replicas")
+        if len(cfg.nodes) < replicas:
+            raise click.UsageError(f"draining {url} would leave {len(cfg.nodes)} node(s) for {replicas} replicas")
         cfg.validate()
         save_config(cfg, overwrite=True)
     with Client.open(volume) as client:

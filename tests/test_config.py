@@ -9,6 +9,7 @@ from balefs.errors import ConfigError, VolumeExistsError, VolumeNotFoundError
 from balefs.storage.client import Client
 from balefs.storage import config as config_mod
 from balefs.storage.config import VolumeConfig, load_config, parse_size, save_config
+from balefs.storage.volume_format import FORMAT_KEYS
 
 from helpers import BLOCK, CHUNK
 
@@ -32,13 +33,16 @@ def test_unknown_volume(balefs_home: Path) -> None:
     assert info.value.name == "nosuchvol"
 
 
-def test_init_writes_readable_config(volume, balefs_home: Path) -> None:
+def test_init_writes_readable_config(volume, balefs_home: Path, open_client) -> None:
     path = balefs_home / "vol.toml"
     text = path.read_text()
-    assert "block_size = 65536" in text and "nodes = [" in text
+    assert "nodes = [" in text and "kept in its metadata" in text
+    assert not any(f"{key} =" in text for key in FORMAT_KEYS)  # the format is the metadata's
     cfg = load_config("vol")
-    assert cfg == volume
-    assert (cfg.block_size, cfg.chunk_size, cfg.replicas) == (BLOCK, CHUNK, 1)
+    assert cfg == volume.without_format()
+    assert (cfg.block_size, cfg.chunk_size, cfg.replicas) == (None, None, None)
+    assert open_client("vol").cfg == volume
+    assert (volume.block_size, volume.chunk_size, volume.replicas) == (BLOCK, CHUNK, 1)
     assert cfg.meta_url == f"sqlite://{balefs_home / 'vol.db'}"
     assert (balefs_home / "vol.db").exists()
 
@@ -116,7 +120,7 @@ def test_init_refuses_existing_volume(volume, balefs_home: Path, node_dirs) -> N
     assert (balefs_home / "vol.toml").read_bytes() == before
     with pytest.raises(VolumeExistsError):
         save_config(volume)
-    assert load_config("vol") == volume
+    assert load_config("vol") == volume.without_format()
 
 
 def test_init_refuses_existing_metadata(balefs_home: Path, node_dirs) -> None:
@@ -146,8 +150,10 @@ def test_unknown_option_refused(volume) -> None:
 
 
 def test_bad_option_value_refused(volume) -> None:
-    with pytest.raises(ConfigError, match="block_size"):
-        Client.open("vol", block_size="3KiB")
+    with pytest.raises(ConfigError, match="io_threads must be positive"):
+        Client.open("vol", io_threads=0)
+    with pytest.raises(ConfigError, match="block_size is part of the volume's format .* cannot be set per caller"):
+        Client.open("vol", block_size="3KiB")  # refused whatever its value (test_format.py)
 
 
 def test_config_round_trips_through_toml(balefs_home: Path, node_dirs) -> None:

@@ -75,8 +75,9 @@ def tree_is_consistent(meta: SqlMeta) -> None:
     for ino, _off, chunk, _coff, length in rows["extents"]:
         assert kinds.get(ino) == "f", f"extent of missing inode {ino}"
         per_chunk[chunk] = per_chunk.get(chunk, 0) + length
-    for cid, _w, _state, _size, live, _t in rows["chunks"]:
+    for cid, _w, _state, _size, live, _t, redundancy, *_layout in rows["chunks"]:
         assert live == per_chunk.get(cid, 0), f"chunk {cid}: live {live} != referenced {per_chunk.get(cid, 0)}"
+        assert redundancy == "replicas", f"chunk {cid} records no layout"
 
 
 @pytest.fixture

@@ -57,16 +57,23 @@ def test_newer_schema_is_refused(make_volume, meta_engine, open_client) -> None:
     _clean_failure(run_cli("ls", "bale://vol/"), "newer than this balefs", "upgrade balefs")
 
 
-def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client) -> None:
+def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client, balefs_home) -> None:
     make_volume(meta=meta_engine)
     c = open_client("vol")
     c.write_file("a", b"x")
-    with c.meta._write() as db:  # back to version 1: no generation counter
+    with c.meta._write() as db:  # back to version 1: no generation counter, no format, no chunk layouts
         db.execute("DROP TABLE counters")
+        db.execute("DELETE FROM meta WHERE key='format'")
+        for column in ("redundancy", "copies", "codec", "key_id"):
+            db.execute(f"ALTER TABLE chunks DROP COLUMN {column}")
         db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    with open(balefs_home / "vol.toml", "a") as toml:  # the format, where that release kept it
+        toml.write(f"block_size = {c.cfg.block_size}\nchunk_size = {c.cfg.chunk_size}\n")
     c2 = open_client("vol")
     assert c2.meta.schema_version() == SCHEMA_VERSION and c2.meta.generation() == 0
     assert c2.read_file("a") == b"x"
+    assert c2.identity.format == c.identity.format  # adopted from the TOML
+    assert set(c2.meta.chunk_layouts(c2.meta.chunk_table()).values()) == {c.identity.format.chunk_layout()}
 
 
 def test_database_restart_mid_write(pg_server, make_volume, open_client) -> None:

@@ -6,6 +6,7 @@ knows nothing of any of them. Paths are volume-relative ("a/b/c").
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from .node_registry import normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .volume import claim_nodes
+from .volume_format import VolumeFormat, stored_format
 from .writer import ChunkWriter
 from .counters import CounterRegistry
 from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
@@ -174,26 +176,31 @@ class _Ticket:
 
 
 class VolumeIdentity(NamedTuple):
-    """What a client learns from the metadata store at open: the nodes by id, and the volume's uuid."""
+    """What a client learns from the metadata store at open: the nodes by id, the volume's uuid and its format."""
 
     nodes: dict[int, str]
     volume_uuid: str
+    format: VolumeFormat
 
 
 class Client:
     """An open volume."""
 
     def __init__(self, cfg: VolumeConfig, meta: SqlMeta | None = None, identity: "VolumeIdentity | None" = None) -> None:
-        """Open a volume. With the `identity` of an open client (its nodes and uuid), the metadata
-        store is only opened on first use: a loader's workers read through the snapshot's block
-        maps and never query it (or hold a connection)."""
+        """Open a volume, with its format (cfg's format settings) from its metadata store. With
+        the `identity` of an open client (its nodes, uuid and format), the metadata store is only
+        opened on first use: a loader's workers read through the snapshot's block maps and never
+        query it (or hold a connection)."""
         self.cfg = cfg
         self._meta = meta
         self._meta_lock = threading.Lock()
         if identity is None:
+            fmt = stored_format(self.meta, cfg.volume_format())
+            self.cfg = cfg = cfg.with_format(fmt)
             ids = self.meta.register_nodes(cfg.nodes)
-            identity = VolumeIdentity(self.meta.nodes(), self.meta.volume_uuid())
+            identity = VolumeIdentity(self.meta.nodes(), self.meta.volume_uuid(), fmt)
         else:
+            self.cfg = cfg = cfg.with_format(identity.format)
             ids = {url: nid for nid, url in identity.nodes.items()}
         self.identity = identity
         self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in identity.nodes.items()}
@@ -238,8 +245,11 @@ class Client:
 
     @staticmethod
     def init(name: str, nodes: Sequence[str], meta: str = "", **settings: object) -> VolumeConfig:
-        """Create a volume: check every node, create its metadata store and write its config."""
+        """Create a volume: check every node, create its metadata store (which keeps the volume's
+        format: the format settings given, defaults for the rest) and write its config (without
+        them). Returns the config as an open sees it, format included."""
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
+        fmt = cfg.volume_format()
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
         nodes = [open_node(url) for url in cfg.nodes]
@@ -251,12 +261,13 @@ class Client:
         try:
             claim_nodes(nodes, store.volume_uuid(), name)
             store.register_nodes(cfg.nodes)
+            store.write_format(fmt.to_record(), fmt.chunk_layout())
         except BaseException:
             store.discard()  # made just now: nothing of this volume is left behind
             raise
         store.close()
-        save_config(cfg)
-        return cfg
+        save_config(cfg.without_format())  # the format is the metadata's
+        return cfg.with_format(fmt)
 
     @staticmethod
     def add_nodes(name: str, urls: Sequence[str]) -> VolumeConfig:
@@ -550,7 +561,8 @@ class Client:
             with self._writer_lock:
                 if self._writer is None:
                     self._check_nodes(self.placement.node_ids, writable=True)  # blocks go to the next nodes of their ring
-                    self._writer = ChunkWriter(self.meta.new_chunk, self.nodes, self.placement, self.codec,
+                    new_chunk = functools.partial(self.meta.new_chunk, layout=self.identity.format.chunk_layout())
+                    self._writer = ChunkWriter(new_chunk, self.nodes, self.placement, self.codec,
                                                self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight,
                                                self.cfg.write_quorum)
         return self._writer

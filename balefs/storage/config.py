@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import tomli_w
@@ -12,6 +12,7 @@ import tomli_w
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
 from .meta import split_path
 from .node_registry import normalize_node_url
+from .volume_format import FORMAT_KEYS, VolumeFormat, refuse_changed_format, refuse_format_options
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
@@ -52,16 +53,20 @@ def check_volume_name(name: str) -> str:
 
 @dataclass
 class VolumeConfig:
-    """Everything a client needs to open a volume."""
+    """Everything a client needs to open a volume.
+
+    The format settings (volume_format.FORMAT_KEYS) are the volume's, kept in its metadata: None
+    here until an open fills them in (with_format, in Client); a host config that names them (one
+    of an older release) must name the stored values."""
 
     name: str
     nodes: list[str]
     meta: str = ""
-    chunk_size: int = 64 << 20
-    block_size: int = 4 << 20
-    replicas: int = 1
-    write_quorum: int = 0  # copies of a block that must be stored before it counts as durable; 0: all `replicas`
-    compression: str = "none"
+    chunk_size: int | None = None
+    block_size: int | None = None
+    replicas: int | None = None
+    write_quorum: int | None = None  # copies of a block that must be stored before it counts as durable; 0: all `replicas`
+    compression: str | None = None
     cache_size: int = 1 << 30
     meta_cache_ttl: float = 1.0
     readahead_blocks: int = 4
@@ -83,23 +88,26 @@ class VolumeConfig:
         if len(set(self.nodes)) != len(self.nodes):
             raise ConfigError(f"volume {self.name!r}: a node is listed twice")
         for key in ("chunk_size", "block_size", "cache_size"):
-            setattr(self, key, parse_size(getattr(self, key), key))
+            if not (key in FORMAT_KEYS and getattr(self, key) is None):
+                setattr(self, key, parse_size(getattr(self, key), key))
         self.disk_cache_size = parse_size(self.disk_cache_size, "disk_cache_size")
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
-        if not 4096 <= self.block_size <= 1 << 30:
-            raise ConfigError(f"block_size {self.block_size} must lie between 4 KiB and 1 GiB")
-        if self.chunk_size < self.block_size or self.chunk_size % self.block_size:
-            raise ConfigError(f"chunk_size {self.chunk_size} must be a multiple of block_size {self.block_size}")
         for key in ("replicas", "write_quorum", "readahead_blocks", "io_threads", "upload_inflight"):
-            setattr(self, key, _whole(getattr(self, key), key))
-        if not 1 <= self.replicas <= len(self.nodes):
-            raise ConfigError(f"replicas must be 1 or more, got {self.replicas}" if self.replicas < 1 else
-                              f"replicas={self.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
-        if not 0 <= self.write_quorum <= self.replicas:
-            raise ConfigError(f"write_quorum={self.write_quorum} must lie between 1 and replicas={self.replicas} (0: all replicas)")
-        if self.compression not in ("none", "lz4"):
-            raise ConfigError(f"compression {self.compression!r}: use 'none' or 'lz4'")
+            if not (key in FORMAT_KEYS and getattr(self, key) is None):
+                setattr(self, key, _whole(getattr(self, key), key))
+        fmt = self.volume_format()  # the settings this config leaves to the metadata checked as their defaults
+        if not 4096 <= fmt.block_size <= 1 << 30:
+            raise ConfigError(f"block_size {fmt.block_size} must lie between 4 KiB and 1 GiB")
+        if fmt.chunk_size < fmt.block_size or fmt.chunk_size % fmt.block_size:
+            raise ConfigError(f"chunk_size {fmt.chunk_size} must be a multiple of block_size {fmt.block_size}")
+        if not 1 <= fmt.replicas <= len(self.nodes):
+            raise ConfigError(f"replicas must be 1 or more, got {fmt.replicas}" if fmt.replicas < 1 else
+                              f"replicas={fmt.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
+        if not 0 <= fmt.write_quorum <= fmt.replicas:
+            raise ConfigError(f"write_quorum={fmt.write_quorum} must lie between 1 and replicas={fmt.replicas} (0: all replicas)")
+        if fmt.compression not in ("none", "lz4"):
+            raise ConfigError(f"compression {fmt.compression!r}: use 'none' or 'lz4'")
         if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):
             raise ConfigError(f"meta_cache_ttl must be a number of seconds, not {self.meta_cache_ttl!r}")
         for key in ("readahead_blocks", "io_threads", "upload_inflight"):
@@ -112,17 +120,37 @@ class VolumeConfig:
         return self.meta or f"sqlite://{os.path.join(balefs_home(), self.name + '.db')}"
 
     def with_options(self, options: dict[str, Any]) -> "VolumeConfig":
-        """A copy with fsspec storage_options applied on top."""
+        """A copy with fsspec storage_options applied on top; the format's settings are refused."""
         known = {f.name for f in fields(self)}
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"unknown volume option(s): {', '.join(sorted(unknown))}")
+        refuse_format_options(self.name, options)
         return VolumeConfig(**{**asdict(self), **options})
+
+    def stated_format(self) -> dict[str, Any]:
+        """The format settings this config names itself (those of an older release's TOML)."""
+        return {k: getattr(self, k) for k in FORMAT_KEYS if getattr(self, k) is not None}
+
+    def volume_format(self) -> VolumeFormat:
+        """The format this config names, defaults for the rest: the format `balefs init` stores."""
+        return VolumeFormat(**self.stated_format())
+
+    def with_format(self, fmt: VolumeFormat) -> "VolumeConfig":
+        """A copy with the volume's format filled in; a setting this config names otherwise is refused."""
+        refuse_changed_format(self.name, fmt, self.stated_format(), config_path(self.name))
+        return replace(self, **fmt.settings())
+
+    def without_format(self) -> "VolumeConfig":
+        """A copy that leaves the format to the metadata: what a new volume's TOML holds."""
+        return replace(self, **dict.fromkeys(FORMAT_KEYS))
 
     def to_toml(self) -> str:
         data = {k: v for k, v in asdict(self).items() if k != "name"}
-        data = {k: v for k, v in data.items() if v != ""}
-        return f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n" + tomli_w.dumps(data)
+        data = {k: v for k, v in data.items() if v not in ("", None)}
+        return (f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n"
+                "# its format (block and chunk size, replicas, write quorum, compression) is kept in its metadata\n"
+                + tomli_w.dumps(data))
 
 
 def parse_bale_url(url: str, what: str = "path") -> tuple[str, str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import re
 import sqlite3
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequ
 
 from ..errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROOT = 1
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
@@ -67,6 +68,14 @@ CREATE TABLE IF NOT EXISTS xattrs(ino {int} NOT NULL, name TEXT NOT NULL, value 
     2: """
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value {int} NOT NULL);
 INSERT INTO counters VALUES('generation', 0) ON CONFLICT DO NOTHING;
+""",
+    # version 3: each chunk's layout (ChunkLayout; NULL in the chunks of a volume made before it,
+    # until its format is adopted: write_format), and the volume's format as the `format` row of meta
+    3: """
+ALTER TABLE chunks ADD COLUMN redundancy TEXT;
+ALTER TABLE chunks ADD COLUMN copies {int};
+ALTER TABLE chunks ADD COLUMN codec {int};
+ALTER TABLE chunks ADD COLUMN key_id TEXT;
 """,
 }
 
@@ -107,6 +116,16 @@ class BlockRecord(NamedTuple):
     length: int
     stored: int
     nodes: tuple[int, ...]
+
+
+class ChunkLayout(NamedTuple):
+    """How a chunk's blocks are stored, recorded with the chunk so that chunks of other layouts
+    (erasure coded, encrypted) can live beside it: redundancy scheme, block format, key."""
+
+    redundancy: str  # 'replicas': whole copies of each block (the only scheme today)
+    copies: int  # block copies the scheme keeps
+    codec: int  # version of the block format (codec.VERSION) the chunk's blocks were written in
+    key_id: str | None = None  # the encryption key's id; None: not encrypted
 
 
 @dataclass
@@ -282,11 +301,46 @@ class SqlMeta:
             return {nid: url for nid, url in db.execute("SELECT id, url FROM nodes ORDER BY id")}
 
     @retrying
-    def new_chunk(self, writer: str) -> int:
-        """Allocate a chunk id for one writer; ids never collide across processes and hosts."""
+    def new_chunk(self, writer: str, layout: ChunkLayout) -> int:
+        """Allocate a chunk id for one writer, recording the chunk's layout; ids never collide
+        across processes and hosts."""
         with self._write() as db:
-            return int(db.execute("INSERT INTO chunks(writer, state, created_ns) VALUES(?, 'open', ?) RETURNING id",
-                                  (writer, time.time_ns())).fetchone()[0])
+            return int(db.execute("INSERT INTO chunks(writer, state, created_ns, redundancy, copies, codec, key_id) "
+                                  "VALUES(?, 'open', ?, ?, ?, ?, ?) RETURNING id",
+                                  (writer, time.time_ns(), *layout)).fetchone()[0])
+
+    @retrying
+    def chunk_layouts(self, chunks: Iterable[int]) -> dict[int, ChunkLayout | None]:
+        """The layout each chunk records (None: a chunk made before layouts, on a volume whose
+        format is not adopted yet); chunks that do not exist are left out."""
+        out: dict[int, ChunkLayout | None] = {}
+        with self._read() as db:
+            for part in slices(sorted(set(chunks)), 500):
+                for cid, *layout in db.execute(f"SELECT id, redundancy, copies, codec, key_id FROM chunks "
+                                               f"WHERE id IN ({','.join('?' * len(part))})", part):
+                    out[int(cid)] = None if layout[0] is None else ChunkLayout(layout[0], int(layout[1]), int(layout[2]), layout[3])
+        return out
+
+    # -- the volume's format ---------------------------------------------------------------
+
+    @retrying
+    def read_format(self) -> dict[str, Any] | None:
+        """The volume's format (see volume_format.py) as stored; None for a volume made before
+        formats were stored, until it adopts one (write_format)."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    @retrying
+    def write_format(self, fmt: dict[str, Any], layout: ChunkLayout) -> dict[str, Any]:
+        """Store the volume's format, once: a format stored already is kept. Chunks that record
+        no layout (made before schema 3) get `layout`, the one they were written with. Returns
+        the stored format."""
+        with self._write() as db:
+            cur = db.execute("INSERT INTO meta VALUES('format', ?) ON CONFLICT DO NOTHING", (json.dumps(fmt, sort_keys=True),))
+            if cur.rowcount == 1:  # this format is the volume's: the older chunks were written with it
+                db.execute("UPDATE chunks SET redundancy=?, copies=?, codec=?, key_id=? WHERE redundancy IS NULL", tuple(layout))
+            return json.loads(db.execute("SELECT value FROM meta WHERE key='format'").fetchone()[0])
 
     @retrying
     def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:

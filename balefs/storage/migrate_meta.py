@@ -83,6 +83,8 @@ def verify(src: SqlMeta, dst: SqlMeta, progress: Callable[[int], None] | None = 
         raise MigrationError("chunks or blocks differ")
     if src.nodes() != dst.nodes() or src.volume_uuid() != dst.volume_uuid():
         raise MigrationError("nodes or volume id differ")
+    if src.read_format() != dst.read_format() or src.chunk_layouts(chunks) != dst.chunk_layouts(chunks):
+        raise MigrationError("format or chunk layouts differ")
     return report
 
 
