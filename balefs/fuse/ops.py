@@ -52,7 +52,7 @@ from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # noqa: E40
 
 from ..errors import BaleError
 from ..storage.client import Client, FileReader, FileWriter
-from ..storage.meta import Inode, mode_bits
+from ..storage.meta.types import Inode, mode_bits
 
 log = logging.getLogger("balefs.fuse")
 

@@ -23,7 +23,8 @@ from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
-from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
+from . import namespace
+from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .node import VOLUME_KEY, Node, claim_nodes, normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
@@ -172,7 +173,7 @@ class VolumeIdentity(NamedTuple):
 class Client:
     """An open volume."""
 
-    def __init__(self, cfg: VolumeConfig, meta: SqlMeta | None = None, identity: "VolumeIdentity | None" = None) -> None:
+    def __init__(self, cfg: VolumeConfig, meta: Meta | None = None, identity: "VolumeIdentity | None" = None) -> None:
         """Open a volume. With the `identity` of an open client (its nodes and uuid), the metadata
         store is only opened on first use: a loader's workers read through the snapshot's block
         maps and never query it (or hold a connection)."""
@@ -208,7 +209,7 @@ class Client:
         self._generation = self.meta.generation() if self._meta is not None else None
 
     @property
-    def meta(self) -> SqlMeta:
+    def meta(self) -> Meta:
         """The metadata store (opened on first use)."""
         if self._meta is None:
             with self._meta_lock:
@@ -624,14 +625,14 @@ class Client:
 
     def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False, mode: int = 0o755) -> None:
         self._check_parent(_parent(path)[0], path)
-        self.meta.mkdir(path, mode, parents=parents, exist_ok=exist_ok)
+        namespace.mkdir(self.meta, path, mode, parents=parents, exist_ok=exist_ok)
         self._invalidate()
 
     def remove(self, path: str, recursive: bool = False) -> int:
         if not split_path(path):
             raise PermissionError(errno.EPERM, "refusing to remove the volume root", "/")
         try:
-            return self.meta.remove(path, recursive=recursive)
+            return namespace.remove(self.meta, path, recursive=recursive)
         finally:
             self._invalidate()
 
@@ -640,7 +641,7 @@ class Client:
             if not split_path(path):
                 raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
         try:
-            self.meta.rename(src, dst, replace=replace)
+            namespace.rename(self.meta, src, dst, replace=replace)
         finally:
             self._invalidate()
 
@@ -665,7 +666,7 @@ class Client:
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
-        self.meta.copy_file(src, dst)
+        namespace.copy_file(self.meta, src, dst)
         self._invalidate()
 
     def touch(self, path: str, truncate: bool = True) -> None:
@@ -679,11 +680,11 @@ class Client:
             self.setattr(path, mtime_ns=time.time_ns())
 
     def setattr(self, path: str, **attrs: int | None) -> None:
-        self.meta.setattr(path, **attrs)
+        namespace.setattr(self.meta, path, **attrs)
         self._invalidate()
 
     def symlink(self, path: str, target: str) -> None:
-        self.meta.symlink(path, target)
+        namespace.symlink(self.meta, path, target)
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -769,7 +770,7 @@ class Client:
     def unlink(self, path: str) -> None:
         """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2)."""
         try:
-            self.meta.remove(path, dir_ok=False)
+            namespace.unlink(self.meta, path)
         finally:
             self._invalidate()
 

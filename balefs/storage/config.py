@@ -10,7 +10,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
-from .meta import split_path
+from .meta.types import split_path
 from .node import normalize_node_url
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from .client import Client
-from .meta import Extent
+from .meta.types import Extent
 from .liveness import pid_alive
 from .writer import block_key, parse_block_key
 

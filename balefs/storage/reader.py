@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
-from .meta import BlockRecord, Extent
+from .meta.types import BlockRecord, Extent
 from .node import Node, node_is_up, up_first
 from .writer import block_key
 

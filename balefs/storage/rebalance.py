@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import NodeError
-from .meta import BlockRecord
+from .meta.types import BlockRecord
 from .node import up_first
 from .placement import Placement
 from .writer import block_key

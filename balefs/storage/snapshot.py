@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from .config import balefs_home
-from .meta import BlockRecord, Extent, split_path
+from .meta.types import BlockRecord, Extent, split_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
