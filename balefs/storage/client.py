@@ -624,7 +624,6 @@ class Client:
     # -- namespace changes ---------------------------------------------------------------
 
     def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False, mode: int = 0o755) -> None:
-        self._check_parent(_parent(path)[0], path)
         namespace.mkdir(self.meta, path, mode, parents=parents, exist_ok=exist_ok)
         self._invalidate()
 
@@ -778,9 +777,10 @@ class Client:
         """Remove an empty directory (ENOTDIR for a file, ENOTEMPTY if it holds entries), like rmdir(2)."""
         if not split_path(path):
             raise OSError(errno.EBUSY, "refusing to remove the volume root", "/")
-        if self.stat(path).kind != "d":
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        self.remove(path, recursive=False)
+        try:
+            namespace.rmdir(self.meta, path)
+        finally:
+            self._invalidate()
 
     def getxattr(self, path: str, name: str) -> bytes:
         value = self.meta.getxattr(self.stat(path).ino, name)

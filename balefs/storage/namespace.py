@@ -1,7 +1,7 @@
 """Namespace changes by volume path, over the by-inode `Meta`: resolve a path to (parent
 inode, name) and call the operation on the inode, with the errors POSIX gives naming the path.
 
-Paths are resolved from the root with one lookup per directory, never from a client's lookup
+Paths are resolved from the root in one query (Meta.resolve), never from a client's lookup
 cache, outside the operation's transaction (as the kernel resolves a path before it locks the
 parent): the operation then locks the parent by inode, so a parent removed meanwhile gives
 ENOENT and one moved meanwhile is changed where it now is. Where an operation makes missing
@@ -17,16 +17,12 @@ from .meta import ROOT, FileWrite, Inode, Meta, oserror, split_path
 def resolve(meta: Meta, path: str) -> Inode:
     """The inode at `path`; FileNotFoundError / NotADirectoryError naming `path`."""
     parts = split_path(path)
-    node = meta.getattr(ROOT) if not parts else None
-    ino = ROOT
-    for i, name in enumerate(parts):
-        node = meta.lookup(ino, name)
+    node = meta.resolve(ROOT, parts)
+    if node is None:
+        parent, missing, name = _deepest_dir(meta, path)  # which step failed, and how
+        node = None if missing else meta.lookup(parent, name)
         if node is None:
             raise oserror(errno.ENOENT, path)
-        if node.kind != "d" and i < len(parts) - 1:
-            raise oserror(errno.ENOTDIR, path)
-        ino = node.ino
-    assert node is not None
     return node
 
 
@@ -41,19 +37,27 @@ def parent_of(meta: Meta, path: str) -> tuple[int, str]:
 
 def _deepest_dir(meta: Meta, path: str) -> tuple[int, list[str], str]:
     """(deepest existing directory on the way to `path`, the missing directories below it, the
-    name): ENOTDIR if a parent is not a directory, EEXIST for the root."""
+    name): ENOTDIR if a parent is not a directory, EEXIST for the root. One query when every
+    parent exists; one per level when one does not."""
     parts = split_path(path)
     if not parts:
         raise oserror(errno.EEXIST, path)
-    ino = ROOT
-    for i, name in enumerate(parts[:-1]):
-        node = meta.lookup(ino, name)
-        if node is None:
-            return ino, parts[i:-1], parts[-1]
+    if len(parts) == 1:
+        return ROOT, [], parts[0]
+    node = meta.resolve(ROOT, parts[:-1])
+    if node is not None:
         if node.kind != "d":
             raise oserror(errno.ENOTDIR, path)
-        ino = node.ino
-    return ino, [], parts[-1]
+        return node.ino, [], parts[-1]
+    ino = ROOT
+    for i, name in enumerate(parts[:-1]):
+        child = meta.lookup(ino, name)
+        if child is None:
+            return ino, parts[i:-1], parts[-1]
+        if child.kind != "d":
+            raise oserror(errno.ENOTDIR, path)
+        ino = child.ino
+    return ino, [], parts[-1]  # made meanwhile
 
 
 def mkdir(meta: Meta, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False) -> int:
@@ -81,11 +85,20 @@ def unlink(meta: Meta, path: str) -> None:
     meta.unlink(parent, name, path=path)
 
 
+def rmdir(meta: Meta, path: str) -> None:
+    """Remove an empty directory (ENOTDIR for a file, ENOTEMPTY if it holds entries)."""
+    parent, name = parent_of(meta, path)
+    meta.rmdir(parent, name, path=path)
+
+
 def rename(meta: Meta, src: str, dst: str, replace: bool = True) -> None:
     """Move src to dst atomically like rename(2), making dst's missing parents in the same transaction."""
     sp, sname = parent_of(meta, src)
     try:
-        dp, missing, dname = _deepest_dir(meta, dst)
+        if split_path(dst)[:-1] == split_path(src)[:-1] and split_path(dst):  # one directory: resolved once
+            dp, missing, dname = sp, [], split_path(dst)[-1]
+        else:
+            dp, missing, dname = _deepest_dir(meta, dst)
     except OSError:
         if meta.lookup(sp, sname) is None:  # a missing source is reported first, as rename(2) does
             raise oserror(errno.ENOENT, src) from None

@@ -115,6 +115,11 @@ class Meta(Protocol):
     def lookup_files(self, parent: int, names: list[str]) -> dict[str, tuple[Inode, list[Extent]]]:
         """name -> (inode, extents in file order) of those `names` that exist in `parent`: the batched read path."""
 
+    def resolve(self, parent: int, names: Sequence[str]) -> Inode | None:
+        """The inode reached by walking `names` (each inside the previous) down from directory `parent`, or
+        None if a name is missing or a non-directory is on the way: a whole path in one round trip (JuiceFS's
+        Resolve), for the path helpers above this interface (which find which, only when it is None)."""
+
     def listdir(self, ino: int) -> list[tuple[str, Inode]]:
         """(name, inode) of every entry of directory `ino`, sorted by name."""
 

@@ -77,6 +77,15 @@ _INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nl
 _I_COLS = "i." + _INODE_COLS.replace(", ", ", i.")
 
 
+@functools.lru_cache(maxsize=64)
+def _resolve_sql(depth: int) -> str:
+    """The inode at the end of `depth` names (parameters 2..depth+1) walked from directory parameter 1."""
+    joins = "".join(f" JOIN dentries d{k} ON d{k}.parent=d{k - 1}.ino" for k in range(1, depth))
+    names = "".join(f" AND d{k}.name=?" for k in range(depth))
+    return (f"SELECT {_I_COLS} FROM dentries d0{joins} JOIN inodes i ON i.ino=d{depth - 1}.ino "
+            f"WHERE d0.parent=?{names}")
+
+
 class Db(Protocol):
     """What the queries need of a connection: DB-API execute/executemany with '?' placeholders."""
 
@@ -289,6 +298,16 @@ class SqlMeta:
                     if row[14] is not None:
                         hit[1].append(Extent(*row[13:]))
         return out
+
+    @retrying
+    def resolve(self, parent: int, names: Sequence[str]) -> Inode | None:
+        """The inode reached by walking `names` down from directory `parent` (a chain of primary-key
+        joins: one query for a whole path), or None if a name is missing or a non-directory is on the way."""
+        if not names:
+            return self.getattr(parent)
+        with self._read() as db:
+            row = db.execute(_resolve_sql(len(names)), (parent, *names)).fetchone()
+        return Inode(*row) if row else None
 
     @retrying
     def listdir(self, ino: int) -> list[tuple[str, Inode]]:
