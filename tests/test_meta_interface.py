@@ -157,6 +157,16 @@ def test_setattr_and_xattrs_by_inode(meta: Meta, client: Client) -> None:
     assert _errno(errno.ENOENT, meta.setattr, ino, mode=0o644, path="f").filename == "f"
 
 
+def test_resolve_walks_a_path_in_one_call(meta: Meta, client: Client) -> None:
+    client.write_file("r/s/f", b"x")
+    assert meta.resolve(ROOT, ["r", "s", "f"]) == client.stat("r/s/f")
+    s = client.stat("r/s")
+    assert meta.resolve(ROOT, ["r", "s"]) == s and meta.resolve(s.ino, ["f"]) == client.stat("r/s/f")
+    assert meta.resolve(ROOT, []) == meta.getattr(ROOT)
+    assert meta.resolve(ROOT, ["r", "missing", "f"]) is None
+    assert meta.resolve(ROOT, ["r", "s", "f", "below"]) is None  # nothing is below a file
+
+
 def test_paths_resolve_above_the_interface(client: Client) -> None:
     """Client's path operations keep rename(2)'s order of errors: a missing source before a bad destination."""
     client.write_file("file", b"x")
