@@ -165,6 +165,10 @@ def test_resolve_walks_a_path_in_one_call(meta: Meta, client: Client) -> None:
     assert meta.resolve(ROOT, []) == meta.getattr(ROOT)
     assert meta.resolve(ROOT, ["r", "missing", "f"]) is None
     assert meta.resolve(ROOT, ["r", "s", "f", "below"]) is None  # nothing is below a file
+    deep = [f"n{i}" for i in range(70)]  # deeper than one query may join
+    client.mkdir("/".join(deep), parents=True)
+    assert meta.resolve(ROOT, deep) == client.stat("/".join(deep))
+    assert meta.resolve(ROOT, deep + ["missing"]) is None and meta.resolve(ROOT, ["missing"] + deep) is None
 
 
 def test_paths_resolve_above_the_interface(client: Client) -> None:

@@ -305,9 +305,15 @@ class SqlMeta:
         joins: one query for a whole path), or None if a name is missing or a non-directory is on the way."""
         if not names:
             return self.getattr(parent)
+        node = None
         with self._read() as db:
-            row = db.execute(_resolve_sql(len(names)), (parent, *names)).fetchone()
-        return Inode(*row) if row else None
+            for part in slices(names, 30):  # SQLite joins at most 64 tables
+                row = db.execute(_resolve_sql(len(part)), (parent, *part)).fetchone()
+                if row is None:
+                    return None
+                node = Inode(*row)
+                parent = node.ino
+        return node
 
     @retrying
     def listdir(self, ino: int) -> list[tuple[str, Inode]]:
