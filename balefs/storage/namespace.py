@@ -94,9 +94,10 @@ def rmdir(meta: Meta, path: str) -> None:
 def rename(meta: Meta, src: str, dst: str, replace: bool = True) -> None:
     """Move src to dst atomically like rename(2), making dst's missing parents in the same transaction."""
     sp, sname = parent_of(meta, src)
+    dparts = split_path(dst)
     try:
-        if split_path(dst)[:-1] == split_path(src)[:-1] and split_path(dst):  # one directory: resolved once
-            dp, missing, dname = sp, [], split_path(dst)[-1]
+        if dparts and dparts[:-1] == split_path(src)[:-1]:  # within one directory: resolved once
+            dp, missing, dname = sp, [], dparts[-1]
         else:
             dp, missing, dname = _deepest_dir(meta, dst)
     except OSError:
