@@ -18,7 +18,8 @@ from .errors import BaleError
 from .storage.client import Client
 from .storage.gc import collect_garbage
 from .storage.ingest import ingest_local, walk_local
-from .storage.meta import Inode, mode_bits, redact_url, split_path
+from .storage.meta.registry import redact_url
+from .storage.meta.types import Inode, mode_bits, split_path
 
 
 def _human(n: float) -> str:

@@ -19,7 +19,7 @@ from .storage.config import balefs_home
 from .storage.client import Client, FileWriter
 from .storage.gcpause import collector_paused
 from .storage.ingest import ingest_local
-from .storage.meta import Inode, split_path
+from .storage.meta.types import Inode, split_path
 
 _KIND = {"f": "file", "d": "directory", "l": "link"}
 

@@ -32,7 +32,7 @@ from .errors import BaleError, MetaUnavailableError, NodeUnreachableError, RayCo
 from .storage.client import Client
 from .storage.config import VolumeConfig
 from .storage.ingest import FsspecSource, LocalSource, ingest_local, walk_local
-from .storage.meta import slices
+from .storage.meta.types import slices
 
 Pair = tuple[str, str]  # (source path, volume path)
 

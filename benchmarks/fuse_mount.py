@@ -170,10 +170,10 @@ def classify(frames: list[str]) -> str:
     --native, time in C (sqlite, os.pread, ctypes) counts against the Python line calling it."""
     if not frames or frames == [""]:
         return "no Python frame (thread in libfuse/kernel: /dev/fuse read/reply, or idle)"
-    if any("balefs/storage/meta.py" in f for f in frames):
-        return "metadata: sqlite queries in storage/meta.py (lookup, getattr, extents_of)"
+    if any("balefs/storage/meta/" in f for f in frames):
+        return "metadata: sqlite queries in storage/meta/ (lookup, getattr, extents_of)"
     if any("balefs/storage" in f for f in frames):
-        return "storage: block reads, cache, client Python (storage/ outside meta.py)"
+        return "storage: block reads, cache, client Python (storage/ outside meta/)"
     if any("balefs/fuse/ops.py" in f and "_wrapper" not in f for f in frames):
         return "ops.py Python (handles, attrs, errors)"
     if any("mfusepy" in f or "balefs/fuse/ops.py" in f for f in frames):

@@ -13,7 +13,7 @@ from typing import NoReturn
 import pytest
 
 from balefs.storage.client import Client
-from balefs.storage.meta import BlockRecord
+from balefs.storage.meta.types import BlockRecord
 from balefs.storage.layout import block_key
 from balefs.storage.localnode import LocalNode
 

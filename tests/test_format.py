@@ -17,7 +17,8 @@ from balefs.errors import ConfigError
 from balefs.storage.client import Client
 from balefs.storage.codec import VERSION as BLOCK_FORMAT
 from balefs.storage.config import load_config
-from balefs.storage.meta import MIGRATIONS, SCHEMA_VERSION, ChunkLayout, open_meta
+from balefs.storage.meta import ChunkLayout, open_meta
+from balefs.storage.meta.sql import MIGRATIONS, SCHEMA_VERSION
 from balefs.storage.volume_format import FORMAT_KEYS, VolumeFormat
 
 from helpers import BLOCK, CHUNK, payload, run_cli, user_error
@@ -180,7 +181,7 @@ def test_a_volume_of_the_previous_release_on_postgresql(tmp_path: Path, monkeypa
     """The fixture's metadata loaded into PostgreSQL at schema 2 migrates to 3 there, and adopts its format."""
     import psycopg
 
-    from balefs.storage.meta_pg import PostgresMeta
+    from balefs.storage.meta.postgres import PostgresMeta
 
     root = legacy_copy(tmp_path, monkeypatch)
     src = sqlite3.connect(root / "home" / "legacy.db")

@@ -135,7 +135,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # Cycles that other parts of issue 13 remove (meta and node: engines and node kinds by registry);
 # empty this once they are merged.
-KNOWN_CYCLES = [["balefs.storage.meta", "balefs.storage.meta_pg"]]
+KNOWN_CYCLES: list[list[str]] = []
 
 
 ADAPTER_MODULES = modules_under("loaders", "checkpoint")

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from balefs.storage.meta import ROOT, SqlMeta
+from balefs.storage.meta import ROOT
+from balefs.storage.meta.sql import SqlMeta
 
 from helpers import BLOCK, payload
 

@@ -8,7 +8,8 @@ import pytest
 
 from balefs.errors import ConfigError, MetaUnavailableError
 from balefs.storage.client import Client
-from balefs.storage.meta import SCHEMA_VERSION, open_meta
+from balefs.storage.meta import open_meta
+from balefs.storage.meta.sql import SCHEMA_VERSION
 
 from helpers import payload, run_cli
 from helpers import free_port, wait_until

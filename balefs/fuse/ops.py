@@ -46,7 +46,7 @@ from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # noqa: E40
 from ..errors import BaleError
 from ..storage.client import Client
 from ..storage.errnos import errno_of
-from ..storage.meta import Inode, mode_bits
+from ..storage.meta.types import Inode, mode_bits
 from ..storage.openfile import OpenFile, OpenFiles
 
 log = logging.getLogger("balefs.fuse")

@@ -24,7 +24,8 @@ from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
-from .meta import ROOT, Extent, FileWrite, Inode, SqlMeta, open_meta, split_path
+from . import namespace
+from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .layout import parse_block_key
 from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, supports
 from .node_registry import normalize_node_url, open_node
@@ -186,7 +187,7 @@ class VolumeIdentity(NamedTuple):
 class Client:
     """An open volume."""
 
-    def __init__(self, cfg: VolumeConfig, meta: SqlMeta | None = None, identity: "VolumeIdentity | None" = None) -> None:
+    def __init__(self, cfg: VolumeConfig, meta: Meta | None = None, identity: "VolumeIdentity | None" = None) -> None:
         """Open a volume, with its format (cfg's format settings) from its metadata store. With
         the `identity` of an open client (its nodes, uuid and format), the metadata store is only
         opened on first use: a loader's workers read through the snapshot's block maps and never
@@ -227,7 +228,7 @@ class Client:
         self.counter_registry = self._gather_counters()
 
     @property
-    def meta(self) -> SqlMeta:
+    def meta(self) -> Meta:
         """The metadata store (opened on first use)."""
         if self._meta is None:
             with self._meta_lock:
@@ -704,15 +705,14 @@ class Client:
     # -- namespace changes ---------------------------------------------------------------
 
     def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False, mode: int = 0o755) -> None:
-        self._check_parent(_parent(path)[0], path)
-        self.meta.mkdir(path, mode, parents=parents, exist_ok=exist_ok)
+        namespace.mkdir(self.meta, path, mode, parents=parents, exist_ok=exist_ok)
         self._invalidate()
 
     def remove(self, path: str, recursive: bool = False) -> int:
         if not split_path(path):
             raise PermissionError(errno.EPERM, "refusing to remove the volume root", "/")
         try:
-            return self.meta.remove(path, recursive=recursive)
+            return namespace.remove(self.meta, path, recursive=recursive)
         finally:
             self._invalidate()
 
@@ -721,7 +721,7 @@ class Client:
             if not split_path(path):
                 raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
         try:
-            self.meta.rename(src, dst, replace=replace)
+            namespace.rename(self.meta, src, dst, replace=replace)
         finally:
             self._invalidate()
 
@@ -746,7 +746,7 @@ class Client:
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
-        self.meta.copy_file(src, dst)
+        namespace.copy_file(self.meta, src, dst)
         self._invalidate()
 
     def touch(self, path: str, truncate: bool = True) -> None:
@@ -760,11 +760,11 @@ class Client:
             self.setattr(path, mtime_ns=time.time_ns())
 
     def setattr(self, path: str, **attrs: int | None) -> None:
-        self.meta.setattr(path, **attrs)
+        namespace.setattr(self.meta, path, **attrs)
         self._invalidate()
 
     def symlink(self, path: str, target: str) -> None:
-        self.meta.symlink(path, target)
+        namespace.symlink(self.meta, path, target)
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -850,7 +850,7 @@ class Client:
     def unlink(self, path: str) -> None:
         """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2)."""
         try:
-            self.meta.remove(path, dir_ok=False)
+            namespace.unlink(self.meta, path)
         finally:
             self._invalidate()
 
@@ -858,9 +858,10 @@ class Client:
         """Remove an empty directory (ENOTDIR for a file, ENOTEMPTY if it holds entries), like rmdir(2)."""
         if not split_path(path):
             raise OSError(errno.EBUSY, "refusing to remove the volume root", "/")
-        if self.stat(path).kind != "d":
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        self.remove(path, recursive=False)
+        try:
+            namespace.rmdir(self.meta, path)
+        finally:
+            self._invalidate()
 
     def getxattr(self, path: str, name: str) -> bytes:
         value = self.meta.getxattr(self.stat(path).ino, name)

@@ -10,7 +10,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
-from .meta import split_path
+from .meta.types import split_path
 from .node_registry import normalize_node_url
 from .volume_format import FORMAT_KEYS, VolumeFormat, refuse_changed_format, refuse_format_options
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .client import Client
 from .layout import block_key, parse_block_key
-from .meta import Extent
+from .meta.types import Extent
 from ..liveness import pid_alive
 
 

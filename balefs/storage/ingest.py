@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Sequence
 
 from .client import Client, FileWriter
 from .gcpause import collector_paused
-from .meta import slices
+from .meta.types import slices
 
 SMALL = 16 << 20
 BATCH_BYTES = 8 << 20  # bytes one reader task holds at most (plus one file)

@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 
 from ..errors import BaleError
 from .config import load_config, save_config
-from .meta import ROOT, TABLES, Inode, SqlMeta, open_meta
+from .meta import ROOT, Inode, open_meta
+from .meta.sql import TABLES, SqlMeta
 
 
 class MigrationError(BaleError):

@@ -24,7 +24,7 @@ from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
 from .counters import CounterGroup
-from .meta import BlockRecord, Extent
+from .meta.types import BlockRecord, Extent
 from .layout import block_key
 from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import NodeError
 from .layout import block_key
-from .meta import BlockRecord
+from .meta.types import BlockRecord
 from .node import up_first
 from .placement import Placement
 

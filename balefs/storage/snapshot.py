@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol
 import xxhash
 
 from .config import balefs_home
-from .meta import BlockRecord, Extent, Inode, split_path
+from .meta.types import BlockRecord, Extent, Inode, split_path
 
 if TYPE_CHECKING:
     import pyarrow as pa

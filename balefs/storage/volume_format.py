@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .codec import VERSION as BLOCK_FORMAT
-from .meta import ChunkLayout, SqlMeta
+from .meta import ChunkLayout, Meta
 
 #: the format's settings a host config may still name (configs of older releases carry them)
 FORMAT_KEYS = ("block_size", "chunk_size", "replicas", "write_quorum", "compression")
@@ -60,7 +60,7 @@ class VolumeFormat:
                 f"replicas {self.replicas}, write quorum {quorum}, compression {self.compression}")
 
 
-def stored_format(store: SqlMeta, fallback: VolumeFormat) -> VolumeFormat:
+def stored_format(store: Meta, fallback: VolumeFormat) -> VolumeFormat:
     """The volume's format, from its metadata store. A volume made before formats were stored
     adopts `fallback` and stores it: the format its host config names (an older release's TOML
     is the only source there is), with defaults for the rest, as that release read it, and the

@@ -32,7 +32,7 @@ from typing import Callable
 
 from ..errors import NodeError
 from .codec import HEADER_SIZE, BlockCodec
-from .meta import BlockRecord
+from .meta.types import BlockRecord
 from .layout import block_key
 from .node import DeferredDurability, Node, supports, up_first
 from .placement import Placement

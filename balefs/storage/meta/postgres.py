@@ -1,8 +1,9 @@
 """PostgresMeta: the metadata engine for many hosts, on PostgreSQL (psycopg 3 + psycopg_pool).
 
-The queries and rules are SqlMeta's (meta.py); this module supplies the connections, the
-DDL types, the row locks (see meta.py's docstring) and what counts as a transient error.
-psycopg is imported only when a postgresql:// URL is opened.
+The queries and rules are SqlMeta's (sql.py); this module supplies the connections, the
+DDL types, the row locks (see sql.py's docstring) and what counts as a transient error.
+Only this module imports psycopg, and only the registry imports this module, when a
+postgresql:// URL is opened (a missing psycopg gets the registry's install hint).
 """
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-try:
-    import psycopg
-    import psycopg.errors
-    from psycopg_pool import ConnectionPool
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("postgresql:// metadata needs psycopg: pip install 'balefs[postgres]'") from exc
+import psycopg
+import psycopg.errors
+from psycopg_pool import ConnectionPool
 
-from ..errors import ConfigError, MetaUnavailableError, VolumeExistsError
-from .meta import SqlMeta, redact_url
+from ...errors import ConfigError, MetaUnavailableError, VolumeExistsError
+from .registry import redact_url
+from .sql import SqlMeta
 
 _NAMESPACE_LOCK = 0x62616C65  # 'bale': pg_advisory_xact_lock key of namespace-wide changes
 _SCHEMA_LOCK = 0x62616C66     # serialises schema creation and migrations across hosts
@@ -62,6 +61,11 @@ class PostgresMeta(SqlMeta):
                  "int": "BIGINT", "blob": "BYTEA", "name": 'TEXT COLLATE "C"', "no_rowid": ""}
     LOCK_SHARE = " FOR KEY SHARE OF i"
     LOCK_UPDATE = " FOR UPDATE OF i"
+
+    @classmethod
+    def from_url(cls, url: str, create: bool = False) -> "PostgresMeta":
+        """Open `postgresql://user:password@host:port/database`."""
+        return cls(url, create=create)
 
     def __init__(self, url: str, create: bool = False, pool_size: int = 8, connect_timeout: float = 10.0,
                  retry_seconds: float = 30.0) -> None:

@@ -1,24 +1,28 @@
-"""Metadata engines: one SQL model of a volume (inodes, directory entries, extents, chunks,
-blocks, nodes) behind one interface, on SQLite (embedded, this module) or PostgreSQL
-(many hosts, meta_pg.py).
+"""SqlMeta: one SQL model of a volume (inodes, directory entries, extents, chunks, blocks,
+nodes) with every query and rule written once; the engines (sqlite.py, postgres.py) supply
+connections, transactions, the DDL types and their row locks. It implements `Meta`
+(interface.py); also here: the schema and its migrations (MIGRATIONS, SqlMeta._migrate) and
+`retrying`.
 
-`SqlMeta` holds every query and rule once; an engine subclass supplies connections,
-transactions, the DDL types and its row locks. Every change is one transaction, so a
-crash at any moment leaves either the whole change or none of it. Paths are
-volume-relative strings ("a/b/c", "" for the root). Errors are the errno-carrying
-OSErrors that POSIX and fsspec users expect.
+Every change is one transaction, so a crash at any moment leaves either the whole change or
+none of it. Namespace changes take a directory by inode and a name in it (the caller has
+resolved the path, see storage/namespace.py); only `commit` takes volume paths ("a/b/c"), so
+that a put of a tree creates its missing parent directories in the same transaction. Errors
+are the errno-carrying OSErrors that POSIX and fsspec users expect, naming the path the
+caller passes for messages.
 
-Locking: SQLite serialises writers (BEGIN IMMEDIATE). PostgreSQL runs writers in
-parallel at READ COMMITTED; a writer share-locks every directory it walks through and
-update-locks the entries it replaces or removes, a cross-directory move of a directory
-takes a volume-wide lock (as Linux's rename mutex), and a transaction that loses a race
-(unique violation, deadlock, serialization failure, lost connection before COMMIT) is
-run again from the start.
+Locking: SQLite serialises writers (BEGIN IMMEDIATE). PostgreSQL runs writers in parallel at
+READ COMMITTED; a writer share-locks the directory it adds to or removes from (and every
+directory a commit walks through), update-locks the entries it replaces or removes, a
+cross-directory move of a directory takes a volume-wide lock (as Linux's rename mutex) and
+checks, walking up from the new parent, that the directory is not moved into itself; a
+transaction that loses a race (unique violation, deadlock, serialization failure, lost
+connection before COMMIT) is run again from the start.
 
-Cache rule (close-to-open): every change that can make a cached lookup wrong (replacing
-or removing an entry, renaming, setattr) bumps the `generation` counter in the same
-transaction; a client reads that counter when it opens a file and drops its caches if
-it moved (see Client.revalidate).
+Cache rule (close-to-open): every change that can make a cached lookup wrong (replacing or
+removing an entry, renaming, setattr) bumps the `generation` counter in the same
+transaction; a client reads that counter when it opens a file and drops its caches if it
+moved (see Client.revalidate).
 """
 from __future__ import annotations
 
@@ -26,19 +30,14 @@ import errno
 import functools
 import json
 import os
-import re
-import sqlite3
-import threading
 import time
 import uuid
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from .types import ROOT, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
 SCHEMA_VERSION = 3
-ROOT = 1
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
 # engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
@@ -83,82 +82,17 @@ ALTER TABLE chunks ADD COLUMN key_id TEXT;
 TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs")
 
 
-class Inode(NamedTuple):
-    ino: int
-    kind: str  # 'f' file, 'd' directory, 'l' symlink
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    btime_ns: int
-    nlink: int
-    target: str | None
-    hash: str | None
-
-
-class Extent(NamedTuple):
-    """Bytes [off, off+length) of a file live at chunk_off in chunk."""
-
-    off: int
-    chunk: int
-    chunk_off: int
-    length: int
-
-
-class BlockRecord(NamedTuple):
-    """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node."""
-
-    chunk: int
-    idx: int
-    off: int
-    length: int
-    stored: int
-    nodes: tuple[int, ...]
-
-
-class ChunkLayout(NamedTuple):
-    """How a chunk's blocks are stored, recorded with the chunk so that chunks of other layouts
-    (erasure coded, encrypted) can live beside it: redundancy scheme, block format, key."""
-
-    redundancy: str  # 'replicas': whole copies of each block (the only scheme today)
-    copies: int  # block copies the scheme keeps
-    codec: int  # version of the block format (codec.VERSION) the chunk's blocks were written in
-    key_id: str | None = None  # the encryption key's id; None: not encrypted
-
-
-@dataclass
-class FileWrite:
-    """One file to create or replace in a commit."""
-
-    path: str
-    extents: list[Extent]
-    size: int
-    hash: str
-    mode: int = 0o644
-    mtime_ns: int | None = None
-    exclusive: bool = False
-
-
 _INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash"
 _I_COLS = "i." + _INODE_COLS.replace(", ", ", i.")
-_S_IFMT = {"f": 0o100000, "d": 0o040000, "l": 0o120000}
 
 
-def split_path(path: str) -> list[str]:
-    """Split a volume-relative path into components, refusing '..' and empty names."""
-    parts = [p for p in path.strip("/").split("/") if p and p != "."]
-    for p in parts:
-        if p == "..":
-            raise ValueError(f"path {path!r}: '..' is not allowed")
-    return parts
-
-
-def _oserror(code: int, path: str) -> OSError:
-    cls = {errno.ENOENT: FileNotFoundError, errno.EEXIST: FileExistsError, errno.EISDIR: IsADirectoryError,
-           errno.ENOTDIR: NotADirectoryError}.get(code, OSError)
-    return cls(code, os.strerror(code), path)
+@functools.lru_cache(maxsize=64)
+def _resolve_sql(depth: int) -> str:
+    """The inode at the end of `depth` names (parameters 2..depth+1) walked from directory parameter 1."""
+    joins = "".join(f" JOIN dentries d{k} ON d{k}.parent=d{k - 1}.ino" for k in range(1, depth))
+    names = "".join(f" AND d{k}.name=?" for k in range(depth))
+    return (f"SELECT {_I_COLS} FROM dentries d0{joins} JOIN inodes i ON i.ino=d{depth - 1}.ino "
+            f"WHERE d0.parent=?{names}")
 
 
 class Db(Protocol):
@@ -409,20 +343,20 @@ class SqlMeta:
                         hit[1].append(Extent(*row[13:]))
         return out
 
-    def resolve(self, path: str, db: Db | None = None) -> Inode:
-        """Walk `path` from the root; raise FileNotFoundError / NotADirectoryError."""
-        if db is None:
-            with self._read() as db:
-                return self.resolve(path, db)
-        node = Inode(*db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE ino=?", (ROOT,)).fetchone())
-        for name in split_path(path):
-            if node.kind != "d":
-                raise _oserror(errno.ENOTDIR, path)
-            row = db.execute(f"SELECT {_I_COLS} FROM dentries d JOIN inodes i ON i.ino=d.ino "
-                             "WHERE d.parent=? AND d.name=?", (node.ino, name)).fetchone()
-            if row is None:
-                raise _oserror(errno.ENOENT, path)
-            node = Inode(*row)
+    @retrying
+    def resolve(self, parent: int, names: Sequence[str]) -> Inode | None:
+        """The inode reached by walking `names` down from directory `parent` (a chain of primary-key
+        joins: one query for a whole path), or None if a name is missing or a non-directory is on the way."""
+        if not names:
+            return self.getattr(parent)
+        node = None
+        with self._read() as db:
+            for part in slices(names, 30):  # SQLite joins at most 64 tables
+                row = db.execute(_resolve_sql(len(part)), (parent, *part)).fetchone()
+                if row is None:
+                    return None
+                node = Inode(*row)
+                parent = node.ino
         return node
 
     @retrying
@@ -486,31 +420,46 @@ class SqlMeta:
                          f"WHERE d.parent=? AND d.name=?{lock}", (parent, name)).fetchone()
         return (int(row[0]), row[1]) if row else None
 
-    def _parent_of(self, db: Db, path: str, create: bool, cache: dict[str, int] | None = None) -> tuple[int, str]:
-        """Return (parent inode, name) for `path`, creating missing parent dirs if `create`.
-        Every directory walked through stays share-locked until the transaction ends."""
+    def _dir_locked(self, db: Db, ino: int, path: str) -> None:
+        """Share-lock directory `ino`, which an entry is added to or removed from, until the transaction
+        ends: ENOENT if it is gone (removed since the caller resolved it), ENOTDIR if not a directory."""
+        row = db.execute(f"SELECT i.kind FROM inodes i WHERE i.ino=?{self.LOCK_SHARE}", (ino,)).fetchone()
+        if row is None:
+            raise oserror(errno.ENOENT, path)
+        if row[0] != "d":
+            raise oserror(errno.ENOTDIR, path)
+
+    def _subdir(self, db: Db, parent: int, name: str, path: str) -> int:
+        """Directory `name` in directory `parent`, made if missing (as a put makes the parents of
+        its files), share-locked if it exists; ENOTDIR if `name` is not a directory."""
+        row = self._entry(db, parent, name, self.LOCK_SHARE)
+        if row is None:
+            child = self._alloc_inode(db, "d", 0o755)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, child))
+            return child
+        if row[1] != "d":
+            raise oserror(errno.ENOTDIR, path)
+        return row[0]
+
+    def _make_parents(self, db: Db, parent: int, names: Sequence[str], path: str) -> int:
+        """Walk `names` (each inside the previous) down from directory `parent`, making the missing
+        ones; return the last (`parent` itself when `names` is empty)."""
+        for name in names:
+            parent = self._subdir(db, parent, name, path)
+        return parent
+
+    def _parent_of(self, db: Db, path: str, cache: dict[str, int]) -> tuple[int, str]:
+        """Return (parent inode, name) for `path`, making missing parent dirs (commit's walk from the
+        root; `cache` holds the directories this transaction walked already)."""
         parts = split_path(path)
         if not parts:
-            raise _oserror(errno.EEXIST, path)
+            raise oserror(errno.EEXIST, path)
         ino, walked = ROOT, ""
         for name in parts[:-1]:
             walked = f"{walked}/{name}" if walked else name
-            if cache is not None and walked in cache:
-                ino = cache[walked]
-                continue
-            row = self._entry(db, ino, name, self.LOCK_SHARE)
-            if row is None:
-                if not create:
-                    raise _oserror(errno.ENOENT, path)
-                child = self._alloc_inode(db, "d", 0o755)
-                db.execute("INSERT INTO dentries VALUES(?,?,?)", (ino, name, child))
-                ino = child
-            elif row[1] != "d":
-                raise _oserror(errno.ENOTDIR, path)
-            else:
-                ino = row[0]
-            if cache is not None:
-                cache[walked] = ino
+            if walked not in cache:
+                cache[walked] = self._subdir(db, ino, name, path)
+            ino = cache[walked]
         return ino, parts[-1]
 
     def _drop_extents(self, db: Db, ino: int, live: dict[int, int]) -> None:
@@ -559,13 +508,13 @@ class SqlMeta:
             now = time.time_ns()
             rows: list[tuple[int, int, int, int, int]] = []
             for fw in files:
-                parent, name = self._parent_of(db, fw.path, create=True, cache=dirs)
+                parent, name = self._parent_of(db, fw.path, dirs)
                 row = self._entry(db, parent, name, self.LOCK_UPDATE)
                 if row is not None:
                     if fw.exclusive:
-                        raise _oserror(errno.EEXIST, fw.path)
+                        raise oserror(errno.EEXIST, fw.path)
                     if row[1] == "d":
-                        raise _oserror(errno.EISDIR, fw.path)
+                        raise oserror(errno.EISDIR, fw.path)
                     ino = row[0]
                     self._drop_extents(db, ino, live)
                     db.execute("UPDATE inodes SET kind='f', size=?, mtime_ns=?, ctime_ns=?, hash=?, target=NULL WHERE ino=?",
@@ -586,42 +535,58 @@ class SqlMeta:
         return out
 
     @retrying
-    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False) -> int:
+    def mkdir(self, parent: int, name: str, mode: int = 0o755, *, exist_ok: bool = False,
+              make_parents: Sequence[str] = (), path: str = "") -> int:
+        path = path or name
         with self._write() as db:
-            parent, name = self._parent_of(db, path, create=parents)
+            self._dir_locked(db, parent, path)
+            parent = self._make_parents(db, parent, make_parents, path)
             row = self._entry(db, parent, name)
             if row is not None:
                 if exist_ok and row[1] == "d":
                     return row[0]
-                raise _oserror(errno.EEXIST, path)
+                raise oserror(errno.EEXIST, path)
             ino = self._alloc_inode(db, "d", mode)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
             return ino
 
     @retrying
-    def symlink(self, path: str, target: str) -> int:
+    def symlink(self, parent: int, name: str, target: str, *, path: str = "") -> int:
+        path = path or name
         with self._write() as db:
-            parent, name = self._parent_of(db, path, create=False)
+            self._dir_locked(db, parent, path)
             if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
-                raise _oserror(errno.EEXIST, path)
+                raise oserror(errno.EEXIST, path)
             ino = self._alloc_inode(db, "l", 0o777, len(target.encode()), target=target)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
             return ino
 
     @retrying
-    def remove(self, path: str, recursive: bool = False, dir_ok: bool = True) -> int:
-        """Remove a file, an empty directory, or (recursive) a whole tree; return entries removed."""
+    def remove(self, parent: int, name: str, recursive: bool = False, *, path: str = "") -> int:
+        return self._remove(parent, name, path or name, recursive=recursive)
+
+    @retrying
+    def unlink(self, parent: int, name: str, *, path: str = "") -> None:
+        self._remove(parent, name, path or name, dir_ok=False)
+
+    @retrying
+    def rmdir(self, parent: int, name: str, *, path: str = "") -> None:
+        self._remove(parent, name, path or name, file_ok=False)
+
+    def _remove(self, parent: int, name: str, path: str, recursive: bool = False, dir_ok: bool = True,
+                file_ok: bool = True) -> int:
+        """Remove entry `name` of directory `parent` (a whole tree with `recursive`) in one transaction."""
         live: dict[int, int] = {}
         with self._write() as db:
-            parent, name = self._parent_of(db, path, create=False)
+            self._dir_locked(db, parent, path)
             row = self._entry(db, parent, name, self.LOCK_UPDATE)
             if row is None:
-                raise _oserror(errno.ENOENT, path)
+                raise oserror(errno.ENOENT, path)
             ino, kind = row
             removed = 1
             if kind == "d":
                 if not dir_ok:
-                    raise _oserror(errno.EISDIR, path)
+                    raise oserror(errno.EISDIR, path)
                 has_children = db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)).fetchone()
                 if has_children and not recursive:
                     raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
@@ -630,6 +595,8 @@ class SqlMeta:
                 db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
                 db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
             else:
+                if not file_ok:
+                    raise oserror(errno.ENOTDIR, path)
                 db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
                 self._unlink_inode(db, ino, live)
             self._apply_live(db, live)
@@ -651,15 +618,19 @@ class SqlMeta:
         return count
 
     @retrying
-    def rename(self, src: str, dst: str, replace: bool = True) -> None:
-        """Move src to dst atomically, replacing a file (or an empty directory) at dst like rename(2)."""
+    def rename(self, parent: int, name: str, newparent: int, newname: str, replace: bool = True, *,
+               make_parents: Sequence[str] = (), src_path: str = "", dst_path: str = "") -> None:
+        src, dst = src_path or name, dst_path or newname
+        sp, sname, dname = parent, name, newname
         live: dict[int, int] = {}
         with self._write() as db:
-            sp, sname = self._parent_of(db, src, create=False)
+            self._dir_locked(db, sp, src)
             srow = self._entry(db, sp, sname, self.LOCK_UPDATE)
             if srow is None:
-                raise _oserror(errno.ENOENT, src)
-            dp, dname = self._parent_of(db, dst, create=True)
+                raise oserror(errno.ENOENT, src)
+            if newparent != sp:
+                self._dir_locked(db, newparent, dst)
+            dp = self._make_parents(db, newparent, make_parents, dst)
             if srow[1] == "d":
                 if dp != sp:
                     self._lock_namespace(db)  # no two moves can build a cycle between them
@@ -673,15 +644,15 @@ class SqlMeta:
                 if drow[0] == srow[0]:
                     return
                 if not replace:
-                    raise _oserror(errno.EEXIST, dst)
+                    raise oserror(errno.EEXIST, dst)
                 if drow[1] == "d":
                     if srow[1] != "d":
-                        raise _oserror(errno.EISDIR, dst)
+                        raise oserror(errno.EISDIR, dst)
                     if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (drow[0],)).fetchone():
                         raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
                     db.execute("DELETE FROM inodes WHERE ino=?", (drow[0],))
                 elif srow[1] == "d":
-                    raise _oserror(errno.ENOTDIR, dst)
+                    raise oserror(errno.ENOTDIR, dst)
                 else:
                     self._unlink_inode(db, drow[0], live)
                 db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (dp, dname))
@@ -690,23 +661,15 @@ class SqlMeta:
             self._apply_live(db, live)
             self._bump_generation(db)
 
-    def copy_file(self, src: str, dst: str) -> int:
-        """Copy a file by reference: the new inode points at the same chunk bytes."""
-        src_node = self.resolve(src)
-        if src_node.kind == "d":
-            raise _oserror(errno.EISDIR, src)
-        extents = self.extents_of([src_node.ino])[src_node.ino]
-        fw = FileWrite(dst, extents, src_node.size, src_node.hash or "", src_node.mode)
-        return self.commit([], [fw], {})[dst]
-
     @retrying
-    def setattr(self, path: str, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None) -> None:
+    def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None, *, path: str = "") -> None:
         with self._write() as db:
-            node = self.resolve(path, db)
-            db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
-                       "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
-                       (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), node.ino))
+            cur = db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
+                             "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
+                             (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), ino))
+            if cur.rowcount == 0:
+                raise oserror(errno.ENOENT, path or f"inode {ino}")
             self._bump_generation(db)
 
     @retrying
@@ -875,165 +838,3 @@ class SqlMeta:
                     marks = ",".join("?" * len(rows[0]))
                     db.executemany(f"INSERT INTO {table} VALUES({marks})", rows)
             self._after_explicit_ids(db)
-
-
-def slices(items: Sequence, size: int) -> Iterator[Sequence]:
-    """Consecutive slices of `items`, `size` long (the last one shorter)."""
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def mode_bits(node: Inode) -> int:
-    """st_mode of an inode: type bits plus permission bits."""
-    return _S_IFMT[node.kind] | node.mode
-
-
-class SqliteMeta(SqlMeta):
-    """Metadata of one volume in an SQLite file (WAL, synchronous=FULL); safe for many threads
-    and processes on one host. Writers are serialised by BEGIN IMMEDIATE."""
-
-    DDL_TYPES = {"serial": "INTEGER PRIMARY KEY", "serial_once": "INTEGER PRIMARY KEY AUTOINCREMENT",
-                 "int": "INTEGER", "blob": "BLOB", "name": "TEXT", "no_rowid": " WITHOUT ROWID"}
-
-    def __init__(self, path: str, create: bool = False) -> None:
-        self.path = path
-        self.url = f"sqlite://{path}"
-        if not create and not os.path.exists(path):
-            raise ConfigError(f"metadata file {path} does not exist (was the volume initialised here?)")
-        if not create and os.path.getsize(path) == 0 and not _nonempty(path + "-wal"):
-            raise _meta_file_error(path, "is empty (truncated?): it holds none of the volume's files; "
-                                         "restore it from a backup")
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        files = (path, path + "-wal", path + "-shm")
-        self._made = {p for p in files if not os.path.exists(p)} if create else set()  # what discard() removes
-        try:
-            with self._write() as db:
-                self._migrate(db, create=create)
-        except BaseException as exc:
-            self.discard()
-            if isinstance(exc, sqlite3.Error):
-                raise _sqlite_open_error(path, exc, create) from None
-            raise
-
-    def discard(self) -> None:
-        """Close, and remove the files that this store's create made (nothing else): a volume
-        whose creation failed leaves nothing behind."""
-        self.close()
-        for p in self._made:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=60000")
-                conn.execute("PRAGMA cache_size=-65536")
-            except sqlite3.Error as exc:
-                if conn is not None:
-                    conn.close()
-                raise _sqlite_open_error(self.path, exc, create=not os.path.exists(self.path)) from None
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        yield self._conn()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
-
-    @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """Reads made by this thread inside the block all see one state of the metadata (one
-        SQLite read transaction), so an inode's size and its extents always belong together."""
-        db = self._conn()
-        if db.in_transaction:
-            yield
-            return
-        db.execute("BEGIN")
-        try:
-            yield
-        finally:
-            if db.in_transaction:
-                db.execute("COMMIT")
-
-    def _table_exists(self, db: Db, table: str) -> bool:
-        return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
-
-    def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._conns.clear()
-        self._local = threading.local()
-
-
-def _nonempty(path: str) -> bool:
-    try:
-        return os.path.getsize(path) > 0
-    except OSError:
-        return False
-
-
-def _meta_file_error(path: str, what: str) -> Exception:
-    from ..errors import MetaFileError
-
-    return MetaFileError(f"metadata file {path} {what}")
-
-
-def _sqlite_open_error(path: str, exc: sqlite3.Error, create: bool) -> Exception:
-    """One clear error for an SQLite file that cannot be opened: which file, and what is wrong."""
-    if not isinstance(exc, sqlite3.OperationalError):  # "file is not a database", "disk image is malformed"
-        return _meta_file_error(path, f"is corrupt or truncated ({exc}); nothing was changed: "
-                                      "restore it from a backup")
-    where = os.path.dirname(os.path.abspath(path))
-    why = f"{where} is not writable" if os.path.isdir(where) and not os.access(where, os.W_OK) else ""
-    if not why and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-        why = "the file is not readable and writable by this user"
-    return _meta_file_error(path, f"cannot be {'created' if create else 'opened'}: {exc}" + (f" ({why})" if why else ""))
-
-
-def redact_url(url: str) -> str:
-    """A metadata URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
-
-
-def is_postgres_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
-
-
-def open_meta(url: str, create: bool = False) -> SqlMeta:
-    """Open the metadata store named by a URL: `sqlite:///path/to/volume.db` or
-    `postgresql://user:password@host:port/database` (psycopg, imported only then)."""
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]
-        if create:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return SqliteMeta(path, create=create)
-    if is_postgres_url(url):
-        from .meta_pg import PostgresMeta
-
-        return PostgresMeta(url, create=create)
-    raise ConfigError(f"metadata URL {url!r}: use sqlite:///path or postgresql://user@host:port/database")

@@ -1,0 +1,98 @@
+"""Value types of a volume's metadata (inodes, extents, blocks, files to commit) and the path
+rules every layer shares; no engine or SQL here, so any module may import it."""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+#: inode number of the volume's root directory
+ROOT = 1
+
+_S_IFMT = {"f": 0o100000, "d": 0o040000, "l": 0o120000}
+
+
+class Inode(NamedTuple):
+    ino: int
+    kind: str  # 'f' file, 'd' directory, 'l' symlink
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    btime_ns: int
+    nlink: int
+    target: str | None
+    hash: str | None
+
+
+class Extent(NamedTuple):
+    """Bytes [off, off+length) of a file live at chunk_off in chunk."""
+
+    off: int
+    chunk: int
+    chunk_off: int
+    length: int
+
+
+class BlockRecord(NamedTuple):
+    """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node."""
+
+    chunk: int
+    idx: int
+    off: int
+    length: int
+    stored: int
+    nodes: tuple[int, ...]
+
+
+class ChunkLayout(NamedTuple):
+    """How a chunk's blocks are stored, recorded with the chunk so that chunks of other layouts
+    (erasure coded, encrypted) can live beside it: redundancy scheme, block format, key."""
+
+    redundancy: str  # 'replicas': whole copies of each block (the only scheme today)
+    copies: int  # block copies the scheme keeps
+    codec: int  # version of the block format (codec.VERSION) the chunk's blocks were written in
+    key_id: str | None = None  # the encryption key's id; None: not encrypted
+
+
+@dataclass
+class FileWrite:
+    """One file to create or replace in a commit."""
+
+    path: str
+    extents: list[Extent]
+    size: int
+    hash: str
+    mode: int = 0o644
+    mtime_ns: int | None = None
+    exclusive: bool = False
+
+
+def split_path(path: str) -> list[str]:
+    """Split a volume-relative path into components, refusing '..' and empty names."""
+    parts = [p for p in path.strip("/").split("/") if p and p != "."]
+    for p in parts:
+        if p == "..":
+            raise ValueError(f"path {path!r}: '..' is not allowed")
+    return parts
+
+
+def oserror(code: int, path: str) -> OSError:
+    """The OSError (subclass) that POSIX raises for `code`, naming `path`."""
+    cls = {errno.ENOENT: FileNotFoundError, errno.EEXIST: FileExistsError, errno.EISDIR: IsADirectoryError,
+           errno.ENOTDIR: NotADirectoryError}.get(code, OSError)
+    return cls(code, os.strerror(code), path)
+
+
+def slices(items: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of `items`, `size` long (the last one shorter)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def mode_bits(node: Inode) -> int:
+    """st_mode of an inode: type bits plus permission bits."""
+    return _S_IFMT[node.kind] | node.mode
