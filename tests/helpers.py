@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 import pytest
 
@@ -116,6 +118,21 @@ def make_tree(root: Path, n_files: int, min_size: int, max_size: int, seed: int 
         p.write_bytes(data)
         out[rel] = data
     return out
+
+
+@contextmanager
+def failing_block_inserts(volume_db: Path) -> Iterator[None]:
+    """Inside the block, the SQLite store of a volume refuses to record blocks ('injected
+    metadata failure'), so every commit that books a block fails; healed on exit."""
+    db = sqlite3.connect(volume_db)
+    db.execute("CREATE TRIGGER fail_blocks BEFORE INSERT ON blocks BEGIN SELECT RAISE(ABORT, 'injected metadata failure'); END")
+    db.commit()
+    try:
+        yield
+    finally:
+        db.execute("DROP TRIGGER fail_blocks")
+        db.commit()
+        db.close()
 
 
 def free_port() -> int:

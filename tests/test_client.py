@@ -16,7 +16,7 @@ from balefs.errors import NodeError
 from balefs.storage.client import Client
 from balefs.storage.gc import collect_garbage
 
-from helpers import BLOCK, CHUNK, blocks_of_file, payload
+from helpers import BLOCK, CHUNK, blocks_of_file, failing_block_inserts, payload
 
 SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + BLOCK // 2 + 5]
 
@@ -345,17 +345,9 @@ def test_block_cache_lru_bound() -> None:
 # -- a metadata failure during commit ----------------------------------------------------
 
 
-def _fail_block_inserts(volume_db: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(volume_db)
-    db.execute("CREATE TRIGGER fail_blocks BEFORE INSERT ON blocks BEGIN SELECT RAISE(ABORT, 'injected metadata failure'); END")
-    db.commit()
-    return db
-
-
 def test_failed_group_commit_never_reports_success(client: Client, open_client, balefs_home: Path) -> None:
     """When the metadata store refuses a group commit, every writer in the group is told so:
     none may return as if its file were committed."""
-    db = _fail_block_inserts(balefs_home / "vol.db")
     outcome: dict[int, str] = {}
 
     def work(i: int) -> None:
@@ -365,14 +357,12 @@ def test_failed_group_commit_never_reports_success(client: Client, open_client, 
         except Exception as exc:  # noqa: BLE001
             outcome[i] = repr(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    db.execute("DROP TRIGGER fail_blocks")
-    db.commit()
-    db.close()
+    with failing_block_inserts(balefs_home / "vol.db"):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
     fresh = open_client("vol")
     for i in range(16):
         try:
@@ -388,12 +378,8 @@ def test_failed_commit_does_not_lose_blocks_of_later_files(client: Client, open_
     head, tail = payload(BLOCK + 5000, 1), payload(BLOCK, 2)
     fw = client.open_write("long")
     fw.write(head)
-    db = _fail_block_inserts(balefs_home / "vol.db")
-    with pytest.raises(sqlite3.Error, match="injected"):
+    with failing_block_inserts(balefs_home / "vol.db"), pytest.raises(sqlite3.Error, match="injected"):
         client.write_file("victim", b"v")
-    db.execute("DROP TRIGGER fail_blocks")
-    db.commit()
-    db.close()
     fw.write(tail)
     fw.close()
     client.write_file("after", b"after")
@@ -414,12 +400,8 @@ def test_failed_durable_commit_can_be_retried(client: Client, open_client, balef
         fw.write(d)
         fw.closed = True
         writers.append(fw)
-    db = _fail_block_inserts(balefs_home / "vol.db")
-    with pytest.raises(sqlite3.Error, match="injected"):
+    with failing_block_inserts(balefs_home / "vol.db"), pytest.raises(sqlite3.Error, match="injected"):
         client.commit_durable(writers, force=True)
-    db.execute("DROP TRIGGER fail_blocks")
-    db.commit()
-    db.close()
     assert client.commit_durable(writers, force=True) == []
     fresh = open_client("vol")
     assert fresh.read_ranges([(p, 0, None) for p in files]) == list(files.values())

@@ -40,21 +40,33 @@ class NodeKind(NamedTuple):
     missing_says: str  # what they say about its store
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+# The optional capabilities each kind declares; a capability's test runs on every kind that has it.
+KIND_CAPABILITIES = {"local": frozenset({DeferredDurability, ReadInto, LocalDirectory}), "memory": frozenset(),
+                     "s3": frozenset({MultiPath, Liveness, Closable})}
+
+
+def kinds_with(capability: type | None = None) -> list[str]:
+    """The kinds that declare `capability` (None: the kinds whose store can be missing)."""
+    if capability is None:
+        return [k for k in KIND_CAPABILITIES if k != "memory"]
+    return [k for k, caps in KIND_CAPABILITIES.items() if capability in caps]
+
+
+@pytest.fixture(params=list(KIND_CAPABILITIES))
 def kind(request, tmp_path: Path) -> NodeKind:
     if request.param == "local":
         d = tmp_path / "node"
         d.mkdir()
-        return NodeKind(str(d), LocalNode, str(d), frozenset({DeferredDurability, ReadInto, LocalDirectory}),
+        return NodeKind(str(d), LocalNode, str(d), KIND_CAPABILITIES["local"],
                         str(tmp_path / "absent"), str(tmp_path / "absent"), "directory does not exist")
     if request.param == "memory":
         url = f"memory://{uuid.uuid4().hex}"
-        return NodeKind(url, MemoryNode, url, frozenset(), None, "", "")
+        return NodeKind(url, MemoryNode, url, KIND_CAPABILITIES["memory"], None, "", "")
     from balefs.storage.s3node import S3Node
 
     endpoint = request.getfixturevalue("moto")
     bucket = make_bucket(endpoint)
-    return NodeKind(s3_url(bucket, [endpoint]), S3Node, f"s3://{bucket}/blocks", frozenset({MultiPath, Liveness, Closable}),
+    return NodeKind(s3_url(bucket, [endpoint]), S3Node, f"s3://{bucket}/blocks", KIND_CAPABILITIES["s3"],
                     s3_url("no-such-bucket-here", [endpoint]), "s3://no-such-bucket-here/blocks",
                     "bucket 'no-such-bucket-here' does not exist")
 
@@ -113,11 +125,11 @@ def test_missing_block_error_names_node_and_block(kind: NodeKind, opened) -> Non
         assert kind.label in str(info.value) and "00000000000a-000000" in str(info.value)
 
 
+@pytest.mark.parametrize("kind", kinds_with(None), indirect=True)
 def test_missing_store_is_a_clear_error(kind: NodeKind, opened, balefs_home: Path) -> None:
     """A node directory that does not exist (a disk not mounted), a bucket that does not exist:
-    checks and reads say so, naming the node, and a volume is not made over it."""
-    if kind.missing_url is None:
-        pytest.skip("a memory node cannot be missing")
+    checks and reads say so, naming the node, and a volume is not made over it (a memory node
+    has no store that could be missing)."""
     node = opened(kind.missing_url)
     for op in (lambda: node.check(writable=False), lambda: node.check(writable=True), lambda: node.get(K0)):
         with pytest.raises(NodeError) as info:
@@ -141,10 +153,9 @@ def test_has_exactly_its_declared_capabilities(kind: NodeKind, opened) -> None:
     assert {c for c in CAPABILITIES if isinstance(node, c)} == kind.capabilities  # the Protocols answer alike
 
 
+@pytest.mark.parametrize("kind", kinds_with(DeferredDurability), indirect=True)
 def test_deferred_durability(kind: NodeKind, opened) -> None:
     node = opened(kind.url)
-    if not supports(node, DeferredDurability):
-        pytest.skip(f"{kind.cls.__name__} stores every block durably at once")
     aligned = mmap.mmap(-1, 3 * mmap.PAGESIZE + 77)
     aligned[:] = payload(len(aligned), 5)
     node.put_deferred(K0, (b"head", memoryview(b"body")))
@@ -155,10 +166,9 @@ def test_deferred_durability(kind: NodeKind, opened) -> None:
     assert sorted(k for k, _ in node.list()) == [K0, K1]
 
 
+@pytest.mark.parametrize("kind", kinds_with(ReadInto), indirect=True)
 def test_read_into(kind: NodeKind, opened) -> None:
     node = opened(kind.url)
-    if not supports(node, ReadInto):
-        pytest.skip(f"{kind.cls.__name__} does not read into buffers")
     data = payload(3 * mmap.PAGESIZE + 100, 6)
     node.put(K0, data)
     buf = mmap.mmap(-1, 4 * mmap.PAGESIZE)

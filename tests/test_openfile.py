@@ -13,7 +13,7 @@ from balefs.storage.client import Client
 from balefs.storage.errnos import errno_of
 from balefs.storage.openfile import OpenFile, OpenFiles
 
-from helpers import BLOCK, payload
+from helpers import BLOCK, failing_block_inserts, payload
 
 
 @pytest.fixture
@@ -31,19 +31,6 @@ def open_file(files: OpenFiles, path: str, writable: bool = True, truncate: bool
 def committed(client: Client, open_client, path: str) -> bytes:
     """What a fresh client (nothing cached) reads of `path`."""
     return open_client("vol").read_file(path)
-
-
-def fail_block_inserts(db_path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(db_path)
-    db.execute("CREATE TRIGGER fail_blocks BEFORE INSERT ON blocks BEGIN SELECT RAISE(ABORT, 'injected metadata failure'); END")
-    db.commit()
-    return db
-
-
-def heal(db: sqlite3.Connection) -> None:
-    db.execute("DROP TRIGGER fail_blocks")
-    db.commit()
-    db.close()
 
 
 # -- writing and reading back ------------------------------------------------------------
@@ -144,12 +131,8 @@ def test_failed_commit_of_streamed_bytes_fails_the_file_and_keeps_the_committed_
     of = files.get(fh)
     of.write(len(before), payload(2 * BLOCK, 5))  # appended: streamed, sharing the committed chunks
     assert of.fw is not None and of.spool is None
-    db = fail_block_inserts(balefs_home / "vol.db")
-    try:
-        with pytest.raises(sqlite3.Error, match="injected"):
-            of.commit("f")
-    finally:
-        heal(db)
+    with failing_block_inserts(balefs_home / "vol.db"), pytest.raises(sqlite3.Error, match="injected"):
+        of.commit("f")
     assert of.needs_flush and files.unflushed(of.ino) is None
     for call in (lambda: of.write(0, b"x"), lambda: of.commit("f"), lambda: of.read(0, 1), lambda: of.truncate(1)):
         with pytest.raises(OSError) as e:
@@ -170,12 +153,8 @@ def test_failed_commit_of_a_spool_can_be_retried(client: Client, open_client, fi
     data = payload(BLOCK + 3, 6)
     of.write(3, data)  # not at the end: spooled
     assert of.spool is not None
-    db = fail_block_inserts(balefs_home / "vol.db")
-    try:
-        with pytest.raises(sqlite3.Error, match="injected"):
-            of.commit("f")
-    finally:
-        heal(db)
+    with failing_block_inserts(balefs_home / "vol.db"), pytest.raises(sqlite3.Error, match="injected"):
+        of.commit("f")
     assert of.error is None and of.dirty
     assert committed(client, open_client, "f") == b"committed"
     of.commit("f")
