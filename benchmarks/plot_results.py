@@ -73,7 +73,8 @@ def plot(benchmarks: list[dict], out: Path) -> None:
         ratios = [p["ratio"] for p in passes]
         ax.barh(ys, ratios, color=[COLOURS[p["verdict"]] for p in passes], height=0.7)
         for y, p in zip(ys, passes):
-            ax.text(p["ratio"] * 1.04, y, f"{p['ratio']:g}x", va="center", fontsize=8)
+            right = max(p["ratio"], p["bar"] or 0)
+            ax.text(right * 1.08, y, f"{p['ratio']:g}x", va="center", fontsize=8)
             if p["bar"] is not None:
                 ax.plot([p["bar"], p["bar"]], [y - 0.42, y + 0.42], color="black", lw=2)
         ax.axvline(1.0, color="grey", ls="--", lw=1)
