@@ -9,8 +9,13 @@ of every run beside its peer's figure from the same run, with the head/base rati
 medians. The peers inside each benchmark (loose files, WebDataset) run in every round
 too: their own head/base ratio shows how much the machine drifted between runs.
 
+A kept volume (loaders.py --keep) is made by one build and then opened by the other, which
+an older build refuses when the newer one migrated it; keep loose data only (small_files.py
+--keep rebuilds its volumes every run) or give loaders.py no --keep.
+
     python benchmarks/before_after.py --base de23b70 small_files -- --files-a 5000 --sets a --keep
     python benchmarks/before_after.py --base de23b70 --head WORKTREE fuse_mount -- --files 5000
+    python benchmarks/before_after.py --base de23b70 loaders -- --files 10000 --workers 2 --batch 64
 """
 from __future__ import annotations
 
