@@ -135,6 +135,28 @@ class BaleOperations(Operations):
         if self.read_only:
             raise FuseOSError(errno.EROFS)
 
+    def _linked(self, vpath: str | None) -> Inode | None:
+        """The inode at `vpath` if it is a file with other names (hard links), else None: a change
+        made through this name must reach them too (see _names_changed). One stat, which the
+        kernel's LOOKUP before the change has just put in the client's cache."""
+        if vpath is None:
+            return None
+        try:
+            node = self.client.stat(vpath)
+        except OSError:
+            return None
+        return node if node.kind != "d" and node.nlink > 1 else None
+
+    def _names_changed(self, node: Inode | None, but: str | None = None) -> None:
+        """The kernel caches attributes (and pages) per name, and a file with hard links has
+        several: after a change through one name, drop what it holds for the others, so that a
+        stat or read of them sees the change at once, as on a local file system."""
+        if node is None:
+            return
+        for p in self.client.paths_of(node):
+            if p != but:
+                invalidate_kernel_path("/" + p)
+
     def _own(self, path: str, node: Inode | None = None) -> None:
         """Give a new entry to the calling user (the daemon runs as root under allow_other)."""
         if self.uid is not None or self.gid is not None:
@@ -223,14 +245,18 @@ class BaleOperations(Operations):
     def chmod(self, path: str | None, mode: int) -> int:
         self._writable()
         if path is not None:
+            linked = self._linked(_v(path))
             self.client.setattr(_v(path), mode=mode & 0o7777)
+            self._names_changed(linked, _v(path))
         return 0
 
     @_op
     def chown(self, path: str | None, uid: int, gid: int) -> int:
         self._writable()
         if path is not None:
+            linked = self._linked(_v(path))
             self.client.setattr(_v(path), uid=None if uid < 0 else uid, gid=None if gid < 0 else gid)
+            self._names_changed(linked, _v(path))
         return 0
 
     @_op
@@ -241,7 +267,9 @@ class BaleOperations(Operations):
         mtime = time.time_ns() if times is None or times[1] == UTIME_NOW else times[1]
         if times is not None and times[1] == UTIME_OMIT:
             return 0
+        linked = self._linked(_v(path))
         self.files.set_mtime(_v(path), mtime)  # an unflushed version keeps it through its commit
+        self._names_changed(linked, _v(path))
         return 0
 
     @_op
@@ -267,7 +295,7 @@ class BaleOperations(Operations):
     @_op
     def unlink(self, path: str) -> int:
         self._writable()
-        self.client.unlink(_v(path))
+        self._names_changed(self.client.unlink(_v(path)))  # the other names' link count went down
         return 0
 
     @_op
@@ -275,7 +303,8 @@ class BaleOperations(Operations):
         self._writable()
         if flags & RENAME_EXCHANGE:
             raise FuseOSError(errno.EINVAL)
-        self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
+        replaced = self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
+        self._names_changed(replaced)  # a replaced file with other names lost one
         return 0
 
     @_op
@@ -289,7 +318,29 @@ class BaleOperations(Operations):
 
     @_op
     def link(self, target: str, source: str) -> int:
-        raise FuseOSError(errno.EPERM)  # no hard links: an inode has one name (as on FAT or S3)
+        """Make the hard link `target` to the file `source` (ln source target)."""
+        self._writable()
+        vnew = _v(target)
+        self.client.link(_v(source), vnew)
+        self._names_changed(self.client.stat(vnew), vnew)  # every other name's link count moved
+        return 0
+
+    @_op
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        """FIFOs and Unix sockets (mkfifo, bind), which hold no data, and regular files; device
+        nodes are refused with EPERM (not supported)."""
+        self._writable()
+        vpath = _v(path)
+        kind = {S.S_IFIFO: "p", S.S_IFSOCK: "s"}.get(S.S_IFMT(mode))
+        if S.S_IFMT(mode) in (S.S_IFREG, 0):
+            fw = self.client.open_write(vpath, exclusive=True, mode=mode & 0o7777)
+            fw.close()
+        elif kind is None:
+            raise FuseOSError(errno.EPERM)  # character and block devices
+        else:
+            self.client.mknod(vpath, kind, mode & 0o7777)
+        self._own(vpath)
+        return 0
 
     @_op
     def readlink(self, path: str) -> str:
@@ -356,7 +407,9 @@ class BaleOperations(Operations):
             return 0
         if path is None:
             raise FuseOSError(errno.EBADF)
+        linked = self._linked(_v(path))
         self.files.truncate(_v(path), length)  # an open handle of this mount holding a newer version is cut
+        self._names_changed(linked, _v(path))
         return 0
 
     @_op
@@ -364,11 +417,16 @@ class BaleOperations(Operations):
         of = self.files.find(fi.fh)
         if of is not None and of.needs_flush:
             of.commit(_vol(path))
+            if of.node.nlink > 1:
+                self._names_changed(of.node, _vol(path))
         return 0
 
     @_op
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        self._handle(fi).commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+        of = self._handle(fi)
+        of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+        if of.node.nlink > 1:
+            self._names_changed(of.node, _vol(path))
         return 0
 
     @_op
@@ -419,6 +477,27 @@ def _pin_thread() -> None:
     if not getattr(_pinned, "done", False):
         ctypes.pythonapi.PyGILState_Ensure()
         _pinned.done = True
+
+
+def invalidate_kernel_path(path: str) -> None:
+    """Drop the kernel's cached attributes and pages of mount path `path` (libfuse's
+    fuse_invalidate_path, from inside an operation); nothing when the kernel holds none, or
+    outside a FUSE session."""
+    fn = _invalidate_path()
+    if fn is None:
+        return
+    ctx = mfusepy._libfuse.fuse_get_context()
+    if ctx and ctx.contents.fuse:
+        fn(ctx.contents.fuse, path.encode())
+
+
+@functools.lru_cache(maxsize=1)
+def _invalidate_path() -> Any:
+    fn = getattr(mfusepy._libfuse, "fuse_invalidate_path", None)  # libfuse >= 3.1
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        fn.restype = ctypes.c_int
+    return fn
 
 
 _TS_FIELDS = {"st_atime": "st_atimespec", "st_mtime": "st_mtimespec", "st_ctime": "st_ctimespec"}

@@ -279,7 +279,7 @@ class OpenFiles:
         self._fh = itertools.count(1)
         self._lock = threading.Lock()
         self._dirty: dict[int, OpenFile] = {}  # ino -> the open file that last wrote it, unflushed
-        self._seen: dict[int, tuple] = {}      # ino -> version at its last open: cached pages still good if unchanged
+        self._seen: dict[int, tuple] = {}      # ino -> version and name at its last open: cached pages still good if unchanged
 
     # -- handles ---------------------------------------------------------------------------
 
@@ -314,7 +314,8 @@ class OpenFiles:
             of.truncate_all()
             keep = False
         else:
-            version = (node.mtime_ns, node.size, node.hash)
+            # the kernel caches pages per name: a file's other names (hard links) hold their own
+            version = (node.mtime_ns, node.size, node.hash, path)
             keep = self._seen.get(node.ino) == version and node.ino not in self._dirty
             if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
                 self._seen.clear()
