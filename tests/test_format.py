@@ -134,6 +134,7 @@ def check_legacy_volume(c: Client) -> None:
         if node.kind == "d":
             subdirs = sum(1 for p, n in found.items() if n.kind == "d" and p.rpartition("/")[0] == path)
             assert node.nlink == 2 + subdirs, path
+    assert all(found[p].atime_ns == found[p].mtime_ns for p in expected)  # atimes start as the mtimes
     for path, digest in expected.items():
         assert hashlib.sha256(c.read_file(path)).hexdigest() == digest, path
     assert c.identity.format == LEGACY_FORMAT

@@ -1,22 +1,24 @@
 """POSIX namespace semantics on a real mount, each test run on the mount and on a local
 directory alike (so that it states what POSIX does, not what balefs happens to do): a
-directory's mtime/ctime and link count, hard links, FIFOs and sockets; and the same through
-fsspec where it applies."""
+directory's mtime/ctime and link count, hard links, FIFOs and sockets, access times; and the
+same through fsspec where it applies."""
 from __future__ import annotations
 
 import errno
 import os
 import socket
 import stat
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from balefs.storage.client import Client
-from fuse_support import needs_fuse, shared_mount, smnt  # noqa: F401 - fixtures
-from helpers import payload
+from fuse_support import mount_volume, needs_fuse, shared_mount, smnt  # noqa: F401 - fixtures
+from helpers import payload, wait_until
 
 OLD = 1_000_000_000 * 10**9  # an mtime long past (2001), set before each change to see it move
 
@@ -254,3 +256,52 @@ def test_fsspec_lists_a_fifo_as_other(volume) -> None:
     fs = fsspec.filesystem("bale")
     fs.client("vol").mknod("p", "p", 0o600)
     assert [(e["name"], e["type"], e["size"]) for e in fs.ls("vol", detail=True)] == [("vol/p", "other", 0)]
+
+
+# -- access times ------------------------------------------------------------------------------
+
+def test_utimens_sets_the_access_time(where: Path) -> None:
+    f = where / "f"
+    f.write_bytes(b"x")
+    mtime = os.stat(f).st_mtime_ns
+    subprocess.run(["touch", "-a", "-d", "@1900000000", str(f)], check=True)
+    st = os.stat(f)
+    assert st.st_atime_ns == 1_900_000_000 * 10**9 and st.st_mtime_ns == mtime
+    os.utime(f, ns=(1_500_000_000_123_456_789, 1_600_000_000 * 10**9))
+    st = os.stat(f)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_500_000_000_123_456_789, 1_600_000_000 * 10**9)
+
+
+def test_reads_move_the_access_time_as_relatime(where: Path) -> None:
+    f = where / "f"
+    f.write_bytes(b"data")
+    os.utime(f, ns=(OLD, OLD + 10**9))  # atime older than mtime: the next read moves it
+    assert f.read_bytes() == b"data"
+    moved = os.stat(f).st_atime_ns
+    assert moved > OLD + 10**9
+    later = time.time_ns() + 3600 * 10**9  # newer than mtime and ctime, and not a day old: reads leave it
+    os.utime(f, ns=(later, OLD + 10**9))
+    assert f.read_bytes() == b"data"
+    assert os.stat(f).st_atime_ns == later
+
+
+def test_access_times_reach_the_metadata_in_the_background(volume, mount_volume) -> None:
+    mp = mount_volume(volume.name)
+    (mp / "f").write_bytes(b"data")
+    os.utime(mp / "f", ns=(OLD, OLD + 10**9))
+    (mp / "f").read_bytes()
+    with Client.open("vol") as c:
+        wait_until(lambda: c.meta.getattr(c.stat("f").ino).atime_ns > OLD + 10**9, timeout=10)
+
+
+def test_noatime_mount_leaves_access_times_alone(volume, mount_volume) -> None:
+    mp = mount_volume(volume.name, "--noatime")
+    (mp / "f").write_bytes(b"data")
+    os.utime(mp / "f", ns=(OLD, OLD + 10**9))
+    (mp / "f").read_bytes()
+    assert os.stat(mp / "f").st_atime_ns == OLD
+    time.sleep(2)  # the batch interval is 1 s: nothing was written meanwhile either
+    with Client.open("vol") as c:
+        assert c.stat("f").atime_ns == OLD
+    os.utime(mp / "f", ns=(OLD + 5, OLD + 10**9))  # utimens still sets it
+    assert os.stat(mp / "f").st_atime_ns == OLD + 5

@@ -44,6 +44,7 @@ import mfusepy  # noqa: E402 - after choosing the library
 from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # noqa: E402
 
 from ..errors import BaleError
+from ..storage.atime import AccessTimes
 from ..storage.client import Client
 from ..storage.errnos import errno_of
 from ..storage.meta.types import Inode, mode_bits
@@ -114,13 +115,15 @@ class BaleOperations(Operations):
     use_ns = True  # times in integer nanoseconds
 
     def __init__(self, client: Client, read_only: bool = False, uid: int | None = None, gid: int | None = None,
-                 spool_dir: str | None = None, on_ready: Callable[[], None] | None = None, max_read: int = 1 << 20) -> None:
+                 spool_dir: str | None = None, on_ready: Callable[[], None] | None = None, max_read: int = 1 << 20,
+                 noatime: bool = False) -> None:
         self.client = client
         self.max_read = max_read
         self.read_only = read_only
         self.uid, self.gid = uid, gid
         self.on_ready = on_ready
         self.files = OpenFiles(client, spool_dir)  # the open files, by fi.fh
+        self.atimes = AccessTimes(client.record_access, enabled=not noatime and not read_only)  # relatime, batched
         self._lock = threading.Lock()
         self._listings: dict[int, list[tuple[str, Inode | None]]] = {}  # open directory -> its entries
         self._dh = itertools.count(1)
@@ -192,6 +195,7 @@ class BaleOperations(Operations):
         waits for that); if the daemon is stopped with files still open for writing, their
         unflushed bytes are dropped, as in a crash, so that no half-written file shows up."""
         self.files.close_all()
+        self.atimes.close()
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -201,7 +205,7 @@ class BaleOperations(Operations):
                 "st_uid": node.uid if self.uid is None else self.uid,
                 "st_gid": node.gid if self.gid is None else self.gid,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": IO_SIZE,
-                "st_atime": mtime, "st_mtime": mtime, "st_ctime": max(node.ctime_ns, mtime)}
+                "st_atime": self.atimes.atime(node), "st_mtime": mtime, "st_ctime": max(node.ctime_ns, mtime)}
 
     @_op
     def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
@@ -261,15 +265,22 @@ class BaleOperations(Operations):
 
     @_op
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
+        """Set the access and modification times (each may be UTIME_NOW or UTIME_OMIT)."""
         self._writable()
         if path is None:
             return 0
-        mtime = time.time_ns() if times is None or times[1] == UTIME_NOW else times[1]
-        if times is not None and times[1] == UTIME_OMIT:
-            return 0
-        linked = self._linked(_v(path))
-        self.files.set_mtime(_v(path), mtime)  # an unflushed version keeps it through its commit
-        self._names_changed(linked, _v(path))
+        now = time.time_ns()
+        atime, mtime = ((now if t == UTIME_NOW else None if t == UTIME_OMIT else t)
+                        for t in (times if times is not None else (UTIME_NOW, UTIME_NOW)))
+        vpath = _v(path)
+        linked = self._linked(vpath)
+        if atime is not None:
+            self.atimes.forget(self.client.stat(vpath).ino)
+        if mtime is not None:
+            self.files.set_mtime(vpath, mtime, atime_ns=atime)  # an unflushed version keeps mtime through its commit
+        elif atime is not None:
+            self.client.setattr(vpath, atime_ns=atime)
+        self._names_changed(linked, vpath)
         return 0
 
     @_op
@@ -380,6 +391,8 @@ class BaleOperations(Operations):
         except IsADirectoryError:
             raise FuseOSError(errno.EISDIR) from None
         fi.fh, keep = self.files.open(vpath, reader, writable, truncate=writable and bool(flags & os.O_TRUNC))
+        if not writable:
+            self.atimes.accessed(reader.inode)  # relatime, written in the background
         fi.keep_cache = 1 if keep else 0
         fi.direct_io = 0
         if not writable and hasattr(fi, "noflush"):

@@ -786,6 +786,10 @@ class Client:
         finally:
             self._invalidate()
 
+    def record_access(self, atimes: dict[int, int]) -> None:
+        """Record reads' access times (inode number -> time) in one transaction (see storage/atime.py)."""
+        self.meta.touch_atimes(atimes)
+
     def paths_of(self, node: Inode) -> list[str]:
         """Every path naming `node` (more than one for a file with hard links)."""
         return self.meta.paths_of(node.ino)

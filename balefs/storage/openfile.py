@@ -379,14 +379,14 @@ class OpenFiles:
         else:
             self.client.truncate(path, length)
 
-    def set_mtime(self, path: str, mtime_ns: int) -> None:
-        """Set the file's mtime; an unflushed version keeps it through its commit (cp -p sets
-        times before close)."""
+    def set_mtime(self, path: str, mtime_ns: int, atime_ns: int | None = None) -> None:
+        """Set the file's mtime (and atime, if given); an unflushed version keeps it through its
+        commit (cp -p sets times before close)."""
         node = self.client.stat(path)
         d = self._dirty.get(node.ino)
         if d is not None:
             d.mtime_ns = mtime_ns
-        self.client.setattr(path, mtime_ns=mtime_ns)
+        self.client.setattr(path, mtime_ns=mtime_ns, atime_ns=atime_ns)
 
     def _set_dirty(self, of: OpenFile) -> None:
         with self._lock:

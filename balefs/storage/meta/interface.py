@@ -198,8 +198,12 @@ class Meta(Protocol):
         `dst_path`. Bumps the generation."""
 
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None, *, path: str = "") -> None:
+                mtime_ns: int | None = None, atime_ns: int | None = None, *, path: str = "") -> None:
         """Change the given attributes of `ino` (ctime is now); ENOENT if it is gone. Bumps the generation."""
+
+    def touch_atimes(self, atimes: dict[int, int]) -> None:
+        """Record access times of reads (ino -> time) in one transaction, never moving one back; gone
+        inodes are skipped. Moves no generation: cached lookups stay good."""
 
     def setxattr(self, ino: int, name: str, value: bytes | None) -> None:
         """Set extended attribute `name` of `ino` (None removes it)."""

@@ -77,10 +77,13 @@ ALTER TABLE chunks ADD COLUMN codec {int};
 ALTER TABLE chunks ADD COLUMN key_id TEXT;
 """,
     # version 4: a directory's link count is 2 + its subdirectories, as on ext4 (it was 2 for every
-    # directory), kept by every change since (SqlMeta._dirs_changed)
+    # directory), kept by every change since (SqlMeta._dirs_changed); each inode's access time
+    # (it was reported as the mtime: that is where it starts)
     4: """
 UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.ino=d.ino
   WHERE d.parent=inodes.ino AND c.kind='d') WHERE kind='d';
+ALTER TABLE inodes ADD COLUMN atime_ns {int} NOT NULL DEFAULT 0;
+UPDATE inodes SET atime_ns = mtime_ns;
 """,
 }
 
@@ -91,7 +94,7 @@ SPECIAL_KINDS = ("p", "s")
 TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs")
 
 
-_INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash"
+_INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash, atime_ns"
 _I_COLS = "i." + _INODE_COLS.replace(", ", ", i.")
 
 
@@ -213,8 +216,8 @@ class SqlMeta:
                    (str(SCHEMA_VERSION),))
         if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT,)).fetchone() is None:
             now = time.time_ns()
-            db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None))
+            db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None, now))
             self._after_explicit_ids(db)
 
     def _after_explicit_ids(self, db: Db) -> None:
@@ -347,9 +350,9 @@ class SqlMeta:
                                       f"WHERE d.parent=? AND d.name IN ({marks}) ORDER BY d.name, e.off", (parent, *part)):
                     hit = out.get(row[0])
                     if hit is None:
-                        hit = out[row[0]] = (Inode(*row[1:13]), [])
-                    if row[14] is not None:
-                        hit[1].append(Extent(*row[13:]))
+                        hit = out[row[0]] = (Inode(*row[1:14]), [])
+                    if row[15] is not None:
+                        hit[1].append(Extent(*row[14:]))
         return out
 
     @retrying
@@ -419,9 +422,9 @@ class SqlMeta:
                      target: str | None = None, hash: str | None = None) -> int:
         now = time.time_ns()
         cols = _INODE_COLS.replace("ino, ", "", 1)
-        return int(db.execute(f"INSERT INTO inodes({cols}) VALUES(?,?,?,?,?,?,?,?,?,?,?) RETURNING ino",
+        return int(db.execute(f"INSERT INTO inodes({cols}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) RETURNING ino",
                               (kind, mode & 0o7777, os.getuid(), os.getgid(), size, mtime_ns or now, now, now,
-                               2 if kind == "d" else 1, target, hash)).fetchone()[0])
+                               2 if kind == "d" else 1, target, hash, now)).fetchone()[0])
 
     def _entry(self, db: Db, parent: int, name: str, lock: str = "") -> tuple[int, str] | None:
         """(ino, kind) of entry `name` in directory `parent`, row-locked with `lock` where the engine locks."""
@@ -762,14 +765,24 @@ class SqlMeta:
 
     @retrying
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None, *, path: str = "") -> None:
+                mtime_ns: int | None = None, atime_ns: int | None = None, *, path: str = "") -> None:
         with self._write() as db:
             cur = db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
-                             "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
-                             (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), ino))
+                             "mtime_ns=coalesce(?, mtime_ns), atime_ns=coalesce(?, atime_ns), ctime_ns=? WHERE ino=?",
+                             (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, atime_ns, time.time_ns(), ino))
             if cur.rowcount == 0:
                 raise oserror(errno.ENOENT, path or f"inode {ino}")
             self._bump_generation(db)
+
+    @retrying
+    def touch_atimes(self, atimes: dict[int, int]) -> None:
+        """Record reads' access times (ino -> time), batched: one transaction for many files, an
+        atime never moved back (a later utimens wins); no generation bump (no lookup goes wrong)."""
+        if not atimes:
+            return
+        with self._write() as db:
+            db.executemany("UPDATE inodes SET atime_ns=? WHERE ino=? AND atime_ns < ?",
+                           [(t, ino, t) for ino, t in sorted(atimes.items())])
 
     @retrying
     def setxattr(self, ino: int, name: str, value: bytes | None) -> None:

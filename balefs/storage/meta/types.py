@@ -26,6 +26,7 @@ class Inode(NamedTuple):
     nlink: int
     target: str | None
     hash: str | None
+    atime_ns: int  # last access: set by utimens, and by reads through a mount (relatime, see fuse/atime.py)
 
 
 class Extent(NamedTuple):
