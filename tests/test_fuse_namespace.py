@@ -16,7 +16,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from balefs.storage.client import Client
+from balefs.storage.atime import AccessTimes
+from balefs.storage.client import Client, Inode
 from fuse_support import mount_volume, needs_fuse, shared_mount, smnt  # noqa: F401 - fixtures
 from helpers import payload, wait_until
 
@@ -305,3 +306,20 @@ def test_noatime_mount_leaves_access_times_alone(volume, mount_volume) -> None:
         assert c.stat("f").atime_ns == OLD
     os.utime(mp / "f", ns=(OLD + 5, OLD + 10**9))  # utimens still sets it
     assert os.stat(mp / "f").st_atime_ns == OLD + 5
+
+
+def test_reads_record_access_times_in_batches() -> None:
+    """The read path never writes metadata: atimes of many reads go out in one batch, later."""
+    batches: list[dict[int, int]] = []
+    times = AccessTimes(batches.append, interval=0.2)
+    nodes = [Inode(i, "f", 0o644, 0, 0, 1, 100, 100, 100, 1, None, None, 50) for i in range(1, 101)]
+    for node in nodes:
+        times.accessed(node)  # atime 50 is older than mtime 100: relatime moves it
+    assert batches == [] and times.atime(nodes[0]) > 100  # stat sees it before it is written
+    wait_until(lambda: batches, timeout=5)
+    time.sleep(0.3)
+    assert len(batches) == 1 and sorted(batches[0]) == list(range(1, 101))
+    for node in nodes:  # read again (a cached inode still holds atime 50): nothing more to write
+        times.accessed(node)
+    times.close()
+    assert len(batches) == 1
