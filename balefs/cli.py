@@ -596,6 +596,8 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--attr-timeout", type=float, default=None,
               help="Seconds the kernel caches attributes and names (and, read-only, absent names); a change made by "
                    "another mount is seen after at most this. Default 1, or 60 with --read-only.")
+@click.option("--noatime", is_flag=True, help="Reads leave access times alone (default: relatime, as Linux: a read "
+              "moves a file's atime when it is older than its mtime or ctime, or a day old).")
 @click.option("--readahead", default="4MiB", show_default=True,
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
@@ -605,7 +607,8 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @user_errors
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
-              attr_timeout: float | None, readahead: str, threads: int, debug: bool, ready_fd: int | None) -> None:
+              attr_timeout: float | None, noatime: bool, readahead: str, threads: int, debug: bool,
+              ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -614,7 +617,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
     from .fuse.mount import MountOptions, mount, serve
 
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
-                        allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout,
+                        allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout, noatime=noatime,
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug)
     if ready_fd is not None:  # the daemon started by a background mount
         import logging

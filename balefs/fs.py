@@ -21,7 +21,7 @@ from .storage.gcpause import collector_paused
 from .storage.ingest import ingest_local
 from .storage.meta.types import Inode, split_path
 
-_KIND = {"f": "file", "d": "directory", "l": "link"}
+_KIND = {"f": "file", "d": "directory", "l": "link", "p": "other", "s": "other"}  # p: FIFO, s: Unix socket
 
 
 class BaleTransaction(Transaction):

@@ -41,7 +41,7 @@ def test_init_stores_the_format_and_the_toml_leaves_it_out(make_volume, meta_eng
     assert not any(f"{key} =" in text for key in FORMAT_KEYS)
     store = open_meta(cfg.meta_url)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         assert store.read_format() == VolumeFormat(BLOCK, CHUNK, 2, 1, "lz4", BLOCK_FORMAT).to_record()
     finally:
         store.close()
@@ -130,12 +130,17 @@ def check_legacy_volume(c: Client) -> None:
     found = {p: node for p, node in c.walk("")}
     assert sorted(p for p, node in found.items() if node.kind == "f" and p != "after") == sorted(expected)
     assert found["data/empty"].kind == "d"
+    for path, node in [("", c.stat(""))] + list(found.items()):  # schema 4 counted each directory's links
+        if node.kind == "d":
+            subdirs = sum(1 for p, n in found.items() if n.kind == "d" and p.rpartition("/")[0] == path)
+            assert node.nlink == 2 + subdirs, path
+    assert all(found[p].atime_ns == found[p].mtime_ns for p in expected)  # atimes start as the mtimes
     for path, digest in expected.items():
         assert hashlib.sha256(c.read_file(path)).hexdigest() == digest, path
     assert c.identity.format == LEGACY_FORMAT
     assert (c.cfg.block_size, c.cfg.chunk_size, c.cfg.replicas, c.cfg.write_quorum, c.cfg.compression) == \
         (16 * KiB, 64 * KiB, 2, 1, "lz4")
-    assert c.meta.schema_version() == 3
+    assert c.meta.schema_version() == SCHEMA_VERSION
     assert c.meta.read_format() == LEGACY_FORMAT.to_record()
     assert c.meta.chunk_layouts([1, 2]) == {1: ChunkLayout("replicas", 2, 2, None), 2: ChunkLayout("replicas", 2, 2, None)}
 

@@ -1,7 +1,8 @@
 """Random sequences of POSIX operations, run on the mount and on a plain local directory side
 by side (Hypothesis stateful testing): every operation must give the same result or the
 same errno on both, and after every step both trees must hold the same names, types,
-sizes, permission bits and bytes."""
+sizes, permission bits, link counts, bytes and names sharing an inode (hard links); and the
+same directories must have had their mtime moved by each operation."""
 from __future__ import annotations
 
 import errno
@@ -34,19 +35,42 @@ def outcome(fn):
         return ("err", errno.errorcode.get(exc.errno, exc.errno))
 
 
+OLD_NS = 10**18  # a directory mtime long past, set before each operation to see which it moves
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
-    """name -> (type, size for files, permission bits, bytes for files) of the whole tree."""
+    """name -> (type, link count, size for files, permission bits, bytes for files, the other
+    names of its inode) of the whole tree."""
     out: dict[str, tuple] = {}
+    inodes: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st_ = os.lstat(p)
             rel = str(p.relative_to(root))
+            inodes.setdefault(st_.st_ino, []).append(rel)
             if stat.S_ISDIR(st_.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st_.st_mode))
+                out[rel] = ("dir", st_.st_nlink, stat.S_IMODE(st_.st_mode))
             else:
-                out[rel] = ("file", st_.st_size, stat.S_IMODE(st_.st_mode), p.read_bytes())
+                out[rel] = ("file", st_.st_nlink, st_.st_size, stat.S_IMODE(st_.st_mode), p.read_bytes())
+    for names in inodes.values():
+        for rel in names:
+            out[rel] += (sorted(names),)
     return out
+
+
+def directories(root: Path) -> list[Path]:
+    return [Path(dirpath) for dirpath, _, _ in os.walk(root)]
+
+
+def age_directories(root: Path) -> None:
+    for d in directories(root):
+        os.utime(d, ns=(OLD_NS, OLD_NS))
+
+
+def moved_directories(root: Path) -> list[str]:
+    """The directories whose mtime an operation moved since age_directories (coarse: moved or not)."""
+    return sorted(str(d.relative_to(root)) for d in directories(root) if os.stat(d).st_mtime_ns != OLD_NS)
 
 
 def make_machine(mount_root: Path, local_root: Path, counter=itertools.count()):
@@ -67,9 +91,14 @@ def make_machine(mount_root: Path, local_root: Path, counter=itertools.count()):
                 (r / "c").write_bytes(payload(seed, seed + 1))
 
         def both(self, op):
-            """Run op(root) on the mount and on the local directory; results must agree."""
+            """Run op(root) on the mount and on the local directory; results must agree, and so
+            must which directories' mtime it moved (an entry added, removed or renamed)."""
+            for r in self.roots:
+                age_directories(r)
             got = [outcome(lambda r=r: op(r)) for r in self.roots]
             assert got[0] == got[1], f"mount: {got[0]!r}  local: {got[1]!r}"
+            moved = [moved_directories(r) for r in self.roots]
+            assert moved[0] == moved[1], f"directory mtime moved on the mount: {moved[0]}  local: {moved[1]}"
             return got[1]
 
         @rule(path=paths, size=sizes, seed=st.integers(0, 99))
@@ -112,6 +141,10 @@ def make_machine(mount_root: Path, local_root: Path, counter=itertools.count()):
         @rule(src=paths, dst=paths)
         def rename(self, src, dst):
             self.both(lambda root: os.rename(root / src, root / dst))
+
+        @rule(src=paths, dst=paths)
+        def link(self, src, dst):
+            self.both(lambda root: os.link(root / src, root / dst))
 
         @rule(path=paths)
         def unlink(self, path):

@@ -62,8 +62,9 @@ def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client, b
     make_volume(meta=meta_engine)
     c = open_client("vol")
     c.write_file("a", b"x")
-    with c.meta._write() as db:  # back to version 1: no generation counter, no format, no chunk layouts
+    with c.meta._write() as db:  # back to version 1: no generation counter, format, chunk layouts, atimes
         db.execute("DROP TABLE counters")
+        db.execute("ALTER TABLE inodes DROP COLUMN atime_ns")
         db.execute("DELETE FROM meta WHERE key='format'")
         for column in ("redundancy", "copies", "codec", "key_id"):
             db.execute(f"ALTER TABLE chunks DROP COLUMN {column}")

@@ -45,6 +45,7 @@ class MountOptions:
     gid: int | None = None                    # ...and group
     attr_timeout: float | None = None         # seconds the kernel trusts attributes and names (None: default_timeouts)
     readahead: str | int | None = "4MiB"      # kernel readahead window of the mount (root only)
+    noatime: bool = False                     # reads leave access times alone (default: relatime)
     threads: int = 4  # FUSE requests served at once: more only contend for the GIL (benchmarks/RESULTS.md)
     debug: bool = False
 
@@ -211,7 +212,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
             except OSError:
                 pass
 
-    ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready)
+    ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready,
+                         noatime=opts.noatime)
     attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout)
     fuse_options: dict[str, Any] = {
         "foreground": True,
@@ -234,6 +236,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         fuse_options["max_idle_threads"] = opts.threads
     if opts.read_only:
         fuse_options["ro"] = True
+    if opts.noatime:
+        fuse_options["noatime"] = True  # the kernel leaves its cached atimes alone too
     if opts.allow_other:
         fuse_options["allow_other"] = True
     if opts.debug:
@@ -308,6 +312,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         cmd.append("--read-only")
     if opts.allow_other:
         cmd.append("--allow-other")
+    if opts.noatime:
+        cmd.append("--noatime")
     for flag, value in (("--cache-size", opts.cache_size), ("--cache-dir", opts.cache_dir),
                         ("--disk-cache-size", opts.disk_cache_size), ("--uid", opts.uid), ("--gid", opts.gid),
                         ("--readahead", opts.readahead)):

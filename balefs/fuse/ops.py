@@ -44,6 +44,7 @@ import mfusepy  # noqa: E402 - after choosing the library
 from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # noqa: E402
 
 from ..errors import BaleError
+from ..storage.atime import AccessTimes
 from ..storage.client import Client
 from ..storage.errnos import errno_of
 from ..storage.meta.types import Inode, mode_bits
@@ -114,13 +115,15 @@ class BaleOperations(Operations):
     use_ns = True  # times in integer nanoseconds
 
     def __init__(self, client: Client, read_only: bool = False, uid: int | None = None, gid: int | None = None,
-                 spool_dir: str | None = None, on_ready: Callable[[], None] | None = None, max_read: int = 1 << 20) -> None:
+                 spool_dir: str | None = None, on_ready: Callable[[], None] | None = None, max_read: int = 1 << 20,
+                 noatime: bool = False) -> None:
         self.client = client
         self.max_read = max_read
         self.read_only = read_only
         self.uid, self.gid = uid, gid
         self.on_ready = on_ready
         self.files = OpenFiles(client, spool_dir)  # the open files, by fi.fh
+        self.atimes = AccessTimes(client.record_access, enabled=not noatime and not read_only)  # relatime, batched
         self._lock = threading.Lock()
         self._listings: dict[int, list[tuple[str, Inode | None]]] = {}  # open directory -> its entries
         self._dh = itertools.count(1)
@@ -134,6 +137,28 @@ class BaleOperations(Operations):
     def _writable(self) -> None:
         if self.read_only:
             raise FuseOSError(errno.EROFS)
+
+    def _linked(self, vpath: str | None) -> Inode | None:
+        """The inode at `vpath` if it is a file with other names (hard links), else None: a change
+        made through this name must reach them too (see _names_changed). One stat, which the
+        kernel's LOOKUP before the change has just put in the client's cache."""
+        if vpath is None:
+            return None
+        try:
+            node = self.client.stat(vpath)
+        except OSError:
+            return None
+        return node if node.kind != "d" and node.nlink > 1 else None
+
+    def _names_changed(self, node: Inode | None, but: str | None = None) -> None:
+        """The kernel caches attributes (and pages) per name, and a file with hard links has
+        several: after a change through one name, drop what it holds for the others, so that a
+        stat or read of them sees the change at once, as on a local file system."""
+        if node is None:
+            return
+        for p in self.client.paths_of(node):
+            if p != but:
+                invalidate_kernel_path("/" + p)
 
     def _own(self, path: str, node: Inode | None = None) -> None:
         """Give a new entry to the calling user (the daemon runs as root under allow_other)."""
@@ -170,6 +195,7 @@ class BaleOperations(Operations):
         waits for that); if the daemon is stopped with files still open for writing, their
         unflushed bytes are dropped, as in a crash, so that no half-written file shows up."""
         self.files.close_all()
+        self.atimes.close()
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -179,7 +205,7 @@ class BaleOperations(Operations):
                 "st_uid": node.uid if self.uid is None else self.uid,
                 "st_gid": node.gid if self.gid is None else self.gid,
                 "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": IO_SIZE,
-                "st_atime": mtime, "st_mtime": mtime, "st_ctime": max(node.ctime_ns, mtime)}
+                "st_atime": self.atimes.atime(node), "st_mtime": mtime, "st_ctime": max(node.ctime_ns, mtime)}
 
     @_op
     def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
@@ -223,25 +249,38 @@ class BaleOperations(Operations):
     def chmod(self, path: str | None, mode: int) -> int:
         self._writable()
         if path is not None:
+            linked = self._linked(_v(path))
             self.client.setattr(_v(path), mode=mode & 0o7777)
+            self._names_changed(linked, _v(path))
         return 0
 
     @_op
     def chown(self, path: str | None, uid: int, gid: int) -> int:
         self._writable()
         if path is not None:
+            linked = self._linked(_v(path))
             self.client.setattr(_v(path), uid=None if uid < 0 else uid, gid=None if gid < 0 else gid)
+            self._names_changed(linked, _v(path))
         return 0
 
     @_op
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
+        """Set the access and modification times (each may be UTIME_NOW or UTIME_OMIT)."""
         self._writable()
         if path is None:
             return 0
-        mtime = time.time_ns() if times is None or times[1] == UTIME_NOW else times[1]
-        if times is not None and times[1] == UTIME_OMIT:
-            return 0
-        self.files.set_mtime(_v(path), mtime)  # an unflushed version keeps it through its commit
+        now = time.time_ns()
+        atime, mtime = ((now if t == UTIME_NOW else None if t == UTIME_OMIT else t)
+                        for t in (times if times is not None else (UTIME_NOW, UTIME_NOW)))
+        vpath = _v(path)
+        linked = self._linked(vpath)
+        if atime is not None:
+            self.atimes.forget(self.client.stat(vpath).ino)
+        if mtime is not None:
+            self.files.set_mtime(vpath, mtime, atime_ns=atime)  # an unflushed version keeps mtime through its commit
+        elif atime is not None:
+            self.client.setattr(vpath, atime_ns=atime)
+        self._names_changed(linked, vpath)
         return 0
 
     @_op
@@ -267,7 +306,7 @@ class BaleOperations(Operations):
     @_op
     def unlink(self, path: str) -> int:
         self._writable()
-        self.client.unlink(_v(path))
+        self._names_changed(self.client.unlink(_v(path)))  # the other names' link count went down
         return 0
 
     @_op
@@ -275,7 +314,8 @@ class BaleOperations(Operations):
         self._writable()
         if flags & RENAME_EXCHANGE:
             raise FuseOSError(errno.EINVAL)
-        self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
+        replaced = self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
+        self._names_changed(replaced)  # a replaced file with other names lost one
         return 0
 
     @_op
@@ -289,7 +329,29 @@ class BaleOperations(Operations):
 
     @_op
     def link(self, target: str, source: str) -> int:
-        raise FuseOSError(errno.EPERM)  # no hard links: an inode has one name (as on FAT or S3)
+        """Make the hard link `target` to the file `source` (ln source target)."""
+        self._writable()
+        vnew = _v(target)
+        self.client.link(_v(source), vnew)
+        self._names_changed(self.client.stat(vnew), vnew)  # every other name's link count moved
+        return 0
+
+    @_op
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        """FIFOs and Unix sockets (mkfifo, bind), which hold no data, and regular files; device
+        nodes are refused with EPERM (not supported)."""
+        self._writable()
+        vpath = _v(path)
+        kind = {S.S_IFIFO: "p", S.S_IFSOCK: "s"}.get(S.S_IFMT(mode))
+        if S.S_IFMT(mode) in (S.S_IFREG, 0):
+            fw = self.client.open_write(vpath, exclusive=True, mode=mode & 0o7777)
+            fw.close()
+        elif kind is None:
+            raise FuseOSError(errno.EPERM)  # character and block devices
+        else:
+            self.client.mknod(vpath, kind, mode & 0o7777)
+        self._own(vpath)
+        return 0
 
     @_op
     def readlink(self, path: str) -> str:
@@ -329,6 +391,8 @@ class BaleOperations(Operations):
         except IsADirectoryError:
             raise FuseOSError(errno.EISDIR) from None
         fi.fh, keep = self.files.open(vpath, reader, writable, truncate=writable and bool(flags & os.O_TRUNC))
+        if not writable:
+            self.atimes.accessed(reader.inode)  # relatime, written in the background
         fi.keep_cache = 1 if keep else 0
         fi.direct_io = 0
         if not writable and hasattr(fi, "noflush"):
@@ -356,7 +420,9 @@ class BaleOperations(Operations):
             return 0
         if path is None:
             raise FuseOSError(errno.EBADF)
+        linked = self._linked(_v(path))
         self.files.truncate(_v(path), length)  # an open handle of this mount holding a newer version is cut
+        self._names_changed(linked, _v(path))
         return 0
 
     @_op
@@ -364,11 +430,16 @@ class BaleOperations(Operations):
         of = self.files.find(fi.fh)
         if of is not None and of.needs_flush:
             of.commit(_vol(path))
+            if of.node.nlink > 1:
+                self._names_changed(of.node, _vol(path))
         return 0
 
     @_op
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        self._handle(fi).commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+        of = self._handle(fi)
+        of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+        if of.node.nlink > 1:
+            self._names_changed(of.node, _vol(path))
         return 0
 
     @_op
@@ -419,6 +490,27 @@ def _pin_thread() -> None:
     if not getattr(_pinned, "done", False):
         ctypes.pythonapi.PyGILState_Ensure()
         _pinned.done = True
+
+
+def invalidate_kernel_path(path: str) -> None:
+    """Drop the kernel's cached attributes and pages of mount path `path` (libfuse's
+    fuse_invalidate_path, from inside an operation); nothing when the kernel holds none, or
+    outside a FUSE session."""
+    fn = _invalidate_path()
+    if fn is None:
+        return
+    ctx = mfusepy._libfuse.fuse_get_context()
+    if ctx and ctx.contents.fuse:
+        fn(ctx.contents.fuse, path.encode())
+
+
+@functools.lru_cache(maxsize=1)
+def _invalidate_path() -> Any:
+    fn = getattr(mfusepy._libfuse, "fuse_invalidate_path", None)  # libfuse >= 3.1
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        fn.restype = ctypes.c_int
+    return fn
 
 
 _TS_FIELDS = {"st_atime": "st_atimespec", "st_mtime": "st_mtimespec", "st_ctime": "st_ctimespec"}

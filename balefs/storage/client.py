@@ -716,12 +716,14 @@ class Client:
         finally:
             self._invalidate()
 
-    def rename(self, src: str, dst: str, replace: bool = True) -> None:
+    def rename(self, src: str, dst: str, replace: bool = True) -> Inode | None:
+        """Move src to dst atomically (rename(2)); returns the replaced file's inode when other names
+        (hard links) keep it."""
         for path in (src, dst):
             if not split_path(path):
                 raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
         try:
-            namespace.rename(self.meta, src, dst, replace=replace)
+            return namespace.rename(self.meta, src, dst, replace=replace)
         finally:
             self._invalidate()
 
@@ -764,7 +766,33 @@ class Client:
         self._invalidate()
 
     def symlink(self, path: str, target: str) -> None:
-        namespace.symlink(self.meta, path, target)
+        try:
+            namespace.symlink(self.meta, path, target)
+        finally:
+            self._invalidate()  # the parent's mtime moved
+
+    def mknod(self, path: str, kind: str, mode: int = 0o644) -> None:
+        """Make a FIFO (kind 'p') or a Unix socket ('s'), inodes that hold no data; EPERM for other kinds."""
+        try:
+            namespace.mknod(self.meta, path, kind, mode)
+        finally:
+            self._invalidate()
+
+    def link(self, src: str, dst: str) -> None:
+        """Give the file at `src` the further name `dst` (a hard link: one inode, its bytes shared
+        by every name and freed with the last one); EPERM for a directory, EEXIST if dst exists."""
+        try:
+            namespace.link(self.meta, src, dst)
+        finally:
+            self._invalidate()
+
+    def record_access(self, atimes: dict[int, int]) -> None:
+        """Record reads' access times (inode number -> time) in one transaction (see storage/atime.py)."""
+        self.meta.touch_atimes(atimes)
+
+    def paths_of(self, node: Inode) -> list[str]:
+        """Every path naming `node` (more than one for a file with hard links)."""
+        return self.meta.paths_of(node.ino)
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -847,10 +875,11 @@ class Client:
             fw.size += n
         fw.close()
 
-    def unlink(self, path: str) -> None:
-        """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2)."""
+    def unlink(self, path: str) -> Inode | None:
+        """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2); returns its
+        inode when other names (hard links) keep it."""
         try:
-            namespace.unlink(self.meta, path)
+            return namespace.unlink(self.meta, path)
         finally:
             self._invalidate()
 

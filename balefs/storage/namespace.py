@@ -73,16 +73,29 @@ def symlink(meta: Meta, path: str, target: str) -> int:
     return meta.symlink(parent, name, target, path=path)
 
 
+def mknod(meta: Meta, path: str, kind: str, mode: int = 0o644) -> int:
+    """Make a FIFO ('p') or a Unix socket ('s') at `path`."""
+    parent, name = parent_of(meta, path)
+    return meta.mknod(parent, name, kind, mode, path=path)
+
+
+def link(meta: Meta, src: str, dst: str) -> None:
+    """Give the file at `src` (a symbolic link itself, not followed) the further name `dst`, as link(2)."""
+    node = resolve(meta, src)
+    parent, name = parent_of(meta, dst)
+    meta.link(node.ino, parent, name, path=dst)
+
+
 def remove(meta: Meta, path: str, recursive: bool = False) -> int:
     """Remove a file, an empty directory, or (recursive) a whole tree; return entries removed."""
     parent, name = parent_of(meta, path)
     return meta.remove(parent, name, recursive, path=path)
 
 
-def unlink(meta: Meta, path: str) -> None:
-    """Remove a file or symbolic link (EISDIR for a directory)."""
+def unlink(meta: Meta, path: str) -> Inode | None:
+    """Remove a file or symbolic link (EISDIR for a directory); the inode if other names keep it."""
     parent, name = parent_of(meta, path)
-    meta.unlink(parent, name, path=path)
+    return meta.unlink(parent, name, path=path)
 
 
 def rmdir(meta: Meta, path: str) -> None:
@@ -91,8 +104,9 @@ def rmdir(meta: Meta, path: str) -> None:
     meta.rmdir(parent, name, path=path)
 
 
-def rename(meta: Meta, src: str, dst: str, replace: bool = True) -> None:
-    """Move src to dst atomically like rename(2), making dst's missing parents in the same transaction."""
+def rename(meta: Meta, src: str, dst: str, replace: bool = True) -> Inode | None:
+    """Move src to dst atomically like rename(2), making dst's missing parents in the same transaction;
+    the replaced file's inode if other names keep it."""
     sp, sname = parent_of(meta, src)
     dparts = split_path(dst)
     try:
@@ -104,7 +118,7 @@ def rename(meta: Meta, src: str, dst: str, replace: bool = True) -> None:
         if meta.lookup(sp, sname) is None:  # a missing source is reported first, as rename(2) does
             raise oserror(errno.ENOENT, src) from None
         raise
-    meta.rename(sp, sname, dp, dname, replace, make_parents=missing, src_path=src, dst_path=dst)
+    return meta.rename(sp, sname, dp, dname, replace, make_parents=missing, src_path=src, dst_path=dst)
 
 
 def setattr(meta: Meta, path: str, **attrs: int | None) -> None:

@@ -279,7 +279,7 @@ class OpenFiles:
         self._fh = itertools.count(1)
         self._lock = threading.Lock()
         self._dirty: dict[int, OpenFile] = {}  # ino -> the open file that last wrote it, unflushed
-        self._seen: dict[int, tuple] = {}      # ino -> version at its last open: cached pages still good if unchanged
+        self._seen: dict[int, tuple] = {}      # ino -> version and name at its last open: cached pages still good if unchanged
 
     # -- handles ---------------------------------------------------------------------------
 
@@ -314,7 +314,8 @@ class OpenFiles:
             of.truncate_all()
             keep = False
         else:
-            version = (node.mtime_ns, node.size, node.hash)
+            # the kernel caches pages per name: a file's other names (hard links) hold their own
+            version = (node.mtime_ns, node.size, node.hash, path)
             keep = self._seen.get(node.ino) == version and node.ino not in self._dirty
             if len(self._seen) >= 1_000_000:  # bounded: forgetting only costs a re-read
                 self._seen.clear()
@@ -378,14 +379,14 @@ class OpenFiles:
         else:
             self.client.truncate(path, length)
 
-    def set_mtime(self, path: str, mtime_ns: int) -> None:
-        """Set the file's mtime; an unflushed version keeps it through its commit (cp -p sets
-        times before close)."""
+    def set_mtime(self, path: str, mtime_ns: int, atime_ns: int | None = None) -> None:
+        """Set the file's mtime (and atime, if given); an unflushed version keeps it through its
+        commit (cp -p sets times before close)."""
         node = self.client.stat(path)
         d = self._dirty.get(node.ino)
         if d is not None:
             d.mtime_ns = mtime_ns
-        self.client.setattr(path, mtime_ns=mtime_ns)
+        self.client.setattr(path, mtime_ns=mtime_ns, atime_ns=atime_ns)
 
     def _set_dirty(self, of: OpenFile) -> None:
         with self._lock:

@@ -16,7 +16,10 @@ ENOTEMPTY, EINVAL), naming the `path` the caller passes for messages (the entry'
 passes none); every change that can make a cached lookup wrong (replacing or removing an
 entry, rename, setattr) moves `generation()` in the same transaction (close-to-open caching,
 see Client.revalidate); a transaction that loses a race to another client is run again, so
-callers never see a transient conflict.
+callers never see a transient conflict. As on ext4, a change that adds or removes an entry
+sets its directory's (a rename: both directories') mtime and ctime to now in the same
+transaction, and a directory's nlink is 2 + its subdirectories; a file's nlink counts its
+names (hard links), and its bytes are freed with its last name.
 """
 from __future__ import annotations
 
@@ -156,9 +159,23 @@ class Meta(Protocol):
     def symlink(self, parent: int, name: str, target: str, *, path: str = "") -> int:
         """Make symbolic link `name` -> `target` in directory `parent`; return its inode. EEXIST if the name exists."""
 
-    def unlink(self, parent: int, name: str, *, path: str = "") -> None:
-        """Remove file or symbolic link `name` from directory `parent`, as unlink(2): ENOENT if missing, EISDIR
+    def mknod(self, parent: int, name: str, kind: str, mode: int = 0o644, *, path: str = "") -> int:
+        """Make an inode that holds no data, `kind` 'p' (a FIFO) or 's' (a Unix socket), as entry `name` of
+        directory `parent`; return its inode. EEXIST if the name exists; EPERM for any other kind (device
+        nodes are not supported)."""
+
+    def link(self, ino: int, newparent: int, newname: str, *, path: str = "") -> None:
+        """Give inode `ino` one more name, `newname` in directory `newparent`, as link(2): its link count
+        (nlink) grows by one and its ctime is now. EEXIST if the name exists, ENOENT if `ino` is gone, EPERM
         for a directory. Bumps the generation."""
+
+    def paths_of(self, ino: int, limit: int = 64) -> list[str]:
+        """The volume paths that name inode `ino` (several for a file with hard links), sorted."""
+
+    def unlink(self, parent: int, name: str, *, path: str = "") -> Inode | None:
+        """Remove file or symbolic link `name` from directory `parent`, as unlink(2): ENOENT if missing, EISDIR
+        for a directory. The inode and its bytes go with its last name; returns the inode when other names
+        (hard links) keep it, else None. Bumps the generation."""
 
     def rmdir(self, parent: int, name: str, *, path: str = "") -> None:
         """Remove empty directory `name` from `parent`, as rmdir(2): ENOENT, ENOTDIR for a file, ENOTEMPTY.
@@ -170,18 +187,23 @@ class Meta(Protocol):
         Returns the entries removed. Bumps the generation."""
 
     def rename(self, parent: int, name: str, newparent: int, newname: str, replace: bool = True, *,
-               make_parents: Sequence[str] = (), src_path: str = "", dst_path: str = "") -> None:
+               make_parents: Sequence[str] = (), src_path: str = "", dst_path: str = "") -> Inode | None:
         """Move entry `name` of `parent` to `newname` in `newparent` atomically, as rename(2): an existing file
         (or empty directory) there is replaced (EEXIST instead without `replace`); ENOENT if the source is
         missing, EISDIR for a file onto a directory, ENOTDIR for a directory onto a file, ENOTEMPTY onto a
         non-empty directory, EINVAL for a directory moved into itself or below. A cross-directory move of a
         directory is serialised with every other (no two can build a cycle). `make_parents`: directories made
-        first below `newparent` where missing, as mkdir's. Errors name `src_path` or `dst_path`. Bumps the
-        generation."""
+        first below `newparent` where missing, as mkdir's. Two names of one inode: nothing is done. Returns the
+        replaced file's inode when other names (hard links) keep it, else None. Errors name `src_path` or
+        `dst_path`. Bumps the generation."""
 
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None, *, path: str = "") -> None:
+                mtime_ns: int | None = None, atime_ns: int | None = None, *, path: str = "") -> None:
         """Change the given attributes of `ino` (ctime is now); ENOENT if it is gone. Bumps the generation."""
+
+    def touch_atimes(self, atimes: dict[int, int]) -> None:
+        """Record access times of reads (ino -> time) in one transaction, never moving one back; gone
+        inodes are skipped. Moves no generation: cached lookups stay good."""
 
     def setxattr(self, ino: int, name: str, value: bytes | None) -> None:
         """Set extended attribute `name` of `ino` (None removes it)."""

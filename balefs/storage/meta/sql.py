@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVa
 from ...errors import ConfigError
 from .types import ROOT, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
 # engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
@@ -76,13 +76,25 @@ ALTER TABLE chunks ADD COLUMN copies {int};
 ALTER TABLE chunks ADD COLUMN codec {int};
 ALTER TABLE chunks ADD COLUMN key_id TEXT;
 """,
+    # version 4: a directory's link count is 2 + its subdirectories, as on ext4 (it was 2 for every
+    # directory), kept by every change since (SqlMeta._dirs_changed); each inode's access time
+    # (it was reported as the mtime: that is where it starts)
+    4: """
+UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.ino=d.ino
+  WHERE d.parent=inodes.ino AND c.kind='d') WHERE kind='d';
+ALTER TABLE inodes ADD COLUMN atime_ns {int} NOT NULL DEFAULT 0;
+UPDATE inodes SET atime_ns = mtime_ns;
+""",
 }
+
+#: inode kinds that hold no data and are made by mknod: 'p' a FIFO, 's' a Unix socket
+SPECIAL_KINDS = ("p", "s")
 
 # Every table, in an order that copying respects (migrate-meta).
 TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs")
 
 
-_INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash"
+_INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash, atime_ns"
 _I_COLS = "i." + _INODE_COLS.replace(", ", ", i.")
 
 
@@ -204,8 +216,8 @@ class SqlMeta:
                    (str(SCHEMA_VERSION),))
         if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT,)).fetchone() is None:
             now = time.time_ns()
-            db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None))
+            db.execute(f"INSERT INTO inodes({_INODE_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (ROOT, "d", 0o755, os.getuid(), os.getgid(), 0, now, now, now, 2, None, None, now))
             self._after_explicit_ids(db)
 
     def _after_explicit_ids(self, db: Db) -> None:
@@ -338,9 +350,9 @@ class SqlMeta:
                                       f"WHERE d.parent=? AND d.name IN ({marks}) ORDER BY d.name, e.off", (parent, *part)):
                     hit = out.get(row[0])
                     if hit is None:
-                        hit = out[row[0]] = (Inode(*row[1:13]), [])
-                    if row[14] is not None:
-                        hit[1].append(Extent(*row[13:]))
+                        hit = out[row[0]] = (Inode(*row[1:14]), [])
+                    if row[15] is not None:
+                        hit[1].append(Extent(*row[14:]))
         return out
 
     @retrying
@@ -410,9 +422,9 @@ class SqlMeta:
                      target: str | None = None, hash: str | None = None) -> int:
         now = time.time_ns()
         cols = _INODE_COLS.replace("ino, ", "", 1)
-        return int(db.execute(f"INSERT INTO inodes({cols}) VALUES(?,?,?,?,?,?,?,?,?,?,?) RETURNING ino",
+        return int(db.execute(f"INSERT INTO inodes({cols}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) RETURNING ino",
                               (kind, mode & 0o7777, os.getuid(), os.getgid(), size, mtime_ns or now, now, now,
-                               2 if kind == "d" else 1, target, hash)).fetchone()[0])
+                               2 if kind == "d" else 1, target, hash, now)).fetchone()[0])
 
     def _entry(self, db: Db, parent: int, name: str, lock: str = "") -> tuple[int, str] | None:
         """(ino, kind) of entry `name` in directory `parent`, row-locked with `lock` where the engine locks."""
@@ -429,28 +441,31 @@ class SqlMeta:
         if row[0] != "d":
             raise oserror(errno.ENOTDIR, path)
 
-    def _subdir(self, db: Db, parent: int, name: str, path: str) -> int:
+    def _subdir(self, db: Db, parent: int, name: str, path: str, changed: dict[int, int]) -> int:
         """Directory `name` in directory `parent`, made if missing (as a put makes the parents of
-        its files), share-locked if it exists; ENOTDIR if `name` is not a directory."""
+        its files; recorded in `changed`, see _dirs_changed), share-locked if it exists; ENOTDIR
+        if `name` is not a directory."""
         row = self._entry(db, parent, name, self.LOCK_SHARE)
         if row is None:
             child = self._alloc_inode(db, "d", 0o755)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, child))
+            changed[parent] = changed.get(parent, 0) + 1
             return child
         if row[1] != "d":
             raise oserror(errno.ENOTDIR, path)
         return row[0]
 
-    def _make_parents(self, db: Db, parent: int, names: Sequence[str], path: str) -> int:
+    def _make_parents(self, db: Db, parent: int, names: Sequence[str], path: str, changed: dict[int, int]) -> int:
         """Walk `names` (each inside the previous) down from directory `parent`, making the missing
-        ones; return the last (`parent` itself when `names` is empty)."""
+        ones (recorded in `changed`); return the last (`parent` itself when `names` is empty)."""
         for name in names:
-            parent = self._subdir(db, parent, name, path)
+            parent = self._subdir(db, parent, name, path, changed)
         return parent
 
-    def _parent_of(self, db: Db, path: str, cache: dict[str, int]) -> tuple[int, str]:
+    def _parent_of(self, db: Db, path: str, cache: dict[str, int], changed: dict[int, int]) -> tuple[int, str]:
         """Return (parent inode, name) for `path`, making missing parent dirs (commit's walk from the
-        root; `cache` holds the directories this transaction walked already)."""
+        root; `cache` holds the directories this transaction walked already; `changed` the
+        directories it changed)."""
         parts = split_path(path)
         if not parts:
             raise oserror(errno.EEXIST, path)
@@ -458,7 +473,7 @@ class SqlMeta:
         for name in parts[:-1]:
             walked = f"{walked}/{name}" if walked else name
             if walked not in cache:
-                cache[walked] = self._subdir(db, ino, name, path)
+                cache[walked] = self._subdir(db, ino, name, path, changed)
             ino = cache[walked]
         return ino, parts[-1]
 
@@ -478,12 +493,29 @@ class SqlMeta:
         """Tell every client's cache that a lookup may have changed (last statement of a transaction)."""
         db.execute("UPDATE counters SET value = value + 1 WHERE name='generation'")
 
-    def _unlink_inode(self, db: Db, ino: int, live: dict[int, int]) -> None:
-        db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE ino=?", (ino,))
-        if db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0] <= 0:
-            self._drop_extents(db, ino, live)
-            db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
-            db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+    @staticmethod
+    def _dirs_changed(db: Db, changed: dict[int, int]) -> None:
+        """Entries were added to or removed from the directories in `changed` (ino -> change in
+        their subdirectories): set their mtime and ctime to now and move their link counts
+        (2 + subdirectories, as ext4), one update per directory, in inode order (so that two
+        writers never wait on each other's directories in a cycle). Inside the change's
+        transaction, before any chunk row is touched."""
+        now = time.time_ns()
+        db.executemany("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE ino=?",
+                       [(now, now, delta, ino) for ino, delta in sorted(changed.items())])
+
+    def _unlink_inode(self, db: Db, ino: int, live: dict[int, int]) -> Inode | None:
+        """A name of inode `ino` was removed: count it; the inode and its bytes go with its last
+        name. Returns the inode (ctime now) when other names (hard links) keep it, else None."""
+        cur = db.execute(f"UPDATE inodes SET nlink = nlink - 1, ctime_ns=? WHERE ino=? RETURNING {_INODE_COLS}",
+                         (time.time_ns(), ino))
+        node = Inode(*cur.fetchone())
+        if node.nlink > 0:
+            return node
+        self._drop_extents(db, ino, live)
+        db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+        db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        return None
 
     @staticmethod
     def _record_blocks(db: Db, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
@@ -503,12 +535,13 @@ class SqlMeta:
         out: dict[str, int] = {}
         live: dict[int, int] = {}
         dirs: dict[str, int] = {}
+        changed: dict[int, int] = {}
         replaced = False
         with self._write() as db:
             now = time.time_ns()
             rows: list[tuple[int, int, int, int, int]] = []
             for fw in files:
-                parent, name = self._parent_of(db, fw.path, dirs)
+                parent, name = self._parent_of(db, fw.path, dirs, changed)
                 row = self._entry(db, parent, name, self.LOCK_UPDATE)
                 if row is not None:
                     if fw.exclusive:
@@ -523,11 +556,13 @@ class SqlMeta:
                 else:
                     ino = self._alloc_inode(db, "f", fw.mode, fw.size, fw.mtime_ns, hash=fw.hash)
                     db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+                    changed.setdefault(parent, 0)
                 for e in fw.extents:
                     rows.append((ino, e.off, e.chunk, e.chunk_off, e.length))
                     live[e.chunk] = live.get(e.chunk, 0) + e.length
                 out[fw.path] = ino
             db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", rows)
+            self._dirs_changed(db, changed)
             self._record_blocks(db, blocks, chunk_sizes)  # chunk rows last: locks in namespace-then-chunks order
             self._apply_live(db, live)
             if replaced:
@@ -538,16 +573,20 @@ class SqlMeta:
     def mkdir(self, parent: int, name: str, mode: int = 0o755, *, exist_ok: bool = False,
               make_parents: Sequence[str] = (), path: str = "") -> int:
         path = path or name
+        changed: dict[int, int] = {}
         with self._write() as db:
             self._dir_locked(db, parent, path)
-            parent = self._make_parents(db, parent, make_parents, path)
+            parent = self._make_parents(db, parent, make_parents, path, changed)
             row = self._entry(db, parent, name)
             if row is not None:
                 if exist_ok and row[1] == "d":
+                    self._dirs_changed(db, changed)
                     return row[0]
                 raise oserror(errno.EEXIST, path)
             ino = self._alloc_inode(db, "d", mode)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            changed[parent] = changed.get(parent, 0) + 1
+            self._dirs_changed(db, changed)
             return ino
 
     @retrying
@@ -559,23 +598,75 @@ class SqlMeta:
                 raise oserror(errno.EEXIST, path)
             ino = self._alloc_inode(db, "l", 0o777, len(target.encode()), target=target)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            self._dirs_changed(db, {parent: 0})
             return ino
 
     @retrying
-    def remove(self, parent: int, name: str, recursive: bool = False, *, path: str = "") -> int:
-        return self._remove(parent, name, path or name, recursive=recursive)
+    def mknod(self, parent: int, name: str, kind: str, mode: int = 0o644, *, path: str = "") -> int:
+        path = path or name
+        if kind not in SPECIAL_KINDS:
+            raise OSError(errno.EPERM, f"cannot make an inode of kind {kind!r} here (FIFOs and sockets only)", path)
+        with self._write() as db:
+            self._dir_locked(db, parent, path)
+            if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
+                raise oserror(errno.EEXIST, path)
+            ino = self._alloc_inode(db, kind, mode)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            self._dirs_changed(db, {parent: 0})
+            return ino
 
     @retrying
-    def unlink(self, parent: int, name: str, *, path: str = "") -> None:
-        self._remove(parent, name, path or name, dir_ok=False)
+    def link(self, ino: int, newparent: int, newname: str, *, path: str = "") -> None:
+        path = path or newname
+        with self._write() as db:
+            self._dir_locked(db, newparent, path)
+            row = db.execute(f"SELECT i.kind, i.nlink FROM inodes i WHERE i.ino=?{self.LOCK_UPDATE}", (ino,)).fetchone()
+            if row is None or row[1] <= 0:  # removed since the caller found it
+                raise oserror(errno.ENOENT, path)
+            if row[0] == "d":
+                raise OSError(errno.EPERM, "a directory cannot have hard links", path)
+            if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (newparent, newname)).fetchone():
+                raise oserror(errno.EEXIST, path)
+            db.execute("INSERT INTO dentries VALUES(?,?,?)", (newparent, newname, ino))
+            db.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns=? WHERE ino=?", (time.time_ns(), ino))
+            self._dirs_changed(db, {newparent: 0})
+            self._bump_generation(db)  # lookups of the inode's other names hold its old link count
+
+    @retrying
+    def paths_of(self, ino: int, limit: int = 64) -> list[str]:
+        """The volume paths that name inode `ino` (a file's hard links; at most `limit`), sorted."""
+        out: list[str] = []
+        with self.snapshot(), self._read() as db:
+            for parent, name in db.execute("SELECT parent, name FROM dentries WHERE ino=? ORDER BY parent, name LIMIT ?",
+                                           (ino, limit)).fetchall():
+                parts = [name]
+                while parent != ROOT:
+                    row = db.execute("SELECT parent, name FROM dentries WHERE ino=?", (parent,)).fetchone()
+                    if row is None:  # an orphaned directory: no path reaches it
+                        parts = []
+                        break
+                    parent, up = row
+                    parts.append(up)
+                if parts:
+                    out.append("/".join(reversed(parts)))
+        return sorted(out)
+
+    @retrying
+    def remove(self, parent: int, name: str, recursive: bool = False, *, path: str = "") -> int:
+        return self._remove(parent, name, path or name, recursive=recursive)[0]
+
+    @retrying
+    def unlink(self, parent: int, name: str, *, path: str = "") -> Inode | None:
+        return self._remove(parent, name, path or name, dir_ok=False)[1]
 
     @retrying
     def rmdir(self, parent: int, name: str, *, path: str = "") -> None:
         self._remove(parent, name, path or name, file_ok=False)
 
     def _remove(self, parent: int, name: str, path: str, recursive: bool = False, dir_ok: bool = True,
-                file_ok: bool = True) -> int:
-        """Remove entry `name` of directory `parent` (a whole tree with `recursive`) in one transaction."""
+                file_ok: bool = True) -> tuple[int, Inode | None]:
+        """Remove entry `name` of directory `parent` (a whole tree with `recursive`) in one transaction;
+        return the entries removed and, for a file that other names keep, its inode."""
         live: dict[int, int] = {}
         with self._write() as db:
             self._dir_locked(db, parent, path)
@@ -583,7 +674,7 @@ class SqlMeta:
             if row is None:
                 raise oserror(errno.ENOENT, path)
             ino, kind = row
-            removed = 1
+            removed, kept = 1, None
             if kind == "d":
                 if not dir_ok:
                     raise oserror(errno.EISDIR, path)
@@ -594,14 +685,16 @@ class SqlMeta:
                 db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
                 db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
                 db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+                self._dirs_changed(db, {parent: -1})
             else:
                 if not file_ok:
                     raise oserror(errno.ENOTDIR, path)
                 db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-                self._unlink_inode(db, ino, live)
+                kept = self._unlink_inode(db, ino, live)
+                self._dirs_changed(db, {parent: 0})
             self._apply_live(db, live)
             self._bump_generation(db)
-            return removed
+            return removed, kept
 
     def _remove_children(self, db: Db, ino: int, live: dict[int, int]) -> int:
         count = 0
@@ -619,10 +712,12 @@ class SqlMeta:
 
     @retrying
     def rename(self, parent: int, name: str, newparent: int, newname: str, replace: bool = True, *,
-               make_parents: Sequence[str] = (), src_path: str = "", dst_path: str = "") -> None:
+               make_parents: Sequence[str] = (), src_path: str = "", dst_path: str = "") -> Inode | None:
         src, dst = src_path or name, dst_path or newname
+        kept = None
         sp, sname, dname = parent, name, newname
         live: dict[int, int] = {}
+        changed: dict[int, int] = {}
         with self._write() as db:
             self._dir_locked(db, sp, src)
             srow = self._entry(db, sp, sname, self.LOCK_UPDATE)
@@ -630,7 +725,7 @@ class SqlMeta:
                 raise oserror(errno.ENOENT, src)
             if newparent != sp:
                 self._dir_locked(db, newparent, dst)
-            dp = self._make_parents(db, newparent, make_parents, dst)
+            dp = self._make_parents(db, newparent, make_parents, dst, changed)
             if srow[1] == "d":
                 if dp != sp:
                     self._lock_namespace(db)  # no two moves can build a cycle between them
@@ -641,8 +736,8 @@ class SqlMeta:
                     walk = db.execute("SELECT parent FROM dentries WHERE ino=?", (walk,)).fetchone()[0]
             drow = self._entry(db, dp, dname, self.LOCK_UPDATE)
             if drow is not None:
-                if drow[0] == srow[0]:
-                    return
+                if drow[0] == srow[0]:  # two names of one inode: rename(2) does nothing
+                    return None
                 if not replace:
                     raise oserror(errno.EEXIST, dst)
                 if drow[1] == "d":
@@ -650,27 +745,44 @@ class SqlMeta:
                         raise oserror(errno.EISDIR, dst)
                     if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (drow[0],)).fetchone():
                         raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
+                    db.execute("DELETE FROM xattrs WHERE ino=?", (drow[0],))
                     db.execute("DELETE FROM inodes WHERE ino=?", (drow[0],))
+                    changed[dp] = changed.get(dp, 0) - 1
                 elif srow[1] == "d":
                     raise oserror(errno.ENOTDIR, dst)
                 else:
-                    self._unlink_inode(db, drow[0], live)
+                    kept = self._unlink_inode(db, drow[0], live)
                 db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (dp, dname))
             db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?", (dp, dname, sp, sname))
             db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (time.time_ns(), srow[0]))
+            moved_dir = 1 if srow[1] == "d" else 0
+            changed[sp] = changed.get(sp, 0) - moved_dir
+            changed[dp] = changed.get(dp, 0) + moved_dir
+            self._dirs_changed(db, changed)
             self._apply_live(db, live)
             self._bump_generation(db)
+        return kept
 
     @retrying
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None, *, path: str = "") -> None:
+                mtime_ns: int | None = None, atime_ns: int | None = None, *, path: str = "") -> None:
         with self._write() as db:
             cur = db.execute("UPDATE inodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), gid=coalesce(?, gid), "
-                             "mtime_ns=coalesce(?, mtime_ns), ctime_ns=? WHERE ino=?",
-                             (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, time.time_ns(), ino))
+                             "mtime_ns=coalesce(?, mtime_ns), atime_ns=coalesce(?, atime_ns), ctime_ns=? WHERE ino=?",
+                             (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, atime_ns, time.time_ns(), ino))
             if cur.rowcount == 0:
                 raise oserror(errno.ENOENT, path or f"inode {ino}")
             self._bump_generation(db)
+
+    @retrying
+    def touch_atimes(self, atimes: dict[int, int]) -> None:
+        """Record reads' access times (ino -> time), batched: one transaction for many files, an
+        atime never moved back (a later utimens wins); no generation bump (no lookup goes wrong)."""
+        if not atimes:
+            return
+        with self._write() as db:
+            db.executemany("UPDATE inodes SET atime_ns=? WHERE ino=? AND atime_ns < ?",
+                           [(t, ino, t) for ino, t in sorted(atimes.items())])
 
     @retrying
     def setxattr(self, ino: int, name: str, value: bytes | None) -> None:

@@ -10,12 +10,12 @@ from typing import Iterator, NamedTuple, Sequence
 #: inode number of the volume's root directory
 ROOT = 1
 
-_S_IFMT = {"f": 0o100000, "d": 0o040000, "l": 0o120000}
+_S_IFMT = {"f": 0o100000, "d": 0o040000, "l": 0o120000, "p": 0o010000, "s": 0o140000}
 
 
 class Inode(NamedTuple):
     ino: int
-    kind: str  # 'f' file, 'd' directory, 'l' symlink
+    kind: str  # 'f' file, 'd' directory, 'l' symlink, 'p' FIFO, 's' Unix socket
     mode: int
     uid: int
     gid: int
@@ -26,6 +26,7 @@ class Inode(NamedTuple):
     nlink: int
     target: str | None
     hash: str | None
+    atime_ns: int  # last access: set by utimens, and by reads through a mount (relatime, see fuse/atime.py)
 
 
 class Extent(NamedTuple):
