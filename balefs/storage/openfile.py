@@ -30,6 +30,7 @@ from typing import Iterator
 from .client import Client, FileReader, FileWriter
 from .errnos import errno_of
 from .meta import Inode
+from .meta.types import check_size
 from .spool import COPY_STEP, Spool
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class OpenFile:
         """Write `data` at `offset` (unflushed until commit); returns len(data)."""
         with self.lock:
             self._check()
+            check_size(self.path, offset + len(data))  # EFBIG before anything changes: the file stays good
             with self._failing():
                 return self._write(offset, data)
 
@@ -157,6 +159,7 @@ class OpenFile:
         """Cut or extend (with zeros) the content to `length` bytes (unflushed until commit)."""
         with self.lock:
             self._check()
+            check_size(self.path, length)
             with self._failing():
                 self._truncate(length)
 
