@@ -137,3 +137,73 @@ def test_a_size_past_the_filesystems_limit_fails_with_efbig_at_once(where) -> No
     with open(f, "rb") as r:
         r.seek(limit - 3)
         assert r.read() == bytes(3)
+
+
+# -- holes through open handles ----------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def test_truncate_s_extends_through_a_handle_and_stores_nothing(where, shared_mount) -> None:
+    d, _, kind = where
+    f = d / "f"
+    before = node_bytes(shared_mount)
+    timed(lambda: subprocess.run(["truncate", "-s", "512M", str(f)], check=True))  # open(O_CREAT) + ftruncate
+    st = os.stat(f)
+    assert st.st_size == 512 * MiB
+    assert st.st_blocks * 512 < MiB  # st_blocks counts stored bytes only: none here
+    with open(f, "rb") as r:
+        for at in (0, 200 * MiB + 7, 512 * MiB - 4096):
+            r.seek(at)
+            assert r.read(4096) == bytes(4096)
+    if kind == "mount":
+        assert node_bytes(shared_mount) - before < 64 * 1024  # was 512 MiB of zeros
+
+
+def test_a_write_far_past_the_end_stores_only_its_bytes(where, shared_mount) -> None:
+    d, _, kind = where
+    f = d / "f"
+    data = os.urandom(5000)
+    before = node_bytes(shared_mount)
+    with open(f, "wb") as w:
+        w.seek(100 * MiB)
+        w.write(data)
+        w.flush()
+        assert os.fstat(w.fileno()).st_blocks * 512 < 64 * 1024  # while open, unflushed or not
+    st = os.stat(f)
+    assert st.st_size == 100 * MiB + len(data)
+    assert st.st_blocks * 512 < 64 * 1024
+    with open(f, "rb") as r:
+        assert r.read(4096) == bytes(4096)
+        r.seek(100 * MiB - 3)
+        assert r.read() == bytes(3) + data
+    if kind == "mount":
+        assert node_bytes(shared_mount) - before < 64 * 1024  # the 5000 bytes (and their block headers)
+
+
+def test_random_writes_into_a_file_with_holes_keep_its_holes(where, shared_mount) -> None:
+    d, _, kind = where
+    f = d / "f"
+    with open(f, "wb") as w:
+        w.write(b"start")
+        w.truncate(256 * MiB)
+    before = node_bytes(shared_mount)
+    with open(f, "r+b") as w:  # writes before the end: the spool, which keeps holes
+        w.seek(10 * MiB)
+        w.write(b"middle")
+        w.seek(0)
+        w.write(b"S")
+        w.seek(0)
+        assert w.read(6) == b"Start\0"  # reads its own unflushed writes
+        w.seek(255 * MiB)
+        w.write(b"end")
+    assert os.stat(f).st_size == 256 * MiB
+    assert os.stat(f).st_blocks * 512 < MiB
+    with open(f, "rb") as r:
+        assert r.read(5) == b"Start"
+        r.seek(10 * MiB - 2)
+        assert r.read(10) == b"\0\0middle\0\0"
+        r.seek(255 * MiB)
+        assert r.read(5) == b"end\0\0"
+    if kind == "mount":
+        assert node_bytes(shared_mount) - before < MiB  # was 256 MiB of zeros

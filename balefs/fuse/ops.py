@@ -174,11 +174,11 @@ class BaleOperations(Operations):
     # -- attributes ------------------------------------------------------------------------
 
     def _attrs(self, node: Inode) -> dict[str, int]:
-        size, mtime = self.files.size_and_mtime(node)
+        size, mtime, stored = self.files.size_and_mtime(node)  # stored: holes excluded
         return {"st_mode": mode_bits(node), "st_ino": node.ino, "st_nlink": node.nlink,
                 "st_uid": node.uid if self.uid is None else self.uid,
                 "st_gid": node.gid if self.gid is None else self.gid,
-                "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": IO_SIZE,
+                "st_size": size, "st_blocks": (stored + 511) // 512, "st_blksize": IO_SIZE,
                 "st_atime": mtime, "st_mtime": mtime, "st_ctime": max(node.ctime_ns, mtime)}
 
     @_op

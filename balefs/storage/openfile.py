@@ -3,7 +3,8 @@ FUSE mount today, a native session later), and the table of a session's open fil
 
 - Writes. Files are immutable once committed; a write makes a new version of the whole
   file. Each file opened for writing streams sequential writes (offset == size) straight
-  into a FileWriter, so small files are packed into chunks as in the core. On the first
+  into a FileWriter, so small files are packed into chunks as in the core; a write past the
+  end or a truncate that extends leaves a hole, which stores nothing. On the first
   write elsewhere, a truncate to a length other than 0, or a read of its own unflushed
   bytes, it falls back to a spool: a local temp file holding the file's whole content.
   commit (on flush, fsync and release) makes the content the new version, so a file is
@@ -30,7 +31,7 @@ from typing import Iterator
 from .client import Client, FileReader, FileWriter
 from .errnos import errno_of
 from .meta import Inode
-from .meta.types import check_size
+from .meta.types import check_size, stored_bytes
 from .spool import COPY_STEP, Spool
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,20 @@ class OpenFile:
             with self._failing():
                 return self._write(offset, data)
 
+    def _stream(self) -> FileWriter:
+        """The streaming new version, started on the committed one (sharing its chunks) if none is."""
+        if self.fw is None:
+            base = self._base()
+            self.fw = (self.client.open_write(self.path, mode=self.node.mode) if base.size == 0
+                       else self.client.extend_write(self.path, base))
+        return self.fw
+
     def _write(self, offset: int, data: bytes | memoryview) -> int:
         if self.spool is None:
-            if self.fw is None and not self.dirty:
-                self._base()
-                if offset == self.size:  # appending to the committed version: share its chunks
-                    self.fw = (self.client.open_write(self.path, mode=self.node.mode) if self.size == 0
-                               else self.client.extend_write(self.path, self._base()))
-            if self.fw is not None and offset == self.fw.size:
+            if self.fw is None and not self.dirty and offset >= self._base().size:
+                self._stream()  # appending to the committed version, or past its end
+            if self.fw is not None and offset >= self.fw.size:
+                self.fw.hole(offset)  # a write past the end leaves a hole: nothing stored for it
                 self.fw.write(data)
                 self.size = self.fw.size
                 self._mark()
@@ -171,6 +178,11 @@ class OpenFile:
             current = self.fw.size if self.fw is not None else (self.size if self.dirty else self._base().size)
             if length == current:
                 return
+            if length > current:  # extend: a hole, nothing stored whatever its length
+                self._stream().hole(length)
+                self.size = length
+                self._mark()
+                return
             if self.fw is None and not self.dirty and length < current:  # cut: share the kept chunks
                 self.fw = self.client.extend_write(self.path, self._base(), keep=length)
                 self.size = length
@@ -195,13 +207,14 @@ class OpenFile:
             else:
                 src = self._base()
                 size = self.size
-            for start in range(0, size, COPY_STEP):
-                end = min(size, start + COPY_STEP)
-                data = src.read(start, end)
-                if len(data) != end - start:
-                    raise OSError(errno.EIO, f"{self.path}: read {len(data)} bytes at {start}, expected {end - start}")
-                spool.write(start, data)
             spool.truncate(size)
+            for e in src.extents:  # only the stored bytes: holes stay holes in the (sparse) spool
+                for start in range(e.off, min(size, e.off + e.length), COPY_STEP):
+                    end = min(size, e.off + e.length, start + COPY_STEP)
+                    data = src.read(start, end)
+                    if len(data) != end - start:
+                        raise OSError(errno.EIO, f"{self.path}: read {len(data)} bytes at {start}, expected {end - start}")
+                    spool.write(start, data)
         except BaseException:
             spool.close()
             raise
@@ -211,6 +224,15 @@ class OpenFile:
         self.spool = spool
 
     # -- committing ------------------------------------------------------------------------
+
+    def stored(self) -> int:
+        """Bytes the unflushed version holds, its holes excluded (what st_blocks counts)."""
+        with self.lock:
+            if self.spool is not None:
+                return self.spool.stored()
+            if self.fw is not None:
+                return sum(e.length for e in self.fw.extents)
+            return self.size
 
     @property
     def needs_flush(self) -> bool:
@@ -233,13 +255,17 @@ class OpenFile:
                     fw.path = "/".join(p for p in path.split("/") if p)
                     fw.mtime_ns = self.mtime_ns
                     fw.close()
-                    self.base = FileReader(self.client, path, self.node._replace(size=fw.size), list(fw.extents))
+                    # hash=None: a later append hashes these bytes again (extend_write), never trusts a stale hash
+                    self.base = FileReader(self.client, path, self.node._replace(size=fw.size, hash=None), list(fw.extents))
                 else:
                     fw = self.client.open_write(path, mode=self.node.mode)
                     fw.mtime_ns = self.mtime_ns
                     try:
-                        for start in range(0, self.size, COPY_STEP):
-                            fw.write(self.spool.read(start, min(COPY_STEP, self.size - start)))
+                        for lo, hi in self.spool.data(self.size):  # its holes stay holes
+                            fw.hole(lo)
+                            for start in range(lo, hi, COPY_STEP):
+                                fw.write(self.spool.read(start, min(COPY_STEP, hi - start)))
+                        fw.hole(self.size)
                     except BaseException:
                         fw.abort()  # never commit a version with bytes missing
                         raise
@@ -364,12 +390,13 @@ class OpenFiles:
             return d
         return of
 
-    def size_and_mtime(self, node: Inode) -> tuple[int, int]:
-        """The file's size and mtime as this session sees them (unflushed writes included)."""
+    def size_and_mtime(self, node: Inode) -> tuple[int, int, int]:
+        """The file's size, mtime and stored bytes (holes excluded) as this session sees them
+        (unflushed writes included)."""
         d = self._dirty.get(node.ino)
         if d is not None:
-            return d.size, d.mtime_ns or d.wtime_ns
-        return node.size, node.mtime_ns
+            return d.size, d.mtime_ns or d.wtime_ns, d.stored()
+        return node.size, node.mtime_ns, stored_bytes(node)
 
     def truncate(self, path: str, length: int) -> None:
         """truncate(2) by path: cut an open file's unflushed version if this session holds
