@@ -19,7 +19,7 @@ import fsspec
 import pytest
 
 from balefs.storage.client import MAX_FILE_SIZE
-from fuse_support import needs_fuse, shared_mount, smnt  # noqa: F401 - fixtures
+from fuse_support import mount_or_local, needs_fuse, shared_mount, smnt  # noqa: F401 - fixtures
 
 pytestmark = needs_fuse
 
@@ -35,15 +35,13 @@ def _fs_limit(path: Path) -> int | None:
     return None
 
 
-@pytest.fixture(params=["mount", "local"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, int | None, str]:
+@pytest.fixture
+def where(mount_or_local: Path, shared_mount) -> tuple[Path, int | None, str]:
     """(a fresh directory, the largest file it holds, which): this test's directory on the
     mount, or a plain local one: the same assertions run on both."""
-    if request.param == "mount":
-        return request.getfixturevalue("smnt"), MAX_FILE_SIZE, "mount"
-    d = tmp_path / "local"
-    d.mkdir()
-    return d, _fs_limit(d), "local"
+    if mount_or_local.is_relative_to(shared_mount.root):
+        return mount_or_local, MAX_FILE_SIZE, "mount"
+    return mount_or_local, _fs_limit(mount_or_local), "local"
 
 
 def node_bytes(shared) -> int:

@@ -226,13 +226,18 @@ class OpenFile:
     # -- committing ------------------------------------------------------------------------
 
     def stored(self) -> int:
-        """Bytes the unflushed version holds, its holes excluded (what st_blocks counts)."""
-        with self.lock:
-            if self.spool is not None:
-                return self.spool.stored()
-            if self.fw is not None:
-                return sum(e.length for e in self.fw.extents)
-            return self.size
+        """Bytes the unflushed version holds, its holes excluded (what st_blocks counts).
+        Without the lock, so that a stat never waits for a write or a commit: racing one, it
+        may count the version just before or after it."""
+        spool, fw = self.spool, self.fw
+        if spool is not None:
+            try:
+                return spool.stored()
+            except (OSError, ValueError):  # closed meanwhile (committed, or the file failed)
+                return self.size
+        if fw is not None:
+            return sum(e.length for e in list(fw.extents))
+        return self.size
 
     @property
     def needs_flush(self) -> bool:
