@@ -51,6 +51,7 @@ from ..storage.openfile import OpenFile, OpenFiles
 
 log = logging.getLogger("balefs.fuse")
 
+HIDDEN = ".fuse_hidden"  # libfuse renames a file unlinked while open to .fuse_hidden<ids> until its last close
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 XATTR_CREATE, XATTR_REPLACE = 1, 2
@@ -80,6 +81,17 @@ def _v(path: str) -> str:
 def _vol(path: str | None) -> str | None:
     """_v, keeping None: the path of an open file that was unlinked (or replaced) while open."""
     return None if path is None else _v(path)
+
+
+def _unlinked(path: str | None) -> bool:
+    """Whether `path` names an open file that was unlinked (or replaced): libfuse keeps it
+    under a hidden name until its last close, then unlinks it (see init_with_config)."""
+    return path is None or path[path.rfind("/") + 1:].startswith(HIDDEN)
+
+
+def _listed(entries: list[tuple[str, Inode]]) -> list[tuple[str, Inode]]:
+    """A directory's entries without the hidden names of unlinked open files (ext4 lists none)."""
+    return [e for e in entries if not e[0].startswith(HIDDEN)]
 
 
 def _op(fn: Callable) -> Callable:
@@ -148,7 +160,13 @@ class BaleOperations(Operations):
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:
             config.use_ino = 1      # st_ino is the volume's inode number, stable across mounts
-            config.hard_remove = 1  # no .fuse_hidden files: an unlinked open file stays readable
+            # An open file that is unlinked (or replaced by a rename) is renamed by libfuse to
+            # .fuse_hidden<ids> in its directory, left out of listings (_listed), and unlinked at
+            # its last close (or when the session ends): until then it keeps a path, so the
+            # kernel's GETATTR (fstat, mmap), SETATTR (ftruncate), reads and writes of it work,
+            # with st_nlink 0 as on ext4. With hard_remove libfuse forgets its path at once and
+            # answers fstat with ESTALE.
+            config.hard_remove = 0
         if conn is not None:
             if hasattr(conn, "max_read"):  # libfuse 3 wants the max_read mount option repeated here
                 conn.max_read = self.max_read
@@ -192,7 +210,7 @@ class BaleOperations(Operations):
     def readdir(self, path: str, fh: int) -> list:
         """The plain mfusepy form (names, types, inode numbers); BaleFUSE uses readdir_plus."""
         out: list = [(".", {"st_mode": S.S_IFDIR}, 0), ("..", {"st_mode": S.S_IFDIR}, 0)]
-        for name, node in self.client.listdir(_v(path)):
+        for name, node in _listed(self.client.listdir(_v(path))):
             out.append((name, {"st_mode": mode_bits(node), "st_ino": node.ino}, 0))
         return out
 
@@ -210,7 +228,7 @@ class BaleOperations(Operations):
         entries = self._listings.get(fh) if offset else None
         if entries is None:
             entries = [(".", None), ("..", None)]
-            entries += self.client.listdir(_v(path))
+            entries += _listed(self.client.listdir(_v(path)))
             if fh:
                 self._listings[fh] = entries
         return entries[offset:]
@@ -267,7 +285,10 @@ class BaleOperations(Operations):
     @_op
     def unlink(self, path: str) -> int:
         self._writable()
-        self.client.unlink(_v(path))
+        if _unlinked(path):  # libfuse removes a hidden file at its last close
+            self.files.unlink_hidden(_v(path))
+        else:
+            self.client.unlink(_v(path))
         return 0
 
     @_op
@@ -276,6 +297,8 @@ class BaleOperations(Operations):
         if flags & RENAME_EXCHANGE:
             raise FuseOSError(errno.EINVAL)
         self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
+        if _unlinked(new):  # libfuse hiding an open file that is being unlinked or replaced
+            self.files.hidden(_v(new))
         return 0
 
     @_op
@@ -363,17 +386,26 @@ class BaleOperations(Operations):
     def flush(self, path: str | None, fi: Any) -> int:
         of = self.files.find(fi.fh)
         if of is not None and of.needs_flush:
-            of.commit(_vol(path))
+            if _unlinked(path):  # no name: nothing to make visible; the handles of this mount see its writes
+                of._check()
+            else:
+                of.commit(_vol(path))
         return 0
 
     @_op
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        self._handle(fi).commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+        of = self._handle(fi)
+        if _unlinked(path):  # a file with no name is gone after a crash: nothing to make durable
+            of._check()
+        else:
+            of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
         return 0
 
     @_op
     def release(self, path: str | None, fi: Any) -> int:
-        self.files.release(fi.fh, _vol(path))  # commits what was written after the last flush
+        # commits what was written after the last flush; an unlinked file's writes only while
+        # another handle of this mount still reads it (the name is unlinked right after)
+        self.files.release(fi.fh, _vol(path), unlinked=_unlinked(path))
         return 0
 
     # -- extended attributes ---------------------------------------------------------------

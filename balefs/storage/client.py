@@ -27,6 +27,7 @@ from .codec import BlockCodec
 from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
+from .orphans import PREFIX as ORPHAN_XATTR
 from .layout import parse_block_key
 from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, supports
 from .node_registry import normalize_node_url, open_node
@@ -909,7 +910,7 @@ class Client:
         self.meta.setxattr(ino, name, bytes(value))
 
     def listxattr(self, path: str) -> list[str]:
-        return self.meta.listxattr(self.stat(path).ino)
+        return [n for n in self.meta.listxattr(self.stat(path).ino) if not n.startswith(ORPHAN_XATTR)]  # storage/orphans.py
 
     def removexattr(self, path: str, name: str) -> None:
         ino = self.stat(path).ino

@@ -33,6 +33,7 @@ from .errnos import errno_of
 from .meta import Inode
 from .meta.types import check_size, stored_bytes
 from .spool import COPY_STEP, Spool
+from . import orphans
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +357,15 @@ class OpenFiles:
             of = OpenFile(self, path, node, writable, base=reader)  # the version at open, even once replaced
         return self._add(of), keep
 
-    def release(self, fh: int, path: str | None) -> None:
+    def release(self, fh: int, path: str | None, unlinked: bool = False) -> None:
         """Close handle `fh`: commit what was written after the last flush (at `path`; None if
-        unlinked), then drop the rest. A failure is logged, not raised: flush reported it."""
+        unlinked), then drop the rest. A failure is logged, not raised: flush reported it.
+        unlinked: `path` is where an unlinked file is kept while open; its writes are committed
+        only while another handle of this session still has it open, else dropped with it."""
         with self._lock:
             of = self._files.pop(fh, None)
+            if of is not None and unlinked and not any(o.ino == of.ino for o in self._files.values()):
+                path = None
         if of is None:
             return
         try:
@@ -412,6 +417,17 @@ class OpenFiles:
             d.truncate(length)
         else:
             self.client.truncate(path, length)
+
+    def hidden(self, path: str) -> None:
+        """A file open in this session was unlinked and is kept at `path` (a hidden name) until
+        its last close: record it, so that gc removes it should the session die first."""
+        orphans.keep(self.client.meta, path)
+
+    def unlink_hidden(self, path: str) -> None:
+        """Unlink the hidden file at `path` (its last handle is closed) and drop its record."""
+        ino = self.client.stat(path).ino
+        self.client.unlink(path)
+        orphans.forget(self.client.meta, ino)
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:
         """Set the file's mtime; an unflushed version keeps it through its commit (cp -p sets
