@@ -109,3 +109,13 @@ def test_a_file_left_unlinked_and_open_by_a_killed_daemon_is_reclaimed_by_gc(vol
         assert report.dead_blocks >= 1  # its bytes were reclaimed, not leaked
         assert c.read_file("keep") == b"kept"
         assert collect_garbage(c, grace_s=3600, min_live=0).unlinked_open_files == 0
+
+
+def test_a_file_named_like_a_hidden_one_is_an_ordinary_file(smnt: Path) -> None:
+    (smnt / ".fuse_hidden_mine").write_bytes(b"mine")  # written and closed: committed as any file
+    (smnt / "x").write_bytes(b"x")
+    os.rename(smnt / "x", smnt / ".fuse_hidden0000000100000001")  # not open: no unlinked file is recorded
+    assert (smnt / ".fuse_hidden_mine").read_bytes() == b"mine"
+    assert (smnt / ".fuse_hidden0000000100000001").read_bytes() == b"x"
+    with Client.open("vol") as c:
+        assert not [n for n in c.meta.listxattr(1) if n.startswith("balefs.orphan.")]

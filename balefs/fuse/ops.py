@@ -83,10 +83,10 @@ def _vol(path: str | None) -> str | None:
     return None if path is None else _v(path)
 
 
-def _unlinked(path: str | None) -> bool:
-    """Whether `path` names an open file that was unlinked (or replaced): libfuse keeps it
-    under a hidden name until its last close, then unlinks it (see init_with_config)."""
-    return path is None or path[path.rfind("/") + 1:].startswith(HIDDEN)
+def _hidden(path: str) -> bool:
+    """Whether `path` has the name libfuse gives an open file that was unlinked (or replaced),
+    kept until its last close (see init_with_config); OpenFiles knows which really are."""
+    return path[path.rfind("/") + 1:].startswith(HIDDEN)
 
 
 def _listed(entries: list[tuple[str, Inode]]) -> list[tuple[str, Inode]]:
@@ -285,7 +285,7 @@ class BaleOperations(Operations):
     @_op
     def unlink(self, path: str) -> int:
         self._writable()
-        if _unlinked(path):  # libfuse removes a hidden file at its last close
+        if _hidden(path):  # libfuse removes a hidden file at its last close
             self.files.unlink_hidden(_v(path))
         else:
             self.client.unlink(_v(path))
@@ -297,7 +297,7 @@ class BaleOperations(Operations):
         if flags & RENAME_EXCHANGE:
             raise FuseOSError(errno.EINVAL)
         self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
-        if _unlinked(new):  # libfuse hiding an open file that is being unlinked or replaced
+        if _hidden(new):  # libfuse hiding an open file that is being unlinked or replaced
             self.files.hidden(_v(new))
         return 0
 
@@ -386,8 +386,8 @@ class BaleOperations(Operations):
     def flush(self, path: str | None, fi: Any) -> int:
         of = self.files.find(fi.fh)
         if of is not None and of.needs_flush:
-            if _unlinked(path):  # no name: nothing to make visible; the handles of this mount see its writes
-                of._check()
+            if path is None or self.files.is_unlinked(of.ino):  # nothing to make visible: no name
+                of.check()
             else:
                 of.commit(_vol(path))
         return 0
@@ -395,8 +395,8 @@ class BaleOperations(Operations):
     @_op
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
         of = self._handle(fi)
-        if _unlinked(path):  # a file with no name is gone after a crash: nothing to make durable
-            of._check()
+        if path is None or self.files.is_unlinked(of.ino):  # no name: gone after a crash, nothing to make durable
+            of.check()
         else:
             of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
         return 0
@@ -405,7 +405,7 @@ class BaleOperations(Operations):
     def release(self, path: str | None, fi: Any) -> int:
         # commits what was written after the last flush; an unlinked file's writes only while
         # another handle of this mount still reads it (the name is unlinked right after)
-        self.files.release(fi.fh, _vol(path), unlinked=_unlinked(path))
+        self.files.release(fi.fh, _vol(path))
         return 0
 
     # -- extended attributes ---------------------------------------------------------------

@@ -88,6 +88,10 @@ class OpenFile:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Raise the errno of a failed write, if any (a flush or fsync with nothing to commit)."""
+        self._check()
+
     def _check(self) -> None:
         if self.error is not None:
             code = errno_of(self.error)
@@ -315,6 +319,7 @@ class OpenFiles:
         self._lock = threading.Lock()
         self._dirty: dict[int, OpenFile] = {}  # ino -> the open file that last wrote it, unflushed
         self._seen: dict[int, tuple] = {}      # ino -> version at its last open: cached pages still good if unchanged
+        self._hidden: set[int] = set()         # open files unlinked, kept under a hidden name until their last close
 
     # -- handles ---------------------------------------------------------------------------
 
@@ -357,14 +362,14 @@ class OpenFiles:
             of = OpenFile(self, path, node, writable, base=reader)  # the version at open, even once replaced
         return self._add(of), keep
 
-    def release(self, fh: int, path: str | None, unlinked: bool = False) -> None:
+    def release(self, fh: int, path: str | None) -> None:
         """Close handle `fh`: commit what was written after the last flush (at `path`; None if
         unlinked), then drop the rest. A failure is logged, not raised: flush reported it.
-        unlinked: `path` is where an unlinked file is kept while open; its writes are committed
-        only while another handle of this session still has it open, else dropped with it."""
+        A file kept under a hidden name (unlinked while open) has its writes committed only
+        while another handle of this session still has it open, else dropped with it."""
         with self._lock:
             of = self._files.pop(fh, None)
-            if of is not None and unlinked and not any(o.ino == of.ino for o in self._files.values()):
+            if of is not None and of.ino in self._hidden and not any(o.ino == of.ino for o in self._files.values()):
                 path = None
         if of is None:
             return
@@ -419,14 +424,28 @@ class OpenFiles:
             self.client.truncate(path, length)
 
     def hidden(self, path: str) -> None:
-        """A file open in this session was unlinked and is kept at `path` (a hidden name) until
-        its last close: record it, so that gc removes it should the session die first."""
-        orphans.keep(self.client.meta, path)
+        """A file was renamed to `path`, a hidden name: if it is open in this session, it was
+        unlinked (or replaced) and is kept there until its last close; record it, so that gc
+        removes it should the session die first. (A file not open here is a name like any other.)"""
+        ino = self.client.stat(path).ino
+        with self._lock:
+            if not any(o.ino == ino for o in self._files.values()):
+                return
+            self._hidden.add(ino)
+        orphans.keep(self.client.meta, path, ino)
+
+    def is_unlinked(self, ino: int) -> bool:
+        """Whether inode `ino` is an open file of this session kept under a hidden name (unlinked)."""
+        return ino in self._hidden
 
     def unlink_hidden(self, path: str) -> None:
-        """Unlink the hidden file at `path` (its last handle is closed) and drop its record."""
+        """Unlink the file at `path`, a hidden name (its last handle is closed), and drop its record."""
         ino = self.client.stat(path).ino
         self.client.unlink(path)
+        with self._lock:
+            if ino not in self._hidden:
+                return
+            self._hidden.discard(ino)
         orphans.forget(self.client.meta, ino)
 
     def set_mtime(self, path: str, mtime_ns: int) -> None:

@@ -24,9 +24,8 @@ def holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def keep(meta: Meta, path: str) -> None:
-    """Record the file at `path` (just hidden) as held open by this process."""
-    ino = namespace.resolve(meta, path).ino
+def keep(meta: Meta, path: str, ino: int) -> None:
+    """Record the file `ino` at `path` (just hidden) as held open by this process."""
     meta.setxattr(ROOT, f"{PREFIX}{ino}", f"{holder()}\n{path}".encode())
 
 
