@@ -228,7 +228,7 @@ class BaleOperations(Operations):
         entries = self._listings.get(fh) if offset else None
         if entries is None:
             entries = [(".", None), ("..", None)]
-            entries += _listed(self.client.listdir(_v(path)))
+            entries += self.client.listdir(_v(path))  # hidden names are skipped as they are sent
             if fh:
                 self._listings[fh] = entries
         return entries[offset:]
@@ -501,6 +501,8 @@ class BaleFUSE(FUSE):
         plus = bool(flags & FUSE_READDIR_PLUS)
         st = mfusepy.c_stat()
         for i, (name, node) in enumerate(entries, offset + 1):
+            if name.startswith(HIDDEN):  # an unlinked open file: ext4 lists none
+                continue
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             if node is None:  # "." and "..": the kernel knows them
                 st.st_mode = S.S_IFDIR

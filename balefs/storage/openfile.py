@@ -411,7 +411,8 @@ class OpenFiles:
         d = self._dirty.get(node.ino)
         if d is not None:
             return d.size, d.mtime_ns or d.wtime_ns, d.stored()
-        return node.size, node.mtime_ns, stored_bytes(node)
+        h = node.hash  # a content hash is hex: only a sparse version's starts with "s"
+        return node.size, node.mtime_ns, node.size if not h or h[0] != "s" else stored_bytes(node)
 
     def truncate(self, path: str, length: int) -> None:
         """truncate(2) by path: cut an open file's unflushed version if this session holds
