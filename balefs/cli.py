@@ -469,6 +469,8 @@ def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
     click.echo(f"{verb} compact {r.compacted_chunks} chunk(s) ({r.compacted_files} file(s), {_human(r.compacted_bytes)} live); "
                f"{verb} delete {r.dead_chunks} dead chunk(s) ({r.dead_blocks} block(s)) and {r.orphan_blocks} orphan block(s) "
                f"({_human(r.orphan_bytes)}); left {r.skipped_live_writer} block(s) of writers that may still be running")
+    if r.unlinked_open_files:
+        click.echo(f"{verb} remove {r.unlinked_open_files} file(s) unlinked while open by a mount that died")
 
 
 @main.command()

@@ -19,7 +19,7 @@ from .storage.config import balefs_home
 from .storage.client import Client, FileWriter
 from .storage.gcpause import collector_paused
 from .storage.ingest import ingest_local
-from .storage.meta.types import Inode, split_path
+from .storage.meta.types import Inode, content_hash, split_path
 
 _KIND = {"f": "file", "d": "directory", "l": "link", "p": "other", "s": "other"}  # p: FIFO, s: Unix socket
 
@@ -91,8 +91,9 @@ class BaleFileSystem(AbstractFileSystem):
         entry = {"name": name, "size": node.size if node.kind != "d" else 0, "type": _KIND[node.kind], "ino": node.ino,
                  "mode": node.mode, "uid": node.uid, "gid": node.gid, "nlink": node.nlink,
                  "mtime": node.mtime_ns / 1e9, "created": node.btime_ns / 1e9}
-        if node.hash:
-            entry["hash"] = node.hash
+        digest = content_hash(node)  # none for a file with holes
+        if digest:
+            entry["hash"] = digest
         if node.kind == "l":
             entry["destination"] = node.target
         return entry

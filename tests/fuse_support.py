@@ -136,3 +136,14 @@ def smnt(shared_mount: SharedMount, request: pytest.FixtureRequest, monkeypatch:
     d = shared_mount.root / "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in request.node.name)
     d.mkdir()
     return d
+
+
+@pytest.fixture(params=["mount", "local"])
+def mount_or_local(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """This test's directory on the module's shared mount (smnt), or a plain local directory:
+    a test taking it states what POSIX does, and holds on both."""
+    if request.param == "mount":
+        return request.getfixturevalue("smnt")
+    d = tmp_path / "local"
+    d.mkdir()
+    return d

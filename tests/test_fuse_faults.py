@@ -248,9 +248,11 @@ def test_writes_past_a_full_spool_disk_fail_with_enospc_and_commit_nothing(volum
     mp = mount_volume(volume.name, "--cache-dir", str(cache))
     big = payload(600_000, seed=8)
 
-    # a file created by this open: written at offset 10 first (spooled from then on)
+    # a file created by this open: written at offset 10, then before it (spooled from then on;
+    # a write past the end alone streams, leaving a hole)
     fd = os.open(mp / "new.bin", os.O_RDWR | os.O_CREAT, 0o644)
     assert os.pwrite(fd, b"x", 10) == 1
+    assert os.pwrite(fd, b"w", 0) == 1
     assert _pwrite_all_or_errno(fd, big, 4096) == errno.ENOSPC
     assert errno_of(os.pwrite, fd, b"z", 0) == errno.ENOSPC  # the handle stays failed
     assert errno_of(os.fsync, fd) == errno.ENOSPC

@@ -138,6 +138,20 @@ def make_machine(mount_root: Path, local_root: Path, counter=itertools.count()):
                     return f.read(length)
             self.both(op)
 
+        @rule(path=paths, length=st.one_of(st.integers(0, 4000), st.integers(0, 3 * BLOCK)),
+              offset=st.integers(0, 3 * BLOCK), size=st.integers(0, 2000), seed=st.integers(0, 99))
+        def extend_through_a_handle(self, path, length, offset, size, seed):
+            """ftruncate and a write past the end through one open handle (holes), read back through it."""
+            def op(root):
+                fd = os.open(root / path, os.O_RDWR)
+                try:
+                    os.ftruncate(fd, length)
+                    os.pwrite(fd, payload(size, seed), offset)
+                    return os.fstat(fd).st_size, os.pread(fd, 3 * BLOCK + 2000, 0)
+                finally:
+                    os.close(fd)
+            self.both(op)
+
         @rule(src=paths, dst=paths)
         def rename(self, src, dst):
             self.both(lambda root: os.rename(root / src, root / dst))

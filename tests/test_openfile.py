@@ -201,7 +201,7 @@ def test_utimens_while_dirty_is_kept_through_the_commit(client: Client, files: O
     _, of = open_file(files, "f")
     of.write(0, b"data")
     files.set_mtime("f", 1_000_000_000_123)
-    assert files.size_and_mtime(client.stat("f")) == (4, 1_000_000_000_123)
+    assert files.size_and_mtime(client.stat("f"))[:2] == (4, 1_000_000_000_123)
     of.commit("f")
     assert client.stat("f").mtime_ns == 1_000_000_000_123
 

@@ -226,7 +226,6 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         "attr_timeout": attr_timeout,
         "entry_timeout": entry_timeout,
         "negative_timeout": negative_timeout,
-        "hard_remove": True,
         "use_ino": True,
     }
     if LIBFUSE_VERSION >= (3, 12):

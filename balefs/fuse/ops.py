@@ -52,6 +52,7 @@ from ..storage.openfile import OpenFile, OpenFiles
 
 log = logging.getLogger("balefs.fuse")
 
+HIDDEN = ".fuse_hidden"  # libfuse renames a file unlinked while open to .fuse_hidden<ids> until its last close
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 XATTR_CREATE, XATTR_REPLACE = 1, 2
@@ -81,6 +82,17 @@ def _v(path: str) -> str:
 def _vol(path: str | None) -> str | None:
     """_v, keeping None: the path of an open file that was unlinked (or replaced) while open."""
     return None if path is None else _v(path)
+
+
+def _hidden(path: str) -> bool:
+    """Whether `path` has the name libfuse gives an open file that was unlinked (or replaced),
+    kept until its last close (see init_with_config); OpenFiles knows which really are."""
+    return path[path.rfind("/") + 1:].startswith(HIDDEN)
+
+
+def _listed(entries: list[tuple[str, Inode]]) -> list[tuple[str, Inode]]:
+    """A directory's entries without the hidden names of unlinked open files (ext4 lists none)."""
+    return [e for e in entries if not e[0].startswith(HIDDEN)]
 
 
 def _op(fn: Callable) -> Callable:
@@ -173,7 +185,13 @@ class BaleOperations(Operations):
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:
             config.use_ino = 1      # st_ino is the volume's inode number, stable across mounts
-            config.hard_remove = 1  # no .fuse_hidden files: an unlinked open file stays readable
+            # An open file that is unlinked (or replaced by a rename) is renamed by libfuse to
+            # .fuse_hidden<ids> in its directory, left out of listings (_listed), and unlinked at
+            # its last close (or when the session ends): until then it keeps a path, so the
+            # kernel's GETATTR (fstat, mmap), SETATTR (ftruncate), reads and writes of it work,
+            # with st_nlink 0 as on ext4. With hard_remove libfuse forgets its path at once and
+            # answers fstat with ESTALE.
+            config.hard_remove = 0
         if conn is not None:
             if hasattr(conn, "max_read"):  # libfuse 3 wants the max_read mount option repeated here
                 conn.max_read = self.max_read
@@ -200,11 +218,11 @@ class BaleOperations(Operations):
     # -- attributes ------------------------------------------------------------------------
 
     def _attrs(self, node: Inode) -> dict[str, int]:
-        size, mtime = self.files.size_and_mtime(node)
+        size, mtime, stored = self.files.size_and_mtime(node)  # stored: holes excluded
         return {"st_mode": mode_bits(node), "st_ino": node.ino, "st_nlink": node.nlink,
                 "st_uid": node.uid if self.uid is None else self.uid,
                 "st_gid": node.gid if self.gid is None else self.gid,
-                "st_size": size, "st_blocks": (size + 511) // 512, "st_blksize": IO_SIZE,
+                "st_size": size, "st_blocks": (stored + 511) // 512, "st_blksize": IO_SIZE,
                 "st_atime": self.atimes.atime(node), "st_mtime": mtime, "st_ctime": max(node.ctime_ns, mtime)}
 
     @_op
@@ -218,7 +236,7 @@ class BaleOperations(Operations):
     def readdir(self, path: str, fh: int) -> list:
         """The plain mfusepy form (names, types, inode numbers); BaleFUSE uses readdir_plus."""
         out: list = [(".", {"st_mode": S.S_IFDIR}, 0), ("..", {"st_mode": S.S_IFDIR}, 0)]
-        for name, node in self.client.listdir(_v(path)):
+        for name, node in _listed(self.client.listdir(_v(path))):
             out.append((name, {"st_mode": mode_bits(node), "st_ino": node.ino}, 0))
         return out
 
@@ -236,7 +254,7 @@ class BaleOperations(Operations):
         entries = self._listings.get(fh) if offset else None
         if entries is None:
             entries = [(".", None), ("..", None)]
-            entries += self.client.listdir(_v(path))
+            entries += self.client.listdir(_v(path))  # hidden names are skipped as they are sent
             if fh:
                 self._listings[fh] = entries
         return entries[offset:]
@@ -306,7 +324,10 @@ class BaleOperations(Operations):
     @_op
     def unlink(self, path: str) -> int:
         self._writable()
-        self._names_changed(self.client.unlink(_v(path)))  # the other names' link count went down
+        if _hidden(path):  # libfuse removes a hidden file at its last close
+            self._names_changed(self.files.unlink_hidden(_v(path)))
+        else:
+            self._names_changed(self.client.unlink(_v(path)))  # the other names' link count went down
         return 0
 
     @_op
@@ -316,6 +337,8 @@ class BaleOperations(Operations):
             raise FuseOSError(errno.EINVAL)
         replaced = self.client.rename(_v(old), _v(new), replace=not flags & RENAME_NOREPLACE)
         self._names_changed(replaced)  # a replaced file with other names lost one
+        if _hidden(new):  # libfuse hiding an open file that is being unlinked or replaced
+            self.files.hidden(_v(new))
         return 0
 
     @_op
@@ -429,22 +452,30 @@ class BaleOperations(Operations):
     def flush(self, path: str | None, fi: Any) -> int:
         of = self.files.find(fi.fh)
         if of is not None and of.needs_flush:
-            of.commit(_vol(path))
-            if of.node.nlink > 1:
-                self._names_changed(of.node, _vol(path))
+            if path is None or self.files.is_unlinked(of.ino):  # nothing to make visible: no name
+                of.check()
+            else:
+                of.commit(_vol(path))
+                if of.node.nlink > 1:
+                    self._names_changed(of.node, _vol(path))
         return 0
 
     @_op
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
         of = self._handle(fi)
-        of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
-        if of.node.nlink > 1:
-            self._names_changed(of.node, _vol(path))
+        if path is None or self.files.is_unlinked(of.ino):  # no name: gone after a crash, nothing to make durable
+            of.check()
+        else:
+            of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+            if of.node.nlink > 1:
+                self._names_changed(of.node, _vol(path))
         return 0
 
     @_op
     def release(self, path: str | None, fi: Any) -> int:
-        self.files.release(fi.fh, _vol(path))  # commits what was written after the last flush
+        # commits what was written after the last flush; an unlinked file's writes only while
+        # another handle of this mount still reads it (the name is unlinked right after)
+        self.files.release(fi.fh, _vol(path))
         return 0
 
     # -- extended attributes ---------------------------------------------------------------
@@ -561,6 +592,8 @@ class BaleFUSE(FUSE):
         plus = bool(flags & FUSE_READDIR_PLUS)
         st = mfusepy.c_stat()
         for i, (name, node) in enumerate(entries, offset + 1):
+            if name.startswith(HIDDEN):  # an unlinked open file: ext4 lists none
+                continue
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             if node is None:  # "." and "..": the kernel knows them
                 st.st_mode = S.S_IFDIR

@@ -26,6 +26,8 @@ from .gcpause import collector_paused
 from .codec import BlockCodec
 from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
+from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
+from .orphans import PREFIX as ORPHAN_XATTR
 from .layout import parse_block_key
 from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, supports
 from .node_registry import normalize_node_url, open_node
@@ -42,7 +44,8 @@ from .snapshot import Snapshot, local_copy, open_snapshot
 
 # The public API, and the value types it takes and returns: adapters import these from here,
 # and nothing else from the storage core but its config (tests/test_layering.py).
-__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "Snapshot"]
+__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "Snapshot",
+           "MAX_FILE_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,7 @@ class FileWriter:
     mtime_ns: int | None = None
     known_hash: str | None = None  # the content hash when the bytes are shared, not written (reference_write)
     content_hash: str | None = None  # the xxh3-128 of every byte to be written, computed by the caller: not hashed again
+    sparse: bool = False  # the content has a hole: no content hash (see meta.types.SPARSE), nothing hashed
 
     def __post_init__(self) -> None:
         self._hash = xxhash.xxh3_128()
@@ -123,13 +127,14 @@ class FileWriter:
         n = len(data)
         if not n:
             return 0
-        if self.known_hash is not None and self.content_hash is None:
+        check_size(self.path, self.size + n)
+        if self.known_hash is not None and self.content_hash is None and not self.sparse:
             self._hash_existing()  # the new bytes follow shared ones: the hash must cover both
         gen, pieces = self.client.writer.append(data)
         if self.first_gen < 0:
             self.first_gen = gen
         self.last_gen = gen
-        if self.content_hash is None:
+        if self.content_hash is None and not self.sparse:
             self._hash.update(data)
         for chunk, coff, length in pieces:
             last = self.extents[-1] if self.extents else None
@@ -140,16 +145,40 @@ class FileWriter:
             self.size += length
         return n
 
+    def hole(self, size: int) -> None:
+        """Extend the content with zeros to `size` bytes, stored as a hole: no byte is written,
+        read or hashed, whatever its length (EFBIG past MAX_FILE_SIZE)."""
+        check_size(self.path, size)
+        if size > self.size:
+            self.size = size
+            self._no_hash()
+
+    def _no_hash(self) -> None:
+        """The content has a hole: it gets no content hash (hashing its zeros would be O(size))."""
+        self.sparse = True
+        self.known_hash = self.content_hash = None
+
     def _hash_existing(self) -> None:
         """Fold the bytes this version already holds (shared with another file's chunks, not
-        written here) into the content hash, so it covers the whole file."""
+        written here) into the content hash, so it covers the whole file; where they have a
+        hole, there is no content hash and nothing is read."""
+        pos = 0
+        for e in self.extents:
+            if e.off != pos:
+                break
+            pos += e.length
+        if pos != self.size or (self.known_hash or "").startswith(SPARSE):
+            self._no_hash()
+            return
         step = 16 << 20
         for start in range(0, self.size, step):
             self._hash.update(self.client.reader.read(self.extents, start, min(self.size, start + step)))
         self.known_hash = None
 
     def as_write(self) -> FileWrite:
-        if self.content_hash is not None:
+        if self.sparse:
+            digest = sparse_hash(sum(e.length for e in self.extents))
+        elif self.content_hash is not None:
             digest = self.content_hash
         elif self.known_hash is not None:  # nothing written: a write hashes the shared bytes and clears it
             digest = self.known_hash
@@ -855,24 +884,24 @@ class Client:
         fw = FileWriter(self, "/".join(split_path(path)), base.inode.mode)
         fw.extents = [e._replace(length=min(e.length, keep - e.off)) for e in base.extents if e.off < keep]
         fw.size = keep
-        fw._hash_existing()
+        if keep == base.size and base.inode.hash is not None:
+            fw.known_hash = base.inode.hash  # the bytes are read for the hash only if some are written
+        else:
+            fw._hash_existing()
         return fw
 
     def truncate(self, path: str, length: int) -> None:
         """Cut or extend (with zeros, stored as a hole) the file at `path` to `length` bytes."""
         if length < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        check_size(path, length)
         node = self.stat(path)
         if node.kind == "d":
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if node.kind != "f":
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         fw = self.extend_write(path, self.open_read_inode(node), keep=length)
-        zeros = bytes(min(length - fw.size, 16 << 20)) if length > fw.size else b""
-        while fw.size < length:  # the extension is a hole: hashed as zeros, never stored
-            n = min(len(zeros), length - fw.size)
-            fw._hash.update(zeros[:n])
-            fw.size += n
+        fw.hole(length)  # an extension is a hole: O(1), nothing stored, read or hashed
         fw.close()
 
     def unlink(self, path: str) -> Inode | None:
@@ -910,7 +939,7 @@ class Client:
         self.meta.setxattr(ino, name, bytes(value))
 
     def listxattr(self, path: str) -> list[str]:
-        return self.meta.listxattr(self.stat(path).ino)
+        return [n for n in self.meta.listxattr(self.stat(path).ino) if not n.startswith(ORPHAN_XATTR)]  # storage/orphans.py
 
     def removexattr(self, path: str, name: str) -> None:
         ino = self.stat(path).ino

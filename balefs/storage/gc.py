@@ -1,6 +1,7 @@
 """Garbage collection: compact sparse chunks, delete blocks that no committed file can reach.
 
-Compaction copies the live bytes of chunks that are mostly dead into fresh chunks and
+Files that a mount kept hidden while open after their unlink, and that its death left
+behind, are unlinked first (storage/orphans.py). Compaction copies the live bytes of chunks that are mostly dead into fresh chunks and
 repoints their files in one transaction (a file changed meanwhile keeps its old bytes);
 the emptied chunks are then dead. Two kinds of garbage are deleted: orphan blocks (on a node, never committed: an interrupted write) and the
 blocks of dead chunks (every file in them deleted). A block of a chunk whose writer may
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from .client import Client
 from .layout import block_key, parse_block_key
 from .meta.types import Extent
+from . import orphans
 from ..liveness import pid_alive
 
 
@@ -30,6 +32,7 @@ class GcReport:
     compacted_chunks: int = 0
     compacted_files: int = 0
     compacted_bytes: int = 0
+    unlinked_open_files: int = 0  # files unlinked while open by a mount that died (storage/orphans.py)
 
 
 def _writer_gone(writer: str, created_ns: int, grace_s: float) -> bool:
@@ -76,6 +79,7 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     (or, dry run, would be) done."""
     report = GcReport()
     meta = client.meta
+    report.unlinked_open_files = orphans.reclaim(meta, dry_run)  # their chunks may be dead below
     if min_live > 0:
         compact(client, report, min_live, grace_s, dry_run)
     chunks = meta.chunk_table()

@@ -3,7 +3,8 @@ FUSE mount today, a native session later), and the table of a session's open fil
 
 - Writes. Files are immutable once committed; a write makes a new version of the whole
   file. Each file opened for writing streams sequential writes (offset == size) straight
-  into a FileWriter, so small files are packed into chunks as in the core. On the first
+  into a FileWriter, so small files are packed into chunks as in the core; a write past the
+  end or a truncate that extends leaves a hole, which stores nothing. On the first
   write elsewhere, a truncate to a length other than 0, or a read of its own unflushed
   bytes, it falls back to a spool: a local temp file holding the file's whole content.
   commit (on flush, fsync and release) makes the content the new version, so a file is
@@ -30,7 +31,9 @@ from typing import Iterator
 from .client import Client, FileReader, FileWriter
 from .errnos import errno_of
 from .meta import Inode
+from .meta.types import check_size, stored_bytes
 from .spool import COPY_STEP, Spool
+from . import orphans
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,10 @@ class OpenFile:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Raise the errno of a failed write, if any (a flush or fsync with nothing to commit)."""
+        self._check()
+
     def _check(self) -> None:
         if self.error is not None:
             code = errno_of(self.error)
@@ -132,17 +139,24 @@ class OpenFile:
         """Write `data` at `offset` (unflushed until commit); returns len(data)."""
         with self.lock:
             self._check()
+            check_size(self.path, offset + len(data))  # EFBIG before anything changes: the file stays good
             with self._failing():
                 return self._write(offset, data)
 
+    def _stream(self) -> FileWriter:
+        """The streaming new version, started on the committed one (sharing its chunks) if none is."""
+        if self.fw is None:
+            base = self._base()
+            self.fw = (self.client.open_write(self.path, mode=self.node.mode) if base.size == 0
+                       else self.client.extend_write(self.path, base))
+        return self.fw
+
     def _write(self, offset: int, data: bytes | memoryview) -> int:
         if self.spool is None:
-            if self.fw is None and not self.dirty:
-                self._base()
-                if offset == self.size:  # appending to the committed version: share its chunks
-                    self.fw = (self.client.open_write(self.path, mode=self.node.mode) if self.size == 0
-                               else self.client.extend_write(self.path, self._base()))
-            if self.fw is not None and offset == self.fw.size:
+            if self.fw is None and not self.dirty and offset >= self._base().size:
+                self._stream()  # appending to the committed version, or past its end
+            if self.fw is not None and offset >= self.fw.size:
+                self.fw.hole(offset)  # a write past the end leaves a hole: nothing stored for it
                 self.fw.write(data)
                 self.size = self.fw.size
                 self._mark()
@@ -157,6 +171,7 @@ class OpenFile:
         """Cut or extend (with zeros) the content to `length` bytes (unflushed until commit)."""
         with self.lock:
             self._check()
+            check_size(self.path, length)
             with self._failing():
                 self._truncate(length)
 
@@ -167,6 +182,11 @@ class OpenFile:
         if self.spool is None:
             current = self.fw.size if self.fw is not None else (self.size if self.dirty else self._base().size)
             if length == current:
+                return
+            if length > current:  # extend: a hole, nothing stored whatever its length
+                self._stream().hole(length)
+                self.size = length
+                self._mark()
                 return
             if self.fw is None and not self.dirty and length < current:  # cut: share the kept chunks
                 self.fw = self.client.extend_write(self.path, self._base(), keep=length)
@@ -192,13 +212,14 @@ class OpenFile:
             else:
                 src = self._base()
                 size = self.size
-            for start in range(0, size, COPY_STEP):
-                end = min(size, start + COPY_STEP)
-                data = src.read(start, end)
-                if len(data) != end - start:
-                    raise OSError(errno.EIO, f"{self.path}: read {len(data)} bytes at {start}, expected {end - start}")
-                spool.write(start, data)
             spool.truncate(size)
+            for e in src.extents:  # only the stored bytes: holes stay holes in the (sparse) spool
+                for start in range(e.off, min(size, e.off + e.length), COPY_STEP):
+                    end = min(size, e.off + e.length, start + COPY_STEP)
+                    data = src.read(start, end)
+                    if len(data) != end - start:
+                        raise OSError(errno.EIO, f"{self.path}: read {len(data)} bytes at {start}, expected {end - start}")
+                    spool.write(start, data)
         except BaseException:
             spool.close()
             raise
@@ -208,6 +229,20 @@ class OpenFile:
         self.spool = spool
 
     # -- committing ------------------------------------------------------------------------
+
+    def stored(self) -> int:
+        """Bytes the unflushed version holds, its holes excluded (what st_blocks counts).
+        Without the lock, so that a stat never waits for a write or a commit: racing one, it
+        may count the version just before or after it."""
+        spool, fw = self.spool, self.fw
+        if spool is not None:
+            try:
+                return spool.stored()
+            except (OSError, ValueError):  # closed meanwhile (committed, or the file failed)
+                return self.size
+        if fw is not None:
+            return sum(e.length for e in list(fw.extents))
+        return self.size
 
     @property
     def needs_flush(self) -> bool:
@@ -230,13 +265,17 @@ class OpenFile:
                     fw.path = "/".join(p for p in path.split("/") if p)
                     fw.mtime_ns = self.mtime_ns
                     fw.close()
-                    self.base = FileReader(self.client, path, self.node._replace(size=fw.size), list(fw.extents))
+                    # hash=None: a later append hashes these bytes again (extend_write), never trusts a stale hash
+                    self.base = FileReader(self.client, path, self.node._replace(size=fw.size, hash=None), list(fw.extents))
                 else:
                     fw = self.client.open_write(path, mode=self.node.mode)
                     fw.mtime_ns = self.mtime_ns
                     try:
-                        for start in range(0, self.size, COPY_STEP):
-                            fw.write(self.spool.read(start, min(COPY_STEP, self.size - start)))
+                        for lo, hi in self.spool.data(self.size):  # its holes stay holes
+                            fw.hole(lo)
+                            for start in range(lo, hi, COPY_STEP):
+                                fw.write(self.spool.read(start, min(COPY_STEP, hi - start)))
+                        fw.hole(self.size)
                     except BaseException:
                         fw.abort()  # never commit a version with bytes missing
                         raise
@@ -280,6 +319,7 @@ class OpenFiles:
         self._lock = threading.Lock()
         self._dirty: dict[int, OpenFile] = {}  # ino -> the open file that last wrote it, unflushed
         self._seen: dict[int, tuple] = {}      # ino -> version and name at its last open: cached pages still good if unchanged
+        self._hidden: set[int] = set()         # open files unlinked, kept under a hidden name until their last close
 
     # -- handles ---------------------------------------------------------------------------
 
@@ -325,9 +365,13 @@ class OpenFiles:
 
     def release(self, fh: int, path: str | None) -> None:
         """Close handle `fh`: commit what was written after the last flush (at `path`; None if
-        unlinked), then drop the rest. A failure is logged, not raised: flush reported it."""
+        unlinked), then drop the rest. A failure is logged, not raised: flush reported it.
+        A file kept under a hidden name (unlinked while open) has its writes committed only
+        while another handle of this session still has it open, else dropped with it."""
         with self._lock:
             of = self._files.pop(fh, None)
+            if of is not None and of.ino in self._hidden and not any(o.ino == of.ino for o in self._files.values()):
+                path = None
         if of is None:
             return
         try:
@@ -362,12 +406,14 @@ class OpenFiles:
             return d
         return of
 
-    def size_and_mtime(self, node: Inode) -> tuple[int, int]:
-        """The file's size and mtime as this session sees them (unflushed writes included)."""
+    def size_and_mtime(self, node: Inode) -> tuple[int, int, int]:
+        """The file's size, mtime and stored bytes (holes excluded) as this session sees them
+        (unflushed writes included)."""
         d = self._dirty.get(node.ino)
         if d is not None:
-            return d.size, d.mtime_ns or d.wtime_ns
-        return node.size, node.mtime_ns
+            return d.size, d.mtime_ns or d.wtime_ns, d.stored()
+        h = node.hash  # a content hash is hex: only a sparse version's starts with "s"
+        return node.size, node.mtime_ns, node.size if not h or h[0] != "s" else stored_bytes(node)
 
     def truncate(self, path: str, length: int) -> None:
         """truncate(2) by path: cut an open file's unflushed version if this session holds
@@ -378,6 +424,35 @@ class OpenFiles:
             d.truncate(length)
         else:
             self.client.truncate(path, length)
+
+    def hidden(self, path: str) -> None:
+        """A file was renamed to `path`, a hidden name: if it is open in this session, it was
+        unlinked (or replaced) and is kept there until its last close; record it, so that gc
+        removes it should the session die first. (A file not open here is a name like any other.)
+        A file that keeps another name (a hard link) is not unlinked: its writes stay the file's."""
+        node = self.client.stat(path)
+        with self._lock:
+            if not any(o.ino == node.ino for o in self._files.values()):
+                return
+            if node.nlink == 1:  # the hidden name is its only one
+                self._hidden.add(node.ino)
+        orphans.keep(self.client.meta, path, node.ino)
+
+    def is_unlinked(self, ino: int) -> bool:
+        """Whether inode `ino` is an open file of this session kept under a hidden name (unlinked)."""
+        return ino in self._hidden
+
+    def unlink_hidden(self, path: str) -> Inode | None:
+        """Unlink the file at `path`, a hidden name (its last handle is closed), and drop its record;
+        returns what Client.unlink does (the inode its other names keep, if any)."""
+        ino = self.client.stat(path).ino
+        kept = self.client.unlink(path)
+        with self._lock:
+            if ino not in self._hidden:
+                return kept
+            self._hidden.discard(ino)
+        orphans.forget(self.client.meta, ino)
+        return kept
 
     def set_mtime(self, path: str, mtime_ns: int, atime_ns: int | None = None) -> None:
         """Set the file's mtime (and atime, if given); an unflushed version keeps it through its

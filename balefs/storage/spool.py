@@ -1,10 +1,12 @@
 """Spool: a local temp file holding the whole new content of an open file, for the writes
-that cannot stream into chunks (random writes, truncates, reads of unflushed bytes)."""
+that cannot stream into chunks (random writes, truncates, reads of unflushed bytes). It is
+sparse: holes of the file stay holes in it, and are not stored when it is committed."""
 from __future__ import annotations
 
 import errno
 import os
 import tempfile
+from typing import Iterator
 
 COPY_STEP = 4 << 20  # bytes moved at a time between a spool and the volume
 
@@ -48,6 +50,33 @@ class Spool:
     def read(self, offset: int, size: int) -> bytes:
         """Exactly `size` bytes at `offset` (EIO if the spool ends first)."""
         return _pread_all(self._file.fileno(), size, offset)
+
+    def data(self, size: int) -> Iterator[tuple[int, int]]:
+        """The ranges [lo, hi) of the first `size` bytes that hold data (SEEK_DATA/SEEK_HOLE):
+        what was written or copied in; the rest is holes, zeros that need not be stored.
+        Where the filesystem cannot tell, all of it is data."""
+        fd = self._file.fileno()
+        if not hasattr(os, "SEEK_DATA"):
+            if size:
+                yield 0, size
+            return
+        pos = 0
+        while pos < size:
+            try:
+                lo = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    return
+                raise
+            if lo >= size:
+                return
+            hi = min(size, os.lseek(fd, lo, os.SEEK_HOLE))
+            yield lo, hi
+            pos = hi
+
+    def stored(self) -> int:
+        """Bytes the spool's disk holds for it (its holes excluded)."""
+        return os.fstat(self._file.fileno()).st_blocks * 512
 
     def truncate(self, length: int) -> None:
         """Cut or extend (with zeros) the content to `length` bytes."""

@@ -97,3 +97,39 @@ def slices(items: Sequence, size: int) -> Iterator[Sequence]:
 def mode_bits(node: Inode) -> int:
     """st_mode of an inode: type bits plus permission bits."""
     return _S_IFMT[node.kind] | node.mode
+
+
+#: The largest file a volume holds (8 TiB). Past it, truncate and write fail with EFBIG at once.
+#: A round power of two that the spool of an open file (a sparse temp file on the host's disk,
+#: see storage/spool.py) can hold on every common local filesystem: ext4 with 4 KiB blocks stops
+#: at 16 TiB, and a file a spool cannot hold could not take a random write.
+MAX_FILE_SIZE = 1 << 43
+
+#: The `hash` of a version with holes starts with this: its zeros are never read or hashed (a
+#: hole is O(1) whatever its size), so it has no content hash; the rest is its stored bytes.
+SPARSE = "sparse:"
+
+
+def check_size(path: str, size: int) -> None:
+    """EFBIG if a file of `size` bytes is past what a volume holds (MAX_FILE_SIZE)."""
+    if size > MAX_FILE_SIZE:
+        raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)} (a volume's files end at {MAX_FILE_SIZE} bytes)", path)
+
+
+def sparse_hash(stored: int) -> str:
+    """The `hash` recorded for a version with holes that stores `stored` bytes."""
+    return f"{SPARSE}{stored}"
+
+
+def content_hash(node: "Inode") -> str | None:
+    """The file's xxh3-128 content hash, or None where it has none (a version with holes)."""
+    h = node.hash
+    return None if not h or h.startswith(SPARSE) else h
+
+
+def stored_bytes(node: "Inode") -> int:
+    """Bytes a file's extents hold (its holes excluded): what st_blocks counts."""
+    h = node.hash
+    if h and h.startswith(SPARSE):
+        return int(h[len(SPARSE):])
+    return node.size
