@@ -513,9 +513,14 @@ class SqlMeta:
         if node.nlink > 0:
             return node
         self._drop_extents(db, ino, live)
+        self._drop_inode(db, ino)
+        return None
+
+    @staticmethod
+    def _drop_inode(db: Db, ino: int) -> None:
+        """Forget inode `ino` and its extended attributes (its names and extents are the caller's)."""
         db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
         db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
-        return None
 
     @staticmethod
     def _record_blocks(db: Db, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
@@ -591,26 +596,24 @@ class SqlMeta:
 
     @retrying
     def symlink(self, parent: int, name: str, target: str, *, path: str = "") -> int:
-        path = path or name
-        with self._write() as db:
-            self._dir_locked(db, parent, path)
-            if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
-                raise oserror(errno.EEXIST, path)
-            ino = self._alloc_inode(db, "l", 0o777, len(target.encode()), target=target)
-            db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
-            self._dirs_changed(db, {parent: 0})
-            return ino
+        return self._new_entry(parent, name, path or name, "l", 0o777, len(target.encode()), target)
 
     @retrying
     def mknod(self, parent: int, name: str, kind: str, mode: int = 0o644, *, path: str = "") -> int:
         path = path or name
         if kind not in SPECIAL_KINDS:
             raise OSError(errno.EPERM, f"cannot make an inode of kind {kind!r} here (FIFOs and sockets only)", path)
+        return self._new_entry(parent, name, path, kind, mode)
+
+    def _new_entry(self, parent: int, name: str, path: str, kind: str, mode: int, size: int = 0,
+                   target: str | None = None) -> int:
+        """Make entry `name` of directory `parent` for a new inode that is not a directory (EEXIST if
+        the name is taken), moving the parent's times, in one transaction; returns the inode."""
         with self._write() as db:
             self._dir_locked(db, parent, path)
             if db.execute("SELECT 1 FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone():
                 raise oserror(errno.EEXIST, path)
-            ino = self._alloc_inode(db, kind, mode)
+            ino = self._alloc_inode(db, kind, mode, size, target=target)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
             self._dirs_changed(db, {parent: 0})
             return ino
@@ -683,8 +686,7 @@ class SqlMeta:
                     raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
                 removed += self._remove_children(db, ino, live)
                 db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-                db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
-                db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+                self._drop_inode(db, ino)
                 self._dirs_changed(db, {parent: -1})
             else:
                 if not file_ok:
@@ -703,8 +705,7 @@ class SqlMeta:
             count += 1
             if kind == "d":
                 count += self._remove_children(db, child, live)
-                db.execute("DELETE FROM xattrs WHERE ino=?", (child,))
-                db.execute("DELETE FROM inodes WHERE ino=?", (child,))
+                self._drop_inode(db, child)
             else:
                 self._unlink_inode(db, child, live)
         db.execute("DELETE FROM dentries WHERE parent=?", (ino,))
@@ -745,8 +746,7 @@ class SqlMeta:
                         raise oserror(errno.EISDIR, dst)
                     if db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (drow[0],)).fetchone():
                         raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), dst)
-                    db.execute("DELETE FROM xattrs WHERE ino=?", (drow[0],))
-                    db.execute("DELETE FROM inodes WHERE ino=?", (drow[0],))
+                    self._drop_inode(db, drow[0])
                     changed[dp] = changed.get(dp, 0) - 1
                 elif srow[1] == "d":
                     raise oserror(errno.ENOTDIR, dst)
