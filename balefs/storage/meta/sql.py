@@ -666,17 +666,22 @@ class SqlMeta:
     def rmdir(self, parent: int, name: str, *, path: str = "") -> None:
         self._remove(parent, name, path or name, file_ok=False)
 
+    def _entry_to_change(self, db: Db, parent: int, name: str, path: str) -> tuple[int, str]:
+        """(ino, kind) of entry `name` of directory `parent`, both locked for the change to come;
+        ENOENT naming `path` if the entry is missing."""
+        self._dir_locked(db, parent, path)
+        row = self._entry(db, parent, name, self.LOCK_UPDATE)
+        if row is None:
+            raise oserror(errno.ENOENT, path)
+        return row
+
     def _remove(self, parent: int, name: str, path: str, recursive: bool = False, dir_ok: bool = True,
                 file_ok: bool = True) -> tuple[int, Inode | None]:
         """Remove entry `name` of directory `parent` (a whole tree with `recursive`) in one transaction;
         return the entries removed and, for a file that other names keep, its inode."""
         live: dict[int, int] = {}
         with self._write() as db:
-            self._dir_locked(db, parent, path)
-            row = self._entry(db, parent, name, self.LOCK_UPDATE)
-            if row is None:
-                raise oserror(errno.ENOENT, path)
-            ino, kind = row
+            ino, kind = self._entry_to_change(db, parent, name, path)
             removed, kept = 1, None
             if kind == "d":
                 if not dir_ok:
@@ -720,10 +725,7 @@ class SqlMeta:
         live: dict[int, int] = {}
         changed: dict[int, int] = {}
         with self._write() as db:
-            self._dir_locked(db, sp, src)
-            srow = self._entry(db, sp, sname, self.LOCK_UPDATE)
-            if srow is None:
-                raise oserror(errno.ENOENT, src)
+            srow = self._entry_to_change(db, sp, sname, src)
             if newparent != sp:
                 self._dir_locked(db, newparent, dst)
             dp = self._make_parents(db, newparent, make_parents, dst, changed)
