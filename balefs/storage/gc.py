@@ -1,7 +1,8 @@
 """Garbage collection: compact sparse chunks, delete blocks that no committed file can reach.
 
-Files that a mount kept hidden while open after their unlink, and that its death left
-behind, are unlinked first (storage/orphans.py). Compaction copies the live bytes of chunks that are mostly dead into fresh chunks and
+Blocks that a crashed writer made visible and never synced are settled first (kept if intact,
+their files removed if not: storage/recovery.py). Files that a mount kept hidden while open
+after their unlink, and that its death left behind, are unlinked next (storage/orphans.py). Compaction copies the live bytes of chunks that are mostly dead into fresh chunks and
 repoints their files in one transaction (a file changed meanwhile keeps its old bytes);
 the emptied chunks are then dead. Two kinds of garbage are deleted: orphan blocks (on a node, never committed: an interrupted write) and the
 blocks of dead chunks (every file in them deleted). A block of a chunk whose writer may
@@ -10,16 +11,14 @@ host, where liveness cannot be seen) and the chunk is younger than the grace per
 """
 from __future__ import annotations
 
-import os
-import socket
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .client import Client
 from .layout import block_key, parse_block_key
 from .meta.types import Extent
 from . import orphans
-from ..liveness import pid_alive
+from .recovery import RecoveryReport, recover_unsynced
+from ..liveness import writer_gone
 
 
 @dataclass
@@ -33,24 +32,14 @@ class GcReport:
     compacted_files: int = 0
     compacted_bytes: int = 0
     unlinked_open_files: int = 0  # files unlinked while open by a mount that died (storage/orphans.py)
-
-
-def _writer_gone(writer: str, created_ns: int, grace_s: float) -> bool:
-    """Whether a chunk's writer can no longer commit into it: its process is gone from this
-    host, or the chunk is older than the grace period (no writer holds files that long)."""
-    if time.time_ns() - created_ns > grace_s * 1e9:
-        return True
-    host, _, pid = writer.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    return not pid_alive(int(pid))
+    unsynced: RecoveryReport = field(default_factory=RecoveryReport)  # blocks a crashed writer never synced
 
 
 def compact(client: Client, report: GcReport, min_live: float, grace_s: float, dry_run: bool) -> None:
     """Rewrite the live bytes of chunks whose live ratio is below `min_live` into fresh chunks."""
     meta = client.meta
     sparse = [c for c, (writer, _s, size, live, created) in meta.chunk_table().items()
-              if size > 0 and 0 < live < min_live * size and _writer_gone(writer, created, grace_s)]
+              if size > 0 and 0 < live < min_live * size and writer_gone(writer, created, grace_s)]
     report.compacted_chunks = len(sparse)
     for start in range(0, len(sparse), 16):
         group = sparse[start:start + 16]
@@ -79,13 +68,14 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     (or, dry run, would be) done."""
     report = GcReport()
     meta = client.meta
-    report.unlinked_open_files = orphans.reclaim(meta, dry_run)  # their chunks may be dead below
+    report.unsynced = recover_unsynced(client, grace_s, dry_run)  # files it drops: their chunks may be dead below
+    report.unlinked_open_files = orphans.reclaim(meta, dry_run)
     if min_live > 0:
         compact(client, report, min_live, grace_s, dry_run)
     chunks = meta.chunk_table()
     referenced = meta.referenced_chunks()
     dead = [c for c, (writer, _state, _size, _live, created) in chunks.items()
-            if c not in referenced and _writer_gone(writer, created, grace_s)]
+            if c not in referenced and writer_gone(writer, created, grace_s)]
     report.dead_chunks = len(dead)
     if dead and not dry_run:
         for rec in meta.drop_chunks(dead):
@@ -102,7 +92,7 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
             if parsed is None or parsed in known:
                 continue
             info = chunks.get(parsed[0])
-            if info is not None and not _writer_gone(info[0], info[4], grace_s):
+            if info is not None and not writer_gone(info[0], info[4], grace_s):
                 report.skipped_live_writer += 1
                 continue
             report.orphan_blocks += 1
