@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
@@ -218,12 +218,18 @@ class VolumeIdentity(NamedTuple):
 class Client:
     """An open volume."""
 
-    def __init__(self, cfg: VolumeConfig, meta: Meta | None = None, identity: "VolumeIdentity | None" = None) -> None:
+    def __init__(self, cfg: VolumeConfig, meta: Meta | None = None, identity: "VolumeIdentity | None" = None,
+                 default_sync_close: bool = True) -> None:
         """Open a volume, with its format (cfg's format settings) from its metadata store. With
         the `identity` of an open client (its nodes, uuid and format), the metadata store is only
         opened on first use: a loader's workers read through the snapshot's block maps and never
-        query it (or hold a connection)."""
+        query it (or hold a connection). default_sync_close: the interface's default for whether
+        closes are synced, where the config does not say (VolumeConfig.sync_close)."""
         self.cfg = cfg
+        #: whether close() makes a file durable, or only visible (see VolumeConfig.sync_close)
+        self.sync_close = default_sync_close if cfg.sync_close is None else cfg.sync_close
+        if meta is not None:
+            meta.lazy_commits = not self.sync_close
         self._meta = meta
         self._meta_lock = threading.Lock()
         if identity is None:
@@ -257,11 +263,7 @@ class Client:
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
         self._generation = self.meta.generation() if self._meta is not None else None
         self.counter_registry = self._gather_counters()
-        #: whether close() makes a file durable, or only visible (see VolumeConfig.sync_close)
-        self.sync_close = cfg.sync_close is not False
         self._syncer = BackgroundSync(self.sync, cfg.sync_interval)
-        if self._meta is not None:
-            self._meta.lazy_commits = not self.sync_close
 
     @property
     def meta(self) -> Meta:
@@ -270,7 +272,7 @@ class Client:
             with self._meta_lock:
                 if self._meta is None:
                     meta = open_meta(self.cfg.meta_url)
-                    meta.lazy_commits = self.cfg.sync_close is False
+                    meta.lazy_commits = not self.sync_close
                     self._meta = meta
         return self._meta
 
@@ -281,9 +283,7 @@ class Client:
         cfg = load_config(name)
         if options:
             cfg = cfg.with_options(options)
-        if cfg.sync_close is None:
-            cfg = replace(cfg, sync_close=default_sync_close)
-        return cls(cfg)
+        return cls(cfg, default_sync_close=default_sync_close)
 
     @staticmethod
     def init(name: str, nodes: Sequence[str], meta: str = "", **settings: object) -> VolumeConfig:

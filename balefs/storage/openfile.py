@@ -147,7 +147,7 @@ class OpenFile:
         """The streaming new version, started on the committed one (sharing its chunks) if none is."""
         if self.fw is None:
             base = self._base()
-            self.fw = (self.client.open_write(self.path, mode=self.node.mode) if base.size == 0
+            self.fw = (self.client.open_write(self.path, mode=self.node.mode, check_parent=False) if base.size == 0
                        else self.client.extend_write(self.path, base))
         return self.fw
 
