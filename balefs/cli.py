@@ -466,8 +466,9 @@ def _echo_baling(b: dict) -> None:
         click.echo("blocks: none")
         return
     full = b["block_size"]
+    pct = 100 * b["mean_block"] / full
     click.echo(f"blocks: {b['blocks']}, mean {_human(b['mean_block'])} "
-               f"({100 * b['mean_block'] / full:.0f}% of the {_size_label(full)} block size)")
+               f"({pct:.{1 if pct < 10 else 0}f}% of the {_size_label(full)} block size)")
     classes = []
     for c in b["by_size"]:
         label = "full" if c["max"] is None else (f"<{_size_label(c['max'])}" if c["min"] == 0
