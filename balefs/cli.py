@@ -505,6 +505,12 @@ def gc(volume: str, grace: float, min_live: float, min_block_fill: float, dry_ru
                    f"than --grace): a later gc deletes their blocks")
     if r.unlinked_open_files:
         click.echo(f"{verb} remove {r.unlinked_open_files} file(s) unlinked while open by a mount that died")
+    u = r.unsynced
+    if u.settled_blocks or u.lost_blocks:
+        click.echo(f"{verb} sync {u.settled_blocks} block(s) that a crashed writer closed files in but never synced"
+                   + (f"; {u.lost_blocks} did not survive, {verb} remove the {len(u.dropped_files)} file(s) in them: "
+                      + ", ".join(u.dropped_files[:10]) + (" ..." if len(u.dropped_files) > 10 else "")
+                      if u.lost_blocks else ""))
 
 
 @main.command()
@@ -638,13 +644,19 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="FUSE requests served at once. On few cores more threads only contend for Python's lock.")
+@click.option("--sync-close", is_flag=True, default=None,
+              help="Make every close() durable (its blocks and the metadata fsynced before close returns), as before "
+                   "0.3. Default: close() makes a file visible to every client and safe from a crash of the daemon; "
+                   "it is durable after fsync, `balefs sync MOUNTPOINT`, unmount, or --sync-interval seconds.")
+@click.option("--sync-interval", type=click.FloatRange(min=0.01), default=None,
+              help="Seconds within which a closed file becomes durable without fsync (default 5).")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @user_errors
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
-              attr_timeout: float | None, noatime: bool, readahead: str, threads: int, debug: bool,
-              ready_fd: int | None) -> None:
+              attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
+              sync_interval: float | None, debug: bool, ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -654,7 +666,8 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
 
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
                         allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout, noatime=noatime,
-                        readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug)
+                        readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
+                        sync_close=True if sync_close else None, sync_interval=sync_interval)
     if ready_fd is not None:  # the daemon started by a background mount
         import logging
         logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
@@ -677,6 +690,17 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
     from .fuse.mount import umount
 
     click.echo(umount(mountpoint, lazy=lazy), err=True)
+
+
+@main.command("sync")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def sync_cmd(mountpoint: str) -> None:
+    """Make every file closed on the balefs mount at MOUNTPOINT durable (sync(1) does not reach
+    a FUSE filesystem's daemon on Linux; this fsyncs the mount's root directory, which does)."""
+    from .fuse.mount import sync_mount
+
+    sync_mount(mountpoint)
 
 
 @main.command()

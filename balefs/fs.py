@@ -76,7 +76,8 @@ class BaleFileSystem(AbstractFileSystem):
         with self._lock:
             c = self._clients.get(volume)
             if c is None:
-                c = self._clients[volume] = Client.open(volume, **self._options)
+                # a file is visible at close, durable at the next sync (VolumeConfig.sync_close)
+                c = self._clients[volume] = Client.open(volume, default_sync_close=False, **self._options)
             return c
 
     def _split(self, path: str) -> tuple[Client, str]:

@@ -41,7 +41,7 @@ def test_init_stores_the_format_and_the_toml_leaves_it_out(make_volume, meta_eng
     assert not any(f"{key} =" in text for key in FORMAT_KEYS)
     store = open_meta(cfg.meta_url)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         assert store.read_format() == VolumeFormat(BLOCK, CHUNK, 2, 1, "lz4", BLOCK_FORMAT).to_record()
     finally:
         store.close()
@@ -143,6 +143,8 @@ def check_legacy_volume(c: Client) -> None:
     assert c.meta.schema_version() == SCHEMA_VERSION
     assert c.meta.read_format() == LEGACY_FORMAT.to_record()
     assert c.meta.chunk_layouts([1, 2]) == {1: ChunkLayout("replicas", 2, 2, None), 2: ChunkLayout("replicas", 2, 2, None)}
+    old_blocks = [r for recs in c.meta.blocks_of([1, 2]).values() for r in recs]
+    assert old_blocks and all(r.durable for r in old_blocks)  # schema 5: blocks written before it were synced
 
 
 def test_a_volume_of_the_previous_release_opens_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

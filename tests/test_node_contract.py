@@ -19,7 +19,7 @@ from balefs.errors import BlockNotFoundError, NodeError, VolumeNotFoundError
 from balefs.storage.client import Client
 from balefs.storage.localnode import LocalNode
 from balefs.storage.memorynode import MemoryNode
-from balefs.storage.node import (CAPABILITIES, Closable, DeferredDurability, LocalDirectory, Liveness, MultiPath,
+from balefs.storage.node import (CAPABILITIES, Closable, DeferredDurability, GrowInPlace, LocalDirectory, Liveness, MultiPath,
                                  NodeWrapper, ReadInto, supports)
 from balefs.storage.node_registry import normalize_node_url, open_node
 
@@ -41,7 +41,8 @@ class NodeKind(NamedTuple):
 
 
 # The optional capabilities each kind declares; a capability's test runs on every kind that has it.
-KIND_CAPABILITIES = {"local": frozenset({DeferredDurability, ReadInto, LocalDirectory}), "memory": frozenset(),
+KIND_CAPABILITIES = {"local": frozenset({DeferredDurability, GrowInPlace, ReadInto, LocalDirectory}),
+                     "memory": frozenset({GrowInPlace}),
                      "s3": frozenset({MultiPath, Liveness, Closable})}
 
 
@@ -166,6 +167,22 @@ def test_deferred_durability(kind: NodeKind, opened) -> None:
     assert sorted(k for k, _ in node.list()) == [K0, K1]
 
 
+@pytest.mark.parametrize("kind", kinds_with(GrowInPlace), indirect=True)
+def test_grow_in_place(kind: NodeKind, opened) -> None:
+    """put_at makes the object if missing, writes at any offset, keeps the other bytes, and a
+    reader sees each write at once (the chunk writer's growing blocks rely on it)."""
+    node = opened(kind.url)
+    node.put_at(K0, 4, (b"body", memoryview(b"+tail")))
+    assert node.get(K0) == b"\0\0\0\0body+tail"
+    node.put_at(K0, 0, (b"HEAD",))
+    assert node.get(K0) == b"HEADbody+tail"
+    node.put_at(K0, 13, (b"!",))
+    assert node.get_range(K0, 8, 14) == b"+tail!"
+    if supports(node, DeferredDurability):
+        node.sync([K0])
+    assert sorted(k for k, _ in node.list()) == [K0]
+
+
 @pytest.mark.parametrize("kind", kinds_with(ReadInto), indirect=True)
 def test_read_into(kind: NodeKind, opened) -> None:
     node = opened(kind.url)
@@ -235,5 +252,13 @@ def test_a_wrapper_pickles_with_its_capabilities(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(wrapper))
     assert type(copy) is type(wrapper) and copy.puts == 1 and copy.get(K0) == b"x"
     assert supports(copy, DeferredDurability) and supports(copy, ReadInto)
-    plain = pickle.loads(pickle.dumps(Counting(MemoryNode(f"memory://{uuid.uuid4().hex}"))))
-    assert type(plain) is Counting and not any(supports(plain, c) for c in CAPABILITIES)
+    memory = pickle.loads(pickle.dumps(Counting(MemoryNode(f"memory://{uuid.uuid4().hex}"))))
+    assert {c for c in CAPABILITIES if supports(memory, c)} == KIND_CAPABILITIES["memory"]
+    plain = pickle.loads(pickle.dumps(Bare(MemoryNode(f"memory://{uuid.uuid4().hex}"))))
+    assert type(plain) is Bare and not any(supports(plain, c) for c in CAPABILITIES)
+
+
+class Bare(NodeWrapper):
+    """A wrapper that keeps none of its node's capabilities (module level: pickled)."""
+
+    forwards = ()

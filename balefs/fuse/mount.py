@@ -47,6 +47,8 @@ class MountOptions:
     readahead: str | int | None = "4MiB"      # kernel readahead window of the mount (root only)
     noatime: bool = False                     # reads leave access times alone (default: relatime)
     threads: int = 4  # FUSE requests served at once: more only contend for the GIL (benchmarks/RESULTS.md)
+    sync_close: bool | None = None            # every close() durable (None: the volume's config, else not)
+    sync_interval: float | None = None        # seconds within which a closed file becomes durable
     debug: bool = False
 
 
@@ -181,6 +183,7 @@ def check_can_mount(volume: str, mountpoint: str) -> str:
 def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None = None) -> None:
     """Mount and serve in this process until unmounted (the foreground mode)."""
     from ..storage.client import Client
+    from ..storage.recovery import recover_unsynced
     from .ops import LIBFUSE_VERSION, BaleFUSE, BaleOperations
 
     mp = os.path.abspath(mountpoint)
@@ -192,7 +195,12 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         os.makedirs(overrides["cache_dir"], exist_ok=True)
     if opts.disk_cache_size is not None:
         overrides["disk_cache_size"] = parse_size(opts.disk_cache_size, "--disk-cache-size")
-    client = Client.open(volume, **overrides)
+    if opts.sync_close is not None:
+        overrides["sync_close"] = opts.sync_close
+    if opts.sync_interval is not None:
+        overrides["sync_interval"] = opts.sync_interval
+    client = Client.open(volume, default_sync_close=False, **overrides)
+    recover_unsynced(client)  # bytes a crashed writer closed but never synced: kept if intact, else dropped
     spool = os.path.join(overrides["cache_dir"], "spool") if opts.cache_dir else None
     if spool:
         os.makedirs(spool, exist_ok=True)
@@ -320,6 +328,10 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
             cmd += [flag, str(value)]
     if opts.attr_timeout is not None:
         cmd += ["--attr-timeout", str(opts.attr_timeout)]
+    if opts.sync_close:
+        cmd.append("--sync-close")
+    if opts.sync_interval is not None:
+        cmd += ["--sync-interval", str(opts.sync_interval)]
     cmd += ["--threads", str(opts.threads)]
     if opts.debug:
         cmd.append("--debug")
@@ -401,6 +413,23 @@ def _detach(mp: str, lazy: bool) -> subprocess.CompletedProcess:
     else:
         cmd = ["umount"] + (["-l"] if lazy else []) + [mp]
     return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def sync_mount(mountpoint: str) -> None:
+    """Make every file closed on the mount at `mountpoint` durable: an fsync of its root directory,
+    which the daemon answers by syncing everything (BaleOperations.fsyncdir)."""
+    mp = os.path.abspath(mountpoint)
+    found = find_mount(mp)
+    if found is None or not is_balefs_mount(mp, found[0], _read_state(mp)):
+        raise MountError(f"{mp}: not a balefs mount")
+    try:
+        fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise MountError(f"{mp}: sync failed: {exc.strerror} (files closed since the last sync may not be durable)") from None
 
 
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:

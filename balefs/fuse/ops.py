@@ -466,9 +466,17 @@ class BaleOperations(Operations):
         if path is None or self.files.is_unlinked(of.ino):  # no name: gone after a crash, nothing to make durable
             of.check()
         else:
-            of.commit(_vol(path))  # commit = blocks on the nodes (fsynced) + an fsynced metadata transaction
+            of.commit(_vol(path))
             if of.node.nlink > 1:
                 self._names_changed(of.node, _vol(path))
+            self.client.sync()  # this file, and everything closed before it: synced blocks, a synced commit
+        return 0
+
+    @_op
+    def fsyncdir(self, path: str | None, datasync: int, fh: Any) -> int:
+        """fsync of a directory (of the mount's root: `balefs sync MOUNTPOINT`) makes every change made
+        through this mount durable: Linux does not pass sync(1) or syncfs(2) on to a FUSE daemon."""
+        self.client.sync()
         return 0
 
     @_op

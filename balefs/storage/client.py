@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
@@ -41,6 +41,7 @@ from .counters import CounterRegistry
 from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
 from .snapshot import Snapshot, local_copy, open_snapshot
+from .syncer import BackgroundSync
 
 
 # The public API, and the value types it takes and returns: adapters import these from here,
@@ -200,8 +201,9 @@ class FileWriter:
 
 
 class _Ticket:
-    def __init__(self, files: list[FileWriter]) -> None:
+    def __init__(self, files: list[FileWriter], sync: bool) -> None:
         self.files = files
+        self.sync = sync
         self.done = False
         self.error: BaseException | None = None
 
@@ -256,6 +258,11 @@ class Client:
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
         self._generation = self.meta.generation() if self._meta is not None else None
         self.counter_registry = self._gather_counters()
+        #: whether close() makes a file durable, or only visible (see VolumeConfig.sync_close)
+        self.sync_close = cfg.sync_close is not False
+        self._syncer = BackgroundSync(self.sync, cfg.sync_interval)
+        if self._meta is not None:
+            self._meta.lazy_commits = not self.sync_close
 
     @property
     def meta(self) -> Meta:
@@ -263,15 +270,20 @@ class Client:
         if self._meta is None:
             with self._meta_lock:
                 if self._meta is None:
-                    self._meta = open_meta(self.cfg.meta_url)
+                    meta = open_meta(self.cfg.meta_url)
+                    meta.lazy_commits = self.cfg.sync_close is False
+                    self._meta = meta
         return self._meta
 
     @classmethod
-    def open(cls, name: str, **options: object) -> "Client":
-        """Open volume `name` from its config, with options overriding the config."""
+    def open(cls, name: str, default_sync_close: bool = True, **options: object) -> "Client":
+        """Open volume `name` from its config, with options overriding the config. default_sync_close:
+        the interface's default for whether closes are synced, when neither says."""
         cfg = load_config(name)
         if options:
             cfg = cfg.with_options(options)
+        if cfg.sync_close is None:
+            cfg = replace(cfg, sync_close=default_sync_close)
         return cls(cfg)
 
     @staticmethod
@@ -327,6 +339,7 @@ class Client:
                 log.warning("volume %s: %s", self.cfg.name, exc)
 
     def close(self) -> None:
+        self._syncer.stop()  # what was closed and not synced becomes durable first
         if self._writer is not None:
             self._writer.close()
         self._pool.shutdown(wait=True)
@@ -367,7 +380,10 @@ class Client:
         return node
 
     def _invalidate(self) -> None:
+        """After a change by this client: drop cached lookups; a change not durable yet is synced soon."""
         self._attrs.clear()
+        if not self.sync_close:
+            self._syncer.mark()
 
     def revalidate(self) -> None:
         """Close-to-open consistency: drop every cached lookup if any client changed an entry
@@ -658,9 +674,10 @@ class Client:
         else:
             self.commit([fw])
 
-    def commit(self, files: list[FileWriter]) -> None:
-        """Make files durable and visible. Concurrent callers share one flush and one transaction."""
-        ticket = _Ticket(files)
+    def commit(self, files: list[FileWriter], sync: bool | None = None) -> None:
+        """Make files visible to every client, and durable when sync (default: sync_close); else
+        durable at the next sync(). Concurrent callers share one flush and one transaction."""
+        ticket = _Ticket(files, self.sync_close if sync is None else sync)
         with self._queue_lock:
             self._queue.append(ticket)
         with self._commit_lock:
@@ -672,8 +689,14 @@ class Client:
             raise ticket.error
 
     def _commit_tickets(self, tickets: list[_Ticket]) -> None:
+        sync = any(t.sync for t in tickets)
         try:
-            blocks, sizes, _ = self.writer.take(force=True)
+            if sync:
+                blocks, sizes, _ = self.writer.take(force=True)
+            else:  # the open block grows in place on its nodes: no block of its own per close
+                grown = self.writer.publish()
+                blocks, sizes, _ = self.writer.take(force=grown is None, sync=False)
+                blocks = (grown or []) + blocks  # a block sealed meanwhile: its sealed record is booked last
         except BaseException as exc:
             for t in tickets:
                 t.error, t.done = exc, True
@@ -688,10 +711,10 @@ class Client:
             else:
                 good.append(t)
         try:
-            self.meta.commit(blocks, [f.as_write() for t in good for f in t.files], sizes)
+            self.meta.commit(blocks, [f.as_write() for t in good for f in t.files], sizes, sync=sync)
         except Exception as exc:
             try:
-                self.meta.commit(blocks, [], sizes)  # keep the blocks booked; then find whose files fail
+                self.meta.commit(blocks, [], sizes, sync=sync)  # keep the blocks booked; then find whose files fail
             except Exception:
                 # Nothing was recorded: every file of the group failed, and the blocks go back to
                 # the writer, to be booked by the next commit (files still open have bytes in them).
@@ -701,7 +724,7 @@ class Client:
                 return
             for t in good:
                 try:
-                    self.meta.commit([], [f.as_write() for f in t.files], {})
+                    self.meta.commit([], [f.as_write() for f in t.files], {}, sync=sync)
                 except Exception as exc:  # noqa: BLE001 - handed to that ticket's caller
                     t.error = exc
         finally:
@@ -725,12 +748,34 @@ class Client:
                 durable = all(e.chunk_off + e.length <= marks.get(e.chunk, 1 << 62) for e in f.extents)
                 (ready if durable else rest).append(f)
             try:
-                self.meta.commit(blocks, [f.as_write() for f in ready], sizes)
+                self.meta.commit(blocks, [f.as_write() for f in ready], sizes, sync=self.sync_close)
             except BaseException:
                 self.writer.untake(blocks, sizes)  # booked by the next commit instead
                 raise
             self._invalidate()
             return rest
+
+    def sync(self) -> None:
+        """Make every file this client closed, and every change it made, durable: the open block is
+        sealed, every block not synced is synced, then one metadata commit that syncs (with it,
+        every earlier transaction). fsync, the mount's unmount and close() call it."""
+        self._syncer.starting()
+        try:
+            with self._commit_lock:
+                if self._writer is not None:
+                    blocks, sizes, _ = self._writer.take(force=True)
+                else:
+                    blocks, sizes = [], {}
+                try:
+                    self.meta.commit(blocks, [], sizes, sync=True)
+                except BaseException:
+                    if self._writer is not None:
+                        self._writer.untake(blocks, sizes)
+                    raise
+        except BaseException:
+            if not self.sync_close:
+                self._syncer.mark()
+            raise
 
     # -- namespace changes ---------------------------------------------------------------
 

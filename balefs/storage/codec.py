@@ -8,6 +8,11 @@ Format 2 seeds the raw bytes' xxh3 with the block's identity (volume uuid, chunk
 a whole, valid block found where another should be (a file copied or renamed over another, a
 node shared by mistake) fails its check instead of being returned as that block's data.
 Format 1 blocks (no identity) are still read.
+
+A growing block (FLAG_GROWING: the open block of a writer, grown in place as files are closed,
+see ChunkWriter.publish) is stored uncompressed and its header names the bytes that are valid
+so far: its file may already hold more (bytes written for the next version of the header),
+which decode ignores.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ MAGIC = b"BALE"
 VERSION = 2
 _UNSEEDED = 1  # format 1: the payload's xxh3 without the block's identity
 FLAG_LZ4 = 0x01
+FLAG_GROWING = 0x02
 _HEAD = struct.Struct("<4sBBHIIQ")
 _HEAD_SUM = struct.Struct("<Q")
 HEADER_SIZE = _HEAD.size + _HEAD_SUM.size
@@ -60,6 +66,16 @@ class BlockCodec:
     def _seed(self, chunk: int, idx: int) -> int:
         return xxhash.xxh3_64_intdigest(f"{self.volume}/{chunk}/{idx}".encode())
 
+    def growing_digest(self, chunk: int, idx: int) -> "xxhash.xxh3_64":
+        """A running xxh3 of a growing block's raw bytes: fed as the block grows, read by growing_header."""
+        return xxhash.xxh3_64(seed=self._seed(chunk, idx))
+
+    @staticmethod
+    def growing_header(length: int, digest: "xxhash.xxh3_64") -> bytes:
+        """The header of a growing block whose first `length` raw bytes are valid (digest: theirs)."""
+        head = _HEAD.pack(MAGIC, VERSION, FLAG_GROWING, 0, length, length, digest.intdigest())
+        return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head))
+
     def decode(self, blob: bytes | memoryview, chunk: int, idx: int) -> bytes | memoryview:
         """Return the raw bytes of block `idx` of `chunk`; raise CorruptBlockError if anything is
         off, or if the block is another one (of another chunk, index or volume)."""
@@ -75,6 +91,8 @@ class BlockCodec:
         if version not in (VERSION, _UNSEEDED):
             raise CorruptBlockError(f"unsupported block format version {version}")
         payload = memoryview(blob)[HEADER_SIZE:]
+        if flags & FLAG_GROWING and len(payload) > stored_len:
+            payload = payload[:stored_len]  # bytes a later header will name
         if len(payload) != stored_len:
             raise CorruptBlockError(f"truncated payload ({len(payload)} of {stored_len} bytes)")
         raw: bytes | memoryview = payload

@@ -74,6 +74,12 @@ class VolumeConfig:
     upload_inflight: int = 32
     cache_dir: str = ""
     disk_cache_size: int = 10 << 30
+    # whether close() makes a file durable (fsync of its blocks and of the metadata) or only
+    # visible, durable at the next sync (fsync, the client's close, or every sync_interval
+    # seconds); None: the interface's default (synced for the Python API and `put`, not for
+    # the mount and fsspec)
+    sync_close: bool | None = None
+    sync_interval: float = 5.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +114,10 @@ class VolumeConfig:
             raise ConfigError(f"write_quorum={fmt.write_quorum} must lie between 1 and replicas={fmt.replicas} (0: all replicas)")
         if fmt.compression not in ("none", "lz4"):
             raise ConfigError(f"compression {fmt.compression!r}: use 'none' or 'lz4'")
+        if self.sync_close is not None and not isinstance(self.sync_close, bool):
+            raise ConfigError(f"sync_close must be true or false, not {self.sync_close!r}")
+        if isinstance(self.sync_interval, bool) or not isinstance(self.sync_interval, (int, float)) or self.sync_interval <= 0:
+            raise ConfigError(f"sync_interval must be a positive number of seconds, not {self.sync_interval!r}")
         if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):
             raise ConfigError(f"meta_cache_ttl must be a number of seconds, not {self.meta_cache_ttl!r}")
         for key in ("readahead_blocks", "io_threads", "upload_inflight"):

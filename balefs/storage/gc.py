@@ -1,8 +1,9 @@
 """Garbage collection: compact sparse and badly baled chunks, delete blocks that no committed file can reach.
 
-Files that a mount kept hidden while open after their unlink, and that its death left
-behind, are unlinked first (storage/orphans.py). Compaction copies the live bytes of chunks that are mostly dead,
-or badly baled (many small blocks, each cut by a close; only chunks sealed or whose writer is gone), into fresh full-size blocks and
+Blocks that a crashed writer made visible and never synced are settled first (kept if intact,
+their files removed if not: storage/recovery.py). Files that a mount kept hidden while open
+after their unlink, and that its death left behind, are unlinked next (storage/orphans.py).
+Compaction copies the live bytes of chunks that are mostly dead, or badly baled (many small blocks, each cut by a close; only chunks sealed or whose writer is gone), into fresh full-size blocks and
 repoints their files in one transaction (a file changed meanwhile keeps its old bytes);
 the emptied chunks are then dead. Two kinds of garbage are deleted: orphan blocks (on a node, never committed: an interrupted write) and the
 blocks of dead chunks (every file in them deleted). A block of a chunk whose writer may
@@ -11,16 +12,14 @@ host, where liveness cannot be seen) and the chunk is younger than the grace per
 """
 from __future__ import annotations
 
-import os
-import socket
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .client import Client
 from .layout import block_key, parse_block_key
 from .meta.types import Extent
 from . import orphans
-from ..liveness import pid_alive
+from .recovery import RecoveryReport, recover_unsynced
+from ..liveness import writer_gone, writer_process_gone
 
 
 # A chunk is badly baled when it holds more than one block and its mean block is below this
@@ -46,29 +45,13 @@ class GcReport:
     compacted_bytes: int = 0
     compacted_waiting_writer: int = 0  # compacted chunks whose blocks stay until their writer is gone
     unlinked_open_files: int = 0  # files unlinked while open by a mount that died (storage/orphans.py)
-
-
-def _writer_process_gone(writer: str) -> bool:
-    """Whether a chunk's writer process is seen gone: it ran on this host (not in this process)
-    and is no longer alive. On another host liveness cannot be seen: False."""
-    host, _, pid = writer.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    return not pid_alive(int(pid))
-
-
-def _writer_gone(writer: str, created_ns: int, grace_s: float) -> bool:
-    """Whether a chunk's writer can no longer commit into it: its process is gone from this
-    host, or the chunk is older than the grace period (no writer holds files that long)."""
-    if time.time_ns() - created_ns > grace_s * 1e9:
-        return True
-    return _writer_process_gone(writer)
+    unsynced: RecoveryReport = field(default_factory=RecoveryReport)  # blocks a crashed writer never synced
 
 
 def _closed_for_appends(writer: str, state: str) -> bool:
     """Whether no writer appends to a chunk any more: it is sealed (full), or its writer's
     process is seen gone. Not by age: a mount may keep a chunk open longer than any grace."""
-    return state == "sealed" or _writer_process_gone(writer)
+    return state == "sealed" or writer_process_gone(writer)
 
 
 def _chunks_to_compact(client: Client, min_live: float, min_block_fill: float,
@@ -79,7 +62,7 @@ def _chunks_to_compact(client: Client, min_live: float, min_block_fill: float,
     meta = client.meta
     table = meta.chunk_table()
     sparse = {c for c, (writer, _s, size, live, created) in table.items()
-              if min_live > 0 and size > 0 and 0 < live < min_live * size and _writer_gone(writer, created, grace_s)}
+              if min_live > 0 and size > 0 and 0 < live < min_live * size and writer_gone(writer, created, grace_s)}
     baled: set[int] = set()
     if min_block_fill > 0:
         for c in meta.badly_baled_chunks(int(min_block_fill * client.cfg.block_size)):
@@ -157,13 +140,14 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     what was (or, dry run, would be) done. 0 turns either rule of compaction off."""
     report = GcReport()
     meta = client.meta
-    report.unlinked_open_files = orphans.reclaim(meta, dry_run)  # their chunks may be dead below
+    report.unsynced = recover_unsynced(client, grace_s, dry_run)  # files it drops: their chunks may be dead below
+    report.unlinked_open_files = orphans.reclaim(meta, dry_run)
     compacted = compact(client, report, min_live, grace_s, dry_run, min_block_fill)
     chunks = meta.chunk_table()
-    report.compacted_waiting_writer = sum(1 for c in compacted if c in chunks and not _writer_gone(chunks[c][0], chunks[c][4], grace_s))
+    report.compacted_waiting_writer = sum(1 for c in compacted if c in chunks and not writer_gone(chunks[c][0], chunks[c][4], grace_s))
     referenced = meta.referenced_chunks()
     dead = [c for c, (writer, _state, _size, _live, created) in chunks.items()
-            if c not in referenced and _writer_gone(writer, created, grace_s)]
+            if c not in referenced and writer_gone(writer, created, grace_s)]
     report.dead_chunks = len(dead)
     if dead and not dry_run:
         for rec in meta.drop_chunks(dead):
@@ -180,7 +164,7 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
             if parsed is None or parsed in known:
                 continue
             info = chunks.get(parsed[0])
-            if info is not None and not _writer_gone(info[0], info[4], grace_s):
+            if info is not None and not writer_gone(info[0], info[4], grace_s):
                 report.skipped_live_writer += 1
                 continue
             report.orphan_blocks += 1

@@ -196,6 +196,36 @@ class LocalNode:
                 raise NodeError(f"node {self.url}: disk full writing block {key}") from None
             raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
 
+    def put_at(self, key: str, offset: int, parts: Sequence[bytes | memoryview]) -> None:
+        """Write `parts` at byte `offset` of the block file `key`, made if missing (GrowInPlace):
+        in the page cache, readable by every process at once, durable after sync([key])."""
+        path = self._path(key)
+        try:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                if not os.path.isdir(self.root):
+                    raise self._gone() from None
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                views = [memoryview(p).cast("B") for p in parts if len(p)]
+                pos = offset
+                while views:
+                    n = os.pwritev(fd, views, pos)
+                    pos += n
+                    while views and n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    if views and n:
+                        views[0] = views[0][n:]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise NodeError(f"node {self.url}: disk full writing block {key}") from None
+            raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
+
     def get(self, key: str) -> bytes:
         try:
             with open(self._path(key), "rb", buffering=0) as f:

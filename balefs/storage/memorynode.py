@@ -26,6 +26,16 @@ class MemoryNode:
     def put(self, key: str, data: bytes) -> None:
         self._data[key] = bytes(data)
 
+    def put_at(self, key: str, offset: int, parts) -> None:
+        """Write `parts` at `offset` of the object under `key` (GrowInPlace)."""
+        with self._lock:
+            blob = bytearray(self._data.get(key, b""))
+            data = b"".join(parts)
+            if len(blob) < offset:
+                blob.extend(bytes(offset - len(blob)))
+            blob[offset:offset + len(data)] = data
+            self._data[key] = bytes(blob)
+
     def get(self, key: str) -> bytes:
         try:
             return self._data[key]

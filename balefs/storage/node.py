@@ -76,6 +76,17 @@ class DeferredDurability(Protocol):
 
 
 @_capability
+class GrowInPlace(Protocol):
+    """Blocks written piecewise in place (local directories): the chunk writer grows its open block
+    on the node as files are closed, so closes share full-size blocks (ChunkWriter.publish). Nodes
+    without it (object stores) get a block of its own per group of closes instead."""
+
+    def put_at(self, key: str, offset: int, parts: Sequence[bytes | memoryview]) -> None:
+        """Write the concatenation of `parts` at byte `offset` of the object under `key` (made if
+        missing; other bytes kept), visible to readers at once, durable only after sync([key])."""
+
+
+@_capability
 class ReadInto(Protocol):
     """Whole-block reads into a caller's page-aligned buffer (O_DIRECT on local disks), for
     one-off bulk reads (a checkpoint load) that would only churn the page cache."""

@@ -123,19 +123,28 @@ class BlockReader:
 
     # -- blocks --------------------------------------------------------------------------
 
+    def _cached(self, rec: BlockRecord) -> bytes | memoryview | None:
+        """The block's bytes from the memory cache, if there and long enough: a block that grows in
+        place (not durable) may be cached as it was before it grew."""
+        data = self.cache.get((rec.chunk, rec.idx))
+        if data is not None and len(data) < rec.length:
+            return None
+        return data
+
     def fetch(self, rec: BlockRecord) -> Future:
         """A future of the raw bytes of a block; concurrent fetches of one block share one read."""
         key = (rec.chunk, rec.idx)
-        data = self.cache.get(key)
+        data = self._cached(rec)
         if data is not None:
             fut: Future = Future()
             fut.set_result(data)
             return fut
         with self._lock:
             fut = self._inflight.get(key)
-            if fut is not None:
+            if fut is not None and (rec.durable or getattr(fut, "length", 0) >= rec.length):
                 return fut
             fut = self._pool.submit(self._load, rec)
+            fut.length = rec.length  # type: ignore[attr-defined]
             self._inflight[key] = fut
         fut.add_done_callback(lambda _f, k=key: self._forget(k))
         return fut
@@ -145,13 +154,18 @@ class BlockReader:
             self._inflight.pop(key, None)
 
     def _load(self, rec: BlockRecord) -> bytes:
-        disk = self.disk_cache
+        disk = self.disk_cache if rec.durable else None  # a block still growing is read from its nodes
         if disk is not None:
             data = disk.get((rec.chunk, rec.idx), rec.length)
             if data is not None:
                 self.cache.put((rec.chunk, rec.idx), data)
                 return data
         try:
+            data = self._from_nodes(rec)
+        except CorruptBlockError:
+            if rec.durable:
+                raise
+            time.sleep(0.002)  # a block growing in place, read while its header was rewritten: once more
             data = self._from_nodes(rec)
         except BlockNotFoundError:
             # Copies may have moved (rebalance, drain) since this map was loaded: look again once.
@@ -185,7 +199,7 @@ class BlockReader:
                 raise errors[0]
             raise next(e for e in errors if not isinstance(e, BlockNotFoundError))
         raw, blob = got
-        if bad:
+        if bad and rec.durable:  # a copy of a block still growing may be mid-write: never rewritten
             # Only copies that metadata still places there: a copy moved off by drain/rebalance is not bad.
             fresh = self._fresh_record(rec)
             bad = [n for n in bad if fresh is not None and n in fresh.nodes]
@@ -218,7 +232,7 @@ class BlockReader:
             raw = self._codec.decode(blob, rec.chunk, rec.idx)
         except CorruptBlockError as exc:
             raise exc.located(rec.chunk, rec.idx, node.url) from None
-        if len(raw) != rec.length:
+        if len(raw) != rec.length and (rec.durable or len(raw) < rec.length):  # a growing block may have grown
             raise CorruptBlockError(f"holds {len(raw)} bytes, metadata says {rec.length}", rec.chunk, rec.idx, node.url)
         return raw, blob
 
@@ -358,7 +372,7 @@ class BlockReader:
         blocks: dict[tuple[int, int], object] = {}
         futures: dict[tuple[int, int], Future] = {}
         for key, rec in wave_blocks.items():
-            data = self.cache.get(key)
+            data = self._cached(rec)
             if data is None:
                 futures[key] = self.fetch(rec)
             else:

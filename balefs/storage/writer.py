@@ -20,6 +20,15 @@ commit instead of an fsync (and a directory fsync) per block. Block buffers are 
 memory, reused from block to block, with room for the block's header in front of its bytes:
 an uncompressed block goes to the node as one buffer, never copied (a local node writes it
 with O_DIRECT).
+
+Closes without a block each (publish): a file closed before its block is full need not wait
+for the block. publish() writes the open block's new bytes in place on its nodes (GrowInPlace:
+local directories), behind a header that names the bytes valid so far, so every client reads
+the closed files at once, and files closed one after another share full-size blocks. A
+published block is not durable: take(force=True) later seals it (the whole block written
+again as a normal block, replacing the grown file at once) and syncs it. take(sync=False)
+hands out blocks without syncing them, marked not durable, and remembers them, so that the
+next synced take books them again as durable.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ from ..errors import NodeError
 from .codec import HEADER_SIZE, BlockCodec
 from .meta.types import BlockRecord
 from .layout import block_key
-from .node import DeferredDurability, Node, supports, up_first
+from .node import DeferredDurability, GrowInPlace, Node, supports, up_first
 from .placement import Placement
 
 
@@ -75,6 +84,10 @@ class ChunkWriter:
         self._sizes: dict[int, tuple[int, bool]] = {}
         self.generation = 0
         self._failed: dict[int, BaseException] = {}
+        self._published = 0  # bytes of the open block written in place on its nodes (publish)
+        self._grow_nodes: tuple[int, ...] | None = None  # the nodes the open block grows on
+        self._grow_digest = None  # running xxh3 of its published bytes
+        self._lazy: dict[tuple[int, int], BlockRecord] = {}  # handed out by take(sync=False), to book again once synced
 
     def busy(self) -> bool:
         """Whether bytes are buffered or uploads are in flight."""
@@ -118,6 +131,7 @@ class ChunkWriter:
         chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
         buf, fill = self._buf, self._fill  # handed over whole: the writer takes it back once uploaded
         self._buf, self._fill = None, 0
+        self._published, self._grow_nodes, self._grow_digest = 0, None, None
         self._block_idx += 1
         self._block_start = self._chunk_off
         sealed = self._chunk_off >= self.chunk_size
@@ -173,6 +187,56 @@ class ChunkWriter:
         self.generation += 1
         self._chunk = None
         self._fill = 0
+        self._published, self._grow_nodes, self._grow_digest = 0, None, None
+
+    # -- publishing the open block -------------------------------------------------------
+
+    def publish(self) -> list[BlockRecord] | None:
+        """Make every byte appended so far readable by every client without sealing the open block.
+
+        The open block's bytes not yet on its nodes are written in place there, then its header
+        (GrowInPlace), nothing synced. Returns the open block's record to book with the files
+        (not durable), [] when no block is open, or None when its nodes cannot grow blocks in
+        place (the caller then cuts the block: take(force=True)). A failed write fails this
+        generation (the files with bytes in it); what earlier closes published is sealed as it is."""
+        with self._lock:
+            if self._buf is None or not self._fill:
+                return []
+            chunk, idx = self._chunk, self._block_idx
+            if self._grow_nodes is None:
+                targets = self._targets(chunk, idx)
+                if not all(supports(self._nodes[n], GrowInPlace) for n in targets):
+                    return None
+                self._grow_nodes = tuple(targets)
+                self._grow_digest = self._codec.growing_digest(chunk, idx)
+            lo, hi = self._published, self._fill
+            if hi > lo:
+                key = block_key(chunk, idx)
+                view = memoryview(self._buf)[HEADER_SIZE + lo:HEADER_SIZE + hi]
+                try:
+                    self._grow_digest.update(view)
+                    header = self._codec.growing_header(hi, self._grow_digest)
+                    for nid in self._grow_nodes:  # the bytes first: a reader of the old header ignores them
+                        self._nodes[nid].put_at(key, HEADER_SIZE + lo, (view,))
+                        self._nodes[nid].put_at(key, 0, (header,))
+                except BaseException as exc:
+                    self._failed[self.generation] = exc
+                    self._fill = lo
+                    if lo:
+                        self._submit_block()  # the closed files' bytes: sealed and synced like any block
+                    self._abandon()
+                    raise
+                finally:
+                    view.release()
+                self._published = hi
+            return [BlockRecord(chunk, idx, self._block_start, hi, HEADER_SIZE + hi, self._grow_nodes, durable=False)]
+
+    def _targets(self, chunk: int, idx: int) -> list[int]:
+        """The nodes a new block goes to: the first `replicas` of its ring that are up."""
+        ring = self._placement.ring(chunk, idx)
+        if self._placement.replicas == 1:
+            return ring[:1]  # no replicas asked for: a block's node is fixed
+        return up_first(ring, self._nodes)[:self._placement.replicas]
 
     def _recycle(self, buf: mmap.mmap, views: tuple[memoryview, ...]) -> None:
         """Take back an uploaded block's buffer for a later block (no node keeps a reference to it)."""
@@ -255,17 +319,20 @@ class ChunkWriter:
                     return self._failed[gen]
             return None
 
-    def take(self, force: bool) -> tuple[list[BlockRecord], dict[int, tuple[int, bool]], dict[int, int]]:
+    def take(self, force: bool, sync: bool = True) -> tuple[list[BlockRecord], dict[int, tuple[int, bool]], dict[int, int]]:
         """Return blocks made durable since the last take, chunk sizes to record, and durable watermarks.
 
         With force, the partial block is cut and uploaded and every upload in flight is
         awaited first, so every byte appended before the call is durable on return. Blocks
         stored with put_deferred are synced here, before they are returned; if that fails,
         none of them is returned and the files with bytes in them fail (their generation).
+        Without sync (files made visible, not durable): uploads in flight are awaited, nothing
+        is synced, and blocks not synced come back marked not durable; the next synced take
+        returns them again, durable.
         """
-        if force:
+        if force or not sync:
             with self._lock:
-                if self._fill:
+                if force and self._fill:
                     self._submit_block()
                 pending = list(self._inflight)
             wait(pending)
@@ -273,7 +340,13 @@ class ChunkWriter:
             blocks, self._done = self._done, []
             sizes, self._sizes = self._sizes, {}
             marks = dict(self._watermark)
+            if not sync:
+                deferred = {(c, i) for c, i, _, _ in self._unsynced}
+                blocks = [b._replace(durable=False) if (b.chunk, b.idx) in deferred else b for b in blocks]
+                self._lazy.update({(b.chunk, b.idx): b for b in blocks if not b.durable})
+                return blocks, sizes, marks
             unsynced, self._unsynced = self._unsynced, []
+            lazy, self._lazy = self._lazy, {}
         if unsynced:
             try:
                 self._sync(unsynced)
@@ -283,9 +356,14 @@ class ChunkWriter:
                         self._failed.setdefault(gen, exc)
                         if gen == self.generation:
                             self._abandon()
+                    self._unsynced[:0] = unsynced  # still to be synced: a later take tries again
+                    self._lazy = {**lazy, **self._lazy}
                 self.untake([], sizes)
                 raise
-        return blocks, sizes, marks
+        if lazy:
+            newer = {(b.chunk, b.idx) for b in blocks}
+            blocks = [b._replace(durable=True) for k, b in lazy.items() if k not in newer] + blocks
+        return [b if b.durable else b._replace(durable=True) for b in blocks], sizes, marks
 
     def _sync(self, unsynced: list[tuple[int, int, int, tuple[int, ...]]]) -> None:
         """Make blocks stored with put_deferred durable: each node's in a few parallel batches."""

@@ -216,9 +216,12 @@ class Meta(Protocol):
 
     # -- the batched file commit (by path, see the module docstring) ---------------------------
 
+    lazy_commits: bool
+
     def commit(self, blocks: list[BlockRecord], files: list[FileWrite],
-               chunk_sizes: dict[int, tuple[int, bool]]) -> dict[str, int]:
-        """Book durable blocks (and the chunks' sizes, sealed or not) and create or replace `files` by volume
-        path, making missing parent directories, all in one transaction; return path -> inode. EEXIST for an
-        exclusive file that exists, EISDIR onto a directory, ENOTDIR where a parent is a file. Replacing a
-        file bumps the generation."""
+               chunk_sizes: dict[int, tuple[int, bool]], sync: bool = False) -> dict[str, int]:
+        """Book blocks (BlockRecord.durable says whether they are synced; and the chunks' sizes, sealed or
+        not) and create or replace `files` by volume path, making missing parent directories, all in one
+        transaction; return path -> inode. EEXIST for an exclusive file that exists, EISDIR onto a directory,
+        ENOTDIR where a parent is a file. Replacing a file bumps the generation. With lazy_commits the
+        transaction may not be durable when this returns; sync makes it and every earlier one durable."""

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVa
 from ...errors import ConfigError
 from .types import ROOT, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
 # engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
@@ -84,6 +84,12 @@ UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON 
   WHERE d.parent=inodes.ino AND c.kind='d') WHERE kind='d';
 ALTER TABLE inodes ADD COLUMN atime_ns {int} NOT NULL DEFAULT 0;
 UPDATE inodes SET atime_ns = mtime_ns;
+""",
+    # version 5: whether a block is durable (synced on its nodes); 0 for an open block grown in place
+    # or a block written and not yet synced, whose files were closed but not synced (BlockRecord.durable)
+    5: """
+ALTER TABLE blocks ADD COLUMN durable {int} NOT NULL DEFAULT 1;
+CREATE INDEX IF NOT EXISTS blocks_unsynced ON blocks(durable) WHERE durable = 0;
 """,
 }
 
@@ -151,6 +157,10 @@ class SqlMeta:
     LOCK_UPDATE = ""
     #: seconds a transient failure is retried before it is raised
     retry_seconds = 30.0
+    #: commit without waiting for the disk (a crash of this process loses nothing, a crash of the
+    #: host may lose the last transactions, never half of one); a commit with sync=True makes it
+    #: and every earlier transaction durable. Set by a client whose closes are not synced.
+    lazy_commits = False
     url = ""
 
     # -- engine hooks --------------------------------------------------------------------
@@ -159,8 +169,9 @@ class SqlMeta:
         """Context manager yielding a Db for reads (the thread's transaction, if one is open)."""
         raise NotImplementedError
 
-    def _write(self) -> Any:
-        """Context manager yielding a Db inside one write transaction (committed on exit)."""
+    def _write(self, sync: bool = False) -> Any:
+        """Context manager yielding a Db inside one write transaction (committed on exit; durable
+        when it returns unless lazy_commits, or with sync)."""
         raise NotImplementedError
 
     def snapshot(self) -> Any:
@@ -300,9 +311,10 @@ class SqlMeta:
                 for c, i, n in db.execute(f"SELECT chunk, idx, node FROM block_copies WHERE chunk IN ({marks}) "
                                           "ORDER BY chunk, idx, rank", part):
                     copies.setdefault((c, i), []).append(n)
-                for c, i, off, length, stored in db.execute(
-                        f"SELECT chunk, idx, off, length, stored FROM blocks WHERE chunk IN ({marks}) ORDER BY chunk, idx", part):
-                    out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ()))))
+                for c, i, off, length, stored, durable in db.execute(
+                        f"SELECT chunk, idx, off, length, stored, durable FROM blocks WHERE chunk IN ({marks}) "
+                        "ORDER BY chunk, idx", part):
+                    out[c].append(BlockRecord(c, i, off, length, stored, tuple(copies.get((c, i), ())), bool(durable)))
         return out
 
     # -- reads ---------------------------------------------------------------------------
@@ -524,10 +536,13 @@ class SqlMeta:
 
     @staticmethod
     def _record_blocks(db: Db, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]]) -> None:
-        """Book durable blocks, the nodes holding them, and the chunks' sizes (inside a transaction)."""
-        db.executemany("INSERT INTO blocks VALUES(?,?,?,?,?) ON CONFLICT(chunk, idx) DO UPDATE SET "
-                       "off=excluded.off, length=excluded.length, stored=excluded.stored",
-                       [(b.chunk, b.idx, b.off, b.length, b.stored) for b in blocks])
+        """Book blocks (durable or not: BlockRecord.durable), the nodes holding them, and the chunks'
+        sizes (inside a transaction). A block booked again (an open block that grew, then was
+        sealed and synced) takes its new length and durability."""
+        db.executemany("INSERT INTO blocks(chunk, idx, off, length, stored, durable) VALUES(?,?,?,?,?,?) "
+                       "ON CONFLICT(chunk, idx) DO UPDATE SET "
+                       "off=excluded.off, length=excluded.length, stored=excluded.stored, durable=excluded.durable",
+                       [(b.chunk, b.idx, b.off, b.length, b.stored, int(b.durable)) for b in blocks])
         db.executemany("INSERT INTO block_copies VALUES(?,?,?,?) ON CONFLICT DO NOTHING",
                        [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
         for chunk, (size, sealed) in sorted(sizes.items()):
@@ -535,14 +550,15 @@ class SqlMeta:
                        "state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?", (size, size, bool(sealed), chunk))
 
     @retrying
-    def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]]) -> dict[str, int]:
-        """Record durable blocks and create/replace files in one transaction; return path -> inode."""
+    def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]],
+               sync: bool = False) -> dict[str, int]:
+        """Record blocks and create/replace files in one transaction; return path -> inode."""
         out: dict[str, int] = {}
         live: dict[int, int] = {}
         dirs: dict[str, int] = {}
         changed: dict[int, int] = {}
         replaced = False
-        with self._write() as db:
+        with self._write(sync=sync) as db:
             now = time.time_ns()
             rows: list[tuple[int, int, int, int, int]] = []
             for fw in files:
@@ -853,6 +869,17 @@ class SqlMeta:
         """id -> (writer, state, size, live bytes, created_ns) of every chunk."""
         with self._read() as db:
             return {r[0]: tuple(r[1:]) for r in db.execute("SELECT id, writer, state, size, live, created_ns FROM chunks")}
+
+    @retrying
+    def unsynced_blocks(self) -> list[tuple[BlockRecord, str, int]]:
+        """Blocks not synced yet (BlockRecord.durable False), each with its chunk's writer and creation time."""
+        with self._read() as db:
+            rows = db.execute("SELECT b.chunk, b.idx, c.writer, c.created_ns FROM blocks b JOIN chunks c ON c.id=b.chunk "
+                              "WHERE b.durable = 0").fetchall()
+        maps = self.blocks_of({r[0] for r in rows})
+        wanted = {(r[0], r[1]): (r[2], r[3]) for r in rows}
+        return [(rec, *wanted[(rec.chunk, rec.idx)]) for recs in maps.values() for rec in recs
+                if (rec.chunk, rec.idx) in wanted and not rec.durable]
 
     @retrying
     def referenced_chunks(self) -> set[int]:

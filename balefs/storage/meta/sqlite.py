@@ -1,4 +1,5 @@
-"""SqliteMeta: the metadata engine of one host, an SQLite file (WAL, synchronous=FULL).
+"""SqliteMeta: the metadata engine of one host, an SQLite file (WAL, synchronous=FULL; NORMAL
+for the transactions of a store that commits lazily, see SqlMeta.lazy_commits).
 
 The queries and rules are SqlMeta's (sql.py); this module supplies the connections, the
 transactions (writers serialised by BEGIN IMMEDIATE), the DDL types, and one clear error for
@@ -86,8 +87,14 @@ class SqliteMeta(SqlMeta):
         yield self._conn()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, sync: bool = False) -> Iterator[sqlite3.Connection]:
         db = self._conn()
+        # WAL with synchronous=NORMAL commits without an fsync; FULL fsyncs the WAL, which makes
+        # this transaction and every earlier one durable
+        level = "NORMAL" if self.lazy_commits and not sync else "FULL"
+        if getattr(self._local, "level", "FULL") != level:
+            db.execute(f"PRAGMA synchronous={level}")
+            self._local.level = level
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db

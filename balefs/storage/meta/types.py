@@ -39,7 +39,12 @@ class Extent(NamedTuple):
 
 
 class BlockRecord(NamedTuple):
-    """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node."""
+    """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node.
+
+    durable False: the block's bytes are on its nodes but not synced, and it may still grow (an
+    open block grown in place by a writer whose files were closed but not synced): its copies
+    can hold more than `length` bytes, and after a host crash it is verified before use
+    (storage/recovery.py)."""
 
     chunk: int
     idx: int
@@ -47,6 +52,7 @@ class BlockRecord(NamedTuple):
     length: int
     stored: int
     nodes: tuple[int, ...]
+    durable: bool = True
 
 
 class ChunkLayout(NamedTuple):
