@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .storage.config import parse_bale_url, parse_size
 from .errors import BaleError
 from .storage.client import Client
-from .storage.gc import collect_garbage
+from .storage.gc import DEFAULT_MIN_BLOCK_FILL, collect_garbage
 from .storage.ingest import ingest_local, walk_local
 from .storage.meta.registry import redact_url
 from .storage.meta.types import Inode, mode_bits, split_path
@@ -436,6 +436,7 @@ def df(volume: str, no_scan: bool) -> None:
     click.echo(f"format: {fmt.describe()}")
     click.echo(f"chunks: {u['chunks']}, {_human(u['chunk_bytes'])} packed, live {_human(u['live_bytes'])}, "
                f"dead {_human(u['dead_bytes'])}")
+    _echo_baling(u["baling"])
     click.echo(f"{'node':<40} {'blocks':>8} {'stored':>11} {'free':>11} {'orphans':>8} {'orphan bytes':>12}")
     total_orphans = 0
     for n in u["nodes"]:
@@ -451,24 +452,57 @@ def df(volume: str, no_scan: bool) -> None:
                    "writes, or writes in flight right now); `balefs gc` reclaims those whose writer is gone")
 
 
+def _size_label(n: int) -> str:
+    """A size class bound: "64 KiB", "1 MiB" (whole units), else as _human."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return _human(n)
+
+
+def _echo_baling(b: dict) -> None:
+    """df's lines on how well the volume is baled: blocks, mean block size, blocks by size class."""
+    if not b["blocks"]:
+        click.echo("blocks: none")
+        return
+    full = b["block_size"]
+    pct = 100 * b["mean_block"] / full
+    click.echo(f"blocks: {b['blocks']}, mean {_human(b['mean_block'])} "
+               f"({pct:.{1 if pct < 10 else 0}f}% of the {_size_label(full)} block size)")
+    classes = []
+    for c in b["by_size"]:
+        label = "full" if c["max"] is None else (f"<{_size_label(c['max'])}" if c["min"] == 0
+                                                 else f"{_size_label(c['min'])}-{_size_label(c['max'])}")
+        classes.append(f"{label} {c['blocks']}")
+    click.echo("blocks by size: " + ", ".join(classes))
+
+
 @main.command()
 @click.argument("volume", type=VOLUME)
 @click.option("--grace", default=3600.0, show_default=True,
               help="Seconds a chunk of a writer that may still be running is left alone.")
 @click.option("--min-live", default=0.5, show_default=True,
               help="Compact chunks whose live bytes are below this fraction of their size (0 turns compaction off).")
+@click.option("--min-block-fill", default=DEFAULT_MIN_BLOCK_FILL, show_default=True,
+              help="Compact chunks of several blocks whose mean block is below this fraction of the block size "
+                   "(badly baled: closed file by file), once sealed or their writer is gone (0 turns it off).")
 @click.option("--dry-run", is_flag=True, help="Report what would be done, change nothing.")
 @user_errors
-def gc(volume: str, grace: float, min_live: float, dry_run: bool) -> None:
-    """Compact sparse chunks, delete dead chunks and orphan blocks (never committed)."""
-    if not 0 <= min_live <= 1:
-        raise click.BadParameter("must lie between 0 and 1", param_hint="--min-live")
+def gc(volume: str, grace: float, min_live: float, min_block_fill: float, dry_run: bool) -> None:
+    """Compact sparse and badly baled chunks, delete dead chunks and orphan blocks (never committed)."""
+    for name, value in (("--min-live", min_live), ("--min-block-fill", min_block_fill)):
+        if not 0 <= value <= 1:
+            raise click.BadParameter(f"must lie between 0 and 1, not {value:g}", param_hint=name)
     with Client.open(volume) as client:
-        r = collect_garbage(client, grace_s=grace, dry_run=dry_run, min_live=min_live)
+        r = collect_garbage(client, grace_s=grace, dry_run=dry_run, min_live=min_live, min_block_fill=min_block_fill)
     verb = "would" if dry_run else "did"
-    click.echo(f"{verb} compact {r.compacted_chunks} chunk(s) ({r.compacted_files} file(s), {_human(r.compacted_bytes)} live); "
+    click.echo(f"{verb} compact {r.compacted_chunks} chunk(s), {r.badly_baled_chunks} of them badly baled "
+               f"({r.compacted_files} file(s), {_human(r.compacted_bytes)} live); "
                f"{verb} delete {r.dead_chunks} dead chunk(s) ({r.dead_blocks} block(s)) and {r.orphan_blocks} orphan block(s) "
                f"({_human(r.orphan_bytes)}); left {r.skipped_live_writer} block(s) of writers that may still be running")
+    if r.compacted_waiting_writer:
+        click.echo(f"{r.compacted_waiting_writer} compacted chunk(s) wait for their writer (still running, or younger "
+                   f"than --grace): a later gc deletes their blocks")
     if r.unlinked_open_files:
         click.echo(f"{verb} remove {r.unlinked_open_files} file(s) unlinked while open by a mount that died")
     u = r.unsynced

@@ -147,3 +147,10 @@ def wait_until(cond, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def small_files(prefix: str, n: int, seed: int = 0) -> dict[str, bytes]:
+    """n deterministic files of 3-8 KiB under `prefix` (path -> bytes): what a copy of a tree of
+    small files writes, the same in every process that asks."""
+    rng = random.Random(f"{prefix}/{seed}")
+    return {f"{prefix}/f{i:04d}": rng.randbytes(rng.randint(3 * KiB, 8 * KiB)) for i in range(n)}

@@ -124,6 +124,13 @@ def test_df(cli_volume, tmp_path: Path) -> None:
     out = ok("df", "cv").stdout.decode()
     assert re.search(r"volume cv: 30 files, 4 directories", out), out
     assert "chunks:" in out and "dead 0 B" in out
+    # how well baled: a put tree is in full 16 KiB blocks but the tail of each chunk
+    with Client.open("cv") as c:
+        lengths = [b.length for recs in c.meta.blocks_of(c.meta.chunk_table()).values() for b in recs]
+    m = re.search(r"^blocks: (\d+), mean ([\d.]+) KiB \((\d+)% of the 16 KiB block size\)$", out, re.M)
+    assert m and int(m[1]) == len(lengths) and abs(float(m[2]) - sum(lengths) / len(lengths) / 1024) < 0.06, out
+    assert f"blocks by size: <16 KiB {sum(n < 16384 for n in lengths)}, full {sum(n == 16384 for n in lengths)}\n" in out, out
+    assert sum(n == 16384 for n in lengths) > 0.8 * len(lengths)
     for node in cli_volume:
         [line] = [l for l in out.splitlines() if l.startswith(str(node))]
         blocks = int(line.split()[1])

@@ -20,6 +20,7 @@ import xxhash
 
 from .config import VolumeConfig, load_config, save_config, config_path
 from ..errors import NodeError, NodeUnreachableError, VolumeExistsError
+from .baling import baling_figures
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
@@ -873,6 +874,7 @@ class Client:
     def usage(self, scan_nodes: bool = True) -> dict[str, object]:
         """Volume figures for `balefs df`; with scan_nodes, blocks on nodes that metadata does not know."""
         figures = self.meta.usage()
+        figures["baling"] = baling_figures(self.meta, self.cfg.block_size)
         known = self.meta.block_keys() if scan_nodes else set()
         nodes = []
         for row in self.node_rows():

@@ -107,6 +107,12 @@ class Meta(Protocol):
     def usage(self) -> dict[str, object]:
         """Figures for `balefs df`: files, dirs, file_bytes, chunks, chunk_bytes, live_bytes, dead_bytes."""
 
+    def block_size_classes(self, bounds: Sequence[int]) -> tuple[int, int, list[int]]:
+        """(blocks, their bytes, blocks per size class cut at the ascending, non-empty `bounds`), one query."""
+
+    def badly_baled_chunks(self, mean_below: int) -> dict[int, tuple[int, int]]:
+        """Chunks of more than one block whose mean block length is below `mean_below`: id -> (blocks, bytes)."""
+
     def count_inodes(self) -> int:
         """Inodes in use (the root included)."""
 

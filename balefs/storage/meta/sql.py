@@ -830,6 +830,27 @@ class SqlMeta:
                 "dead_bytes": max(0, chunk_bytes - live)}
 
     @retrying
+    def block_size_classes(self, bounds: Sequence[int]) -> tuple[int, int, list[int]]:
+        """How well the volume is baled, in one query over `blocks`: (blocks, their bytes,
+        blocks per size class), the classes cut at the ascending `bounds` (len(bounds) + 1 counts)."""
+        cuts = [int(b) for b in bounds]  # ints, so safe to inline
+        conds = [f"length < {cuts[0]}"] + [f"length >= {lo} AND length < {hi}" for lo, hi in zip(cuts, cuts[1:])] \
+            + [f"length >= {cuts[-1]}"]
+        cases = ", ".join(f"coalesce(sum(CASE WHEN {c} THEN 1 ELSE 0 END), 0)" for c in conds)
+        with self._read() as db:
+            count, total, *classes = db.execute(f"SELECT count(*), coalesce(sum(length), 0), {cases} FROM blocks").fetchone()
+        return int(count), int(total), [int(c) for c in classes]
+
+    @retrying
+    def badly_baled_chunks(self, mean_below: int) -> dict[int, tuple[int, int]]:
+        """Chunks of more than one block whose mean block length is below `mean_below` bytes:
+        chunk id -> (blocks, their bytes), in one query over `blocks` (gc compacts them)."""
+        with self._read() as db:
+            return {int(c): (int(n), int(total)) for c, n, total in db.execute(
+                "SELECT chunk, count(*), sum(length) FROM blocks GROUP BY chunk "
+                "HAVING count(*) > 1 AND sum(length) < ? * count(*)", (int(mean_below),))}
+
+    @retrying
     def blocks_per_node(self) -> dict[int, tuple[int, int]]:
         """node id -> (block copies it holds, their stored bytes)."""
         with self._read() as db:
