@@ -47,6 +47,20 @@ from .node import DeferredDurability, GrowInPlace, Node, supports, up_first
 from .placement import Placement
 
 
+def _submit(pool: ThreadPoolExecutor, fn: Callable, *args: object) -> Future:
+    """pool.submit, or the call made here when the pool takes no more work (the interpreter is
+    exiting: the last sync, at exit, still seals and syncs what was closed)."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for it
+            fut.set_exception(exc)
+        return fut
+
+
 class ChunkWriter:
     """Appends bytes into chunks, uploads blocks in the background, tracks what is durable."""
 
@@ -143,7 +157,7 @@ class ChunkWriter:
             self._slots.acquire()
         finally:
             self._lock.acquire()
-        fut = self._pool.submit(self._upload, chunk, idx, off, buf, fill, gen)
+        fut = _submit(self._pool, self._upload, chunk, idx, off, buf, fill, gen)
         self._inflight.add(fut)
         fut.add_done_callback(self._retire)
 
@@ -301,7 +315,7 @@ class ChunkWriter:
 
         if len(nids) == 1 or self._copies is None:
             return [(nid, put(nid)) for nid in nids]
-        others = [self._copies.submit(put, nid) for nid in nids[1:]]
+        others = [_submit(self._copies, put, nid) for nid in nids[1:]]
         first = put(nids[0])
         return [(nids[0], first)] + [(nid, f.result()) for nid, f in zip(nids[1:], others)]
 
@@ -378,7 +392,7 @@ class ChunkWriter:
         with self._lock:
             if self._sync_pool is None:
                 self._sync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bale-sync")
-        futures = [self._sync_pool.submit(self._nodes[nid].sync, keys) for nid, keys in batches]
+        futures = [_submit(self._sync_pool, self._nodes[nid].sync, keys) for nid, keys in batches]
         wait(futures)
         for f in futures:
             f.result()  # the first error, once all are done
