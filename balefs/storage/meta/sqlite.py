@@ -73,6 +73,7 @@ class SqliteMeta(SqlMeta):
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=60000")
                 conn.execute("PRAGMA cache_size=-65536")
+                conn.execute("PRAGMA wal_autocheckpoint=16384")  # fewer checkpoints (each an fsync) under many small commits
             except sqlite3.Error as exc:
                 if conn is not None:
                     conn.close()
