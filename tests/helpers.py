@@ -147,3 +147,21 @@ def wait_until(cond, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def wait_gone(pid: int, timeout: float = 20) -> None:
+    """Wait until process `pid` (not necessarily a child of ours) has exited or is a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still alive")
