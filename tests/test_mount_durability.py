@@ -102,8 +102,6 @@ def assert_gc_leaves_nothing(volume: str, home: Path, nodes: list[Path]) -> None
     assert "orphan block(s)" not in r.stdout.decode(), r.stdout.decode()
     on_nodes, recorded = block_inventory(nodes, home / f"{volume}.db")
     assert {(n, k) for n, k, _ in on_nodes} == {(n, k) for n, k, _ in recorded}
-    leftovers = [p for n in nodes for p in n.rglob("*.tmp*")]
-    assert not leftovers, f"partial writes left on the nodes: {leftovers[:5]}"
 
 
 def test_the_crash_disk_loses_what_was_not_synced(crash_disk) -> None:
@@ -185,8 +183,12 @@ def test_kill_9_in_the_middle_of_cp_r(volume, mount_volume, tmp_path: Path) -> N
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         with Client.open(volume.name) as watcher:
-            wait_until(lambda: len(visible_files(watcher, "second")) >= 100 or cp.poll() is not None, 60)
-            closed = visible_files(watcher, "second")
+            # committed with all their bytes = closed (a file is committed empty at its creation)
+            def committed_whole() -> set[str]:
+                return {p for p, size in visible_files(watcher, "second").items() if size == len(second[p[7:]])}
+
+            wait_until(lambda: len(committed_whole()) >= 100 or cp.poll() is not None, 60)
+            closed = committed_whole()
         pid = int(_read_state(str(mp))["pid"])
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid)
