@@ -132,7 +132,8 @@ class CrashDisk:
         _must("mount", "-t", "ext4", "-o", "commit=600", loop, str(self.root))
 
     def _detach(self) -> None:
-        """Dead FUSE mounts of the test first (lazily), then the disk, then its loop devices."""
+        """The test's FUSE mounts first (lazily: their daemons are dead), then the disk, then its
+        loop devices."""
         for mp in _mounts_under(self.scope, "fuse"):
             if _run("fusermount3", "-u", "-z", mp).returncode:
                 _run("umount", "-l", mp)
