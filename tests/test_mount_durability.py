@@ -99,6 +99,7 @@ def read_tree(mp: Path, top: str) -> dict[str, bytes | OSError]:
 
 
 def assert_no_problems(problems: list[str]) -> None:
+    """Fail listing the first ten files that break the rule, if any."""
     assert not problems, f"{len(problems)} file(s) break the rule:\n" + "\n".join(problems[:10])
 
 
