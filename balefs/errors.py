@@ -26,6 +26,17 @@ class NodeError(BaleError, OSError):
     """A storage node cannot be used: missing, not writable, unreachable or full."""
 
 
+class NodeFullError(NodeError):
+    """A node's disk has no room for a block (a POSIX caller sees ENOSPC, not EIO)."""
+
+
+def node_error(message: str, causes: list[BaseException]) -> NodeError:
+    """A NodeError saying `message`; a NodeFullError when every cause is one, so that a full
+    disk stays ENOSPC through the writer and the commit."""
+    full = bool(causes) and all(isinstance(c, NodeFullError) for c in causes)
+    return NodeFullError(message) if full else NodeError(message)
+
+
 class NodeUnreachableError(NodeError):
     """No path of a node answers: it is down or cut off (reads try the other replicas)."""
 

@@ -154,3 +154,21 @@ def small_files(prefix: str, n: int, seed: int = 0) -> dict[str, bytes]:
     small files writes, the same in every process that asks."""
     rng = random.Random(f"{prefix}/{seed}")
     return {f"{prefix}/f{i:04d}": rng.randbytes(rng.randint(3 * KiB, 8 * KiB)) for i in range(n)}
+
+
+def wait_gone(pid: int, timeout: float = 20) -> None:
+    """Wait until process `pid` (not necessarily a child of ours) has exited or is a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} still alive")

@@ -19,7 +19,7 @@ from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, wait_until
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, wait_gone, wait_until
 
 pytestmark = needs_fuse
 
@@ -28,23 +28,6 @@ def errno_of(fn, *args, **kwargs) -> int:
     with pytest.raises(OSError) as info:
         fn(*args, **kwargs)
     return info.value.errno
-
-
-def wait_gone(pid: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"pid {pid} still alive")
 
 
 def test_read_only_mount(volume, mount_volume) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from balefs.errors import ConfigError, CorruptBlockError, NodeError, VolumeNotFoundError
+from balefs.errors import ConfigError, CorruptBlockError, NodeError, NodeFullError, VolumeNotFoundError, node_error
 from balefs.storage.client import Client
 from balefs.storage.errnos import errno_of
 from balefs.storage.openfile import OpenFile, OpenFiles
@@ -240,6 +240,10 @@ def test_open_says_whether_cached_content_is_still_good(client: Client, files: O
     (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
     (OSError("no errno"), errno.EIO),
     (NodeError("node down"), errno.EIO),
+    (NodeFullError("node /x: disk full writing block"), errno.ENOSPC),
+    (node_error("a block upload failed", [NodeFullError("full"), NodeFullError("full")]), errno.ENOSPC),
+    (node_error("a block upload failed", [NodeFullError("full"), NodeError("down")]), errno.EIO),
+    (node_error("a block upload failed", []), errno.EIO),
     (CorruptBlockError("bad"), errno.EIO),
     (VolumeNotFoundError("v", "/home"), errno.EIO),  # a BaleError, though a FileNotFoundError
     (ConfigError("bad option"), errno.EIO),          # a BaleError, though a ValueError

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import xxhash
 
 from .config import VolumeConfig, load_config, save_config, config_path
-from ..errors import NodeError, NodeUnreachableError, VolumeExistsError
+from ..errors import NodeError, NodeUnreachableError, VolumeExistsError, node_error
 from .baling import baling_figures
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
@@ -706,7 +706,7 @@ class Client:
             lost = next((self.writer.failure(f.first_gen, f.last_gen) for f in t.files if f.first_gen >= 0
                          and self.writer.failure(f.first_gen, f.last_gen)), None)
             if lost is not None:
-                t.error = NodeError(f"{t.files[0].path}: not committed, a block upload failed: {lost}")
+                t.error = node_error(f"{t.files[0].path}: not committed, a block upload failed: {lost}", [lost])
                 t.done = True
             else:
                 good.append(t)
@@ -744,7 +744,7 @@ class Client:
             for f in files:
                 lost = f.first_gen >= 0 and self.writer.failure(f.first_gen, f.last_gen)
                 if lost:
-                    raise NodeError(f"{f.path}: not committed, a block upload failed: {lost}")
+                    raise node_error(f"{f.path}: not committed, a block upload failed: {lost}", [lost])
                 durable = all(e.chunk_off + e.length <= marks.get(e.chunk, 1 << 62) for e in f.extents)
                 (ready if durable else rest).append(f)
             try:

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import xxhash
 
-from ..errors import BlockNotFoundError, ConfigError, NodeError, NodeUnreachableError
+from ..errors import BlockNotFoundError, ConfigError, NodeError, NodeFullError, NodeUnreachableError
 from .node import VOLUME_KEY
 
 
@@ -193,7 +193,7 @@ class LocalNode:
             except OSError:
                 pass
             if exc.errno == errno.ENOSPC:
-                raise NodeError(f"node {self.url}: disk full writing block {key}") from None
+                raise NodeFullError(f"node {self.url}: disk full writing block {key}") from None
             raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
 
     def put_at(self, key: str, offset: int, parts: Sequence[bytes | memoryview]) -> None:
@@ -223,7 +223,7 @@ class LocalNode:
                 os.close(fd)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise NodeError(f"node {self.url}: disk full writing block {key}") from None
+                raise NodeFullError(f"node {self.url}: disk full writing block {key}") from None
             raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
 
     def get(self, key: str) -> bytes:

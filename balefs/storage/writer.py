@@ -39,7 +39,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
-from ..errors import NodeError
+from ..errors import node_error
 from .codec import HEADER_SIZE, BlockCodec
 from .meta.types import BlockRecord
 from .layout import block_key
@@ -286,8 +286,8 @@ class ChunkWriter:
             targets, spares = spares[:failed], spares[failed:]
         if len(stored) < self.write_quorum:
             why = "; ".join(str(e) for e in errors[:3])
-            raise NodeError(f"chunk {chunk} block {idx}: only {len(stored)} of {want} copies stored, "
-                            f"write quorum is {self.write_quorum}: {why}")
+            raise node_error(f"chunk {chunk} block {idx}: only {len(stored)} of {want} copies stored, "
+                             f"write quorum is {self.write_quorum}: {why}", errors)
         stored.sort(key=ring.index)
         return tuple(stored), tuple(n for n in stored if supports(self._nodes[n], DeferredDurability))
 
