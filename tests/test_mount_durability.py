@@ -17,6 +17,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
 from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from crashdisk import crash_disk  # noqa: F401 - fixture
@@ -137,7 +139,8 @@ def test_the_crash_disk_loses_what_was_not_synced(crash_disk) -> None:
     assert not (root / "unsynced").exists()
 
 
-def test_host_crash_keeps_every_synced_file_and_no_wrong_bytes(crash_disk, mount_volume) -> None:
+@pytest.mark.parametrize("rule", [(), ("--sync-close",)], ids=["default", "sync-close"])
+def test_host_crash_keeps_every_synced_file_and_no_wrong_bytes(crash_disk, mount_volume, rule) -> None:
     """Nodes and metadata on a disk that loses what was not synced: after the crash (and the
     recovery of the next mount and gc), every file fsynced or closed before the last fsync of
     the mount's root is there with exactly its bytes; every other file is absent or one of the
@@ -147,7 +150,7 @@ def test_host_crash_keeps_every_synced_file_and_no_wrong_bytes(crash_disk, mount
     for d in nodes:
         d.mkdir(parents=True)
     Client.init(VOLUME, [str(d) for d in nodes], block_size=BLOCK, chunk_size=CHUNK)
-    mp = mount_volume(VOLUME)
+    mp = mount_volume(VOLUME, *rule)
     rng = random.Random(14)
     history = History()
 
