@@ -502,7 +502,7 @@ def gc(volume: str, grace: float, min_live: float, min_block_fill: float, dry_ru
                f"({_human(r.orphan_bytes)}); left {r.skipped_live_writer} block(s) of writers that may still be running")
     if r.compacted_waiting_writer:
         click.echo(f"{r.compacted_waiting_writer} compacted chunk(s) wait for their writer (still running, or younger "
-                   f"than --grace): a later gc deletes their blocks")
+                   f"than --grace) or the next gc, which deletes their blocks")
     if r.unlinked_open_files:
         click.echo(f"{verb} remove {r.unlinked_open_files} file(s) unlinked while open by a mount that died")
     u = r.unsynced

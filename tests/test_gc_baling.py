@@ -166,7 +166,7 @@ def test_gc_compacts_sealed_chunks_while_a_writer_is_up_and_a_mount_reads(volume
     try:
         c = open_client("vol")
         table = c.meta.chunk_table()
-        sealed = sorted(ch for ch, info in table.items() if info[1] == "sealed")
+        sealed = sorted(ch for ch, info in table.items() if info[1] in ("sealed", "settled"))
         [open_chunk] = [ch for ch, info in table.items() if info[1] == "open"]
         assert len(sealed) == 2
         start = time.monotonic()

@@ -122,6 +122,7 @@ class FileWriter:
 
     def __post_init__(self) -> None:
         self._hash = xxhash.xxh3_128()
+        self._held: list[int] = []  # the chunks this file has written bytes into (ChunkWriter.hold)
 
     def write(self, data: bytes | memoryview) -> int:
         if self.closed:
@@ -139,6 +140,9 @@ class FileWriter:
         if self.content_hash is None and not self.sparse:
             self._hash.update(data)
         for chunk, coff, length in pieces:
+            if chunk not in self._held:  # committed or dropped, this file lets go of its chunks
+                self._held.append(chunk)
+                self.client.writer.hold(chunk)
             last = self.extents[-1] if self.extents else None
             if last and last.chunk == chunk and last.chunk_off + last.length == coff and last.off + last.length == self.size:
                 self.extents[-1] = last._replace(length=last.length + length)
@@ -198,6 +202,7 @@ class FileWriter:
     def abort(self) -> None:
         """Drop the file: nothing of it becomes visible."""
         self.closed = True
+        self.client._let_go([self])
 
 
 class _Ticket:
@@ -730,7 +735,28 @@ class Client:
         finally:
             for t in good:
                 t.done = True
+            self._let_go([f for t in tickets for f in t.files])
             self._invalidate()
+        self._mark_settled()
+
+    def _let_go(self, files: list[FileWriter]) -> None:
+        """These files are committed or dropped: they no longer hold the chunks they wrote into."""
+        held = [c for f in files for c in f._held]
+        for f in files:
+            f._held = []
+        if held:
+            self.writer.release(held)
+
+    def _mark_settled(self) -> None:
+        """Record the chunks that no file will be committed into again (after the commit that let
+        go of them), so that gc may reclaim them while this client runs."""
+        if self._writer is not None:
+            settled = self._writer.settled()
+            if settled:
+                try:
+                    self.meta.settle_chunks(settled)
+                except Exception as exc:  # noqa: BLE001 - they stay unsettled: reclaimed once this writer is gone
+                    log.warning("could not mark chunks %s settled: %s", settled[:5], exc)
 
     def commit_durable(self, files: list[FileWriter], force: bool = False) -> list[FileWriter]:
         """Commit those of `files` whose bytes are all durable already; return the rest.
@@ -752,8 +778,10 @@ class Client:
             except BaseException:
                 self.writer.untake(blocks, sizes)  # booked by the next commit instead
                 raise
+            self._let_go(ready)
             self._invalidate()
-            return rest
+        self._mark_settled()
+        return rest
 
     def sync(self) -> None:
         """Make every file this client closed, and every change it made, durable: the open block is
@@ -772,6 +800,7 @@ class Client:
                     if self._writer is not None:
                         self._writer.untake(blocks, sizes)
                     raise
+            self._mark_settled()
         except BaseException:
             if not self.sync_close:
                 self._syncer.mark()

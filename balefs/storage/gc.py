@@ -18,6 +18,7 @@ from .client import Client
 from .layout import block_key, parse_block_key
 from .meta.types import Extent
 from . import orphans
+from .meta.types import SETTLED
 from .recovery import RecoveryReport, recover_unsynced
 from ..liveness import writer_gone, writer_process_gone
 
@@ -43,7 +44,7 @@ class GcReport:
     badly_baled_chunks: int = 0  # of compacted_chunks, those compacted for their small blocks
     compacted_files: int = 0
     compacted_bytes: int = 0
-    compacted_waiting_writer: int = 0  # compacted chunks whose blocks stay until their writer is gone
+    compacted_waiting_writer: int = 0  # compacted chunks whose blocks stay until their writer is gone or the next gc
     unlinked_open_files: int = 0  # files unlinked while open by a mount that died (storage/orphans.py)
     unsynced: RecoveryReport = field(default_factory=RecoveryReport)  # blocks a crashed writer never synced
 
@@ -51,7 +52,14 @@ class GcReport:
 def _closed_for_appends(writer: str, state: str) -> bool:
     """Whether no writer appends to a chunk any more: it is sealed (full), or its writer's
     process is seen gone. Not by age: a mount may keep a chunk open longer than any grace."""
-    return state == "sealed" or writer_process_gone(writer)
+    return state in ("sealed", SETTLED) or writer_process_gone(writer)
+
+
+def _no_more_writes(info: tuple, grace_s: float) -> bool:
+    """Whether no file will ever be committed into a chunk (chunk_table row) again: settled by
+    its writer, or its writer gone (see liveness.writer_gone)."""
+    writer, state, _size, _live, created = info
+    return state == SETTLED or writer_gone(writer, created, grace_s)
 
 
 def _chunks_to_compact(client: Client, min_live: float, min_block_fill: float,
@@ -144,10 +152,12 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     report.unlinked_open_files = orphans.reclaim(meta, dry_run)
     compacted = compact(client, report, min_live, grace_s, dry_run, min_block_fill)
     chunks = meta.chunk_table()
-    report.compacted_waiting_writer = sum(1 for c in compacted if c in chunks and not writer_gone(chunks[c][0], chunks[c][4], grace_s))
+    # a chunk compacted just now keeps its blocks until its writer is gone or the next gc, so that
+    # reads that looked up its extents before the compaction can finish
+    waiting = {c for c in compacted if c in chunks and not writer_gone(chunks[c][0], chunks[c][4], grace_s)}
+    report.compacted_waiting_writer = len(waiting)
     referenced = meta.referenced_chunks()
-    dead = [c for c, (writer, _state, _size, _live, created) in chunks.items()
-            if c not in referenced and writer_gone(writer, created, grace_s)]
+    dead = [c for c, info in chunks.items() if c not in referenced and c not in waiting and _no_more_writes(info, grace_s)]
     report.dead_chunks = len(dead)
     if dead and not dry_run:
         for rec in meta.drop_chunks(dead):
@@ -164,7 +174,7 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
             if parsed is None or parsed in known:
                 continue
             info = chunks.get(parsed[0])
-            if info is not None and not writer_gone(info[0], info[4], grace_s):
+            if info is not None and not _no_more_writes(info, grace_s):
                 report.skipped_live_writer += 1
                 continue
             report.orphan_blocks += 1

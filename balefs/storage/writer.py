@@ -102,6 +102,35 @@ class ChunkWriter:
         self._grow_nodes: tuple[int, ...] | None = None  # the nodes the open block grows on
         self._grow_digest = None  # running xxh3 of its published bytes
         self._lazy: dict[tuple[int, int], BlockRecord] = {}  # handed out by take(sync=False), to book again once synced
+        self._holders: dict[int, int] = {}  # chunk -> files with bytes in it not yet committed or dropped
+        self._settled: set[int] = set()  # chunks no file of this writer will be committed into again
+
+    # -- which chunks may still receive commits -----------------------------------------
+
+    def hold(self, chunk: int) -> None:
+        """A file (not yet committed) has bytes in `chunk`."""
+        with self._lock:
+            self._holders[chunk] = self._holders.get(chunk, 0) + 1
+
+    def release(self, chunks: list[int]) -> None:
+        """A file that held these chunks was committed or dropped. A chunk no longer open for
+        appends that no file holds any more is settled: call settled() after the commit."""
+        with self._lock:
+            for chunk in chunks:
+                left = self._holders.get(chunk, 1) - 1
+                if left > 0:
+                    self._holders[chunk] = left
+                    continue
+                self._holders.pop(chunk, None)
+                if chunk != self._chunk:
+                    self._settled.add(chunk)
+
+    def settled(self) -> list[int]:
+        """The chunks that became settled since the last call (to be marked in the metadata only
+        after the commit of the files that held them)."""
+        with self._lock:
+            out, self._settled = sorted(self._settled), set()
+            return out
 
     def busy(self) -> bool:
         """Whether bytes are buffered or uploads are in flight."""

@@ -216,6 +216,10 @@ class Meta(Protocol):
 
     # -- the batched file commit (by path, see the module docstring) ---------------------------
 
+    def settle_chunks(self, chunks: Iterable[int]) -> None:
+        """Mark chunks settled (types.SETTLED): their writer will commit no file into them again,
+        so gc may drop them once no file references them, while the writer still runs."""
+
     lazy_commits: bool
 
     def commit(self, blocks: list[BlockRecord], files: list[FileWrite],

@@ -35,7 +35,7 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from ...errors import ConfigError
-from .types import ROOT, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
+from .types import ROOT, SETTLED, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
 SCHEMA_VERSION = 5
 
@@ -547,7 +547,8 @@ class SqlMeta:
                        [(b.chunk, b.idx, n, r) for b in blocks for r, n in enumerate(b.nodes)])
         for chunk, (size, sealed) in sorted(sizes.items()):
             db.execute("UPDATE chunks SET size = CASE WHEN size > ? THEN size ELSE ? END, "
-                       "state = CASE WHEN ? THEN 'sealed' ELSE state END WHERE id=?", (size, size, bool(sealed), chunk))
+                       "state = CASE WHEN ? AND state <> 'settled' THEN 'sealed' ELSE state END WHERE id=?",
+                       (size, size, bool(sealed), chunk))
 
     @retrying
     def commit(self, blocks: list[BlockRecord], files: list[FileWrite], chunk_sizes: dict[int, tuple[int, bool]],
@@ -869,6 +870,14 @@ class SqlMeta:
         """id -> (writer, state, size, live bytes, created_ns) of every chunk."""
         with self._read() as db:
             return {r[0]: tuple(r[1:]) for r in db.execute("SELECT id, writer, state, size, live, created_ns FROM chunks")}
+
+    @retrying
+    def settle_chunks(self, chunks: Iterable[int]) -> None:
+        """Mark chunks settled (types.SETTLED): their writer will commit no file into them again."""
+        ids = sorted(set(chunks))
+        with self._write() as db:
+            for part in slices(ids, 500):
+                db.execute(f"UPDATE chunks SET state='{SETTLED}' WHERE id IN ({','.join('?' * len(part))})", part)
 
     @retrying
     def unsynced_blocks(self) -> list[tuple[BlockRecord, str, int]]:

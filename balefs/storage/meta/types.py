@@ -38,6 +38,11 @@ class Extent(NamedTuple):
     length: int
 
 
+#: the state of a chunk whose writer has no uncommitted file with bytes in it any more and will
+#: never append to it again: once no file references it, gc may drop it even while its writer runs
+SETTLED = "settled"
+
+
 class BlockRecord(NamedTuple):
     """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node.
 
