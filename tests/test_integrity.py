@@ -191,7 +191,7 @@ def test_blocks_booked_out_of_order_are_found_later(make_volume, open_client, ba
     db.commit()
     r = open_client("ooo")
     assert r.read_ranges([("big", 5 * BLOCK, 5 * BLOCK + 10)]) == [data[5 * BLOCK:5 * BLOCK + 10]]  # map loaded now
-    db.execute("INSERT INTO blocks VALUES(?,?,?,?,?)", row)
+    db.execute(f"INSERT INTO blocks VALUES({','.join('?' * len(row))})", row)
     db.executemany("INSERT INTO block_copies VALUES(?,?,?,?)", copies)
     db.commit()
     db.close()

@@ -62,9 +62,11 @@ def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client, b
     make_volume(meta=meta_engine)
     c = open_client("vol")
     c.write_file("a", b"x")
-    with c.meta._write() as db:  # back to version 1: no generation counter, format, chunk layouts, atimes
+    with c.meta._write() as db:  # back to version 1: no generation counter, format, chunk layouts, atimes, durable flags
         db.execute("DROP TABLE counters")
         db.execute("ALTER TABLE inodes DROP COLUMN atime_ns")
+        db.execute("DROP INDEX blocks_unsynced")
+        db.execute("ALTER TABLE blocks DROP COLUMN durable")
         db.execute("DELETE FROM meta WHERE key='format'")
         for column in ("redundancy", "copies", "codec", "key_id"):
             db.execute(f"ALTER TABLE chunks DROP COLUMN {column}")
@@ -76,6 +78,7 @@ def test_old_schema_is_migrated_on_open(make_volume, meta_engine, open_client, b
     assert c2.read_file("a") == b"x"
     assert c2.identity.format == c.identity.format  # adopted from the TOML
     assert set(c2.meta.chunk_layouts(c2.meta.chunk_table()).values()) == {c.identity.format.chunk_layout()}
+    assert all(r.durable for recs in c2.meta.blocks_of(c2.meta.chunk_table()).values() for r in recs)
 
 
 def test_database_restart_mid_write(pg_server, make_volume, open_client) -> None:
