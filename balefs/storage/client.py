@@ -267,6 +267,7 @@ class Client:
         self._batch = threading.local()
         # lookups by path, for cfg.meta_cache_ttl: (inode, expiry, the extents once a read looked them up)
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
+        self._dirs_only: set[str] = set()  # cached directories whose attributes our commits changed: good for paths only
         self._generation = self.meta.generation() if self._meta is not None else None
         self.counter_registry = self._gather_counters()
         self._syncer = BackgroundSync(self.sync, cfg.sync_interval)
@@ -387,6 +388,21 @@ class Client:
     def _invalidate(self) -> None:
         """After a change by this client: drop cached lookups; a change not durable yet is synced soon."""
         self._attrs.clear()
+        self._dirs_only.clear()
+        if not self.sync_close:
+            self._syncer.mark()
+
+    def _committed(self, paths: Iterable[str]) -> None:
+        """After files were committed at `paths`: forget them; their directories (whose mtime and
+        link counts moved) still resolve paths from the cache, but a stat of one reads it again.
+        A commit changes no directory's inode, so the other cached lookups stay good."""
+        for path in paths:
+            key = _cache_key(path)
+            self._attrs.pop(key, None)
+            while key:
+                key = key.rpartition("/")[0]
+                if key in self._attrs:
+                    self._dirs_only.add(key)
         if not self.sync_close:
             self._syncer.mark()
 
@@ -406,7 +422,7 @@ class Client:
         key = _cache_key(path)
         hit = self._attrs.get(key)
         now = time.monotonic()
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > now and key not in self._dirs_only:
             return _inode(hit[0])
         parent_path, name = _parent(path)
         if not name:
@@ -431,6 +447,7 @@ class Client:
         expires = time.monotonic() + self.cfg.meta_cache_ttl
         for key, (node, extents) in found.items():
             self._attrs[key] = (tuple(node), expires, None if extents is None else tuple(map(tuple, extents)))
+            self._dirs_only.discard(key)
 
     def _locate(self, paths: Iterable[str]) -> dict[str, tuple[Inode, Sequence[tuple]] | OSError]:
         """Inode and extents of each path, for reading: the extents are Extents or, from the cache,
@@ -736,7 +753,7 @@ class Client:
             for t in good:
                 t.done = True
             self._let_go([f for t in tickets for f in t.files])
-            self._invalidate()
+            self._committed(f.path for t in tickets for f in t.files)
         self._mark_settled()
 
     def _let_go(self, files: list[FileWriter]) -> None:
@@ -779,7 +796,7 @@ class Client:
                 self.writer.untake(blocks, sizes)  # booked by the next commit instead
                 raise
             self._let_go(ready)
-            self._invalidate()
+            self._committed(f.path for f in ready)
         self._mark_settled()
         return rest
 
