@@ -44,6 +44,7 @@ class Side:
     copy: Result | None = None
     read: Result | None = None
     stored: dict | None = None
+    stored_end: dict | None = None  # balefs mount: how the copy is stored after the cold read and unmount
     notes: list[str] = field(default_factory=list)
 
 
@@ -130,7 +131,8 @@ def run_local(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) -
 def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) -> tuple[Side, Side]:
     """balefs: cp -r into a mount of a fresh volume, and `balefs put` into another; both read back cold."""
     opts = (["--cache-size", args.cache_size] if args.cache_size else []) + shlex.split(args.copy_mount_options)
-    copied, put = Side("balefs mount cp -r + sync"), Side("balefs put (CLI)")
+    copied = Side("balefs mount cp -r + sync" + (f" ({args.copy_mount_options})" if args.copy_mount_options else ""))
+    put = Side("balefs put (CLI, with its start-up)")
     nodes_copy = sf.make_volume("copybench", os.path.join(wd, "vol-copy"), args.nodes)
     nodes_put = sf.make_volume("putbench", os.path.join(wd, "vol-put"), args.nodes)
     m_copy = Mount("copybench", os.path.join(wd, "mnt-copy"), opts)
@@ -138,7 +140,7 @@ def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) 
     try:
         m_copy.up()
         copied.copy = show("balefs", "copy", timed_copy(ds, m_copy.mp, lambda: sync_mount(m_copy.mp), args.threads))
-        copied.stored = stored_figures(block_files(nodes_copy), ds.total, "block files")
+        copied.stored = stored_figures(block_files(nodes_copy), ds.total, "block files")  # right after the sync
         m_copy.down()
 
         os.sync()
@@ -153,6 +155,8 @@ def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) 
         m_copy.up()
         copied.read = show("balefs", "read", cold_read(ds, m_copy.mp, chk, args, "balefs-copied"))
         m_copy.down()
+        # again once the mount has been up a while and is unmounted (a background compaction shows here)
+        copied.stored_end = stored_figures(block_files(nodes_copy), ds.total, "block files")
         m_put.up()
         put.read = show("put", "read", cold_read(ds, m_put.mp, chk, args, "balefs-put"))
     finally:
@@ -175,8 +179,10 @@ def run_peer(name: str, ds: sf.DataSet, chk: Checker, args: argparse.Namespace, 
     side = Side(f"{cls.name} cp -r + sync")
     side.notes.append(peer.version())
     try:
+        t = time.perf_counter()
         peer.start()
         peer.up()
+        log(f"{cls.name}: set up and mounted in {time.perf_counter() - t:.1f}s ({side.notes[0]})")
         side.copy = show(cls.name, "copy", timed_copy(ds, mp, os.sync, args.threads))
         side.stored = stored_figures(peer.stored_files(), ds.total,
                                      "objects" if cls is JuiceFS else "volume files")
@@ -249,6 +255,10 @@ def report(sides: dict[str, Side]) -> str:
     lines = [table(sides), ""]
     for what, value, bar, ok in bars(sides):
         lines.append(f"bar: {what}: {value:.2f} (bar {bar:g}) {'PASS' if ok else 'MISS'}")
+    end = sides["balefs"].stored_end
+    if end:
+        lines.append(f"balefs mount's copy after the cold read and unmount: {end['files']:,} block files, mean "
+                     f"{_size(end['mean'])}, median {_size(end['median'])}, stored / data {end['stored_per_data']:.3f}")
     notes = [f"{s.label.split()[0]}: {n}" for s in sides.values() for n in s.notes]
     if notes:
         lines.append("peers: " + "; ".join(notes))
@@ -258,6 +268,7 @@ def report(sides: dict[str, Side]) -> str:
 def to_json(sides: dict[str, Side]) -> dict:
     def fig(r: Result | None) -> dict | None:
         return None if r is None else {"files": r.files, "nbytes": r.nbytes, "seconds": r.seconds, "cpu": r.cpu, **r.extra}
-    return {"sides": {k: {"label": s.label, "copy": fig(s.copy), "read": fig(s.read), "stored": s.stored, "notes": s.notes}
+    return {"sides": {k: {"label": s.label, "copy": fig(s.copy), "read": fig(s.read), "stored": s.stored,
+                          "stored_end": s.stored_end, "notes": s.notes}
                       for k, s in sides.items()},
             "bars": [{"what": w, "value": v, "bar": bar, "pass": ok} for w, v, bar, ok in bars(sides)]}

