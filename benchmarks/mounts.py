@@ -263,7 +263,7 @@ class SeaweedFS:
         self.mounter = self._spawn(["mount", f"-filer={filer}", f"-dir={self.mp}",
                                     f"-cacheDir={self.cache}", f"-localSocket={os.path.join(self.root, 'mount.sock')}"],
                                    "mount.log")
-        poll("weed mount", lambda: is_mounted(self.mp) and os.listdir(self.mp) is not None, 60,
+        poll("weed mount", lambda: is_mounted(self.mp) and os.path.isdir(self.mp), 60,
              lambda: self.mounter.poll() is None, os.path.join(self.root, "mount.log"))
 
     def down(self) -> None:
