@@ -145,11 +145,11 @@ def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) 
 
         os.sync()
         sf.warm_source(ds, args.threads)
-        t = time.perf_counter()
+        cpu, t = _children_cpu(), time.perf_counter()
         res = cli("put", os.path.join(ds.root, "train"), "bale://putbench/train", timeout=3600)
         if res.returncode:
             raise SystemExit(f"balefs put failed: {res.stderr.strip()[-300:]}")
-        put.copy = show("put", "copy", Result(ds.n, ds.total, time.perf_counter() - t, 0.0))
+        put.copy = show("put", "copy", Result(ds.n, ds.total, time.perf_counter() - t, _children_cpu() - cpu))
         put.stored = stored_figures(block_files(nodes_put), ds.total, "block files")
 
         m_copy.up()
@@ -160,10 +160,12 @@ def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) 
         m_put.up()
         put.read = show("put", "read", cold_read(ds, m_put.mp, chk, args, "balefs-put"))
     finally:
+        t = time.perf_counter()
         m_copy.down()
         m_put.down()
     for vol_dir in ("vol-copy", "vol-put"):
         shutil.rmtree(os.path.join(wd, vol_dir), ignore_errors=True)
+    log(f"balefs: unmounted, volumes removed in {time.perf_counter() - t:.1f}s")
     return copied, put
 
 
