@@ -385,10 +385,13 @@ class Client:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
         return node
 
-    def _invalidate(self) -> None:
-        """After a change by this client: drop cached lookups; a change not durable yet is synced soon."""
+    def _forget_lookups(self) -> None:
         self._attrs.clear()
         self._dirs_only.clear()
+
+    def _invalidate(self) -> None:
+        """After a change by this client: drop cached lookups; a change not durable yet is synced soon."""
+        self._forget_lookups()
         if not self.sync_close:
             self._syncer.mark()
 
@@ -415,7 +418,7 @@ class Client:
         gen = self.meta.generation()
         if gen != self._generation:
             self._generation = gen
-            self._invalidate()
+            self._forget_lookups()
 
     def stat(self, path: str) -> Inode:
         """The inode at `path`; FileNotFoundError / NotADirectoryError as POSIX would raise."""
