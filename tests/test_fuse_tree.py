@@ -15,7 +15,7 @@ import pytest
 
 from balefs.storage.client import Client
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
-from helpers import BLOCK, make_tree, payload
+from helpers import BLOCK, make_tree, payload, wait_until
 
 pytestmark = needs_fuse
 
@@ -132,6 +132,8 @@ def test_a_second_mount_sees_the_first_ones_closed_files(make_volume, meta_engin
     os.rename(a / "d" / "from-b.bin", a / "d" / "renamed.bin")
     os.unlink(a / "d" / "new.txt")
     assert sorted(os.listdir(b / "d")) == ["renamed.bin"]
+    # b looked new.txt up within the last second: its lookup may be up to meta_cache_ttl (1 s) old
+    wait_until(lambda: not (b / "d" / "new.txt").exists(), timeout=1.5)
     assert not (b / "d" / "new.txt").exists()
 
 

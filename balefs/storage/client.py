@@ -719,7 +719,10 @@ class Client:
             if sync:
                 blocks, sizes, _ = self.writer.take(force=True)
             else:  # the open block grows in place on its nodes: no block of its own per close
-                grown = self.writer.publish()
+                chunk = self.writer.open_chunk
+                upto = max((e.chunk_off + e.length for t in tickets for f in t.files for e in f.extents
+                            if e.chunk == chunk), default=0)
+                grown = self.writer.publish(chunk, upto)
                 blocks, sizes, _ = self.writer.take(force=grown is None, sync=False)
                 blocks = (grown or []) + blocks  # a block sealed meanwhile: its sealed record is booked last
         except BaseException as exc:

@@ -234,25 +234,33 @@ class ChunkWriter:
 
     # -- publishing the open block -------------------------------------------------------
 
-    def publish(self) -> list[BlockRecord] | None:
-        """Make every byte appended so far readable by every client without sealing the open block.
+    @property
+    def open_chunk(self) -> int | None:
+        """The chunk bytes are appended to now (None between chunks)."""
+        return self._chunk
 
-        The open block's bytes not yet on its nodes are written in place there, then its header
-        (GrowInPlace), nothing synced. Returns the open block's record to book with the files
-        (not durable), [] when no block is open, or None when its nodes cannot grow blocks in
-        place (the caller then cuts the block: take(force=True)). A failed write fails this
-        generation (the files with bytes in it); what earlier closes published is sealed as it is."""
+    def publish(self, chunk: int | None, upto: int) -> list[BlockRecord] | None:
+        """Make the bytes of the open chunk `chunk` up to chunk offset `upto` (the end of the files
+        to commit) readable by every client, without sealing the open block.
+
+        The open block's bytes not yet on its nodes, up to `upto`, are written in place there,
+        then its header (GrowInPlace), nothing synced; bytes after `upto` (files still being
+        written) are left for a later publish. Returns the open block's record to book with the
+        files (not durable), [] when none of those bytes is in the open block, or None when its
+        nodes cannot grow blocks in place (the caller then cuts the block: take(force=True)). A
+        failed write fails this generation (the files with bytes in it); what earlier closes
+        published is sealed as it is."""
         with self._lock:
-            if self._buf is None or not self._fill:
+            if self._buf is None or not self._fill or chunk != self._chunk or upto <= self._block_start:
                 return []
-            chunk, idx = self._chunk, self._block_idx
+            idx = self._block_idx
             if self._grow_nodes is None:
                 targets = self._targets(chunk, idx)
                 if not all(supports(self._nodes[n], GrowInPlace) for n in targets):
                     return None
                 self._grow_nodes = tuple(targets)
                 self._grow_digest = self._codec.growing_digest(chunk, idx)
-            lo, hi = self._published, self._fill
+            lo, hi = self._published, max(self._published, min(self._fill, upto - self._block_start))
             if hi > lo:
                 key = block_key(chunk, idx)
                 view = memoryview(self._buf)[HEADER_SIZE + lo:HEADER_SIZE + hi]
