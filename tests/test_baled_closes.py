@@ -19,7 +19,7 @@ from balefs.storage.client import Client
 from balefs.storage.layout import block_key, parse_block_key
 from balefs.storage.recovery import recover_unsynced
 
-from helpers import BLOCK, payload
+from helpers import BLOCK, payload, run_cli
 
 
 def _block_files(volume) -> list[Path]:
@@ -187,3 +187,10 @@ def test_background_sync_makes_closes_durable_within_the_interval(make_volume, o
             break
         threading.Event().wait(0.1)
     assert done.is_set()
+
+
+def test_balefs_sync_of_a_path_that_is_no_mount_is_one_clear_line(tmp_path: Path) -> None:
+    """`balefs sync` names what is wrong, in one line, for a directory that is not a balefs mount."""
+    r = run_cli("sync", tmp_path)
+    err = r.stderr.decode().strip()
+    assert r.returncode != 0 and "not a balefs mount" in err and len(err.splitlines()) == 1, err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from balefs.fuse.mount import _read_state
+from balefs.fuse.mount import _read_state, sync_mount  # sync_mount: what `balefs sync` does
 from balefs.storage.client import Client
 from crashdisk import crash_disk  # noqa: F401 - fixture
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
@@ -29,15 +29,6 @@ from test_crash import block_inventory, visible_files
 pytestmark = needs_fuse
 
 VOLUME = "vol"
-
-
-def sync_mount(mp: Path) -> None:
-    """fsync the mount's root directory: everything closed before it is durable when it returns."""
-    fd = os.open(mp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class History:
