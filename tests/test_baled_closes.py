@@ -54,6 +54,21 @@ def test_small_files_closed_one_by_one_share_full_blocks(make_volume, open_clien
         assert reader.read_file(path) == data
 
 
+def test_lazy_commits_on_either_engine(make_volume, meta_engine, open_client) -> None:
+    """On SQLite and PostgreSQL alike: closes committed lazily are seen by another client at once,
+    and one sync books every block as durable."""
+    volume = make_volume(meta=meta_engine)
+    writer = open_client(volume.name, default_sync_close=False)
+    reader = open_client(volume.name)
+    assert writer.meta.lazy_commits and not reader.meta.lazy_commits
+    for i in range(40):
+        writer.write_file(f"f{i}", payload(3000, i))
+        assert reader.read_file(f"f{i}") == payload(3000, i)
+    assert any(not r.durable for r in _blocks(writer))
+    writer.sync()
+    assert all(r.durable for r in _blocks(reader))
+
+
 def test_a_reader_sees_a_growing_block_grow(volume, open_client) -> None:
     """A reader that cached the open block before it grew still reads each later file whole:
     its cached copy and block map are too short, so it reads the block again."""
