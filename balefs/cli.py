@@ -475,6 +475,9 @@ def _echo_baling(b: dict) -> None:
                                                  else f"{_size_label(c['min'])}-{_size_label(c['max'])}")
         classes.append(f"{label} {c['blocks']}")
     click.echo("blocks by size: " + ", ".join(classes))
+    if b.get("unsynced"):
+        click.echo(f"blocks not yet synced: {b['unsynced']} (files closed in them are durable at their writer's next "
+                   "sync; if it crashed, the next mount or gc checks them)")
 
 
 @main.command()

@@ -209,3 +209,14 @@ def test_balefs_sync_of_a_path_that_is_no_mount_is_one_clear_line(tmp_path: Path
     r = run_cli("sync", tmp_path)
     err = r.stderr.decode().strip()
     assert r.returncode != 0 and "not a balefs mount" in err and len(err.splitlines()) == 1, err
+
+
+def test_df_counts_the_blocks_not_yet_synced(volume, open_client) -> None:
+    """`balefs df` says how many blocks were booked before their sync, and none once synced."""
+    w = open_client(volume.name, default_sync_close=False)
+    w.write_file("f", payload(1000, 1))
+    out = run_cli("df", volume.name, "--no-scan").stdout.decode()
+    assert "blocks not yet synced: 1 " in out, out
+    w.sync()
+    out = run_cli("df", volume.name, "--no-scan").stdout.decode()
+    assert "not yet synced" not in out, out

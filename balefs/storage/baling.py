@@ -14,11 +14,12 @@ def size_bounds(block_size: int) -> list[int]:
 
 
 def baling_figures(meta: Meta, block_size: int) -> dict[str, object]:
-    """blocks, block_bytes, mean_block, block_size and by_size ([{"min", "max", "blocks"}], "max"
-    None for the class of full-size blocks) of a volume."""
+    """blocks, block_bytes, mean_block, block_size, unsynced (blocks booked before their sync:
+    storage/recovery.py) and by_size ([{"min", "max", "blocks"}], "max" None for the class of
+    full-size blocks) of a volume."""
     bounds = size_bounds(block_size)
     count, total, classes = meta.block_size_classes(bounds)
     edges = [0, *bounds, None]
     return {"blocks": count, "block_bytes": total, "mean_block": total / count if count else 0.0,
-            "block_size": block_size,
+            "block_size": block_size, "unsynced": len(meta.unsynced_blocks()),
             "by_size": [{"min": lo, "max": hi, "blocks": n} for lo, hi, n in zip(edges, edges[1:], classes)]}
