@@ -200,7 +200,14 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     if opts.sync_interval is not None:
         overrides["sync_interval"] = opts.sync_interval
     client = Client.open(volume, default_sync_close=False, **overrides)
-    recover_unsynced(client)  # bytes a crashed writer closed but never synced: kept if intact, else dropped
+    if not opts.read_only:
+        try:  # bytes a crashed writer closed but never synced: kept if intact, their files dropped if not
+            report = recover_unsynced(client)
+            if report.settled_blocks or report.lost_blocks:
+                log.warning("recovered %d unsynced block(s) of crashed writers; %d lost, %d file(s) removed",
+                            report.settled_blocks, report.lost_blocks, len(report.dropped_files))
+        except Exception as exc:  # noqa: BLE001 - the mount still serves; gc retries the recovery
+            log.warning("could not check the unsynced blocks of crashed writers (balefs gc does it too): %s", exc)
     spool = os.path.join(overrides["cache_dir"], "spool") if opts.cache_dir else None
     if spool:
         os.makedirs(spool, exist_ok=True)
