@@ -204,9 +204,9 @@ class OpenFile:
         try:
             if self.fw is not None:
                 # The streamed bytes are in blocks that may not be durable or recorded yet:
-                # commit no file, which records every block, then read them back.
+                # a synced commit of no file records every block (the open one cut), then read them back.
                 fw = self.fw
-                self.client.commit([])
+                self.client.commit([], sync=True)
                 src = FileReader(self.client, self.path, self.node._replace(size=fw.size), list(fw.extents))
                 size = fw.size
             else:
