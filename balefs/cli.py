@@ -648,9 +648,9 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="FUSE requests served at once. On few cores more threads only contend for Python's lock.")
 @click.option("--sync-close", is_flag=True, default=None,
-              help="Make every close() durable (its blocks and the metadata fsynced before close returns), as before "
-                   "0.3. Default: close() makes a file visible to every client and safe from a crash of the daemon; "
-                   "it is durable after fsync, `balefs sync MOUNTPOINT`, unmount, or --sync-interval seconds.")
+              help="Make every close() durable (its blocks and the metadata fsynced before close returns; slower, "
+                   "a block per file). Default: close() makes a file visible to every client and safe from a crash of "
+                   "the daemon; it is durable after fsync, `balefs sync MOUNTPOINT`, unmount, or --sync-interval seconds.")
 @click.option("--sync-interval", type=click.FloatRange(min=0.01), default=None,
               help="Seconds within which a closed file becomes durable without fsync (default 5).")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
