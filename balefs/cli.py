@@ -605,6 +605,84 @@ def drain(volume: str, node: str) -> None:
         client.release_node(nid)
 
 
+class _FsckError(click.ClickException):
+    """fsck's errors exit 2: exit 1 means the check ran and found problems that remain."""
+
+    exit_code = 2
+
+
+def _parse_rate(value: str | None) -> int | None:
+    """--rate: bytes per second, as '200MB/s', '1GiB' or 1048576; a bad value is one line, exit 2."""
+    if value is None:
+        return None
+    try:
+        rate = parse_size(value[:-2] if value.lower().endswith("/s") else value, "--rate")
+    except ValueError as exc:
+        raise _FsckError(str(exc)) from None
+    if rate <= 0:
+        raise _FsckError(f"--rate: must be more than 0 bytes per second, not {value!r}")
+    return rate
+
+
+@main.command()
+@click.argument("volume", type=VOLUME)
+@click.option("--repair", is_flag=True, help="Rewrite bad or missing copies from good ones, delete extra copies, "
+              "recount drifted live bytes.")
+@click.option("--rate", default=None, help="Read at most this much per second, e.g. 200MB/s (default: no limit).")
+@click.option("--restart", is_flag=True, help="Start over instead of resuming an interrupted run.")
+@user_errors
+def fsck(volume: str, repair: bool, rate: str | None, restart: bool) -> None:
+    """Verify every block copy of VOLUME and its metadata; exit 0 clean (or all repaired), 1 problems remain, 2 error.
+
+    Checks each copy's header, checksum, identity and length; finds missing, extra and orphan
+    copies, extents that point nowhere and chunks whose live bytes drifted. Resumable: after
+    Ctrl-C, the next run goes on where it stopped (--restart starts over)."""
+    from .storage.fsck import check_volume, total_bytes
+
+    limit = _parse_rate(rate)
+    try:
+        with Client.open(volume) as client:
+            t0 = time.monotonic()
+            with tqdm(total=total_bytes(client), unit="B", unit_scale=True, desc="fsck", disable=None) as bar:
+                def progress(_chunk: int, nbytes: int) -> None:
+                    bar.update(nbytes)
+
+                try:
+                    report = check_volume(client, repair=repair, rate=limit, progress=progress, restart=restart)
+                except KeyboardInterrupt:
+                    bar.close()
+                    click.echo(f"balefs: fsck of {volume} interrupted; run it again to resume (--restart starts over)",
+                               err=True)
+                    sys.exit(130)
+    except (BaleError, OSError, ValueError) as exc:
+        raise _FsckError(str(exc)) from None
+    dt = max(1e-9, time.monotonic() - t0)
+    r = report
+    if r.resumed_from is not None:
+        click.echo(f"resumed an interrupted fsck after chunk {r.resumed_from}")
+    for line in r.problems:
+        click.echo(f"  {line}")
+    click.echo(f"checked {r.chunks} chunk(s), {r.blocks} block(s), {r.copies} cop(ies); read {_human(r.bytes_read)} "
+               f"in {dt:.1f}s ({r.bytes_read / dt / 1e6:.0f} MB/s)")
+    click.echo(f"corrupt copies {r.corrupt_copies}, missing {r.missing_copies}, unreadable {r.unreadable_copies}, "
+               f"extra {r.extra_copies}, orphan blocks {r.orphan_blocks}, dangling extents {r.dangling_extents}, "
+               f"live counters off {r.live_drift}" + (f"; {r.in_flux} block(s) not synced yet, skipped" if r.in_flux else ""))
+    if repair:
+        click.echo(f"repaired {r.repaired_copies} cop(ies), removed {r.removed_extra} extra, recounted {r.fixed_live} "
+                   f"live counter(s); {r.unrepairable_blocks} block(s) without a good copy")
+    if r.orphan_blocks:
+        click.echo("orphan blocks are deleted by `balefs gc`")
+    if r.dangling_extents:
+        click.echo("dangling extents: the files named above have lost bytes; restore them or remove them")
+    left = r.remaining()
+    if not left:
+        click.echo("clean")
+    else:
+        click.echo(f"{left} problem(s) remain" if repair else f"{left} problem(s) found; --repair fixes copies and counters")
+    if left:
+        sys.exit(1)
+
+
 @main.command("migrate-meta")
 @click.argument("volume", type=VOLUME)
 @click.option("--to", "to_url", required=True, help="The new metadata store, e.g. postgresql://user:password@host:5432/db (must be empty).")

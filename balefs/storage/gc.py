@@ -55,7 +55,7 @@ def _closed_for_appends(writer: str, state: str) -> bool:
     return state in ("sealed", SETTLED) or writer_process_gone(writer)
 
 
-def _no_more_writes(info: tuple, grace_s: float) -> bool:
+def no_more_writes(info: tuple, grace_s: float) -> bool:
     """Whether no file will ever be committed into a chunk (chunk_table row) again: settled by
     its writer, or its writer gone (see liveness.writer_gone)."""
     writer, state, _size, _live, created = info
@@ -157,7 +157,7 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     waiting = {c for c in compacted if c in chunks and not writer_gone(chunks[c][0], chunks[c][4], grace_s)}
     report.compacted_waiting_writer = len(waiting)
     referenced = meta.referenced_chunks()
-    dead = [c for c, info in chunks.items() if c not in referenced and c not in waiting and _no_more_writes(info, grace_s)]
+    dead = [c for c, info in chunks.items() if c not in referenced and c not in waiting and no_more_writes(info, grace_s)]
     report.dead_chunks = len(dead)
     if dead and not dry_run:
         for rec in meta.drop_chunks(dead):
@@ -174,7 +174,7 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
             if parsed is None or parsed in known:
                 continue
             info = chunks.get(parsed[0])
-            if info is not None and not _no_more_writes(info, grace_s):
+            if info is not None and not no_more_writes(info, grace_s):
                 report.skipped_live_writer += 1
                 continue
             report.orphan_blocks += 1

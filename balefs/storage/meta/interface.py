@@ -90,6 +90,12 @@ class Meta(Protocol):
     def extents_in(self, chunks: Iterable[int]) -> dict[int, list[Extent]]:
         """ino -> the extents of that file that lie in any of `chunks`."""
 
+    def live_drift(self, chunks: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Those of `chunks` whose live counter differs from the bytes their extents hold: id -> (recorded, counted)."""
+
+    def recount_live(self, chunks: Iterable[int]) -> None:
+        """Set each chunk's live counter to the bytes its extents hold, in one transaction."""
+
     def swap_extents(self, blocks: list[BlockRecord], sizes: dict[int, tuple[int, bool]],
                      changes: list[tuple[int, list[Extent], list[Extent]]]) -> int:
         """Point files (ino, old extents, new extents) at rewritten copies of their bytes and book the new

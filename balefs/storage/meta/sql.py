@@ -896,6 +896,30 @@ class SqlMeta:
         with self._read() as db:
             return {r[0] for r in db.execute("SELECT DISTINCT chunk FROM extents")}
 
+    @retrying
+    def live_drift(self, chunks: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """Chunks whose live counter differs from the bytes their extents hold: id -> (recorded, counted)."""
+        ids = sorted(set(chunks))
+        out: dict[int, tuple[int, int]] = {}
+        with self._read() as db:
+            for part in slices(ids, 500):
+                marks = ",".join("?" * len(part))
+                for c, live, counted in db.execute(
+                        f"SELECT c.id, c.live, (SELECT coalesce(sum(e.length), 0) FROM extents e WHERE e.chunk=c.id) "
+                        f"FROM chunks c WHERE c.id IN ({marks})", part):
+                    if int(live) != int(counted):
+                        out[int(c)] = (int(live), int(counted))
+        return out
+
+    @retrying
+    def recount_live(self, chunks: Iterable[int]) -> None:
+        """Set each chunk's live counter to the bytes its extents hold, in one transaction (fsck --repair)."""
+        ids = sorted(set(chunks))
+        with self._write() as db:
+            for part in slices(ids, 500):
+                db.execute(f"UPDATE chunks SET live = (SELECT coalesce(sum(e.length), 0) FROM extents e "
+                           f"WHERE e.chunk=chunks.id) WHERE id IN ({','.join('?' * len(part))})", part)
+
     def extents_in(self, chunks: Iterable[int]) -> dict[int, list[Extent]]:
         """ino -> the extents of that file that lie in any of `chunks`."""
         return self._extents_where("chunk", chunks)

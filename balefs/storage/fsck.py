@@ -1,0 +1,302 @@
+"""fsck: verify every block copy a volume's metadata books, and the books themselves.
+
+Each copy is read from its node and decoded with the client's codec (header, checksum and the
+block's identity: volume, chunk, index), and its raw length checked against the record. Found:
+corrupt and missing copies, extra copies (a node holds a block its record does not list there),
+orphan blocks (no record knows them, their chunk's writer is gone: gc deletes them), extents
+that point at chunks or blocks that do not exist, and chunks whose live counter drifted from
+their extents' bytes. With repair, bad or missing copies are rewritten from a good copy, extra
+copies deleted and live counters recounted; orphans and dangling extents are only reported.
+
+Blocks not yet synced (BlockRecord.durable False: an open block growing in place) are in flux
+and skipped; recovery settles those of crashed writers. Chunks are checked in id order and the
+last one finished is kept in $BALEFS_HOME/run/fsck-VOLUME.json, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+from ..errors import CorruptBlockError, NodeError, BlockNotFoundError
+from .client import Client
+from .config import balefs_home
+from .gc import no_more_writes
+from .layout import block_key, parse_block_key
+from .meta.types import BlockRecord, Extent
+
+# Chunks whose records are read in one query; the state is saved after each chunk all the same.
+_BATCH = 64
+# Problems described one line each in the report (the counts cover all).
+_MAX_PROBLEMS = 200
+
+
+@dataclass
+class FsckReport:
+    chunks: int = 0
+    blocks: int = 0
+    copies: int = 0
+    bytes_read: int = 0
+    corrupt_copies: int = 0
+    missing_copies: int = 0
+    unreadable_copies: int = 0  # the node did not answer (down): neither good nor bad
+    extra_copies: int = 0
+    orphan_blocks: int = 0
+    dangling_extents: int = 0
+    live_drift: int = 0
+    in_flux: int = 0  # blocks not synced yet, and unknown blocks of writers still running: skipped
+    repaired_copies: int = 0
+    removed_extra: int = 0
+    fixed_live: int = 0
+    unrepairable_blocks: int = 0  # bad copies with no good copy to rewrite them from
+    resumed_from: int | None = None  # the last chunk an interrupted run had finished
+    problems: list[str] = field(default_factory=list)
+
+    def remaining(self) -> int:
+        """Problems still there after this run (repairs done subtracted)."""
+        return (self.corrupt_copies + self.missing_copies - self.repaired_copies + self.unreadable_copies
+                + self.extra_copies - self.removed_extra + self.live_drift - self.fixed_live
+                + self.orphan_blocks + self.dangling_extents)
+
+    def note(self, line: str) -> None:
+        if len(self.problems) < _MAX_PROBLEMS:
+            self.problems.append(line)
+
+
+def state_path(volume: str) -> str:
+    """Where an interrupted fsck of `volume` keeps its place."""
+    return os.path.join(balefs_home(), "run", f"fsck-{volume}.json")
+
+
+def _load_state(path: str) -> tuple[int, FsckReport] | None:
+    """(last chunk finished, the report so far) of an interrupted run, or None."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        names = {f.name for f in fields(FsckReport)}
+        return int(state["last_chunk"]), FsckReport(**{k: v for k, v in state["report"].items() if k in names})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: start over
+
+
+def _save_state(path: str, last_chunk: int, report: FsckReport) -> None:
+    """Record the last chunk finished, atomically (write and rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"last_chunk": last_chunk, "report": asdict(report)}, f)
+    os.replace(tmp, path)
+
+
+class _Throttle:
+    """Keeps the bytes read per second at or below `rate` (None: no limit)."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate, self.done, self.t0 = rate, 0, time.monotonic()
+
+    def take(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        self.done += nbytes
+        ahead = self.done / self.rate - (time.monotonic() - self.t0)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def check_volume(client: Client, repair: bool = False, rate: int | None = None,
+                 progress: Callable[[int, int], None] | None = None, restart: bool = False,
+                 grace_s: float = 3600.0) -> FsckReport:
+    """Verify every block copy and the books of `client`'s volume (see the module docstring);
+    `progress(chunk, bytes read)` is called after each chunk. Resumes an interrupted run unless
+    `restart`; a finished run removes its state."""
+    path = state_path(client.cfg.name)
+    if restart:
+        _remove(path)
+    saved = None if restart else _load_state(path)
+    last, report = (saved[0], saved[1]) if saved else (-1, FsckReport())
+    if saved:
+        report.resumed_from = last
+    meta = client.meta
+    table = meta.chunk_table()
+    on_nodes = _listed_blocks(client)  # chunk -> (chunk, idx) -> nodes holding a copy
+    missing_chunks = meta.referenced_chunks() - table.keys()
+    todo = sorted(c for c in table.keys() | on_nodes.keys() | missing_chunks if c > last)
+    throttle = _Throttle(rate)
+    for start in range(0, len(todo), _BATCH):
+        batch = todo[start:start + _BATCH]
+        records = meta.blocks_of(batch)
+        extents = _extents_by_chunk(meta.extents_in(batch))
+        drift = meta.live_drift(c for c in batch if c in table)
+        for chunk in batch:
+            nbytes = _check_chunk(client, chunk, table.get(chunk), records.get(chunk, []), on_nodes.get(chunk, {}),
+                                  extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s)
+            report.chunks += 1
+            _save_state(path, chunk, report)
+            if progress is not None:
+                progress(chunk, nbytes)
+    _remove(path)
+    return report
+
+
+def total_bytes(client: Client) -> int:
+    """The stored bytes of every block copy the metadata books (a progress bar's total)."""
+    return sum(stored for _copies, stored in client.meta.blocks_per_node().values())
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _listed_blocks(client: Client) -> dict[int, dict[tuple[int, int], list[int]]]:
+    """Every block key on every node: chunk -> (chunk, idx) -> ids of the nodes holding it."""
+    out: dict[int, dict[tuple[int, int], list[int]]] = {}
+    for nid, node in sorted(client.nodes.items()):
+        try:
+            listing = list(node.list())
+        except NodeError:
+            continue  # a node down: its copies are reported unreadable when read
+        for key, _size in listing:
+            parsed = parse_block_key(key)
+            if parsed is not None:
+                out.setdefault(parsed[0], {}).setdefault(parsed, []).append(nid)
+    return out
+
+
+def _extents_by_chunk(per_file: dict[int, list[Extent]]) -> dict[int, list[tuple[int, Extent]]]:
+    out: dict[int, list[tuple[int, Extent]]] = {}
+    for ino, extents in per_file.items():
+        for e in extents:
+            out.setdefault(e.chunk, []).append((ino, e))
+    return out
+
+
+def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[BlockRecord],
+                 listed: dict[tuple[int, int], list[int]], extents: list[tuple[int, Extent]],
+                 drift: tuple[int, int] | None, report: FsckReport, repair: bool, throttle: _Throttle,
+                 grace_s: float) -> int:
+    """Check one chunk's blocks, copies, extents and live counter; return the bytes read."""
+    nbytes = 0
+    known = {(r.chunk, r.idx): r for r in records}
+    for rec in records:
+        if not rec.durable:
+            report.in_flux += 1  # growing in place, or a crashed writer's: recovery settles it
+            continue
+        nbytes += _check_block(client, rec, report, repair, throttle)
+        for nid in listed.get((rec.chunk, rec.idx), []):
+            if nid not in rec.nodes:
+                _extra_copy(client, rec, nid, report, repair)
+    for (c, idx), nids in sorted(listed.items()):
+        if (c, idx) in known:
+            continue
+        if info is not None and not no_more_writes(info, grace_s):
+            report.in_flux += 1  # a write in flight, not committed yet
+            continue
+        report.orphan_blocks += len(nids)
+        report.note(f"orphan block: chunk {c} block {idx} on node(s) {', '.join(client.nodes[n].url for n in nids)} "
+                    "(no record knows it; `balefs gc` deletes it)")
+    _check_extents(chunk, info, records, extents, report)
+    if drift is not None:
+        report.live_drift += 1
+        report.note(f"chunk {chunk}: live counter {drift[0]} bytes, its extents hold {drift[1]}")
+        if repair:
+            client.meta.recount_live([chunk])
+            report.fixed_live += 1
+    return nbytes
+
+
+def _check_block(client: Client, rec: BlockRecord, report: FsckReport, repair: bool, throttle: _Throttle) -> int:
+    """Read and verify every copy of one block; rewrite bad ones from a good one when repairing."""
+    key = block_key(rec.chunk, rec.idx)
+    report.blocks += 1
+    good: bytes | None = None
+    bad: list[int] = []
+    nbytes = 0
+    for nid in rec.nodes:
+        report.copies += 1
+        node = client.nodes.get(nid)
+        where = f"chunk {rec.chunk} block {rec.idx} on node {node.url if node else nid}"
+        if node is None:
+            report.unreadable_copies += 1
+            report.note(f"{where}: the node is not known to this volume")
+            continue
+        try:
+            blob = node.get(key)
+        except BlockNotFoundError:
+            report.missing_copies += 1
+            report.note(f"missing copy: {where}")
+            bad.append(nid)
+            continue
+        except NodeError as exc:
+            report.unreadable_copies += 1
+            report.note(f"unreadable copy: {where}: {exc}")
+            continue
+        nbytes += len(blob)
+        report.bytes_read += len(blob)
+        throttle.take(len(blob))
+        try:
+            raw = client.codec.decode(blob, rec.chunk, rec.idx)
+            if len(raw) != rec.length:
+                raise CorruptBlockError(f"raw length {len(raw)}, its record says {rec.length}")
+        except CorruptBlockError as exc:
+            report.corrupt_copies += 1
+            report.note(f"corrupt copy: {where}: {exc.reason}")
+            bad.append(nid)
+            continue
+        if good is None:
+            good = bytes(blob)
+    if bad and repair:
+        if good is None:
+            report.unrepairable_blocks += 1
+            report.note(f"chunk {rec.chunk} block {rec.idx}: no good copy to repair {len(bad)} bad one(s) from")
+        else:
+            for nid in bad:
+                try:
+                    client.nodes[nid].put(key, good)
+                    report.repaired_copies += 1
+                except NodeError as exc:
+                    report.note(f"chunk {rec.chunk} block {rec.idx}: cannot rewrite its copy on "
+                                f"{client.nodes[nid].url}: {exc}")
+    return nbytes
+
+
+def _extra_copy(client: Client, rec: BlockRecord, nid: int, report: FsckReport, repair: bool) -> None:
+    """A node holds a copy its block's record does not list: report it, delete it when repairing."""
+    node = client.nodes[nid]
+    report.extra_copies += 1
+    report.note(f"extra copy: chunk {rec.chunk} block {rec.idx} on node {node.url} (its record lists "
+                f"node(s) {', '.join(str(n) for n in rec.nodes)})")
+    if repair:
+        node.delete(block_key(rec.chunk, rec.idx))
+        report.removed_extra += 1
+
+
+def _check_extents(chunk: int, info: tuple | None, records: list[BlockRecord],
+                   extents: list[tuple[int, Extent]], report: FsckReport) -> None:
+    """Extents into a chunk that does not exist, or into bytes no block of it holds."""
+    for ino, e in extents:
+        if info is None:
+            why = f"chunk {chunk} does not exist"
+        elif not _covered(records, e.chunk_off, e.chunk_off + e.length):
+            why = f"no block of chunk {chunk} holds bytes {e.chunk_off}-{e.chunk_off + e.length}"
+        else:
+            continue
+        report.dangling_extents += 1
+        report.note(f"dangling extent: inode {ino} bytes {e.off}-{e.off + e.length}: {why}")
+
+
+def _covered(records: list[BlockRecord], start: int, end: int) -> bool:
+    """Whether the blocks (ordered by offset) hold every byte of [start, end) of their chunk."""
+    pos = start
+    for r in records:
+        if r.off <= pos < r.off + r.length:
+            pos = r.off + r.length
+        if pos >= end:
+            return True
+    return pos >= end
