@@ -70,11 +70,14 @@ def state_path(volume: str) -> str:
     return os.path.join(balefs_home(), "run", f"fsck-{volume}.json")
 
 
-def _load_state(path: str) -> tuple[int, FsckReport] | None:
-    """(last chunk finished, the report so far) of an interrupted run, or None."""
+def _load_state(path: str, repair: bool) -> tuple[int, FsckReport] | None:
+    """(last chunk finished, the report so far) of an interrupted run with the same `repair`, or
+    None (a repair run never resumes a check-only one: what that found is not repaired yet)."""
     try:
         with open(path) as f:
             state = json.load(f)
+        if bool(state.get("repair")) != repair:
+            return None
         names = {f.name for f in fields(FsckReport)}
         return int(state["last_chunk"]), FsckReport(**{k: v for k, v in state["report"].items() if k in names})
     except FileNotFoundError:
@@ -83,12 +86,12 @@ def _load_state(path: str) -> tuple[int, FsckReport] | None:
         return None  # unreadable: start over
 
 
-def _save_state(path: str, last_chunk: int, report: FsckReport) -> None:
+def _save_state(path: str, last_chunk: int, report: FsckReport, repair: bool) -> None:
     """Record the last chunk finished, atomically (write and rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"last_chunk": last_chunk, "report": asdict(report)}, f)
+        json.dump({"last_chunk": last_chunk, "repair": repair, "report": asdict(report)}, f)
     os.replace(tmp, path)
 
 
@@ -111,12 +114,12 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
                  progress: Callable[[int, int], None] | None = None, restart: bool = False,
                  grace_s: float = 3600.0) -> FsckReport:
     """Verify every block copy and the books of `client`'s volume (see the module docstring);
-    `progress(chunk, bytes read)` is called after each chunk. Resumes an interrupted run unless
-    `restart`; a finished run removes its state."""
+    `progress(chunk, bytes read)` is called after each chunk. Resumes an interrupted run (of the
+    same `repair`) unless `restart`; a finished run removes its state."""
     path = state_path(client.cfg.name)
     if restart:
         _remove(path)
-    saved = None if restart else _load_state(path)
+    saved = None if restart else _load_state(path, repair)
     last, report = (saved[0], saved[1]) if saved else (-1, FsckReport())
     if saved:
         report.resumed_from = last
@@ -135,7 +138,7 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
             nbytes = _check_chunk(client, chunk, table.get(chunk), records.get(chunk, []), on_nodes.get(chunk, {}),
                                   extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s)
             report.chunks += 1
-            _save_state(path, chunk, report)
+            _save_state(path, chunk, report, repair)
             if progress is not None:
                 progress(chunk, nbytes)
     _remove(path)
