@@ -8,6 +8,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,12 @@ def test_unsynced_blocks_are_in_flux_not_problems(make_volume, open_client) -> N
     c.sync()
     report = check_volume(c)
     assert report.in_flux == 0 and report.remaining() == 0 and report.blocks >= 1
+
+
+def test_rate_limits_the_bytes_read(filled) -> None:
+    rate = 4_000_000
+    t0 = time.monotonic()
+    report = check_volume(filled, rate=rate)
+    elapsed = time.monotonic() - t0
+    assert report.bytes_read > 4_000_000 and report.remaining() == 0
+    assert elapsed >= report.bytes_read / rate - 0.2, (elapsed, report.bytes_read)
