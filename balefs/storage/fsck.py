@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
@@ -124,25 +125,34 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
     if saved:
         report.resumed_from = last
     meta = client.meta
-    table = meta.chunk_table()
     on_nodes = _listed_blocks(client)  # chunk -> (chunk, idx) -> nodes holding a copy
+    table = meta.chunk_table()  # after the listing: a block listed of a chunk made meanwhile is no orphan
     missing_chunks = meta.referenced_chunks() - table.keys()
     todo = sorted(c for c in table.keys() | on_nodes.keys() | missing_chunks if c > last)
     throttle = _Throttle(rate)
-    for start in range(0, len(todo), _BATCH):
-        batch = todo[start:start + _BATCH]
-        records = meta.blocks_of(batch)
-        extents = _extents_by_chunk(meta.extents_in(batch))
-        drift = meta.live_drift(c for c in batch if c in table)
-        for chunk in batch:
-            nbytes = _check_chunk(client, chunk, table.get(chunk), records.get(chunk, []), on_nodes.get(chunk, {}),
-                                  extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s)
-            report.chunks += 1
-            _save_state(path, chunk, report, repair)
-            if progress is not None:
-                progress(chunk, nbytes)
+    with ThreadPoolExecutor(max_workers=max(1, client.cfg.io_threads), thread_name_prefix="bale-fsck") as pool:
+        for start in range(0, len(todo), _BATCH):
+            _check_batch(client, todo[start:start + _BATCH], table, on_nodes, report, repair, throttle, grace_s,
+                         pool, path, progress)
     _remove(path)
     return report
+
+
+def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, report: FsckReport, repair: bool,
+                 throttle: _Throttle, grace_s: float, pool: ThreadPoolExecutor, path: str,
+                 progress: Callable[[int, int], None] | None) -> None:
+    """Check a batch of chunks (records read in a few queries), saving the place after each chunk."""
+    meta = client.meta
+    records = meta.blocks_of(batch)
+    extents = _extents_by_chunk(meta.extents_in(batch))
+    drift = meta.live_drift(c for c in batch if c in table)
+    for chunk in batch:
+        nbytes = _check_chunk(client, chunk, table.get(chunk), records.get(chunk, []), on_nodes.get(chunk, {}),
+                              extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s, pool)
+        report.chunks += 1
+        _save_state(path, chunk, report, repair)
+        if progress is not None:
+            progress(chunk, nbytes)
 
 
 def total_bytes(client: Client) -> int:
@@ -183,15 +193,15 @@ def _extents_by_chunk(per_file: dict[int, list[Extent]]) -> dict[int, list[tuple
 def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[BlockRecord],
                  listed: dict[tuple[int, int], list[int]], extents: list[tuple[int, Extent]],
                  drift: tuple[int, int] | None, report: FsckReport, repair: bool, throttle: _Throttle,
-                 grace_s: float) -> int:
+                 grace_s: float, pool: ThreadPoolExecutor) -> int:
     """Check one chunk's blocks, copies, extents and live counter; return the bytes read."""
     nbytes = 0
     known = {(r.chunk, r.idx): r for r in records}
-    for rec in records:
-        if not rec.durable:
-            report.in_flux += 1  # growing in place, or a crashed writer's: recovery settles it
-            continue
-        nbytes += _check_block(client, rec, report, repair, throttle)
+    durable = [r for r in records if r.durable]
+    report.in_flux += len(records) - len(durable)  # growing in place, or a crashed writer's: recovery settles them
+    copies = pool.map(lambda rn: _fetch(client, *rn), [(r, nid) for r in durable for nid in r.nodes])
+    for rec in durable:
+        nbytes += _check_block(client, rec, [next(copies) for _ in rec.nodes], report, repair, throttle)
         for nid in listed.get((rec.chunk, rec.idx), []):
             if nid not in rec.nodes:
                 _extra_copy(client, rec, nid, report, repair)
@@ -214,31 +224,42 @@ def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[B
     return nbytes
 
 
-def _check_block(client: Client, rec: BlockRecord, report: FsckReport, repair: bool, throttle: _Throttle) -> int:
-    """Read and verify every copy of one block; rewrite bad ones from a good one when repairing."""
+def _fetch(client: Client, rec: BlockRecord, nid: int) -> bytes | NodeError | None:
+    """One stored copy of a block, or the error its node gave (None: a node the volume does not know)."""
+    node = client.nodes.get(nid)
+    if node is None:
+        return None
+    try:
+        return node.get(block_key(rec.chunk, rec.idx))
+    except NodeError as exc:
+        return exc
+
+
+def _check_block(client: Client, rec: BlockRecord, fetched: list[bytes | NodeError | None], report: FsckReport,
+                 repair: bool, throttle: _Throttle) -> int:
+    """Verify every copy of one block (as read, in the order of rec.nodes); rewrite bad ones from a
+    good one when repairing."""
     key = block_key(rec.chunk, rec.idx)
     report.blocks += 1
     good: bytes | None = None
     bad: list[int] = []
     nbytes = 0
-    for nid in rec.nodes:
+    for nid, blob in zip(rec.nodes, fetched):
         report.copies += 1
         node = client.nodes.get(nid)
         where = f"chunk {rec.chunk} block {rec.idx} on node {node.url if node else nid}"
-        if node is None:
+        if blob is None:
             report.unreadable_copies += 1
             report.note(f"{where}: the node is not known to this volume")
             continue
-        try:
-            blob = node.get(key)
-        except BlockNotFoundError:
+        if isinstance(blob, BlockNotFoundError):
             report.missing_copies += 1
             report.note(f"missing copy: {where}")
             bad.append(nid)
             continue
-        except NodeError as exc:
+        if isinstance(blob, NodeError):
             report.unreadable_copies += 1
-            report.note(f"unreadable copy: {where}: {exc}")
+            report.note(f"unreadable copy: {where}: {blob}")
             continue
         nbytes += len(blob)
         report.bytes_read += len(blob)
