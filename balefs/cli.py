@@ -644,7 +644,10 @@ def fsck(volume: str, repair: bool, rate: str | None, restart: bool) -> None:
         with Client.open(volume) as client:
             t0 = time.monotonic()
             with tqdm(total=total_bytes(client), unit="B", unit_scale=True, desc="fsck", disable=None) as bar:
+                read_now = [0]  # by this run (a resumed run's report counts the earlier ones' too)
+
                 def progress(_chunk: int, nbytes: int) -> None:
+                    read_now[0] += nbytes
                     bar.update(nbytes)
 
                 try:
@@ -662,8 +665,9 @@ def fsck(volume: str, repair: bool, rate: str | None, restart: bool) -> None:
         click.echo(f"resumed an interrupted fsck after chunk {r.resumed_from}")
     for line in r.problems:
         click.echo(f"  {line}")
-    click.echo(f"checked {r.chunks} chunk(s), {r.blocks} block(s), {r.copies} cop(ies); read {_human(r.bytes_read)} "
-               f"in {dt:.1f}s ({r.bytes_read / dt / 1e6:.0f} MB/s)")
+    click.echo(f"checked {r.chunks} chunk(s), {r.blocks} block(s), {r.copies} cop(ies); read {_human(read_now[0])} "
+               f"in {dt:.1f}s ({read_now[0] / dt / 1e6:.0f} MB/s)"
+               + (f", {_human(r.bytes_read)} with the interrupted run" if r.resumed_from is not None else ""))
     click.echo(f"corrupt copies {r.corrupt_copies}, missing {r.missing_copies}, unreadable {r.unreadable_copies}, "
                f"extra {r.extra_copies}, orphan blocks {r.orphan_blocks}, dangling extents {r.dangling_extents}, "
                f"live counters off {r.live_drift}" + (f"; {r.in_flux} block(s) not synced yet, skipped" if r.in_flux else ""))
