@@ -670,7 +670,7 @@ def fsck(volume: str, repair: bool, rate: str | None, restart: bool) -> None:
                + (f", {_human(r.bytes_read)} with the interrupted run" if r.resumed_from is not None else ""))
     click.echo(f"corrupt copies {r.corrupt_copies}, missing {r.missing_copies}, unreadable {r.unreadable_copies}, "
                f"extra {r.extra_copies}, orphan blocks {r.orphan_blocks}, dangling extents {r.dangling_extents}, "
-               f"live counters off {r.live_drift}" + (f"; {r.in_flux} block(s) not synced yet, skipped" if r.in_flux else ""))
+               f"live counters off {r.live_drift}" + (f"; {r.in_flux} block(s) in flux (not synced, or not committed yet), skipped" if r.in_flux else ""))
     if repair:
         click.echo(f"repaired {r.repaired_copies} cop(ies), removed {r.removed_extra} extra, recounted {r.fixed_live} "
                    f"live counter(s); {r.unrepairable_blocks} block(s) without a good copy")

@@ -241,3 +241,17 @@ def test_rate_limits_the_bytes_read(filled) -> None:
     elapsed = time.monotonic() - t0
     assert report.bytes_read > 4_000_000 and report.remaining() == 0
     assert elapsed >= report.bytes_read / rate - 0.2, (elapsed, report.bytes_read)
+
+
+def test_no_good_copy_is_unrepairable(filled, open_client) -> None:
+    c = filled
+    rec = blocks_of_file(c, "big")[2]
+    for path in block_paths(c, rec):
+        flip_bit(path, 500)
+    report = check_volume(c, repair=True)
+    assert (report.corrupt_copies, report.repaired_copies, report.unrepairable_blocks) == (2, 0, 1)
+    assert report.remaining() == 2
+    assert any(f"chunk {rec.chunk} block {rec.idx}: no good copy" in p for p in report.problems)
+    c.close()
+    rc, out = fsck("--repair")
+    assert rc == 1 and "1 block(s) without a good copy" in out and "2 problem(s) remain" in out, out
