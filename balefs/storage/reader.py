@@ -141,7 +141,7 @@ class BlockReader:
             return fut
         with self._lock:
             fut = self._inflight.get(key)
-            if fut is not None and (rec.durable or getattr(fut, "length", 0) >= rec.length):
+            if fut is not None and fut.length >= rec.length:  # type: ignore[attr-defined]  # not a shorter, growing version
                 return fut
             fut = self._pool.submit(self._load, rec)
             fut.length = rec.length  # type: ignore[attr-defined]
