@@ -710,7 +710,7 @@ def sync_cmd(mountpoint: str) -> None:
 @click.argument("url")
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
               help="The disk cache directory to fill (the one the mount or loaders use with --cache-dir / cache_dir).")
-@click.option("--disk-cache-size", default=None, help="Bound of the disk cache in bytes (default: the volume's, 10GiB).")
+@click.option("--disk-cache-size", default=None, help="Bound of the disk cache in bytes (default: the volume's, 10GiB); give the one the mount uses: a smaller one evicts down to it.")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Blocks fetched at once.")
 @user_errors
 def warmup(url: str, cache_dir: str, disk_cache_size: str | None, threads: int) -> None:
@@ -778,7 +778,7 @@ def cache_cmd(volume: str | None, cache_dir: str, evict: bool) -> None:
         usage = {namespace: usage.get(namespace, (0, 0))}
     for ns, (n, size) in sorted(usage.items()):
         who = f"volume {volume} ({ns})" if volume else f"volume uuid {ns}"
-        tail = f", bound {_human(bound)} ({100 * size / bound:.0f}% full)" if bound else ""
+        tail = f", bound {_human(bound)} (the volume's disk_cache_size; {100 * size / bound:.0f}% full)" if bound else ""
         click.echo(f"{who}: {n} blocks, {_human(size)}{tail}")
     if not usage:
         click.echo(f"{cache_dir}: empty")
