@@ -113,9 +113,10 @@ def test_warmup_on_a_cache_disk_that_fills_up(make_volume, open_client, tmpfs):
     warmed = _count(r"warmed (\d+) blocks", err)
     assert 0 < warmed < nblocks
     with Client.open("vol", cache_dir=str(cache), disk_cache_size="64MiB", readahead_blocks=0) as c:  # still usable
+        assert len(c.disk_cache) == warmed  # every block warmup stored is there, no torn leftover
         for path, data in files.items():
             assert c.read_file(path) == data
-        assert c.disk_cache.hits >= warmed
+        assert c.disk_cache.hits > 0
 
 
 def test_warmup_with_a_node_down_reads_the_other_replica(make_volume, open_client, tmp_path):
@@ -138,8 +139,8 @@ def test_warmup_with_a_node_down_and_one_replica_reports_its_blocks(make_volume,
     client = open_client("vol")
     files = _tree(client)
     blocks = _tree_blocks(client, files)
-    down = min(client.nodes, key=lambda nid: client.nodes[nid].url != cfg.nodes[1])
-    on_down = sum(1 for _, _, nodes in blocks if nodes == [down] or nodes == (down,))
+    down = next(nid for nid, node in client.nodes.items() if node.url == cfg.nodes[1])
+    on_down = sum(1 for _, _, nodes in blocks if tuple(nodes) == (down,))
     assert 0 < on_down < len(blocks)
     client.close()
     os.rename(cfg.nodes[1], cfg.nodes[1] + ".away")

@@ -142,7 +142,11 @@ def run_warmup(client: Client, plan: WarmupPlan, threads: int = 8,
             progress(rec.length)
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="bale-warmup") as pool:
-        for fut in [pool.submit(warm, rec) for rec in plan.to_fetch]:
-            fut.result()
+        try:
+            for fut in [pool.submit(warm, rec) for rec in plan.to_fetch]:
+                fut.result()
+        except BaseException:  # Ctrl-C: the blocks not started yet are skipped, not fetched
+            stop.set()
+            raise
     report.seconds = time.monotonic() - t0
     return report
