@@ -72,6 +72,9 @@ def test_warmup_then_reads_need_no_node(make_volume, open_client, tmp_path):
     shown = run_cli("cache", "vol", "--cache-dir", cache)
     assert shown.returncode == 0 and f"{nblocks} blocks" in shown.stdout.decode() and "bound 10.0 GiB" in shown.stdout.decode()
 
+    every = run_cli("cache", "--cache-dir", cache).stdout.decode()
+    assert every.startswith("volume uuid ") and f": {nblocks} blocks" in every
+
     client.close()
     _move_nodes_away(cfg)
     _read_all_from_cache("vol", cache, files)
