@@ -790,6 +790,84 @@ def sync_cmd(mountpoint: str) -> None:
 
 @main.command()
 @click.argument("url")
+@click.option("--cache-dir", required=True, type=click.Path(file_okay=False),
+              help="The disk cache directory to fill (the one the mount or loaders use with --cache-dir / cache_dir).")
+@click.option("--disk-cache-size", default=None, help="Bound of the disk cache in bytes (default: the volume's, 10GiB); give the one the mount uses: a smaller one evicts down to it.")
+@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Blocks fetched at once.")
+@user_errors
+def warmup(url: str, cache_dir: str, disk_cache_size: str | None, threads: int) -> None:
+    """Stage the blocks of a tree (bale://VOLUME/tree) into this host's disk cache, verified, in parallel.
+
+    Blocks already cached are skipped. When the tree does not fit under the cache's bound, the
+    first part of it (in storage order) is warmed and the rest left out, never evicting what was
+    just fetched. Exits 1 when a block could not be read or the cache disk filled up."""
+    from .storage.warmup import plan_warmup, run_warmup
+
+    volume, tree = parse_url(url)
+    options: dict[str, object] = {"cache_dir": os.path.abspath(cache_dir)}
+    if disk_cache_size is not None:
+        options["disk_cache_size"] = parse_size(disk_cache_size, "--disk-cache-size")
+    os.makedirs(options["cache_dir"], exist_ok=True)
+    with Client.open(volume, **options) as client:
+        plan = plan_warmup(client, tree)
+        click.echo(f"warmup bale://{volume}/{tree}: {plan.files} files, {len(plan.to_fetch)} blocks to fetch "
+                   f"({_human(plan.fetch_bytes)}), {plan.cached} already cached, bound {_human(plan.bound)}", err=True)
+        if plan.over_bound:
+            click.echo(f"the tree does not fit in the disk cache: warming its first part only; {plan.over_bound} "
+                       f"block(s) ({_human(plan.over_bound_bytes)}) left out (raise --disk-cache-size)", err=True)
+        with tqdm(total=plan.fetch_bytes, unit="B", unit_scale=True, desc="warmup", disable=None) as bar:
+            report = run_warmup(client, plan, threads=threads, progress=bar.update)
+    dt = max(1e-9, report.seconds)
+    click.echo(f"warmed {report.fetched} blocks, {_human(report.fetched_bytes)} in {dt:.1f}s "
+               f"({report.fetched_bytes / dt / 1e6:.0f} MB/s); {plan.cached} already cached, "
+               f"{plan.unsynced} not synced yet (skipped), {plan.over_bound} over the bound, "
+               f"{len(report.failed)} failed", err=True)
+    for line in report.failed[:10]:
+        click.echo(f"  failed: {line}", err=True)
+    if report.disk_full:
+        click.echo(f"balefs: error: the cache disk is full ({report.disk_full}): stopped with "
+                   f"{report.not_fetched} block(s) not warmed; what was warmed stays usable", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("cache")
+@click.argument("volume", type=VOLUME, required=False)
+@click.option("--cache-dir", required=True, type=click.Path(file_okay=False), help="The disk cache directory.")
+@click.option("--evict", is_flag=True, help="Delete the cached blocks (of VOLUME only, when given).")
+@user_errors
+def cache_cmd(volume: str | None, cache_dir: str, evict: bool) -> None:
+    """Show what a disk cache directory holds per volume (blocks, bytes, bound), or --evict it."""
+    from .storage.config import load_config
+    from .storage.diskcache import cache_usage, evict_entries
+    from .storage.meta.registry import open_meta
+
+    namespace = bound = None
+    if volume is not None:
+        cfg = load_config(volume)
+        store = open_meta(cfg.meta_url)
+        try:
+            namespace = store.volume_uuid()
+        finally:
+            store.close()
+        bound = cfg.disk_cache_size
+    if evict:
+        n, size = evict_entries(cache_dir, namespace)
+        click.echo(f"evicted {n} blocks, {_human(size)} from {cache_dir}" + (f" (volume {volume})" if volume else ""))
+        return
+    usage = cache_usage(cache_dir)
+    if namespace is not None:
+        usage = {namespace: usage.get(namespace, (0, 0))}
+    for ns, (n, size) in sorted(usage.items()):
+        who = f"volume {volume} ({ns})" if volume else f"volume uuid {ns}"
+        tail = f", bound {_human(bound)} (the volume's disk_cache_size; {100 * size / bound:.0f}% full)" if bound else ""
+        click.echo(f"{who}: {n} blocks, {_human(size)}{tail}")
+    if not usage:
+        click.echo(f"{cache_dir}: empty")
+
+
+@main.command()
+@click.argument("url")
 @click.option("--rebuild", is_flag=True, help="Build it anew even when the stored snapshot is fresh.")
 @user_errors
 def snapshot(url: str, rebuild: bool) -> None:

@@ -177,6 +177,28 @@ class DiskBlockCache:
     def _write(self, key: Key, data: bytes | memoryview) -> None:
         if time.monotonic() < self._paused_until:
             return
+        try:
+            self._write_entry(key, data)
+        except OSError as exc:
+            self.counters.errors.add()
+            self._paused_until = time.monotonic() + self.pause_s
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                with self._lock:  # the disk is fuller than our bound assumed: make real room
+                    victims = self._evict_locked(0, shrink_to=self._size * 3 // 4)
+                for victim in victims:
+                    _unlink(victim)
+            log.warning("disk cache %s: cannot write (%s); not caching for %.0fs", self.root, exc.strerror, self.pause_s)
+
+    def store(self, key: Key, data: bytes | memoryview) -> None:
+        """Write a block now, in the caller's thread, evicting least recently used entries to stay
+        under the bound (warmup: it must know what was stored). Raises OSError (a full disk) and
+        ValueError for a block larger than the whole bound; evicts nothing on a failure."""
+        if len(data) + HEAD_SIZE > self.capacity:
+            raise ValueError(f"disk cache {self.root}: a block of {len(data)} bytes exceeds its bound of {self.capacity}")
+        self._write_entry(key, data)
+
+    def _write_entry(self, key: Key, data: bytes | memoryview) -> None:
+        """Evict for room, then write one entry (temp file, rename) and index it; raises OSError."""
         path = self._path(key)
         if os.path.exists(path):
             return
@@ -186,7 +208,7 @@ class DiskBlockCache:
             victims = self._evict_locked(need)
         for victim in victims:
             _unlink(victim)
-        tmp = f"{path}.tmp{os.getpid()}"
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             try:
                 f = open(tmp, "wb")
@@ -197,21 +219,38 @@ class DiskBlockCache:
                 f.write(head)
                 f.write(data)
             os.replace(tmp, path)
-        except OSError as exc:
+        except OSError:
             _unlink(tmp)
-            self.counters.errors.add()
-            self._paused_until = time.monotonic() + self.pause_s
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                with self._lock:  # the disk is fuller than our bound assumed: make real room
-                    victims = self._evict_locked(0, shrink_to=self._size * 3 // 4)
-                for victim in victims:
-                    _unlink(victim)
-            log.warning("disk cache %s: cannot write (%s); not caching for %.0fs", self.root, exc.strerror, self.pause_s)
-            return
+            raise
         with self._lock:
-            self._index[key] = need
-            self._size += need
+            if key not in self._index:
+                self._index[key] = need
+                self._size += need
         self.counters.writes.add()
+
+    def touch(self, key: Key, length: int) -> bool:
+        """Whether an entry of a block of `length` bytes is on disk (by its size: a damaged one is
+        still caught when read); if so it becomes the most recently used, so that a warmup's
+        evictions spare it."""
+        path = self._path(key)
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            self._forget(key)
+            return False
+        if size != length + HEAD_SIZE:
+            return False
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+            else:  # written by another process sharing the directory
+                self._index[key] = size
+                self._size += size
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return True
 
     def _evict_locked(self, need: int, shrink_to: int | None = None) -> list[str]:
         """Pop least recently used entries until `need` more bytes fit; return their paths."""
@@ -259,3 +298,49 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def cache_usage(root: str) -> dict[str, tuple[int, int]]:
+    """What a cache directory holds, by namespace (a volume's uuid): (entries, bytes on disk)."""
+    out: dict[str, tuple[int, int]] = {}
+    if not os.path.isdir(root):
+        raise FileNotFoundError(errno.ENOENT, "no such cache directory", root)
+    for ns in os.scandir(root):
+        if not ns.is_dir() or ns.name == "spool":  # spool: the mount's temp files of random writes
+            continue
+        n = size = 0
+        for path, st in _entries(ns.path):
+            n += 1
+            size += st.st_size
+        out[ns.name] = (n, size)
+    return out
+
+
+def evict_entries(root: str, namespace: str | None = None) -> tuple[int, int]:
+    """Delete every entry of a cache directory (or of one namespace); returns (entries, bytes) deleted.
+    Processes using the directory then miss them and read from the nodes again."""
+    n = size = 0
+    for ns in cache_usage(root) if namespace is None else [namespace]:
+        for path, st in _entries(os.path.join(root, ns)):
+            _unlink(path)
+            n += 1
+            size += st.st_size
+    return n, size
+
+
+def _entries(ns_root: str):
+    """(path, stat) of every cache entry under one namespace's directory."""
+    try:
+        subs = list(os.scandir(ns_root))
+    except FileNotFoundError:
+        return
+    for sub in subs:
+        if not sub.is_dir():
+            continue
+        for entry in os.scandir(sub.path):
+            if DiskBlockCache._parse(entry.name) is None:
+                continue
+            try:
+                yield entry.path, entry.stat()
+            except OSError:
+                continue

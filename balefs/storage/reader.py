@@ -141,7 +141,7 @@ class BlockReader:
             return fut
         with self._lock:
             fut = self._inflight.get(key)
-            if fut is not None and (rec.durable or getattr(fut, "length", 0) >= rec.length):
+            if fut is not None and fut.length >= rec.length:  # type: ignore[attr-defined]  # not a shorter, growing version
                 return fut
             fut = self._pool.submit(self._load, rec)
             fut.length = rec.length  # type: ignore[attr-defined]
@@ -160,23 +160,28 @@ class BlockReader:
             if data is not None:
                 self.cache.put((rec.chunk, rec.idx), data)
                 return data
+        data = self.fetch_from_nodes(rec)
+        self.cache.put((rec.chunk, rec.idx), data)
+        if disk is not None:
+            disk.put((rec.chunk, rec.idx), data)
+        return data
+
+    def fetch_from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
+        """The verified raw bytes of a block from its nodes, past both caches (warmup stores them itself):
+        other replicas on failure, a torn read of a growing block retried, a moved block looked up again."""
         try:
-            data = self._from_nodes(rec)
+            return self._from_nodes(rec)
         except CorruptBlockError:
             if rec.durable:
                 raise
             time.sleep(0.002)  # a block growing in place, read while its header was rewritten: once more
-            data = self._from_nodes(rec)
+            return self._from_nodes(rec)
         except BlockNotFoundError:
             # Copies may have moved (rebalance, drain) since this map was loaded: look again once.
             fresh = self._fresh_record(rec)
             if fresh is None or fresh.nodes == rec.nodes:
                 raise
-            data = self._from_nodes(fresh)
-        self.cache.put((rec.chunk, rec.idx), data)
-        if disk is not None:
-            disk.put((rec.chunk, rec.idx), data)
-        return data
+            return self._from_nodes(fresh)
 
     def _fresh_record(self, rec: BlockRecord) -> BlockRecord | None:
         self.load_maps([rec.chunk], refresh=True)
