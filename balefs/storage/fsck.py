@@ -297,6 +297,10 @@ def _extra_copy(client: Client, rec: BlockRecord, nid: int, report: FsckReport, 
     report.note(f"extra copy: chunk {rec.chunk} block {rec.idx} on node {node.url} (its record lists "
                 f"node(s) {', '.join(str(n) for n in rec.nodes)})")
     if repair:
+        fresh = [r for r in client.meta.blocks_of([rec.chunk]).get(rec.chunk, []) if r.idx == rec.idx]
+        if fresh and nid in fresh[0].nodes:  # a rebalance recorded the copy meanwhile: it is no extra now
+            report.extra_copies -= 1
+            return
         node.delete(block_key(rec.chunk, rec.idx))
         report.removed_extra += 1
 
