@@ -115,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         verified = report.bytes_read / secs / MB
         log(f"balefs fsck: {verified:.0f} MB/s ({report.bytes_read / MB:.0f} MB in {secs:.1f}s, "
             f"{report.blocks} blocks, problems: {report.remaining()})")
+        best = max(disk, plain)  # a virtual disk may serve parallel streams faster than fio's one
         rows = {"disk_fio_mb_s": round(disk), "plain_read_mb_s": round(plain), "fsck_mb_s": round(verified),
-                "fsck_vs_disk": round(verified / disk, 2), "fsck_vs_plain": round(verified / plain, 2)}
+                "fsck_vs_disk": round(verified / best, 2), "fsck_vs_plain": round(verified / plain, 2)}
         print("| side | MB/s | fsck / side |\n|---|---|---|")
-        print(f"| disk, fio sequential O_DIRECT | {disk:,.0f} | {verified / disk:.2f} |")
-        print(f"| plain read of every block file | {plain:,.0f} | {verified / plain:.2f} |")
+        print(f"| disk, fio sequential O_DIRECT (one stream, queue depth 16) | {disk:,.0f} | {verified / disk:.2f} |")
+        print(f"| plain read of every block file (16 threads, buffered) | {plain:,.0f} | {verified / plain:.2f} |")
         print(f"| balefs fsck (read, decode, verify every copy) | {verified:,.0f} | - |")
-        print(f"bar: fsck vs disk {verified / disk:.2f} (bar 0.70) {'PASS' if verified >= 0.7 * disk else 'MISS'}")
+        print(f"bar: fsck vs the disk's read rate (the faster of the two) {verified / best:.2f} (bar 0.70) "
+              f"{'PASS' if verified >= 0.7 * best else 'MISS'}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
