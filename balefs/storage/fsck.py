@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import CorruptBlockError, NodeError, BlockNotFoundError
 from .client import Client
@@ -146,9 +146,13 @@ def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, 
     records = meta.blocks_of(batch)
     extents = _extents_by_chunk(meta.extents_in(batch))
     drift = meta.live_drift(c for c in batch if c in table)
-    for chunk in batch:
+    ahead = _read_copies(client, pool, records.get(batch[0], [])) if batch else []
+    for i, chunk in enumerate(batch):
+        # the next chunk's copies are read (and verified) while this one's are checked
+        mine, ahead = ahead, (_read_copies(client, pool, records.get(batch[i + 1], [])) if i + 1 < len(batch) else [])
         nbytes = _check_chunk(client, chunk, table.get(chunk), records.get(chunk, []), on_nodes.get(chunk, {}),
-                              extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s, pool)
+                              extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s,
+                              (f.result() for f in mine))
         report.chunks += 1
         _save_state(path, chunk, report, repair)
         if progress is not None:
@@ -193,13 +197,13 @@ def _extents_by_chunk(per_file: dict[int, list[Extent]]) -> dict[int, list[tuple
 def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[BlockRecord],
                  listed: dict[tuple[int, int], list[int]], extents: list[tuple[int, Extent]],
                  drift: tuple[int, int] | None, report: FsckReport, repair: bool, throttle: _Throttle,
-                 grace_s: float, pool: ThreadPoolExecutor) -> int:
-    """Check one chunk's blocks, copies, extents and live counter; return the bytes read."""
+                 grace_s: float, copies: Iterator[_Copy]) -> int:
+    """Check one chunk's blocks, copies (read by _read_copies, in its order), extents and live
+    counter; return the bytes read."""
     nbytes = 0
     known = {(r.chunk, r.idx): r for r in records}
     durable = [r for r in records if r.durable]
     report.in_flux += len(records) - len(durable)  # growing in place, or a crashed writer's: recovery settles them
-    copies = pool.map(lambda rn: _fetch(client, *rn), [(r, nid) for r in durable for nid in r.nodes])
     for rec in durable:
         nbytes += _check_block(client, rec, [next(copies) for _ in rec.nodes], report, repair, throttle)
         for nid in listed.get((rec.chunk, rec.idx), []):
@@ -224,18 +228,36 @@ def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[B
     return nbytes
 
 
-def _fetch(client: Client, rec: BlockRecord, nid: int) -> bytes | NodeError | None:
-    """One stored copy of a block, or the error its node gave (None: a node the volume does not know)."""
+# One copy as read: the stored blob, or the error its node gave (None: a node the volume does not
+# know); and, for a blob, why it is corrupt (None: it verifies).
+_Copy = tuple[bytes | NodeError | None, CorruptBlockError | None]
+
+
+def _read_copies(client: Client, pool: ThreadPoolExecutor, records: list[BlockRecord]) -> list[Future]:
+    """Start reading and verifying every copy of the chunk's synced blocks (in the pool's threads:
+    the checksum runs there too, beside other reads); futures of _Copy, block by block."""
+    return [pool.submit(_fetch, client, r, nid) for r in records if r.durable for nid in r.nodes]
+
+
+def _fetch(client: Client, rec: BlockRecord, nid: int) -> _Copy:
+    """One stored copy of a block, read and verified (header, checksum, identity, length)."""
     node = client.nodes.get(nid)
     if node is None:
-        return None
+        return None, None
     try:
-        return node.get(block_key(rec.chunk, rec.idx))
+        blob = node.get(block_key(rec.chunk, rec.idx))
     except NodeError as exc:
-        return exc
+        return exc, None
+    try:
+        raw = client.codec.decode(blob, rec.chunk, rec.idx)
+        if len(raw) != rec.length:
+            raise CorruptBlockError(f"raw length {len(raw)}, its record says {rec.length}")
+    except CorruptBlockError as exc:
+        return blob, exc
+    return blob, None
 
 
-def _check_block(client: Client, rec: BlockRecord, fetched: list[bytes | NodeError | None], report: FsckReport,
+def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report: FsckReport,
                  repair: bool, throttle: _Throttle) -> int:
     """Verify every copy of one block (as read, in the order of rec.nodes); rewrite bad ones from a
     good one when repairing."""
@@ -244,7 +266,7 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[bytes | NodeErr
     good: bytes | None = None
     bad: list[int] = []
     nbytes = 0
-    for nid, blob in zip(rec.nodes, fetched):
+    for nid, (blob, corrupt) in zip(rec.nodes, fetched):
         report.copies += 1
         node = client.nodes.get(nid)
         where = f"chunk {rec.chunk} block {rec.idx} on node {node.url if node else nid}"
@@ -264,13 +286,9 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[bytes | NodeErr
         nbytes += len(blob)
         report.bytes_read += len(blob)
         throttle.take(len(blob))
-        try:
-            raw = client.codec.decode(blob, rec.chunk, rec.idx)
-            if len(raw) != rec.length:
-                raise CorruptBlockError(f"raw length {len(raw)}, its record says {rec.length}")
-        except CorruptBlockError as exc:
+        if corrupt is not None:
             report.corrupt_copies += 1
-            report.note(f"corrupt copy: {where}: {exc.reason}")
+            report.note(f"corrupt copy: {where}: {corrupt.reason}")
             bad.append(nid)
             continue
         if good is None:
