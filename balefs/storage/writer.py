@@ -255,7 +255,7 @@ class ChunkWriter:
                 return []
             idx = self._block_idx
             if self._grow_nodes is None:
-                targets = self._targets(chunk, idx)
+                targets = self._order(chunk, idx)[:self._placement.replicas]
                 if not all(supports(self._nodes[n], GrowInPlace) for n in targets):
                     return None
                 self._grow_nodes = tuple(targets)
@@ -282,12 +282,13 @@ class ChunkWriter:
                 self._published = hi
             return [BlockRecord(chunk, idx, self._block_start, hi, HEADER_SIZE + hi, self._grow_nodes, durable=False)]
 
-    def _targets(self, chunk: int, idx: int) -> list[int]:
-        """The nodes a new block goes to: the first `replicas` of its ring that are up."""
+    def _order(self, chunk: int, idx: int) -> list[int]:
+        """The nodes a block is stored on, in the order they are tried: its ring, nodes known to be
+        down last; its first `replicas` are the targets, the rest stand in for failed ones."""
         ring = self._placement.ring(chunk, idx)
         if self._placement.replicas == 1:
-            return ring[:1]  # no replicas asked for: a block's node is fixed
-        return up_first(ring, self._nodes)[:self._placement.replicas]
+            ring = ring[:1]  # no replicas asked for: a block's node is fixed, its failure fails the write
+        return up_first(ring, self._nodes)
 
     def _recycle(self, buf: mmap.mmap, views: tuple[memoryview, ...]) -> None:
         """Take back an uploaded block's buffer for a later block (no node keeps a reference to it)."""
@@ -304,11 +305,8 @@ class ChunkWriter:
         """Put the copies of a block; return the ids of the nodes holding them, in ring order, and
         those of them whose copy is not durable yet (put_deferred: take() syncs them)."""
         key = block_key(chunk, idx)
-        ring = self._placement.ring(chunk, idx)
         want = self._placement.replicas
-        if want == 1:
-            ring = ring[:1]  # no replicas asked for: a block's node is fixed, its failure fails the write
-        order = up_first(ring, self._nodes)  # nodes known to be down stand in last
+        order = self._order(chunk, idx)
         targets, spares = order[:want], order[want:]
         stored: list[int] = []
         errors: list[BaseException] = []
@@ -325,6 +323,7 @@ class ChunkWriter:
             why = "; ".join(str(e) for e in errors[:3])
             raise node_error(f"chunk {chunk} block {idx}: only {len(stored)} of {want} copies stored, "
                              f"write quorum is {self.write_quorum}: {why}", errors)
+        ring = self._placement.ring(chunk, idx)
         stored.sort(key=ring.index)
         return tuple(stored), tuple(n for n in stored if supports(self._nodes[n], DeferredDurability))
 
@@ -411,9 +410,8 @@ class ChunkWriter:
                     self._lazy = {**lazy, **self._lazy}
                 self.untake([], sizes)
                 raise
-        if lazy:
-            newer = {(b.chunk, b.idx) for b in blocks}
-            blocks = [b._replace(durable=True) for k, b in lazy.items() if k not in newer] + blocks
+        newer = {(b.chunk, b.idx) for b in blocks}
+        blocks = [b for k, b in lazy.items() if k not in newer] + blocks  # every one of them synced now
         return [b if b.durable else b._replace(durable=True) for b in blocks], sizes, marks
 
     def _sync(self, unsynced: list[tuple[int, int, int, tuple[int, ...]]]) -> None:
