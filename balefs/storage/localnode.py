@@ -21,11 +21,16 @@ from ..errors import BlockNotFoundError, ConfigError, NodeError, NodeFullError, 
 from .node import VOLUME_KEY
 
 
-def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
-    """Write every byte of `parts`, in order, with as few system calls as the kernel allows."""
+def _write_all(fd: int, parts: Sequence[bytes | memoryview], offset: int | None = None) -> None:
+    """Write every byte of `parts`, in order, at the file's position (or at `offset`), with as few
+    system calls as the kernel allows."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
-        n = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
+        if offset is None:
+            n = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
+        else:
+            n = os.pwritev(fd, views, offset)
+            offset += n
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
@@ -162,17 +167,28 @@ class LocalNode:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         _write_all(fd, (view[done:],))
 
+    def _open_for_write(self, path: str, flags: int) -> int:
+        """Open `path` (a block file, or a temp file beside one) for writing, making its
+        subdirectory when missing; the node's own directory is never made again here."""
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+        except FileNotFoundError:
+            if not os.path.isdir(self.root):  # it would land on the filesystem under a mount
+                raise self._gone() from None
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+
+    def _write_failed(self, key: str, exc: OSError) -> NodeError:
+        """The error of a failed block write: NodeFullError for a full disk (ENOSPC to POSIX callers)."""
+        if exc.errno == errno.ENOSPC:
+            return NodeFullError(f"node {self.url}: disk full writing block {key}")
+        return NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})")
+
     def _store(self, key: str, parts: Sequence[bytes | memoryview], durable: bool) -> None:
         path = self._path(key)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            except FileNotFoundError:
-                if not os.path.isdir(self.root):  # never made again here: it would land on the filesystem under a mount
-                    raise self._gone() from None
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = self._open_for_write(tmp, os.O_TRUNC)
             try:
                 if not durable and len(parts) == 1 and self._direct and _page_aligned(parts[0]):
                     self._write_direct(fd, memoryview(parts[0]).cast("B"))
@@ -192,39 +208,19 @@ class LocalNode:
                 os.unlink(tmp)
             except OSError:
                 pass
-            if exc.errno == errno.ENOSPC:
-                raise NodeFullError(f"node {self.url}: disk full writing block {key}") from None
-            raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
+            raise self._write_failed(key, exc) from None
 
     def put_at(self, key: str, offset: int, parts: Sequence[bytes | memoryview]) -> None:
         """Write `parts` at byte `offset` of the block file `key`, made if missing (GrowInPlace):
         in the page cache, readable by every process at once, durable after sync([key])."""
-        path = self._path(key)
         try:
+            fd = self._open_for_write(self._path(key), 0)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            except FileNotFoundError:
-                if not os.path.isdir(self.root):
-                    raise self._gone() from None
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                views = [memoryview(p).cast("B") for p in parts if len(p)]
-                pos = offset
-                while views:
-                    n = os.pwritev(fd, views, pos)
-                    pos += n
-                    while views and n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    if views and n:
-                        views[0] = views[0][n:]
+                _write_all(fd, parts, offset)
             finally:
                 os.close(fd)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise NodeFullError(f"node {self.url}: disk full writing block {key}") from None
-            raise NodeError(f"node {self.url}: cannot write block {key} ({exc.strerror})") from None
+            raise self._write_failed(key, exc) from None
 
     def get(self, key: str) -> bytes:
         try:
