@@ -56,19 +56,13 @@ def recover_unsynced(client: Client, grace_s: float = 3600.0, dry_run: bool = Fa
 
 
 def _intact_bytes(client: Client, rec: BlockRecord) -> bytes | None:
-    """The block's first rec.length raw bytes from the first copy that holds them all, verified."""
-    key = block_key(rec.chunk, rec.idx)
-    for nid in rec.nodes:
-        node = client.nodes.get(nid)
-        if node is None:
-            continue
-        try:
-            raw = client.codec.decode(node.get(key), rec.chunk, rec.idx)
-        except (NodeError, CorruptBlockError):
-            continue
-        if len(raw) >= rec.length:
-            return bytes(memoryview(raw)[:rec.length])
-    return None
+    """The block's first rec.length raw bytes from the first copy that holds them all, verified
+    (the reader's own copy-by-copy read of a block not durable yet), or None."""
+    try:
+        raw = client.reader.fetch_from_nodes(rec)
+    except (NodeError, CorruptBlockError):
+        return None
+    return bytes(memoryview(raw)[:rec.length])
 
 
 def _settle(client: Client, rec: BlockRecord, raw: bytes) -> None:
