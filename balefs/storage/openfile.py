@@ -203,10 +203,10 @@ class OpenFile:
         spool = Spool(self.files.spool_dir)
         try:
             if self.fw is not None:
-                # The streamed bytes are in blocks that may not be durable or recorded yet:
-                # a synced commit of no file records every block (the open one cut), then read them back.
+                # The streamed bytes are in blocks that may not be durable or recorded yet: a
+                # sync records every block (the open one cut), then they are read back.
                 fw = self.fw
-                self.client.commit([], sync=True)
+                self.client.sync()
                 src = FileReader(self.client, self.path, self.node._replace(size=fw.size), list(fw.extents))
                 size = fw.size
             else:
