@@ -27,6 +27,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from typing import Iterator
 
 import xxhash
 
@@ -79,20 +80,13 @@ class DiskBlockCache:
     def _scan(self) -> None:
         """Rebuild the index from the files on disk, oldest first; drop leftovers of torn writes."""
         found: list[tuple[float, Key, int]] = []
-        for sub in os.scandir(self.root):
-            if not sub.is_dir():
+        for entry, st in _files(self.root):
+            key = self._parse(entry.name)
+            if key is None:
+                if ".tmp" in entry.name and time.time() - st.st_mtime > 600:
+                    _unlink(entry.path)
                 continue
-            for entry in os.scandir(sub.path):
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue
-                key = self._parse(entry.name)
-                if key is None:
-                    if ".tmp" in entry.name and time.time() - st.st_mtime > 600:
-                        _unlink(entry.path)
-                    continue
-                found.append((st.st_mtime, key, st.st_size))
+            found.append((st.st_mtime, key, st.st_size))
         found.sort()
         with self._lock:
             for _, key, size in found:
@@ -328,8 +322,8 @@ def evict_entries(root: str, namespace: str | None = None) -> tuple[int, int]:
     return n, size
 
 
-def _entries(ns_root: str):
-    """(path, stat) of every cache entry under one namespace's directory."""
+def _files(ns_root: str) -> Iterator[tuple[os.DirEntry, os.stat_result]]:
+    """(entry, stat) of every file in the subdirectories of one namespace's directory."""
     try:
         subs = list(os.scandir(ns_root))
     except FileNotFoundError:
@@ -338,9 +332,14 @@ def _entries(ns_root: str):
         if not sub.is_dir():
             continue
         for entry in os.scandir(sub.path):
-            if DiskBlockCache._parse(entry.name) is None:
-                continue
             try:
-                yield entry.path, entry.stat()
+                yield entry, entry.stat()
             except OSError:
                 continue
+
+
+def _entries(ns_root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, stat) of every cache entry under one namespace's directory."""
+    for entry, st in _files(ns_root):
+        if DiskBlockCache._parse(entry.name) is not None:
+            yield entry.path, st
