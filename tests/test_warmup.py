@@ -28,6 +28,14 @@ def _tree_blocks(client: Client, files: dict[str, bytes]) -> set:
     return {(r.chunk, r.idx, r.nodes) for p in files for r in blocks_of_file(client, p)}
 
 
+def _volume_with_tree(make_volume, open_client, **settings) -> tuple:
+    """A fresh volume "vol" with _tree written: (its config, a client, the files, their blocks)."""
+    cfg = make_volume("vol", **settings)
+    client = open_client("vol")
+    files = _tree(client)
+    return cfg, client, files, _tree_blocks(client, files)
+
+
 def _warm(vol: str, cache: Path, *extra: str):
     r = run_cli("warmup", f"bale://{vol}/data", "--cache-dir", cache, *extra)
     return r.returncode, r.stderr.decode()
@@ -55,10 +63,8 @@ def _read_all_from_cache(vol: str, cache: Path, files: dict[str, bytes]) -> None
 
 
 def test_warmup_then_reads_need_no_node(make_volume, open_client, tmp_path):
-    cfg = make_volume("vol", nodes=3)
-    client = open_client("vol")
-    files = _tree(client)
-    nblocks = len(_tree_blocks(client, files))
+    cfg, client, files, blocks = _volume_with_tree(make_volume, open_client, nodes=3)
+    nblocks = len(blocks)
     cache = tmp_path / "cache"
     rc, err = _warm("vol", cache, "--threads", "4")
     assert rc == 0, err
@@ -85,10 +91,8 @@ def test_warmup_then_reads_need_no_node(make_volume, open_client, tmp_path):
 
 
 def test_warmup_stops_at_the_bound_and_keeps_what_it_fetched(make_volume, open_client, tmp_path):
-    make_volume("vol", nodes=2)
-    client = open_client("vol")
-    files = _tree(client)
-    nblocks = len(_tree_blocks(client, files))
+    cfg, client, files, blocks = _volume_with_tree(make_volume, open_client, nodes=2)
+    nblocks = len(blocks)
     cache = tmp_path / "cache"
     rc, err = _warm("vol", cache, "--disk-cache-size", "400KiB")
     assert rc == 0, err
@@ -104,10 +108,8 @@ def test_warmup_stops_at_the_bound_and_keeps_what_it_fetched(make_volume, open_c
 
 
 def test_warmup_on_a_cache_disk_that_fills_up(make_volume, open_client, tmpfs):
-    make_volume("vol", nodes=2)
-    client = open_client("vol")
-    files = _tree(client)
-    nblocks = len(_tree_blocks(client, files))
+    cfg, client, files, blocks = _volume_with_tree(make_volume, open_client, nodes=2)
+    nblocks = len(blocks)
     cache = tmpfs("300k")  # the bound (64 MiB) is far above what this disk holds
     rc, err = _warm("vol", cache, "--disk-cache-size", "64MiB")
     assert rc == 1 and "Traceback" not in err, err
@@ -123,10 +125,8 @@ def test_warmup_on_a_cache_disk_that_fills_up(make_volume, open_client, tmpfs):
 
 
 def test_warmup_with_a_node_down_reads_the_other_replica(make_volume, open_client, tmp_path):
-    cfg = make_volume("vol", nodes=3, replicas=2)
-    client = open_client("vol")
-    files = _tree(client)
-    nblocks = len(_tree_blocks(client, files))
+    cfg, client, files, blocks = _volume_with_tree(make_volume, open_client, nodes=3, replicas=2)
+    nblocks = len(blocks)
     client.close()
     os.rename(cfg.nodes[0], cfg.nodes[0] + ".away")
     cache = tmp_path / "cache"
@@ -138,10 +138,7 @@ def test_warmup_with_a_node_down_reads_the_other_replica(make_volume, open_clien
 
 
 def test_warmup_with_a_node_down_and_one_replica_reports_its_blocks(make_volume, open_client, tmp_path):
-    cfg = make_volume("vol", nodes=3, replicas=1)
-    client = open_client("vol")
-    files = _tree(client)
-    blocks = _tree_blocks(client, files)
+    cfg, client, files, blocks = _volume_with_tree(make_volume, open_client, nodes=3, replicas=1)
     down = next(nid for nid, node in client.nodes.items() if node.url == cfg.nodes[1])
     on_down = sum(1 for _, _, nodes in blocks if tuple(nodes) == (down,))
     assert 0 < on_down < len(blocks)
