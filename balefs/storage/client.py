@@ -30,14 +30,14 @@ from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
 from .orphans import PREFIX as ORPHAN_XATTR
 from .layout import parse_block_key
-from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, supports
+from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, node_is_up, supports
 from .node_registry import normalize_node_url, open_node
 from .placement import Placement
 from .reader import BlockReader
 from .volume import claim_nodes
 from .volume_format import VolumeFormat, stored_format
 from .writer import ChunkWriter
-from .counters import CounterRegistry
+from .counters import CounterGroup, CounterRegistry, Histogram, HistogramSnapshot
 from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
 from .snapshot import Snapshot, local_copy, open_snapshot
@@ -269,6 +269,8 @@ class Client:
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
         self._dirs_only: set[str] = set()  # cached directories whose attributes our commits changed: good for paths only
         self._generation = self.meta.generation() if self._meta is not None else None
+        self._commit_counters = CounterGroup("group_commits", "files_committed")
+        self._commit_seconds = Histogram()  # one group commit: flush of the open block, metadata transaction
         self.counter_registry = self._gather_counters()
         self._syncer = BackgroundSync(self.sync, cfg.sync_interval)
 
@@ -609,17 +611,41 @@ class Client:
 
     def counters(self) -> dict[str, int]:
         """Every counter of this client now, flat: {"cache.hits": n, "disk_cache.errors": n,
-        "reader.hedged": n, "node.<id>.path.<i>.requests": n, ...}; for stats output and exporters."""
+        "reader.hedged": n, "node.<id>.path.<i>.requests": n, "node.<id>.get_errors": n, ...};
+        for stats output and exporters."""
         return self.counter_registry.snapshot()
 
+    def histograms(self) -> dict[str, HistogramSnapshot]:
+        """Every latency histogram of this client now: {"node.<id>.get_seconds": ..., "node.<id>.put_seconds": ...,
+        "meta.<method>.query_seconds": ..., "writer.commit_seconds": ...}; for exporters."""
+        return self.counter_registry.histograms()
+
+    def gauges(self) -> dict[str, float]:
+        """This client's figures of the moment: {"node.<id>.up": 0 or 1, "writer.commit_queue": n,
+        "writer.blocks_in_flight": n, "cache.bytes": n}; for exporters."""
+        return self.counter_registry.gauges()
+
     def _gather_counters(self) -> CounterRegistry:
-        """The registry of the counters of this client's caches, block reader and node paths."""
+        """The registry of the counters, latency histograms and gauges of this client's caches, block
+        reader, writer, metadata store and nodes."""
         registry = CounterRegistry()
         registry.add("cache", self.cache.counters)
+        registry.add_gauge("cache.bytes", lambda: self.cache.size)
         if self.disk_cache is not None:
             registry.add("disk_cache", self.disk_cache.counters)
         registry.add("reader", self.reader.counters)
+        registry.add_keyed("node", "get_seconds", self.reader.node_get_seconds)
+        registry.add_keyed("node", "get_errors", self.reader.node_get_errors)
+        registry.add_keyed("node", "read_bytes", self.reader.node_read_bytes)
+        registry.add_keyed("node", "put_seconds", lambda: self._writer.node_put_seconds if self._writer else None)
+        registry.add_keyed("node", "put_errors", lambda: self._writer.node_put_errors if self._writer else None)
+        registry.add_keyed("meta", "query_seconds", lambda: self._meta.query_seconds if self._meta is not None else None)
+        registry.add("writer", self._commit_counters)
+        registry.add_histogram("writer.commit_seconds", self._commit_seconds)
+        registry.add_gauge("writer.commit_queue", lambda: len(self._queue))
+        registry.add_gauge("writer.blocks_in_flight", lambda: self._writer.blocks_in_flight if self._writer else 0)
         for nid, node in sorted(self.nodes.items()):
+            registry.add_gauge(f"node.{nid}.up", functools.partial(node_is_up, node))
             if supports(node, MultiPath):
                 for i, path in enumerate(node.paths.paths):
                     registry.add(f"node.{nid}.path.{i}", path.counters)
@@ -709,7 +735,13 @@ class Client:
             if not ticket.done:
                 with self._queue_lock:
                     tickets, self._queue = self._queue, []
-                self._commit_tickets(tickets)
+                started = time.monotonic()
+                try:
+                    self._commit_tickets(tickets)
+                finally:
+                    self._commit_seconds.observe(time.monotonic() - started)
+                    self._commit_counters.group_commits.add()
+                    self._commit_counters.files_committed.add(sum(len(t.files) for t in tickets))
         if ticket.error is not None:
             raise ticket.error
 

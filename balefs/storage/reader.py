@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import BlockCodec
-from .counters import CounterGroup
+from .counters import Counter, CounterGroup, Histogram, Keyed
 from .meta.types import BlockRecord, Extent
 from .layout import block_key
 from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
@@ -58,6 +58,10 @@ class BlockReader:
         self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
         self.counters = CounterGroup("hedged", "repaired")
+        #: per node id: seconds of each block copy read (get or read_into), copies that failed, bytes read
+        self.node_get_seconds: Keyed[Histogram] = Keyed(Histogram)
+        self.node_get_errors: Keyed[Counter] = Keyed(Counter)
+        self.node_read_bytes: Keyed[Counter] = Keyed(Counter)
 
     hedged = property(lambda self: self.counters.hedged.value, doc="reads raced against another replica or path")
     repaired = property(lambda self: self.counters.repaired.value, doc="bad copies rewritten from a good one")
@@ -231,11 +235,19 @@ class BlockReader:
         if node is None:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: node id {nid} is not in this volume")
         started = time.monotonic()
-        blob = node.get(key) if buf is None else memoryview(buf)[:node.read_into(key, buf)]
-        self._latency.setdefault(nid, deque(maxlen=32)).append(time.monotonic() - started)
+        try:
+            blob = node.get(key) if buf is None else memoryview(buf)[:node.read_into(key, buf)]
+        except Exception:
+            self.node_get_errors[nid].add()
+            raise
+        took = time.monotonic() - started
+        self._latency.setdefault(nid, deque(maxlen=32)).append(took)
+        self.node_get_seconds[nid].observe(took)
+        self.node_read_bytes[nid].add(len(blob))
         try:
             raw = self._codec.decode(blob, rec.chunk, rec.idx)
         except CorruptBlockError as exc:
+            self.node_get_errors[nid].add()
             raise exc.located(rec.chunk, rec.idx, node.url) from None
         if len(raw) != rec.length and (rec.durable or len(raw) < rec.length):  # a growing block may have grown
             raise CorruptBlockError(f"holds {len(raw)} bytes, metadata says {rec.length}", rec.chunk, rec.idx, node.url)

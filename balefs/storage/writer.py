@@ -36,11 +36,13 @@ import mmap
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 from ..errors import node_error
 from .codec import HEADER_SIZE, BlockCodec
+from .counters import Counter, Histogram, Keyed
 from .meta.types import BlockRecord
 from .layout import block_key
 from .node import DeferredDurability, GrowInPlace, Node, supports, up_first
@@ -91,6 +93,9 @@ class ChunkWriter:
         self._unsynced: list[tuple[int, int, int, tuple[int, ...]]] = []  # (chunk, idx, gen, nodes) not yet synced
         self._sync_pool: ThreadPoolExecutor | None = None
         self._inflight: set[Future] = set()
+        #: per node id: seconds of each block copy stored (put, put_deferred, a grow in place), copies that failed
+        self.node_put_seconds: Keyed[Histogram] = Keyed(Histogram)
+        self.node_put_errors: Keyed[Counter] = Keyed(Counter)
         self._done: list[BlockRecord] = []
         self._done_idx: dict[int, dict[int, BlockRecord]] = {}
         self._watermark: dict[int, int] = {}
@@ -235,6 +240,11 @@ class ChunkWriter:
     # -- publishing the open block -------------------------------------------------------
 
     @property
+    def blocks_in_flight(self) -> int:
+        """Blocks being uploaded now (the upload queue's depth)."""
+        return len(self._inflight)
+
+    @property
     def open_chunk(self) -> int | None:
         """The chunk bytes are appended to now (None between chunks)."""
         return self._chunk
@@ -268,8 +278,10 @@ class ChunkWriter:
                     self._grow_digest.update(view)
                     header = self._codec.growing_header(hi, self._grow_digest)
                     for nid in self._grow_nodes:  # the bytes first: a reader of the old header ignores them
+                        started = time.monotonic()
                         self._nodes[nid].put_at(key, HEADER_SIZE + lo, (view,))
                         self._nodes[nid].put_at(key, 0, (header,))
+                        self.node_put_seconds[nid].observe(time.monotonic() - started)
                 except BaseException as exc:
                     self._failed[self.generation] = exc
                     self._fill = lo
@@ -340,13 +352,16 @@ class ChunkWriter:
 
         def put(nid: int) -> BaseException | None:
             node = self._nodes[nid]
+            started = time.monotonic()
             try:
                 if supports(node, DeferredDurability):
                     node.put_deferred(key, parts)
                 else:
                     node.put(key, blob())
             except Exception as exc:  # noqa: BLE001 - the caller counts copies
+                self.node_put_errors[nid].add()
                 return exc
+            self.node_put_seconds[nid].observe(time.monotonic() - started)
             return None
 
         if len(nids) == 1 or self._copies is None:

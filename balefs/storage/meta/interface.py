@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
+from ..counters import Histogram, Keyed
 from .types import BlockRecord, ChunkLayout, Extent, FileWrite, Inode
 
 
@@ -34,6 +35,8 @@ class Meta(Protocol):
 
     #: the store's URL, without its password (for messages)
     url: str
+    #: seconds each operation took, by method name (the metadata latency that metrics export)
+    query_seconds: Keyed[Histogram]
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from ...errors import ConfigError
+from ..counters import Histogram, Keyed
 from .types import ROOT, SETTLED, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
 SCHEMA_VERSION = 5
@@ -128,18 +129,24 @@ def retrying(fn: F) -> F:
     """Run a metadata operation again (from the start) when it lost a race the engine reports
     as transient; each attempt is a whole transaction, so nothing of a failed one remains."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     def wrapper(self: "SqlMeta", *args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + self.retry_seconds
+        started = time.monotonic()
+        deadline = started + self.retry_seconds
         delay = 0.005
-        while True:
-            try:
-                return fn(self, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - the engine decides what is transient
-                if not self._transient(exc) or self._in_transaction() or time.monotonic() > deadline:
-                    raise self._translate(exc) from exc
-            time.sleep(delay)
-            delay = min(1.0, delay * 2)
+        try:
+            while True:
+                try:
+                    return fn(self, *args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - the engine decides what is transient
+                    if not self._transient(exc) or self._in_transaction() or time.monotonic() > deadline:
+                        raise self._translate(exc) from exc
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+        finally:
+            self.query_seconds[name].observe(time.monotonic() - started)
 
     return wrapper  # type: ignore[return-value]
 
@@ -148,6 +155,11 @@ class SqlMeta:
     """Metadata of one volume in an SQL database: every query and rule, engine-neutral.
 
     Subclasses implement _read/_write/snapshot/close and set the dialect attributes."""
+
+    @functools.cached_property
+    def query_seconds(self) -> Keyed[Histogram]:
+        """Seconds each operation took (retries included), by method name: the metadata latency."""
+        return Keyed(Histogram)
 
     #: DDL tokens of the engine (see MIGRATIONS)
     DDL_TYPES: dict[str, str] = {}
