@@ -108,6 +108,32 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def metrics_option(fn: Callable) -> Callable:
+    """--metrics HOST:PORT: serve this command's Prometheus metrics while it runs (balefs.metrics)."""
+    return click.option("--metrics", "metrics_at", default=None, metavar="HOST:PORT",
+                        help="Serve Prometheus metrics at HOST:PORT while this runs (port 0: a free one, said on "
+                             "stderr; a host other than 127.0.0.1 only when named). Default: off, or BALEFS_METRICS.")(fn)
+
+
+def _expose_metrics(where: str | None) -> bool:
+    """Open this command's metrics endpoint (before any work: a port in use is one error line); whether one is open."""
+    if not where and not os.environ.get("BALEFS_METRICS"):
+        return False
+    from . import metrics
+
+    ep = metrics.serve(where) if where else metrics.serve_from_env()
+    if ep is not None:
+        click.echo(f"metrics at {ep.url}", err=True)
+    return ep is not None
+
+
+def _watch_metrics(exposed: bool, client: Client, volume: str) -> None:
+    if exposed:
+        from . import metrics
+
+        metrics.watch(client, volume, figures=True)
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """Split `bale://VOLUME/path` (or `VOLUME/path`) into (volume, path); a usage error if malformed."""
     try:
@@ -203,8 +229,10 @@ def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quor
               help="Pack in parallel on a Ray cluster: one task per share of the files, each into its own chunks. "
                    "SOURCES may then be any fsspec URL (s3://, gs://, file://).")
 @click.option("--ray-address", default=None, help="Ray cluster to use with --ray (default: RAY_ADDRESS, one running here, or a new local one).")
+@metrics_option
 @user_errors
-def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_address: str | None) -> None:
+def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_address: str | None,
+        metrics_at: str | None) -> None:
     """Copy local files or directories into a volume (like cp -r).
 
     If DEST is an existing directory, each source lands inside it; otherwise a single
@@ -221,7 +249,9 @@ def put(sources: tuple[str, ...], dest: str, threads: int, use_ray: bool, ray_ad
 
         with _stderr_held_back():  # Ray's own retry warnings: its failure is said in one line
             connect(ray_address)
+    exposed = _expose_metrics(metrics_at)
     with Client.open(volume) as client:
+        _watch_metrics(exposed, client, volume)
         try:
             into_dir = client.stat(vdest).kind == "d" and bool(vdest)
         except FileNotFoundError:
@@ -630,8 +660,9 @@ def _parse_rate(value: str | None) -> int | None:
               "recount drifted live bytes.")
 @click.option("--rate", default=None, help="Read at most this much per second, e.g. 200MB/s (default: no limit).")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming an interrupted run.")
+@metrics_option
 @user_errors
-def fsck(volume: str, repair: bool, rate: str | None, restart: bool) -> None:
+def fsck(volume: str, repair: bool, rate: str | None, restart: bool, metrics_at: str | None) -> None:
     """Verify every block copy of VOLUME and its metadata; exit 0 clean (or all repaired), 1 problems remain, 2 error.
 
     Checks each copy's header, checksum, identity and length; finds missing, extra and orphan
@@ -640,8 +671,10 @@ def fsck(volume: str, repair: bool, rate: str | None, restart: bool) -> None:
     from .storage.fsck import check_volume, total_bytes
 
     limit = _parse_rate(rate)
+    exposed = _expose_metrics(metrics_at)
     try:
         with Client.open(volume) as client:
+            _watch_metrics(exposed, client, volume)
             t0 = time.monotonic()
             with tqdm(total=total_bytes(client), unit="B", unit_scale=True, desc="fsck", disable=None) as bar:
                 read_now = [0]  # by this run (a resumed run's report counts the earlier ones' too)
@@ -736,12 +769,13 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--sync-interval", type=click.FloatRange(min=0.01), default=None,
               help="Seconds within which a closed file becomes durable without fsync (default 5).")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
+@metrics_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @user_errors
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
               attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
-              sync_interval: float | None, debug: bool, ready_fd: int | None) -> None:
+              sync_interval: float | None, debug: bool, metrics_at: str | None, ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -752,7 +786,11 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
                         allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout, noatime=noatime,
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
-                        sync_close=True if sync_close else None, sync_interval=sync_interval)
+                        sync_close=True if sync_close else None, sync_interval=sync_interval, metrics=metrics_at)
+    if metrics_at:
+        from .metrics import parse_endpoint
+
+        parse_endpoint(metrics_at)  # a malformed value: one line here, not a daemon that fails to start
     if ready_fd is not None:  # the daemon started by a background mount
         import logging
         logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
@@ -764,6 +802,10 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
     if not foreground:
         click.echo(f"mounted {volume} at {os.path.abspath(mountpoint)} (daemon pid {pid}); "
                    f"unmount with: balefs umount {mountpoint}", err=True)
+        if metrics_at:
+            from .metrics import endpoint_of
+
+            click.echo(f"metrics at {endpoint_of(pid)}", err=True)
 
 
 @main.command("umount")
@@ -794,8 +836,9 @@ def sync_cmd(mountpoint: str) -> None:
               help="The disk cache directory to fill (the one the mount or loaders use with --cache-dir / cache_dir).")
 @click.option("--disk-cache-size", default=None, help="Bound of the disk cache in bytes (default: the volume's, 10GiB); give the one the mount uses: a smaller one evicts down to it.")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True, help="Blocks fetched at once.")
+@metrics_option
 @user_errors
-def warmup(url: str, cache_dir: str, disk_cache_size: str | None, threads: int) -> None:
+def warmup(url: str, cache_dir: str, disk_cache_size: str | None, threads: int, metrics_at: str | None) -> None:
     """Stage the blocks of a tree (bale://VOLUME/tree) into this host's disk cache, verified, in parallel.
 
     Blocks already cached are skipped. When the tree does not fit under the cache's bound, the
@@ -808,7 +851,9 @@ def warmup(url: str, cache_dir: str, disk_cache_size: str | None, threads: int) 
     if disk_cache_size is not None:
         options["disk_cache_size"] = parse_size(disk_cache_size, "--disk-cache-size")
     os.makedirs(options["cache_dir"], exist_ok=True)
+    exposed = _expose_metrics(metrics_at)
     with Client.open(volume, **options) as client:
+        _watch_metrics(exposed, client, volume)
         plan = plan_warmup(client, tree)
         click.echo(f"warmup bale://{volume}/{tree}: {plan.files} files, {len(plan.to_fetch)} blocks to fetch "
                    f"({_human(plan.fetch_bytes)}), {plan.cached} already cached, bound {_human(plan.bound)}", err=True)

@@ -78,6 +78,11 @@ class BaleFileSystem(AbstractFileSystem):
             if c is None:
                 # a file is visible at close, durable at the next sync (VolumeConfig.sync_close)
                 c = self._clients[volume] = Client.open(volume, default_sync_close=False, **self._options)
+                if os.environ.get("BALEFS_METRICS"):  # this process exposes metrics: its client's too
+                    from . import metrics
+
+                    if metrics.serve_from_env() is not None:
+                        metrics.watch(c, volume)
             return c
 
     def _split(self, path: str) -> tuple[Client, str]:

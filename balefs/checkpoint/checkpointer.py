@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from .. import metrics
 from ..storage.client import Client
 from ..storage.config import parse_bale_url
 from . import layout
@@ -68,7 +70,7 @@ class Checkpointer:
 
     def __init__(self, url: str, keep_last: int | None = 3, staging_limit: int | None = None, wait_if_busy: bool = True,
                  incremental: bool = True, verify: bool = True, writer_nice: int = 10, client: Client | None = None,
-                 **storage_options: Any) -> None:
+                 job: str | None = None, rank: int | None = None, **storage_options: Any) -> None:
         self.volume, self.run = parse_url(url)
         self.url = url
         self.keep_last, self.wait_if_busy, self.incremental, self.verify = keep_last, wait_if_busy, incremental, verify
@@ -82,6 +84,10 @@ class Checkpointer:
         self._job: _Job | None = None
         self._lock = threading.Lock()
         self.last_stats: dict[str, int] = {}
+        #: the task metrics of (job, rank) (defaults: the launcher's), when this process exposes metrics
+        self.task = metrics.task_metrics(job, rank)
+        if self.task is not None:
+            metrics.watch(self.client, self.volume)
 
     # -- saving --------------------------------------------------------------------------
 
@@ -92,6 +98,14 @@ class Checkpointer:
         before changing any saved tensor). Bad state is refused before anything is written."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
+        started = time.monotonic()
+        try:
+            return self._save(step, state, lazy)
+        finally:
+            if self.task is not None:
+                self.task.ckpt_blocked.inc(time.monotonic() - started)
+
+    def _save(self, step: int, state: Any, lazy: bool) -> Future:
         tree, tensors = flatten(state)
         for name, t in tensors:
             layout.dtype_name(t.dtype)
@@ -127,6 +141,7 @@ class Checkpointer:
     def _write(self, job: _Job) -> None:
         path = layout.step_dir(self.run, job.step)
         writer = None
+        started = time.monotonic()
         try:
             others = self._clear_for(job.step, path)
             previous = self._previous(others) if self.incremental else None
@@ -140,6 +155,8 @@ class Checkpointer:
             writer.commit(Manifest(job.step, job.tree, {}, {"writer": self.client.writer_id}))
             self.last_stats = {"written_bytes": writer.written_bytes, "referenced_bytes": writer.referenced_bytes}
             self._retain(sorted(others + [job.step]))
+            if self.task is not None:
+                self.task.checkpoint_written(job.step, time.monotonic() - started, writer.written_bytes)
             job.future.set_result(job.step)
         except BaseException as exc:  # noqa: BLE001 - reported through the future
             for ev in job.consumed:

@@ -49,6 +49,7 @@ class MountOptions:
     threads: int = 4  # FUSE requests served at once: more only contend for the GIL (benchmarks/RESULTS.md)
     sync_close: bool | None = None            # every close() durable (None: the volume's config, else not)
     sync_interval: float | None = None        # seconds within which a closed file becomes durable
+    metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
 
 
@@ -187,6 +188,7 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     from .ops import LIBFUSE_VERSION, BaleFUSE, BaleOperations
 
     mp = os.path.abspath(mountpoint)
+    exposed = _expose_metrics(opts.metrics) if opts.metrics or os.environ.get("BALEFS_METRICS") else False
     overrides: dict[str, Any] = {}
     if opts.cache_size is not None:
         overrides["cache_size"] = parse_size(opts.cache_size, "--cache-size")
@@ -229,6 +231,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
 
     ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready,
                          noatime=opts.noatime)
+    if exposed:
+        _watch_metrics(volume, client, ops)
     attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout)
     fuse_options: dict[str, Any] = {
         "foreground": True,
@@ -270,6 +274,28 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         finally:
             client.close()
             _clear_state(mp)
+
+
+def _expose_metrics(where: str | None) -> bool:
+    """Open the mount's metrics endpoint at `where`, or where BALEFS_METRICS says, before anything
+    else is opened (a port in use fails the mount with one line); whether one is open."""
+    from .. import metrics
+
+    if where:
+        metrics.serve(where)
+    else:
+        metrics.serve_from_env()
+    return metrics.enabled()
+
+
+def _watch_metrics(volume: str, client: Any, ops: Any) -> None:
+    """Export the mount's client, its volume's figures and its FUSE operations (counted from now on)."""
+    from .. import metrics
+    from .opstats import FuseOpStats
+
+    ops.op_stats = FuseOpStats()
+    metrics.watch(client, volume, figures=True)
+    metrics.watch(ops.op_stats, volume)
 
 
 def _tune_readahead(mp: str, nbytes: int) -> None:
@@ -340,6 +366,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
     if opts.sync_interval is not None:
         cmd += ["--sync-interval", str(opts.sync_interval)]
     cmd += ["--threads", str(opts.threads)]
+    if opts.metrics:
+        cmd += ["--metrics", opts.metrics]
     if opts.debug:
         cmd.append("--debug")
     r, w = os.pipe()

@@ -49,6 +49,7 @@ from ..storage.client import Client
 from ..storage.errnos import errno_of
 from ..storage.meta.types import Inode, mode_bits
 from ..storage.openfile import OpenFile, OpenFiles
+from .opstats import FuseOpStats
 
 log = logging.getLogger("balefs.fuse")
 
@@ -125,6 +126,8 @@ class BaleOperations(Operations):
     """The mount's operations; every one is a call or two into the storage client."""
 
     use_ns = True  # times in integer nanoseconds
+    #: count, latency and errors per operation type, kept when the mount exposes metrics (BaleFUSE books them)
+    op_stats: FuseOpStats | None = None
 
     def __init__(self, client: Client, read_only: bool = False, uid: int | None = None, gid: int | None = None,
                  spool_dir: str | None = None, on_ready: Callable[[], None] | None = None, max_read: int = 1 << 20,
@@ -579,7 +582,13 @@ class BaleFUSE(FUSE):
 
     def _wrapper(self, func, *args, **kwargs):  # type: ignore[override]
         _pin_thread()
-        return super()._wrapper(func, *args, **kwargs)
+        stats = self.operations.op_stats
+        if stats is None:
+            return super()._wrapper(func, *args, **kwargs)
+        started = time.monotonic()
+        result = super()._wrapper(func, *args, **kwargs)
+        stats.record(func.__name__, time.monotonic() - started, result)
+        return result
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags)

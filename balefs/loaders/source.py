@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .. import metrics
 from ..errors import BaleError, CorruptBlockError, NodeError
 from ..storage.client import Client, Extent, Snapshot
 from ..storage.config import load_config, parse_bale_url
@@ -61,6 +62,8 @@ class BaleSource:
         if self._client is None or self._pid != os.getpid():
             self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
             self._client.adopt_block_maps(self.blocks)
+            if metrics.serve_from_env() is not None:
+                metrics.watch(self._client, self.volume)  # its caches and nodes; the volume's figures are a mount's
         return self._client
 
     @property

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.utils.data as tud
 
+from .. import metrics
 from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
 from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
 
@@ -122,14 +123,18 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     zero_copy: hand decode (or the consumer) read-only memoryviews into the cached blocks instead of
     bytes: one copy less per sample; decode must not keep them (and must turn them into something
     picklable when DataLoader workers are used).
+    job: the training job's name in the task metrics (default: the launcher's, e.g. TORCHELASTIC_RUN_ID
+    or SLURM_JOB_NAME), booked when the process exposes metrics (BALEFS_METRICS) and iterates the
+    dataset itself (num_workers=0; with workers, wrap the DataLoader in `measured`).
     options: client options overriding the volume config (cache_size, cache_dir, ...).
     """
 
     def __init__(self, url: str, shuffle: bool = True, seed: int = 0, decode: Callable[[bytes], Any] | None = None,
                  label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 8,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 4096,
-                 zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
+                 zero_copy: bool = False, rebuild: bool = False, job: str | None = None, **options: Any) -> None:
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
+        self.job = job
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
@@ -167,6 +172,12 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         return self.rank * workers + worker, self.world_size * workers
 
     def __iter__(self) -> Iterator[Any]:
+        task = metrics.task_metrics(self.job, self.rank) if tud.get_worker_info() is None else None
+        if task is None:
+            return self._samples(None)
+        return task.timed(self._samples(task))
+
+    def _samples(self, task: metrics.TaskMetrics | None) -> Iterator[Any]:
         consumer, consumers = self._consumers()
         in_worker = tud.get_worker_info() is not None
         if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
@@ -182,6 +193,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         units = pieces(part.positions[taken:], bounds, self.piece)
         last: list = []
         for positions, data in _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy):
+            if task is not None:
+                task.read_bytes.inc(sum(len(d) for d in data if not isinstance(d, Exception)))
             for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
                                   self._counter, last):
                 self._taken += 1
@@ -281,3 +294,22 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
         return out
+
+
+def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = None) -> Iterator[Any]:
+    """Iterate `loader` (a DataLoader, workers or not), booking the trainer's data stall (time blocked
+    in next()) and samples (each batch's length) as task metrics of (job, rank), when this process
+    exposes metrics (BALEFS_METRICS); otherwise just iterate it."""
+    task = metrics.task_metrics(job, rank)
+    if task is None:
+        return iter(loader)
+    return task.timed(loader, count=_batch_len)
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor or list (1 for anything else)."""
+    first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    try:
+        return len(first)
+    except TypeError:
+        return 1

@@ -1,0 +1,153 @@
+"""Prometheus metrics (balefs/metrics): a real mount scraped under load, the endpoint's port
+rules, a trainer's task metrics from BALEFS_METRICS, `balefs stats` on live processes and the
+Grafana dashboard's queries against what live processes export."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from balefs.metrics.scrape import Snapshot, histogram_quantile, scrape
+from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixture
+from helpers import payload, run_cli, user_error, wait_until
+
+HERE = Path(__file__).resolve().parent
+DASHBOARD = HERE.parent / "docs" / "grafana" / "balefs.json"
+
+
+def _endpoint_from(stderr: str) -> str:
+    m = re.search(r"metrics at (http://\S+/metrics)", stderr)
+    assert m, stderr
+    return m.group(1)
+
+
+@needs_fuse
+def test_a_mount_scraped_under_load_counts_the_work_done(volume, mount_volume, monkeypatch):
+    monkeypatch.setenv("BALEFS_METRICS_FIGURES_TTL", "0")  # the daemon inherits it: volume figures fresh per scrape
+    mp = mount_volume(volume.name, "--metrics", "127.0.0.1:0")  # port 0: a free one, said on stderr
+    runs = [json.loads(p.read_text()) for p in (Path(os.environ["BALEFS_HOME"]) / "run").glob("metrics-*.json")]
+    assert len(runs) == 1 and runs[0]["volumes"] == [volume.name]
+    url = runs[0]["endpoint"]
+    assert url.startswith("http://127.0.0.1:") and not url.endswith(":0/metrics")
+
+    files = {f"d/f{i:03d}": payload(3000 + 37 * i, seed=i) for i in range(60)}
+    (mp / "d").mkdir()
+    done = threading.Event()
+
+    def load() -> None:
+        for name, data in files.items():
+            (mp / name).write_bytes(data)
+        done.set()
+
+    writer = threading.Thread(target=load)
+    writer.start()
+    during: list[Snapshot] = []
+    while not done.is_set() or not during:
+        during.append(scrape(url))  # a scrape while the mount serves writes
+    writer.join()
+    for name, data in files.items():
+        assert (mp / name).read_bytes() == data
+    after = scrape(url)
+
+    ops = after.by("balefs_fuse_op_seconds_count", "op")
+    assert ops["create"] == len(files)
+    assert ops["write"] >= len(files) and ops["release"] >= len(files)
+    assert ops["mkdir"] == 1
+    assert after.total("balefs_fuse_op_errors_total") == 0
+    assert after.total("balefs_writer_files_committed_total", volume=volume.name) >= len(files)  # a create commits too
+    assert after.total("balefs_writer_group_commits_total") >= 1
+    assert after.total("balefs_volume_files", volume=volume.name) == len(files)
+    assert after.total("balefs_volume_file_bytes") == sum(map(len, files.values()))
+    assert after.total("balefs_node_put_seconds_count") >= 1
+    assert set(after.by("balefs_node_up", "node").values()) == {1.0}
+    assert after.total("balefs_meta_query_seconds_count", op="commit") >= 1
+    # counters only grow, scrape after scrape
+    series = [s.total("balefs_fuse_op_seconds_count") for s in during + [after]]
+    assert series == sorted(series) and series[-1] > series[0] or len(during) == 1
+    buckets = [(float(dict(lb)["le"]), v) for (n, lb), v in after.values.items()
+               if n == "balefs_fuse_op_seconds_bucket" and dict(lb)["op"] == "write"]
+    assert 0 < histogram_quantile(buckets, 0.5) < 10
+
+
+@needs_fuse
+def test_port_in_use_is_one_clear_error(volume, mount_volume, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = user_error("fsck", volume.name, "--metrics", f"127.0.0.1:{port}")
+        assert f"port {port} is already in use" in line
+        mp = tmp_path / "m"
+        mp.mkdir()
+        r = run_cli("mount", volume.name, mp, "--metrics", f"127.0.0.1:{port}", timeout=60)
+        assert r.returncode != 0 and f"port {port} is already in use" in r.stderr.decode()
+        assert "Traceback" not in r.stderr.decode()
+    assert "expected HOST:PORT" in user_error("fsck", volume.name, "--metrics", "localhost:http")
+
+
+def test_a_command_exposes_metrics_on_port_zero(volume, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(payload(1000, i))
+    r = run_cli("put", src, f"bale://{volume.name}/x", "--metrics", ":0")
+    assert r.returncode == 0, r.stderr.decode()
+    assert re.search(r"metrics at http://127\.0\.0\.1:[1-9]\d*/metrics", r.stderr.decode())
+    assert not list((Path(os.environ["BALEFS_HOME"]) / "run").glob("metrics-*.json"))  # removed at exit
+
+
+@pytest.fixture
+def trainer(volume, tmp_path):
+    """A trainer subprocess with BALEFS_METRICS: it read 40 samples' dataset as rank 1 of 2 and
+    saved checkpoints 1 and 2; yields (its endpoint, what it consumed) while it keeps serving."""
+    from balefs.storage.client import Client
+
+    with Client.open(volume.name) as c:
+        for i in range(40):
+            c.write_file(f"data/s{i:02d}", payload(2000 + i, seed=i))
+    env = dict(os.environ, BALEFS_METRICS="127.0.0.1:0", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    env.pop("RANK", None)
+    proc = subprocess.Popen([sys.executable, str(HERE / "metrics_trainer.py"), f"bale://{volume.name}/data",
+                             f"bale://{volume.name}/ckpt/run1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read().decode()
+        url = _run_file_endpoint(proc.pid)
+        yield url, json.loads(line), proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def _run_file_endpoint(pid: int) -> str:
+    """The endpoint process `pid` lists in its run file (how `balefs stats` finds it)."""
+    path = Path(os.environ["BALEFS_HOME"]) / "run" / f"metrics-{pid}.json"
+    wait_until(path.exists, timeout=10)
+    return json.loads(path.read_text())["endpoint"]
+
+
+def test_balefs_metrics_in_a_trainer_books_its_task(trainer, volume):
+    url, consumed, pid = trainer
+    snap = scrape(url)
+    task = {"job": "resnet", "rank": "1"}
+    assert consumed["samples"] == 20
+    assert snap.total("balefs_task_samples_total", **task) == consumed["samples"]
+    assert snap.total("balefs_task_read_bytes_total", **task) == consumed["bytes"]
+    assert snap.total("balefs_task_data_stall_seconds_total", **task) > 0
+    assert snap.total("balefs_task_checkpoint_saves_total", **task) == 2
+    assert snap.total("balefs_task_last_complete_step", **task) == 2
+    assert snap.total("balefs_task_checkpoint_write_bytes_total", **task) >= 2 * 4096 * 4
+    assert snap.total("balefs_task_checkpoint_blocked_seconds_total", **task) > 0
+    assert snap.total("balefs_task_checkpoint_write_seconds_total", **task) > 0
+    # the loader's own client is exported too: its block reads, per node
+    assert snap.total("balefs_node_get_seconds_count", volume=volume.name) >= 1
+    record = json.loads((Path(os.environ["BALEFS_HOME"]) / "run" / f"metrics-{pid}.json").read_text())
+    assert {"job": "resnet", "rank": 1} in record["jobs"] and volume.name in record["volumes"]
