@@ -876,6 +876,24 @@ def warmup(url: str, cache_dir: str, disk_cache_size: str | None, threads: int, 
         sys.exit(1)
 
 
+@main.command("stats")
+@click.argument("volume")
+@click.option("--job", default=None, help="Drill into one training job: its data stall, samples/s, checkpoint time, "
+              "and the node or cache its time goes to.")
+@click.option("--url", default=None, metavar="PROMETHEUS_URL",
+              help="Read a Prometheus server's HTTP API (e.g. http://prom:9090) instead of this host's processes.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between two readings (rates are their difference).")
+@click.option("--once", is_flag=True, help="Print one view and exit, instead of refreshing it until Ctrl-C.")
+@user_errors
+def stats_cmd(volume: str, job: str | None, url: str | None, interval: float, once: bool) -> None:
+    """Live view of VOLUME from the metrics of this host's processes (--metrics, BALEFS_METRICS) or
+    a Prometheus server: ops/s, MB/s, cache hit ratio, latency per node and path, the slowest node."""
+    from .metrics.stats import run_stats
+
+    run_stats(volume, job=job, url=url, interval=interval, once=once)
+
+
 @main.command("cache")
 @click.argument("volume", type=VOLUME, required=False)
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False), help="The disk cache directory.")

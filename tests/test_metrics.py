@@ -151,3 +151,23 @@ def test_balefs_metrics_in_a_trainer_books_its_task(trainer, volume):
     assert snap.total("balefs_node_get_seconds_count", volume=volume.name) >= 1
     record = json.loads((Path(os.environ["BALEFS_HOME"]) / "run" / f"metrics-{pid}.json").read_text())
     assert {"job": "resnet", "rank": 1} in record["jobs"] and volume.name in record["volumes"]
+
+
+def test_stats_once_drills_from_the_job_to_nodes_and_cache(trainer, volume):
+    url, consumed, pid = trainer
+    r = run_cli("stats", volume.name, "--job", "resnet", "--once", "--interval", "0.2")
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert "job resnet" in out and "where its time goes" in out and "memory cache hits" in out
+    rank_row = next(line for line in out.splitlines() if line.strip("│┃ ").startswith("1 "))
+    assert "s" in rank_row  # rank 1's data stall, in seconds
+    assert re.search(r"node 1 \S+: \d+\.\d% of block read time", out), out
+    assert "slowest" in out  # the node table marks the slowest node
+    r = run_cli("stats", volume.name, "--once", "--interval", "0.2")
+    assert r.returncode == 0 and "nodes" in r.stdout.decode() and "job resnet" not in r.stdout.decode()
+
+
+def test_stats_without_any_process_says_so(volume):
+    line = user_error("stats", volume.name, "--once")
+    assert f"no process on this host exposes metrics for volume {volume.name}" in line
+    assert "Prometheus at http://127.0.0.1:1" in user_error("stats", volume.name, "--once", "--url", "http://127.0.0.1:1")
