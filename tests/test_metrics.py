@@ -17,6 +17,7 @@ import pytest
 from balefs.metrics.scrape import Snapshot, histogram_quantile, scrape
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixture
 from helpers import payload, run_cli, user_error, wait_until
+from remote_support import make_bucket, moto, s3_url  # noqa: F401 - moto: a fixture
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD = HERE.parent / "docs" / "grafana" / "balefs.json"
@@ -171,3 +172,49 @@ def test_stats_without_any_process_says_so(volume):
     line = user_error("stats", volume.name, "--once")
     assert f"no process on this host exposes metrics for volume {volume.name}" in line
     assert "Prometheus at http://127.0.0.1:1" in user_error("stats", volume.name, "--once", "--url", "http://127.0.0.1:1")
+
+
+@needs_fuse
+def test_every_dashboard_panel_queries_a_metric_live_processes_export(trainer, volume, mount_volume, moto, tmp_path):
+    """The Grafana dashboard (one row per level) against what live processes serve: a trainer
+    (task level, its loader's client), a mount with a disk cache (components, FUSE, volume) and a
+    client of an S3 volume (node paths)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from balefs.metrics.exporter import CoreCollector
+    from balefs.metrics.scrape import parse_text
+    from balefs.storage.client import Client
+
+    dash = json.loads(DASHBOARD.read_text())
+    rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
+    assert [r.split(":")[0].split(" ")[0] for r in rows] == ["Task", "Volume", "Nodes", "Components"]
+    queries = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    queries += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    used = {m for q in queries for m in re.findall(r"\bbalefs_[a-z0-9_]+", q)}
+    assert all(re.findall(r"\bbalefs_", q) for q in queries[:-2])  # every panel queries balefs metrics
+
+    exported = set(scrape(trainer[0]).names())
+    mp = mount_volume(volume.name, "--metrics", ":0", "--cache-dir", str(tmp_path / "cache"))
+    (mp / "d").mkdir()
+    for i in range(5):
+        (mp / "d" / f"f{i}").write_bytes(payload(3000, i))
+    os.sync()
+    assert (mp / "d" / "f0").read_bytes() == payload(3000, 0)
+    with pytest.raises(OSError):
+        os.rmdir(mp / "d")  # not empty: an error the mount counts
+    runs = [json.loads(p.read_text()) for p in (Path(os.environ["BALEFS_HOME"]) / "run").glob("metrics-*.json")]
+    for run in runs:
+        exported |= scrape(run["endpoint"]).names()
+
+    Client.init("s3vol", [s3_url(make_bucket(moto), [moto, moto.replace("127.0.0.1", "localhost")])], block_size=64 << 10, chunk_size=1 << 20)
+    with Client.open("s3vol") as c:
+        c.write_file("a", payload(5000))
+        assert c.read_file("a") == payload(5000)
+        registry = CollectorRegistry()
+        collector = CoreCollector()
+        collector.watch(c, "s3vol")
+        registry.register(collector)
+        exported |= parse_text(generate_latest(registry).decode()).names()
+
+    missing = sorted(used - exported)
+    assert missing == [], f"the dashboard queries metrics nothing exports: {missing}"

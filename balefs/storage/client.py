@@ -635,6 +635,8 @@ class Client:
             registry.add("disk_cache", self.disk_cache.counters)
         registry.add("reader", self.reader.counters)
         registry.add_keyed("node", "get_seconds", self.reader.node_get_seconds)
+        for nid in self.nodes:  # every node's error counts exported from the start, at zero
+            self.reader.node_get_errors[nid]
         registry.add_keyed("node", "get_errors", self.reader.node_get_errors)
         registry.add_keyed("node", "read_bytes", self.reader.node_read_bytes)
         registry.add_keyed("node", "put_seconds", lambda: self._writer.node_put_seconds if self._writer else None)

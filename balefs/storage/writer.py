@@ -96,6 +96,8 @@ class ChunkWriter:
         #: per node id: seconds of each block copy stored (put, put_deferred, a grow in place), copies that failed
         self.node_put_seconds: Keyed[Histogram] = Keyed(Histogram)
         self.node_put_errors: Keyed[Counter] = Keyed(Counter)
+        for nid in nodes:  # exported from the start, at zero
+            self.node_put_errors[nid]
         self._done: list[BlockRecord] = []
         self._done_idx: dict[int, dict[int, BlockRecord]] = {}
         self._watermark: dict[int, int] = {}
