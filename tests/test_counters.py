@@ -82,3 +82,35 @@ def test_client_counters_reflect_cache_hits_and_misses_after_reads(client: Clien
     assert warm["cache.hits"] >= cold["cache.hits"] + 3 and warm["disk_cache.misses"] == 3
     assert (warm["cache.hits"], warm["cache.misses"]) == (fresh.cache.hits, fresh.cache.misses)
     assert "disk_cache.hits" not in client.counters()  # a client without a disk cache
+
+
+def test_histograms_are_exact_under_threads_and_gathered_with_gauges(tiny_switch_interval):
+    from balefs.storage.counters import Histogram, Keyed
+
+    hist = Histogram(bounds=(0.001, 0.01))
+    per_node: Keyed[Histogram] = Keyed(Histogram)
+    values = [0.0005, 0.005, 0.5]  # one per bucket: below both bounds, between, above
+
+    def work(nid: int) -> None:
+        for _ in range(5000):
+            for v in values:
+                hist.observe(v)
+                per_node[nid % 2].observe(v)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = hist.snapshot()
+    assert snap.buckets == (40000, 40000, 40000) and snap.count == 120000
+    assert abs(snap.sum - 40000 * sum(values)) < 1e-6
+    registry = CounterRegistry()
+    registry.add_keyed("node", "get_seconds", per_node)
+    registry.add_histogram("writer.commit_seconds", hist)
+    registry.add_gauge("writer.commit_queue", lambda: 3)
+    registry.add_gauge("broken", lambda: 1 / 0)
+    hists = registry.histograms()
+    assert sorted(hists) == ["node.0.get_seconds", "node.1.get_seconds", "writer.commit_seconds"]
+    assert hists["node.0.get_seconds"].count == hists["node.1.get_seconds"].count == 60000
+    assert registry.gauges() == {"writer.commit_queue": 3.0}  # a gauge that cannot be read is left out

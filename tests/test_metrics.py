@@ -218,3 +218,14 @@ def test_every_dashboard_panel_queries_a_metric_live_processes_export(trainer, v
 
     missing = sorted(used - exported)
     assert missing == [], f"the dashboard queries metrics nothing exports: {missing}"
+
+
+def test_core_names_become_metric_families_with_bounded_labels():
+    from balefs.metrics.exporter import metric_of
+
+    assert metric_of("cache.hits") == ("balefs_cache_hits", {})
+    assert metric_of("node.2.get_seconds") == ("balefs_node_get_seconds", {"node": "2"})
+    assert metric_of("node.1.path.0.requests") == ("balefs_node_path_requests", {"node": "1", "path": "0"})
+    assert metric_of("meta.lookup.query_seconds") == ("balefs_meta_query_seconds", {"op": "lookup"})
+    assert metric_of("fuse.getattr.op_seconds") == ("balefs_fuse_op_seconds", {"op": "getattr"})
+    assert metric_of("writer.commit_seconds") == ("balefs_writer_commit_seconds", {})

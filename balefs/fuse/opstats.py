@@ -16,13 +16,16 @@ class FuseOpStats:
     def __init__(self) -> None:
         self.seconds: Keyed[Histogram] = Keyed(Histogram)
         self.errors: Keyed[Counter] = Keyed(Counter)
+        self._by_name: dict[str, Histogram] = {}  # mfusepy's method name -> its operation's histogram
 
     def record(self, name: str, seconds: float, result: object) -> None:
         """Book one operation (mfusepy's method name) that took `seconds` and returned `result` (a negative errno on failure)."""
-        op = name.removesuffix("_fuse_3")
-        self.seconds[op].observe(seconds)
-        if isinstance(result, int) and result < 0 and result not in NOT_FAULTS:
-            self.errors[op].add()
+        hist = self._by_name.get(name)
+        if hist is None:
+            hist = self._by_name[name] = self.seconds[name.removesuffix("_fuse_3")]
+        hist.observe(seconds)
+        if result.__class__ is int and result < 0 and result not in NOT_FAULTS:  # type: ignore[operator]
+            self.errors[name.removesuffix("_fuse_3")].add()
 
     def counters(self) -> dict[str, int]:
         return {f"fuse.{op}.op_errors": c.value for op, c in self.errors.items()}

@@ -70,26 +70,39 @@ class HistogramSnapshot(NamedTuple):
 
 
 class Histogram:
-    """Observations (latencies in seconds) counted per bucket, exact under threads; one bisect and
-    one lock per observation, so it is fit for once per block or per request, never per byte."""
+    """Observations (latencies in seconds) counted per bucket, exact under threads and without a
+    lock on the hot path: each thread counts into a shard of its own (no two threads write one),
+    and a snapshot adds the shards up. Fit for once per block or per request, never per byte."""
 
-    __slots__ = ("bounds", "_buckets", "_sum", "_lock")
+    __slots__ = ("bounds", "_local", "_shards", "_lock")
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS) -> None:
         self.bounds = tuple(bounds)
-        self._buckets = [0] * (len(self.bounds) + 1)
-        self._sum = 0.0
+        self._local = threading.local()
+        self._shards: list[list] = []  # per thread: a count per bucket (the last above every bound), then the sum
         self._lock = threading.Lock()
 
-    def observe(self, value: float) -> None:
-        i = bisect_left(self.bounds, value)
+    def _shard(self) -> list:
+        shard: list = [0] * (len(self.bounds) + 1) + [0.0]
         with self._lock:
-            self._buckets[i] += 1
-            self._sum += value
+            self._shards.append(shard)
+        self._local.shard = shard
+        return shard
+
+    def observe(self, value: float) -> None:
+        try:
+            shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
+        shard[bisect_left(self.bounds, value)] += 1
+        shard[-1] += value
 
     def snapshot(self) -> HistogramSnapshot:
         with self._lock:
-            return HistogramSnapshot(self.bounds, tuple(self._buckets), self._sum)
+            shards = [list(sh) for sh in self._shards]
+        n = len(self.bounds) + 1
+        return HistogramSnapshot(self.bounds, tuple(sum(sh[i] for sh in shards) for i in range(n)),
+                                 sum(sh[-1] for sh in shards))
 
 
 M = TypeVar("M", Counter, Histogram)
