@@ -1,14 +1,16 @@
 """What exposing metrics costs (issue 19): the same reads with metrics on and off, side by side
 and interleaved in one run. The bar: under 3% (on/off throughput >= 0.97).
 
-Two passes, each timed in rounds that alternate which side goes first:
+Two passes, each timed in rounds that rotate which side goes first:
 
-- mount `cat`: two read-write mounts of one volume of small files, one with `--metrics :0`
-  (FUSE operation histograms, the core's histograms, a scrape per round), one without; each
+- mount `cat`: three read-write mounts of one volume of small files: one with `--metrics :0`
+  (FUSE operation histograms, the core's histograms, the endpoint) and two without, the second
+  a control that shows how far two identical sides differ on this machine (the A/A noise). Each
   round drops the page cache (so the kernel asks the daemon for every file), then `cat`s every
-  file of the tree through one side (one `cat` per 256 files) and times it. The daemons' block
-  caches are warm after the first round: what is timed is the daemon's per-operation path,
-  where the metrics' cost lands.
+  file of the tree through each side (one `cat` per 256 files). The daemons' block caches are
+  warm after the first round: what is timed is the daemon's per-operation path, where the
+  metrics' cost lands. The 'on' daemon is scraped between rounds (outside the timing); what a
+  scrape costs is measured on its own.
 - fsspec: a fresh Python process per side and round reads every file with `fs.cat_file` (one
   call per file), after a warm-up pass; the "on" process has BALEFS_METRICS=127.0.0.1:0.
 
@@ -16,9 +18,11 @@ Each side's wall-clock seconds and CPU seconds (the daemon's for the mount, the 
 for fsspec) are recorded per round. On a shared, loaded machine the wall clock swings by tens of
 percent from round to round; the CPU seconds the work took are steadier and are where an added
 cost shows: the headline is the ratio of median CPU seconds (off/on), the wall clock's beside it.
-Prints per-round figures, the medians and the ratios, and writes them as JSON.
+As a check on both, the run also times what metrics add to one FUSE operation (two clock reads
+and FuseOpStats.record, in a loop) and estimates the mount's cost from it: that time times the
+operations the 'on' mount counted per round, over the 'off' mount's CPU seconds per round.
 
-    PYTHONPATH=$PWD python benchmarks/metrics_cost.py --files 2000 --rounds 7 --workdir /tmp/metricsbench
+    PYTHONPATH=$PWD python benchmarks/metrics_cost.py --files 2000 --rounds 15 --workdir /tmp/metricsbench
 """
 from __future__ import annotations
 
@@ -104,15 +108,39 @@ def fuse_ops(url: str) -> float:
     return scrape(url).total("balefs_fuse_op_seconds_count")
 
 
-def interleaved(rounds: int, run_off, run_on) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(wall, CPU) seconds of each side per round, the side going first alternating."""
-    off, on = [], []
+def added_per_op(n: int = 200_000) -> float:
+    """Seconds metrics add to one FUSE operation: BaleFUSE._wrapper's two clock reads and the booking."""
+    from balefs.fuse.opstats import FuseOpStats
+
+    stats = FuseOpStats()
+    record, clock = stats.record, time.monotonic
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            started = clock()
+            record("getattr", clock() - started, 0)
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+def interleaved(rounds: int, sides: dict) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each side per round, the order of the sides rotating each round."""
+    names = list(sides)
+    out: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(rounds):
-        for side in (("off", "on") if r % 2 == 0 else ("on", "off")):
-            secs = run_on() if side == "on" else run_off()
-            (on if side == "on" else off).append(secs)
-        log(f"round {r + 1}: off {off[-1][0]:.3f}s wall {off[-1][1]:.3f}s CPU, on {on[-1][0]:.3f}s wall {on[-1][1]:.3f}s CPU")
-    return off, on
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name].append(sides[name]())
+        log(f"round {r + 1}: " + ", ".join(f"{n} {out[n][-1][0]:.3f}s wall {out[n][-1][1]:.3f}s CPU" for n in names))
+    return out
+
+
+def scrape_cost(m: Mount, url: str, n: int = 20) -> float:
+    """CPU seconds the daemon spends on one scrape of its endpoint."""
+    cpu = m.cpu()
+    for _ in range(n):
+        urllib.request.urlopen(url, timeout=10).read()
+    return (m.cpu() - cpu) / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,15 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         rels = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs)
         log(f"{len(rels)} files, {total / 1e6:.1f} MB")
         off_mount = Mount("mb", os.path.join(args.workdir, "m-off"), [])
+        control = Mount("mb", os.path.join(args.workdir, "m-off2"), [])
         on_mount = Mount("mb", os.path.join(args.workdir, "m-on"), ["--metrics", "127.0.0.1:0"])
-        for m in (off_mount, on_mount):
+        for m in (off_mount, control, on_mount):
             m.up()
             mounts.append(m)
         from balefs.metrics import endpoint_of
 
         url = endpoint_of(on_mount.pid)
         log(f"metrics of the 'on' mount at {url}")
-        for m in (off_mount, on_mount):  # warm each daemon's block cache
+        for m in mounts:  # warm each daemon's block cache
             cat_all(os.path.join(m.mp, "tree"), rels)
 
         def mount_side(m: Mount, scrape: bool):
@@ -162,32 +191,48 @@ def main(argv: list[str] | None = None) -> int:
                 drop_caches()
                 cpu = m.cpu()
                 secs = cat_all(os.path.join(m.mp, "tree"), rels)
+                cpu = m.cpu() - cpu
                 if scrape:
-                    urllib.request.urlopen(url, timeout=10).read()  # a scrape per round, as a server would
-                return secs, m.cpu() - cpu
+                    urllib.request.urlopen(url, timeout=10).read()  # as a server would, outside the timing
+                return secs, cpu
             return run
 
         ops0 = fuse_ops(url)
-        m_off, m_on = interleaved(args.rounds, mount_side(off_mount, False), mount_side(on_mount, True))
+        mount = interleaved(args.rounds, {"off": mount_side(off_mount, False), "on": mount_side(on_mount, True),
+                                          "off2": mount_side(control, False)})
         counted = fuse_ops(url) - ops0
         log(f"the 'on' mount counted {counted:.0f} FUSE operations in the timed rounds")
+        per_op = added_per_op()
+        off_cpu = statistics.median(c for _, c in mount["off"])
+        estimate = per_op * counted / args.rounds / off_cpu
+        scrape = scrape_cost(on_mount, url)
+        log(f"metrics add {per_op * 1e6:.2f} us to a FUSE operation: an estimated {100 * estimate:.1f}% of the "
+            f"daemon's CPU; a scrape costs {scrape * 1e3:.1f} ms of its CPU")
         paths = [f"mb/tree/{r}" for r in rels]
-        f_off, f_on = interleaved(args.rounds, lambda: fsspec_pass(paths, False), lambda: fsspec_pass(paths, True))
+        fss = interleaved(args.rounds, {"off": lambda: fsspec_pass(paths, False), "on": lambda: fsspec_pass(paths, True)})
     finally:
         for m in mounts:
             m.down()
         shutil.rmtree(args.workdir, ignore_errors=True)
-    rows = {}
-    print("| pass | off: wall s / CPU s (medians) | on: wall s / CPU s (medians) | on/off wall throughput | on/off CPU (headline) |")
-    print("|---|---|---|---|---|")
-    for name, off, on in (("mount cat", m_off, m_on), ("fsspec cat_file", f_off, f_on)):
-        wo, co = statistics.median(w for w, _ in off), statistics.median(c for _, c in off)
-        wn, cn = statistics.median(w for w, _ in on), statistics.median(c for _, c in on)
+    rows: dict[str, dict] = {}
+    print("| pass | off: wall s / CPU s (medians) | on: wall s / CPU s (medians) | on/off wall throughput "
+          "| on/off CPU (headline) | control: off/off2 CPU |")
+    print("|---|---|---|---|---|---|")
+    for name, sides in (("mount cat", mount), ("fsspec cat_file", fss)):
+        wo, co = statistics.median(w for w, _ in sides["off"]), statistics.median(c for _, c in sides["off"])
+        wn, cn = statistics.median(w for w, _ in sides["on"]), statistics.median(c for _, c in sides["on"])
         ratio = co / cn
-        rows[name] = {"off": [[round(w, 4), round(c, 4)] for w, c in off], "on": [[round(w, 4), round(c, 4)] for w, c in on],
-                      "wall_ratio": round(wo / wn, 3), "cpu_ratio": round(ratio, 3)}
+        control_ratio = co / statistics.median(c for _, c in sides["off2"]) if "off2" in sides else None
+        rows[name] = {side: [[round(w, 4), round(c, 4)] for w, c in v] for side, v in sides.items()}
+        rows[name].update(wall_ratio=round(wo / wn, 3), cpu_ratio=round(ratio, 3),
+                          control_cpu_ratio=None if control_ratio is None else round(control_ratio, 3))
         print(f"| {name} ({len(rels)} files) | {wo:.3f} / {co:.3f} | {wn:.3f} / {cn:.3f} | {wo / wn:.3f} | {ratio:.3f} "
-              f"({'PASS' if ratio >= BAR else 'MISS'}, bar {BAR}) |")
+              f"({'PASS' if ratio >= BAR else 'MISS'}, bar {BAR}) | {'-' if control_ratio is None else f'{control_ratio:.3f}'} |")
+    rows["mount cat"].update(added_us_per_op=round(per_op * 1e6, 3), estimated_cost=round(estimate, 4),
+                             scrape_cpu_ms=round(scrape * 1e3, 2))
+    print(f"estimate for the mount: {per_op * 1e6:.2f} us added per FUSE operation x {counted / args.rounds:.0f} "
+          f"operations per round = {100 * estimate:.1f}% of the 'off' daemon's {off_cpu:.3f} CPU s per round; "
+          f"a scrape costs {scrape * 1e3:.1f} ms of the daemon's CPU ({100 * scrape / 15:.2f}% of a core at a 15 s interval)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -148,6 +148,11 @@ def test_balefs_metrics_in_a_trainer_books_its_task(trainer, volume):
     assert snap.total("balefs_task_checkpoint_write_bytes_total", **task) >= 2 * 4096 * 4
     assert snap.total("balefs_task_checkpoint_blocked_seconds_total", **task) > 0
     assert snap.total("balefs_task_checkpoint_write_seconds_total", **task) > 0
+    # through a DataLoader with a worker: the trainer's wait on the loader, the batches' samples
+    dl = {"job": "resnet-dl", "rank": "0"}
+    assert consumed["batches"] == 5
+    assert snap.total("balefs_task_samples_total", **dl) == 20
+    assert snap.total("balefs_task_data_stall_seconds_total", **dl) > 0
     # the loader's own client is exported too: its block reads, per node
     assert snap.total("balefs_node_get_seconds_count", volume=volume.name) >= 1
     record = json.loads((Path(os.environ["BALEFS_HOME"]) / "run" / f"metrics-{pid}.json").read_text())
