@@ -121,8 +121,8 @@ def _expose_metrics(where: str | None) -> bool:
         return False
     from . import metrics
 
-    ep = metrics.serve(where) if where else metrics.serve_from_env()
-    if ep is not None:
+    ep = metrics.serve(where) if where else metrics.serve_from_env()  # (which logs where it serves)
+    if where:
         click.echo(f"metrics at {ep.url}", err=True)
     return ep is not None
 

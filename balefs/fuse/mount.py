@@ -281,11 +281,10 @@ def _expose_metrics(where: str | None) -> bool:
     else is opened (a port in use fails the mount with one line); whether one is open."""
     from .. import metrics
 
+    ep = metrics.serve(where) if where else metrics.serve_from_env()  # (which logs where it serves)
     if where:
-        metrics.serve(where)
-    else:
-        metrics.serve_from_env()
-    return metrics.enabled()
+        log.warning("metrics at %s", ep.url)  # the daemon's log; `balefs mount` prints it from the run file
+    return ep is not None
 
 
 def _watch_metrics(volume: str, client: Any, ops: Any) -> None:

@@ -9,6 +9,7 @@ or a bale:// filesystem.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -20,6 +21,8 @@ from .task import TaskFamilies, TaskMetrics, default_job, default_rank
 
 __all__ = ["REGISTRY", "MetricsError", "serve", "serve_from_env", "enabled", "endpoint", "watch", "task_metrics",
            "parse_endpoint", "live_run_files", "endpoint_of", "default_job", "default_rank", "TaskMetrics"]
+
+log = logging.getLogger("balefs.metrics")
 
 #: the registry this process's endpoint serves (not prometheus_client's global one)
 REGISTRY = CollectorRegistry()
@@ -59,7 +62,8 @@ def serve_from_env() -> Endpoint | None:
     with _lock:
         ep = serve(where)
         os.environ[OWNER_ENV] = str(os.getpid())
-        return ep
+    log.warning("balefs metrics at %s (BALEFS_METRICS)", ep.url)  # says which port 0 picked
+    return ep
 
 
 def enabled() -> bool:

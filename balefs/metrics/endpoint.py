@@ -97,7 +97,6 @@ def open_endpoint(value: str, registry: CollectorRegistry) -> Endpoint:
     endpoint = Endpoint(host, server.server_address[1], server)
     endpoint.write_run_file()
     atexit.register(endpoint.remove_run_file)
-    log.warning("metrics at %s", endpoint.url)  # the one place that says which port 0 picked
     return endpoint
 
 
