@@ -13,7 +13,7 @@ from typing import Callable
 import click
 from tqdm import tqdm
 
-from .storage.config import parse_bale_url, parse_size
+from .storage.config import parse_bale_url, parse_rate, parse_size
 from .errors import BaleError
 from .storage.client import Client
 from .storage.gc import DEFAULT_MIN_BLOCK_FILL, collect_garbage
@@ -646,12 +646,9 @@ def _parse_rate(value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        rate = parse_size(value[:-2] if value.lower().endswith("/s") else value, "--rate")
+        return parse_rate(value, "--rate")
     except ValueError as exc:
         raise _FsckError(str(exc)) from None
-    if rate <= 0:
-        raise _FsckError(f"--rate: must be more than 0 bytes per second, not {value!r}")
-    return rate
 
 
 @main.command()
@@ -768,6 +765,9 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
                    "the daemon; it is durable after fsync, `balefs sync MOUNTPOINT`, unmount, or --sync-interval seconds.")
 @click.option("--sync-interval", type=click.FloatRange(min=0.01), default=None,
               help="Seconds within which a closed file becomes durable without fsync (default 5).")
+@click.option("--scrub-rate", default=None,
+              help="Verify the volume's block copies in the background at most this fast, e.g. 20MB/s, rewriting bad "
+                   "ones from good copies (read-write mounts); one pass, then an hour's rest. Default: off.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
 @metrics_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
@@ -775,7 +775,8 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
               attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
-              sync_interval: float | None, debug: bool, metrics_at: str | None, ready_fd: int | None) -> None:
+              sync_interval: float | None, scrub_rate: str | None, debug: bool, metrics_at: str | None,
+              ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -786,7 +787,9 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
     opts = MountOptions(read_only=read_only, cache_size=cache_size, cache_dir=cache_dir, disk_cache_size=disk_cache_size,
                         allow_other=allow_other, uid=uid, gid=gid, attr_timeout=attr_timeout, noatime=noatime,
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
-                        sync_close=True if sync_close else None, sync_interval=sync_interval, metrics=metrics_at)
+                        sync_close=True if sync_close else None, sync_interval=sync_interval,
+                        scrub_rate=None if scrub_rate is None else parse_rate(scrub_rate, "--scrub-rate"),
+                        metrics=metrics_at)
     if metrics_at:
         from .metrics import parse_endpoint
 

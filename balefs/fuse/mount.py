@@ -49,6 +49,7 @@ class MountOptions:
     threads: int = 4  # FUSE requests served at once: more only contend for the GIL (benchmarks/RESULTS.md)
     sync_close: bool | None = None            # every close() durable (None: the volume's config, else not)
     sync_interval: float | None = None        # seconds within which a closed file becomes durable
+    scrub_rate: int | None = None             # bytes/s of the background scrub (None: no scrub)
     metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
 
@@ -229,6 +230,10 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
             except OSError:
                 pass
 
+    scrub = None
+    if opts.scrub_rate is not None:
+        from ..storage.scrub import BackgroundScrub
+        scrub = BackgroundScrub(client, opts.scrub_rate, repair=not opts.read_only).start()
     ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready,
                          noatime=opts.noatime)
     if exposed:
@@ -270,6 +275,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
                          "or on stderr with --foreground") from None
     finally:
         try:
+            if scrub is not None:
+                scrub.stop()
             ops.destroy("/")
         finally:
             client.close()
@@ -364,6 +371,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         cmd.append("--sync-close")
     if opts.sync_interval is not None:
         cmd += ["--sync-interval", str(opts.sync_interval)]
+    if opts.scrub_rate is not None:
+        cmd += ["--scrub-rate", str(opts.scrub_rate)]
     cmd += ["--threads", str(opts.threads)]
     if opts.metrics:
         cmd += ["--metrics", opts.metrics]

@@ -307,9 +307,13 @@ def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = N
 
 
 def _batch_len(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor or list (1 for anything else)."""
-    first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    """Samples in a batch: its length, or that of its first tensor when it is collated columns
+    ((images, labels), a dict of tensors); 1 for anything without a length."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()), [])
+    elif isinstance(batch, (list, tuple)) and batch and hasattr(batch[0], "shape"):
+        batch = batch[0]
     try:
-        return len(first)
+        return len(batch)
     except TypeError:
         return 1

@@ -35,6 +35,14 @@ def parse_size(value: int | str, what: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def parse_rate(value: str, what: str = "rate") -> int:
+    """Parse bytes per second: '200MB/s', '1GiB' or 1048576; more than zero."""
+    rate = parse_size(value[:-2] if value.lower().endswith("/s") else value, what)
+    if rate <= 0:
+        raise ConfigError(f"{what}: must be more than 0 bytes per second, not {value!r}")
+    return rate
+
+
 def _whole(value: object, what: str) -> int:
     """A setting that counts things: an int or its decimal string; never 1.5, True or 'two'."""
     if not isinstance(value, bool) and isinstance(value, (int, str)):

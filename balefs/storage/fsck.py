@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -53,6 +54,7 @@ class FsckReport:
     fixed_live: int = 0
     unrepairable_blocks: int = 0  # bad copies with no good copy to rewrite them from
     resumed_from: int | None = None  # the last chunk an interrupted run had finished
+    stopped: bool = False  # ended early by its stop event; the place is kept
     problems: list[str] = field(default_factory=list)
 
     def remaining(self) -> int:
@@ -97,10 +99,11 @@ def _save_state(path: str, last_chunk: int, report: FsckReport, repair: bool) ->
 
 
 class _Throttle:
-    """Keeps the bytes read per second at or below `rate` (None: no limit)."""
+    """Keeps the bytes read per second at or below `rate` (None: no limit); a set `stop` ends the waits."""
 
-    def __init__(self, rate: int | None) -> None:
+    def __init__(self, rate: int | None, stop: threading.Event | None = None) -> None:
         self.rate, self.done, self.t0 = rate, 0, time.monotonic()
+        self.stop = stop or threading.Event()
 
     def take(self, nbytes: int) -> None:
         if not self.rate:
@@ -108,16 +111,21 @@ class _Throttle:
         self.done += nbytes
         ahead = self.done / self.rate - (time.monotonic() - self.t0)
         if ahead > 0:
-            time.sleep(ahead)
+            self.stop.wait(ahead)
 
 
 def check_volume(client: Client, repair: bool = False, rate: int | None = None,
                  progress: Callable[[int, int], None] | None = None, restart: bool = False,
-                 grace_s: float = 3600.0) -> FsckReport:
+                 grace_s: float = 3600.0, copies_only: bool = False, stop: threading.Event | None = None,
+                 state_file: str | None = None) -> FsckReport:
     """Verify every block copy and the books of `client`'s volume (see the module docstring);
     `progress(chunk, bytes read)` is called after each chunk. Resumes an interrupted run (of the
-    same `repair`) unless `restart`; a finished run removes its state."""
-    path = state_path(client.cfg.name)
+    same `repair`) unless `restart`; a finished run removes its state.
+
+    `copies_only` repairs bad copies only (extra copies and drifted counters are reported): what is
+    safe beside a running rebalance. `stop` set ends the run after the chunk being checked, its
+    place kept (report.stopped); `state_file` keeps the place elsewhere than fsck's own file."""
+    path = state_file or state_path(client.cfg.name)
     if restart:
         _remove(path)
     saved = None if restart else _load_state(path, repair)
@@ -129,18 +137,28 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
     table = meta.chunk_table()  # after the listing: a block listed of a chunk made meanwhile is no orphan
     missing_chunks = meta.referenced_chunks() - table.keys()
     todo = sorted(c for c in table.keys() | on_nodes.keys() | missing_chunks if c > last)
-    throttle = _Throttle(rate)
+    throttle = _Throttle(rate, stop)
+    fix = _Repair(copies=repair, books=repair and not copies_only)
     with ThreadPoolExecutor(max_workers=max(1, client.cfg.io_threads), thread_name_prefix="bale-fsck") as pool:
         for start in range(0, len(todo), _BATCH):
-            _check_batch(client, todo[start:start + _BATCH], table, on_nodes, report, repair, throttle, grace_s,
-                         pool, path, progress)
+            _check_batch(client, todo[start:start + _BATCH], table, on_nodes, report, fix, throttle, grace_s,
+                         pool, path, progress, stop)
+            if stop is not None and stop.is_set():
+                report.stopped = True
+                return report
     _remove(path)
     return report
 
 
-def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, report: FsckReport, repair: bool,
+@dataclass(frozen=True)
+class _Repair:
+    copies: bool  # rewrite bad or missing copies from a good one
+    books: bool   # delete extra copies, recount live bytes
+
+
+def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, report: FsckReport, fix: _Repair,
                  throttle: _Throttle, grace_s: float, pool: ThreadPoolExecutor, path: str,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: Callable[[int, int], None] | None, stop: threading.Event | None) -> None:
     """Check a batch of chunks (records read in a few queries), saving the place after each chunk."""
     meta = client.meta
     records = meta.blocks_of(batch)
@@ -151,12 +169,16 @@ def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, 
         # the next chunk's copies are read (and verified) while this one's are checked
         mine, ahead = ahead, (_read_copies(client, pool, records.get(batch[i + 1], [])) if i + 1 < len(batch) else [])
         nbytes = _check_chunk(client, chunk, table.get(chunk), records.get(chunk, []), on_nodes.get(chunk, {}),
-                              extents.get(chunk, []), drift.get(chunk), report, repair, throttle, grace_s,
+                              extents.get(chunk, []), drift.get(chunk), report, fix, throttle, grace_s,
                               (f.result() for f in mine))
         report.chunks += 1
-        _save_state(path, chunk, report, repair)
+        _save_state(path, chunk, report, fix.copies)
         if progress is not None:
             progress(chunk, nbytes)
+        if stop is not None and stop.is_set():
+            for f in ahead:
+                f.cancel()
+            return
 
 
 def total_bytes(client: Client) -> int:
@@ -196,7 +218,7 @@ def _extents_by_chunk(per_file: dict[int, list[Extent]]) -> dict[int, list[tuple
 
 def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[BlockRecord],
                  listed: dict[tuple[int, int], list[int]], extents: list[tuple[int, Extent]],
-                 drift: tuple[int, int] | None, report: FsckReport, repair: bool, throttle: _Throttle,
+                 drift: tuple[int, int] | None, report: FsckReport, fix: _Repair, throttle: _Throttle,
                  grace_s: float, copies: Iterator[_Copy]) -> int:
     """Check one chunk's blocks, copies (read by _read_copies, in its order), extents and live
     counter; return the bytes read."""
@@ -205,10 +227,10 @@ def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[B
     durable = [r for r in records if r.durable]
     report.in_flux += len(records) - len(durable)  # growing in place, or a crashed writer's: recovery settles them
     for rec in durable:
-        nbytes += _check_block(client, rec, [next(copies) for _ in rec.nodes], report, repair, throttle)
+        nbytes += _check_block(client, rec, [next(copies) for _ in rec.nodes], report, fix.copies, throttle)
         for nid in listed.get((rec.chunk, rec.idx), []):
             if nid not in rec.nodes:
-                _extra_copy(client, rec, nid, report, repair)
+                _extra_copy(client, rec, nid, report, fix.books)
     for (c, idx), nids in sorted(listed.items()):
         if (c, idx) in known:
             continue
@@ -222,7 +244,7 @@ def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[B
     if drift is not None:
         report.live_drift += 1
         report.note(f"chunk {chunk}: live counter {drift[0]} bytes, its extents hold {drift[1]}")
-        if repair:
+        if fix.books:
             client.meta.recount_live([chunk])
             report.fixed_live += 1
     return nbytes
