@@ -141,13 +141,17 @@ def paths_table(iv: Interval, volume: str) -> Table | None:
     if not keys:
         return None
     t = Table(title="node paths", title_justify="left")
-    for col in ("node", "path", "requests/s", "errors", "MB/s in"):
+    for col in ("node", "path", "up", "requests/s", "errors", "MB/s in", "latency"):
         t.add_column(col, justify="right")
     for node, path in sorted(keys):
         w = {"volume": volume, "node": node, "path": path}
-        t.add_row(node, path, f"{iv.rate('balefs_node_path_requests_total', **w):.0f}",
+        up = iv.after.label_sets("balefs_node_path_up", **w)
+        t.add_row(node, path, "-" if not up else ("yes" if iv.after.total("balefs_node_path_up", **w) else
+                                                  Text("DOWN", style="bold red")),
+                  f"{iv.rate('balefs_node_path_requests_total', **w):.0f}",
                   f"{iv.after.total('balefs_node_path_errors_total', **w):.0f}",
-                  _mb(iv.rate("balefs_node_path_bytes_in_total", **w)))
+                  _mb(iv.rate("balefs_node_path_bytes_in_total", **w)),
+                  _ms(iv.after.total("balefs_node_path_latency_seconds", **w) or None))
     return t
 
 

@@ -622,7 +622,8 @@ class Client:
 
     def gauges(self) -> dict[str, float]:
         """This client's figures of the moment: {"node.<id>.up": 0 or 1, "writer.commit_queue": n,
-        "writer.blocks_in_flight": n, "cache.bytes": n}; for exporters."""
+        "writer.blocks_in_flight": n, "cache.bytes": n, "node.<id>.path.<i>.latency_seconds": the
+        path's recent latency (EWMA), ...}; for exporters."""
         return self.counter_registry.gauges()
 
     def _gather_counters(self) -> CounterRegistry:
@@ -651,6 +652,8 @@ class Client:
             if supports(node, MultiPath):
                 for i, path in enumerate(node.paths.paths):
                     registry.add(f"node.{nid}.path.{i}", path.counters)
+                    registry.add_gauge(f"node.{nid}.path.{i}.up", lambda p=path: float(p.up))
+                    registry.add_gauge(f"node.{nid}.path.{i}.latency_seconds", lambda p=path: p.latency or 0.0)
         return registry
 
     # -- writing -------------------------------------------------------------------------
