@@ -172,24 +172,29 @@ def main() -> None:
                    "(credentials from the AWS environment or profile) or memory://name. Repeat for each node.")
 @click.option("--meta", default="", help="Metadata store URL; default: an SQLite file beside the config.")
 @click.option("--replicas", default=1, show_default=True, help="Copies of each block, on distinct nodes.")
+@click.option("--ec", default="", metavar="K+M",
+              help="Erasure code instead of replicas: stripes of K data and M parity blocks on K+M distinct "
+                   "nodes (4+2 stores 1.5x the data and survives any 2 nodes lost). Needs Intel ISA-L (libisal2).")
 @click.option("--write-quorum", default=0, show_default=True,
               help="Copies that must be stored before a block counts as durable (0: all --replicas); "
-                   "with fewer, files stay readable from the copies that were stored.")
+                   "with fewer, files stay readable from the copies that were stored. With --ec: blocks of a "
+                   "stripe (K+1 to K+M; 0: all), the missing ones shown by df and rebuilt by fsck --repair.")
 @click.option("--chunk-size", default="64MiB", show_default=True, help="Size of the chunks small files are packed into.")
 @click.option("--block-size", default="4MiB", show_default=True, help="Unit of striping, caching and checksums.")
 @click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
               help="Compress blocks with lz4 (kept only where it shrinks a block).")
 @click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
 @user_errors
-def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quorum: int, chunk_size: str,
+def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, write_quorum: int, chunk_size: str,
          block_size: str, compression: str, cache_size: str) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
-                      cache_size=parse_size(cache_size, "--cache-size"))
-    click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), replicas {cfg.replicas}, "
+                      cache_size=parse_size(cache_size, "--cache-size"), ec=ec)
+    redundancy = f"erasure code {cfg.ec}" if cfg.ec else f"replicas {cfg.replicas}"
+    click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), {redundancy}, "
                f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}")
 
 
@@ -437,6 +442,7 @@ def df(volume: str, no_scan: bool) -> None:
     click.echo(f"chunks: {u['chunks']}, {_human(u['chunk_bytes'])} packed, live {_human(u['live_bytes'])}, "
                f"dead {_human(u['dead_bytes'])}")
     _echo_baling(u["baling"])
+    _echo_redundancy(u["redundancy"])
     click.echo(f"{'node':<40} {'blocks':>8} {'stored':>11} {'free':>11} {'orphans':>8} {'orphan bytes':>12}")
     total_orphans = 0
     for n in u["nodes"]:
@@ -450,6 +456,17 @@ def df(volume: str, no_scan: bool) -> None:
     if total_orphans:
         click.echo(f"{total_orphans} orphan block(s) on the nodes: written but never committed (interrupted "
                    "writes, or writes in flight right now); `balefs gc` reclaims those whose writer is gone")
+
+
+def _echo_redundancy(r: dict) -> None:
+    """df's lines on redundancy: the scheme, bytes on the nodes per byte of data, what is left to rebuild."""
+    ratio = f" ({r['raw_bytes'] / r['logical_bytes']:.2f}x)" if r["logical_bytes"] else ""
+    click.echo(f"redundancy: {r['scheme']}; stored {_human(r['raw_bytes'])} on the nodes for "
+               f"{_human(r['logical_bytes'])} of data{ratio}")
+    if r["blocks_to_rebuild"]:
+        stripes = f" in {r['stripes_degraded']} degraded stripe(s)" if r["stripes_degraded"] else ""
+        click.echo(f"degraded: {r['blocks_to_rebuild']} block(s){stripes} have no copy on a node that is up "
+                   "(written short of a full quorum, or on nodes down); `balefs fsck --repair` rebuilds them")
 
 
 def _size_label(n: int) -> str:

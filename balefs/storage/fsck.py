@@ -7,6 +7,9 @@ orphan blocks (no record knows them, their chunk's writer is gone: gc deletes th
 that point at chunks or blocks that do not exist, and chunks whose live counter drifted from
 their extents' bytes. With repair, bad or missing copies are rewritten from a good copy, extra
 copies deleted and live counters recounted; orphans and dangling extents are only reported.
+Erasure-coded chunks keep one copy of each block: a bad one is rebuilt from the other blocks of
+its stripe (BlockReader.rebuild: data or parity), and a block booked without a node (a write
+short of a full quorum) is rebuilt onto a node its stripe does not use yet.
 
 Blocks not yet synced (BlockRecord.durable False: an open block growing in place) are in flux
 and skipped; recovery settles those of crashed writers. Chunks are checked in id order and the
@@ -27,6 +30,8 @@ from .config import balefs_home
 from .gc import no_more_writes
 from .layout import block_key, parse_block_key
 from .meta.types import BlockRecord, Extent
+from .node import node_is_up, up_first
+from .stripes import stripe_of_record
 
 # Chunks whose records are read in one query; the state is saved after each chunk all the same.
 _BATCH = 64
@@ -205,6 +210,9 @@ def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[B
     durable = [r for r in records if r.durable]
     report.in_flux += len(records) - len(durable)  # growing in place, or a crashed writer's: recovery settles them
     for rec in durable:
+        if not rec.nodes and client.erasure is not None:
+            nbytes += _rebuild_elsewhere(client, rec, records, report, repair, throttle)
+            continue
         nbytes += _check_block(client, rec, [next(copies) for _ in rec.nodes], report, repair, throttle)
         for nid in listed.get((rec.chunk, rec.idx), []):
             if nid not in rec.nodes:
@@ -294,6 +302,11 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report:
         if good is None:
             good = bytes(blob)
     if bad and repair:
+        if good is None and client.erasure is not None:
+            try:
+                good = client.reader.rebuild(rec)
+            except (NodeError, CorruptBlockError) as exc:
+                report.note(f"chunk {rec.chunk} block {rec.idx}: cannot rebuild it from its stripe: {exc}")
         if good is None:
             report.unrepairable_blocks += 1
             report.note(f"chunk {rec.chunk} block {rec.idx}: no good copy to repair {len(bad)} bad one(s) from")
@@ -306,6 +319,42 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report:
                     report.note(f"chunk {rec.chunk} block {rec.idx}: cannot rewrite its copy on "
                                 f"{client.nodes[nid].url}: {exc}")
     return nbytes
+
+
+def _rebuild_elsewhere(client: Client, rec: BlockRecord, records: list[BlockRecord], report: FsckReport,
+                      repair: bool, throttle: _Throttle) -> int:
+    """A block of an erasure-coded chunk that no node holds: report it; when repairing, rebuild it
+    from its stripe onto an up node its stripe does not use yet. Returns the bytes written."""
+    report.blocks += 1
+    report.missing_copies += 1
+    where = f"chunk {rec.chunk} block {rec.idx}"
+    report.note(f"missing copy: {where} is on no node (written short of a full quorum)")
+    if not repair:
+        return 0
+    stripe = stripe_of_record(records, rec)
+    used = {n for r in (stripe.members() if stripe else []) for n in r.nodes}
+    ring = client.stripe_placement.ring(rec.chunk, stripe.first if stripe else 0)
+    free = [n for n in up_first(ring, client.nodes) if n not in used and node_is_up(client.nodes[n])]
+    try:
+        blob = client.reader.rebuild(rec)
+    except (NodeError, CorruptBlockError) as exc:
+        report.unrepairable_blocks += 1
+        report.note(f"{where}: cannot rebuild it from its stripe: {exc}")
+        return 0
+    for nid in free:
+        try:
+            client.nodes[nid].put(block_key(rec.chunk, rec.idx), blob)
+        except NodeError as exc:
+            report.note(f"{where}: cannot write it on {client.nodes[nid].url}: {exc}")
+            continue
+        if client.meta.move_block_copy(rec.chunk, rec.idx, None, nid) == "gone":
+            client.nodes[nid].delete(block_key(rec.chunk, rec.idx))
+        report.repaired_copies += 1
+        throttle.take(len(blob))
+        return len(blob)
+    report.unrepairable_blocks += 1
+    report.note(f"{where}: no node outside its stripe is up to rebuild it on")
+    return 0
 
 
 def _extra_copy(client: Client, rec: BlockRecord, nid: int, report: FsckReport, repair: bool) -> None:
@@ -326,6 +375,7 @@ def _extra_copy(client: Client, rec: BlockRecord, nid: int, report: FsckReport, 
 def _check_extents(chunk: int, info: tuple | None, records: list[BlockRecord],
                    extents: list[tuple[int, Extent]], report: FsckReport) -> None:
     """Extents into a chunk that does not exist, or into bytes no block of it holds."""
+    records = [r for r in records if r.idx >= 0]  # parity holds no bytes of the chunk
     for ino, e in extents:
         if info is None:
             why = f"chunk {chunk} does not exist"
