@@ -297,3 +297,10 @@ def test_a_crash_during_stripe_writes_commits_nothing_unreadable(ec) -> None:
         for n in names:
             i = int(n[1:])
             assert c.read_file(n) == payload(1000 + 37 * i, seed=i)
+
+
+def test_without_isal_an_ec_volume_is_one_line_naming_what_to_install(ec, node_dirs) -> None:
+    dirs = [f"--node={d}" for d in node_dirs(3, "m")]
+    for args in (("init", "other", "--ec", "2+1", *dirs), ("ls", "bale://ec/")):
+        line = user_error(*args, without="cffi")
+        assert "libisal2" in line and "balefs[ec]" in line, line
