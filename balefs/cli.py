@@ -554,13 +554,13 @@ def status(volume: str, no_probe: bool) -> None:
                        + (f", last error: {p['last_error']}" if p["last_error"] else ""))
 
 
-def _move_with_bar(client: Client, moves: list, what: str) -> None:
-    """Run block moves with a progress bar; exit 1 if any failed."""
+def _move_with_bar(client: Client, moves: list, what: str, rate: int | None = None) -> None:
+    """Run block moves with a progress bar, at most `rate` bytes a second; exit 1 if any failed."""
     from .storage.rebalance import run_moves
 
     total = sum(m.rec.stored for m in moves)
     with tqdm(total=total, unit="B", unit_scale=True, desc=what, disable=None) as bar:
-        report = run_moves(client, moves, progress=lambda n, nbytes: bar.update(nbytes or 0))
+        report = run_moves(client, moves, progress=lambda n, nbytes: bar.update(nbytes or 0), rate=rate)
     click.echo(f"{what}: moved {report.moved} block copies, added {report.added} missing copies, "
                f"{_human(report.bytes)}; {report.skipped} already done or gone; {len(report.errors)} failed", err=True)
     for e in report.errors[:10]:
@@ -573,12 +573,15 @@ def _move_with_bar(client: Client, moves: list, what: str) -> None:
 @click.argument("volume", type=VOLUME)
 @click.option("--add-node", "add", multiple=True, help="Add this node to the volume first (checked; repeatable).")
 @click.option("--dry-run", is_flag=True, help="Say what would move, move nothing.")
+@click.option("--rate", default=None, help="Copy or rebuild at most this much per second, e.g. 200MB/s (default: no limit).")
 @user_errors
-def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
+def rebalance(volume: str, add: tuple[str, ...], dry_run: bool, rate: str | None) -> None:
     """Even out block copies over the volume's nodes, restore missing replicas and move copies off
-    nodes that left the volume. Copy, then record, then delete: files stay readable throughout."""
+    nodes that left the volume. Copy, then record, then delete: files stay readable throughout.
+    On an erasure-coded volume a block whose copy is lost is rebuilt from its stripe."""
     from .storage.rebalance import plan_rebalance
 
+    limit = _parse_rate(rate, click.BadParameter)
     if add:
         Client.add_nodes(volume, add)
     with Client.open(volume) as client:
@@ -587,22 +590,26 @@ def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
             click.echo(f"would move {sum(m.src is not None for m in moves)} block copies and add "
                        f"{sum(m.src is None for m in moves)} missing ones ({_human(sum(m.rec.stored for m in moves))})")
             return
-        _move_with_bar(client, moves, "rebalance")
+        _move_with_bar(client, moves, "rebalance", limit)
 
 
 @main.command()
 @click.argument("volume", type=VOLUME)
 @click.argument("node")
+@click.option("--rate", default=None, help="Copy or rebuild at most this much per second, e.g. 200MB/s (default: no limit).")
 @user_errors
-def drain(volume: str, node: str) -> None:
+def drain(volume: str, node: str, rate: str | None) -> None:
     """Move every block copy off NODE (its URL or id) and take it out of the volume's placement.
 
     New blocks stop going to NODE at once (for clients opened from now on); files stay readable
-    throughout. Run it again after long-running clients restart, to move what they wrote meanwhile."""
+    throughout. Run it again after long-running clients restart, to move what they wrote meanwhile.
+    On an erasure-coded volume a lost node's blocks are rebuilt from the other blocks of their
+    stripes, read from every surviving node at once."""
     from .storage.config import load_config, save_config
     from .storage.node_registry import normalize_node_url
     from .storage.rebalance import plan_drain
 
+    limit = _parse_rate(rate, click.BadParameter)
     cfg = load_config(volume)
     with Client.open(volume) as client:
         known = client.meta.nodes()
@@ -618,7 +625,7 @@ def drain(volume: str, node: str) -> None:
         cfg.validate()
         save_config(cfg, overwrite=True)
     with Client.open(volume) as client:
-        _move_with_bar(client, plan_drain(client, nid), f"drain {url}")
+        _move_with_bar(client, plan_drain(client, nid), f"drain {url}", limit)
         client.release_node(nid)
 
 
@@ -628,16 +635,16 @@ class _FsckError(click.ClickException):
     exit_code = 2
 
 
-def _parse_rate(value: str | None) -> int | None:
-    """--rate: bytes per second, as '200MB/s', '1GiB' or 1048576; a bad value is one line, exit 2."""
+def _parse_rate(value: str | None, error: type[Exception] = _FsckError) -> int | None:
+    """--rate: bytes per second, as '200MB/s', '1GiB' or 1048576; a bad value is one line (`error`)."""
     if value is None:
         return None
     try:
         rate = parse_size(value[:-2] if value.lower().endswith("/s") else value, "--rate")
     except ValueError as exc:
-        raise _FsckError(str(exc)) from None
+        raise error(str(exc)) from None
     if rate <= 0:
-        raise _FsckError(f"--rate: must be more than 0 bytes per second, not {value!r}")
+        raise error(f"--rate: must be more than 0 bytes per second, not {value!r}")
     return rate
 
 

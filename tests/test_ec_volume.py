@@ -225,7 +225,9 @@ def test_drain_of_a_lost_node_rebuilds_its_blocks_from_the_survivors(ec) -> None
         nid = max(c.meta.blocks_per_node(), key=lambda n: c.meta.blocks_per_node()[n][0])
         lost = _node_dir(c, nid)
     _down(lost)
-    r = run_cli("drain", "ec", str(nid))
+    line = user_error("drain", "ec", str(nid), "--rate", "fast")
+    assert "--rate" in line, line
+    r = run_cli("drain", "ec", str(nid), "--rate", "200MB/s")
     assert r.returncode == 0, r.stderr.decode()
     assert "failed" in r.stderr.decode() and " 0 failed" in r.stderr.decode(), r.stderr.decode()
     with Client.open("ec") as c:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterator
@@ -32,6 +31,7 @@ from .layout import block_key, parse_block_key
 from .meta.types import BlockRecord, Extent
 from .node import node_is_up, up_first
 from .stripes import stripe_of_record
+from .throttle import Throttle
 
 # Chunks whose records are read in one query; the state is saved after each chunk all the same.
 _BATCH = 64
@@ -101,21 +101,6 @@ def _save_state(path: str, last_chunk: int, report: FsckReport, repair: bool) ->
     os.replace(tmp, path)
 
 
-class _Throttle:
-    """Keeps the bytes read per second at or below `rate` (None: no limit)."""
-
-    def __init__(self, rate: int | None) -> None:
-        self.rate, self.done, self.t0 = rate, 0, time.monotonic()
-
-    def take(self, nbytes: int) -> None:
-        if not self.rate:
-            return
-        self.done += nbytes
-        ahead = self.done / self.rate - (time.monotonic() - self.t0)
-        if ahead > 0:
-            time.sleep(ahead)
-
-
 def check_volume(client: Client, repair: bool = False, rate: int | None = None,
                  progress: Callable[[int, int], None] | None = None, restart: bool = False,
                  grace_s: float = 3600.0) -> FsckReport:
@@ -134,7 +119,7 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
     table = meta.chunk_table()  # after the listing: a block listed of a chunk made meanwhile is no orphan
     missing_chunks = meta.referenced_chunks() - table.keys()
     todo = sorted(c for c in table.keys() | on_nodes.keys() | missing_chunks if c > last)
-    throttle = _Throttle(rate)
+    throttle = Throttle(rate)
     with ThreadPoolExecutor(max_workers=max(1, client.cfg.io_threads), thread_name_prefix="bale-fsck") as pool:
         for start in range(0, len(todo), _BATCH):
             _check_batch(client, todo[start:start + _BATCH], table, on_nodes, report, repair, throttle, grace_s,
@@ -144,7 +129,7 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
 
 
 def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, report: FsckReport, repair: bool,
-                 throttle: _Throttle, grace_s: float, pool: ThreadPoolExecutor, path: str,
+                 throttle: Throttle, grace_s: float, pool: ThreadPoolExecutor, path: str,
                  progress: Callable[[int, int], None] | None) -> None:
     """Check a batch of chunks (records read in a few queries), saving the place after each chunk."""
     meta = client.meta
@@ -201,7 +186,7 @@ def _extents_by_chunk(per_file: dict[int, list[Extent]]) -> dict[int, list[tuple
 
 def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[BlockRecord],
                  listed: dict[tuple[int, int], list[int]], extents: list[tuple[int, Extent]],
-                 drift: tuple[int, int] | None, report: FsckReport, repair: bool, throttle: _Throttle,
+                 drift: tuple[int, int] | None, report: FsckReport, repair: bool, throttle: Throttle,
                  grace_s: float, copies: Iterator[_Copy]) -> int:
     """Check one chunk's blocks, copies (read by _read_copies, in its order), extents and live
     counter; return the bytes read."""
@@ -266,7 +251,7 @@ def _fetch(client: Client, rec: BlockRecord, nid: int) -> _Copy:
 
 
 def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report: FsckReport,
-                 repair: bool, throttle: _Throttle) -> int:
+                 repair: bool, throttle: Throttle) -> int:
     """Verify every copy of one block (as read, in the order of rec.nodes); rewrite bad ones from a
     good one when repairing."""
     key = block_key(rec.chunk, rec.idx)
@@ -322,7 +307,7 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report:
 
 
 def _rebuild_elsewhere(client: Client, rec: BlockRecord, records: list[BlockRecord], report: FsckReport,
-                      repair: bool, throttle: _Throttle) -> int:
+                      repair: bool, throttle: Throttle) -> int:
     """A block of an erasure-coded chunk that no node holds: report it; when repairing, rebuild it
     from its stripe onto an up node its stripe does not use yet. Returns the bytes written."""
     report.blocks += 1

@@ -24,6 +24,7 @@ from .meta.types import BlockRecord
 from .node import up_first
 from .placement import Placement
 from .stripes import stripes_of
+from .throttle import Throttle
 
 if TYPE_CHECKING:
     from .client import Client
@@ -193,10 +194,12 @@ def _book(report: MoveReport, m: Move, outcome: str, nbytes: int) -> None:
 
 
 def run_moves(client: "Client", moves: list[Move], threads: int = 8,
-              progress: Callable[[int, int], None] | None = None) -> MoveReport:
-    """Carry out moves in parallel; `progress(moves done, bytes)` after each."""
+              progress: Callable[[int, int], None] | None = None, rate: int | None = None) -> MoveReport:
+    """Carry out moves in parallel, at most `rate` bytes a second (None: no limit); `progress(moves
+    done, bytes)` after each."""
     report = MoveReport()
     lock = threading.Lock()
+    throttle = Throttle(rate)
 
     def one(m: Move) -> None:
         try:
@@ -208,6 +211,7 @@ def run_moves(client: "Client", moves: list[Move], threads: int = 8,
         else:
             with lock:
                 _book(report, m, outcome, nbytes)
+        throttle.take(nbytes)
         if progress is not None:
             progress(1, nbytes)
 
