@@ -306,3 +306,35 @@ def test_without_isal_an_ec_volume_is_one_line_naming_what_to_install(ec, node_d
     for args in (("init", "other", "--ec", "2+1", *dirs), ("ls", "bale://ec/")):
         line = user_error(*args, without="cffi")
         assert "libisal2" in line and "balefs[ec]" in line, line
+
+
+def test_a_node_that_dies_mid_rebuild(ec) -> None:
+    """Drain a lost node; a second node dies after the first block is rebuilt: moves onto it fail
+    (named), every file stays readable (two nodes down: m), and a second drain once it is back
+    finishes the job."""
+    from balefs.storage.rebalance import plan_drain, run_moves
+
+    files = _write()
+    with Client.open("ec") as c:
+        ids = sorted(c.placement.node_ids)
+        first, second = _node_dir(c, ids[0]), _node_dir(c, ids[1])
+    _down(first)
+    died: list[Path] = []
+
+    def progress(_n: int, _nbytes: int) -> None:
+        if not died:
+            died.append(_down(second))
+
+    with Client.open("ec") as c:
+        report = run_moves(c, plan_drain(c, ids[0]), threads=2, progress=progress)
+    assert died and report.moved >= 1
+    assert all("chunk" in e for e in report.errors), report.errors
+    _read_all(files).close()
+    died[0].rename(second)
+    with Client.open("ec") as c:
+        again = run_moves(c, plan_drain(c, ids[0]))
+        assert not again.errors, again.errors
+        assert c.meta.blocks_per_node().get(ids[0], (0, 0))[0] == 0
+    c = _read_all(files)
+    assert c.reader.decoded == 0
+    c.close()

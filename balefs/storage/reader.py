@@ -413,6 +413,8 @@ class BlockReader:
                     errors.append(exc)
                     launch()
                     continue
+                if shard.idx >= 0:  # a neighbour of the lost block: the next reads of the stripe find it cached
+                    self.cache.put((shard.chunk, shard.idx), raw)
                 shards[position[shard.idx]] = raw if len(raw) == width else bytes(raw) + bytes(width - len(raw))
         if len(shards) < k:
             why = "; ".join(str(e) for e in errors[:4])
@@ -443,15 +445,19 @@ class BlockReader:
                 log.warning("could not rewrite chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)
         self.counters.unrepaired.add()
 
-    def rebuild(self, rec: BlockRecord) -> bytes:
-        """The stored form (encoded) of block `rec` of an erasure-coded chunk, rebuilt from the
-        other blocks of its stripe, data or parity (fsck --repair, drain, rebalance)."""
+    def reconstruct(self, rec: BlockRecord) -> bytes:
+        """The raw bytes of block `rec` (data or parity) of an erasure-coded chunk, rebuilt from the
+        other blocks of its stripe (crash recovery, and rebuild)."""
         if self.erasure is None:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: the volume is not erasure coded")
         stripe = self._stripe(rec._replace(idx=parity_position(rec.idx)[0]) if rec.idx < 0 else rec)
         if stripe is None:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: not in any stripe")
-        return self._codec.encode(self._decode(stripe, rec), rec.chunk, rec.idx)
+        return self._decode(stripe, rec)
+
+    def rebuild(self, rec: BlockRecord) -> bytes:
+        """The stored form (encoded) of block `rec`, rebuilt from its stripe (fsck --repair, drain, rebalance)."""
+        return self._codec.encode(self.reconstruct(rec), rec.chunk, rec.idx)
 
     def get(self, rec: BlockRecord) -> bytes:
         return self.fetch(rec).result()
