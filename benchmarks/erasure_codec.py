@@ -1,7 +1,7 @@
 """Reed-Solomon codecs on this CPU: encode and decode GB/s of a k+m stripe of 4 MiB blocks (issue 20).
 
 Candidates, each run side by side in this one run where it is installed (`pip install cffi pyeclib zfec`;
-pyeclib builds against liberasurecode-dev; none of them is a dependency of balefs but cffi, extra `ec`):
+none of them is a dependency of balefs but cffi, extra `ec`):
   isal     Intel ISA-L (libisal.so.2, Debian libisal2) through cffi in ABI mode: balefs.storage.erasure
   pyeclib  pyeclib over liberasurecode (Debian liberasurecode1), backend liberasurecode_rs_vand
   zfec     zfec (pip wheel)
