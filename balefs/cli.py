@@ -543,6 +543,7 @@ def status(volume: str, no_probe: bool) -> None:
 
     with Client.open(volume) as client:
         rows = volume_status(client, probe=not no_probe)
+        redundancy = client.usage(scan_nodes=False)["redundancy"]
     for n in rows:
         state = "up" if n["up"] else "DOWN"
         role = "" if n["in_use"] else " (not in placement: draining or drained)"
@@ -552,6 +553,7 @@ def status(volume: str, no_probe: bool) -> None:
             click.echo(f"  path {p['path']}: {'up' if p['up'] else 'DOWN'}, latency {lat}, {p['requests']} requests, "
                        f"{p['errors']} errors, in {_human(p['bytes_in'])}, out {_human(p['bytes_out'])}"
                        + (f", last error: {p['last_error']}" if p["last_error"] else ""))
+    _echo_redundancy(redundancy)
 
 
 def _move_with_bar(client: Client, moves: list, what: str, rate: int | None = None) -> None:

@@ -203,8 +203,9 @@ def test_writes_with_nodes_down(make_volume) -> None:
         c.write_file("two-down", payload(3 * K * BLOCK, seed=2))
         assert c.read_file("two-down") == payload(3 * K * BLOCK, seed=2)
         assert len(c.meta.blocks_without_copy()) >= 3
-    out = run_cli("df", "ec").stdout.decode()
-    assert re.search(r"degraded: \d+ block\(s\) in \d+ degraded stripe\(s\)", out), out
+    for cmd in ("df", "status"):
+        out = run_cli(cmd, "ec").stdout.decode()
+        assert re.search(r"degraded: \d+ block\(s\) in \d+ degraded stripe\(s\)", out), (cmd, out)
     for a in away:
         a.rename(a.with_name(a.name[:-len(".away")]))
     r = run_cli("fsck", "ec", "--repair")
@@ -335,6 +336,57 @@ def test_a_node_that_dies_mid_rebuild(ec) -> None:
         again = run_moves(c, plan_drain(c, ids[0]))
         assert not again.errors, again.errors
         assert c.meta.blocks_per_node().get(ids[0], (0, 0))[0] == 0
+    c = _read_all(files)
+    assert c.reader.decoded == 0
+    c.close()
+
+
+_UNSYNCED_WRITER = """
+import sys
+from balefs.storage.client import Client
+from helpers import payload
+c = Client.open("ec", sync_close=False, sync_interval=3600)
+for i in range(12):
+    c.write_file(f"u{i:02d}", payload(20000 + 999 * i, seed=i))
+print("closed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_recovery_after_a_crash_rebuilds_a_lost_unsynced_parity_block_and_drops_no_file(ec) -> None:
+    from balefs.storage.recovery import recover_unsynced
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), str(Path(__file__).parent)])}
+    proc = subprocess.Popen([sys.executable, "-c", _UNSYNCED_WRITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout.readline().strip() == b"closed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    files = {f"u{i:02d}": payload(20000 + 999 * i, seed=i) for i in range(12)}
+    with Client.open("ec") as c:
+        unsynced = [r for r, _, _ in c.meta.unsynced_blocks()]
+        parity = next(r for r in unsynced if r.idx < 0)
+        assert any(r.idx >= 0 for r in unsynced)
+        c.nodes[parity.nodes[0]].delete(block_key(parity.chunk, parity.idx))
+        report = recover_unsynced(c)
+        assert report.dropped_files == [] and report.lost_blocks == 0 and report.settled_blocks == len(unsynced)
+        assert not c.meta.unsynced_blocks()
+        assert c.read_ranges([(p, 0, None) for p in files]) == list(files.values())
+    assert run_cli("fsck", "ec").returncode == 0
+
+
+def test_adding_a_node_keeps_every_stripe_on_distinct_nodes(ec, node_dirs) -> None:
+    files = _write()
+    new = node_dirs(1, "extra")[0]
+    r = run_cli("rebalance", "ec", "--add-node", str(new))
+    assert r.returncode == 0, r.stderr.decode()
+    with Client.open("ec") as c:
+        per_node = c.meta.blocks_per_node()
+        new_id = next(n for n, node in c.nodes.items() if node.url == str(new))
+        assert per_node.get(new_id, (0, 0))[0] > 0  # it took its share
+        for rs in _all_records(c).values():
+            for s in stripes_of(rs):
+                nodes = [n for rec in s.members() for n in rec.nodes]
+                assert len(nodes) == len(set(nodes)) == s.count + M
     c = _read_all(files)
     assert c.reader.decoded == 0
     c.close()
