@@ -36,3 +36,22 @@ def test_ec_on_s3_nodes_reads_around_a_node_down_and_refuses_short_writes(moto, 
     assert again.read_ranges([(p, 0, None) for p in files]) == list(files.values()) and again.reader.decoded == 0
     out = run_cli("fsck", "ecs3").stdout.decode()  # the failed write's blocks are orphans, for gc
     assert "corrupt copies 0, missing 0, unreadable 0, extra 0" in out and "dangling extents 0" in out, out
+
+
+def test_a_slow_node_is_raced_by_a_decode_of_its_stripe(moto, faulty, open_client) -> None:
+    import time
+
+    eps, servers = faulty(3)
+    Client.init("ecslow", [fast(s3_url(make_bucket(moto), [e])) for e in eps], ec="2+1",
+                block_size=BLOCK, chunk_size=CHUNK)
+    c = open_client("ecslow", cache_size=0)
+    data = payload(8 * BLOCK, 3)
+    c.write_file("f", data)
+    assert c.read_file("f") == data  # learn the usual latency
+    servers[0].faults.set(delay=1.5)
+    t = time.monotonic()
+    for _ in range(3):
+        assert c.read_file("f") == data
+    assert time.monotonic() - t < 3.0  # not 1.5 s per read of each block on the slow node
+    assert c.reader.hedged > 0 and c.reader.decoded > 0
+    servers[0].faults.set(delay=0.0)

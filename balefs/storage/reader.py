@@ -234,7 +234,7 @@ class BlockReader:
                 raise errors[0]
             raise next(e for e in errors if not isinstance(e, BlockNotFoundError))
         raw, blob = got
-        if bad and rec.durable:  # a copy of a block still growing may be mid-write: never rewritten
+        if bad and rec.durable and blob is not None:  # growing: may be mid-write, never rewritten; None: decoded
             # Only copies that metadata still places there: a copy moved off by drain/rebalance is not bad.
             fresh = self._fresh_record(rec)
             bad = [n for n in bad if fresh is not None and n in fresh.nodes]
