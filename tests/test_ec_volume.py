@@ -390,3 +390,22 @@ def test_adding_a_node_keeps_every_stripe_on_distinct_nodes(ec, node_dirs) -> No
     c = _read_all(files)
     assert c.reader.decoded == 0
     c.close()
+
+
+def test_ec_metadata_on_each_engine(make_volume, meta_engine) -> None:
+    """Parity rows beside the data on SQLite and PostgreSQL: blocks_of returns them, the accounting
+    counts data only, blocks_without_copy finds a block booked without a node or on nodes down."""
+    make_volume("ec", nodes=7, ec=f"{K}+{M}", write_quorum=K + 1, meta=meta_engine)
+    data = payload(2 * K * BLOCK, seed=7)
+    with Client.open("ec") as c:
+        c.write_file("f", data)
+        recs = [r for rs in _all_records(c).values() for r in rs]
+        parity = [r for r in recs if r.idx < 0]
+        assert len(parity) == 2 * M and len(recs) == 2 * K + 2 * M
+        u = c.meta.usage()
+        assert u["chunk_bytes"] == len(data) and u["data_stored"] == sum(r.stored for r in recs if r.idx >= 0)
+        assert c.meta.block_size_classes([BLOCK])[0] == 2 * K and not c.meta.badly_baled_chunks(BLOCK // 4)
+        assert c.meta.blocks_without_copy() == []
+        node = parity[0].nodes[0]
+        on_node = sorted((r.chunk, r.idx) for r in recs if r.nodes == (node,))
+        assert c.meta.blocks_without_copy([node]) == on_node
