@@ -198,24 +198,29 @@ def main() -> None:
                    "(credentials from the AWS environment or profile) or memory://name. Repeat for each node.")
 @click.option("--meta", default="", help="Metadata store URL; default: an SQLite file beside the config.")
 @click.option("--replicas", default=1, show_default=True, help="Copies of each block, on distinct nodes.")
+@click.option("--ec", default="", metavar="K+M",
+              help="Erasure code instead of replicas: stripes of K data and M parity blocks on K+M distinct "
+                   "nodes (4+2 stores 1.5x the data and survives any 2 nodes lost). Needs Intel ISA-L (libisal2).")
 @click.option("--write-quorum", default=0, show_default=True,
               help="Copies that must be stored before a block counts as durable (0: all --replicas); "
-                   "with fewer, files stay readable from the copies that were stored.")
+                   "with fewer, files stay readable from the copies that were stored. With --ec: blocks of a "
+                   "stripe (K+1 to K+M; 0: all), the missing ones shown by df and rebuilt by fsck --repair.")
 @click.option("--chunk-size", default="64MiB", show_default=True, help="Size of the chunks small files are packed into.")
 @click.option("--block-size", default="4MiB", show_default=True, help="Unit of striping, caching and checksums.")
 @click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
               help="Compress blocks with lz4 (kept only where it shrinks a block).")
 @click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
 @user_errors
-def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quorum: int, chunk_size: str,
+def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, write_quorum: int, chunk_size: str,
          block_size: str, compression: str, cache_size: str) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
-                      cache_size=parse_size(cache_size, "--cache-size"))
-    click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), replicas {cfg.replicas}, "
+                      cache_size=parse_size(cache_size, "--cache-size"), ec=ec)
+    redundancy = f"erasure code {cfg.ec}" if cfg.ec else f"replicas {cfg.replicas}"
+    click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), {redundancy}, "
                f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}")
 
 
@@ -467,6 +472,7 @@ def df(volume: str, no_scan: bool) -> None:
     click.echo(f"chunks: {u['chunks']}, {_human(u['chunk_bytes'])} packed, live {_human(u['live_bytes'])}, "
                f"dead {_human(u['dead_bytes'])}")
     _echo_baling(u["baling"])
+    _echo_redundancy(u["redundancy"])
     click.echo(f"{'node':<40} {'blocks':>8} {'stored':>11} {'free':>11} {'orphans':>8} {'orphan bytes':>12}")
     total_orphans = 0
     for n in u["nodes"]:
@@ -480,6 +486,17 @@ def df(volume: str, no_scan: bool) -> None:
     if total_orphans:
         click.echo(f"{total_orphans} orphan block(s) on the nodes: written but never committed (interrupted "
                    "writes, or writes in flight right now); `balefs gc` reclaims those whose writer is gone")
+
+
+def _echo_redundancy(r: dict) -> None:
+    """df's lines on redundancy: the scheme, bytes on the nodes per byte of data, what is left to rebuild."""
+    ratio = f" ({r['raw_bytes'] / r['logical_bytes']:.2f}x)" if r["logical_bytes"] else ""
+    click.echo(f"redundancy: {r['scheme']}; stored {_human(r['raw_bytes'])} on the nodes for "
+               f"{_human(r['logical_bytes'])} of data{ratio}")
+    if r["blocks_to_rebuild"]:
+        stripes = f" in {r['stripes_degraded']} degraded stripe(s)" if r["stripes_degraded"] else ""
+        click.echo(f"degraded: {r['blocks_to_rebuild']} block(s){stripes} have no copy on a node that is up "
+                   "(written short of a full quorum, or on nodes down); `balefs fsck --repair` rebuilds them")
 
 
 def _size_label(n: int) -> str:
@@ -556,6 +573,7 @@ def status(volume: str, no_probe: bool) -> None:
 
     with Client.open(volume) as client:
         rows = volume_status(client, probe=not no_probe)
+        redundancy = client.usage(scan_nodes=False)["redundancy"]
     for n in rows:
         state = "up" if n["up"] else "DOWN"
         role = "" if n["in_use"] else " (not in placement: draining or drained)"
@@ -565,15 +583,16 @@ def status(volume: str, no_probe: bool) -> None:
             click.echo(f"  path {p['path']}: {'up' if p['up'] else 'DOWN'}, latency {lat}, {p['requests']} requests, "
                        f"{p['errors']} errors, in {_human(p['bytes_in'])}, out {_human(p['bytes_out'])}"
                        + (f", last error: {p['last_error']}" if p["last_error"] else ""))
+    _echo_redundancy(redundancy)
 
 
-def _move_with_bar(client: Client, moves: list, what: str) -> None:
-    """Run block moves with a progress bar; exit 1 if any failed."""
+def _move_with_bar(client: Client, moves: list, what: str, rate: int | None = None) -> None:
+    """Run block moves with a progress bar, at most `rate` bytes a second; exit 1 if any failed."""
     from .storage.rebalance import run_moves
 
     total = sum(m.rec.stored for m in moves)
     with tqdm(total=total, unit="B", unit_scale=True, desc=what, disable=None) as bar:
-        report = run_moves(client, moves, progress=lambda n, nbytes: bar.update(nbytes or 0))
+        report = run_moves(client, moves, progress=lambda n, nbytes: bar.update(nbytes or 0), rate=rate)
     click.echo(f"{what}: moved {report.moved} block copies, added {report.added} missing copies, "
                f"{_human(report.bytes)}; {report.skipped} already done or gone; {len(report.errors)} failed", err=True)
     for e in report.errors[:10]:
@@ -586,12 +605,15 @@ def _move_with_bar(client: Client, moves: list, what: str) -> None:
 @click.argument("volume", type=VOLUME)
 @click.option("--add-node", "add", multiple=True, help="Add this node to the volume first (checked; repeatable).")
 @click.option("--dry-run", is_flag=True, help="Say what would move, move nothing.")
+@click.option("--rate", default=None, help="Copy or rebuild at most this much per second, e.g. 200MB/s (default: no limit).")
 @user_errors
-def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
+def rebalance(volume: str, add: tuple[str, ...], dry_run: bool, rate: str | None) -> None:
     """Even out block copies over the volume's nodes, restore missing replicas and move copies off
-    nodes that left the volume. Copy, then record, then delete: files stay readable throughout."""
+    nodes that left the volume. Copy, then record, then delete: files stay readable throughout.
+    On an erasure-coded volume a block whose copy is lost is rebuilt from its stripe."""
     from .storage.rebalance import plan_rebalance
 
+    limit = _parse_rate(rate, click.BadParameter)
     if add:
         Client.add_nodes(volume, add)
     with Client.open(volume) as client:
@@ -600,22 +622,26 @@ def rebalance(volume: str, add: tuple[str, ...], dry_run: bool) -> None:
             click.echo(f"would move {sum(m.src is not None for m in moves)} block copies and add "
                        f"{sum(m.src is None for m in moves)} missing ones ({_human(sum(m.rec.stored for m in moves))})")
             return
-        _move_with_bar(client, moves, "rebalance")
+        _move_with_bar(client, moves, "rebalance", limit)
 
 
 @main.command()
 @click.argument("volume", type=VOLUME)
 @click.argument("node")
+@click.option("--rate", default=None, help="Copy or rebuild at most this much per second, e.g. 200MB/s (default: no limit).")
 @user_errors
-def drain(volume: str, node: str) -> None:
+def drain(volume: str, node: str, rate: str | None) -> None:
     """Move every block copy off NODE (its URL or id) and take it out of the volume's placement.
 
     New blocks stop going to NODE at once (for clients opened from now on); files stay readable
-    throughout. Run it again after long-running clients restart, to move what they wrote meanwhile."""
+    throughout. Run it again after long-running clients restart, to move what they wrote meanwhile.
+    On an erasure-coded volume a lost node's blocks are rebuilt from the other blocks of their
+    stripes, read from every surviving node at once."""
     from .storage.config import load_config, save_config
     from .storage.node_registry import normalize_node_url
     from .storage.rebalance import plan_drain
 
+    limit = _parse_rate(rate, click.BadParameter)
     cfg = load_config(volume)
     with Client.open(volume) as client:
         known = client.meta.nodes()
@@ -631,7 +657,7 @@ def drain(volume: str, node: str) -> None:
         cfg.validate()
         save_config(cfg, overwrite=True)
     with Client.open(volume) as client:
-        _move_with_bar(client, plan_drain(client, nid), f"drain {url}")
+        _move_with_bar(client, plan_drain(client, nid), f"drain {url}", limit)
         client.release_node(nid)
 
 
@@ -641,14 +667,14 @@ class _FsckError(click.ClickException):
     exit_code = 2
 
 
-def _parse_rate(value: str | None) -> int | None:
-    """--rate: bytes per second, as '200MB/s', '1GiB' or 1048576; a bad value is one line, exit 2."""
+def _parse_rate(value: str | None, error: type[Exception] = _FsckError) -> int | None:
+    """--rate: bytes per second, as '200MB/s', '1GiB' or 1048576; a bad value is one line (`error`)."""
     if value is None:
         return None
     try:
         return parse_rate(value, "--rate")
     except ValueError as exc:
-        raise _FsckError(str(exc)) from None
+        raise error(str(exc)) from None
 
 
 @main.command()

@@ -32,7 +32,9 @@ from .orphans import PREFIX as ORPHAN_XATTR
 from .layout import parse_block_key
 from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, node_is_up, supports
 from .node_registry import normalize_node_url, open_node
-from .placement import Placement
+from .erasure import ErasureCode
+from .placement import Placement, StripePlacement, parse_ec
+from .stripes import StripeCutter, degraded_stripes
 from .reader import BlockReader
 from .volume import claim_nodes
 from .volume_format import VolumeFormat, stored_format
@@ -255,6 +257,13 @@ class Client:
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
         self.reader = BlockReader(lambda chunks: self.meta.blocks_of(chunks), self.nodes, self.cache, self._pool, self.codec)
         self.reader.readahead_blocks = cfg.readahead_blocks
+        #: an erasure-coded volume's code and stripe placement (None: replicas); ISA-L is loaded here
+        self.erasure: ErasureCode | None = None
+        self.stripe_placement: StripePlacement | None = None
+        if cfg.ec:
+            k, m = parse_ec(cfg.ec)
+            self.stripe_placement = StripePlacement(self.placement.node_ids, k, m)
+            self.erasure = self.reader.erasure = ErasureCode(k, m)
         self.disk_cache: DiskBlockCache | None = None
         if cfg.cache_dir:
             self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.codec.volume)
@@ -301,6 +310,8 @@ class Client:
         them). Returns the config as an open sees it, format included."""
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
         fmt = cfg.volume_format()
+        if fmt.ec:
+            ErasureCode(*parse_ec(fmt.ec))  # ISA-L is there (or one line says what to install)
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
         nodes = [open_node(url) for url in cfg.nodes]
@@ -665,9 +676,11 @@ class Client:
                 if self._writer is None:
                     self._check_nodes(self.placement.node_ids, writable=True)  # blocks go to the next nodes of their ring
                     new_chunk = functools.partial(self.meta.new_chunk, layout=self.identity.format.chunk_layout())
+                    stripes = (StripeCutter(self.erasure, self.stripe_placement, self.nodes, self.cfg.block_size)
+                               if self.erasure is not None else None)
                     self._writer = ChunkWriter(new_chunk, self.nodes, self.placement, self.codec,
                                                self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight,
-                                               self.cfg.write_quorum)
+                                               self.cfg.write_quorum, stripes)
         return self._writer
 
     def open_write(self, path: str, append: bool = False, exclusive: bool = False, mode: int = 0o644,
@@ -977,6 +990,8 @@ class Client:
                 row["error"] = str(exc)
             nodes.append(row)
         figures["nodes"] = nodes
+        figures["redundancy"] = self._redundancy([row["id"] for row in nodes if "error" in row], nodes,
+                                                 int(figures.pop("data_stored")))
         return figures
 
     def volume_figures(self) -> dict[str, int]:
@@ -989,6 +1004,16 @@ class Client:
         out["nodes_up"] = sum(1 for node in self.nodes.values() if node_is_up(node))
         out["unsynced_blocks"] = sum(1 for _ in self.meta.unsynced_blocks())
         return out
+
+    def _redundancy(self, down: list[int], nodes: list[dict], data_stored: int) -> dict[str, object]:
+        """df's redundancy figures: the scheme, bytes stored on the nodes (parity and copies
+        included) against the data's own, and what a lost node or a short write left to rebuild."""
+        missing, stripes = degraded_stripes(self.meta, down)
+        fmt = self.identity.format
+        return {"scheme": f"erasure code {fmt.ec}" if fmt.ec else f"replicas {fmt.replicas}",
+                "raw_bytes": sum(int(r["stored_bytes"]) for r in nodes),
+                "logical_bytes": data_stored,
+                "blocks_to_rebuild": missing, "stripes_degraded": stripes if fmt.ec else 0}
 
     def release_node(self, nid: int) -> bool:
         """Take back this volume's mark from a node out of the placement that holds none of its

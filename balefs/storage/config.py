@@ -12,6 +12,7 @@ import tomli_w
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
 from .meta.types import split_path
 from .node_registry import normalize_node_url
+from .placement import parse_ec
 from .volume_format import FORMAT_KEYS, VolumeFormat, refuse_changed_format, refuse_format_options
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -75,6 +76,7 @@ class VolumeConfig:
     replicas: int | None = None
     write_quorum: int | None = None  # copies of a block that must be stored before it counts as durable; 0: all `replicas`
     compression: str | None = None
+    ec: str | None = None  # erasure code 'K+M' instead of replicas ("": replicas); see VolumeFormat.ec
     cache_size: int = 1 << 30
     meta_cache_ttl: float = 1.0
     readahead_blocks: int = 4
@@ -118,7 +120,9 @@ class VolumeConfig:
         if not 1 <= fmt.replicas <= len(self.nodes):
             raise ConfigError(f"replicas must be 1 or more, got {fmt.replicas}" if fmt.replicas < 1 else
                               f"replicas={fmt.replicas} needs at least that many nodes (volume has {len(self.nodes)})")
-        if not 0 <= fmt.write_quorum <= fmt.replicas:
+        if fmt.ec:
+            self._validate_ec(fmt)
+        elif not 0 <= fmt.write_quorum <= fmt.replicas:
             raise ConfigError(f"write_quorum={fmt.write_quorum} must lie between 1 and replicas={fmt.replicas} (0: all replicas)")
         if fmt.compression not in ("none", "lz4"):
             raise ConfigError(f"compression {fmt.compression!r}: use 'none' or 'lz4'")
@@ -131,6 +135,18 @@ class VolumeConfig:
         for key in ("readahead_blocks", "io_threads", "upload_inflight"):
             if getattr(self, key) < (0 if key == "readahead_blocks" else 1):
                 raise ConfigError(f"{key} must be positive")
+
+    def _validate_ec(self, fmt: VolumeFormat) -> None:
+        """An erasure-coded format: K+M, no more blocks per stripe than nodes, replicas 1, a quorum of k+1 or more."""
+        k, m = parse_ec(fmt.ec)
+        if fmt.replicas != 1:
+            raise ConfigError(f"erasure code {fmt.ec} and replicas={fmt.replicas}: a volume has one or the other")
+        if k + m > len(self.nodes):
+            raise ConfigError(f"erasure code {fmt.ec} puts each stripe's {k + m} blocks on distinct nodes: "
+                              f"it needs {k + m} nodes (volume has {len(self.nodes)})")
+        if fmt.write_quorum and not k + 1 <= fmt.write_quorum <= k + m:
+            raise ConfigError(f"write_quorum={fmt.write_quorum} with erasure code {fmt.ec} must lie between "
+                              f"{k + 1} and {k + m} blocks of a stripe (0: all {k + m})")
 
     @property
     def meta_url(self) -> str:

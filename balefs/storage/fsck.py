@@ -7,6 +7,9 @@ orphan blocks (no record knows them, their chunk's writer is gone: gc deletes th
 that point at chunks or blocks that do not exist, and chunks whose live counter drifted from
 their extents' bytes. With repair, bad or missing copies are rewritten from a good copy, extra
 copies deleted and live counters recounted; orphans and dangling extents are only reported.
+Erasure-coded chunks keep one copy of each block: a bad one is rebuilt from the other blocks of
+its stripe (BlockReader.rebuild: data or parity), and a block booked without a node (a write
+short of a full quorum) is rebuilt onto a node its stripe does not use yet.
 
 Blocks not yet synced (BlockRecord.durable False: an open block growing in place) are in flux
 and skipped; recovery settles those of crashed writers. Chunks are checked in id order and the
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterator
@@ -28,6 +30,9 @@ from .config import balefs_home
 from .gc import no_more_writes
 from .layout import block_key, parse_block_key
 from .meta.types import BlockRecord, Extent
+from .node import node_is_up, up_first
+from .stripes import stripe_of_record
+from .throttle import Throttle
 
 # Chunks whose records are read in one query; the state is saved after each chunk all the same.
 _BATCH = 64
@@ -98,22 +103,6 @@ def _save_state(path: str, last_chunk: int, report: FsckReport, repair: bool) ->
     os.replace(tmp, path)
 
 
-class _Throttle:
-    """Keeps the bytes read per second at or below `rate` (None: no limit); a set `stop` ends the waits."""
-
-    def __init__(self, rate: int | None, stop: threading.Event | None = None) -> None:
-        self.rate, self.done, self.t0 = rate, 0, time.monotonic()
-        self.stop = stop or threading.Event()
-
-    def take(self, nbytes: int) -> None:
-        if not self.rate:
-            return
-        self.done += nbytes
-        ahead = self.done / self.rate - (time.monotonic() - self.t0)
-        if ahead > 0:
-            self.stop.wait(ahead)
-
-
 def check_volume(client: Client, repair: bool = False, rate: int | None = None,
                  progress: Callable[[int, int], None] | None = None, restart: bool = False,
                  grace_s: float = 3600.0, copies_only: bool = False, stop: threading.Event | None = None,
@@ -137,7 +126,7 @@ def check_volume(client: Client, repair: bool = False, rate: int | None = None,
     table = meta.chunk_table()  # after the listing: a block listed of a chunk made meanwhile is no orphan
     missing_chunks = meta.referenced_chunks() - table.keys()
     todo = sorted(c for c in table.keys() | on_nodes.keys() | missing_chunks if c > last)
-    throttle = _Throttle(rate, stop)
+    throttle = Throttle(rate, stop)
     fix = _Repair(copies=repair, books=repair and not copies_only)
     with ThreadPoolExecutor(max_workers=max(1, client.cfg.io_threads), thread_name_prefix="bale-fsck") as pool:
         for start in range(0, len(todo), _BATCH):
@@ -157,7 +146,7 @@ class _Repair:
 
 
 def _check_batch(client: Client, batch: list[int], table: dict, on_nodes: dict, report: FsckReport, fix: _Repair,
-                 throttle: _Throttle, grace_s: float, pool: ThreadPoolExecutor, path: str,
+                 throttle: Throttle, grace_s: float, pool: ThreadPoolExecutor, path: str,
                  progress: Callable[[int, int], None] | None, stop: threading.Event | None) -> None:
     """Check a batch of chunks (records read in a few queries), saving the place after each chunk."""
     meta = client.meta
@@ -218,7 +207,7 @@ def _extents_by_chunk(per_file: dict[int, list[Extent]]) -> dict[int, list[tuple
 
 def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[BlockRecord],
                  listed: dict[tuple[int, int], list[int]], extents: list[tuple[int, Extent]],
-                 drift: tuple[int, int] | None, report: FsckReport, fix: _Repair, throttle: _Throttle,
+                 drift: tuple[int, int] | None, report: FsckReport, fix: _Repair, throttle: Throttle,
                  grace_s: float, copies: Iterator[_Copy]) -> int:
     """Check one chunk's blocks, copies (read by _read_copies, in its order), extents and live
     counter; return the bytes read."""
@@ -227,6 +216,9 @@ def _check_chunk(client: Client, chunk: int, info: tuple | None, records: list[B
     durable = [r for r in records if r.durable]
     report.in_flux += len(records) - len(durable)  # growing in place, or a crashed writer's: recovery settles them
     for rec in durable:
+        if not rec.nodes and client.erasure is not None:
+            nbytes += _rebuild_elsewhere(client, rec, records, report, fix.copies, throttle)
+            continue
         nbytes += _check_block(client, rec, [next(copies) for _ in rec.nodes], report, fix.copies, throttle)
         for nid in listed.get((rec.chunk, rec.idx), []):
             if nid not in rec.nodes:
@@ -280,7 +272,7 @@ def _fetch(client: Client, rec: BlockRecord, nid: int) -> _Copy:
 
 
 def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report: FsckReport,
-                 repair: bool, throttle: _Throttle) -> int:
+                 repair: bool, throttle: Throttle) -> int:
     """Verify every copy of one block (as read, in the order of rec.nodes); rewrite bad ones from a
     good one when repairing."""
     key = block_key(rec.chunk, rec.idx)
@@ -316,6 +308,11 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report:
         if good is None:
             good = bytes(blob)
     if bad and repair:
+        if good is None and client.erasure is not None:
+            try:
+                good = client.reader.rebuild(rec)
+            except (NodeError, CorruptBlockError) as exc:
+                report.note(f"chunk {rec.chunk} block {rec.idx}: cannot rebuild it from its stripe: {exc}")
         if good is None:
             report.unrepairable_blocks += 1
             report.note(f"chunk {rec.chunk} block {rec.idx}: no good copy to repair {len(bad)} bad one(s) from")
@@ -328,6 +325,42 @@ def _check_block(client: Client, rec: BlockRecord, fetched: list[_Copy], report:
                     report.note(f"chunk {rec.chunk} block {rec.idx}: cannot rewrite its copy on "
                                 f"{client.nodes[nid].url}: {exc}")
     return nbytes
+
+
+def _rebuild_elsewhere(client: Client, rec: BlockRecord, records: list[BlockRecord], report: FsckReport,
+                      repair: bool, throttle: Throttle) -> int:
+    """A block of an erasure-coded chunk that no node holds: report it; when repairing, rebuild it
+    from its stripe onto an up node its stripe does not use yet. Returns the bytes written."""
+    report.blocks += 1
+    report.missing_copies += 1
+    where = f"chunk {rec.chunk} block {rec.idx}"
+    report.note(f"missing copy: {where} is on no node (written short of a full quorum)")
+    if not repair:
+        return 0
+    stripe = stripe_of_record(records, rec)
+    used = {n for r in (stripe.members() if stripe else []) for n in r.nodes}
+    ring = client.stripe_placement.ring(rec.chunk, stripe.first if stripe else 0)
+    free = [n for n in up_first(ring, client.nodes) if n not in used and node_is_up(client.nodes[n])]
+    try:
+        blob = client.reader.rebuild(rec)
+    except (NodeError, CorruptBlockError) as exc:
+        report.unrepairable_blocks += 1
+        report.note(f"{where}: cannot rebuild it from its stripe: {exc}")
+        return 0
+    for nid in free:
+        try:
+            client.nodes[nid].put(block_key(rec.chunk, rec.idx), blob)
+        except NodeError as exc:
+            report.note(f"{where}: cannot write it on {client.nodes[nid].url}: {exc}")
+            continue
+        if client.meta.move_block_copy(rec.chunk, rec.idx, None, nid) == "gone":
+            client.nodes[nid].delete(block_key(rec.chunk, rec.idx))
+        report.repaired_copies += 1
+        throttle.take(len(blob))
+        return len(blob)
+    report.unrepairable_blocks += 1
+    report.note(f"{where}: no node outside its stripe is up to rebuild it on")
+    return 0
 
 
 def _extra_copy(client: Client, rec: BlockRecord, nid: int, report: FsckReport, repair: bool) -> None:
@@ -348,6 +381,7 @@ def _extra_copy(client: Client, rec: BlockRecord, nid: int, report: FsckReport, 
 def _check_extents(chunk: int, info: tuple | None, records: list[BlockRecord],
                    extents: list[tuple[int, Extent]], report: FsckReport) -> None:
     """Extents into a chunk that does not exist, or into bytes no block of it holds."""
+    records = [r for r in records if r.idx >= 0]  # parity holds no bytes of the chunk
     for ino, e in extents:
         if info is None:
             why = f"chunk {chunk} does not exist"

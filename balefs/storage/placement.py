@@ -38,3 +38,39 @@ class Placement:
     def nodes_for(self, chunk: int, block: int) -> tuple[int, ...]:
         """Return the ids of the nodes that hold `block` of `chunk`, primary first."""
         return self.ring(chunk, block)[:self.replicas]
+
+
+def parse_ec(scheme: str) -> tuple[int, int]:
+    """(k, m) of an erasure code written 'K+M' ('4+2'); ConfigError for anything else."""
+    k, plus, m = scheme.partition("+")
+    try:
+        if plus and int(k) >= 1 and int(m) >= 1 and int(k) + int(m) <= 255:
+            return int(k), int(m)
+    except ValueError:
+        pass
+    raise ConfigError(f"erasure code {scheme!r}: write it K+M, data blocks plus parity blocks per stripe "
+                      "(for example 4+2), k >= 1, m >= 1, k + m <= 255")
+
+
+@dataclass(frozen=True)
+class StripePlacement:
+    """Erasure-coded chunks: the k data and m parity blocks of a stripe on k+m consecutive nodes of
+    the ring, each stripe one node on from the last, so every node holds data and parity of every
+    chunk in turn (declustered: a lost node's blocks are rebuilt from all the others, not from a
+    fixed group of k+m, and its parity is no hot spot)."""
+
+    node_ids: tuple[int, ...]
+    k: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if self.k + self.m > len(self.node_ids):
+            raise ConfigError(f"erasure code {self.k}+{self.m} needs {self.k + self.m} nodes (volume has {len(self.node_ids)})")
+
+    def ring(self, chunk: int, first: int) -> tuple[int, ...]:
+        """Every node id in the order the stripe starting at data block `first` prefers them: the
+        first k+m hold its blocks (data positions, then parity), the rest stand in for failed ones."""
+        n = len(self.node_ids)
+        start = xxhash.xxh3_64_intdigest(chunk.to_bytes(8, "little")) % n
+        base = start + first // self.k
+        return tuple(self.node_ids[(base + r) % n] for r in range(n))

@@ -9,6 +9,12 @@ usually is (hedge_factor times its typical latency) is raced against the next re
 against another path of the same node when the block has one copy; a copy that comes back
 corrupt or missing is rewritten from the good one (repair). A block missing from every node
 its cached map names (moved meanwhile by rebalance or drain) is looked up again.
+
+Erasure-coded chunks (`erasure` set): a data block that is missing, corrupt, on a node that is
+down or, remotely, far slower than usual (the hedging rule above) is decoded from any k other
+blocks of its stripe (data first, parity only as needed; a short stripe's absent data blocks are
+zeros), and rewritten on its node when that node answers; otherwise it waits for `balefs fsck
+--repair` or `drain`, which rebuild it elsewhere. Parity is never read while the data answers.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ from .cache import BlockCache
 from .codec import BlockCodec
 from .counters import Counter, CounterGroup, Histogram, Keyed
 from .meta.types import BlockRecord, Extent
-from .layout import block_key
+from .erasure import ErasureCode
+from .layout import block_key, parity_position
 from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
+from .stripes import Stripe, stripe_holding
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,8 @@ class BlockReader:
     # link takes ~0.65 s, so a shorter first guess sends many first reads twice (benchmarks/RESULTS.md, issue 6)
     hedge_initial = 2.0
     readahead_blocks = 4  # a batch that reads a run of a chunk's blocks fetches this many after it
+    erasure: ErasureCode | None = None  # the volume's erasure code (None: replicas)
+    _DECODE = -1  # in a race of copies: "decode the block from its stripe" instead of a node id
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, codec: BlockCodec, wave_bytes: int = 512 << 20) -> None:
@@ -57,7 +67,9 @@ class BlockReader:
         self._lock = threading.Lock()
         self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
-        self.counters = CounterGroup("hedged", "repaired")
+        self._parity: dict[int, list[BlockRecord]] = {}  # erasure-coded chunk -> its parity blocks
+        self._shard_pool: ThreadPoolExecutor | None = None  # reads of a stripe's blocks for a decode
+        self.counters = CounterGroup("hedged", "repaired", "decoded", "unrepaired")
         #: per node id: seconds of each block copy read (get or read_into), copies that failed, bytes read
         self.node_get_seconds: Keyed[Histogram] = Keyed(Histogram)
         self.node_get_errors: Keyed[Counter] = Keyed(Counter)
@@ -65,6 +77,7 @@ class BlockReader:
 
     hedged = property(lambda self: self.counters.hedged.value, doc="reads raced against another replica or path")
     repaired = property(lambda self: self.counters.repaired.value, doc="bad copies rewritten from a good one")
+    decoded = property(lambda self: self.counters.decoded.value, doc="data blocks decoded from their stripe")
 
     # -- block maps ----------------------------------------------------------------------
 
@@ -77,13 +90,21 @@ class BlockReader:
         found = self._blocks_of(missing)
         with self._lock:
             for chunk, recs in found.items():
-                self._maps[chunk] = ([r.off for r in recs], recs)
+                self._remember(chunk, recs)
 
     def adopt_maps(self, maps: dict[int, list[BlockRecord]]) -> None:
         """Take block lists fetched elsewhere (a snapshot's): reads of these chunks then query no metadata."""
         with self._lock:
             for chunk, recs in maps.items():
-                self._maps.setdefault(chunk, ([r.off for r in recs], list(recs)))
+                if chunk not in self._maps:
+                    self._remember(chunk, recs)
+
+    def _remember(self, chunk: int, recs: list[BlockRecord]) -> None:
+        """Keep a chunk's map of data blocks, and its parity blocks apart (lock held)."""
+        data = [r for r in recs if r.idx >= 0]
+        self._maps[chunk] = ([r.off for r in data], data)
+        if len(data) < len(recs):
+            self._parity[chunk] = [r for r in recs if r.idx < 0]
 
     def _pieces(self, chunk: int, start: int, end: int) -> list[Piece]:
         """The blocks holding bytes [start, end) of a chunk, with the slice of each."""
@@ -172,7 +193,16 @@ class BlockReader:
 
     def fetch_from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
         """The verified raw bytes of a block from its nodes, past both caches (warmup stores them itself):
-        other replicas on failure, a torn read of a growing block retried, a moved block looked up again."""
+        other replicas on failure, a torn read of a growing block retried, a moved block looked up again,
+        a data block of an erasure-coded chunk decoded from its stripe."""
+        try:
+            return self._copy_from_nodes(rec)
+        except (NodeError, CorruptBlockError) as exc:
+            if self.erasure is None or rec.idx < 0:
+                raise
+            return self._degraded(rec, exc)
+
+    def _copy_from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
         try:
             return self._from_nodes(rec)
         except CorruptBlockError:
@@ -208,7 +238,7 @@ class BlockReader:
                 raise errors[0]
             raise next(e for e in errors if not isinstance(e, BlockNotFoundError))
         raw, blob = got
-        if bad and rec.durable:  # a copy of a block still growing may be mid-write: never rewritten
+        if bad and rec.durable and blob is not None:  # growing: may be mid-write, never rewritten; None: decoded
             # Only copies that metadata still places there: a copy moved off by drain/rebalance is not bad.
             fresh = self._fresh_record(rec)
             bad = [n for n in bad if fresh is not None and n in fresh.nodes]
@@ -282,9 +312,14 @@ class BlockReader:
         first = self._nodes.get(order[0]) if order else None
         paths = first.paths if supports(first, MultiPath) else None
         spare = [order[0]] if len(order) == 1 and paths is not None and len(paths.paths) > 1 else []
+        if not queue and self.erasure is not None and rec.idx >= 0:
+            spare.append(self._DECODE)  # the block's one copy is slow: its stripe answers too
         pending: dict[Future, int] = {}
 
         def launch(nid: int) -> None:
+            if nid == self._DECODE:
+                pending[pool.submit(lambda: (self._degraded(rec, None), None))] = nid
+                return
             pending[pool.submit(self._read_copy, rec, key, nid)] = nid
 
         if order:
@@ -326,13 +361,124 @@ class BlockReader:
             except Exception as exc:  # noqa: BLE001 - the copy stays bad; fsck or the next read retries
                 log.warning("could not repair chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)
 
+    # -- erasure-coded stripes ------------------------------------------------------------
+
+    def _stripe(self, rec: BlockRecord) -> Stripe | None:
+        """The booked stripe of data block `rec` (its chunk's map reloaded once if it lacks it)."""
+        for attempt in (0, 1):
+            if attempt:
+                self.load_maps([rec.chunk], refresh=True)
+            with self._lock:
+                recs = self._maps.get(rec.chunk, ([], []))[1] + self._parity.get(rec.chunk, [])
+            stripe = stripe_holding(recs, rec.idx)
+            if stripe is not None:
+                return stripe
+        return None
+
+    def _degraded(self, rec: BlockRecord, cause: Exception | None) -> bytes:
+        """Data block `rec` decoded from the other blocks of its stripe; rewritten on its node when
+        that node answers. NodeError naming the stripe when fewer than k of its blocks can be read."""
+        stripe = self._stripe(rec)
+        if stripe is None:
+            if cause is None:
+                raise NodeError(f"chunk {rec.chunk} block {rec.idx}: not in any stripe")
+            raise cause
+        data = self._decode(stripe, rec, cause)
+        self.counters.decoded.add()
+        if isinstance(cause, (BlockNotFoundError, CorruptBlockError)):  # its node answered: it lost or damaged it
+            self._rewrite(rec, data)
+        else:  # its node is down, slow, or the block was booked without one
+            self.counters.unrepaired.add()
+        return data
+
+    def _decode(self, stripe: Stripe, rec: BlockRecord, cause: Exception | None = None) -> bytes:
+        """The raw bytes of block `rec` (data or parity) of `stripe`, decoded from k of its other
+        blocks, read in parallel: data blocks first, parity only as needed (a short stripe's absent
+        data blocks are zeros, read from nowhere)."""
+        code = self.erasure
+        k, width = code.k, stripe.width
+        position = {r.idx: r.idx - stripe.first for r in stripe.data}
+        position.update({r.idx: k + parity_position(r.idx)[2] for r in stripe.parity})
+        shards: dict[int, bytes | memoryview] = {p: bytes(width) for p in range(stripe.count, k)}
+        candidates = iter([r for r in stripe.members() if r.idx != rec.idx])
+        errors: list[Exception] = [cause] if cause is not None else []
+        if self._shard_pool is None:
+            with self._lock:
+                if self._shard_pool is None:
+                    self._shard_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="bale-stripe")
+        running: dict[Future, BlockRecord] = {}
+
+        def launch() -> None:
+            nxt = next(candidates, None)
+            if nxt is not None:
+                running[self._shard_pool.submit(self._shard, nxt)] = nxt
+
+        for _ in range(k - len(shards)):
+            launch()
+        while running and len(shards) < k:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                shard = running.pop(fut)
+                try:
+                    raw = fut.result()
+                except (NodeError, CorruptBlockError) as exc:
+                    errors.append(exc)
+                    launch()
+                    continue
+                if shard.idx >= 0:  # a neighbour of the lost block: the next reads of the stripe find it cached
+                    self.cache.put((shard.chunk, shard.idx), raw)
+                shards[position[shard.idx]] = raw if len(raw) == width else bytes(raw) + bytes(width - len(raw))
+        if len(shards) < k:
+            why = "; ".join(str(e) for e in errors[:4])
+            raise NodeError(f"chunk {rec.chunk}: stripe of blocks {stripe.first}-{stripe.first + stripe.count - 1} "
+                            f"cannot be read: {len(shards)} of its {k + code.m} blocks answer, {k} needed ({why})")
+        pos = position.get(rec.idx, rec.idx - stripe.first)
+        return bytes(memoryview(code.decode(shards, [pos], width)[pos])[:rec.length])
+
+    def _shard(self, rec: BlockRecord) -> bytes | memoryview:
+        """One block of a stripe, for a decode: the memory cache, else its nodes (verified)."""
+        data = self._cached(rec)
+        return data if data is not None else self._copy_from_nodes(rec)
+
+    def _rewrite(self, rec: BlockRecord, data: bytes) -> None:
+        """Put a decoded block back on its node, which lost or damaged it (a node down, or a block
+        booked without a node, is left to fsck --repair and drain, which rebuild it elsewhere)."""
+        key = block_key(rec.chunk, rec.idx)
+        for nid in rec.nodes:
+            node = self._nodes.get(nid)
+            if node is None or not node_is_up(node):
+                continue
+            try:
+                node.put(key, self._codec.encode(data, rec.chunk, rec.idx))
+                self.counters.repaired.add()
+                log.warning("rebuilt chunk %d block %d on node %s from its stripe", rec.chunk, rec.idx, node.url)
+                return
+            except Exception as exc:  # noqa: BLE001 - left for fsck --repair
+                log.warning("could not rewrite chunk %d block %d on node %s: %s", rec.chunk, rec.idx, node.url, exc)
+        self.counters.unrepaired.add()
+
+    def reconstruct(self, rec: BlockRecord) -> bytes:
+        """The raw bytes of block `rec` (data or parity) of an erasure-coded chunk, rebuilt from the
+        other blocks of its stripe (crash recovery, and rebuild)."""
+        if self.erasure is None:
+            raise NodeError(f"chunk {rec.chunk} block {rec.idx}: the volume is not erasure coded")
+        stripe = self._stripe(rec._replace(idx=parity_position(rec.idx)[0]) if rec.idx < 0 else rec)
+        if stripe is None:
+            raise NodeError(f"chunk {rec.chunk} block {rec.idx}: not in any stripe")
+        return self._decode(stripe, rec)
+
+    def rebuild(self, rec: BlockRecord) -> bytes:
+        """The stored form (encoded) of block `rec`, rebuilt from its stripe (fsck --repair, drain, rebalance)."""
+        return self._codec.encode(self.reconstruct(rec), rec.chunk, rec.idx)
+
     def get(self, rec: BlockRecord) -> bytes:
         return self.fetch(rec).result()
 
     def close(self) -> None:
         """Stop the remote-read threads (reads abandoned by a hedge finish in the background)."""
-        if self._node_pool is not None:
-            self._node_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._node_pool, self._shard_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def prefetch(self, recs: Iterable[BlockRecord]) -> None:
         for rec in recs:

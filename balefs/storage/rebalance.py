@@ -6,6 +6,10 @@ one, and only then is the old copy deleted. A committed file is readable at ever
 (a reader holding the old map that finds the old copy gone looks the block up again).
 Placement is recorded per block, so adding a node moves nothing by itself; rebalance
 moves just enough copies to even out the nodes.
+
+Erasure-coded volumes: a block never goes to a node that holds another block of its stripe, and a
+block whose only copy cannot be read (a lost node being drained) is rebuilt from the other blocks
+of its stripe (BlockReader.rebuild), so a drain of a dead node reads from every survivor at once.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from .layout import block_key
 from .meta.types import BlockRecord
 from .node import up_first
 from .placement import Placement
+from .stripes import stripes_of
+from .throttle import Throttle
 
 if TYPE_CHECKING:
     from .client import Client
@@ -43,9 +49,8 @@ class MoveReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _all_blocks(client: "Client") -> list[BlockRecord]:
-    chunks = client.meta.chunk_table().keys()
-    return [r for recs in client.meta.blocks_of(chunks).values() for r in recs]
+def _all_blocks(client: "Client") -> dict[int, list[BlockRecord]]:
+    return client.meta.blocks_of(client.meta.chunk_table().keys())
 
 
 def _target(rec: BlockRecord, holders: set[int], placement: Placement, load: dict[int, int]) -> int | None:
@@ -54,18 +59,36 @@ def _target(rec: BlockRecord, holders: set[int], placement: Placement, load: dic
     return min(free, key=lambda n: load.get(n, 0)) if free else None
 
 
+def _avoid(client: "Client", records: dict[int, list[BlockRecord]]) -> dict[tuple[int, int], set[int]]:
+    """(chunk, idx) -> the nodes a copy of that block must not go to: those holding it, and on an
+    erasure-coded volume those holding any block of its stripe (one set shared by the stripe, so
+    that moves planned together keep its blocks apart)."""
+    avoid: dict[tuple[int, int], set[int]] = {}
+    for recs in records.values():
+        if client.erasure is not None:
+            for stripe in stripes_of(recs):
+                shared = {n for r in stripe.members() for n in r.nodes}
+                avoid.update({(r.chunk, r.idx): shared for r in stripe.members()})
+        for r in recs:
+            avoid.setdefault((r.chunk, r.idx), set(r.nodes))
+    return avoid
+
+
 def plan_drain(client: "Client", node: int) -> list[Move]:
     """Moves that empty node `node` onto the volume's other nodes."""
     placement = Placement(tuple(n for n in client.placement.node_ids if n != node) or (node,), 1)
     load = {n: 0 for n in placement.node_ids}
     moves = []
-    for rec in (r for recs in client.meta.blocks_of(client.meta.chunks_on(node)).values() for r in recs):
+    records = client.meta.blocks_of(client.meta.chunks_on(node))
+    avoid = _avoid(client, records)
+    for rec in (r for recs in records.values() for r in recs):
         if node not in rec.nodes:
             continue
-        dst = _target(rec, set(rec.nodes), placement, load)
+        dst = _target(rec, avoid[(rec.chunk, rec.idx)], placement, load)
         if dst is None or dst == node:
             raise NodeError(f"cannot drain node {client.nodes[node].url}: chunk {rec.chunk} block {rec.idx} "
-                            "has no other node to go to (fewer nodes than replicas?)")
+                            "has no other node to go to (fewer nodes than replicas, or than blocks per stripe?)")
+        avoid[(rec.chunk, rec.idx)].add(dst)
         load[dst] += 1
         moves.append(Move(rec, node, dst))
     return moves
@@ -76,7 +99,9 @@ def plan_rebalance(client: "Client", slack: float = 0.05) -> list[Move]:
     the number of copies per node (to within `slack` of the mean)."""
     nodes = client.placement.node_ids
     want = client.placement.replicas
-    blocks = _all_blocks(client)
+    records = _all_blocks(client)
+    blocks = [r for recs in records.values() for r in recs]
+    avoid = _avoid(client, records)
     load = {n: 0 for n in nodes}
     for rec in blocks:
         for n in rec.nodes:
@@ -85,19 +110,21 @@ def plan_rebalance(client: "Client", slack: float = 0.05) -> list[Move]:
     moves: list[Move] = []
     holders: dict[tuple[int, int], set[int]] = {(r.chunk, r.idx): set(r.nodes) for r in blocks}
     for rec in blocks:  # copies on nodes that left the volume, and missing replicas
-        have = holders[(rec.chunk, rec.idx)]
+        have, away = holders[(rec.chunk, rec.idx)], avoid[(rec.chunk, rec.idx)]
         for n in [n for n in rec.nodes if n not in load]:
-            dst = _target(rec, have, client.placement, load)
+            dst = _target(rec, away, client.placement, load)
             if dst is not None:
                 moves.append(Move(rec, n, dst))
                 have.add(dst)
+                away.add(dst)
                 load[dst] += 1
         while len([n for n in have if n in load]) < want:
-            dst = _target(rec, have, client.placement, load)
+            dst = _target(rec, away, client.placement, load)
             if dst is None:
                 break
             moves.append(Move(rec, None, dst))
             have.add(dst)
+            away.add(dst)
             load[dst] += 1
     moving = {(m.rec.chunk, m.rec.idx) for m in moves}
     mean = sum(load.values()) / max(1, len(load))
@@ -111,12 +138,14 @@ def plan_rebalance(client: "Client", slack: float = 0.05) -> list[Move]:
             key = (rec.chunk, rec.idx)
             if key in moving or src not in holders[key]:
                 continue
-            dst = min((n for n in load if n not in holders[key]), key=load.get, default=None)
+            dst = min((n for n in load if n not in avoid[key]), key=load.get, default=None)
             if dst is None or load[dst] >= mean:
                 continue
             moves.append(Move(rec, src, dst))
             moving.add(key)
             holders[key] = (holders[key] - {src}) | {dst}
+            avoid[key].discard(src)
+            avoid[key].add(dst)
             load[src] -= 1
             load[dst] += 1
     return moves
@@ -136,6 +165,8 @@ def _move(client: "Client", m: Move) -> tuple[str, int]:
             break
         except Exception as exc:  # noqa: BLE001 - try the next copy
             last = exc
+    if blob is None and client.erasure is not None:
+        blob = client.reader.rebuild(m.rec)  # its one copy is lost: rebuilt from its stripe
     if blob is None:
         raise NodeError(f"chunk {m.rec.chunk} block {m.rec.idx}: no readable copy to move ({last})")
     dst = client.nodes[m.dst]
@@ -163,10 +194,12 @@ def _book(report: MoveReport, m: Move, outcome: str, nbytes: int) -> None:
 
 
 def run_moves(client: "Client", moves: list[Move], threads: int = 8,
-              progress: Callable[[int, int], None] | None = None) -> MoveReport:
-    """Carry out moves in parallel; `progress(moves done, bytes)` after each."""
+              progress: Callable[[int, int], None] | None = None, rate: int | None = None) -> MoveReport:
+    """Carry out moves in parallel, at most `rate` bytes a second (None: no limit); `progress(moves
+    done, bytes)` after each."""
     report = MoveReport()
     lock = threading.Lock()
+    throttle = Throttle(rate)
 
     def one(m: Move) -> None:
         try:
@@ -178,6 +211,7 @@ def run_moves(client: "Client", moves: list[Move], threads: int = 8,
         else:
             with lock:
                 _book(report, m, outcome, nbytes)
+        throttle.take(nbytes)
         if progress is not None:
             progress(1, nbytes)
 

@@ -39,6 +39,13 @@ def recover_unsynced(client: Client, grace_s: float = 3600.0, dry_run: bool = Fa
         if not writer_gone(writer, created_ns, grace_s):
             continue
         raw = _intact_bytes(client, rec)
+        if raw is None and rec.idx < 0 and client.erasure is not None:
+            raw = _rebuilt_parity(client, rec)
+        if raw is None and rec.idx < 0:  # a lost parity block holds no file's bytes: booked for fsck --repair
+            report.lost_blocks += 1
+            if not dry_run:
+                client.meta.commit([rec._replace(nodes=(), durable=True)], [], {}, sync=True)
+            continue
         if raw is not None:
             report.settled_blocks += 1
             if not dry_run:
@@ -63,6 +70,14 @@ def _intact_bytes(client: Client, rec: BlockRecord) -> bytes | None:
     except (NodeError, CorruptBlockError):
         return None
     return bytes(memoryview(raw)[:rec.length])
+
+
+def _rebuilt_parity(client: Client, rec: BlockRecord) -> bytes | None:
+    """A parity block of an erasure-coded chunk computed again from its stripe's data, or None."""
+    try:
+        return client.reader.reconstruct(rec)
+    except (NodeError, CorruptBlockError):
+        return None
 
 
 def _settle(client: Client, rec: BlockRecord, raw: bytes) -> None:

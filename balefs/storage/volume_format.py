@@ -16,7 +16,7 @@ from .codec import VERSION as BLOCK_FORMAT
 from .meta import ChunkLayout, Meta
 
 #: the format's settings a host config may still name (configs of older releases carry them)
-FORMAT_KEYS = ("block_size", "chunk_size", "replicas", "write_quorum", "compression")
+FORMAT_KEYS = ("block_size", "chunk_size", "replicas", "write_quorum", "compression", "ec")
 _SIZES = ("block_size", "chunk_size")
 SCHEMA2_BLOCK_FORMAT = 2  # the block format of the last release of metadata schema 2 (codec.VERSION then)
 
@@ -31,19 +31,18 @@ class VolumeFormat:
     write_quorum: int = 0  # copies of a block that must be stored before it counts as durable; 0: all `replicas`
     compression: str = "none"
     block_format: int = BLOCK_FORMAT  # the codec's block format version that new blocks are written in
+    ec: str = ""  # erasure code 'K+M' (k data + m parity blocks per stripe) instead of replicas; "": replicas
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "VolumeFormat":
         """The format as stored in the metadata (refusing one this release cannot honour)."""
         unknown = set(record) - {f.name for f in fields(cls)}
         fmt = cls(**{k: v for k, v in record.items() if k not in unknown})
+        # an EC volume stores its `ec`: a release before erasure codes refuses it as unknown
         if unknown or fmt.block_format > BLOCK_FORMAT:
             raise ConfigError(f"the volume's format ({', '.join(sorted(unknown)) or f'block format {fmt.block_format}'}) "
                               "is newer than this balefs: upgrade balefs")
         return fmt
-
-    def to_record(self) -> dict[str, Any]:
-        return asdict(self)
 
     def settings(self) -> dict[str, Any]:
         """The settings of FORMAT_KEYS, as a config names them."""
@@ -51,13 +50,22 @@ class VolumeFormat:
 
     def chunk_layout(self) -> ChunkLayout:
         """The layout of the chunks written in this format."""
+        if self.ec:
+            return ChunkLayout(f"ec:{self.ec}", 1, self.block_format, None)
         return ChunkLayout("replicas", self.replicas, self.block_format, None)
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        if not self.ec:
+            del record["ec"]  # a replicated volume's format stays readable by a release without erasure codes
+        return record
 
     def describe(self) -> str:
         """One line for people: 'blocks 4 MiB, chunks 64 MiB, replicas 1, write quorum all, compression none'."""
         quorum = self.write_quorum or "all"
+        redundancy = f"erasure code {self.ec}" if self.ec else f"replicas {self.replicas}"
         return (f"blocks {show_setting('block_size', self.block_size)}, chunks {show_setting('chunk_size', self.chunk_size)}, "
-                f"replicas {self.replicas}, write quorum {quorum}, compression {self.compression}")
+                f"{redundancy}, write quorum {quorum}, compression {self.compression}")
 
 
 def stored_format(store: Meta, fallback: VolumeFormat) -> VolumeFormat:

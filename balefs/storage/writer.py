@@ -29,6 +29,17 @@ published block is not durable: take(force=True) later seals it (the whole block
 again as a normal block, replacing the grown file at once) and syncs it. take(sync=False)
 hands out blocks without syncing them, marked not durable, and remembers them, so that the
 next synced take books them again as durable.
+
+Erasure-coded volumes (a StripeCutter given): each block is one shard of its stripe, stored on
+the stripe's node for its position, and fed into the stripe's parity as it is cut; when the
+stripe closes (k blocks, the chunk's end, or a take(force=True) for a commit) its m parity
+blocks are written. A stripe's blocks are handed out (and the durable watermark moves past its
+data) only once the whole stripe is stored: all k+m blocks, or `write_quorum` of them (a block
+whose node failed is booked with no node, for fsck --repair to rebuild). publish() does not
+grow blocks in place there: a close cuts its block and closes its stripe (a short stripe, its
+missing data blocks counted as zeros), and gc compacts the chunks such closes bale badly. The
+alternative, an open block replicated until sealed, would make every reader and fsck know a
+third layout; cutting keeps one, and costs only until gc runs.
 """
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ from .meta.types import BlockRecord
 from .layout import block_key
 from .node import DeferredDurability, GrowInPlace, Node, supports, up_first
 from .placement import Placement
+from .stripes import OpenStripe, StripeCutter
 
 
 def _submit(pool: ThreadPoolExecutor, fn: Callable, *args: object) -> Future:
@@ -68,7 +80,7 @@ class ChunkWriter:
 
     def __init__(self, new_chunk: Callable[[str], int], nodes: dict[int, Node], placement: Placement,
                  codec: BlockCodec, chunk_size: int, block_size: int, inflight: int = 32,
-                 write_quorum: int = 0) -> None:
+                 write_quorum: int = 0, stripes: StripeCutter | None = None) -> None:
         self._new_chunk = new_chunk
         self._nodes = nodes
         self._placement = placement
@@ -77,7 +89,8 @@ class ChunkWriter:
         self.block_size = block_size
         self.writer_id = f"{socket.gethostname()}:{os.getpid()}"
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)), thread_name_prefix="bale-upload")
-        self.write_quorum = write_quorum or placement.replicas
+        self._stripes = stripes  # erasure coding: the open stripe (None: replicas)
+        self.write_quorum = write_quorum or (stripes.k + stripes.m if stripes else placement.replicas)
         self._copies = (ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)) * (placement.replicas - 1),
                                            thread_name_prefix="bale-replica") if placement.replicas > 1 else None)
         self._slots = threading.BoundedSemaphore(inflight)
@@ -188,17 +201,46 @@ class ChunkWriter:
         self._sizes[chunk] = (self._chunk_off, sealed)
         if sealed:
             self._chunk = None
+        stripe, pos = None, 0
+        if self._stripes is not None:
+            raw = memoryview(buf)[HEADER_SIZE:HEADER_SIZE + fill]
+            try:
+                stripe, pos = self._stripes.add(chunk, idx, off, raw, gen)
+            finally:
+                raw.release()
+        full = stripe is not None and (pos + 1 == self._stripes.k or sealed)
+        if full:  # closed before the lock is let go below: no other thread's block joins it
+            self._stripes.close()
+        self._start(self._upload, chunk, idx, off, buf, fill, gen, stripe, pos)
+        if full:
+            self._write_parity(stripe)
+
+    def _start(self, fn: Callable, *args: object) -> None:
+        """Run an upload in the pool once a slot is free (called with the lock held)."""
         try:  # the release inside the try: a Ctrl-C raised as it returns still gets the lock taken back
             self._lock.release()
             self._slots.acquire()
         finally:
             self._lock.acquire()
-        fut = _submit(self._pool, self._upload, chunk, idx, off, buf, fill, gen)
+        fut = _submit(self._pool, fn, *args)
         self._inflight.add(fut)
         fut.add_done_callback(self._retire)
 
-    def _upload(self, chunk: int, idx: int, off: int, buf: mmap.mmap, fill: int, gen: int) -> BlockRecord:
-        """Encode and store one block on its nodes; book the result before the future completes."""
+    def _close_stripe(self) -> None:
+        """Close the open stripe and write its parity blocks (called with the lock held)."""
+        stripe = self._stripes.close() if self._stripes is not None else None
+        if stripe is not None:
+            self._write_parity(stripe)
+
+    def _write_parity(self, stripe: OpenStripe) -> None:
+        """Upload the parity blocks of a closed stripe (lock held)."""
+        for j in range(self._stripes.m):
+            self._start(self._upload_parity, stripe, j)
+
+    def _upload(self, chunk: int, idx: int, off: int, buf: mmap.mmap, fill: int, gen: int,
+                stripe: OpenStripe | None = None, pos: int = 0) -> BlockRecord:
+        """Encode and store one block on its nodes (or, erasure coded, on its stripe's node for
+        position `pos`); book the result before the future completes."""
         whole = memoryview(buf)
         raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
@@ -206,37 +248,118 @@ class ChunkWriter:
             if parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
                 whole[:HEADER_SIZE] = parts[0]
                 parts = (whole[:HEADER_SIZE + fill],)
-            node_ids, deferred = self._store(chunk, idx, parts)
+            if stripe is None:
+                node_ids, deferred = self._store(chunk, idx, parts)
+            else:
+                node_ids, deferred = self._store_shard(stripe, pos, block_key(chunk, idx), parts)
             rec = BlockRecord(chunk, idx, off, fill, sum(len(p) for p in parts), node_ids)
         except BaseException as exc:
-            with self._lock:
-                self._failed[gen] = exc
-                if gen == self.generation:
-                    self._abandon()
+            self._lose(gen, exc)
             raise
         finally:
             parts = None
             self._recycle(buf, (raw, whole))
             self._slots.release()
+        self._stored(rec, gen, deferred, stripe)
+        return rec
+
+    def _upload_parity(self, stripe: OpenStripe, j: int) -> BlockRecord:
+        """Encode and store parity block j of a closed stripe on the stripe's node for it."""
+        chunk, idx = stripe.chunk, stripe.parity_index(j)
+        raw = memoryview(stripe.parity[j])[:stripe.width]
+        try:
+            parts = self._codec.encode_parts(raw, chunk, idx)
+            node_ids, deferred = self._store_shard(stripe, self._stripes.k + j, block_key(chunk, idx), parts)
+            rec = BlockRecord(chunk, idx, stripe.off, stripe.width, sum(len(p) for p in parts), node_ids)
+        except BaseException as exc:
+            self._lose(stripe.gen, exc)
+            raise
+        finally:
+            parts = None
+            raw.release()
+            self._slots.release()
+        self._stored(rec, stripe.gen, deferred, stripe)
+        return rec
+
+    def _lose(self, gen: int, exc: BaseException) -> None:
+        """An upload of generation `gen` failed: its files fail, later ones start a fresh chunk."""
+        with self._lock:
+            self._failed[gen] = exc
+            if gen == self.generation:
+                self._abandon()
+
+    def _stored(self, rec: BlockRecord, gen: int, deferred: tuple[int, ...], stripe: OpenStripe | None) -> None:
+        """Book a stored block: handed out by the next take, the durable watermark moved past it;
+        a stripe's blocks only once the whole stripe is stored."""
         with self._lock:
             if deferred:
-                self._unsynced.append((chunk, idx, gen, deferred))
-            self._done.append(rec)
-            per = self._done_idx.setdefault(chunk, {})
-            per[idx] = rec
-            nxt = self._next_idx.get(chunk, 0)
-            while nxt in per:
-                self._watermark[chunk] = per[nxt].off + per[nxt].length
-                del per[nxt]
-                nxt += 1
-            self._next_idx[chunk] = nxt
-        return rec
+                self._unsynced.append((rec.chunk, rec.idx, gen, deferred))
+            if stripe is None:
+                self._done.append(rec)
+                self._advance(rec)
+                return
+            stripe.records.append(rec)
+            stripe.outstanding -= 1
+            if stripe.complete():
+                self._stripe_stored(stripe)
+
+    def _stripe_stored(self, stripe: OpenStripe) -> None:
+        """Every upload of a stripe finished (lock held): hand its blocks out, or fail its generation
+        when fewer than the write quorum were stored (missing data blocks of a short stripe are
+        zeros that need no storing)."""
+        stripe.parity = []
+        k, m = self._stripes.k, self._stripes.m
+        stored = stripe.stored() + (k - stripe.count)
+        if stored < self.write_quorum:
+            why = "; ".join(str(e) for e in stripe.errors[:3])
+            exc = node_error(f"chunk {stripe.chunk} stripe of blocks {stripe.first}-{stripe.first + stripe.count - 1}: "
+                             f"only {stored} of its {k + m} blocks stored, write quorum is {self.write_quorum}: {why}",
+                             stripe.errors)
+            self._failed[stripe.gen] = exc
+            if stripe.gen == self.generation:
+                self._abandon()
+            return
+        stripe.records.sort(key=lambda r: r.idx)
+        self._done.extend(stripe.records)
+        for rec in stripe.records:
+            if rec.idx >= 0:
+                self._advance(rec)
+
+    def _advance(self, rec: BlockRecord) -> None:
+        """Move the chunk's durable watermark past `rec` and every block after it already stored (lock held)."""
+        chunk = rec.chunk
+        per = self._done_idx.setdefault(chunk, {})
+        per[rec.idx] = rec
+        nxt = self._next_idx.get(chunk, 0)
+        while nxt in per:
+            self._watermark[chunk] = per[nxt].off + per[nxt].length
+            del per[nxt]
+            nxt += 1
+        self._next_idx[chunk] = nxt
+
+    def _store_shard(self, stripe: OpenStripe, pos: int, key: str, parts: tuple) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Put one block of a stripe on the stripe's node for position `pos`, or, when that node
+        fails, on the next spare of the stripe's ring (never a node of the stripe): (the node's id,
+        and again if its copy is not durable yet), or ((), ()) when no node took it (the stripe counts it)."""
+        nid: int | None = stripe.nodes[pos]
+        while nid is not None:
+            (_, exc), = self._put_copies([nid], key, parts)
+            if exc is None:
+                return (nid,), ((nid,) if supports(self._nodes[nid], DeferredDurability) else ())
+            with self._lock:
+                stripe.errors.append(exc)
+                nid = stripe.spares.pop(0) if stripe.spares else None
+                if nid is not None:
+                    stripe.nodes[pos] = nid
+        return (), ()
 
     def _abandon(self) -> None:
         """After a lost block (lock held): later files start in a fresh chunk of a new generation."""
         self.generation += 1
         self._chunk = None
         self._fill = 0
+        if self._stripes is not None:
+            self._stripes.drop()
         self._published, self._grow_nodes, self._grow_digest = 0, None, None
 
     # -- publishing the open block -------------------------------------------------------
@@ -262,6 +385,8 @@ class ChunkWriter:
         nodes cannot grow blocks in place (the caller then cuts the block: take(force=True)). A
         failed write fails this generation (the files with bytes in it); what earlier closes
         published is sealed as it is."""
+        if self._stripes is not None:
+            return None  # erasure coded: a close cuts its block (see the module docstring)
         with self._lock:
             if self._buf is None or not self._fill or chunk != self._chunk or upto <= self._block_start:
                 return []
@@ -401,6 +526,8 @@ class ChunkWriter:
             with self._lock:
                 if force and self._fill:
                     self._submit_block()
+                if force:
+                    self._close_stripe()
                 pending = list(self._inflight)
             wait(pending)
         with self._lock:

@@ -76,7 +76,12 @@ class Meta(Protocol):
         """Store the volume's format once (a stored one is kept and returned); chunks without a layout get `layout`."""
 
     def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
-        """Committed blocks of each chunk, ordered by index, with the nodes holding them (primary first)."""
+        """Committed blocks of each chunk, ordered by index, with the nodes holding them (primary first).
+        An erasure-coded chunk's parity blocks come first, under negative indexes (layout.parity_index)."""
+
+    def blocks_without_copy(self, nodes_down: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """(chunk, idx) of every block (data or parity) with no copy on a node outside `nodes_down`:
+        booked without a node (a write quorum short of all) or held only by nodes that are down."""
 
     def block_keys(self) -> set[tuple[int, int]]:
         """(chunk, idx) of every committed block."""
@@ -114,13 +119,14 @@ class Meta(Protocol):
         """Record a block's copy on `src` as living on `dst` (src None: an extra copy); 'moved', 'gone' or 'present'."""
 
     def usage(self) -> dict[str, object]:
-        """Figures for `balefs df`: files, dirs, file_bytes, chunks, chunk_bytes, live_bytes, dead_bytes."""
+        """Figures for `balefs df`: files, dirs, file_bytes, chunks, chunk_bytes, live_bytes, dead_bytes,
+        data_stored (one copy of each data block, as stored; parity and copies: blocks_per_node)."""
 
     def block_size_classes(self, bounds: Sequence[int]) -> tuple[int, int, list[int]]:
-        """(blocks, their bytes, blocks per size class cut at the ascending, non-empty `bounds`), one query."""
+        """(data blocks, their bytes, blocks per size class cut at the ascending, non-empty `bounds`), one query."""
 
     def badly_baled_chunks(self, mean_below: int) -> dict[int, tuple[int, int]]:
-        """Chunks of more than one block whose mean block length is below `mean_below`: id -> (blocks, bytes)."""
+        """Chunks of more than one data block whose mean length is below `mean_below`: id -> (blocks, bytes)."""
 
     def count_inodes(self) -> int:
         """Inodes in use (the root included)."""

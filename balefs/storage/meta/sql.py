@@ -836,11 +836,12 @@ class SqlMeta:
                 "coalesce(sum(CASE WHEN kind='f' THEN size END), 0) FROM inodes").fetchone()
             chunks, chunk_bytes, live = db.execute(
                 "SELECT count(*), coalesce(sum(size),0), coalesce(sum(live),0) FROM chunks WHERE size > 0").fetchone()
-            referenced = db.execute("SELECT coalesce(sum(b.length),0) FROM blocks b").fetchone()[0]
+            referenced, data_stored = db.execute(
+                "SELECT coalesce(sum(b.length),0), coalesce(sum(b.stored),0) FROM blocks b WHERE b.idx >= 0").fetchone()
         chunk_bytes, live = int(chunk_bytes), int(live)
         return {"files": int(files or 0), "dirs": int(dirs or 1) - 1, "file_bytes": int(file_bytes), "chunks": int(chunks),
                 "chunk_bytes": max(chunk_bytes, int(referenced)), "live_bytes": live,
-                "dead_bytes": max(0, chunk_bytes - live)}
+                "dead_bytes": max(0, chunk_bytes - live), "data_stored": int(data_stored)}
 
     @retrying
     def block_size_classes(self, bounds: Sequence[int]) -> tuple[int, int, list[int]]:
@@ -851,7 +852,7 @@ class SqlMeta:
             + [f"length >= {cuts[-1]}"]
         cases = ", ".join(f"coalesce(sum(CASE WHEN {c} THEN 1 ELSE 0 END), 0)" for c in conds)
         with self._read() as db:
-            count, total, *classes = db.execute(f"SELECT count(*), coalesce(sum(length), 0), {cases} FROM blocks").fetchone()
+            count, total, *classes = db.execute(f"SELECT count(*), coalesce(sum(length), 0), {cases} FROM blocks WHERE idx >= 0").fetchone()
         return int(count), int(total), [int(c) for c in classes]
 
     @retrying
@@ -860,7 +861,7 @@ class SqlMeta:
         chunk id -> (blocks, their bytes), in one query over `blocks` (gc compacts them)."""
         with self._read() as db:
             return {int(c): (int(n), int(total)) for c, n, total in db.execute(
-                "SELECT chunk, count(*), sum(length) FROM blocks GROUP BY chunk "
+                "SELECT chunk, count(*), sum(length) FROM blocks WHERE idx >= 0 GROUP BY chunk "
                 "HAVING count(*) > 1 AND sum(length) < ? * count(*)", (int(mean_below),))}
 
     @retrying
@@ -870,6 +871,16 @@ class SqlMeta:
             return {nid: (int(cnt), int(stored)) for nid, cnt, stored in db.execute(
                 "SELECT c.node, count(*), coalesce(sum(b.stored),0) FROM block_copies c "
                 "JOIN blocks b ON b.chunk=c.chunk AND b.idx=c.idx GROUP BY c.node")}
+
+    @retrying
+    def blocks_without_copy(self, nodes_down: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """(chunk, idx) of every block with no copy on a node outside `nodes_down`."""
+        down = ",".join(str(int(n)) for n in nodes_down)  # ints, so safe to inline
+        outside = f" AND c.node NOT IN ({down})" if down else ""
+        with self._read() as db:
+            return [(int(c), int(i)) for c, i in db.execute(
+                "SELECT b.chunk, b.idx FROM blocks b WHERE NOT EXISTS (SELECT 1 FROM block_copies c "
+                f"WHERE c.chunk=b.chunk AND c.idx=b.idx{outside}) ORDER BY b.chunk, b.idx")]
 
     @retrying
     def block_keys(self) -> set[tuple[int, int]]:
