@@ -293,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     chk = sf.Checker(ds, 0.01, args.seed)
     ingest: dict[str, float] = {}
     t = time.perf_counter()
+    kept = args.keep and os.path.exists(os.path.join(args.workdir, "shards_a", f".done-{ds.n}-{args.shard_files}"))
     urls = make_shards(ds, os.path.join(args.workdir, "shards_a"), args.shard_files, args.keep)
-    ingest["b"] = ds.n / (time.perf_counter() - t)
-    sf.log(f"{len(urls)} WebDataset shards of {args.shard_files} files: {ingest['b']:.0f} files/s")
+    ingest["b"] = 0.0 if kept else ds.n / (time.perf_counter() - t)
+    sf.log(f"{len(urls)} WebDataset shards of {args.shard_files} files: {ingest['b']:.0f} files/s (0: kept)")
     volume, vol_dir = "bench-loaders", os.path.join(args.workdir, "vol_loaders")
     if not (args.keep and os.path.exists(os.path.join(os.environ["BALEFS_HOME"], volume + ".toml"))):
         ingest["c"] = sf.put_bale(ds, volume, vol_dir, args.nodes, 8, 8).fps
