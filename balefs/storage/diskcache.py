@@ -49,6 +49,7 @@ Key = tuple[int, int]
 _TOTAL = struct.Struct("<q")
 USAGE_FILE = ".usage"
 EVICT_SLACK = 32  # an eviction frees 1/32 of the bound beyond what the write needs
+FILL_DIR, FILL_STRIPES = ".fill", 1024  # lock files of blocks being fetched, by stripe (hash of the key)
 
 
 class HostUsage:
@@ -343,6 +344,31 @@ class DiskBlockCache:
             pass
         return True
 
+    @contextmanager
+    def filling(self, key: Key) -> Iterator[None]:
+        """Hold the host-wide lock of the block's stripe while it is fetched and published: a process
+        that wants the same block meanwhile waits and then finds the entry, so the nodes serve each
+        block once per host. An flock of a file of its own per acquisition (threads of one process
+        exclude each other too); the kernel releases it when a holder dies."""
+        fd = -1
+        if self._host is not None:
+            try:
+                fd = os.open(os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.join(self.base, FILL_DIR), exist_ok=True)
+                fd = os.open(os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                fd = -1
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def contains(self, key: Key) -> bool:
         """Whether an entry for the block is published (by any process of the host)."""
         return self.capacity > 0 and os.path.exists(self._path(key))
@@ -420,7 +446,7 @@ def cache_usage(root: str) -> dict[str, tuple[int, int]]:
     if not os.path.isdir(root):
         raise FileNotFoundError(errno.ENOENT, "no such cache directory", root)
     for ns in os.scandir(root):
-        if not ns.is_dir() or ns.name == "spool":  # spool: the mount's temp files of random writes
+        if not ns.is_dir() or ns.name in ("spool", FILL_DIR):  # spool: the mount's temp files of random writes
             continue
         n = size = 0
         for path, st in _entries(ns.path):
@@ -474,5 +500,5 @@ def _entries(ns_root: str) -> Iterator[tuple[str, os.stat_result]]:
 def _host_entries(root: str) -> Iterator[tuple[str, os.stat_result]]:
     """(path, stat) of every cache entry of every namespace in a cache directory."""
     for ns in os.scandir(root):
-        if ns.is_dir() and ns.name != "spool":
+        if ns.is_dir() and ns.name not in ("spool", FILL_DIR):
             yield from _entries(ns.path)

@@ -162,11 +162,17 @@ class BlockReader:
             if data is not None:
                 self.cache.put(key, data)
                 return data
-        data = self.fetch_from_nodes(rec)
         if disk is not None and self.mapped:
-            kept = disk.keep(key, data)  # the host's one copy, instead of this process's own
-            data = data if kept is None else kept
-        elif disk is not None:
+            with disk.filling(key):  # another process fetching it: wait for its entry instead
+                data = disk.get(key, rec.length, mapped=True) if disk.contains(key) else None
+                if data is None:
+                    data = self.fetch_from_nodes(rec)
+                    kept = disk.keep(key, data)  # the host's one copy, instead of this process's own
+                    data = data if kept is None else kept
+            self.cache.put(key, data)
+            return data
+        data = self.fetch_from_nodes(rec)
+        if disk is not None:
             disk.put(key, data)
         self.cache.put(key, data)
         return data
