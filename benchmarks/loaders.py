@@ -20,8 +20,8 @@ Passes: cold (page cache dropped, balefs's host cache emptied, fresh worker proc
 --workers workers and with 0. During each pass with workers a thread samples every worker's
 memory: RSS, and USS (the worker's private pages: what each extra worker costs the host; pages
 of the kernel's page cache that it maps are in RSS, and in USS while no other process maps
-them), and private dirty memory (its own written pages: heap and buffers, neither the pages
-shared with the main process since fork nor the clean page-cache pages of mapped files).
+them), and private anonymous memory (its own heap, stacks and buffers: neither the pages it
+shares with the main process since fork nor the page-cache pages of files it maps).
 
 Shuffle quality of a cold epoch's order against storage order, both 1.0 for a full shuffle:
 `spread` = mean distinct storage groups (runs of 1000 files in storage order) per batch, over
@@ -172,20 +172,25 @@ def shuffle_quality(order: list[int], storage_pos: np.ndarray, batch: int, group
     return spread(pos) / spread(rnd), gap(pos) / gap(rnd), abs(float(rho))
 
 
-def private_dirty(pid: int) -> int:
-    """A process's private written memory (Private_Dirty of /proc/PID/smaps_rollup): its own heap
-    and buffers, without the pages it shares with its parent since fork and without the clean
-    page-cache pages of files it maps (the host cache's blocks)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+def private_anon(pid: int) -> int:
+    """A process's private anonymous memory: the private pages (Private_Clean + Private_Dirty of
+    /proc/PID/smaps) of its mappings of no file (heap, stacks, anonymous maps): its own memory,
+    without the pages it still shares with the main process since fork and without the
+    page-cache pages of the files it maps (the host cache's blocks, clean or being written)."""
+    total, anon = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            head = line.split(None, 6)
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line: range perms off dev inode [path]
+                anon = head[4] == "0" and (len(head) < 6 or head[5].startswith("["))
+            elif anon and head[0] in ("Private_Clean:", "Private_Dirty:"):
+                total += int(head[1]) * 1024
+    return total
 
 
 class MemoryWatch:
     """Samples the memory of this process's children (the DataLoader workers) every `every` s:
-    the largest RSS, USS and private dirty memory any worker reached during the pass."""
+    the largest RSS, USS and private anonymous memory any worker reached during the pass."""
 
     def __init__(self, every: float = 0.3) -> None:
         import psutil
@@ -208,7 +213,7 @@ class MemoryWatch:
         while not self._stop.wait(self._every):
             for child in self._me.children(recursive=True):
                 try:
-                    full, anon = child.memory_full_info(), private_dirty(child.pid)
+                    full, anon = child.memory_full_info(), private_anon(child.pid)
                 except Exception:  # noqa: BLE001 - a worker that just ended
                     continue
                 self.rss, self.uss, self.anon = max(self.rss, full.rss), max(self.uss, full.uss), max(self.anon, anon)
@@ -379,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             if w:
                 memory[which] = tuple(max(a, b) for a, b in zip(memory.get(which, (0, 0, 0)), (mem.rss, mem.uss, mem.anon)))
             sf.log(f"{names[which]:32s} {temp} w={w}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
-                   f"worker rss {mem.rss / 2**30:.2f} GiB uss {mem.uss / 2**30:.2f} GiB private dirty {mem.anon / 2**30:.2f} GiB"
+                   f"worker rss {mem.rss / 2**30:.2f} GiB uss {mem.uss / 2**30:.2f} GiB private anon {mem.anon / 2**30:.2f} GiB"
                    f"{'' if cold else ' (NOT cold)'}")
             if temp == "cold" and which not in quality:
                 quality[which] = shuffle_quality(order, storage[which], b)
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     cols = [k for _, k in [(t, f"{t}{w}") for t, w in kinds]]
     print("| loader | " + " | ".join(f"{k[:4]} w={k[4:]} samples/s" for k in cols)
-          + " | worker RSS GiB | worker USS GiB | worker private dirty GiB | ingest files/s | spread | gap | abs(rho) |")
+          + " | worker RSS GiB | worker USS GiB | worker private anon GiB | ingest files/s | spread | gap | abs(rho) |")
     print("|---|" + "---|" * (len(cols) + 7))
     for which in only:
         rss, uss, anon = memory.get(which, (0, 0, 0))
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     for which in ("c", "d"):
         if which in memory:
             rss, uss, anon = (v / 2**30 for v in memory[which])
-            bars.append(f"{names[which]} worker memory <= 0.3 GiB: private dirty {anon:.2f} GiB "
+            bars.append(f"{names[which]} worker memory <= 0.3 GiB: private anonymous {anon:.2f} GiB "
                         f"{'PASS' if anon <= 0.3 else 'MISS'}, USS {uss:.2f} GiB {'PASS' if uss <= 0.3 else 'MISS'}, "
                         f"RSS {rss:.2f} GiB {'PASS' if rss <= 0.3 else 'MISS'} (RSS and USS count the page-cache "
                         "pages of the host cache it maps)")
