@@ -32,6 +32,12 @@ loose files -> each format (balefs put, tar shards, litdata.optimize, MDSWriter)
 
 LitData imports cleanly; Streaming imports torchvision, whose registry wheels do not load with
 the local CPU torch: benchmarks/tv_stub.py stands in for it (only if the real one fails).
+The peers are benchmark-only, not balefs dependencies (no extra names them: Streaming pins
+numpy<2.2, transformers<5 and xxhash<4, below what balefs's test extra installs; it runs with
+the newer ones). Install them into a benchmark environment as:
+
+    pip install litdata==0.2.76 webdataset==1.0.2 psutil
+    pip install --no-deps mosaicml-streaming==0.13.0 && pip install catalogue python-snappy zstd
 
     python benchmarks/loaders.py --files 20000 --workers 2 --batch 64   # the issue-17 run
     python benchmarks/loaders.py --files 5000 --keep --only c,d           # quick
