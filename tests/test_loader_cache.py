@@ -227,3 +227,15 @@ def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
     assert cache.host_usage() == sum(q.stat().st_size for q in published)
     assert (root / USAGE_FILE).exists()
     cache.close()
+
+
+def test_host_cache_is_the_default_and_can_be_turned_off(tree):
+    from balefs.errors import ConfigError
+
+    on = BaleIterableDataset(URL)
+    assert on.source.client.disk_cache is not None and on.source.client.disk_cache.base == str(host_cache())
+    off = BaleIterableDataset(URL, host_cache=False)
+    assert off.source.client.disk_cache is None
+    assert sorted(name_of(s) for s in off) == sorted(tree)
+    with pytest.raises(ConfigError, match="host_cache must be true or false"):
+        BaleIterableDataset(URL, host_cache="yes")

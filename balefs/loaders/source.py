@@ -64,7 +64,7 @@ class BaleSource:
         """This process's client (opened on first use, never shared across fork). It reads with the
         snapshot's block maps and opens the metadata store only for files moved since (gc)."""
         if self._client is None or self._pid != os.getpid():
-            if self.cfg.host_cache:
+            if self.cfg.host_cache and self._pid != os.getpid():  # a worker process (never the user's own)
                 _map_large_buffers()
             self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
             self._client.adopt_block_maps(self.blocks)
@@ -157,7 +157,8 @@ def _map_large_buffers() -> None:
     """Have glibc map every allocation of 1 MiB or more on its own, unmapped when freed. With the
     host cache a block read from the nodes lives only until it is published; by default glibc
     raises its mmap threshold after the first such free and then keeps those buffers in the
-    arenas of the reading threads, which made a worker's private memory grow by ~16 blocks."""
+    arenas of the reading threads, which made a worker's private memory grow by ~16 blocks. Set
+    only in worker processes: a training process's own large allocations are left alone."""
     try:
         import ctypes
 

@@ -129,6 +129,8 @@ class VolumeConfig:
             raise ConfigError(f"compression {fmt.compression!r}: use 'none' or 'lz4'")
         if self.sync_close is not None and not isinstance(self.sync_close, bool):
             raise ConfigError(f"sync_close must be true or false, not {self.sync_close!r}")
+        if not isinstance(self.host_cache, bool):
+            raise ConfigError(f"host_cache must be true or false, not {self.host_cache!r}")
         if isinstance(self.sync_interval, bool) or not isinstance(self.sync_interval, (int, float)) or self.sync_interval <= 0:
             raise ConfigError(f"sync_interval must be a positive number of seconds, not {self.sync_interval!r}")
         if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):
