@@ -460,10 +460,12 @@ def evict_entries(root: str, namespace: str | None = None) -> tuple[int, int]:
     """Delete every entry of a cache directory (or of one namespace); returns (entries, bytes) deleted.
     Processes using the directory then miss them and read from the nodes again."""
     n = size = 0
+    found = cache_usage(root)  # a missing directory: its error
+    namespaces = list(found) if namespace is None else [namespace]
     usage = HostUsage(root)
     try:
         with usage.held():
-            for ns in cache_usage(root) if namespace is None else [namespace]:
+            for ns in namespaces:
                 for path, st in _entries(os.path.join(root, ns)):
                     _unlink(path)
                     n += 1
