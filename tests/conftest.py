@@ -31,10 +31,11 @@ def fuse() -> None:
 
 @pytest.fixture(autouse=True)
 def balefs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private $BALEFS_HOME (subprocesses inherit it through the environment)."""
+    """A private $BALEFS_HOME and host cache directory (subprocesses inherit them through the environment)."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("BALEFS_HOME", str(home))
+    monkeypatch.setenv("BALEFS_CACHE_DIR", str(tmp_path / "host_cache"))
     return home
 
 

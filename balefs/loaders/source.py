@@ -4,7 +4,11 @@ What every loader (torch, DALI, Ray) shares. Built in the main process (which bu
 reuses the snapshot and fetches the block maps of its chunks, once); pickled or forked into
 workers, where it memory-maps the local snapshot copy and opens its own Client on first use
 (the Client is not fork-safe: a process never uses one opened by another). Reads go through
-the client's batched read_extents with the snapshot's extents: no metadata query.
+the client's batched read_extents with the snapshot's extents: no metadata query. Every client
+a loader opens reads through the host's one shared block cache (VolumeConfig.host_cache, on
+unless host_cache=False is passed): blocks are served as mappings of its files, so workers,
+ranks and processes on a host share one copy in the kernel's page cache and each keeps little
+memory of its own.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class BaleSource:
     def __init__(self, url: str, rebuild: bool = False, **options: Any) -> None:
         self.volume, self.tree = parse_bale_url(url)
         cfg = load_config(self.volume)
+        options = {"host_cache": True, **options}  # one shared cache per host, unless told otherwise
         self.cfg = cfg.with_options(options) if options else cfg
         with Client(self.cfg) as client:
             snap = client.open_snapshot(self.tree, rebuild=rebuild)
@@ -60,6 +65,8 @@ class BaleSource:
         """This process's client (opened on first use, never shared across fork). It reads with the
         snapshot's block maps and opens the metadata store only for files moved since (gc)."""
         if self._client is None or self._pid != os.getpid():
+            if self.cfg.host_cache and self._pid != os.getpid():  # a worker process (never the user's own)
+                _map_large_buffers()
             self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
             self._client.adopt_block_maps(self.blocks)
             if metrics.serve_from_env() is not None:
@@ -138,9 +145,29 @@ class BaleSource:
                 out[i] = err
         return out
 
+    def prefetch(self, rows: Sequence[int]) -> list:
+        """Start fetching the blocks of the files at `rows` into the caches (the host's shared one by
+        default), in the background; the futures of the fetches started."""
+        sizes = self.column("size")
+        return self.client.prefetch_extents([(self._extents(r), 0, int(sizes[r])) for r in rows])
+
     def _full_path(self, row: int) -> str:
         rel = self.paths[int(row)]
         return f"{self.tree}/{rel}" if self.tree else rel
+
+
+def _map_large_buffers() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own, unmapped when freed. With the
+    host cache a block read from the nodes lives only until it is published; by default glibc
+    raises its mmap threshold after the first such free and then keeps those buffers in the
+    arenas of the reading threads, which made a worker's private memory grow by ~16 blocks. Set
+    only in worker processes: a training process's own large allocations are left alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 class SharedCells:

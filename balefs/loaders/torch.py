@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future, wait
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -21,6 +22,7 @@ from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_
 from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
 
 STATE_VERSION = 1
+WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the next epoch (then leaves it)
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), skip counts
 ITERATED, EPOCH, SKIPS, SKIP_CELLS = 0, 1, 2, 64
@@ -48,8 +50,10 @@ class _Prefetcher:
     """Reads the next pieces in a background thread while the current one is consumed; holds at
     most `depth` read pieces queued plus the one being read (memory: about depth + 2 pieces)."""
 
-    def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int, views: bool) -> None:
-        self._views = views
+    def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int, views: bool,
+                 after: Callable[[], list[Future]] | None = None) -> None:
+        self._views, self._after = views, after
+        self.started: list[Future] = []  # what `after` started once the last unit was read
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source, units), daemon=True, name="bale-prefetch")
@@ -69,6 +73,8 @@ class _Prefetcher:
             for rows in units:
                 if not self._put((rows, source.read(rows.tolist(), self._views))):
                     return
+            if self._after is not None:
+                self.started = self._after()
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(exc)
             return
@@ -115,9 +121,12 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     url: bale://VOLUME/path of a directory (its snapshot is built or reused).
     decode: bytes -> sample (default: the raw bytes); label: None, 'dir' (class index from the
     top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
-    shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the client's block
-    cache, bounded by cache_size: keep it above shuffle_buffer x chunk size). prefetch: read units
-    (at most `piece` samples of one window) read ahead in a background thread. drop_last: every consumer gets
+    shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the host's shared
+    cache and in the client's memory cache as mappings of it, bounded by cache_size: keep it above
+    shuffle_buffer x chunk size). prefetch: read units (at most `piece` samples of one window) read
+    ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
+    known) whose blocks are fetched into the host's cache once this share's last unit is read, so the
+    next epoch starts on cached chunks (0: off). drop_last: every consumer gets
     floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
     on_error: 'raise' (an error naming the sample) or 'skip' (count it in `skipped`, repeat a good one).
     zero_copy: hand decode (or the consumer) read-only memoryviews into the cached blocks instead of
@@ -131,13 +140,15 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     def __init__(self, url: str, shuffle: bool = True, seed: int = 0, decode: Callable[[bytes], Any] | None = None,
                  label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 8,
-                 prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 4096,
-                 zero_copy: bool = False, rebuild: bool = False, job: str | None = None, **options: Any) -> None:
+                 prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 1024,
+                 zero_copy: bool = False, rebuild: bool = False, warm_next: int = 1024, job: str | None = None,
+                 **options: Any) -> None:
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
         self.job = job
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
+        self.warm_next = warm_next
         self.epoch = 0
         self._resume: dict | None = None
         self._live: tuple[Intervals, Part, int, int] | None = None  # base, part, consumer, consumers of this iteration
@@ -158,8 +169,19 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     # -- order -----------------------------------------------------------------------------
 
-    def _order(self) -> tuple[np.ndarray, np.ndarray]:
-        return epoch_order(self.source.column("chunk"), self.seed, self.epoch, self.shuffle, self.window)
+    def _order(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        epoch = self.epoch if epoch is None else epoch
+        return epoch_order(self.source.column("chunk"), self.seed, epoch, self.shuffle, self.window)
+
+    def next_epoch_rows(self, consumer: int, consumers: int, count: int | None = None) -> np.ndarray:
+        """The first `count` (default warm_next) rows consumer `consumer` of `consumers` reads in the
+        next epoch (a whole one: its order is fixed by seed and epoch)."""
+        order, _ = self._order(self.epoch + 1)
+        part = split(np.arange(len(order)), consumers, consumer, self.drop_last)
+        return order[part.positions[:self.warm_next if count is None else count]]
+
+    def _warm_next(self, consumer: int, consumers: int) -> list[Future]:
+        return self.source.prefetch(self.next_epoch_rows(consumer, consumers).tolist())
 
     def _base(self) -> Intervals:
         """Positions of this epoch consumed before this iteration (from a loaded state)."""
@@ -192,13 +214,16 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self._live, self._taken = (base, part, consumer, consumers), taken
         units = pieces(part.positions[taken:], bounds, self.piece)
         last: list = []
-        for positions, data in _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy):
+        after = (lambda: self._warm_next(consumer, consumers)) if self.warm_next > 0 else None
+        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy, after)
+        for positions, data in reading:
             if task is not None:
                 task.read_bytes.inc(sum(len(d) for d in data if not isinstance(d, Exception)))
             for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
                                   self._counter, last):
                 self._taken += 1
                 yield sample
+        wait(reading.started, timeout=WARM_WAIT_S)  # a worker may exit after this: let the warming land
 
     # -- state -----------------------------------------------------------------------------
 

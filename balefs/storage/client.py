@@ -11,14 +11,14 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 
-from .config import VolumeConfig, load_config, save_config, config_path
+from .config import VolumeConfig, config_path, host_cache_dir, load_config, save_config
 from ..errors import NodeError, NodeUnreachableError, VolumeExistsError, node_error
 from .baling import baling_figures
 from .cache import BlockCache
@@ -265,9 +265,10 @@ class Client:
             self.stripe_placement = StripePlacement(self.placement.node_ids, k, m)
             self.erasure = self.reader.erasure = ErasureCode(k, m)
         self.disk_cache: DiskBlockCache | None = None
-        if cfg.cache_dir:
-            self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.codec.volume)
+        if cfg.cache_dir or cfg.host_cache:
+            self.disk_cache = DiskBlockCache(cfg.cache_dir or host_cache_dir(), cfg.disk_cache_size, self.codec.volume)
             self.reader.disk_cache = self.disk_cache
+            self.reader.mapped = cfg.host_cache
         self._writer: ChunkWriter | None = None
         self._writer_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -605,6 +606,18 @@ class Client:
         fetching each needed block once; an error per request, not raised. With views, a range
         held in one block is a read-only view into the cached block (no copy)."""
         return self.reader.read_many(requests, views=views)
+
+    def prefetch_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[Future]:
+        """Start fetching, in the background, the blocks of these reads that no cache holds (with
+        host_cache, into the host's shared cache: reads by any process then find them); the futures
+        of the fetches started (a loader warms the next epoch's first chunks with it)."""
+        extents = [e for ext, _, _ in requests for e in ext]
+        self.reader.load_maps({e[1] for e in extents})
+        recs = {}
+        for ext, start, end in requests:
+            for rec, _, _ in self.reader.plan(ext, start, end):
+                recs[(rec.chunk, rec.idx)] = rec
+        return self.reader.prefetch_to_disk(recs.values())
 
     def read_files_into(self, files: Sequence[tuple[FileReader, object]], threads: int = 16,
                         on_file_done: Callable[[int], None] | None = None) -> None:

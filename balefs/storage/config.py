@@ -25,6 +25,15 @@ def balefs_home() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("BALEFS_HOME") or "~/.config/balefs"))
 
 
+def host_cache_dir() -> str:
+    """The host's shared block cache directory when none is configured: $BALEFS_CACHE_DIR, else
+    /var/tmp/balefs-<uid>/cache (local to the host, kept across reboots, one per user)."""
+    env = os.environ.get("BALEFS_CACHE_DIR")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    return os.path.join("/var/tmp", f"balefs-{os.getuid()}", "cache")
+
+
 def parse_size(value: int | str, what: str = "size") -> int:
     """Parse 4194304, '4MiB', '64M' or '1.5g' into bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -84,6 +93,10 @@ class VolumeConfig:
     upload_inflight: int = 32
     cache_dir: str = ""
     disk_cache_size: int = 10 << 30
+    # read through the host's shared disk cache (cache_dir, else host_cache_dir()): blocks read from
+    # the nodes are published there at once and every block is served mapped from its entry, so the
+    # memory cache holds views of the kernel's page cache, one copy for every process of the host
+    host_cache: bool = False
     # whether close() makes a file durable (fsync of its blocks and of the metadata) or only
     # visible, durable at the next sync (fsync, the client's close, or every sync_interval
     # seconds); None: the interface's default (synced for the Python API and `put`, not for
@@ -128,6 +141,8 @@ class VolumeConfig:
             raise ConfigError(f"compression {fmt.compression!r}: use 'none' or 'lz4'")
         if self.sync_close is not None and not isinstance(self.sync_close, bool):
             raise ConfigError(f"sync_close must be true or false, not {self.sync_close!r}")
+        if not isinstance(self.host_cache, bool):
+            raise ConfigError(f"host_cache must be true or false, not {self.host_cache!r}")
         if isinstance(self.sync_interval, bool) or not isinstance(self.sync_interval, (int, float)) or self.sync_interval <= 0:
             raise ConfigError(f"sync_interval must be a positive number of seconds, not {self.sync_interval!r}")
         if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):

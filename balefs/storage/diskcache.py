@@ -13,20 +13,27 @@ queue, so a read never waits for the cache; when the queue is full, an entry is 
 not cached. A failing disk (full, read-only, gone) never fails a read or a write: the
 cache stops caching for a while and retries later.
 
-Several processes may share one cache directory (the mount, loaders, fsspec clients on
-one host): each keeps its own index, finds the others' entries on disk, and evicts by
-its own bound, so together they may exceed it by a little.
+Several processes share one cache directory (the mount, loaders, fsspec clients on one
+host): each keeps its own index and finds the others' entries on disk; the bytes of every
+entry in the directory are counted once for the host (`HostUsage`: a counter file changed
+under an flock), so the bound holds per host, not per process. An entry is published by a
+hard link of a complete temp file (a writer killed mid-write leaves only a temp file, which no
+reader opens and the next open sweeps away). `get(mapped=True)` serves an entry as a read-only
+mmap of its file: every process on the host reads the kernel's one cached copy of it.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import queue
 import struct
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Iterator
 
 import xxhash
@@ -39,23 +46,64 @@ MAGIC = b"BDC1"
 _HEAD = struct.Struct("<4sIQ")  # magic, raw length, xxh3-64 of the raw bytes
 HEAD_SIZE = _HEAD.size
 Key = tuple[int, int]
+_TOTAL = struct.Struct("<q")
+USAGE_FILE = ".usage"
+EVICT_SLACK = 32  # an eviction frees 1/32 of the bound beyond what the write needs
+FILL_DIR, FILL_STRIPES = ".fill", 1024  # lock files of blocks being fetched, by stripe (hash of the key)
+
+
+class HostUsage:
+    """The bytes of every entry in one cache directory, for all processes of the host: an int64 in
+    a file beside the namespaces, read and changed only under an flock of it (released by the
+    kernel when a holder dies). The counter moves with each publish and each unlink that did
+    remove a file, and is recounted from the files on every cache open (heals a holder killed
+    between a link and its count)."""
+
+    def __init__(self, root: str) -> None:
+        self._fd = os.open(os.path.join(root, USAGE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._threads = threading.Lock()  # an flock is per open file: threads of one process need their own
+
+    @contextmanager
+    def held(self) -> Iterator["HostUsage"]:
+        with self._threads:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    @property
+    def total(self) -> int:
+        raw = os.pread(self._fd, _TOTAL.size, 0)
+        return _TOTAL.unpack(raw)[0] if len(raw) == _TOTAL.size else 0
+
+    @total.setter
+    def total(self, value: int) -> None:
+        os.pwrite(self._fd, _TOTAL.pack(max(0, value)), 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class DiskBlockCache:
-    """An LRU store of decoded blocks on local disk whose total size stays under `capacity` bytes."""
+    """An LRU store of decoded blocks on local disk whose total size, over every process of the
+    host sharing the directory, stays under `capacity` bytes."""
 
     def __init__(self, root: str, capacity: int, namespace: str, queue_depth: int = 64, pause_s: float = 30.0) -> None:
-        self.root = os.path.join(os.path.abspath(root), namespace)
+        self.base = os.path.abspath(root)
+        self.root = os.path.join(self.base, namespace)
         self.capacity = max(0, int(capacity))
         self.pause_s = pause_s
         self._index: OrderedDict[Key, int] = OrderedDict()  # key -> bytes on disk, least recently used first
         self._size = 0
         self._lock = threading.Lock()
         self._paused_until = 0.0
-        self.counters = CounterGroup("hits", "misses", "writes", "dropped", "errors")
+        self._host: HostUsage | None = None
+        self.counters = CounterGroup("hits", "misses", "writes", "dropped", "errors", "evicted")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_depth))
         try:
             os.makedirs(self.root, exist_ok=True)
+            self._host = HostUsage(self.base)
             self._scan()
         except OSError as exc:
             log.warning("disk cache %s unusable (%s): caching on disk is off", self.root, exc)
@@ -78,12 +126,13 @@ class DiskBlockCache:
             return None
 
     def _scan(self) -> None:
-        """Rebuild the index from the files on disk, oldest first; drop leftovers of torn writes."""
+        """Rebuild the index from the files on disk, oldest first; drop temp files of writers that
+        died mid-write; recount the host's usage and evict down to the bound."""
         found: list[tuple[float, Key, int]] = []
         for entry, st in _files(self.root):
             key = self._parse(entry.name)
             if key is None:
-                if ".tmp" in entry.name and time.time() - st.st_mtime > 600:
+                if _abandoned(entry.name, st):
                     _unlink(entry.path)
                 continue
             found.append((st.st_mtime, key, st.st_size))
@@ -92,21 +141,27 @@ class DiskBlockCache:
             for _, key, size in found:
                 self._index[key] = size
                 self._size += size
-            victims = self._evict_locked(0)
-        for path in victims:
-            _unlink(path)
+        assert self._host is not None
+        with self._host.held() as host:
+            host.total = sum(st.st_size for _, st in _host_entries(self.base))
+            self._make_room(host, 0)
 
     # -- reading ---------------------------------------------------------------------------
 
-    def get(self, key: Key, length: int) -> memoryview | None:
-        """The raw bytes of a block if cached and intact, else None (never raises)."""
+    def get(self, key: Key, length: int, mapped: bool = False) -> memoryview | None:
+        """The raw bytes of a block if cached and intact, else None (never raises). mapped: a
+        read-only view of the entry's file mapped into memory (the page cache's copy, shared by
+        every process of the host; valid after the entry is evicted, whose file is only unlinked)."""
         if self.capacity <= 0:
             return None
         path = self._path(key)
         try:
             with open(path, "rb", buffering=0) as f:
-                blob = f.read()
-        except OSError:
+                if mapped:
+                    blob: bytes | mmap.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                else:
+                    blob = f.read()
+        except (OSError, ValueError):  # ValueError: an empty file cannot be mapped
             self._forget(key)
             self.counters.misses.add()
             return None
@@ -118,7 +173,7 @@ class DiskBlockCache:
             ok = False
         if not ok:
             log.warning("disk cache: dropping damaged entry %s", path)
-            _unlink(path)
+            self._remove(path)
             self._forget(key)
             self.counters.misses.add()
             return None
@@ -133,7 +188,7 @@ class DiskBlockCache:
         except OSError:
             pass
         self.counters.hits.add()
-        return data
+        return data.toreadonly() if mapped else data
 
     def _forget(self, key: Key) -> None:
         with self._lock:
@@ -156,6 +211,18 @@ class DiskBlockCache:
         except queue.Full:
             self.counters.dropped.add()
 
+    def keep(self, key: Key, data: bytes | memoryview) -> memoryview | None:
+        """Write a block now and return it mapped from its entry (so the caller can drop its own copy);
+        None when it cannot be cached (too large, paused, a failing disk). Never raises."""
+        if self.capacity <= 0 or len(data) + HEAD_SIZE > self.capacity or time.monotonic() < self._paused_until:
+            return None
+        try:
+            self._write(key, data, background=False)
+        except Exception:  # noqa: BLE001 - the cache must never take a reader down
+            log.exception("disk cache: writing an entry failed")
+            return None
+        return self.get(key, len(data), mapped=True)
+
     def _drain(self) -> None:
         while True:
             item = self._queue.get()
@@ -168,7 +235,7 @@ class DiskBlockCache:
             finally:
                 self._queue.task_done()
 
-    def _write(self, key: Key, data: bytes | memoryview) -> None:
+    def _write(self, key: Key, data: bytes | memoryview, background: bool = True) -> None:
         if time.monotonic() < self._paused_until:
             return
         try:
@@ -176,11 +243,9 @@ class DiskBlockCache:
         except OSError as exc:
             self.counters.errors.add()
             self._paused_until = time.monotonic() + self.pause_s
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                with self._lock:  # the disk is fuller than our bound assumed: make real room
-                    victims = self._evict_locked(0, shrink_to=self._size * 3 // 4)
-                for victim in victims:
-                    _unlink(victim)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and self._host is not None:
+                with self._host.held() as host:  # the disk is fuller than our bound assumed: make real room
+                    self._make_room(host, 0, limit=host.total * 3 // 4)
             log.warning("disk cache %s: cannot write (%s); not caching for %.0fs", self.root, exc.strerror, self.pause_s)
 
     def store(self, key: Key, data: bytes | memoryview) -> None:
@@ -192,16 +257,13 @@ class DiskBlockCache:
         self._write_entry(key, data)
 
     def _write_entry(self, key: Key, data: bytes | memoryview) -> None:
-        """Evict for room, then write one entry (temp file, rename) and index it; raises OSError."""
+        """Write one entry to a temp file, then, under the host's lock, evict for room and publish it
+        by a hard link (never over another process's copy) and count it; raises OSError."""
         path = self._path(key)
-        if os.path.exists(path):
+        if os.path.exists(path) or self._host is None:
             return
         head = _HEAD.pack(MAGIC, len(data), xxhash.xxh3_64_intdigest(data))
         need = len(head) + len(data)
-        with self._lock:
-            victims = self._evict_locked(need)
-        for victim in victims:
-            _unlink(victim)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             try:
@@ -212,15 +274,51 @@ class DiskBlockCache:
             with f:
                 f.write(head)
                 f.write(data)
-            os.replace(tmp, path)
-        except OSError:
+            with self._host.held() as host:
+                if not self._make_room(host, need):
+                    self.counters.dropped.add()
+                    return
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:  # another process published it meanwhile: theirs is as good
+                    return
+                host.total += need
+        finally:
             _unlink(tmp)
-            raise
         with self._lock:
             if key not in self._index:
                 self._index[key] = need
                 self._size += need
         self.counters.writes.add()
+
+    def _make_room(self, host: HostUsage, need: int, limit: int | None = None) -> bool:
+        """Under the host's lock: when `need` more bytes do not fit the bound, remove the least
+        recently used entries of the whole directory (by file mtime: every process's reads and
+        writes move it) down to a little below, so one scan serves many writes; whether they fit."""
+        bound = self.capacity if limit is None else min(self.capacity, limit)
+        total = host.total
+        if total + need > bound:
+            target = max(0, bound - need - self.capacity // EVICT_SLACK)
+            for _, path in sorted((st.st_mtime_ns, p) for p, st in _host_entries(self.base)):
+                if total <= target:
+                    break
+                total -= self._remove(path)
+                if os.path.dirname(os.path.dirname(path)) == self.root:
+                    key = self._parse(os.path.basename(path))
+                    if key is not None:
+                        self._forget(key)
+        host.total = total
+        return total + need <= bound
+
+    def _remove(self, path: str) -> int:
+        """Unlink an entry; the bytes it freed (0 when another process removed it first)."""
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except OSError:
+            return 0
+        self.counters.evicted.add()
+        return size
 
     def touch(self, key: Key, length: int) -> bool:
         """Whether an entry of a block of `length` bytes is on disk (by its size: a damaged one is
@@ -246,21 +344,48 @@ class DiskBlockCache:
             pass
         return True
 
-    def _evict_locked(self, need: int, shrink_to: int | None = None) -> list[str]:
-        """Pop least recently used entries until `need` more bytes fit; return their paths."""
-        limit = self.capacity if shrink_to is None else min(self.capacity, shrink_to)
-        out = []
-        while self._index and self._size + need > limit:
-            key, size = self._index.popitem(last=False)
-            self._size -= size
-            out.append(self._path(key))
-        return out
+    @contextmanager
+    def filling(self, key: Key) -> Iterator[None]:
+        """Hold the host-wide lock of the block's stripe while it is fetched and published: a process
+        that wants the same block meanwhile waits and then finds the entry, so the nodes serve each
+        block once per host. An flock of a file of its own per acquisition (threads of one process
+        exclude each other too); the kernel releases it when a holder dies."""
+        fd = -1
+        if self._host is not None:
+            try:
+                fd = os.open(os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.join(self.base, FILL_DIR), exist_ok=True)
+                fd = os.open(os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                fd = -1
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def contains(self, key: Key) -> bool:
+        """Whether an entry for the block is published (by any process of the host)."""
+        return self.capacity > 0 and os.path.exists(self._path(key))
 
     # -- bookkeeping -----------------------------------------------------------------------
 
     @property
     def size(self) -> int:
+        """Bytes of the entries this process knows of (see host_usage for the whole directory)."""
         return self._size
+
+    def host_usage(self) -> int:
+        """Bytes of every entry in the cache directory, all processes and volumes of the host."""
+        if self._host is None:
+            return 0
+        with self._host.held() as host:
+            return host.total
 
     hits = property(lambda self: self.counters.hits.value, doc="entries served from disk")
     misses = property(lambda self: self.counters.misses.value, doc="lookups not served (absent or damaged)")
@@ -285,6 +410,27 @@ class DiskBlockCache:
         except queue.Full:
             return
         self._thread.join(timeout=10)
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+
+
+def _abandoned(name: str, st: os.stat_result) -> bool:
+    """Whether a temp file is left over by a writer that died (its process is gone, or it is old)."""
+    if ".tmp" not in name:
+        return False
+    if time.time() - st.st_mtime > 600:
+        return True
+    try:
+        pid = int(name.rsplit(".tmp", 1)[1].split(".")[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError):
+        return True
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _unlink(path: str) -> None:
@@ -300,7 +446,7 @@ def cache_usage(root: str) -> dict[str, tuple[int, int]]:
     if not os.path.isdir(root):
         raise FileNotFoundError(errno.ENOENT, "no such cache directory", root)
     for ns in os.scandir(root):
-        if not ns.is_dir() or ns.name == "spool":  # spool: the mount's temp files of random writes
+        if not ns.is_dir() or ns.name in ("spool", FILL_DIR):  # spool: the mount's temp files of random writes
             continue
         n = size = 0
         for path, st in _entries(ns.path):
@@ -314,11 +460,19 @@ def evict_entries(root: str, namespace: str | None = None) -> tuple[int, int]:
     """Delete every entry of a cache directory (or of one namespace); returns (entries, bytes) deleted.
     Processes using the directory then miss them and read from the nodes again."""
     n = size = 0
-    for ns in cache_usage(root) if namespace is None else [namespace]:
-        for path, st in _entries(os.path.join(root, ns)):
-            _unlink(path)
-            n += 1
-            size += st.st_size
+    found = cache_usage(root)  # a missing directory: its error
+    namespaces = list(found) if namespace is None else [namespace]
+    usage = HostUsage(root)
+    try:
+        with usage.held():
+            for ns in namespaces:
+                for path, st in _entries(os.path.join(root, ns)):
+                    _unlink(path)
+                    n += 1
+                    size += st.st_size
+            usage.total = sum(st.st_size for _, st in _host_entries(root))
+    finally:
+        usage.close()
     return n, size
 
 
@@ -343,3 +497,10 @@ def _entries(ns_root: str) -> Iterator[tuple[str, os.stat_result]]:
     for entry, st in _files(ns_root):
         if DiskBlockCache._parse(entry.name) is not None:
             yield entry.path, st
+
+
+def _host_entries(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, stat) of every cache entry of every namespace in a cache directory."""
+    for ns in os.scandir(root):
+        if ns.is_dir() and ns.name not in ("spool", FILL_DIR):
+            yield from _entries(ns.path)

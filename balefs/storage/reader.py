@@ -45,6 +45,7 @@ class BlockReader:
     """Fetches, verifies and caches blocks; assembles byte ranges of files from them."""
 
     disk_cache = None  # an optional DiskBlockCache: the tier between memory and the nodes
+    mapped = False  # blocks go through the disk tier at once and are served mapped from it (VolumeConfig.host_cache)
     hedge_factor = 4.0  # a remote read slower than this many times the node's typical latency is raced
     hedge_min = 0.05  # seconds: never hedge sooner than this
     # seconds: the hedge delay before a node's latency is known; a 4 MiB block queued on a busy 50 MB/s
@@ -179,17 +180,45 @@ class BlockReader:
             self._inflight.pop(key, None)
 
     def _load(self, rec: BlockRecord) -> bytes:
+        key = (rec.chunk, rec.idx)
         disk = self.disk_cache if rec.durable else None  # a block still growing is read from its nodes
         if disk is not None:
-            data = disk.get((rec.chunk, rec.idx), rec.length)
+            data = disk.get(key, rec.length, mapped=self.mapped)
             if data is not None:
-                self.cache.put((rec.chunk, rec.idx), data)
+                self.cache.put(key, data)
                 return data
+        if disk is not None and self.mapped:
+            with disk.filling(key):  # another process fetching it: wait for its entry instead
+                data = disk.get(key, rec.length, mapped=True) if disk.contains(key) else None
+                if data is None:
+                    data = self.fetch_from_nodes(rec)
+                    kept = disk.keep(key, data)  # the host's one copy, instead of this process's own
+                    data = data if kept is None else kept
+            self.cache.put(key, data)
+            return data
         data = self.fetch_from_nodes(rec)
-        self.cache.put((rec.chunk, rec.idx), data)
         if disk is not None:
-            disk.put((rec.chunk, rec.idx), data)
+            disk.put(key, data)
+        self.cache.put(key, data)
         return data
+
+    def prefetch_to_disk(self, recs: Iterable[BlockRecord]) -> list[Future]:
+        """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any
+        process of the host counts, and becomes the most recently used): the futures of the fetches
+        started. Without a disk tier, those the memory cache lacks."""
+        disk = self.disk_cache
+        out = []
+        for rec in recs:
+            key = (rec.chunk, rec.idx)
+            if disk is None or not rec.durable:
+                if key not in self.cache:
+                    out.append(self.fetch(rec))
+                continue
+            if disk.touch(key, rec.length):  # cached: now the most recently used, spared by evictions
+                continue
+            held = self._cached(rec)  # in memory here, evicted from disk since: published again from memory
+            out.append(self._pool.submit(self._load, rec) if held is None else self._pool.submit(disk.keep, key, held))
+        return out
 
     def fetch_from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
         """The verified raw bytes of a block from its nodes, past both caches (warmup stores them itself):

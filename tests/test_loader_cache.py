@@ -1,0 +1,241 @@
+"""The loaders' one shared block cache per host (VolumeConfig.host_cache over storage.diskcache),
+the map-style dataset's batched reads, and the warming of the next epoch: real DataLoader
+workers, real processes, real kills."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from balefs.loaders.torch import BaleDataset, BaleIterableDataset
+from balefs.storage.diskcache import HEAD_SIZE, USAGE_FILE, DiskBlockCache
+from helpers import KiB, payload
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+URL = "bale://vol/data"
+N_FILES = 240
+
+
+def _content(rel: str, i: int) -> bytes:
+    return f"{rel}|".encode() + payload(1 * KiB + (i * 37) % (5 * KiB), seed=i)
+
+
+def name_of(sample) -> str:
+    return bytes(sample).split(b"|", 1)[0].decode()
+
+
+@pytest.fixture
+def tree(make_volume, open_client) -> dict[str, bytes]:
+    """240 files in ~14 chunks of 64 KiB (blocks of 16 KiB)."""
+    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB)
+    client = open_client("vol")
+    files = {f"c{i % 4}/f{i:04d}.bin": b"" for i in range(N_FILES)}
+    with client.batch():
+        for i, rel in enumerate(files):
+            files[rel] = _content(rel, i)
+            client.write_file(f"data/{rel}", files[rel])
+    return files
+
+
+def host_cache() -> Path:
+    return Path(os.environ["BALEFS_CACHE_DIR"])
+
+
+def entries(root: Path) -> list[Path]:
+    """The published entries of every namespace of a cache directory."""
+    return [p for p in root.glob("*/*/*") if p.is_file() and ".tmp" not in p.name]
+
+
+def node_blocks(tree_nodes: list[str]) -> list[Path]:
+    return [p for n in tree_nodes for p in Path(n, "blocks").rglob("*") if p.is_file()]
+
+
+def run_py(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run Python code in a new process (this environment: BALEFS_HOME, BALEFS_CACHE_DIR)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, check=True)
+
+
+def test_two_processes_share_one_copy_of_each_block(tree, volume_nodes):
+    """A first process fills the host's cache; a second one, with 2 DataLoader workers, reads every
+    sample from it: the nodes' blocks are gone, and the cache holds one entry per block."""
+    out = run_py(f"""
+        from balefs.loaders.torch import BaleIterableDataset
+        got = {{bytes(s).split(b"|")[0] for s in BaleIterableDataset("{URL}", seed=1)}}
+        print(len(got))
+    """)
+    assert out.stdout.strip() == str(N_FILES)
+    cached = entries(host_cache())
+    ds = BaleIterableDataset(URL, seed=2)
+    assert len(cached) == sum(len(recs) for recs in ds.source.blocks.values())  # one entry per block
+    for p in node_blocks(volume_nodes):  # from now on only the host's cache can serve a block
+        p.unlink()
+    got = [s for batch in DataLoader(ds, batch_size=16, num_workers=2, collate_fn=list) for s in batch]
+    assert sorted(name_of(s) for s in got) == sorted(tree)
+    assert all(bytes(s) == tree[name_of(s)] for s in got)
+    assert sorted(entries(host_cache())) == sorted(cached)  # nothing copied: the same entries
+    counters = ds.source.client.counters()  # and this (main) process reads them too, mapped
+    assert ds.source.read([0], views=True)[0] == tree[ds.source.paths[0]]
+    assert ds.source.client.counters()["disk_cache.hits"] > counters.get("disk_cache.hits", 0)
+
+
+@pytest.fixture
+def volume_nodes(tree) -> list[str]:
+    from balefs.storage.config import load_config
+
+    return load_config("vol").nodes
+
+
+def test_map_style_batches_are_exact_and_in_sampler_order(tree):
+    ds = BaleDataset(URL, label="dir")
+    paths = ds.source.paths
+    expected = list(RandomSampler(ds, generator=torch.Generator().manual_seed(7)))
+    for workers in (2, 0):
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(7))
+        loader = DataLoader(ds, batch_size=10, sampler=sampler, num_workers=workers, collate_fn=list)
+        reads = []
+        if workers == 0:  # count the reads in this process: one batched read per DataLoader batch
+            real = ds.source.read
+            ds.source.read = lambda rows, *a, **k: reads.append(len(rows)) or real(rows, *a, **k)
+        got = [s for batch in loader for s in batch]
+        assert [name_of(s) for s, _ in got] == [paths[i] for i in expected]
+        assert all(bytes(s) == tree[name_of(s)] and ds.classes[y] == name_of(s)[:2] for s, y in got)
+        if workers == 0:
+            assert reads == [10] * (N_FILES // 10)
+
+
+def test_next_epoch_is_warmed_into_the_host_cache_before_it_starts(tree):
+    """Epoch 0 through a DataLoader worker, with a host cache smaller than the tree: once it ends,
+    the blocks of the first samples of epoch 1 are cached (warmed while epoch 0 ended), and a
+    read of them then touches no node. Without warming some of them were evicted."""
+    bound = 300 * KiB  # ~18 of the ~55 blocks
+    got = {}
+    for warm in (16, 0):
+        for p in entries(host_cache()):
+            p.unlink()
+        ds = BaleIterableDataset(URL, seed=3, warm_next=warm, disk_cache_size=bound)
+        names = [name_of(s) for b in DataLoader(ds, batch_size=8, num_workers=1, collate_fn=list) for s in b]
+        assert sorted(names) == sorted(tree)  # exactly once
+        rows = ds.next_epoch_rows(0, 1, 16).tolist()
+        probe = DiskBlockCache(str(host_cache()), bound, ds.source.client.codec.volume)
+        keys = {(rec.chunk, rec.idx) for r in rows for rec in _blocks_of_row(ds, r)}
+        got[warm] = sum(probe.contains(k) for k in keys), len(keys)
+        assert sum(p.stat().st_size for p in entries(host_cache())) <= bound
+        if warm:
+            assert got[warm][0] == got[warm][1], got
+            before = ds.source.client.counters()
+            data = ds.source.read(rows)
+            after = ds.source.client.counters()
+            assert [bytes(d) for d in data] == [tree[ds.source.paths[r]] for r in rows]
+            assert after["disk_cache.hits"] - before.get("disk_cache.hits", 0) == len(keys)
+            assert after.get("disk_cache.misses", 0) == before.get("disk_cache.misses", 0)  # no node read
+        probe.close()
+        ds.source.close()
+    assert got[0][0] < got[0][1], got  # the control: without warming some are gone
+
+
+def _blocks_of_row(ds: BaleIterableDataset, row: int):
+    """The block records holding a sample (through the dataset's own client)."""
+    src = ds.source
+    client = src.client
+    ext = src._extents(row)
+    client.reader.load_maps({e.chunk for e in ext})
+    return [rec for rec, _, _ in client.reader.plan(ext, 0, int(src.column("size")[row]))]
+
+
+def test_every_sample_once_per_epoch_across_epochs_with_workers(tree):
+    ds = BaleIterableDataset(URL, seed=4, warm_next=16)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=list)
+    orders = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        got = [s for b in loader for s in b]
+        assert sorted(name_of(s) for s in got) == sorted(tree)
+        assert all(bytes(s) == tree[name_of(s)] for s in got)
+        orders.append([name_of(s) for s in got])
+    assert orders[0] != orders[1]
+
+
+WRITER = """
+import os, sys, time
+from balefs.storage.diskcache import DiskBlockCache
+root, cap, ns, first, n, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+cache = DiskBlockCache(root, cap, ns)
+blob = os.urandom(size)
+print("ready", flush=True)
+for i in range(first, first + n):
+    cache.store((i, 0), bytes([i % 251]) + blob[1:])
+cache.close()
+"""
+
+
+def _writer(root: Path, cap: int, ns: str, first: int, n: int, size: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(cap), ns, str(first), str(n), str(size)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_bound_in_bytes_holds_across_processes(tmp_path):
+    """Two processes (two volumes, too) write 3x the bound into one cache directory at once: the
+    directory stays under the bound, and its shared counter is exact."""
+    root, size = tmp_path / "cache", 64 * KiB
+    entry = size + HEAD_SIZE
+    cap = 20 * entry
+    procs = [_writer(root, cap, ns, first, 30, size) for ns, first in (("vol-a", 0), ("vol-b", 1000))]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    on_disk = sum(p.stat().st_size for p in entries(root))
+    assert 0 < on_disk <= cap
+    assert len(entries(root)) >= 10  # both kept entries: not all evicted
+    usage = DiskBlockCache(str(root), cap, "vol-a")
+    assert usage.host_usage() == on_disk
+    usage.close()
+
+
+def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
+    """Writers of large entries are SIGKILLed at random moments: every published entry is whole
+    (its checksum holds), a temp file of a dead writer is never served and is swept by the next
+    open, and the host's counter matches the files again."""
+    root, size = tmp_path / "cache", 8 << 20
+    cap = 1 << 40
+    leftovers = 0
+    for k in range(6):
+        p = _writer(root, cap, "v", 10 * k, 10, size)
+        time.sleep(0.05 + 0.03 * k)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        leftovers += len([q for q in root.glob("v/*/*") if ".tmp" in q.name])
+    assert leftovers > 0, "no writer was killed mid-write: the test proves nothing"
+    cache = DiskBlockCache(str(root), cap, "v")  # sweeps temp files of dead writers, recounts
+    assert not [q for q in root.glob("v/*/*") if ".tmp" in q.name]
+    published = entries(root)
+    assert published
+    for q in published:
+        chunk = int(q.name.split("-")[0], 16)
+        data = cache.get((chunk, 0), size, mapped=True)
+        assert data is not None and data[0] == chunk % 251 and len(data) == size
+    assert cache.host_usage() == sum(q.stat().st_size for q in published)
+    assert (root / USAGE_FILE).exists()
+    cache.close()
+
+
+def test_host_cache_is_the_default_and_can_be_turned_off(tree):
+    from balefs.errors import ConfigError
+
+    on = BaleIterableDataset(URL)
+    assert on.source.client.disk_cache is not None and on.source.client.disk_cache.base == str(host_cache())
+    off = BaleIterableDataset(URL, host_cache=False)
+    assert off.source.client.disk_cache is None
+    assert sorted(name_of(s) for s in off) == sorted(tree)
+    with pytest.raises(ConfigError, match="host_cache must be true or false"):
+        BaleIterableDataset(URL, host_cache="yes")
