@@ -11,7 +11,13 @@ block from the nodes), the small files with the default one (a batch reads each 
 decode's neighbours once); the page cache is the machine's (the same for every side). Bars: healthy reads >= 0.95x R=2, writes >= 0.8x R=2, degraded reads
 >= 0.6x healthy, capacity exactly (k+m)/k.
 
+With --testbed the nodes are the 8 hosts of benchmarks/testbed (each in its own network
+namespace with a real S3 server, links shaped to --rate), the three volumes under their own
+prefix on every host; "one node down" is host 0's server killed (connections refused, its data
+gone), and the drain rebuilds onto the other seven. Needs root and iproute2.
+
     PYTHONPATH=$PWD python benchmarks/erasure.py --large 512MiB --small 4000 --nodes 8 --json /tmp/ec.json
+    PYTHONPATH=$PWD python benchmarks/erasure.py --testbed --large 128MiB --small 2000 --rounds 2
 """
 from __future__ import annotations
 
@@ -48,16 +54,14 @@ def timed(fn) -> tuple[object, float]:
 class Side:
     """One scheme's volume and its figures."""
 
-    def __init__(self, workdir: str, name: str, settings: dict, nodes: int, block: int) -> None:
+    def __init__(self, name: str, settings: dict, nodes: "NodeSet", block: int) -> None:
         self.name = name
         self.vol = "b" + "".join(ch for ch in name if ch.isalnum()).lower()
-        dirs = [os.path.join(workdir, self.vol, f"n{i}") for i in range(nodes)]
-        for d in dirs:
-            os.makedirs(d)
-        Client.init(self.vol, dirs, block_size=block, chunk_size=16 * block, **settings)
-        self.nodes = nodes
+        Client.init(self.vol, nodes.urls(self.vol), block_size=block, chunk_size=16 * block, **settings)
+        self.node_set = nodes
+        self.nodes = nodes.count
         self.figures: dict[str, float] = {}
-        self.lost: tuple[int, str] | None = None
+        self.lost: int | None = None
 
     def best(self, key: str, value: float) -> None:
         self.figures[key] = max(self.figures.get(key, 0.0), value)
@@ -85,31 +89,61 @@ class Side:
             assert got == list(smalls.values())
             self.best(f"cat_{tag}_files_s", len(smalls) / secs)
 
-    def lose_a_node(self) -> None:
-        """Take the node holding most bytes away (its directory renamed, as a disk not mounted)."""
+    def lost_node(self, url_of_lost: str) -> None:
+        """Note which node of this volume is the one taken away (its id, by URL)."""
         with Client.open(self.vol) as c:
-            nid = max(c.meta.blocks_per_node().items(), key=lambda kv: kv[1][1])[0]
-            self.lost = (nid, c.nodes[nid].url)
-        os.rename(self.lost[1], self.lost[1] + ".away")
+            self.lost = next(nid for nid, node in c.nodes.items() if node.url == url_of_lost)
 
     def rebuild(self) -> None:
         """Drain the lost node: its blocks copied (replicas) or rebuilt (EC) from the survivors."""
+        assert self.lost is not None
         with Client.open(self.vol) as c:
-            moves = plan_drain(c, self.lost[0])
+            moves = plan_drain(c, self.lost)
             report, secs = timed(lambda: run_moves(c, moves, threads=16))
         assert not report.errors, report.errors[:3]
         self.figures["rebuild_mb_s"] = report.bytes / secs / MB
         self.figures["rebuild_mb_s_per_survivor"] = self.figures["rebuild_mb_s"] / (self.nodes - 1)
 
 
-def run(workdir: str, nodes: int, large: int, small: int, block: int, rounds: int) -> dict[str, dict[str, float]]:
+class NodeSet:
+    """Where the volumes' nodes are: node directories on the local disk, or the testbed's hosts."""
+
+    def __init__(self, workdir: str, count: int, testbed=None) -> None:
+        self.workdir, self.count, self.testbed = workdir, count, testbed
+
+    def urls(self, vol: str) -> list[str]:
+        if self.testbed is not None:
+            return [self.testbed.node_url(i, prefix=vol, connect_timeout=1, read_timeout=5) for i in range(self.count)]
+        dirs = [os.path.join(self.workdir, vol, f"n{i}") for i in range(self.count)]
+        for d in dirs:
+            os.makedirs(d)
+        return dirs
+
+    def take_one_away(self, sides: list["Side"]) -> None:
+        """Node 0 of every volume gone: the testbed's host 0 killed, or each volume's directory
+        n0 renamed away (as a disk not mounted)."""
+        for side in sides:
+            side.lost_node(self.urls_of(side.vol)[0])
+        if self.testbed is not None:
+            self.testbed.stop(0)
+        else:
+            for side in sides:
+                path = self.urls_of(side.vol)[0]
+                os.rename(path, path + ".away")
+
+    def urls_of(self, vol: str) -> list[str]:
+        with Client.open(vol) as c:
+            return [c.nodes[nid].url for nid in sorted(c.nodes)]
+
+
+def run(nodes: NodeSet, large: int, small: int, block: int, rounds: int) -> dict[str, dict[str, float]]:
     """Every figure of every scheme; each timed step runs for all sides in turn, `rounds` times
     (best kept), so that the load of a shared machine falls on every side alike."""
     seeded = random.Random(1)
     data = b"".join(seeded.randbytes(min(16 << 20, large - off)) for off in range(0, large, 16 << 20))
     rng = random.Random(2)
     smalls = {f"s/{i:05d}": rng.randbytes(rng.randint(2000, 12000)) for i in range(small)}
-    sides = [Side(workdir, name, settings, nodes, block) for name, settings in SCHEMES.items()]
+    sides = [Side(name, settings, nodes, block) for name, settings in SCHEMES.items()]
     for n in range(rounds):
         for side in sides:
             side.write(data, n)
@@ -117,8 +151,7 @@ def run(workdir: str, nodes: int, large: int, small: int, block: int, rounds: in
         side.write_small(smalls)
     for tag in ("healthy", "degraded"):
         if tag == "degraded":
-            for side in sides:
-                side.lose_a_node()
+            nodes.take_one_away(sides)
         for _ in range(rounds):
             for side in sides:
                 side.read(tag, data, smalls)
@@ -136,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="each write and read is timed this often, best kept (default 3)")
     p.add_argument("--workdir", default="/tmp/ecbench", help="volumes (default /tmp/ecbench; deleted at the end)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--testbed", action="store_true", help="nodes on the testbed's hosts (network namespaces, S3 servers; root)")
+    p.add_argument("--rate", type=float, default=50e6, help="with --testbed: bytes/s per link and direction (default 50e6)")
     args = p.parse_args(argv)
     large, block = parse_size(args.large, "--large"), parse_size(args.block, "--block")
     if os.path.exists(args.workdir):
@@ -146,7 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         codec = measure(4, 2, block, 10)["isal"]
         log(f"codec (ISA-L 4+2): encode {codec['encode_gbps']} GB/s, decode {codec['decode_gbps']} GB/s")
-        figures = run(args.workdir, args.nodes, large, args.small, block, args.rounds)
+        if args.testbed:
+            from testbed import Testbed
+
+            if os.geteuid() != 0:
+                p.error("--testbed needs root (it makes network namespaces)")
+            with Testbed(hosts=args.nodes, paths=1, rate=args.rate, delay=0.001) as tb:
+                os.environ.update(Testbed.credentials())
+                log(f"testbed: {args.nodes} hosts, links shaped to {args.rate / MB:.0f} MB/s")
+                figures = run(NodeSet(args.workdir, args.nodes, tb), large, args.small, block, args.rounds)
+        else:
+            figures = run(NodeSet(args.workdir, args.nodes), large, args.small, block, args.rounds)
         for name, f in figures.items():
             log(f"{name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in f.items()))
     finally:
