@@ -55,3 +55,24 @@ def test_a_slow_node_is_raced_by_a_decode_of_its_stripe(moto, faulty, open_clien
     assert time.monotonic() - t < 3.0  # not 1.5 s per read of each block on the slow node
     assert c.reader.hedged > 0 and c.reader.decoded > 0
     servers[0].faults.set(delay=0.0)
+
+
+def test_volume_figures_count_copies_on_a_node_down(moto, faulty, open_client) -> None:
+    """The metrics' volume gauges: block copies stranded on a node that is down (under-replicated),
+    and blocks left with no copy up at all."""
+    eps, servers = faulty(3)
+    Client.init("r2s3", [fast(s3_url(make_bucket(moto), [e])) for e in eps], replicas=2,
+                block_size=BLOCK, chunk_size=CHUNK)
+    c = open_client("r2s3")
+    c.write_file("f", payload(6 * BLOCK, 4))
+    healthy = c.volume_figures()
+    assert healthy["nodes_up"] == 3 and healthy["copies_on_nodes_down"] == 0 and healthy["blocks_without_copy_up"] == 0
+    on_node = c.meta.blocks_per_node()
+    servers[1].faults.set(mode="reset")
+    down = open_client("r2s3", cache_size=0)
+    nid = next(n for n, node in down.nodes.items() if node.url == c.nodes[sorted(c.nodes)[1]].url)
+    figures = down.volume_figures()
+    assert figures["nodes_up"] == 2
+    assert figures["copies_on_nodes_down"] == on_node[nid][0] > 0
+    assert figures["blocks_without_copy_up"] == 0  # every block has its other replica up
+    servers[1].faults.set(mode="normal")

@@ -28,6 +28,8 @@ VOLUME_FIGURES = {
     "chunk_bytes": "bytes of those chunks", "live_bytes": "bytes of chunks that files still point at",
     "dead_bytes": "bytes of chunks no file points at (gc reclaims them)", "nodes": "storage nodes",
     "nodes_up": "storage nodes believed up", "unsynced_blocks": "blocks booked before they were synced (not durable yet)",
+    "copies_on_nodes_down": "block copies on nodes that are down: blocks under-replicated until those nodes return",
+    "blocks_without_copy_up": "blocks with no copy on a node that is up (unreadable unless rebuilt from a stripe)",
 }
 
 

@@ -1010,12 +1010,17 @@ class Client:
     def volume_figures(self) -> dict[str, int]:
         """The volume's figures of the moment, for metrics: files, file bytes, chunks, chunk, live
         and dead bytes (one pass over the metadata, no node contacted), nodes up (as this client
-        believes), blocks booked before they were synced."""
+        believes), blocks booked before they were synced, block copies on nodes that are down
+        (under-replicated until they come back or are rebuilt) and blocks with no copy up."""
         figures = self.meta.usage()
         out = {k: int(figures[k]) for k in ("files", "file_bytes", "chunks", "chunk_bytes", "live_bytes", "dead_bytes")}  # type: ignore[call-overload]
+        down = [nid for nid, node in self.nodes.items() if not node_is_up(node)]
         out["nodes"] = len(self.nodes)
-        out["nodes_up"] = sum(1 for node in self.nodes.values() if node_is_up(node))
+        out["nodes_up"] = len(self.nodes) - len(down)
         out["unsynced_blocks"] = sum(1 for _ in self.meta.unsynced_blocks())
+        per_node = self.meta.blocks_per_node() if down else {}
+        out["copies_on_nodes_down"] = sum(per_node.get(nid, (0, 0))[0] for nid in down)
+        out["blocks_without_copy_up"] = len(self.meta.blocks_without_copy(down)) if down else 0
         return out
 
     def _redundancy(self, down: list[int], nodes: list[dict], data_stored: int) -> dict[str, object]:
