@@ -26,7 +26,8 @@ from .codec import BlockCodec
 from .counters import CounterGroup
 from .meta.types import BlockRecord, Extent
 from .layout import block_key
-from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
+from .node import BlockFiles, MultiPath, Node, ReadInto, node_is_up, supports, up_first
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class BlockReader:
     # link takes ~0.65 s, so a shorter first guess sends many first reads twice (benchmarks/RESULTS.md, issue 6)
     hedge_initial = 2.0
     readahead_blocks = 4  # a batch that reads a run of a chunk's blocks fetches this many after it
+    native_threads = 8  # threads the native block engine reads one batch of blocks with
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, codec: BlockCodec, wave_bytes: int = 512 << 20) -> None:
@@ -57,10 +59,11 @@ class BlockReader:
         self._lock = threading.Lock()
         self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
-        self.counters = CounterGroup("hedged", "repaired")
+        self.counters = CounterGroup("hedged", "repaired", "native")
 
     hedged = property(lambda self: self.counters.hedged.value, doc="reads raced against another replica or path")
     repaired = property(lambda self: self.counters.repaired.value, doc="bad copies rewritten from a good one")
+    native_reads = property(lambda self: self.counters.native.value, doc="blocks read by the native engine")
 
     # -- block maps ----------------------------------------------------------------------
 
@@ -376,12 +379,18 @@ class BlockReader:
     def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list, views: bool = False) -> None:
         blocks: dict[tuple[int, int], object] = {}
         futures: dict[tuple[int, int], Future] = {}
+        missing: dict[tuple[int, int], BlockRecord] = {}
         for key, rec in wave_blocks.items():
             data = self._cached(rec)
             if data is None:
-                futures[key] = self.fetch(rec)
+                missing[key] = rec
             else:
                 blocks[key] = data
+        if missing and native.engine is not None:
+            blocks.update(self._read_native(missing))
+        for key, rec in missing.items():
+            if key not in blocks:
+                futures[key] = self.fetch(rec)
         if futures and self.readahead_blocks and self.cache.capacity:  # uncached, a block read ahead is read twice
             self._read_ahead(wave_blocks)
         for key, fut in futures.items():
@@ -403,6 +412,34 @@ class BlockReader:
                     results[i] = bytes(out)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
+
+    def _read_native(self, recs: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], bytes]:
+        """The blocks of `recs` that the native engine read whole and verified (storage/native.py)
+        from a first copy on a node that is plain block files (BlockFiles), in one batch, cached.
+        The rest go the Python way, which also reports what went wrong and repairs bad copies: blocks
+        with a fetch in flight, a disk cache or a codec of another kind (encryption), and any block
+        the engine could not read."""
+        if type(self._codec) is not BlockCodec or self.disk_cache is not None:
+            return {}
+        with self._lock:
+            inflight = set(self._inflight)
+        jobs: list[native.Job] = []
+        wanted: list[tuple[tuple[int, int], BlockRecord]] = []
+        for key, rec in recs.items():
+            order = up_first(rec.nodes, self._nodes) if key not in inflight else ()
+            node = self._nodes.get(order[0]) if order else None
+            if supports(node, BlockFiles):
+                jobs.append((node.block_path(block_key(rec.chunk, rec.idx)), rec.chunk, rec.idx, rec.length, None))
+                wanted.append((key, rec))
+        if not jobs:
+            return {}
+        out: dict[tuple[int, int], bytes] = {}
+        for (key, rec), raw in zip(wanted, native.read_blocks(jobs, self._codec.volume, self.native_threads)):
+            if isinstance(raw, bytes) and (len(raw) == rec.length or (not rec.durable and len(raw) > rec.length)):
+                self.cache.put(key, raw)
+                out[key] = raw
+        self.counters.native.add(len(out))
+        return out
 
     def _read_ahead(self, wave_blocks: dict[tuple[int, int], BlockRecord]) -> None:
         """Fetch the blocks that follow each run of two or more consecutive blocks this wave reads
