@@ -17,7 +17,7 @@ from balefs.errors import BlockNotFoundError, CorruptBlockError, NodeError
 from balefs.storage import native
 from balefs.storage.codec import FLAG_GROWING, FLAG_LZ4, HEADER_SIZE, BlockCodec
 
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
 
 pytestmark = pytest.mark.skipif(native.engine is None and os.environ.get("BALEFS_NATIVE") != "1",
                                 reason="the native block engine is not built (the Python path is the only one)")
@@ -229,3 +229,11 @@ def test_engine_is_named_and_can_be_turned_off() -> None:
     env["BALEFS_NATIVE"] = "1"
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert on.strip() == "native"
+
+
+def test_version_and_status_say_which_engine_runs(make_volume) -> None:
+    make_volume("eng", nodes=1)
+    assert run_cli("--version").stdout.decode().rstrip().endswith("block engine: native")
+    off = run_cli("status", "eng", "--no-probe", env=dict(os.environ, BALEFS_NATIVE="0"))
+    assert off.stdout.decode().startswith("block engine: python (BALEFS_NATIVE=0)\n")
+    assert run_cli("status", "eng", "--no-probe").stdout.decode().startswith("block engine: native\n")
