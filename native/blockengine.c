@@ -276,8 +276,115 @@ static void fail_corrupt(job_t *j) {
     j->err = 0;
 }
 
-/* One job, without the GIL but for allocating its result bytes. */
+#define PAGE 4096
+
+/* Read the whole file into a page-aligned buffer, with O_DIRECT where the filesystem allows (a
+ * one-off bulk read, a checkpoint load, that would only churn the page cache), else buffered.
+ * Returns the buffer (free it) and its byte count in *got, or NULL with the job failed. */
+static uint8_t *read_whole(job_t *j, size_t *got) {
+    int direct = 1;
+    int fd = open(j->path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+    if (fd < 0 && errno == EINVAL) {
+        direct = 0;
+        fd = open(j->path, O_RDONLY | O_CLOEXEC);
+    }
+    if (fd < 0) {
+        fail_errno(j, "open");
+        return NULL;
+    }
+    struct stat st;
+    void *buf = NULL;
+    if (fstat(fd, &st) != 0) {
+        fail_errno(j, "fstat");
+        close(fd);
+        return NULL;
+    }
+    size_t cap = ((size_t)st.st_size / PAGE + 1) * PAGE; /* a page more: a file grown since is seen short, not cut */
+    if (posix_memalign(&buf, PAGE, cap) != 0) {
+        errno = ENOMEM;
+        fail_errno(j, "allocate");
+        close(fd);
+        return NULL;
+    }
+    *got = 0;
+    while (*got < cap) {
+        ssize_t n = pread(fd, (uint8_t *)buf + *got, cap - *got, (off_t)*got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EINVAL && direct) { /* this file refuses O_DIRECT after all: buffered */
+            close(fd);
+            direct = 0;
+            fd = open(j->path, O_RDONLY | O_CLOEXEC);
+            *got = 0;
+            if (fd < 0)
+                break;
+            continue;
+        }
+        if (n < 0) {
+            fail_errno(j, "read");
+            free(buf);
+            close(fd);
+            return NULL;
+        }
+        if (n == 0)
+            break;
+        *got += (size_t)n;
+        if (direct && *got % PAGE) /* a short read off a page boundary: the end of the file */
+            break;
+    }
+    if (fd < 0) {
+        fail_errno(j, "open");
+        free(buf);
+        return NULL;
+    }
+    close(fd);
+    return buf;
+}
+
+/* A job with targets: the whole file read (O_DIRECT), verified, decoded and scattered. */
+static void run_scatter(job_t *j, const char *volume) {
+    size_t got = 0, len, out_len;
+    header_t hd;
+    uint8_t *buf = read_whole(j, &got), *raw = NULL;
+    if (buf == NULL)
+        return;
+    if (parse_header(buf, got, &hd, j->msg) || payload_length(&hd, got - HEADER_SIZE, &len, j->msg) ||
+        output_length(&hd, j->limit, &out_len, j->msg)) {
+        fail_corrupt(j);
+        goto done;
+    }
+    if (!(hd.flags & FLAG_LZ4))
+        raw = buf + HEADER_SIZE;
+    else if ((raw = malloc(out_len ? out_len : 1)) == NULL) {
+        errno = ENOMEM;
+        fail_errno(j, "allocate");
+        goto done;
+    }
+    if (finish_block(&hd, buf + HEADER_SIZE, len, raw, out_len, block_seed(volume, j->chunk, j->idx), j->msg)) {
+        fail_corrupt(j);
+        goto done;
+    }
+    for (Py_ssize_t t = 0; t < j->ntargets; t++) {
+        target_t *tg = &j->targets[t];
+        if (tg->lo > tg->hi || tg->hi > out_len || tg->at > tg->dst_len || tg->hi - tg->lo > tg->dst_len - tg->at) {
+            snprintf(j->msg, MSG_LEN, "holds %zu bytes, a piece asks for %zu-%zu", out_len, tg->lo, tg->hi);
+            fail_corrupt(j);
+            goto done;
+        }
+        memcpy(tg->dst + tg->at, raw + tg->lo, tg->hi - tg->lo);
+    }
+done:
+    if (raw != buf + HEADER_SIZE)
+        free(raw);
+    free(buf);
+}
+
+/* A job without targets: its result is a bytes object the payload is read straight into. */
 static void run_job(job_t *j, const char *volume) {
+    if (j->ntargets) {
+        run_scatter(j, volume);
+        return;
+    }
     int fd = open(j->path, O_RDONLY | O_CLOEXEC);
     uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL;
     header_t hd;
@@ -301,23 +408,17 @@ static void run_job(job_t *j, const char *volume) {
         fail_corrupt(j);
         goto done;
     }
-    if (j->ntargets == 0) {
-        PyGILState_STATE gs = PyGILState_Ensure();
-        j->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_len);
-        if (j->bytes == NULL)
-            PyErr_Clear();
-        PyGILState_Release(gs);
-        if (j->bytes == NULL) {
-            errno = ENOMEM;
-            fail_errno(j, "allocate");
-            goto done;
-        }
-        raw = (uint8_t *)PyBytes_AS_STRING(j->bytes);
-    } else if ((raw = malloc(out_len ? out_len : 1)) == NULL) {
+    PyGILState_STATE gs = PyGILState_Ensure();
+    j->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_len);
+    if (j->bytes == NULL)
+        PyErr_Clear();
+    PyGILState_Release(gs);
+    if (j->bytes == NULL) {
         errno = ENOMEM;
         fail_errno(j, "allocate");
         goto done;
     }
+    raw = (uint8_t *)PyBytes_AS_STRING(j->bytes);
     if (hd.flags & FLAG_LZ4) {
         if ((payload = malloc(len ? len : 1)) == NULL) {
             errno = ENOMEM;
@@ -340,20 +441,9 @@ static void run_job(job_t *j, const char *volume) {
         fail_corrupt(j);
         goto done;
     }
-    for (Py_ssize_t t = 0; t < j->ntargets; t++) {
-        target_t *tg = &j->targets[t];
-        if (tg->lo > tg->hi || tg->hi > out_len || tg->at > tg->dst_len || tg->hi - tg->lo > tg->dst_len - tg->at) {
-            snprintf(j->msg, MSG_LEN, "holds %zu bytes, a piece asks for %zu-%zu", out_len, tg->lo, tg->hi);
-            fail_corrupt(j);
-            goto done;
-        }
-        memcpy(tg->dst + tg->at, raw + tg->lo, tg->hi - tg->lo);
-    }
 done:
     if (payload != raw)
         free(payload);
-    if (j->ntargets)
-        free(raw);
     close(fd);
 }
 

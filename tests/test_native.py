@@ -237,3 +237,24 @@ def test_version_and_status_say_which_engine_runs(make_volume) -> None:
     off = run_cli("status", "eng", "--no-probe", env=dict(os.environ, BALEFS_NATIVE="0"))
     assert off.stdout.decode().startswith("block engine: python (BALEFS_NATIVE=0)\n")
     assert run_cli("status", "eng", "--no-probe").stdout.decode().startswith("block engine: native\n")
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_read_files_into_scatters_natively_and_falls_back_on_a_bad_copy(make_volume, open_client, compression: str) -> None:
+    """A bulk load (Checkpointer.load's read_files_into): the engine reads each block once, straight
+    into the files' buffers; a block whose first copy is bad is read the Python way from its replica."""
+    make_volume("load", nodes=3, replicas=2, compression=compression)
+    c = open_client("load")
+    big = {"t/a": payload(3 * BLOCK + 123, 1), "t/b": payload(BLOCK // 3, 2), "t/c": b""}
+    with c.batch():
+        for p, d in big.items():
+            c.write_file(p, d)
+    c.close()
+    c = open_client("load")
+    flip_bit(block_paths(c, blocks_of_file(c, "t/a")[1])[0], HEADER_SIZE + 9)
+    readers = [c.open_read(p) for p in big]
+    bufs = [bytearray(len(d)) for d in big.values()]
+    done: list[int] = []
+    c.read_files_into(list(zip(readers, bufs)), threads=3, on_file_done=done.append)
+    assert [bytes(b) for b in bufs] == list(big.values()) and sorted(done) == [0, 1, 2]
+    assert c.reader.native_reads >= 3 and c.reader.repaired == 1

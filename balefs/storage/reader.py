@@ -386,7 +386,7 @@ class BlockReader:
                 missing[key] = rec
             else:
                 blocks[key] = data
-        if missing and native.engine is not None:
+        if missing:
             blocks.update(self._read_native(missing))
         for key, rec in missing.items():
             if key not in blocks:
@@ -413,23 +413,31 @@ class BlockReader:
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
 
+    def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
+        """The native engine's job for a block whose first copy is on a node of plain block files
+        (BlockFiles); None where the Python way reads it: no engine, a disk cache, a codec of
+        another kind (encryption), or a first copy elsewhere."""
+        if native.engine is None or type(self._codec) is not BlockCodec or self.disk_cache is not None:
+            return None
+        order = up_first(rec.nodes, self._nodes)
+        node = self._nodes.get(order[0]) if order else None
+        if not supports(node, BlockFiles):
+            return None
+        return node.block_path(block_key(rec.chunk, rec.idx)), rec.chunk, rec.idx, rec.length, targets
+
     def _read_native(self, recs: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], bytes]:
-        """The blocks of `recs` that the native engine read whole and verified (storage/native.py)
-        from a first copy on a node that is plain block files (BlockFiles), in one batch, cached.
-        The rest go the Python way, which also reports what went wrong and repairs bad copies: blocks
-        with a fetch in flight, a disk cache or a codec of another kind (encryption), and any block
-        the engine could not read."""
-        if type(self._codec) is not BlockCodec or self.disk_cache is not None:
-            return {}
+        """The blocks of `recs` that the native engine read whole and verified (storage/native.py), in
+        one batch, cached. The rest go the Python way, which also reports what went wrong and repairs
+        bad copies: blocks with a fetch in flight, those _native_job leaves out, and any block the
+        engine could not read."""
         with self._lock:
             inflight = set(self._inflight)
         jobs: list[native.Job] = []
         wanted: list[tuple[tuple[int, int], BlockRecord]] = []
         for key, rec in recs.items():
-            order = up_first(rec.nodes, self._nodes) if key not in inflight else ()
-            node = self._nodes.get(order[0]) if order else None
-            if supports(node, BlockFiles):
-                jobs.append((node.block_path(block_key(rec.chunk, rec.idx)), rec.chunk, rec.idx, rec.length, None))
+            job = self._native_job(rec) if key not in inflight else None
+            if job is not None:
+                jobs.append(job)
                 wanted.append((key, rec))
         if not jobs:
             return {}
@@ -440,6 +448,19 @@ class BlockReader:
                 out[key] = raw
         self.counters.native.add(len(out))
         return out
+
+    def read_native_into(self, rec: BlockRecord, targets: list[tuple[Any, int, int, int]]) -> bool:
+        """Read a durable block with the native engine (O_DIRECT, without the GIL) and copy pieces of
+        it into writable buffers, targets [(buffer, offset in it, start, end in the block)]: a bulk
+        load's read. False where the engine does not read it or the read fails; the caller then
+        reads it the Python way (other replicas, moved blocks, repair, clear errors)."""
+        job = self._native_job(rec, targets) if rec.durable else None
+        if job is None:
+            return False
+        done = native.read_blocks([job], self._codec.volume, 1)[0] is None
+        if done:
+            self.counters.native.add()
+        return done
 
     def _read_ahead(self, wave_blocks: dict[tuple[int, int], BlockRecord]) -> None:
         """Fetch the blocks that follow each run of two or more consecutive blocks this wave reads
