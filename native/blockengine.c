@@ -14,8 +14,8 @@
  *       jobs: (path, chunk, idx, limit, targets) with targets None (the result is the block's raw
  *       bytes) or a list of (writable buffer, offset in it, start, end in the block) that the raw
  *       bytes are scattered into (the result is None); a failed job's result is (errno, message),
- *       errno 0 for a corrupt block.
- *   slice_many(blocks, pieces) -> list[bytes]                     many files cut out of blocks
+ *       errno 0 for a corrupt block. A job with targets reads its file with O_DIRECT where the
+ *       filesystem allows (a bulk load's one-off read); one without reads into its result buffered.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -593,91 +593,10 @@ fail:
     return out;
 }
 
-/* -- slice_many(blocks, pieces) -------------------------------------------------------------------- */
-
-/* pieces: one entry per file, a list of (block index, start, end); the result is the concatenation
- * of each file's pieces as one bytes object per file. */
-static PyObject *py_slice_many(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *blocks_in, *pieces_in;
-    if (!PyArg_ParseTuple(args, "OO", &blocks_in, &pieces_in))
-        return NULL;
-    PyObject *blocks = PySequence_Fast(blocks_in, "blocks must be a list");
-    if (blocks == NULL)
-        return NULL;
-    PyObject *files = PySequence_Fast(pieces_in, "pieces must be a list");
-    if (files == NULL) {
-        Py_DECREF(blocks);
-        return NULL;
-    }
-    Py_ssize_t nb = PySequence_Fast_GET_SIZE(blocks), nf = PySequence_Fast_GET_SIZE(files);
-    Py_buffer *views = calloc((size_t)(nb ? nb : 1), sizeof(Py_buffer));
-    Py_ssize_t held = 0;
-    PyObject *out = NULL;
-    if (views == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (; held < nb; held++)
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(blocks, held), &views[held], PyBUF_C_CONTIGUOUS) != 0)
-            goto done;
-    out = PyList_New(nf);
-    if (out == NULL)
-        goto done;
-    for (Py_ssize_t f = 0; f < nf; f++) {
-        PyObject *ps = PySequence_Fast(PySequence_Fast_GET_ITEM(files, f), "a file's pieces must be a list");
-        if (ps == NULL)
-            goto bad;
-        Py_ssize_t np = PySequence_Fast_GET_SIZE(ps), total = 0;
-        Py_ssize_t bi, lo, hi;
-        for (int pass = 0; pass < 2; pass++) {
-            char *dst = NULL;
-            if (pass == 1) {
-                PyObject *bytes = PyBytes_FromStringAndSize(NULL, total);
-                if (bytes == NULL) {
-                    Py_DECREF(ps);
-                    goto bad;
-                }
-                PyList_SET_ITEM(out, f, bytes);
-                dst = PyBytes_AS_STRING(bytes);
-            }
-            for (Py_ssize_t p = 0; p < np; p++) {
-                if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ps, p), "nnn", &bi, &lo, &hi)) {
-                    Py_DECREF(ps);
-                    goto bad;
-                }
-                if (bi < 0 || bi >= nb || lo < 0 || hi < lo || hi > views[bi].len) {
-                    PyErr_Format(PyExc_ValueError, "piece %zd-%zd of block %zd is outside it", lo, hi, bi);
-                    Py_DECREF(ps);
-                    goto bad;
-                }
-                if (pass == 0)
-                    total += hi - lo;
-                else {
-                    memcpy(dst, (const char *)views[bi].buf + lo, (size_t)(hi - lo));
-                    dst += hi - lo;
-                }
-            }
-        }
-        Py_DECREF(ps);
-    }
-    goto done;
-bad:
-    Py_CLEAR(out);
-done:
-    for (Py_ssize_t i = 0; i < held; i++)
-        PyBuffer_Release(&views[i]);
-    free(views);
-    Py_DECREF(files);
-    Py_DECREF(blocks);
-    return out;
-}
-
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, "decode(blob, volume, chunk, idx, limit): the verified raw bytes of one block."},
     {"read_blocks", py_read_blocks, METH_VARARGS,
      "read_blocks(jobs, volume, threads): read, verify and decode many block files in parallel, without the GIL."},
-    {"slice_many", py_slice_many, METH_VARARGS, "slice_many(blocks, pieces): one bytes object per file, cut out of blocks."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -151,7 +151,7 @@ def test_read_blocks_scatters_pieces_into_caller_buffers(tmp_path: Path) -> None
     for i, raw in enumerate(raws):
         write_block(tmp_path / f"b{i}", raw, 4, i, "lz4" if i == 1 else "none")
     dst = [bytearray(100), bytearray(6000)]
-    jobs = [(str(tmp_path / "b0"), 4, 0, LIMIT, [(dst[0], 10, 0, 50), (dst[1], 0, 100, 1100)]),
+    jobs = [(str(tmp_path / "b0"), 4, 0, LIMIT, [(dst[0], 10, 0, 50), (dst[1], 0, 100, 1090)]),
             (str(tmp_path / "b1"), 4, 1, LIMIT, [(dst[1], 990, 0, 5001)]),
             (str(tmp_path / "b2"), 4, 2, LIMIT, [(dst[0], 0, 5002, 5003)]),  # past the block's end
             (str(tmp_path / "b2"), 4, 2, LIMIT, [(dst[0], 99, 0, 2)])]  # past the buffer's end

@@ -391,7 +391,7 @@ class BlockReader:
         for key, rec in missing.items():
             if key not in blocks:
                 futures[key] = self.fetch(rec)
-        if futures and self.readahead_blocks and self.cache.capacity:  # uncached, a block read ahead is read twice
+        if missing and self.readahead_blocks and self.cache.capacity:  # uncached, a block read ahead is read twice
             self._read_ahead(wave_blocks)
         for key, fut in futures.items():
             try:
