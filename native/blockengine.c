@@ -278,9 +278,51 @@ static void fail_corrupt(job_t *j) {
 
 #define PAGE 4096
 
-/* Read the whole file into a page-aligned buffer, with O_DIRECT where the filesystem allows (a
- * one-off bulk read, a checkpoint load, that would only churn the page cache), else buffered.
- * Returns the buffer (free it) and its byte count in *got, or NULL with the job failed. */
+/* One page-aligned buffer per thread, kept between jobs: a fresh 4 MiB buffer per block would cost
+ * a thousand page faults and the kernel's zeroing of every page (more than the read itself). */
+typedef struct {
+    void *buf[2];
+    size_t cap[2];
+} scratch_t;
+
+enum { FILE_BUF, RAW_BUF }; /* a whole block file; its decoded bytes */
+
+static pthread_key_t scratch_key;
+
+static void scratch_free(void *p) {
+    scratch_t *s = p;
+    free(s->buf[FILE_BUF]);
+    free(s->buf[RAW_BUF]);
+    free(s);
+}
+
+/* The calling thread's scratch buffer `slot`, at least `need` bytes; NULL when out of memory. */
+static uint8_t *scratch(int slot, size_t need) {
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (s == NULL) {
+        if ((s = calloc(1, sizeof *s)) == NULL)
+            return NULL;
+        if (pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->cap[slot] < need) {
+        void *buf = NULL;
+        size_t cap = (need / PAGE + 1) * PAGE;
+        if (posix_memalign(&buf, PAGE, cap) != 0)
+            return NULL;
+        free(s->buf[slot]);
+        s->buf[slot] = buf;
+        s->cap[slot] = cap;
+    }
+    return s->buf[slot];
+}
+
+/* Read the whole file into the thread's scratch buffer, with O_DIRECT where the filesystem allows
+ * (a one-off bulk read, a checkpoint load, that would only churn the page cache), else buffered.
+ * Returns the buffer (the thread's: not to be freed) and its byte count in *got, or NULL with the
+ * job failed. */
 static uint8_t *read_whole(job_t *j, size_t *got) {
     int direct = 1;
     int fd = open(j->path, O_RDONLY | O_CLOEXEC | O_DIRECT);
@@ -300,7 +342,7 @@ static uint8_t *read_whole(job_t *j, size_t *got) {
         return NULL;
     }
     size_t cap = ((size_t)st.st_size / PAGE + 1) * PAGE; /* a page more: a file grown since is seen short, not cut */
-    if (posix_memalign(&buf, PAGE, cap) != 0) {
+    if ((buf = scratch(FILE_BUF, cap)) == NULL) {
         errno = ENOMEM;
         fail_errno(j, "allocate");
         close(fd);
@@ -322,7 +364,6 @@ static uint8_t *read_whole(job_t *j, size_t *got) {
         }
         if (n < 0) {
             fail_errno(j, "read");
-            free(buf);
             close(fd);
             return NULL;
         }
@@ -334,7 +375,6 @@ static uint8_t *read_whole(job_t *j, size_t *got) {
     }
     if (fd < 0) {
         fail_errno(j, "open");
-        free(buf);
         return NULL;
     }
     close(fd);
@@ -351,32 +391,28 @@ static void run_scatter(job_t *j, const char *volume) {
     if (parse_header(buf, got, &hd, j->msg) || payload_length(&hd, got - HEADER_SIZE, &len, j->msg) ||
         output_length(&hd, j->limit, &out_len, j->msg)) {
         fail_corrupt(j);
-        goto done;
+        return;
     }
     if (!(hd.flags & FLAG_LZ4))
         raw = buf + HEADER_SIZE;
-    else if ((raw = malloc(out_len ? out_len : 1)) == NULL) {
+    else if ((raw = scratch(RAW_BUF, out_len)) == NULL) {
         errno = ENOMEM;
         fail_errno(j, "allocate");
-        goto done;
+        return;
     }
     if (finish_block(&hd, buf + HEADER_SIZE, len, raw, out_len, block_seed(volume, j->chunk, j->idx), j->msg)) {
         fail_corrupt(j);
-        goto done;
+        return;
     }
     for (Py_ssize_t t = 0; t < j->ntargets; t++) {
         target_t *tg = &j->targets[t];
         if (tg->lo > tg->hi || tg->hi > out_len || tg->at > tg->dst_len || tg->hi - tg->lo > tg->dst_len - tg->at) {
             snprintf(j->msg, MSG_LEN, "holds %zu bytes, a piece asks for %zu-%zu", out_len, tg->lo, tg->hi);
             fail_corrupt(j);
-            goto done;
+            return;
         }
         memcpy(tg->dst + tg->at, raw + tg->lo, tg->hi - tg->lo);
     }
-done:
-    if (raw != buf + HEADER_SIZE)
-        free(raw);
-    free(buf);
 }
 
 /* A job without targets: its result is a bytes object the payload is read straight into. */
@@ -420,7 +456,7 @@ static void run_job(job_t *j, const char *volume) {
     }
     raw = (uint8_t *)PyBytes_AS_STRING(j->bytes);
     if (hd.flags & FLAG_LZ4) {
-        if ((payload = malloc(len ? len : 1)) == NULL) {
+        if ((payload = scratch(FILE_BUF, len)) == NULL) {
             errno = ENOMEM;
             fail_errno(j, "allocate");
             goto done;
@@ -442,8 +478,6 @@ static void run_job(job_t *j, const char *volume) {
         goto done;
     }
 done:
-    if (payload != raw)
-        free(payload);
     close(fd);
 }
 
@@ -607,6 +641,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (pthread_key_create(&scratch_key, scratch_free) != 0) {
+        Py_DECREF(m);
+        return PyErr_NoMemory();
+    }
     DecodeError = PyErr_NewException("balefs._native.DecodeError", PyExc_ValueError, NULL);
     if (DecodeError == NULL || PyModule_AddObjectRef(m, "DecodeError", DecodeError) != 0 ||
         PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) != 0) {
