@@ -12,7 +12,7 @@
  *   decode(blob, volume, chunk, idx, limit) -> bytes             one block already in memory
  *   read_blocks(jobs, volume, threads) -> list                    many block files, in parallel
  *       jobs: (path, chunk, idx, limit, targets) with targets None (the result is the block's raw
- *       bytes) or a list of (writable buffer, offset in it, start, end in the block) that the raw
+ *       bytes, which must be exactly `limit` long: the length metadata books) or a list of (writable buffer, offset in it, start, end in the block) that the raw
  *       bytes are scattered into (the result is None); a failed job's result is (errno, message),
  *       errno 0 for a corrupt block. A job with targets reads its file with O_DIRECT where the
  *       filesystem allows (a bulk load's one-off read); one without reads into its result buffered.
@@ -415,7 +415,8 @@ static void run_scatter(job_t *j, const char *volume) {
     }
 }
 
-/* A job without targets: its result is a bytes object the payload is read straight into. */
+/* A job without targets: its result, a bytes object of exactly `limit` bytes made beforehand, is
+ * what the payload is read (or decoded) straight into; a block of another length fails. */
 static void run_job(job_t *j, const char *volume) {
     if (j->ntargets) {
         run_scatter(j, volume);
@@ -444,14 +445,9 @@ static void run_job(job_t *j, const char *volume) {
         fail_corrupt(j);
         goto done;
     }
-    PyGILState_STATE gs = PyGILState_Ensure();
-    j->bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)out_len);
-    if (j->bytes == NULL)
-        PyErr_Clear();
-    PyGILState_Release(gs);
-    if (j->bytes == NULL) {
-        errno = ENOMEM;
-        fail_errno(j, "allocate");
+    if (out_len != j->limit) { /* its result was made `limit` bytes long, the length metadata books */
+        snprintf(j->msg, MSG_LEN, "holds %zu bytes, metadata says %zu", out_len, j->limit);
+        fail_corrupt(j);
         goto done;
     }
     raw = (uint8_t *)PyBytes_AS_STRING(j->bytes);
@@ -578,6 +574,10 @@ static PyObject *py_read_blocks(PyObject *self, PyObject *args) {
         }
         scatter[i] = targets != Py_None;
         if (take_targets(&jobs[i], targets) != 0)
+            goto fail;
+        /* A result is made here, with the GIL, in this thread's heap where freed blocks are reused;
+         * the workers only fill it. */
+        if (jobs[i].ntargets == 0 && (jobs[i].bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)jobs[i].limit)) == NULL)
             goto fail;
     }
     if (threads < 1)

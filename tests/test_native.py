@@ -136,10 +136,13 @@ def test_read_blocks_serves_each_job_or_its_error(tmp_path: Path) -> None:
         f.truncate(HEADER_SIZE + 100)
     write_block(tmp_path / "wrong", good, 9, 9)  # another block's file
     (tmp_path / "tiny").write_bytes(b"BAL")
-    jobs = [(str(tmp_path / name), 1, i, LIMIT, None) for i, name in enumerate(["good", "lz4", "short", "wrong", "tiny", "gone"])]
+    names = ["good", "lz4", "short", "wrong", "tiny", "gone", "good"]
+    lengths = [70_000, 90_000, 70_000, 70_000, 10, 10, 69_999]  # the last: metadata books another length
+    jobs = [(str(tmp_path / name), 1, i, n, None) for i, (name, n) in enumerate(zip(names, lengths))]
     got = native.read_blocks(jobs, VOLUME, threads=4)
     assert got[0] == good and got[1] == b"abc" * 30_000
-    for i, why in [(2, "truncated payload"), (3, "checksum mismatch"), (4, "truncated header")]:
+    for i, why in [(2, "truncated payload"), (3, "checksum mismatch"), (4, "truncated header"),
+                   (6, "holds 70000 bytes, metadata says 69999")]:
         assert isinstance(got[i], CorruptBlockError) and why in str(got[i])
         assert (got[i].chunk, got[i].block) == (1, i)
     assert isinstance(got[5], NodeError) and not isinstance(got[5], CorruptBlockError) and got[5].errno == 2
@@ -168,7 +171,7 @@ def test_many_jobs_on_few_threads(tmp_path: Path) -> None:
     raws = {i: payload(1000 + i, i) for i in range(300)}
     for i, raw in raws.items():
         write_block(tmp_path / str(i), raw, 2, i, "lz4" if i % 2 else "none")
-    got = native.read_blocks([(str(tmp_path / str(i)), 2, i, LIMIT, None) for i in raws], VOLUME, threads=3)
+    got = native.read_blocks([(str(tmp_path / str(i)), 2, i, len(raws[i]), None) for i in raws], VOLUME, threads=3)
     assert got == list(raws.values())
 
 

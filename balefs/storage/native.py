@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 from ..errors import CorruptBlockError, NodeError
 
-Job = tuple[str, int, int, int, Any]  # block file, chunk, index, most raw bytes it may hold, targets or None
+# block file, chunk, index, raw length (exact for a job without targets: the booked length; the most
+# a block may hold for one with targets), targets or None
+Job = tuple[str, int, int, int, Any]
 
 
 def _load() -> tuple[ModuleType | None, str]:
@@ -53,7 +55,8 @@ def decode(blob: bytes | memoryview, volume: str, chunk: int, idx: int, limit: i
 
 
 def read_blocks(jobs: Sequence[Job], volume: str, threads: int) -> list[bytes | None | Exception]:
-    """Read, verify and decode many block files at once: per job the raw bytes, or None when the job
+    """Read, verify and decode many block files at once: per job the raw bytes (exactly the job's
+    length, else an error: a growing block that grew past its record is the Python path's), or None when the job
     scattered them into its targets [(buffer, offset in it, start, end in the block)], or the error
     (CorruptBlockError for a bad block, NodeError naming the errno for a failed read)."""
     assert engine is not None, "the native block engine is not loaded"

