@@ -20,6 +20,7 @@ from .storage.gc import DEFAULT_MIN_BLOCK_FILL, collect_garbage
 from .storage.ingest import ingest_local, walk_local
 from .storage.meta.registry import redact_url
 from .storage.meta.types import Inode, mode_bits, split_path
+from .storage.native import engine_name
 
 
 def _human(n: float) -> str:
@@ -182,7 +183,7 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="balefs")
+@click.version_option(package_name="balefs", message=f"%(prog)s, version %(version)s; block engine: {engine_name()}")
 def main() -> None:
     """balefs: many small files baled into large chunks, striped over storage nodes.
 
@@ -574,6 +575,7 @@ def status(volume: str, no_probe: bool) -> None:
     with Client.open(volume) as client:
         rows = volume_status(client, probe=not no_probe)
         redundancy = client.usage(scan_nodes=False)["redundancy"]
+    click.echo(f"block engine: {engine_name()}")
     for n in rows:
         state = "up" if n["up"] else "DOWN"
         role = "" if n["in_use"] else " (not in placement: draining or drained)"

@@ -12,10 +12,19 @@ import pytest
 
 from balefs.fs import BaleFileSystem
 from balefs.storage.client import Client
+from balefs.storage import native
 from balefs.storage.config import VolumeConfig
 
 from helpers import BLOCK, CHUNK, skip_or_fail
 from pg_server import meta_engine, pg_server, pg_url  # noqa: F401 - fixtures: a real PostgreSQL for the metadata tests
+
+
+@pytest.fixture(params=["native", "python"] if native.engine is not None else ["python"])
+def block_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each block engine this build has (storage/native.py): a test module that uses it runs once per engine."""
+    if request.param == "python":
+        monkeypatch.setattr(native, "engine", None)
+    return request.param
 
 
 @pytest.fixture

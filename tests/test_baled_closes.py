@@ -21,6 +21,8 @@ from balefs.storage.recovery import recover_unsynced
 
 from helpers import BLOCK, payload, run_cli
 
+pytestmark = pytest.mark.usefixtures("block_engine")  # growing blocks: every test once per block engine this build has
+
 
 def _block_files(volume) -> list[Path]:
     return [p for n in volume.nodes for p in Path(n, "blocks").rglob("*") if p.is_file() and parse_block_key(p.name)]

@@ -14,6 +14,8 @@ from balefs.storage.codec import HEADER_SIZE
 
 from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload
 
+pytestmark = pytest.mark.usefixtures("block_engine")  # every test once per block engine this build has
+
 FILES = {"data/a": payload(BLOCK // 3, 1), "data/b": payload(BLOCK // 3, 2), "data/c": payload(2 * BLOCK, 3)}
 
 

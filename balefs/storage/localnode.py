@@ -91,6 +91,8 @@ class LocalNode:
         h = xxhash.xxh3_64_hexdigest(key.encode())
         return os.path.join(self._blocks, h[:2], h[2:4], key)
 
+    block_path = _path  # BlockFiles: the native block engine reads this file itself
+
     def _gone(self) -> NodeUnreachableError:
         """The node's directory is missing: a disk not mounted, a share gone (its replicas serve reads)."""
         return NodeUnreachableError(f"node {self.url}: directory does not exist (a disk not mounted?)")

@@ -132,6 +132,15 @@ class LocalDirectory(Protocol):
     root: str
 
 
+@_capability
+class BlockFiles(Protocol):
+    """A node whose blocks are whole files in the codec's format, named by block_path: the native
+    block engine (storage/native.py) reads and verifies them itself, without the GIL."""
+
+    def block_path(self, key: str) -> str:
+        """The file holding block `key` (which may not exist)."""
+
+
 def supports(node: object, capability: type[C]) -> TypeGuard[C]:
     """Whether `node` has the named optional `capability` (one of CAPABILITIES); the one way to ask.
     As cheap as the hasattr checks it stands for (isinstance with a Protocol costs ~20x more)."""
@@ -190,7 +199,9 @@ class NodeWrapper:
         self.inner.check(writable)
 
 
-NodeWrapper.forwards = tuple(CAPABILITIES)
+# BlockFiles is not forwarded: reading the inner node's files directly would bypass what the
+# wrapper does to each get (decrypt it, count it, fail it on purpose).
+NodeWrapper.forwards = tuple(c for c in CAPABILITIES if c is not BlockFiles)
 
 
 def _forwarder(capability: type) -> type:

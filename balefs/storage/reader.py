@@ -33,8 +33,9 @@ from .counters import Counter, CounterGroup, Histogram, Keyed
 from .meta.types import BlockRecord, Extent
 from .erasure import ErasureCode
 from .layout import block_key, parity_position
-from .node import MultiPath, Node, ReadInto, node_is_up, supports, up_first
+from .node import BlockFiles, MultiPath, Node, ReadInto, node_is_up, supports, up_first
 from .stripes import Stripe, stripe_holding
+from . import native
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class BlockReader:
     readahead_blocks = 4  # a batch that reads a run of a chunk's blocks fetches this many after it
     erasure: ErasureCode | None = None  # the volume's erasure code (None: replicas)
     _DECODE = -1  # in a race of copies: "decode the block from its stripe" instead of a node id
+    native_threads = 8  # threads the native block engine reads one batch of blocks with
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, codec: BlockCodec, wave_bytes: int = 512 << 20) -> None:
@@ -70,7 +72,7 @@ class BlockReader:
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
         self._parity: dict[int, list[BlockRecord]] = {}  # erasure-coded chunk -> its parity blocks
         self._shard_pool: ThreadPoolExecutor | None = None  # reads of a stripe's blocks for a decode
-        self.counters = CounterGroup("hedged", "repaired", "decoded", "unrepaired")
+        self.counters = CounterGroup("hedged", "repaired", "decoded", "unrepaired", "native")
         #: per node id: seconds of each block copy read (get or read_into), copies that failed, bytes read
         self.node_get_seconds: Keyed[Histogram] = Keyed(Histogram)
         self.node_get_errors: Keyed[Counter] = Keyed(Counter)
@@ -79,6 +81,7 @@ class BlockReader:
     hedged = property(lambda self: self.counters.hedged.value, doc="reads raced against another replica or path")
     repaired = property(lambda self: self.counters.repaired.value, doc="bad copies rewritten from a good one")
     decoded = property(lambda self: self.counters.decoded.value, doc="data blocks decoded from their stripe")
+    native_reads = property(lambda self: self.counters.native.value, doc="blocks read by the native engine")
 
     # -- block maps ----------------------------------------------------------------------
 
@@ -563,13 +566,19 @@ class BlockReader:
     def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list, views: bool = False) -> None:
         blocks: dict[tuple[int, int], object] = {}
         futures: dict[tuple[int, int], Future] = {}
+        missing: dict[tuple[int, int], BlockRecord] = {}
         for key, rec in wave_blocks.items():
             data = self._cached(rec)
             if data is None:
-                futures[key] = self.fetch(rec)
+                missing[key] = rec
             else:
                 blocks[key] = data
-        if futures and self.readahead_blocks and self.cache.capacity:  # uncached, a block read ahead is read twice
+        if missing:
+            blocks.update(self._read_native(missing))
+        for key, rec in missing.items():
+            if key not in blocks:
+                futures[key] = self.fetch(rec)
+        if missing and self.readahead_blocks and self.cache.capacity:  # uncached, a block read ahead is read twice
             self._read_ahead(wave_blocks)
         for key, fut in futures.items():
             try:
@@ -590,6 +599,55 @@ class BlockReader:
                     results[i] = bytes(out)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
+
+    def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
+        """The native engine's job for a block whose first copy is on a node of plain block files
+        (BlockFiles); None where the Python way reads it: no engine, a disk cache, a codec of
+        another kind (encryption), or a first copy elsewhere."""
+        if native.engine is None or type(self._codec) is not BlockCodec or self.disk_cache is not None:
+            return None
+        order = up_first(rec.nodes, self._nodes)
+        node = self._nodes.get(order[0]) if order else None
+        if not supports(node, BlockFiles):
+            return None
+        return node.block_path(block_key(rec.chunk, rec.idx)), rec.chunk, rec.idx, rec.length, targets
+
+    def _read_native(self, recs: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], bytes]:
+        """The blocks of `recs` that the native engine read whole and verified (storage/native.py), in
+        one batch, cached. The rest go the Python way, which also reports what went wrong and repairs
+        bad copies: blocks with a fetch in flight, those _native_job leaves out, and any block the
+        engine could not read."""
+        with self._lock:
+            inflight = set(self._inflight)
+        jobs: list[native.Job] = []
+        wanted: list[tuple[tuple[int, int], BlockRecord]] = []
+        for key, rec in recs.items():
+            job = self._native_job(rec) if key not in inflight else None
+            if job is not None:
+                jobs.append(job)
+                wanted.append((key, rec))
+        if not jobs:
+            return {}
+        out: dict[tuple[int, int], bytes] = {}
+        for (key, rec), raw in zip(wanted, native.read_blocks(jobs, self._codec.volume, self.native_threads)):
+            if isinstance(raw, bytes):  # exactly rec.length bytes
+                self.cache.put(key, raw)
+                out[key] = raw
+        self.counters.native.add(len(out))
+        return out
+
+    def read_native_into(self, rec: BlockRecord, targets: list[tuple[Any, int, int, int]]) -> bool:
+        """Read a durable block with the native engine (O_DIRECT, without the GIL) and copy pieces of
+        it into writable buffers, targets [(buffer, offset in it, start, end in the block)]: a bulk
+        load's read. False where the engine does not read it or the read fails; the caller then
+        reads it the Python way (other replicas, moved blocks, repair, clear errors)."""
+        job = self._native_job(rec, targets) if rec.durable else None
+        if job is None:
+            return False
+        done = native.read_blocks([job], self._codec.volume, 1)[0] is None
+        if done:
+            self.counters.native.add()
+        return done
 
     def _read_ahead(self, wave_blocks: dict[tuple[int, int], BlockRecord]) -> None:
         """Fetch the blocks that follow each run of two or more consecutive blocks this wave reads

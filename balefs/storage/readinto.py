@@ -3,9 +3,10 @@ block once.
 
 The blocks of every file are gathered first, so a block shared by several files (a tensor
 referenced by the next step) is read once, then read in parallel. Each block is read with
-O_DIRECT into its thread's reused, page-aligned scratch buffer where a node can (no page-cache
-copy or reclaim, no block-cache churn: a load reads each block once); else, and after any
-error, through the block reader (cache, other replicas, blocks moved since, repair, its clear
+O_DIRECT where a node can (no page-cache copy or reclaim, no block-cache churn: a load reads
+each block once): by the native engine, which also verifies it and copies its pieces into their
+buffers without the GIL (BlockReader.read_native_into), else into its thread's reused,
+page-aligned scratch buffer; else, and after any error, through the block reader (cache, other replicas, blocks moved since, repair, its clear
 errors). A file's bytes are copied to their place in its buffer; holes read as zeros.
 """
 from __future__ import annotations
@@ -71,9 +72,12 @@ def read_files_into(reader: BlockReader, block_size: int, files: Sequence[tuple[
         return raw if raw is not None else reader.get(rec)
 
     def fetch(rec: BlockRecord, targets: list[Target]) -> None:
-        block = memoryview(block_bytes(rec)).cast("B")
-        for i, dst, pos, lo, hi in targets:
-            dst[pos:pos + hi - lo] = block[lo:hi]
+        if (rec.chunk, rec.idx) in reader.cache or not reader.read_native_into(
+                rec, [(dst, pos, lo, hi) for _, dst, pos, lo, hi in targets]):
+            block = memoryview(block_bytes(rec)).cast("B")
+            for _, dst, pos, lo, hi in targets:
+                dst[pos:pos + hi - lo] = block[lo:hi]
+        for i, *_ in targets:
             with lock:
                 left[i] -= 1
                 complete = not left[i]

@@ -1,0 +1,70 @@
+"""The native block engine (balefs._native, built from native/blockengine.c) when present.
+
+It reads block files of local nodes (BlockFiles), checks their header and seeded xxh3, decodes
+lz4 and cuts files out of blocks, with the GIL released, on threads of its own: exactly the
+checks of codec.BlockCodec.decode, which stays the reference (the writer, remote nodes, wrapped
+or encrypted nodes, and every error path go through it).
+
+The engine is optional: where the extension was not built the Python codec serves every read.
+BALEFS_NATIVE=0 forces the Python path; BALEFS_NATIVE=1 requires the engine (CI sets it, so a
+build that silently failed cannot pass as the native path).
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any, Sequence
+
+from ..errors import CorruptBlockError, NodeError
+
+# block file, chunk, index, raw length (exact for a job without targets: the booked length; the most
+# a block may hold for one with targets), targets or None
+Job = tuple[str, int, int, int, Any]
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    mode = os.environ.get("BALEFS_NATIVE", "")
+    if mode == "0":
+        return None, "python (BALEFS_NATIVE=0)"
+    try:
+        from .. import _native
+    except ImportError as exc:
+        if mode == "1":
+            raise ImportError(f"BALEFS_NATIVE=1 but the native block engine is not built ({exc}); "
+                              "install liblz4-dev and libxxhash-dev, then reinstall balefs") from None
+        return None, "python (native block engine not built)"
+    return _native, "native"
+
+
+engine, _why = _load()
+
+
+def engine_name() -> str:
+    """Which block engine serves local reads in this process, and why: for --version and status."""
+    return "native" if engine is not None else _why
+
+
+def decode(blob: bytes | memoryview, volume: str, chunk: int, idx: int, limit: int) -> bytes:
+    """The verified raw bytes of block `idx` of `chunk` (as BlockCodec.decode); an lz4 block may not
+    claim more than `limit` raw bytes. Raises CorruptBlockError."""
+    assert engine is not None, "the native block engine is not loaded"
+    try:
+        return engine.decode(blob, volume, chunk, idx, limit)
+    except engine.DecodeError as exc:
+        raise CorruptBlockError(str(exc)) from None
+
+
+def read_blocks(jobs: Sequence[Job], volume: str, threads: int) -> list[bytes | None | Exception]:
+    """Read, verify and decode many block files at once: per job the raw bytes (exactly the job's
+    length, else an error: a growing block that grew past its record is the Python path's), or None when the job
+    scattered them into its targets [(buffer, offset in it, start, end in the block)], or the error
+    (CorruptBlockError for a bad block, NodeError naming the errno for a failed read)."""
+    assert engine is not None, "the native block engine is not loaded"
+    out: list[Any] = engine.read_blocks(jobs, volume, threads)
+    for i, got in enumerate(out):
+        if isinstance(got, tuple):
+            err, msg = got
+            _, chunk, idx = jobs[i][:3]
+            out[i] = (CorruptBlockError(msg, chunk, idx, jobs[i][0]) if not err
+                      else NodeError(err, f"chunk {chunk} block {idx}: {msg} ({jobs[i][0]})"))
+    return out

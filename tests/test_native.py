@@ -1,0 +1,263 @@
+"""The native block engine against the Python codec: the same bytes or an error for every block,
+valid, damaged or hostile (Hypothesis), batched reads of block files, and reads through a client."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from balefs.errors import BlockNotFoundError, CorruptBlockError, NodeError
+from balefs.storage import native
+from balefs.storage.codec import FLAG_GROWING, FLAG_LZ4, HEADER_SIZE, BlockCodec
+
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
+
+pytestmark = pytest.mark.skipif(native.engine is None and os.environ.get("BALEFS_NATIVE") != "1",
+                                reason="the native block engine is not built (the Python path is the only one)")
+
+VOLUME = "3f0c6c8e-volume"
+LIMIT = 1 << 20
+
+
+def python_outcome(blob: bytes, chunk: int, idx: int, codec: BlockCodec) -> bytes | type:
+    try:
+        return bytes(codec.decode(blob, chunk, idx))
+    except CorruptBlockError:
+        return CorruptBlockError
+
+
+def native_outcome(blob: bytes, chunk: int, idx: int) -> bytes | type:
+    try:
+        return native.decode(blob, VOLUME, chunk, idx, LIMIT)
+    except CorruptBlockError:
+        return CorruptBlockError
+
+
+def with_header_sum(blob: bytearray) -> bytearray:
+    """The header's checksum made right again, so that a mutation gets past it to the later checks."""
+    blob[24:32] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(blob[:24])))
+    return blob
+
+
+raws = st.one_of(st.binary(max_size=3000), st.builds(lambda n, b: b * n, st.integers(0, 4000), st.binary(min_size=1, max_size=4)))
+mutations = st.lists(st.tuples(st.sampled_from(["flip", "set", "truncate", "extend", "field"]),
+                               st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=raws, lz4=st.booleans(), chunk=st.integers(0, 1 << 40), idx=st.integers(0, 1 << 20),
+       mutate=mutations, fix_sum=st.booleans(), other_block=st.booleans())
+def test_native_decode_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, idx: int, mutate, fix_sum: bool,
+                                             other_block: bool) -> None:
+    codec = BlockCodec("lz4" if lz4 else "none", VOLUME)
+    blob = bytearray(codec.encode(raw, chunk, idx))
+    for op, pos, val in mutate:
+        if op == "flip" and blob:
+            blob[pos % len(blob)] ^= 1 << (val % 8)
+        elif op == "set" and blob:
+            blob[pos % len(blob)] = val
+        elif op == "truncate":
+            del blob[pos % (len(blob) + 1):]
+        elif op == "extend":
+            blob += bytes([val]) * (pos % 64)
+        elif op == "field" and len(blob) >= HEADER_SIZE:  # a header field rewritten: flags, lengths, version
+            field = val % 4
+            if field == 0:
+                blob[5] = pos & 0xFF  # flags, FLAG_GROWING and unknown bits included
+            elif field == 1:
+                blob[8:12] = struct.pack("<I", pos * 997 % (1 << 32))  # raw length, huge ones included
+            elif field == 2:
+                blob[12:16] = struct.pack("<I", pos % (len(blob) + 8))  # stored length
+            else:
+                blob[4] = pos % 4  # version
+        if fix_sum and len(blob) >= HEADER_SIZE:
+            with_header_sum(blob)
+    at = (chunk + 1, idx) if other_block else (chunk, idx)
+    assert native_outcome(bytes(blob), *at) == python_outcome(bytes(blob), *at, codec)
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(max_size=2000), valid=st.integers(0, 2000), extra=st.binary(max_size=100))
+def test_growing_blocks_agree(raw: bytes, valid: int, extra: bytes) -> None:
+    """A growing block's header names the bytes valid so far; what follows them is ignored alike."""
+    codec = BlockCodec("none", VOLUME)
+    valid = min(valid, len(raw))
+    digest = codec.growing_digest(7, 3)
+    digest.update(raw[:valid])
+    blob = codec.growing_header(valid, digest) + raw + extra
+    assert native_outcome(blob, 7, 3) == python_outcome(blob, 7, 3, codec) == raw[:valid]
+    assert native_outcome(blob[:HEADER_SIZE + valid - 1], 7, 3) is CorruptBlockError if valid else True
+
+
+@pytest.mark.parametrize("lz4", [False, True])
+def test_format_1_blocks_are_read(lz4: bool) -> None:
+    """Format 1 (no identity in the checksum) is still read, by both."""
+    raw = b"format one " * 50
+    codec = BlockCodec("lz4" if lz4 else "none", VOLUME)
+    blob = bytearray(codec.encode(raw, 1, 2))
+    blob[4] = 1
+    blob[16:24] = struct.pack("<Q", xxhash.xxh3_64_intdigest(raw))
+    with_header_sum(blob)
+    assert native_outcome(bytes(blob), 1, 2) == python_outcome(bytes(blob), 1, 2, codec) == raw
+    assert bytes(blob)[5] & FLAG_LZ4 == (FLAG_LZ4 if lz4 else 0)
+
+
+def test_lz4_claiming_more_than_the_limit_is_refused_without_allocating_it() -> None:
+    raw = bytes(1000)
+    blob = bytearray(BlockCodec("lz4", VOLUME).encode(raw, 0, 0))
+    blob[8:12] = struct.pack("<I", 0xFFFFFFFF)
+    with_header_sum(blob)
+    with pytest.raises(CorruptBlockError, match="more than"):
+        native.decode(bytes(blob), VOLUME, 0, 0, LIMIT)
+
+
+# -- read_blocks: block files ------------------------------------------------------------------
+
+
+def write_block(path: Path, raw: bytes, chunk: int, idx: int, compression: str = "none") -> bytes:
+    blob = BlockCodec(compression, VOLUME).encode(raw, chunk, idx)
+    path.write_bytes(blob)
+    return blob
+
+
+def test_read_blocks_serves_each_job_or_its_error(tmp_path: Path) -> None:
+    good = payload(70_000, 1)
+    write_block(tmp_path / "good", good, 1, 0)
+    write_block(tmp_path / "lz4", b"abc" * 30_000, 1, 1, "lz4")
+    write_block(tmp_path / "short", good, 1, 2)
+    with open(tmp_path / "short", "r+b") as f:
+        f.truncate(HEADER_SIZE + 100)
+    write_block(tmp_path / "wrong", good, 9, 9)  # another block's file
+    (tmp_path / "tiny").write_bytes(b"BAL")
+    names = ["good", "lz4", "short", "wrong", "tiny", "gone", "good"]
+    lengths = [70_000, 90_000, 70_000, 70_000, 10, 10, 69_999]  # the last: metadata books another length
+    jobs = [(str(tmp_path / name), 1, i, n, None) for i, (name, n) in enumerate(zip(names, lengths))]
+    got = native.read_blocks(jobs, VOLUME, threads=4)
+    assert got[0] == good and got[1] == b"abc" * 30_000
+    for i, why in [(2, "truncated payload"), (3, "checksum mismatch"), (4, "truncated header"),
+                   (6, "holds 70000 bytes, metadata says 69999")]:
+        assert isinstance(got[i], CorruptBlockError) and why in str(got[i])
+        assert (got[i].chunk, got[i].block) == (1, i)
+    assert isinstance(got[5], NodeError) and not isinstance(got[5], CorruptBlockError) and got[5].errno == 2
+    assert "chunk 1 block 5" in str(got[5])
+
+
+def test_read_blocks_scatters_pieces_into_caller_buffers(tmp_path: Path) -> None:
+    raws = [payload(5000 + i, i) for i in range(3)]
+    for i, raw in enumerate(raws):
+        write_block(tmp_path / f"b{i}", raw, 4, i, "lz4" if i == 1 else "none")
+    dst = [bytearray(100), bytearray(6000)]
+    jobs = [(str(tmp_path / "b0"), 4, 0, LIMIT, [(dst[0], 10, 0, 50), (dst[1], 0, 100, 1090)]),
+            (str(tmp_path / "b1"), 4, 1, LIMIT, [(dst[1], 990, 0, 5001)]),
+            (str(tmp_path / "b2"), 4, 2, LIMIT, [(dst[0], 0, 5002, 5003)]),  # past the block's end
+            (str(tmp_path / "b2"), 4, 2, LIMIT, [(dst[0], 99, 0, 2)])]  # past the buffer's end
+    got = native.read_blocks(jobs, VOLUME, threads=2)
+    assert got[:2] == [None, None]
+    assert isinstance(got[2], CorruptBlockError) and isinstance(got[3], CorruptBlockError)
+    assert dst[0][10:60] == raws[0][:50] and dst[0][:10] == bytes(10)
+    assert dst[1][:990] == raws[0][100:1090] and dst[1][990:5991] == raws[1]
+    with pytest.raises(BufferError):
+        native.read_blocks([(str(tmp_path / "b0"), 4, 0, LIMIT, [(b"read-only", 0, 0, 1)])], VOLUME, 1)
+
+
+def test_many_jobs_on_few_threads(tmp_path: Path) -> None:
+    raws = {i: payload(1000 + i, i) for i in range(300)}
+    for i, raw in raws.items():
+        write_block(tmp_path / str(i), raw, 2, i, "lz4" if i % 2 else "none")
+    got = native.read_blocks([(str(tmp_path / str(i)), 2, i, len(raws[i]), None) for i in raws], VOLUME, threads=3)
+    assert got == list(raws.values())
+
+
+# -- through a client --------------------------------------------------------------------------
+
+
+FILES = {f"d/f{i}": payload(BLOCK // 5 + i, i) for i in range(12)}
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_client_reads_through_the_native_engine(make_volume, open_client, compression: str) -> None:
+    make_volume("nat", nodes=3, compression=compression)
+    c = open_client("nat")
+    with c.batch():
+        for p, d in FILES.items():
+            c.write_file(p, d)
+    c.close()
+    c = open_client("nat")
+    got = c.read_ranges([(p, 0, None) for p in FILES])
+    assert got == list(FILES.values())
+    assert c.reader.native_reads > 0 and c.counters()["reader.native"] == c.reader.native_reads
+
+
+def test_a_bad_copy_falls_back_to_the_python_path_which_repairs_it(make_volume, open_client) -> None:
+    make_volume("rep", nodes=3, replicas=2)
+    c = open_client("rep")
+    with c.batch():
+        for p, d in FILES.items():
+            c.write_file(p, d)
+    c.close()
+    c = open_client("rep")
+    rec = blocks_of_file(c, "d/f0")[0]
+    primary = block_paths(c, rec)[0]
+    flip_bit(primary, HEADER_SIZE + 5)
+    assert c.read_file("d/f0") == FILES["d/f0"]
+    assert c.reader.repaired == 1
+    c.reader.cache.discard((rec.chunk, rec.idx))
+    assert c.read_file("d/f0") == FILES["d/f0"] and c.reader.repaired == 1  # the copy was rewritten
+
+
+def test_a_missing_block_is_the_python_paths_error(make_volume, open_client) -> None:
+    make_volume("gone", nodes=2)
+    c = open_client("gone")
+    c.write_file("x", payload(1000, 5))
+    c.close()
+    c = open_client("gone")
+    for path in block_paths(c, blocks_of_file(c, "x")[0]):
+        path.unlink()
+    with pytest.raises(BlockNotFoundError):
+        c.read_file("x")
+
+
+def test_engine_is_named_and_can_be_turned_off() -> None:
+    code = "from balefs.storage import native; print(native.engine_name())"
+    env = dict(os.environ, BALEFS_NATIVE="0", PYTHONPATH=os.getcwd())
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert off.strip() == "python (BALEFS_NATIVE=0)"
+    env["BALEFS_NATIVE"] = "1"
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert on.strip() == "native"
+
+
+def test_version_and_status_say_which_engine_runs(make_volume) -> None:
+    make_volume("eng", nodes=1)
+    assert run_cli("--version").stdout.decode().rstrip().endswith("block engine: native")
+    off = run_cli("status", "eng", "--no-probe", env=dict(os.environ, BALEFS_NATIVE="0"))
+    assert off.stdout.decode().startswith("block engine: python (BALEFS_NATIVE=0)\n")
+    assert run_cli("status", "eng", "--no-probe").stdout.decode().startswith("block engine: native\n")
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_read_files_into_scatters_natively_and_falls_back_on_a_bad_copy(make_volume, open_client, compression: str) -> None:
+    """A bulk load (Checkpointer.load's read_files_into): the engine reads each block once, straight
+    into the files' buffers; a block whose first copy is bad is read the Python way from its replica."""
+    make_volume("load", nodes=3, replicas=2, compression=compression)
+    c = open_client("load")
+    big = {"t/a": payload(3 * BLOCK + 123, 1), "t/b": payload(BLOCK // 3, 2), "t/c": b""}
+    with c.batch():
+        for p, d in big.items():
+            c.write_file(p, d)
+    c.close()
+    c = open_client("load")
+    flip_bit(block_paths(c, blocks_of_file(c, "t/a")[1])[0], HEADER_SIZE + 9)
+    readers = [c.open_read(p) for p in big]
+    bufs = [bytearray(len(d)) for d in big.values()]
+    done: list[int] = []
+    c.read_files_into(list(zip(readers, bufs)), threads=3, on_file_done=done.append)
+    assert [bytes(b) for b in bufs] == list(big.values()) and sorted(done) == [0, 1, 2]
+    assert c.reader.native_reads >= 3 and c.reader.repaired == 1
