@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .storage.config import parse_bale_url, parse_size
 from .errors import BaleError
 from .storage.client import Client
+from .storage.crypto import PASSPHRASE_ENV, MasterSource, write_key_file
 from .storage.gc import DEFAULT_MIN_BLOCK_FILL, collect_garbage
 from .storage.ingest import ingest_local, walk_local
 from .storage.meta.registry import redact_url
@@ -180,17 +181,118 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
               help="Compress blocks with lz4 (kept only where it shrinks a block).")
 @click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
+@click.option("--encrypt", is_flag=True, help="Seal every block with AES-256-GCM; needs --key-file, --key-env or --passphrase.")
+@click.option("--key-file", default="", help="The master key: a file of 32 random bytes, mode 0600 (`balefs key new PATH`).")
+@click.option("--key-env", default="", help="The master key: this environment variable (32 bytes, hex or base64).")
+@click.option("--passphrase", is_flag=True, help=f"The master key: a passphrase (scrypt), from ${PASSPHRASE_ENV} or a prompt.")
 @user_errors
 def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, write_quorum: int, chunk_size: str,
-         block_size: str, compression: str, cache_size: str) -> None:
+         block_size: str, compression: str, cache_size: str, encrypt: bool, key_file: str, key_env: str,
+         passphrase: bool) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
+    keys = _key_source_options(key_file, key_env, passphrase, "--")
+    if encrypt and not keys:
+        raise click.UsageError("--encrypt needs the master key: --key-file PATH, --key-env VAR or --passphrase")
+    if keys and not encrypt:
+        raise click.UsageError("--key-file, --key-env and --passphrase are for --encrypt")
+    if passphrase:
+        _ask_passphrase(confirm=True)
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
-                      cache_size=parse_size(cache_size, "--cache-size"))
+                      cache_size=parse_size(cache_size, "--cache-size"), encrypt=encrypt, **keys)
     click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), replicas {cfg.replicas}, "
-               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}")
+               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}"
+               + (", encrypted (aes-256-gcm)" if encrypt else ""))
+
+
+def _key_source_options(key_file: str, key_env: str, passphrase: bool, prefix: str) -> dict[str, object]:
+    """The config settings of one master key source given as options; a usage error for more than one."""
+    given = {k: v for k, v in (("key_file", key_file), ("key_env", key_env), ("key_passphrase", passphrase)) if v}
+    if len(given) > 1:
+        names = {"key_file": "key-file", "key_env": "key-env", "key_passphrase": "passphrase"}
+        raise click.UsageError(" and ".join(f"{prefix}{names[k]}" for k in given) + ": name one master key source")
+    return given
+
+
+def _ask_passphrase(confirm: bool = False, env: str = "") -> None:
+    """Put a passphrase in the environment variable the core reads it from, prompting if it is unset."""
+    env = env or PASSPHRASE_ENV
+    if not os.environ.get(env):
+        os.environ[env] = click.prompt("passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+
+
+@main.group()
+def key() -> None:
+    """Master keys of encrypted volumes: make one, rotate a volume's."""
+
+
+@key.command("new")
+@click.argument("path")
+@user_errors
+def key_new(path: str) -> None:
+    """Write a new random 32-byte master key to PATH (mode 0600; an existing file is refused)."""
+    write_key_file(path)
+    click.echo(f"wrote a new master key to {path} (mode 0600); keep a copy: without it the volume's data is lost")
+
+
+@key.command("rotate")
+@click.argument("volume", type=VOLUME)
+@click.option("--new-key-file", default="", help="The new master key's file (32 bytes, mode 0600).")
+@click.option("--new-key-env", default="", help="The new master key's environment variable.")
+@click.option("--new-passphrase", is_flag=True, help=f"A new passphrase (from ${PASSPHRASE_ENV}_NEW or a prompt).")
+@user_errors
+def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase: bool) -> None:
+    """Wrap VOLUME's data keys with a new master key (seconds: no block is rewritten); this host's
+    config then names the new key."""
+    from dataclasses import replace as _replace
+
+    from .storage.config import load_config, save_config
+    from .storage.keys import rotate_master
+
+    new = _key_source_options(new_key_file, new_key_env, new_passphrase, "--new-")
+    if not new:
+        raise click.UsageError("name the new master key: --new-key-file PATH, --new-key-env VAR or --new-passphrase")
+    cfg = load_config(volume)
+    if cfg.key_passphrase:
+        _ask_passphrase()
+    new_cfg = _replace(cfg, **{"key_file": "", "key_env": "", "key_passphrase": False, **new})
+    if new_passphrase:
+        _ask_passphrase(confirm=True, env=PASSPHRASE_ENV + "_NEW")
+    new_source = new_cfg.master_source()
+    if new_passphrase:  # the rewrap reads the new passphrase from its own variable
+        new_source = MasterSource(passphrase=True, passphrase_env=PASSPHRASE_ENV + "_NEW")
+    with Client.open(volume) as client:
+        rotate_master(client.meta, cfg.master_source(), new_source, client.identity.volume_uuid)
+    save_config(new_cfg, overwrite=True)
+    click.echo(f"volume {volume!r}: data keys rewrapped with the new master key ({new_cfg.master_source().describe()}); "
+               "no block was rewritten")
+
+
+@main.command()
+@click.argument("volume", type=VOLUME)
+@click.option("--drop-old", is_flag=True, help="At the end of a complete run, forget the old data keys (only when no "
+                                               "client opened before the run still writes).")
+@user_errors
+def rekey(volume: str, drop_old: bool) -> None:
+    """Seal every block of VOLUME again under a new data key, online; resumes a run that was cut short."""
+    from .storage.rekey import rekey as run_rekey
+
+    from .storage.config import load_config
+
+    if load_config(volume).key_passphrase:
+        _ask_passphrase()
+    with Client.open(volume) as client, tqdm(unit="chunk", desc="rekey", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(1)
+
+        report = run_rekey(client, on_chunk=progress, drop_old=drop_old)
+    click.echo(f"rekey: data key {report.key}{' (resumed)' if report.resumed else ''}: {report.chunks} chunks, "
+               f"{report.blocks} block copies, {_human(report.bytes)} sealed again"
+               + (f"; {report.skipped} chunks left (not synced yet, or written meanwhile): run it again" if report.skipped else
+                  "; done") + (f"; old keys {report.dropped} forgotten" if report.dropped else ""), err=True)
 
 
 @main.command()

@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
@@ -25,6 +25,8 @@ from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
+from .crypto import CIPHER, Keyring, new_kdf
+from .keys import create_keys, open_keyring
 from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
@@ -219,6 +221,7 @@ class VolumeIdentity(NamedTuple):
     nodes: dict[int, str]
     volume_uuid: str
     format: VolumeFormat
+    keyring: Keyring | None = None  # an encrypted volume's data keys, unwrapped at open (handed to a loader's workers)
 
 
 class Client:
@@ -242,7 +245,11 @@ class Client:
             fmt = stored_format(self.meta, cfg.volume_format())
             self.cfg = cfg = cfg.with_format(fmt)
             ids = self.meta.register_nodes(cfg.nodes)
-            identity = VolumeIdentity(self.meta.nodes(), self.meta.volume_uuid(), fmt)
+            uuid = self.meta.volume_uuid()
+            keyring = None
+            if fmt.encryption != "none":
+                keyring = open_keyring(self.meta, cfg.master_source(), uuid)
+            identity = VolumeIdentity(self.meta.nodes(), uuid, fmt, keyring)
         else:
             self.cfg = cfg = cfg.with_format(identity.format)
             ids = {url: nid for nid, url in identity.nodes.items()}
@@ -250,14 +257,15 @@ class Client:
         self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in identity.nodes.items()}
         self._check_nodes([ids[url] for url in cfg.nodes], writable=False)  # down now: reads use other replicas
         self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
-        self.codec = BlockCodec(cfg.compression, identity.volume_uuid)
+        self.codec = BlockCodec(cfg.compression, identity.volume_uuid, identity.keyring)
         self.cache = BlockCache(cfg.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
         self.reader = BlockReader(lambda chunks: self.meta.blocks_of(chunks), self.nodes, self.cache, self._pool, self.codec)
         self.reader.readahead_blocks = cfg.readahead_blocks
         self.disk_cache: DiskBlockCache | None = None
         if cfg.cache_dir:
-            self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.codec.volume)
+            sealer = identity.keyring.cache_sealer() if identity.keyring is not None else None  # ciphertext on the cache disk
+            self.disk_cache = DiskBlockCache(cfg.cache_dir, cfg.disk_cache_size, self.codec.volume, sealer=sealer)
             self.reader.disk_cache = self.disk_cache
         self._writer: ChunkWriter | None = None
         self._writer_lock = threading.Lock()
@@ -293,12 +301,17 @@ class Client:
         return cls(cfg, default_sync_close=default_sync_close)
 
     @staticmethod
-    def init(name: str, nodes: Sequence[str], meta: str = "", **settings: object) -> VolumeConfig:
+    def init(name: str, nodes: Sequence[str], meta: str = "", encrypt: bool = False, **settings: object) -> VolumeConfig:
         """Create a volume: check every node, create its metadata store (which keeps the volume's
         format: the format settings given, defaults for the rest) and write its config (without
-        them). Returns the config as an open sees it, format included."""
+        them). Returns the config as an open sees it, format included. With encrypt, every block
+        is sealed (AES-256-GCM) under a data key wrapped by the master key the settings name
+        (key_file, key_env or key_passphrase), which is read before anything is created."""
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
         fmt = cfg.volume_format()
+        if encrypt:
+            fmt = replace(fmt, encryption=CIPHER)
+            cfg.master_source().master_key(new_kdf(cfg.master_source()))  # an unusable key fails here, before anything exists
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
         nodes = [open_node(url) for url in cfg.nodes]
@@ -311,6 +324,8 @@ class Client:
             claim_nodes(nodes, store.volume_uuid(), name)
             store.register_nodes(cfg.nodes)
             store.write_format(fmt.to_record(), fmt.chunk_layout())
+            if encrypt:
+                create_keys(store, cfg.master_source(), store.volume_uuid())
         except BaseException:
             store.discard()  # made just now: nothing of this volume is left behind
             raise
@@ -633,7 +648,10 @@ class Client:
             with self._writer_lock:
                 if self._writer is None:
                     self._check_nodes(self.placement.node_ids, writable=True)  # blocks go to the next nodes of their ring
-                    new_chunk = functools.partial(self.meta.new_chunk, layout=self.identity.format.chunk_layout())
+                    layout = self.identity.format.chunk_layout()
+                    if self.identity.keyring is not None:
+                        layout = layout._replace(key_id=str(self.identity.keyring.current))
+                    new_chunk = functools.partial(self.meta.new_chunk, layout=layout)
                     self._writer = ChunkWriter(new_chunk, self.nodes, self.placement, self.codec,
                                                self.cfg.chunk_size, self.cfg.block_size, self.cfg.upload_inflight,
                                                self.cfg.write_quorum)

@@ -31,6 +31,7 @@ class VolumeFormat:
     write_quorum: int = 0  # copies of a block that must be stored before it counts as durable; 0: all `replicas`
     compression: str = "none"
     block_format: int = BLOCK_FORMAT  # the codec's block format version that new blocks are written in
+    encryption: str = "none"  # 'aes-256-gcm': every block payload sealed (crypto.py); keys in the metadata
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "VolumeFormat":
@@ -43,7 +44,10 @@ class VolumeFormat:
         return fmt
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if self.encryption == "none":
+            del record["encryption"]  # a plain volume's record stays readable by the previous release
+        return record
 
     def settings(self) -> dict[str, Any]:
         """The settings of FORMAT_KEYS, as a config names them."""
@@ -57,7 +61,8 @@ class VolumeFormat:
         """One line for people: 'blocks 4 MiB, chunks 64 MiB, replicas 1, write quorum all, compression none'."""
         quorum = self.write_quorum or "all"
         return (f"blocks {show_setting('block_size', self.block_size)}, chunks {show_setting('chunk_size', self.chunk_size)}, "
-                f"replicas {self.replicas}, write quorum {quorum}, compression {self.compression}")
+                f"replicas {self.replicas}, write quorum {quorum}, compression {self.compression}"
+                + (f", encryption {self.encryption}" if self.encryption != "none" else ""))
 
 
 def stored_format(store: Meta, fallback: VolumeFormat) -> VolumeFormat:

@@ -72,6 +72,19 @@ class Meta(Protocol):
     def write_format(self, fmt: dict[str, Any], layout: ChunkLayout) -> dict[str, Any]:
         """Store the volume's format once (a stored one is kept and returned); chunks without a layout get `layout`."""
 
+    def read_setting(self, name: str) -> str | None:
+        """A volume-wide setting stored in the `meta` table (the wrapped keys: `keys`); None if absent."""
+
+    def swap_setting(self, name: str, expect: str | None, value: str) -> bool:
+        """Set a volume-wide setting to `value` if it still holds `expect` (None: absent), in one
+        transaction; False when another client changed it first (compare and set)."""
+
+    def set_chunk_keys(self, chunks: Iterable[int], key_id: str) -> None:
+        """Record that the blocks of these chunks are sealed under data key `key_id` (rekey)."""
+
+    def chunks_by_key(self) -> dict[int, str | None]:
+        """chunk id -> the key id its layout records, for every chunk."""
+
     def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
         """Committed blocks of each chunk, ordered by index, with the nodes holding them (primary first)."""
 

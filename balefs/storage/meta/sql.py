@@ -300,6 +300,32 @@ class SqlMeta:
             return json.loads(db.execute("SELECT value FROM meta WHERE key='format'").fetchone()[0])
 
     @retrying
+    def read_setting(self, name: str) -> str | None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    @retrying
+    def swap_setting(self, name: str, expect: str | None, value: str) -> bool:
+        with self._write(sync=True) as db:
+            if expect is None:
+                cur = db.execute("INSERT INTO meta VALUES(?, ?) ON CONFLICT DO NOTHING", (name, value))
+            else:
+                cur = db.execute("UPDATE meta SET value=? WHERE key=? AND value=?", (value, name, expect))
+            return cur.rowcount == 1
+
+    @retrying
+    def set_chunk_keys(self, chunks: Iterable[int], key_id: str) -> None:
+        with self._write(sync=True) as db:
+            for part in slices(sorted(set(chunks)), 500):
+                db.execute(f"UPDATE chunks SET key_id=? WHERE id IN ({','.join('?' * len(part))})", (key_id, *part))
+
+    @retrying
+    def chunks_by_key(self) -> dict[int, str | None]:
+        with self._read() as db:
+            return {int(c): k for c, k in db.execute("SELECT id, key_id FROM chunks ORDER BY id")}
+
+    @retrying
     def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
         """Committed blocks of each chunk, ordered by index, with the nodes holding them."""
         ids = sorted(set(chunks))
