@@ -26,6 +26,7 @@ from balefs.storage.gc import collect_garbage
 from balefs.storage.rekey import rekey, rekey_in_progress
 
 from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, user_error
+from remote_support import moto  # noqa: F401 - a fixture
 
 MARK = b"TOP-SECRET-MARKER-0123456789"
 
@@ -363,3 +364,36 @@ def test_rekey_reseals_every_block_resumes_after_a_crash(make_volume, open_clien
 
 def test_rekey_of_a_plain_volume_is_a_clear_error(volume) -> None:
     assert "not encrypted" in user_error("rekey", volume.name)
+
+
+def test_plain_http_node_on_an_encrypted_volume_is_refused(moto, tmp_path) -> None:
+    from remote_support import make_bucket, s3_url
+
+    key = tmp_path / "k"
+    write_key_file(str(key))
+    node = s3_url(make_bucket(moto), [moto])
+    line = user_error("init", "tls", "--node", node, "--encrypt", "--key-file", str(key))
+    assert "plain HTTP" in line and "--insecure-transport" in line
+    assert not (Path(os.environ["BALEFS_HOME"]) / "tls.toml").exists()
+    r = run_cli("init", "tls", "--node", node, "--encrypt", "--key-file", str(key), "--insecure-transport")
+    assert r.returncode == 0, r.stderr
+    with Client.open("tls") as c:
+        c.write_file("f", MARK)
+        assert c.read_file("f") == MARK
+    cfg = load_config("tls")
+    cfg.insecure_transport = False  # a host config without the waiver: refused on open, before any key is read
+    save_config(cfg, overwrite=True)
+    with pytest.raises(Exception, match="plain HTTP"):
+        Client.open("tls")
+
+
+def test_non_tls_postgres_on_an_encrypted_volume_is_refused(pg_server, node_dirs, tmp_path) -> None:
+    from balefs.storage.transit import plaintext_links
+
+    key = tmp_path / "k"
+    write_key_file(str(key))
+    url = pg_server.fresh_url()
+    line = user_error("init", "pgenc", "--node", str(node_dirs(1, "pg")[0]), "--meta", url, "--encrypt", "--key-file", str(key))
+    assert "without TLS" in line and "sslmode=verify-full" in line
+    assert plaintext_links([], url + "&sslmode=verify-full") == []
+    assert plaintext_links(["/data/n0", "memory://x"], "postgresql://u@/db?host=/run/postgresql") == []

@@ -26,7 +26,9 @@ from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
 from .crypto import CIPHER, Keyring, new_kdf
+from .grants import OWNER, GrantChecker, current_user
 from .keys import create_keys, open_keyring
+from .transit import refuse_plaintext
 from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
@@ -40,7 +42,7 @@ from .volume import claim_nodes
 from .volume_format import VolumeFormat, stored_format
 from .writer import ChunkWriter
 from .counters import CounterRegistry
-from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
+from .meta import AuditRow, BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
 from .snapshot import Snapshot, local_copy, open_snapshot
 from .syncer import BackgroundSync
@@ -48,7 +50,7 @@ from .syncer import BackgroundSync
 
 # The public API, and the value types it takes and returns: adapters import these from here,
 # and nothing else from the storage core but its config (tests/test_layering.py).
-__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "Snapshot",
+__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "AuditRow", "Snapshot",
            "MAX_FILE_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -241,13 +243,18 @@ class Client:
             meta.lazy_commits = not self.sync_close
         self._meta = meta
         self._meta_lock = threading.Lock()
+        self._grants: GrantChecker | None = None  # a loader's workers read what their parent was allowed to open
         if identity is None:
             fmt = stored_format(self.meta, cfg.volume_format())
             self.cfg = cfg = cfg.with_format(fmt)
             ids = self.meta.register_nodes(cfg.nodes)
             uuid = self.meta.volume_uuid()
+            self._grants = GrantChecker(self.meta, cfg.name)
             keyring = None
             if fmt.encryption != "none":
+                if not cfg.insecure_transport:
+                    refuse_plaintext(cfg.name, cfg.nodes, cfg.meta_url)
+                self._grants.check_any()  # data keys are released only under a valid grant
                 keyring = open_keyring(self.meta, cfg.master_source(), uuid)
             identity = VolumeIdentity(self.meta.nodes(), uuid, fmt, keyring)
         else:
@@ -301,16 +308,20 @@ class Client:
         return cls(cfg, default_sync_close=default_sync_close)
 
     @staticmethod
-    def init(name: str, nodes: Sequence[str], meta: str = "", encrypt: bool = False, **settings: object) -> VolumeConfig:
+    def init(name: str, nodes: Sequence[str], meta: str = "", encrypt: bool = False, audit: bool = False,
+             **settings: object) -> VolumeConfig:
         """Create a volume: check every node, create its metadata store (which keeps the volume's
         format: the format settings given, defaults for the rest) and write its config (without
         them). Returns the config as an open sees it, format included. With encrypt, every block
         is sealed (AES-256-GCM) under a data key wrapped by the master key the settings name
-        (key_file, key_env or key_passphrase), which is read before anything is created."""
+        (key_file, key_env or key_passphrase), which is read before anything is created. With audit
+        (implied by encrypt), every namespace change is recorded in the append-only audit table."""
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
         fmt = cfg.volume_format()
         if encrypt:
             fmt = replace(fmt, encryption=CIPHER)
+            if not cfg.insecure_transport:
+                refuse_plaintext(name, cfg.nodes, cfg.meta_url)
             cfg.master_source().master_key(new_kdf(cfg.master_source()))  # an unusable key fails here, before anything exists
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
@@ -326,6 +337,9 @@ class Client:
             store.write_format(fmt.to_record(), fmt.chunk_layout())
             if encrypt:
                 create_keys(store, cfg.master_source(), store.volume_uuid())
+            if encrypt or audit:
+                store.swap_setting("audit", None, "on")
+            store.swap_setting(OWNER, None, current_user()[0])  # exempt from grants
         except BaseException:
             store.discard()  # made just now: nothing of this volume is left behind
             raise
@@ -543,6 +557,7 @@ class Client:
     def open_read(self, path: str) -> FileReader:
         """A reader of the current version of a file: its inode and extents come from one query."""
         self.revalidate()
+        self.allow(path, write=False)
         hit = self._locate([path])[path]
         if isinstance(hit, Exception):
             raise hit
@@ -558,7 +573,14 @@ class Client:
 
     def _read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         self.revalidate()
-        found = self._locate({p for p, _, _ in requests})
+        refused: dict[str, Exception] = {}
+        if self._grants is not None:
+            for p in {p for p, _, _ in requests}:
+                try:
+                    self.allow(p, write=False)
+                except PermissionError as exc:
+                    refused[p] = exc
+        found = {**self._locate({p for p, _, _ in requests} - refused.keys()), **refused}
         out: list[bytes | Exception] = [b""] * len(requests)
         plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
         for i, (p, start, end) in enumerate(requests):
@@ -589,6 +611,7 @@ class Client:
     def open_snapshot(self, tree: str, rebuild: bool = False) -> Snapshot:
         """The snapshot of directory `tree` (its files in storage order, with fresh block maps):
         reused when still fresh, else built and stored in the volume (see snapshot.py)."""
+        self.allow(tree, write=False)
         return open_snapshot(self, tree, rebuild=rebuild)
 
     def fetch_snapshot(self, location: str) -> str:
@@ -665,6 +688,7 @@ class Client:
         a directory pass False (the commit refuses such a path all the same). content_hash: the
         xxh3-128 hex digest of all the bytes the caller will write, when it has computed it
         already (the file's bytes are then not hashed a second time; a wrong one is the caller's bug)."""
+        self.allow(path, write=True)
         parent_path, name = _parent(path)
         if not name:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or "/")
@@ -850,12 +874,14 @@ class Client:
     # -- namespace changes ---------------------------------------------------------------
 
     def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False, mode: int = 0o755) -> None:
+        self.allow(path, write=True, op="mkdir")
         namespace.mkdir(self.meta, path, mode, parents=parents, exist_ok=exist_ok)
         self._invalidate()
 
     def remove(self, path: str, recursive: bool = False) -> int:
         if not split_path(path):
             raise PermissionError(errno.EPERM, "refusing to remove the volume root", "/")
+        self.allow(path, write=True, op="remove")
         try:
             return namespace.remove(self.meta, path, recursive=recursive)
         finally:
@@ -867,6 +893,7 @@ class Client:
         for path in (src, dst):
             if not split_path(path):
                 raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
+            self.allow(path, write=True, op="rename")
         try:
             return namespace.rename(self.meta, src, dst, replace=replace)
         finally:
@@ -893,6 +920,8 @@ class Client:
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
+        self.allow(src, write=False)
+        self.allow(dst, write=True, op="copy")
         namespace.copy_file(self.meta, src, dst)
         self._invalidate()
 
@@ -907,10 +936,12 @@ class Client:
             self.setattr(path, mtime_ns=time.time_ns())
 
     def setattr(self, path: str, **attrs: int | None) -> None:
+        self.allow(path, write=True, op="setattr")
         namespace.setattr(self.meta, path, **attrs)
         self._invalidate()
 
     def symlink(self, path: str, target: str) -> None:
+        self.allow(path, write=True, op="symlink")
         try:
             namespace.symlink(self.meta, path, target)
         finally:
@@ -918,6 +949,7 @@ class Client:
 
     def mknod(self, path: str, kind: str, mode: int = 0o644) -> None:
         """Make a FIFO (kind 'p') or a Unix socket ('s'), inodes that hold no data; EPERM for other kinds."""
+        self.allow(path, write=True, op="mknod")
         try:
             namespace.mknod(self.meta, path, kind, mode)
         finally:
@@ -926,6 +958,7 @@ class Client:
     def link(self, src: str, dst: str) -> None:
         """Give the file at `src` the further name `dst` (a hard link: one inode, its bytes shared
         by every name and freed with the last one); EPERM for a directory, EEXIST if dst exists."""
+        self.allow(dst, write=True, op="link")
         try:
             namespace.link(self.meta, src, dst)
         finally:
@@ -940,6 +973,16 @@ class Client:
         return self.meta.paths_of(node.ino)
 
     # -- accounting ----------------------------------------------------------------------
+
+    def allow(self, path: str, write: bool, op: str = "open", uid: int | None = None) -> None:
+        """PermissionError (EACCES, audited) unless this user (or `uid`: a mount's caller) holds a
+        valid grant for `path` on this host, when the volume has grants (see grants.py)."""
+        if self._grants is not None:
+            self._grants.check("/".join(split_path(path)), write, op, uid)
+
+    def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False) -> list[AuditRow]:
+        """The volume's audit trail (meta.AuditRow), oldest first: since `since_ns`, under `path`, refusals only."""
+        return self.meta.audit_rows(since_ns, path, denied)
 
     def usage(self, scan_nodes: bool = True) -> dict[str, object]:
         """Volume figures for `balefs df`; with scan_nodes, blocks on nodes that metadata does not know."""
@@ -1012,6 +1055,7 @@ class Client:
         if length < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         check_size(path, length)
+        self.allow(path, write=True, op="truncate")
         node = self.stat(path)
         if node.kind == "d":
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
@@ -1024,6 +1068,7 @@ class Client:
     def unlink(self, path: str) -> Inode | None:
         """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2); returns its
         inode when other names (hard links) keep it."""
+        self.allow(path, write=True, op="unlink")
         try:
             return namespace.unlink(self.meta, path)
         finally:
@@ -1033,6 +1078,7 @@ class Client:
         """Remove an empty directory (ENOTDIR for a file, ENOTEMPTY if it holds entries), like rmdir(2)."""
         if not split_path(path):
             raise OSError(errno.EBUSY, "refusing to remove the volume root", "/")
+        self.allow(path, write=True, op="rmdir")
         try:
             namespace.rmdir(self.meta, path)
         finally:
@@ -1046,6 +1092,7 @@ class Client:
 
     def setxattr(self, path: str, name: str, value: bytes, create: bool = False, replace: bool = False) -> None:
         """Set an extended attribute; with create it must not exist (EEXIST), with replace it must (ENODATA)."""
+        self.allow(path, write=True, op="setxattr")
         ino = self.stat(path).ino
         if create or replace:
             exists = self.meta.getxattr(ino, name) is not None
@@ -1059,6 +1106,7 @@ class Client:
         return [n for n in self.meta.listxattr(self.stat(path).ino) if not n.startswith(ORPHAN_XATTR)]  # storage/orphans.py
 
     def removexattr(self, path: str, name: str) -> None:
+        self.allow(path, write=True, op="removexattr")
         ino = self.stat(path).ino
         if self.meta.getxattr(ino, name) is None:
             raise OSError(errno.ENODATA, "no such extended attribute", path)

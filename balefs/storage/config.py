@@ -17,6 +17,7 @@ from .volume_format import FORMAT_KEYS, VolumeFormat, refuse_changed_format, ref
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_OFF_BY_DEFAULT = ("key_passphrase", "insecure_transport")  # left out of a TOML while off: older releases read it
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -86,6 +87,7 @@ class VolumeConfig:
     key_file: str = ""
     key_env: str = ""
     key_passphrase: bool = False
+    insecure_transport: bool = False  # let an encrypted volume use plain-HTTP nodes or a non-TLS database (transit.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,7 +171,7 @@ class VolumeConfig:
 
     def to_toml(self) -> str:
         data = {k: v for k, v in asdict(self).items() if k != "name"}
-        data = {k: v for k, v in data.items() if v not in ("", None)}
+        data = {k: v for k, v in data.items() if v not in ("", None) and not (k in _OFF_BY_DEFAULT and v is False)}
         return (f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n"
                 "# its format (block and chunk size, replicas, write quorum, compression) is kept in its metadata\n"
                 + tomli_w.dumps(data))

@@ -54,6 +54,7 @@ def rotate_master(store: Meta, old: MasterSource, new: MasterSource, volume: str
         raise KeyAccessError(f"{exc} (the current master key came from {old.describe()})") from None
     if not store.swap_setting(KEYS, text, fresh.to_json()):
         raise ConfigError("the volume's keys changed meanwhile (another key operation): run it again")
+    store.record_audit("key.rotate", "", detail=f"master key now from {new.describe()}")
 
 
 def add_data_key(store: Meta, source: MasterSource, volume: str) -> int:
@@ -65,6 +66,7 @@ def add_data_key(store: Meta, source: MasterSource, volume: str) -> int:
     number = record.add(master, volume, new_key())
     if not store.swap_setting(KEYS, text, record.to_json()):
         raise ConfigError("the volume's keys changed meanwhile (another key operation): run it again")
+    store.record_audit("key.new-data-key", "", detail=f"data key {number}")
     return number
 
 
@@ -78,6 +80,7 @@ def drop_data_keys(store: Meta, keep: set[int]) -> list[int]:
             record.created.pop(n, None)
         if not store.swap_setting(KEYS, text, record.to_json()):
             raise ConfigError("the volume's keys changed meanwhile (another key operation): run it again")
+        store.record_audit("key.drop", "", detail=f"data keys {gone}")
     return gone
 
 

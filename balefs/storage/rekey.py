@@ -83,6 +83,8 @@ def rekey(client: "Client", on_chunk: Callable[[int, int], None] | None = None, 
         if on_chunk is not None:
             on_chunk(done, len(todo))
     report.skipped = sum(1 for k in meta.chunks_by_key().values() if k != str(target))
+    meta.record_audit("key.rekey", "", "ok", f"data key {target}: {report.chunks} chunks sealed again, "
+                                             f"{report.skipped} left{' (resumed)' if report.resumed else ''}")
     if not report.skipped:
         meta.swap_setting(TARGET, target_text, "")  # the run is complete
         if drop_old:
