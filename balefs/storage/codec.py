@@ -86,6 +86,23 @@ class BlockCodec:
         head = _HEAD.pack(MAGIC, VERSION, flags, key_no, len(raw), len(payload), digest)
         return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head)), payload
 
+    def encode_sealed_into(self, raw: bytes | memoryview, chunk: int, idx: int, out: memoryview) -> int:
+        """Encode block `idx` of `chunk` of an encrypted volume into `out` (at least HEADER_SIZE +
+        crypto.OVERHEAD + len(raw) bytes: a writer's page-aligned scratch buffer, which a local node
+        writes with O_DIRECT), the ciphertext sealed in place; returns the encoded length."""
+        assert self.keyring is not None
+        flags, payload = FLAG_AESGCM, raw
+        if self.compression == "lz4" and len(raw) > 64:
+            packed = lz4.frame.compress(raw, compression_level=0, store_size=False)
+            if len(packed) < len(raw):
+                payload, flags = packed, FLAG_AESGCM | FLAG_LZ4
+        key_no = self.keyring.current
+        n = self.keyring.seal_into(key_no, chunk, payload, self._aad(chunk, idx, flags, len(raw)), out[HEADER_SIZE:])
+        digest = xxhash.xxh3_64_intdigest(out[HEADER_SIZE:HEADER_SIZE + n], self._seed(chunk, idx))
+        head = _HEAD.pack(MAGIC, VERSION, flags, key_no, len(raw), n, digest)
+        out[:HEADER_SIZE] = head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head))
+        return HEADER_SIZE + n
+
     @property
     def encrypted(self) -> bool:
         """Whether blocks are sealed (an encrypted volume)."""

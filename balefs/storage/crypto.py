@@ -232,6 +232,14 @@ class Keyring:
         nonce = os.urandom(NONCE_BYTES)
         return nonce + self.chunk_aead(number, chunk).encrypt(nonce, payload, aad)
 
+    def seal_into(self, number: int, chunk: int, payload: bytes | memoryview, aad: bytes, out: memoryview) -> int:
+        """seal() written into `out` (at least len(payload) + OVERHEAD bytes), no copy made; returns its length."""
+        nonce = os.urandom(NONCE_BYTES)
+        end = NONCE_BYTES + len(payload) + TAG_BYTES
+        out[:NONCE_BYTES] = nonce
+        self.chunk_aead(number, chunk).encrypt_into(nonce, payload, aad, out[NONCE_BYTES:end])
+        return end
+
     def open(self, number: int, chunk: int, sealed: bytes | memoryview, aad: bytes) -> bytes:
         """The payload sealed by seal(); InvalidTag if anything (bytes, identity, key) is off."""
         return self.chunk_aead(number, chunk).decrypt(bytes(sealed[:NONCE_BYTES]), sealed[NONCE_BYTES:], aad)

@@ -44,6 +44,7 @@ from typing import Callable
 
 from ..errors import node_error
 from .codec import HEADER_SIZE, BlockCodec
+from .crypto import OVERHEAD as SEAL_OVERHEAD
 from .meta.types import BlockRecord
 from .layout import block_key
 from .node import DeferredDurability, GrowInPlace, Node, supports, up_first
@@ -82,6 +83,7 @@ class ChunkWriter:
         self._copies = (ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)) * (placement.replicas - 1),
                                            thread_name_prefix="bale-replica") if placement.replicas > 1 else None)
         self._slots = threading.BoundedSemaphore(inflight)
+        self._local = threading.local()  # per upload thread: the scratch buffer blocks are sealed into
         self._lock = threading.RLock()  # re-entered when a finished future's callback runs inside submit
         self._chunk: int | None = None
         self._chunk_off = 0
@@ -199,8 +201,12 @@ class ChunkWriter:
         whole = memoryview(buf)
         raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
-            parts: tuple = self._codec.encode_parts(raw, chunk, idx)
-            if parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
+            if self._codec.encrypted:  # sealed straight into this thread's page-aligned scratch buffer
+                sealed = memoryview(self._scratch())
+                parts = (sealed[:self._codec.encode_sealed_into(raw, chunk, idx, sealed)],)
+            else:
+                parts = self._codec.encode_parts(raw, chunk, idx)
+            if parts[1:] and parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
                 whole[:HEADER_SIZE] = parts[0]
                 parts = (whole[:HEADER_SIZE + fill],)
             node_ids, deferred = self._store(chunk, idx, parts)
@@ -228,6 +234,13 @@ class ChunkWriter:
                 nxt += 1
             self._next_idx[chunk] = nxt
         return rec
+
+    def _scratch(self) -> mmap.mmap:
+        """This upload thread's page-aligned buffer for a sealed block (an encrypted volume's)."""
+        buf = getattr(self._local, "sealed", None)
+        if buf is None:
+            buf = self._local.sealed = mmap.mmap(-1, HEADER_SIZE + SEAL_OVERHEAD + self.block_size)
+        return buf
 
     def _abandon(self) -> None:
         """After a lost block (lock held): later files start in a fresh chunk of a new generation."""
