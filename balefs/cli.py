@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .storage.config import parse_bale_url, parse_size
 from .errors import BaleError
 from .storage.client import Client
-from .storage.crypto import PASSPHRASE_ENV, MasterSource, write_key_file
+from .storage.crypto import PASSPHRASE_ENV, MasterSource, PassphraseRequired, write_key_file
 from .storage.gc import DEFAULT_MIN_BLOCK_FILL, collect_garbage
 from .storage.ingest import ingest_local, walk_local
 from .storage.meta.registry import redact_url
@@ -75,7 +75,13 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             try:
-                return fn(*args, **kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except PassphraseRequired as exc:
+                    if not sys.stdin.isatty():
+                        raise
+                    os.environ[exc.env] = click.prompt("passphrase", hide_input=True, err=True)
+                    return fn(*args, **kwargs)  # nothing was written before the key was needed
             except Exception as exc:
                 if _during_interrupt(exc):  # cleanup that failed while a Ctrl-C unwound the command
                     raise KeyboardInterrupt from exc
@@ -258,8 +264,6 @@ def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase:
     if not new:
         raise click.UsageError("name the new master key: --new-key-file PATH, --new-key-env VAR or --new-passphrase")
     cfg = load_config(volume)
-    if cfg.key_passphrase:
-        _ask_passphrase()
     new_cfg = _replace(cfg, **{"key_file": "", "key_env": "", "key_passphrase": False, **new})
     if new_passphrase:
         _ask_passphrase(confirm=True, env=PASSPHRASE_ENV + "_NEW")
@@ -395,10 +399,6 @@ def rekey(volume: str, drop_old: bool) -> None:
     """Seal every block of VOLUME again under a new data key, online; resumes a run that was cut short."""
     from .storage.rekey import rekey as run_rekey
 
-    from .storage.config import load_config
-
-    if load_config(volume).key_passphrase:
-        _ask_passphrase()
     with Client.open(volume) as client, tqdm(unit="chunk", desc="rekey", disable=None) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -151,6 +151,22 @@ def test_key_from_environment_and_passphrase(node_dirs, monkeypatch) -> None:
         Client.open("phrase")
 
 
+def test_key_rotate_from_one_passphrase_to_another(node_dirs, monkeypatch) -> None:
+    monkeypatch.setenv("BALEFS_PASSPHRASE", "first phrase")
+    r = run_cli("init", "pp", "--node", str(node_dirs(1, "pp")[0]), "--encrypt", "--passphrase")
+    assert r.returncode == 0, r.stderr
+    with Client.open("pp") as c:
+        c.write_file("f", MARK)
+    monkeypatch.setenv("BALEFS_PASSPHRASE_NEW", "second phrase")
+    r = run_cli("key", "rotate", "pp", "--new-passphrase")
+    assert r.returncode == 0, r.stderr
+    assert "wrong master key or passphrase" in user_error("cat", "bale://pp/f")
+    monkeypatch.setenv("BALEFS_PASSPHRASE", "second phrase")
+    assert run_cli("cat", "bale://pp/f").stdout == MARK
+    monkeypatch.delenv("BALEFS_PASSPHRASE")
+    assert "set $BALEFS_PASSPHRASE" in user_error("cat", "bale://pp/f")  # no terminal to prompt on
+
+
 def test_flipped_ciphertext_byte_names_chunk_block_node_and_is_repaired(enc, open_client) -> None:
     c = open_client(enc.name)
     blob = _secret(3 * BLOCK)

@@ -247,15 +247,15 @@ class Client:
         if identity is None:
             fmt = stored_format(self.meta, cfg.volume_format())
             self.cfg = cfg = cfg.with_format(fmt)
-            ids = self.meta.register_nodes(cfg.nodes)
             uuid = self.meta.volume_uuid()
             self._grants = GrantChecker(self.meta, cfg.name)
             keyring = None
-            if fmt.encryption != "none":
+            if fmt.encryption != "none":  # all checked before this client writes anything
                 if not cfg.insecure_transport:
                     refuse_plaintext(cfg.name, cfg.nodes, cfg.meta_url)
                 self._grants.check_any()  # data keys are released only under a valid grant
                 keyring = open_keyring(self.meta, cfg.master_source(), uuid)
+            ids = self.meta.register_nodes(cfg.nodes)
             identity = VolumeIdentity(self.meta.nodes(), uuid, fmt, keyring)
         else:
             self.cfg = cfg = cfg.with_format(identity.format)
@@ -972,7 +972,7 @@ class Client:
         """Every path naming `node` (more than one for a file with hard links)."""
         return self.meta.paths_of(node.ino)
 
-    # -- accounting ----------------------------------------------------------------------
+    # -- grants and the audit trail ---------------------------------------------------
 
     def allow(self, path: str, write: bool, op: str = "open", uid: int | None = None) -> None:
         """PermissionError (EACCES, audited) unless this user (or `uid`: a mount's caller) holds a
@@ -983,6 +983,8 @@ class Client:
     def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False) -> list[AuditRow]:
         """The volume's audit trail (meta.AuditRow), oldest first: since `since_ns`, under `path`, refusals only."""
         return self.meta.audit_rows(since_ns, path, denied)
+
+    # -- accounting ----------------------------------------------------------------------
 
     def usage(self, scan_nodes: bool = True) -> dict[str, object]:
         """Volume figures for `balefs df`; with scan_nodes, blocks on nodes that metadata does not know."""

@@ -48,6 +48,14 @@ class KeyAccessError(ConfigError):
     """A volume's key cannot be had: wrong master key or passphrase, unreadable or unsafe key file."""
 
 
+class PassphraseRequired(KeyAccessError):
+    """The volume is keyed by a passphrase and none was given (the CLI prompts for it on a terminal)."""
+
+    def __init__(self, env: str) -> None:
+        super().__init__(f"the volume is keyed by a passphrase: set ${env} (the CLI prompts for it on a terminal)")
+        self.env = env
+
+
 def new_key() -> bytes:
     """32 random bytes: a master or data key."""
     return os.urandom(KEY_BYTES)
@@ -100,7 +108,7 @@ class MasterSource:
 
     def describe(self) -> str:
         return (f"key file {self.key_file}" if self.key_file else f"${self.key_env}" if self.key_env
-                else f"passphrase (${self.passphrase_env})")
+                else "a passphrase")
 
     def master_key(self, kdf: dict[str, Any]) -> bytes:
         """The master key, with `kdf` the stored record's parameters (scrypt's salt)."""
@@ -114,7 +122,7 @@ class MasterSource:
         if self.passphrase:
             phrase = os.environ.get(self.passphrase_env)
             if not phrase:
-                raise KeyAccessError(f"the volume is keyed by a passphrase: set ${self.passphrase_env} (the CLI prompts for it)")
+                raise PassphraseRequired(self.passphrase_env)
             if kdf.get("kdf") != "scrypt":
                 raise KeyAccessError("the volume's key is not a passphrase's: name its key file or variable instead")
             return Scrypt(salt=_unb64(kdf["salt"]), length=KEY_BYTES, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(phrase.encode())
