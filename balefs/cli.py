@@ -407,7 +407,8 @@ def rekey(volume: str, drop_old: bool) -> None:
         report = run_rekey(client, on_chunk=progress, drop_old=drop_old)
     click.echo(f"rekey: data key {report.key}{' (resumed)' if report.resumed else ''}: {report.chunks} chunks, "
                f"{report.blocks} block copies, {_human(report.bytes)} sealed again"
-               + (f"; {report.skipped} chunks left (not synced yet, or written meanwhile): run it again" if report.skipped else
+               + (f"; {report.skipped} chunks left (still open for appends by a running writer, or written "
+                  "meanwhile under the old key): run it again once those writers have closed" if report.skipped else
                   "; done") + (f"; old keys {report.dropped} forgotten" if report.dropped else ""), err=True)
 
 

@@ -348,17 +348,26 @@ def _chunk_keys(client: Client) -> set[str | None]:
     return set(client.meta.chunks_by_key().values())
 
 
-def test_rekey_reseals_every_block_resumes_after_a_crash(make_volume, open_client) -> None:
-    vol = make_volume("rk", nodes=2, encrypt=True, replicas=2)
-    writers = [open_client(vol.name) for _ in range(5)]
+def _put_tree(tmp_path: Path, name: str, volume: str, n: int, size: int, seed: int) -> dict[str, bytes]:
+    """`balefs put` (a process of its own: its chunks are closed once it exits) of n files."""
+    src = tmp_path / f"src-{name}"
+    src.mkdir()
     files = {}
-    for k, w in enumerate(writers):
-        for i in range(6):
-            files[f"w{k}/{i}"] = _secret(30_000, k * 10 + i)
-            w.write_file(f"w{k}/{i}", files[f"w{k}/{i}"])
-        w.close()
+    for i in range(n):
+        files[f"{name}/{i}"] = _secret(size, seed + i)
+        (src / str(i)).write_bytes(files[f"{name}/{i}"])
+    r = run_cli("put", str(src), f"bale://{volume}/{name}")
+    assert r.returncode == 0, r.stderr
+    return files
+
+
+def test_rekey_reseals_every_block_resumes_after_a_crash(make_volume, open_client, tmp_path) -> None:
+    vol = make_volume("rk", nodes=2, encrypt=True, replicas=2)
+    files = {}
+    for k in range(5):  # five writers, five chunks
+        files.update(_put_tree(tmp_path, f"w{k}", vol.name, 6, 30_000, k * 10))
     c = open_client(vol.name)
-    assert _chunk_keys(c) == {"1"}
+    assert _chunk_keys(c) == {"1"} and len(c.meta.chunks_by_key()) >= 5
     report = rekey(c, stop_after=2)  # a run cut short, as by a crash
     assert report.chunks == 2 and rekey_in_progress(c) == 2
     assert _chunk_keys(c) == {"1", "2"}
@@ -375,6 +384,25 @@ def test_rekey_reseals_every_block_resumes_after_a_crash(make_volume, open_clien
     assert all(c2.read_file(p) == b for p, b in files.items())
     again = rekey(c2, drop_old=True)
     assert again.key == 3 and again.dropped == [1, 2]
+    assert all(open_client(vol.name).read_file(p) == b for p, b in files.items())
+
+
+def test_rekey_leaves_a_chunk_still_open_for_appends(make_volume, open_client, tmp_path) -> None:
+    """A chunk its writer may still append to keeps its key id (the writer seals new blocks under
+    the key it opened with): rekey leaves it for a later run, so --drop-old never drops a key in use."""
+    vol = make_volume("online", nodes=2, encrypt=True)
+    files = _put_tree(tmp_path, "closed", vol.name, 10, 40_000, 0)
+    writer = open_client(vol.name)  # alive: its chunk is open for appends
+    for i in range(5):
+        files[f"open/{i}"] = payload(30_000, 100 + i)
+        writer.write_file(f"open/{i}", files[f"open/{i}"])
+    open_chunk = blocks_of_file(writer, "open/0")[0].chunk
+    first = rekey(open_client(vol.name), drop_old=True)
+    assert first.chunks >= 1 and first.skipped == 1 and first.dropped == []
+    check = open_client(vol.name)
+    assert check.meta.chunks_by_key()[open_chunk] == "1" and rekey_in_progress(check) == first.key
+    writer.write_file("open/late", b"late")  # still under key 1, in the chunk rekey left alone
+    files["open/late"] = b"late"
     assert all(open_client(vol.name).read_file(p) == b for p, b in files.items())
 
 

@@ -8,8 +8,10 @@ then rename). Only once every block of a chunk is done does the chunk's layout r
 target key (Meta.set_chunk_keys). So a crash at any point leaves every block readable under the
 old key or the new one (both are kept), and the next run, finding the target recorded, goes on
 with the chunks that do not record it yet. Blocks not yet synced (an open block growing in place)
-are left for a later run: their chunk is counted as skipped, as are chunks that clients opened
-before the run wrote under the old key meanwhile; the run stays recorded until none is left.
+and chunks still open for appends (their writer alive, the chunk neither filled nor settled) are
+left for a later run, as are chunks that clients opened before the run wrote under the old key
+meanwhile: all counted as skipped; the run stays recorded until none is left. So a chunk's key
+id never names a key some of its blocks are not sealed under.
 
 Old data keys are kept (a client opened before the run still holds them and may still write
 under one) unless `drop_old` is asked for at the end of a complete run; see the README.
@@ -19,13 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..liveness import writer_gone
 from .codec import BlockCodec
 from .keys import add_data_key, drop_data_keys, open_keyring
 from .layout import block_key
+from .meta.types import SETTLED
 
 if TYPE_CHECKING:
     from .client import Client
 
+WRITER_GRACE_S = 3600.0  # a chunk older than this has no writer left (gc's default grace)
 TARGET = "rekey"  # the meta row naming the data key a run in progress seals blocks under
 
 
@@ -62,13 +67,14 @@ def rekey(client: "Client", on_chunk: Callable[[int, int], None] | None = None, 
     ring = open_keyring(meta, source, volume)  # every data key, the new one included
     ring.current = target
     codec = BlockCodec(client.codec.compression, volume, ring)
-    todo = sorted(c for c, k in meta.chunks_by_key().items() if k != str(target))
+    table = meta.chunk_table()
+    todo = sorted(c for c, k in meta.chunks_by_key().items() if k != str(target) and c in table and closed(table[c]))
     for done, chunk in enumerate(todo, 1):
         if stop_after is not None and done > stop_after:
             return report
         blocks = meta.blocks_of([chunk]).get(chunk, [])
         if any(not rec.durable for rec in blocks):
-            continue  # counted below, with chunks written meanwhile under an older key
+            continue  # counted below, with chunks still open or written meanwhile under an older key
         for rec in blocks:
             key = block_key(rec.chunk, rec.idx)
             for nid in rec.nodes:
@@ -91,6 +97,13 @@ def rekey(client: "Client", on_chunk: Callable[[int, int], None] | None = None, 
             in_use = {int(k) for k in meta.chunks_by_key().values() if k}
             report.dropped = drop_data_keys(meta, in_use | {target})
     return report
+
+
+def closed(info: tuple) -> bool:
+    """Whether no block will be added to a chunk (chunk_table row) any more: filled (sealed), settled,
+    or its writer gone; a chunk still open for appends keeps its key id until then."""
+    writer, state, _size, _live, created = info
+    return state in ("sealed", SETTLED) or writer_gone(writer, created, WRITER_GRACE_S)
 
 
 def rekey_in_progress(client: "Client") -> int | None:
