@@ -61,8 +61,10 @@ class PostgresMeta(SqlMeta):
                  "int": "BIGINT", "blob": "BYTEA", "name": 'TEXT COLLATE "C"', "no_rowid": "",
                  "audit_guard": "CREATE OR REPLACE FUNCTION balefs_audit_append_only() RETURNS trigger LANGUAGE plpgsql "
                                 "AS $$ BEGIN RAISE EXCEPTION 'the audit table is append-only'; END $$;\n"
+                                "DROP TRIGGER IF EXISTS audit_no_change ON audit;\n"  # migrations run again must not fail
                                 "CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit "
                                 "FOR EACH ROW EXECUTE FUNCTION balefs_audit_append_only();\n"
+                                "DROP TRIGGER IF EXISTS audit_no_truncate ON audit;\n"
                                 "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
                                 "FOR EACH STATEMENT EXECUTE FUNCTION balefs_audit_append_only();\n"
                                 "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM PUBLIC;\n"}
