@@ -106,6 +106,7 @@ def make_volume(node_dirs) -> Callable[..., VolumeConfig]:
         dirs = node_dirs(nodes, f"nodes-{name}")
         if os.environ.get("BALEFS_TEST_ENCRYPT") == "1" and "encrypt" not in settings:
             settings["encrypt"] = True  # run a test file's volumes encrypted (tests/test_encryption.py says which)
+            settings.setdefault("insecure_transport", True)  # the tests' PostgreSQL and S3 servers listen on loopback without TLS
         if settings.get("encrypt") and not any(k in settings for k in ("key_file", "key_env", "key_passphrase")):
             key = dirs[0].parent / f"{name}.key"
             write_key_file(str(key))
