@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .storage.config import parse_bale_url, parse_rate, parse_size
 from .errors import BaleError
 from .storage.client import Client
+from .storage.crypto import PASSPHRASE_ENV, MasterSource, PassphraseRequired, write_key_file
 from .storage.gc import DEFAULT_MIN_BLOCK_FILL, collect_garbage
 from .storage.ingest import ingest_local, walk_local
 from .storage.meta.registry import redact_url
@@ -75,7 +76,13 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             try:
-                return fn(*args, **kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except PassphraseRequired as exc:
+                    if not sys.stdin.isatty():
+                        raise
+                    os.environ[exc.env] = click.prompt("passphrase", hide_input=True, err=True)
+                    return fn(*args, **kwargs)  # nothing was written before the key was needed
             except Exception as exc:
                 if _during_interrupt(exc):  # cleanup that failed while a Ctrl-C unwound the command
                     raise KeyboardInterrupt from exc
@@ -211,18 +218,230 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
               help="Compress blocks with lz4 (kept only where it shrinks a block).")
 @click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
+@click.option("--encrypt", is_flag=True, help="Seal every block with AES-256-GCM; needs --key-file, --key-env or --passphrase.")
+@click.option("--key-file", default="", help="The master key: a file of 32 random bytes, mode 0600 (`balefs key new PATH`).")
+@click.option("--key-env", default="", help="The master key: this environment variable (32 bytes, hex or base64).")
+@click.option("--passphrase", is_flag=True, help=f"The master key: a passphrase (scrypt), from ${PASSPHRASE_ENV} or a prompt.")
+@click.option("--audit", is_flag=True, help="Record every namespace change in the append-only audit table (on with --encrypt).")
+@click.option("--insecure-transport", is_flag=True, help="Let an encrypted volume use plain-HTTP S3 nodes or a non-TLS database.")
 @user_errors
 def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, write_quorum: int, chunk_size: str,
-         block_size: str, compression: str, cache_size: str) -> None:
+         block_size: str, compression: str, cache_size: str, encrypt: bool, key_file: str, key_env: str,
+         passphrase: bool, audit: bool, insecure_transport: bool) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
+    keys = _key_source_options(key_file, key_env, passphrase, "--")
+    if encrypt and not keys:
+        raise click.UsageError("--encrypt needs the master key: --key-file PATH, --key-env VAR or --passphrase")
+    if keys and not encrypt:
+        raise click.UsageError("--key-file, --key-env and --passphrase are for --encrypt")
+    if passphrase:
+        _ask_passphrase(confirm=True)
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
-                      cache_size=parse_size(cache_size, "--cache-size"), ec=ec)
+                      cache_size=parse_size(cache_size, "--cache-size"), ec=ec, encrypt=encrypt, audit=audit,
+                      insecure_transport=insecure_transport, **keys)
     redundancy = f"erasure code {cfg.ec}" if cfg.ec else f"replicas {cfg.replicas}"
     click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), {redundancy}, "
-               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}")
+               f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}"
+               + (", encrypted (aes-256-gcm)" if encrypt else ""))
+
+
+def _key_source_options(key_file: str, key_env: str, passphrase: bool, prefix: str) -> dict[str, object]:
+    """The config settings of one master key source given as options; a usage error for more than one."""
+    given = {k: v for k, v in (("key_file", key_file), ("key_env", key_env), ("key_passphrase", passphrase)) if v}
+    if len(given) > 1:
+        names = {"key_file": "key-file", "key_env": "key-env", "key_passphrase": "passphrase"}
+        raise click.UsageError(" and ".join(f"{prefix}{names[k]}" for k in given) + ": name one master key source")
+    return given
+
+
+def _ask_passphrase(confirm: bool = False, env: str = "") -> None:
+    """Put a passphrase in the environment variable the core reads it from, prompting if it is unset."""
+    env = env or PASSPHRASE_ENV
+    if not os.environ.get(env):
+        os.environ[env] = click.prompt("passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+
+
+@main.group()
+def key() -> None:
+    """Master keys of encrypted volumes: make one, rotate a volume's."""
+
+
+@key.command("new")
+@click.argument("path")
+@user_errors
+def key_new(path: str) -> None:
+    """Write a new random 32-byte master key to PATH (mode 0600; an existing file is refused)."""
+    write_key_file(path)
+    click.echo(f"wrote a new master key to {path} (mode 0600); keep a copy: without it the volume's data is lost")
+
+
+@key.command("rotate")
+@click.argument("volume", type=VOLUME)
+@click.option("--new-key-file", default="", help="The new master key's file (32 bytes, mode 0600).")
+@click.option("--new-key-env", default="", help="The new master key's environment variable.")
+@click.option("--new-passphrase", is_flag=True, help=f"A new passphrase (from ${PASSPHRASE_ENV}_NEW or a prompt).")
+@user_errors
+def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase: bool) -> None:
+    """Wrap VOLUME's data keys with a new master key (seconds: no block is rewritten); this host's
+    config then names the new key."""
+    from dataclasses import replace as _replace
+
+    from .storage.config import load_config, save_config
+    from .storage.keys import rotate_master
+
+    new = _key_source_options(new_key_file, new_key_env, new_passphrase, "--new-")
+    if not new:
+        raise click.UsageError("name the new master key: --new-key-file PATH, --new-key-env VAR or --new-passphrase")
+    cfg = load_config(volume)
+    new_cfg = _replace(cfg, **{"key_file": "", "key_env": "", "key_passphrase": False, **new})
+    if new_passphrase:
+        _ask_passphrase(confirm=True, env=PASSPHRASE_ENV + "_NEW")
+    new_source = new_cfg.master_source()
+    if new_passphrase:  # the rewrap reads the new passphrase from its own variable
+        new_source = MasterSource(passphrase=True, passphrase_env=PASSPHRASE_ENV + "_NEW")
+    with Client.open(volume) as client:
+        rotate_master(client.meta, cfg.master_source(), new_source, client.identity.volume_uuid)
+    save_config(new_cfg, overwrite=True)
+    click.echo(f"volume {volume!r}: data keys rewrapped with the new master key ({new_cfg.master_source().describe()}); "
+               "no block was rewritten")
+
+
+@main.command()
+@click.argument("volume", type=VOLUME)
+@click.argument("prefix")
+@click.option("--to", "grantee", required=True, help="The OS user (or @group) the grant is for.")
+@click.option("--read", "access", flag_value="read", help="Read access.")
+@click.option("--read-write", "access", flag_value="read-write", help="Read and write access.")
+@click.option("--hosts", default="", help="Hosts it holds on: names or CIDR blocks, comma-separated (default: any).")
+@click.option("--until", default=None, help="End of validity, a UTC date or time (2027-03-01, 2027-03-01T12:00); default: none.")
+@user_errors
+def grant(volume: str, prefix: str, grantee: str, access: str | None, hosts: str, until: str | None) -> None:
+    """Grant a user access to PREFIX (a path in VOLUME) from some hosts, until a date."""
+    from .storage.grants import check_hosts, iso
+
+    if access is None:
+        raise click.UsageError("say --read or --read-write")
+    until_ns = _parse_date(until, "--until") if until else 0
+    if until_ns and until_ns <= time.time_ns():
+        raise click.BadParameter(f"{until!r} is in the past", param_hint="--until")
+    _, path = parse_url(prefix) if _is_bale(prefix) else ("", "/".join(split_path(prefix)))
+    with Client.open(volume) as client:
+        gid = client.meta.add_grant(grantee, path, access, check_hosts(hosts), until_ns)
+    click.echo(f"grant {gid}: {grantee} may {'read' if access == 'read' else 'read and write'} /{path} "
+               f"from {hosts or 'any host'}" + (f" until {iso(until_ns)}" if until_ns else ""))
+
+
+@main.command("grants")
+@click.argument("volume", type=VOLUME)
+@click.option("--all", "show_all", is_flag=True, help="Revoked and expired grants too.")
+@user_errors
+def grants_cmd(volume: str, show_all: bool) -> None:
+    """List VOLUME's grants."""
+    from .storage.grants import Grant, iso
+
+    now = time.time_ns()
+    with Client.open(volume) as client:
+        rows = [Grant(*r) for r in client.meta.grants()]
+    for g in rows:
+        state = g.state(now)
+        if state != "active" and not show_all:
+            continue
+        until = iso(g.valid_until_ns) if g.valid_until_ns else "-"
+        click.echo(f"{g.id:>4}  {g.grantee:<12} {g.access:<10} /{g.prefix:<24} hosts={g.hosts or 'any':<20} "
+                   f"until={until}  {state}" + (f" {iso(g.revoked_ns)}" if g.revoked_ns else ""))
+
+
+@main.command()
+@click.argument("volume", type=VOLUME)
+@click.argument("grant_id", type=int)
+@user_errors
+def revoke(volume: str, grant_id: int) -> None:
+    """Revoke grant GRANT_ID of VOLUME: new opens under it fail from now on (within 2 s on running clients)."""
+    with Client.open(volume) as client:
+        if not client.meta.revoke_grant(grant_id):
+            raise click.BadParameter(f"volume {volume!r} has no active grant {grant_id} (see `balefs grants {volume}`)")
+    click.echo(f"grant {grant_id} revoked")
+
+
+def _parse_date(text: str, hint: str) -> int:
+    """A UTC date or time given as an option, in nanoseconds since the epoch."""
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a date (2027-03-01) or a time (2027-03-01T12:00)", param_hint=hint) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp() * 1e9)
+
+
+@main.command("audit")
+@click.argument("volume", type=VOLUME)
+@click.option("--since", default=None, help="Only rows since then: an age (90s, 30m, 1h, 7d) or a date (2026-03-01, 2026-03-01T12:00).")
+@click.option("--path", "path", default="", help="Only rows about this path or what lies under it.")
+@click.option("--denied", is_flag=True, help="Only refused accesses.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@user_errors
+def audit_cmd(volume: str, since: str | None, path: str, denied: bool, as_json: bool) -> None:
+    """Print VOLUME's audit trail: who changed what, from where, and what was refused."""
+    import json as _json
+
+    since_ns = _parse_since(since) if since else 0
+    with Client.open(volume) as client:
+        rows = client.audit_rows(since_ns, path, denied)
+    for r in rows:
+        if as_json:
+            click.echo(_json.dumps({"id": r.id, "time": _iso(r.time_ns), "user": r.user, "host": r.host, "pid": r.pid,
+                                    "op": r.op, "path": r.path, "outcome": r.outcome, "detail": r.detail}))
+        else:
+            click.echo(f"{_iso(r.time_ns)}  {r.user}@{r.host}[{r.pid}]  {r.op:<10} {r.outcome:<6} /{r.path}"
+                       + (f"  ({r.detail})" if r.detail else ""))
+
+
+def _iso(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
+
+
+def _parse_since(text: str) -> int:
+    """--since as nanoseconds since the epoch: an age back from now, or a UTC date."""
+    import datetime
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return time.time_ns() - int(seconds * 1e9)
+    try:
+        datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give an age (30m, 1h, 7d) or a date (2026-03-01)", param_hint="--since") from None
+    return _parse_date(text, "--since")
+
+
+@main.command()
+@click.argument("volume", type=VOLUME)
+@click.option("--drop-old", is_flag=True, help="At the end of a complete run, forget the old data keys (only when no "
+                                               "client opened before the run still writes).")
+@user_errors
+def rekey(volume: str, drop_old: bool) -> None:
+    """Seal every block of VOLUME again under a new data key, online; resumes a run that was cut short."""
+    from .storage.rekey import rekey as run_rekey
+
+    with Client.open(volume) as client, tqdm(unit="chunk", desc="rekey", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(1)
+
+        report = run_rekey(client, on_chunk=progress, drop_old=drop_old)
+    click.echo(f"rekey: data key {report.key}{' (resumed)' if report.resumed else ''}: {report.chunks} chunks, "
+               f"{report.blocks} block copies, {_human(report.bytes)} sealed again"
+               + (f"; {report.skipped} chunks left (still open for appends by a running writer, or written "
+                  "meanwhile under the old key): run it again once those writers have closed" if report.skipped else
+                  "; done") + (f"; old keys {report.dropped} forgotten" if report.dropped else ""), err=True)
 
 
 @main.command()

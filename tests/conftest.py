@@ -14,6 +14,7 @@ from balefs.fs import BaleFileSystem
 from balefs.storage.client import Client
 from balefs.storage import native
 from balefs.storage.config import VolumeConfig
+from balefs.storage.crypto import write_key_file
 
 from helpers import BLOCK, CHUNK, skip_or_fail
 from pg_server import meta_engine, pg_server, pg_url  # noqa: F401 - fixtures: a real PostgreSQL for the metadata tests
@@ -113,6 +114,13 @@ def make_volume(node_dirs) -> Callable[..., VolumeConfig]:
         settings.setdefault("block_size", BLOCK)
         settings.setdefault("chunk_size", CHUNK)
         dirs = node_dirs(nodes, f"nodes-{name}")
+        if os.environ.get("BALEFS_TEST_ENCRYPT") == "1" and "encrypt" not in settings:
+            settings["encrypt"] = True  # run a test file's volumes encrypted (tests/test_encryption.py says which)
+            settings.setdefault("insecure_transport", True)  # the tests' PostgreSQL and S3 servers listen on loopback without TLS
+        if settings.get("encrypt") and not any(k in settings for k in ("key_file", "key_env", "key_passphrase")):
+            key = dirs[0].parent / f"{name}.key"
+            write_key_file(str(key))
+            settings["key_file"] = str(key)
         return Client.init(name, [str(d) for d in dirs], **settings)
 
     return make

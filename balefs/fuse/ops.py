@@ -414,6 +414,11 @@ class BaleOperations(Operations):
         if writable or flags & os.O_TRUNC:
             self._writable()
         vpath = _v(path)
+        uid = fuse_get_context()[0]
+        if uid != os.getuid():  # allow_other: the caller's own grant (the client checks the daemon's)
+            self.client.allow(vpath, write=bool(writable), uid=uid)
+        elif writable:
+            self.client.allow(vpath, write=True)
         try:
             reader = self.client.open_read(vpath)  # close-to-open: the client's lookup cache, revalidated
         except IsADirectoryError:

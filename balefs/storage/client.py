@@ -13,18 +13,22 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 
 from .config import VolumeConfig, config_path, host_cache_dir, load_config, save_config
-from ..errors import NodeError, NodeUnreachableError, VolumeExistsError, node_error
+from ..errors import ConfigError, NodeError, NodeUnreachableError, VolumeExistsError, node_error
 from .baling import baling_figures
 from .cache import BlockCache
 from .diskcache import DiskBlockCache
 from .gcpause import collector_paused
 from .codec import BlockCodec
+from .crypto import CIPHER, Keyring, new_kdf
+from .grants import OWNER, GrantChecker, current_user
+from .keys import create_keys, open_keyring
+from .transit import refuse_plaintext
 from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
@@ -40,7 +44,7 @@ from .volume import claim_nodes
 from .volume_format import VolumeFormat, stored_format
 from .writer import ChunkWriter
 from .counters import CounterGroup, CounterRegistry, Histogram, HistogramSnapshot
-from .meta import BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
+from .meta import AuditRow, BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
 from .snapshot import Snapshot, local_copy, open_snapshot
 from .syncer import BackgroundSync
@@ -48,7 +52,7 @@ from .syncer import BackgroundSync
 
 # The public API, and the value types it takes and returns: adapters import these from here,
 # and nothing else from the storage core but its config (tests/test_layering.py).
-__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "Snapshot",
+__all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "AuditRow", "Snapshot",
            "MAX_FILE_SIZE"]
 
 log = logging.getLogger(__name__)
@@ -221,6 +225,7 @@ class VolumeIdentity(NamedTuple):
     nodes: dict[int, str]
     volume_uuid: str
     format: VolumeFormat
+    keyring: Keyring | None = None  # an encrypted volume's data keys, unwrapped at open (handed to a loader's workers)
 
 
 class Client:
@@ -240,11 +245,20 @@ class Client:
             meta.lazy_commits = not self.sync_close
         self._meta = meta
         self._meta_lock = threading.Lock()
+        self._grants: GrantChecker | None = None  # a loader's workers read what their parent was allowed to open
         if identity is None:
             fmt = stored_format(self.meta, cfg.volume_format())
             self.cfg = cfg = cfg.with_format(fmt)
+            uuid = self.meta.volume_uuid()
+            self._grants = GrantChecker(self.meta, cfg.name)
+            keyring = None
+            if fmt.encryption != "none":  # all checked before this client writes anything
+                if not cfg.insecure_transport:
+                    refuse_plaintext(cfg.name, cfg.nodes, cfg.meta_url)
+                self._grants.check_any()  # data keys are released only under a valid grant
+                keyring = open_keyring(self.meta, cfg.master_source(), uuid)
             ids = self.meta.register_nodes(cfg.nodes)
-            identity = VolumeIdentity(self.meta.nodes(), self.meta.volume_uuid(), fmt)
+            identity = VolumeIdentity(self.meta.nodes(), uuid, fmt, keyring)
         else:
             self.cfg = cfg = cfg.with_format(identity.format)
             ids = {url: nid for nid, url in identity.nodes.items()}
@@ -252,7 +266,7 @@ class Client:
         self.nodes: dict[int, Node] = {nid: open_node(url) for nid, url in identity.nodes.items()}
         self._check_nodes([ids[url] for url in cfg.nodes], writable=False)  # down now: reads use other replicas
         self.placement = Placement(tuple(ids[u] for u in cfg.nodes), cfg.replicas)
-        self.codec = BlockCodec(cfg.compression, identity.volume_uuid)
+        self.codec = BlockCodec(cfg.compression, identity.volume_uuid, identity.keyring)
         self.cache = BlockCache(cfg.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=cfg.io_threads, thread_name_prefix="bale-read")
         self.reader = BlockReader(lambda chunks: self.meta.blocks_of(chunks), self.nodes, self.cache, self._pool, self.codec)
@@ -266,7 +280,9 @@ class Client:
             self.erasure = self.reader.erasure = ErasureCode(k, m)
         self.disk_cache: DiskBlockCache | None = None
         if cfg.cache_dir or cfg.host_cache:
-            self.disk_cache = DiskBlockCache(cfg.cache_dir or host_cache_dir(), cfg.disk_cache_size, self.codec.volume)
+            sealer = identity.keyring.cache_sealer() if identity.keyring is not None else None  # ciphertext on the cache disk
+            self.disk_cache = DiskBlockCache(cfg.cache_dir or host_cache_dir(), cfg.disk_cache_size, self.codec.volume,
+                                             sealer=sealer)
             self.reader.disk_cache = self.disk_cache
             self.reader.mapped = cfg.host_cache
         self._writer: ChunkWriter | None = None
@@ -305,14 +321,25 @@ class Client:
         return cls(cfg, default_sync_close=default_sync_close)
 
     @staticmethod
-    def init(name: str, nodes: Sequence[str], meta: str = "", **settings: object) -> VolumeConfig:
+    def init(name: str, nodes: Sequence[str], meta: str = "", encrypt: bool = False, audit: bool = False,
+             **settings: object) -> VolumeConfig:
         """Create a volume: check every node, create its metadata store (which keeps the volume's
         format: the format settings given, defaults for the rest) and write its config (without
-        them). Returns the config as an open sees it, format included."""
+        them). Returns the config as an open sees it, format included. With encrypt, every block
+        is sealed (AES-256-GCM) under a data key wrapped by the master key the settings name
+        (key_file, key_env or key_passphrase), which is read before anything is created. With audit
+        (implied by encrypt), every namespace change is recorded in the append-only audit table."""
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
         fmt = cfg.volume_format()
         if fmt.ec:
+            if encrypt:
+                raise ConfigError("an erasure-coded volume cannot be encrypted yet: choose --ec or --encrypt")
             ErasureCode(*parse_ec(fmt.ec))  # ISA-L is there (or one line says what to install)
+        if encrypt:
+            fmt = replace(fmt, encryption=CIPHER)
+            if not cfg.insecure_transport:
+                refuse_plaintext(name, cfg.nodes, cfg.meta_url)
+            cfg.master_source().master_key(new_kdf(cfg.master_source()))  # an unusable key fails here, before anything exists
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
         nodes = [open_node(url) for url in cfg.nodes]
@@ -325,6 +352,11 @@ class Client:
             claim_nodes(nodes, store.volume_uuid(), name)
             store.register_nodes(cfg.nodes)
             store.write_format(fmt.to_record(), fmt.chunk_layout())
+            if encrypt:
+                create_keys(store, cfg.master_source(), store.volume_uuid())
+            if encrypt or audit:
+                store.swap_setting("audit", None, "on")
+            store.swap_setting(OWNER, None, current_user()[0])  # exempt from grants
         except BaseException:
             store.discard()  # made just now: nothing of this volume is left behind
             raise
@@ -542,6 +574,7 @@ class Client:
     def open_read(self, path: str) -> FileReader:
         """A reader of the current version of a file: its inode and extents come from one query."""
         self.revalidate()
+        self.allow(path, write=False)
         hit = self._locate([path])[path]
         if isinstance(hit, Exception):
             raise hit
@@ -557,7 +590,14 @@ class Client:
 
     def _read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         self.revalidate()
-        found = self._locate({p for p, _, _ in requests})
+        refused: dict[str, Exception] = {}
+        if self._grants is not None:
+            for p in {p for p, _, _ in requests}:
+                try:
+                    self.allow(p, write=False)
+                except PermissionError as exc:
+                    refused[p] = exc
+        found = {**self._locate({p for p, _, _ in requests} - refused.keys()), **refused}
         out: list[bytes | Exception] = [b""] * len(requests)
         plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
         for i, (p, start, end) in enumerate(requests):
@@ -588,6 +628,7 @@ class Client:
     def open_snapshot(self, tree: str, rebuild: bool = False) -> Snapshot:
         """The snapshot of directory `tree` (its files in storage order, with fresh block maps):
         reused when still fresh, else built and stored in the volume (see snapshot.py)."""
+        self.allow(tree, write=False)
         return open_snapshot(self, tree, rebuild=rebuild)
 
     def fetch_snapshot(self, location: str) -> str:
@@ -688,7 +729,10 @@ class Client:
             with self._writer_lock:
                 if self._writer is None:
                     self._check_nodes(self.placement.node_ids, writable=True)  # blocks go to the next nodes of their ring
-                    new_chunk = functools.partial(self.meta.new_chunk, layout=self.identity.format.chunk_layout())
+                    layout = self.identity.format.chunk_layout()
+                    if self.identity.keyring is not None:
+                        layout = layout._replace(key_id=str(self.identity.keyring.current))
+                    new_chunk = functools.partial(self.meta.new_chunk, layout=layout)
                     stripes = (StripeCutter(self.erasure, self.stripe_placement, self.nodes, self.cfg.block_size)
                                if self.erasure is not None else None)
                     self._writer = ChunkWriter(new_chunk, self.nodes, self.placement, self.codec,
@@ -704,6 +748,7 @@ class Client:
         a directory pass False (the commit refuses such a path all the same). content_hash: the
         xxh3-128 hex digest of all the bytes the caller will write, when it has computed it
         already (the file's bytes are then not hashed a second time; a wrong one is the caller's bug)."""
+        self.allow(path, write=True)
         parent_path, name = _parent(path)
         if not name:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path or "/")
@@ -895,12 +940,14 @@ class Client:
     # -- namespace changes ---------------------------------------------------------------
 
     def mkdir(self, path: str, parents: bool = False, exist_ok: bool = False, mode: int = 0o755) -> None:
+        self.allow(path, write=True, op="mkdir")
         namespace.mkdir(self.meta, path, mode, parents=parents, exist_ok=exist_ok)
         self._invalidate()
 
     def remove(self, path: str, recursive: bool = False) -> int:
         if not split_path(path):
             raise PermissionError(errno.EPERM, "refusing to remove the volume root", "/")
+        self.allow(path, write=True, op="remove")
         try:
             return namespace.remove(self.meta, path, recursive=recursive)
         finally:
@@ -912,6 +959,7 @@ class Client:
         for path in (src, dst):
             if not split_path(path):
                 raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
+            self.allow(path, write=True, op="rename")
         try:
             return namespace.rename(self.meta, src, dst, replace=replace)
         finally:
@@ -938,6 +986,8 @@ class Client:
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
+        self.allow(src, write=False)
+        self.allow(dst, write=True, op="copy")
         namespace.copy_file(self.meta, src, dst)
         self._invalidate()
 
@@ -952,10 +1002,12 @@ class Client:
             self.setattr(path, mtime_ns=time.time_ns())
 
     def setattr(self, path: str, **attrs: int | None) -> None:
+        self.allow(path, write=True, op="setattr")
         namespace.setattr(self.meta, path, **attrs)
         self._invalidate()
 
     def symlink(self, path: str, target: str) -> None:
+        self.allow(path, write=True, op="symlink")
         try:
             namespace.symlink(self.meta, path, target)
         finally:
@@ -963,6 +1015,7 @@ class Client:
 
     def mknod(self, path: str, kind: str, mode: int = 0o644) -> None:
         """Make a FIFO (kind 'p') or a Unix socket ('s'), inodes that hold no data; EPERM for other kinds."""
+        self.allow(path, write=True, op="mknod")
         try:
             namespace.mknod(self.meta, path, kind, mode)
         finally:
@@ -971,6 +1024,7 @@ class Client:
     def link(self, src: str, dst: str) -> None:
         """Give the file at `src` the further name `dst` (a hard link: one inode, its bytes shared
         by every name and freed with the last one); EPERM for a directory, EEXIST if dst exists."""
+        self.allow(dst, write=True, op="link")
         try:
             namespace.link(self.meta, src, dst)
         finally:
@@ -983,6 +1037,18 @@ class Client:
     def paths_of(self, node: Inode) -> list[str]:
         """Every path naming `node` (more than one for a file with hard links)."""
         return self.meta.paths_of(node.ino)
+
+    # -- grants and the audit trail ---------------------------------------------------
+
+    def allow(self, path: str, write: bool, op: str = "open", uid: int | None = None) -> None:
+        """PermissionError (EACCES, audited) unless this user (or `uid`: a mount's caller) holds a
+        valid grant for `path` on this host, when the volume has grants (see grants.py)."""
+        if self._grants is not None:
+            self._grants.check("/".join(split_path(path)), write, op, uid)
+
+    def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False) -> list[AuditRow]:
+        """The volume's audit trail (meta.AuditRow), oldest first: since `since_ns`, under `path`, refusals only."""
+        return self.meta.audit_rows(since_ns, path, denied)
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -1085,6 +1151,7 @@ class Client:
         if length < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         check_size(path, length)
+        self.allow(path, write=True, op="truncate")
         node = self.stat(path)
         if node.kind == "d":
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
@@ -1097,6 +1164,7 @@ class Client:
     def unlink(self, path: str) -> Inode | None:
         """Remove a file or symbolic link (never a directory: EISDIR), like unlink(2); returns its
         inode when other names (hard links) keep it."""
+        self.allow(path, write=True, op="unlink")
         try:
             return namespace.unlink(self.meta, path)
         finally:
@@ -1106,6 +1174,7 @@ class Client:
         """Remove an empty directory (ENOTDIR for a file, ENOTEMPTY if it holds entries), like rmdir(2)."""
         if not split_path(path):
             raise OSError(errno.EBUSY, "refusing to remove the volume root", "/")
+        self.allow(path, write=True, op="rmdir")
         try:
             namespace.rmdir(self.meta, path)
         finally:
@@ -1119,6 +1188,7 @@ class Client:
 
     def setxattr(self, path: str, name: str, value: bytes, create: bool = False, replace: bool = False) -> None:
         """Set an extended attribute; with create it must not exist (EEXIST), with replace it must (ENODATA)."""
+        self.allow(path, write=True, op="setxattr")
         ino = self.stat(path).ino
         if create or replace:
             exists = self.meta.getxattr(ino, name) is not None
@@ -1132,6 +1202,7 @@ class Client:
         return [n for n in self.meta.listxattr(self.stat(path).ino) if not n.startswith(ORPHAN_XATTR)]  # storage/orphans.py
 
     def removexattr(self, path: str, name: str) -> None:
+        self.allow(path, write=True, op="removexattr")
         ino = self.stat(path).ino
         if self.meta.getxattr(ino, name) is None:
             raise OSError(errno.ENODATA, "no such extended attribute", path)

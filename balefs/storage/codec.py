@@ -13,6 +13,16 @@ A growing block (FLAG_GROWING: the open block of a writer, grown in place as fil
 see ChunkWriter.publish) is stored uncompressed and its header names the bytes that are valid
 so far: its file may already hold more (bytes written for the next version of the header),
 which decode ignores.
+
+An encrypted volume's codec holds a Keyring: the payload (after compression) is sealed with
+AES-256-GCM under its chunk's key (crypto.py: nonce + ciphertext + tag), FLAG_AESGCM set and the
+data key's number in the header's spare field. The associated data is the block's identity
+(volume, chunk, index, block format) and its header's sizes and flags, so a ciphertext moved,
+swapped or taken from another volume fails like a damaged one; the header's xxh3 is then of
+the stored ciphertext (no fingerprint of the plaintext is left on the node). Such a codec
+refuses a block that is not encrypted. A growing block of an encrypted volume is a series of
+sealed records (growing_record), one per publish, each with its raw offset in its associated
+data, so records cannot be reordered; the header names the raw and stored bytes valid so far.
 """
 from __future__ import annotations
 
@@ -22,16 +32,21 @@ from dataclasses import dataclass
 import lz4.frame
 import xxhash
 
+from cryptography.exceptions import InvalidTag
+
 from ..errors import CorruptBlockError
+from .crypto import Keyring
 
 MAGIC = b"BALE"
 VERSION = 2
 _UNSEEDED = 1  # format 1: the payload's xxh3 without the block's identity
 FLAG_LZ4 = 0x01
 FLAG_GROWING = 0x02
+FLAG_AESGCM = 0x04
 _HEAD = struct.Struct("<4sBBHIIQ")
 _HEAD_SUM = struct.Struct("<Q")
 HEADER_SIZE = _HEAD.size + _HEAD_SUM.size
+_RECORD = struct.Struct("<I")  # a growing encrypted block's record: the sealed length that follows
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,7 @@ class BlockCodec:
 
     compression: str = "none"
     volume: str = ""  # the volume's uuid: part of every block's identity
+    keyring: Keyring | None = None  # an encrypted volume's data keys: every payload sealed
 
     def __post_init__(self) -> None:
         if self.compression not in ("none", "lz4"):
@@ -59,9 +75,41 @@ class BlockCodec:
             packed = lz4.frame.compress(raw, compression_level=0, store_size=False)
             if len(packed) < len(raw):
                 payload, flags = packed, FLAG_LZ4
-        digest = xxhash.xxh3_64_intdigest(raw, self._seed(chunk, idx))
-        head = _HEAD.pack(MAGIC, VERSION, flags, 0, len(raw), len(payload), digest)
+        key_no = 0
+        if self.keyring is not None:
+            flags |= FLAG_AESGCM
+            key_no = self.keyring.current
+            payload = self.keyring.seal(key_no, chunk, payload, self._aad(chunk, idx, flags, len(raw)))
+            digest = xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx))
+        else:
+            digest = xxhash.xxh3_64_intdigest(raw, self._seed(chunk, idx))
+        head = _HEAD.pack(MAGIC, VERSION, flags, key_no, len(raw), len(payload), digest)
         return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head)), payload
+
+    def encode_sealed_into(self, raw: bytes | memoryview, chunk: int, idx: int, out: memoryview) -> int:
+        """Encode block `idx` of `chunk` of an encrypted volume into `out` (at least HEADER_SIZE +
+        crypto.OVERHEAD + len(raw) bytes: a writer's page-aligned scratch buffer, which a local node
+        writes with O_DIRECT), the ciphertext sealed in place; returns the encoded length."""
+        assert self.keyring is not None
+        flags, payload = FLAG_AESGCM, raw
+        if self.compression == "lz4" and len(raw) > 64:
+            packed = lz4.frame.compress(raw, compression_level=0, store_size=False)
+            if len(packed) < len(raw):
+                payload, flags = packed, FLAG_AESGCM | FLAG_LZ4
+        key_no = self.keyring.current
+        n = self.keyring.seal_into(key_no, chunk, payload, self._aad(chunk, idx, flags, len(raw)), out[HEADER_SIZE:])
+        digest = xxhash.xxh3_64_intdigest(out[HEADER_SIZE:HEADER_SIZE + n], self._seed(chunk, idx))
+        head = _HEAD.pack(MAGIC, VERSION, flags, key_no, len(raw), n, digest)
+        out[:HEADER_SIZE] = head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head))
+        return HEADER_SIZE + n
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether blocks are sealed (an encrypted volume)."""
+        return self.keyring is not None
+
+    def _aad(self, chunk: int, idx: int, flags: int, raw_len: int) -> bytes:
+        return f"balefs-block/{self.volume}/{chunk}/{idx}/{VERSION}/{flags}/{raw_len}".encode()
 
     def _seed(self, chunk: int, idx: int) -> int:
         return xxhash.xxh3_64_intdigest(f"{self.volume}/{chunk}/{idx}".encode())
@@ -70,11 +118,24 @@ class BlockCodec:
         """A running xxh3 of a growing block's raw bytes: fed as the block grows, read by growing_header."""
         return xxhash.xxh3_64(seed=self._seed(chunk, idx))
 
-    @staticmethod
-    def growing_header(length: int, digest: "xxhash.xxh3_64") -> bytes:
-        """The header of a growing block whose first `length` raw bytes are valid (digest: theirs)."""
-        head = _HEAD.pack(MAGIC, VERSION, FLAG_GROWING, 0, length, length, digest.intdigest())
+    def growing_header(self, length: int, digest: "xxhash.xxh3_64", stored: int | None = None) -> bytes:
+        """The header of a growing block whose first `length` raw bytes are valid, stored in its
+        first `stored` bytes after the header (default `length`; digest: of those stored bytes)."""
+        flags, key_no = FLAG_GROWING, 0
+        if self.keyring is not None:
+            flags, key_no = FLAG_GROWING | FLAG_AESGCM, self.keyring.current
+        head = _HEAD.pack(MAGIC, VERSION, flags, key_no, length, length if stored is None else stored, digest.intdigest())
         return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head))
+
+    def growing_record(self, chunk: int, idx: int, raw_off: int, data: bytes | memoryview) -> bytes:
+        """Raw bytes [raw_off, raw_off + len(data)) of a growing block of an encrypted volume, sealed
+        as one record (its sealed length, then nonce + ciphertext + tag), appended after the last."""
+        assert self.keyring is not None
+        sealed = self.keyring.seal(self.keyring.current, chunk, data, self._record_aad(chunk, idx, raw_off))
+        return _RECORD.pack(len(sealed)) + sealed
+
+    def _record_aad(self, chunk: int, idx: int, raw_off: int) -> bytes:
+        return f"balefs-growing/{self.volume}/{chunk}/{idx}/{VERSION}/{raw_off}".encode()
 
     def decode(self, blob: bytes | memoryview, chunk: int, idx: int) -> bytes | memoryview:
         """Return the raw bytes of block `idx` of `chunk`; raise CorruptBlockError if anything is
@@ -82,7 +143,7 @@ class BlockCodec:
         if len(blob) < HEADER_SIZE:
             raise CorruptBlockError(f"truncated header ({len(blob)} bytes)")
         head = bytes(blob[: _HEAD.size])
-        magic, version, flags, _, raw_len, stored_len, digest = _HEAD.unpack(head)
+        magic, version, flags, key_no, raw_len, stored_len, digest = _HEAD.unpack(head)
         if magic != MAGIC:
             raise CorruptBlockError(f"bad magic {magic!r}")
         (head_sum,) = _HEAD_SUM.unpack_from(blob, _HEAD.size)
@@ -96,13 +157,51 @@ class BlockCodec:
         if len(payload) != stored_len:
             raise CorruptBlockError(f"truncated payload ({len(payload)} of {stored_len} bytes)")
         raw: bytes | memoryview = payload
+        if flags & FLAG_AESGCM or self.keyring is not None:
+            raw = self._open(payload, chunk, idx, flags, key_no, raw_len, digest)
         if flags & FLAG_LZ4:
             try:
-                raw = lz4.frame.decompress(payload)
+                raw = lz4.frame.decompress(raw)
             except RuntimeError as exc:
                 raise CorruptBlockError(f"lz4 payload does not decode ({exc})") from None
         if len(raw) != raw_len:
             raise CorruptBlockError(f"raw length {len(raw)} != {raw_len}")
+        if flags & FLAG_AESGCM:
+            return raw  # authenticated by its tag
         if xxhash.xxh3_64_intdigest(raw, 0 if version == _UNSEEDED else self._seed(chunk, idx)) != digest:
             raise CorruptBlockError("checksum mismatch (damaged bytes, or a block of another chunk, index or volume)")
         return raw
+
+    def _open(self, payload: memoryview, chunk: int, idx: int, flags: int, key_no: int, raw_len: int, digest: int) -> bytes:
+        """The sealed payload opened: checked against its xxh3, then authenticated and decrypted."""
+        if not flags & FLAG_AESGCM:
+            raise CorruptBlockError("not encrypted, on an encrypted volume (a block put there from elsewhere)")
+        if self.keyring is None:
+            raise CorruptBlockError("encrypted, and this client holds no key of the volume")
+        if xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx)) != digest:
+            raise CorruptBlockError("checksum mismatch (damaged bytes, or a block of another chunk, index or volume)")
+        try:
+            if flags & FLAG_GROWING:
+                return self._open_records(payload, chunk, idx, key_no)
+            return self.keyring.open(key_no, chunk, payload, self._aad(chunk, idx, flags, raw_len))
+        except KeyError:
+            raise CorruptBlockError(f"sealed under data key {key_no}, which this volume does not hold") from None
+        except (InvalidTag, ValueError):
+            raise CorruptBlockError("authentication failed (damaged ciphertext, or a block of another chunk, "
+                                    "index or volume)") from None
+
+    def _open_records(self, payload: memoryview, chunk: int, idx: int, key_no: int) -> bytes:
+        """The raw bytes of a growing encrypted block: its records opened in turn (growing_record)."""
+        assert self.keyring is not None
+        out = bytearray()
+        pos = 0
+        while pos < len(payload):
+            if pos + _RECORD.size > len(payload):
+                raise CorruptBlockError("truncated record of a growing block")
+            (n,) = _RECORD.unpack_from(payload, pos)
+            pos += _RECORD.size
+            if pos + n > len(payload):
+                raise CorruptBlockError("truncated record of a growing block")
+            out += self.keyring.open(key_no, chunk, payload[pos:pos + n], self._record_aad(chunk, idx, len(out)))
+            pos += n
+        return bytes(out)

@@ -10,6 +10,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
+from .crypto import MasterSource
 from .meta.types import split_path
 from .node_registry import normalize_node_url
 from .placement import parse_ec
@@ -17,6 +18,7 @@ from .volume_format import FORMAT_KEYS, VolumeFormat, refuse_changed_format, ref
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_OFF_BY_DEFAULT = ("key_passphrase", "insecure_transport")  # left out of a TOML while off: older releases read it
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -103,6 +105,12 @@ class VolumeConfig:
     # the mount and fsspec)
     sync_close: bool | None = None
     sync_interval: float = 5.0
+    # where this host finds an encrypted volume's master key (crypto.MasterSource): a key file
+    # (mode 0600), an environment variable, or a passphrase read from $BALEFS_PASSPHRASE
+    key_file: str = ""
+    key_env: str = ""
+    key_passphrase: bool = False
+    insecure_transport: bool = False  # let an encrypted volume use plain-HTTP nodes or a non-TLS database (transit.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +128,8 @@ class VolumeConfig:
             if not (key in FORMAT_KEYS and getattr(self, key) is None):
                 setattr(self, key, parse_size(getattr(self, key), key))
         self.disk_cache_size = parse_size(self.disk_cache_size, "disk_cache_size")
+        if self.key_file:
+            self.key_file = os.path.abspath(os.path.expanduser(str(self.key_file)))
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
         for key in ("replicas", "write_quorum", "readahead_blocks", "io_threads", "upload_inflight"):
@@ -194,9 +204,13 @@ class VolumeConfig:
         """A copy that leaves the format to the metadata: what a new volume's TOML holds."""
         return replace(self, **dict.fromkeys(FORMAT_KEYS))
 
+    def master_source(self) -> MasterSource:
+        """Where this host finds the volume's master key (used only if the volume is encrypted)."""
+        return MasterSource(self.key_file, self.key_env, bool(self.key_passphrase))
+
     def to_toml(self) -> str:
         data = {k: v for k, v in asdict(self).items() if k != "name"}
-        data = {k: v for k, v in data.items() if v not in ("", None)}
+        data = {k: v for k, v in data.items() if v not in ("", None) and not (k in _OFF_BY_DEFAULT and v is False)}
         return (f"# balefs volume {self.name!r}; edit with care: nodes hold the volume's blocks\n"
                 "# its format (block and chunk size, replicas, write quorum, compression) is kept in its metadata\n"
                 + tomli_w.dumps(data))

@@ -1,5 +1,9 @@
 """DiskBlockCache: the local-disk tier of decoded blocks, between the memory cache and the nodes.
 
+On an encrypted volume each entry is sealed (a Sealer: AES-GCM under the volume's key, the
+block's identity as associated data), so a stolen cache disk reveals nothing; an entry that
+does not open (sealed before a rekey, or damaged) is dropped like a damaged one.
+
 Blocks are files named by (chunk, block index) under a directory per volume (the volume's
 uuid, so volumes sharing a cache directory never mix and a re-created volume never reads
 the blocks of its predecessor). Chunk ids are never reused within a volume and sealed
@@ -34,7 +38,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import xxhash
 
@@ -85,11 +89,24 @@ class HostUsage:
         os.close(self._fd)
 
 
+class Sealer(Protocol):
+    """Seals cache entries (crypto.CacheSealer): what an encrypted volume's cache disk holds."""
+
+    overhead: int
+
+    def seal(self, key: Key, data: bytes | memoryview) -> bytes: ...
+
+    def unseal(self, key: Key, blob: bytes | memoryview) -> bytes | None: ...
+
+
 class DiskBlockCache:
     """An LRU store of decoded blocks on local disk whose total size, over every process of the
     host sharing the directory, stays under `capacity` bytes."""
 
-    def __init__(self, root: str, capacity: int, namespace: str, queue_depth: int = 64, pause_s: float = 30.0) -> None:
+    def __init__(self, root: str, capacity: int, namespace: str, queue_depth: int = 64, pause_s: float = 30.0,
+                 sealer: Sealer | None = None) -> None:
+        self.sealer = sealer  # an encrypted volume's: entries are stored sealed (ciphertext), opened on read
+        self._overhead = sealer.overhead if sealer is not None else 0
         self.base = os.path.abspath(root)
         self.root = os.path.join(self.base, namespace)
         self.capacity = max(0, int(capacity))
@@ -168,7 +185,11 @@ class DiskBlockCache:
         try:
             magic, n, digest = _HEAD.unpack_from(blob)
             data = memoryview(blob)[HEAD_SIZE:]
-            ok = magic == MAGIC and n == length == len(data) and xxhash.xxh3_64_intdigest(data) == digest
+            ok = magic == MAGIC and n == length == len(data) - self._overhead and xxhash.xxh3_64_intdigest(data) == digest
+            if ok and self.sealer is not None:
+                opened = self.sealer.unseal(key, data)
+                ok = opened is not None
+                data = memoryview(opened or b"")
         except struct.error:
             ok = False
         if not ok:
@@ -200,7 +221,7 @@ class DiskBlockCache:
 
     def put(self, key: Key, data: bytes | memoryview) -> None:
         """Cache a block in the background; drops it when busy, paused or too large (never raises)."""
-        need = len(data) + HEAD_SIZE
+        need = len(data) + HEAD_SIZE + self._overhead
         if self.capacity <= 0 or need > self.capacity or time.monotonic() < self._paused_until:
             return
         with self._lock:
@@ -252,7 +273,7 @@ class DiskBlockCache:
         """Write a block now, in the caller's thread, evicting least recently used entries to stay
         under the bound (warmup: it must know what was stored). Raises OSError (a full disk) and
         ValueError for a block larger than the whole bound; evicts nothing on a failure."""
-        if len(data) + HEAD_SIZE > self.capacity:
+        if len(data) + HEAD_SIZE + self._overhead > self.capacity:
             raise ValueError(f"disk cache {self.root}: a block of {len(data)} bytes exceeds its bound of {self.capacity}")
         self._write_entry(key, data)
 
@@ -262,7 +283,10 @@ class DiskBlockCache:
         path = self._path(key)
         if os.path.exists(path) or self._host is None:
             return
-        head = _HEAD.pack(MAGIC, len(data), xxhash.xxh3_64_intdigest(data))
+        length = len(data)
+        if self.sealer is not None:
+            data = self.sealer.seal(key, data)
+        head = _HEAD.pack(MAGIC, length, xxhash.xxh3_64_intdigest(data))
         need = len(head) + len(data)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
@@ -320,6 +344,10 @@ class DiskBlockCache:
         self.counters.evicted.add()
         return size
 
+    def entry_size(self, length: int) -> int:
+        """Bytes on disk of the entry of a block of `length` bytes."""
+        return length + HEAD_SIZE + self._overhead
+
     def touch(self, key: Key, length: int) -> bool:
         """Whether an entry of a block of `length` bytes is on disk (by its size: a damaged one is
         still caught when read); if so it becomes the most recently used, so that a warmup's
@@ -330,7 +358,7 @@ class DiskBlockCache:
         except OSError:
             self._forget(key)
             return False
-        if size != length + HEAD_SIZE:
+        if size != self.entry_size(length):
             return False
         with self._lock:
             if key in self._index:

@@ -32,6 +32,7 @@ class VolumeFormat:
     compression: str = "none"
     block_format: int = BLOCK_FORMAT  # the codec's block format version that new blocks are written in
     ec: str = ""  # erasure code 'K+M' (k data + m parity blocks per stripe) instead of replicas; "": replicas
+    encryption: str = "none"  # 'aes-256-gcm': every block payload sealed (crypto.py); keys in the metadata
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "VolumeFormat":
@@ -43,6 +44,12 @@ class VolumeFormat:
             raise ConfigError(f"the volume's format ({', '.join(sorted(unknown)) or f'block format {fmt.block_format}'}) "
                               "is newer than this balefs: upgrade balefs")
         return fmt
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        if self.encryption == "none":
+            del record["encryption"]  # a plain volume's record stays readable by the previous release
+        return record
 
     def settings(self) -> dict[str, Any]:
         """The settings of FORMAT_KEYS, as a config names them."""
@@ -65,7 +72,8 @@ class VolumeFormat:
         quorum = self.write_quorum or "all"
         redundancy = f"erasure code {self.ec}" if self.ec else f"replicas {self.replicas}"
         return (f"blocks {show_setting('block_size', self.block_size)}, chunks {show_setting('chunk_size', self.chunk_size)}, "
-                f"{redundancy}, write quorum {quorum}, compression {self.compression}")
+                f"{redundancy}, write quorum {quorum}, compression {self.compression}"
+                + (f", encryption {self.encryption}" if self.encryption != "none" else ""))
 
 
 def stored_format(store: Meta, fallback: VolumeFormat) -> VolumeFormat:

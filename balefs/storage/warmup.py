@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..errors import BaleError
 from .client import BlockRecord, Client
-from .diskcache import HEAD_SIZE, DiskBlockCache
+from .diskcache import DiskBlockCache
 
 
 @dataclass
@@ -92,9 +92,9 @@ def plan_warmup(client: Client, tree: str) -> WarmupPlan:
             plan.cached_bytes += rec.length
         else:
             missing.append(rec)
-    room = disk.capacity - plan.cached_bytes - plan.cached * HEAD_SIZE  # what the tree's cached entries leave
+    room = disk.capacity - plan.cached_bytes - plan.cached * disk.entry_size(0)  # what the tree's cached entries leave
     for rec in missing:
-        need = rec.length + HEAD_SIZE
+        need = disk.entry_size(rec.length)
         if need <= room:
             plan.to_fetch.append(rec)
             plan.fetch_bytes += rec.length

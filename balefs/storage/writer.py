@@ -28,7 +28,10 @@ the closed files at once, and files closed one after another share full-size blo
 published block is not durable: take(force=True) later seals it (the whole block written
 again as a normal block, replacing the grown file at once) and syncs it. take(sync=False)
 hands out blocks without syncing them, marked not durable, and remembers them, so that the
-next synced take books them again as durable.
+next synced take books them again as durable. On an encrypted volume a GCM record cannot be
+extended (and sealing the whole block again on every close would cost O(block) per close), so
+each publish appends the new bytes as a sealed record of their own (codec.growing_record); the
+seal writes the block again as one record.
 
 Erasure-coded volumes (a StripeCutter given): each block is one shard of its stripe, stored on
 the stripe's node for its position, and fed into the stripe's parity as it is cut; when the
@@ -54,6 +57,7 @@ from typing import Callable
 from ..errors import node_error
 from .codec import HEADER_SIZE, BlockCodec
 from .counters import Counter, Histogram, Keyed
+from .crypto import OVERHEAD as SEAL_OVERHEAD
 from .meta.types import BlockRecord
 from .layout import block_key
 from .node import DeferredDurability, GrowInPlace, Node, supports, up_first
@@ -94,6 +98,7 @@ class ChunkWriter:
         self._copies = (ThreadPoolExecutor(max_workers=max(1, min(inflight, 16)) * (placement.replicas - 1),
                                            thread_name_prefix="bale-replica") if placement.replicas > 1 else None)
         self._slots = threading.BoundedSemaphore(inflight)
+        self._local = threading.local()  # per upload thread: the scratch buffer blocks are sealed into
         self._lock = threading.RLock()  # re-entered when a finished future's callback runs inside submit
         self._chunk: int | None = None
         self._chunk_off = 0
@@ -120,7 +125,8 @@ class ChunkWriter:
         self._failed: dict[int, BaseException] = {}
         self._published = 0  # bytes of the open block written in place on its nodes (publish)
         self._grow_nodes: tuple[int, ...] | None = None  # the nodes the open block grows on
-        self._grow_digest = None  # running xxh3 of its published bytes
+        self._grow_digest = None  # running xxh3 of its published bytes (sealed records, on an encrypted volume)
+        self._grow_stored = 0  # bytes of it stored after the header (sealed records are longer than the bytes)
         self._lazy: dict[tuple[int, int], BlockRecord] = {}  # handed out by take(sync=False), to book again once synced
         self._holders: dict[int, int] = {}  # chunk -> files with bytes in it not yet committed or dropped
         self._settled: set[int] = set()  # chunks no file of this writer will be committed into again
@@ -194,7 +200,7 @@ class ChunkWriter:
         chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
         buf, fill = self._buf, self._fill  # handed over whole: the writer takes it back once uploaded
         self._buf, self._fill = None, 0
-        self._published, self._grow_nodes, self._grow_digest = 0, None, None
+        self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
         self._block_idx += 1
         self._block_start = self._chunk_off
         sealed = self._chunk_off >= self.chunk_size
@@ -244,8 +250,12 @@ class ChunkWriter:
         whole = memoryview(buf)
         raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
-            parts: tuple = self._codec.encode_parts(raw, chunk, idx)
-            if parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
+            if self._codec.encrypted:  # sealed straight into this thread's page-aligned scratch buffer
+                sealed = memoryview(self._scratch())
+                parts = (sealed[:self._codec.encode_sealed_into(raw, chunk, idx, sealed)],)
+            else:
+                parts = self._codec.encode_parts(raw, chunk, idx)
+            if parts[1:] and parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
                 whole[:HEADER_SIZE] = parts[0]
                 parts = (whole[:HEADER_SIZE + fill],)
             if stripe is None:
@@ -353,6 +363,13 @@ class ChunkWriter:
                     stripe.nodes[pos] = nid
         return (), ()
 
+    def _scratch(self) -> mmap.mmap:
+        """This upload thread's page-aligned buffer for a sealed block (an encrypted volume's)."""
+        buf = getattr(self._local, "sealed", None)
+        if buf is None:
+            buf = self._local.sealed = mmap.mmap(-1, HEADER_SIZE + SEAL_OVERHEAD + self.block_size)
+        return buf
+
     def _abandon(self) -> None:
         """After a lost block (lock held): later files start in a fresh chunk of a new generation."""
         self.generation += 1
@@ -360,7 +377,7 @@ class ChunkWriter:
         self._fill = 0
         if self._stripes is not None:
             self._stripes.drop()
-        self._published, self._grow_nodes, self._grow_digest = 0, None, None
+        self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
 
     # -- publishing the open block -------------------------------------------------------
 
@@ -402,11 +419,15 @@ class ChunkWriter:
                 key = block_key(chunk, idx)
                 view = memoryview(self._buf)[HEADER_SIZE + lo:HEADER_SIZE + hi]
                 try:
-                    self._grow_digest.update(view)
-                    header = self._codec.growing_header(hi, self._grow_digest)
+                    added: bytes | memoryview = view
+                    if self._codec.encrypted:  # the new bytes sealed as one record of their own
+                        added = self._codec.growing_record(chunk, idx, lo, view)
+                    stored = self._grow_stored + len(added)
+                    self._grow_digest.update(added)
+                    header = self._codec.growing_header(hi, self._grow_digest, stored)
                     for nid in self._grow_nodes:  # the bytes first: a reader of the old header ignores them
                         started = time.monotonic()
-                        self._nodes[nid].put_at(key, HEADER_SIZE + lo, (view,))
+                        self._nodes[nid].put_at(key, HEADER_SIZE + self._grow_stored, (added,))
                         self._nodes[nid].put_at(key, 0, (header,))
                         self.node_put_seconds[nid].observe(time.monotonic() - started)
                 except BaseException as exc:
@@ -418,8 +439,9 @@ class ChunkWriter:
                     raise
                 finally:
                     view.release()
-                self._published = hi
-            return [BlockRecord(chunk, idx, self._block_start, hi, HEADER_SIZE + hi, self._grow_nodes, durable=False)]
+                self._published, self._grow_stored = hi, stored
+            return [BlockRecord(chunk, idx, self._block_start, hi, HEADER_SIZE + self._grow_stored, self._grow_nodes,
+                                durable=False)]
 
     def _order(self, chunk: int, idx: int) -> list[int]:
         """The nodes a block is stored on, in the order they are tried: its ring, nodes known to be

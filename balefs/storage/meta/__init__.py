@@ -3,7 +3,7 @@ SQL shared by the engines (sql.py), the engines (sqlite.py, postgres.py) and `op
 which picks an engine by URL scheme (registry.py). Importing this package imports no engine."""
 from .interface import Meta
 from .registry import open_meta, redact_url, register_engine
-from .types import ROOT, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, mode_bits, oserror, slices, split_path
+from .types import ROOT, AuditRow, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, mode_bits, oserror, slices, split_path
 
-__all__ = ["Meta", "open_meta", "redact_url", "register_engine", "ROOT", "BlockRecord", "ChunkLayout", "Extent", "FileWrite",
+__all__ = ["Meta", "open_meta", "redact_url", "register_engine", "ROOT", "AuditRow", "BlockRecord", "ChunkLayout", "Extent", "FileWrite",
            "Inode", "mode_bits", "oserror", "slices", "split_path"]

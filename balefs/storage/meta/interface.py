@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 from ..counters import Histogram, Keyed
-from .types import BlockRecord, ChunkLayout, Extent, FileWrite, Inode
+from .types import AuditRow, BlockRecord, ChunkLayout, Extent, FileWrite, Inode
 
 
 @runtime_checkable
@@ -74,6 +74,37 @@ class Meta(Protocol):
 
     def write_format(self, fmt: dict[str, Any], layout: ChunkLayout) -> dict[str, Any]:
         """Store the volume's format once (a stored one is kept and returned); chunks without a layout get `layout`."""
+
+    def read_setting(self, name: str) -> str | None:
+        """A volume-wide setting stored in the `meta` table (the wrapped keys: `keys`); None if absent."""
+
+    def swap_setting(self, name: str, expect: str | None, value: str) -> bool:
+        """Set a volume-wide setting to `value` if it still holds `expect` (None: absent), in one
+        transaction; False when another client changed it first (compare and set)."""
+
+    def record_audit(self, op: str, path: str, outcome: str = "ok", detail: str = "") -> None:
+        """Append one row to the audit table in its own transaction (key operations, grants, refused
+        accesses). Namespace changes are recorded by the change's own transaction when the
+        volume's `audit` setting is 'on'."""
+
+    def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False, limit: int = 100_000) -> list[AuditRow]:
+        """Audit rows from `since_ns` on, oldest first; under the volume path prefix `path`; only refusals with `denied`."""
+
+    def add_grant(self, grantee: str, prefix: str, access: str, hosts: str, valid_until_ns: int) -> int:
+        """Record a grant (grants.py) and its audit row in one transaction; returns its id."""
+
+    def revoke_grant(self, grant_id: int) -> bool:
+        """Mark an active grant revoked now (audited); False if there is none with that id."""
+
+    def grants(self) -> list[tuple]:
+        """Every grant, revoked included: (id, grantee, prefix, access, hosts, valid_until_ns, created_ns,
+        created_by, revoked_ns), by id."""
+
+    def set_chunk_keys(self, chunks: Iterable[int], key_id: str) -> None:
+        """Record that the blocks of these chunks are sealed under data key `key_id` (rekey)."""
+
+    def chunks_by_key(self) -> dict[int, str | None]:
+        """chunk id -> the key id its layout records, for every chunk."""
 
     def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
         """Committed blocks of each chunk, ordered by index, with the nodes holding them (primary first).

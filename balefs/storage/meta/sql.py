@@ -30,15 +30,18 @@ import errno
 import functools
 import json
 import os
+import pwd
+import re
+import socket
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from ...errors import ConfigError
 from ..counters import Histogram, Keyed
-from .types import ROOT, SETTLED, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
+from .types import ROOT, SETTLED, AuditRow, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
 # engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
@@ -92,13 +95,25 @@ UPDATE inodes SET atime_ns = mtime_ns;
 ALTER TABLE blocks ADD COLUMN durable {int} NOT NULL DEFAULT 1;
 CREATE INDEX IF NOT EXISTS blocks_unsynced ON blocks(durable) WHERE durable = 0;
 """,
+    # version 6: the grants (grants.py) and the audit trail, append-only (the engine's guard: triggers that refuse UPDATE and
+    # DELETE; on PostgreSQL TRUNCATE too, and those rights revoked from PUBLIC); written only when
+    # the `audit` row of meta is 'on' (balefs init --audit, or --encrypt)
+    6: """
+CREATE TABLE IF NOT EXISTS audit(id {serial}, time_ns {int} NOT NULL, user_name TEXT NOT NULL, host TEXT NOT NULL,
+  pid {int} NOT NULL, op TEXT NOT NULL, path TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS audit_time ON audit(time_ns);
+{audit_guard}
+CREATE TABLE IF NOT EXISTS grants(id {serial}, grantee TEXT NOT NULL, prefix TEXT NOT NULL, access TEXT NOT NULL,
+  hosts TEXT NOT NULL, valid_until_ns {int} NOT NULL, created_ns {int} NOT NULL, created_by TEXT NOT NULL,
+  revoked_ns {int} NOT NULL DEFAULT 0);
+""",
 }
 
 #: inode kinds that hold no data and are made by mknod: 'p' a FIFO, 's' a Unix socket
 SPECIAL_KINDS = ("p", "s")
 
 # Every table, in an order that copying respects (migrate-meta).
-TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs")
+TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs", "audit", "grants")
 
 
 _INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash, atime_ns"
@@ -232,7 +247,7 @@ class SqlMeta:
             return
         db.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            for stmt in MIGRATIONS[v].format(**self.DDL_TYPES).split(";"):
+            for stmt in re.split(r";\s*\n", MIGRATIONS[v].format(**self.DDL_TYPES)):  # a trigger's body keeps its own ';'s
                 if stmt.strip():
                     db.execute(stmt)
         db.execute("INSERT INTO meta VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -310,6 +325,32 @@ class SqlMeta:
             if cur.rowcount == 1:  # this format is the volume's: the older chunks were written with it
                 db.execute("UPDATE chunks SET redundancy=?, copies=?, codec=?, key_id=? WHERE redundancy IS NULL", tuple(layout))
             return json.loads(db.execute("SELECT value FROM meta WHERE key='format'").fetchone()[0])
+
+    @retrying
+    def read_setting(self, name: str) -> str | None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    @retrying
+    def swap_setting(self, name: str, expect: str | None, value: str) -> bool:
+        with self._write(sync=True) as db:
+            if expect is None:
+                cur = db.execute("INSERT INTO meta VALUES(?, ?) ON CONFLICT DO NOTHING", (name, value))
+            else:
+                cur = db.execute("UPDATE meta SET value=? WHERE key=? AND value=?", (value, name, expect))
+            return cur.rowcount == 1
+
+    @retrying
+    def set_chunk_keys(self, chunks: Iterable[int], key_id: str) -> None:
+        with self._write(sync=True) as db:
+            for part in slices(sorted(set(chunks)), 500):
+                db.execute(f"UPDATE chunks SET key_id=? WHERE id IN ({','.join('?' * len(part))})", (key_id, *part))
+
+    @retrying
+    def chunks_by_key(self) -> dict[int, str | None]:
+        with self._read() as db:
+            return {int(c): k for c, k in db.execute("SELECT id, key_id FROM chunks ORDER BY id")}
 
     @retrying
     def blocks_of(self, chunks: Iterable[int]) -> dict[int, list[BlockRecord]]:
@@ -574,6 +615,7 @@ class SqlMeta:
         with self._write(sync=sync) as db:
             now = time.time_ns()
             rows: list[tuple[int, int, int, int, int]] = []
+            audit: list[tuple[str, str]] = []
             for fw in files:
                 parent, name = self._parent_of(db, fw.path, dirs, changed)
                 row = self._entry(db, parent, name, self.LOCK_UPDATE)
@@ -587,7 +629,9 @@ class SqlMeta:
                     db.execute("UPDATE inodes SET kind='f', size=?, mtime_ns=?, ctime_ns=?, hash=?, target=NULL WHERE ino=?",
                                (fw.size, fw.mtime_ns or now, now, fw.hash, ino))
                     replaced = True
+                    audit.append(("write", fw.path))
                 else:
+                    audit.append(("create", fw.path))
                     ino = self._alloc_inode(db, "f", fw.mode, fw.size, fw.mtime_ns, hash=fw.hash)
                     db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
                     changed.setdefault(parent, 0)
@@ -596,6 +640,7 @@ class SqlMeta:
                     live[e.chunk] = live.get(e.chunk, 0) + e.length
                 out[fw.path] = ino
             db.executemany("INSERT INTO extents VALUES(?,?,?,?,?)", rows)
+            self._audit(db, audit)
             self._dirs_changed(db, changed)
             self._record_blocks(db, blocks, chunk_sizes)  # chunk rows last: locks in namespace-then-chunks order
             self._apply_live(db, live)
@@ -619,6 +664,7 @@ class SqlMeta:
                 raise oserror(errno.EEXIST, path)
             ino = self._alloc_inode(db, "d", mode)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            self._audit(db, [("mkdir", path)])
             changed[parent] = changed.get(parent, 0) + 1
             self._dirs_changed(db, changed)
             return ino
@@ -644,6 +690,7 @@ class SqlMeta:
                 raise oserror(errno.EEXIST, path)
             ino = self._alloc_inode(db, kind, mode, size, target=target)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (parent, name, ino))
+            self._audit(db, [("symlink" if kind == "l" else "mknod", path)])
             self._dirs_changed(db, {parent: 0})
             return ino
 
@@ -661,6 +708,7 @@ class SqlMeta:
                 raise oserror(errno.EEXIST, path)
             db.execute("INSERT INTO dentries VALUES(?,?,?)", (newparent, newname, ino))
             db.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns=? WHERE ino=?", (time.time_ns(), ino))
+            self._audit(db, [("link", path)])
             self._dirs_changed(db, {newparent: 0})
             self._bump_generation(db)  # lookups of the inode's other names hold its old link count
 
@@ -729,6 +777,8 @@ class SqlMeta:
                 kept = self._unlink_inode(db, ino, live)
                 self._dirs_changed(db, {parent: 0})
             self._apply_live(db, live)
+            self._audit(db, [("rmdir" if kind == "d" and not recursive else "remove" if kind == "d" else "unlink", path)],
+                        detail=f"{removed} entries" if removed > 1 else "")
             self._bump_generation(db)
             return removed, kept
 
@@ -791,6 +841,7 @@ class SqlMeta:
             changed[dp] = changed.get(dp, 0) + moved_dir
             self._dirs_changed(db, changed)
             self._apply_live(db, live)
+            self._audit(db, [("rename", src)], detail=f"to {dst}")
             self._bump_generation(db)
         return kept
 
@@ -803,6 +854,11 @@ class SqlMeta:
                              (None if mode is None else mode & 0o7777, uid, gid, mtime_ns, atime_ns, time.time_ns(), ino))
             if cur.rowcount == 0:
                 raise oserror(errno.ENOENT, path or f"inode {ino}")
+            if mode is not None or uid is not None or gid is not None:  # times alone are not audited (utimens on every write)
+                changes = [f"{k}={v:o}" if k == "mode" else f"{k}={v}" for k, v in (("mode", mode), ("uid", uid), ("gid", gid))
+                           if v is not None]
+                self._audit(db, [("chmod" if mode is not None and uid is None and gid is None else "setattr",
+                                  path or f"inode {ino}")], detail=" ".join(changes))
             self._bump_generation(db)
 
     @retrying
@@ -819,11 +875,96 @@ class SqlMeta:
     def setxattr(self, ino: int, name: str, value: bytes | None) -> None:
         """Set (or with None remove) an extended attribute."""
         with self._write() as db:
+            self._audit(db, [("setxattr" if value is not None else "removexattr", f"inode {ino}")], detail=name)
             if value is None:
                 db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name))
             else:
                 db.execute("INSERT INTO xattrs VALUES(?,?,?) ON CONFLICT(ino, name) DO UPDATE SET value=excluded.value",
                            (ino, name, value))
+
+    # -- the audit trail ---------------------------------------------------------------
+
+    _audit_on: bool | None = None  # whether the volume records changes (its `audit` row of meta), read once
+    _actor: tuple[int, str, str] | None = None  # (pid, user, host) of this process
+
+    def _audit(self, db: Db, rows: Sequence[tuple[str, str]], outcome: str = "ok", detail: str = "",
+               force: bool = False) -> None:
+        """Append (op, path) rows to the audit table inside the caller's transaction (the change and
+        its record commit together), when the volume is audited (always with force)."""
+        if self._audit_on is None and not force:
+            row = db.execute("SELECT value FROM meta WHERE key='audit'").fetchone()
+            self._audit_on = row is not None and row[0] == "on"
+        if not (force or self._audit_on) or not rows:
+            return
+        pid, user, host = self._who()
+        now = time.time_ns()
+        db.executemany("INSERT INTO audit(time_ns, user_name, host, pid, op, path, outcome, detail) VALUES(?,?,?,?,?,?,?,?)",
+                       [(now, user, host, pid, op, path, outcome, detail) for op, path in rows])
+
+    def _who(self) -> tuple[int, str, str]:
+        pid = os.getpid()
+        if self._actor is None or self._actor[0] != pid:  # a forked worker is another process
+            try:
+                user = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:
+                user = str(os.getuid())
+            self._actor = (pid, user, socket.gethostname())
+        return self._actor
+
+    @retrying
+    def record_audit(self, op: str, path: str, outcome: str = "ok", detail: str = "") -> None:
+        """Append one audit row in a transaction of its own (key operations, grants, refused accesses);
+        recorded whatever the `audit` setting, since these are rare and always wanted."""
+        with self._write(sync=True) as db:
+            self._audit(db, [(op, path)], outcome, detail, force=True)
+
+    @retrying
+    def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False, limit: int = 100_000) -> list[AuditRow]:
+        """Audit rows from `since_ns` on, oldest first: those under `path` (a volume path prefix),
+        only refused accesses with `denied`."""
+        where, args = ["time_ns >= ?"], [since_ns]
+        prefix = "/".join(split_path(path))
+        if prefix:
+            where.append("(path = ? OR substr(path, 1, ?) = ?)")
+            args += [prefix, len(prefix) + 1, prefix + "/"]
+        if denied:
+            where.append("outcome = 'denied'")
+        with self._read() as db:
+            return [AuditRow(*r) for r in db.execute(
+                f"SELECT id, time_ns, user_name, host, pid, op, path, outcome, detail FROM audit WHERE {' AND '.join(where)} "
+                "ORDER BY id LIMIT ?", (*args, limit))]
+
+    # -- grants ------------------------------------------------------------------------
+
+    @retrying
+    def add_grant(self, grantee: str, prefix: str, access: str, hosts: str, valid_until_ns: int) -> int:
+        """Record a grant (and its audit row, in the same transaction); returns its id."""
+        with self._write(sync=True) as db:
+            _, user, _ = self._who()
+            gid = int(db.execute("INSERT INTO grants(grantee, prefix, access, hosts, valid_until_ns, created_ns, created_by) "
+                                 "VALUES(?,?,?,?,?,?,?) RETURNING id",
+                                 (grantee, prefix, access, hosts, valid_until_ns, time.time_ns(), user)).fetchone()[0])
+            self._audit(db, [("grant", prefix)], detail=f"grant {gid}: {grantee} {access} hosts={hosts or 'any'}", force=True)
+            return gid
+
+    @retrying
+    def revoke_grant(self, grant_id: int) -> bool:
+        """Mark a grant revoked now (kept, for the record); False if there is no such active grant."""
+        with self._write(sync=True) as db:
+            row = db.execute("SELECT prefix, grantee FROM grants WHERE id=? AND revoked_ns=0", (grant_id,)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE grants SET revoked_ns=? WHERE id=?", (time.time_ns(), grant_id))
+            self._audit(db, [("revoke", row[0])], detail=f"grant {grant_id}: {row[1]}", force=True)
+            return True
+
+    @retrying
+    def grants(self) -> list[tuple]:
+        """Every grant, revoked ones included: (id, grantee, prefix, access, hosts, valid_until_ns,
+        created_ns, created_by, revoked_ns), by id."""
+        with self._read() as db:
+            return [tuple(r) for r in db.execute("SELECT id, grantee, prefix, access, hosts, valid_until_ns, created_ns, "
+                                                 "created_by, revoked_ns FROM grants ORDER BY id")]
 
     # -- accounting ----------------------------------------------------------------------
 

@@ -22,7 +22,11 @@ class SqliteMeta(SqlMeta):
     and processes on one host. Writers are serialised by BEGIN IMMEDIATE."""
 
     DDL_TYPES = {"serial": "INTEGER PRIMARY KEY", "serial_once": "INTEGER PRIMARY KEY AUTOINCREMENT",
-                 "int": "INTEGER", "blob": "BLOB", "name": "TEXT", "no_rowid": " WITHOUT ROWID"}
+                 "int": "INTEGER", "blob": "BLOB", "name": "TEXT", "no_rowid": " WITHOUT ROWID",
+                 "audit_guard": "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
+                                "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n"
+                                "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
+                                "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n"}
 
     @classmethod
     def from_url(cls, url: str, create: bool = False) -> "SqliteMeta":

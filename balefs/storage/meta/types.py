@@ -43,6 +43,20 @@ class Extent(NamedTuple):
 SETTLED = "settled"
 
 
+class AuditRow(NamedTuple):
+    """One row of the append-only audit table: who did what, from where, and the outcome."""
+
+    id: int
+    time_ns: int
+    user: str
+    host: str
+    pid: int
+    op: str  # create, write, mkdir, symlink, link, mknod, unlink, rmdir, remove, rename, setattr, setxattr, key.*, grant, revoke, open
+    path: str
+    outcome: str  # 'ok', or 'denied' for a refused access
+    detail: str = ""
+
+
 class BlockRecord(NamedTuple):
     """Block idx of a chunk: raw bytes [off, off+length) of the chunk, `stored` bytes on each node.
 

@@ -1,0 +1,215 @@
+"""Encrypted against plain volume, side by side in one run (issue 18), and the CPU's AES-256-GCM rate.
+
+Two volumes of the same format on the same disk, one `--encrypt` (AES-256-GCM, a key file), one
+plain. For each, in alternating order, best of `--rounds`: `balefs put` of a tree of small files
+(4-64 KiB), fsspec `cat` of every file cold (page cache dropped, a fresh client) and warm (the
+same client again), a checkpoint save (time blocked in save() and time until durable, write MB/s)
+and a cold load. Also the raw AES-256-GCM seal and open rate of this CPU (4 MiB buffers, one
+thread), the ceiling of what encryption can cost. Prints a Markdown table with each encrypted
+figure as a ratio of the plain one (higher is better for the encrypted volume; bar >= 0.9).
+
+    PYTHONPATH=$PWD python benchmarks/encryption.py --files 4000 --ckpt 512MiB --workdir /tmp/encbench --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+MB = 1e6
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        raise SystemExit(f"encryption.py: cannot drop the page cache ({exc.strerror}): run as root") from None
+
+
+def aes_rate(seconds: float = 1.5) -> tuple[float, float]:
+    """AES-256-GCM seal and open MB/s of this CPU, one thread, 4 MiB buffers."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(os.urandom(32))
+    buf = os.urandom(4 << 20)
+    nonce = os.urandom(12)
+    sealed = aead.encrypt(nonce, buf, b"aad")
+
+    def rate(call) -> float:
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            call()
+            n += 1
+        return n * len(buf) / (time.perf_counter() - t) / MB
+
+    return rate(lambda: aead.encrypt(os.urandom(12), buf, b"aad")), rate(lambda: aead.decrypt(nonce, sealed, b"aad"))
+
+
+def make_tree(root: str, n: int, seed: int = 7) -> int:
+    rng = random.Random(seed)
+    blob = rng.randbytes(8 << 20)
+    total = 0
+    for i in range(n):
+        d = os.path.join(root, f"class{i % 50:02d}")
+        os.makedirs(d, exist_ok=True)
+        size = rng.randint(4 << 10, 64 << 10)
+        at = rng.randrange(0, len(blob) - size)
+        with open(os.path.join(d, f"img{i:06d}.jpg"), "wb") as f:
+            f.write(blob[at:at + size])
+        total += size
+    return total
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "balefs.cli", *args], check=True, capture_output=True)
+
+
+def bench_put(volume: str, tree: str, dest: str) -> float:
+    drop_caches()
+    t = time.perf_counter()
+    cli("put", tree, f"bale://{volume}/{dest}")
+    return time.perf_counter() - t
+
+
+def bench_cat(volume: str, dest: str) -> tuple[float, float, int]:
+    """(cold s, warm s, bytes) of an fsspec cat of every file of the tree."""
+    import fsspec
+
+    drop_caches()
+    fs = fsspec.filesystem("bale", skip_instance_cache=True)
+    paths = sorted(fs.find(f"bale://{volume}/{dest}"))
+    t = time.perf_counter()
+    data = fs.cat(paths)
+    cold = time.perf_counter() - t
+    nbytes = sum(map(len, data.values()))
+    t = time.perf_counter()
+    fs.cat(paths)
+    warm = time.perf_counter() - t
+    for c in fs._clients.values():
+        c.close()
+    fs._clients.clear()
+    return cold, warm, nbytes
+
+
+def bench_ckpt(volume: str, state: dict, rnd: int) -> dict:
+    import torch
+
+    from balefs.checkpoint import Checkpointer
+
+    with Checkpointer(f"bale://{volume}/runs/r{rnd}", keep_last=1) as ckpt:
+        ckpt.save(0, state).result()  # the staging buffer, allocated outside the timed save
+        for t_ in state.values():
+            t_.add_(1)
+        drop_caches()
+        t = time.perf_counter()
+        fut = ckpt.save(1, state)
+        blocked = time.perf_counter() - t
+        fut.result()
+        total = time.perf_counter() - t
+        drop_caches()
+        t = time.perf_counter()
+        back = ckpt.load()
+        load = time.perf_counter() - t
+        assert all(torch.equal(back[k], v) for k, v in state.items())
+        del back
+        gc.collect()
+    return {"blocked_s": blocked, "save_s": total, "load_s": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=4000, help="small files in the put/cat tree (default 4000)")
+    p.add_argument("--ckpt", default="512MiB", help="checkpoint size (default 512MiB)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per side, best kept (default 2)")
+    p.add_argument("--workdir", default="/tmp/encbench", help="fresh directory for the volumes (deleted at the end)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    from balefs.storage.config import parse_size
+
+    ckpt_bytes = parse_size(args.ckpt, "--ckpt")
+    if os.path.exists(args.workdir):
+        p.error(f"--workdir {args.workdir} exists: give a fresh path (it is deleted at the end)")
+    os.makedirs(args.workdir)
+    os.environ["BALEFS_HOME"] = os.path.join(args.workdir, "home")
+    try:
+        import torch
+
+        from balefs.storage.client import Client
+        from balefs.storage.crypto import write_key_file
+
+        log(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}")
+        seal, open_ = aes_rate()
+        log(f"AES-256-GCM, one thread, 4 MiB buffers: seal {seal:,.0f} MB/s, open {open_:,.0f} MB/s")
+        key = os.path.join(args.workdir, "vol.key")
+        write_key_file(key)
+        for name, extra in (("plain", {}), ("sealed", {"encrypt": True, "key_file": key})):
+            nodes = [os.path.join(args.workdir, name, f"n{i}") for i in range(2)]
+            for n in nodes:
+                os.makedirs(n)
+            Client.init(name, nodes, **extra)
+        tree = os.path.join(args.workdir, "tree")
+        tree_bytes = make_tree(tree, args.files)
+        log(f"tree: {args.files} files, {tree_bytes / MB:.0f} MB")
+        numel = ckpt_bytes // 4 // 8
+        state = {f"layer{i}": torch.randn(numel) for i in range(8)}
+        figures: dict[str, dict[str, float]] = {"plain": {}, "sealed": {}}
+
+        def keep(side: str, key: str, value: float) -> None:
+            figures[side][key] = min(value, figures[side].get(key, float("inf")))
+
+        for rnd in range(args.rounds):
+            for side in (("plain", "sealed") if rnd % 2 == 0 else ("sealed", "plain")):
+                put_s = bench_put(side, tree, f"t{rnd}")
+                cold, warm, nbytes = bench_cat(side, f"t{rnd}")
+                ck = bench_ckpt(side, state, rnd)
+                log(f"{side} round {rnd}: put {put_s:.2f}s, cat cold {cold:.2f}s warm {warm:.2f}s, "
+                    f"ckpt blocked {ck['blocked_s']:.3f}s save {ck['save_s']:.2f}s load {ck['load_s']:.2f}s")
+                keep(side, "put_s", put_s)
+                keep(side, "cat_cold_s", cold)
+                keep(side, "cat_warm_s", warm)
+                for k, v in ck.items():
+                    keep(side, k, v)
+        rows = [("put (balefs put, files/s)", "put_s", args.files, ""),
+                ("fsspec cat cold (MB/s)", "cat_cold_s", tree_bytes / MB, ""),
+                ("fsspec cat warm (MB/s)", "cat_warm_s", tree_bytes / MB, ""),
+                ("checkpoint save, blocked (s)", "blocked_s", None, "time"),
+                ("checkpoint save until durable (write MB/s)", "save_s", ckpt_bytes / MB, ""),
+                ("checkpoint load cold (MB/s)", "load_s", ckpt_bytes / MB, "")]
+        print("| figure | plain | encrypted | encrypted / plain |\n|---|---|---|---|")
+        ratios = {}
+        for label, key_, amount, kind in rows:
+            a, b = figures["plain"][key_], figures["sealed"][key_]
+            if kind == "time":
+                ratio = a / b  # less time is better: plain time / encrypted time
+                print(f"| {label} | {a:.3f} | {b:.3f} | {ratio:.2f} |")
+            else:
+                ratio = (amount / b) / (amount / a)
+                print(f"| {label} | {amount / a:,.0f} | {amount / b:,.0f} | {ratio:.2f} |")
+            ratios[key_] = round(ratio, 2)
+        print(f"| AES-256-GCM of this CPU, one thread (seal / open MB/s) | - | {seal:,.0f} / {open_:,.0f} | - |")
+        worst = min(ratios.values())
+        print(f"bar: every encrypted figure >= 0.9x plain: worst {worst:.2f} {'PASS' if worst >= 0.9 else 'MISS'}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"figures": figures, "ratios": ratios, "aes_seal_mb_s": round(seal), "aes_open_mb_s": round(open_),
+                           "files": args.files, "tree_bytes": tree_bytes, "ckpt_bytes": ckpt_bytes}, f, indent=2)
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
