@@ -39,6 +39,7 @@
 #define UNSEEDED 1
 #define FLAG_LZ4 0x01
 #define FLAG_GROWING 0x02
+#define FLAG_AESGCM 0x04 /* a sealed payload (an encrypted volume's): the Python codec's to open */
 #define MAX_THREADS 64
 #define MSG_LEN 160
 
@@ -75,6 +76,10 @@ static int parse_header(const uint8_t *h, size_t have, header_t *out, char *msg)
     out->digest = get64(h + 16);
     if (out->version != VERSION && out->version != UNSEEDED) {
         snprintf(msg, MSG_LEN, "unsupported block format version %u", out->version);
+        return -1;
+    }
+    if (out->flags & FLAG_AESGCM) {
+        snprintf(msg, MSG_LEN, "an encrypted block (sealed payload): not read by the block engine");
         return -1;
     }
     return 0;

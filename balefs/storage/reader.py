@@ -602,9 +602,11 @@ class BlockReader:
 
     def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
         """The native engine's job for a block whose first copy is on a node of plain block files
-        (BlockFiles); None where the Python way reads it: no engine, a disk cache, a codec of
-        another kind (encryption), or a first copy elsewhere."""
-        if native.engine is None or type(self._codec) is not BlockCodec or self.disk_cache is not None:
+        (BlockFiles); None where the Python way reads it: no engine, a disk cache, an encrypted
+        volume (the engine knows no sealed payloads: it would take a forged plain block), a codec
+        of another kind, or a first copy elsewhere."""
+        if (native.engine is None or type(self._codec) is not BlockCodec or self._codec.encrypted
+                or self.disk_cache is not None):
             return None
         order = up_first(rec.nodes, self._nodes)
         node = self._nodes.get(order[0]) if order else None
