@@ -23,20 +23,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagecache import drop_caches, log  # noqa: E402
+
 MB = 1e6
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        raise SystemExit(f"encryption.py: cannot drop the page cache ({exc.strerror}): run as root") from None
 
 
 def aes_rate(seconds: float = 1.5) -> tuple[float, float]:
@@ -78,7 +68,7 @@ def cli(*args: str) -> None:
 
 
 def bench_put(volume: str, tree: str, dest: str) -> float:
-    drop_caches()
+    drop_caches("encryption.py")
     t = time.perf_counter()
     cli("put", tree, f"bale://{volume}/{dest}")
     return time.perf_counter() - t
@@ -88,7 +78,7 @@ def bench_cat(volume: str, dest: str) -> tuple[float, float, int]:
     """(cold s, warm s, bytes) of an fsspec cat of every file of the tree."""
     import fsspec
 
-    drop_caches()
+    drop_caches("encryption.py")
     fs = fsspec.filesystem("bale", skip_instance_cache=True)
     paths = sorted(fs.find(f"bale://{volume}/{dest}"))
     t = time.perf_counter()
@@ -113,13 +103,13 @@ def bench_ckpt(volume: str, state: dict, rnd: int) -> dict:
         ckpt.save(0, state).result()  # the staging buffer, allocated outside the timed save
         for t_ in state.values():
             t_.add_(1)
-        drop_caches()
+        drop_caches("encryption.py")
         t = time.perf_counter()
         fut = ckpt.save(1, state)
         blocked = time.perf_counter() - t
         fut.result()
         total = time.perf_counter() - t
-        drop_caches()
+        drop_caches("encryption.py")
         t = time.perf_counter()
         back = ckpt.load()
         load = time.perf_counter() - t

@@ -25,21 +25,13 @@ from balefs.storage.config import parse_size
 from balefs.storage.fsck import check_volume
 from balefs.errors import ConfigError
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagecache import drop_caches, log  # noqa: E402
+
 MB = 1e6
 FILE = 32 << 20
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        raise SystemExit(f"fsck_rate.py: cannot drop the page cache ({exc.strerror}): run as root") from None
 
 
 def fio_read(path: str, size: int) -> float:
@@ -100,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             f.truncate(0)
         subprocess.run(["fio", "--name=fill", f"--filename={probe}", "--rw=write", "--bs=4m", "--direct=1",
                         f"--size={min(size, 1 << 30)}", "--output-format=json"], capture_output=True, check=True)
-        drop_caches()
+        drop_caches("fsck_rate.py")
         disk = fio_read(probe, min(size, 1 << 30))
         log(f"disk (fio, O_DIRECT): {disk:.0f} MB/s")
-        drop_caches()
+        drop_caches("fsck_rate.py")
         nbytes, secs = read_block_files(nodes, 16)
         plain = nbytes / secs / MB
         log(f"plain read of every block file: {plain:.0f} MB/s ({nbytes / MB:.0f} MB in {secs:.1f}s)")
-        drop_caches()
+        drop_caches("fsck_rate.py")
         with Client.open("fsckbench") as c:
             t = time.perf_counter()
             report = check_volume(c, restart=True)

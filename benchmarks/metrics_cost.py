@@ -40,22 +40,12 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from pagecache import drop_caches, log  # noqa: E402
 from mounts import Mount, cli  # noqa: E402
 
 BAR = 0.97  # on/off throughput: a cost under 3%
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        raise SystemExit(f"metrics_cost.py: cannot drop the page cache ({exc.strerror}): run as root") from None
 
 
 def make_tree(root: str, n: int) -> int:
@@ -189,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def mount_side(m: Mount, scrape: bool):
             def run() -> tuple[float, float]:
-                drop_caches()
+                drop_caches("metrics_cost.py")
                 cpu = m.cpu()
                 secs = cat_all(os.path.join(m.mp, "tree"), rels)
                 cpu = m.cpu() - cpu

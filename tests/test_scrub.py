@@ -9,28 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from balefs.storage.fsck import check_volume
 from balefs.storage.layout import block_key
 from balefs.storage.localnode import LocalNode
 from balefs.storage.scrub import BackgroundScrub, scrub_state_path
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
-from helpers import BLOCK, CHUNK, block_paths, blocks_of_file, flip_bit, payload, user_error, wait_until
-
-FILES = {"big": payload(2 * CHUNK + CHUNK // 2, 1), "small/a": payload(BLOCK // 3, 2), "small/b": payload(BLOCK + 7, 3)}
-
-
-@pytest.fixture
-def filled(make_volume, open_client):
-    """Volume `vol` (3 nodes, 2 replicas, several chunks) holding FILES; returns an open client."""
-    make_volume("vol", nodes=3, replicas=2)
-    c = open_client("vol")
-    with c.batch():
-        for p, d in FILES.items():
-            c.write_file(p, d)
-    c.close()
-    return open_client("vol")
+from helpers import block_paths, blocks_of_file, flip_bit, user_error, wait_until
+from test_fsck import FILES, filled  # noqa: F401 - filled: a fixture (volume `vol`, 3 nodes, 2 replicas, FILES)
 
 
 def test_scrub_rewrites_a_flipped_copy_and_leaves_extra_copies_to_fsck(filled) -> None:
