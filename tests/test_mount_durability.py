@@ -240,12 +240,19 @@ def test_kill_9_in_the_middle_of_cp_r(volume, mount_volume, tmp_path: Path) -> N
 
 def _write_until_enospc(mp: Path, prefix: str, rng: random.Random, results: dict[str, bytes | int]) -> None:
     """Write files mp/prefix<i> until three fail; record each one's bytes (closed) or the errno
-    of the first call that failed (write, or close)."""
+    of the first call that failed (the create, a write, or the close)."""
     failed = 0
     for i in range(2000):
         rel = f"{prefix}{i:04d}"
         data = payload(rng.randint(2000, 12_000), seed=rng.randrange(1 << 30))
-        fd = os.open(mp / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(mp / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:  # a full disk may refuse the create already (the writer's last block failed)
+            results[rel] = exc.errno
+            failed += 1
+            if failed == 3:
+                return
+            continue
         failure = None
         try:
             os.write(fd, data)
