@@ -181,28 +181,27 @@ def test_many_jobs_on_few_threads(tmp_path: Path) -> None:
 FILES = {f"d/f{i}": payload(BLOCK // 5 + i, i) for i in range(12)}
 
 
-@pytest.mark.parametrize("compression", ["none", "lz4"])
-def test_client_reads_through_the_native_engine(make_volume, open_client, compression: str) -> None:
-    make_volume("nat", nodes=3, compression=compression)
-    c = open_client("nat")
+def _written(make_volume, open_client, name: str, files: dict[str, bytes], **settings):
+    """A fresh client of a new volume `name` (3 nodes, `settings`) holding `files`, written in one batch."""
+    make_volume(name, nodes=3, **settings)
+    c = open_client(name)
     with c.batch():
-        for p, d in FILES.items():
+        for p, d in files.items():
             c.write_file(p, d)
     c.close()
-    c = open_client("nat")
+    return open_client(name)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_client_reads_through_the_native_engine(make_volume, open_client, compression: str) -> None:
+    c = _written(make_volume, open_client, "nat", FILES, compression=compression)
     got = c.read_ranges([(p, 0, None) for p in FILES])
     assert got == list(FILES.values())
     assert c.reader.native_reads > 0 and c.counters()["reader.native"] == c.reader.native_reads
 
 
 def test_a_bad_copy_falls_back_to_the_python_path_which_repairs_it(make_volume, open_client) -> None:
-    make_volume("rep", nodes=3, replicas=2)
-    c = open_client("rep")
-    with c.batch():
-        for p, d in FILES.items():
-            c.write_file(p, d)
-    c.close()
-    c = open_client("rep")
+    c = _written(make_volume, open_client, "rep", FILES, replicas=2)
     rec = blocks_of_file(c, "d/f0")[0]
     primary = block_paths(c, rec)[0]
     flip_bit(primary, HEADER_SIZE + 5)
@@ -246,14 +245,8 @@ def test_version_and_status_say_which_engine_runs(make_volume) -> None:
 def test_read_files_into_scatters_natively_and_falls_back_on_a_bad_copy(make_volume, open_client, compression: str) -> None:
     """A bulk load (Checkpointer.load's read_files_into): the engine reads each block once, straight
     into the files' buffers; a block whose first copy is bad is read the Python way from its replica."""
-    make_volume("load", nodes=3, replicas=2, compression=compression)
-    c = open_client("load")
     big = {"t/a": payload(3 * BLOCK + 123, 1), "t/b": payload(BLOCK // 3, 2), "t/c": b""}
-    with c.batch():
-        for p, d in big.items():
-            c.write_file(p, d)
-    c.close()
-    c = open_client("load")
+    c = _written(make_volume, open_client, "load", big, replicas=2, compression=compression)
     flip_bit(block_paths(c, blocks_of_file(c, "t/a")[1])[0], HEADER_SIZE + 9)
     readers = [c.open_read(p) for p in big]
     bufs = [bytearray(len(d)) for d in big.values()]
