@@ -775,6 +775,9 @@ def gc(volume: str, grace: float, min_live: float, min_block_fill: float, dry_ru
                    f"than --grace) or the next gc, which deletes their blocks")
     if r.unlinked_open_files:
         click.echo(f"{verb} remove {r.unlinked_open_files} file(s) unlinked while open by a mount that died")
+    if r.stray_temps:
+        click.echo(f"{verb} remove {r.stray_temps} temporary block file(s) ({_human(r.stray_temp_bytes)}) "
+                   f"left by writers killed mid-write")
     u = r.unsynced
     if u.settled_blocks or u.lost_blocks:
         click.echo(f"{verb} sync {u.settled_blocks} block(s) that a crashed writer closed files in but never synced"

@@ -19,6 +19,7 @@ from .layout import block_key, parse_block_key
 from .meta.types import Extent
 from . import orphans
 from .meta.types import SETTLED
+from .node import StrayTemps, supports
 from .recovery import RecoveryReport, recover_unsynced
 from ..liveness import writer_gone, writer_process_gone
 
@@ -46,6 +47,8 @@ class GcReport:
     compacted_bytes: int = 0
     compacted_waiting_writer: int = 0  # compacted chunks whose blocks stay until their writer is gone or the next gc
     unlinked_open_files: int = 0  # files unlinked while open by a mount that died (storage/orphans.py)
+    stray_temps: int = 0  # temporary block files of writers killed mid-write, untouched for the grace
+    stray_temp_bytes: int = 0
     unsynced: RecoveryReport = field(default_factory=RecoveryReport)  # blocks a crashed writer never synced
 
 
@@ -181,4 +184,8 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
             report.orphan_bytes += size
             if not dry_run:
                 node.delete(key)
+        if supports(node, StrayTemps):
+            count, size = node.reclaim_temps(grace_s, dry_run)
+            report.stray_temps += count
+            report.stray_temp_bytes += size
     return report
