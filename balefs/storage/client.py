@@ -33,7 +33,7 @@ from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
 from .orphans import PREFIX as ORPHAN_XATTR
-from .layout import parse_block_key
+from .layout import node_blocks
 from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, node_is_up, supports
 from .node_registry import normalize_node_url, open_node
 from .erasure import ErasureCode
@@ -1063,8 +1063,8 @@ class Client:
             try:
                 row["capacity"], row["free"] = node.capacity()
                 if scan_nodes:
-                    orphans = [(k, size) for k, size in node.list() if (b := parse_block_key(k)) is not None and b not in known]
-                    row["orphan_blocks"], row["orphan_bytes"] = len(orphans), sum(s for _, s in orphans)
+                    orphans = [size for parsed, _key, size in node_blocks(node) if parsed not in known]
+                    row["orphan_blocks"], row["orphan_bytes"] = len(orphans), sum(orphans)
             except OSError as exc:
                 row["error"] = str(exc)
             nodes.append(row)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .client import Client
-from .layout import block_key, parse_block_key
+from .layout import block_key, node_blocks
 from .meta.types import Extent
 from . import orphans
 from .meta.types import SETTLED
@@ -172,9 +172,8 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     known = meta.block_keys()
     chunks = meta.chunk_table()
     for node in client.nodes.values():
-        for key, size in list(node.list()):
-            parsed = parse_block_key(key)
-            if parsed is None or parsed in known:
+        for parsed, key, size in list(node_blocks(node)):
+            if parsed in known:
                 continue
             info = chunks.get(parsed[0])
             if info is not None and not no_more_writes(info, grace_s):
