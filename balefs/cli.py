@@ -355,6 +355,10 @@ def grant(volume: str, prefix: str, grantee: str, access: str | None, hosts: str
     if role:
         click.echo(f"PostgreSQL role {grantee}: LOGIN until the grant ends, row-level security on /{path}; "
                    + (f"password from ${password_env}" if password_env else f"password {password} (shown once)"))
+        names = [h for h in check_hosts(hosts).split(",") if h and not _is_address(h)]
+        if names:
+            click.echo(f"note: the database sees client addresses only: host names ({', '.join(names)}) are checked by "
+                       "balefs clients, not by the key service or row-level security; give addresses or CIDR blocks", err=True)
 
 
 @main.command("grants")
@@ -387,6 +391,17 @@ def revoke(volume: str, grant_id: int) -> None:
         if not client.meta.revoke_grant(grant_id):
             raise click.BadParameter(f"volume {volume!r} has no active grant {grant_id} (see `balefs grants {volume}`)")
     click.echo(f"grant {grant_id} revoked")
+
+
+def _is_address(host: str) -> bool:
+    """Whether a grant's host is an address or CIDR block (what PostgreSQL can check), not a name."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(host, strict=False)
+        return True
+    except ValueError:
+        return False
 
 
 def _parse_date(text: str, hint: str) -> int:
