@@ -86,6 +86,8 @@ def test_grantee_role_sees_only_its_prefix_through_sql(vault, open_client, pg_ur
         assert conn.execute("SELECT count(*) FROM inodes WHERE ino = %s", (owner.stat("models/llama/w.bin").ino,)).fetchone()[0] == 0
         with pytest.raises(psycopg.errors.InsufficientPrivilege):  # a read grant changes nothing
             conn.execute("UPDATE inodes SET mode = 511 WHERE ino = %s", (a_ino,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # nor reads names past RLS through the policies' helpers
+            conn.execute("SELECT balefs_paths(%s)", (owner.stat("models/llama/w.bin").ino,))
     # the balefs client of that role reads its prefix, with the key the service released
     alice = Client(replace(load_config(vault.name), meta=_url_as(pg_url, role, password)))
     try:
@@ -177,6 +179,14 @@ def test_key_release_from_a_host_outside_the_grant_is_refused(vault, open_client
     finally:
         outside.close()
         inside.close()
+
+
+def test_cli_of_a_grantee_outside_its_hosts_is_one_clear_line(vault, open_client, pg_url) -> None:
+    owner = open_client(vault.name)
+    gid, role, password = _grant(owner, "datasets", hosts="10.99.0.0/16")
+    save_config(replace(load_config(vault.name), meta=_url_as(pg_url, role, password)), overwrite=True)
+    line = user_error("cat", "bale://vault/datasets/imagenet/a.jpg")
+    assert f"grant {gid} ({role}, read, /datasets) does not include host" in line
 
 
 def test_audit_rows_cannot_be_changed_by_grantee_or_owner(vault, open_client, pg_url) -> None:

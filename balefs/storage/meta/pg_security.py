@@ -14,6 +14,8 @@ the key service, grants as roles, row-level security on the namespace (see docs/
 - Row-level security on inodes, dentries, extents and xattrs: a role sees an entry only under
   one of its grants' prefixes (and the directories leading to it), and changes it only under a
   read-write grant's prefix. The owner role bypasses RLS (it owns the tables); so does a superuser.
+  The functions that read past RLS (balefs_paths: any inode's names; balefs_refusal: any role's
+  grants) are not executable by other roles; those the policies call answer only yes or no.
 
 Host names in a grant's hosts cannot be checked by the server (it sees an address): the server
 matches addresses and CIDR blocks only; names are left to the client's GrantChecker.
@@ -69,7 +71,7 @@ CREATE OR REPLACE FUNCTION balefs_may_inode(target BIGINT, want_write BOOLEAN, a
     THEN EXISTS (SELECT 1 FROM balefs_my_grants() g WHERE g.writable)
     ELSE EXISTS (SELECT 1 FROM balefs_paths(target) p WHERE balefs_may(p, want_write, ancestors)) END $$;
 CREATE OR REPLACE FUNCTION balefs_may_entry(parent BIGINT, name TEXT, want_write BOOLEAN, ancestors BOOLEAN) RETURNS BOOLEAN
-  LANGUAGE sql VOLATILE SET search_path FROM CURRENT AS $$
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
   SELECT EXISTS (SELECT 1 FROM balefs_paths(parent) p
     WHERE balefs_may(CASE WHEN p = '' THEN name ELSE p || '/' || name END, want_write, ancestors)) $$;
 CREATE OR REPLACE FUNCTION balefs_refusal(role TEXT) RETURNS TEXT LANGUAGE sql VOLATILE SECURITY DEFINER
@@ -96,6 +98,8 @@ BEGIN
   RETURN QUERY SELECT got, why;
 END $$;
 REVOKE ALL ON FUNCTION balefs_release_key(BIGINT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION balefs_paths(BIGINT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION balefs_refusal(TEXT) FROM PUBLIC;
 ALTER TABLE grants ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS balefs_own ON grants;
 CREATE POLICY balefs_own ON grants FOR SELECT USING (grantee = current_user);
