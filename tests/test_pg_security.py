@@ -244,3 +244,6 @@ def test_key_rotate_to_a_new_service_key_keeps_the_data(vault, open_client) -> N
     assert r.returncode == 0, r.stderr
     after = open_client(vault.name)
     assert _key_id(after) != old_id and after.read_file("models/llama/w.bin") == b"W" * 1000
+    # the key cannot leave its store with migrate-meta: one clear line, the volume left as it was
+    assert "held by its store's key service" in user_error("migrate-meta", vault.name, "--to", "sqlite:///tmp/never.db")
+    assert load_config(vault.name).meta == vault.meta

@@ -36,6 +36,12 @@ def new_master_key(store: Meta, source: MasterSource) -> tuple[bytes, dict[str, 
     return source.master_key(kdf), kdf
 
 
+def held_by_key_service(store: Meta) -> bool:
+    """Whether the volume's master key is kept by its metadata store's key service."""
+    text = store.read_setting(KEYS)
+    return text is not None and KeyRecord.from_json(text).kdf.get("kdf") == KEY_SERVICE_KDF
+
+
 def create_keys(store: Meta, source: MasterSource, volume: str) -> Keyring:
     """Make an encrypted volume's first data key, wrapped by the master key of `source`."""
     master, kdf = new_master_key(store, source)
@@ -105,4 +111,4 @@ def drop_data_keys(store: Meta, keep: set[int]) -> list[int]:
     return gone
 
 
-__all__ = ["CIPHER", "master_key", "new_master_key", "create_keys", "open_keyring", "rotate_master", "add_data_key", "drop_data_keys", "stored_record"]
+__all__ = ["CIPHER", "master_key", "new_master_key", "create_keys", "held_by_key_service", "open_keyring", "rotate_master", "add_data_key", "drop_data_keys", "stored_record"]
