@@ -222,20 +222,23 @@ def main() -> None:
 @click.option("--key-file", default="", help="The master key: a file of 32 random bytes, mode 0600 (`balefs key new PATH`).")
 @click.option("--key-env", default="", help="The master key: this environment variable (32 bytes, hex or base64).")
 @click.option("--passphrase", is_flag=True, help=f"The master key: a passphrase (scrypt), from ${PASSPHRASE_ENV} or a prompt.")
+@click.option("--key-service", type=click.Choice(["pg"]), default=None,
+              help="The master key: held by the PostgreSQL metadata (--meta postgresql://...), released only to a "
+                   "role with a valid grant from a granted host; no key on any client's disk.")
 @click.option("--audit", is_flag=True, help="Record every namespace change in the append-only audit table (on with --encrypt).")
 @click.option("--insecure-transport", is_flag=True, help="Let an encrypted volume use plain-HTTP S3 nodes or a non-TLS database.")
 @user_errors
 def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, write_quorum: int, chunk_size: str,
          block_size: str, compression: str, cache_size: str, encrypt: bool, key_file: str, key_env: str,
-         passphrase: bool, audit: bool, insecure_transport: bool) -> None:
+         passphrase: bool, key_service: str | None, audit: bool, insecure_transport: bool) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
-    keys = _key_source_options(key_file, key_env, passphrase, "--")
+    keys = _key_source_options(key_file, key_env, passphrase, "--", key_service or "")
     if encrypt and not keys:
-        raise click.UsageError("--encrypt needs the master key: --key-file PATH, --key-env VAR or --passphrase")
+        raise click.UsageError("--encrypt needs the master key: --key-file PATH, --key-env VAR, --passphrase or --key-service pg")
     if keys and not encrypt:
-        raise click.UsageError("--key-file, --key-env and --passphrase are for --encrypt")
+        raise click.UsageError("--key-file, --key-env, --passphrase and --key-service are for --encrypt")
     if passphrase:
         _ask_passphrase(confirm=True)
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
@@ -248,11 +251,12 @@ def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, w
                + (", encrypted (aes-256-gcm)" if encrypt else ""))
 
 
-def _key_source_options(key_file: str, key_env: str, passphrase: bool, prefix: str) -> dict[str, object]:
+def _key_source_options(key_file: str, key_env: str, passphrase: bool, prefix: str, key_service: str = "") -> dict[str, object]:
     """The config settings of one master key source given as options; a usage error for more than one."""
-    given = {k: v for k, v in (("key_file", key_file), ("key_env", key_env), ("key_passphrase", passphrase)) if v}
+    given = {k: v for k, v in (("key_file", key_file), ("key_env", key_env), ("key_passphrase", passphrase),
+                               ("key_service", key_service)) if v}
     if len(given) > 1:
-        names = {"key_file": "key-file", "key_env": "key-env", "key_passphrase": "passphrase"}
+        names = {"key_file": "key-file", "key_env": "key-env", "key_passphrase": "passphrase", "key_service": "key-service"}
         raise click.UsageError(" and ".join(f"{prefix}{names[k]}" for k in given) + ": name one master key source")
     return given
 
@@ -283,8 +287,10 @@ def key_new(path: str) -> None:
 @click.option("--new-key-file", default="", help="The new master key's file (32 bytes, mode 0600).")
 @click.option("--new-key-env", default="", help="The new master key's environment variable.")
 @click.option("--new-passphrase", is_flag=True, help=f"A new passphrase (from ${PASSPHRASE_ENV}_NEW or a prompt).")
+@click.option("--new-key-service", type=click.Choice(["pg"]), default=None,
+              help="A new master key made and kept by the PostgreSQL key service.")
 @user_errors
-def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase: bool) -> None:
+def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase: bool, new_key_service: str | None) -> None:
     """Wrap VOLUME's data keys with a new master key (seconds: no block is rewritten); this host's
     config then names the new key."""
     from dataclasses import replace as _replace
@@ -292,11 +298,12 @@ def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase:
     from .storage.config import load_config, save_config
     from .storage.keys import rotate_master
 
-    new = _key_source_options(new_key_file, new_key_env, new_passphrase, "--new-")
+    new = _key_source_options(new_key_file, new_key_env, new_passphrase, "--new-", new_key_service or "")
     if not new:
-        raise click.UsageError("name the new master key: --new-key-file PATH, --new-key-env VAR or --new-passphrase")
+        raise click.UsageError("name the new master key: --new-key-file PATH, --new-key-env VAR, --new-passphrase "
+                               "or --new-key-service pg")
     cfg = load_config(volume)
-    new_cfg = _replace(cfg, **{"key_file": "", "key_env": "", "key_passphrase": False, **new})
+    new_cfg = _replace(cfg, **{"key_file": "", "key_env": "", "key_passphrase": False, "key_service": "", **new})
     if new_passphrase:
         _ask_passphrase(confirm=True, env=PASSPHRASE_ENV + "_NEW")
     new_source = new_cfg.master_source()
@@ -317,9 +324,14 @@ def key_rotate(volume: str, new_key_file: str, new_key_env: str, new_passphrase:
 @click.option("--read-write", "access", flag_value="read-write", help="Read and write access.")
 @click.option("--hosts", default="", help="Hosts it holds on: names or CIDR blocks, comma-separated (default: any).")
 @click.option("--until", default=None, help="End of validity, a UTC date or time (2027-03-01, 2027-03-01T12:00); default: none.")
+@click.option("--password-env", default="",
+              help="PostgreSQL metadata: set the grantee role's password from this variable (default: a new random "
+                   "one, printed once).")
 @user_errors
-def grant(volume: str, prefix: str, grantee: str, access: str | None, hosts: str, until: str | None) -> None:
-    """Grant a user access to PREFIX (a path in VOLUME) from some hosts, until a date."""
+def grant(volume: str, prefix: str, grantee: str, access: str | None, hosts: str, until: str | None, password_env: str) -> None:
+    """Grant a user (on PostgreSQL metadata: a database role) access to PREFIX (a path in VOLUME) from some hosts, until a date."""
+    import secrets
+
     from .storage.grants import check_hosts, iso
 
     if access is None:
@@ -328,10 +340,25 @@ def grant(volume: str, prefix: str, grantee: str, access: str | None, hosts: str
     if until_ns and until_ns <= time.time_ns():
         raise click.BadParameter(f"{until!r} is in the past", param_hint="--until")
     _, path = parse_url(prefix) if _is_bale(prefix) else ("", "/".join(split_path(prefix)))
+    password = ""
+    if password_env:
+        password = os.environ.get(password_env, "")
+        if not password:
+            raise click.BadParameter(f"${password_env} is not set", param_hint="--password-env")
     with Client.open(volume) as client:
-        gid = client.meta.add_grant(grantee, path, access, check_hosts(hosts), until_ns)
+        role = client.meta.database_role() is not None
+        if role and not password:
+            password = secrets.token_urlsafe(18)
+        gid = client.meta.add_grant(grantee, path, access, check_hosts(hosts), until_ns, password=password if role else "")
     click.echo(f"grant {gid}: {grantee} may {'read' if access == 'read' else 'read and write'} /{path} "
                f"from {hosts or 'any host'}" + (f" until {iso(until_ns)}" if until_ns else ""))
+    if role:
+        click.echo(f"PostgreSQL role {grantee}: LOGIN until the grant ends, row-level security on /{path}; "
+                   + (f"password from ${password_env}" if password_env else f"password {password} (shown once)"))
+        names = [h for h in check_hosts(hosts).split(",") if h and not _is_address(h)]
+        if names:
+            click.echo(f"note: the database sees client addresses only: host names ({', '.join(names)}) are checked by "
+                       "balefs clients, not by the key service or row-level security; give addresses or CIDR blocks", err=True)
 
 
 @main.command("grants")
@@ -364,6 +391,17 @@ def revoke(volume: str, grant_id: int) -> None:
         if not client.meta.revoke_grant(grant_id):
             raise click.BadParameter(f"volume {volume!r} has no active grant {grant_id} (see `balefs grants {volume}`)")
     click.echo(f"grant {grant_id} revoked")
+
+
+def _is_address(host: str) -> bool:
+    """Whether a grant's host is an address or CIDR block (what PostgreSQL can check), not a name."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(host, strict=False)
+        return True
+    except ValueError:
+        return False
 
 
 def _parse_date(text: str, hint: str) -> int:

@@ -123,7 +123,7 @@ def make_volume(node_dirs) -> Callable[..., VolumeConfig]:
         if os.environ.get("BALEFS_TEST_ENCRYPT") == "1" and "encrypt" not in settings:
             settings["encrypt"] = True  # run a test file's volumes encrypted (tests/test_encryption.py says which)
             settings.setdefault("insecure_transport", True)  # the tests' PostgreSQL and S3 servers listen on loopback without TLS
-        if settings.get("encrypt") and not any(k in settings for k in ("key_file", "key_env", "key_passphrase")):
+        if settings.get("encrypt") and not any(k in settings for k in ("key_file", "key_env", "key_passphrase", "key_service")):
             key = dirs[0].parent / f"{name}.key"
             write_key_file(str(key))
             settings["key_file"] = str(key)

@@ -339,7 +339,8 @@ class Client:
             fmt = replace(fmt, encryption=CIPHER)
             if not cfg.insecure_transport:
                 refuse_plaintext(name, cfg.nodes, cfg.meta_url)
-            cfg.master_source().master_key(new_kdf(cfg.master_source()))  # an unusable key fails here, before anything exists
+            if not cfg.key_service:  # an unusable key fails here, before anything exists
+                cfg.master_source().master_key(new_kdf(cfg.master_source()))
         if os.path.exists(config_path(name)):
             raise VolumeExistsError(f"volume {name!r} already exists ({config_path(name)})")
         nodes = [open_node(url) for url in cfg.nodes]

@@ -10,7 +10,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError, VolumeExistsError, VolumeNotFoundError
-from .crypto import MasterSource
+from .crypto import KEY_SERVICES, MasterSource
 from .meta.types import split_path
 from .node_registry import normalize_node_url
 from .placement import parse_ec
@@ -110,6 +110,7 @@ class VolumeConfig:
     key_file: str = ""
     key_env: str = ""
     key_passphrase: bool = False
+    key_service: str = ""  # "pg": the PostgreSQL metadata holds the key, released only under a valid grant
     insecure_transport: bool = False  # let an encrypted volume use plain-HTTP nodes or a non-TLS database (transit.py)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,12 @@ class VolumeConfig:
         self.disk_cache_size = parse_size(self.disk_cache_size, "disk_cache_size")
         if self.key_file:
             self.key_file = os.path.abspath(os.path.expanduser(str(self.key_file)))
+        if self.key_service:
+            if self.key_service not in KEY_SERVICES:
+                raise ConfigError(f"key_service {self.key_service!r}: the key services are {', '.join(KEY_SERVICES)}")
+            if not self.meta_url.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(f"volume {self.name!r}: the {self.key_service} key service keeps the key in PostgreSQL "
+                                  "metadata: give --meta postgresql://...")
         if self.cache_dir:
             self.cache_dir = os.path.abspath(os.path.expanduser(str(self.cache_dir)))
         for key in ("replicas", "write_quorum", "readahead_blocks", "io_threads", "upload_inflight"):
@@ -206,7 +213,7 @@ class VolumeConfig:
 
     def master_source(self) -> MasterSource:
         """Where this host finds the volume's master key (used only if the volume is encrypted)."""
-        return MasterSource(self.key_file, self.key_env, bool(self.key_passphrase))
+        return MasterSource(self.key_file, self.key_env, bool(self.key_passphrase), key_service=self.key_service)
 
     def to_toml(self) -> str:
         data = {k: v for k, v in asdict(self).items() if k != "name"}

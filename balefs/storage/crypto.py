@@ -42,6 +42,8 @@ TAG_BYTES = 16
 OVERHEAD = NONCE_BYTES + TAG_BYTES  # what sealing adds to a payload
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 PASSPHRASE_ENV = "BALEFS_PASSPHRASE"  # where a passphrase-keyed volume's passphrase is read from
+KEY_SERVICE_KDF = "key-service"  # a KeyRecord's kdf when a key service holds the master key ("key_id": which)
+KEY_SERVICES = ("pg",)
 
 
 class KeyAccessError(ConfigError):
@@ -105,13 +107,18 @@ class MasterSource:
     key_env: str = ""
     passphrase: bool = False
     passphrase_env: str = PASSPHRASE_ENV  # the variable a passphrase is read from
+    key_service: str = ""  # "pg": the metadata store holds the key and releases it under a grant (keys.py)
 
     def describe(self) -> str:
+        if self.key_service:
+            return f"the {self.key_service} key service"
         return (f"key file {self.key_file}" if self.key_file else f"${self.key_env}" if self.key_env
                 else "a passphrase")
 
     def master_key(self, kdf: dict[str, Any]) -> bytes:
         """The master key, with `kdf` the stored record's parameters (scrypt's salt)."""
+        if self.key_service or kdf.get("kdf") == KEY_SERVICE_KDF:
+            raise KeyAccessError("the volume's master key is held by its key service (keys.master_key asks it)")
         if self.key_file:
             return read_key_file(self.key_file)
         if self.key_env:

@@ -8,6 +8,10 @@ holds a valid grant on this host, and every open (read, write, namespace change)
 grant covering the path; the volume's owner (the OS user that ran `balefs init`) is exempt.
 A refusal raises PermissionError (EACCES) naming the grant and its end, and is audited.
 
+On PostgreSQL metadata a grantee is a database role, and the database enforces the grants
+itself (meta/pg_security.py): this checker then names the connection's role as the user, and
+the owner role is exempt.
+
 Grants are re-read at most every `refresh_s` seconds, so a revoke or an expiry reaches running
 clients within that time. Handles opened before keep working until closed (as POSIX keeps an
 open file usable after a chmod); the data keys already unwrapped stay in that process's memory.
@@ -145,16 +149,27 @@ class GrantChecker:
         self.host, self._addrs = host_identity()
         self._grants: list[Grant] = []
         self._owner: str | None = None
+        self._role: tuple[str, bool] | None | bool = False  # the database role (PostgreSQL), looked up on first use
         self._loaded = 0.0
         self._lock = threading.Lock()
 
     def _load(self) -> list[Grant]:
         with self._lock:
             if time.monotonic() - self._loaded > self.refresh_s:
+                if self._role is False:
+                    self._role = self._meta.database_role()
+                    if self._role is not None:  # grants name roles, and the database enforces them too
+                        self.user, self.groups = self._role[0], set()
                 self._grants = [Grant(*row) for row in self._meta.grants()]
                 self._owner = self._meta.read_setting(OWNER)
                 self._loaded = time.monotonic()
             return self._grants
+
+    def _exempt(self, user: str) -> bool:
+        """The volume's owner: its OS user on SQLite, its owner role on PostgreSQL."""
+        if isinstance(self._role, tuple):
+            return self._role[1]
+        return self._owner is not None and self._owner == user
 
     def _mine(self, g: Grant, user: str, groups: set[str]) -> bool:
         return g.grantee == user or (g.grantee.startswith("@") and g.grantee[1:] in groups)
@@ -163,8 +178,8 @@ class GrantChecker:
         """Raise PermissionError (EACCES) unless a valid grant lets this user (or the user `uid`: a
         mount's caller), on this host, `op` `path` (read, or write when `write`); refusals are audited."""
         grants = self._load()
-        user, groups = (self.user, self.groups) if uid is None else current_user(uid)
-        if not grants or (self._owner is not None and self._owner == user):
+        user, groups = (self.user, self.groups) if uid is None or isinstance(self._role, tuple) else current_user(uid)
+        if not grants or self._exempt(user):
             return
         path = path.strip("/")
         now = time.time_ns()
@@ -176,7 +191,7 @@ class GrantChecker:
     def check_any(self) -> None:
         """Raise PermissionError unless this user holds some valid grant here (before data keys are released)."""
         grants = self._load()
-        if not grants or (self._owner is not None and self._owner == self.user):
+        if not grants or self._exempt(self.user):
             return
         now = time.time_ns()
         mine = [g for g in grants if self._mine(g, self.user, self.groups)]

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 from ..errors import BaleError
 from .config import load_config, save_config
+from .keys import held_by_key_service
 from .meta import ROOT, Inode, open_meta
 from .meta.sql import TABLES, SqlMeta
 
@@ -97,6 +98,9 @@ def migrate_meta(volume: str, to_url: str, copy_progress: Callable[[str, int], N
         raise MigrationError(f"volume {volume} already uses {to_url}")
     src = open_meta(cfg.meta_url)
     try:
+        if held_by_key_service(src):  # its wrapping key cannot leave the store it is kept in
+            raise MigrationError(f"volume {volume}'s master key is held by its store's key service: move it to a key "
+                                 f"file first (`balefs key rotate {volume} --new-key-file PATH`), then migrate")
         dst = open_meta(to_url, create=True)  # refuses a store that already holds a volume
         try:
             if not dst.is_empty():

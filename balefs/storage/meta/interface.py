@@ -90,11 +90,21 @@ class Meta(Protocol):
     def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False, limit: int = 100_000) -> list[AuditRow]:
         """Audit rows from `since_ns` on, oldest first; under the volume path prefix `path`; only refusals with `denied`."""
 
-    def add_grant(self, grantee: str, prefix: str, access: str, hosts: str, valid_until_ns: int) -> int:
-        """Record a grant (grants.py) and its audit row in one transaction; returns its id."""
+    def add_grant(self, grantee: str, prefix: str, access: str, hosts: str, valid_until_ns: int, password: str = "") -> int:
+        """Record a grant (grants.py) and its audit row in one transaction; returns its id. On PostgreSQL
+        the grantee is a role, made or updated in the same transaction (its password set when given)."""
 
     def revoke_grant(self, grant_id: int) -> bool:
         """Mark an active grant revoked now (audited); False if there is none with that id."""
+
+    def database_role(self) -> tuple[str, bool] | None:
+        """The database role this store is used as and whether it owns the volume; None on SQLite (no roles)."""
+
+    def store_wrapping_key(self, key: bytes) -> int:
+        """Keep a key service's wrapping key where only the owner reads it (PostgreSQL); returns its id."""
+
+    def release_wrapping_key(self, key_id: int) -> bytes:
+        """The key service's wrapping key, released only under a valid grant (PermissionError naming it otherwise)."""
 
     def grants(self) -> list[tuple]:
         """Every grant, revoked included: (id, grantee, prefix, access, hosts, valid_until_ns, created_ns,

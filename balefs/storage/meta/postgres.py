@@ -7,6 +7,7 @@ postgresql:// URL is opened (a missing psycopg gets the registry's install hint)
 """
 from __future__ import annotations
 
+import errno
 import functools
 import threading
 from contextlib import contextmanager
@@ -17,8 +18,9 @@ import psycopg.errors
 from psycopg_pool import ConnectionPool
 
 from ...errors import ConfigError, MetaUnavailableError, VolumeExistsError
+from . import pg_security
 from .registry import redact_url
-from .sql import SqlMeta
+from .sql import SqlMeta, retrying
 
 _NAMESPACE_LOCK = 0x62616C65  # 'bale': pg_advisory_xact_lock key of namespace-wide changes
 _SCHEMA_LOCK = 0x62616C66     # serialises schema creation and migrations across hosts
@@ -67,7 +69,8 @@ class PostgresMeta(SqlMeta):
                                 "DROP TRIGGER IF EXISTS audit_no_truncate ON audit;\n"
                                 "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
                                 "FOR EACH STATEMENT EXECUTE FUNCTION balefs_audit_append_only();\n"
-                                "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM PUBLIC;\n"}
+                                "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM PUBLIC;\n",
+                 "pg_security": pg_security.DDL}
     LOCK_SHARE = " FOR KEY SHARE OF i"
     LOCK_UPDATE = " FOR UPDATE OF i"
 
@@ -85,7 +88,9 @@ class PostgresMeta(SqlMeta):
         try:
             first = psycopg.connect(url, **kwargs)
         except psycopg.Error as exc:
-            raise MetaUnavailableError(f"cannot open metadata database {self.url}: {_first_line(exc)}") from None
+            hint = (" (a role whose grants all expired or were revoked cannot log in)"
+                    if "password authentication failed" in str(exc) else "")
+            raise MetaUnavailableError(f"cannot open metadata database {self.url}: {_first_line(exc)}{hint}") from None
         try:
             with first.transaction():
                 db = _PgDb(first)
@@ -175,8 +180,51 @@ class PostgresMeta(SqlMeta):
         return db.execute("SELECT 1 FROM information_schema.tables WHERE table_schema=current_schema() AND table_name=?",
                           (table,)).fetchone() is not None
 
+    # -- enforcement in the database (pg_security.py) ----------------------------------------
+
+    def _check_grantee(self, grantee: str) -> None:
+        pg_security.check_role_name(grantee)
+
+    def _grantee_changed(self, db: _PgDb, grantee: str, password: str = "") -> None:
+        pg_security.sync_role(db, grantee, password)
+
+    def touch_atimes(self, atimes: dict[int, int]) -> None:
+        """As SqlMeta's; a role that may not change inodes (a read grant's) leaves its reads' atimes unrecorded."""
+        try:
+            super().touch_atimes(atimes)
+        except ConfigError as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.InsufficientPrivilege):
+                raise
+
+    @retrying
+    def database_role(self) -> tuple[str, bool] | None:
+        with self._read() as db:
+            role, owner = db.execute("SELECT session_user::text, pg_has_role(session_user, tableowner, 'MEMBER') "
+                                     "FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'meta'").fetchone()
+            return role, bool(owner)
+
+    @retrying
+    def store_wrapping_key(self, key: bytes) -> int:
+        with self._write(sync=True) as db:
+            return int(db.execute("INSERT INTO key_vault(wrapping_key, created_ns) VALUES(?, balefs_now_ns()) RETURNING id",
+                                  (key,)).fetchone()[0])
+
+    def release_wrapping_key(self, key_id: int) -> bytes:
+        try:
+            with self._pool.connection() as conn:  # its own transaction: the release's audit row commits with it
+                key, refusal = conn.execute("SELECT * FROM balefs_release_key(%s::bigint)", (key_id,)).fetchone()
+        except psycopg.OperationalError as exc:
+            raise MetaUnavailableError(f"key service {self.url} unreachable: {_first_line(exc)}; no data key, "
+                                       "so nothing is read or written") from None
+        except psycopg.Error as exc:
+            raise PermissionError(errno.EACCES, f"key service {self.url} refused to release the volume's key: "
+                                                f"{_first_line(exc)}") from None
+        if key is None:
+            raise PermissionError(errno.EACCES, f"permission denied: the key service released no key: {refusal}")
+        return bytes(key)
+
     def _after_explicit_ids(self, db: _PgDb) -> None:
-        for table, col in (("inodes", "ino"), ("chunks", "id"), ("nodes", "id"), ("audit", "id"), ("grants", "id")):
+        for table, col in (("inodes", "ino"), ("chunks", "id"), ("nodes", "id"), ("audit", "id"), ("grants", "id"), ("key_vault", "id")):
             db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{col}'), "
                        f"coalesce((SELECT max({col}) FROM {table}), 0) + 1, false)")
 

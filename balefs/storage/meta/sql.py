@@ -41,7 +41,7 @@ from ...errors import ConfigError
 from ..counters import Histogram, Keyed
 from .types import ROOT, SETTLED, AuditRow, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
 # engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
@@ -107,6 +107,11 @@ CREATE TABLE IF NOT EXISTS grants(id {serial}, grantee TEXT NOT NULL, prefix TEX
   hosts TEXT NOT NULL, valid_until_ns {int} NOT NULL, created_ns {int} NOT NULL, created_by TEXT NOT NULL,
   revoked_ns {int} NOT NULL DEFAULT 0);
 """,
+    # version 7: on PostgreSQL, the enforcement that needs no honest client (pg_security.py): the key
+    # service's vault and release function, row-level security on the namespace; nothing on SQLite
+    7: """
+{pg_security}
+""",
 }
 
 #: inode kinds that hold no data and are made by mknod: 'p' a FIFO, 's' a Unix socket
@@ -118,6 +123,21 @@ TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks",
 
 _INODE_COLS = "ino, kind, mode, uid, gid, size, mtime_ns, ctime_ns, btime_ns, nlink, target, hash, atime_ns"
 _I_COLS = "i." + _INODE_COLS.replace(", ", ", i.")
+
+
+def _statements(ddl: str) -> list[str]:
+    """The statements of a migration, split at a ';' that ends a line, outside a $$ ... $$ function body."""
+    out: list[str] = []
+    pending = ""
+    for piece in re.split(r";\s*\n", ddl):
+        pending = f"{pending};\n{piece}" if pending else piece
+        if pending.count("$$") % 2 == 0:
+            if pending.strip():
+                out.append(pending)
+            pending = ""
+    if pending.strip():
+        out.append(pending)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -247,9 +267,8 @@ class SqlMeta:
             return
         db.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            for stmt in re.split(r";\s*\n", MIGRATIONS[v].format(**self.DDL_TYPES)):  # a trigger's body keeps its own ';'s
-                if stmt.strip():
-                    db.execute(stmt)
+            for stmt in _statements(MIGRATIONS[v].format(**self.DDL_TYPES)):
+                db.execute(stmt)
         db.execute("INSERT INTO meta VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                    (str(SCHEMA_VERSION),))
         if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ROOT,)).fetchone() is None:
@@ -937,14 +956,16 @@ class SqlMeta:
     # -- grants ------------------------------------------------------------------------
 
     @retrying
-    def add_grant(self, grantee: str, prefix: str, access: str, hosts: str, valid_until_ns: int) -> int:
+    def add_grant(self, grantee: str, prefix: str, access: str, hosts: str, valid_until_ns: int, password: str = "") -> int:
         """Record a grant (and its audit row, in the same transaction); returns its id."""
+        self._check_grantee(grantee)
         with self._write(sync=True) as db:
             _, user, _ = self._who()
             gid = int(db.execute("INSERT INTO grants(grantee, prefix, access, hosts, valid_until_ns, created_ns, created_by) "
                                  "VALUES(?,?,?,?,?,?,?) RETURNING id",
                                  (grantee, prefix, access, hosts, valid_until_ns, time.time_ns(), user)).fetchone()[0])
             self._audit(db, [("grant", prefix)], detail=f"grant {gid}: {grantee} {access} hosts={hosts or 'any'}", force=True)
+            self._grantee_changed(db, grantee, password)
             return gid
 
     @retrying
@@ -956,7 +977,29 @@ class SqlMeta:
                 return False
             db.execute("UPDATE grants SET revoked_ns=? WHERE id=?", (time.time_ns(), grant_id))
             self._audit(db, [("revoke", row[0])], detail=f"grant {grant_id}: {row[1]}", force=True)
+            self._grantee_changed(db, row[1])
             return True
+
+    def _check_grantee(self, grantee: str) -> None:
+        """Refuse a grantee name the engine cannot enforce (PostgreSQL: not a plain role name)."""
+
+    def _grantee_changed(self, db: Db, grantee: str, password: str = "") -> None:
+        """Bring what enforces `grantee`'s grants in the engine itself up to date (PostgreSQL: its role);
+        inside the grant's or revoke's transaction. SQLite enforces nothing itself: the client checks."""
+
+    def database_role(self) -> tuple[str, bool] | None:
+        """The database role this store is used as and whether it owns the volume (None: the engine
+        has no roles, SQLite); grants then name roles."""
+        return None
+
+    def store_wrapping_key(self, key: bytes) -> int:
+        """Keep a key service's wrapping key in the store, readable only by the owner; returns its id."""
+        raise ConfigError(f"metadata {self.url}: a key service needs PostgreSQL metadata (--meta postgresql://...)")
+
+    def release_wrapping_key(self, key_id: int) -> bytes:
+        """The key service's wrapping key `key_id`, released by the store under a valid grant of this
+        role and host (PermissionError naming the grant otherwise)."""
+        raise ConfigError(f"metadata {self.url}: a key service needs PostgreSQL metadata (--meta postgresql://...)")
 
     @retrying
     def grants(self) -> list[tuple]:

@@ -26,7 +26,8 @@ class SqliteMeta(SqlMeta):
                  "audit_guard": "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
                                 "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n"
                                 "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
-                                "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n"}
+                                "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n",
+                 "pg_security": ""}
 
     @classmethod
     def from_url(cls, url: str, create: bool = False) -> "SqliteMeta":

@@ -1,0 +1,128 @@
+"""PostgreSQL metadata over TLS with sslmode=verify-full: a test CA made here issues the server's
+certificate; the right CA connects, a wrong one is one clear error, and an encrypted volume on
+such a store needs no --insecure-transport (transit.py)."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import pwd
+import shutil
+import tempfile
+from typing import Iterator
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from helpers import run_cli, skip_or_fail, user_error
+from pg_server import PgServer
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: ec.EllipticCurvePrivateKey,
+          ca: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class TlsFiles:
+    """A test CA, a server certificate it issued for 127.0.0.1 and localhost, and an unrelated CA."""
+
+    def __init__(self, root: str) -> None:
+        ca_key, server_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+        self.ca, self.wrong_ca = os.path.join(root, "ca.pem"), os.path.join(root, "wrong-ca.pem")
+        self.cert, self.key = os.path.join(root, "server.pem"), os.path.join(root, "server.key")
+        files = {self.ca: _pem(_cert("balefs test CA", ca_key, "balefs test CA", ca_key, True)),
+                 self.wrong_ca: _pem(_cert("another CA", other_key, "another CA", other_key, True)),
+                 self.cert: _pem(_cert("127.0.0.1", server_key, "balefs test CA", ca_key, False)),
+                 self.key: server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption())}
+        for path, data in files.items():
+            with open(path, "wb") as f:
+                f.write(data)
+        os.chmod(self.key, 0o600)
+
+
+@pytest.fixture(scope="module")
+def tls_pg() -> Iterator[tuple[PgServer, TlsFiles]]:
+    """A PostgreSQL server with ssl=on and a certificate from a test CA."""
+    root = tempfile.mkdtemp(prefix="balefs-pg-tls-")
+    try:
+        tls = TlsFiles(root)
+        if os.getuid() == 0:  # the server runs as the `postgres` (or `nobody`) user: it must own its key
+            user = next((u for u in ("postgres", "nobody") if _has_user(u)))
+            pw = pwd.getpwnam(user)
+            for path in (root, tls.cert, tls.key):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+            os.chmod(root, 0o755)
+        try:
+            server = PgServer({"ssl": "on", "ssl_cert_file": tls.cert, "ssl_key_file": tls.key})
+        except FileNotFoundError as exc:
+            skip_or_fail("PG", str(exc))
+        try:
+            yield server, tls
+        finally:
+            server.destroy()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _tls_url(server: PgServer, ca: str) -> str:
+    return server.fresh_url() + f"&sslmode=verify-full&sslrootcert={ca}"
+
+
+def test_verify_full_with_the_test_ca_connects_over_tls(tls_pg) -> None:
+    import psycopg
+
+    server, tls = tls_pg
+    with psycopg.connect(_tls_url(server, tls.ca), autocommit=True) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] is True
+        assert conn.pgconn.ssl_in_use
+
+
+def test_a_wrong_ca_is_one_clear_error(tls_pg, node_dirs) -> None:
+    server, tls = tls_pg
+    (node,) = node_dirs(1, "wrong")
+    line = user_error("init", "v", "--node", str(node), "--meta", _tls_url(server, tls.wrong_ca))
+    assert "cannot open metadata database" in line and "certificate verify failed" in line
+
+
+def test_encrypted_volume_over_verify_full_needs_no_insecure_transport(tls_pg, node_dirs, open_client) -> None:
+    server, tls = tls_pg
+    (node,) = node_dirs(1, "tls")
+    r = run_cli("init", "vault", "--node", str(node), "--meta", _tls_url(server, tls.ca), "--encrypt", "--key-service", "pg")
+    assert r.returncode == 0, r.stderr
+    c = open_client("vault")
+    c.write_file("models/w.bin", b"W" * 3000)
+    assert c.read_file("models/w.bin") == b"W" * 3000
+    # the same store reached without TLS is refused for an encrypted volume
+    plain = server.fresh_url()
+    (other,) = node_dirs(1, "plain")
+    assert "without TLS" in user_error("init", "w", "--node", str(other), "--meta", plain, "--encrypt", "--key-service", "pg")
