@@ -99,7 +99,7 @@ def test_grantee_role_sees_only_its_prefix_through_sql(vault, open_client, pg_ur
         alice.close()
 
 
-def test_read_write_role_changes_only_under_its_prefix(vault, open_client, pg_url) -> None:
+def test_read_write_role_changes_only_under_its_prefix(vault, open_client, pg_url, tmp_path) -> None:
     owner = open_client(vault.name)
     _, role, password = _grant(owner, "datasets/imagenet", "read-write")
     url = _url_as(pg_url, role, password)
@@ -117,6 +117,14 @@ def test_read_write_role_changes_only_under_its_prefix(vault, open_client, pg_ur
         assert conn.execute("DELETE FROM dentries WHERE name = 'b.jpg'").rowcount == 0
         assert conn.execute("UPDATE inodes SET mode = 511 WHERE ino = %s", (models,)).rowcount == 0
     assert owner.read_file("datasets/other/b.jpg") == b"B" * 1000 and owner.stat("models").mode & 0o777 != 0o777
+    # a grant on a prefix not made yet: the client lets the put through, the database refuses the directory above it
+    _, role2, password2 = _grant(owner, "datasets/new/sub", "read-write")
+    cfg = load_config(vault.name)
+    save_config(replace(cfg, meta=_url_as(pg_url, role2, password2)), overwrite=True)
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"x" * 100)
+    line = user_error("put", str(src), "bale://vault/datasets/new/sub/x.bin")
+    assert "permission denied by the metadata database" in line and "row-level security" in line
 
 
 def test_expired_grant_cannot_log_in_or_get_keys(vault, open_client, pg_url) -> None:

@@ -10,7 +10,7 @@ A refusal raises PermissionError (EACCES) naming the grant and its end, and is a
 
 On PostgreSQL metadata a grantee is a database role, and the database enforces the grants
 itself (meta/pg_security.py): this checker then names the connection's role as the user, and
-the owner role is exempt.
+the owner role is exempt; a mount's callers (other uids) are still matched by OS user name.
 
 Grants are re-read at most every `refresh_s` seconds, so a revoke or an expiry reaches running
 clients within that time. Handles opened before keep working until closed (as POSIX keeps an
@@ -165,9 +165,9 @@ class GrantChecker:
                 self._loaded = time.monotonic()
             return self._grants
 
-    def _exempt(self, user: str) -> bool:
-        """The volume's owner: its OS user on SQLite, its owner role on PostgreSQL."""
-        if isinstance(self._role, tuple):
+    def _exempt(self, user: str, os_user: bool = False) -> bool:
+        """The volume's owner: its owner role on PostgreSQL, else (and for a mount's caller) the OS user that ran init."""
+        if isinstance(self._role, tuple) and not os_user:
             return self._role[1]
         return self._owner is not None and self._owner == user
 
@@ -178,8 +178,9 @@ class GrantChecker:
         """Raise PermissionError (EACCES) unless a valid grant lets this user (or the user `uid`: a
         mount's caller), on this host, `op` `path` (read, or write when `write`); refusals are audited."""
         grants = self._load()
-        user, groups = (self.user, self.groups) if uid is None or isinstance(self._role, tuple) else current_user(uid)
-        if not grants or self._exempt(user):
+        caller = uid is not None and uid != os.getuid()  # a mount's caller is an OS user, whatever the store
+        user, groups = current_user(uid) if caller else (self.user, self.groups)
+        if not grants or self._exempt(user, os_user=caller):
             return
         path = path.strip("/")
         now = time.time_ns()

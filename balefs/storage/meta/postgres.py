@@ -170,6 +170,9 @@ class PostgresMeta(SqlMeta):
         return getattr(self._local, "db", None) is not None
 
     def _translate(self, exc: Exception) -> Exception:
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):  # the role's grants, as the database enforces them
+            return PermissionError(errno.EACCES, f"permission denied by the metadata database: {_first_line(exc)} "
+                                                 "(the role's grants do not cover this change)")
         if isinstance(exc, psycopg.OperationalError):
             return MetaUnavailableError(f"metadata database {self.url}: {_first_line(exc)}")
         if isinstance(exc, psycopg.Error):
@@ -192,9 +195,8 @@ class PostgresMeta(SqlMeta):
         """As SqlMeta's; a role that may not change inodes (a read grant's) leaves its reads' atimes unrecorded."""
         try:
             super().touch_atimes(atimes)
-        except ConfigError as exc:
-            if not isinstance(exc.__cause__, psycopg.errors.InsufficientPrivilege):
-                raise
+        except PermissionError:
+            pass
 
     @retrying
     def database_role(self) -> tuple[str, bool] | None:
