@@ -1015,6 +1015,9 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--scrub-rate", default=None,
               help="Verify the volume's block copies in the background at most this fast, e.g. 20MB/s, rewriting bad "
                    "ones from good copies (read-write mounts); one pass, then an hour's rest. Default: off.")
+@click.option("--audit-reads", type=click.FloatRange(0, 1), default=None, metavar="RATE",
+              help="Record this share of the opens for reading in the volume's audit table (0 none, 1 every one; "
+                   "default: the config's audit_reads, 0). See `balefs audit`.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
 @metrics_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
@@ -1022,8 +1025,8 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
               attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
-              sync_interval: float | None, scrub_rate: str | None, debug: bool, metrics_at: str | None,
-              ready_fd: int | None) -> None:
+              sync_interval: float | None, scrub_rate: str | None, audit_reads: float | None, debug: bool,
+              metrics_at: str | None, ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -1036,7 +1039,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
                         sync_close=True if sync_close else None, sync_interval=sync_interval,
                         scrub_rate=None if scrub_rate is None else parse_rate(scrub_rate, "--scrub-rate"),
-                        metrics=metrics_at)
+                        audit_reads=audit_reads, metrics=metrics_at)
     if metrics_at:
         from .metrics import parse_endpoint
 

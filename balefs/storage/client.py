@@ -27,6 +27,7 @@ from .gcpause import collector_paused
 from .codec import BlockCodec
 from .crypto import CIPHER, Keyring, new_kdf
 from .grants import OWNER, GrantChecker, current_user
+from .readaudit import ReadAudit
 from .keys import create_keys, open_keyring
 from .transit import refuse_plaintext
 from . import namespace
@@ -299,6 +300,7 @@ class Client:
         self._commit_seconds = Histogram()  # one group commit: flush of the open block, metadata transaction
         self.counter_registry = self._gather_counters()
         self._syncer = BackgroundSync(self.sync, cfg.sync_interval)
+        self._read_audit = ReadAudit(lambda: self.meta, cfg.audit_reads)
 
     @property
     def meta(self) -> Meta:
@@ -571,16 +573,25 @@ class Client:
 
     # -- reading -------------------------------------------------------------------------
 
-    def open_read(self, path: str) -> FileReader:
-        """A reader of the current version of a file: its inode and extents come from one query."""
-        self.revalidate()
-        self.allow(path, write=False)
-        hit = self._locate([path])[path]
-        if isinstance(hit, Exception):
-            raise hit
-        node, extents = hit
-        if node.kind == "d":
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    def open_read(self, path: str, uid: int | None = None, audit: bool = True) -> FileReader:
+        """A reader of the current version of a file: its inode and extents come from one query.
+        With audit (an open for reading, not a writer's), the open is drawn for the audit trail at
+        the config's audit_reads rate, as this process's user's or `uid`'s (a mount's caller)."""
+        try:
+            self.revalidate()
+            self.allow(path, write=False)
+            hit = self._locate([path])[path]
+            if isinstance(hit, Exception):
+                raise hit
+            node, extents = hit
+            if node.kind == "d":
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        except OSError as exc:
+            if audit:
+                self._read_audit.opened(path, exc, uid)
+            raise
+        if audit:
+            self._read_audit.opened(path, None, uid)
         return FileReader(self, path, node, [_extent(e) for e in extents])
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
@@ -598,6 +609,9 @@ class Client:
                 except PermissionError as exc:
                     refused[p] = exc
         found = {**self._locate({p for p, _, _ in requests} - refused.keys()), **refused}
+        if self._read_audit.rate:
+            for p, hit in found.items():
+                self._read_audit.opened(p, hit if isinstance(hit, OSError) else None)
         out: list[bytes | Exception] = [b""] * len(requests)
         plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
         for i, (p, start, end) in enumerate(requests):
@@ -756,7 +770,7 @@ class Client:
             self._check_parent(parent_path, path)
         if append:
             try:
-                return self.extend_write(path, self.open_read(path))
+                return self.extend_write(path, self.open_read(path, audit=False))
             except FileNotFoundError:
                 pass
         fw = FileWriter(self, "/".join(split_path(path)), mode, exclusive)

@@ -199,7 +199,7 @@ class GrantChecker:
         else:
             why = f"no grant gives {user} {want} access there"
         try:
-            self._meta.record_audit(op, path, "denied", f"{user}@{self.host}: {why}")
+            self._meta.record_audit(op, path, "denied", f"{user}@{self.host}: {why}", user=user)
         except Exception:  # noqa: BLE001 - the refusal stands even if it cannot be recorded
             log.warning("volume %s: could not audit a refused access to %s", self.volume, where)
         raise PermissionError(errno.EACCES, f"permission denied: {why}", where)
