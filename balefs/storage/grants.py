@@ -4,8 +4,9 @@ A grant names a grantee (an OS user, or `@group` for the members of an OS group)
 prefix, `read` or `read-write`, hosts (names or CIDR blocks; empty: any) and an end of validity
 (0: none). A volume with no grant is open to whoever can open it (as before). Once a volume has
 a grant, the client enforces them: it unwraps an encrypted volume's data keys only when its user
-holds a valid grant on this host, and every open (read, write, namespace change) needs a valid
-grant covering the path; the volume's owner (the OS user that ran `balefs init`) is exempt.
+holds a valid grant on this host, and only the data keys of the key domains its grants cover
+(keys.released), and every open (read, write, namespace change) needs a valid grant covering the
+path; the volume's owner (the OS user that ran `balefs init`) is exempt.
 A refusal raises PermissionError (EACCES) naming the grant and its end, and is audited.
 
 Grants are re-read at most every `refresh_s` seconds, so a revoke or an expiry reaches running
@@ -173,16 +174,20 @@ class GrantChecker:
             return
         self._refuse(path, op, write, relevant, now, user)
 
-    def check_any(self) -> None:
-        """Raise PermissionError unless this user holds some valid grant here (before data keys are released)."""
+    def check_any(self) -> list[str] | None:
+        """Raise PermissionError unless this user holds some valid grant here (before data keys are
+        released); the path prefixes of those grants, which say which key domains' keys are released
+        (None: the volume has no grant, or this user owns it: every key)."""
         grants = self._load()
         if not grants or (self._owner is not None and self._owner == self.user):
-            return
+            return None
         now = time.time_ns()
         mine = [g for g in grants if self._mine(g, self.user, self.groups)]
-        if any(g.state(now) == "active" and host_matches(g.hosts, self.host, self._addrs) for g in mine):
-            return
+        valid = [g.prefix for g in mine if g.state(now) == "active" and host_matches(g.hosts, self.host, self._addrs)]
+        if valid:
+            return valid
         self._refuse("", "key", False, mine, now, self.user)
+        return []  # not reached: _refuse raises
 
     def _refuse(self, path: str, op: str, write: bool, relevant: list[Grant], now: int, user: str) -> None:
         want = "read-write" if write else "read"
