@@ -14,6 +14,7 @@ from balefs.storage.crypto import KeyAccessError, KeyRecord, KeyWithheld
 from balefs.storage.gc import collect_garbage
 from balefs.storage.grants import OWNER, current_user
 from balefs.storage.keys import KEYS, released, stored_record
+from balefs.storage.rebalance import plan_rebalance, run_moves
 from balefs.storage.rekey import rekey
 
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
@@ -55,7 +56,7 @@ def vault(make_volume):
 
 
 @pytest.mark.parametrize("sync_close", [True, False])
-def test_files_of_different_domains_never_share_a_chunk(vault, open_client, sync_close) -> None:
+def test_files_of_different_domains_never_share_a_chunk(vault, open_client, node_dirs, sync_close) -> None:
     c = open_client(vault.name, sync_close=sync_close)
     assert c.key_domains() == [IMAGENET, "models/secret"]
     want = {}
@@ -85,6 +86,13 @@ def test_files_of_different_domains_never_share_a_chunk(vault, open_client, sync
     report = collect_garbage(fresh, grace_s=0, min_live=0.9, min_block_fill=0)  # each domain's files kept apart
     assert report.compacted_chunks >= 3
     check = open_client(vault.name)
+    _assert_one_domain_per_chunk(check)
+    assert _files(check) == want
+    Client.add_nodes(vault.name, [str(node_dirs(1, "extra")[0])])
+    moved = open_client(vault.name)
+    report = run_moves(moved, plan_rebalance(moved))  # ciphertext copied as it is: each chunk stays in its domain
+    assert report.moved > 0
+    check = open_client(vault.name, cache_size=0)
     _assert_one_domain_per_chunk(check)
     assert _files(check) == want
 
