@@ -97,11 +97,24 @@ def _groups(chunks: list[int], live: dict[int, int]) -> list[list[int]]:
     return [g for g in groups if g]
 
 
+def _chunk_domains(client: Client, chunks: set[int]) -> dict[int, str]:
+    """The key domain of each chunk (by the data key its layout records) on an encrypted volume
+    with key domains; empty otherwise (every chunk the volume's own)."""
+    ring = client.identity.keyring
+    if ring is None or not ring.has_domains:
+        return {}
+    return {c: ring.key_domains.get(int(layout.key_id), "") for c, layout in client.meta.chunk_layouts(chunks).items()
+            if layout is not None and (layout.key_id or "").isdigit()}
+
+
 def _rewrite(client: Client, per_file: dict[int, list[Extent]]) -> None:
     """Append the files' extents into gc's own chunk, in their old order on disk (each old
     block read once), and repoint the files in one transaction (a file changed meanwhile keeps
     its old bytes)."""
-    items = sorted(((ino, e) for ino, old in per_file.items() for e in old), key=lambda it: (it[1].chunk, it[1].chunk_off))
+    domain = _chunk_domains(client, {e.chunk for old in per_file.values() for e in old})
+    # a chunk holds one key domain's files: each domain's bytes together, so gc's chunks are cut once per domain
+    items = sorted(((ino, e) for ino, old in per_file.items() for e in old),
+                   key=lambda it: (domain.get(it[1].chunk, ""), it[1].chunk, it[1].chunk_off))
     new: dict[int, list[Extent]] = {ino: [] for ino in per_file}
     gens: list[int] = []
     batch: list[tuple[int, Extent]] = []
@@ -114,7 +127,7 @@ def _rewrite(client: Client, per_file: dict[int, list[Extent]]) -> None:
         for (ino, e), data in zip(batch, client.reader.read_many([([e], e.off, e.off + e.length) for _, e in batch])):
             if isinstance(data, Exception):
                 raise data
-            gen, pieces = client.writer.append(data)
+            gen, pieces = client.writer.append(data, domain.get(e.chunk, ""))
             gens.append(gen)
             pos = e.off
             for chunk, coff, length in pieces:
