@@ -3,63 +3,27 @@ certificate; the right CA connects, a wrong one is one clear error, and an encry
 such a store needs no --insecure-transport (transit.py)."""
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import pwd
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from helpers import run_cli, skip_or_fail, user_error
 from pg_server import PgServer
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: ec.EllipticCurvePrivateKey,
-          ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
+from tls_support import TestCA
 
 
 class TlsFiles:
-    """A test CA, a server certificate it issued for 127.0.0.1 and localhost, and an unrelated CA."""
+    """A test CA, a server certificate it issued for 127.0.0.1, and an unrelated CA."""
 
     def __init__(self, root: str) -> None:
-        ca_key, server_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-        self.ca, self.wrong_ca = os.path.join(root, "ca.pem"), os.path.join(root, "wrong-ca.pem")
-        self.cert, self.key = os.path.join(root, "server.pem"), os.path.join(root, "server.key")
-        files = {self.ca: _pem(_cert("balefs test CA", ca_key, "balefs test CA", ca_key, True)),
-                 self.wrong_ca: _pem(_cert("another CA", other_key, "another CA", other_key, True)),
-                 self.cert: _pem(_cert("127.0.0.1", server_key, "balefs test CA", ca_key, False)),
-                 self.key: server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption())}
-        for path, data in files.items():
-            with open(path, "wb") as f:
-                f.write(data)
-        os.chmod(self.key, 0o600)
+        ca = TestCA(Path(root))
+        self.ca, self.wrong_ca = str(ca.cert_path), str(TestCA(Path(root), "another CA").cert_path)
+        self.cert, self.key = map(str, ca.issue(Path(root)))
 
 
 @pytest.fixture(scope="module")
