@@ -281,6 +281,30 @@ def test_disk_cache_holds_only_ciphertext(enc, open_client, tmp_path) -> None:
     assert warm.disk_cache.counters.snapshot()["hits"] >= len(data)
 
 
+def test_host_cache_keeps_ciphertext_and_serves_the_reader_its_own_copy(enc, open_client, tmp_path) -> None:
+    """A loader's host cache (mapped): the entry is written sealed before the read returns; the
+    reader keeps the bytes it decrypted (a mapping would show ciphertext) and opens none again."""
+    c = open_client(enc.name)
+    data = {f"f{i}": _secret(20_000, i) for i in range(4)}
+    for p, b in data.items():
+        c.write_file(p, b)
+    cache = tmp_path / "hostcache"
+    reader = open_client(enc.name, cache_dir=str(cache), host_cache=True)
+    assert reader.reader.mapped
+    unsealed = []
+    sealer = reader.disk_cache.sealer
+    real = sealer.unseal
+    sealer.unseal = lambda key, blob: unsealed.append(key) or real(key, blob)
+    assert all(reader.read_file(p) == b for p, b in data.items())
+    assert unsealed == []  # nothing just sealed was opened again
+    assert len(_all_files(cache)) >= 1 and _holds_marker(cache) == []
+    other = open_client(enc.name, cache_dir=str(cache), host_cache=True)  # another process of the host
+    for n in other.nodes.values():
+        shutil.rmtree(n.url, ignore_errors=True) if os.path.isdir(n.url) else None
+    assert all(other.read_file(p) == b for p, b in data.items())
+    assert other.disk_cache.counters.snapshot()["hits"] >= 1
+
+
 def test_nonces_never_repeat_over_many_blocks_and_concurrent_writers(make_volume, open_client) -> None:
     vol = make_volume("nonce", nodes=2, encrypt=True, block_size=4096, chunk_size=64 * 1024)
     clients = [open_client(vol.name) for _ in range(4)]
