@@ -1,12 +1,17 @@
 """Encrypted against plain volume, side by side in one run (issue 18), and the CPU's AES-256-GCM rate.
 
-Two volumes of the same format on the same disk, one `--encrypt` (AES-256-GCM, a key file), one
-plain. For each, in alternating order, best of `--rounds`: `balefs put` of a tree of small files
-(4-64 KiB), fsspec `cat` of every file cold (page cache dropped, a fresh client) and warm (the
-same client again), a checkpoint save (time blocked in save() and time until durable, write MB/s)
-and a cold load. Also the raw AES-256-GCM seal and open rate of this CPU (4 MiB buffers, one
-thread), the ceiling of what encryption can cost. Prints a Markdown table with each encrypted
-figure as a ratio of the plain one (higher is better for the encrypted volume; bar >= 0.9).
+Two volumes of the same format on the same disk, one `--encrypt` (AES-256-GCM, a key file;
+audited, as every encrypted volume is), one plain. For each, in alternating order, best of
+`--rounds`: `balefs put` of a tree of small files (4-64 KiB), fsspec `cat` of every file cold
+(page cache dropped, a fresh client) and warm (the same client again), every file read through a
+fresh `balefs mount` of the volume with the page cache dropped (16 reader threads), loader
+samples/s (BaleIterableDataset over the tree in a torch DataLoader, 2 workers, page cache
+dropped), a checkpoint save (time blocked in save() and time until durable, write MB/s) and a
+cold load. Also the raw AES-256-GCM seal and open rate of this CPU (4 MiB buffers, one thread),
+the ceiling of what encryption can cost, and `put` on a third, plain volume with `--audit` only:
+what the encrypted volume's audit trail costs on its own (not part of the bar). Prints a Markdown
+table with each encrypted figure as a ratio of the plain one (higher is better for the encrypted
+volume; bar >= 0.9).
 
     PYTHONPATH=$PWD python benchmarks/encryption.py --files 4000 --ckpt 512MiB --workdir /tmp/encbench --json out.json
 """
@@ -18,12 +23,15 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mounts import Mount  # noqa: E402
 from pagecache import drop_caches, log  # noqa: E402
 
 MB = 1e6
@@ -67,11 +75,15 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "balefs.cli", *args], check=True, capture_output=True)
 
 
-def bench_put(volume: str, tree: str, dest: str) -> float:
+def bench_put(volume: str, tree: str, dest: str) -> tuple[float, float]:
+    """(wall s, CPU s of the put process) of `balefs put` of the tree, page cache dropped."""
     drop_caches("encryption.py")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     cli("put", tree, f"bale://{volume}/{dest}")
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def bench_cat(volume: str, dest: str) -> tuple[float, float, int]:
@@ -92,6 +104,55 @@ def bench_cat(volume: str, dest: str) -> tuple[float, float, int]:
         c.close()
     fs._clients.clear()
     return cold, warm, nbytes
+
+
+def _read_whole(path: str) -> int:
+    with open(path, "rb", buffering=0) as f:
+        return len(f.read())
+
+
+def bench_mount(volume: str, dest: str, mp: str) -> tuple[float, int]:
+    """(s, bytes) of reading every file of the tree through a fresh mount, page cache dropped, 16 threads."""
+    mount = Mount(volume, mp, [])
+    mount.up()
+    try:
+        root = os.path.join(mp, dest)
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+        drop_caches("encryption.py")
+        t = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            nbytes = sum(pool.map(_read_whole, files))
+        return time.perf_counter() - t, nbytes
+    finally:
+        mount.down()
+
+
+def _batch_size(batch: list) -> tuple[int, int]:
+    """A DataLoader's collate_fn: (samples, bytes) of a batch of (sample, label) (nothing else kept)."""
+    return len(batch), sum(len(data) for data, _ in batch)
+
+
+def bench_loader(volume: str, dest: str, files: int) -> tuple[float, int]:
+    """(s, bytes) of one epoch of BaleIterableDataset over the tree in a DataLoader (2 workers,
+    batches of 64), page cache dropped; its snapshot is built before, untimed."""
+    from torch.utils.data import DataLoader
+
+    from balefs.loaders.torch import BaleIterableDataset
+
+    url = f"bale://{volume}/{dest}"
+    BaleIterableDataset(url).source  # noqa: B018 - builds the snapshot the timed pass reuses
+    drop_caches("encryption.py")
+    loader = DataLoader(BaleIterableDataset(url, shuffle=True, seed=0, label="dir"), batch_size=64, num_workers=2,
+                        prefetch_factor=4, collate_fn=_batch_size)
+    t = time.perf_counter()
+    samples = nbytes = 0
+    for n, size in loader:
+        samples += n
+        nbytes += size
+    took = time.perf_counter() - t
+    if samples != files:
+        raise SystemExit(f"encryption.py: the loader gave {samples} samples of {files} files")
+    return took, nbytes
 
 
 def bench_ckpt(volume: str, state: dict, rnd: int) -> dict:
@@ -134,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--workdir {args.workdir} exists: give a fresh path (it is deleted at the end)")
     os.makedirs(args.workdir)
     os.environ["BALEFS_HOME"] = os.path.join(args.workdir, "home")
+    os.environ["BALEFS_CACHE_DIR"] = os.path.join(args.workdir, "cache")  # the loaders' host cache, not the machine's
     try:
         import torch
 
@@ -145,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"AES-256-GCM, one thread, 4 MiB buffers: seal {seal:,.0f} MB/s, open {open_:,.0f} MB/s")
         key = os.path.join(args.workdir, "vol.key")
         write_key_file(key)
-        for name, extra in (("plain", {}), ("sealed", {"encrypt": True, "key_file": key})):
+        for name, extra in (("plain", {}), ("sealed", {"encrypt": True, "key_file": key}), ("audited", {"audit": True})):
             nodes = [os.path.join(args.workdir, name, f"n{i}") for i in range(2)]
             for n in nodes:
                 os.makedirs(n)
@@ -155,46 +217,73 @@ def main(argv: list[str] | None = None) -> int:
         log(f"tree: {args.files} files, {tree_bytes / MB:.0f} MB")
         numel = ckpt_bytes // 4 // 8
         state = {f"layer{i}": torch.randn(numel) for i in range(8)}
-        figures: dict[str, dict[str, float]] = {"plain": {}, "sealed": {}}
+        figures: dict[str, dict[str, float]] = {"plain": {}, "sealed": {}, "audited": {}}
+        mp = os.path.join(args.workdir, "mnt")
+
+        runs: dict[str, dict[str, list[float]]] = {side: {} for side in figures}
 
         def keep(side: str, key: str, value: float) -> None:
             figures[side][key] = min(value, figures[side].get(key, float("inf")))
+            runs[side].setdefault(key, []).append(value)
 
-        for rnd in range(args.rounds):
-            for side in (("plain", "sealed") if rnd % 2 == 0 else ("sealed", "plain")):
-                put_s = bench_put(side, tree, f"t{rnd}")
-                cold, warm, nbytes = bench_cat(side, f"t{rnd}")
-                ck = bench_ckpt(side, state, rnd)
-                log(f"{side} round {rnd}: put {put_s:.2f}s, cat cold {cold:.2f}s warm {warm:.2f}s, "
-                    f"ckpt blocked {ck['blocked_s']:.3f}s save {ck['save_s']:.2f}s load {ck['load_s']:.2f}s")
+        for rnd in range(args.rounds):  # each figure of both sides back to back, so both see the same machine
+            sides = ("plain", "sealed") if rnd % 2 == 0 else ("sealed", "plain")
+            dest = f"t{rnd}"
+            for side in sides + ("audited",):
+                put_s, put_cpu = bench_put(side, tree, dest)
                 keep(side, "put_s", put_s)
+                keep(side, "put_cpu_s", put_cpu)
+            for side in sides:
+                cold, warm, nbytes = bench_cat(side, dest)
                 keep(side, "cat_cold_s", cold)
                 keep(side, "cat_warm_s", warm)
-                for k, v in ck.items():
+                if nbytes != tree_bytes:
+                    raise SystemExit(f"encryption.py: {side} cat read {nbytes} bytes of {tree_bytes}")
+            for side in sides:
+                mount_s, nbytes = bench_mount(side, dest, mp)
+                keep(side, "mount_cold_s", mount_s)
+                if nbytes != tree_bytes:
+                    raise SystemExit(f"encryption.py: {side} mount read {nbytes} bytes of {tree_bytes}")
+            for side in sides:
+                loader_s, nbytes = bench_loader(side, dest, args.files)
+                keep(side, "loader_s", loader_s)
+                if nbytes != tree_bytes:
+                    raise SystemExit(f"encryption.py: {side} loader read {nbytes} bytes of {tree_bytes}")
+            for side in sides:
+                for k, v in bench_ckpt(side, state, rnd).items():
                     keep(side, k, v)
+            for side in sides + ("audited",):
+                log(f"{side} round {rnd}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in runs[side].items()))
         rows = [("put (balefs put, files/s)", "put_s", args.files, ""),
                 ("fsspec cat cold (MB/s)", "cat_cold_s", tree_bytes / MB, ""),
                 ("fsspec cat warm (MB/s)", "cat_warm_s", tree_bytes / MB, ""),
+                ("mount cold reads, 16 threads (MB/s)", "mount_cold_s", tree_bytes / MB, ""),
+                ("loader, BaleIterableDataset, 2 workers (samples/s)", "loader_s", args.files, ""),
                 ("checkpoint save, blocked (s)", "blocked_s", None, "time"),
                 ("checkpoint save until durable (write MB/s)", "save_s", ckpt_bytes / MB, ""),
                 ("checkpoint load cold (MB/s)", "load_s", ckpt_bytes / MB, "")]
-        print("| figure | plain | encrypted | encrypted / plain |\n|---|---|---|---|")
+        print("| figure | plain | encrypted | encrypted / plain (best of rounds) | each round, paired |\n|---|---|---|---|---|")
         ratios = {}
         for label, key_, amount, kind in rows:
             a, b = figures["plain"][key_], figures["sealed"][key_]
-            if kind == "time":
-                ratio = a / b  # less time is better: plain time / encrypted time
-                print(f"| {label} | {a:.3f} | {b:.3f} | {ratio:.2f} |")
-            else:
-                ratio = (amount / b) / (amount / a)
-                print(f"| {label} | {amount / a:,.0f} | {amount / b:,.0f} | {ratio:.2f} |")
+            ratio = a / b  # the same amount in less time is better: plain time / encrypted time
+            paired = " / ".join(f"{p / q:.2f}" for p, q in zip(runs["plain"][key_], runs["sealed"][key_]))
+            shown = (f"{a:.3f} | {b:.3f}" if kind == "time" else f"{amount / a:,.0f} | {amount / b:,.0f}")
+            print(f"| {label} | {shown} | {ratio:.2f} | {paired} |")
             ratios[key_] = round(ratio, 2)
-        print(f"| AES-256-GCM of this CPU, one thread (seal / open MB/s) | - | {seal:,.0f} / {open_:,.0f} | - |")
+        print(f"| AES-256-GCM of this CPU, one thread (seal / open MB/s) | - | {seal:,.0f} / {open_:,.0f} | - | - |")
+        cpu = {side: figures[side]["put_cpu_s"] for side in figures}
+        print(f"| put, CPU of the `balefs put` process (s, user + sys; not in the bar) | {cpu['plain']:.2f} | {cpu['sealed']:.2f} "
+              f"| {cpu['plain'] / cpu['sealed']:.2f} | - |")
+        audit_ratio = figures["plain"]["put_s"] / figures["audited"]["put_s"]
+        print(f"| put on a plain volume with --audit only (files/s; not in the bar) | {args.files / figures['plain']['put_s']:,.0f} "
+              f"| {args.files / figures['audited']['put_s']:,.0f} (audited plain) | {audit_ratio:.2f} | - |")
         worst = min(ratios.values())
         print(f"bar: every encrypted figure >= 0.9x plain: worst {worst:.2f} {'PASS' if worst >= 0.9 else 'MISS'}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"figures": figures, "ratios": ratios, "aes_seal_mb_s": round(seal), "aes_open_mb_s": round(open_),
+                json.dump({"figures": figures, "runs": runs, "ratios": ratios, "audited_put_ratio": round(audit_ratio, 2),
+                           "aes_seal_mb_s": round(seal), "aes_open_mb_s": round(open_),
                            "files": args.files, "tree_bytes": tree_bytes, "ckpt_bytes": ckpt_bytes}, f, indent=2)
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)

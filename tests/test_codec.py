@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from balefs.errors import CorruptBlockError
 from balefs.storage.codec import FLAG_LZ4, HEADER_SIZE, MAGIC, BlockCodec
+from balefs.storage.crypto import Keyring
 
 from helpers import payload
 
@@ -171,3 +172,30 @@ def test_format_1_blocks_are_still_read() -> None:
     damaged[-1] ^= 1
     with pytest.raises(CorruptBlockError, match="checksum mismatch"):
         DEC.decode(bytes(damaged), 9, 9)
+
+
+def _sealing(compression: str = "none", key: bytes = bytes(range(32))) -> BlockCodec:
+    return BlockCodec(compression, VOL, Keyring(VOL, {1: key}, 1))
+
+
+def test_sealed_block_decoded_straight_into_a_buffer() -> None:
+    blob = _sealing().encode(RANDOM, *AT)
+    into = memoryview(bytearray(len(RANDOM)))
+    assert _sealing().decode(blob, *AT, into) is into and into == RANDOM
+    short = memoryview(bytearray(len(RANDOM) - 1))  # not exactly the block: returned as usual, `short` untouched
+    got = _sealing().decode(blob, *AT, short)
+    assert got is not short and bytes(got) == RANDOM and not any(short)
+
+
+def test_compressed_or_plain_block_is_returned_not_decoded_into() -> None:
+    for codec, raw in ((_sealing("lz4"), COMPRESSIBLE), (BlockCodec(volume=VOL), RANDOM)):
+        into = memoryview(bytearray(len(raw)))
+        got = codec.decode(codec.encode(raw, *AT), *AT, into)
+        assert got is not into and bytes(got) == raw
+
+
+def test_block_decoded_into_a_buffer_under_the_wrong_key_is_refused() -> None:
+    """Its checksum (of the ciphertext) holds, its tag does not: an error, never the bytes."""
+    blob = _sealing().encode(RANDOM, *AT)
+    with pytest.raises(CorruptBlockError, match="authentication failed"):
+        _sealing(key=bytes(32)).decode(blob, *AT, memoryview(bytearray(len(RANDOM))))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import xxhash
 
 from balefs.errors import CorruptBlockError
 from balefs.storage.client import Client
@@ -185,6 +186,38 @@ def test_flipped_ciphertext_byte_names_chunk_block_node_and_is_repaired(enc, ope
     assert f"chunk {rec.chunk} block {rec.idx}" in msg and "node" in msg and MARK.decode() not in msg
 
 
+def _forge(path: Path, codec, rec) -> None:
+    """Flip a ciphertext bit of a block file and fix its checksums: only the GCM tag can tell."""
+    data = bytearray(path.read_bytes())
+    data[HEADER_SIZE + NONCE_BYTES + 100] ^= 1
+    digest = xxhash.xxh3_64_intdigest(bytes(data[HEADER_SIZE:]), codec._seed(rec.chunk, rec.idx))
+    data[16:24] = struct.pack("<Q", digest)
+    data[24:32] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(data[:24])))
+    path.write_bytes(bytes(data))
+
+
+def test_bulk_load_decrypts_in_place_and_a_forged_copy_is_overwritten(make_volume, open_client) -> None:
+    """read_files_into (a checkpoint load) decrypts whole blocks straight into the buffers; a copy
+    whose checksum holds but whose tag fails leaves garbage there that the good replica replaces."""
+    make_volume("inplace", encrypt=True, replicas=2)
+    c = open_client("inplace")
+    files = {"a": payload(3 * BLOCK + 123, 1), "b": payload(BLOCK // 3, 2)}
+    for path, blob in files.items():
+        c.write_file(path, blob)
+    rec = blocks_of_file(c, "a")[1]
+    _forge(block_paths(c, rec)[0], c.codec, rec)
+    c2 = open_client("inplace")
+    ring = c2.codec.keyring
+    in_place = []
+    real = ring.open_into
+    ring.open_into = lambda *a: in_place.append(a[1]) or real(*a)
+    bufs = [bytearray(len(b)) for b in files.values()]
+    c2.read_files_into([(c2.open_read(p), buf) for p, buf in zip(files, bufs)], threads=2)
+    assert [bytes(b) for b in bufs] == list(files.values())
+    assert len(in_place) >= 2  # blocks 0 and 1 of a fill a piece of its buffer each: decrypted there
+    assert c2.reader.repaired == 1  # the forged copy, rewritten from the good one
+
+
 def _swap(a: Path, b: Path) -> None:
     da, db = a.read_bytes(), b.read_bytes()
     a.write_bytes(db)
@@ -246,6 +279,30 @@ def test_disk_cache_holds_only_ciphertext(enc, open_client, tmp_path) -> None:
         shutil.rmtree(n.url, ignore_errors=True) if os.path.isdir(n.url) else None
     assert all(warm.read_file(p) == b for p, b in data.items())
     assert warm.disk_cache.counters.snapshot()["hits"] >= len(data)
+
+
+def test_host_cache_keeps_ciphertext_and_serves_the_reader_its_own_copy(enc, open_client, tmp_path) -> None:
+    """A loader's host cache (mapped): the entry is written sealed before the read returns; the
+    reader keeps the bytes it decrypted (a mapping would show ciphertext) and opens none again."""
+    c = open_client(enc.name)
+    data = {f"f{i}": _secret(20_000, i) for i in range(4)}
+    for p, b in data.items():
+        c.write_file(p, b)
+    cache = tmp_path / "hostcache"
+    reader = open_client(enc.name, cache_dir=str(cache), host_cache=True)
+    assert reader.reader.mapped
+    unsealed = []
+    sealer = reader.disk_cache.sealer
+    real = sealer.unseal
+    sealer.unseal = lambda key, blob: unsealed.append(key) or real(key, blob)
+    assert all(reader.read_file(p) == b for p, b in data.items())
+    assert unsealed == []  # nothing just sealed was opened again
+    assert len(_all_files(cache)) >= 1 and _holds_marker(cache) == []
+    other = open_client(enc.name, cache_dir=str(cache), host_cache=True)  # another process of the host
+    for n in other.nodes.values():
+        shutil.rmtree(n.url, ignore_errors=True) if os.path.isdir(n.url) else None
+    assert all(other.read_file(p) == b for p, b in data.items())
+    assert other.disk_cache.counters.snapshot()["hits"] >= 1
 
 
 def test_nonces_never_repeat_over_many_blocks_and_concurrent_writers(make_volume, open_client) -> None:

@@ -35,7 +35,7 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 
 from ..errors import CorruptBlockError
-from .crypto import Keyring, KeyWithheld
+from .crypto import OVERHEAD, Keyring, KeyWithheld
 
 MAGIC = b"BALE"
 VERSION = 2
@@ -137,9 +137,12 @@ class BlockCodec:
     def _record_aad(self, chunk: int, idx: int, raw_off: int) -> bytes:
         return f"balefs-growing/{self.volume}/{chunk}/{idx}/{VERSION}/{raw_off}".encode()
 
-    def decode(self, blob: bytes | memoryview, chunk: int, idx: int) -> bytes | memoryview:
+    def decode(self, blob: bytes | memoryview, chunk: int, idx: int, into: memoryview | None = None) -> bytes | memoryview:
         """Return the raw bytes of block `idx` of `chunk`; raise CorruptBlockError if anything is
-        off, or if the block is another one (of another chunk, index or volume)."""
+        off, or if the block is another one (of another chunk, index or volume). With `into` (a
+        writable buffer of exactly the block's raw length), a sealed block that is stored whole and
+        uncompressed is decrypted straight into it and `into` is returned (a bulk load's destination:
+        no copy of the block); any other block is returned as usual, for the caller to copy."""
         if len(blob) < HEADER_SIZE:
             raise CorruptBlockError(f"truncated header ({len(blob)} bytes)")
         head = bytes(blob[: _HEAD.size])
@@ -158,7 +161,7 @@ class BlockCodec:
             raise CorruptBlockError(f"truncated payload ({len(payload)} of {stored_len} bytes)")
         raw: bytes | memoryview = payload
         if flags & FLAG_AESGCM or self.keyring is not None:
-            raw = self._open(payload, chunk, idx, flags, key_no, raw_len, digest)
+            raw = self._open(payload, chunk, idx, flags, key_no, raw_len, digest, into)
         if flags & FLAG_LZ4:
             try:
                 raw = lz4.frame.decompress(raw)
@@ -172,8 +175,10 @@ class BlockCodec:
             raise CorruptBlockError("checksum mismatch (damaged bytes, or a block of another chunk, index or volume)")
         return raw
 
-    def _open(self, payload: memoryview, chunk: int, idx: int, flags: int, key_no: int, raw_len: int, digest: int) -> bytes:
-        """The sealed payload opened: checked against its xxh3, then authenticated and decrypted."""
+    def _open(self, payload: memoryview, chunk: int, idx: int, flags: int, key_no: int, raw_len: int, digest: int,
+              into: memoryview | None = None) -> bytes | memoryview:
+        """The sealed payload opened: checked against its xxh3, then authenticated and decrypted
+        (into `into` when it can hold exactly the raw bytes, see decode)."""
         if not flags & FLAG_AESGCM:
             raise CorruptBlockError("not encrypted, on an encrypted volume (a block put there from elsewhere)")
         if self.keyring is None:
@@ -187,6 +192,9 @@ class BlockCodec:
         try:
             if flags & FLAG_GROWING:
                 raw = self._open_records(payload, chunk, idx, key_no)
+            elif into is not None and not flags & FLAG_LZ4 and len(into) == raw_len == len(payload) - OVERHEAD:
+                self.keyring.open_into(key_no, chunk, payload, self._aad(chunk, idx, flags, raw_len), into)
+                raw = into
             else:
                 raw = self.keyring.open(key_no, chunk, payload, self._aad(chunk, idx, flags, raw_len))
         except (InvalidTag, ValueError):

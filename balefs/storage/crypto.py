@@ -357,6 +357,11 @@ class Keyring:
         """The payload sealed by seal(); InvalidTag if anything (bytes, identity, key) is off."""
         return self.chunk_aead(number, chunk).decrypt(bytes(sealed[:NONCE_BYTES]), sealed[NONCE_BYTES:], aad)
 
+    def open_into(self, number: int, chunk: int, sealed: bytes | memoryview, aad: bytes, out: memoryview) -> None:
+        """open() written into `out` (exactly the payload's length), no copy made: a bulk load decrypts
+        straight into its tensors. On InvalidTag `out` holds garbage, never data to use."""
+        self.chunk_aead(number, chunk).decrypt_into(bytes(sealed[:NONCE_BYTES]), sealed[NONCE_BYTES:], aad, out)
+
     def cache_sealer(self) -> "CacheSealer":
         return CacheSealer(self)
 

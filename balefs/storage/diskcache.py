@@ -234,7 +234,9 @@ class DiskBlockCache:
 
     def keep(self, key: Key, data: bytes | memoryview) -> memoryview | None:
         """Write a block now and return it mapped from its entry (so the caller can drop its own copy);
-        None when it cannot be cached (too large, paused, a failing disk). Never raises."""
+        None when it cannot be cached (too large, paused, a failing disk), or when entries are sealed:
+        a sealed entry maps only ciphertext, and opening what was just sealed would only copy `data`
+        (the caller keeps it). Never raises."""
         if self.capacity <= 0 or len(data) + HEAD_SIZE > self.capacity or time.monotonic() < self._paused_until:
             return None
         try:
@@ -242,7 +244,7 @@ class DiskBlockCache:
         except Exception:  # noqa: BLE001 - the cache must never take a reader down
             log.exception("disk cache: writing an entry failed")
             return None
-        return self.get(key, len(data), mapped=True)
+        return self.get(key, len(data), mapped=True) if self.sealer is None else None
 
     def _drain(self) -> None:
         while True:

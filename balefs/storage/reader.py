@@ -278,21 +278,24 @@ class BlockReader:
                 self._repair(rec, key, blob, bad)
         return raw  # a view into the node's buffer: no copy of the block
 
-    def read_direct(self, rec: BlockRecord, buf: Any) -> bytes | memoryview | None:
+    def read_direct(self, rec: BlockRecord, buf: Any, into: memoryview | None = None) -> bytes | memoryview | None:
         """The verified raw bytes of a block, read into `buf` (page-aligned, reused by the caller) from
         the first up copy whose node reads into buffers (O_DIRECT on local disks): for one-off bulk
         reads that would only churn the caches. None where no copy can or that read fails; the
-        caller then reads through get() (other replicas, moved blocks, repair, clear errors)."""
+        caller then reads through get() (other replicas, moved blocks, repair, clear errors).
+        `into`: the block's destination, which the codec may decode straight into (returned then)."""
         nid = next((n for n in rec.nodes if supports(self._nodes.get(n), ReadInto) and node_is_up(self._nodes[n])), None)
         if nid is None:
             return None
         try:
-            return self._read_copy(rec, block_key(rec.chunk, rec.idx), nid, buf)[0]
+            return self._read_copy(rec, block_key(rec.chunk, rec.idx), nid, buf, into)[0]
         except (CorruptBlockError, NodeError):
             return None
 
-    def _read_copy(self, rec: BlockRecord, key: str, nid: int, buf: Any = None) -> tuple[bytes | memoryview, bytes | memoryview]:
-        """(raw bytes, stored blob) of one copy, verified, read into `buf` if given; raises what went wrong."""
+    def _read_copy(self, rec: BlockRecord, key: str, nid: int, buf: Any = None,
+                   into: memoryview | None = None) -> tuple[bytes | memoryview, bytes | memoryview]:
+        """(raw bytes, stored blob) of one copy, verified, read into `buf` if given (decoded into `into`
+        where the codec can: see BlockCodec.decode); raises what went wrong."""
         node = self._nodes.get(nid)
         if node is None:
             raise NodeError(f"chunk {rec.chunk} block {rec.idx}: node id {nid} is not in this volume")
@@ -307,7 +310,7 @@ class BlockReader:
         self.node_get_seconds[nid].observe(took)
         self.node_read_bytes[nid].add(len(blob))
         try:
-            raw = self._codec.decode(blob, rec.chunk, rec.idx)
+            raw = self._codec.decode(blob, rec.chunk, rec.idx, into)
         except CorruptBlockError as exc:
             self.node_get_errors[nid].add()
             raise exc.located(rec.chunk, rec.idx, node.url) from None

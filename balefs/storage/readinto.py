@@ -6,7 +6,8 @@ referenced by the next step) is read once, then read in parallel. Each block is 
 O_DIRECT where a node can (no page-cache copy or reclaim, no block-cache churn: a load reads
 each block once): by the native engine, which also verifies it and copies its pieces into their
 buffers without the GIL (BlockReader.read_native_into), else into its thread's reused,
-page-aligned scratch buffer; else, and after any error, through the block reader (cache, other replicas, blocks moved since, repair, its clear
+page-aligned scratch buffer (a sealed block that fills a piece of one buffer is decrypted
+straight into it, without the GIL: BlockCodec.decode's `into`); else, and after any error, through the block reader (cache, other replicas, blocks moved since, repair, its clear
 errors). A file's bytes are copied to their place in its buffer; holes read as zeros.
 """
 from __future__ import annotations
@@ -59,8 +60,9 @@ def read_files_into(reader: BlockReader, block_size: int, files: Sequence[tuple[
     scratch = threading.local()
     scratch_size = -(-(HEADER_SIZE + block_size) // PAGE) * PAGE
 
-    def block_bytes(rec: BlockRecord) -> Any:
-        """The verified raw bytes of a block: cached, else read direct, else through the reader."""
+    def block_bytes(rec: BlockRecord, into: memoryview | None) -> Any:
+        """The verified raw bytes of a block: cached, else read direct (decoded into `into` where the
+        codec can), else through the reader."""
         cached = reader.cache.get((rec.chunk, rec.idx))
         if cached is not None:
             return cached
@@ -68,15 +70,19 @@ def read_files_into(reader: BlockReader, block_size: int, files: Sequence[tuple[
         buf = getattr(scratch, "buf", None)
         if buf is None or len(buf) < need:
             buf = scratch.buf = mmap.mmap(-1, max(need, scratch_size))
-        raw = reader.read_direct(rec, buf)
+        raw = reader.read_direct(rec, buf, into)
         return raw if raw is not None else reader.get(rec)
 
     def fetch(rec: BlockRecord, targets: list[Target]) -> None:
         if (rec.chunk, rec.idx) in reader.cache or not reader.read_native_into(
                 rec, [(dst, pos, lo, hi) for _, dst, pos, lo, hi in targets]):
-            block = memoryview(block_bytes(rec)).cast("B")
-            for _, dst, pos, lo, hi in targets:
-                dst[pos:pos + hi - lo] = block[lo:hi]
+            _, dst0, pos0, lo0, hi0 = targets[0]
+            whole = dst0[pos0:pos0 + hi0] if len(targets) == 1 and lo0 == 0 and hi0 == rec.length else None
+            got = block_bytes(rec, whole)
+            if got is not whole:  # not decoded in place (a plain or compressed block, a cached one, a piece)
+                block = memoryview(got).cast("B")
+                for _, dst, pos, lo, hi in targets:
+                    dst[pos:pos + hi - lo] = block[lo:hi]
         for i, *_ in targets:
             with lock:
                 left[i] -= 1
