@@ -218,19 +218,23 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["none", "lz4"]), default="none", show_default=True,
               help="Compress blocks with lz4 (kept only where it shrinks a block).")
 @click.option("--cache-size", default="1GiB", show_default=True, help="Memory block cache per client.")
-@click.option("--encrypt", is_flag=True, help="Seal every block with AES-256-GCM; needs --key-file, --key-env or --passphrase.")
+@click.option("--encrypt", is_flag=True, help="Seal every block with AES-256-GCM; needs --key-file, --key-env, --passphrase or --key-service.")
 @click.option("--key-file", default="", help="The master key: a file of 32 random bytes, mode 0600 (`balefs key new PATH`).")
 @click.option("--key-env", default="", help="The master key: this environment variable (32 bytes, hex or base64).")
 @click.option("--passphrase", is_flag=True, help=f"The master key: a passphrase (scrypt), from ${PASSPHRASE_ENV} or a prompt.")
 @click.option("--key-service", type=click.Choice(["pg"]), default=None,
               help="The master key: held by the PostgreSQL metadata (--meta postgresql://...), released only to a "
                    "role with a valid grant from a granted host; no key on any client's disk.")
+@click.option("--key-domain", "key_domains", multiple=True, metavar="PATH",
+              help="With --encrypt: give this path prefix a data key of its own (a grant on it releases only that "
+                   "key; its files never share a chunk with others). Repeat for each.")
 @click.option("--audit", is_flag=True, help="Record every namespace change in the append-only audit table (on with --encrypt).")
 @click.option("--insecure-transport", is_flag=True, help="Let an encrypted volume use plain-HTTP S3 nodes or a non-TLS database.")
 @user_errors
 def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, write_quorum: int, chunk_size: str,
          block_size: str, compression: str, cache_size: str, encrypt: bool, key_file: str, key_env: str,
-         passphrase: bool, key_service: str | None, audit: bool, insecure_transport: bool) -> None:
+         passphrase: bool, key_service: str | None, key_domains: tuple[str, ...], audit: bool,
+         insecure_transport: bool) -> None:
     """Create volume NAME (or bale://NAME) over the given nodes."""
     if replicas < 1:
         raise click.BadParameter(f"must be 1 or more (copies of each block), not {replicas}", param_hint="--replicas")
@@ -239,16 +243,19 @@ def init(name: str, nodes: tuple[str, ...], meta: str, replicas: int, ec: str, w
         raise click.UsageError("--encrypt needs the master key: --key-file PATH, --key-env VAR, --passphrase or --key-service pg")
     if keys and not encrypt:
         raise click.UsageError("--key-file, --key-env, --passphrase and --key-service are for --encrypt")
+    if key_domains and not encrypt:
+        raise click.UsageError("--key-domain gives a path prefix a data key of its own: it needs --encrypt")
     if passphrase:
         _ask_passphrase(confirm=True)
     cfg = Client.init(name, nodes, meta=meta, replicas=replicas, write_quorum=write_quorum, chunk_size=parse_size(chunk_size, "--chunk-size"),
                       block_size=parse_size(block_size, "--block-size"), compression=compression,
                       cache_size=parse_size(cache_size, "--cache-size"), ec=ec, encrypt=encrypt, audit=audit,
-                      insecure_transport=insecure_transport, **keys)
+                      insecure_transport=insecure_transport, key_domains=key_domains, **keys)
     redundancy = f"erasure code {cfg.ec}" if cfg.ec else f"replicas {cfg.replicas}"
     click.echo(f"created volume {name!r}: {len(cfg.nodes)} node(s), {redundancy}, "
                f"chunks {_human(cfg.chunk_size)}, blocks {_human(cfg.block_size)}, metadata {redact_url(cfg.meta_url)}"
-               + (", encrypted (aes-256-gcm)" if encrypt else ""))
+               + (", encrypted (aes-256-gcm)" if encrypt else "")
+               + (f", key domains {', '.join('/' + '/'.join(split_path(d)) for d in key_domains)}" if key_domains else ""))
 
 
 def _key_source_options(key_file: str, key_env: str, passphrase: bool, prefix: str, key_service: str = "") -> dict[str, object]:
@@ -475,7 +482,9 @@ def rekey(volume: str, drop_old: bool) -> None:
             bar.update(1)
 
         report = run_rekey(client, on_chunk=progress, drop_old=drop_old)
-    click.echo(f"rekey: data key {report.key}{' (resumed)' if report.resumed else ''}: {report.chunks} chunks, "
+    domains = "".join(f", /{d}: {n}" for d, n in sorted(report.domain_keys.items()) if d)
+    click.echo(f"rekey: data key {report.key}{f' (key domains{domains[1:]})' if domains else ''}"
+               f"{' (resumed)' if report.resumed else ''}: {report.chunks} chunks, "
                f"{report.blocks} block copies, {_human(report.bytes)} sealed again"
                + (f"; {report.skipped} chunks left (still open for appends by a running writer, or written "
                   "meanwhile under the old key): run it again once those writers have closed" if report.skipped else
@@ -691,6 +700,27 @@ def cat(urls: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("url")
+@click.option("-p", "--parents", is_flag=True, help="Make missing parents too; no error if it exists.")
+@click.option("--key-domain", is_flag=True, help="Give the new directory a data key of its own (encrypted volumes; "
+                                                 "before any file is written under it).")
+@user_errors
+def mkdir(url: str, parents: bool, key_domain: bool) -> None:
+    """Make directory URL (bale://VOLUME/path), with --key-domain a key domain of its own."""
+    volume, vpath = parse_url(url)
+    if not split_path(vpath):
+        raise click.BadParameter("name a directory under the volume's root", param_hint="URL")
+    with Client.open(volume) as client:
+        if key_domain and client.identity.keyring is None:
+            raise click.UsageError(f"--key-domain: volume {volume!r} is not encrypted")
+        if not key_domain:
+            client.mkdir(vpath, parents=parents, exist_ok=parents)
+        else:
+            number = client.add_key_domain(vpath, parents)
+            click.echo(f"/{'/'.join(split_path(vpath))}: a key domain of its own (data key {number})")
+
+
+@main.command()
 @click.argument("urls", nargs=-1, required=True)
 @click.option("-r", "--recursive", is_flag=True, help="Remove directories and everything below them.")
 @user_errors
@@ -813,6 +843,9 @@ def gc(volume: str, grace: float, min_live: float, min_block_fill: float, dry_ru
                    f"than --grace) or the next gc, which deletes their blocks")
     if r.unlinked_open_files:
         click.echo(f"{verb} remove {r.unlinked_open_files} file(s) unlinked while open by a mount that died")
+    if r.stray_temps:
+        click.echo(f"{verb} remove {r.stray_temps} temporary block file(s) ({_human(r.stray_temp_bytes)}) "
+                   f"left by writers killed mid-write")
     u = r.unsynced
     if u.settled_blocks or u.lost_blocks:
         click.echo(f"{verb} sync {u.settled_blocks} block(s) that a crashed writer closed files in but never synced"
@@ -1053,6 +1086,9 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--scrub-rate", default=None,
               help="Verify the volume's block copies in the background at most this fast, e.g. 20MB/s, rewriting bad "
                    "ones from good copies (read-write mounts); one pass, then an hour's rest. Default: off.")
+@click.option("--audit-reads", type=click.FloatRange(0, 1), default=None, metavar="RATE",
+              help="Record this share of the opens for reading in the volume's audit table (0 none, 1 every one; "
+                   "default: the config's audit_reads, 0). See `balefs audit`.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
 @metrics_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
@@ -1060,8 +1096,8 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, cache_size: str | None,
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
               attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
-              sync_interval: float | None, scrub_rate: str | None, debug: bool, metrics_at: str | None,
-              ready_fd: int | None) -> None:
+              sync_interval: float | None, scrub_rate: str | None, audit_reads: float | None, debug: bool,
+              metrics_at: str | None, ready_fd: int | None) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -1074,7 +1110,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
                         sync_close=True if sync_close else None, sync_interval=sync_interval,
                         scrub_rate=None if scrub_rate is None else parse_rate(scrub_rate, "--scrub-rate"),
-                        metrics=metrics_at)
+                        audit_reads=audit_reads, metrics=metrics_at)
     if metrics_at:
         from .metrics import parse_endpoint
 

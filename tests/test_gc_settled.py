@@ -4,6 +4,8 @@ without waiting for the writer to exit (issue 16: reclaiming space must not need
 A chunk that an uncommitted file still has bytes in is never dropped."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from balefs.storage.gc import collect_garbage
@@ -72,3 +74,23 @@ def test_gc_reclaims_deleted_files_while_the_mount_is_up(volume, mount_volume) -
     assert len(before) >= 3 and len(after) <= 1, (before, after)  # at most the daemon's open chunk is left
     (mnt / "again").write_bytes(b"still works")
     assert (mnt / "again").read_bytes() == b"still works"
+
+
+def test_gc_reclaims_the_temporary_files_of_writers_killed_mid_write(volume, open_client) -> None:
+    """A writer killed between creating a block's temporary file and renaming it into place leaves
+    the file behind; gc deletes it once older than the grace, and never a young one (a live write)."""
+    c = open_client(volume.name)
+    c.write_file("kept", payload(5000, 1))
+    c.sync()
+    block = next(p for n in volume.nodes for p in Path(n, "blocks").rglob("*") if p.is_file() and parse_block_key(p.name))
+    old, young = Path(f"{block}.tmp4242.1"), Path(f"{block}.tmp4243.1")
+    old.write_bytes(b"x" * 3000)
+    young.write_bytes(b"y" * 10)
+    hour_ago = time.time() - 7200
+    os.utime(old, (hour_ago, hour_ago))
+    dry = collect_garbage(open_client(volume.name), grace_s=3600, dry_run=True)
+    assert (dry.stray_temps, dry.stray_temp_bytes) == (1, 3000) and old.exists()
+    r = run_cli("gc", volume.name, "--grace", "3600")
+    assert r.returncode == 0 and b"remove 1 temporary block file(s)" in r.stdout, r.stderr
+    assert not old.exists() and young.exists() and block.exists()
+    assert c.read_file("kept") == payload(5000, 1)

@@ -139,12 +139,13 @@ def test_cli_grant_grants_revoke(volume, open_client) -> None:
 @needs_fuse
 def test_expired_grant_refuses_the_mount(shared, open_client, mount_volume) -> None:
     admin = open_client(shared.name)
-    gid = _grant(admin, "datasets", until_s=4.0)
+    ends = time.time() + 10.0  # long enough for the mount to start and read on a loaded machine
+    gid = _grant(admin, "datasets", until_s=10.0)
     mp = mount_volume(shared.name)
     assert (mp / "datasets/imagenet/a.jpg").read_bytes() == b"A" * 100
     with pytest.raises(PermissionError):
         (mp / "models/llama/w.bin").read_bytes()
-    time.sleep(6.5)
+    time.sleep(max(0.0, ends - time.time()) + 2.5)  # past the end, and past the mount's grant refresh (2 s)
     with pytest.raises(PermissionError) as err:
         (mp / "datasets/other/b.jpg").read_bytes()
     assert err.value.errno == errno.EACCES

@@ -20,7 +20,7 @@ from balefs.storage.client import Client
 from balefs.storage.localnode import LocalNode
 from balefs.storage.memorynode import MemoryNode
 from balefs.storage.node import (CAPABILITIES, BlockFiles, Closable, DeferredDurability, GrowInPlace, LocalDirectory, Liveness, MultiPath,
-                                 NodeWrapper, ReadInto, supports)
+                                 NodeWrapper, ReadInto, StrayTemps, supports)
 from balefs.storage.node_registry import normalize_node_url, open_node
 
 from helpers import payload
@@ -41,7 +41,7 @@ class NodeKind(NamedTuple):
 
 
 # The optional capabilities each kind declares; a capability's test runs on every kind that has it.
-KIND_CAPABILITIES = {"local": frozenset({DeferredDurability, GrowInPlace, ReadInto, LocalDirectory, BlockFiles}),
+KIND_CAPABILITIES = {"local": frozenset({DeferredDurability, GrowInPlace, ReadInto, LocalDirectory, BlockFiles, StrayTemps}),
                      "memory": frozenset({GrowInPlace}),
                      "s3": frozenset({MultiPath, Liveness, Closable})}
 

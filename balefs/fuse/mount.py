@@ -50,6 +50,7 @@ class MountOptions:
     sync_close: bool | None = None            # every close() durable (None: the volume's config, else not)
     sync_interval: float | None = None        # seconds within which a closed file becomes durable
     scrub_rate: int | None = None             # bytes/s of the background scrub (None: no scrub)
+    audit_reads: float | None = None          # share of opens for reading recorded in the audit table (None: the config's)
     metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
 
@@ -202,6 +203,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         overrides["sync_close"] = opts.sync_close
     if opts.sync_interval is not None:
         overrides["sync_interval"] = opts.sync_interval
+    if opts.audit_reads is not None:
+        overrides["audit_reads"] = opts.audit_reads
     client = Client.open(volume, default_sync_close=False, **overrides)
     if not opts.read_only:
         try:  # bytes a crashed writer closed but never synced: kept if intact, their files dropped if not
@@ -373,6 +376,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         cmd += ["--sync-interval", str(opts.sync_interval)]
     if opts.scrub_rate is not None:
         cmd += ["--scrub-rate", str(opts.scrub_rate)]
+    if opts.audit_reads is not None:
+        cmd += ["--audit-reads", str(opts.audit_reads)]
     cmd += ["--threads", str(opts.threads)]
     if opts.metrics:
         cmd += ["--metrics", opts.metrics]

@@ -419,8 +419,8 @@ class BaleOperations(Operations):
             self.client.allow(vpath, write=bool(writable), uid=uid)
         elif writable:
             self.client.allow(vpath, write=True)
-        try:
-            reader = self.client.open_read(vpath)  # close-to-open: the client's lookup cache, revalidated
+        try:  # close-to-open: the client's lookup cache, revalidated; an open for reading drawn for the audit trail
+            reader = self.client.open_read(vpath, uid=None if uid == os.getuid() else uid, audit=not writable)
         except IsADirectoryError:
             raise FuseOSError(errno.EISDIR) from None
         fi.fh, keep = self.files.open(vpath, reader, writable, truncate=writable and bool(flags & os.O_TRUNC))

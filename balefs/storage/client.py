@@ -27,13 +27,14 @@ from .gcpause import collector_paused
 from .codec import BlockCodec
 from .crypto import CIPHER, Keyring, new_kdf
 from .grants import OWNER, GrantChecker, current_user
-from .keys import create_keys, open_keyring
+from .readaudit import ReadAudit
+from .keys import add_domain, check_domains, create_keys, open_keyring
 from .transit import refuse_plaintext
 from . import namespace
 from .meta import ROOT, Extent, FileWrite, Inode, Meta, open_meta, split_path
 from .meta.types import MAX_FILE_SIZE, SPARSE, check_size, sparse_hash
 from .orphans import PREFIX as ORPHAN_XATTR
-from .layout import parse_block_key
+from .layout import node_blocks
 from .node import VOLUME_KEY, Closable, LocalDirectory, MultiPath, Node, node_is_up, supports
 from .node_registry import normalize_node_url, open_node
 from .erasure import ErasureCode
@@ -129,6 +130,7 @@ class FileWriter:
     def __post_init__(self) -> None:
         self._hash = xxhash.xxh3_128()
         self._held: list[int] = []  # the chunks this file has written bytes into (ChunkWriter.hold)
+        self.domain = self.client.key_domain(self.path)  # its bytes go into chunks of this key domain only
 
     def write(self, data: bytes | memoryview) -> int:
         if self.closed:
@@ -139,7 +141,7 @@ class FileWriter:
         check_size(self.path, self.size + n)
         if self.known_hash is not None and self.content_hash is None and not self.sparse:
             self._hash_existing()  # the new bytes follow shared ones: the hash must cover both
-        gen, pieces = self.client.writer.append(data)
+        gen, pieces = self.client.writer.append(data, self.domain)
         if self.first_gen < 0:
             self.first_gen = gen
         self.last_gen = gen
@@ -255,8 +257,9 @@ class Client:
             if fmt.encryption != "none":  # all checked before this client writes anything
                 if not cfg.insecure_transport:
                     refuse_plaintext(cfg.name, cfg.nodes, cfg.meta_url)
-                self._grants.check_any()  # data keys are released only under a valid grant
-                keyring = open_keyring(self.meta, cfg.master_source(), uuid)
+                granted = self._grants.check_any()  # data keys are released only under a valid grant...
+                keyring = open_keyring(self.meta, cfg.master_source(), uuid, granted)  # ...of the domains it covers
+                keyring.chunk_key_id = self._chunk_key_id
             ids = self.meta.register_nodes(cfg.nodes)
             identity = VolumeIdentity(self.meta.nodes(), uuid, fmt, keyring)
         else:
@@ -299,6 +302,7 @@ class Client:
         self._commit_seconds = Histogram()  # one group commit: flush of the open block, metadata transaction
         self.counter_registry = self._gather_counters()
         self._syncer = BackgroundSync(self.sync, cfg.sync_interval)
+        self._read_audit = ReadAudit(lambda: self.meta, cfg.audit_reads)
 
     @property
     def meta(self) -> Meta:
@@ -322,19 +326,23 @@ class Client:
 
     @staticmethod
     def init(name: str, nodes: Sequence[str], meta: str = "", encrypt: bool = False, audit: bool = False,
-             **settings: object) -> VolumeConfig:
+             key_domains: Sequence[str] = (), **settings: object) -> VolumeConfig:
         """Create a volume: check every node, create its metadata store (which keeps the volume's
         format: the format settings given, defaults for the rest) and write its config (without
         them). Returns the config as an open sees it, format included. With encrypt, every block
         is sealed (AES-256-GCM) under a data key wrapped by the master key the settings name
         (key_file, key_env or key_passphrase), which is read before anything is created. With audit
-        (implied by encrypt), every namespace change is recorded in the append-only audit table."""
+        (implied by encrypt), every namespace change is recorded in the append-only audit table.
+        key_domains: path prefixes that get data keys of their own (encrypt only; see crypto.py)."""
         cfg = VolumeConfig(name=name, nodes=list(nodes), meta=meta, **settings)  # type: ignore[arg-type]
         fmt = cfg.volume_format()
         if fmt.ec:
             if encrypt:
                 raise ConfigError("an erasure-coded volume cannot be encrypted yet: choose --ec or --encrypt")
             ErasureCode(*parse_ec(fmt.ec))  # ISA-L is there (or one line says what to install)
+        if key_domains and not encrypt:
+            raise ConfigError("--key-domain gives a path prefix a data key of its own: it needs --encrypt")
+        check_domains(key_domains)
         if encrypt:
             fmt = replace(fmt, encryption=CIPHER)
             if not cfg.insecure_transport:
@@ -354,7 +362,7 @@ class Client:
             store.register_nodes(cfg.nodes)
             store.write_format(fmt.to_record(), fmt.chunk_layout())
             if encrypt:
-                create_keys(store, cfg.master_source(), store.volume_uuid())
+                create_keys(store, cfg.master_source(), store.volume_uuid(), key_domains)
             if encrypt or audit:
                 store.swap_setting("audit", None, "on")
             store.swap_setting(OWNER, None, current_user()[0])  # exempt from grants
@@ -572,16 +580,25 @@ class Client:
 
     # -- reading -------------------------------------------------------------------------
 
-    def open_read(self, path: str) -> FileReader:
-        """A reader of the current version of a file: its inode and extents come from one query."""
-        self.revalidate()
-        self.allow(path, write=False)
-        hit = self._locate([path])[path]
-        if isinstance(hit, Exception):
-            raise hit
-        node, extents = hit
-        if node.kind == "d":
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    def open_read(self, path: str, uid: int | None = None, audit: bool = True) -> FileReader:
+        """A reader of the current version of a file: its inode and extents come from one query.
+        With audit (an open for reading, not a writer's), the open is drawn for the audit trail at
+        the config's audit_reads rate, as this process's user's or `uid`'s (a mount's caller)."""
+        try:
+            self.revalidate()
+            self.allow(path, write=False)
+            hit = self._locate([path])[path]
+            if isinstance(hit, Exception):
+                raise hit
+            node, extents = hit
+            if node.kind == "d":
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        except OSError as exc:
+            if audit:
+                self._read_audit.opened(path, exc, uid)
+            raise
+        if audit:
+            self._read_audit.opened(path, None, uid)
         return FileReader(self, path, node, [_extent(e) for e in extents])
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
@@ -599,6 +616,9 @@ class Client:
                 except PermissionError as exc:
                     refused[p] = exc
         found = {**self._locate({p for p, _, _ in requests} - refused.keys()), **refused}
+        if self._read_audit.rate:
+            for p, hit in found.items():
+                self._read_audit.opened(p, hit if isinstance(hit, OSError) else None)
         out: list[bytes | Exception] = [b""] * len(requests)
         plan: list[tuple[int, tuple[list[Extent], int, int]]] = []
         for i, (p, start, end) in enumerate(requests):
@@ -731,9 +751,15 @@ class Client:
                 if self._writer is None:
                     self._check_nodes(self.placement.node_ids, writable=True)  # blocks go to the next nodes of their ring
                     layout = self.identity.format.chunk_layout()
-                    if self.identity.keyring is not None:
-                        layout = layout._replace(key_id=str(self.identity.keyring.current))
-                    new_chunk = functools.partial(self.meta.new_chunk, layout=layout)
+                    ring = self.identity.keyring
+
+                    def new_chunk(writer: str, domain: str) -> int:
+                        """A chunk for files of key domain `domain`, its layout naming the domain's key."""
+                        if ring is None:
+                            return self.meta.new_chunk(writer, layout=layout)
+                        chunk = self.meta.new_chunk(writer, layout=layout._replace(key_id=str(ring.key_for(domain))))
+                        ring.bind(chunk, domain)
+                        return chunk
                     stripes = (StripeCutter(self.erasure, self.stripe_placement, self.nodes, self.cfg.block_size)
                                if self.erasure is not None else None)
                     self._writer = ChunkWriter(new_chunk, self.nodes, self.placement, self.codec,
@@ -757,7 +783,7 @@ class Client:
             self._check_parent(parent_path, path)
         if append:
             try:
-                return self.extend_write(path, self.open_read(path))
+                return self.extend_write(path, self.open_read(path, audit=False))
             except FileNotFoundError:
                 pass
         fw = FileWriter(self, "/".join(split_path(path)), mode, exclusive)
@@ -961,6 +987,7 @@ class Client:
             if not split_path(path):
                 raise PermissionError(errno.EPERM, "refusing to move the volume root, or onto it", "/")
             self.allow(path, write=True, op="rename")
+        self._same_domain(src, dst, "rename", moves=True)
         try:
             return namespace.rename(self.meta, src, dst, replace=replace)
         finally:
@@ -981,14 +1008,27 @@ class Client:
         """A writer of `dst` that shares every byte and the content hash of `src` (nothing is read or
         copied); closing it commits `dst`, with the enclosing batch when one is open."""
         base = self.open_read(src)
+        if self.key_domain(src) != self.key_domain(dst):  # another key domain's chunks are not shared: copied
+            fw = self.open_write(dst, mode=base.inode.mode)
+            self._copy_bytes(base, fw)
+            return fw
         fw = FileWriter(self, "/".join(split_path(dst)), base.inode.mode, known_hash=base.inode.hash or "")
         fw.extents, fw.size = list(base.extents), base.size
         return fw
+
+    def _copy_bytes(self, base: FileReader, fw: FileWriter) -> None:
+        """Write the bytes of `base` into `fw` (a copy into another key domain: sealed again under its key)."""
+        step = 16 << 20
+        for start in range(0, base.size, step):
+            fw.write(base.read(start, min(base.size, start + step)))
 
     def copy(self, src: str, dst: str) -> None:
         """Copy a file without moving bytes: the copy shares the source's chunks."""
         self.allow(src, write=False)
         self.allow(dst, write=True, op="copy")
+        if self.key_domain(src) != self.key_domain(dst):
+            self.reference_write(src, dst).close()  # the bytes copied, sealed under the other domain's key
+            return
         namespace.copy_file(self.meta, src, dst)
         self._invalidate()
 
@@ -1026,6 +1066,7 @@ class Client:
         """Give the file at `src` the further name `dst` (a hard link: one inode, its bytes shared
         by every name and freed with the last one); EPERM for a directory, EEXIST if dst exists."""
         self.allow(dst, write=True, op="link")
+        self._same_domain(src, dst, "link")
         try:
             namespace.link(self.meta, src, dst)
         finally:
@@ -1038,6 +1079,60 @@ class Client:
     def paths_of(self, node: Inode) -> list[str]:
         """Every path naming `node` (more than one for a file with hard links)."""
         return self.meta.paths_of(node.ino)
+
+    # -- key domains ---------------------------------------------------------------------
+
+    def key_domain(self, path: str) -> str:
+        """The key domain of `path` on an encrypted volume: the longest domain prefix holding it
+        ("" : the volume's own, and on a volume that is not encrypted)."""
+        ring = self.identity.keyring
+        return ring.domain_of(path) if ring is not None and ring.has_domains else ""
+
+    def key_domains(self) -> list[str]:
+        """The path prefixes with data keys of their own (as this client opened the volume)."""
+        ring = self.identity.keyring
+        return sorted(ring.prefixes) if ring is not None else []
+
+    def add_key_domain(self, prefix: str, parents: bool = False) -> int:
+        """Make directory `prefix` (if missing) with a data key of its own (mkdir --key-domain); returns
+        the key's number. Only for a prefix that holds no file yet, since files already there sit in
+        chunks of another domain; clients opened before see the domain once reopened (see the README)."""
+        ring = self.identity.keyring
+        if ring is None:
+            raise ConfigError(f"volume {self.cfg.name!r} is not encrypted: a key domain needs an encrypted volume")
+        (path,) = check_domains([prefix], ring.prefixes)
+        self.allow(path, write=True, op="key.domain")
+        try:
+            if any(n.kind != "d" for _, n in self.walk(path)):
+                raise OSError(errno.ENOTEMPTY, "a key domain is made before any file is written under it", path)
+        except FileNotFoundError:
+            pass
+        self.mkdir(path, parents=parents, exist_ok=True)
+        number = add_domain(self.meta, self.cfg.master_source(), self.identity.volume_uuid, path)
+        granted = self._grants.check_any() if self._grants is not None else None
+        fresh = open_keyring(self.meta, self.cfg.master_source(), self.identity.volume_uuid, granted)
+        ring.keys, ring.domains, ring.key_domains, ring.prefixes = fresh.keys, fresh.domains, fresh.key_domains, fresh.prefixes
+        return number
+
+    def _same_domain(self, src: str, dst: str, op: str, moves: bool = False) -> None:
+        """OSError EXDEV when `src` and `dst` lie in different key domains (their bytes would sit in
+        another domain's chunks), as rename(2) refuses between devices; with `moves`, also when a
+        domain's prefix lies at or under `src` (moving it would carry files out of their domain)."""
+        ring = self.identity.keyring
+        if ring is None or not ring.has_domains:
+            return
+        a, b = "/".join(split_path(src)), "/".join(split_path(dst))
+        inner = next((p for p in ring.prefixes if moves and (p == a or p.startswith(a + "/"))), None)
+        if ring.domain_of(a) != ring.domain_of(b) or inner is not None:
+            why = (f"key domain /{inner} lies at or under it" if inner is not None else
+                   f"{a} is in key domain /{ring.domain_of(a)} and {b} in /{ring.domain_of(b)}")
+            raise OSError(errno.EXDEV, f"cross-key-domain {op}: {why}; copy the files instead (they are sealed "
+                                       "again under the other domain's key)", a)
+
+    def _chunk_key_id(self, chunk: int) -> int | None:
+        """The data key number chunk `chunk`'s layout records (None: no such chunk, or none recorded)."""
+        layout = self.meta.chunk_layouts([chunk]).get(chunk)
+        return int(layout.key_id) if layout is not None and (layout.key_id or "").isdigit() else None
 
     # -- grants and the audit trail ---------------------------------------------------
 
@@ -1064,8 +1159,8 @@ class Client:
             try:
                 row["capacity"], row["free"] = node.capacity()
                 if scan_nodes:
-                    orphans = [(k, size) for k, size in node.list() if (b := parse_block_key(k)) is not None and b not in known]
-                    row["orphan_blocks"], row["orphan_bytes"] = len(orphans), sum(s for _, s in orphans)
+                    orphans = [size for parsed, _key, size in node_blocks(node) if parsed not in known]
+                    row["orphan_blocks"], row["orphan_bytes"] = len(orphans), sum(orphans)
             except OSError as exc:
                 row["error"] = str(exc)
             nodes.append(row)
@@ -1138,6 +1233,7 @@ class Client:
         """Start a new version of `path` whose first `keep` bytes (default: all) are those of
         `base`, sharing its chunks (no byte is copied); what is written next is appended."""
         keep = base.size if keep is None else max(0, min(keep, base.size))
+        self._same_domain(base.path, path, "extend")
         fw = FileWriter(self, "/".join(split_path(path)), base.inode.mode)
         fw.extents = [e._replace(length=min(e.length, keep - e.off)) for e in base.extents if e.off < keep]
         fw.size = keep

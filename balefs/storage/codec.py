@@ -35,7 +35,7 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 
 from ..errors import CorruptBlockError
-from .crypto import Keyring
+from .crypto import Keyring, KeyWithheld
 
 MAGIC = b"BALE"
 VERSION = 2
@@ -78,7 +78,7 @@ class BlockCodec:
         key_no = 0
         if self.keyring is not None:
             flags |= FLAG_AESGCM
-            key_no = self.keyring.current
+            key_no = self.keyring.sealing_key(chunk)
             payload = self.keyring.seal(key_no, chunk, payload, self._aad(chunk, idx, flags, len(raw)))
             digest = xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx))
         else:
@@ -96,7 +96,7 @@ class BlockCodec:
             packed = lz4.frame.compress(raw, compression_level=0, store_size=False)
             if len(packed) < len(raw):
                 payload, flags = packed, FLAG_AESGCM | FLAG_LZ4
-        key_no = self.keyring.current
+        key_no = self.keyring.sealing_key(chunk)
         n = self.keyring.seal_into(key_no, chunk, payload, self._aad(chunk, idx, flags, len(raw)), out[HEADER_SIZE:])
         digest = xxhash.xxh3_64_intdigest(out[HEADER_SIZE:HEADER_SIZE + n], self._seed(chunk, idx))
         head = _HEAD.pack(MAGIC, VERSION, flags, key_no, len(raw), n, digest)
@@ -118,12 +118,12 @@ class BlockCodec:
         """A running xxh3 of a growing block's raw bytes: fed as the block grows, read by growing_header."""
         return xxhash.xxh3_64(seed=self._seed(chunk, idx))
 
-    def growing_header(self, length: int, digest: "xxhash.xxh3_64", stored: int | None = None) -> bytes:
-        """The header of a growing block whose first `length` raw bytes are valid, stored in its
+    def growing_header(self, length: int, digest: "xxhash.xxh3_64", stored: int | None = None, chunk: int = -1) -> bytes:
+        """The header of a growing block of `chunk` whose first `length` raw bytes are valid, stored in its
         first `stored` bytes after the header (default `length`; digest: of those stored bytes)."""
         flags, key_no = FLAG_GROWING, 0
         if self.keyring is not None:
-            flags, key_no = FLAG_GROWING | FLAG_AESGCM, self.keyring.current
+            flags, key_no = FLAG_GROWING | FLAG_AESGCM, self.keyring.sealing_key(chunk)
         head = _HEAD.pack(MAGIC, VERSION, flags, key_no, length, length if stored is None else stored, digest.intdigest())
         return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head))
 
@@ -131,7 +131,7 @@ class BlockCodec:
         """Raw bytes [raw_off, raw_off + len(data)) of a growing block of an encrypted volume, sealed
         as one record (its sealed length, then nonce + ciphertext + tag), appended after the last."""
         assert self.keyring is not None
-        sealed = self.keyring.seal(self.keyring.current, chunk, data, self._record_aad(chunk, idx, raw_off))
+        sealed = self.keyring.seal(self.keyring.sealing_key(chunk), chunk, data, self._record_aad(chunk, idx, raw_off))
         return _RECORD.pack(len(sealed)) + sealed
 
     def _record_aad(self, chunk: int, idx: int, raw_off: int) -> bytes:
@@ -180,15 +180,20 @@ class BlockCodec:
             raise CorruptBlockError("encrypted, and this client holds no key of the volume")
         if xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx)) != digest:
             raise CorruptBlockError("checksum mismatch (damaged bytes, or a block of another chunk, index or volume)")
+        if key_no not in self.keyring.keys:
+            if key_no in self.keyring.key_domains:
+                raise KeyWithheld(self.keyring.key_domains[key_no], f"chunk {chunk} block {idx}")
+            raise CorruptBlockError(f"sealed under data key {key_no}, which this volume does not hold")
         try:
             if flags & FLAG_GROWING:
-                return self._open_records(payload, chunk, idx, key_no)
-            return self.keyring.open(key_no, chunk, payload, self._aad(chunk, idx, flags, raw_len))
-        except KeyError:
-            raise CorruptBlockError(f"sealed under data key {key_no}, which this volume does not hold") from None
+                raw = self._open_records(payload, chunk, idx, key_no)
+            else:
+                raw = self.keyring.open(key_no, chunk, payload, self._aad(chunk, idx, flags, raw_len))
         except (InvalidTag, ValueError):
             raise CorruptBlockError("authentication failed (damaged ciphertext, or a block of another chunk, "
                                     "index or volume)") from None
+        self.keyring.opened(chunk, key_no)
+        return raw
 
     def _open_records(self, payload: memoryview, chunk: int, idx: int, key_no: int) -> bytes:
         """The raw bytes of a growing encrypted block: its records opened in turn (growing_record)."""

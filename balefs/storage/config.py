@@ -112,6 +112,8 @@ class VolumeConfig:
     key_passphrase: bool = False
     key_service: str = ""  # "pg": the PostgreSQL metadata holds the key, released only under a valid grant
     insecure_transport: bool = False  # let an encrypted volume use plain-HTTP nodes or a non-TLS database (transit.py)
+    # the share of opens for reading recorded in the audit table (0: none, 1: every one), drawn per open
+    audit_reads: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,6 +164,8 @@ class VolumeConfig:
             raise ConfigError(f"host_cache must be true or false, not {self.host_cache!r}")
         if isinstance(self.sync_interval, bool) or not isinstance(self.sync_interval, (int, float)) or self.sync_interval <= 0:
             raise ConfigError(f"sync_interval must be a positive number of seconds, not {self.sync_interval!r}")
+        if isinstance(self.audit_reads, bool) or not isinstance(self.audit_reads, (int, float)) or not 0 <= self.audit_reads <= 1:
+            raise ConfigError(f"audit_reads must be a share of opens between 0 and 1, not {self.audit_reads!r}")
         if isinstance(self.meta_cache_ttl, bool) or not isinstance(self.meta_cache_ttl, (int, float)):
             raise ConfigError(f"meta_cache_ttl must be a number of seconds, not {self.meta_cache_ttl!r}")
         for key in ("readahead_blocks", "io_threads", "upload_inflight"):

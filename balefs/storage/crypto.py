@@ -3,9 +3,13 @@ that seals block payloads.
 
 Cipher: AES-256-GCM (`cryptography`: OpenSSL, AES-NI). A master key (32 bytes: a key file, an
 environment variable, or a passphrase through scrypt) wraps the volume's data keys; only the
-wrapped forms are stored, in the metadata (`meta` row `keys`, see KeyRecord). A volume has
-one key domain today, the volume itself: one current data key, plus older ones while `rekey`
-moves blocks off them.
+wrapped forms are stored, in the metadata (`meta` row `keys`, see KeyRecord). Data keys belong
+to key domains: the volume itself (prefix "") and any path prefix made a domain of its own
+(`init --key-domain`, `mkdir --key-domain`); each domain has one current data key, plus older
+ones while `rekey` moves blocks off them. A chunk holds files of one domain only and is sealed
+under its domain's key (Keyring.bind / sealing_key), so releasing one domain's key (a grant on
+that prefix) reveals no other domain's bytes. A domain key's wrap has its prefix in the
+associated data, so a wrapped key cannot be relabelled to another domain.
 
 Nonces are never reused under one key: a block is sealed under a *chunk key*, derived with
 HKDF-SHA256 from the data key and the chunk id (ids come from the metadata's sequence and are
@@ -19,13 +23,14 @@ on different hosts.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -48,6 +53,15 @@ KEY_SERVICES = ("pg",)
 
 class KeyAccessError(ConfigError):
     """A volume's key cannot be had: wrong master key or passphrase, unreadable or unsafe key file."""
+
+
+class KeyWithheld(PermissionError):
+    """A key domain's data key was not released to this client (no valid grant here covers the domain)."""
+
+    def __init__(self, domain: str, what: str = "") -> None:
+        super().__init__(errno.EACCES, f"permission denied: the data key of key domain /{domain} is not released to "
+                                       "this client (no valid grant here covers it)", what or f"/{domain}")
+        self.domain = domain
 
 
 class PassphraseRequired(KeyAccessError):
@@ -156,17 +170,21 @@ def new_kdf(source: MasterSource) -> dict[str, Any]:
 
 @dataclass
 class KeyRecord:
-    """The volume's key material as stored in its metadata: data keys wrapped by the master key."""
+    """The volume's key material as stored in its metadata: data keys wrapped by the master key,
+    each in a key domain (a path prefix; "" the volume's own)."""
 
     kdf: dict[str, Any]
-    current: int  # the data key new chunks are sealed with
+    current: int  # the data key new chunks of the volume's own domain are sealed with
     wrapped: dict[int, str] = field(default_factory=dict)  # data key number -> nonce + wrapped key, base64
     created: dict[int, float] = field(default_factory=dict)
+    domains: dict[str, int] = field(default_factory=dict)  # path prefix of a key domain -> its current data key
+    owner: dict[int, str] = field(default_factory=dict)  # data key number -> its domain's prefix (absent: the volume's)
 
     def to_json(self) -> str:
-        return json.dumps({"cipher": CIPHER, "kdf": self.kdf, "current": self.current,
-                           "keys": {str(n): {"wrapped": w, "created": self.created.get(n, 0.0)} for n, w in self.wrapped.items()}},
-                          sort_keys=True)
+        keys = {str(n): {"wrapped": w, "created": self.created.get(n, 0.0), **({"domain": self.owner[n]} if n in self.owner else {})}
+                for n, w in self.wrapped.items()}
+        return json.dumps({"cipher": CIPHER, "kdf": self.kdf, "current": self.current, "keys": keys,
+                           **({"domains": self.domains} if self.domains else {})}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "KeyRecord":
@@ -175,58 +193,138 @@ class KeyRecord:
             raise ConfigError(f"the volume's cipher {rec.get('cipher')!r} is unknown to this balefs: upgrade balefs")
         keys = {int(n): k for n, k in rec["keys"].items()}
         return cls(rec["kdf"], int(rec["current"]), {n: k["wrapped"] for n, k in keys.items()},
-                   {n: k["created"] for n, k in keys.items()})
+                   {n: k["created"] for n, k in keys.items()}, {d: int(n) for d, n in rec.get("domains", {}).items()},
+                   {n: k["domain"] for n, k in keys.items() if k.get("domain")})
 
-    def add(self, master: bytes, volume: str, key: bytes) -> int:
-        """Wrap a new data key and make it current; returns its number."""
+    def currents(self) -> dict[str, int]:
+        """Every key domain's current data key, the volume's own ("") included."""
+        return {"": self.current, **self.domains}
+
+    def add(self, master: bytes, volume: str, key: bytes, domain: str = "") -> int:
+        """Wrap a new data key and make it its domain's current key; returns its number."""
         number = max(self.wrapped, default=0) + 1
-        self.wrapped[number] = wrap(master, volume, number, key)
+        self.wrapped[number] = wrap(master, volume, number, key, domain)
         self.created[number] = time.time()
-        self.current = number
+        if domain:
+            self.owner[number] = domain
+            self.domains[domain] = number
+        else:
+            self.current = number
         return number
 
-    def unwrap_all(self, master: bytes, volume: str) -> dict[int, bytes]:
-        """Every data key in the clear; KeyAccessError if the master key is not this volume's."""
-        return {n: unwrap(master, volume, n, w) for n, w in self.wrapped.items()}
+    def unwrap_all(self, master: bytes, volume: str, release: Callable[[str], bool] | None = None) -> dict[int, bytes]:
+        """The data keys in the clear (only those of the domains `release` admits, when given);
+        KeyAccessError if the master key is not this volume's."""
+        return {n: unwrap(master, volume, n, w, self.owner.get(n, "")) for n, w in self.wrapped.items()
+                if release is None or release(self.owner.get(n, ""))}
 
     def rewrapped(self, old: bytes, new: bytes, volume: str, kdf: dict[str, Any]) -> "KeyRecord":
-        """The same data keys wrapped by a new master key (key rotate: no block is touched)."""
+        """The same data keys (of every domain) wrapped by a new master key (key rotate: no block is touched)."""
         keys = self.unwrap_all(old, volume)
-        return KeyRecord(kdf, self.current, {n: wrap(new, volume, n, k) for n, k in keys.items()}, dict(self.created))
+        return KeyRecord(kdf, self.current, {n: wrap(new, volume, n, k, self.owner.get(n, "")) for n, k in keys.items()},
+                         dict(self.created), dict(self.domains), dict(self.owner))
+
+    def keyring(self, master: bytes, volume: str, release: Callable[[str], bool] | None = None) -> "Keyring":
+        """The Keyring of the released domains' keys (every domain's numbers known, for the errors)."""
+        return Keyring(volume, self.unwrap_all(master, volume, release), self.current, self.domains,
+                       {n: self.owner.get(n, "") for n in self.wrapped})
 
 
-def _wrap_aad(volume: str, number: int) -> bytes:
-    return f"balefs-data-key/{volume}/{number}".encode()
+def _wrap_aad(volume: str, number: int, domain: str = "") -> bytes:
+    return f"balefs-data-key/{volume}/{number}".encode() + (f"/domain/{domain}".encode() if domain else b"")
 
 
-def wrap(master: bytes, volume: str, number: int, key: bytes) -> str:
+def wrap(master: bytes, volume: str, number: int, key: bytes, domain: str = "") -> str:
     nonce = os.urandom(NONCE_BYTES)
-    return _b64(nonce + AESGCM(master).encrypt(nonce, key, _wrap_aad(volume, number)))
+    return _b64(nonce + AESGCM(master).encrypt(nonce, key, _wrap_aad(volume, number, domain)))
 
 
-def unwrap(master: bytes, volume: str, number: int, wrapped: str) -> bytes:
+def unwrap(master: bytes, volume: str, number: int, wrapped: str, domain: str = "") -> bytes:
     blob = _unb64(wrapped)
     try:
-        return AESGCM(master).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(volume, number))
+        return AESGCM(master).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(volume, number, domain))
     except InvalidTag:
         raise KeyAccessError("wrong master key or passphrase: it does not unwrap this volume's data keys") from None
 
 
+def domain_of(path: str, prefixes: "Iterable[str]") -> str:
+    """The key domain of a volume path: the longest domain prefix holding it ("" : the volume's own)."""
+    path = path.strip("/")
+    best = ""
+    for p in prefixes:
+        if p and len(p) > len(best) and (path == p or path.startswith(p + "/")):
+            best = p
+    return best
+
+
 class Keyring:
-    """A volume's data keys in the clear, and the chunk keys derived from them (see the module doc)."""
+    """A volume's data keys in the clear (those released to this client), and the chunk keys
+    derived from them (see the module doc); which domain each chunk is sealed in."""
 
     _CACHE_MAX = 4096
 
-    def __init__(self, volume: str, keys: dict[int, bytes], current: int) -> None:
+    def __init__(self, volume: str, keys: dict[int, bytes], current: int, domains: dict[str, int] | None = None,
+                 key_domains: dict[int, str] | None = None) -> None:
         self.volume, self.keys, self.current = volume, dict(keys), current
+        self.domains = {**(domains or {}), "": current}  # prefix -> the domain's current data key
+        self.key_domains = dict(key_domains) if key_domains is not None else {n: "" for n in keys}  # number -> prefix
+        self.prefixes = sorted((d for d in self.domains if d), key=len, reverse=True)
+        #: chunk -> its key domain, for chunks this client writes (bind) or has opened blocks of
+        self._chunk_domain: dict[int, str] = {}
+        #: the data key number a chunk's layout records, for a chunk this client knows nothing of (set by the client)
+        self.chunk_key_id: Callable[[int], int | None] | None = None
         self._aeads: dict[tuple[int, int], AESGCM] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # a loader's workers get the keys, not the cipher objects
-        return {"volume": self.volume, "keys": self.keys, "current": self.current}
+        return {"volume": self.volume, "keys": self.keys, "current": self.current, "domains": self.domains,
+                "key_domains": self.key_domains}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["volume"], state["keys"], state["current"])  # type: ignore[misc]
+        self.__init__(state["volume"], state["keys"], state["current"], state.get("domains"),  # type: ignore[misc]
+                      state.get("key_domains"))
+
+    @property
+    def has_domains(self) -> bool:
+        """Whether the volume has key domains besides its own."""
+        return bool(self.prefixes)
+
+    def domain_of(self, path: str) -> str:
+        """The key domain of a volume path ("" : the volume's own)."""
+        return domain_of(path, self.prefixes) if self.prefixes else ""
+
+    def key_for(self, domain: str, what: str = "") -> int:
+        """The current data key of `domain`; KeyWithheld if it was not released to this client."""
+        number = self.domains[domain]
+        if number not in self.keys:
+            raise KeyWithheld(domain, what)
+        return number
+
+    def bind(self, chunk: int, domain: str) -> None:
+        """Chunk `chunk` holds files of `domain` (a chunk this client opened for writing)."""
+        if self.prefixes:
+            with self._lock:
+                if len(self._chunk_domain) >= self._CACHE_MAX * 16:
+                    self._chunk_domain.clear()
+                self._chunk_domain[chunk] = domain
+
+    def opened(self, chunk: int, number: int) -> None:
+        """A block of `chunk` sealed under data key `number` was opened: the chunk is in that key's domain."""
+        if self.prefixes and chunk not in self._chunk_domain:
+            self.bind(chunk, self.key_domains.get(number, ""))
+
+    def sealing_key(self, chunk: int) -> int:
+        """The data key a block of `chunk` is sealed under now: its domain's current key."""
+        if not self.prefixes:
+            return self.current
+        domain = self._chunk_domain.get(chunk)
+        if domain is None:
+            number = self.chunk_key_id(chunk) if self.chunk_key_id is not None else None
+            if number is None:
+                raise ConfigError(f"chunk {chunk}: its key domain is unknown to this client (it holds no record of it)")
+            domain = self.key_domains.get(number, "")
+            self.bind(chunk, domain)
+        return self.key_for(domain, f"chunk {chunk}")
 
     def chunk_aead(self, number: int, chunk: int) -> AESGCM:
         """The AEAD of chunk `chunk` under data key `number` (KeyError if the volume has no such key)."""
@@ -265,9 +363,11 @@ class Keyring:
 
 class CacheSealer:
     """Seals entries of the local disk cache, so a stolen cache disk reveals nothing: each under
-    the current data key's chunk key of its chunk, its identity (volume, chunk, index) as AAD."""
+    its chunk's chunk key of its domain's current data key (named in the entry's first two bytes),
+    its identity (volume, chunk, index) as AAD. A process without that domain's key (another user
+    of the host's shared cache) cannot open it: a miss, then the grant check on the nodes' copy."""
 
-    overhead = OVERHEAD
+    overhead = OVERHEAD + 2
 
     def __init__(self, keyring: Keyring) -> None:
         self._ring = keyring
@@ -276,11 +376,16 @@ class CacheSealer:
         return f"balefs-disk-cache/{self._ring.volume}/{key[0]}/{key[1]}".encode()
 
     def seal(self, key: tuple[int, int], data: bytes | memoryview) -> bytes:
-        return self._ring.seal(self._ring.current, key[0], data, self._aad(key))
+        number = self._ring.sealing_key(key[0])
+        return number.to_bytes(2, "little") + self._ring.seal(number, key[0], data, self._aad(key))
 
     def unseal(self, key: tuple[int, int], blob: bytes | memoryview) -> bytes | None:
-        """The entry's plaintext, or None if it does not open (damaged, or sealed before a rekey)."""
+        """The entry's plaintext, or None if it does not open (damaged, sealed under a key this
+        client does not hold, or before a rekey dropped its key)."""
+        number = int.from_bytes(bytes(blob[:2]), "little")
+        if number not in self._ring.keys:
+            return None
         try:
-            return self._ring.open(self._ring.current, key[0], blob, self._aad(key))
+            return self._ring.open(number, key[0], blob[2:], self._aad(key))
         except (InvalidTag, ValueError):
             return None

@@ -28,7 +28,7 @@ from ..errors import CorruptBlockError, NodeError, BlockNotFoundError
 from .client import Client
 from .config import balefs_home
 from .gc import no_more_writes
-from .layout import block_key, parse_block_key
+from .layout import block_key, node_blocks
 from .meta.types import BlockRecord, Extent
 from .node import node_is_up, up_first
 from .stripes import stripe_of_record
@@ -187,13 +187,11 @@ def _listed_blocks(client: Client) -> dict[int, dict[tuple[int, int], list[int]]
     out: dict[int, dict[tuple[int, int], list[int]]] = {}
     for nid, node in sorted(client.nodes.items()):
         try:
-            listing = list(node.list())
+            listing = list(node_blocks(node))
         except NodeError:
             continue  # a node down: its copies are reported unreadable when read
-        for key, _size in listing:
-            parsed = parse_block_key(key)
-            if parsed is not None:
-                out.setdefault(parsed[0], {}).setdefault(parsed, []).append(nid)
+        for parsed, _key, _size in listing:
+            out.setdefault(parsed[0], {}).setdefault(parsed, []).append(nid)
     return out
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .client import Client
-from .layout import block_key, parse_block_key
+from .layout import block_key, node_blocks
 from .meta.types import Extent
 from . import orphans
 from .meta.types import SETTLED
+from .node import StrayTemps, supports
 from .recovery import RecoveryReport, recover_unsynced
 from ..liveness import writer_gone, writer_process_gone
 
@@ -46,6 +47,8 @@ class GcReport:
     compacted_bytes: int = 0
     compacted_waiting_writer: int = 0  # compacted chunks whose blocks stay until their writer is gone or the next gc
     unlinked_open_files: int = 0  # files unlinked while open by a mount that died (storage/orphans.py)
+    stray_temps: int = 0  # temporary block files of writers killed mid-write, untouched for the grace
+    stray_temp_bytes: int = 0
     unsynced: RecoveryReport = field(default_factory=RecoveryReport)  # blocks a crashed writer never synced
 
 
@@ -94,11 +97,24 @@ def _groups(chunks: list[int], live: dict[int, int]) -> list[list[int]]:
     return [g for g in groups if g]
 
 
+def _chunk_domains(client: Client, chunks: set[int]) -> dict[int, str]:
+    """The key domain of each chunk (by the data key its layout records) on an encrypted volume
+    with key domains; empty otherwise (every chunk the volume's own)."""
+    ring = client.identity.keyring
+    if ring is None or not ring.has_domains:
+        return {}
+    return {c: ring.key_domains.get(int(layout.key_id), "") for c, layout in client.meta.chunk_layouts(chunks).items()
+            if layout is not None and (layout.key_id or "").isdigit()}
+
+
 def _rewrite(client: Client, per_file: dict[int, list[Extent]]) -> None:
     """Append the files' extents into gc's own chunk, in their old order on disk (each old
     block read once), and repoint the files in one transaction (a file changed meanwhile keeps
     its old bytes)."""
-    items = sorted(((ino, e) for ino, old in per_file.items() for e in old), key=lambda it: (it[1].chunk, it[1].chunk_off))
+    domain = _chunk_domains(client, {e.chunk for old in per_file.values() for e in old})
+    # a chunk holds one key domain's files: each domain's bytes together, so gc's chunks are cut once per domain
+    items = sorted(((ino, e) for ino, old in per_file.items() for e in old),
+                   key=lambda it: (domain.get(it[1].chunk, ""), it[1].chunk, it[1].chunk_off))
     new: dict[int, list[Extent]] = {ino: [] for ino in per_file}
     gens: list[int] = []
     batch: list[tuple[int, Extent]] = []
@@ -111,7 +127,7 @@ def _rewrite(client: Client, per_file: dict[int, list[Extent]]) -> None:
         for (ino, e), data in zip(batch, client.reader.read_many([([e], e.off, e.off + e.length) for _, e in batch])):
             if isinstance(data, Exception):
                 raise data
-            gen, pieces = client.writer.append(data)
+            gen, pieces = client.writer.append(data, domain.get(e.chunk, ""))
             gens.append(gen)
             pos = e.off
             for chunk, coff, length in pieces:
@@ -169,9 +185,8 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
     known = meta.block_keys()
     chunks = meta.chunk_table()
     for node in client.nodes.values():
-        for key, size in list(node.list()):
-            parsed = parse_block_key(key)
-            if parsed is None or parsed in known:
+        for parsed, key, size in list(node_blocks(node)):
+            if parsed in known:
                 continue
             info = chunks.get(parsed[0])
             if info is not None and not no_more_writes(info, grace_s):
@@ -181,4 +196,8 @@ def collect_garbage(client: Client, grace_s: float = 3600.0, dry_run: bool = Fal
             report.orphan_bytes += size
             if not dry_run:
                 node.delete(key)
+        if supports(node, StrayTemps):
+            count, size = node.reclaim_temps(grace_s, dry_run)
+            report.stray_temps += count
+            report.stray_temp_bytes += size
     return report

@@ -4,8 +4,9 @@ A grant names a grantee (an OS user, or `@group` for the members of an OS group)
 prefix, `read` or `read-write`, hosts (names or CIDR blocks; empty: any) and an end of validity
 (0: none). A volume with no grant is open to whoever can open it (as before). Once a volume has
 a grant, the client enforces them: it unwraps an encrypted volume's data keys only when its user
-holds a valid grant on this host, and every open (read, write, namespace change) needs a valid
-grant covering the path; the volume's owner (the OS user that ran `balefs init`) is exempt.
+holds a valid grant on this host, and only the data keys of the key domains its grants cover
+(keys.released), and every open (read, write, namespace change) needs a valid grant covering the
+path; the volume's owner (the OS user that ran `balefs init`) is exempt.
 A refusal raises PermissionError (EACCES) naming the grant and its end, and is audited.
 
 On PostgreSQL metadata a grantee is a database role, and the database enforces the grants
@@ -189,16 +190,20 @@ class GrantChecker:
             return
         self._refuse(path, op, write, relevant, now, user)
 
-    def check_any(self) -> None:
-        """Raise PermissionError unless this user holds some valid grant here (before data keys are released)."""
+    def check_any(self) -> list[str] | None:
+        """Raise PermissionError unless this user holds some valid grant here (before data keys are
+        released); the path prefixes of those grants, which say which key domains' keys are released
+        (None: the volume has no grant, or this user owns it: every key)."""
         grants = self._load()
         if not grants or self._exempt(self.user):
-            return
+            return None
         now = time.time_ns()
         mine = [g for g in grants if self._mine(g, self.user, self.groups)]
-        if any(g.state(now) == "active" and host_matches(g.hosts, self.host, self._addrs) for g in mine):
-            return
+        valid = [g.prefix for g in mine if g.state(now) == "active" and host_matches(g.hosts, self.host, self._addrs)]
+        if valid:
+            return valid
         self._refuse("", "key", False, mine, now, self.user)
+        return []  # not reached: _refuse raises
 
     def _refuse(self, path: str, op: str, write: bool, relevant: list[Grant], now: int, user: str) -> None:
         want = "read-write" if write else "read"
@@ -215,7 +220,7 @@ class GrantChecker:
         else:
             why = f"no grant gives {user} {want} access there"
         try:
-            self._meta.record_audit(op, path, "denied", f"{user}@{self.host}: {why}")
+            self._meta.record_audit(op, path, "denied", f"{user}@{self.host}: {why}", user=user)
         except Exception:  # noqa: BLE001 - the refusal stands even if it cannot be recorded
             log.warning("volume %s: could not audit a refused access to %s", self.volume, where)
         raise PermissionError(errno.EACCES, f"permission denied: {why}", where)

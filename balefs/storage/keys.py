@@ -9,11 +9,12 @@ keys at once never lose one's change.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
-from .crypto import CIPHER, KEY_SERVICE_KDF, KeyAccessError, KeyRecord, Keyring, MasterSource, new_kdf, new_key
+from .crypto import CIPHER, KEY_SERVICE_KDF, KeyAccessError, KeyRecord, Keyring, MasterSource, domain_of, new_kdf, new_key
 from .meta import Meta
+from .meta.types import split_path
 
 KEYS = "keys"  # the meta row
 
@@ -42,14 +43,43 @@ def held_by_key_service(store: Meta) -> bool:
     return text is not None and KeyRecord.from_json(text).kdf.get("kdf") == KEY_SERVICE_KDF
 
 
-def create_keys(store: Meta, source: MasterSource, volume: str) -> Keyring:
-    """Make an encrypted volume's first data key, wrapped by the master key of `source`."""
+def create_keys(store: Meta, source: MasterSource, volume: str, domains: Sequence[str] = ()) -> Keyring:
+    """Make an encrypted volume's first data key, and one for each key domain (a path prefix),
+    wrapped by the master key of `source`."""
+    domains = check_domains(domains)
     master, kdf = new_master_key(store, source)
     record = KeyRecord(kdf, 0)
     record.add(master, volume, new_key())
+    for domain in domains:
+        record.add(master, volume, new_key(), domain)
     if not store.swap_setting(KEYS, None, record.to_json()):
         raise ConfigError("the volume has keys already")
-    return Keyring(volume, record.unwrap_all(master, volume), record.current)
+    return record.keyring(master, volume)
+
+
+def check_domains(prefixes: Sequence[str], existing: Sequence[str] = ()) -> list[str]:
+    """Key-domain prefixes as stored (no leading or trailing slash), refusing the root and repeats."""
+    out: list[str] = []
+    for p in prefixes:
+        norm = "/".join(split_path(p))
+        if not norm:
+            raise ConfigError("--key-domain /: the volume's root is the volume's own key domain already; name a directory")
+        if norm in out or norm in existing:
+            raise ConfigError(f"--key-domain /{norm} is a key domain already")
+        out.append(norm)
+    return out
+
+
+def released(prefixes: Sequence[str], grants: Sequence[str] | None) -> Callable[[str], bool] | None:
+    """Which key domains a user's valid grants (their path prefixes; None: no grant applies, every
+    key) release: a domain whose prefix a grant covers, and the domain a grant's prefix lies in."""
+    if grants is None:
+        return None
+    open_to = {domain_of(g, prefixes) for g in grants}
+    for g in grants:
+        g = g.strip("/")
+        open_to |= {d for d in prefixes if not g or d == g or d.startswith(g + "/")}
+    return open_to.__contains__
 
 
 def stored_record(store: Meta) -> tuple[KeyRecord, str]:
@@ -60,12 +90,13 @@ def stored_record(store: Meta) -> tuple[KeyRecord, str]:
     return KeyRecord.from_json(text), text
 
 
-def open_keyring(store: Meta, source: MasterSource, volume: str) -> Keyring:
-    """The volume's data keys in the clear; KeyAccessError naming what is wrong (the key, its file)."""
+def open_keyring(store: Meta, source: MasterSource, volume: str, grants: Sequence[str] | None = None) -> Keyring:
+    """The volume's data keys in the clear, of the key domains that the path prefixes of the user's
+    valid `grants` release (None: every domain); KeyAccessError naming what is wrong (the key, its file)."""
     record, _ = stored_record(store)
     master = master_key(store, source, record.kdf)
     try:
-        return Keyring(volume, record.unwrap_all(master, volume), record.current)
+        return record.keyring(master, volume, released(list(record.domains), grants))
     except KeyAccessError as exc:
         raise KeyAccessError(f"{exc} (the master key came from {source.describe()})") from None
 
@@ -84,23 +115,36 @@ def rotate_master(store: Meta, old: MasterSource, new: MasterSource, volume: str
     store.record_audit("key.rotate", "", detail=f"master key now from {new.describe()}")
 
 
-def add_data_key(store: Meta, source: MasterSource, volume: str) -> int:
-    """Make a new data key current (new chunks are sealed with it; older keys stay for the blocks
-    still under them until `rekey` has moved every block); returns its number."""
+def add_data_key(store: Meta, source: MasterSource, volume: str, domain: str = "") -> int:
+    """Make a new data key current in key domain `domain` (new chunks are sealed with it; older keys
+    stay for the blocks still under them until `rekey` has moved every block); returns its number."""
+    return add_data_keys(store, source, volume, [domain])[domain]
+
+
+def add_data_keys(store: Meta, source: MasterSource, volume: str, domains: Sequence[str]) -> dict[str, int]:
+    """add_data_key for several domains in one change of the key record; {domain: new key number}."""
     record, text = stored_record(store)
     master = master_key(store, source, record.kdf)
     record.unwrap_all(master, volume)  # a wrong master key is refused before anything is written
-    number = record.add(master, volume, new_key())
+    numbers = {d: record.add(master, volume, new_key(), d) for d in domains}
     if not store.swap_setting(KEYS, text, record.to_json()):
         raise ConfigError("the volume's keys changed meanwhile (another key operation): run it again")
-    store.record_audit("key.new-data-key", "", detail=f"data key {number}")
-    return number
+    for d, n in numbers.items():
+        store.record_audit("key.new-data-key", d, detail=f"data key {n}" + (f" of key domain /{d}" if d else ""))
+    return numbers
+
+
+def add_domain(store: Meta, source: MasterSource, volume: str, prefix: str) -> int:
+    """Make path prefix `prefix` a key domain of its own (its first data key); returns the key's number."""
+    record, _ = stored_record(store)
+    (domain,) = check_domains([prefix], list(record.domains))
+    return add_data_key(store, source, volume, domain)
 
 
 def drop_data_keys(store: Meta, keep: set[int]) -> list[int]:
     """Forget the wrapped data keys not in `keep` (no block is sealed under them any more)."""
     record, text = stored_record(store)
-    gone = sorted(n for n in record.wrapped if n not in keep and n != record.current)
+    gone = sorted(n for n in record.wrapped if n not in keep and n not in record.currents().values())
     if gone:
         for n in gone:
             record.wrapped.pop(n)
@@ -111,4 +155,6 @@ def drop_data_keys(store: Meta, keep: set[int]) -> list[int]:
     return gone
 
 
-__all__ = ["CIPHER", "master_key", "new_master_key", "create_keys", "held_by_key_service", "open_keyring", "rotate_master", "add_data_key", "drop_data_keys", "stored_record"]
+__all__ = ["CIPHER", "master_key", "new_master_key", "create_keys", "held_by_key_service", "open_keyring",
+           "rotate_master", "add_data_key", "add_data_keys", "add_domain", "drop_data_keys", "stored_record",
+           "released", "check_domains"]

@@ -10,6 +10,8 @@ data block's (`000000000007-000012`).
 """
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 _STRIPE_BITS = 8  # data blocks per stripe and parity blocks per stripe: each below 256 (GF(2^8))
 
 
@@ -29,6 +31,15 @@ def parse_block_key(key: str) -> tuple[int, int] | None:
         return int(chunk, 16), int(idx, 16)
     except ValueError:
         return None
+
+
+def node_blocks(node: Any) -> Iterator[tuple[tuple[int, int], str, int]]:
+    """Every block a node holds, as ((chunk, index), key, size), skipping other objects (probes,
+    marks): the one listing gc, `df` and fsck compare with the metadata."""
+    for key, size in node.list():
+        parsed = parse_block_key(key)
+        if parsed is not None:
+            yield parsed, key, size
 
 
 def parity_index(first: int, count: int, j: int) -> int:

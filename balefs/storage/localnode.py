@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -293,6 +294,29 @@ class LocalNode:
                 for entry in os.scandir(mid.path):
                     if ".tmp" not in entry.name and entry.name != VOLUME_KEY:
                         yield entry.name, entry.stat().st_size
+
+    def reclaim_temps(self, older_than_s: float, dry_run: bool) -> tuple[int, int]:
+        """Delete the temporary block files (`<block>.tmp<pid>.<thread>`) of writers killed mid-write,
+        once untouched for `older_than_s` seconds: a live write touches its file as it goes."""
+        count = size = 0
+        if not os.path.isdir(self._blocks):
+            return count, size
+        cutoff = time.time() - older_than_s
+        for top in os.scandir(self._blocks):
+            for mid in os.scandir(top.path):
+                for entry in os.scandir(mid.path):
+                    if ".tmp" not in entry.name:
+                        continue
+                    try:
+                        st = entry.stat()
+                        if st.st_mtime > cutoff:
+                            continue
+                        if not dry_run:
+                            os.unlink(entry.path)
+                    except FileNotFoundError:
+                        continue  # its writer renamed or removed it meanwhile
+                    count, size = count + 1, size + st.st_size
+        return count, size
 
     def capacity(self) -> tuple[int, int]:
         usage = shutil.disk_usage(self.root)

@@ -141,6 +141,16 @@ class BlockFiles(Protocol):
         """The file holding block `key` (which may not exist)."""
 
 
+@_capability
+class StrayTemps(Protocol):
+    """A node whose writes go through temporary files renamed into place (local directories): a
+    writer killed mid-write leaves its temporary file behind, which gc reclaims once it is old."""
+
+    def reclaim_temps(self, older_than_s: float, dry_run: bool) -> tuple[int, int]:
+        """Delete (dry run: only count) temporary files untouched for `older_than_s` seconds;
+        return how many and their bytes."""
+
+
 def supports(node: object, capability: type[C]) -> TypeGuard[C]:
     """Whether `node` has the named optional `capability` (one of CAPABILITIES); the one way to ask.
     As cheap as the hasattr checks it stands for (isinstance with a Protocol costs ~20x more)."""

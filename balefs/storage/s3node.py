@@ -4,8 +4,11 @@ URL: ``s3://BUCKET/PREFIX?endpoint=http://a:9000,http://b:9000`` — each endpoi
 path (NodePath) to the same bucket; without ``endpoint`` the AWS default endpoint is used.
 Other query options: ``region`` (default us-east-1 or $AWS_REGION), ``connect_timeout`` and
 ``read_timeout`` (seconds, default 2 and 20), ``pool`` (connections per path, default 64),
-``attempts`` (tries per request over all paths, default 6). Credentials come from the
-usual AWS places (environment variables, ~/.aws profiles, instance roles).
+``attempts`` (tries per request over all paths, default 6), ``ca_bundle`` (a PEM file of the CA
+certificates an ``https://`` endpoint's certificate is verified against; default: the system's,
+or $AWS_CA_BUNDLE). Certificates are always verified; one that does not verify is a NodeError
+naming the node, not retried. Credentials come from the usual AWS places (environment
+variables, ~/.aws profiles, instance roles).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
                    "RequestThrottled", "TooManyRequestsException", "ProvisionedThroughputExceededException"}
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                      "ExpiredToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed"}
-_OPTIONS = {"endpoint", "region", "connect_timeout", "read_timeout", "pool", "attempts"}
+_OPTIONS = {"endpoint", "region", "connect_timeout", "read_timeout", "pool", "attempts", "ca_bundle"}
 CAPACITY = 1 << 50  # an object store reports no capacity: 1 PiB total and free
 _SESSION = None
 _SESSION_LOCK = threading.Lock()
@@ -61,6 +64,10 @@ def parse_s3_url(url: str) -> tuple[str, str, list[str], dict[str, str]]:
                     raise ValueError
             except ValueError:
                 raise ConfigError(f"node {url!r}: {key} must be a positive number, not {query[key]!r}") from None
+    if "ca_bundle" in query:
+        query["ca_bundle"] = os.path.abspath(os.path.expanduser(query["ca_bundle"]))
+        if not os.path.isfile(query["ca_bundle"]):
+            raise ConfigError(f"node {url!r}: ca_bundle {query['ca_bundle']} is not a file (a PEM file of CA certificates)")
     return parsed.netloc, parsed.path.strip("/"), endpoints, query
 
 
@@ -80,8 +87,10 @@ def _code_status(exc) -> tuple[str, int]:
 def classify_s3_error(exc: BaseException) -> str:
     """How PathSet treats a failed S3 request: fatal, throttled, path down or server error."""
     from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError,
-                                     ResponseStreamingError)
+                                     ResponseStreamingError, SSLError)
 
+    if isinstance(exc, SSLError):
+        return FATAL  # a certificate that does not verify will not verify on a retry
     if isinstance(exc, ClientError):
         code, status = _code_status(exc)
         if code in _THROTTLE_CODES or status in (429, 503):
@@ -124,7 +133,9 @@ class S3Node:
         )
         with _SESSION_LOCK:  # a session is not thread-safe; its clients are
             session = _session_unlocked()
-            paths = [NodePath(ep or "aws", session.client("s3", endpoint_url=ep, region_name=region, config=config))
+            verify = opts.get("ca_bundle") or None  # None: botocore's default ($AWS_CA_BUNDLE, else certifi's)
+            paths = [NodePath(ep or "aws", session.client("s3", endpoint_url=ep, region_name=region, config=config,
+                                                          verify=verify))
                      for ep in (endpoints or [None])]
         policy = PathPolicy(attempts=int(float(opts.get("attempts", 6))))
         self.paths = PathSet(self.label, paths, classify_s3_error, self._probe, policy)
@@ -136,12 +147,16 @@ class S3Node:
 
     def _run(self, what: str, key: str, fn: Callable[[Any], Any], size_in=lambda r: 0, size_out: int = 0) -> Any:
         """Run one request over the paths; turn store errors into NodeErrors naming the node."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError, SSLError
 
         try:
             return self.paths.call(fn, size_in, size_out)
         except ClientError as exc:
             raise self._error(exc, what, key) from None
+        except SSLError as exc:
+            raise NodeError(f"node {self.label}: TLS with {exc.kwargs.get('endpoint_url', 'its endpoint')} failed, "
+                            f"the server's certificate does not verify ({exc.kwargs.get('error', exc)}); name the CA "
+                            "that issued it with the node option ca_bundle=PATH (or $AWS_CA_BUNDLE)") from None
         except (NoCredentialsError, PartialCredentialsError) as exc:
             raise NodeError(f"node {self.label}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None

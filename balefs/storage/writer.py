@@ -82,7 +82,7 @@ def _submit(pool: ThreadPoolExecutor, fn: Callable, *args: object) -> Future:
 class ChunkWriter:
     """Appends bytes into chunks, uploads blocks in the background, tracks what is durable."""
 
-    def __init__(self, new_chunk: Callable[[str], int], nodes: dict[int, Node], placement: Placement,
+    def __init__(self, new_chunk: Callable[[str, str], int], nodes: dict[int, Node], placement: Placement,
                  codec: BlockCodec, chunk_size: int, block_size: int, inflight: int = 32,
                  write_quorum: int = 0, stripes: StripeCutter | None = None) -> None:
         self._new_chunk = new_chunk
@@ -101,6 +101,7 @@ class ChunkWriter:
         self._local = threading.local()  # per upload thread: the scratch buffer blocks are sealed into
         self._lock = threading.RLock()  # re-entered when a finished future's callback runs inside submit
         self._chunk: int | None = None
+        self._domain = ""  # the key domain of the open chunk: a chunk holds files of one domain only
         self._chunk_off = 0
         self._block_idx = 0
         self._block_start = 0
@@ -165,15 +166,19 @@ class ChunkWriter:
 
     # -- appending -----------------------------------------------------------------------
 
-    def append(self, data: bytes | memoryview) -> tuple[int, list[tuple[int, int, int]]]:
-        """Append bytes; return (generation, [(chunk, chunk_off, length), ...]) where they landed."""
+    def append(self, data: bytes | memoryview, domain: str = "") -> tuple[int, list[tuple[int, int, int]]]:
+        """Append bytes of a file of key domain `domain` (an encrypted volume's path prefix with a data
+        key of its own; "" the volume's); return (generation, [(chunk, chunk_off, length), ...]) where
+        they landed. Bytes of another domain than the open chunk's end that chunk and open a new one."""
         view = memoryview(data).cast("B")
         pieces: list[tuple[int, int, int]] = []
         with self._lock:
             gen = self.generation
+            if view and self._chunk is not None and domain != self._domain:
+                self._end_chunk()
             while view:
                 if self._chunk is None:
-                    self._open_chunk()
+                    self._open_chunk(domain)
                 n = min(len(view), self.block_size - self._fill, self.chunk_size - self._chunk_off)
                 if self._buf is None:
                     self._buf = self._free.pop() if self._free else mmap.mmap(-1, HEADER_SIZE + self.block_size)
@@ -187,14 +192,24 @@ class ChunkWriter:
                     self._submit_block()
             return gen, pieces
 
-    def _open_chunk(self) -> None:
-        self._chunk = self._new_chunk(self.writer_id)
+    def _open_chunk(self, domain: str) -> None:
+        self._chunk = self._new_chunk(self.writer_id, domain)
+        self._domain = domain
         self._chunk_off = self._block_idx = self._block_start = 0
         self._watermark[self._chunk] = 0
         self._next_idx[self._chunk] = 0
 
-    def _submit_block(self) -> None:
-        """Hand the buffered block to the upload pool (called with the lock held)."""
+    def _end_chunk(self) -> None:
+        """Close the open chunk for appends before it is full (bytes of another key domain follow):
+        its last block is cut and the chunk recorded as sealed (called with the lock held)."""
+        if self._fill:
+            self._submit_block(last=True)
+        elif self._chunk is not None:
+            self._sizes[self._chunk] = (self._chunk_off, True)
+            self._chunk = None
+
+    def _submit_block(self, last: bool = False) -> None:
+        """Hand the buffered block to the upload pool (called with the lock held); `last`: the chunk ends with it."""
         if not self._fill:
             return
         chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
@@ -203,7 +218,7 @@ class ChunkWriter:
         self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
         self._block_idx += 1
         self._block_start = self._chunk_off
-        sealed = self._chunk_off >= self.chunk_size
+        sealed = last or self._chunk_off >= self.chunk_size
         self._sizes[chunk] = (self._chunk_off, sealed)
         if sealed:
             self._chunk = None
@@ -424,7 +439,7 @@ class ChunkWriter:
                         added = self._codec.growing_record(chunk, idx, lo, view)
                     stored = self._grow_stored + len(added)
                     self._grow_digest.update(added)
-                    header = self._codec.growing_header(hi, self._grow_digest, stored)
+                    header = self._codec.growing_header(hi, self._grow_digest, stored, chunk)
                     for nid in self._grow_nodes:  # the bytes first: a reader of the old header ignores them
                         started = time.monotonic()
                         self._nodes[nid].put_at(key, HEADER_SIZE + self._grow_stored, (added,))

@@ -82,10 +82,10 @@ class Meta(Protocol):
         """Set a volume-wide setting to `value` if it still holds `expect` (None: absent), in one
         transaction; False when another client changed it first (compare and set)."""
 
-    def record_audit(self, op: str, path: str, outcome: str = "ok", detail: str = "") -> None:
+    def record_audit(self, op: str, path: str, outcome: str = "ok", detail: str = "", user: str = "") -> None:
         """Append one row to the audit table in its own transaction (key operations, grants, refused
-        accesses). Namespace changes are recorded by the change's own transaction when the
-        volume's `audit` setting is 'on'."""
+        accesses, sampled reads). Namespace changes are recorded by the change's own transaction when the
+        volume's `audit` setting is 'on'. user: who acted, when not this process's user (a mount's caller)."""
 
     def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False, limit: int = 100_000) -> list[AuditRow]:
         """Audit rows from `since_ns` on, oldest first; under the volume path prefix `path`; only refusals with `denied`."""

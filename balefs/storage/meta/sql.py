@@ -907,7 +907,7 @@ class SqlMeta:
     _actor: tuple[int, str, str] | None = None  # (pid, user, host) of this process
 
     def _audit(self, db: Db, rows: Sequence[tuple[str, str]], outcome: str = "ok", detail: str = "",
-               force: bool = False) -> None:
+               force: bool = False, user: str = "") -> None:
         """Append (op, path) rows to the audit table inside the caller's transaction (the change and
         its record commit together), when the volume is audited (always with force)."""
         if self._audit_on is None and not force:
@@ -915,7 +915,8 @@ class SqlMeta:
             self._audit_on = row is not None and row[0] == "on"
         if not (force or self._audit_on) or not rows:
             return
-        pid, user, host = self._who()
+        pid, me, host = self._who()
+        user = user or me
         now = time.time_ns()
         db.executemany("INSERT INTO audit(time_ns, user_name, host, pid, op, path, outcome, detail) VALUES(?,?,?,?,?,?,?,?)",
                        [(now, user, host, pid, op, path, outcome, detail) for op, path in rows])
@@ -931,11 +932,11 @@ class SqlMeta:
         return self._actor
 
     @retrying
-    def record_audit(self, op: str, path: str, outcome: str = "ok", detail: str = "") -> None:
-        """Append one audit row in a transaction of its own (key operations, grants, refused accesses);
-        recorded whatever the `audit` setting, since these are rare and always wanted."""
+    def record_audit(self, op: str, path: str, outcome: str = "ok", detail: str = "", user: str = "") -> None:
+        """Append one audit row in a transaction of its own (key operations, grants, refused accesses,
+        sampled reads); recorded whatever the `audit` setting, since these are rare and always wanted."""
         with self._write(sync=True) as db:
-            self._audit(db, [(op, path)], outcome, detail, force=True)
+            self._audit(db, [(op, path)], outcome, detail, force=True, user=user)
 
     @retrying
     def audit_rows(self, since_ns: int = 0, path: str = "", denied: bool = False, limit: int = 100_000) -> list[AuditRow]:
