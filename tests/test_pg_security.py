@@ -241,6 +241,7 @@ def test_cli_init_with_key_service_and_grant_prints_the_role_password(node_dirs,
     r = run_cli("grant", "v", "/data", "--to", _role(), "--read", "--hosts", "gpu-07,10.0.0.0/8")
     assert r.returncode == 0 and "host names (gpu-07) are checked by balefs clients" in r.stderr.decode()
     assert "a database role" in user_error("grant", "v", "/data", "--to", "Alice Smith", "--read")
+    assert "owns the volume or is a superuser" in user_error("grant", "v", "/data", "--to", "bale", "--read")
     (other,) = node_dirs(1, "cli2")
     assert "give --meta postgresql://" in user_error("init", "w", "--node", str(other), "--encrypt", "--key-service", "pg")
 

@@ -170,6 +170,9 @@ def sync_role(db: Db, role: str, password: str = "") -> None:
     schema = db.execute("SELECT current_schema()").fetchone()[0]
     if db.execute("SELECT 1 FROM pg_roles WHERE rolname = ?", (role,)).fetchone() is None:
         _run(db, "CREATE ROLE %I NOLOGIN", role)
+    elif db.execute("SELECT r.rolsuper OR pg_has_role(r.rolname, t.tableowner, 'MEMBER') FROM pg_roles r, pg_tables t "
+                    "WHERE r.rolname = ? AND t.schemaname = current_schema() AND t.tablename = 'meta'", (role,)).fetchone()[0]:
+        raise ValueError(f"role {role} owns the volume or is a superuser: it sees everything, a grant cannot limit it")
     if password:
         _run(db, "ALTER ROLE %I PASSWORD %L", role, password)
     _run(db, "REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM %I", schema, role)
