@@ -34,6 +34,27 @@ def _why_no_fuse() -> str | None:
 
 
 NO_FUSE = _why_no_fuse()
+
+
+def _why_no_native_session() -> str | None:
+    try:
+        from balefs.fuse.native_session import native_module
+
+        native_module()
+    except Exception as exc:  # noqa: BLE001 - any reason means: no native session here
+        return str(exc)
+    return None
+
+
+NO_NATIVE_SESSION = _why_no_native_session()
+
+
+@pytest.fixture
+def native_session(fuse: None) -> None:
+    """For the native session's tests: skip where balefs._fusenative is not built, or fail where
+    FUSE is required (CI installs libfuse3-dev, so the session must be there)."""
+    if NO_NATIVE_SESSION is not None:
+        skip_or_fail("FUSE", NO_NATIVE_SESSION)
 # a test (or a module, as its pytestmark) that mounts: conftest's `fuse` fixture skips it where
 # this machine cannot mount, or fails it where FUSE is required (helpers.skip_or_fail)
 needs_fuse = pytest.mark.usefixtures("fuse")
