@@ -60,6 +60,11 @@ def native_session(fuse: None) -> None:
 needs_fuse = pytest.mark.usefixtures("fuse")
 
 
+# BALEFS_FUSE_SESSION=native: every read-only mount the tests make is served by the native session
+# (read-write mounts stay on the Python one, the only session that writes)
+SESSION = os.environ.get("BALEFS_FUSE_SESSION", "python")
+
+
 def is_mounted(mp: Path) -> bool:
     from balefs.fuse.mount import find_mount
 
@@ -91,6 +96,8 @@ def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
     def mount(name: str = "vol", *options: str, mountpoint: Path | None = None) -> Path:
         mp = mountpoint or tmp_path / f"mnt{len(mounts)}"
         mp.mkdir(exist_ok=True)
+        if SESSION != "python" and "--read-only" in options and "--session" not in options:
+            options += ("--session", SESSION)
         res = run_cli("mount", name, mp, *options, timeout=60)
         assert res.returncode == 0, res.stderr.decode()
         assert is_mounted(mp)
