@@ -84,7 +84,9 @@ typedef struct block {
     uint8_t *data;
     size_t len;
     int refs;        /* the cache's (while in it) and each reader's */
-    int cached;
+    int loading;     /* being read by one thread: the others wait for it (cache lock, `loaded`) */
+    int failed;      /* its read failed: the waiters go the Python way too */
+    int in_lru;
     struct block *next, *lru_prev, *lru_next;
 } block_t;
 
@@ -100,6 +102,7 @@ typedef struct {
     node_t *buckets[NBUCKETS];
     long long seen_gen; /* the newest generation any call has read */
     pthread_mutex_t cache_lock;
+    pthread_cond_t loaded; /* a block being read is in (or failed) */
     block_t *cbuckets[CBUCKETS];
     block_t *lru_head, *lru_tail; /* head: most recently used */
     size_t cache_bytes, cache_cap;
@@ -423,6 +426,8 @@ static void block_unref(block_t *b) {
 }
 
 static void lru_unlink(block_t *b) {
+    if (!b->in_lru)
+        return;
     if (b->lru_prev)
         b->lru_prev->lru_next = b->lru_next;
     else
@@ -432,6 +437,7 @@ static void lru_unlink(block_t *b) {
     else
         S->lru_tail = b->lru_prev;
     b->lru_prev = b->lru_next = NULL;
+    b->in_lru = 0;
 }
 
 static void lru_push(block_t *b) {
@@ -442,39 +448,39 @@ static void lru_push(block_t *b) {
     S->lru_head = b;
     if (!S->lru_tail)
         S->lru_tail = b;
+    b->in_lru = 1;
 }
 
-/* Take block b out of the cache (cache lock held). */
+static uint64_t block_hash(long long chunk, long long idx) { return (uint64_t)(chunk * 1000003 + idx) % CBUCKETS; }
+
+/* Take block b out of the cache (cache lock held); readers holding it keep it until they let go. */
 static void evict(block_t *b) {
-    block_t **pp = &S->cbuckets[(uint64_t)(b->chunk * 1000003 + b->idx) % CBUCKETS];
+    block_t **pp = &S->cbuckets[block_hash(b->chunk, b->idx)];
     while (*pp && *pp != b)
         pp = &(*pp)->next;
-    if (*pp)
-        *pp = b->next;
+    if (*pp == NULL)
+        return; /* not in the cache (any more) */
+    *pp = b->next;
     lru_unlink(b);
     S->cache_bytes -= b->len;
-    b->cached = 0;
     block_unref(b);
 }
 
-/* Read, check and decode a block file into a new block; NULL with msg (and *err an errno, 0 for a
- * corrupt block). The same checks as the block engine's, in the same order. */
-static block_t *load_block(const piece_t *pc, char *msg, int *err) {
+/* Read, check and decode the block file of piece pc into *data (malloc'd, *len bytes); 0, or -1
+ * with msg. The same checks as the block engine's, in the same order. */
+static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg) {
     header_t hd;
     struct stat st;
     uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL;
     size_t got, len, out_len;
-    block_t *b = NULL;
-    *err = 0;
+    int rc = -1;
     int fd = open(pc->path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        *err = errno;
         snprintf(msg, MSG_LEN, "open: %s", strerror(errno));
-        return NULL;
+        return -1;
     }
     if (fstat(fd, &st) != 0 || read_all(fd, head, HEADER_SIZE, 0, &got) != 0) {
-        *err = errno ? errno : EIO;
-        snprintf(msg, MSG_LEN, "read: %s", strerror(*err));
+        snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
         goto done;
     }
     size_t size = (size_t)st.st_size > got ? (size_t)st.st_size : got;
@@ -482,14 +488,12 @@ static block_t *load_block(const piece_t *pc, char *msg, int *err) {
         output_length(&hd, S->block_limit, &out_len, msg))
         goto done;
     if ((raw = malloc(out_len ? out_len : 1)) == NULL || ((hd.flags & FLAG_LZ4) && (payload = malloc(len ? len : 1)) == NULL)) {
-        *err = ENOMEM;
         snprintf(msg, MSG_LEN, "out of memory");
         goto done;
     }
     uint8_t *dst = (hd.flags & FLAG_LZ4) ? payload : raw;
     if (read_all(fd, dst, len, HEADER_SIZE, &got) != 0) {
-        *err = errno ? errno : EIO;
-        snprintf(msg, MSG_LEN, "read: %s", strerror(*err));
+        snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
         goto done;
     }
     if (got != len) {
@@ -498,74 +502,88 @@ static block_t *load_block(const piece_t *pc, char *msg, int *err) {
     }
     if (finish_block(&hd, dst, len, raw, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
         goto done;
-    if ((b = calloc(1, sizeof *b)) == NULL) {
-        *err = ENOMEM;
-        snprintf(msg, MSG_LEN, "out of memory");
-        goto done;
-    }
-    b->chunk = pc->chunk;
-    b->idx = pc->idx;
-    b->data = raw;
-    b->len = out_len;
-    b->refs = 1;
+    *data = raw;
+    *out = out_len;
     raw = NULL;
+    rc = 0;
 done:
     close(fd);
     free(payload);
     free(raw);
-    return b;
+    return rc;
 }
 
 /* The block holding piece pc, long enough for it, with a reference for the caller; NULL if the
- * native path cannot read it (the caller falls back to Python). A block that grows in place may be
- * cached shorter than a later piece needs: then it is read again. */
+ * native path cannot read it (the caller falls back to Python). One thread reads a missing block
+ * while the others asking for it wait (a sequential read's readahead asks for one block many
+ * times at once). A block that grows in place may be cached shorter than a later piece needs:
+ * then it is read again. */
 static block_t *get_block(const piece_t *pc) {
-    uint64_t h = (uint64_t)(pc->chunk * 1000003 + pc->idx) % CBUCKETS;
+    uint64_t h = block_hash(pc->chunk, pc->idx);
     size_t need = pc->block_lo + pc->len;
     pthread_mutex_lock(&S->cache_lock);
     for (block_t *b = S->cbuckets[h]; b; b = b->next) {
-        if (b->chunk == pc->chunk && b->idx == pc->idx) {
-            if (b->len < need) {
-                evict(b);
-                break;
+        if (b->chunk != pc->chunk || b->idx != pc->idx)
+            continue;
+        __atomic_add_fetch(&b->refs, 1, __ATOMIC_ACQ_REL);
+        while (b->loading)
+            pthread_cond_wait(&S->loaded, &S->cache_lock);
+        if (!b->failed && b->len >= need) {
+            if (b->in_lru) {
+                lru_unlink(b);
+                lru_push(b);
             }
-            __atomic_add_fetch(&b->refs, 1, __ATOMIC_ACQ_REL);
-            lru_unlink(b);
-            lru_push(b);
             pthread_mutex_unlock(&S->cache_lock);
             return b;
         }
+        int failed = b->failed;
+        if (!failed)
+            evict(b); /* too short: a block that grew since; read it again below */
+        pthread_mutex_unlock(&S->cache_lock);
+        block_unref(b);
+        if (failed)
+            return NULL;
+        pthread_mutex_lock(&S->cache_lock);
+        break;
     }
-    pthread_mutex_unlock(&S->cache_lock);
-    char msg[MSG_LEN];
-    int err;
-    block_t *b = load_block(pc, msg, &err);
+    block_t *b = calloc(1, sizeof *b);
     if (b == NULL) {
-        fprintf(stderr, "balefs native session: chunk %lld block %lld (%s): %s; reading it the Python way\n",
-                pc->chunk, pc->idx, pc->path, msg);
+        pthread_mutex_unlock(&S->cache_lock);
         return NULL;
     }
-    if (b->len < need) {
+    b->chunk = pc->chunk;
+    b->idx = pc->idx;
+    b->loading = 1;
+    b->refs = 2; /* the cache's and ours */
+    b->next = S->cbuckets[h];
+    S->cbuckets[h] = b;
+    pthread_mutex_unlock(&S->cache_lock);
+    char msg[MSG_LEN];
+    uint8_t *data = NULL;
+    size_t len = 0;
+    int bad = load_block(pc, &data, &len, msg);
+    if (bad)
+        fprintf(stderr, "balefs native session: chunk %lld block %lld (%s): %s; reading it the Python way\n", pc->chunk,
+                pc->idx, pc->path, msg);
+    pthread_mutex_lock(&S->cache_lock);
+    b->loading = 0;
+    if (bad) {
+        b->failed = 1;
+        evict(b);
+    } else {
+        b->data = data;
+        b->len = len;
+        S->cache_bytes += len;
+        lru_push(b);
+        while (S->cache_bytes > S->cache_cap && S->lru_tail)
+            evict(S->lru_tail); /* (this block too, if it alone is more than the cache holds) */
+    }
+    pthread_cond_broadcast(&S->loaded);
+    pthread_mutex_unlock(&S->cache_lock);
+    if (bad || len < need) {
         block_unref(b);
         return NULL;
     }
-    pthread_mutex_lock(&S->cache_lock);
-    for (block_t *o = S->cbuckets[h]; o; o = o->next)
-        if (o->chunk == b->chunk && o->idx == b->idx) {
-            evict(o); /* loaded meanwhile by another thread: this copy replaces it */
-            break;
-        }
-    if (b->len <= S->cache_cap) {
-        __atomic_add_fetch(&b->refs, 1, __ATOMIC_ACQ_REL); /* the cache's */
-        b->cached = 1;
-        b->next = S->cbuckets[h];
-        S->cbuckets[h] = b;
-        lru_push(b);
-        S->cache_bytes += b->len;
-        while (S->cache_bytes > S->cache_cap && S->lru_tail && S->lru_tail != b)
-            evict(S->lru_tail);
-    }
-    pthread_mutex_unlock(&S->cache_lock);
     return b;
 }
 
@@ -1052,6 +1070,7 @@ static void free_session(void) {
         evict(S->lru_head);
     pthread_mutex_destroy(&S->lock);
     pthread_mutex_destroy(&S->cache_lock);
+    pthread_cond_destroy(&S->loaded);
     Py_XDECREF(S->provider);
     free(S->volume);
     free(S);
@@ -1110,6 +1129,7 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     S->seen_gen = -1;
     pthread_mutex_init(&S->lock, NULL);
     pthread_mutex_init(&S->cache_lock, NULL);
+    pthread_cond_init(&S->loaded, NULL);
     int rc = -1;
     struct fuse_args fargs = FUSE_ARGS_INIT((int)argc, argv);
     Py_BEGIN_ALLOW_THREADS
