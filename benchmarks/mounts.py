@@ -222,7 +222,7 @@ class JuiceFS(PeerMount):
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
+                    argv = f.read().replace(b"\0", b" ").split()  # (the daemon rewrites its argv as one string)
                 if b"mount" not in argv or self.mp.encode() not in argv:
                     continue
                 with open(f"/proc/{pid}/stat") as f:

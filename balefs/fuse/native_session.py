@@ -31,6 +31,7 @@ log = logging.getLogger("balefs.fuse")
 
 SESSIONS = ("python", "native")
 NATIVE_MIN_THREADS = 16
+MAX_KNOWN = 1_000_000  # files whose pieces are remembered for relisting (forgetting only costs a query)
 GRANTS_REFRESH = 5.0  # seconds: how old the "does this volume have grants" answer may be  # requests served at once: without the GIL more threads keep more reads in flight
 
 Attrs = tuple[int, int, int, int, int, int, int, int, int, int, int]
@@ -84,6 +85,9 @@ class NativeProvider:
         self.client = ops.client
         self.meta = ops.client.meta
         self.reader = ops.client.reader
+        # ino -> (the inode as read, its pieces), good while the generation stays _pieces_gen
+        self._known: dict[int, tuple[Inode, list[Piece] | None]] = {}
+        self._pieces_gen = -1
         self._grants_read = -GRANTS_REFRESH
         self._has_grants = False
 
@@ -109,24 +113,38 @@ class NativeProvider:
                 pos += hi - lo
         return out
 
-    def _entries(self, nodes: Sequence[Inode]) -> dict[int, list[Piece] | None]:
-        """The pieces of every file among `nodes`: one query for their extents, one for the block
-        maps of their chunks."""
-        files = [n.ino for n in nodes if n.kind == "f"]
-        if not files:
-            return {}
-        extents = self.meta.extents_of(files)
-        self.reader.load_maps({e.chunk for exts in extents.values() for e in exts})
-        return {ino: self._pieces(exts) for ino, exts in extents.items()}
+    def _entries(self, nodes: Sequence[Inode], gen: int) -> dict[int, list[Piece] | None]:
+        """The pieces of every file among `nodes`, read at generation `gen` or later: those found
+        at this generation already (a directory listed again while nothing changed anywhere) from
+        memory, the others with one query for their extents and one for their chunks' block maps."""
+        if gen != self._pieces_gen or len(self._known) > MAX_KNOWN:
+            self._known, self._pieces_gen = {}, gen
+        known = self._known
+        out: dict[int, list[Piece] | None] = {}
+        files = []
+        for n in nodes:
+            hit = known.get(n.ino) if n.kind == "f" else None
+            if hit is not None and hit[0] == n:
+                out[n.ino] = hit[1]
+            elif n.kind == "f":
+                files.append(n)
+        if files:
+            extents = self.meta.extents_of([n.ino for n in files])
+            self.reader.load_maps({e.chunk for exts in extents.values() for e in exts})
+            for n in files:
+                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []))
+                if self._pieces_gen == gen:
+                    known[n.ino] = (n, pieces)
+        return out
 
-    def _one(self, node: Inode | None) -> tuple[Attrs, list[Piece] | None]:
+    def _one(self, node: Inode | None, gen: int) -> tuple[Attrs, list[Piece] | None]:
         """One inode's attributes and pieces, read as one version (a commit in between: again)."""
         for _ in range(5):
             if node is None:
                 raise FuseOSError(errno.ENOENT)
             if node.kind != "f":
                 return self._attrs(node), None
-            pieces = self._entries([node]).get(node.ino)
+            pieces = self._entries([node], gen).get(node.ino)
             again = self.meta.getattr(node.ino)
             if again == node:
                 return self._attrs(node), pieces
@@ -167,7 +185,7 @@ class NativeProvider:
         if node.kind != "d":
             raise FuseOSError(errno.ENOTDIR)
         entries = [(name, n) for name, n in self.meta.listdir(ino) if not name.startswith(HIDDEN)]
-        pieces = self._entries([n for _, n in entries])
+        pieces = self._entries([n for _, n in entries], gen)
         return gen, [(name.encode(), self._attrs(n), pieces.get(n.ino)) for name, n in entries]
 
     @_answer
@@ -176,12 +194,12 @@ class NativeProvider:
         gen = self.meta.generation()
         if name.startswith(HIDDEN):
             raise FuseOSError(errno.ENOENT)
-        return (gen, *self._one(self.meta.lookup(parent, name)))
+        return (gen, *self._one(self.meta.lookup(parent, name), gen))
 
     @_answer
     def getattr(self, ino: int) -> tuple[int, Attrs, list[Piece] | None]:
         gen = self.meta.generation()
-        return (gen, *self._one(self.meta.getattr(ino)))
+        return (gen, *self._one(self.meta.getattr(ino), gen))
 
     @_answer
     def read(self, ino: int, offset: int, size: int) -> bytes:
