@@ -7,10 +7,12 @@
  * READDIRPLUS, OPEN, READ, RELEASE are then answered from the table and from a bounded native
  * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
  * without the GIL. Python is entered only to fill the table, to read the metadata's generation
- * counter at each OPEN (and check the volume's grants, if it has any; close-to-open: a file whose entry is older than the counter is fetched
- * again), for a read the native path cannot serve (a block on a remote node, a corrupt or missing
- * copy: the Python reader then tries the other copies, repairs and logs, or answers EIO), and for
- * the rare calls (STATFS, READLINK, xattrs).
+ * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
+ * again; and the volume's grants checked, if it has any), for a read the native path cannot serve
+ * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
+ * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
+ * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
+ * no reference to it (it is read again when asked for).
  *
  * Provider methods return their result, or a negative errno (never raise).
  *
@@ -56,10 +58,12 @@ typedef struct {
 typedef struct {
     char *name;
     uint64_t ino;
+    mode_t mode; /* its type, for a listing whose node has left the table */
 } dent_t;
 
 typedef struct node {
     uint64_t ino;
+    uint64_t nlookup;   /* the kernel's references (entries replied, minus FORGETs) */
     struct stat st;
     long long gen;      /* the generation counter when these attributes were read */
     double at;          /* when (monotonic seconds) */
@@ -76,6 +80,9 @@ typedef struct node {
 } node_t;
 
 #define NBUCKETS (1u << 16)
+/* Nodes the table holds before it drops those the kernel holds no reference to (they are read
+ * again when asked for): a bound on its memory, a few hundred bytes per node. */
+#define MAX_NODES (1u << 20)
 
 /* -- the block cache ------------------------------------------------------------------------------ */
 
@@ -101,6 +108,7 @@ typedef struct {
     pthread_mutex_t lock; /* the inode table and seen_gen */
     node_t *buckets[NBUCKETS];
     long long seen_gen; /* the newest generation any call has read */
+    size_t nnodes;
     pthread_mutex_t cache_lock;
     pthread_cond_t loaded; /* a block being read is in (or failed) */
     block_t *cbuckets[CBUCKETS];
@@ -163,7 +171,53 @@ static node_t *find_or_add(uint64_t ino) {
     n->gen = -1;
     n->next = S->buckets[ino % NBUCKETS];
     S->buckets[ino % NBUCKETS] = n;
+    S->nnodes++;
     return n;
+}
+
+static void free_node(node_t *n) {
+    pieces_unref(n->pieces);
+    free_kids(n->kids, n->nkids);
+    free(n);
+}
+
+/* Drop the node of `ino` if the kernel holds no reference to it (lock held); never the root. */
+static void drop_if_unused(uint64_t ino) {
+    node_t **pp = &S->buckets[ino % NBUCKETS];
+    while (*pp && (*pp)->ino != ino)
+        pp = &(*pp)->next;
+    node_t *n = *pp;
+    if (n == NULL || n->nlookup > 0 || ino == FUSE_ROOT_ID)
+        return;
+    *pp = n->next;
+    S->nnodes--;
+    free_node(n);
+}
+
+/* Past MAX_NODES, drop every node the kernel holds no reference to (lock held). */
+static void trim(void) {
+    if (S->nnodes <= MAX_NODES)
+        return;
+    for (size_t b = 0; b < NBUCKETS; b++) {
+        node_t **pp = &S->buckets[b];
+        while (*pp) {
+            node_t *n = *pp;
+            if (n->nlookup == 0 && n->ino != FUSE_ROOT_ID) {
+                *pp = n->next;
+                S->nnodes--;
+                free_node(n);
+            } else {
+                pp = &n->next;
+            }
+        }
+    }
+}
+
+/* The kernel took a reference to `ino` (an entry replied; lock held). */
+static void referenced(uint64_t ino) {
+    node_t *n = find(ino);
+    if (n != NULL)
+        n->nlookup++;
 }
 
 /* -- calls into Python ------------------------------------------------------------------------------ */
@@ -367,6 +421,7 @@ static int relist(uint64_t ino) {
         }
         if ((kids[k].name = strndup(name, (size_t)nlen)) == NULL)
             continue;
+        kids[k].mode = st.st_mode;
         kids[k++].ino = st.st_ino;
     }
     qsort(kids, (size_t)k, sizeof *kids, cmp_dent);
@@ -379,6 +434,9 @@ static int relist(uint64_t ino) {
         d->listed_gen = gen;
         d->listed_at = now_s();
         kids = NULL;
+        d->nlookup++; /* kept through the trim: the caller is about to use it */
+        trim();
+        d->nlookup--;
     } else {
         err = ENOMEM;
     }
@@ -653,6 +711,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
             node_t *n = ino ? find(ino) : NULL;
             if (n != NULL) {
                 st = n->st;
+                n->nlookup++;
                 pthread_mutex_unlock(&S->lock);
                 reply_entry(req, &st);
                 return;
@@ -670,23 +729,40 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
         }
     }
     int err = fetch(&st, "lookup", "(Ky)", (unsigned long long)parent, name);
-    if (err == ENOENT)
+    if (err == ENOENT) {
         reply_missing(req);
-    else if (err)
+    } else if (err) {
         fuse_reply_err(req, err);
-    else
+    } else {
+        pthread_mutex_lock(&S->lock);
+        referenced(st.st_ino);
+        pthread_mutex_unlock(&S->lock);
         reply_entry(req, &st);
+    }
+}
+
+/* The kernel dropped `count` references to `ino` (lock held): a node it no longer holds leaves the
+ * table (read again if asked for). */
+static void forget_one(uint64_t ino, uint64_t count) {
+    node_t *n = find(ino);
+    if (n == NULL)
+        return;
+    n->nlookup = n->nlookup > count ? n->nlookup - count : 0;
+    drop_if_unused(ino);
 }
 
 static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
-    (void)ino;
-    (void)nlookup; /* the table is a cache of the volume's inodes: nothing is freed per lookup */
+    pthread_mutex_lock(&S->lock);
+    forget_one(ino, nlookup);
+    pthread_mutex_unlock(&S->lock);
     fuse_reply_none(req);
 }
 
 static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets) {
-    (void)count;
-    (void)forgets;
+    pthread_mutex_lock(&S->lock);
+    for (size_t i = 0; i < count; i++)
+        forget_one(forgets[i].ino, forgets[i].nlookup);
+    pthread_mutex_unlock(&S->lock);
     fuse_reply_none(req);
 }
 
@@ -894,6 +970,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         for (size_t i = 0; i < d->nkids; i++) {
             if ((od->ents[od->n].name = strdup(d->kids[i].name)) == NULL)
                 break;
+            od->ents[od->n].mode = d->kids[i].mode;
             od->ents[od->n++].ino = d->kids[i].ino;
         }
     } else {
@@ -930,21 +1007,22 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
         memset(&e, 0, sizeof e);
         e.attr.st_mode = S_IFDIR;
         e.attr.st_ino = i == 0 ? ino : 0;
-        if (i >= 2) {
-            pthread_mutex_lock(&S->lock);
-            node_t *n = find(od->ents[i - 2].ino);
-            if (n != NULL) {
-                e.attr = n->st;
-                e.ino = n->st.st_ino;
-                e.attr_timeout = S->attr_timeout;
-                e.entry_timeout = S->entry_timeout;
-            }
-            pthread_mutex_unlock(&S->lock);
-            if (n == NULL)
-                continue;
+        pthread_mutex_lock(&S->lock);
+        node_t *n = i >= 2 ? find(od->ents[i - 2].ino) : NULL;
+        if (n != NULL) {
+            e.attr = n->st;
+            e.ino = n->st.st_ino;
+            e.attr_timeout = S->attr_timeout;
+            e.entry_timeout = S->entry_timeout;
+        } else if (i >= 2) { /* left the table: the name and type only (ino 0: no entry for the kernel) */
+            e.attr.st_ino = od->ents[i - 2].ino;
+            e.attr.st_mode = od->ents[i - 2].mode;
         }
         size_t want = plus ? fuse_add_direntry_plus(req, buf + pos, size - pos, name, &e, (off_t)(i + 1))
                            : fuse_add_direntry(req, buf + pos, size - pos, name, &e.attr, (off_t)(i + 1));
+        if (want <= size - pos && plus && n != NULL)
+            n->nlookup++; /* the kernel counts an entry of READDIRPLUS as a lookup */
+        pthread_mutex_unlock(&S->lock);
         if (want > size - pos)
             break; /* the kernel's buffer is full: it asks again from this entry */
         pos += want;
@@ -1060,9 +1138,7 @@ static void free_session(void) {
         node_t *n = S->buckets[i];
         while (n) {
             node_t *next = n->next;
-            pieces_unref(n->pieces);
-            free_kids(n->kids, n->nkids);
-            free(n);
+            free_node(n);
             n = next;
         }
     }
