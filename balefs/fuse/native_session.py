@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from mfusepy import FuseOSError
 
+from ..storage.client import FileReader
 from ..storage.meta.types import Extent, Inode
 from ..storage.orphans import PREFIX as ORPHAN_XATTR
 from .ops import HIDDEN, BaleOperations, _op
@@ -32,6 +33,7 @@ log = logging.getLogger("balefs.fuse")
 SESSIONS = ("python", "native")
 NATIVE_MIN_THREADS = 16
 MAX_KNOWN = 1_000_000  # files whose pieces are remembered for relisting (forgetting only costs a query)
+MAX_READERS = 4096  # files read the Python way whose readers are kept
 GRANTS_REFRESH = 5.0  # seconds: how old the "does this volume have grants" answer may be  # requests served at once: without the GIL more threads keep more reads in flight
 
 Attrs = tuple[int, int, int, int, int, int, int, int, int, int, int]
@@ -88,6 +90,7 @@ class NativeProvider:
         # ino -> (the inode as read, its pieces), good while the generation stays _pieces_gen
         self._known: dict[int, tuple[Inode, list[Piece] | None]] = {}
         self._pieces_gen = -1
+        self._readers: dict[int, tuple[int, FileReader]] = {}  # ino -> (generation, reader): read()'s
         self._grants_read = -GRANTS_REFRESH
         self._has_grants = False
 
@@ -203,11 +206,18 @@ class NativeProvider:
 
     @_answer
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Bytes of a file the native path could not read, the Python reader's way."""
-        node = self.meta.getattr(ino)
-        if node is None:
-            raise FuseOSError(errno.ESTALE)
-        return bytes(self.client.open_read_inode(node).read(offset, offset + size))
+        """Bytes of a file the native path could not read, the Python reader's way (its readahead
+        too): one reader per file, kept while the generation counter stays where it was."""
+        gen = self.meta.generation()
+        hit = self._readers.get(ino)
+        if hit is None or hit[0] != gen:
+            node = self.meta.getattr(ino)
+            if node is None:
+                raise FuseOSError(errno.ESTALE)
+            if len(self._readers) >= MAX_READERS:
+                self._readers.clear()
+            self._readers[ino] = hit = (gen, self.client.open_read_inode(node))
+        return bytes(hit[1].read(offset, offset + size))
 
     @_answer
     def readlink(self, ino: int) -> bytes:
