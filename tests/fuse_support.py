@@ -34,9 +34,35 @@ def _why_no_fuse() -> str | None:
 
 
 NO_FUSE = _why_no_fuse()
+
+
+def _why_no_native_session() -> str | None:
+    try:
+        from balefs.fuse.native_session import native_module
+
+        native_module()
+    except Exception as exc:  # noqa: BLE001 - any reason means: no native session here
+        return str(exc)
+    return None
+
+
+NO_NATIVE_SESSION = _why_no_native_session()
+
+
+@pytest.fixture
+def native_session(fuse: None) -> None:
+    """For the native session's tests: skip where balefs._fusenative is not built, or fail where
+    FUSE is required (CI installs libfuse3-dev, so the session must be there)."""
+    if NO_NATIVE_SESSION is not None:
+        skip_or_fail("FUSE", NO_NATIVE_SESSION)
 # a test (or a module, as its pytestmark) that mounts: conftest's `fuse` fixture skips it where
 # this machine cannot mount, or fails it where FUSE is required (helpers.skip_or_fail)
 needs_fuse = pytest.mark.usefixtures("fuse")
+
+
+# BALEFS_FUSE_SESSION=native: every read-only mount the tests make is served by the native session
+# (read-write mounts stay on the Python one, the only session that writes)
+SESSION = os.environ.get("BALEFS_FUSE_SESSION", "python")
 
 
 def is_mounted(mp: Path) -> bool:
@@ -70,6 +96,8 @@ def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
     def mount(name: str = "vol", *options: str, mountpoint: Path | None = None) -> Path:
         mp = mountpoint or tmp_path / f"mnt{len(mounts)}"
         mp.mkdir(exist_ok=True)
+        if SESSION != "python" and "--read-only" in options and "--session" not in options:
+            options += ("--session", SESSION)
         res = run_cli("mount", name, mp, *options, timeout=60)
         assert res.returncode == 0, res.stderr.decode()
         assert is_mounted(mp)

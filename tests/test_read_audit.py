@@ -7,7 +7,7 @@ import socket
 import fsspec
 import pytest
 
-from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
+from fuse_support import mount_volume, native_session, needs_fuse  # noqa: F401 - fixtures
 from helpers import run_cli, user_error
 
 
@@ -76,3 +76,16 @@ def test_mount_records_opens_for_reading(make_volume, open_client, mount_volume)
     assert not (mp / "x" / "nope").exists()
     assert ("x/a", "ok") in _reads(c)
     assert all(p != "x/new" for p, _ in _reads(c))
+
+
+@needs_fuse
+def test_native_mount_session_records_opens_for_reading(make_volume, open_client, mount_volume, native_session) -> None:
+    """The native session opens files without BaleOperations.open: its provider draws them too."""
+    vol = make_volume("nat", nodes=1)
+    c = open_client(vol.name)
+    c.write_file("x/a", b"abc")
+    c.write_file("x/b", b"de")
+    mp = mount_volume(vol.name, "--read-only", "--session", "native", "--audit-reads", "1")
+    assert (mp / "x" / "a").read_bytes() == b"abc"
+    assert (mp / "x" / "b").read_bytes() == b"de"
+    assert {("x/a", "ok"), ("x/b", "ok")} <= set(_reads(c))

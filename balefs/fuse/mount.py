@@ -53,6 +53,7 @@ class MountOptions:
     audit_reads: float | None = None          # share of opens for reading recorded in the audit table (None: the config's)
     metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
+    session: str = "python"                   # "native": the C low-level session (read-only mounts; native_session.py)
 
 
 ATTR_TIMEOUT = 1.0      # read-write mounts: a file closed on another mount shows its new size within 1 s
@@ -189,6 +190,7 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     from ..storage.recovery import recover_unsynced
     from .ops import LIBFUSE_VERSION, BaleFUSE, BaleOperations
 
+    check_session(opts)
     mp = os.path.abspath(mountpoint)
     exposed = _expose_metrics(opts.metrics) if opts.metrics or os.environ.get("BALEFS_METRICS") else False
     overrides: dict[str, Any] = {}
@@ -269,7 +271,10 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     if opts.debug:
         fuse_options["debug"] = True
     try:
-        BaleFUSE(ops, mp, **fuse_options)
+        if opts.session == "native":
+            _serve_native(ops, mp, volume, opts, fuse_options, started)
+        else:
+            BaleFUSE(ops, mp, **fuse_options)
     except RuntimeError as exc:
         if started:  # libfuse reports a stop by SIGTERM/SIGINT/SIGHUP as an error too
             log.warning("stopped by a signal; %s is unmounted", mp)
@@ -284,6 +289,34 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         finally:
             client.close()
             _clear_state(mp)
+
+
+def check_session(opts: MountOptions) -> None:
+    """MountError (one line) for a --session this mount cannot have."""
+    if opts.session not in ("python", "native"):
+        raise MountError(f"unknown --session {opts.session!r}: python or native")
+    if opts.session == "native":
+        if not opts.read_only:
+            raise MountError("--session native serves read-only mounts only: add --read-only (or use --session python)")
+        from .native_session import native_module
+        try:
+            native_module()
+        except ImportError as exc:
+            raise MountError(str(exc)) from None
+
+
+def _serve_native(ops: Any, mp: str, volume: str, opts: MountOptions, fuse_options: dict[str, Any],
+                  started: list) -> None:
+    """Serve the mount from the native session (native_session.py), with the kernel options the
+    Python session would pass; RuntimeError if libfuse could not mount or serve."""
+    from .native_session import native_module, serve_native
+
+    kernel = [f"fsname=balefs:{volume}", f"subtype={SUBTYPE}", "default_permissions", f"max_read={native_module().MAX_READ}",
+              "ro"] + [flag for flag in ("noatime", "allow_other") if fuse_options.get(flag)]
+    timeouts = (fuse_options["attr_timeout"], fuse_options["entry_timeout"], fuse_options["negative_timeout"])
+    code = serve_native(ops, mp, kernel, timeouts, opts.threads, debug=opts.debug)
+    if code != 0 and not started:
+        raise RuntimeError(code)
 
 
 def _expose_metrics(where: str | None) -> bool:
@@ -350,6 +383,7 @@ def _clear_state(mp: str) -> None:
 def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = False, timeout: float = 60.0) -> int:
     """Mount VOLUME at MOUNTPOINT; in the background, return the daemon's pid once the mount works."""
     mp = check_can_mount(volume, mountpoint)
+    check_session(opts)
     if foreground:
         logging.basicConfig(level=logging.DEBUG if opts.debug else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -383,6 +417,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         cmd += ["--metrics", opts.metrics]
     if opts.debug:
         cmd.append("--debug")
+    if opts.session != "python":
+        cmd += ["--session", opts.session]
     r, w = os.pipe()
     cmd += ["--ready-fd", str(w)]
     logfile = log_path(mp)
@@ -498,6 +534,8 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
         os.stat(mp)
     except OSError as exc:
         dead = exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    if not dead and state is not None and state.get("pid"):
+        dead = not pid_alive(int(state["pid"]))  # a read-only mount's stat may come from the kernel's cache
     if dead:  # the daemon is gone (kill -9, crash): detach what is left
         res = _detach(mp, lazy=True)
         if find_mount(mp) is not None and os.geteuid() == 0:

@@ -580,6 +580,11 @@ class Client:
 
     # -- reading -------------------------------------------------------------------------
 
+    @property
+    def read_audit(self) -> ReadAudit:
+        """The sampler of opens for reading (audit_reads), for front ends that open files themselves."""
+        return self._read_audit
+
     def open_read(self, path: str, uid: int | None = None, audit: bool = True) -> FileReader:
         """A reader of the current version of a file: its inode and extents come from one query.
         With audit (an open for reading, not a writer's), the open is drawn for the audit trail at

@@ -603,11 +603,12 @@ class BlockReader:
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
 
-    def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
-        """The native engine's job for a block whose first copy is on a node of plain block files
-        (BlockFiles); None where the Python way reads it: no engine, a disk cache, an encrypted
-        volume (the engine knows no sealed payloads: it would take a forged plain block), a codec
-        of another kind, or a first copy elsewhere."""
+    def native_block_file(self, rec: BlockRecord) -> str | None:
+        """The block file of `rec`'s first copy when native code may read it directly (the block
+        engine, the native FUSE session): a node of plain block files (BlockFiles); None where the
+        Python way reads it: no engine, a disk cache, an encrypted volume (native code knows no
+        sealed payloads: it would take a forged plain block), a codec of another kind, or a first
+        copy elsewhere."""
         if (native.engine is None or type(self._codec) is not BlockCodec or self._codec.encrypted
                 or self.disk_cache is not None):
             return None
@@ -615,7 +616,12 @@ class BlockReader:
         node = self._nodes.get(order[0]) if order else None
         if not supports(node, BlockFiles):
             return None
-        return node.block_path(block_key(rec.chunk, rec.idx)), rec.chunk, rec.idx, rec.length, targets
+        return node.block_path(block_key(rec.chunk, rec.idx))
+
+    def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
+        """The native engine's job for a block it may read (native_block_file), else None."""
+        path = self.native_block_file(rec)
+        return None if path is None else (path, rec.chunk, rec.idx, rec.length, targets)
 
     def _read_native(self, recs: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], bytes]:
         """The blocks of `recs` that the native engine read whole and verified (storage/native.py), in

@@ -1,0 +1,1254 @@
+/* balefs._fusenative: a libfuse 3 low-level session whose read path stays in C.
+ *
+ * `balefs mount --session native --read-only` serves the kernel from here. The session holds an
+ * inode table in native memory (ino -> attributes, a directory's sorted entries, a file's pieces:
+ * which byte range of which block file holds each part of it) that Python fills in batches, one
+ * call per directory (balefs/fuse/native_session.py, the "provider"). LOOKUP, GETATTR, READDIR,
+ * READDIRPLUS, OPEN, READ, RELEASE are then answered from the table and from a bounded native
+ * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
+ * without the GIL. Python is entered only to fill the table, to read the metadata's generation
+ * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
+ * again; and the volume's grants checked, if it has any), for a read the native path cannot serve
+ * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
+ * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
+ * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
+ * no reference to it (it is read again when asked for).
+ *
+ * Provider methods return their result, or a negative errno (never raise).
+ *
+ * Entry point: serve(provider, mountpoint, args, volume, entry_timeout, attr_timeout,
+ *                    negative_timeout, meta_ttl, cache_bytes, block_limit, threads) -> int
+ */
+#define FUSE_USE_VERSION 312
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "blockcodec.h"
+
+#define NAME_MAX_BYTES 255
+#define MAX_READ (1u << 20) /* the kernel's largest READ; the max_read mount option must say the same */
+#define HIDDEN_PREFIX ".fuse_hidden"
+
+/* -- the inode table ----------------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t file_off, len, block_lo; /* file bytes [file_off, file_off+len) are block bytes [block_lo, ...) */
+    long long chunk, idx;
+    const char *path; /* the block file (inside the pieces_t allocation) */
+} piece_t;
+
+typedef struct {
+    int refs; /* the node and every open file holding it */
+    size_t n;
+    piece_t p[]; /* then the path strings */
+} pieces_t;
+
+typedef struct {
+    char *name;
+    uint64_t ino;
+    mode_t mode; /* its type, for a listing whose node has left the table */
+} dent_t;
+
+typedef struct node {
+    uint64_t ino;
+    uint64_t nlookup;   /* the kernel's references (entries replied, minus FORGETs) */
+    struct stat st;
+    long long gen;      /* the generation counter when these attributes were read */
+    double at;          /* when (monotonic seconds) */
+    int has_pieces;     /* a file whose pieces were fetched (pieces NULL: the Python path reads it) */
+    pieces_t *pieces;
+    uint64_t stamp;     /* this version of the content */
+    uint64_t opened;    /* the version the last open saw; 0: none */
+    dent_t *kids;       /* a directory's entries, sorted by name (strcmp) */
+    size_t nkids;
+    int listed;
+    long long listed_gen;
+    double listed_at;
+    struct node *next;
+} node_t;
+
+#define NBUCKETS (1u << 16)
+/* Nodes the table holds before it drops those the kernel holds no reference to (they are read
+ * again when asked for): a bound on its memory, a few hundred bytes per node. */
+#define MAX_NODES (1u << 20)
+
+/* -- the block cache ------------------------------------------------------------------------------ */
+
+typedef struct block {
+    long long chunk, idx;
+    uint8_t *data;
+    size_t len;
+    int refs;        /* the cache's (while in it) and each reader's */
+    int loading;     /* being read by one thread: the others wait for it (cache lock, `loaded`) */
+    int failed;      /* its read failed: the waiters go the Python way too */
+    int in_lru;
+    struct block *next, *lru_prev, *lru_next;
+} block_t;
+
+#define CBUCKETS (1u << 14)
+
+typedef struct {
+    PyObject *provider;
+    struct fuse_session *se;
+    char *volume;
+    double entry_timeout, attr_timeout, negative_timeout, meta_ttl;
+    size_t block_limit;
+    pthread_mutex_t lock; /* the inode table and seen_gen */
+    node_t *buckets[NBUCKETS];
+    long long seen_gen; /* the newest generation any call has read */
+    size_t nnodes;
+    pthread_mutex_t cache_lock;
+    pthread_cond_t loaded; /* a block being read is in (or failed) */
+    block_t *cbuckets[CBUCKETS];
+    block_t *lru_head, *lru_tail; /* head: most recently used */
+    size_t cache_bytes, cache_cap;
+} session_t;
+
+static session_t *S; /* one session per process */
+
+typedef struct {
+    uint64_t ino;
+    uint64_t size;
+    pieces_t *pieces; /* NULL: read through Python */
+} openfile_t;
+
+typedef struct {
+    size_t n;
+    dent_t *ents; /* a copy of the directory's entries when it was opened */
+} opendir_t;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void pieces_unref(pieces_t *p) {
+    if (p != NULL && __atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(p);
+}
+
+static pieces_t *pieces_ref(pieces_t *p) {
+    if (p != NULL)
+        __atomic_add_fetch(&p->refs, 1, __ATOMIC_ACQ_REL);
+    return p;
+}
+
+static void free_kids(dent_t *kids, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        free(kids[i].name);
+    free(kids);
+}
+
+/* The node of `ino`, or NULL (lock held). */
+static node_t *find(uint64_t ino) {
+    for (node_t *n = S->buckets[ino % NBUCKETS]; n; n = n->next)
+        if (n->ino == ino)
+            return n;
+    return NULL;
+}
+
+/* The node of `ino`, made if new; NULL when out of memory (lock held). */
+static node_t *find_or_add(uint64_t ino) {
+    node_t *n = find(ino);
+    if (n != NULL)
+        return n;
+    if ((n = calloc(1, sizeof *n)) == NULL)
+        return NULL;
+    n->ino = ino;
+    n->gen = -1;
+    n->next = S->buckets[ino % NBUCKETS];
+    S->buckets[ino % NBUCKETS] = n;
+    S->nnodes++;
+    return n;
+}
+
+static void free_node(node_t *n) {
+    pieces_unref(n->pieces);
+    free_kids(n->kids, n->nkids);
+    free(n);
+}
+
+/* Drop the node of `ino` if the kernel holds no reference to it (lock held); never the root. */
+static void drop_if_unused(uint64_t ino) {
+    node_t **pp = &S->buckets[ino % NBUCKETS];
+    while (*pp && (*pp)->ino != ino)
+        pp = &(*pp)->next;
+    node_t *n = *pp;
+    if (n == NULL || n->nlookup > 0 || ino == FUSE_ROOT_ID)
+        return;
+    *pp = n->next;
+    S->nnodes--;
+    free_node(n);
+}
+
+/* Past MAX_NODES, drop every node the kernel holds no reference to (lock held). */
+static void trim(void) {
+    if (S->nnodes <= MAX_NODES)
+        return;
+    for (size_t b = 0; b < NBUCKETS; b++) {
+        node_t **pp = &S->buckets[b];
+        while (*pp) {
+            node_t *n = *pp;
+            if (n->nlookup == 0 && n->ino != FUSE_ROOT_ID) {
+                *pp = n->next;
+                S->nnodes--;
+                free_node(n);
+            } else {
+                pp = &n->next;
+            }
+        }
+    }
+}
+
+/* The kernel took a reference to `ino` (an entry replied; lock held). */
+static void referenced(uint64_t ino) {
+    node_t *n = find(ino);
+    if (n != NULL)
+        n->nlookup++;
+}
+
+/* -- calls into Python ------------------------------------------------------------------------------ */
+
+static __thread int pinned;
+
+/* Take the GIL on a libfuse worker thread. The first call keeps a thread state for the thread's
+ * whole life (the metadata store keeps a per-thread connection in a threading.local, which a
+ * state made and dropped per call would lose). */
+static PyGILState_STATE gil(void) {
+    if (!pinned) {
+        PyGILState_Ensure();
+        PyEval_SaveThread();
+        pinned = 1;
+    }
+    return PyGILState_Ensure();
+}
+
+/* provider.<method>(*args) with the GIL held; NULL after logging a Python error (EIO). */
+static PyObject *call(const char *method, const char *fmt, ...) {
+    va_list va;
+    va_start(va, fmt);
+    PyObject *args = Py_VaBuildValue(fmt, va);
+    va_end(va);
+    if (args == NULL) {
+        PyErr_WriteUnraisable(NULL);
+        return NULL;
+    }
+    PyObject *fn = PyObject_GetAttrString(S->provider, method);
+    PyObject *out = fn ? PyObject_Call(fn, args, NULL) : NULL;
+    Py_XDECREF(fn);
+    Py_DECREF(args);
+    if (out == NULL)
+        PyErr_WriteUnraisable(S->provider);
+    return out;
+}
+
+/* The errno a provider result stands for: a negative int, or a call that failed (EIO); else 0. */
+static int err_of(PyObject *r) {
+    if (r == NULL)
+        return EIO;
+    if (PyLong_Check(r)) {
+        long v = PyLong_AsLong(r);
+        return v < 0 ? (int)-v : EIO;
+    }
+    return 0;
+}
+
+/* attrs: (ino, mode, nlink, uid, gid, size, blocks, blksize, atime_ns, mtime_ns, ctime_ns) */
+static int parse_attrs(PyObject *t, struct stat *st) {
+    unsigned long long ino, mode, nlink, uid, gid, size, blocks, blksize;
+    long long at, mt, ct;
+    if (!PyArg_ParseTuple(t, "KKKKKKKKLLL", &ino, &mode, &nlink, &uid, &gid, &size, &blocks, &blksize, &at, &mt, &ct))
+        return -1;
+    memset(st, 0, sizeof *st);
+    st->st_ino = ino;
+    st->st_mode = (mode_t)mode;
+    st->st_nlink = (nlink_t)nlink;
+    st->st_uid = (uid_t)uid;
+    st->st_gid = (gid_t)gid;
+    st->st_size = (off_t)size;
+    st->st_blocks = (blkcnt_t)blocks;
+    st->st_blksize = (blksize_t)blksize;
+    st->st_atim.tv_sec = at / 1000000000;
+    st->st_atim.tv_nsec = at % 1000000000;
+    st->st_mtim.tv_sec = mt / 1000000000;
+    st->st_mtim.tv_nsec = mt % 1000000000;
+    st->st_ctim.tv_sec = ct / 1000000000;
+    st->st_ctim.tv_nsec = ct % 1000000000;
+    return 0;
+}
+
+/* pieces: None, or [(file_off, len, path bytes, chunk, idx, block_lo)] in file order. NULL with
+ * *bad set on a malformed list; NULL with *bad clear for None. */
+static pieces_t *parse_pieces(PyObject *list, int *bad) {
+    *bad = 0;
+    if (list == Py_None)
+        return NULL;
+    PyObject *seq = PySequence_Fast(list, "pieces must be a list");
+    if (seq == NULL) {
+        *bad = 1;
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    size_t strings = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i), *path;
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 6 || !PyBytes_Check(path = PyTuple_GET_ITEM(t, 2))) {
+            PyErr_SetString(PyExc_TypeError, "a piece is (file_off, len, path bytes, chunk, idx, block_lo)");
+            goto bad;
+        }
+        strings += (size_t)PyBytes_GET_SIZE(path) + 1;
+    }
+    pieces_t *p = malloc(sizeof *p + (size_t)n * sizeof(piece_t) + strings);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        goto bad;
+    }
+    p->refs = 1;
+    p->n = (size_t)n;
+    char *str = (char *)&p->p[n];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        piece_t *pc = &p->p[i];
+        const char *path;
+        Py_ssize_t plen;
+        unsigned long long off, len, lo;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKy#LLK", &off, &len, &path, &plen, &pc->chunk,
+                              &pc->idx, &lo)) {
+            free(p);
+            goto bad;
+        }
+        pc->file_off = off;
+        pc->len = len;
+        pc->block_lo = lo;
+        memcpy(str, path, (size_t)plen);
+        str[plen] = 0;
+        pc->path = str;
+        str += plen + 1;
+    }
+    Py_DECREF(seq);
+    return p;
+bad:
+    Py_DECREF(seq);
+    *bad = 1;
+    return NULL;
+}
+
+static uint64_t stamp_of(const struct stat *st) {
+    uint64_t v[4] = {(uint64_t)st->st_size, (uint64_t)st->st_mtim.tv_sec * 1000000000u + (uint64_t)st->st_mtim.tv_nsec,
+                     (uint64_t)st->st_ctim.tv_sec * 1000000000u + (uint64_t)st->st_ctim.tv_nsec, 0};
+    return XXH3_64bits(v, sizeof v) | 1; /* never 0: 0 means "not opened" */
+}
+
+/* Take (attrs, pieces) read at generation `gen` into the table (lock held); 0 or -1. */
+static int install(PyObject *attrs, PyObject *pieces_obj, long long gen, struct stat *out) {
+    struct stat st;
+    int bad;
+    if (parse_attrs(attrs, &st) != 0)
+        return -1;
+    pieces_t *pieces = parse_pieces(pieces_obj, &bad);
+    if (bad)
+        return -1;
+    node_t *n = find_or_add(st.st_ino);
+    if (n == NULL) {
+        pieces_unref(pieces);
+        PyErr_NoMemory();
+        return -1;
+    }
+    n->st = st;
+    n->gen = gen;
+    n->at = now_s();
+    n->stamp = stamp_of(&st);
+    if (S_ISREG(st.st_mode)) {
+        pieces_unref(n->pieces);
+        n->pieces = pieces;
+        n->has_pieces = 1;
+    } else {
+        pieces_unref(pieces);
+    }
+    if (gen > S->seen_gen)
+        S->seen_gen = gen;
+    if (out)
+        *out = st;
+    return 0;
+}
+
+static int cmp_dent(const void *a, const void *b) { return strcmp(((const dent_t *)a)->name, ((const dent_t *)b)->name); }
+
+/* List directory `ino` through Python into the table: provider.listdir(ino) -> (gen, [(name
+ * bytes, attrs, pieces)]). 0, or an errno. GIL not held on entry. */
+static int relist(uint64_t ino) {
+    PyGILState_STATE g = gil();
+    int err = 0;
+    dent_t *kids = NULL;
+    PyObject *r = call("listdir", "(K)", (unsigned long long)ino), *seq = NULL;
+    long long gen;
+    PyObject *list;
+    if ((err = err_of(r)) != 0)
+        goto out;
+    if (!PyArg_ParseTuple(r, "LO", &gen, &list) || (seq = PySequence_Fast(list, "entries")) == NULL) {
+        PyErr_WriteUnraisable(S->provider);
+        err = EIO;
+        goto out;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if ((kids = calloc((size_t)n + 1, sizeof *kids)) == NULL) {
+        err = ENOMEM;
+        goto out;
+    }
+    pthread_mutex_lock(&S->lock);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PySequence_Fast_GET_ITEM(seq, i);
+        const char *name;
+        Py_ssize_t nlen;
+        PyObject *attrs, *pieces;
+        struct stat st;
+        if (!PyArg_ParseTuple(e, "y#OO", &name, &nlen, &attrs, &pieces) || install(attrs, pieces, gen, &st) != 0) {
+            PyErr_WriteUnraisable(S->provider);
+            continue;
+        }
+        if ((kids[k].name = strndup(name, (size_t)nlen)) == NULL)
+            continue;
+        kids[k].mode = st.st_mode;
+        kids[k++].ino = st.st_ino;
+    }
+    qsort(kids, (size_t)k, sizeof *kids, cmp_dent);
+    node_t *d = find_or_add(ino);
+    if (d != NULL) {
+        free_kids(d->kids, d->nkids);
+        d->kids = kids;
+        d->nkids = (size_t)k;
+        d->listed = 1;
+        d->listed_gen = gen;
+        d->listed_at = now_s();
+        kids = NULL;
+        d->nlookup++; /* kept through the trim: the caller is about to use it */
+        trim();
+        d->nlookup--;
+    } else {
+        err = ENOMEM;
+    }
+    pthread_mutex_unlock(&S->lock);
+    if (kids != NULL)
+        free_kids(kids, (size_t)k);
+out:
+    Py_XDECREF(seq);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    return err;
+}
+
+/* Fetch one inode through Python: provider.<method>(args) -> (gen, attrs, pieces); 0 or an errno. */
+static int fetch(struct stat *st, const char *method, const char *fmt, unsigned long long a, const char *name) {
+    PyGILState_STATE g = gil();
+    PyObject *r = name ? call(method, fmt, a, name) : call(method, fmt, a);
+    int err = err_of(r);
+    if (!err) {
+        long long gen;
+        PyObject *attrs, *pieces;
+        pthread_mutex_lock(&S->lock);
+        if (!PyArg_ParseTuple(r, "LOO", &gen, &attrs, &pieces) || install(attrs, pieces, gen, st) != 0) {
+            PyErr_WriteUnraisable(S->provider);
+            err = EIO;
+        }
+        pthread_mutex_unlock(&S->lock);
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    return err;
+}
+
+/* Whether what the table holds for a node may still answer LOOKUP/GETATTR (lock held): read at the
+ * newest generation seen, within the metadata TTL (a stat may be that old, as on the Python path). */
+static int fresh(long long gen, double at) { return gen == S->seen_gen && now_s() - at < S->meta_ttl; }
+
+/* -- blocks ------------------------------------------------------------------------------------- */
+
+static void block_unref(block_t *b) {
+    if (b != NULL && __atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        free(b->data);
+        free(b);
+    }
+}
+
+static void lru_unlink(block_t *b) {
+    if (!b->in_lru)
+        return;
+    if (b->lru_prev)
+        b->lru_prev->lru_next = b->lru_next;
+    else
+        S->lru_head = b->lru_next;
+    if (b->lru_next)
+        b->lru_next->lru_prev = b->lru_prev;
+    else
+        S->lru_tail = b->lru_prev;
+    b->lru_prev = b->lru_next = NULL;
+    b->in_lru = 0;
+}
+
+static void lru_push(block_t *b) {
+    b->lru_prev = NULL;
+    b->lru_next = S->lru_head;
+    if (S->lru_head)
+        S->lru_head->lru_prev = b;
+    S->lru_head = b;
+    if (!S->lru_tail)
+        S->lru_tail = b;
+    b->in_lru = 1;
+}
+
+static uint64_t block_hash(long long chunk, long long idx) { return (uint64_t)(chunk * 1000003 + idx) % CBUCKETS; }
+
+/* Take block b out of the cache (cache lock held); readers holding it keep it until they let go. */
+static void evict(block_t *b) {
+    block_t **pp = &S->cbuckets[block_hash(b->chunk, b->idx)];
+    while (*pp && *pp != b)
+        pp = &(*pp)->next;
+    if (*pp == NULL)
+        return; /* not in the cache (any more) */
+    *pp = b->next;
+    lru_unlink(b);
+    S->cache_bytes -= b->len;
+    block_unref(b);
+}
+
+/* Read, check and decode the block file of piece pc into *data (malloc'd, *len bytes); 0, or -1
+ * with msg. The same checks as the block engine's, in the same order. */
+static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg) {
+    header_t hd;
+    struct stat st;
+    uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL;
+    size_t got, len, out_len;
+    int rc = -1;
+    int fd = open(pc->path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(msg, MSG_LEN, "open: %s", strerror(errno));
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || read_all(fd, head, HEADER_SIZE, 0, &got) != 0) {
+        snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
+        goto done;
+    }
+    size_t size = (size_t)st.st_size > got ? (size_t)st.st_size : got;
+    if (parse_header(head, got, &hd, msg) || payload_length(&hd, size - HEADER_SIZE, &len, msg) ||
+        output_length(&hd, S->block_limit, &out_len, msg))
+        goto done;
+    if ((raw = malloc(out_len ? out_len : 1)) == NULL || ((hd.flags & FLAG_LZ4) && (payload = malloc(len ? len : 1)) == NULL)) {
+        snprintf(msg, MSG_LEN, "out of memory");
+        goto done;
+    }
+    uint8_t *dst = (hd.flags & FLAG_LZ4) ? payload : raw;
+    if (read_all(fd, dst, len, HEADER_SIZE, &got) != 0) {
+        snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
+        goto done;
+    }
+    if (got != len) {
+        snprintf(msg, MSG_LEN, "truncated payload (%zu of %u bytes)", got, hd.stored_len);
+        goto done;
+    }
+    if (finish_block(&hd, dst, len, raw, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
+        goto done;
+    *data = raw;
+    *out = out_len;
+    raw = NULL;
+    rc = 0;
+done:
+    close(fd);
+    free(payload);
+    free(raw);
+    return rc;
+}
+
+/* The block holding piece pc, long enough for it, with a reference for the caller; NULL if the
+ * native path cannot read it (the caller falls back to Python). One thread reads a missing block
+ * while the others asking for it wait (a sequential read's readahead asks for one block many
+ * times at once). A block that grows in place may be cached shorter than a later piece needs:
+ * then it is read again. */
+static block_t *get_block(const piece_t *pc) {
+    uint64_t h = block_hash(pc->chunk, pc->idx);
+    size_t need = pc->block_lo + pc->len;
+    pthread_mutex_lock(&S->cache_lock);
+    for (block_t *b = S->cbuckets[h]; b; b = b->next) {
+        if (b->chunk != pc->chunk || b->idx != pc->idx)
+            continue;
+        __atomic_add_fetch(&b->refs, 1, __ATOMIC_ACQ_REL);
+        while (b->loading)
+            pthread_cond_wait(&S->loaded, &S->cache_lock);
+        if (!b->failed && b->len >= need) {
+            if (b->in_lru) {
+                lru_unlink(b);
+                lru_push(b);
+            }
+            pthread_mutex_unlock(&S->cache_lock);
+            return b;
+        }
+        int failed = b->failed;
+        if (!failed)
+            evict(b); /* too short: a block that grew since; read it again below */
+        pthread_mutex_unlock(&S->cache_lock);
+        block_unref(b);
+        if (failed)
+            return NULL;
+        pthread_mutex_lock(&S->cache_lock);
+        break;
+    }
+    block_t *b = calloc(1, sizeof *b);
+    if (b == NULL) {
+        pthread_mutex_unlock(&S->cache_lock);
+        return NULL;
+    }
+    b->chunk = pc->chunk;
+    b->idx = pc->idx;
+    b->loading = 1;
+    b->refs = 2; /* the cache's and ours */
+    b->next = S->cbuckets[h];
+    S->cbuckets[h] = b;
+    pthread_mutex_unlock(&S->cache_lock);
+    char msg[MSG_LEN];
+    uint8_t *data = NULL;
+    size_t len = 0;
+    int bad = load_block(pc, &data, &len, msg);
+    if (bad)
+        fprintf(stderr, "balefs native session: chunk %lld block %lld (%s): %s; reading it the Python way\n", pc->chunk,
+                pc->idx, pc->path, msg);
+    pthread_mutex_lock(&S->cache_lock);
+    b->loading = 0;
+    if (bad) {
+        b->failed = 1;
+        evict(b);
+    } else {
+        b->data = data;
+        b->len = len;
+        S->cache_bytes += len;
+        lru_push(b);
+        while (S->cache_bytes > S->cache_cap && S->lru_tail)
+            evict(S->lru_tail); /* (this block too, if it alone is more than the cache holds) */
+    }
+    pthread_cond_broadcast(&S->loaded);
+    pthread_mutex_unlock(&S->cache_lock);
+    if (bad || len < need) {
+        block_unref(b);
+        return NULL;
+    }
+    return b;
+}
+
+/* -- FUSE operations ------------------------------------------------------------------------------ */
+
+static void reply_entry(fuse_req_t req, const struct stat *st) {
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof e);
+    e.ino = st->st_ino;
+    e.attr = *st;
+    e.attr_timeout = S->attr_timeout;
+    e.entry_timeout = S->entry_timeout;
+    fuse_reply_entry(req, &e);
+}
+
+static void reply_missing(fuse_req_t req) {
+    if (S->negative_timeout > 0) { /* cache the absence in the kernel */
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof e);
+        e.entry_timeout = S->negative_timeout;
+        fuse_reply_entry(req, &e);
+    } else {
+        fuse_reply_err(req, ENOENT);
+    }
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn) {
+    (void)userdata;
+    conn->max_read = MAX_READ;
+    if (conn->max_background < 128)
+        conn->max_background = 128;
+    if (conn->congestion_threshold < 96)
+        conn->congestion_threshold = 96;
+    PyGILState_STATE g = gil();
+    PyObject *r = call("ready", "()");
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+/* Look `name` up in a listed directory node (lock held): its inode number, or 0. */
+static uint64_t find_kid(node_t *d, const char *name) {
+    size_t lo = 0, hi = d->nkids;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        int c = strcmp(d->kids[mid].name, name);
+        if (c == 0)
+            return d->kids[mid].ino;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0;
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    if (strlen(name) > NAME_MAX_BYTES) {
+        fuse_reply_err(req, ENAMETOOLONG);
+        return;
+    }
+    struct stat st;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        pthread_mutex_lock(&S->lock);
+        node_t *d = find(parent);
+        if (d != NULL && d->listed && fresh(d->listed_gen, d->listed_at)) {
+            uint64_t ino = find_kid(d, name);
+            node_t *n = ino ? find(ino) : NULL;
+            if (n != NULL) {
+                st = n->st;
+                n->nlookup++;
+                pthread_mutex_unlock(&S->lock);
+                reply_entry(req, &st);
+                return;
+            }
+            pthread_mutex_unlock(&S->lock);
+            break; /* not in the listing: created since? ask Python below */
+        }
+        pthread_mutex_unlock(&S->lock);
+        if (attempt == 0) {
+            int err = relist(parent); /* one call for every entry of the directory */
+            if (err) {
+                fuse_reply_err(req, err);
+                return;
+            }
+        }
+    }
+    int err = fetch(&st, "lookup", "(Ky)", (unsigned long long)parent, name);
+    if (err == ENOENT) {
+        reply_missing(req);
+    } else if (err) {
+        fuse_reply_err(req, err);
+    } else {
+        pthread_mutex_lock(&S->lock);
+        referenced(st.st_ino);
+        pthread_mutex_unlock(&S->lock);
+        reply_entry(req, &st);
+    }
+}
+
+/* The kernel dropped `count` references to `ino` (lock held): a node it no longer holds leaves the
+ * table (read again if asked for). */
+static void forget_one(uint64_t ino, uint64_t count) {
+    node_t *n = find(ino);
+    if (n == NULL)
+        return;
+    n->nlookup = n->nlookup > count ? n->nlookup - count : 0;
+    drop_if_unused(ino);
+}
+
+static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+    pthread_mutex_lock(&S->lock);
+    forget_one(ino, nlookup);
+    pthread_mutex_unlock(&S->lock);
+    fuse_reply_none(req);
+}
+
+static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets) {
+    pthread_mutex_lock(&S->lock);
+    for (size_t i = 0; i < count; i++)
+        forget_one(forgets[i].ino, forgets[i].nlookup);
+    pthread_mutex_unlock(&S->lock);
+    fuse_reply_none(req);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)fi;
+    struct stat st;
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    if (n != NULL && fresh(n->gen, n->at)) {
+        st = n->st;
+        pthread_mutex_unlock(&S->lock);
+        fuse_reply_attr(req, &st, S->attr_timeout);
+        return;
+    }
+    pthread_mutex_unlock(&S->lock);
+    int err = fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_attr(req, &st, S->attr_timeout);
+}
+
+/* provider.opened(ino, uid): the metadata's change counter (close-to-open), or -errno (a grant
+ * that does not let the caller read the file: EACCES). */
+static long long generation(uint64_t ino, uid_t uid) {
+    PyGILState_STATE g = gil();
+    PyObject *r = call("opened", "(KK)", (unsigned long long)ino, (unsigned long long)uid);
+    long long gen = r ? PyLong_AsLongLong(r) : -EIO;
+    if (gen == -1 && PyErr_Occurred()) {
+        PyErr_WriteUnraisable(S->provider);
+        gen = -EIO;
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    return gen;
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    long long gen = generation(ino, fuse_req_ctx(req)->uid);
+    if (gen < 0) {
+        fuse_reply_err(req, (int)-gen);
+        return;
+    }
+    pthread_mutex_lock(&S->lock);
+    if (gen > S->seen_gen)
+        S->seen_gen = gen;
+    node_t *n = find(ino);
+    int stale = n == NULL || n->gen != gen || !n->has_pieces;
+    pthread_mutex_unlock(&S->lock);
+    if (stale) { /* changed since it was read (or never read whole): read it again, one call */
+        struct stat st;
+        int err = fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL);
+        if (err) {
+            /* gone (removed, or replaced by a rename) while the kernel still held its name: ESTALE
+             * makes the kernel look the name up again and retry, as a path-based open would */
+            fuse_reply_err(req, err == ENOENT ? ESTALE : err);
+            return;
+        }
+    }
+    openfile_t *of = calloc(1, sizeof *of);
+    if (of == NULL) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    pthread_mutex_lock(&S->lock);
+    n = find(ino);
+    if (n == NULL || !S_ISREG(n->st.st_mode)) {
+        int err = n != NULL && S_ISDIR(n->st.st_mode) ? EISDIR : n == NULL ? ENOENT : EACCES;
+        pthread_mutex_unlock(&S->lock);
+        free(of);
+        fuse_reply_err(req, err);
+        return;
+    }
+    of->ino = ino;
+    of->size = (uint64_t)n->st.st_size;
+    of->pieces = pieces_ref(n->pieces);
+    /* the kernel's pages of this file stay good while its content is the version they came from */
+    fi->keep_cache = n->opened == n->stamp;
+    n->opened = n->stamp;
+    pthread_mutex_unlock(&S->lock);
+    fi->fh = (uint64_t)(uintptr_t)of;
+    fi->noflush = 1; /* nothing to commit at close */
+    if (fuse_reply_open(req, fi) != 0) {
+        pieces_unref(of->pieces);
+        free(of);
+    }
+}
+
+/* The Python path's read of bytes [off, off+size) of an open file (other copies, repair, errors). */
+static void read_python(fuse_req_t req, uint64_t ino, size_t size, off_t off) {
+    PyGILState_STATE g = gil();
+    PyObject *r = call("read", "(KKn)", (unsigned long long)ino, (unsigned long long)off, (Py_ssize_t)size);
+    int err = err_of(r);
+    if (err) {
+        fuse_reply_err(req, err);
+    } else if (!PyBytes_Check(r) || (size_t)PyBytes_GET_SIZE(r) > size) {
+        fuse_reply_err(req, EIO);
+    } else {
+        char *data = PyBytes_AS_STRING(r);
+        size_t n = (size_t)PyBytes_GET_SIZE(r);
+        Py_BEGIN_ALLOW_THREADS
+        fuse_reply_buf(req, data, n);
+        Py_END_ALLOW_THREADS
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+/* The first piece ending after `off` (pieces are in file order). */
+static size_t first_piece(const pieces_t *p, uint64_t off) {
+    size_t lo = 0, hi = p->n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (p->p[mid].file_off + p->p[mid].len <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    openfile_t *of = (openfile_t *)(uintptr_t)fi->fh;
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    uint64_t start = (uint64_t)off, end = start + size;
+    if (end > of->size)
+        end = of->size;
+    if (start >= end) {
+        fuse_reply_buf(req, NULL, 0);
+        return;
+    }
+    if (of->pieces == NULL) {
+        read_python(req, ino, (size_t)(end - start), off);
+        return;
+    }
+    const pieces_t *p = of->pieces;
+    size_t i = first_piece(p, start);
+    /* most small files, and most reads of a big one: one block holds the whole range */
+    if (i < p->n && p->p[i].file_off <= start && p->p[i].file_off + p->p[i].len >= end) {
+        const piece_t *pc = &p->p[i];
+        block_t *b = get_block(pc);
+        if (b == NULL) {
+            read_python(req, ino, (size_t)(end - start), off);
+            return;
+        }
+        fuse_reply_buf(req, (const char *)b->data + pc->block_lo + (start - pc->file_off), (size_t)(end - start));
+        block_unref(b);
+        return;
+    }
+    uint8_t *buf = calloc(1, (size_t)(end - start)); /* holes (a sparse file) read as zeros */
+    if (buf == NULL) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    for (; i < p->n && p->p[i].file_off < end; i++) {
+        const piece_t *pc = &p->p[i];
+        uint64_t lo = pc->file_off > start ? pc->file_off : start;
+        uint64_t hi = pc->file_off + pc->len < end ? pc->file_off + pc->len : end;
+        block_t *b = get_block(pc);
+        if (b == NULL) {
+            free(buf);
+            read_python(req, ino, (size_t)(end - start), off);
+            return;
+        }
+        memcpy(buf + (lo - start), b->data + pc->block_lo + (lo - pc->file_off), (size_t)(hi - lo));
+        block_unref(b);
+    }
+    fuse_reply_buf(req, (const char *)buf, (size_t)(end - start));
+    free(buf);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)ino;
+    openfile_t *of = (openfile_t *)(uintptr_t)fi->fh;
+    if (of != NULL) {
+        pieces_unref(of->pieces);
+        free(of);
+    }
+    fuse_reply_err(req, 0);
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    int err = relist(ino); /* a listing is always read fresh, as on the Python path */
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    opendir_t *od = calloc(1, sizeof *od);
+    if (od == NULL) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    pthread_mutex_lock(&S->lock);
+    node_t *d = find(ino);
+    if (d != NULL && !S_ISDIR(d->st.st_mode) && d->gen >= 0)
+        err = ENOTDIR;
+    else if (d != NULL && (od->ents = calloc(d->nkids + 1, sizeof(dent_t))) != NULL) {
+        for (size_t i = 0; i < d->nkids; i++) {
+            if ((od->ents[od->n].name = strdup(d->kids[i].name)) == NULL)
+                break;
+            od->ents[od->n].mode = d->kids[i].mode;
+            od->ents[od->n++].ino = d->kids[i].ino;
+        }
+    } else {
+        err = ENOMEM;
+    }
+    pthread_mutex_unlock(&S->lock);
+    if (err) {
+        free_kids(od->ents, od->n);
+        free(od);
+        fuse_reply_err(req, err);
+        return;
+    }
+    fi->fh = (uint64_t)(uintptr_t)od;
+    if (fuse_reply_open(req, fi) != 0) {
+        free_kids(od->ents, od->n);
+        free(od);
+    }
+}
+
+/* READDIR and READDIRPLUS: entries from position `off` of the listing taken at OPENDIR ("." and
+ * ".." first); under plus every entry carries its attributes, so the kernel caches the entry and a
+ * stat of it needs no LOOKUP. */
+static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi, int plus) {
+    opendir_t *od = (opendir_t *)(uintptr_t)fi->fh;
+    char *buf = malloc(size ? size : 1);
+    if (buf == NULL) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    size_t pos = 0;
+    for (size_t i = off < 0 ? 0 : (size_t)off; i < od->n + 2; i++) {
+        const char *name = i == 0 ? "." : i == 1 ? ".." : od->ents[i - 2].name;
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof e);
+        e.attr.st_mode = S_IFDIR;
+        e.attr.st_ino = i == 0 ? ino : 0;
+        pthread_mutex_lock(&S->lock);
+        node_t *n = i >= 2 ? find(od->ents[i - 2].ino) : NULL;
+        if (n != NULL) {
+            e.attr = n->st;
+            e.ino = n->st.st_ino;
+            e.attr_timeout = S->attr_timeout;
+            e.entry_timeout = S->entry_timeout;
+        } else if (i >= 2) { /* left the table: the name and type only (ino 0: no entry for the kernel) */
+            e.attr.st_ino = od->ents[i - 2].ino;
+            e.attr.st_mode = od->ents[i - 2].mode;
+        }
+        size_t want = plus ? fuse_add_direntry_plus(req, buf + pos, size - pos, name, &e, (off_t)(i + 1))
+                           : fuse_add_direntry(req, buf + pos, size - pos, name, &e.attr, (off_t)(i + 1));
+        if (want <= size - pos && plus && n != NULL)
+            n->nlookup++; /* the kernel counts an entry of READDIRPLUS as a lookup */
+        pthread_mutex_unlock(&S->lock);
+        if (want > size - pos)
+            break; /* the kernel's buffer is full: it asks again from this entry */
+        pos += want;
+    }
+    fuse_reply_buf(req, buf, pos);
+    free(buf);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    readdir_common(req, ino, size, off, fi, 0);
+}
+
+static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    readdir_common(req, ino, size, off, fi, 1);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)ino;
+    opendir_t *od = (opendir_t *)(uintptr_t)fi->fh;
+    if (od != NULL) {
+        free_kids(od->ents, od->n);
+        free(od);
+    }
+    fuse_reply_err(req, 0);
+}
+
+/* provider.<method>(ino[, name]) -> bytes, replied as a buffer or (size given) an xattr. */
+static void reply_bytes(fuse_req_t req, const char *method, fuse_ino_t ino, const char *name, int xattr, size_t size) {
+    PyGILState_STATE g = gil();
+    PyObject *r = name ? call(method, "(Ky)", (unsigned long long)ino, name) : call(method, "(K)", (unsigned long long)ino);
+    int err = err_of(r);
+    if (!err && !PyBytes_Check(r))
+        err = EIO;
+    if (err) {
+        fuse_reply_err(req, err);
+    } else {
+        size_t n = (size_t)PyBytes_GET_SIZE(r);
+        if (xattr && size == 0)
+            fuse_reply_xattr(req, n);
+        else if (xattr && n > size)
+            fuse_reply_err(req, ERANGE);
+        else if (!xattr)
+            fuse_reply_readlink(req, PyBytes_AS_STRING(r)); /* bytes objects end with a NUL */
+        else
+            fuse_reply_buf(req, PyBytes_AS_STRING(r), n);
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static void op_readlink(fuse_req_t req, fuse_ino_t ino) { reply_bytes(req, "readlink", ino, NULL, 0, 0); }
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    reply_bytes(req, "getxattr", ino, name, 1, size);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) { reply_bytes(req, "listxattr", ino, NULL, 1, size); }
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
+    (void)ino;
+    PyGILState_STATE g = gil();
+    PyObject *r = call("statfs", "()");
+    int err = err_of(r);
+    struct statvfs sv;
+    memset(&sv, 0, sizeof sv);
+    unsigned long long bsize, frsize, blocks, bfree, bavail, files, ffree, favail, namemax;
+    if (!err && !PyArg_ParseTuple(r, "KKKKKKKKK", &bsize, &frsize, &blocks, &bfree, &bavail, &files, &ffree, &favail,
+                                  &namemax)) {
+        PyErr_WriteUnraisable(S->provider);
+        err = EIO;
+    }
+    if (err) {
+        fuse_reply_err(req, err);
+    } else {
+        sv.f_bsize = bsize;
+        sv.f_frsize = frsize;
+        sv.f_blocks = blocks;
+        sv.f_bfree = bfree;
+        sv.f_bavail = bavail;
+        sv.f_files = files;
+        sv.f_ffree = ffree;
+        sv.f_favail = favail;
+        sv.f_namemax = namemax;
+        fuse_reply_statfs(req, &sv);
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static const struct fuse_lowlevel_ops ops = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .forget = op_forget,
+    .forget_multi = op_forget_multi,
+    .getattr = op_getattr,
+    .open = op_open,
+    .read = op_read,
+    .release = op_release,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .readdirplus = op_readdirplus,
+    .releasedir = op_releasedir,
+    .readlink = op_readlink,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .statfs = op_statfs,
+};
+
+/* -- serve() ------------------------------------------------------------------------------------- */
+
+static void free_session(void) {
+    for (size_t i = 0; i < NBUCKETS; i++) {
+        node_t *n = S->buckets[i];
+        while (n) {
+            node_t *next = n->next;
+            free_node(n);
+            n = next;
+        }
+    }
+    while (S->lru_head)
+        evict(S->lru_head);
+    pthread_mutex_destroy(&S->lock);
+    pthread_mutex_destroy(&S->cache_lock);
+    pthread_cond_destroy(&S->loaded);
+    Py_XDECREF(S->provider);
+    free(S->volume);
+    free(S);
+    S = NULL;
+}
+
+static PyObject *py_serve(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *provider, *argl;
+    const char *mountpoint, *volume;
+    double entry_t, attr_t, neg_t, ttl;
+    Py_ssize_t cache_bytes, block_limit;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OsOsddddnni", &provider, &mountpoint, &argl, &volume, &entry_t, &attr_t, &neg_t, &ttl,
+                          &cache_bytes, &block_limit, &threads))
+        return NULL;
+    if (S != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a native session is already serving in this process");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(argl, "args must be a list of str");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t argc = PySequence_Fast_GET_SIZE(seq);
+    char **argv = calloc((size_t)argc + 1, sizeof(char *));
+    S = calloc(1, sizeof *S);
+    if (argv == NULL || S == NULL) {
+        free(argv);
+        free(S);
+        S = NULL;
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < argc; i++) {
+        const char *a = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(seq, i));
+        argv[i] = a ? strdup(a) : NULL;
+        if (argv[i] == NULL) {
+            for (Py_ssize_t j = 0; j < i; j++)
+                free(argv[j]);
+            free(argv);
+            free(S);
+            S = NULL;
+            Py_DECREF(seq);
+            return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+        }
+    }
+    Py_DECREF(seq);
+    S->provider = Py_NewRef(provider);
+    S->volume = strdup(volume);
+    S->entry_timeout = entry_t;
+    S->attr_timeout = attr_t;
+    S->negative_timeout = neg_t;
+    S->meta_ttl = ttl;
+    S->cache_cap = cache_bytes > 0 ? (size_t)cache_bytes : 0;
+    S->block_limit = block_limit > 0 ? (size_t)block_limit : 0;
+    S->seen_gen = -1;
+    pthread_mutex_init(&S->lock, NULL);
+    pthread_mutex_init(&S->cache_lock, NULL);
+    pthread_cond_init(&S->loaded, NULL);
+    int rc = -1;
+    struct fuse_args fargs = FUSE_ARGS_INIT((int)argc, argv);
+    Py_BEGIN_ALLOW_THREADS
+    struct fuse_session *se = fuse_session_new(&fargs, &ops, sizeof ops, NULL);
+    if (se != NULL) {
+        S->se = se;
+        if (fuse_set_signal_handlers(se) == 0) {
+            if (fuse_session_mount(se, mountpoint) == 0) {
+                struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+                if (cfg != NULL) {
+                    fuse_loop_cfg_set_max_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
+                    fuse_loop_cfg_set_idle_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
+                    rc = fuse_session_loop_mt(se, cfg);
+                    fuse_loop_cfg_destroy(cfg);
+                }
+                fuse_session_unmount(se);
+            }
+            fuse_remove_signal_handlers(se);
+        }
+        fuse_session_destroy(se);
+    }
+    Py_END_ALLOW_THREADS
+    fuse_opt_free_args(&fargs);
+    for (Py_ssize_t i = 0; i < argc; i++)
+        free(argv[i]);
+    free(argv);
+    free_session();
+    return PyLong_FromLong(rc);
+}
+
+static PyMethodDef methods[] = {
+    {"serve", py_serve, METH_VARARGS,
+     "serve(provider, mountpoint, args, volume, entry_timeout, attr_timeout, negative_timeout, meta_ttl, cache_bytes, "
+     "block_limit, threads): mount and serve a read-only low-level FUSE session until unmounted; libfuse's code."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "balefs._fusenative", "The native FUSE session.", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fusenative(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "MAX_READ", MAX_READ) != 0)
+        Py_CLEAR(m);
+    return m;
+}

@@ -1,0 +1,223 @@
+"""The native FUSE session (`balefs mount --session native --read-only`, native/fusesession.c) on
+real mounts: it must show exactly what the Python session shows (names, stat, bytes, links,
+xattrs, statfs), keep close-to-open across a writer mount, answer EIO for a corrupt block and stay
+up, die cleanly under kill -9, and turn bad names into errors."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from balefs.fuse.mount import _read_state
+from balefs.storage.client import Client
+from balefs.storage.codec import HEADER_SIZE
+from fuse_support import is_mounted, mount_volume, native_session  # noqa: F401 - fixtures
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, user_error, wait_gone
+
+pytestmark = pytest.mark.usefixtures("native_session")
+
+NATIVE = ("--read-only", "--session", "native")
+LONG = "n" * 255  # the longest name a volume holds
+
+
+def errno_of(fn, *args, **kwargs) -> int:
+    with pytest.raises(OSError) as info:
+        fn(*args, **kwargs)
+    return info.value.errno
+
+
+def _tree(name: str) -> dict[str, bytes]:
+    """A volume tree of every kind the read path meets; path -> content of each regular file."""
+    files = {f"small/f{i:03d}": payload(random.Random(i).randrange(0, 20_000), seed=i) for i in range(120)}
+    files.update({"big.bin": payload(3 * BLOCK + 12_345, seed=7), "empty": b"", f"deep/a/b/{LONG}": b"long name",
+                  "deep/a/ünï.txt": "utf-8".encode()})
+    with Client.open(name) as c:
+        with c.batch():
+            for path, data in files.items():
+                c.write_file(path, data)
+        c.write_file("sparse.bin", payload(5000, seed=9))
+        c.truncate("sparse.bin", 2 * BLOCK + 77)  # a hole after the data: reads as zeros
+        files["sparse.bin"] = payload(5000, seed=9) + bytes(2 * BLOCK + 77 - 5000)
+        c.symlink("deep/link", "a/ünï.txt")
+        c.mkdir("emptydir")
+        c.setxattr("big.bin", "user.tag", b"v1")
+        c.setattr("small/f001", mode=0o600, mtime_ns=1_234_567_891_000_000_123)
+    return files
+
+
+def _view(root: Path) -> dict[str, tuple]:
+    """Every entry below root: what lstat, readlink and listxattr say of it."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+            xattrs = {} if link else {k: os.getxattr(p, k) for k in os.listxattr(p)}
+            out[str(p.relative_to(root))] = (st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+                                             st.st_blocks, st.st_mtime_ns, link, xattrs)
+    return out
+
+
+def test_native_session_shows_what_the_python_session_shows(volume, mount_volume) -> None:
+    files = _tree(volume.name)
+    py = mount_volume(volume.name, "--read-only")
+    nat = mount_volume(volume.name, *NATIVE)
+    assert _view(nat) == _view(py)
+    assert len(_view(nat)) > len(files)
+    for path, data in files.items():
+        assert (nat / path).read_bytes() == data, path
+    assert os.readlink(nat / "deep" / "link") == "a/ünï.txt"
+    assert (nat / "deep" / "link").read_bytes() == b"utf-8"
+    assert os.getxattr(nat / "big.bin", "user.tag") == b"v1"
+    assert errno_of(os.getxattr, nat / "big.bin", "user.none") == errno.ENODATA
+    assert os.listdir(nat / "emptydir") == []
+    s1, s2 = os.statvfs(py), os.statvfs(nat)
+    assert (s1.f_bsize, s1.f_blocks, s1.f_namemax) == (s2.f_bsize, s2.f_blocks, s2.f_namemax)
+    # reads at any offset and length, across block boundaries and holes, give the same bytes
+    rng = random.Random(3)
+    big, sparse = files["big.bin"], files["sparse.bin"]
+    with open(nat / "big.bin", "rb", buffering=0) as f, open(nat / "sparse.bin", "rb", buffering=0) as g:
+        for _ in range(200):
+            off, n = rng.randrange(0, len(big) + 10), rng.randrange(0, 3 * BLOCK)
+            assert os.pread(f.fileno(), n, off) == big[off:off + n]
+            off = rng.randrange(0, len(sparse) + 10)
+            assert os.pread(g.fileno(), n, off) == sparse[off:off + n]
+
+
+def test_native_mount_is_read_only(volume, mount_volume) -> None:
+    with Client.open(volume.name) as c:
+        c.write_file("ro.txt", b"read me")
+        c.mkdir("dir")
+    mp = mount_volume(volume.name, *NATIVE)
+    assert (mp / "ro.txt").read_bytes() == b"read me"
+    assert errno_of(open, mp / "ro.txt", "wb") == errno.EROFS
+    assert errno_of(open, mp / "ro.txt", "ab") == errno.EROFS
+    assert errno_of(open, mp / "new.txt", "wb") == errno.EROFS
+    assert errno_of(os.mkdir, mp / "d2") == errno.EROFS
+    assert errno_of(os.unlink, mp / "ro.txt") == errno.EROFS
+    assert errno_of(os.rename, mp / "ro.txt", mp / "x") == errno.EROFS
+    assert errno_of(os.setxattr, mp / "ro.txt", "user.x", b"1") == errno.EROFS
+    assert (mp / "ro.txt").read_bytes() == b"read me"
+
+
+def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount_volume) -> None:
+    n = 1500
+    with Client.open(volume.name) as c:
+        with c.batch():
+            for i in range(n):
+                c.write_file(f"big/{'x' * 100}{i:05d}", payload(i % 300, seed=i))
+    mp = mount_volume(volume.name, *NATIVE)
+    names = os.listdir(mp / "big")
+    assert len(names) == len(set(names)) == n
+    assert sorted(names) == sorted(f"{'x' * 100}{i:05d}" for i in range(n))
+    for i in range(0, n, 97):
+        assert (mp / "big" / f"{'x' * 100}{i:05d}").read_bytes() == payload(i % 300, seed=i)
+    if os.access("/proc/sys/vm/drop_caches", os.W_OK):  # the kernel forgets its inodes: FORGETs empty the table
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")
+    assert sorted(os.listdir(mp / "big")) == sorted(names)
+    for i in range(1, n, 89):
+        assert (mp / "big" / f"{'x' * 100}{i:05d}").read_bytes() == payload(i % 300, seed=i)
+
+
+def test_close_to_open_from_a_writer_mount_to_a_native_reader(volume, mount_volume) -> None:
+    """Each open on the native reader sees every file closed on the writer mount before it: the
+    same inode rewritten (same size: the cached size gives nothing away, the kernel's pages must
+    go), a new file, a file removed and made again (a new inode behind a name the kernel still
+    holds), and a rename over a name."""
+    old, new = payload(3 * BLOCK, seed=10), payload(3 * BLOCK, seed=11)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", old)
+        c.write_file("other.bin", b"x")
+    w = mount_volume(volume.name)
+    r = mount_volume(volume.name, *NATIVE)
+    assert (r / "f.bin").read_bytes() == old
+    assert (r / "f.bin").read_bytes() == old  # kept in the kernel's page cache: still right
+    (w / "f.bin").write_bytes(new)
+    assert (r / "f.bin").read_bytes() == new
+    (w / "fresh.txt").write_bytes(b"made on the writer")
+    assert (r / "fresh.txt").read_bytes() == b"made on the writer"
+    os.unlink(w / "f.bin")
+    (w / "f.bin").write_bytes(old)
+    assert (r / "f.bin").read_bytes() == old
+    os.rename(w / "other.bin", w / "f.bin")
+    assert (r / "f.bin").read_bytes() == b"x"
+
+
+def test_corrupt_block_is_eio_and_the_native_mount_stays_up(volume, mount_volume, balefs_home) -> None:
+    good, bad = payload(3 * BLOCK, seed=1), payload(2 * BLOCK + 7, seed=2)
+    with Client.open(volume.name) as c:
+        c.write_file("good.bin", good)
+        c.write_file("bad.bin", bad)
+        bad_blocks = blocks_of_file(c, "bad.bin")
+        for p in block_paths(c, bad_blocks[1]):
+            flip_bit(p, HEADER_SIZE + 100)
+        header = block_paths(c, bad_blocks[2])
+        for p in header:  # a header that lies about its length
+            with open(p, "r+b") as f:
+                f.truncate(HEADER_SIZE + 3)
+    mp = mount_volume(volume.name, *NATIVE)
+    with open(mp / "bad.bin", "rb", buffering=0) as f:
+        assert f.read(BLOCK) == bad[:BLOCK]  # the intact first block still reads
+        assert errno_of(f.read, BLOCK) == errno.EIO
+        assert errno_of(os.pread, f.fileno(), 7, 2 * BLOCK) == errno.EIO
+    assert errno_of((mp / "bad.bin").read_bytes) == errno.EIO
+    assert (mp / "good.bin").read_bytes() == good
+    assert sorted(os.listdir(mp)) == ["bad.bin", "good.bin"]
+    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
+    assert "checksum" in log and "truncated payload" in log
+
+
+def test_kill_9_of_the_native_daemon(volume, mount_volume) -> None:
+    data = payload(2 * BLOCK + 5, seed=4)
+    with Client.open(volume.name) as c:
+        c.write_file("a.bin", data)
+    mp = mount_volume(volume.name, *NATIVE)
+    f = open(mp / "a.bin", "rb")
+    assert f.read(100) == data[:100]
+    pid = int(_read_state(str(mp))["pid"])
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    # (a stat may still be answered from the kernel's attribute cache: a listing asks the daemon)
+    assert errno_of(os.listdir, mp) in (errno.ENOTCONN, errno.ECONNABORTED)
+    try:
+        f.close()
+    except OSError:
+        pass
+    res = run_cli("umount", mp)
+    assert res.returncode == 0, res.stderr.decode()
+    assert b"gone" in res.stderr
+    assert not is_mounted(mp)
+    mp2 = mount_volume(volume.name, *NATIVE, mountpoint=mp)
+    assert (mp2 / "a.bin").read_bytes() == data
+
+
+def test_bad_names_are_errors(volume, mount_volume) -> None:
+    with Client.open(volume.name) as c:
+        c.write_file(f"d/{LONG}", b"255 bytes of name")
+    mp = mount_volume(volume.name, *NATIVE)
+    assert (mp / "d" / LONG).read_bytes() == b"255 bytes of name"
+    assert errno_of(os.stat, mp / "d" / (LONG + "n")) == errno.ENAMETOOLONG
+    assert errno_of(os.stat, os.path.join(os.fsencode(mp), b"d", b"\xff\xfe")) == errno.EINVAL
+    assert errno_of(os.stat, mp / "d" / ("a/" * 2100)) in (errno.ENAMETOOLONG, errno.ENOENT)
+    assert errno_of(os.stat, mp / "d" / "missing") == errno.ENOENT
+    assert errno_of(os.listdir, mp / "d" / LONG) == errno.ENOTDIR
+    with pytest.raises(ValueError):
+        os.stat(str(mp / "d") + "/a\0b")
+    assert (mp / "d" / LONG).read_bytes() == b"255 bytes of name"  # still serving
+
+
+def test_session_option_errors_are_one_line(volume, tmp_path: Path) -> None:
+    mp = tmp_path / "m"
+    mp.mkdir()
+    line = user_error("mount", volume.name, str(mp), "--session", "native")
+    assert "read-only" in line and "--session python" in line
+    line = user_error("mount", volume.name, str(mp), "--session", "rust", "--read-only")
+    assert "rust" in line
+    assert not is_mounted(mp)
