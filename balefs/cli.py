@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import stat as stat_mod
 import sys
@@ -189,8 +190,16 @@ class _Commands(click.Group):
             ctx.exit(exc.exit_code)
 
 
+def _mount_sessions() -> str:
+    """Which mount sessions this build has (`mount --session`): for --version and status."""
+    if importlib.util.find_spec("balefs._fusenative") is None:
+        return "python (the native session is not built)"
+    return "python, native (read-only)"
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="balefs", message=f"%(prog)s, version %(version)s; block engine: {engine_name()}")
+@click.version_option(package_name="balefs", message=f"%(prog)s, version %(version)s; mount sessions: {_mount_sessions()}; "
+                                                     f"block engine: {engine_name()}")
 def main() -> None:
     """balefs: many small files baled into large chunks, striped over storage nodes.
 
@@ -866,6 +875,7 @@ def status(volume: str, no_probe: bool) -> None:
         rows = volume_status(client, probe=not no_probe)
         redundancy = client.usage(scan_nodes=False)["redundancy"]
     click.echo(f"block engine: {engine_name()}")
+    click.echo(f"mount sessions: {_mount_sessions()}")
     for n in rows:
         state = "up" if n["up"] else "DOWN"
         role = "" if n["in_use"] else " (not in placement: draining or drained)"
