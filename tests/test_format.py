@@ -41,7 +41,7 @@ def test_init_stores_the_format_and_the_toml_leaves_it_out(make_volume, meta_eng
     assert not any(f"{key} =" in text for key in FORMAT_KEYS)
     store = open_meta(cfg.meta_url)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 7
+        assert store.schema_version() == SCHEMA_VERSION == 8
         assert store.read_format() == VolumeFormat(BLOCK, CHUNK, 2, 1, "lz4", BLOCK_FORMAT).to_record()
     finally:
         store.close()

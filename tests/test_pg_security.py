@@ -256,3 +256,149 @@ def test_key_rotate_to_a_new_service_key_keeps_the_data(vault, open_client) -> N
     # the key cannot leave its store with migrate-meta: one clear line, the volume left as it was
     assert "held by its store's key service" in user_error("migrate-meta", vault.name, "--to", "sqlite:///tmp/never.db")
     assert load_config(vault.name).meta == vault.meta
+
+
+# -- per key domain release: the database, not the client, keeps one dataset's key from another's grantee --
+
+A, B = "datasets/a", "datasets/b"
+
+
+@pytest.fixture
+def domain_vault(make_volume, pg_url, tmp_path):
+    """A key-service volume with key domains /datasets/a and /datasets/b, a file in each and one in the root's."""
+    cfg = make_volume("dvault", nodes=1, meta=pg_url, encrypt=True, key_service="pg", insecure_transport=True,
+                      key_domains=[A, B])
+    for path, byte in ((f"{A}/x.bin", b"a"), (f"{B}/y.bin", b"b"), ("models/top.bin", b"t")):
+        src = tmp_path / byte.decode()
+        src.write_bytes(byte * 900)
+        r = run_cli("put", str(src), f"bale://{cfg.name}/{path}")  # writers that are gone after: chunks closed
+        assert r.returncode == 0, r.stderr.decode()
+    return cfg
+
+
+def _domain_ids(owner: Client) -> dict[str, int]:
+    return {d: int(i) for d, i in stored_record(owner.meta)[0].kdf["domain_keys"].items()}
+
+
+def _release_sql(url: str, vault_id: int) -> tuple[bytes | None, str | None]:
+    """balefs_release_key called by hand, as a dishonest client of that role would."""
+    with _sql(url) as conn:
+        return conn.execute("SELECT * FROM balefs_release_key(%s::bigint)", (vault_id,)).fetchone()
+
+
+def test_each_key_domain_has_its_own_wrapping_key_in_the_vault(domain_vault, open_client, pg_url) -> None:
+    owner = open_client(domain_vault.name)
+    ids = _domain_ids(owner)
+    assert set(ids) == {"", A, B} and len(set(ids.values())) == 3
+    with _sql(pg_url) as conn:
+        rows = dict(conn.execute("SELECT id, domain FROM key_vault").fetchall())
+        keys = {r[0] for r in conn.execute("SELECT wrapping_key FROM key_vault WHERE id = ANY(%s)", (list(ids.values()),))}
+    assert {rows[i]: d for d, i in ids.items()} == {d: d for d in ids} and len(keys) == 3
+
+
+def test_grantee_of_one_domain_gets_its_key_and_is_refused_the_others_in_sql(domain_vault, open_client, pg_url) -> None:
+    from balefs.storage.crypto import KeyAccessError, unwrap
+
+    owner = open_client(domain_vault.name)
+    ids = _domain_ids(owner)
+    gid, role, password = _grant(owner, A)
+    url = _url_as(pg_url, role, password)
+    key_a, why = _release_sql(url, ids[A])
+    assert why is None and len(key_a) == 32
+    for other in (B, ""):  # the sibling domain, and the root's (its grant lies wholly inside /datasets/a)
+        key, why = _release_sql(url, ids[other])
+        assert key is None and f"no valid grant of role {role} covers key domain /{other}" in why
+    # what it got opens /datasets/a's data keys and no other domain's
+    record = stored_record(owner.meta)[0]
+    for n, wrapped in record.wrapped.items():
+        domain = record.owner.get(n, "")
+        if domain == A:
+            assert len(unwrap(key_a, owner.identity.volume_uuid, n, wrapped, domain)) == 32
+        else:
+            with pytest.raises(KeyAccessError):
+                unwrap(key_a, owner.identity.volume_uuid, n, wrapped, domain)
+    denied = [r for r in owner.meta.audit_rows(denied=True) if r.op == "key.release" and r.user == role]
+    assert {r.path for r in denied} == {B, ""} and all("covers key domain" in r.detail for r in denied)
+    ok = [r for r in owner.meta.audit_rows() if r.op == "key.release" and r.user == role and r.outcome == "ok"]
+    assert [r.path for r in ok] == [A] and f"of key domain /{A} released" in ok[0].detail
+
+
+def test_grant_above_domains_or_outside_them_releases_by_the_clients_rule(domain_vault, open_client, pg_url) -> None:
+    owner = open_client(domain_vault.name)
+    ids = _domain_ids(owner)
+    _, above, pw = _grant(owner, "datasets")  # above both domains, and itself in the root's
+    assert all(_release_sql(_url_as(pg_url, above, pw), ids[d])[0] is not None for d in ("", A, B))
+    _, outside, pw2 = _grant(owner, "models")  # only in the root's domain
+    got = {d: _release_sql(_url_as(pg_url, outside, pw2), ids[d])[0] is not None for d in ("", A, B)}
+    assert got == {"": True, A: False, B: False}
+    _, deeper, pw3 = _grant(owner, f"{B}/sub")  # inside /datasets/b
+    got = {d: _release_sql(_url_as(pg_url, deeper, pw3), ids[d])[0] is not None for d in ("", A, B)}
+    assert got == {"": False, A: False, B: True}
+
+
+def test_client_of_a_domain_grantee_reads_it_and_holds_no_other_domains_key(domain_vault, open_client, pg_url) -> None:
+    from balefs.storage.crypto import KeyWithheld
+
+    owner = open_client(domain_vault.name)
+    _, role, password = _grant(owner, A)
+    alice = Client(replace(load_config(domain_vault.name), meta=_url_as(pg_url, role, password)))
+    try:
+        assert alice.read_file(f"{A}/x.bin") == b"a" * 900
+        ring = alice.identity.keyring
+        assert ring.keys and {ring.key_domains[n] for n in ring.keys} == {A}
+        with pytest.raises(PermissionError):
+            alice.read_file(f"{B}/y.bin")
+        with pytest.raises(KeyWithheld, match="key domain /datasets/b is not released"):
+            ring.key_for(B)
+    finally:
+        alice.close()
+    # the client asked only for its domain: no refusal of the others was needed
+    assert not [r for r in owner.meta.audit_rows(denied=True) if r.op == "key.release" and r.user == role]
+
+
+def test_rotate_rekey_and_new_domain_keep_per_domain_release(domain_vault, open_client, pg_url) -> None:
+    from balefs.storage.rekey import rekey
+
+    owner = open_client(domain_vault.name)
+    before = _domain_ids(owner)
+    r = run_cli("key", "rotate", domain_vault.name, "--new-key-service", "pg")
+    assert r.returncode == 0, r.stderr
+    rotated = _domain_ids(open_client(domain_vault.name))
+    assert set(rotated) == {"", A, B} and not set(rotated.values()) & set(before.values())
+    report = rekey(open_client(domain_vault.name), drop_old=True)
+    assert report.skipped == 0 and report.chunks == 3
+    owner = open_client(domain_vault.name)
+    owner.add_key_domain("models2")
+    owner.write_file("models2/m.bin", b"m" * 300)
+    ids = _domain_ids(owner)
+    assert set(ids) == {"", A, B, "models2"}
+    check = open_client(domain_vault.name)
+    assert check.read_file(f"{A}/x.bin") == b"a" * 900 and check.read_file(f"{B}/y.bin") == b"b" * 900
+    assert check.read_file("models/top.bin") == b"t" * 900 and check.read_file("models2/m.bin") == b"m" * 300
+    _, role, password = _grant(owner, "models2")
+    url = _url_as(pg_url, role, password)
+    assert _release_sql(url, ids["models2"])[0] is not None and _release_sql(url, ids[A])[0] is None
+    bob = Client(replace(load_config(domain_vault.name), meta=url))
+    try:
+        assert bob.read_file("models2/m.bin") == b"m" * 300
+    finally:
+        bob.close()
+
+
+def test_volume_keyed_before_per_domain_keys_keeps_its_one_key(vault, open_client, pg_url) -> None:
+    from balefs.storage.keys import KEYS
+
+    owner = open_client(vault.name)
+    record, text = stored_record(owner.meta)
+    record.kdf.pop("domain_keys")  # as a record of the first key service wrote it: one key, its vault row unlabelled
+    assert owner.meta.swap_setting(KEYS, text, record.to_json())
+    with _sql(pg_url) as conn:
+        conn.execute("UPDATE key_vault SET domain = NULL")
+    _, role, password = _grant(owner, "datasets/imagenet")
+    key, why = _release_sql(_url_as(pg_url, role, password), _key_id(owner))
+    assert why is None and len(key) == 32  # any valid grant, as before
+    owner = open_client(vault.name)
+    owner.add_key_domain("fresh")  # wrapped under that one key: no new vault row
+    owner.write_file("fresh/f.bin", b"f" * 200)
+    assert "domain_keys" not in stored_record(owner.meta)[0].kdf
+    assert open_client(vault.name).read_file("fresh/f.bin") == b"f" * 200

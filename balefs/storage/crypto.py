@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -47,8 +47,11 @@ TAG_BYTES = 16
 OVERHEAD = NONCE_BYTES + TAG_BYTES  # what sealing adds to a payload
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 PASSPHRASE_ENV = "BALEFS_PASSPHRASE"  # where a passphrase-keyed volume's passphrase is read from
-KEY_SERVICE_KDF = "key-service"  # a KeyRecord's kdf when a key service holds the master key ("key_id": which)
+KEY_SERVICE_KDF = "key-service"  # a KeyRecord's kdf when a key service holds the master keys ("domain_keys": which)
 KEY_SERVICES = ("pg",)
+#: a master key for every key domain, or the wrapping keys by domain prefix ("" the volume's root):
+#: a key service keeps one per domain, so it can release one domain's without the others'
+Masters = Union[bytes, Mapping[str, bytes]]
 
 
 class KeyAccessError(ConfigError):
@@ -200,10 +203,10 @@ class KeyRecord:
         """Every key domain's current data key, the volume's own ("") included."""
         return {"": self.current, **self.domains}
 
-    def add(self, master: bytes, volume: str, key: bytes, domain: str = "") -> int:
+    def add(self, master: Masters, volume: str, key: bytes, domain: str = "") -> int:
         """Wrap a new data key and make it its domain's current key; returns its number."""
         number = max(self.wrapped, default=0) + 1
-        self.wrapped[number] = wrap(master, volume, number, key, domain)
+        self.wrapped[number] = wrap(master_of(master, domain), volume, number, key, domain)
         self.created[number] = time.time()
         if domain:
             self.owner[number] = domain
@@ -212,22 +215,31 @@ class KeyRecord:
             self.current = number
         return number
 
-    def unwrap_all(self, master: bytes, volume: str, release: Callable[[str], bool] | None = None) -> dict[int, bytes]:
-        """The data keys in the clear (only those of the domains `release` admits, when given);
-        KeyAccessError if the master key is not this volume's."""
-        return {n: unwrap(master, volume, n, w, self.owner.get(n, "")) for n, w in self.wrapped.items()
-                if release is None or release(self.owner.get(n, ""))}
+    def unwrap_all(self, master: Masters, volume: str, release: Callable[[str], bool] | None = None) -> dict[int, bytes]:
+        """The data keys in the clear (only those of the domains `release` admits, when given, and
+        `master` has a key of); KeyAccessError if a master key is not this volume's."""
+        out = {}
+        for n, w in self.wrapped.items():
+            domain = self.owner.get(n, "")
+            if (release is None or release(domain)) and (isinstance(master, bytes) or domain in master):
+                out[n] = unwrap(master_of(master, domain), volume, n, w, domain)
+        return out
 
-    def rewrapped(self, old: bytes, new: bytes, volume: str, kdf: dict[str, Any]) -> "KeyRecord":
-        """The same data keys (of every domain) wrapped by a new master key (key rotate: no block is touched)."""
+    def rewrapped(self, old: Masters, new: Masters, volume: str, kdf: dict[str, Any]) -> "KeyRecord":
+        """The same data keys (of every domain) wrapped by new master keys (key rotate: no block is touched)."""
         keys = self.unwrap_all(old, volume)
-        return KeyRecord(kdf, self.current, {n: wrap(new, volume, n, k, self.owner.get(n, "")) for n, k in keys.items()},
-                         dict(self.created), dict(self.domains), dict(self.owner))
+        return KeyRecord(kdf, self.current, {n: wrap(master_of(new, self.owner.get(n, "")), volume, n, k, self.owner.get(n, ""))
+                                             for n, k in keys.items()}, dict(self.created), dict(self.domains), dict(self.owner))
 
-    def keyring(self, master: bytes, volume: str, release: Callable[[str], bool] | None = None) -> "Keyring":
+    def keyring(self, master: Masters, volume: str, release: Callable[[str], bool] | None = None) -> "Keyring":
         """The Keyring of the released domains' keys (every domain's numbers known, for the errors)."""
         return Keyring(volume, self.unwrap_all(master, volume, release), self.current, self.domains,
                        {n: self.owner.get(n, "") for n in self.wrapped})
+
+
+def master_of(master: Masters, domain: str) -> bytes:
+    """The key that wraps `domain`'s data keys."""
+    return master if isinstance(master, bytes) else master[domain]
 
 
 def _wrap_aad(volume: str, number: int, domain: str = "") -> bytes:

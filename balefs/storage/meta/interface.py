@@ -100,8 +100,9 @@ class Meta(Protocol):
     def database_role(self) -> tuple[str, bool] | None:
         """The database role this store is used as and whether it owns the volume; None on SQLite (no roles)."""
 
-    def store_wrapping_key(self, key: bytes) -> int:
-        """Keep a key service's wrapping key where only the owner reads it (PostgreSQL); returns its id."""
+    def store_wrapping_key(self, key: bytes, domain: str = "") -> int:
+        """Keep a key service's wrapping key of key domain `domain` where only the owner reads it (PostgreSQL);
+        the store releases it only under a grant covering that domain; returns its id."""
 
     def release_wrapping_key(self, key_id: int) -> bytes:
         """The key service's wrapping key, released only under a valid grant (PermissionError naming it otherwise)."""

@@ -2,11 +2,12 @@
 the key service, grants as roles, row-level security on the namespace (see docs/ARCHITECTURE.md,
 "Grants enforced by PostgreSQL").
 
-- Key service: the wrapping key of a volume keyed by `key_service = "pg"` lives in `key_vault`,
-  which only the volume's owner role (the one that ran `balefs init`) can read. Any other role
-  gets it only through `balefs_release_key(id)`, a SECURITY DEFINER function that checks the
-  caller's grants (session role = grantee, validity window, not revoked, client address in the
-  grant's hosts by `inet_client_addr()`) and audits each release and refusal.
+- Key service: the wrapping keys of a volume keyed by `key_service = "pg"`, one per key domain
+  (DOMAINS_DDL), live in `key_vault`, which only the volume's owner role (the one that ran
+  `balefs init`) can read. Any other role gets one only through `balefs_release_key(id)`, a
+  SECURITY DEFINER function that checks the caller's grants (session role = grantee, validity
+  window, not revoked, client address in the grant's hosts by `inet_client_addr()`, and that one
+  of them covers the key's domain) and audits each release and refusal.
 - Grants become roles: each grant's grantee is a LOGIN role with `VALID UNTIL` = the latest end
   of its active grants, SELECT on the volume's tables (INSERT/UPDATE/DELETE on the namespace and
   chunk tables for read-write), INSERT only on `audit`; `revoke` takes the privileges back and
@@ -138,6 +139,48 @@ CREATE POLICY balefs_delete ON {t} FOR DELETE USING ({change});
     ("extents", f"balefs_inode_ok(ino, {_READ}, false, {_ORPHANS})", f"balefs_inode_ok(ino, {_WRITE}, false, {_ORPHANS})"),
     ("xattrs", f"balefs_inode_ok(ino, {_READ}, false, {_ORPHANS})", f"balefs_inode_ok(ino, {_WRITE}, false, {_ORPHANS})"),
 ))
+
+# Migration 8: a wrapping key per key domain. A vault row's `domain` is the key domain (a path
+# prefix, "" the volume's root) whose data keys it wraps; NULL marks a key of a volume keyed
+# before this (one key wrapping every domain: released under any valid grant, as it was).
+# balefs_release_key hands a domain's key out only when one of the caller's valid grants covers
+# the domain, by the client's rule (keys.released): the grant's prefix is the domain, lies above
+# it, or lies in it (its longest domain prefix is that domain). So the root domain's key needs a
+# grant whose prefix lies outside every other domain (or is the root itself).
+DOMAINS_DDL = r"""
+ALTER TABLE key_vault ADD COLUMN IF NOT EXISTS domain TEXT;
+CREATE OR REPLACE FUNCTION balefs_key_domain_of(target TEXT) RETURNS TEXT LANGUAGE sql STABLE
+  SET search_path FROM CURRENT AS $$
+  SELECT coalesce((SELECT v.domain FROM key_vault v WHERE v.domain <> '' AND (target = v.domain
+    OR left(target, length(v.domain) + 1) = v.domain || '/') ORDER BY length(v.domain) DESC LIMIT 1), '') $$;
+CREATE OR REPLACE FUNCTION balefs_domain_granted(dom TEXT) RETURNS BOOLEAN LANGUAGE sql VOLATILE
+  SET search_path FROM CURRENT AS $$
+  SELECT EXISTS (SELECT 1 FROM balefs_my_grants() g WHERE g.prefix = '' OR g.prefix = dom
+    OR (dom <> '' AND left(dom, length(g.prefix) + 1) = g.prefix || '/') OR balefs_key_domain_of(g.prefix) = dom) $$;
+CREATE OR REPLACE FUNCTION balefs_release_key(vault_id BIGINT) RETURNS TABLE(released_key BYTEA, refusal TEXT)
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE owner_role NAME := (SELECT tableowner FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'key_vault');
+  why TEXT := NULL; got BYTEA := NULL; found BOOLEAN; dom TEXT; what TEXT;
+BEGIN
+  SELECT true, v.domain INTO found, dom FROM key_vault v WHERE v.id = vault_id;
+  what := 'wrapping key ' || vault_id || CASE WHEN dom IS NULL THEN '' ELSE ' of key domain /' || dom END;
+  IF found IS NULL THEN
+    why := 'the key service holds no wrapping key ' || vault_id || ' (a damaged or partly copied volume)';
+  ELSIF pg_has_role(session_user, owner_role, 'MEMBER') OR (dom IS NULL AND EXISTS (SELECT 1 FROM balefs_my_grants()))
+      OR (dom IS NOT NULL AND balefs_domain_granted(dom)) THEN
+    got := (SELECT v.wrapping_key FROM key_vault v WHERE v.id = vault_id);
+  ELSIF EXISTS (SELECT 1 FROM balefs_my_grants()) THEN
+    why := 'no valid grant of role ' || session_user || ' covers key domain /' || dom || ' (' || what || ' withheld)';
+  ELSE
+    why := balefs_refusal(session_user::text); END IF;
+  INSERT INTO audit(time_ns, user_name, host, pid, op, path, outcome, detail) VALUES(balefs_now_ns(), session_user,
+    coalesce(host(inet_client_addr()), 'local'), pg_backend_pid(), 'key.release', coalesce(dom, ''),
+    CASE WHEN why IS NULL THEN 'ok' ELSE 'denied' END, coalesce(why, what || ' released'));
+  RETURN QUERY SELECT got, why;
+END $$;
+REVOKE ALL ON FUNCTION balefs_key_domain_of(TEXT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION balefs_domain_granted(TEXT) FROM PUBLIC;
+"""
 
 ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 

@@ -70,7 +70,7 @@ class PostgresMeta(SqlMeta):
                                 "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
                                 "FOR EACH STATEMENT EXECUTE FUNCTION balefs_audit_append_only();\n"
                                 "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM PUBLIC;\n",
-                 "pg_security": pg_security.DDL}
+                 "pg_security": pg_security.DDL, "pg_key_domains": pg_security.DOMAINS_DDL}
     LOCK_SHARE = " FOR KEY SHARE OF i"
     LOCK_UPDATE = " FOR UPDATE OF i"
 
@@ -206,10 +206,10 @@ class PostgresMeta(SqlMeta):
             return role, bool(owner)
 
     @retrying
-    def store_wrapping_key(self, key: bytes) -> int:
+    def store_wrapping_key(self, key: bytes, domain: str = "") -> int:
         with self._write(sync=True) as db:
-            return int(db.execute("INSERT INTO key_vault(wrapping_key, created_ns) VALUES(?, balefs_now_ns()) RETURNING id",
-                                  (key,)).fetchone()[0])
+            return int(db.execute("INSERT INTO key_vault(wrapping_key, created_ns, domain) VALUES(?, balefs_now_ns(), ?) "
+                                  "RETURNING id", (key, domain)).fetchone()[0])
 
     def release_wrapping_key(self, key_id: int) -> bytes:
         try:

@@ -41,7 +41,7 @@ from ...errors import ConfigError
 from ..counters import Histogram, Keyed
 from .types import ROOT, SETTLED, AuditRow, BlockRecord, ChunkLayout, Extent, FileWrite, Inode, oserror, slices, split_path
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Schema migrations: version -> DDL, applied in order on open. Tokens in braces are the
 # engine's types (SqlMeta.DDL_TYPES); version 1 is the schema of the first release.
@@ -111,6 +111,11 @@ CREATE TABLE IF NOT EXISTS grants(id {serial}, grantee TEXT NOT NULL, prefix TEX
     # service's vault and release function, row-level security on the namespace; nothing on SQLite
     7: """
 {pg_security}
+""",
+    # version 8: on PostgreSQL, a key service's wrapping key per key domain, released only under a
+    # grant covering that domain (pg_security.DOMAINS_DDL); nothing on SQLite
+    8: """
+{pg_key_domains}
 """,
 }
 
@@ -993,8 +998,9 @@ class SqlMeta:
         has no roles, SQLite); grants then name roles."""
         return None
 
-    def store_wrapping_key(self, key: bytes) -> int:
-        """Keep a key service's wrapping key in the store, readable only by the owner; returns its id."""
+    def store_wrapping_key(self, key: bytes, domain: str = "") -> int:
+        """Keep a key service's wrapping key of key domain `domain` ("" the root) in the store, readable
+        only by the owner; returns its id."""
         raise ConfigError(f"metadata {self.url}: a key service needs PostgreSQL metadata (--meta postgresql://...)")
 
     def release_wrapping_key(self, key_id: int) -> bytes:

@@ -27,7 +27,7 @@ class SqliteMeta(SqlMeta):
                                 "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n"
                                 "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
                                 "BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;\n",
-                 "pg_security": ""}
+                 "pg_security": "", "pg_key_domains": ""}
 
     @classmethod
     def from_url(cls, url: str, create: bool = False) -> "SqliteMeta":
