@@ -135,7 +135,7 @@ class MasterSource:
     def master_key(self, kdf: dict[str, Any]) -> bytes:
         """The master key, with `kdf` the stored record's parameters (scrypt's salt)."""
         if self.key_service or kdf.get("kdf") == KEY_SERVICE_KDF:
-            raise KeyAccessError("the volume's master key is held by its key service (keys.master_key asks it)")
+            raise KeyAccessError("the volume's master key is held by its key service (keys.master_keys asks it)")
         if self.key_file:
             return read_key_file(self.key_file)
         if self.key_env:
