@@ -402,3 +402,15 @@ def test_volume_keyed_before_per_domain_keys_keeps_its_one_key(vault, open_clien
     owner.write_file("fresh/f.bin", b"f" * 200)
     assert "domain_keys" not in stored_record(owner.meta)[0].kdf
     assert open_client(vault.name).read_file("fresh/f.bin") == b"f" * 200
+
+
+def test_read_write_grantee_of_a_domain_writes_there_with_that_domains_key_only(domain_vault, open_client, pg_url) -> None:
+    owner = open_client(domain_vault.name)
+    _, role, password = _grant(owner, A, "read-write")
+    bob = Client(replace(load_config(domain_vault.name), meta=_url_as(pg_url, role, password)))
+    try:
+        bob.write_file(f"{A}/new.bin", b"n" * 700)
+        assert {bob.identity.keyring.key_domains[n] for n in bob.identity.keyring.keys} == {A}
+    finally:
+        bob.close()
+    assert open_client(domain_vault.name).read_file(f"{A}/new.bin") == b"n" * 700
