@@ -105,6 +105,12 @@ class BaleSource:
     def __len__(self) -> int:
         return len(self.column("size"))
 
+    def chunks_fitting(self, nbytes: int) -> int:
+        """How many chunks of the snapshot's mean chunk size (data blocks) fit in `nbytes`."""
+        sizes = [sum(r.length for r in recs if r.idx >= 0) for recs in self.blocks.values()]
+        mean = sum(sizes) / len(sizes) if sizes else 1.0
+        return int(nbytes // max(1.0, mean))
+
     def name(self, row: int) -> str:
         """The URL of the file at `row`."""
         return f"bale://{self.volume}/{self._full_path(row)}"
