@@ -151,6 +151,25 @@ def test_default_shuffle_buffer_fills_the_memory_cache(tree):
     assert _gap(windowed, storage) < 0.75  # two chunks at a time: consecutive samples stay nearer
 
 
+def test_batch_read_maps_whole_samples_to_their_blocks_at_once(tree):
+    """BaleSource.read maps the samples held whole in one block to their pieces with the snapshot's
+    maps (Client.read_planned) and reads the others (across two blocks) the general way: every
+    sample's bytes, in the order asked; a piece of a block that is gone fails its own request only."""
+    source = BaleIterableDataset(URL).source
+    blocks, where, lo = source._block_index()
+    rows = np.random.default_rng(0).permutation(N_FILES).tolist()
+    whole = where[rows] >= 0
+    assert 0 < (~whole).sum() < whole.sum()  # both kinds in one batch
+    got = source.read(rows, views=True)
+    assert [bytes(d) for d in got] == [tree[source.paths[r]] for r in rows]
+    assert all(isinstance(d, memoryview) for d, w in zip(got, whole) if w)
+    r = rows[int(np.flatnonzero(whole)[0])]
+    rec, start, size = blocks[where[r]], int(lo[r]), int(source.column("size")[r])
+    gone = rec._replace(chunk=10**9)
+    out = source.client.read_planned([[(rec, start, start + size)], [(gone, 0, 10)], [(rec, start, start + 3), (rec, start + 3, start + size)]])
+    assert out[0] == tree[source.paths[r]] == out[2] and isinstance(out[1], Exception)
+
+
 def test_resume_with_other_workers_and_world_size(tree):
     """2 ranks x 2 workers consume 5 batches each; 3 ranks x 1 worker finish the epoch exactly."""
     first = []
