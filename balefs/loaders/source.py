@@ -51,7 +51,7 @@ class BaleSource:
         self._snap: Snapshot | None = snap
         self._cols: dict[str, np.ndarray] = {}
         self._paths: list[str] | None = None
-        self._index: tuple[list[BlockRecord], np.ndarray, np.ndarray] | None = None
+        self._index: tuple[list[BlockRecord], np.ndarray, np.ndarray] | None = None  # see _block_index
         self._client: Client | None = None
         self._pid = os.getpid()
 
@@ -147,7 +147,7 @@ class BaleSource:
             n = len(chunk)
             blocks: list[BlockRecord] = []
             where = np.full(n, -1, dtype=np.int32)
-            lo = np.zeros(n, dtype=np.int64)
+            lo = np.zeros(n, dtype=np.int32)  # within a block (at most 1 GiB)
             starts = chunk_starts(chunk)
             for a, b in zip(starts.tolist(), np.r_[starts[1:], n].tolist()):
                 recs = sorted((r for r in self.blocks.get(int(chunk[a]), ()) if r.idx >= 0), key=lambda r: r.off)
