@@ -166,7 +166,8 @@ def test_batch_read_maps_whole_samples_to_their_blocks_at_once(tree):
     r = rows[int(np.flatnonzero(whole)[0])]
     rec, start, size = blocks[where[r]], int(lo[r]), int(source.column("size")[r])
     gone = rec._replace(chunk=10**9)
-    out = source.client.read_planned([[(rec, start, start + size)], [(gone, 0, 10)], [(rec, start, start + 3), (rec, start + 3, start + size)]])
+    out = source.client.read_planned([[(rec, start, start + size)], [(gone, 0, 10)],
+                                      [(rec, start, start + 3), (rec, start + 3, start + size)]])
     assert out[0] == tree[source.paths[r]] == out[2] and isinstance(out[1], Exception)
 
 

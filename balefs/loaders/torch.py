@@ -134,10 +134,10 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
     shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the host's shared
     cache and in the client's memory cache as mappings of it, bounded by cache_size: keep it above
-    shuffle_buffer x chunk size). Default (`default_window`): as many chunks as fill 3/4 of cache_size
-    and half of the host cache (at least 8), so a tree that fits is shuffled as a whole (a full
-    shuffle) and a larger one window by window. prefetch: read units (at most `piece` samples of one window) read
-    ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
+    shuffle_buffer x chunk size). Default (`default_window`): as many chunks as fill 3/4 of
+    cache_size and half of the host cache (at least 8), so a tree that fits is shuffled as a whole
+    (a full shuffle) and a larger one window by window. prefetch: read units (at most `piece`
+    samples of one window) read ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
     known) whose blocks are fetched into the host's cache once this share's last unit is read, so the
     next epoch starts on cached chunks (0: off). drop_last: every consumer gets
     floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
