@@ -16,8 +16,9 @@ checks that every sample comes exactly once per epoch):
   (f) mds       MosaicML Streaming: MDSWriter + StreamingDataset (shuffle=True)
 
 Passes: cold (page cache dropped, balefs's host cache emptied, fresh worker processes) and warm
-(the next pass: page cache and host cache as the cold pass left them; fresh workers again), with
---workers workers and with 0. During each pass with workers a thread samples every worker's
+(the next pass of the same loader, right after its cold pass: page cache and host cache as that
+pass left them; fresh workers again), with --workers workers and with 0; the loaders take turns
+(every loader's cold and warm pass with workers, then with 0). During each pass with workers a thread samples every worker's
 memory: RSS, and USS (the worker's private pages: what each extra worker costs the host; pages
 of the kernel's page cache that it maps are in RSS, and in USS while no other process maps
 them), and private anonymous memory (its own heap, stacks and buffers: neither the pages it
@@ -373,27 +374,29 @@ def main(argv: list[str] | None = None) -> int:
     row_of[[int(p.rsplit("_", 1)[1].split(".")[0]) for p in bale_rows.paths]] = np.arange(len(bale_rows))
     storage = {k: row_of if k in "cd" else np.arange(ds.n) for k in names}
     kinds = [(temp, w) for w in ([args.workers] + ([] if args.no_zero else [0])) for temp in ("cold", "warm")]
-    for temp, w in kinds:
-        for which in only:
-            if temp == "cold":
-                shutil.rmtree(host_cache, ignore_errors=True)
-                cold = sf.drop_caches()
-            else:
-                cold = True
-            with MemoryWatch() as mem:
-                r, order = consume(loader(which, w), ds, chk)
-            chk.finish(f"{which}/{temp}/{w}")
-            if len(order) != ds.n:
-                raise SystemExit(f"VERIFY FAILED {which}/{temp}/{w}: {len(order)} samples in an epoch of {ds.n}")
-            kind = f"{temp}{w}"
-            results[(which, kind)] = r
-            if w:
-                memory[which] = tuple(max(a, b) for a, b in zip(memory.get(which, (0, 0, 0)), (mem.rss, mem.uss, mem.anon)))
-            sf.log(f"{names[which]:32s} {temp} w={w}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
-                   f"worker rss {mem.rss / 2**30:.2f} GiB uss {mem.uss / 2**30:.2f} GiB private anon {mem.anon / 2**30:.2f} GiB"
-                   f"{'' if cold else ' (NOT cold)'}")
-            if temp == "cold" and which not in quality:
-                quality[which] = shuffle_quality(order, storage[which], b)
+    # each loader's warm pass right after its own cold pass: a later loader's cold pass drops the
+    # page cache, so a warm pass after it would read from the disk again (unlike every later epoch)
+    passes = [(temp, w, which) for w in dict.fromkeys(w for _, w in kinds) for which in only for temp in ("cold", "warm")]
+    for temp, w, which in passes:
+        if temp == "cold":
+            shutil.rmtree(host_cache, ignore_errors=True)
+            cold = sf.drop_caches()
+        else:
+            cold = True
+        with MemoryWatch() as mem:
+            r, order = consume(loader(which, w), ds, chk)
+        chk.finish(f"{which}/{temp}/{w}")
+        if len(order) != ds.n:
+            raise SystemExit(f"VERIFY FAILED {which}/{temp}/{w}: {len(order)} samples in an epoch of {ds.n}")
+        kind = f"{temp}{w}"
+        results[(which, kind)] = r
+        if w:
+            memory[which] = tuple(max(a, b) for a, b in zip(memory.get(which, (0, 0, 0)), (mem.rss, mem.uss, mem.anon)))
+        sf.log(f"{names[which]:32s} {temp} w={w}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
+               f"worker rss {mem.rss / 2**30:.2f} GiB uss {mem.uss / 2**30:.2f} GiB private anon {mem.anon / 2**30:.2f} GiB"
+               f"{'' if cold else ' (NOT cold)'}")
+        if temp == "cold" and which not in quality:
+            quality[which] = shuffle_quality(order, storage[which], b)
 
     print()
     print(f"machine: {sf.machine()}")

@@ -124,6 +124,53 @@ def test_shuffle_quality(tree):
     assert rank_corr < 0.5
 
 
+def _gap(names: list[str], storage: dict[str, int]) -> float:
+    """Mean storage distance of consecutive samples, over that of a random order."""
+    def mean_gap(seq):
+        return np.mean(np.abs(np.diff([storage[n] for n in seq])))
+    rnd = list(names)
+    np.random.default_rng(0).shuffle(rnd)
+    return mean_gap(names) / mean_gap(rnd)
+
+
+def test_default_shuffle_buffer_fills_the_memory_cache(tree):
+    """At its defaults a tree whose chunks fit in 3/4 of cache_size is one window (a full shuffle,
+    every sample once); a smaller cache_size makes fewer chunks, never under 8."""
+    storage = {name_of(s): i for i, s in enumerate(BaleIterableDataset(URL, shuffle=False))}
+    ds = BaleIterableDataset(URL, seed=1)
+    chunks = len(ds.source.snapshot.chunks())
+    assert chunks > 8 and ds.window >= chunks
+    mixed = [name_of(s) for s in ds]
+    assert sorted(mixed) == sorted(storage)
+    assert _spread(mixed, storage, 16) > 0.9 and _gap(mixed, storage) > 0.9
+    mean = ds.source.chunks_fitting(1 << 30) and (1 << 30) / ds.source.chunks_fitting(1 << 30)
+    assert BaleIterableDataset(URL, cache_size=int(12 * mean / 0.75) + 1024).window == 12
+    assert BaleIterableDataset(URL, cache_size=int(2 * mean)).window == 8
+    assert BaleIterableDataset(URL, disk_cache_size=int(20 * mean) + 1024).window == 10  # half the host cache
+    windowed = [name_of(s) for s in BaleIterableDataset(URL, seed=1, shuffle_buffer=2)]
+    assert _gap(windowed, storage) < 0.75  # two chunks at a time: consecutive samples stay nearer
+
+
+def test_batch_read_maps_whole_samples_to_their_blocks_at_once(tree):
+    """BaleSource.read maps the samples held whole in one block to their pieces with the snapshot's
+    maps (Client.read_planned) and reads the others (across two blocks) the general way: every
+    sample's bytes, in the order asked; a piece of a block that is gone fails its own request only."""
+    source = BaleIterableDataset(URL).source
+    blocks, where, lo = source._block_index()
+    rows = np.random.default_rng(0).permutation(N_FILES).tolist()
+    whole = where[rows] >= 0
+    assert 0 < (~whole).sum() < whole.sum()  # both kinds in one batch
+    got = source.read(rows, views=True)
+    assert [bytes(d) for d in got] == [tree[source.paths[r]] for r in rows]
+    assert all(isinstance(d, memoryview) for d, w in zip(got, whole) if w)
+    r = rows[int(np.flatnonzero(whole)[0])]
+    rec, start, size = blocks[where[r]], int(lo[r]), int(source.column("size")[r])
+    gone = rec._replace(chunk=10**9)
+    out = source.client.read_planned([[(rec, start, start + size)], [(gone, 0, 10)],
+                                      [(rec, start, start + 3), (rec, start + 3, start + size)]])
+    assert out[0] == tree[source.paths[r]] == out[2] and isinstance(out[1], Exception)
+
+
 def test_resume_with_other_workers_and_world_size(tree):
     """2 ranks x 2 workers consume 5 batches each; 3 ranks x 1 worker finish the epoch exactly."""
     first = []
@@ -278,8 +325,9 @@ def test_resume_from_another_dataset_is_refused(tree, open_client):
 
 
 def test_zero_copy_samples_are_read_only_views_with_the_right_bytes(tree):
-    raw = next(iter(BaleIterableDataset(URL, zero_copy=True)))
-    assert isinstance(raw, memoryview) and raw.readonly
+    raws = list(BaleIterableDataset(URL, zero_copy=True))
+    views = [r for r in raws if isinstance(r, memoryview)]  # a file across two blocks is joined into bytes
+    assert len(views) > len(raws) // 2 and all(v.readonly for v in views)
     got = {name_of(s): s for s in BaleIterableDataset(URL, zero_copy=True, decode=bytes)}
     assert got == tree
     loader = DataLoader(BaleDataset(URL, zero_copy=True, decode=bytes), batch_size=50, num_workers=2, collate_fn=lambda b: b)

@@ -7,8 +7,8 @@ S is a permutation of the snapshot's rows.
 
 Split: the positions of S not yet consumed are cut into T = ranks x workers contiguous
 parts of equal length (pad: the short ones repeat a sample; drop: the long ones lose one),
-consumer c = rank * workers + worker. Each part covers few windows, so each chunk is read
-by one or two consumers.
+consumer c = rank * workers + worker. A part spans few windows, so a chunk is read by the
+consumers of its window (with the host cache, from the nodes once per host).
 
 Progress is a set of consumed positions of S, kept as sorted [start, end) intervals: at most
 a few per consumer, so a state is small and any T can resume it exactly.

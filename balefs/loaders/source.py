@@ -21,8 +21,9 @@ import numpy as np
 
 from .. import metrics
 from ..errors import BaleError, CorruptBlockError, NodeError
-from ..storage.client import Client, Extent, Snapshot
+from ..storage.client import BlockRecord, Client, Extent, Snapshot
 from ..storage.config import load_config, parse_bale_url
+from .order import chunk_starts
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,13 @@ class BaleSource:
         self._snap: Snapshot | None = snap
         self._cols: dict[str, np.ndarray] = {}
         self._paths: list[str] | None = None
+        self._index: tuple[list[BlockRecord], np.ndarray, np.ndarray] | None = None  # see _block_index
         self._client: Client | None = None
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_snap=None, _cols={}, _paths=None, _client=None, _pid=-1)
+        state.update(_snap=None, _cols={}, _paths=None, _index=None, _client=None, _pid=-1)
         return state
 
     # -- per process -----------------------------------------------------------------------
@@ -105,16 +107,27 @@ class BaleSource:
     def __len__(self) -> int:
         return len(self.column("size"))
 
+    def chunks_fitting(self, nbytes: int) -> int:
+        """How many chunks of the snapshot's mean chunk size (data blocks) fit in `nbytes`."""
+        sizes = [sum(r.length for r in recs if r.idx >= 0) for recs in self.blocks.values()]
+        mean = sum(sizes) / len(sizes) if sizes else 1.0
+        return int(nbytes // max(1.0, mean))
+
     def name(self, row: int) -> str:
         """The URL of the file at `row`."""
         return f"bale://{self.volume}/{self._full_path(row)}"
 
     def label(self, row: int, how: Label) -> Any:
         """The label of a sample: its class index ('dir') or what a callable makes of its path."""
+        return self.labels([row], how)[0]
+
+    def labels(self, rows: Sequence[int], how: Label) -> list:
+        """The labels of samples (see label); class indices of a whole batch at once."""
         if how == "dir":
-            return int(self.column("label")[row])
+            return self.column("label")[np.asarray(rows, dtype=np.int64)].tolist()
         if callable(how):
-            return how(self.paths[int(row)])
+            paths = self.paths
+            return [how(paths[int(r)]) for r in rows]
         raise ValueError(f"label must be None, 'dir' or a callable of the path, got {how!r}")
 
     def _extents(self, row: int) -> list[Extent]:
@@ -123,14 +136,57 @@ class BaleSource:
             return [Extent(0, int(self.column("chunk")[row]), int(self.column("offset")[row]), size)] if size else []
         return self.snapshot.extents([row])[0]
 
+    def _block_index(self) -> tuple[list[BlockRecord], np.ndarray, np.ndarray]:
+        """(blocks, where, lo): for each row held whole in one block of the snapshot's block maps,
+        that block (`blocks[where[row]]`) and where in it the row begins; where = -1 for the others
+        (empty, fragmented, or beyond the maps: read the general way). Made once per process,
+        with numpy, so that a batch is mapped to its block pieces with no per-sample lookups."""
+        if self._index is None:
+            chunk, off = self.column("chunk"), self.column("offset")
+            size, length = self.column("size"), self.column("length")
+            n = len(chunk)
+            blocks: list[BlockRecord] = []
+            where = np.full(n, -1, dtype=np.int32)
+            lo = np.zeros(n, dtype=np.int32)  # within a block (at most 1 GiB)
+            starts = chunk_starts(chunk)
+            for a, b in zip(starts.tolist(), np.r_[starts[1:], n].tolist()):
+                recs = sorted((r for r in self.blocks.get(int(chunk[a]), ()) if r.idx >= 0), key=lambda r: r.off)
+                if not recs:
+                    continue
+                first = np.array([r.off for r in recs], dtype=np.int64)
+                end = first + np.array([r.length for r in recs], dtype=np.int64)
+                o, sz = off[a:b].astype(np.int64), size[a:b].astype(np.int64)
+                i = np.clip(np.searchsorted(first, o, side="right") - 1, 0, None)
+                whole = (o >= first[i]) & (o + sz <= end[i]) & (length[a:b] == sz) & (sz > 0)
+                where[a:b] = np.where(whole, i + len(blocks), -1)
+                lo[a:b] = o - first[i]
+                blocks.extend(recs)
+            self._index = (blocks, where, lo)
+        return self._index
+
     def read(self, rows: Sequence[int], views: bool = False, strict: bool = False) -> list[bytes | memoryview | Exception]:
         """The bytes of the files at `rows` (one batched read: each block fetched once); an error
         per sample names its file (strict: the first one is raised). Bytes moved since the snapshot
         (gc) are read by path instead. With views, a file held in one block is a read-only view
         into it (no copy)."""
-        sizes = self.column("size")
-        reqs = [(self._extents(r), 0, int(sizes[r])) for r in rows]
-        out = self.client.read_extents(reqs, views=views)
+        rows = np.asarray(rows, dtype=np.int64)
+        blocks, where, lo = self._block_index()
+        at = where[rows]
+        out: list = [None] * len(rows)
+        whole = np.flatnonzero(at >= 0)
+        if len(whole):  # the usual case: mapped to their pieces at once, no per-sample lookups
+            first = lo[rows[whole]]
+            pieces = [[(blocks[b], s, s + n)] for b, s, n in
+                      zip(at[whole].tolist(), first.tolist(), self.column("size")[rows[whole]].tolist())]
+            for k, d in zip(whole.tolist(), self.client.read_planned(pieces, views=views)):
+                out[k] = d
+        other = np.flatnonzero(at < 0)
+        if len(other):
+            sizes = self.column("size")
+            reqs = [(self._extents(int(rows[k])), 0, int(sizes[rows[k]])) for k in other.tolist()]
+            for k, d in zip(other.tolist(), self.client.read_extents(reqs, views=views)):
+                out[k] = d
+        rows = rows.tolist()
         moved = [i for i, d in enumerate(out) if isinstance(d, NodeError) and not isinstance(d, CorruptBlockError)]
         if moved:
             again = self.client.read_ranges([(self._full_path(rows[i]), 0, None) for i in moved])
@@ -210,7 +266,8 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
     """Decode and label read samples. With on_error='skip' a bad sample is counted and replaced by
     a repeat of a good one (the last good one, or the next), so every consumer keeps its length."""
     pending = 0
-    for row, d in zip(rows, data):
+    labels = source.labels(rows, label) if label is not None else [None] * len(rows)
+    for row, d, y in zip(rows, data, labels):
         try:
             if isinstance(d, Exception):
                 raise d
@@ -218,7 +275,7 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
                 item = decode(d) if decode is not None else d
             except Exception as exc:
                 raise SampleError(f"{source.name(row)}: decode failed: {exc!r}") from exc
-            sample = item if label is None else (item, source.label(row, label))
+            sample = item if label is None else (item, y)
         except SampleError as exc:
             if on_error == "raise":
                 raise

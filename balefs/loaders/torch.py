@@ -26,12 +26,23 @@ WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the 
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), skip counts
 ITERATED, EPOCH, SKIPS, SKIP_CELLS = 0, 1, 2, 64
+WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see default_window
 
 
 def _slot() -> int:
     """This process's skip cell: 0 in the main process, 1 + id in a DataLoader worker."""
     info = tud.get_worker_info()
     return 0 if info is None else 1 + info.id
+
+
+def default_window(source: BaleSource) -> int:
+    """shuffle_buffer's default: the chunks that fit in 3/4 of the memory cache (the window's blocks
+    stay mapped there: a block mapped again is checked again, all of it) and, with the host cache,
+    in half of its bound (shared with other jobs and the next epoch's warming); at least 8."""
+    budget = source.cfg.cache_size * WINDOW_CACHE_SHARE
+    if source.cfg.host_cache:
+        budget = min(budget, source.cfg.disk_cache_size * WINDOW_HOST_SHARE)
+    return max(WINDOW_MIN, source.chunks_fitting(int(budget)))
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -123,8 +134,10 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
     shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the host's shared
     cache and in the client's memory cache as mappings of it, bounded by cache_size: keep it above
-    shuffle_buffer x chunk size). prefetch: read units (at most `piece` samples of one window) read
-    ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
+    shuffle_buffer x chunk size). Default (`default_window`): as many chunks as fill 3/4 of
+    cache_size and half of the host cache (at least 8), so a tree that fits is shuffled as a whole
+    (a full shuffle) and a larger one window by window. prefetch: read units (at most `piece`
+    samples of one window) read ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
     known) whose blocks are fetched into the host's cache once this share's last unit is read, so the
     next epoch starts on cached chunks (0: off). drop_last: every consumer gets
     floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
@@ -139,7 +152,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     """
 
     def __init__(self, url: str, shuffle: bool = True, seed: int = 0, decode: Callable[[bytes], Any] | None = None,
-                 label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 8,
+                 label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int | None = None,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 1024,
                  zero_copy: bool = False, rebuild: bool = False, warm_next: int = 1024, job: str | None = None,
                  **options: Any) -> None:
@@ -147,6 +160,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self.job = job
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        if shuffle_buffer is None:
+            shuffle_buffer = default_window(self.source)
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
         self.warm_next = warm_next
         self.epoch = 0

@@ -40,7 +40,7 @@ from .node_registry import normalize_node_url, open_node
 from .erasure import ErasureCode
 from .placement import Placement, StripePlacement, parse_ec
 from .stripes import StripeCutter, degraded_stripes
-from .reader import BlockReader
+from .reader import BlockReader, Piece
 from .volume import claim_nodes
 from .volume_format import VolumeFormat, stored_format
 from .writer import ChunkWriter
@@ -673,6 +673,11 @@ class Client:
         fetching each needed block once; an error per request, not raised. With views, a range
         held in one block is a read-only view into the cached block (no copy)."""
         return self.reader.read_many(requests, views=views)
+
+    def read_planned(self, requests: Sequence[Sequence[Piece]], views: bool = False) -> list[bytes | memoryview | Exception]:
+        """read_extents for requests already mapped to (block record, start, end) pieces of the
+        blocks this client's reader knows (e.g. adopted snapshot maps): no per-request planning."""
+        return self.reader.read_planned(requests, views=views)
 
     def prefetch_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[Future]:
         """Start fetching, in the background, the blocks of these reads that no cache holds (with

@@ -539,16 +539,31 @@ class BlockReader:
         """
         results: list[bytes | Exception] = [b""] * len(requests)
         self.load_maps({e[1] for ext, _, _ in requests for e in ext})  # e: (off, chunk, chunk_off, length)
-        wave: list[tuple[int, list[Piece], int, int, Sequence[Extent]]] = []
+        planned = []
+        for i, (extents, start, end) in enumerate(requests):
+            try:
+                planned.append((i, self.plan(extents, start, end), start, end, extents))
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                results[i] = exc
+        self._read_waves(planned, results, views)
+        return results
+
+    def read_planned(self, requests: Sequence[Sequence[Piece]], views: bool = False) -> list[bytes | memoryview | Exception]:
+        """read_many for requests already mapped to block pieces (a loader maps a whole batch of
+        samples with its snapshot's block maps at once): each request is the bytes of its pieces,
+        in order; each block fetched once, an error per request."""
+        results: list[bytes | memoryview | Exception] = [b""] * len(requests)
+        self._read_waves([(i, p, 0, sum(hi - lo for _, lo, hi in p), ()) for i, p in enumerate(requests)], results, views)
+        return results
+
+    def _read_waves(self, planned: Sequence[tuple[int, Sequence[Piece], int, int, Sequence[Extent]]],
+                    results: list, views: bool) -> None:
+        """Serve planned requests (index, pieces, start, end, extents) in waves bounded in block bytes."""
+        wave: list[tuple[int, Sequence[Piece], int, int, Sequence[Extent]]] = []
         wave_blocks: dict[tuple[int, int], BlockRecord] = {}
         wave_size = 0
         cached = self.cache.__contains__
-        for i, (extents, start, end) in enumerate(requests):
-            try:
-                pieces = self.plan(extents, start, end)
-            except Exception as exc:  # noqa: BLE001 - reported per request
-                results[i] = exc
-                continue
+        for i, pieces, start, end, extents in planned:
             extra = 0  # bytes of blocks this request adds to the wave; cached blocks cost no memory
             for rec, _, _ in pieces:
                 key = (rec.chunk, rec.idx)
@@ -564,7 +579,6 @@ class BlockReader:
             wave.append((i, pieces, start, end, extents))
         if wave:
             self._serve(wave, wave_blocks, results, views)
-        return results
 
     def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list, views: bool = False) -> None:
         blocks: dict[tuple[int, int], object] = {}
