@@ -103,6 +103,21 @@ def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
     path.write_bytes(bytes(data))
 
 
+def write_with_bad_block(client: Client, block: int) -> tuple[bytes, bytes, list[BlockRecord]]:
+    """Write good.bin (3 blocks) and bad.bin (2 blocks and a bit), then flip a payload bit of
+    bad.bin's second block on every copy: (good, bad, bad.bin's blocks)."""
+    from balefs.storage.codec import HEADER_SIZE
+
+    good, bad = payload(3 * block, seed=1), payload(2 * block + 7, seed=2)
+    client.write_file("good.bin", good)
+    client.write_file("bad.bin", bad)
+    bad_blocks = blocks_of_file(client, "bad.bin")
+    assert not set(bad_blocks) & set(blocks_of_file(client, "good.bin"))
+    for p in block_paths(client, bad_blocks[1]):
+        flip_bit(p, HEADER_SIZE + 100)
+    return good, bad, bad_blocks
+
+
 def make_tree(root: Path, n_files: int, min_size: int, max_size: int, seed: int = 0, fanout: int = 10) -> dict[str, bytes]:
     """A tree of n_files random files in `fanout` subdirectories; returns relative path -> bytes."""
     rng = random.Random(seed)

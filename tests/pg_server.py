@@ -53,7 +53,7 @@ class PgServer:
                          "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", **(settings or {})}
         self._user = None
         if os.getuid() == 0:
-            self._user = "postgres" if _has_user("postgres") else "nobody"
+            self._user = "postgres" if has_user("postgres") else "nobody"
             pw = pwd.getpwnam(self._user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self._schemas = itertools.count()
@@ -118,7 +118,7 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _has_user(name: str) -> bool:
+def has_user(name: str) -> bool:
     try:
         pwd.getpwnam(name)
         return True

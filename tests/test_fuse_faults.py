@@ -17,9 +17,8 @@ import pytest
 
 from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
-from balefs.storage.codec import HEADER_SIZE
 from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, wait_gone, wait_until
+from helpers import BLOCK, payload, run_cli, wait_gone, wait_until, write_with_bad_block
 
 pytestmark = needs_fuse
 
@@ -143,14 +142,8 @@ def test_permission_bits_are_enforced_for_other_users(volume, mount_volume) -> N
 
 
 def test_corrupt_block_is_eio_and_the_mount_stays_up(volume, mount_volume, balefs_home) -> None:
-    good, bad = payload(3 * BLOCK, seed=1), payload(2 * BLOCK + 7, seed=2)
     with Client.open(volume.name) as c:
-        c.write_file("good.bin", good)
-        c.write_file("bad.bin", bad)
-        bad_blocks = blocks_of_file(c, "bad.bin")
-        assert not set(bad_blocks) & set(blocks_of_file(c, "good.bin"))
-        for p in block_paths(c, bad_blocks[1]):
-            flip_bit(p, HEADER_SIZE + 100)
+        good, bad, _ = write_with_bad_block(c, BLOCK)
     mp = mount_volume(volume.name)
     with open(mp / "bad.bin", "rb") as f:
         assert f.read(BLOCK) == bad[:BLOCK]  # the intact first block still reads

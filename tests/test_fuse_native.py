@@ -17,7 +17,7 @@ from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from fuse_support import is_mounted, mount_volume, native_session  # noqa: F401 - fixtures
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, user_error, wait_gone
+from helpers import BLOCK, block_paths, payload, run_cli, user_error, wait_gone, write_with_bad_block
 
 pytestmark = pytest.mark.usefixtures("native_session")
 
@@ -151,13 +151,8 @@ def test_close_to_open_from_a_writer_mount_to_a_native_reader(volume, mount_volu
 
 
 def test_corrupt_block_is_eio_and_the_native_mount_stays_up(volume, mount_volume, balefs_home) -> None:
-    good, bad = payload(3 * BLOCK, seed=1), payload(2 * BLOCK + 7, seed=2)
     with Client.open(volume.name) as c:
-        c.write_file("good.bin", good)
-        c.write_file("bad.bin", bad)
-        bad_blocks = blocks_of_file(c, "bad.bin")
-        for p in block_paths(c, bad_blocks[1]):
-            flip_bit(p, HEADER_SIZE + 100)
+        good, bad, bad_blocks = write_with_bad_block(c, BLOCK)
         header = block_paths(c, bad_blocks[2])
         for p in header:  # a header that lies about its length
             with open(p, "r+b") as f:

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from helpers import run_cli, skip_or_fail, user_error
-from pg_server import PgServer
+from pg_server import PgServer, has_user
 from tls_support import TestCA
 
 
@@ -33,7 +33,7 @@ def tls_pg() -> Iterator[tuple[PgServer, TlsFiles]]:
     try:
         tls = TlsFiles(root)
         if os.getuid() == 0:  # the server runs as the `postgres` (or `nobody`) user: it must own its key
-            user = next((u for u in ("postgres", "nobody") if _has_user(u)))
+            user = next((u for u in ("postgres", "nobody") if has_user(u)))
             pw = pwd.getpwnam(user)
             for path in (root, tls.cert, tls.key):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
@@ -48,14 +48,6 @@ def tls_pg() -> Iterator[tuple[PgServer, TlsFiles]]:
             server.destroy()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
 
 
 def _tls_url(server: PgServer, ca: str) -> str:
