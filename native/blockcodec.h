@@ -24,6 +24,7 @@
 
 typedef struct {
     uint8_t version, flags;
+    uint16_t key_no; /* a sealed block's data key number */
     uint32_t raw_len, stored_len;
     uint64_t digest;
 } header_t;
@@ -34,8 +35,8 @@ static inline uint32_t get32(const uint8_t *p) {
 
 static inline uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
 
-/* Parse and check a header; 0, or -1 with msg set (the codec's messages, in its order). */
-static inline int parse_header(const uint8_t *h, size_t have, header_t *out, char *msg) {
+/* Parse and check a header, sealed or not; 0, or -1 with msg set (the codec's messages, in its order). */
+static inline int parse_any_header(const uint8_t *h, size_t have, header_t *out, char *msg) {
     if (have < HEADER_SIZE) {
         snprintf(msg, MSG_LEN, "truncated header (%zu bytes)", have);
         return -1;
@@ -57,6 +58,14 @@ static inline int parse_header(const uint8_t *h, size_t have, header_t *out, cha
         snprintf(msg, MSG_LEN, "unsupported block format version %u", out->version);
         return -1;
     }
+    out->key_no = (uint16_t)(h[6] | h[7] << 8);
+    return 0;
+}
+
+/* parse_any_header, refusing a sealed block: code that holds no key reads plain blocks only. */
+static inline int parse_header(const uint8_t *h, size_t have, header_t *out, char *msg) {
+    if (parse_any_header(h, have, out, msg))
+        return -1;
     if (out->flags & FLAG_AESGCM) {
         snprintf(msg, MSG_LEN, "an encrypted block (sealed payload): not read by the block engine");
         return -1;
@@ -108,10 +117,9 @@ static inline uint64_t block_seed(const char *volume, long long chunk, long long
     return XXH3_64bits(name, (size_t)n);
 }
 
-/* Decode `payload` (len bytes) into out (out_len bytes, already sized by output_length) and
- * verify the checksum; 0 or -1 with msg. Uncompressed payloads must already be in out. */
-static inline int finish_block(const header_t *hd, const uint8_t *payload, size_t len, uint8_t *out, size_t out_len,
-                        uint64_t seed, char *msg) {
+/* lz4-decode `payload` (len bytes) into out (exactly out_len bytes) when flagged; 0 or -1 with msg. */
+static inline int lz4_block(const header_t *hd, const uint8_t *payload, size_t len, uint8_t *out, size_t out_len,
+                            char *msg) {
     if (hd->flags & FLAG_LZ4) {
         LZ4F_dctx *dctx = NULL;
         if (LZ4F_isError(LZ4F_createDecompressionContext(&dctx, LZ4F_VERSION))) {
@@ -151,6 +159,15 @@ static inline int finish_block(const header_t *hd, const uint8_t *payload, size_
             return -1;
         }
     }
+    return 0;
+}
+
+/* Decode `payload` (len bytes) into out (out_len bytes, already sized by output_length) and
+ * verify the checksum; 0 or -1 with msg. Uncompressed payloads must already be in out. */
+static inline int finish_block(const header_t *hd, const uint8_t *payload, size_t len, uint8_t *out, size_t out_len,
+                        uint64_t seed, char *msg) {
+    if (lz4_block(hd, payload, len, out, out_len, msg))
+        return -1;
     if (XXH3_64bits_withSeed(out, out_len, hd->version == UNSEEDED ? 0 : seed) != hd->digest) {
         snprintf(msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
         return -1;

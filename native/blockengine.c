@@ -16,6 +16,12 @@
  *       bytes are scattered into (the result is None); a failed job's result is (errno, message),
  *       errno 0 for a corrupt block. A job with targets reads its file with O_DIRECT where the
  *       filesystem allows (a bulk load's one-off read); one without reads into its result buffered.
+ *       An encrypted volume's job adds keys, [(data key number, the chunk's derived 32-byte key)], and
+ *       aads, (the associated data of the block stored plain, of it lz4-compressed): its block must
+ *       be sealed (FLAG_AESGCM), whole (not growing) and of exactly `limit` raw bytes; the payload's
+ *       seeded xxh3 is checked, then AES-256-GCM (OpenSSL) authenticates and decrypts it before any
+ *       byte is used. Anything else (a plain block, a key not given, a bad tag) fails the job, and
+ *       the Python codec reads the block, reports and repairs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,7 +36,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <limits.h>
+#include <openssl/evp.h>
+
 #include "blockcodec.h"
+
+#define NONCE_BYTES 12
+#define TAG_BYTES 16
+#define KEY_BYTES 32
+
+static EVP_CIPHER *aes_gcm; /* fetched once at import: a fetch per block would cost a lookup each */
 
 #define MAX_THREADS 64
 
@@ -95,6 +110,12 @@ typedef struct {
     target_t *targets;
     Py_ssize_t ntargets;
     Py_buffer *views; /* one per target: released with the GIL held */
+    int sealed;       /* an encrypted volume's job: keys and aads below */
+    Py_ssize_t nkeys;
+    uint16_t *key_nos;
+    uint8_t (*keys)[KEY_BYTES];
+    uint8_t *aad[2]; /* [0]: of the block stored plain, [1]: lz4-compressed */
+    size_t aad_len[2];
     PyObject *bytes;  /* the result when there are no targets */
     int err;          /* errno of a failed read; 0 with msg set for a corrupt block */
     int failed;
@@ -225,26 +246,112 @@ static uint8_t *read_whole(job_t *j, size_t *got) {
     return buf;
 }
 
+/* The checks a sealed job's header must pass (the engine reads only sealed, whole blocks of the
+ * booked length); 0, or -1 with the job failed. */
+static int sealed_header(job_t *j, const header_t *hd) {
+    if (!(hd->flags & FLAG_AESGCM))
+        snprintf(j->msg, MSG_LEN, "not encrypted, on an encrypted volume (a block put there from elsewhere)");
+    else if (hd->flags & ~(FLAG_AESGCM | FLAG_LZ4) || hd->version != VERSION)
+        snprintf(j->msg, MSG_LEN, "a growing or unusual sealed block: the Python codec's to open");
+    else if (hd->raw_len != j->limit)
+        snprintf(j->msg, MSG_LEN, "holds %u bytes, metadata says %zu", hd->raw_len, j->limit);
+    else if (hd->stored_len < NONCE_BYTES + TAG_BYTES || hd->stored_len - NONCE_BYTES - TAG_BYTES > INT_MAX ||
+             (!(hd->flags & FLAG_LZ4) && hd->raw_len != hd->stored_len - NONCE_BYTES - TAG_BYTES))
+        snprintf(j->msg, MSG_LEN, "sealed length %u does not fit raw length %u", hd->stored_len, hd->raw_len);
+    else
+        return 0;
+    fail_corrupt(j);
+    return -1;
+}
+
+/* Check a sealed payload (nonce, ciphertext, tag: len bytes) against its seeded xxh3, then
+ * authenticate and decrypt its ciphertext into out (len - NONCE - TAG bytes; payload + NONCE for in
+ * place); 0, or -1 with the job failed (out then holds nothing to use). */
+static int open_sealed(job_t *j, const header_t *hd, const uint8_t *payload, size_t len, uint8_t *out, uint64_t seed) {
+    if (XXH3_64bits_withSeed(payload, len, seed) != hd->digest) {
+        snprintf(j->msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
+        fail_corrupt(j);
+        return -1;
+    }
+    const uint8_t *key = NULL;
+    for (Py_ssize_t k = 0; k < j->nkeys; k++)
+        if (j->key_nos[k] == hd->key_no)
+            key = j->keys[k];
+    if (key == NULL) {
+        snprintf(j->msg, MSG_LEN, "sealed under data key %u, not given to the engine", hd->key_no);
+        fail_corrupt(j);
+        return -1;
+    }
+    int which = (hd->flags & FLAG_LZ4) ? 1 : 0, n = 0, tail = 0, ok = 0;
+    int clen = (int)(len - NONCE_BYTES - TAG_BYTES);
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx != NULL)
+        ok = EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, payload) == 1 &&
+             EVP_DecryptUpdate(ctx, NULL, &n, j->aad[which], (int)j->aad_len[which]) == 1 &&
+             EVP_DecryptUpdate(ctx, out, &n, payload + NONCE_BYTES, clen) == 1 &&
+             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, (void *)(payload + NONCE_BYTES + clen)) == 1 &&
+             EVP_DecryptFinal_ex(ctx, out + n, &tail) == 1 && n + tail == clen;
+    EVP_CIPHER_CTX_free(ctx);
+    if (!ok) {
+        snprintf(j->msg, MSG_LEN, "authentication failed (damaged ciphertext, or a block of another chunk, index or volume)");
+        fail_corrupt(j);
+        return -1;
+    }
+    return 0;
+}
+
+/* A sealed job with targets: the whole file read (O_DIRECT), authenticated and decrypted in place,
+ * lz4-decoded when flagged, scattered; returns the raw bytes (the thread's scratch) or NULL. */
+static uint8_t *open_scatter(job_t *j, const char *volume, uint8_t *buf, size_t got) {
+    header_t hd;
+    size_t len;
+    if (parse_any_header(buf, got, &hd, j->msg) || payload_length(&hd, got - HEADER_SIZE, &len, j->msg)) {
+        fail_corrupt(j);
+        return NULL;
+    }
+    if (sealed_header(j, &hd))
+        return NULL;
+    uint8_t *payload = buf + HEADER_SIZE, *plain = payload + NONCE_BYTES, *raw = plain;
+    if (open_sealed(j, &hd, payload, len, plain, block_seed(volume, j->chunk, j->idx)))
+        return NULL;
+    if (hd.flags & FLAG_LZ4) {
+        if ((raw = scratch(RAW_BUF, hd.raw_len)) == NULL) {
+            errno = ENOMEM;
+            fail_errno(j, "allocate");
+            return NULL;
+        }
+        if (lz4_block(&hd, plain, len - NONCE_BYTES - TAG_BYTES, raw, hd.raw_len, j->msg)) {
+            fail_corrupt(j);
+            return NULL;
+        }
+    }
+    return raw;
+}
+
 /* A job with targets: the whole file read (O_DIRECT), verified, decoded and scattered. */
 static void run_scatter(job_t *j, const char *volume) {
-    size_t got = 0, len, out_len;
+    size_t got = 0, len = 0, out_len = 0;
     header_t hd;
     uint8_t *buf = read_whole(j, &got), *raw = NULL;
     if (buf == NULL)
         return;
-    if (parse_header(buf, got, &hd, j->msg) || payload_length(&hd, got - HEADER_SIZE, &len, j->msg) ||
+    if (j->sealed) {
+        if ((raw = open_scatter(j, volume, buf, got)) == NULL)
+            return;
+        out_len = j->limit; /* sealed_header checked the raw length is exactly that */
+    } else if (parse_header(buf, got, &hd, j->msg) || payload_length(&hd, got - HEADER_SIZE, &len, j->msg) ||
         output_length(&hd, j->limit, &out_len, j->msg)) {
         fail_corrupt(j);
         return;
-    }
-    if (!(hd.flags & FLAG_LZ4))
+    } else if (!(hd.flags & FLAG_LZ4))
         raw = buf + HEADER_SIZE;
     else if ((raw = scratch(RAW_BUF, out_len)) == NULL) {
         errno = ENOMEM;
         fail_errno(j, "allocate");
         return;
     }
-    if (finish_block(&hd, buf + HEADER_SIZE, len, raw, out_len, block_seed(volume, j->chunk, j->idx), j->msg)) {
+    if (!j->sealed &&
+        finish_block(&hd, buf + HEADER_SIZE, len, raw, out_len, block_seed(volume, j->chunk, j->idx), j->msg)) {
         fail_corrupt(j);
         return;
     }
@@ -257,6 +364,40 @@ static void run_scatter(job_t *j, const char *volume) {
         }
         memcpy(tg->dst + tg->at, raw + tg->lo, tg->hi - tg->lo);
     }
+}
+
+/* A sealed job without targets: the payload read into scratch, authenticated and decrypted into
+ * the result (or in place, then lz4-decoded into the result). */
+static void run_sealed(job_t *j, const char *volume, int fd, const uint8_t *head, size_t got, size_t size) {
+    header_t hd;
+    size_t len;
+    uint8_t *payload, *raw = (uint8_t *)PyBytes_AS_STRING(j->bytes);
+    if (parse_any_header(head, got, &hd, j->msg) || payload_length(&hd, size - HEADER_SIZE, &len, j->msg)) {
+        fail_corrupt(j);
+        return;
+    }
+    if (sealed_header(j, &hd))
+        return;
+    if ((payload = scratch(FILE_BUF, len)) == NULL) {
+        errno = ENOMEM;
+        fail_errno(j, "allocate");
+        return;
+    }
+    if (read_all(fd, payload, len, HEADER_SIZE, &got) != 0) {
+        fail_errno(j, "read");
+        return;
+    }
+    if (got != len) { /* the file shrank since fstat: a block rewritten under us */
+        snprintf(j->msg, MSG_LEN, "truncated payload (%zu of %u bytes)", got, hd.stored_len);
+        fail_corrupt(j);
+        return;
+    }
+    int lz4 = hd.flags & FLAG_LZ4;
+    uint8_t *plain = lz4 ? payload + NONCE_BYTES : raw;
+    if (open_sealed(j, &hd, payload, len, plain, block_seed(volume, j->chunk, j->idx)))
+        return;
+    if (lz4 && lz4_block(&hd, plain, len - NONCE_BYTES - TAG_BYTES, raw, j->limit, j->msg))
+        fail_corrupt(j);
 }
 
 /* A job without targets: its result, a bytes object of exactly `limit` bytes made beforehand, is
@@ -284,6 +425,10 @@ static void run_job(job_t *j, const char *volume) {
         goto done;
     }
     size_t size = (size_t)st.st_size > got ? (size_t)st.st_size : got;
+    if (j->sealed) {
+        run_sealed(j, volume, fd, head, got, size);
+        goto done;
+    }
     if (parse_header(head, got, &hd, j->msg) || payload_length(&hd, size - HEADER_SIZE, &len, j->msg) ||
         output_length(&hd, j->limit, &out_len, j->msg)) {
         fail_corrupt(j);
@@ -340,6 +485,12 @@ static void free_jobs(job_t *jobs, Py_ssize_t n) {
         free(jobs[i].views);
         free(jobs[i].targets);
         free(jobs[i].path);
+        free(jobs[i].key_nos);
+        if (jobs[i].keys != NULL)
+            memset(jobs[i].keys, 0, (size_t)jobs[i].nkeys * KEY_BYTES); /* no key left behind in freed memory */
+        free(jobs[i].keys);
+        free(jobs[i].aad[0]);
+        free(jobs[i].aad[1]);
         Py_XDECREF(jobs[i].bytes);
     }
     free(jobs);
@@ -384,6 +535,55 @@ bad:
     return -1;
 }
 
+/* A sealed job's keys [(number, 32-byte key)] and aads (plain, lz4), copied into the job; 0 or -1. */
+static int take_keys(job_t *j, PyObject *keys, PyObject *aads) {
+    if (keys == Py_None)
+        return 0;
+    j->sealed = 1;
+    PyObject *seq = PySequence_Fast(keys, "keys must be a list");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    j->key_nos = calloc((size_t)(n ? n : 1), sizeof(uint16_t));
+    j->keys = calloc((size_t)(n ? n : 1), KEY_BYTES);
+    if (j->key_nos == NULL || j->keys == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int number;
+        const char *key;
+        Py_ssize_t key_len;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "iy#", &number, &key, &key_len)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (key_len != KEY_BYTES || number < 0 || number > 0xffff) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "a key must be (number 0-65535, 32 bytes)");
+            return -1;
+        }
+        j->key_nos[k] = (uint16_t)number;
+        memcpy(j->keys[k], key, KEY_BYTES);
+        j->nkeys = k + 1;
+    }
+    Py_DECREF(seq);
+    const char *aad[2];
+    Py_ssize_t aad_len[2];
+    if (!PyArg_ParseTuple(aads, "y#y#", &aad[0], &aad_len[0], &aad[1], &aad_len[1]))
+        return -1;
+    for (int a = 0; a < 2; a++) {
+        if (aad_len[a] > INT_MAX || (j->aad[a] = malloc((size_t)aad_len[a] + 1)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(j->aad[a], aad[a], (size_t)aad_len[a]);
+        j->aad_len[a] = (size_t)aad_len[a];
+    }
+    return 0;
+}
+
 static PyObject *py_read_blocks(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *jobs_in;
@@ -404,10 +604,10 @@ static PyObject *py_read_blocks(PyObject *self, PyObject *args) {
         goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *path, *targets;
+        PyObject *path, *targets, *keys = Py_None, *aads = Py_None;
         Py_ssize_t limit;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "O&LLnO", PyUnicode_FSConverter, &path, &jobs[i].chunk,
-                              &jobs[i].idx, &limit, &targets))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "O&LLnO|OO", PyUnicode_FSConverter, &path,
+                              &jobs[i].chunk, &jobs[i].idx, &limit, &targets, &keys, &aads))
             goto fail;
         jobs[i].path = strdup(PyBytes_AS_STRING(path));
         Py_DECREF(path);
@@ -416,6 +616,8 @@ static PyObject *py_read_blocks(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto fail;
         }
+        if (take_keys(&jobs[i], keys, aads) != 0)
+            goto fail;
         scatter[i] = targets != Py_None;
         if (take_targets(&jobs[i], targets) != 0)
             goto fail;
@@ -485,6 +687,11 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if ((aes_gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL)) == NULL) {
+        Py_DECREF(m);
+        PyErr_SetString(PyExc_ImportError, "OpenSSL offers no AES-256-GCM");
+        return NULL;
+    }
     if (pthread_key_create(&scratch_key, scratch_free) != 0) {
         Py_DECREF(m);
         return PyErr_NoMemory();

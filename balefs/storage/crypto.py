@@ -286,6 +286,7 @@ class Keyring:
         #: the data key number a chunk's layout records, for a chunk this client knows nothing of (set by the client)
         self.chunk_key_id: Callable[[int], int | None] | None = None
         self._aeads: dict[tuple[int, int], AESGCM] = {}
+        self._chunk_keys: dict[tuple[int, int], bytes] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # a loader's workers get the keys, not the cipher objects
@@ -338,14 +339,24 @@ class Keyring:
             self.bind(chunk, domain)
         return self.key_for(domain, f"chunk {chunk}")
 
+    def chunk_key(self, number: int, chunk: int) -> bytes:
+        """The 32-byte key of chunk `chunk` under data key `number`, cached (KeyError if the volume has no
+        such key): what the AEAD uses, and what the native block engine is given to open sealed blocks."""
+        got = self._chunk_keys.get((number, chunk))
+        if got is None:
+            got = HKDF(hashes.SHA256(), KEY_BYTES, salt=None,
+                       info=b"balefs-chunk-key/" + chunk.to_bytes(8, "little")).derive(self.keys[number])
+            with self._lock:
+                if len(self._chunk_keys) >= self._CACHE_MAX:
+                    self._chunk_keys.clear()
+                self._chunk_keys[(number, chunk)] = got
+        return got
+
     def chunk_aead(self, number: int, chunk: int) -> AESGCM:
         """The AEAD of chunk `chunk` under data key `number` (KeyError if the volume has no such key)."""
         got = self._aeads.get((number, chunk))
         if got is None:
-            data_key = self.keys[number]
-            derived = HKDF(hashes.SHA256(), KEY_BYTES, salt=None,
-                           info=b"balefs-chunk-key/" + chunk.to_bytes(8, "little")).derive(data_key)
-            got = AESGCM(derived)
+            got = AESGCM(self.chunk_key(number, chunk))
             with self._lock:
                 if len(self._aeads) >= self._CACHE_MAX:
                     self._aeads.clear()

@@ -3,7 +3,9 @@
 It reads block files of local nodes (BlockFiles), checks their header and seeded xxh3, decodes
 lz4 and cuts files out of blocks, with the GIL released, on threads of its own: exactly the
 checks of codec.BlockCodec.decode, which stays the reference (the writer, remote nodes, wrapped
-or encrypted nodes, and every error path go through it).
+nodes, growing sealed blocks, and every error path go through it). On an encrypted volume a job
+also carries the chunk's derived keys and the block's associated data (reader._native_job): the
+engine then opens sealed whole blocks with OpenSSL's AES-256-GCM, and takes no other kind.
 
 The engine is optional: where the extension was not built the Python codec serves every read.
 BALEFS_NATIVE=0 forces the Python path; BALEFS_NATIVE=1 requires the engine (CI sets it, so a
@@ -18,8 +20,9 @@ from typing import Any, Sequence
 from ..errors import CorruptBlockError, NodeError
 
 # block file, chunk, index, raw length (exact for a job without targets: the booked length; the most
-# a block may hold for one with targets), targets or None
-Job = tuple[str, int, int, int, Any]
+# a block may hold for one with targets), targets or None; on an encrypted volume also the chunk's keys
+# [(data key number, 32-byte chunk key)] and the associated data (of the block stored plain, lz4-compressed)
+Job = tuple[Any, ...]
 
 
 def _load() -> tuple[ModuleType | None, str]:

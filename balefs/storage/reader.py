@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
-from .codec import BlockCodec
+from .codec import FLAG_AESGCM, FLAG_LZ4, BlockCodec
 from .counters import Counter, CounterGroup, Histogram, Keyed
 from .meta.types import BlockRecord, Extent
 from .erasure import ErasureCode
@@ -617,13 +617,13 @@ class BlockReader:
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
 
-    def native_block_file(self, rec: BlockRecord) -> str | None:
+    def native_block_file(self, rec: BlockRecord, sealed: bool = False) -> str | None:
         """The block file of `rec`'s first copy when native code may read it directly (the block
         engine, the native FUSE session): a node of plain block files (BlockFiles); None where the
-        Python way reads it: no engine, a disk cache, an encrypted volume (native code knows no
-        sealed payloads: it would take a forged plain block), a codec of another kind, or a first
-        copy elsewhere."""
-        if (native.engine is None or type(self._codec) is not BlockCodec or self._codec.encrypted
+        Python way reads it: no engine, a disk cache, an encrypted volume (unless `sealed`: the
+        engine given the chunk's keys, which then takes only sealed blocks), a codec of another
+        kind, or a first copy elsewhere."""
+        if (native.engine is None or type(self._codec) is not BlockCodec or self._codec.encrypted != sealed
                 or self.disk_cache is not None):
             return None
         order = up_first(rec.nodes, self._nodes)
@@ -633,9 +633,20 @@ class BlockReader:
         return node.block_path(block_key(rec.chunk, rec.idx))
 
     def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
-        """The native engine's job for a block it may read (native_block_file), else None."""
-        path = self.native_block_file(rec)
-        return None if path is None else (path, rec.chunk, rec.idx, rec.length, targets)
+        """The native engine's job for a block it may read (native_block_file), else None. On an
+        encrypted volume the job carries the chunk's keys (those this client holds) and the block's
+        associated data, stored plain or lz4-compressed: the engine opens a sealed whole block itself
+        and refuses any other (a growing or plain one: the Python codec's)."""
+        keyring = self._codec.keyring
+        path = self.native_block_file(rec, sealed=keyring is not None)
+        if path is None:
+            return None
+        if keyring is None:
+            return (path, rec.chunk, rec.idx, rec.length, targets)
+        keys = [(number, keyring.chunk_key(number, rec.chunk)) for number in list(keyring.keys)]
+        aads = tuple(self._codec._aad(rec.chunk, rec.idx, flags, rec.length)
+                     for flags in (FLAG_AESGCM, FLAG_AESGCM | FLAG_LZ4))
+        return (path, rec.chunk, rec.idx, rec.length, targets, keys, aads)
 
     def _read_native(self, recs: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], bytes]:
         """The blocks of `recs` that the native engine read whole and verified (storage/native.py), in
