@@ -235,14 +235,23 @@ def _read_loose(args: tuple[str, int]) -> dict:
         return {"data": f.read(), "cls": label}
 
 
+def _fresh_output(root: str, n: int, keep: bool) -> str | None:
+    """The stamp file a peer's finished ingest of `n` files leaves in `root`; None when `keep`
+    and that ingest is already there, else `root` emptied for a new one."""
+    stamp = os.path.join(root, f".done-{n}")
+    if keep and os.path.exists(stamp):
+        return None
+    shutil.rmtree(root, ignore_errors=True)
+    return stamp
+
+
 def make_litdata(ds: sf.DataSet, root: str, keep: bool) -> float:
     """(e) litdata.optimize of the loose files (64 MB chunks, 2 workers); returns files/s (0 if kept)."""
     import litdata
 
-    stamp = os.path.join(root, f".done-{ds.n}")
-    if keep and os.path.exists(stamp):
+    stamp = _fresh_output(root, ds.n, keep)
+    if stamp is None:
         return 0.0
-    shutil.rmtree(root, ignore_errors=True)
     t = time.perf_counter()
     litdata.optimize(fn=_read_loose, inputs=[(os.path.join(ds.root, r), label_of(r)) for r in ds.rels],
                      output_dir=root, chunk_bytes="64MB", num_workers=2, mode="overwrite")
@@ -259,10 +268,9 @@ def make_mds(ds: sf.DataSet, root: str, keep: bool) -> float:
     """(f) MosaicML Streaming MDSWriter of the loose files (64 MB shards); returns files/s (0 if kept)."""
     from streaming import MDSWriter
 
-    stamp = os.path.join(root, f".done-{ds.n}")
-    if keep and os.path.exists(stamp):
+    stamp = _fresh_output(root, ds.n, keep)
+    if stamp is None:
         return 0.0
-    shutil.rmtree(root, ignore_errors=True)
     t = time.perf_counter()
     with MDSWriter(out=root, columns={"data": "bytes", "cls": "int"}, size_limit=64 << 20) as out:
         for r in ds.rels:

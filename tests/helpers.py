@@ -103,6 +103,17 @@ def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
     path.write_bytes(bytes(data))
 
 
+def written_volume(make_volume, open_client, name: str, files: dict[str, bytes], **settings) -> Client:
+    """A fresh client of a new volume `name` (3 nodes, `settings`) holding `files`, written in one batch."""
+    make_volume(name, nodes=3, **settings)
+    c = open_client(name)
+    with c.batch():
+        for p, d in files.items():
+            c.write_file(p, d)
+    c.close()
+    return open_client(name)
+
+
 def write_with_bad_block(client: Client, block: int) -> tuple[bytes, bytes, list[BlockRecord]]:
     """Write good.bin (3 blocks) and bad.bin (2 blocks and a bit), then flip a payload bit of
     bad.bin's second block on every copy: (good, bad, bad.bin's blocks)."""

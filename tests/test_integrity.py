@@ -12,7 +12,7 @@ from balefs.errors import BlockNotFoundError, CorruptBlockError, NodeError
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, written_volume
 
 pytestmark = pytest.mark.usefixtures("block_engine")  # every test once per block engine this build has
 
@@ -24,13 +24,7 @@ def filled(make_volume, open_client):
     """Volume `vol` (or `rep` with 2 replicas) holding FILES; returns a function that opens it."""
 
     def fill(name: str = "vol", replicas: int = 1) -> Client:
-        make_volume(name, nodes=3, replicas=replicas)
-        c = open_client(name)
-        with c.batch():
-            for p, d in FILES.items():
-                c.write_file(p, d)
-        c.close()
-        return open_client(name)
+        return written_volume(make_volume, open_client, name, FILES, replicas=replicas)
 
     return fill
 

@@ -20,7 +20,7 @@ from balefs.storage import native
 from balefs.storage.codec import FLAG_AESGCM, FLAG_GROWING, FLAG_LZ4, HEADER_SIZE, BlockCodec
 from balefs.storage.crypto import Keyring, new_key
 
-from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli
+from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, written_volume
 
 pytestmark = pytest.mark.skipif(native.engine is None and os.environ.get("BALEFS_NATIVE") != "1",
                                 reason="the native block engine is not built (the Python path is the only one)")
@@ -276,7 +276,7 @@ def test_a_block_swapped_between_chunks_passing_its_checksum_fails_authenticatio
 
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_an_encrypted_volume_is_read_through_the_native_engine(make_volume, open_client, compression: str) -> None:
-    c = _written(make_volume, open_client, "natenc", FILES, compression=compression, encrypt=True, replicas=2)
+    c = written_volume(make_volume, open_client, "natenc", FILES, compression=compression, encrypt=True, replicas=2)
     assert c.read_ranges([(p, 0, None) for p in FILES]) == list(FILES.values())
     assert c.reader.native_reads > 0
     rec = blocks_of_file(c, "d/f0")[0]
@@ -291,27 +291,16 @@ def test_an_encrypted_volume_is_read_through_the_native_engine(make_volume, open
 FILES = {f"d/f{i}": payload(BLOCK // 5 + i, i) for i in range(12)}
 
 
-def _written(make_volume, open_client, name: str, files: dict[str, bytes], **settings):
-    """A fresh client of a new volume `name` (3 nodes, `settings`) holding `files`, written in one batch."""
-    make_volume(name, nodes=3, **settings)
-    c = open_client(name)
-    with c.batch():
-        for p, d in files.items():
-            c.write_file(p, d)
-    c.close()
-    return open_client(name)
-
-
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_client_reads_through_the_native_engine(make_volume, open_client, compression: str) -> None:
-    c = _written(make_volume, open_client, "nat", FILES, compression=compression)
+    c = written_volume(make_volume, open_client, "nat", FILES, compression=compression)
     got = c.read_ranges([(p, 0, None) for p in FILES])
     assert got == list(FILES.values())
     assert c.reader.native_reads > 0 and c.counters()["reader.native"] == c.reader.native_reads
 
 
 def test_a_bad_copy_falls_back_to_the_python_path_which_repairs_it(make_volume, open_client) -> None:
-    c = _written(make_volume, open_client, "rep", FILES, replicas=2)
+    c = written_volume(make_volume, open_client, "rep", FILES, replicas=2)
     rec = blocks_of_file(c, "d/f0")[0]
     primary = block_paths(c, rec)[0]
     flip_bit(primary, HEADER_SIZE + 5)
@@ -359,7 +348,7 @@ def test_read_files_into_scatters_natively_and_falls_back_on_a_bad_copy(make_vol
     """A bulk load (Checkpointer.load's read_files_into): the engine reads each block once, straight
     into the files' buffers; a block whose first copy is bad is read the Python way from its replica."""
     big = {"t/a": payload(3 * BLOCK + 123, 1), "t/b": payload(BLOCK // 3, 2), "t/c": b""}
-    c = _written(make_volume, open_client, "load", big, replicas=2, compression=compression)
+    c = written_volume(make_volume, open_client, "load", big, replicas=2, compression=compression)
     flip_bit(block_paths(c, blocks_of_file(c, "t/a")[1])[0], HEADER_SIZE + 9)
     readers = [c.open_read(p) for p in big]
     bufs = [bytearray(len(d)) for d in big.values()]
