@@ -25,6 +25,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -73,6 +74,9 @@ typedef struct node {
     uint64_t opened;    /* the version the last open saw; 0: none */
     dent_t *kids;       /* a directory's entries, sorted by name (strcmp) */
     size_t nkids;
+    int opens;          /* files open on it, native and Python handles */
+    int py;             /* Python handles among them: its reads, size and times may be unflushed ones */
+    int hidden;         /* unlinked while open: kept under a hidden name until its last close */
     int listed;
     long long listed_gen;
     double listed_at;
@@ -114,6 +118,7 @@ typedef struct {
     block_t *cbuckets[CBUCKETS];
     block_t *lru_head, *lru_tail; /* head: most recently used */
     size_t cache_bytes, cache_cap;
+    int pyhandles; /* Python handles open (atomic): while 0, no read needs to ask about unflushed data */
 } session_t;
 
 static session_t *S; /* one session per process */
@@ -122,6 +127,7 @@ typedef struct {
     uint64_t ino;
     uint64_t size;
     pieces_t *pieces; /* NULL: read through Python */
+    uint64_t pyfh;    /* a Python handle (writes, or a file with unflushed data): every call forwarded; 0: native */
 } openfile_t;
 
 typedef struct {
@@ -187,7 +193,7 @@ static void drop_if_unused(uint64_t ino) {
     while (*pp && (*pp)->ino != ino)
         pp = &(*pp)->next;
     node_t *n = *pp;
-    if (n == NULL || n->nlookup > 0 || ino == FUSE_ROOT_ID)
+    if (n == NULL || n->nlookup > 0 || n->opens > 0 || ino == FUSE_ROOT_ID)
         return;
     *pp = n->next;
     S->nnodes--;
@@ -202,7 +208,7 @@ static void trim(void) {
         node_t **pp = &S->buckets[b];
         while (*pp) {
             node_t *n = *pp;
-            if (n->nlookup == 0 && n->ino != FUSE_ROOT_ID) {
+            if (n->nlookup == 0 && n->opens == 0 && n->ino != FUSE_ROOT_ID) {
                 *pp = n->next;
                 S->nnodes--;
                 free_node(n);
@@ -771,7 +777,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct stat st;
     pthread_mutex_lock(&S->lock);
     node_t *n = find(ino);
-    if (n != NULL && fresh(n->gen, n->at)) {
+    if (n != NULL && fresh(n->gen, n->at) && n->py == 0) {
         st = n->st;
         pthread_mutex_unlock(&S->lock);
         fuse_reply_attr(req, &st, S->attr_timeout);
@@ -783,6 +789,215 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fuse_reply_err(req, err);
     else
         fuse_reply_attr(req, &st, S->attr_timeout);
+}
+
+/* -- files with Python handles -------------------------------------------------------------------
+ * A file opened for writing (or with O_TRUNC) is opened by the Python operations (ops.py, through
+ * the provider), and every call on that handle goes there; so does any open of a file that has a
+ * Python handle, its GETATTR (its size and times may be unflushed ones) and a native handle's read
+ * of it while it holds unflushed writes. A file unlinked while open is kept under a hidden name by
+ * the provider (as libfuse's high-level API does) and unlinked here at its last close. */
+
+#define CTX(req) (unsigned long long)fuse_req_ctx(req)->uid, (unsigned long long)fuse_req_ctx(req)->gid, \
+                 (unsigned long long)fuse_req_ctx(req)->pid
+#define CTX_FMT "(KKK)"
+
+/* Whether `ino` has a Python handle open (without the lock while no file has one). */
+static int has_python_handles(uint64_t ino) {
+    if (__atomic_load_n(&S->pyhandles, __ATOMIC_ACQUIRE) == 0)
+        return 0;
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    int py = n != NULL && n->py > 0;
+    pthread_mutex_unlock(&S->lock);
+    return py;
+}
+
+/* The generation a forwarded change left (>= 0), or -errno; GIL held. */
+static long long gen_of(PyObject *r) {
+    if (r == NULL || !PyLong_Check(r))
+        return -EIO;
+    long long v = PyLong_AsLongLong(r);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_WriteUnraisable(S->provider);
+        return -EIO;
+    }
+    return v;
+}
+
+/* A change made through this mount left the metadata at generation `gen`: every entry of the table
+ * read before it is stale from now on (read again when next asked for). */
+static void changed(long long gen) {
+    pthread_mutex_lock(&S->lock);
+    if (gen > S->seen_gen)
+        S->seen_gen = gen;
+    pthread_mutex_unlock(&S->lock);
+}
+
+/* Forget what the table holds of `ino`: its attributes and listing are read again when next asked
+ * for (lock held). Not every change moves the generation (a new entry makes no lookup wrong), so
+ * each forwarded change names the inodes it touched. */
+static void stale(uint64_t ino) {
+    node_t *n = find(ino);
+    if (n != NULL) {
+        n->gen = LLONG_MIN;
+        n->listed_gen = LLONG_MIN;
+    }
+}
+
+/* The result of a forwarded change, (gen, (ino, ...)): the generation after it, noted, and the
+ * inodes it touched made stale; 0 or an errno. GIL held. */
+static int took_change(PyObject *r) {
+    int err = err_of(r);
+    long long gen;
+    PyObject *inos;
+    if (err)
+        return err;
+    if (!PyArg_ParseTuple(r, "LO!", &gen, &PyTuple_Type, &inos)) {
+        PyErr_WriteUnraisable(S->provider);
+        return EIO;
+    }
+    pthread_mutex_lock(&S->lock);
+    if (gen > S->seen_gen)
+        S->seen_gen = gen;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inos); i++) {
+        unsigned long long ino = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(inos, i));
+        if (ino == (unsigned long long)-1 && PyErr_Occurred())
+            PyErr_WriteUnraisable(S->provider);
+        else
+            stale(ino);
+    }
+    pthread_mutex_unlock(&S->lock);
+    return 0;
+}
+
+/* A handle of `ino` was closed (`py`: a Python one); at the last close of a hidden file, its hidden
+ * name is unlinked. */
+static void closed(uint64_t ino, int py) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    int unlink_hidden = 0;
+    if (n != NULL) {
+        if (n->opens > 0)
+            n->opens--;
+        if (py && n->py > 0) {
+            n->py--;
+            n->gen = -1; /* its unflushed size may be in the table: read it again */
+        }
+        unlink_hidden = n->hidden && n->opens == 0;
+        if (unlink_hidden)
+            n->hidden = 0;
+    }
+    if (py)
+        __atomic_sub_fetch(&S->pyhandles, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&S->lock);
+    if (unlink_hidden) {
+        PyGILState_STATE g = gil();
+        PyObject *r = call("unlink_hidden", "(K)", (unsigned long long)ino);
+        took_change(r);
+        Py_XDECREF(r);
+        PyGILState_Release(g);
+    }
+}
+
+/* Count a Python handle of `ino` just opened (lock taken here). */
+static void opened_python(uint64_t ino) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find_or_add(ino);
+    if (n != NULL) {
+        n->opens++;
+        n->py++;
+    }
+    __atomic_add_fetch(&S->pyhandles, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&S->lock);
+}
+
+/* A new openfile_t for Python handle `fh` (kept by the kernel in fi->fh), or NULL. */
+static openfile_t *python_file(uint64_t ino, uint64_t fh) {
+    openfile_t *of = calloc(1, sizeof *of);
+    if (of != NULL) {
+        of->ino = ino;
+        of->pyfh = fh;
+    }
+    return of;
+}
+
+static void release_python(fuse_req_t req, uint64_t ino, openfile_t *of);
+
+/* OPEN through Python: provider.open(ctx, ino, flags) -> (gen, fh, keep_cache). */
+static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    PyGILState_STATE g = gil();
+    PyObject *r = call("open", "(" CTX_FMT "Ki)", CTX(req), (unsigned long long)ino, fi->flags);
+    long long gen = -1;
+    unsigned long long fh = 0;
+    int keep = 0, err = err_of(r);
+    if (!err && !PyArg_ParseTuple(r, "LKp", &gen, &fh, &keep)) {
+        PyErr_WriteUnraisable(S->provider);
+        err = EIO;
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    openfile_t *of = err ? NULL : python_file(ino, fh);
+    if (!err && of == NULL)
+        err = ENOMEM; /* (the Python handle stays open until the session ends) */
+    if (err) {
+        fuse_reply_err(req, err == ENOENT ? ESTALE : err);
+        return;
+    }
+    changed(gen);
+    opened_python(ino);
+    fi->fh = (uint64_t)(uintptr_t)of;
+    fi->keep_cache = keep;
+    fi->direct_io = 0;
+    if (fuse_reply_open(req, fi) != 0)
+        release_python(NULL, ino, of);
+}
+
+/* provider.<method>(...) -> bytes, replied as a READ's data (GIL taken here); 0, or 1 when the
+ * provider answered None (nothing for it to serve: the caller reads natively). */
+static int reply_read(fuse_req_t req, size_t size, PyObject *r) {
+    int err = err_of(r);
+    if (r == Py_None)
+        return 1;
+    if (err) {
+        fuse_reply_err(req, err);
+    } else if (!PyBytes_Check(r) || (size_t)PyBytes_GET_SIZE(r) > size) {
+        fuse_reply_err(req, EIO);
+    } else {
+        char *data = PyBytes_AS_STRING(r);
+        size_t n = (size_t)PyBytes_GET_SIZE(r);
+        Py_BEGIN_ALLOW_THREADS
+        fuse_reply_buf(req, data, n);
+        Py_END_ALLOW_THREADS
+    }
+    return 0;
+}
+
+/* READ through Python: of a Python handle (`fh`), or through a native handle of a file that has
+ * unflushed writes in this session (fh 0: the provider answers None when it has none). Whether it
+ * replied. */
+static int read_unflushed(fuse_req_t req, uint64_t ino, uint64_t fh, size_t size, off_t off) {
+    PyGILState_STATE g = gil();
+    PyObject *r = call("fh_read", "(KKKn)", (unsigned long long)ino, (unsigned long long)fh, (unsigned long long)off,
+                       (Py_ssize_t)size);
+    int none = reply_read(req, size, r);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    return !none;
+}
+
+/* RELEASE of a Python handle: provider.fh_release(ino, fh) commits what is unflushed (req NULL:
+ * the kernel never got the handle). */
+static void release_python(fuse_req_t req, uint64_t ino, openfile_t *of) {
+    PyGILState_STATE g = gil();
+    PyObject *r = call("fh_release", "(KK)", (unsigned long long)ino, (unsigned long long)of->pyfh);
+    took_change(r);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    free(of);
+    closed(ino, 1);
+    if (req != NULL)
+        fuse_reply_err(req, 0);
 }
 
 /* provider.opened(ino, uid): the metadata's change counter (close-to-open), or -errno (a grant
@@ -800,9 +1015,11 @@ static long long generation(uint64_t ino, uid_t uid) {
     return gen;
 }
 
+static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
-        fuse_reply_err(req, EROFS);
+    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) || has_python_handles(ino)) {
+        open_python(req, ino, fi);
         return;
     }
     long long gen = generation(ino, fuse_req_ctx(req)->uid);
@@ -846,12 +1063,14 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     /* the kernel's pages of this file stay good while its content is the version they came from */
     fi->keep_cache = n->opened == n->stamp;
     n->opened = n->stamp;
+    n->opens++;
     pthread_mutex_unlock(&S->lock);
     fi->fh = (uint64_t)(uintptr_t)of;
     fi->noflush = 1; /* nothing to commit at close */
     if (fuse_reply_open(req, fi) != 0) {
         pieces_unref(of->pieces);
         free(of);
+        closed(ino, 0);
     }
 }
 
@@ -894,6 +1113,13 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         fuse_reply_err(req, EINVAL);
         return;
     }
+    if (of->pyfh != 0) {
+        if (!read_unflushed(req, ino, of->pyfh, size, off))
+            fuse_reply_err(req, EIO);
+        return;
+    }
+    if (has_python_handles(ino) && read_unflushed(req, ino, 0, size, off))
+        return;
     uint64_t start = (uint64_t)off, end = start + size;
     if (end > of->size)
         end = of->size;
@@ -942,12 +1168,16 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    (void)ino;
     openfile_t *of = (openfile_t *)(uintptr_t)fi->fh;
+    if (of != NULL && of->pyfh != 0) {
+        release_python(req, ino, of);
+        return;
+    }
     if (of != NULL) {
         pieces_unref(of->pieces);
         free(of);
     }
+    closed(ino, 0);
     fuse_reply_err(req, 0);
 }
 
@@ -1112,6 +1342,218 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
     PyGILState_Release(g);
 }
 
+/* -- forwarded operations: every change, through the Python operations ------------------------------
+ * Each provider method takes the caller (uid, gid, pid) first and returns the metadata's generation
+ * after the change (or, for a call that makes an entry, (gen, attrs, pieces) of it), or -errno. The
+ * table learns the generation, so everything it read before the change is read again when asked
+ * for; the kernel updates its own caches for the change it asked for. */
+
+/* Reply to a forwarded change (GIL held on entry, released here). */
+static void reply_change(fuse_req_t req, PyObject *r, PyGILState_STATE g) {
+    int err = took_change(r);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_err(req, err);
+}
+
+/* A forwarded call's (gen, attrs, pieces) into the table (GIL held); 0 or an errno. `entry`: the
+ * kernel gets a reference to it, made in directory `parent`, which is made stale (its mtime moved). */
+static int took_node(PyObject *r, struct stat *st, int entry, uint64_t parent) {
+    int err = err_of(r);
+    if (err)
+        return err;
+    long long gen;
+    PyObject *attrs, *pieces;
+    pthread_mutex_lock(&S->lock);
+    if (!PyArg_ParseTuple(r, "LOO", &gen, &attrs, &pieces) || install(attrs, pieces, gen, st) != 0) {
+        PyErr_WriteUnraisable(S->provider);
+        err = EIO;
+    } else if (entry) {
+        referenced(st->st_ino);
+        stale(parent);
+    }
+    pthread_mutex_unlock(&S->lock);
+    return err;
+}
+
+/* Reply with the entry a forwarded call made in `parent` (GIL held on entry, released here). */
+static void reply_made(fuse_req_t req, uint64_t parent, PyObject *r, PyGILState_STATE g) {
+    struct stat st;
+    int err = took_node(r, &st, 1, parent);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        reply_entry(req, &st);
+}
+
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev) {
+    PyGILState_STATE g = gil();
+    reply_made(req, parent, call("mknod", "(" CTX_FMT "KyKK)", CTX(req), (unsigned long long)parent, name,
+                         (unsigned long long)mode, (unsigned long long)rdev), g);
+}
+
+static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode) {
+    PyGILState_STATE g = gil();
+    reply_made(req, parent, call("mkdir", "(" CTX_FMT "KyK)", CTX(req), (unsigned long long)parent, name, (unsigned long long)mode), g);
+}
+
+static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name) {
+    PyGILState_STATE g = gil();
+    reply_made(req, parent, call("symlink", "(" CTX_FMT "yKy)", CTX(req), link, (unsigned long long)parent, name), g);
+}
+
+static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname) {
+    PyGILState_STATE g = gil();
+    reply_made(req, newparent, call("link", "(" CTX_FMT "KKy)", CTX(req), (unsigned long long)ino, (unsigned long long)newparent, newname), g);
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    PyGILState_STATE g = gil();
+    reply_change(req, call("unlink", "(" CTX_FMT "Ky)", CTX(req), (unsigned long long)parent, name), g);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    PyGILState_STATE g = gil();
+    reply_change(req, call("rmdir", "(" CTX_FMT "Ky)", CTX(req), (unsigned long long)parent, name), g);
+}
+
+static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent, const char *newname,
+                      unsigned int flags) {
+    PyGILState_STATE g = gil();
+    reply_change(req, call("rename", "(" CTX_FMT "KyKyI)", CTX(req), (unsigned long long)parent, name,
+                           (unsigned long long)newparent, newname, flags), g);
+}
+
+/* The Python handle of an open file (0: none, or a native one). */
+static uint64_t python_fh(struct fuse_file_info *fi) {
+    return fi != NULL && fi->fh ? ((openfile_t *)(uintptr_t)fi->fh)->pyfh : 0;
+}
+
+#define TIME_NOW (-1LL)  /* setattr's times: set to now */
+#define TIME_OMIT (-2LL) /* left as they are */
+
+static long long time_arg(int to_set, int bit, int now_bit, const struct timespec *ts) {
+    if (to_set & now_bit)
+        return TIME_NOW;
+    if (to_set & bit)
+        return (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+    return TIME_OMIT;
+}
+
+/* SETATTR (chmod, chown, utimens, truncate): provider.setattr(ctx, ino, to_set, mode, uid, gid, size,
+ * atime_ns, mtime_ns, fh) -> (gen, attrs, pieces). */
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi) {
+    long long at = time_arg(to_set, FUSE_SET_ATTR_ATIME, FUSE_SET_ATTR_ATIME_NOW, &attr->st_atim);
+    long long mt = time_arg(to_set, FUSE_SET_ATTR_MTIME, FUSE_SET_ATTR_MTIME_NOW, &attr->st_mtim);
+    PyGILState_STATE g = gil();
+    PyObject *r = call("setattr", "(" CTX_FMT "KiKKKLLLK)", CTX(req), (unsigned long long)ino, to_set,
+                       (unsigned long long)attr->st_mode, (unsigned long long)attr->st_uid, (unsigned long long)attr->st_gid,
+                       (long long)attr->st_size, at, mt, (unsigned long long)python_fh(fi));
+    struct stat st;
+    int err = took_node(r, &st, 0, 0);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_attr(req, &st, S->attr_timeout);
+}
+
+/* CREATE: provider.create(ctx, parent, name, mode, flags) -> ((gen, attrs, pieces), fh, keep_cache). */
+static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi) {
+    PyGILState_STATE g = gil();
+    PyObject *r = call("create", "(" CTX_FMT "KyKi)", CTX(req), (unsigned long long)parent, name, (unsigned long long)mode,
+                       fi->flags);
+    PyObject *made = NULL;
+    unsigned long long fh = 0;
+    int keep = 0, err = err_of(r);
+    struct stat st;
+    if (!err && !PyArg_ParseTuple(r, "OKp", &made, &fh, &keep)) {
+        PyErr_WriteUnraisable(S->provider);
+        err = EIO;
+    }
+    if (!err)
+        err = took_node(made, &st, 1, parent);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    openfile_t *of = python_file(st.st_ino, fh);
+    if (of == NULL) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    opened_python(st.st_ino);
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof e);
+    e.ino = st.st_ino;
+    e.attr = st;
+    e.attr_timeout = S->attr_timeout;
+    e.entry_timeout = S->entry_timeout;
+    fi->fh = (uint64_t)(uintptr_t)of;
+    fi->keep_cache = keep;
+    fi->direct_io = 0;
+    if (fuse_reply_create(req, &e, fi) != 0)
+        release_python(NULL, st.st_ino, of);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
+    uint64_t fh = python_fh(fi);
+    if (fh == 0) {
+        fuse_reply_err(req, EBADF);
+        return;
+    }
+    PyGILState_STATE g = gil();
+    PyObject *r = call("fh_write", "(KKy#L)", (unsigned long long)ino, (unsigned long long)fh, buf, (Py_ssize_t)size,
+                       (long long)off);
+    long long n = gen_of(r); /* bytes written, or -errno */
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (n < 0)
+        fuse_reply_err(req, (int)-n);
+    else
+        fuse_reply_write(req, (size_t)n);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    uint64_t fh = python_fh(fi);
+    if (fh == 0) { /* a native handle: nothing to commit */
+        fuse_reply_err(req, 0);
+        return;
+    }
+    PyGILState_STATE g = gil();
+    reply_change(req, call("fh_flush", "(KK)", (unsigned long long)ino, (unsigned long long)fh), g);
+}
+
+/* FSYNC of any handle (a native one: everything closed before is made durable, as on the Python session). */
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
+    PyGILState_STATE g = gil();
+    reply_change(req, call("fh_fsync", "(KKi)", (unsigned long long)ino, (unsigned long long)python_fh(fi), datasync), g);
+}
+
+static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
+    (void)ino;
+    (void)datasync;
+    (void)fi;
+    PyGILState_STATE g = gil();
+    reply_change(req, call("fsyncdir", "()"), g);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size, int flags) {
+    PyGILState_STATE g = gil();
+    reply_change(req, call("setxattr", "(" CTX_FMT "Kyy#i)", CTX(req), (unsigned long long)ino, name, value, (Py_ssize_t)size,
+                           flags), g);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) {
+    PyGILState_STATE g = gil();
+    reply_change(req, call("removexattr", "(" CTX_FMT "Ky)", CTX(req), (unsigned long long)ino, name), g);
+}
+
 static const struct fuse_lowlevel_ops ops = {
     .init = op_init,
     .lookup = op_lookup,
@@ -1129,6 +1571,21 @@ static const struct fuse_lowlevel_ops ops = {
     .getxattr = op_getxattr,
     .listxattr = op_listxattr,
     .statfs = op_statfs,
+    .mknod = op_mknod,
+    .mkdir = op_mkdir,
+    .symlink = op_symlink,
+    .link = op_link,
+    .unlink = op_unlink,
+    .rmdir = op_rmdir,
+    .rename = op_rename,
+    .setattr = op_setattr,
+    .create = op_create,
+    .write = op_write,
+    .flush = op_flush,
+    .fsync = op_fsync,
+    .fsyncdir = op_fsyncdir,
+    .setxattr = op_setxattr,
+    .removexattr = op_removexattr,
 };
 
 /* -- serve() ------------------------------------------------------------------------------------- */
@@ -1236,10 +1693,60 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
+/* is_open(ino): whether the serving session has `ino` open (the provider hides such a file when its
+ * last name goes, as libfuse's high-level API does). */
+static PyObject *py_is_open(PyObject *self, PyObject *arg) {
+    (void)self;
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int open = 0;
+    if (S != NULL) {
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        open = n != NULL && n->opens > 0;
+        pthread_mutex_unlock(&S->lock);
+    }
+    return PyBool_FromLong(open);
+}
+
+/* hidden(ino): the provider renamed open file `ino` to a hidden name; unlink it at its last close. */
+static PyObject *py_hidden(PyObject *self, PyObject *arg) {
+    (void)self;
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (S != NULL) {
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        if (n != NULL && n->opens > 0)
+            n->hidden = 1;
+        pthread_mutex_unlock(&S->lock);
+    }
+    Py_RETURN_NONE;
+}
+
+/* stale(ino): what the table holds of `ino` is out of date (its atime moved): read it again when asked. */
+static PyObject *py_stale(PyObject *self, PyObject *arg) {
+    (void)self;
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (S != NULL) {
+        pthread_mutex_lock(&S->lock);
+        stale(ino);
+        pthread_mutex_unlock(&S->lock);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"stale", py_stale, METH_O, "stale(ino): the session reads the inode's attributes again when next asked."},
+    {"is_open", py_is_open, METH_O, "is_open(ino): whether the serving session has the file open."},
+    {"hidden", py_hidden, METH_O, "hidden(ino): an open file renamed to a hidden name, unlinked at its last close."},
     {"serve", py_serve, METH_VARARGS,
      "serve(provider, mountpoint, args, volume, entry_timeout, attr_timeout, negative_timeout, meta_ttl, cache_bytes, "
-     "block_limit, threads): mount and serve a read-only low-level FUSE session until unmounted; libfuse's code."},
+     "block_limit, threads): mount and serve a low-level FUSE session until unmounted; libfuse's code."},
     {NULL, NULL, 0, NULL},
 };
 

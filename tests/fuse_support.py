@@ -60,9 +60,14 @@ def native_session(fuse: None) -> None:
 needs_fuse = pytest.mark.usefixtures("fuse")
 
 
-# BALEFS_FUSE_SESSION=native: every read-only mount the tests make is served by the native session
-# (read-write mounts stay on the Python one, the only session that writes)
+# BALEFS_FUSE_SESSION=native: every mount the tests make (with `balefs mount`, unless a test names
+# its --session) is served by the native session
 SESSION = os.environ.get("BALEFS_FUSE_SESSION", "python")
+
+
+def session_options(options: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """`balefs mount` options with the session BALEFS_FUSE_SESSION asks for, unless they name one."""
+    return options + ("--session", SESSION) if SESSION != "python" and "--session" not in options else options
 
 
 def is_mounted(mp: Path) -> bool:
@@ -96,9 +101,7 @@ def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
     def mount(name: str = "vol", *options: str, mountpoint: Path | None = None) -> Path:
         mp = mountpoint or tmp_path / f"mnt{len(mounts)}"
         mp.mkdir(exist_ok=True)
-        if SESSION != "python" and "--read-only" in options and "--session" not in options:
-            options += ("--session", SESSION)
-        res = run_cli("mount", name, mp, *options, timeout=60)
+        res = run_cli("mount", name, mp, *session_options(options), timeout=60)
         assert res.returncode == 0, res.stderr.decode()
         assert is_mounted(mp)
         mounts.append(mp)
@@ -144,7 +147,7 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory):
         Client.init("vol", [str(d) for d in nodes], block_size=BLOCK, chunk_size=CHUNK)
         root = base / "mnt"
         root.mkdir()
-        res = run_cli("mount", "vol", root, timeout=60)
+        res = run_cli("mount", "vol", root, *session_options(), timeout=60)
         assert res.returncode == 0, res.stderr.decode()
         try:
             yield SharedMount(home, "vol", nodes, root)

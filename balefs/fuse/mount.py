@@ -53,7 +53,7 @@ class MountOptions:
     audit_reads: float | None = None          # share of opens for reading recorded in the audit table (None: the config's)
     metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
-    session: str = "python"                   # "native": the C low-level session (read-only mounts; native_session.py)
+    session: str = "python"                   # "native": the C low-level session (native_session.py)
 
 
 ATTR_TIMEOUT = 1.0      # read-write mounts: a file closed on another mount shows its new size within 1 s
@@ -296,8 +296,6 @@ def check_session(opts: MountOptions) -> None:
     if opts.session not in ("python", "native"):
         raise MountError(f"unknown --session {opts.session!r}: python or native")
     if opts.session == "native":
-        if not opts.read_only:
-            raise MountError("--session native serves read-only mounts only: add --read-only (or use --session python)")
         from .native_session import native_module
         try:
             native_module()
@@ -311,8 +309,8 @@ def _serve_native(ops: Any, mp: str, volume: str, opts: MountOptions, fuse_optio
     Python session would pass; RuntimeError if libfuse could not mount or serve."""
     from .native_session import native_module, serve_native
 
-    kernel = [f"fsname=balefs:{volume}", f"subtype={SUBTYPE}", "default_permissions", f"max_read={native_module().MAX_READ}",
-              "ro"] + [flag for flag in ("noatime", "allow_other") if fuse_options.get(flag)]
+    kernel = [f"fsname=balefs:{volume}", f"subtype={SUBTYPE}", "default_permissions", f"max_read={native_module().MAX_READ}"]
+    kernel += [flag for flag in ("ro", "noatime", "allow_other") if fuse_options.get(flag)]
     timeouts = (fuse_options["attr_timeout"], fuse_options["entry_timeout"], fuse_options["negative_timeout"])
     code = serve_native(ops, mp, kernel, timeouts, opts.threads, debug=opts.debug)
     if code != 0 and not started:

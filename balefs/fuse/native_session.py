@@ -1,5 +1,5 @@
-"""The native FUSE session (`balefs mount --session native --read-only`): libfuse 3's low-level
-API served from C (native/fusesession.c, built as balefs._fusenative).
+"""The native FUSE session (`balefs mount --session native`): libfuse 3's low-level API served
+from C (native/fusesession.c, built as balefs._fusenative).
 
 The C session keeps an inode table and a block cache in native memory and answers LOOKUP,
 GETATTR, READDIR(PLUS), OPEN, READ and RELEASE from them without the GIL. NativeProvider is
@@ -10,7 +10,13 @@ read the native path cannot serve (a block on a remote node, a bad or missing co
 reader tries the other copies, repairs and logs, or answers EIO), and STATFS, READLINK and
 xattrs. Attributes come from BaleOperations._attrs, so both sessions report the same stat.
 
-Read-only only: writes, renames and the rest stay on the Python session (`--session python`).
+Every change is forwarded to the Python operations (BaleOperations, by path: the provider turns
+the kernel's inode and name into one): create, mknod, mkdir, symlink, link, unlink, rmdir, rename,
+setattr, xattrs, fsync, and every call on a file opened for writing (open, read, write, flush,
+release), as are reads and stats of a file with a handle of that kind. A file unlinked (or
+replaced by a rename) while open is renamed to a hidden name and unlinked at its last close, as
+libfuse's high-level API does for the Python session, so OpenFiles and the orphan records see the
+same calls on both sessions.
 """
 from __future__ import annotations
 
@@ -23,10 +29,13 @@ from typing import Any, Callable, Sequence
 
 from mfusepy import FuseOSError
 
+import itertools
+
+from ..storage import orphans
 from ..storage.client import FileReader
-from ..storage.meta.types import Extent, Inode
+from ..storage.meta.types import ROOT, Extent, Inode
 from ..storage.orphans import PREFIX as ORPHAN_XATTR
-from .ops import HIDDEN, BaleOperations, _op
+from .ops import HIDDEN, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, BaleOperations, _caller, _op
 
 log = logging.getLogger("balefs.fuse")
 
@@ -38,6 +47,7 @@ GRANTS_REFRESH = 5.0  # seconds: how old the "does this volume have grants" answ
 
 Attrs = tuple[int, int, int, int, int, int, int, int, int, int, int]
 Piece = tuple[int, int, bytes, int, int, int]  # file offset, length, block file, chunk, index, offset in the block
+Changed = tuple[int, tuple[int, ...]]  # a forwarded change: the generation after it, the inodes it touched
 
 
 def native_module() -> Any:
@@ -63,6 +73,35 @@ def _answer(fn: Callable) -> Callable:
             return -(exc.errno or errno.EIO)
 
     return wrapper
+
+
+def _forwarded(fn: Callable) -> Callable:
+    """A change forwarded from the C session, whose first argument is the caller (uid, gid, pid):
+    set for the Python operations (ops.caller) while `fn` runs, with _answer's errno rules."""
+    answered = _answer(fn)
+
+    @functools.wraps(fn)
+    def wrapper(self: "NativeProvider", ctx: tuple[int, int, int], *args: Any) -> Any:
+        _caller.ctx = ctx
+        try:
+            return answered(self, *args)
+        finally:
+            _caller.ctx = None
+
+    return wrapper
+
+
+class _FileInfo:
+    """The fields of libfuse's fuse_file_info that the Python operations read and set."""
+
+    def __init__(self, flags: int = 0, fh: int = 0) -> None:
+        self.flags, self.fh = flags, fh
+        self.keep_cache = self.direct_io = self.noflush = 0
+
+
+# setattr's to_set bits (fuse_lowlevel.h) and its time markers (fusesession.c's TIME_NOW, TIME_OMIT)
+SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
+TIME_NOW, TIME_OMIT = -1, -2
 
 
 def _missing() -> Inode:
@@ -93,12 +132,17 @@ class NativeProvider:
         self._readers: dict[int, tuple[int, FileReader]] = {}  # ino -> (generation, reader): read()'s
         self._grants_read = -GRANTS_REFRESH
         self._has_grants = False
+        self.native = native_module()
+        self._hidden: dict[int, tuple[int, str]] = {}  # ino -> (directory, hidden path) of an open file unlinked
+        self._hide_seq = itertools.count(1)
+        ops.per_name_kernel_cache = False  # the kernel holds one inode per file, whatever its names
 
     # -- what the table holds ------------------------------------------------------------------
 
     def _attrs(self, node: Inode) -> Attrs:
         a = self.ops._attrs(node)
-        return (node.ino, a["st_mode"], a["st_nlink"], a["st_uid"], a["st_gid"], a["st_size"], a["st_blocks"],
+        nlink = a["st_nlink"] - (node.ino in self._hidden)  # its hidden name is none (ext4 says 0)
+        return (node.ino, a["st_mode"], nlink, a["st_uid"], a["st_gid"], a["st_size"], a["st_blocks"],
                 a["st_blksize"], a["st_atime"], a["st_mtime"], a["st_ctime"])
 
     def _pieces(self, extents: Sequence[Extent]) -> list[Piece] | None:
@@ -174,6 +218,13 @@ class NativeProvider:
             if grants:
                 self.client.allow(path, write=False, uid=caller)
             audit.opened(path, None, caller)
+        if self.ops.atimes.enabled:  # relatime, on a read-write mount
+            hit = self._known.get(ino)
+            node = hit[0] if hit is not None else self.meta.getattr(ino) or _missing()
+            before = self.ops.atimes.atime(node)
+            self.ops.atimes.accessed(node)
+            if self.ops.atimes.atime(node) != before:
+                self.native.stale(ino)  # the table's attributes have the old atime
         return gen
 
     def _grants_apply(self) -> bool:
@@ -249,10 +300,207 @@ class NativeProvider:
         return tuple(f[k] for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
                                     "f_favail", "f_namemax"))
 
+    # -- changes, forwarded to the Python operations --------------------------------------------
+    # Each returns the generation after it and the inodes it touched, (gen, (ino, ...)), whose
+    # attributes and listings the C table reads again (not every change moves the generation).
+
+    def _changed(self, *inos: int) -> Changed:
+        return self.meta.generation(), tuple(i for i in inos if i)
+
+    def _path(self, ino: int) -> str:
+        """The volume path of inode `ino`: a directory's only one, a file's first (a hidden one last)."""
+        if ino == ROOT:
+            return ""
+        paths = sorted(self.meta.paths_of(ino), key=lambda p: p[p.rfind("/") + 1:].startswith(HIDDEN))
+        if not paths:
+            raise FuseOSError(errno.ESTALE)
+        return paths[0]
+
+    def _child(self, parent: int, raw: bytes) -> tuple[str, str]:
+        """The mount path ("/a/b") of `raw` in directory `parent`, and the name."""
+        name = _name(raw)
+        base = self._path(parent)
+        return "/" + (f"{base}/{name}" if base else name), name
+
+    def _made(self, parent: int, name: str) -> tuple[int, Attrs, list[Piece] | None]:
+        """What a call that made entry `name` in `parent` replies: (gen, attrs, pieces)."""
+        gen = self.meta.generation()
+        return (gen, *self._one(self.meta.lookup(parent, name), gen))
+
+    def _hide(self, parent: int, path: str, node: Inode | None) -> bool:
+        """If `node` (at mount path `path`, in directory `parent`) is a file open in this session whose last name is about
+        to go, rename it to a hidden name in its directory instead, kept until its last close
+        (libfuse's high-level API does the same); whether it did."""
+        if node is None or node.kind == "d" or node.nlink != 1 or not self.native.is_open(node.ino):
+            return False
+        while True:
+            name = f"{HIDDEN}{node.ino:08x}{next(self._hide_seq):08x}"
+            if self.meta.lookup(parent, name) is None:
+                break
+        hidden = path[:path.rfind("/") + 1] + name
+        self.ops.rename(path, hidden)  # ops records the orphan of a file with a Python handle
+        vhidden = hidden.lstrip("/")
+        if not self.ops.files.is_unlinked(node.ino):  # open through native handles only
+            orphans.keep(self.meta, vhidden, node.ino)
+        self._hidden[node.ino] = (parent, vhidden)
+        self.native.hidden(node.ino)
+        return True
+
+    @_forwarded
+    def mknod(self, parent: int, raw: bytes, mode: int, rdev: int) -> tuple:
+        path, name = self._child(parent, raw)
+        self.ops.mknod(path, mode, rdev)
+        return self._made(parent, name)
+
+    @_forwarded
+    def mkdir(self, parent: int, raw: bytes, mode: int) -> tuple:
+        path, name = self._child(parent, raw)
+        self.ops.mkdir(path, mode)
+        return self._made(parent, name)
+
+    @_forwarded
+    def symlink(self, target: bytes, parent: int, raw: bytes) -> tuple:
+        path, name = self._child(parent, raw)
+        try:
+            content = target.decode()
+        except UnicodeDecodeError:
+            raise FuseOSError(errno.EINVAL) from None
+        self.ops.symlink(path, content)
+        return self._made(parent, name)
+
+    @_forwarded
+    def link(self, ino: int, newparent: int, raw: bytes) -> tuple:
+        path, name = self._child(newparent, raw)
+        self.ops.link(path, "/" + self._path(ino))
+        return self._made(newparent, name)
+
+    @_forwarded
+    def unlink(self, parent: int, raw: bytes) -> Changed:
+        path, name = self._child(parent, raw)
+        node = self.meta.lookup(parent, name)
+        if not self._hide(parent, path, node):
+            self.ops.unlink(path)
+        return self._changed(parent, node.ino if node else 0)
+
+    @_answer
+    def unlink_hidden(self, ino: int) -> Changed:
+        """The last handle of a hidden file was closed: unlink its hidden name."""
+        parent, vhidden = self._hidden.pop(ino, (0, ""))
+        if vhidden:
+            self.ops.unlink("/" + vhidden)  # (ops forgets the orphan record of a file with a Python handle)
+            orphans.forget(self.meta, ino)
+        return self._changed(parent, ino)
+
+    @_forwarded
+    def rmdir(self, parent: int, raw: bytes) -> Changed:
+        path, name = self._child(parent, raw)
+        node = self.meta.lookup(parent, name)
+        self.ops.rmdir(path)
+        return self._changed(parent, node.ino if node else 0)
+
+    @_forwarded
+    def rename(self, parent: int, raw: bytes, newparent: int, newraw: bytes, flags: int) -> Changed:
+        old, name = self._child(parent, raw)
+        new, newname = self._child(newparent, newraw)
+        moved, replaced = self.meta.lookup(parent, name), self.meta.lookup(newparent, newname)
+        if not flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
+            self._hide(newparent, new, replaced)  # an open file it replaces stays readable
+        self.ops.rename(old, new, flags)
+        return self._changed(parent, newparent, moved.ino if moved else 0, replaced.ino if replaced else 0)
+
+    @_forwarded
+    def setattr(self, ino: int, to_set: int, mode: int, uid: int, gid: int, size: int, atime: int, mtime: int,
+                fh: int) -> tuple:
+        """chmod, chown, truncate, utimens (in libfuse's order), by the path of `ino`."""
+        path = "/" + self._path(ino)
+        if to_set & SET_MODE:
+            self.ops.chmod(path, mode)
+        if to_set & (SET_UID | SET_GID):
+            self.ops.chown(path, uid if to_set & SET_UID else -1, gid if to_set & SET_GID else -1)
+        if to_set & SET_SIZE:
+            self.ops.truncate(path, size, _FileInfo(fh=fh) if fh else None)
+        if atime != TIME_OMIT or mtime != TIME_OMIT:
+            self.ops.utimens(path, tuple(UTIME_NOW if t == TIME_NOW else UTIME_OMIT if t == TIME_OMIT else t
+                                         for t in (atime, mtime)))
+        gen = self.meta.generation()
+        return (gen, *self._one(self.meta.getattr(ino), gen))
+
+    @_forwarded
+    def setxattr(self, ino: int, raw: bytes, value: bytes, flags: int) -> Changed:
+        self.ops.setxattr("/" + self._path(ino), _name(raw), value, flags)
+        return self._changed(ino)
+
+    @_forwarded
+    def removexattr(self, ino: int, raw: bytes) -> Changed:
+        self.ops.removexattr("/" + self._path(ino), _name(raw))
+        return self._changed(ino)
+
+    # -- files opened through Python (writes) ------------------------------------------------------
+
+    def _handle_path(self, ino: int, needed: bool) -> str | None:
+        """The mount path an open file's commit goes to (None: not needed, or no name left)."""
+        if not needed:
+            return None
+        try:
+            return "/" + self._path(ino)
+        except FuseOSError:
+            return None
+
+    @_forwarded
+    def open(self, ino: int, flags: int) -> tuple[int, int, bool]:
+        fi = _FileInfo(flags)
+        self.ops.open("/" + self._path(ino), fi)
+        return self.meta.generation(), fi.fh, bool(fi.keep_cache)
+
+    @_forwarded
+    def create(self, parent: int, raw: bytes, mode: int, flags: int) -> tuple:
+        path, name = self._child(parent, raw)
+        fi = _FileInfo(flags)
+        self.ops.create(path, mode, fi)
+        return self._made(parent, name), fi.fh, bool(fi.keep_cache)
+
+    @_answer
+    def fh_read(self, ino: int, fh: int, offset: int, size: int) -> bytes | None:
+        """Read through Python handle `fh`; or (fh 0) through a native handle of `ino`, the unflushed
+        writes this session holds of it (None when it holds none: the native path reads)."""
+        if fh:
+            return bytes(self.ops.read(None, size, offset, _FileInfo(fh=fh)))
+        of = self.ops.files.unflushed(ino)
+        return None if of is None else bytes(of.read(offset, size))
+
+    @_answer
+    def fh_write(self, ino: int, fh: int, data: bytes, offset: int) -> int:
+        return self.ops.write(None, data, offset, _FileInfo(fh=fh))
+
+    @_answer
+    def fh_flush(self, ino: int, fh: int) -> Changed:
+        of = self.ops.files.find(fh)
+        self.ops.flush(self._handle_path(ino, of is not None and of.needs_flush), _FileInfo(fh=fh))
+        return self._changed(ino)
+
+    @_answer
+    def fh_fsync(self, ino: int, fh: int, datasync: int) -> Changed:
+        if fh:
+            self.ops.fsync(self._handle_path(ino, True), datasync, _FileInfo(fh=fh))
+        else:  # a native (read) handle: what was closed before it is made durable, as ops.fsync does
+            self.client.sync()
+        return self._changed(ino)
+
+    @_answer
+    def fh_release(self, ino: int, fh: int) -> Changed:
+        of = self.ops.files.find(fh)
+        self.ops.release(self._handle_path(ino, of is not None and of.dirty), _FileInfo(fh=fh))
+        return self._changed(ino)
+
+    @_answer
+    def fsyncdir(self) -> Changed:
+        self.ops.fsyncdir(None, 0, None)
+        return self._changed()
+
 
 def serve_native(ops: BaleOperations, mountpoint: str, kernel_options: list[str],
                  timeouts: tuple[float, float, float], threads: int, debug: bool = False) -> int:
-    """Mount and serve `ops`' volume read-only at `mountpoint` from the native session until
+    """Mount and serve `ops`' volume at `mountpoint` from the native session until
     unmounted; libfuse's return code (0: unmounted cleanly)."""
     module = native_module()
     client = ops.client

@@ -96,6 +96,16 @@ def _listed(entries: list[tuple[str, Inode]]) -> list[tuple[str, Inode]]:
     return [e for e in entries if not e[0].startswith(HIDDEN)]
 
 
+_caller = threading.local()  # .ctx: the caller a native session's thread is serving (native_session.py)
+
+
+def caller() -> tuple[int, int, int]:
+    """The calling process's (uid, gid, pid): what a native session set for this thread, else
+    libfuse's high-level context."""
+    ctx = getattr(_caller, "ctx", None)
+    return ctx if ctx is not None else fuse_get_context()
+
+
 def _op(fn: Callable) -> Callable:
     """Turn what the client raises into errnos (storage.errnos.errno_of): OSErrors keep
     theirs; a corrupt block, an unreachable node or any other fault of storage is EIO (and
@@ -128,6 +138,9 @@ class BaleOperations(Operations):
     use_ns = True  # times in integer nanoseconds
     #: count, latency and errors per operation type, kept when the mount exposes metrics (BaleFUSE books them)
     op_stats: FuseOpStats | None = None
+    #: the kernel caches attributes and pages per name (libfuse's high-level API gives each path a
+    #: node of its own); a low-level session gives it one per inode, shared by a file's hard links
+    per_name_kernel_cache = True
 
     def __init__(self, client: Client, read_only: bool = False, uid: int | None = None, gid: int | None = None,
                  spool_dir: str | None = None, on_ready: Callable[[], None] | None = None, max_read: int = 1 << 20,
@@ -169,7 +182,7 @@ class BaleOperations(Operations):
         """The kernel caches attributes (and pages) per name, and a file with hard links has
         several: after a change through one name, drop what it holds for the others, so that a
         stat or read of them sees the change at once, as on a local file system."""
-        if node is None:
+        if node is None or not self.per_name_kernel_cache:
             return
         for p in self.client.paths_of(node):
             if p != but:
@@ -179,7 +192,7 @@ class BaleOperations(Operations):
         """Give a new entry to the calling user (the daemon runs as root under allow_other)."""
         if self.uid is not None or self.gid is not None:
             return
-        uid, gid, _ = fuse_get_context()
+        uid, gid, _ = caller()
         if (uid, gid) != self._me:
             self.client.setattr(path, uid=uid, gid=gid)
 
@@ -414,7 +427,7 @@ class BaleOperations(Operations):
         if writable or flags & os.O_TRUNC:
             self._writable()
         vpath = _v(path)
-        uid = fuse_get_context()[0]
+        uid = caller()[0]
         if uid != os.getuid():  # allow_other: the caller's own grant (the client checks the daemon's)
             self.client.allow(vpath, write=bool(writable), uid=uid)
         elif writable:
