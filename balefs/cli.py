@@ -194,7 +194,7 @@ def _mount_sessions() -> str:
     """Which mount sessions this build has (`mount --session`): for --version and status."""
     if importlib.util.find_spec("balefs._fusenative") is None:
         return "python (the native session is not built)"
-    return "python, native (read-only)"
+    return "python, native"
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

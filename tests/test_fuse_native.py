@@ -1,7 +1,9 @@
-"""The native FUSE session (`balefs mount --session native --read-only`, native/fusesession.c) on
-real mounts: it must show exactly what the Python session shows (names, stat, bytes, links,
-xattrs, statfs), keep close-to-open across a writer mount, answer EIO for a corrupt block and stay
-up, die cleanly under kill -9, and turn bad names into errors."""
+"""The native FUSE session (`balefs mount --session native`, native/fusesession.c) on real mounts:
+it must show exactly what the Python session shows (names, stat, bytes, links, xattrs, statfs),
+keep close-to-open across a writer mount, answer EIO for a corrupt block and stay up, die cleanly
+under kill -9, and turn bad names into errors; read-write, the changes it forwards to the Python
+operations are seen at once through its own native read path. (With BALEFS_FUSE_SESSION=native,
+every other FUSE test file runs on it too.)"""
 from __future__ import annotations
 
 import errno
@@ -104,6 +106,55 @@ def test_native_mount_is_read_only(volume, mount_volume) -> None:
     assert errno_of(os.rename, mp / "ro.txt", mp / "x") == errno.EROFS
     assert errno_of(os.setxattr, mp / "ro.txt", "user.x", b"1") == errno.EROFS
     assert (mp / "ro.txt").read_bytes() == b"read me"
+
+
+def test_native_read_write_mount_sees_its_own_changes_at_once(volume, mount_volume) -> None:
+    """Every change goes through Python, every read of a committed file through C: a read, stat or
+    listing right after a change shows it (the table forgets what the change touched)."""
+    with Client.open(volume.name) as c:
+        c.write_file("d/old.txt", b"committed before the mount")
+    mp = mount_volume(volume.name, "--session", "native")
+    d = mp / "d"
+    assert (d / "old.txt").read_bytes() == b"committed before the mount"  # the native path fills the table
+    reader = open(d / "old.txt", "rb")  # a native handle, opened before any write
+    with open(d / "old.txt", "r+b") as w:  # a Python handle: unflushed bytes are seen by both
+        w.write(b"COMMITTED")
+        w.flush()
+        assert os.fstat(w.fileno()).st_size == 26
+        assert reader.read() == b"COMMITTED before the mount"
+    reader.close()
+    assert (d / "old.txt").read_bytes() == b"COMMITTED before the mount"
+    (d / "new.txt").write_bytes(b"x" * 5000)
+    assert sorted(os.listdir(d)) == ["new.txt", "old.txt"]
+    os.rename(d / "new.txt", d / "moved.txt")
+    assert sorted(os.listdir(d)) == ["moved.txt", "old.txt"] and not (d / "new.txt").exists()
+    os.chmod(d / "moved.txt", 0o600)
+    os.truncate(d / "moved.txt", 10)
+    st = os.stat(d / "moved.txt")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 10
+    assert (d / "moved.txt").read_bytes() == b"x" * 10
+    os.link(d / "moved.txt", d / "link.txt")
+    assert os.stat(d / "moved.txt").st_nlink == 2
+    os.mkdir(d / "sub")
+    os.symlink("../old.txt", d / "sub" / "ln")
+    assert (d / "sub" / "ln").read_bytes() == b"COMMITTED before the mount"
+    os.setxattr(d / "old.txt", "user.k", b"v")
+    assert os.getxattr(d / "old.txt", "user.k") == b"v"
+    fd = os.open(d / "old.txt", os.O_RDONLY)  # unlinked while open: readable until closed, then gone
+    try:
+        os.unlink(d / "old.txt")
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 9, 0) == b"COMMITTED"
+    finally:
+        os.close(fd)
+    os.unlink(d / "link.txt")
+    os.unlink(d / "sub" / "ln")
+    os.rmdir(d / "sub")
+    assert os.listdir(d) == ["moved.txt"] and os.stat(d / "moved.txt").st_nlink == 1
+    run_cli("umount", mp, timeout=60)
+    with Client.open(volume.name) as c:  # what the mount left is what the volume holds
+        assert [n for n, _ in c.listdir("d")] == ["moved.txt"]
+        assert c.read_file("d/moved.txt") == b"x" * 10
 
 
 def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount_volume) -> None:
