@@ -1,6 +1,6 @@
 /* balefs._fusenative: a libfuse 3 low-level session whose read path stays in C.
  *
- * `balefs mount --session native --read-only` serves the kernel from here. The session holds an
+ * `balefs mount --session native` serves the kernel from here. The session holds an
  * inode table in native memory (ino -> attributes, a directory's sorted entries, a file's pieces:
  * which byte range of which block file holds each part of it) that Python fills in batches, one
  * call per directory (balefs/fuse/native_session.py, the "provider"). LOOKUP, GETATTR, READDIR,
@@ -13,6 +13,10 @@
  * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
  * no reference to it (it is read again when asked for).
+ *
+ * On a read-write mount every change, and every call on a file opened for writing, is forwarded to
+ * the Python operations through the provider (see "files with Python handles" and "forwarded
+ * operations" below); the GIL is taken only for those.
  *
  * Provider methods return their result, or a negative errno (never raise).
  *
