@@ -5,6 +5,8 @@ Sides, one after another in the same run (each one's copy removed before the nex
   local      `cp -r` to a directory of the same disk, then `sync`
   balefs     `cp -r` into `balefs mount` of a fresh volume, then `sync` + fsync of the mount's
              root directory (what `balefs sync MOUNTPOINT` does); the whole is timed
+  native     the same as balefs, on a mount with `--session native` (writes forwarded to the
+             Python operations; left out with --no-native or where balefs._fusenative is not built)
   put        `balefs put` of the tree into another fresh volume (the CLI, durable when it returns)
   JuiceFS    `cp -r` into `juicefs mount` (SQLite metadata, --storage file), then `sync`
   SeaweedFS  `cp -r` into `weed mount` of `weed server -filer` on loopback, then `sync`
@@ -17,6 +19,7 @@ checks every file's size and the bytes of a sample. Stored: block files on the b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import shutil
@@ -128,21 +131,42 @@ def run_local(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) -
     return side
 
 
+def _mount_options(args: argparse.Namespace, *more: str) -> list[str]:
+    return (["--cache-size", args.cache_size] if args.cache_size else []) + shlex.split(args.copy_mount_options) + list(more)
+
+
+def copy_into_mount(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str, name: str, opts: list[str],
+                    label: str) -> Side:
+    """cp -r into a mount of a fresh volume `name`, then sync; how it stored the tree; a cold read of it
+    (remounted); how it is stored once unmounted. The volume is removed at the end."""
+    side = Side(label)
+    nodes = sf.make_volume(name, os.path.join(wd, f"vol-{name}"), args.nodes)
+    m = Mount(name, os.path.join(wd, f"mnt-{name}"), opts)
+    try:
+        m.up()
+        side.copy = show(name, "copy", timed_copy(ds, m.mp, lambda: sync_mount(m.mp), args.threads))
+        side.stored = stored_figures(block_files(nodes), ds.total, "block files")  # right after the sync
+        m.down()
+        m.up()
+        side.read = show(name, "read", cold_read(ds, m.mp, chk, args, name))
+        m.down()
+        # again once the mount has been up a while and is unmounted (a background compaction shows here)
+        side.stored_end = stored_figures(block_files(nodes), ds.total, "block files")
+    finally:
+        m.down()
+    shutil.rmtree(os.path.join(wd, f"vol-{name}"), ignore_errors=True)
+    return side
+
+
 def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) -> tuple[Side, Side]:
     """balefs: cp -r into a mount of a fresh volume, and `balefs put` into another; both read back cold."""
-    opts = (["--cache-size", args.cache_size] if args.cache_size else []) + shlex.split(args.copy_mount_options)
-    copied = Side("balefs mount cp -r + sync" + (f" ({args.copy_mount_options})" if args.copy_mount_options else ""))
+    opts = _mount_options(args)
+    copied = copy_into_mount(ds, chk, args, wd, "copybench", opts, "balefs mount cp -r + sync"
+                             + (f" ({args.copy_mount_options})" if args.copy_mount_options else ""))
     put = Side("balefs put (CLI, with its start-up)")
-    nodes_copy = sf.make_volume("copybench", os.path.join(wd, "vol-copy"), args.nodes)
     nodes_put = sf.make_volume("putbench", os.path.join(wd, "vol-put"), args.nodes)
-    m_copy = Mount("copybench", os.path.join(wd, "mnt-copy"), opts)
     m_put = Mount("putbench", os.path.join(wd, "mnt-put"), opts)
     try:
-        m_copy.up()
-        copied.copy = show("balefs", "copy", timed_copy(ds, m_copy.mp, lambda: sync_mount(m_copy.mp), args.threads))
-        copied.stored = stored_figures(block_files(nodes_copy), ds.total, "block files")  # right after the sync
-        m_copy.down()
-
         os.sync()
         sf.warm_source(ds, args.threads)
         cpu, t = _children_cpu(), time.perf_counter()
@@ -151,21 +175,11 @@ def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) 
             raise SystemExit(f"balefs put failed: {res.stderr.strip()[-300:]}")
         put.copy = show("put", "copy", Result(ds.n, ds.total, time.perf_counter() - t, _children_cpu() - cpu))
         put.stored = stored_figures(block_files(nodes_put), ds.total, "block files")
-
-        m_copy.up()
-        copied.read = show("balefs", "read", cold_read(ds, m_copy.mp, chk, args, "balefs-copied"))
-        m_copy.down()
-        # again once the mount has been up a while and is unmounted (a background compaction shows here)
-        copied.stored_end = stored_figures(block_files(nodes_copy), ds.total, "block files")
         m_put.up()
         put.read = show("put", "read", cold_read(ds, m_put.mp, chk, args, "balefs-put"))
     finally:
-        t = time.perf_counter()
-        m_copy.down()
         m_put.down()
-    for vol_dir in ("vol-copy", "vol-put"):
-        shutil.rmtree(os.path.join(wd, vol_dir), ignore_errors=True)
-    log(f"balefs: unmounted, volumes removed in {time.perf_counter() - t:.1f}s")
+    shutil.rmtree(os.path.join(wd, "vol-put"), ignore_errors=True)
     return copied, put
 
 
@@ -206,6 +220,9 @@ def run(ds: sf.DataSet, args: argparse.Namespace) -> dict[str, Side]:
     chk = Checker(ds, args.verify_frac, args.seed)
     sides: dict[str, Side] = {"local": run_local(ds, chk, args, wd)}
     sides["balefs"], sides["put"] = run_balefs(ds, chk, args, wd)
+    if getattr(args, "native", False) and importlib.util.find_spec("balefs._fusenative") is not None:
+        sides["native"] = copy_into_mount(ds, chk, args, wd, "copynative", _mount_options(args, "--session", "native"),
+                                          "balefs mount --session native cp -r + sync")
     for name in args.copy_peers:
         side = run_peer(name, ds, chk, args, wd)
         if side is not None:

@@ -729,7 +729,11 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
             pthread_mutex_unlock(&S->lock);
             break; /* not in the listing: created since? ask Python below */
         }
+        /* a directory this mount just changed (cp -r into it): one name, not the whole listing again */
+        int changed_here = d != NULL && d->listed && d->listed_gen == LLONG_MIN;
         pthread_mutex_unlock(&S->lock);
+        if (changed_here)
+            break;
         if (attempt == 0) {
             int err = relist(parent); /* one call for every entry of the directory */
             if (err) {
