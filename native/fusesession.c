@@ -785,13 +785,30 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct stat st;
     pthread_mutex_lock(&S->lock);
     node_t *n = find(ino);
-    if (n != NULL && fresh(n->gen, n->at) && n->py == 0) {
+    int py = n != NULL && n->py > 0;
+    if (n != NULL && fresh(n->gen, n->at) && !py) {
         st = n->st;
         pthread_mutex_unlock(&S->lock);
         fuse_reply_attr(req, &st, S->attr_timeout);
         return;
     }
     pthread_mutex_unlock(&S->lock);
+    if (py) { /* its size and times may be unflushed ones: from Python, not kept */
+        PyGILState_STATE g = gil();
+        PyObject *r = call("attrs", "(K)", (unsigned long long)ino);
+        int err = err_of(r);
+        if (!err && parse_attrs(r, &st) != 0) {
+            PyErr_WriteUnraisable(S->provider);
+            err = EIO;
+        }
+        Py_XDECREF(r);
+        PyGILState_Release(g);
+        if (err)
+            fuse_reply_err(req, err);
+        else
+            fuse_reply_attr(req, &st, S->attr_timeout);
+        return;
+    }
     int err = fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL);
     if (err)
         fuse_reply_err(req, err);
@@ -890,7 +907,7 @@ static void closed(uint64_t ino, int py) {
             n->opens--;
         if (py && n->py > 0) {
             n->py--;
-            n->gen = -1; /* its unflushed size may be in the table: read it again */
+            n->gen = LLONG_MIN; /* its unflushed size may be in the table: read it again */
         }
         unlink_hidden = n->hidden && n->opens == 0;
         if (unlink_hidden)

@@ -33,7 +33,7 @@ import itertools
 
 from ..storage import orphans
 from ..storage.client import FileReader
-from ..storage.meta.types import ROOT, Extent, Inode
+from ..storage.meta.types import ROOT, Extent, Inode, split_path
 from ..storage.orphans import PREFIX as ORPHAN_XATTR
 from .ops import HIDDEN, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, BaleOperations, _caller, _op
 
@@ -135,6 +135,7 @@ class NativeProvider:
         self.native = native_module()
         self._hidden: dict[int, tuple[int, str]] = {}  # ino -> (directory, hidden path) of an open file unlinked
         self._hide_seq = itertools.count(1)
+        self._paths: dict[int, str] = {}  # ino -> the path _path found for it (checked before each use)
         ops.per_name_kernel_cache = False  # the kernel holds one inode per file, whatever its names
 
     # -- what the table holds ------------------------------------------------------------------
@@ -261,6 +262,12 @@ class NativeProvider:
         return (gen, *self._one(self.meta.getattr(ino), gen))
 
     @_answer
+    def attrs(self, ino: int) -> Attrs:
+        """The attributes of a file with a Python handle open (its unflushed size and mtime), not kept
+        in the table."""
+        return self._attrs(self.meta.getattr(ino) or _missing())
+
+    @_answer
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """Bytes of a file the native path could not read, the Python reader's way (its readahead
         too): one reader per file, kept while the generation counter stays where it was."""
@@ -308,12 +315,22 @@ class NativeProvider:
         return self.meta.generation(), tuple(i for i in inos if i)
 
     def _path(self, ino: int) -> str:
-        """The volume path of inode `ino`: a directory's only one, a file's first (a hidden one last)."""
+        """The volume path of inode `ino`: a directory's only one, a file's first (a hidden one last).
+        The path found last time is checked with one query (Meta.resolve) and kept if it still
+        reaches `ino`; else every path is found again (a query per level)."""
         if ino == ROOT:
             return ""
+        known = self._paths.get(ino)
+        if known is not None:
+            node = self.meta.resolve(ROOT, split_path(known))
+            if node is not None and node.ino == ino:
+                return known
         paths = sorted(self.meta.paths_of(ino), key=lambda p: p[p.rfind("/") + 1:].startswith(HIDDEN))
         if not paths:
             raise FuseOSError(errno.ESTALE)
+        if len(self._paths) >= MAX_KNOWN:
+            self._paths.clear()
+        self._paths[ino] = paths[0]
         return paths[0]
 
     def _child(self, parent: int, raw: bytes) -> tuple[str, str]:
@@ -322,10 +339,15 @@ class NativeProvider:
         base = self._path(parent)
         return "/" + (f"{base}/{name}" if base else name), name
 
-    def _made(self, parent: int, name: str) -> tuple[int, Attrs, list[Piece] | None]:
-        """What a call that made entry `name` in `parent` replies: (gen, attrs, pieces)."""
+    def _made(self, parent: int, name: str) -> tuple[int, Attrs, None]:
+        """What a call that made entry `name` in `parent` replies: (gen, attrs, None); no pieces (the
+        table reads a file made here the Python way until it is fetched again, at its next open
+        once a change made it stale)."""
         gen = self.meta.generation()
-        return (gen, *self._one(self.meta.lookup(parent, name), gen))
+        node = self.meta.lookup(parent, name)
+        if node is None:
+            raise FuseOSError(errno.ENOENT)
+        return gen, self._attrs(node), None
 
     def _hide(self, parent: int, path: str, node: Inode | None) -> bool:
         """If `node` (at mount path `path`, in directory `parent`) is a file open in this session whose last name is about
