@@ -1368,10 +1368,10 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
 }
 
 /* -- forwarded operations: every change, through the Python operations ------------------------------
- * Each provider method takes the caller (uid, gid, pid) first and returns the metadata's generation
- * after the change (or, for a call that makes an entry, (gen, attrs, pieces) of it), or -errno. The
- * table learns the generation, so everything it read before the change is read again when asked
- * for; the kernel updates its own caches for the change it asked for. */
+ * Each provider method takes the caller (uid, gid, pid) first and returns (gen, (ino, ...)): the
+ * inodes the change touched, which the table forgets, and a generation to note (-1: none); for a call
+ * that makes an entry, (gen, attrs, pieces) of it, its directory forgotten; or -errno. The kernel
+ * updates its own caches for the change it asked for. */
 
 /* Reply to a forwarded change (GIL held on entry, released here). */
 static void reply_change(fuse_req_t req, PyObject *r, PyGILState_STATE g) {

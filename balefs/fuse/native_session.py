@@ -308,11 +308,16 @@ class NativeProvider:
                                     "f_favail", "f_namemax"))
 
     # -- changes, forwarded to the Python operations --------------------------------------------
-    # Each returns the generation after it and the inodes it touched, (gen, (ino, ...)), whose
-    # attributes and listings the C table reads again (not every change moves the generation).
+    # Each returns (gen, (ino, ...)): the inodes it touched, whose attributes and listings the C
+    # table reads again (not every change moves the generation), and gen -1 (the table is by inode:
+    # a change made here makes nothing else it holds wrong, so its generation need not be read;
+    # changes made elsewhere are seen when the counter is read, as before).
 
-    def _changed(self, *inos: int) -> Changed:
-        return self.meta.generation(), tuple(i for i in inos if i)
+    @staticmethod
+    def _changed(*inos: int) -> Changed:
+        return -1, tuple(i for i in inos if i)
+
+    UNCHANGED: Changed = (-1, ())  # a forwarded call that changed nothing
 
     def _path(self, ino: int) -> str:
         """The volume path of inode `ino`: a directory's only one, a file's first (a hidden one last).
@@ -339,14 +344,18 @@ class NativeProvider:
         base = self._path(parent)
         return "/" + (f"{base}/{name}" if base else name), name
 
-    def _made(self, parent: int, name: str) -> tuple[int, Attrs, None]:
-        """What a call that made entry `name` in `parent` replies: (gen, attrs, None); no pieces (the
-        table reads a file made here the Python way until it is fetched again, at its next open
-        once a change made it stale)."""
-        gen = self.meta.generation()
-        node = self.meta.lookup(parent, name)
+    def _made(self, parent: int, name: str, path: str, node: Inode | None = None) -> tuple[int, Attrs, None]:
+        """What a call that made entry `name` (mount path `path`) in `parent` replies: (gen, attrs,
+        None); no pieces (the table reads a file made here the Python way until it is fetched again,
+        at its next open once a change made it stale). With `node` (a file just created, as its open
+        file holds it) no query: gen -1, as a new entry makes nothing the table holds wrong but its
+        directory, which the session forgets."""
+        gen = -1 if node is not None else self.meta.generation()
+        node = node or self.meta.lookup(parent, name)
         if node is None:
             raise FuseOSError(errno.ENOENT)
+        if len(self._paths) < MAX_KNOWN:
+            self._paths[node.ino] = path[1:]  # its flush and release need it: checked, not walked up
         return gen, self._attrs(node), None
 
     def _hide(self, parent: int, path: str, node: Inode | None) -> bool:
@@ -372,13 +381,13 @@ class NativeProvider:
     def mknod(self, parent: int, raw: bytes, mode: int, rdev: int) -> tuple:
         path, name = self._child(parent, raw)
         self.ops.mknod(path, mode, rdev)
-        return self._made(parent, name)
+        return self._made(parent, name, path)
 
     @_forwarded
     def mkdir(self, parent: int, raw: bytes, mode: int) -> tuple:
         path, name = self._child(parent, raw)
         self.ops.mkdir(path, mode)
-        return self._made(parent, name)
+        return self._made(parent, name, path)
 
     @_forwarded
     def symlink(self, target: bytes, parent: int, raw: bytes) -> tuple:
@@ -388,13 +397,13 @@ class NativeProvider:
         except UnicodeDecodeError:
             raise FuseOSError(errno.EINVAL) from None
         self.ops.symlink(path, content)
-        return self._made(parent, name)
+        return self._made(parent, name, path)
 
     @_forwarded
     def link(self, ino: int, newparent: int, raw: bytes) -> tuple:
         path, name = self._child(newparent, raw)
         self.ops.link(path, "/" + self._path(ino))
-        return self._made(newparent, name)
+        return self._made(newparent, name, path)
 
     @_forwarded
     def unlink(self, parent: int, raw: bytes) -> Changed:
@@ -479,7 +488,8 @@ class NativeProvider:
         path, name = self._child(parent, raw)
         fi = _FileInfo(flags)
         self.ops.create(path, mode, fi)
-        return self._made(parent, name), fi.fh, bool(fi.keep_cache)
+        of = self.ops.files.find(fi.fh)
+        return self._made(parent, name, path, of.node if of is not None else None), fi.fh, bool(fi.keep_cache)
 
     @_answer
     def fh_read(self, ino: int, fh: int, offset: int, size: int) -> bytes | None:
@@ -497,7 +507,8 @@ class NativeProvider:
     @_answer
     def fh_flush(self, ino: int, fh: int) -> Changed:
         of = self.ops.files.find(fh)
-        self.ops.flush(self._handle_path(ino, of is not None and of.needs_flush), _FileInfo(fh=fh))
+        needed = of is not None and of.needs_flush
+        self.ops.flush(self._handle_path(ino, needed), _FileInfo(fh=fh))
         return self._changed(ino)
 
     @_answer
@@ -511,8 +522,9 @@ class NativeProvider:
     @_answer
     def fh_release(self, ino: int, fh: int) -> Changed:
         of = self.ops.files.find(fh)
-        self.ops.release(self._handle_path(ino, of is not None and of.dirty), _FileInfo(fh=fh))
-        return self._changed(ino)
+        dirty = of is not None and of.dirty
+        self.ops.release(self._handle_path(ino, dirty), _FileInfo(fh=fh))
+        return self._changed(ino) if dirty else self.UNCHANGED  # (the session forgets its attributes anyway)
 
     @_answer
     def fsyncdir(self) -> Changed:
