@@ -28,6 +28,7 @@ from .order import chunk_starts
 log = logging.getLogger(__name__)
 
 Label = None | str | Callable[[str], Any]
+WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see BaleSource.default_window
 
 
 class SampleError(BaleError):
@@ -112,6 +113,16 @@ class BaleSource:
         sizes = [sum(r.length for r in recs if r.idx >= 0) for recs in self.blocks.values()]
         mean = sum(sizes) / len(sizes) if sizes else 1.0
         return int(nbytes // max(1.0, mean))
+
+    def default_window(self) -> int:
+        """Every loader's default shuffle window (chunks whose samples mix): the chunks that fit in
+        3/4 of the memory cache (the window's blocks stay mapped there: a block mapped again is
+        checked again, all of it) and, with the host cache, in half of its bound (shared with other
+        jobs and the next epoch's warming); at least 8."""
+        budget = self.cfg.cache_size * WINDOW_CACHE_SHARE
+        if self.cfg.host_cache:
+            budget = min(budget, self.cfg.disk_cache_size * WINDOW_HOST_SHARE)
+        return max(WINDOW_MIN, self.chunks_fitting(int(budget)))
 
     def name(self, row: int) -> str:
         """The URL of the file at `row`."""

@@ -26,23 +26,12 @@ WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the 
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), skip counts
 ITERATED, EPOCH, SKIPS, SKIP_CELLS = 0, 1, 2, 64
-WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see default_window
 
 
 def _slot() -> int:
     """This process's skip cell: 0 in the main process, 1 + id in a DataLoader worker."""
     info = tud.get_worker_info()
     return 0 if info is None else 1 + info.id
-
-
-def default_window(source: BaleSource) -> int:
-    """shuffle_buffer's default: the chunks that fit in 3/4 of the memory cache (the window's blocks
-    stay mapped there: a block mapped again is checked again, all of it) and, with the host cache,
-    in half of its bound (shared with other jobs and the next epoch's warming); at least 8."""
-    budget = source.cfg.cache_size * WINDOW_CACHE_SHARE
-    if source.cfg.host_cache:
-        budget = min(budget, source.cfg.disk_cache_size * WINDOW_HOST_SHARE)
-    return max(WINDOW_MIN, source.chunks_fitting(int(budget)))
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -134,7 +123,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
     shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the host's shared
     cache and in the client's memory cache as mappings of it, bounded by cache_size: keep it above
-    shuffle_buffer x chunk size). Default (`default_window`): as many chunks as fill 3/4 of
+    shuffle_buffer x chunk size). Default (`BaleSource.default_window`): as many chunks as fill 3/4 of
     cache_size and half of the host cache (at least 8), so a tree that fits is shuffled as a whole
     (a full shuffle) and a larger one window by window. prefetch: read units (at most `piece`
     samples of one window) read ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
@@ -161,7 +150,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if shuffle_buffer is None:
-            shuffle_buffer = default_window(self.source)
+            shuffle_buffer = self.source.default_window()
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
         self.warm_next = warm_next
         self.epoch = 0
