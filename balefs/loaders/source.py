@@ -212,11 +212,29 @@ class BaleSource:
                 out[i] = err
         return out
 
-    def prefetch(self, rows: Sequence[int]) -> list:
+    def prefetch(self, rows: Sequence[int], asked: np.ndarray | None = None) -> list:
         """Start fetching the blocks of the files at `rows` into the caches (the host's shared one by
-        default), in the background; the futures of the fetches started."""
+        default), in the background, each block once; the futures of the fetches started. asked: a
+        mask over the snapshot's blocks (`block_count`) of those already asked for, skipped here
+        (and marked), so that reading ahead batch after batch asks for each block once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        _, where, _ = self._block_index()
+        at = where[rows]
+        whole = at >= 0
+        ids, first = np.unique(at[whole], return_index=True)
+        if asked is not None:
+            new = ~asked[ids]
+            ids, first = ids[new], first[new]
+            asked[ids] = True
+        ask = np.r_[rows[whole][first], rows[~whole]]  # a row per block, and those spread over blocks
         sizes = self.column("size")
-        return self.client.prefetch_extents([(self._extents(r), 0, int(sizes[r])) for r in rows])
+        reqs = [(self._extents(r), 0, int(sizes[r])) for r in ask.tolist()]
+        return self.client.prefetch_extents(reqs) if reqs else []
+
+    @property
+    def block_count(self) -> int:
+        """Blocks of the snapshot's block maps (the length of a `prefetch` mask)."""
+        return len(self._block_index()[0])
 
     def _full_path(self, row: int) -> str:
         rel = self.paths[int(row)]
@@ -255,25 +273,25 @@ class SharedCells:
         self.cells = multiprocessing.RawArray("q", state) if isinstance(state, list) else state
 
 
-class SkipCounter:
-    """Counts samples skipped under on_error='skip' in the cells [first:] of `shared`, so that the main
-    process sees the skips of its DataLoader workers: each process adds to its own cell (`slot()`: 0 in
-    the main process, 1 + worker id in a worker, wrapping around), so no lock is needed."""
+class SlotCounter:
+    """A count kept in `cells` cells of `shared` from `first` on, added to by the dataset and its
+    DataLoader workers: each process adds to its own cell (`slot()`: 0 in the main process, 1 +
+    worker id in a worker, wrapping around), so no lock is needed and the main process sees the
+    workers' counts (samples skipped under on_error='skip', blocks fetched ahead)."""
 
-    def __init__(self, shared: SharedCells, first: int, slot: Callable[[], int]) -> None:
-        self.shared, self.first, self.slot = shared, first, slot
+    def __init__(self, shared: SharedCells, first: int, cells: int, slot: Callable[[], int]) -> None:
+        self.shared, self.first, self.cells, self.slot = shared, first, cells, slot
 
-    def add(self) -> None:
-        cells = self.shared.cells
-        cells[self.first + self.slot() % (len(cells) - self.first)] += 1
+    def add(self, n: int = 1) -> None:
+        self.shared.cells[self.first + self.slot() % self.cells] += n
 
     @property
-    def skipped(self) -> int:
-        return sum(self.shared.cells[self.first:])
+    def value(self) -> int:
+        return sum(self.shared.cells[self.first:self.first + self.cells])
 
 
 def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exception], decode: Callable | None,
-            label: Label, on_error: str, counter: SkipCounter, last: list) -> Iterator[Any]:
+            label: Label, on_error: str, counter: SlotCounter, last: list) -> Iterator[Any]:
     """Decode and label read samples. With on_error='skip' a bad sample is counted and replaced by
     a repeat of a good one (the last good one, or the next), so every consumer keeps its length."""
     pending = 0

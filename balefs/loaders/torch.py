@@ -19,13 +19,16 @@ import torch.utils.data as tud
 
 from .. import metrics
 from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
-from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
+from .source import BaleSource, Label, SampleError, SharedCells, SlotCounter, samples
 
 STATE_VERSION = 1
 WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the next epoch (then leaves it)
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
-# the epoch set in the main process (persistent workers read it when an iteration starts), skip counts
-ITERATED, EPOCH, SKIPS, SKIP_CELLS = 0, 1, 2, 64
+# the epoch set in the main process (persistent workers read it when an iteration starts), the order of
+# a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled) and its seed, then the
+# per-process counts of skipped samples and of blocks fetched ahead
+ITERATED, EPOCH, ORDER, SEED, COUNT_CELLS = 0, 1, 2, 3, 64
+SKIPS, PREFETCHED = 4, 4 + COUNT_CELLS
 
 
 def _slot() -> int:
@@ -101,13 +104,20 @@ class _BaleSamples:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source = BaleSource(url, rebuild=rebuild, **options)
         self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
-        self._shared = SharedCells([-1, 0] + [0] * SKIP_CELLS)
-        self._counter = SkipCounter(self._shared, SKIPS, _slot)
+        self._shared = SharedCells([-1, 0, -1, 0] + [0] * (2 * COUNT_CELLS))
+        self._counter = SlotCounter(self._shared, SKIPS, COUNT_CELLS, _slot)
+        self._prefetched = SlotCounter(self._shared, PREFETCHED, COUNT_CELLS, _slot)
 
     @property
     def skipped(self) -> int:
         """Samples skipped (on_error='skip') by this dataset in this process and its DataLoader workers."""
-        return self._counter.skipped
+        return self._counter.value
+
+    @property
+    def prefetched(self) -> int:
+        """Blocks this dataset (this process and its DataLoader workers) started fetching ahead of
+        their first read: the next epoch's first chunks, the map-style dataset's next batches."""
+        return self._prefetched.value
 
     @property
     def classes(self) -> list[str]:
@@ -185,7 +195,9 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         return order[part.positions[:self.warm_next if count is None else count]]
 
     def _warm_next(self, consumer: int, consumers: int) -> list[Future]:
-        return self.source.prefetch(self.next_epoch_rows(consumer, consumers).tolist())
+        started = self.source.prefetch(self.next_epoch_rows(consumer, consumers))
+        self._prefetched.add(len(started))
+        return started
 
     def _base(self) -> Intervals:
         """Positions of this epoch consumed before this iteration (from a loaded state)."""
@@ -300,14 +312,36 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
 class BaleDataset(_BaleSamples, tud.Dataset):
     """Map-style: index -> sample (indices in storage order), for any sampler. A DataLoader batch
-    is read with one batched read (__getitems__)."""
+    is read with one batched read (__getitems__).
+
+    With the dataset's own sampler (`sampler()`, a seeded random order every process can compute)
+    each batch read also starts fetching, in the background, the blocks of the `ahead` batches
+    after it into the host's cache (the blocks of the next epoch's first batches when the epoch
+    ends), so a batch's read rarely waits for the nodes. Other samplers get the batched reads only."""
 
     def __init__(self, url: str, decode: Callable[[bytes], Any] | None = None, label: Label = None,
-                 on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
+                 on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, ahead: int = 4,
+                 **options: Any) -> None:
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
+        self.ahead = ahead
+        self._warming: list[Future] = []  # fetches of the next epoch's first blocks, awaited where this one ends
+        self._orders: dict[tuple[int, bool, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _order_of
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_warming": [], "_orders": {}}  # per process: fetches and orders of its own
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def sampler(self, shuffle: bool = True, seed: int = 0) -> "BaleSampler":
+        """A sampler of this dataset (a random order seeded by seed and epoch, or storage order) whose
+        batches this dataset reads ahead: DataLoader(ds, sampler=ds.sampler(seed=0), batch_size=...)."""
+        return BaleSampler(self, shuffle, seed)
+
+    def epoch_rows(self, epoch: int, shuffle: bool = True, seed: int = 0) -> np.ndarray:
+        """The order of `epoch` that sampler(shuffle, seed) gives: a permutation drawn from (seed, epoch)."""
+        n = len(self.source)
+        return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
@@ -322,7 +356,66 @@ class BaleDataset(_BaleSamples, tud.Dataset):
                            self._counter, []))
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
+        if self.ahead > 0 and rows and self._shared.cells[ORDER] >= 0:
+            self._read_ahead(np.asarray(rows, dtype=np.int64))
         return out
+
+    def _order_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, position of each row in it, mask of the blocks asked for ahead) of the sampler's
+        epoch, kept for the last few epochs asked for."""
+        cells = self._shared.cells
+        shuffle, seed = bool(cells[ORDER]), int(cells[SEED])
+        key = (epoch, shuffle, seed)
+        if key not in self._orders:
+            order = self.epoch_rows(epoch, shuffle, seed)
+            at = np.empty_like(order)
+            at[order] = np.arange(len(order))
+            self._orders[key] = (order, at, np.zeros(self.source.block_count, dtype=bool))
+        for old in [k for k in self._orders if k[0] < epoch - 1 or k[1:] != key[1:]]:
+            del self._orders[old]
+        return self._orders[key]
+
+    def _read_ahead(self, rows: np.ndarray) -> None:
+        """Start fetching the blocks of the `ahead` batches after `rows` in the sampler's order (into
+        the next epoch's first batches where this one ends), each block once per epoch and process."""
+        epoch = int(self._shared.cells[EPOCH])
+        order, at, asked = self._order_of(epoch)
+        n, size = len(order), len(rows)
+        p = int(at[rows[0]])
+        if not np.array_equal(order[p:p + size], rows):  # not a batch of the sampler's (another sampler)
+            return
+        end = p + size * (1 + self.ahead)
+        started = self.source.prefetch(order[p + size:end], asked)
+        if end > n:
+            following, _, asked_next = self._order_of(epoch + 1)
+            warming = self.source.prefetch(following[:end - n], asked_next)
+            self._warming += warming
+            started += warming
+        self._prefetched.add(len(started))
+        if p + 2 * size > n:  # the epoch's last whole batch: a worker may exit after it, let the warming land
+            wait(self._warming, timeout=WARM_WAIT_S)
+            self._warming = []
+
+
+class BaleSampler(tud.Sampler[int]):
+    """The sampler of a BaleDataset (made by `BaleDataset.sampler`): a random order seeded by
+    (seed, epoch), or storage order. Its order, epoch and seed reach the dataset's DataLoader
+    workers through shared cells, so each worker knows which batches come next and reads them ahead."""
+
+    def __init__(self, dataset: BaleDataset, shuffle: bool = True, seed: int = 0) -> None:
+        self.dataset, self.shuffle, self.seed, self.epoch = dataset, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration gives."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        cells = self.dataset._shared.cells
+        cells[ORDER], cells[SEED], cells[EPOCH] = int(self.shuffle), self.seed, self.epoch
+        return iter(self.dataset.epoch_rows(self.epoch, self.shuffle, self.seed).tolist())
 
 
 def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = None) -> Iterator[Any]:
