@@ -324,11 +324,11 @@ class BaleDataset(_BaleSamples, tud.Dataset):
                  **options: Any) -> None:
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
         self.ahead = ahead
-        self._warming: list[Future] = []  # fetches of the next epoch's first blocks, awaited where this one ends
+        self._pending: list[Future] = []  # fetches started ahead, awaited where the epoch ends
         self._orders: dict[tuple[int, bool, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _order_of
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_warming": [], "_orders": {}}  # per process: fetches and orders of its own
+        return {**self.__dict__, "_pending": [], "_orders": {}}  # per process: fetches and orders of its own
 
     def __len__(self) -> int:
         return len(self.source)
@@ -388,13 +388,12 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         started = self.source.prefetch(order[p + size:end], asked)
         if end > n:
             following, _, asked_next = self._order_of(epoch + 1)
-            warming = self.source.prefetch(following[:end - n], asked_next)
-            self._warming += warming
-            started += warming
+            started += self.source.prefetch(following[:end - n], asked_next)
         self._prefetched.add(len(started))
-        if p + 2 * size > n:  # the epoch's last whole batch: a worker may exit after it, let the warming land
-            wait(self._warming, timeout=WARM_WAIT_S)
-            self._warming = []
+        self._pending = [f for f in self._pending if not f.done()] + started
+        if p + 2 * size > n:  # the epoch's last whole batch: a worker may exit after it, let every fetch land
+            wait(self._pending, timeout=WARM_WAIT_S)
+            self._pending = []
 
 
 class BaleSampler(tud.Sampler[int]):
