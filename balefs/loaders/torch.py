@@ -19,6 +19,7 @@ import torch.utils.data as tud
 
 from .. import metrics
 from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
+from .packed import PackedBatch, pack
 from .source import BaleSource, Label, SampleError, SharedCells, SlotCounter, samples
 
 STATE_VERSION = 1
@@ -147,6 +148,11 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     job: the training job's name in the task metrics (default: the launcher's, e.g. TORCHELASTIC_RUN_ID
     or SLURM_JOB_NAME), booked when the process exposes metrics (BALEFS_METRICS) and iterates the
     dataset itself (num_workers=0; with workers, wrap the DataLoader in `measured`).
+    batch_size: yield whole batches of this many raw samples (decode must be None), each a
+    `PackedBatch` (the samples' bytes one after another in one uint8 tensor, their offsets and
+    labels), made where the samples are read: one copy per sample, from the host cache into
+    shared memory, and no collate. Use it with DataLoader(ds, batch_size=None). Each consumer's
+    last batch may be short, as a DataLoader's batches of an iterable dataset are.
     options: client options overriding the volume config (cache_size, cache_dir, ...).
     """
 
@@ -154,9 +160,12 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                  label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int | None = None,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 1024,
                  zero_copy: bool = False, rebuild: bool = False, warm_next: int = 1024, job: str | None = None,
-                 **options: Any) -> None:
+                 batch_size: int | None = None, **options: Any) -> None:
+        if batch_size is not None and (batch_size < 1 or decode is not None):
+            raise ValueError(f"batch_size packs raw samples: it needs decode=None and batch_size >= 1, got "
+                             f"batch_size={batch_size!r}, decode={decode!r} (decode the PackedBatch instead)")
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
-        self.job = job
+        self.job, self.batch_size = job, batch_size
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if shuffle_buffer is None:
@@ -211,11 +220,33 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         task = metrics.task_metrics(self.job, self.rank) if tud.get_worker_info() is None else None
-        if task is None:
-            return self._samples(None)
-        return task.timed(self._samples(task))
+        if self.batch_size is None:
+            return self._samples(None) if task is None else task.timed(self._samples(task))
+        return self._batches(None) if task is None else task.timed(self._batches(task), count=_batch_len)
 
-    def _samples(self, task: metrics.TaskMetrics | None) -> Iterator[Any]:
+    def _batches(self, task: metrics.TaskMetrics | None) -> Iterator[PackedBatch]:
+        """The samples packed batch_size at a time (the last one short)."""
+        items: list = []
+        labels: list | None = [] if self.label is not None else None
+        for sample in self._samples(task, views=True, counted=False):
+            if labels is None:
+                items.append(sample)
+            else:
+                items.append(sample[0])
+                labels.append(sample[1])
+            if len(items) == self.batch_size:
+                batch = pack(items, labels)
+                items, labels = [], [] if labels is not None else None
+                self._taken += self.batch_size  # delivered once yielded
+                yield batch
+        if items:
+            batch = pack(items, labels)
+            self._taken += len(items)
+            yield batch
+
+    def _samples(self, task: metrics.TaskMetrics | None, views: bool = False, counted: bool = True) -> Iterator[Any]:
+        """This consumer's samples of the epoch (views: read-only views into the cached blocks;
+        counted: each one counts as delivered in the progress once yielded)."""
         consumer, consumers = self._consumers()
         in_worker = tud.get_worker_info() is not None
         if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
@@ -231,13 +262,13 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         units = pieces(part.positions[taken:], bounds, self.piece)
         last: list = []
         after = (lambda: self._warm_next(consumer, consumers)) if self.warm_next > 0 else None
-        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy, after)
+        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy or views, after)
         for positions, data in reading:
             if task is not None:
                 task.read_bytes.inc(sum(len(d) for d in data if not isinstance(d, Exception)))
             for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
                                   self._counter, last):
-                self._taken += 1
+                self._taken += counted
                 yield sample
         wait(reading.started, timeout=WARM_WAIT_S)  # a worker may exit after this: let the warming land
 
@@ -430,6 +461,8 @@ def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = N
 def _batch_len(batch: Any) -> int:
     """Samples in a batch: its length, or that of its first tensor when it is collated columns
     ((images, labels), a dict of tensors); 1 for anything without a length."""
+    if isinstance(batch, PackedBatch):
+        return len(batch.offsets) - 1
     if isinstance(batch, dict):
         batch = next(iter(batch.values()), [])
     elif isinstance(batch, (list, tuple)) and batch and hasattr(batch[0], "shape"):
