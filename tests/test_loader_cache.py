@@ -183,6 +183,24 @@ def test_map_style_sampler_reads_the_next_batches_ahead(tree):
     plain.source.close()
 
 
+def test_map_style_sampler_splits_ranks_and_reads_ahead_in_each(tree):
+    """With ranks, each rank's sampler gives its contiguous share of the epoch's order (equal lengths,
+    together every sample), through DataLoader workers that read that share's batches ahead."""
+    shares = []
+    for rank in range(3):
+        for p in entries(host_cache()):  # each rank as if on its own host: its blocks not cached yet
+            p.unlink()
+        ds = BaleDataset(URL, ahead=2)
+        sampler = ds.sampler(seed=8, rank=rank, world_size=3)
+        assert len(sampler) == N_FILES // 3
+        got = [name_of(s) for b in DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2, collate_fn=list) for s in b]
+        assert got == [ds.source.paths[r] for r in ds.epoch_rows(0, True, 8, rank, 3)]
+        assert ds.prefetched > 0
+        shares.append(got)
+        ds.source.close()
+    assert sorted(n for share in shares for n in share) == sorted(tree)
+
+
 def test_map_style_warms_the_next_epoch_before_it_starts(tree):
     """Epoch 0 of the map-style dataset and its sampler through a DataLoader worker, with a host
     cache smaller than the tree: when it ends, the blocks of epoch 1's first batch are cached

@@ -26,10 +26,10 @@ STATE_VERSION = 1
 WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the next epoch (then leaves it)
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), the order of
-# a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled) and its seed, then the
-# per-process counts of skipped samples and of blocks fetched ahead
-ITERATED, EPOCH, ORDER, SEED, COUNT_CELLS = 0, 1, 2, 3, 64
-SKIPS, PREFETCHED = 4, 4 + COUNT_CELLS
+# a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled), its seed, rank and world
+# size, then the per-process counts of skipped samples and of blocks fetched ahead
+ITERATED, EPOCH, ORDER, SEED, RANK, WORLD, COUNT_CELLS = 0, 1, 2, 3, 4, 5, 64
+SKIPS, PREFETCHED = 6, 6 + COUNT_CELLS
 
 
 def _slot() -> int:
@@ -105,7 +105,7 @@ class _BaleSamples:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source = BaleSource(url, rebuild=rebuild, **options)
         self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
-        self._shared = SharedCells([-1, 0, -1, 0] + [0] * (2 * COUNT_CELLS))
+        self._shared = SharedCells([-1, 0, -1, 0, 0, 1] + [0] * (2 * COUNT_CELLS))
         self._counter = SlotCounter(self._shared, SKIPS, COUNT_CELLS, _slot)
         self._prefetched = SlotCounter(self._shared, PREFETCHED, COUNT_CELLS, _slot)
 
@@ -356,7 +356,7 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
         self.ahead = ahead
         self._pending: list[Future] = []  # fetches started ahead, awaited where the epoch ends
-        self._orders: dict[tuple[int, bool, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _order_of
+        self._orders: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _order_of
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pending": [], "_orders": {}}  # per process: fetches and orders of its own
@@ -364,15 +364,22 @@ class BaleDataset(_BaleSamples, tud.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def sampler(self, shuffle: bool = True, seed: int = 0) -> "BaleSampler":
-        """A sampler of this dataset (a random order seeded by seed and epoch, or storage order) whose
-        batches this dataset reads ahead: DataLoader(ds, sampler=ds.sampler(seed=0), batch_size=...)."""
-        return BaleSampler(self, shuffle, seed)
+    def sampler(self, shuffle: bool = True, seed: int = 0, rank: int | None = None,
+                world_size: int | None = None) -> "BaleSampler":
+        """A sampler of this dataset (a random order seeded by seed and epoch, or storage order; with
+        ranks, this rank's contiguous share of it) whose batches this dataset reads ahead:
+        DataLoader(ds, sampler=ds.sampler(seed=0), batch_size=...). rank and world size: as given,
+        else from torch.distributed when initialised, else one rank."""
+        rank, world_size = _dist_rank_world(rank, world_size)
+        return BaleSampler(self, shuffle, seed, rank, world_size)
 
-    def epoch_rows(self, epoch: int, shuffle: bool = True, seed: int = 0) -> np.ndarray:
-        """The order of `epoch` that sampler(shuffle, seed) gives: a permutation drawn from (seed, epoch)."""
+    def epoch_rows(self, epoch: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """The rows sampler(shuffle, seed, rank, world_size) gives in `epoch`: this rank's contiguous
+        share of a permutation drawn from (seed, epoch), every share of one length (the short ones
+        repeat a sample)."""
         n = len(self.source)
-        return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
+        return order if world_size == 1 else order[split(np.arange(n), world_size, rank, False).positions]
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
@@ -395,11 +402,10 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         """(order, position of each row in it, mask of the blocks asked for ahead) of the sampler's
         epoch, kept for the last few epochs asked for."""
         cells = self._shared.cells
-        shuffle, seed = bool(cells[ORDER]), int(cells[SEED])
-        key = (epoch, shuffle, seed)
+        key = (epoch, bool(cells[ORDER]), int(cells[SEED]), int(cells[RANK]), int(cells[WORLD]))
         if key not in self._orders:
-            order = self.epoch_rows(epoch, shuffle, seed)
-            at = np.empty_like(order)
+            order = self.epoch_rows(*key)
+            at = np.full(len(self.source), -1, dtype=np.int64)
             at[order] = np.arange(len(order))
             self._orders[key] = (order, at, np.zeros(self.source.block_count, dtype=bool))
         for old in [k for k in self._orders if k[0] < epoch - 1 or k[1:] != key[1:]]:
@@ -413,7 +419,7 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         order, at, asked = self._order_of(epoch)
         n, size = len(order), len(rows)
         p = int(at[rows[0]])
-        if not np.array_equal(order[p:p + size], rows):  # not a batch of the sampler's (another sampler)
+        if p < 0 or not np.array_equal(order[p:p + size], rows):  # not a batch of the sampler's (another sampler)
             return
         end = p + size * (1 + self.ahead)
         started = self.source.prefetch(order[p + size:end], asked)
@@ -429,23 +435,27 @@ class BaleDataset(_BaleSamples, tud.Dataset):
 
 class BaleSampler(tud.Sampler[int]):
     """The sampler of a BaleDataset (made by `BaleDataset.sampler`): a random order seeded by
-    (seed, epoch), or storage order. Its order, epoch and seed reach the dataset's DataLoader
-    workers through shared cells, so each worker knows which batches come next and reads them ahead."""
+    (seed, epoch), or storage order, and this rank's contiguous share of it. Its order, epoch, seed
+    and share reach the dataset's DataLoader workers through shared cells, so each worker knows
+    which batches come next and reads them ahead."""
 
-    def __init__(self, dataset: BaleDataset, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, dataset: BaleDataset, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.dataset, self.shuffle, self.seed, self.epoch = dataset, shuffle, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next iteration gives."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return share_len(len(self.dataset), self.world_size, False)
 
     def __iter__(self) -> Iterator[int]:
         cells = self.dataset._shared.cells
-        cells[ORDER], cells[SEED], cells[EPOCH] = int(self.shuffle), self.seed, self.epoch
-        return iter(self.dataset.epoch_rows(self.epoch, self.shuffle, self.seed).tolist())
+        cells[ORDER], cells[SEED], cells[RANK], cells[WORLD] = int(self.shuffle), self.seed, self.rank, self.world_size
+        cells[EPOCH] = self.epoch
+        return iter(self.dataset.epoch_rows(self.epoch, self.shuffle, self.seed, self.rank, self.world_size).tolist())
 
 
 def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = None) -> Iterator[Any]:
