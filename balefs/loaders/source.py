@@ -215,26 +215,29 @@ class BaleSource:
     def prefetch(self, rows: Sequence[int], asked: np.ndarray | None = None) -> list:
         """Start fetching the blocks of the files at `rows` into the caches (the host's shared one by
         default), in the background, each block once; the futures of the fetches started. asked: a
-        mask over the snapshot's blocks (`block_count`) of those already asked for, skipped here
-        (and marked), so that reading ahead batch after batch asks for each block once."""
+        mask (`ask_mask`) of the blocks, and the rows spread over several blocks, already asked
+        for: skipped here (and marked), so that reading ahead batch after batch asks for each once."""
         rows = np.asarray(rows, dtype=np.int64)
-        _, where, _ = self._block_index()
+        blocks, where, _ = self._block_index()
         at = where[rows]
         whole = at >= 0
         ids, first = np.unique(at[whole], return_index=True)
+        other = rows[~whole]
         if asked is not None:
             new = ~asked[ids]
             ids, first = ids[new], first[new]
             asked[ids] = True
-        ask = np.r_[rows[whole][first], rows[~whole]]  # a row per block, and those spread over blocks
+            other = other[~asked[len(blocks) + other]]
+            asked[len(blocks) + other] = True
+        ask = np.concatenate([rows[whole][first], other])  # a row per block, and those spread over blocks
+        if not len(ask):
+            return []
         sizes = self.column("size")
-        reqs = [(self._extents(r), 0, int(sizes[r])) for r in ask.tolist()]
-        return self.client.prefetch_extents(reqs) if reqs else []
+        return self.client.prefetch_extents([(self._extents(r), 0, int(sizes[r])) for r in ask.tolist()])
 
-    @property
-    def block_count(self) -> int:
-        """Blocks of the snapshot's block maps (the length of a `prefetch` mask)."""
-        return len(self._block_index()[0])
+    def ask_mask(self) -> np.ndarray:
+        """An empty `prefetch` mask: one flag per block of the snapshot's block maps, then one per row."""
+        return np.zeros(len(self._block_index()[0]) + len(self), dtype=bool)
 
     def _full_path(self, row: int) -> str:
         rel = self.paths[int(row)]

@@ -407,7 +407,7 @@ class BaleDataset(_BaleSamples, tud.Dataset):
             order = self.epoch_rows(*key)
             at = np.full(len(self.source), -1, dtype=np.int64)
             at[order] = np.arange(len(order))
-            self._orders[key] = (order, at, np.zeros(self.source.block_count, dtype=bool))
+            self._orders[key] = (order, at, self.source.ask_mask())
         for old in [k for k in self._orders if k[0] < epoch - 1 or k[1:] != key[1:]]:
             del self._orders[old]
         return self._orders[key]
