@@ -293,6 +293,8 @@ def test_map_style_with_random_sampler(tree):
     got = {name_of(s): (bytes(s), y) for batch in loader for s, y in batch}
     assert got.keys() == tree.keys() and all(got[k][0] == v for k, v in tree.items())
     assert bytes(ds[-1][0]) == tree[ds.source.paths[-1]]
+    with pytest.raises(IndexError, match=f"index {N_FILES} out of range"):
+        ds.__getitems__([0, N_FILES])
 
 
 # -- faults --------------------------------------------------------------------------------

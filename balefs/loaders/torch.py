@@ -386,16 +386,18 @@ class BaleDataset(_BaleSamples, tud.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         n = len(self.source)
-        rows = [int(i) + n if int(i) < 0 else int(i) for i in indices]
-        for i, r in zip(indices, rows):
-            if not 0 <= r < n:
-                raise IndexError(f"index {i} out of range for {n} samples")
-        out = list(samples(self.source, rows, self.source.read(rows, self.zero_copy), self.decode, self.label, self.on_error,
-                           self._counter, []))
+        asked = np.asarray(indices, dtype=np.int64)
+        rows = np.where(asked < 0, asked + n, asked)
+        bad = np.flatnonzero((rows < 0) | (rows >= n))
+        if len(bad):
+            raise IndexError(f"index {indices[bad[0]]} out of range for {n} samples")
+        listed = rows.tolist()
+        out = list(samples(self.source, listed, self.source.read(rows, self.zero_copy), self.decode, self.label,
+                           self.on_error, self._counter, []))
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
-        if self.ahead > 0 and rows and self._shared.cells[ORDER] >= 0:
-            self._read_ahead(np.asarray(rows, dtype=np.int64))
+        if self.ahead > 0 and len(rows) and self._shared.cells[ORDER] >= 0:
+            self._read_ahead(rows)
         return out
 
     def _order_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
