@@ -11,7 +11,10 @@ checks that every sample comes exactly once per epoch):
   (a) loose     map-style dataset over the files on the local disk, shuffle=True
   (b) wds       WebDataset 1.0 over tar shards of the same files (shard shuffle + sample buffer)
   (c) bale-iter BaleIterableDataset (chunk-aware shuffle; zero_copy), at its defaults
-  (d) bale-map  BaleDataset with a RandomSampler (one batched read per batch; zero_copy), defaults
+  (d) bale-map  BaleDataset with its own seeded random sampler (ds.sampler(): one batched read per
+                batch, the next batches' blocks fetched ahead; zero_copy), defaults
+  (g) bale-packed BaleIterableDataset(batch_size=B) through DataLoader(batch_size=None): each batch
+                packed in the worker (PackedBatch, the same three tensors the collate makes)
   (e) litdata   LitData: litdata.optimize + StreamingDataset (shuffle=True) + StreamingDataLoader
   (f) mds       MosaicML Streaming: MDSWriter + StreamingDataset (shuffle=True)
 
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--workdir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the files, shards and volume")
-    p.add_argument("--only", default="a,b,c,d,e,f", help="loaders to run (default a,b,c,d,e,f)")
+    p.add_argument("--only", default="a,b,c,d,e,f,g", help="loaders to run (default a,b,c,d,e,f,g)")
     p.add_argument("--no-zero", action="store_true", help="skip the passes with num_workers=0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -360,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         if which == "c":
             return DataLoader(BaleIterableDataset(url, shuffle=True, seed=args.seed, label="dir", zero_copy=True), **dl)
         if which == "d":
-            return DataLoader(BaleDataset(url, label="dir", zero_copy=True), shuffle=True, generator=gen, **dl)
+            bale_map = BaleDataset(url, label="dir", zero_copy=True)
+            return DataLoader(bale_map, sampler=bale_map.sampler(seed=args.seed), **dl)
+        if which == "g":
+            packed = BaleIterableDataset(url, shuffle=True, seed=args.seed, label="dir", batch_size=b)
+            return DataLoader(packed, **{**dl, "batch_size": None, "collate_fn": None})
         if which == "e":
             import litdata
 
@@ -374,13 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                           **{**dl, "collate_fn": pack_dicts})
 
     names = {"a": "(a) loose files", "b": "(b) WebDataset", "c": "(c) BaleIterableDataset",
-             "d": "(d) BaleDataset+RandomSampler", "e": "(e) LitData", "f": "(f) MosaicML Streaming"}
+             "d": "(d) BaleDataset+sampler()", "e": "(e) LitData", "f": "(f) MosaicML Streaming",
+             "g": "(g) BaleIterableDataset batch_size"}
     results: dict[tuple[str, str], sf.Result] = {}
     memory: dict[str, tuple[int, int]] = {}
     quality: dict[str, tuple[float, float, float]] = {}
     row_of = np.empty(ds.n, dtype=np.int64)
     row_of[[int(p.rsplit("_", 1)[1].split(".")[0]) for p in bale_rows.paths]] = np.arange(len(bale_rows))
-    storage = {k: row_of if k in "cd" else np.arange(ds.n) for k in names}
+    storage = {k: row_of if k in "cdg" else np.arange(ds.n) for k in names}
     kinds = [(temp, w) for w in ([args.workers] + ([] if args.no_zero else [0])) for temp in ("cold", "warm")]
     # each loader's warm pass right after its own cold pass: a later loader's cold pass drops the
     # page cache, so a warm pass after it would read from the disk again (unlike every later epoch)
@@ -426,23 +434,33 @@ def main(argv: list[str] | None = None) -> int:
               + f" | {rss / 2**30:.2f} | {uss / 2**30:.2f} | {anon / 2**30:.2f} | {ing} | {sp:.3f} | {gp:.3f} | {rho:.3f} |")
     print()
     ratios: dict[str, float] = {}
-    for which in only:
-        if which != "c" and "c" in only:
+    mine = [m for m in ("c", "g") if m in only]  # the iterable dataset, per sample and packed
+    for m in mine:
+        for which in only:
+            if which in "cdg":
+                continue
             for k in cols:
-                ratios[f"c/{which}/{k}"] = results[("c", k)].fps / results[(which, k)].fps
-            if which == "d":
-                print("(d) map-style vs (c) iterable: " + ", ".join(f"{k}: {1 / ratios[f'c/d/{k}']:.2f}x" for k in cols))
-            else:
-                print(f"(c) balefs vs {names[which]}: " + ", ".join(f"{k}: {ratios[f'c/{which}/{k}']:.2f}x" for k in cols))
+                ratios[f"{m}/{which}/{k}"] = results[(m, k)].fps / results[(which, k)].fps
+            print(f"({m}) balefs vs {names[which]}: " + ", ".join(f"{k}: {ratios[f'{m}/{which}/{k}']:.2f}x" for k in cols))
+    if "c" in only:
+        for which in ("d", "g"):
+            if which in only:
+                for k in cols:
+                    ratios[f"{which}/c/{k}"] = results[(which, k)].fps / results[("c", k)].fps
+                print(f"{names[which]} vs (c): " + ", ".join(f"{k}: {ratios[f'{which}/c/{k}']:.2f}x" for k in cols))
     bars = []
-    for peer, bar in (("e", 1.5), ("a", 1.2)):
-        if peer in only and "c" in only:
-            worst = min(ratios[f"c/{peer}/{k}"] for k in cols)
-            bars.append(f"(c) >= {bar}x {names[peer]} in every pass: worst {worst:.2f}x {'PASS' if worst >= bar else 'MISS'}")
+    for m in mine:
+        for peer, bar in (("e", 1.5), ("a", 1.2)):
+            if peer in only:
+                each = ", ".join(f"{k} {ratios[f'{m}/{peer}/{k}']:.2f}x {'PASS' if ratios[f'{m}/{peer}/{k}'] >= bar else 'MISS'}"
+                                 for k in cols)
+                worst = min(ratios[f"{m}/{peer}/{k}"] for k in cols)
+                bars.append(f"({m}) >= {bar}x {names[peer]} in every pass: {each}; worst {worst:.2f}x "
+                            f"{'PASS' if worst >= bar else 'MISS'}")
     if "d" in only and "c" in only:
-        worst = min(1 / ratios[f"c/d/{k}"] for k in cols)
+        worst = min(ratios[f"d/c/{k}"] for k in cols)
         bars.append(f"(d) >= 0.8x (c) in every pass: worst {worst:.2f}x {'PASS' if worst >= 0.8 else 'MISS'}")
-    for which in ("c", "d"):
+    for which in ("c", "d", "g"):
         if which in memory:
             rss, uss, anon = (v / 2**30 for v in memory[which])
             bars.append(f"{names[which]} worker memory <= 0.3 GiB: private anonymous {anon:.2f} GiB "

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset
 from balefs.storage.diskcache import HEAD_SIZE, USAGE_FILE, DiskBlockCache
-from helpers import KiB, payload
+from helpers import KiB, payload, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 URL = "bale://vol/data"
@@ -150,6 +150,104 @@ def _blocks_of_row(ds: BaleIterableDataset, row: int):
     ext = src._extents(row)
     client.reader.load_maps({e.chunk for e in ext})
     return [rec for rec, _, _ in client.reader.plan(ext, 0, int(src.column("size")[row]))]
+
+
+def _keys_of_rows(ds, rows) -> set:
+    return {(rec.chunk, rec.idx) for r in rows for rec in _blocks_of_row(ds, int(r))}
+
+
+def test_map_style_sampler_reads_the_next_batches_ahead(tree):
+    """With the dataset's own sampler each batch read starts fetching the blocks of the `ahead`
+    batches after it into the host cache (counted in `prefetched`); its order is exact and seeded.
+    A plain RandomSampler's batches are read alone: nothing is fetched ahead."""
+    ds = BaleDataset(URL, ahead=2)
+    sampler = ds.sampler(seed=5)
+    order = ds.epoch_rows(0, True, 5)
+    assert sorted(order.tolist()) == list(range(N_FILES)) and order.tolist() != list(range(N_FILES))
+    it = iter(DataLoader(ds, batch_size=8, sampler=sampler, collate_fn=list))
+    first = next(it)
+    assert [name_of(s) for s in first] == [ds.source.paths[r] for r in order[:8]]
+    probe = DiskBlockCache(str(host_cache()), 1 << 30, ds.source.client.codec.volume)
+    ahead = _keys_of_rows(ds, order[8:24]) - _keys_of_rows(ds, order[:8])
+    assert ahead and ds.prefetched >= len(ahead)
+    wait_until(lambda: all(probe.contains(k) for k in ahead))
+    assert all(probe.contains(k) for k in ahead)  # before any batch of them was asked for
+    rest = [name_of(s) for b in it for s in b]
+    assert [name_of(s) for s in first] + rest == [ds.source.paths[r] for r in order]  # exactly once, in order
+    probe.close()
+    ds.source.close()
+
+    plain = BaleDataset(URL, ahead=2)
+    got = [name_of(s) for b in DataLoader(plain, batch_size=8, sampler=RandomSampler(plain), collate_fn=list) for s in b]
+    assert sorted(got) == sorted(tree) and plain.prefetched == 0
+    plain.source.close()
+
+
+def test_map_style_sampler_splits_ranks_and_reads_ahead_in_each(tree):
+    """With ranks, each rank's sampler gives its contiguous share of the epoch's order (equal lengths,
+    together every sample), through DataLoader workers that read that share's batches ahead."""
+    shares = []
+    for rank in range(3):
+        for p in entries(host_cache()):  # each rank as if on its own host: its blocks not cached yet
+            p.unlink()
+        ds = BaleDataset(URL, ahead=2)
+        sampler = ds.sampler(seed=8, rank=rank, world_size=3)
+        assert len(sampler) == N_FILES // 3
+        got = [name_of(s) for b in DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2, collate_fn=list) for s in b]
+        assert got == [ds.source.paths[r] for r in ds.epoch_rows(0, True, 8, rank, 3)]
+        assert ds.prefetched > 0
+        shares.append(got)
+        ds.source.close()
+    assert sorted(n for share in shares for n in share) == sorted(tree)
+
+
+def test_map_style_warms_the_next_epoch_before_it_starts(tree):
+    """Epoch 0 of the map-style dataset and its sampler through a DataLoader worker, with a host
+    cache smaller than the tree: when it ends, the blocks of epoch 1's first batch are cached
+    (fetched ahead by the last batch, counted in `prefetched`) and reading them touches no node.
+    Without reading ahead (ahead=0) some of them were evicted."""
+    bound = 300 * KiB  # ~18 of the ~55 blocks
+    got = {}
+    for ahead in (1, 0):
+        for p in entries(host_cache()):
+            p.unlink()
+        ds = BaleDataset(URL, ahead=ahead, disk_cache_size=bound)
+        sampler = ds.sampler(seed=3)
+        loader = DataLoader(ds, batch_size=8, sampler=sampler, num_workers=1, collate_fn=list)
+        names = [name_of(s) for b in loader for s in b]
+        assert names == [ds.source.paths[r] for r in ds.epoch_rows(0, True, 3)]  # exactly once, the sampler's order
+        rows = ds.epoch_rows(1, True, 3)[:8]
+        probe = DiskBlockCache(str(host_cache()), bound, ds.source.client.codec.volume)
+        keys = _keys_of_rows(ds, rows)
+        got[ahead] = sum(probe.contains(k) for k in keys), len(keys)
+        if ahead:
+            assert got[ahead][0] == got[ahead][1], got
+            assert ds.prefetched > 0
+            before = ds.source.client.counters()
+            data = ds.source.read(rows)
+            after = ds.source.client.counters()
+            assert [bytes(d) for d in data] == [tree[ds.source.paths[r]] for r in rows]
+            assert after["disk_cache.hits"] - before.get("disk_cache.hits", 0) >= len(keys)  # a block per read call
+            assert after.get("disk_cache.misses", 0) == before.get("disk_cache.misses", 0)  # no node read
+            sampler.set_epoch(1)
+            assert [name_of(s) for b in loader for s in b] == [ds.source.paths[r] for r in ds.epoch_rows(1, True, 3)]
+        else:
+            assert ds.prefetched == 0
+        probe.close()
+        ds.source.close()
+    assert got[0][0] < got[0][1], got  # the control: without reading ahead some are gone
+
+
+def test_iterable_counts_the_next_epochs_blocks_warmed(tree):
+    """The iterable dataset's warm_next books the blocks it fetched ahead in `prefetched` (from its
+    DataLoader worker), and none with warm_next=0."""
+    for warm in (16, 0):
+        for p in entries(host_cache()):
+            p.unlink()
+        ds = BaleIterableDataset(URL, seed=3, warm_next=warm, disk_cache_size=300 * KiB)
+        assert len([s for b in DataLoader(ds, batch_size=8, num_workers=1, collate_fn=list) for s in b]) == N_FILES
+        assert (ds.prefetched > 0) == bool(warm)
+        ds.source.close()
 
 
 def test_every_sample_once_per_epoch_across_epochs_with_workers(tree):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from balefs.loaders.device import DevicePrefetcher, _to
 from balefs.loaders.order import epoch_order
+from balefs.loaders.packed import PackedBatch
 from balefs.loaders.source import SampleError
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset, _dist_rank_world, _Prefetcher
 from balefs.storage.client import Client
@@ -203,6 +204,39 @@ def test_resume_in_process_state_is_exact(tree):
     assert head + tail == [name_of(s) for s, _ in BaleIterableDataset(URL, seed=2, label="dir")]
 
 
+def test_packed_batches_hold_the_same_samples_as_collated_ones(tree):
+    """batch_size packs each batch where it is read (PackedBatch: one uint8 tensor, offsets, labels):
+    with 0 and 2 workers, the same samples in the same batches as the DataLoader's own batching of
+    the unbatched dataset, every sample's bytes and label right, exactly once."""
+    for workers in (0, 2):
+        plain = BaleIterableDataset(URL, seed=6, label="dir")
+        expected = [[(name_of(s), y) for s, y in b]
+                    for b in DataLoader(plain, batch_size=16, num_workers=workers, collate_fn=list)]
+        ds = BaleIterableDataset(URL, seed=6, label="dir", batch_size=16)
+        got = list(DataLoader(ds, batch_size=None, num_workers=workers))
+        assert all(isinstance(b, PackedBatch) and b.data.dtype == torch.uint8 for b in got)
+        batches = [[(name_of(s), int(y)) for s, y in zip(b.samples(), b.labels)] for b in got]
+        assert batches == expected
+        assert sorted(n for b in batches for n, _ in b) == sorted(tree)
+        assert all(bytes(s) == tree[name_of(s)] for b in got for s in b.samples())
+        assert all(ds.classes[y] == n.split("/")[0] for b in batches for n, y in b)
+    unlabelled = next(iter(DataLoader(BaleIterableDataset(URL, seed=6, batch_size=5), batch_size=None)))
+    assert unlabelled.labels is None and len(unlabelled.offsets) == 6
+    with pytest.raises(ValueError, match="decode=None"):
+        BaleIterableDataset(URL, batch_size=8, decode=bytes)
+
+
+def test_packed_batches_resume_exactly(tree):
+    """The progress of a batched dataset counts the samples of the batches it yielded."""
+    ds = BaleIterableDataset(URL, seed=2, batch_size=7)
+    it = iter(ds)
+    head = [name_of(s) for _ in range(3) for s in next(it).samples()]
+    ds2 = BaleIterableDataset(URL, seed=2, batch_size=7)
+    ds2.load_state_dict(ds.state_dict())
+    tail = [name_of(s) for b in ds2 for s in b.samples()]
+    assert head + tail == [name_of(s) for s in BaleIterableDataset(URL, seed=2)]
+
+
 def test_stateful_dataloader_resume_and_merge(tree):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -259,6 +293,8 @@ def test_map_style_with_random_sampler(tree):
     got = {name_of(s): (bytes(s), y) for batch in loader for s, y in batch}
     assert got.keys() == tree.keys() and all(got[k][0] == v for k, v in tree.items())
     assert bytes(ds[-1][0]) == tree[ds.source.paths[-1]]
+    with pytest.raises(IndexError, match=f"index {N_FILES} out of range"):
+        ds.__getitems__([0, N_FILES])
 
 
 # -- faults --------------------------------------------------------------------------------

@@ -89,6 +89,22 @@ def test_dali_two_ranks_split_the_epoch(images):
     assert sorted(shares[0] + shares[1]) == sorted(images)  # together: every image exactly once
 
 
+def test_dali_window_is_the_loaders_default_window(images):
+    """One rule for the shuffle window: DALI's default is the torch datasets' (BaleSource.default_window),
+    sized by the caches, and a window given is kept."""
+    from balefs.loaders.dali import BaleBatchSource
+    from balefs.loaders.source import BaleSource
+    from balefs.loaders.torch import BaleIterableDataset
+
+    for cache_size in (64 * KiB, 1 << 30):  # room for 8 (the least) and for every chunk
+        source = BaleSource("bale://vol/img", cache_size=cache_size)
+        dali = BaleBatchSource(source, 8, True, 0, 0, 1, None, False)
+        torch_ds = BaleIterableDataset("bale://vol/img", cache_size=cache_size)
+        assert dali.window == torch_ds.window == source.default_window()
+    assert source.default_window() > 8  # a large cache widens it past the old fixed 8
+    assert BaleBatchSource(source, 8, True, 0, 0, 1, 3, False).window == 3
+
+
 @pytest.fixture(scope="module")
 def ray_volume(tmp_path_factory):
     """One Ray runtime for the module (slow to start) and a volume its workers can open."""

@@ -22,9 +22,10 @@ class BaleBatchSource:
     worker process opens its own client."""
 
     def __init__(self, source: BaleSource, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int,
-                 shuffle_buffer: int, drop_last: bool) -> None:
+                 shuffle_buffer: int | None, drop_last: bool) -> None:
         self.source, self.batch_size, self.shuffle, self.seed = source, batch_size, shuffle, seed
-        self.rank, self.world_size, self.window, self.drop_last = rank, world_size, shuffle_buffer, drop_last
+        self.window = source.default_window() if shuffle_buffer is None else shuffle_buffer
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def batches(self) -> int:
@@ -51,11 +52,12 @@ class BaleBatchSource:
 
 
 def bale_pipeline(url: str, batch_size: int, num_threads: int = 2, device_id: int | None = None,
-                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 8,
+                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int | None = None,
                   drop_last: bool = False, py_num_workers: int = 2, prefetch_queue_depth: int = 2,
                   size: tuple[int, int] | None = None, **options: Any):
     """A built DALI pipeline with outputs (images HWC uint8 RGB, labels int32 from the top directory).
-    size=(h, w) resizes every image (needed to batch images of different sizes into one tensor)."""
+    size=(h, w) resizes every image (needed to batch images of different sizes into one tensor).
+    shuffle_buffer: chunks shuffled together; default the torch datasets' (BaleSource.default_window)."""
     from nvidia.dali import fn, pipeline_def, types
 
     source = BaleBatchSource(BaleSource(url, **options), batch_size, shuffle, seed, rank, world_size,

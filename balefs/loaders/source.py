@@ -28,6 +28,7 @@ from .order import chunk_starts
 log = logging.getLogger(__name__)
 
 Label = None | str | Callable[[str], Any]
+WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see BaleSource.default_window
 
 
 class SampleError(BaleError):
@@ -112,6 +113,16 @@ class BaleSource:
         sizes = [sum(r.length for r in recs if r.idx >= 0) for recs in self.blocks.values()]
         mean = sum(sizes) / len(sizes) if sizes else 1.0
         return int(nbytes // max(1.0, mean))
+
+    def default_window(self) -> int:
+        """Every loader's default shuffle window (chunks whose samples mix): the chunks that fit in
+        3/4 of the memory cache (the window's blocks stay mapped there: a block mapped again is
+        checked again, all of it) and, with the host cache, in half of its bound (shared with other
+        jobs and the next epoch's warming); at least 8."""
+        budget = self.cfg.cache_size * WINDOW_CACHE_SHARE
+        if self.cfg.host_cache:
+            budget = min(budget, self.cfg.disk_cache_size * WINDOW_HOST_SHARE)
+        return max(WINDOW_MIN, self.chunks_fitting(int(budget)))
 
     def name(self, row: int) -> str:
         """The URL of the file at `row`."""
@@ -201,11 +212,32 @@ class BaleSource:
                 out[i] = err
         return out
 
-    def prefetch(self, rows: Sequence[int]) -> list:
+    def prefetch(self, rows: Sequence[int], asked: np.ndarray | None = None) -> list:
         """Start fetching the blocks of the files at `rows` into the caches (the host's shared one by
-        default), in the background; the futures of the fetches started."""
+        default), in the background, each block once; the futures of the fetches started. asked: a
+        mask (`ask_mask`) of the blocks, and the rows spread over several blocks, already asked
+        for: skipped here (and marked), so that reading ahead batch after batch asks for each once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        blocks, where, _ = self._block_index()
+        at = where[rows]
+        whole = at >= 0
+        ids, first = np.unique(at[whole], return_index=True)
+        other = rows[~whole]
+        if asked is not None:
+            new = ~asked[ids]
+            ids, first = ids[new], first[new]
+            asked[ids] = True
+            other = other[~asked[len(blocks) + other]]
+            asked[len(blocks) + other] = True
+        ask = np.concatenate([rows[whole][first], other])  # a row per block, and those spread over blocks
+        if not len(ask):
+            return []
         sizes = self.column("size")
-        return self.client.prefetch_extents([(self._extents(r), 0, int(sizes[r])) for r in rows])
+        return self.client.prefetch_extents([(self._extents(r), 0, int(sizes[r])) for r in ask.tolist()])
+
+    def ask_mask(self) -> np.ndarray:
+        """An empty `prefetch` mask: one flag per block of the snapshot's block maps, then one per row."""
+        return np.zeros(len(self._block_index()[0]) + len(self), dtype=bool)
 
     def _full_path(self, row: int) -> str:
         rel = self.paths[int(row)]
@@ -244,25 +276,25 @@ class SharedCells:
         self.cells = multiprocessing.RawArray("q", state) if isinstance(state, list) else state
 
 
-class SkipCounter:
-    """Counts samples skipped under on_error='skip' in the cells [first:] of `shared`, so that the main
-    process sees the skips of its DataLoader workers: each process adds to its own cell (`slot()`: 0 in
-    the main process, 1 + worker id in a worker, wrapping around), so no lock is needed."""
+class SlotCounter:
+    """A count kept in `cells` cells of `shared` from `first` on, added to by the dataset and its
+    DataLoader workers: each process adds to its own cell (`slot()`: 0 in the main process, 1 +
+    worker id in a worker, wrapping around), so no lock is needed and the main process sees the
+    workers' counts (samples skipped under on_error='skip', blocks fetched ahead)."""
 
-    def __init__(self, shared: SharedCells, first: int, slot: Callable[[], int]) -> None:
-        self.shared, self.first, self.slot = shared, first, slot
+    def __init__(self, shared: SharedCells, first: int, cells: int, slot: Callable[[], int]) -> None:
+        self.shared, self.first, self.cells, self.slot = shared, first, cells, slot
 
-    def add(self) -> None:
-        cells = self.shared.cells
-        cells[self.first + self.slot() % (len(cells) - self.first)] += 1
+    def add(self, n: int = 1) -> None:
+        self.shared.cells[self.first + self.slot() % self.cells] += n
 
     @property
-    def skipped(self) -> int:
-        return sum(self.shared.cells[self.first:])
+    def value(self) -> int:
+        return sum(self.shared.cells[self.first:self.first + self.cells])
 
 
 def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exception], decode: Callable | None,
-            label: Label, on_error: str, counter: SkipCounter, last: list) -> Iterator[Any]:
+            label: Label, on_error: str, counter: SlotCounter, last: list) -> Iterator[Any]:
     """Decode and label read samples. With on_error='skip' a bad sample is counted and replaced by
     a repeat of a good one (the last good one, or the next), so every consumer keeps its length."""
     pending = 0

@@ -19,30 +19,23 @@ import torch.utils.data as tud
 
 from .. import metrics
 from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
-from .source import BaleSource, Label, SampleError, SharedCells, SkipCounter, samples
+from .packed import PackedBatch, pack
+from .source import BaleSource, Label, SampleError, SharedCells, SlotCounter, samples
 
 STATE_VERSION = 1
 WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the next epoch (then leaves it)
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
-# the epoch set in the main process (persistent workers read it when an iteration starts), skip counts
-ITERATED, EPOCH, SKIPS, SKIP_CELLS = 0, 1, 2, 64
-WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see default_window
+# the epoch set in the main process (persistent workers read it when an iteration starts), the order of
+# a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled), its seed, rank and world
+# size, then the per-process counts of skipped samples and of blocks fetched ahead
+ITERATED, EPOCH, ORDER, SEED, RANK, WORLD, COUNT_CELLS = 0, 1, 2, 3, 4, 5, 64
+SKIPS, PREFETCHED = 6, 6 + COUNT_CELLS
 
 
 def _slot() -> int:
     """This process's skip cell: 0 in the main process, 1 + id in a DataLoader worker."""
     info = tud.get_worker_info()
     return 0 if info is None else 1 + info.id
-
-
-def default_window(source: BaleSource) -> int:
-    """shuffle_buffer's default: the chunks that fit in 3/4 of the memory cache (the window's blocks
-    stay mapped there: a block mapped again is checked again, all of it) and, with the host cache,
-    in half of its bound (shared with other jobs and the next epoch's warming); at least 8."""
-    budget = source.cfg.cache_size * WINDOW_CACHE_SHARE
-    if source.cfg.host_cache:
-        budget = min(budget, source.cfg.disk_cache_size * WINDOW_HOST_SHARE)
-    return max(WINDOW_MIN, source.chunks_fitting(int(budget)))
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -112,13 +105,20 @@ class _BaleSamples:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source = BaleSource(url, rebuild=rebuild, **options)
         self.url, self.decode, self.label, self.on_error, self.zero_copy = url, decode, label, on_error, zero_copy
-        self._shared = SharedCells([-1, 0] + [0] * SKIP_CELLS)
-        self._counter = SkipCounter(self._shared, SKIPS, _slot)
+        self._shared = SharedCells([-1, 0, -1, 0, 0, 1] + [0] * (2 * COUNT_CELLS))
+        self._counter = SlotCounter(self._shared, SKIPS, COUNT_CELLS, _slot)
+        self._prefetched = SlotCounter(self._shared, PREFETCHED, COUNT_CELLS, _slot)
 
     @property
     def skipped(self) -> int:
         """Samples skipped (on_error='skip') by this dataset in this process and its DataLoader workers."""
-        return self._counter.skipped
+        return self._counter.value
+
+    @property
+    def prefetched(self) -> int:
+        """Blocks this dataset (this process and its DataLoader workers) started fetching ahead of
+        their first read: the next epoch's first chunks, the map-style dataset's next batches."""
+        return self._prefetched.value
 
     @property
     def classes(self) -> list[str]:
@@ -134,7 +134,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     top directory, ImageFolder style) or a callable of the path; samples are (sample, label) then.
     shuffle_buffer: chunks whose samples are mixed together (their blocks sit in the host's shared
     cache and in the client's memory cache as mappings of it, bounded by cache_size: keep it above
-    shuffle_buffer x chunk size). Default (`default_window`): as many chunks as fill 3/4 of
+    shuffle_buffer x chunk size). Default (`BaleSource.default_window`): as many chunks as fill 3/4 of
     cache_size and half of the host cache (at least 8), so a tree that fits is shuffled as a whole
     (a full shuffle) and a larger one window by window. prefetch: read units (at most `piece`
     samples of one window) read ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
@@ -148,6 +148,11 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     job: the training job's name in the task metrics (default: the launcher's, e.g. TORCHELASTIC_RUN_ID
     or SLURM_JOB_NAME), booked when the process exposes metrics (BALEFS_METRICS) and iterates the
     dataset itself (num_workers=0; with workers, wrap the DataLoader in `measured`).
+    batch_size: yield whole batches of this many raw samples (decode must be None), each a
+    `PackedBatch` (the samples' bytes one after another in one uint8 tensor, their offsets and
+    labels), made where the samples are read: one copy per sample, from the host cache into
+    shared memory, and no collate. Use it with DataLoader(ds, batch_size=None). Each consumer's
+    last batch may be short, as a DataLoader's batches of an iterable dataset are.
     options: client options overriding the volume config (cache_size, cache_dir, ...).
     """
 
@@ -155,13 +160,16 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                  label: Label = None, rank: int | None = None, world_size: int | None = None, shuffle_buffer: int | None = None,
                  prefetch: int = 2, drop_last: bool = False, on_error: str = "raise", piece: int = 1024,
                  zero_copy: bool = False, rebuild: bool = False, warm_next: int = 1024, job: str | None = None,
-                 **options: Any) -> None:
+                 batch_size: int | None = None, **options: Any) -> None:
+        if batch_size is not None and (batch_size < 1 or decode is not None):
+            raise ValueError(f"batch_size packs raw samples: it needs decode=None and batch_size >= 1, got "
+                             f"batch_size={batch_size!r}, decode={decode!r} (decode the PackedBatch instead)")
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
-        self.job = job
+        self.job, self.batch_size = job, batch_size
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if shuffle_buffer is None:
-            shuffle_buffer = default_window(self.source)
+            shuffle_buffer = self.source.default_window()
         self.window, self.prefetch, self.drop_last, self.piece = shuffle_buffer, prefetch, drop_last, piece
         self.warm_next = warm_next
         self.epoch = 0
@@ -196,7 +204,9 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         return order[part.positions[:self.warm_next if count is None else count]]
 
     def _warm_next(self, consumer: int, consumers: int) -> list[Future]:
-        return self.source.prefetch(self.next_epoch_rows(consumer, consumers).tolist())
+        started = self.source.prefetch(self.next_epoch_rows(consumer, consumers))
+        self._prefetched.add(len(started))
+        return started
 
     def _base(self) -> Intervals:
         """Positions of this epoch consumed before this iteration (from a loaded state)."""
@@ -210,11 +220,33 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         task = metrics.task_metrics(self.job, self.rank) if tud.get_worker_info() is None else None
-        if task is None:
-            return self._samples(None)
-        return task.timed(self._samples(task))
+        if self.batch_size is None:
+            return self._samples(None) if task is None else task.timed(self._samples(task))
+        return self._batches(None) if task is None else task.timed(self._batches(task), count=_batch_len)
 
-    def _samples(self, task: metrics.TaskMetrics | None) -> Iterator[Any]:
+    def _batches(self, task: metrics.TaskMetrics | None) -> Iterator[PackedBatch]:
+        """The samples packed batch_size at a time (the last one short)."""
+        items: list = []
+        labels: list | None = [] if self.label is not None else None
+        for sample in self._samples(task, views=True, counted=False):
+            if labels is None:
+                items.append(sample)
+            else:
+                items.append(sample[0])
+                labels.append(sample[1])
+            if len(items) == self.batch_size:
+                batch = pack(items, labels)
+                items, labels = [], [] if labels is not None else None
+                self._taken += self.batch_size  # delivered once yielded
+                yield batch
+        if items:
+            batch = pack(items, labels)
+            self._taken += len(items)
+            yield batch
+
+    def _samples(self, task: metrics.TaskMetrics | None, views: bool = False, counted: bool = True) -> Iterator[Any]:
+        """This consumer's samples of the epoch (views: read-only views into the cached blocks;
+        counted: each one counts as delivered in the progress once yielded)."""
         consumer, consumers = self._consumers()
         in_worker = tud.get_worker_info() is not None
         if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
@@ -230,13 +262,13 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         units = pieces(part.positions[taken:], bounds, self.piece)
         last: list = []
         after = (lambda: self._warm_next(consumer, consumers)) if self.warm_next > 0 else None
-        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy, after)
+        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy or views, after)
         for positions, data in reading:
             if task is not None:
                 task.read_bytes.inc(sum(len(d) for d in data if not isinstance(d, Exception)))
             for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
                                   self._counter, last):
-                self._taken += 1
+                self._taken += counted
                 yield sample
         wait(reading.started, timeout=WARM_WAIT_S)  # a worker may exit after this: let the warming land
 
@@ -311,29 +343,121 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
 class BaleDataset(_BaleSamples, tud.Dataset):
     """Map-style: index -> sample (indices in storage order), for any sampler. A DataLoader batch
-    is read with one batched read (__getitems__)."""
+    is read with one batched read (__getitems__).
+
+    With the dataset's own sampler (`sampler()`, a seeded random order every process can compute)
+    each batch read also starts fetching, in the background, the blocks of the `ahead` batches
+    after it into the host's cache (the blocks of the next epoch's first batches when the epoch
+    ends), so a batch's read rarely waits for the nodes. Other samplers get the batched reads only."""
 
     def __init__(self, url: str, decode: Callable[[bytes], Any] | None = None, label: Label = None,
-                 on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, **options: Any) -> None:
+                 on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, ahead: int = 4,
+                 **options: Any) -> None:
         self._setup(url, decode, label, on_error, zero_copy, rebuild, options)
+        self.ahead = ahead
+        self._pending: list[Future] = []  # fetches started ahead, awaited where the epoch ends
+        self._orders: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _order_of
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pending": [], "_orders": {}}  # per process: fetches and orders of its own
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def sampler(self, shuffle: bool = True, seed: int = 0, rank: int | None = None,
+                world_size: int | None = None) -> "BaleSampler":
+        """A sampler of this dataset (a random order seeded by seed and epoch, or storage order; with
+        ranks, this rank's contiguous share of it) whose batches this dataset reads ahead:
+        DataLoader(ds, sampler=ds.sampler(seed=0), batch_size=...). rank and world size: as given,
+        else from torch.distributed when initialised, else one rank."""
+        rank, world_size = _dist_rank_world(rank, world_size)
+        return BaleSampler(self, shuffle, seed, rank, world_size)
+
+    def epoch_rows(self, epoch: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """The rows sampler(shuffle, seed, rank, world_size) gives in `epoch`: this rank's contiguous
+        share of a permutation drawn from (seed, epoch), every share of one length (the short ones
+        repeat a sample)."""
+        n = len(self.source)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
+        return order if world_size == 1 else order[split(np.arange(n), world_size, rank, False).positions]
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         n = len(self.source)
-        rows = [int(i) + n if int(i) < 0 else int(i) for i in indices]
-        for i, r in zip(indices, rows):
-            if not 0 <= r < n:
-                raise IndexError(f"index {i} out of range for {n} samples")
-        out = list(samples(self.source, rows, self.source.read(rows, self.zero_copy), self.decode, self.label, self.on_error,
-                           self._counter, []))
+        asked = np.asarray(indices, dtype=np.int64)
+        rows = np.where(asked < 0, asked + n, asked)
+        bad = np.flatnonzero((rows < 0) | (rows >= n))
+        if len(bad):
+            raise IndexError(f"index {indices[bad[0]]} out of range for {n} samples")
+        listed = rows.tolist()
+        out = list(samples(self.source, listed, self.source.read(rows, self.zero_copy), self.decode, self.label,
+                           self.on_error, self._counter, []))
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
+        if self.ahead > 0 and len(rows) and self._shared.cells[ORDER] >= 0:
+            self._read_ahead(rows)
         return out
+
+    def _order_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, position of each row in it, mask of the blocks asked for ahead) of the sampler's
+        epoch, kept for the last few epochs asked for."""
+        cells = self._shared.cells
+        key = (epoch, bool(cells[ORDER]), int(cells[SEED]), int(cells[RANK]), int(cells[WORLD]))
+        if key not in self._orders:
+            order = self.epoch_rows(*key)
+            at = np.full(len(self.source), -1, dtype=np.int64)
+            at[order] = np.arange(len(order))
+            self._orders[key] = (order, at, self.source.ask_mask())
+        for old in [k for k in self._orders if k[0] < epoch - 1 or k[1:] != key[1:]]:
+            del self._orders[old]
+        return self._orders[key]
+
+    def _read_ahead(self, rows: np.ndarray) -> None:
+        """Start fetching the blocks of the `ahead` batches after `rows` in the sampler's order (into
+        the next epoch's first batches where this one ends), each block once per epoch and process."""
+        epoch = int(self._shared.cells[EPOCH])
+        order, at, asked = self._order_of(epoch)
+        n, size = len(order), len(rows)
+        p = int(at[rows[0]])
+        if p < 0 or not np.array_equal(order[p:p + size], rows):  # not a batch of the sampler's (another sampler)
+            return
+        end = p + size * (1 + self.ahead)
+        started = self.source.prefetch(order[p + size:end], asked)
+        if end > n:
+            following, _, asked_next = self._order_of(epoch + 1)
+            started += self.source.prefetch(following[:end - n], asked_next)
+        self._prefetched.add(len(started))
+        self._pending = [f for f in self._pending if not f.done()] + started
+        if p + 2 * size > n:  # the epoch's last whole batch: a worker may exit after it, let every fetch land
+            wait(self._pending, timeout=WARM_WAIT_S)
+            self._pending = []
+
+
+class BaleSampler(tud.Sampler[int]):
+    """The sampler of a BaleDataset (made by `BaleDataset.sampler`): a random order seeded by
+    (seed, epoch), or storage order, and this rank's contiguous share of it. Its order, epoch, seed
+    and share reach the dataset's DataLoader workers through shared cells, so each worker knows
+    which batches come next and reads them ahead."""
+
+    def __init__(self, dataset: BaleDataset, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.dataset, self.shuffle, self.seed, self.epoch = dataset, shuffle, seed, 0
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration gives."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return share_len(len(self.dataset), self.world_size, False)
+
+    def __iter__(self) -> Iterator[int]:
+        cells = self.dataset._shared.cells
+        cells[ORDER], cells[SEED], cells[RANK], cells[WORLD] = int(self.shuffle), self.seed, self.rank, self.world_size
+        cells[EPOCH] = self.epoch
+        return iter(self.dataset.epoch_rows(self.epoch, self.shuffle, self.seed, self.rank, self.world_size).tolist())
 
 
 def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = None) -> Iterator[Any]:
@@ -349,6 +473,8 @@ def measured(loader: Iterable[Any], job: str | None = None, rank: int | None = N
 def _batch_len(batch: Any) -> int:
     """Samples in a batch: its length, or that of its first tensor when it is collated columns
     ((images, labels), a dict of tensors); 1 for anything without a length."""
+    if isinstance(batch, PackedBatch):
+        return len(batch.offsets) - 1
     if isinstance(batch, dict):
         batch = next(iter(batch.values()), [])
     elif isinstance(batch, (list, tuple)) and batch and hasattr(batch[0], "shape"):

@@ -1,0 +1,45 @@
+"""Whole batches of raw samples packed by the dataset (BaleIterableDataset(batch_size=...)).
+
+A DataLoader worker copies each sample once, from the host cache's mapping straight into one
+uint8 tensor in shared memory, which crosses to the training process as a handle: no per-sample
+Python objects on either side and no collate. Used with DataLoader(batch_size=None).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+
+class PackedBatch(NamedTuple):
+    """Sample k of a batch is data[offsets[k]:offsets[k + 1]]; labels: an int64 tensor (label='dir'),
+    a list (a callable label) or None."""
+
+    data: torch.Tensor  # uint8: every sample's bytes, one after another
+    offsets: torch.Tensor  # int64, one more than the samples
+    labels: Any
+
+    def samples(self) -> list[memoryview]:
+        """Every sample's bytes, as read-only views into `data` (no copy)."""
+        view, o = memoryview(self.data.numpy()).toreadonly(), self.offsets.tolist()
+        return [view[o[k]:o[k + 1]] for k in range(len(o) - 1)]
+
+
+def pack(items: Sequence[bytes | memoryview], labels: list | None) -> PackedBatch:
+    """One PackedBatch of these samples' bytes: one copy of each, into shared memory when in a
+    DataLoader worker (what default_collate does for a tensor it makes there)."""
+    sizes = np.fromiter((len(d) for d in items), dtype=np.int64, count=len(items))
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    total = int(offsets[-1])
+    if tud.get_worker_info() is not None and total:
+        data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    else:
+        data = torch.empty(total, dtype=torch.uint8)
+    if total:
+        np.concatenate([np.frombuffer(d, dtype=np.uint8) for d in items], out=data.numpy())
+    if labels is not None and all(isinstance(y, int) for y in labels):
+        labels = torch.tensor(labels, dtype=torch.int64)
+    return PackedBatch(data, torch.from_numpy(offsets), labels)
