@@ -305,10 +305,10 @@ def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
     (its checksum holds), a temp file of a dead writer is never served and is swept by the next
     open, and the host's counter matches the files again."""
     root, size = tmp_path / "cache", 8 << 20
-    cap = 1 << 40
+    cap = 4 * (size + HEAD_SIZE)  # evicting as they go: writers that never finish, wherever the kill lands
     leftovers = 0
     for k in range(6):
-        p = _writer(root, cap, "v", 10 * k, 10, size)
+        p = _writer(root, cap, "v", 100_000 * k, 100_000, size)
         time.sleep(0.05 + 0.03 * k)
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
