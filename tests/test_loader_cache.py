@@ -301,7 +301,7 @@ def test_bound_in_bytes_holds_across_processes(tmp_path):
 
 
 def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
-    """Writers of large entries are SIGKILLed at random moments: every published entry is whole
+    """Writers of large entries are SIGKILLed while writing one: every published entry is whole
     (its checksum holds), a temp file of a dead writer is never served and is swept by the next
     open, and the host's counter matches the files again."""
     root, size = tmp_path / "cache", 8 << 20
@@ -309,7 +309,10 @@ def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
     leftovers = 0
     for k in range(6):
         p = _writer(root, cap, "v", 100_000 * k, 100_000, size)
-        time.sleep(0.05 + 0.03 * k)
+        time.sleep(0.03 * k)
+        deadline = time.monotonic() + 30
+        while not any(".tmp" in q.name for q in root.glob("v/*/*")) and time.monotonic() < deadline:
+            pass  # a temp file exists for a few ms per entry: kill while one is being written
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         leftovers += len([q for q in root.glob("v/*/*") if ".tmp" in q.name])
