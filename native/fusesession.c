@@ -8,7 +8,8 @@
  * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
  * without the GIL. Python is entered only to fill the table, to read the metadata's generation
  * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
- * again; and the volume's grants checked, if it has any), for a read the native path cannot serve
+ * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants nor
+ * audited reads the counter is read here instead, through libsqlite3, without the GIL), for a read the native path cannot serve
  * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
  * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
@@ -27,6 +28,7 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
+#include <sqlite3.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,6 +116,13 @@ typedef struct {
     block_t *cbuckets[CBUCKETS];
     block_t *lru_head, *lru_tail; /* head: most recently used */
     size_t cache_bytes, cache_cap;
+    char *gen_path, *gen_sql; /* the SQLite file holding the generation counter, and its query; NULL: ask Python */
+    int gen_broken;           /* the file could not be read here: every open asks Python */
+    pthread_key_t gen_key;    /* each thread's connection to it (gen_conn_t) */
+    pthread_mutex_t policy_lock;
+    double policy_at;  /* when the provider last said whether opens need it */
+    int opens_checked; /* they do: grants to check, or reads drawn for the audit trail */
+    int policy_busy;   /* a thread is asking */
 } session_t;
 
 static session_t *S; /* one session per process */
@@ -470,6 +479,86 @@ static int fetch(struct stat *st, const char *method, const char *fmt, unsigned 
     return err;
 }
 
+/* -- the generation counter, read without Python ------------------------------------------------- */
+
+/* Seconds between two questions to the provider whether opens need it (grants, audited reads). */
+#define POLICY_TTL 1.0
+
+typedef struct {
+    sqlite3 *db;
+    sqlite3_stmt *query;
+} gen_conn_t;
+
+static void gen_conn_free(void *p) {
+    gen_conn_t *c = p;
+    if (c == NULL)
+        return;
+    sqlite3_finalize(c->query);
+    sqlite3_close(c->db);
+    free(c);
+}
+
+/* This thread's connection to the metadata file (a connection is for one thread at a time);
+ * NULL when it cannot be opened (then no thread tries again: opens ask Python). */
+static gen_conn_t *gen_conn(void) {
+    gen_conn_t *c = pthread_getspecific(S->gen_key);
+    if (c != NULL)
+        return c;
+    if ((c = calloc(1, sizeof *c)) == NULL)
+        return NULL;
+    if (sqlite3_open_v2(S->gen_path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK ||
+        sqlite3_busy_timeout(c->db, 60000) != SQLITE_OK ||
+        sqlite3_prepare_v2(c->db, S->gen_sql, -1, &c->query, NULL) != SQLITE_OK ||
+        pthread_setspecific(S->gen_key, c) != 0) {
+        fprintf(stderr, "balefs native session: %s: %s; opens read the generation counter through Python\n",
+                S->gen_path, c->db ? sqlite3_errmsg(c->db) : "out of memory");
+        gen_conn_free(c);
+        __atomic_store_n(&S->gen_broken, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    return c;
+}
+
+/* The generation counter as the metadata file holds it now (the query Meta.generation runs, in a
+ * read transaction of its own: a commit that ended before this call is seen); -1: ask Python. */
+static long long gen_native(void) {
+    gen_conn_t *c = gen_conn();
+    if (c == NULL)
+        return -1;
+    long long gen = -1;
+    if (sqlite3_step(c->query) == SQLITE_ROW)
+        gen = sqlite3_column_int64(c->query, 0);
+    sqlite3_reset(c->query); /* ends the read transaction: no snapshot is kept between opens */
+    return gen;
+}
+
+/* Whether an open must ask the provider (grants to check, reads drawn for the audit trail, or no
+ * file to read the counter from): its answer, asked again every POLICY_TTL seconds by one thread
+ * (the others keep the last answer; "yes" until the first one comes). */
+static int opens_checked(void) {
+    if (S->gen_path == NULL || __atomic_load_n(&S->gen_broken, __ATOMIC_RELAXED))
+        return 1;
+    double now = now_s();
+    pthread_mutex_lock(&S->policy_lock);
+    int ask = !S->policy_busy && now - S->policy_at >= POLICY_TTL;
+    int checked = S->opens_checked;
+    S->policy_busy |= ask;
+    pthread_mutex_unlock(&S->policy_lock);
+    if (!ask)
+        return checked;
+    PyGILState_STATE g = gil();
+    PyObject *r = call("opens_checked", "()");
+    checked = r != Py_False; /* an error: yes */
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    pthread_mutex_lock(&S->policy_lock);
+    S->opens_checked = checked;
+    S->policy_at = now_s();
+    S->policy_busy = 0;
+    pthread_mutex_unlock(&S->policy_lock);
+    return checked;
+}
+
 /* Whether what the table holds for a node may still answer LOOKUP/GETATTR (lock held): read at the
  * newest generation seen, within the metadata TTL (a stat may be that old, as on the Python path). */
 static int fresh(long long gen, double at) { return gen == S->seen_gen && now_s() - at < S->meta_ttl; }
@@ -678,6 +767,23 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     PyGILState_STATE g = gil();
     PyObject *r = call("ready", "()");
     Py_XDECREF(r);
+    /* generation_source() -> (file bytes, query bytes) or None */
+    PyObject *src = call("generation_source", "()");
+    const char *path, *sql;
+    if (src != NULL && PyTuple_Check(src)) {
+        if (PyArg_ParseTuple(src, "yy", &path, &sql)) {
+            S->gen_path = strdup(path);
+            S->gen_sql = strdup(sql);
+            if (S->gen_path == NULL || S->gen_sql == NULL) {
+                free(S->gen_path);
+                free(S->gen_sql);
+                S->gen_path = S->gen_sql = NULL;
+            }
+        } else {
+            PyErr_WriteUnraisable(S->provider);
+        }
+    }
+    Py_XDECREF(src);
     PyGILState_Release(g);
 }
 
@@ -805,8 +911,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         fuse_reply_err(req, EROFS);
         return;
     }
-    long long gen = generation(ino, fuse_req_ctx(req)->uid);
-    if (gen < 0) {
+    long long gen = opens_checked() ? -1 : gen_native();
+    if (gen < 0 && (gen = generation(ino, fuse_req_ctx(req)->uid)) < 0) {
         fuse_reply_err(req, (int)-gen);
         return;
     }
@@ -1144,6 +1250,11 @@ static void free_session(void) {
     }
     while (S->lru_head)
         evict(S->lru_head);
+    gen_conn_free(pthread_getspecific(S->gen_key)); /* this thread's; the workers' went with them */
+    pthread_key_delete(S->gen_key);
+    free(S->gen_path);
+    free(S->gen_sql);
+    pthread_mutex_destroy(&S->policy_lock);
     pthread_mutex_destroy(&S->lock);
     pthread_mutex_destroy(&S->cache_lock);
     pthread_cond_destroy(&S->loaded);
@@ -1203,6 +1314,10 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     S->cache_cap = cache_bytes > 0 ? (size_t)cache_bytes : 0;
     S->block_limit = block_limit > 0 ? (size_t)block_limit : 0;
     S->seen_gen = -1;
+    S->opens_checked = 1;
+    S->policy_at = -1e9;
+    pthread_mutex_init(&S->policy_lock, NULL);
+    pthread_key_create(&S->gen_key, gen_conn_free);
     pthread_mutex_init(&S->lock, NULL);
     pthread_mutex_init(&S->cache_lock, NULL);
     pthread_cond_init(&S->loaded, NULL);

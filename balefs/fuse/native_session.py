@@ -5,7 +5,8 @@ The C session keeps an inode table and a block cache in native memory and answer
 GETATTR, READDIR(PLUS), OPEN, READ and RELEASE from them without the GIL. NativeProvider is
 what it asks Python for, in batches: a whole directory at once (every entry's attributes and,
 for files, the block pieces that hold its bytes), the metadata's generation counter at each open
-(close-to-open, as on the Python session: a file changed since it was read is read again), a
+(close-to-open, as on the Python session: a file changed since it was read is read again; on an
+SQLite volume without grants or audited reads the C session reads the counter itself), a
 read the native path cannot serve (a block on a remote node, a bad or missing copy: the Python
 reader tries the other copies, repairs and logs, or answers EIO), and STATFS, READLINK and
 xattrs. Attributes come from BaleOperations._attrs, so both sessions report the same stat.
@@ -45,7 +46,7 @@ def native_module() -> Any:
     try:
         from .. import _fusenative
     except ImportError:
-        raise ImportError("the native FUSE session is not built: install libfuse3-dev (and gcc, liblz4-dev, "
+        raise ImportError("the native FUSE session is not built: install libfuse3-dev and libsqlite3-dev (and gcc, liblz4-dev, "
                           "libxxhash-dev), then reinstall balefs; or mount with --session python") from None
     return _fusenative
 
@@ -175,6 +176,19 @@ class NativeProvider:
                 self.client.allow(path, write=False, uid=caller)
             audit.opened(path, None, caller)
         return gen
+
+    @_answer
+    def generation_source(self) -> tuple[bytes, bytes] | None:
+        """Where the C session reads the generation counter at an open itself, without the GIL
+        (the SQLite file and the query); None: every open asks `opened` (PostgreSQL)."""
+        src = self.meta.generation_source()
+        return None if src is None else (src[0].encode(), src[1].encode())
+
+    @_answer
+    def opens_checked(self) -> bool:
+        """Whether each open must come to `opened`: the volume has grants to check, or opens are
+        drawn for the audit trail (the C session asks again every second)."""
+        return self._grants_apply() or bool(self.client.read_audit.rate)
 
     def _grants_apply(self) -> bool:
         """Whether the volume has any grant (re-read every GRANTS_REFRESH seconds)."""
