@@ -102,18 +102,22 @@ class NativeProvider:
         return (node.ino, a["st_mode"], a["st_nlink"], a["st_uid"], a["st_gid"], a["st_size"], a["st_blocks"],
                 a["st_blksize"], a["st_atime"], a["st_mtime"], a["st_ctime"])
 
-    def _pieces(self, extents: Sequence[Extent]) -> list[Piece] | None:
+    def _pieces(self, extents: Sequence[Extent], files: dict[tuple[int, int], bytes]) -> list[Piece] | None:
         """Where each byte range of a file lives: (file offset, length, block file, chunk, index,
         offset in the block), in file order; None when a block is not a local file native code may
-        read (then every read of the file goes the Python way)."""
+        read (then every read of the file goes the Python way). `files`: the block files found so
+        far in this listing (hundreds of small files share a block)."""
         out: list[Piece] = []
         for ext in extents:
             pos = ext.off
             for rec, lo, hi in self.reader.plan([ext], ext.off, ext.off + ext.length):
-                path = self.reader.native_block_file(rec)
+                path = files.get((rec.chunk, rec.idx))
                 if path is None:
-                    return None
-                out.append((pos, hi - lo, path.encode(), rec.chunk, rec.idx, lo))
+                    found = self.reader.native_block_file(rec)
+                    if found is None:
+                        return None
+                    path = files[rec.chunk, rec.idx] = found.encode()
+                out.append((pos, hi - lo, path, rec.chunk, rec.idx, lo))
                 pos += hi - lo
         return out
 
@@ -135,8 +139,9 @@ class NativeProvider:
         if files:
             extents = self.meta.extents_of([n.ino for n in files])
             self.reader.load_maps({e.chunk for exts in extents.values() for e in exts})
+            block_files: dict[tuple[int, int], bytes] = {}
             for n in files:
-                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []))
+                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []), block_files)
                 if self._pieces_gen == gen:
                     known[n.ino] = (n, pieces)
         return out
