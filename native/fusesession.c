@@ -15,6 +15,9 @@
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
  * no reference to it (it is read again when asked for).
  *
+ * A listing past the metadata TTL whose generation counter has not moved (read natively) still
+ * answers LOOKUPs of its files (their attributes change only with the counter, access times aside).
+ *
  * Cold reads: a burst of LOOKUPs in a directory not listed yet makes one listing (the others wait
  * for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
  * next RA_BLOCKS blocks read ahead by a thread of its own, from the block files the pieces named.
@@ -648,6 +651,14 @@ static long long gen_native(void) {
     return gen;
 }
 
+/* The generation counter now, read without Python where the session can (-1 where it cannot: a
+ * volume on PostgreSQL). For revalidating what the table holds; an open's check is opens_checked's. */
+static long long counter_now(void) {
+    if (S->gen_path == NULL || __atomic_load_n(&S->gen_broken, __ATOMIC_RELAXED))
+        return -1;
+    return gen_native();
+}
+
 /* Whether an open must ask the provider (grants to check, reads drawn for the audit trail, or no
  * file to read the counter from): its answer, asked again every POLICY_TTL seconds by one thread
  * (the others keep the last answer; "yes" until the first one comes). */
@@ -1008,18 +1019,33 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     for (int attempt = 0; attempt < 2; attempt++) {
         pthread_mutex_lock(&S->lock);
         node_t *d = find(parent);
-        if (d != NULL && d->listed && fresh(d->listed_gen, d->listed_at)) {
+        int files_hold = 0;
+        if (d != NULL && d->listed && !fresh(d->listed_gen, d->listed_at) && d->listed_gen == S->seen_gen) {
+            /* past the TTL: if the counter has not moved, its entries of files are still exact */
+            long long listed_gen = d->listed_gen;
+            pthread_mutex_unlock(&S->lock);
+            long long gen = counter_now();
+            pthread_mutex_lock(&S->lock);
+            if (gen > S->seen_gen)
+                S->seen_gen = gen;
+            d = find(parent);
+            files_hold = gen >= 0 && gen == listed_gen && d != NULL && d->listed && d->listed_gen == listed_gen;
+        }
+        if (d != NULL && d->listed && (files_hold || fresh(d->listed_gen, d->listed_at))) {
             uint64_t ino = find_kid(d, name);
             node_t *n = ino ? find(ino) : NULL;
-            if (n != NULL) {
+            if (n != NULL && !(files_hold && S_ISDIR(n->st.st_mode))) {
                 st = n->st;
                 n->nlookup++;
                 pthread_mutex_unlock(&S->lock);
                 reply_entry(req, &st);
                 return;
             }
-            pthread_mutex_unlock(&S->lock);
-            break; /* not in the listing: created since? ask Python below */
+            if (n == NULL) {
+                pthread_mutex_unlock(&S->lock);
+                break; /* not in the listing: created since? ask Python below */
+            }
+            /* a directory's attributes (link count, times) change without the counter: list again */
         }
         pthread_mutex_unlock(&S->lock);
         if (attempt == 0) {

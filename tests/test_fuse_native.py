@@ -154,6 +154,28 @@ def test_close_to_open_from_a_writer_mount_to_a_native_reader(make_volume, meta_
     assert (r / "f.bin").read_bytes() == b"x"
 
 
+def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(volume, mount_volume) -> None:
+    """Past meta_cache_ttl a LOOKUP reads the generation counter (natively, on SQLite) instead of
+    listing the directory again: unmoved, the listing's files are served as listed; what moves
+    without the counter (a subdirectory's link count) and a replaced file (which moves it) are
+    still seen as they are now."""
+    with Client.open(volume.name) as c:
+        c.write_file("d/f", b"1")
+        c.mkdir("d/sub")
+    w = mount_volume(volume.name)
+    r = mount_volume(volume.name, *NATIVE, "--attr-timeout", "0")  # every name goes to the daemon
+    assert sorted(os.listdir(r / "d")) == ["f", "sub"]
+    nlink = os.stat(r / "d" / "sub").st_nlink
+    (w / "d" / "sub" / "inner").mkdir()  # moves sub's link count, not the counter
+    time.sleep(1.5)  # past the metadata TTL (1 s)
+    assert os.stat(r / "d" / "f").st_size == 1
+    assert os.stat(r / "d" / "sub").st_nlink == nlink + 1
+    (w / "d" / "f").write_bytes(b"22")  # a file replaced: the counter moves
+    time.sleep(1.5)
+    assert os.stat(r / "d" / "f").st_size == 2
+    assert (r / "d" / "f").read_bytes() == b"22"
+
+
 def test_a_grant_made_while_mounted_is_checked_at_each_open(make_volume, mount_volume) -> None:
     """Opens skip Python while the volume has no grant; once one exists (seen within the grant
     refresh), every open asks Python again, which refuses a file outside it."""
