@@ -8,7 +8,8 @@
  * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
  * without the GIL. Python is entered only to fill the table, to read the metadata's generation
  * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
- * again; and the volume's grants checked, if it has any), for a read the native path cannot serve
+ * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants nor
+ * audited reads the counter is read here instead, through libsqlite3, without the GIL), for a read the native path cannot serve
  * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
  * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
@@ -17,6 +18,13 @@
  * On a read-write mount every change, and every call on a file opened for writing, is forwarded to
  * the Python operations through the provider (see "files with Python handles" and "forwarded
  * operations" below); the GIL is taken only for those.
+ *
+ * A listing past the metadata TTL whose generation counter has not moved (read natively) still
+ * answers LOOKUPs of its files (their attributes change only with the counter, access times aside).
+ *
+ * Cold reads: a burst of LOOKUPs in a directory not listed yet makes one listing (the others wait
+ * for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
+ * next RA_BLOCKS blocks read ahead by a thread of its own, from the block files the pieces named.
  *
  * Provider methods return their result, or a negative errno (never raise).
  *
@@ -32,10 +40,12 @@
 #include <limits.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
+#include <sqlite3.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -102,10 +112,26 @@ typedef struct block {
     int loading;     /* being read by one thread: the others wait for it (cache lock, `loaded`) */
     int failed;      /* its read failed: the waiters go the Python way too */
     int in_lru;
+    int ahead;       /* read ahead of any reader, not used since */
     struct block *next, *lru_prev, *lru_next;
 } block_t;
 
 #define CBUCKETS (1u << 14)
+
+/* Readahead: where each block lives (learnt from the pieces the table was given), and the blocks
+ * a reader going through a chunk in order will want next, read by a thread of their own. */
+typedef struct bfile {
+    long long chunk, idx;
+    struct bfile *next;
+    char path[];
+} bfile_t;
+
+#define FBUCKETS (1u << 14)
+#define MAX_BFILES (1u << 20) /* block files remembered; past it the list starts again */
+#define RA_BLOCKS 2           /* blocks read ahead of a reader going through a chunk in order */
+#define RA_QUEUE 64
+#define LISTING_SLOTS 64
+#define BUFFER_PREFAULT ((size_t)256 << 10) /* block buffers this large have their pages made at once */
 
 typedef struct {
     PyObject *provider;
@@ -123,6 +149,24 @@ typedef struct {
     block_t *lru_head, *lru_tail; /* head: most recently used */
     size_t cache_bytes, cache_cap;
     int pyhandles; /* Python handles open (atomic): while 0, no read needs to ask about unflushed data */
+    char *gen_path, *gen_sql; /* the SQLite file holding the generation counter, and its query; NULL: ask Python */
+    int gen_broken;           /* the file could not be read here: every open asks Python */
+    pthread_key_t gen_key;    /* each thread's connection to it (gen_conn_t) */
+    pthread_mutex_t policy_lock;
+    double policy_at;  /* when the provider last said whether opens need it */
+    int opens_checked; /* they do: grants to check, or reads drawn for the audit trail */
+    int policy_busy;   /* a thread is asking */
+    uint64_t listing[LISTING_SLOTS]; /* directories a LOOKUP is listing now (0: a free slot; lock) */
+    pthread_cond_t listed;           /* one of them is done */
+    pthread_mutex_t ra_lock; /* the block files and the readahead queue (a leaf lock) */
+    pthread_cond_t ra_wake;
+    bfile_t *fbuckets[FBUCKETS];
+    size_t nbfiles;
+    struct {
+        long long chunk, idx;
+    } ra_queue[RA_QUEUE];
+    size_t ra_head, ra_len;
+    int ra_stop;
 } session_t;
 
 static session_t *S; /* one session per process */
@@ -361,6 +405,53 @@ static uint64_t stamp_of(const struct stat *st) {
     return XXH3_64bits(v, sizeof v) | 1; /* never 0: 0 means "not opened" */
 }
 
+static void forget_block_files(void) {
+    for (size_t i = 0; i < FBUCKETS; i++) {
+        while (S->fbuckets[i]) {
+            bfile_t *f = S->fbuckets[i];
+            S->fbuckets[i] = f->next;
+            free(f);
+        }
+    }
+    S->nbfiles = 0;
+}
+
+static uint64_t bfile_hash(long long chunk, long long idx) { return (uint64_t)(chunk * 1000003 + idx) % FBUCKETS; }
+
+/* Remember where the blocks of these pieces live, for readahead (a block moved since: its new file). */
+static void learn_block_files(const pieces_t *p) {
+    pthread_mutex_lock(&S->ra_lock);
+    for (size_t i = 0; i < p->n; i++) {
+        const piece_t *pc = &p->p[i];
+        bfile_t **pp = &S->fbuckets[bfile_hash(pc->chunk, pc->idx)];
+        while (*pp && ((*pp)->chunk != pc->chunk || (*pp)->idx != pc->idx))
+            pp = &(*pp)->next;
+        if (*pp != NULL && strcmp((*pp)->path, pc->path) == 0)
+            continue;
+        size_t len = strlen(pc->path) + 1;
+        bfile_t *f = malloc(sizeof *f + len);
+        if (f == NULL)
+            break;
+        f->chunk = pc->chunk;
+        f->idx = pc->idx;
+        memcpy(f->path, pc->path, len);
+        if (*pp != NULL) { /* replace */
+            f->next = (*pp)->next;
+            free(*pp);
+            *pp = f;
+            continue;
+        }
+        if (S->nbfiles >= MAX_BFILES) {
+            forget_block_files();
+            pp = &S->fbuckets[bfile_hash(pc->chunk, pc->idx)];
+        }
+        f->next = *pp;
+        *pp = f;
+        S->nbfiles++;
+    }
+    pthread_mutex_unlock(&S->ra_lock);
+}
+
 /* Take (attrs, pieces) read at generation `gen` into the table (lock held); 0 or -1. */
 static int install(PyObject *attrs, PyObject *pieces_obj, long long gen, struct stat *out) {
     struct stat st;
@@ -381,6 +472,8 @@ static int install(PyObject *attrs, PyObject *pieces_obj, long long gen, struct 
     n->at = now_s();
     n->stamp = stamp_of(&st);
     if (S_ISREG(st.st_mode)) {
+        if (pieces != NULL)
+            learn_block_files(pieces);
         pieces_unref(n->pieces);
         n->pieces = pieces;
         n->has_pieces = 1;
@@ -460,6 +553,41 @@ out:
     return err;
 }
 
+/* List directory `ino` for a LOOKUP: when another LOOKUP is listing it already, wait for that
+ * listing instead (a burst of lookups in a directory not listed yet makes one call into Python,
+ * not one per thread); 0, or an errno. GIL not held on entry. */
+static int relist_shared(uint64_t ino) {
+    pthread_mutex_lock(&S->lock);
+    int joined = 0;
+    for (;;) {
+        size_t i, free_slot = LISTING_SLOTS;
+        for (i = 0; i < LISTING_SLOTS && S->listing[i] != ino; i++)
+            if (S->listing[i] == 0 && free_slot == LISTING_SLOTS)
+                free_slot = i;
+        if (i < LISTING_SLOTS) { /* being listed: wait */
+            joined = 1;
+            pthread_cond_wait(&S->listed, &S->lock);
+            continue;
+        }
+        if (joined) {
+            pthread_mutex_unlock(&S->lock);
+            return 0; /* (if that listing failed, the caller's LOOKUP asks Python for the one name) */
+        }
+        if (free_slot == LISTING_SLOTS) { /* every slot taken: list without sharing */
+            pthread_mutex_unlock(&S->lock);
+            return relist(ino);
+        }
+        S->listing[free_slot] = ino;
+        pthread_mutex_unlock(&S->lock);
+        int err = relist(ino);
+        pthread_mutex_lock(&S->lock);
+        S->listing[free_slot] = 0;
+        pthread_cond_broadcast(&S->listed);
+        pthread_mutex_unlock(&S->lock);
+        return err;
+    }
+}
+
 /* Fetch one inode through Python: provider.<method>(args) -> (gen, attrs, pieces); 0 or an errno. */
 static int fetch(struct stat *st, const char *method, const char *fmt, unsigned long long a, const char *name) {
     PyGILState_STATE g = gil();
@@ -478,6 +606,94 @@ static int fetch(struct stat *st, const char *method, const char *fmt, unsigned 
     Py_XDECREF(r);
     PyGILState_Release(g);
     return err;
+}
+
+/* -- the generation counter, read without Python ------------------------------------------------- */
+
+/* Seconds between two questions to the provider whether opens need it (grants, audited reads). */
+#define POLICY_TTL 1.0
+
+typedef struct {
+    sqlite3 *db;
+    sqlite3_stmt *query;
+} gen_conn_t;
+
+static void gen_conn_free(void *p) {
+    gen_conn_t *c = p;
+    if (c == NULL)
+        return;
+    sqlite3_finalize(c->query);
+    sqlite3_close(c->db);
+    free(c);
+}
+
+/* This thread's connection to the metadata file (a connection is for one thread at a time);
+ * NULL when it cannot be opened (then no thread tries again: opens ask Python). */
+static gen_conn_t *gen_conn(void) {
+    gen_conn_t *c = pthread_getspecific(S->gen_key);
+    if (c != NULL)
+        return c;
+    if ((c = calloc(1, sizeof *c)) == NULL)
+        return NULL;
+    if (sqlite3_open_v2(S->gen_path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK ||
+        sqlite3_busy_timeout(c->db, 60000) != SQLITE_OK ||
+        sqlite3_prepare_v2(c->db, S->gen_sql, -1, &c->query, NULL) != SQLITE_OK ||
+        pthread_setspecific(S->gen_key, c) != 0) {
+        fprintf(stderr, "balefs native session: %s: %s; opens read the generation counter through Python\n",
+                S->gen_path, c->db ? sqlite3_errmsg(c->db) : "out of memory");
+        gen_conn_free(c);
+        __atomic_store_n(&S->gen_broken, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    return c;
+}
+
+/* The generation counter as the metadata file holds it now (the query Meta.generation runs, in a
+ * read transaction of its own: a commit that ended before this call is seen); -1: ask Python. */
+static long long gen_native(void) {
+    gen_conn_t *c = gen_conn();
+    if (c == NULL)
+        return -1;
+    long long gen = -1;
+    if (sqlite3_step(c->query) == SQLITE_ROW)
+        gen = sqlite3_column_int64(c->query, 0);
+    sqlite3_reset(c->query); /* ends the read transaction: no snapshot is kept between opens */
+    return gen;
+}
+
+/* The generation counter now, read without Python where the session can (-1 where it cannot: a
+ * volume on PostgreSQL). For revalidating what the table holds; an open's check is opens_checked's. */
+static long long counter_now(void) {
+    if (S->gen_path == NULL || __atomic_load_n(&S->gen_broken, __ATOMIC_RELAXED))
+        return -1;
+    return gen_native();
+}
+
+/* Whether an open must ask the provider (grants to check, reads drawn for the audit trail, or no
+ * file to read the counter from): its answer, asked again every POLICY_TTL seconds by one thread
+ * (the others keep the last answer; "yes" until the first one comes). */
+static int opens_checked(void) {
+    if (S->gen_path == NULL || __atomic_load_n(&S->gen_broken, __ATOMIC_RELAXED))
+        return 1;
+    double now = now_s();
+    pthread_mutex_lock(&S->policy_lock);
+    int ask = !S->policy_busy && now - S->policy_at >= POLICY_TTL;
+    int checked = S->opens_checked;
+    S->policy_busy |= ask;
+    pthread_mutex_unlock(&S->policy_lock);
+    if (!ask)
+        return checked;
+    PyGILState_STATE g = gil();
+    PyObject *r = call("opens_checked", "()");
+    checked = r != Py_False; /* an error: yes */
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    pthread_mutex_lock(&S->policy_lock);
+    S->opens_checked = checked;
+    S->policy_at = now_s();
+    S->policy_busy = 0;
+    pthread_mutex_unlock(&S->policy_lock);
+    return checked;
 }
 
 /* Whether what the table holds for a node may still answer LOOKUP/GETATTR (lock held): read at the
@@ -534,6 +750,18 @@ static void evict(block_t *b) {
     block_unref(b);
 }
 
+/* A buffer for a block's bytes, its pages made at once (one call instead of a page fault per 4 KiB
+ * page as the block is read in; advice only: an older kernel faults them in as usual). */
+static uint8_t *block_buffer(size_t len) {
+    uint8_t *p = malloc(len ? len : 1);
+    if (p != NULL && len >= BUFFER_PREFAULT) {
+        uintptr_t lo = ((uintptr_t)p + 4095) & ~(uintptr_t)4095, hi = ((uintptr_t)p + len) & ~(uintptr_t)4095;
+        if (hi > lo)
+            madvise((void *)lo, hi - lo, MADV_POPULATE_WRITE);
+    }
+    return p;
+}
+
 /* Read, check and decode the block file of piece pc into *data (malloc'd, *len bytes); 0, or -1
  * with msg. The same checks as the block engine's, in the same order. */
 static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg) {
@@ -555,7 +783,7 @@ static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg)
     if (parse_header(head, got, &hd, msg) || payload_length(&hd, size - HEADER_SIZE, &len, msg) ||
         output_length(&hd, S->block_limit, &out_len, msg))
         goto done;
-    if ((raw = malloc(out_len ? out_len : 1)) == NULL || ((hd.flags & FLAG_LZ4) && (payload = malloc(len ? len : 1)) == NULL)) {
+    if ((raw = block_buffer(out_len)) == NULL || ((hd.flags & FLAG_LZ4) && (payload = malloc(len ? len : 1)) == NULL)) {
         snprintf(msg, MSG_LEN, "out of memory");
         goto done;
     }
@@ -581,12 +809,43 @@ done:
     return rc;
 }
 
+/* Whether block (chunk, idx) is in the cache or being read into it (cache lock held). */
+static int cached(long long chunk, long long idx) {
+    for (block_t *b = S->cbuckets[block_hash(chunk, idx)]; b; b = b->next)
+        if (b->chunk == chunk && b->idx == idx)
+            return 1;
+    return 0;
+}
+
+/* Queue the RA_BLOCKS blocks after (chunk, idx) whose files are known for the readahead thread
+ * (a full queue drops them: readers then read them themselves). */
+static void read_ahead(long long chunk, long long idx) {
+    pthread_mutex_lock(&S->ra_lock);
+    for (long long k = idx + 1; k <= idx + RA_BLOCKS && S->ra_len < RA_QUEUE; k++) {
+        const bfile_t *f = S->fbuckets[bfile_hash(chunk, k)];
+        while (f && (f->chunk != chunk || f->idx != k))
+            f = f->next;
+        int queued = f == NULL; /* unknown: past the chunk's end, or a block no listed file has bytes in */
+        for (size_t i = 0; i < S->ra_len && !queued; i++) {
+            size_t j = (S->ra_head + i) % RA_QUEUE;
+            queued = S->ra_queue[j].chunk == chunk && S->ra_queue[j].idx == k;
+        }
+        if (queued)
+            continue;
+        size_t tail = (S->ra_head + S->ra_len++) % RA_QUEUE;
+        S->ra_queue[tail].chunk = chunk;
+        S->ra_queue[tail].idx = k;
+    }
+    pthread_cond_signal(&S->ra_wake);
+    pthread_mutex_unlock(&S->ra_lock);
+}
+
 /* The block holding piece pc, long enough for it, with a reference for the caller; NULL if the
  * native path cannot read it (the caller falls back to Python). One thread reads a missing block
  * while the others asking for it wait (a sequential read's readahead asks for one block many
  * times at once). A block that grows in place may be cached shorter than a later piece needs:
  * then it is read again. */
-static block_t *get_block(const piece_t *pc) {
+static block_t *get_block(const piece_t *pc, int ahead) {
     uint64_t h = block_hash(pc->chunk, pc->idx);
     size_t need = pc->block_lo + pc->len;
     pthread_mutex_lock(&S->cache_lock);
@@ -597,11 +856,16 @@ static block_t *get_block(const piece_t *pc) {
         while (b->loading)
             pthread_cond_wait(&S->loaded, &S->cache_lock);
         if (!b->failed && b->len >= need) {
-            if (b->in_lru) {
+            if (b->in_lru && !ahead) {
                 lru_unlink(b);
                 lru_push(b);
             }
+            int first_use = b->ahead && !ahead; /* the reader caught up with the readahead: keep ahead */
+            if (first_use)
+                b->ahead = 0;
             pthread_mutex_unlock(&S->cache_lock);
+            if (first_use)
+                read_ahead(pc->chunk, pc->idx);
             return b;
         }
         int failed = b->failed;
@@ -621,6 +885,7 @@ static block_t *get_block(const piece_t *pc) {
     }
     b->chunk = pc->chunk;
     b->idx = pc->idx;
+    b->ahead = ahead;
     b->loading = 1;
     b->refs = 2; /* the cache's and ours */
     b->next = S->cbuckets[h];
@@ -630,7 +895,7 @@ static block_t *get_block(const piece_t *pc) {
     uint8_t *data = NULL;
     size_t len = 0;
     int bad = load_block(pc, &data, &len, msg);
-    if (bad)
+    if (bad && !ahead) /* (a readahead's failure is the reader's to report, when it reads the block itself) */
         fprintf(stderr, "balefs native session: chunk %lld block %lld (%s): %s; reading it the Python way\n", pc->chunk,
                 pc->idx, pc->path, msg);
     pthread_mutex_lock(&S->cache_lock);
@@ -646,13 +911,44 @@ static block_t *get_block(const piece_t *pc) {
         while (S->cache_bytes > S->cache_cap && S->lru_tail)
             evict(S->lru_tail); /* (this block too, if it alone is more than the cache holds) */
     }
+    /* a reader going through the chunk in order (its previous block is here): read ahead of it */
+    int sequential = !bad && !ahead && pc->idx > 0 && cached(pc->chunk, pc->idx - 1);
     pthread_cond_broadcast(&S->loaded);
     pthread_mutex_unlock(&S->cache_lock);
+    if (sequential)
+        read_ahead(pc->chunk, pc->idx);
     if (bad || len < need) {
         block_unref(b);
         return NULL;
     }
     return b;
+}
+
+/* The readahead thread: reads the queued blocks into the cache, one at a time, until told to stop. */
+static void *readahead_main(void *arg) {
+    (void)arg;
+    char path[4096 + 1];
+    for (;;) {
+        pthread_mutex_lock(&S->ra_lock);
+        while (S->ra_len == 0 && !S->ra_stop)
+            pthread_cond_wait(&S->ra_wake, &S->ra_lock);
+        if (S->ra_stop) {
+            pthread_mutex_unlock(&S->ra_lock);
+            return NULL;
+        }
+        piece_t pc = {.chunk = S->ra_queue[S->ra_head].chunk, .idx = S->ra_queue[S->ra_head].idx, .path = path};
+        S->ra_head = (S->ra_head + 1) % RA_QUEUE;
+        S->ra_len--;
+        const bfile_t *f = S->fbuckets[bfile_hash(pc.chunk, pc.idx)];
+        while (f && (f->chunk != pc.chunk || f->idx != pc.idx))
+            f = f->next;
+        int known = f != NULL && strlen(f->path) < sizeof path;
+        if (known)
+            strcpy(path, f->path);
+        pthread_mutex_unlock(&S->ra_lock);
+        if (known)
+            block_unref(get_block(&pc, 1)); /* (one already cached or being read: nothing to do) */
+    }
 }
 
 /* -- FUSE operations ------------------------------------------------------------------------------ */
@@ -688,6 +984,23 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     PyGILState_STATE g = gil();
     PyObject *r = call("ready", "()");
     Py_XDECREF(r);
+    /* generation_source() -> (file bytes, query bytes) or None */
+    PyObject *src = call("generation_source", "()");
+    const char *path, *sql;
+    if (src != NULL && PyTuple_Check(src)) {
+        if (PyArg_ParseTuple(src, "yy", &path, &sql)) {
+            S->gen_path = strdup(path);
+            S->gen_sql = strdup(sql);
+            if (S->gen_path == NULL || S->gen_sql == NULL) {
+                free(S->gen_path);
+                free(S->gen_sql);
+                S->gen_path = S->gen_sql = NULL;
+            }
+        } else {
+            PyErr_WriteUnraisable(S->provider);
+        }
+    }
+    Py_XDECREF(src);
     PyGILState_Release(g);
 }
 
@@ -716,18 +1029,33 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     for (int attempt = 0; attempt < 2; attempt++) {
         pthread_mutex_lock(&S->lock);
         node_t *d = find(parent);
-        if (d != NULL && d->listed && fresh(d->listed_gen, d->listed_at)) {
+        int files_hold = 0;
+        if (d != NULL && d->listed && !fresh(d->listed_gen, d->listed_at) && d->listed_gen == S->seen_gen) {
+            /* past the TTL: if the counter has not moved, its entries of files are still exact */
+            long long listed_gen = d->listed_gen;
+            pthread_mutex_unlock(&S->lock);
+            long long gen = counter_now();
+            pthread_mutex_lock(&S->lock);
+            if (gen > S->seen_gen)
+                S->seen_gen = gen;
+            d = find(parent);
+            files_hold = gen >= 0 && gen == listed_gen && d != NULL && d->listed && d->listed_gen == listed_gen;
+        }
+        if (d != NULL && d->listed && (files_hold || fresh(d->listed_gen, d->listed_at))) {
             uint64_t ino = find_kid(d, name);
             node_t *n = ino ? find(ino) : NULL;
-            if (n != NULL) {
+            if (n != NULL && !(files_hold && S_ISDIR(n->st.st_mode))) {
                 st = n->st;
                 n->nlookup++;
                 pthread_mutex_unlock(&S->lock);
                 reply_entry(req, &st);
                 return;
             }
-            pthread_mutex_unlock(&S->lock);
-            break; /* not in the listing: created since? ask Python below */
+            if (n == NULL) {
+                pthread_mutex_unlock(&S->lock);
+                break; /* not in the listing: created since? ask Python below */
+            }
+            /* a directory's attributes (link count, times) change without the counter: list again */
         }
         /* a directory this mount just changed (cp -r into it): one name, not the whole listing again */
         int changed_here = d != NULL && d->listed && d->listed_gen == LLONG_MIN;
@@ -735,7 +1063,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
         if (changed_here)
             break;
         if (attempt == 0) {
-            int err = relist(parent); /* one call for every entry of the directory */
+            int err = relist_shared(parent); /* one call for every entry of the directory */
             if (err) {
                 fuse_reply_err(req, err);
                 return;
@@ -1047,8 +1375,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         open_python(req, ino, fi);
         return;
     }
-    long long gen = generation(ino, fuse_req_ctx(req)->uid);
-    if (gen < 0) {
+    long long gen = opens_checked() ? -1 : gen_native();
+    if (gen < 0 && (gen = generation(ino, fuse_req_ctx(req)->uid)) < 0) {
         fuse_reply_err(req, (int)-gen);
         return;
     }
@@ -1161,7 +1489,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     /* most small files, and most reads of a big one: one block holds the whole range */
     if (i < p->n && p->p[i].file_off <= start && p->p[i].file_off + p->p[i].len >= end) {
         const piece_t *pc = &p->p[i];
-        block_t *b = get_block(pc);
+        block_t *b = get_block(pc, 0);
         if (b == NULL) {
             read_python(req, ino, (size_t)(end - start), off);
             return;
@@ -1179,7 +1507,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         const piece_t *pc = &p->p[i];
         uint64_t lo = pc->file_off > start ? pc->file_off : start;
         uint64_t hi = pc->file_off + pc->len < end ? pc->file_off + pc->len : end;
-        block_t *b = get_block(pc);
+        block_t *b = get_block(pc, 0);
         if (b == NULL) {
             free(buf);
             read_python(req, ino, (size_t)(end - start), off);
@@ -1626,6 +1954,15 @@ static void free_session(void) {
     }
     while (S->lru_head)
         evict(S->lru_head);
+    gen_conn_free(pthread_getspecific(S->gen_key)); /* this thread's; the workers' went with them */
+    pthread_key_delete(S->gen_key);
+    free(S->gen_path);
+    free(S->gen_sql);
+    forget_block_files();
+    pthread_mutex_destroy(&S->ra_lock);
+    pthread_cond_destroy(&S->listed);
+    pthread_cond_destroy(&S->ra_wake);
+    pthread_mutex_destroy(&S->policy_lock);
     pthread_mutex_destroy(&S->lock);
     pthread_mutex_destroy(&S->cache_lock);
     pthread_cond_destroy(&S->loaded);
@@ -1685,6 +2022,13 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     S->cache_cap = cache_bytes > 0 ? (size_t)cache_bytes : 0;
     S->block_limit = block_limit > 0 ? (size_t)block_limit : 0;
     S->seen_gen = -1;
+    S->opens_checked = 1;
+    S->policy_at = -1e9;
+    pthread_mutex_init(&S->policy_lock, NULL);
+    pthread_mutex_init(&S->ra_lock, NULL);
+    pthread_cond_init(&S->listed, NULL);
+    pthread_cond_init(&S->ra_wake, NULL);
+    pthread_key_create(&S->gen_key, gen_conn_free);
     pthread_mutex_init(&S->lock, NULL);
     pthread_mutex_init(&S->cache_lock, NULL);
     pthread_cond_init(&S->loaded, NULL);
@@ -1697,11 +2041,20 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
         if (fuse_set_signal_handlers(se) == 0) {
             if (fuse_session_mount(se, mountpoint) == 0) {
                 struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+                pthread_t ra;
+                int ra_up = pthread_create(&ra, NULL, readahead_main, NULL) == 0;
                 if (cfg != NULL) {
                     fuse_loop_cfg_set_max_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
                     fuse_loop_cfg_set_idle_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
                     rc = fuse_session_loop_mt(se, cfg);
                     fuse_loop_cfg_destroy(cfg);
+                }
+                if (ra_up) {
+                    pthread_mutex_lock(&S->ra_lock);
+                    S->ra_stop = 1;
+                    pthread_cond_signal(&S->ra_wake);
+                    pthread_mutex_unlock(&S->ra_lock);
+                    pthread_join(ra, NULL);
                 }
                 fuse_session_unmount(se);
             }

@@ -71,7 +71,9 @@ class PgServer:
         cmd = [os.path.join(self.bin, tool), *args]
         if self._user:
             cmd = ["runuser", "-u", self._user, "--", *cmd]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.root)
+        # the sanitizer job (tox -e sanitize) preloads libasan for balefs' native code: not PostgreSQL's
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.root, env=env)
         if check and r.returncode != 0:
             raise RuntimeError(f"{tool} failed ({r.returncode}): {r.stderr or r.stdout}\n{self.log_tail()}")
         return r

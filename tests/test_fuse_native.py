@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
+from balefs.storage.grants import OWNER, current_user
 from fuse_support import is_mounted, mount_volume, native_session  # noqa: F401 - fixtures
 from helpers import BLOCK, block_paths, payload, run_cli, user_error, wait_gone, write_with_bad_block
 
@@ -177,11 +179,13 @@ def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount
         assert (mp / "big" / f"{'x' * 100}{i:05d}").read_bytes() == payload(i % 300, seed=i)
 
 
-def test_close_to_open_from_a_writer_mount_to_a_native_reader(volume, mount_volume) -> None:
+def test_close_to_open_from_a_writer_mount_to_a_native_reader(make_volume, meta_engine, mount_volume) -> None:
     """Each open on the native reader sees every file closed on the writer mount before it: the
     same inode rewritten (same size: the cached size gives nothing away, the kernel's pages must
     go), a new file, a file removed and made again (a new inode behind a name the kernel still
-    holds), and a rename over a name."""
+    holds), and a rename over a name. On SQLite the C session reads the generation counter from
+    the file itself at each open; on PostgreSQL it asks Python."""
+    volume = make_volume(meta=meta_engine)
     old, new = payload(3 * BLOCK, seed=10), payload(3 * BLOCK, seed=11)
     with Client.open(volume.name) as c:
         c.write_file("f.bin", old)
@@ -199,6 +203,55 @@ def test_close_to_open_from_a_writer_mount_to_a_native_reader(volume, mount_volu
     assert (r / "f.bin").read_bytes() == old
     os.rename(w / "other.bin", w / "f.bin")
     assert (r / "f.bin").read_bytes() == b"x"
+
+
+def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(volume, mount_volume) -> None:
+    """Past meta_cache_ttl a LOOKUP reads the generation counter (natively, on SQLite) instead of
+    listing the directory again: unmoved, the listing's files are served as listed; what moves
+    without the counter (a subdirectory's link count) and a replaced file (which moves it) are
+    still seen as they are now."""
+    with Client.open(volume.name) as c:
+        c.write_file("d/f", b"1")
+        c.mkdir("d/sub")
+    w = mount_volume(volume.name)
+    r = mount_volume(volume.name, *NATIVE, "--attr-timeout", "0")  # every name goes to the daemon
+    assert sorted(os.listdir(r / "d")) == ["f", "sub"]
+    nlink = os.stat(r / "d" / "sub").st_nlink
+    (w / "d" / "sub" / "inner").mkdir()  # moves sub's link count, not the counter
+    time.sleep(1.5)  # past the metadata TTL (1 s)
+    assert os.stat(r / "d" / "f").st_size == 1
+    assert os.stat(r / "d" / "sub").st_nlink == nlink + 1
+    (w / "d" / "f").write_bytes(b"22")  # a file replaced: the counter moves
+    time.sleep(1.5)
+    assert os.stat(r / "d" / "f").st_size == 2
+    assert (r / "d" / "f").read_bytes() == b"22"
+
+
+def test_a_grant_made_while_mounted_is_checked_at_each_open(make_volume, mount_volume) -> None:
+    """Opens skip Python while the volume has no grant; once one exists (seen within the grant
+    refresh), every open asks Python again, which refuses a file outside it."""
+    volume = make_volume()
+    with Client.open(volume.name) as c:
+        c.write_file("open/a", b"A")
+        c.write_file("shut/b", b"B")
+        assert c.meta.swap_setting(OWNER, c.meta.read_setting(OWNER), "someone-else")  # grants bind this user
+    mp = mount_volume(volume.name, *NATIVE)
+    assert (mp / "shut" / "b").read_bytes() == b"B"  # no grant: open to whoever opens it
+    with Client.open(volume.name) as c:
+        c.meta.add_grant(current_user()[0], "open", "read", "", 0)
+    deadline = time.monotonic() + 30
+    while errno_of_or_none((mp / "shut" / "b").read_bytes) != errno.EACCES:
+        assert time.monotonic() < deadline, "a grant made while mounted never bound the native session's opens"
+        time.sleep(0.5)
+    assert (mp / "open" / "a").read_bytes() == b"A"
+
+
+def errno_of_or_none(fn) -> int | None:
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno
+    return None
 
 
 def test_corrupt_block_is_eio_and_the_native_mount_stays_up(volume, mount_volume, balefs_home) -> None:

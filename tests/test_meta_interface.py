@@ -49,6 +49,23 @@ def test_engine_satisfies_the_protocol(meta: Meta) -> None:
             assert (p.kind, p.default) == (q.kind, q.default), (name, p.name)
 
 
+def test_generation_source_reads_the_counter_meta_reads(meta: Meta, client: Client) -> None:
+    """SQLite names its file and the counter's query (the native FUSE session runs it at each open,
+    on a connection of its own, and must see every commit); PostgreSQL names none."""
+    src = meta.generation_source()
+    if meta.url.startswith("postgresql"):
+        assert src is None
+        return
+    import sqlite3
+
+    path, query = src
+    client.mkdir("a")
+    before = meta.generation()
+    client.rename("a", "b")  # a commit on the client's connection that moves the counter
+    with sqlite3.connect(path) as own:
+        assert own.execute(query).fetchone()[0] == meta.generation() > before
+
+
 def test_mkdir_by_inode(meta: Meta, client: Client) -> None:
     gen = meta.generation()
     a = meta.mkdir(ROOT, "a", 0o750)

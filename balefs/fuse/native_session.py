@@ -5,7 +5,8 @@ The C session keeps an inode table and a block cache in native memory and answer
 GETATTR, READDIR(PLUS), OPEN, READ and RELEASE from them without the GIL. NativeProvider is
 what it asks Python for, in batches: a whole directory at once (every entry's attributes and,
 for files, the block pieces that hold its bytes), the metadata's generation counter at each open
-(close-to-open, as on the Python session: a file changed since it was read is read again), a
+(close-to-open, as on the Python session: a file changed since it was read is read again; on an
+SQLite volume without grants or audited reads the C session reads the counter itself), a
 read the native path cannot serve (a block on a remote node, a bad or missing copy: the Python
 reader tries the other copies, repairs and logs, or answers EIO), and STATFS, READLINK and
 xattrs. Attributes come from BaleOperations._attrs, so both sessions report the same stat.
@@ -55,7 +56,7 @@ def native_module() -> Any:
     try:
         from .. import _fusenative
     except ImportError:
-        raise ImportError("the native FUSE session is not built: install libfuse3-dev (and gcc, liblz4-dev, "
+        raise ImportError("the native FUSE session is not built: install libfuse3-dev and libsqlite3-dev (and gcc, liblz4-dev, "
                           "libxxhash-dev), then reinstall balefs; or mount with --session python") from None
     return _fusenative
 
@@ -146,18 +147,22 @@ class NativeProvider:
         return (node.ino, a["st_mode"], nlink, a["st_uid"], a["st_gid"], a["st_size"], a["st_blocks"],
                 a["st_blksize"], a["st_atime"], a["st_mtime"], a["st_ctime"])
 
-    def _pieces(self, extents: Sequence[Extent]) -> list[Piece] | None:
+    def _pieces(self, extents: Sequence[Extent], files: dict[tuple[int, int], bytes]) -> list[Piece] | None:
         """Where each byte range of a file lives: (file offset, length, block file, chunk, index,
         offset in the block), in file order; None when a block is not a local file native code may
-        read (then every read of the file goes the Python way)."""
+        read (then every read of the file goes the Python way). `files`: the block files found so
+        far in this listing (hundreds of small files share a block)."""
         out: list[Piece] = []
         for ext in extents:
             pos = ext.off
             for rec, lo, hi in self.reader.plan([ext], ext.off, ext.off + ext.length):
-                path = self.reader.native_block_file(rec)
+                path = files.get((rec.chunk, rec.idx))
                 if path is None:
-                    return None
-                out.append((pos, hi - lo, path.encode(), rec.chunk, rec.idx, lo))
+                    found = self.reader.native_block_file(rec)
+                    if found is None:
+                        return None
+                    path = files[rec.chunk, rec.idx] = found.encode()
+                out.append((pos, hi - lo, path, rec.chunk, rec.idx, lo))
                 pos += hi - lo
         return out
 
@@ -179,8 +184,9 @@ class NativeProvider:
         if files:
             extents = self.meta.extents_of([n.ino for n in files])
             self.reader.load_maps({e.chunk for exts in extents.values() for e in exts})
+            block_files: dict[tuple[int, int], bytes] = {}
             for n in files:
-                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []))
+                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []), block_files)
                 if self._pieces_gen == gen:
                     known[n.ino] = (n, pieces)
         return out
@@ -227,6 +233,19 @@ class NativeProvider:
             if self.ops.atimes.atime(node) != before:
                 self.native.stale(ino)  # the table's attributes have the old atime
         return gen
+
+    @_answer
+    def generation_source(self) -> tuple[bytes, bytes] | None:
+        """Where the C session reads the generation counter at an open itself, without the GIL
+        (the SQLite file and the query); None: every open asks `opened` (PostgreSQL)."""
+        src = self.meta.generation_source()
+        return None if src is None else (src[0].encode(), src[1].encode())
+
+    @_answer
+    def opens_checked(self) -> bool:
+        """Whether each open must come to `opened`: the volume has grants to check, or opens are
+        drawn for the audit trail (the C session asks again every second)."""
+        return self._grants_apply() or bool(self.client.read_audit.rate)
 
     def _grants_apply(self) -> bool:
         """Whether the volume has any grant (re-read every GRANTS_REFRESH seconds)."""

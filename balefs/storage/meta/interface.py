@@ -178,6 +178,10 @@ class Meta(Protocol):
     def generation(self) -> int:
         """The change counter: moves in every transaction that may make a cached lookup wrong."""
 
+    def generation_source(self) -> tuple[str, str] | None:
+        """Where compiled code may read the change counter itself, without this process's Python:
+        (an SQLite file, the query), or None for an engine it cannot read (PostgreSQL)."""
+
     def getattr(self, ino: int) -> Inode | None:
         """The inode `ino`, or None if it does not exist."""
 

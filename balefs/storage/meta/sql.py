@@ -121,6 +121,7 @@ CREATE TABLE IF NOT EXISTS grants(id {serial}, grantee TEXT NOT NULL, prefix TEX
 
 #: inode kinds that hold no data and are made by mknod: 'p' a FIFO, 's' a Unix socket
 SPECIAL_KINDS = ("p", "s")
+GENERATION_QUERY = "SELECT value FROM counters WHERE name='generation'"  # the change counter (close-to-open)
 
 # Every table, in an order that copying respects (migrate-meta).
 TABLES = ("meta", "counters", "nodes", "inodes", "dentries", "chunks", "blocks", "block_copies", "extents", "xattrs", "audit", "grants")
@@ -400,7 +401,11 @@ class SqlMeta:
     def generation(self) -> int:
         """The change counter: moves whenever a cached lookup may have become wrong."""
         with self._read() as db:
-            return int(db.execute("SELECT value FROM counters WHERE name='generation'").fetchone()[0])
+            return int(db.execute(GENERATION_QUERY).fetchone()[0])
+
+    def generation_source(self) -> tuple[str, str] | None:
+        """None: only an SQLite file can be read by compiled code directly (SqliteMeta says where)."""
+        return None
 
     @retrying
     def getattr(self, ino: int) -> Inode | None:

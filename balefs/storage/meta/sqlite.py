@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ...errors import ConfigError, MetaFileError
-from .sql import Db, SqlMeta
+from .sql import GENERATION_QUERY, Db, SqlMeta
 
 
 class SqliteMeta(SqlMeta):
@@ -58,6 +58,10 @@ class SqliteMeta(SqlMeta):
             if isinstance(exc, sqlite3.Error):
                 raise _sqlite_open_error(path, exc, create) from None
             raise
+
+    def generation_source(self) -> tuple[str, str] | None:
+        """This file and the counter's query: the native FUSE session reads it at each open."""
+        return os.path.abspath(self.path), GENERATION_QUERY
 
     def discard(self) -> None:
         """Close, and remove the files that this store's create made (nothing else): a volume
