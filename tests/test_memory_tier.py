@@ -52,26 +52,49 @@ def enc(make_volume):
 
 def test_plaintext_only_in_memory_private_modes_and_ciphertext_on_disk(enc, open_client, tmp_path) -> None:
     """A host-cache read publishes the decrypted block under the tmpfs root only (dirs 0700, entries
-    0600, one directory per volume uuid); the disk tier gets the sealed entry; nothing on disk
-    (nodes, disk cache, configs) holds the plaintext."""
+    0600, one directory per volume uuid); the sealed disk tier below serves what it holds (here
+    filled by a plain disk-cache client, with the nodes gone) and never holds plaintext."""
     data = _write(open_client, enc.name)
-    reader = open_client(enc.name, cache_dir=str(tmp_path / "hostcache"), host_cache=True)
+    cache = tmp_path / "hostcache"
+    filler = open_client(enc.name, cache_dir=str(cache))  # the disk tier only, as a mount or warmup fills it
+    assert all(filler.read_file(p) == b for p, b in data.items())
+    filler.disk_cache.flush()
+    disk_entries = _files(cache / filler.codec.volume)
+    assert disk_entries and _with_marker(cache) == []
+    reader = open_client(enc.name, cache_dir=str(cache), host_cache=True)
     tier = reader.memory_tier
     assert tier is not None and reader.reader.shared_cache is tier and tier.sealer is None
+    for n in reader.nodes.values():
+        shutil.rmtree(n.url)
     assert all(reader.read_file(p) == b for p, b in data.items())
-    reader.disk_cache.flush()
+    snap = reader.counters()
+    assert snap["disk_cache.hits"] >= 1 and snap["memory_tier.writes"] == snap["disk_cache.hits"]
     mem = Path(os.environ["BALEFS_MEMORY_CACHE_DIR"])
     assert in_memory(str(mem)) and tier.root == str(mem / reader.codec.volume)
-    entries = [p for p in _files(mem / reader.codec.volume)]
-    assert entries and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in entries)
+    entries = _files(mem / reader.codec.volume)
+    assert len(entries) == snap["memory_tier.writes"]
     assert _with_marker(mem) != []  # plaintext, in memory
     dirs = [mem, *[p for p in mem.rglob("*") if p.is_dir()]]
     assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in dirs), [(d, oct(d.stat().st_mode)) for d in dirs]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in _files(mem))  # .usage and the fill locks too
-    disk_entries = [p for p in _files(tmp_path / "hostcache" / reader.codec.volume)]
-    assert len(disk_entries) >= 1  # the sealed disk tier is filled as well
-    assert _with_marker(tmp_path) == []  # ciphertext everywhere on disk
-    assert reader.counters()["memory_tier.writes"] >= 1
+    assert _files(cache / reader.codec.volume) == disk_entries and _with_marker(tmp_path) == []  # ciphertext on disk
+
+
+def test_a_block_the_memory_tier_cannot_keep_goes_sealed_to_disk(enc, open_client, tmp_path, tmpfs,
+                                                                 monkeypatch) -> None:
+    """A tmpfs too small for a block: the reader still serves it, and caches it on the disk tier
+    (sealed) instead of in memory."""
+    data = _write(open_client, enc.name, 3)
+    small = tmpfs("64k")  # the tier's bound is at most half of it: less than one 64 KiB block
+    monkeypatch.setenv("BALEFS_MEMORY_CACHE_DIR", str(small))
+    cache = tmp_path / "hostcache"
+    reader = open_client(enc.name, cache_dir=str(cache), host_cache=True)
+    assert reader.memory_tier is not None and reader.memory_tier.capacity <= 32 << 10
+    assert all(reader.read_file(p) == b for p, b in data.items())
+    reader.disk_cache.flush()
+    assert _files(small / reader.codec.volume) == []
+    assert len(_files(cache / reader.codec.volume)) == reader.counters()["disk_cache.writes"] >= 1
+    assert _with_marker(tmp_path) == []
 
 
 def test_two_processes_share_one_entry(enc, open_client, tmp_path) -> None:

@@ -187,7 +187,7 @@ class BlockReader:
     def _load(self, rec: BlockRecord) -> bytes:
         key = (rec.chunk, rec.idx)
         shared = self.shared_cache if rec.durable else None  # a block still growing is read from its nodes
-        data = self._load_shared(rec, shared) if shared is not None else self._load_below(rec, shared)
+        data = self._load_shared(rec, shared) if shared is not None else self._load_below(rec, None)[0]
         self.cache.put(key, data)
         return data
 
@@ -200,24 +200,30 @@ class BlockReader:
         with shared.filling(key):  # another process fetching it: wait for its entry instead
             data = shared.get(key, rec.length, mapped=True) if shared.contains(key) else None
             if data is None:
-                data = self._load_below(rec, shared)
+                data, spill = self._load_below(rec, shared)
                 kept = shared.keep(key, data)  # the host's one copy, instead of this process's own
+                if kept is None and spill is not None:  # not kept in memory: cached (sealed) on disk after all
+                    spill.put(key, data)
                 data = data if kept is None else kept
         return data
 
-    def _load_below(self, rec: BlockRecord, shared: Any) -> bytes | memoryview:
-        """A block from the disk tier (unless it is the shared tier, just missed), else from its nodes
-        (then cached on disk in the background, unless the shared tier is the disk tier)."""
+    def _load_below(self, rec: BlockRecord, shared: Any) -> tuple[bytes | memoryview, Any]:
+        """(the block, None) from the disk tier (unless it is the shared tier, just missed); else
+        (the block, the disk tier that misses it) from its nodes. Without a shared tier the block is
+        then cached on disk in the background; a shared tier in memory writes it there only when it
+        cannot keep it: sealing every block a loader reads once more would cost it a fifth of its rate
+        (benchmarks/RESULTS.md, "Encryption at rest"), and a block kept in memory needs no second copy."""
         key = (rec.chunk, rec.idx)
         disk = self.disk_cache if rec.durable and self.disk_cache is not shared else None
         if disk is not None:
             data = disk.get(key, rec.length)
             if data is not None:
-                return data
+                return data, None
         data = self.fetch_from_nodes(rec)
-        if disk is not None:
+        if disk is not None and shared is None:
             disk.put(key, data)
-        return data
+            return data, None
+        return data, disk
 
     def prefetch_to_disk(self, recs: Iterable[BlockRecord]) -> list[Future]:
         """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any
