@@ -137,9 +137,11 @@ def _batch_size(batch: list) -> tuple[int, int]:
     return len(batch), sum(len(data) for data, _ in batch)
 
 
-def bench_loader(volume: str, dest: str, files: int) -> tuple[float, int]:
-    """(s, bytes) of one epoch of BaleIterableDataset over the tree in a DataLoader (2 workers,
-    batches of 64), page cache dropped; its snapshot is built before, untimed."""
+def bench_loader(volume: str, dest: str, files: int) -> tuple[float, int, float]:
+    """(s, bytes, CPU s) of one epoch of BaleIterableDataset over the tree in a DataLoader (2 workers,
+    batches of 64), page cache dropped; its snapshot is built before, untimed. CPU: user + sys of
+    this process and its workers (reaped when the epoch ends), less sensitive than wall time to
+    what else runs on the machine."""
     from torch.utils.data import DataLoader
 
     from balefs.loaders.torch import BaleIterableDataset
@@ -149,15 +151,25 @@ def bench_loader(volume: str, dest: str, files: int) -> tuple[float, int]:
     drop_caches("encryption.py")
     loader = DataLoader(BaleIterableDataset(url, shuffle=True, seed=0, label="dir"), batch_size=64, num_workers=2,
                         prefetch_factor=4, collate_fn=_batch_size)
+    cpu = _cpu_s()
     t = time.perf_counter()
     samples = nbytes = 0
     for n, size in loader:
         samples += n
         nbytes += size
     took = time.perf_counter() - t
+    del loader
+    gc.collect()  # the workers are joined, their CPU counted as children's
+    cpu = _cpu_s() - cpu
     if samples != files:
         raise SystemExit(f"encryption.py: the loader gave {samples} samples of {files} files")
-    return took, nbytes
+    return took, nbytes, cpu
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its reaped children so far."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def bench_ckpt(volume: str, state: dict, rnd: int) -> dict:
@@ -258,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                 if nbytes != tree_bytes:
                     raise SystemExit(f"encryption.py: {side} mount read {nbytes} bytes of {tree_bytes}")
             for side in sides if "loader" in wanted else ():
-                loader_s, nbytes = bench_loader(side, dest, args.files)
+                loader_s, nbytes, loader_cpu = bench_loader(side, dest, args.files)
                 keep(side, "loader_s", loader_s)
+                keep(side, "loader_cpu_s", loader_cpu)
                 if nbytes != tree_bytes:
                     raise SystemExit(f"encryption.py: {side} loader read {nbytes} bytes of {tree_bytes}")
             for side in sides if "ckpt" in wanted else ():
@@ -285,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {shown} | {ratio:.2f} | {paired} |")
             ratios[key_] = round(ratio, 2)
         print(f"| AES-256-GCM of this CPU, one thread (seal / open MB/s) | - | {seal:,.0f} / {open_:,.0f} | - | - |")
+        if "loader_cpu_s" in figures["sealed"]:
+            lc = {side: figures[side]["loader_cpu_s"] for side in ("plain", "sealed")}
+            print(f"| loader, CPU of the epoch's processes (s, user + sys; not in the bar) | {lc['plain']:.2f} "
+                  f"| {lc['sealed']:.2f} | {lc['plain'] / lc['sealed']:.2f} | "
+                  + " / ".join(f"{p / q:.2f}" for p, q in zip(runs["plain"]["loader_cpu_s"], runs["sealed"]["loader_cpu_s"]))
+                  + " |")
         cpu = {side: figures[side]["put_cpu_s"] for side in figures}
         print(f"| put, CPU of the `balefs put` process (s, user + sys; not in the bar) | {cpu['plain']:.2f} | {cpu['sealed']:.2f} "
               f"| {cpu['plain'] / cpu['sealed']:.2f} | - |")
