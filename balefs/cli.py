@@ -874,8 +874,11 @@ def status(volume: str, no_probe: bool) -> None:
     with Client.open(volume) as client:
         rows = volume_status(client, probe=not no_probe)
         redundancy = client.usage(scan_nodes=False)["redundancy"]
+        tier = _memory_tier_line(client.codec.volume, client.cfg.disk_cache_size) if client.codec.encrypted else None
     click.echo(f"block engine: {engine_name()}")
     click.echo(f"mount sessions: {_mount_sessions()}")
+    if tier is not None:
+        click.echo(f"host cache: {tier}")
     for n in rows:
         state = "up" if n["up"] else "DOWN"
         role = "" if n["in_use"] else " (not in placement: draining or drained)"
@@ -886,6 +889,24 @@ def status(volume: str, no_probe: bool) -> None:
                        f"{p['errors']} errors, in {_human(p['bytes_in'])}, out {_human(p['bytes_out'])}"
                        + (f", last error: {p['last_error']}" if p["last_error"] else ""))
     _echo_redundancy(redundancy)
+
+
+def _memory_tier_line(namespace: str, configured: int) -> str:
+    """What status says of an encrypted volume's host cache (the loaders'): where it shares plaintext
+    in memory and how much of this volume is there, or why decrypted blocks are not shared."""
+    from .storage.diskcache import cache_usage
+    from .storage.memroot import memory_bound, memory_cache_dir
+
+    try:
+        root = memory_cache_dir()
+    except (OSError, ValueError) as exc:
+        return f"decrypted blocks not shared between processes ({exc}); the disk tier holds ciphertext"
+    if root is None:
+        return ("decrypted blocks not shared between processes (no tmpfs at $XDG_RUNTIME_DIR or /dev/shm); "
+                "the disk tier holds ciphertext")
+    n, size = cache_usage(root).get(namespace, (0, 0))
+    return (f"plaintext shared in memory at {root} (tmpfs, this user only, gone at reboot): {n} blocks, "
+            f"{_human(size)} of this volume, bound {_human(memory_bound(configured, root))}; the disk tier holds ciphertext")
 
 
 def _move_with_bar(client: Client, moves: list, what: str, rate: int | None = None) -> None:

@@ -4,9 +4,11 @@ little data."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -46,13 +48,19 @@ def fuse() -> None:
 
 
 @pytest.fixture(autouse=True)
-def balefs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private $BALEFS_HOME and host cache directory (subprocesses inherit them through the environment)."""
+def balefs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private $BALEFS_HOME, host cache directory and, on /dev/shm, the host cache's plaintext tier
+    of encrypted volumes (subprocesses inherit them through the environment)."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("BALEFS_HOME", str(home))
     monkeypatch.setenv("BALEFS_CACHE_DIR", str(tmp_path / "host_cache"))
-    return home
+    shm = tempfile.mkdtemp(prefix="balefs-test-", dir="/dev/shm") if os.path.isdir("/dev/shm") else None
+    if shm is not None:
+        monkeypatch.setenv("BALEFS_MEMORY_CACHE_DIR", shm)
+    yield home
+    if shm is not None:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def _drop_fsspec_instances() -> None:

@@ -283,16 +283,23 @@ def test_disk_cache_holds_only_ciphertext(enc, open_client, tmp_path) -> None:
     assert warm.disk_cache.counters.snapshot()["hits"] >= len(data)
 
 
-def test_host_cache_keeps_ciphertext_and_serves_the_reader_its_own_copy(enc, open_client, tmp_path) -> None:
-    """A loader's host cache (mapped): the entry is written sealed before the read returns; the
-    reader keeps the bytes it decrypted (a mapping would show ciphertext) and opens none again."""
+def test_host_cache_without_tmpfs_keeps_ciphertext_and_serves_the_reader_its_own_copy(
+        enc, open_client, tmp_path, monkeypatch, caplog) -> None:
+    """A loader's host cache (mapped) where no tmpfs may hold plaintext (test_memory_tier.py has the
+    tier in memory): one logged line, then as before: the entry is written sealed before the read
+    returns; the reader keeps the bytes it decrypted (a mapping would show ciphertext) and opens
+    none again."""
+    monkeypatch.setenv("BALEFS_MEMORY_CACHE_DIR", str(tmp_path / "on-disk"))
     c = open_client(enc.name)
     data = {f"f{i}": _secret(20_000, i) for i in range(4)}
     for p, b in data.items():
         c.write_file(p, b)
     cache = tmp_path / "hostcache"
     reader = open_client(enc.name, cache_dir=str(cache), host_cache=True)
-    assert reader.reader.mapped
+    assert reader.memory_tier is None and reader.reader.shared_cache is reader.disk_cache
+    assert [r.getMessage() for r in caplog.records if "not shared between processes" in r.getMessage()] == [
+        f"host cache: BALEFS_MEMORY_CACHE_DIR={tmp_path / 'on-disk'} is not on a tmpfs: plaintext must stay in memory; "
+        "decrypted blocks are not shared between processes"]
     unsealed = []
     sealer = reader.disk_cache.sealer
     real = sealer.unseal

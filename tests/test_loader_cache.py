@@ -23,6 +23,9 @@ from helpers import KiB, payload, wait_until
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 URL = "bale://vol/data"
 N_FILES = 240
+# encrypted volumes (BALEFS_TEST_ENCRYPT=1) share decrypted blocks through the host cache's tier in memory
+ENCRYPTED = os.environ.get("BALEFS_TEST_ENCRYPT") == "1"
+TIER = "memory_tier" if ENCRYPTED else "disk_cache"  # the shared tier's counters
 
 
 def _content(rel: str, i: int) -> bytes:
@@ -47,7 +50,8 @@ def tree(make_volume, open_client) -> dict[str, bytes]:
 
 
 def host_cache() -> Path:
-    return Path(os.environ["BALEFS_CACHE_DIR"])
+    """The directory of the host cache's shared tier (the disk tier; encrypted: the one in memory)."""
+    return Path(os.environ["BALEFS_MEMORY_CACHE_DIR" if ENCRYPTED else "BALEFS_CACHE_DIR"])
 
 
 def entries(root: Path) -> list[Path]:
@@ -85,7 +89,7 @@ def test_two_processes_share_one_copy_of_each_block(tree, volume_nodes):
     assert sorted(entries(host_cache())) == sorted(cached)  # nothing copied: the same entries
     counters = ds.source.client.counters()  # and this (main) process reads them too, mapped
     assert ds.source.read([0], views=True)[0] == tree[ds.source.paths[0]]
-    assert ds.source.client.counters()["disk_cache.hits"] > counters.get("disk_cache.hits", 0)
+    assert ds.source.client.counters()[f"{TIER}.hits"] > counters.get(f"{TIER}.hits", 0)
 
 
 @pytest.fixture
@@ -126,7 +130,7 @@ def test_next_epoch_is_warmed_into_the_host_cache_before_it_starts(tree):
         names = [name_of(s) for b in DataLoader(ds, batch_size=8, num_workers=1, collate_fn=list) for s in b]
         assert sorted(names) == sorted(tree)  # exactly once
         rows = ds.next_epoch_rows(0, 1, 16).tolist()
-        probe = DiskBlockCache(str(host_cache()), bound, ds.source.client.codec.volume)
+        probe = DiskBlockCache(str(host_cache()), bound, ds.source.client.codec.volume, memory_only=ENCRYPTED)
         keys = {(rec.chunk, rec.idx) for r in rows for rec in _blocks_of_row(ds, r)}
         got[warm] = sum(probe.contains(k) for k in keys), len(keys)
         assert sum(p.stat().st_size for p in entries(host_cache())) <= bound
@@ -136,8 +140,8 @@ def test_next_epoch_is_warmed_into_the_host_cache_before_it_starts(tree):
             data = ds.source.read(rows)
             after = ds.source.client.counters()
             assert [bytes(d) for d in data] == [tree[ds.source.paths[r]] for r in rows]
-            assert after["disk_cache.hits"] - before.get("disk_cache.hits", 0) == len(keys)
-            assert after.get("disk_cache.misses", 0) == before.get("disk_cache.misses", 0)  # no node read
+            assert after[f"{TIER}.hits"] - before.get(f"{TIER}.hits", 0) == len(keys)
+            assert after.get(f"{TIER}.misses", 0) == before.get(f"{TIER}.misses", 0)  # no node read
         probe.close()
         ds.source.close()
     assert got[0][0] < got[0][1], got  # the control: without warming some are gone
@@ -334,7 +338,8 @@ def test_host_cache_is_the_default_and_can_be_turned_off(tree):
     from balefs.errors import ConfigError
 
     on = BaleIterableDataset(URL)
-    assert on.source.client.disk_cache is not None and on.source.client.disk_cache.base == str(host_cache())
+    assert on.source.client.disk_cache is not None and on.source.client.disk_cache.base == os.environ["BALEFS_CACHE_DIR"]
+    assert on.source.client.reader.shared_cache.base == str(host_cache())
     off = BaleIterableDataset(URL, host_cache=False)
     assert off.source.client.disk_cache is None
     assert sorted(name_of(s) for s in off) == sorted(tree)

@@ -22,7 +22,7 @@ from .config import VolumeConfig, config_path, host_cache_dir, load_config, save
 from ..errors import ConfigError, NodeError, NodeUnreachableError, VolumeExistsError, node_error
 from .baling import baling_figures
 from .cache import BlockCache
-from .diskcache import DiskBlockCache
+from .diskcache import DiskBlockCache, open_memory_tier
 from .gcpause import collector_paused
 from .codec import BlockCodec
 from .crypto import CIPHER, Keyring, new_kdf
@@ -287,7 +287,12 @@ class Client:
             self.disk_cache = DiskBlockCache(cfg.cache_dir or host_cache_dir(), cfg.disk_cache_size, self.codec.volume,
                                              sealer=sealer)
             self.reader.disk_cache = self.disk_cache
-            self.reader.mapped = cfg.host_cache
+        #: an encrypted volume's host cache shares plaintext through a tier in memory, above the sealed disk tier
+        self.memory_tier: DiskBlockCache | None = None
+        if cfg.host_cache:
+            if self.disk_cache is not None and self.disk_cache.sealer is not None:
+                self.memory_tier = open_memory_tier(self.codec.volume, cfg.disk_cache_size)
+            self.reader.shared_cache = self.memory_tier if self.memory_tier is not None else self.disk_cache
         self._writer: ChunkWriter | None = None
         self._writer_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -410,6 +415,8 @@ class Client:
                 node.close()
         if self.disk_cache is not None:
             self.disk_cache.close()
+        if self.memory_tier is not None:
+            self.memory_tier.close()
         if self._meta is not None:
             self._meta.close()
 
@@ -730,6 +737,8 @@ class Client:
         registry.add_gauge("cache.bytes", lambda: self.cache.size)
         if self.disk_cache is not None:
             registry.add("disk_cache", self.disk_cache.counters)
+        if self.memory_tier is not None:
+            registry.add("memory_tier", self.memory_tier.counters)
         registry.add("reader", self.reader.counters)
         registry.add_keyed("node", "get_seconds", self.reader.node_get_seconds)
         for nid in self.nodes:  # every node's error counts exported from the start, at zero

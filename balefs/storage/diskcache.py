@@ -24,6 +24,11 @@ under an flock), so the bound holds per host, not per process. An entry is publi
 hard link of a complete temp file (a writer killed mid-write leaves only a temp file, which no
 reader opens and the next open sweeps away). `get(mapped=True)` serves an entry as a read-only
 mmap of its file: every process on the host reads the kernel's one cached copy of it.
+
+`memory_only`: the same cache holding plaintext for an encrypted volume's host cache (the
+loaders'), refused anywhere but on a memory filesystem (memroot.py: tmpfs, never a disk), with
+directories 0700 and entries 0600, so the user's processes on the host share one decrypted copy
+of a block while the disk tier under it stays ciphertext.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from typing import Iterator, Protocol
 import xxhash
 
 from .counters import CounterGroup
+from .memroot import in_memory, memory_bound, memory_cache_dir, private_dir
 
 log = logging.getLogger("balefs.diskcache")
 
@@ -63,8 +69,8 @@ class HostUsage:
     remove a file, and is recounted from the files on every cache open (heals a holder killed
     between a link and its count)."""
 
-    def __init__(self, root: str) -> None:
-        self._fd = os.open(os.path.join(root, USAGE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def __init__(self, root: str, mode: int = 0o644) -> None:
+        self._fd = os.open(os.path.join(root, USAGE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
         self._threads = threading.Lock()  # an flock is per open file: threads of one process need their own
 
     @contextmanager
@@ -101,14 +107,19 @@ class Sealer(Protocol):
 
 class DiskBlockCache:
     """An LRU store of decoded blocks on local disk whose total size, over every process of the
-    host sharing the directory, stays under `capacity` bytes."""
+    host sharing the directory, stays under `capacity` bytes. memory_only: a private tier of
+    plaintext in memory (raises ValueError for a root that is not on tmpfs, or with a sealer)."""
 
     def __init__(self, root: str, capacity: int, namespace: str, queue_depth: int = 64, pause_s: float = 30.0,
-                 sealer: Sealer | None = None) -> None:
+                 sealer: Sealer | None = None, memory_only: bool = False) -> None:
         self.sealer = sealer  # an encrypted volume's: entries are stored sealed (ciphertext), opened on read
         self._overhead = sealer.overhead if sealer is not None else 0
         self.base = os.path.abspath(root)
         self.root = os.path.join(self.base, namespace)
+        self.memory_only = memory_only
+        if memory_only and (sealer is not None or not in_memory(self.base)):
+            raise ValueError(f"{self.base}: a memory-only cache holds plaintext on a tmpfs only, never on a disk")
+        self._file_mode, self._dir_mode = (0o600, 0o700) if memory_only else (0o644, 0o777)
         self.capacity = max(0, int(capacity))
         self.pause_s = pause_s
         self._index: OrderedDict[Key, int] = OrderedDict()  # key -> bytes on disk, least recently used first
@@ -119,8 +130,10 @@ class DiskBlockCache:
         self.counters = CounterGroup("hits", "misses", "writes", "dropped", "errors", "evicted")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_depth))
         try:
-            os.makedirs(self.root, exist_ok=True)
-            self._host = HostUsage(self.base)
+            if memory_only:
+                private_dir(self.base)
+            os.makedirs(self.root, mode=self._dir_mode, exist_ok=True)
+            self._host = HostUsage(self.base, self._file_mode)
             self._scan()
         except OSError as exc:
             log.warning("disk cache %s unusable (%s): caching on disk is off", self.root, exc)
@@ -292,12 +305,13 @@ class DiskBlockCache:
         need = len(head) + len(data)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             try:
-                f = open(tmp, "wb")
+                fd = os.open(tmp, flags, self._file_mode)
             except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                f = open(tmp, "wb")
-            with f:
+                os.makedirs(os.path.dirname(path), mode=self._dir_mode, exist_ok=True)
+                fd = os.open(tmp, flags, self._file_mode)
+            with os.fdopen(fd, "wb") as f:
                 f.write(head)
                 f.write(data)
             with self._host.held() as host:
@@ -382,13 +396,12 @@ class DiskBlockCache:
         exclude each other too); the kernel releases it when a holder dies."""
         fd = -1
         if self._host is not None:
+            stripe = os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}")
             try:
-                fd = os.open(os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}"),
-                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(stripe, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._file_mode)
             except FileNotFoundError:
-                os.makedirs(os.path.join(self.base, FILL_DIR), exist_ok=True)
-                fd = os.open(os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}"),
-                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                os.makedirs(os.path.dirname(stripe), mode=self._dir_mode, exist_ok=True)
+                fd = os.open(stripe, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._file_mode)
             except OSError:
                 fd = -1
         try:
@@ -443,6 +456,21 @@ class DiskBlockCache:
         if self._host is not None:
             self._host.close()
             self._host = None
+
+
+def open_memory_tier(namespace: str, configured: int) -> DiskBlockCache | None:
+    """The plaintext tier in memory of an encrypted volume's host cache (memroot.memory_cache_dir,
+    bounded by memroot.memory_bound); None, said in one logged line, where no tmpfs is usable:
+    each process then decrypts its own copy of what the sealed disk tier holds."""
+    try:
+        root = memory_cache_dir()
+        if root is not None:
+            return DiskBlockCache(root, memory_bound(configured, root), namespace, memory_only=True)
+        why = "no tmpfs at $XDG_RUNTIME_DIR or /dev/shm"
+    except (OSError, ValueError) as exc:
+        why = str(exc)
+    log.warning("host cache: %s; decrypted blocks are not shared between processes", why)
+    return None
 
 
 def _abandoned(name: str, st: os.stat_result) -> bool:

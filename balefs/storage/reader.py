@@ -46,7 +46,9 @@ class BlockReader:
     """Fetches, verifies and caches blocks; assembles byte ranges of files from them."""
 
     disk_cache = None  # an optional DiskBlockCache: the tier between memory and the nodes
-    mapped = False  # blocks go through the disk tier at once and are served mapped from it (VolumeConfig.host_cache)
+    # the host's shared tier (VolumeConfig.host_cache): blocks go through it at once and are served mapped
+    # from it. The disk tier itself, or on an encrypted volume a plaintext one in memory above the sealed disk tier
+    shared_cache = None
     hedge_factor = 4.0  # a remote read slower than this many times the node's typical latency is raced
     hedge_min = 0.05  # seconds: never hedge sooner than this
     # seconds: the hedge delay before a node's latency is known; a 4 MiB block queued on a busy 50 MB/s
@@ -184,32 +186,50 @@ class BlockReader:
 
     def _load(self, rec: BlockRecord) -> bytes:
         key = (rec.chunk, rec.idx)
-        disk = self.disk_cache if rec.durable else None  # a block still growing is read from its nodes
-        if disk is not None:
-            data = disk.get(key, rec.length, mapped=self.mapped)
-            if data is not None:
-                self.cache.put(key, data)
-                return data
-        if disk is not None and self.mapped:
-            with disk.filling(key):  # another process fetching it: wait for its entry instead
-                data = disk.get(key, rec.length, mapped=True) if disk.contains(key) else None
-                if data is None:
-                    data = self.fetch_from_nodes(rec)
-                    kept = disk.keep(key, data)  # the host's one copy, instead of this process's own
-                    data = data if kept is None else kept
-            self.cache.put(key, data)
-            return data
-        data = self.fetch_from_nodes(rec)
-        if disk is not None:
-            disk.put(key, data)
+        shared = self.shared_cache if rec.durable else None  # a block still growing is read from its nodes
+        data = self._load_shared(rec, shared) if shared is not None else self._load_below(rec, None)[0]
         self.cache.put(key, data)
         return data
+
+    def _load_shared(self, rec: BlockRecord, shared: Any) -> bytes | memoryview:
+        """A block through the host's shared tier: its entry mapped, else read below it and published."""
+        key = (rec.chunk, rec.idx)
+        data = shared.get(key, rec.length, mapped=True)
+        if data is not None:
+            return data
+        with shared.filling(key):  # another process fetching it: wait for its entry instead
+            data = shared.get(key, rec.length, mapped=True) if shared.contains(key) else None
+            if data is None:
+                data, spill = self._load_below(rec, shared)
+                kept = shared.keep(key, data)  # the host's one copy, instead of this process's own
+                if kept is None and spill is not None:  # not kept in memory: cached (sealed) on disk after all
+                    spill.put(key, data)
+                data = data if kept is None else kept
+        return data
+
+    def _load_below(self, rec: BlockRecord, shared: Any) -> tuple[bytes | memoryview, Any]:
+        """(the block, None) from the disk tier (unless it is the shared tier, just missed); else
+        (the block, the disk tier that misses it) from its nodes. Without a shared tier the block is
+        then cached on disk in the background; a shared tier in memory writes it there only when it
+        cannot keep it: sealing every block a loader reads once more would cost it a fifth of its rate
+        (benchmarks/RESULTS.md, "Encryption at rest"), and a block kept in memory needs no second copy."""
+        key = (rec.chunk, rec.idx)
+        disk = self.disk_cache if rec.durable and self.disk_cache is not shared else None
+        if disk is not None:
+            data = disk.get(key, rec.length)
+            if data is not None:
+                return data, None
+        data = self.fetch_from_nodes(rec)
+        if disk is not None and shared is None:
+            disk.put(key, data)
+            return data, None
+        return data, disk
 
     def prefetch_to_disk(self, recs: Iterable[BlockRecord]) -> list[Future]:
         """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any
         process of the host counts, and becomes the most recently used): the futures of the fetches
-        started. Without a disk tier, those the memory cache lacks."""
-        disk = self.disk_cache
+        started. Without a disk tier, those the memory cache lacks; with the host's shared tier, those it lacks."""
+        disk = self.shared_cache if self.shared_cache is not None else self.disk_cache
         out = []
         for rec in recs:
             key = (rec.chunk, rec.idx)
@@ -624,7 +644,7 @@ class BlockReader:
         engine given the chunk's keys, which then takes only sealed blocks), a codec of another
         kind, or a first copy elsewhere."""
         if (native.engine is None or type(self._codec) is not BlockCodec or self._codec.encrypted != sealed
-                or self.disk_cache is not None):
+                or self.disk_cache is not None or self.shared_cache is not None):
             return None
         order = up_first(rec.nodes, self._nodes)
         node = self._nodes.get(order[0]) if order else None
