@@ -170,7 +170,8 @@ class BaleFileSystem(AbstractFileSystem):
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         client, vpath = self._split(path)
-        data = client.read_ranges([(vpath, start or 0, end)])[0]
+        whole = not start and end is None
+        data = (client.cat_files([vpath]) if whole else client.read_ranges([(vpath, start or 0, end)]))[0]
         if isinstance(data, Exception):
             raise data
         return data
@@ -182,6 +183,8 @@ class BaleFileSystem(AbstractFileSystem):
             ends = [ends] * len(paths)
         if len(starts) != len(paths) or len(ends) != len(paths):
             raise ValueError("cat_ranges: paths, starts and ends must have the same length")
+        if all(s is None or s == 0 for s in starts) and all(e is None for e in ends):
+            return self._cat_whole(paths, on_error)
         results: list[Any] = [None] * len(paths)
         by_volume: dict[str, tuple[Client, list[int], list[tuple[str, int, int | None]]]] = {}
         with collector_paused():
@@ -199,6 +202,27 @@ class BaleFileSystem(AbstractFileSystem):
                     results[i] = data
         return results
 
+    def _cat_whole(self, paths: list, on_error: str) -> list:
+        """Whole files of many paths, each volume's in one Client.cat_files call; an error per path
+        (on_error "raise": the first one raised)."""
+        parts = [self._strip_protocol(p).partition("/") for p in paths]
+        volumes = {v for v, _, _ in parts}
+        if len(volumes) == 1:
+            results = self._split(volumes.pop())[0].cat_files([r for _, _, r in parts])
+        else:
+            results = [None] * len(paths)
+            by_volume: dict[str, list[int]] = {}
+            for i, (v, _, _) in enumerate(parts):
+                by_volume.setdefault(v, []).append(i)
+            for v, idx in by_volume.items():
+                for i, data in zip(idx, self._split(v)[0].cat_files([parts[i][2] for i in idx])):
+                    results[i] = data
+        if on_error == "raise":
+            for data in results:
+                if isinstance(data, Exception):
+                    raise data
+        return results
+
     def cat(self, path, recursive: bool = False, on_error: str = "raise", **kwargs: Any):
         """Read many files at once; every needed block is fetched once, in parallel."""
         if recursive:
@@ -211,8 +235,11 @@ class BaleFileSystem(AbstractFileSystem):
             files = self.expand_path(path)
         if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):
             return self.cat_file(files[0])
+        got = self._cat_whole(files, "return")
+        if not any(isinstance(d, Exception) for d in got):
+            return dict(zip(files, got))
         out = {}
-        for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
+        for p, d in zip(files, got):
             if isinstance(d, Exception):
                 if on_error == "raise":
                     raise d
