@@ -48,6 +48,7 @@ from .counters import CounterGroup, CounterRegistry, Histogram, HistogramSnapsho
 from .meta import AuditRow, BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
 from .wholefiles import WholeFiles
+from .allocator import keep_freed_memory
 from .snapshot import Snapshot, local_copy, open_snapshot
 from .syncer import BackgroundSync
 
@@ -619,6 +620,7 @@ class Client:
         """The whole bytes of many files, or per path the error reading it gave (read_ranges' rules):
         paths resolved once and kept until a change invalidates the lookups, each file cut out of its
         cached block natively (see wholefiles.py), so a warm batch costs little Python per file."""
+        keep_freed_memory()
         with collector_paused():
             self.revalidate()
             if self._read_audit.rate or not (self._grants is None or self._grants.unrestricted()):

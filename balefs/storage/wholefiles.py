@@ -138,8 +138,7 @@ class WholeFiles:
                 where[lost] = np.where(again[1] >= 0, again[1] + len(blocks), -1)
                 lo[lost] = again[2]
                 blocks += again[0]
-            mapped = where >= 0
-            keep[at_a[~mapped]] = False  # outside the maps: the general path says why, and it is asked again
+            mapped = where >= 0  # the rest (over two blocks, or beyond the maps) read the general way
             with self._lock:
                 slot_of = np.array([table.slot_of(r) for r in blocks] or [0], dtype=np.int64)
                 rows[at_a[mapped]] = table.add(slot_of[where[mapped]], lo[mapped], size_a[mapped])
