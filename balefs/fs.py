@@ -242,7 +242,7 @@ class BaleFileSystem(AbstractFileSystem):
             files: list[str] = []
             for p in self.expand_path(path):
                 files.extend(self.find(p) if self.isdir(p) else [p])
-        elif isinstance(path, list) and not any(c in "".join(map(str, path)) for c in "*?["):
+        elif isinstance(path, list) and not _has_glob("".join(map(str, path))):
             files = self._strip_many(path)  # as given: no glob, no sort
         else:
             files = self.expand_path(path)
@@ -408,6 +408,11 @@ class BaleFileSystem(AbstractFileSystem):
     def invalidate_cache(self, path: str | None = None) -> None:
         for client in self._clients.values():
             client._invalidate()
+
+
+def _has_glob(text: str) -> bool:
+    """Whether a path (or many joined) holds a glob character."""
+    return "*" in text or "?" in text or "[" in text
 
 
 def _collect_pairs(run, fs: BaleFileSystem, method: str) -> list[tuple[str, str]]:
