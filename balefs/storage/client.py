@@ -48,6 +48,7 @@ from .counters import CounterGroup, CounterRegistry, Histogram, HistogramSnapsho
 from .meta import AuditRow, BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
 from .wholefiles import WholeFiles
+from .piecemap import whole_block_pieces  # re-exported: a loader maps its batches to block pieces with it
 from .allocator import keep_freed_memory
 from .snapshot import Snapshot, local_copy, open_snapshot
 from .syncer import BackgroundSync
@@ -56,7 +57,7 @@ from .syncer import BackgroundSync
 # The public API, and the value types it takes and returns: adapters import these from here,
 # and nothing else from the storage core but its config (tests/test_layering.py).
 __all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "AuditRow", "Snapshot",
-           "MAX_FILE_SIZE"]
+           "MAX_FILE_SIZE", "whole_block_pieces"]
 
 log = logging.getLogger(__name__)
 
