@@ -203,3 +203,24 @@ def test_a_volume_root_or_no_volume_is_refused(make_volume) -> None:
     with pytest.raises(PermissionError) as info:
         fs.cat_ranges(["bale://"], 0, None)
     assert info.value.errno == errno.EPERM
+
+
+def test_lookup_files_at_spans_directories_on_either_engine(make_volume, open_client, meta_engine) -> None:
+    make_volume(meta=meta_engine)
+    c = open_client("vol")
+    with c.batch():
+        for p, v in FILES.items():
+            c.write_file(p, v)
+    dirs = {p.rpartition("/")[0] for p in FILES}
+    inos = {d: c.stat(d).ino for d in dirs}
+    pairs = [(inos[p.rpartition("/")[0]], p.rpartition("/")[2]) for p in FILES]
+    pairs += [(inos["d1/sub1"], "missing"), (inos["d0/sub0"], "sub0"), (10**9, "f1")]
+    got = c.meta.lookup_files_at(pairs)
+    assert len(got) == len(FILES)
+    for d in dirs:
+        names = [p.rpartition("/")[2] for p in FILES if p.rpartition("/")[0] == d]
+        per_dir = c.meta.lookup_files(inos[d], names)
+        assert {n: got[(inos[d], n)] for n in names} == per_dir
+    node, extents = got[(inos["big"], "two_blocks")]
+    assert node.size == len(FILES["big/two_blocks"]) and sum(e.length for e in extents) == node.size
+    assert got[(inos["d0"], "empty")] == (got[(inos["d0"], "empty")][0], [])

@@ -528,18 +528,25 @@ class Client:
             else:
                 missing.append(p)
         if missing:
-            found = self._lookup_grouped(missing, self.meta.lookup_files, lambda node: (node, []))
+            found = self._lookup_grouped(missing, self.meta.lookup_files_at, lambda node: (node, []))
             self._remember({_cache_key(p): hit for p, hit in found.items() if not isinstance(hit, Exception)})
             out.update(found)
         return out
 
     def stat_many(self, paths: Iterable[str]) -> dict[str, Inode | OSError]:
         """Stat many paths with one query per directory (and per 500 names)."""
-        return self._lookup_grouped(paths, self.meta.lookup_many, lambda node: node)
+        def per_directory(pairs: list[tuple[int, str]]) -> dict[tuple[int, str], Inode]:
+            by_ino: dict[int, list[str]] = {}
+            for ino, name in pairs:
+                by_ino.setdefault(ino, []).append(name)
+            return {(ino, name): node for ino, names in by_ino.items() for name, node in self.meta.lookup_many(ino, names).items()}
+
+        return self._lookup_grouped(paths, per_directory, lambda node: node)
 
     def _lookup_grouped(self, paths: Iterable[str], fetch, wrap) -> dict:
-        """Look up paths grouped by parent directory: `fetch(parent ino, names)` per directory;
-        `wrap` turns the root inode into fetch's result shape. Missing paths map to OSErrors."""
+        """Look up paths by (parent directory inode, name): their directories from the lookup cache,
+        then `fetch([(parent ino, name), ...])` once for all of them; `wrap` turns the root inode into
+        fetch's result shape. Missing paths map to OSErrors."""
         by_dir: dict[str, list[tuple[str, str]]] = {}
         out: dict = {}
         for p in paths:
@@ -550,6 +557,7 @@ class Client:
                 out[p] = wrap(self._dir(""))
             else:
                 by_dir.setdefault(parent_path, []).append((p, name))
+        wanted: list[tuple[str, int, str]] = []
         for parent_path, items in by_dir.items():
             try:
                 parent = self._dir(parent_path)
@@ -557,9 +565,11 @@ class Client:
                 for p, _ in items:
                     out[p] = type(exc)(exc.errno, exc.strerror, p)
                 continue
-            found = fetch(parent.ino, [n for _, n in items])
-            for p, name in items:
-                out[p] = found.get(name) or _enoent(p)
+            wanted.extend((p, parent.ino, name) for p, name in items)
+        if wanted:
+            found = fetch([(ino, name) for _, ino, name in wanted])
+            for p, ino, name in wanted:
+                out[p] = found.get((ino, name)) or _enoent(p)
         return out
 
     def listdir(self, path: str) -> list[tuple[str, Inode]]:
