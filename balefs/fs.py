@@ -10,6 +10,7 @@ import datetime as dt
 import errno
 import os
 import threading
+from itertools import repeat
 from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -70,6 +71,18 @@ class BaleFileSystem(AbstractFileSystem):
         elif path.startswith("bale::"):
             path = path[len("bale::"):]
         return "/".join(p for p in path.split("/") if p and p != ".")
+
+    @classmethod
+    def _strip_many(cls, paths: list) -> list[str]:
+        """_strip_protocol of many paths; a batch of plain volume paths (the common case) is checked
+        once, on their join (each pattern that makes a path not plain is found in it)."""
+        try:
+            joined = "\n" + "\n".join(paths) + "\n"
+        except TypeError:  # not all strings
+            return [cls._strip_protocol(p) for p in paths]
+        if any(mark in joined for mark in ("//", "::", "./", "\n/", "/\n", ".\n")):
+            return [cls._strip_protocol(p) for p in paths]
+        return list(paths)
 
     def client(self, volume: str) -> Client:
         """The open client of a volume (opened once per filesystem instance)."""
@@ -170,7 +183,8 @@ class BaleFileSystem(AbstractFileSystem):
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         client, vpath = self._split(path)
-        data = client.read_ranges([(vpath, start or 0, end)])[0]
+        whole = not start and end is None
+        data = (client.cat_files([vpath]) if whole else client.read_ranges([(vpath, start or 0, end)]))[0]
         if isinstance(data, Exception):
             raise data
         return data
@@ -182,6 +196,8 @@ class BaleFileSystem(AbstractFileSystem):
             ends = [ends] * len(paths)
         if len(starts) != len(paths) or len(ends) != len(paths):
             raise ValueError("cat_ranges: paths, starts and ends must have the same length")
+        if all(s is None or s == 0 for s in starts) and all(e is None for e in ends):
+            return self._cat_whole(paths, on_error)
         results: list[Any] = [None] * len(paths)
         by_volume: dict[str, tuple[Client, list[int], list[tuple[str, int, int | None]]]] = {}
         with collector_paused():
@@ -199,20 +215,44 @@ class BaleFileSystem(AbstractFileSystem):
                     results[i] = data
         return results
 
+    def _cat_whole(self, paths: list, on_error: str) -> list:
+        """Whole files of many paths, each volume's in one Client.cat_files call; an error per path
+        (on_error "raise": the first one raised)."""
+        paths = self._strip_many(paths)
+        prefix = paths[0].partition("/")[0] + "/" if paths else ""
+        if paths and sum(map(str.startswith, paths, repeat(prefix))) == len(paths):  # one volume: no per-path split
+            cut = len(prefix)
+            results = self._split(prefix[:-1])[0].cat_files([p[cut:] for p in paths])
+        else:
+            parts = [p.partition("/") for p in paths]
+            results = [None] * len(paths)
+            by_volume: dict[str, list[int]] = {}
+            for i, (v, _, _) in enumerate(parts):
+                by_volume.setdefault(v, []).append(i)
+            for v, idx in by_volume.items():
+                for i, data in zip(idx, self._split(v)[0].cat_files([parts[i][2] for i in idx])):
+                    results[i] = data
+        if on_error == "raise" and any(map(isinstance, results, repeat(Exception))):
+            raise next(d for d in results if isinstance(d, Exception))
+        return results
+
     def cat(self, path, recursive: bool = False, on_error: str = "raise", **kwargs: Any):
         """Read many files at once; every needed block is fetched once, in parallel."""
         if recursive:
             files: list[str] = []
             for p in self.expand_path(path):
                 files.extend(self.find(p) if self.isdir(p) else [p])
-        elif isinstance(path, list) and not any(c in p for p in path for c in "*?["):
-            files = [self._strip_protocol(p) for p in path]  # as given: no glob, no sort
+        elif isinstance(path, list) and not _has_glob("".join(map(str, path))):
+            files = self._strip_many(path)  # as given: no glob, no sort
         else:
             files = self.expand_path(path)
         if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):
             return self.cat_file(files[0])
+        got = self._cat_whole(files, "return")
+        if not any(map(isinstance, got, repeat(Exception))):
+            return dict(zip(files, got))
         out = {}
-        for p, d in zip(files, self.cat_ranges(files, [0] * len(files), [None] * len(files), on_error="return")):
+        for p, d in zip(files, got):
             if isinstance(d, Exception):
                 if on_error == "raise":
                     raise d
@@ -368,6 +408,11 @@ class BaleFileSystem(AbstractFileSystem):
     def invalidate_cache(self, path: str | None = None) -> None:
         for client in self._clients.values():
             client._invalidate()
+
+
+def _has_glob(text: str) -> bool:
+    """Whether a path (or many joined) holds a glob character."""
+    return "*" in text or "?" in text or "[" in text
 
 
 def _collect_pairs(run, fs: BaleFileSystem, method: str) -> list[tuple[str, str]]:

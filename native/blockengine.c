@@ -22,6 +22,11 @@
  *       seeded xxh3 is checked, then AES-256-GCM (OpenSSL) authenticates and decrypts it before any
  *       byte is used. Anything else (a plain block, a key not given, a bad tag) fails the job, and
  *       the Python codec reads the block, reports and repairs.
+ *   cut(blocks, which, starts, lengths, threads) -> list[bytes]   many files out of blocks in memory
+ *       blocks: objects with the buffer protocol (cached blocks); which, starts, lengths: int64
+ *       buffers of one entry per file (its block's index in blocks, where it starts, how long it is).
+ *       Every bytes object is made first, with the GIL; the copies then run without it, on up to
+ *       `threads` threads. A piece outside its block is a ValueError, before anything is copied.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -673,10 +678,151 @@ fail:
     return out;
 }
 
+/* -- cut(blocks, which, starts, lengths, threads) ------------------------------------------------ */
+
+typedef struct {
+    char **dst;
+    const char **src;
+    const int64_t *lengths;
+    Py_ssize_t from, to;
+} cut_part_t;
+
+static void *cut_worker(void *arg) {
+    cut_part_t *p = arg;
+    for (Py_ssize_t i = p->from; i < p->to; i++)
+        memcpy(p->dst[i], p->src[i], (size_t)p->lengths[i]);
+    return NULL;
+}
+
+/* An int64 column of n entries, as a read-only buffer (a numpy array, an array.array('q')...). */
+static int int64_column(PyObject *obj, Py_buffer *view, Py_ssize_t n, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) != 0)
+        return -1;
+    if (view->itemsize != 8 || view->len != n * 8) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "cut: %s must hold one int64 per file", what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_cut(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *blocks_in, *which_in, *starts_in, *lengths_in;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOi", &blocks_in, &which_in, &starts_in, &lengths_in, &threads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(blocks_in, "blocks must be a list");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t nb = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyObject_Length(which_in);
+    PyObject *out = NULL;
+    Py_buffer *bufs = calloc((size_t)(nb ? nb : 1), sizeof(Py_buffer));
+    Py_ssize_t held = 0;
+    Py_buffer which = {0}, starts = {0}, lengths = {0};
+    int columns = 0;
+    char **dst = NULL;
+    const char **src = NULL;
+    if (n < 0 || bufs == NULL) {
+        if (bufs == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < nb; held++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, held), &bufs[held], PyBUF_C_CONTIGUOUS) != 0)
+            goto done;
+    if (int64_column(which_in, &which, n, "which") != 0)
+        goto done;
+    columns = 1;
+    if (int64_column(starts_in, &starts, n, "starts") != 0)
+        goto done;
+    columns = 2;
+    if (int64_column(lengths_in, &lengths, n, "lengths") != 0)
+        goto done;
+    columns = 3;
+    const int64_t *w = which.buf, *s = starts.buf, *len = lengths.buf;
+    dst = malloc((size_t)(n ? n : 1) * sizeof(char *));
+    src = malloc((size_t)(n ? n : 1) * sizeof(char *));
+    if (dst == NULL || src == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (w[i] < 0 || w[i] >= nb || s[i] < 0 || len[i] < 0 || len[i] > bufs[w[i]].len ||
+            s[i] > bufs[w[i]].len - len[i]) {
+            PyErr_Format(PyExc_ValueError, "cut: file %zd lies outside its block", i);
+            goto done;
+        }
+        src[i] = (const char *)bufs[w[i]].buf + s[i];
+        total += len[i];
+    }
+    if ((out = PyList_New(n)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len[i]);
+        if (b == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        dst[i] = PyBytes_AS_STRING(b);
+        PyList_SET_ITEM(out, i, b);
+    }
+    /* Below 1 MiB a thread costs more than the copy it would take on. */
+    int64_t per_thread = 1 << 20;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > total / per_thread)
+        threads = (int)(total / per_thread);
+    if (threads < 1)
+        threads = 1;
+    Py_BEGIN_ALLOW_THREADS
+    cut_part_t parts[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    /* Each thread takes a run of files holding about an equal share of the bytes. */
+    Py_ssize_t i = 0;
+    int64_t acc = 0;
+    for (int t = 0; t < threads; t++) {
+        int64_t goal = t == threads - 1 ? INT64_MAX : total * (t + 1) / threads;
+        parts[t] = (cut_part_t){dst, src, len, i, i};
+        while (i < n && acc < goal)
+            acc += len[i++];
+        parts[t].to = t == threads - 1 ? n : i;
+    }
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&tids[t], NULL, cut_worker, &parts[t]) == 0;
+    cut_worker(&parts[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(tids[t], NULL);
+        else
+            cut_worker(&parts[t]); /* no thread: this one copies that share too */
+    }
+    Py_END_ALLOW_THREADS
+done:
+    free(dst);
+    free(src);
+    if (columns > 2)
+        PyBuffer_Release(&lengths);
+    if (columns > 1)
+        PyBuffer_Release(&starts);
+    if (columns > 0)
+        PyBuffer_Release(&which);
+    for (Py_ssize_t k = 0; k < held; k++)
+        PyBuffer_Release(&bufs[k]);
+    free(bufs);
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, "decode(blob, volume, chunk, idx, limit): the verified raw bytes of one block."},
     {"read_blocks", py_read_blocks, METH_VARARGS,
      "read_blocks(jobs, volume, threads): read, verify and decode many block files in parallel, without the GIL."},
+    {"cut", py_cut, METH_VARARGS,
+     "cut(blocks, which, starts, lengths, threads): the bytes of many files cut out of blocks in memory, copied without the GIL."},
     {NULL, NULL, 0, NULL},
 };
 

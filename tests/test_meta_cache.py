@@ -83,8 +83,8 @@ def test_reads_reuse_lookups_until_the_generation_moves(two_clients, monkeypatch
     b.write_file("r/1", b"one")
     b.write_file("r/2", b"two")
     calls = []
-    real = a.meta.lookup_files
-    monkeypatch.setattr(a.meta, "lookup_files", lambda *args: (calls.append(args[1]), real(*args))[1])
+    real = a.meta.lookup_files_at
+    monkeypatch.setattr(a.meta, "lookup_files_at", lambda *args: (calls.append(args[0]), real(*args))[1])
     assert a.read_ranges([("r/1", 0, None), ("r/2", 0, None)]) == [b"one", b"two"]
     assert len(calls) == 1
     b.write_file("r/3", b"new file: the generation stays")

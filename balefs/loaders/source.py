@@ -21,9 +21,8 @@ import numpy as np
 
 from .. import metrics
 from ..errors import BaleError, CorruptBlockError, NodeError
-from ..storage.client import BlockRecord, Client, Extent, Snapshot
+from ..storage.client import BlockRecord, Client, Extent, Snapshot, whole_block_pieces
 from ..storage.config import load_config, parse_bale_url
-from .order import chunk_starts
 
 log = logging.getLogger(__name__)
 
@@ -151,28 +150,17 @@ class BaleSource:
         """(blocks, where, lo): for each row held whole in one block of the snapshot's block maps,
         that block (`blocks[where[row]]`) and where in it the row begins; where = -1 for the others
         (empty, fragmented, or beyond the maps: read the general way). Made once per process,
-        with numpy, so that a batch is mapped to its block pieces with no per-sample lookups."""
+        with numpy (whole_block_pieces, as the client's batched cat), so that a batch is mapped to
+        its block pieces with no per-sample lookups."""
         if self._index is None:
-            chunk, off = self.column("chunk"), self.column("offset")
             size, length = self.column("size"), self.column("length")
-            n = len(chunk)
-            blocks: list[BlockRecord] = []
-            where = np.full(n, -1, dtype=np.int32)
-            lo = np.zeros(n, dtype=np.int32)  # within a block (at most 1 GiB)
-            starts = chunk_starts(chunk)
-            for a, b in zip(starts.tolist(), np.r_[starts[1:], n].tolist()):
-                recs = sorted((r for r in self.blocks.get(int(chunk[a]), ()) if r.idx >= 0), key=lambda r: r.off)
-                if not recs:
-                    continue
-                first = np.array([r.off for r in recs], dtype=np.int64)
-                end = first + np.array([r.length for r in recs], dtype=np.int64)
-                o, sz = off[a:b].astype(np.int64), size[a:b].astype(np.int64)
-                i = np.clip(np.searchsorted(first, o, side="right") - 1, 0, None)
-                whole = (o >= first[i]) & (o + sz <= end[i]) & (length[a:b] == sz) & (sz > 0)
-                where[a:b] = np.where(whole, i + len(blocks), -1)
-                lo[a:b] = o - first[i]
-                blocks.extend(recs)
-            self._index = (blocks, where, lo)
+
+            def data_blocks(chunk: int) -> list[BlockRecord]:
+                return sorted((r for r in self.blocks.get(chunk, ()) if r.idx >= 0), key=lambda r: r.off)
+
+            blocks, where, lo = whole_block_pieces(self.column("chunk"), self.column("offset"), size, data_blocks)
+            where[length != size] = -1  # fragmented: its first extent is not the whole file
+            self._index = (blocks, where.astype(np.int32), lo.astype(np.int32))  # within a block (at most 1 GiB)
         return self._index
 
     def read(self, rows: Sequence[int], views: bool = False, strict: bool = False) -> list[bytes | memoryview | Exception]:

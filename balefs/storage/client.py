@@ -47,6 +47,9 @@ from .writer import ChunkWriter
 from .counters import CounterGroup, CounterRegistry, Histogram, HistogramSnapshot
 from .meta import AuditRow, BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
 from .readinto import read_files_into
+from .wholefiles import WholeFiles
+from .piecemap import whole_block_pieces  # re-exported: a loader maps its batches to block pieces with it
+from .allocator import keep_freed_memory
 from .snapshot import Snapshot, local_copy, open_snapshot
 from .syncer import BackgroundSync
 
@@ -54,7 +57,7 @@ from .syncer import BackgroundSync
 # The public API, and the value types it takes and returns: adapters import these from here,
 # and nothing else from the storage core but its config (tests/test_layering.py).
 __all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "AuditRow", "Snapshot",
-           "MAX_FILE_SIZE"]
+           "MAX_FILE_SIZE", "whole_block_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +305,7 @@ class Client:
         # lookups by path, for cfg.meta_cache_ttl: (inode, expiry, the extents once a read looked them up)
         self._attrs: dict[str, tuple[tuple, float, tuple[tuple, ...] | None]] = {}  # see _remember
         self._dirs_only: set[str] = set()  # cached directories whose attributes our commits changed: good for paths only
+        self._whole = WholeFiles(self.reader, self._locate, self._read_ranges, _cache_key, cfg.meta_cache_ttl > 0)  # paths -> block pieces, for cat_files
         self._generation = self.meta.generation() if self._meta is not None else None
         self._commit_counters = CounterGroup("group_commits", "files_committed")
         self._commit_seconds = Histogram()  # one group commit: flush of the open block, metadata transaction
@@ -450,6 +454,7 @@ class Client:
     def _forget_lookups(self) -> None:
         self._attrs.clear()
         self._dirs_only.clear()
+        self._whole.clear()
 
     def _invalidate(self) -> None:
         """After a change by this client: drop cached lookups; a change not durable yet is synced soon."""
@@ -464,6 +469,7 @@ class Client:
         for path in paths:
             key = _cache_key(path)
             self._attrs.pop(key, None)
+            self._whole.forget(key)
             while key:
                 key = key.rpartition("/")[0]
                 if key in self._attrs:
@@ -475,7 +481,7 @@ class Client:
         """Close-to-open consistency: drop every cached lookup if any client changed an entry
         since (one read of the metadata's generation counter). Every open calls this, so an
         open sees each file closed anywhere before it; a stat may be up to meta_cache_ttl old."""
-        if not self._attrs:
+        if not self._attrs and not len(self._whole):
             return
         gen = self.meta.generation()
         if gen != self._generation:
@@ -529,18 +535,25 @@ class Client:
             else:
                 missing.append(p)
         if missing:
-            found = self._lookup_grouped(missing, self.meta.lookup_files, lambda node: (node, []))
+            found = self._lookup_grouped(missing, self.meta.lookup_files_at, lambda node: (node, []))
             self._remember({_cache_key(p): hit for p, hit in found.items() if not isinstance(hit, Exception)})
             out.update(found)
         return out
 
     def stat_many(self, paths: Iterable[str]) -> dict[str, Inode | OSError]:
         """Stat many paths with one query per directory (and per 500 names)."""
-        return self._lookup_grouped(paths, self.meta.lookup_many, lambda node: node)
+        def per_directory(pairs: list[tuple[int, str]]) -> dict[tuple[int, str], Inode]:
+            by_ino: dict[int, list[str]] = {}
+            for ino, name in pairs:
+                by_ino.setdefault(ino, []).append(name)
+            return {(ino, name): node for ino, names in by_ino.items() for name, node in self.meta.lookup_many(ino, names).items()}
+
+        return self._lookup_grouped(paths, per_directory, lambda node: node)
 
     def _lookup_grouped(self, paths: Iterable[str], fetch, wrap) -> dict:
-        """Look up paths grouped by parent directory: `fetch(parent ino, names)` per directory;
-        `wrap` turns the root inode into fetch's result shape. Missing paths map to OSErrors."""
+        """Look up paths by (parent directory inode, name): their directories from the lookup cache,
+        then `fetch([(parent ino, name), ...])` once for all of them; `wrap` turns the root inode into
+        fetch's result shape. Missing paths map to OSErrors."""
         by_dir: dict[str, list[tuple[str, str]]] = {}
         out: dict = {}
         for p in paths:
@@ -551,6 +564,7 @@ class Client:
                 out[p] = wrap(self._dir(""))
             else:
                 by_dir.setdefault(parent_path, []).append((p, name))
+        wanted: list[tuple[str, int, str]] = []
         for parent_path, items in by_dir.items():
             try:
                 parent = self._dir(parent_path)
@@ -558,9 +572,11 @@ class Client:
                 for p, _ in items:
                     out[p] = type(exc)(exc.errno, exc.strerror, p)
                 continue
-            found = fetch(parent.ino, [n for _, n in items])
-            for p, name in items:
-                out[p] = found.get(name) or _enoent(p)
+            wanted.extend((p, parent.ino, name) for p, name in items)
+        if wanted:
+            found = fetch([(ino, name) for _, ino, name in wanted])
+            for p, ino, name in wanted:
+                out[p] = found.get((ino, name)) or _enoent(p)
         return out
 
     def listdir(self, path: str) -> list[tuple[str, Inode]]:
@@ -618,15 +634,33 @@ class Client:
         with collector_paused():
             return self._read_ranges(requests)
 
+    def cat_files(self, paths: Sequence[str]) -> list[bytes | Exception]:
+        """The whole bytes of many files, or per path the error reading it gave (read_ranges' rules):
+        paths resolved once and kept until a change invalidates the lookups, each file cut out of its
+        cached block natively (see wholefiles.py), so a warm batch costs little Python per file."""
+        keep_freed_memory()
+        with collector_paused():
+            self.revalidate()
+            if self._read_audit.rate or not (self._grants is None or self._grants.unrestricted()):
+                # each open drawn for the audit trail, or checked against the grants, as read_ranges does
+                return self._read_ranges([(p, 0, None) for p in paths])
+            return self._whole.read(paths)
+
+    def _refused(self, paths: Iterable[str]) -> dict[str, Exception]:
+        """The paths the volume's grants refuse this process to read, with their PermissionErrors (audited)."""
+        refused: dict[str, Exception] = {}
+        if self._grants is None or self._grants.unrestricted():
+            return refused
+        for p in set(paths):
+            try:
+                self.allow(p, write=False)
+            except PermissionError as exc:
+                refused[p] = exc
+        return refused
+
     def _read_ranges(self, requests: Sequence[tuple[str, int, int | None]]) -> list[bytes | Exception]:
         self.revalidate()
-        refused: dict[str, Exception] = {}
-        if self._grants is not None:
-            for p in {p for p, _, _ in requests}:
-                try:
-                    self.allow(p, write=False)
-                except PermissionError as exc:
-                    refused[p] = exc
+        refused = self._refused(p for p, _, _ in requests)
         found = {**self._locate({p for p, _, _ in requests} - refused.keys()), **refused}
         if self._read_audit.rate:
             for p, hit in found.items():

@@ -190,6 +190,10 @@ class GrantChecker:
             return
         self._refuse(path, op, write, relevant, now, user)
 
+    def unrestricted(self) -> bool:
+        """Whether this process's own accesses need no check now: the volume has no grant, or this user owns it."""
+        return not self._load() or self._exempt(self.user)
+
     def check_any(self) -> list[str] | None:
         """Raise PermissionError unless this user holds some valid grant here (before data keys are
         released); the path prefixes of those grants, which say which key domains' keys are released

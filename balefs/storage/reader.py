@@ -84,6 +84,7 @@ class BlockReader:
     repaired = property(lambda self: self.counters.repaired.value, doc="bad copies rewritten from a good one")
     decoded = property(lambda self: self.counters.decoded.value, doc="data blocks decoded from their stripe")
     native_reads = property(lambda self: self.counters.native.value, doc="blocks read by the native engine")
+    wave_bytes = property(lambda self: self._wave_bytes, doc="block bytes a batched read holds at once, at most")
 
     # -- block maps ----------------------------------------------------------------------
 
@@ -111,6 +112,12 @@ class BlockReader:
         self._maps[chunk] = ([r.off for r in data], data)
         if len(data) < len(recs):
             self._parity[chunk] = [r for r in recs if r.idx < 0]
+
+    def data_blocks(self, chunk: int, refresh: bool = False) -> list[BlockRecord]:
+        """A chunk's data blocks in offset order (its map loaded first if unknown, or again with refresh)."""
+        if refresh or chunk not in self._maps:
+            self.load_maps([chunk], refresh=refresh)
+        return self._maps.get(chunk, ([], []))[1]
 
     def _pieces(self, chunk: int, start: int, end: int) -> list[Piece]:
         """The blocks holding bytes [start, end) of a chunk, with the slice of each."""
@@ -601,7 +608,27 @@ class BlockReader:
             self._serve(wave, wave_blocks, results, views)
 
     def _serve(self, wave, wave_blocks: dict[tuple[int, int], BlockRecord], results: list, views: bool = False) -> None:
-        blocks: dict[tuple[int, int], object] = {}
+        blocks = self.gather(wave_blocks)
+        for i, pieces, start, end, extents in wave:
+            try:
+                if len(pieces) == 1 and pieces[0][2] - pieces[0][1] == end - start:  # most small files
+                    rec, lo, hi = pieces[0]
+                    view = memoryview(_ok(blocks[(rec.chunk, rec.idx)]))[lo:hi]
+                    results[i] = view.toreadonly() if views else view.tobytes()
+                elif sum(hi - lo for _, lo, hi in pieces) == end - start:
+                    results[i] = b"".join(memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces)
+                else:  # a sparse file (truncated past its end): holes read as zeros
+                    out = bytearray(end - start)
+                    self._fill(out, blocks, extents, start, end)
+                    results[i] = bytes(out)
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                results[i] = exc
+
+    def gather(self, wave_blocks: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], Any]:
+        """The raw bytes of these blocks (or the error that ended a block's read): from the memory
+        cache, else read in one native batch, else fetched the Python way in parallel (replicas,
+        repair); the blocks following runs of a chunk's blocks are read ahead."""
+        blocks: dict[tuple[int, int], Any] = {}
         futures: dict[tuple[int, int], Future] = {}
         missing: dict[tuple[int, int], BlockRecord] = {}
         for key, rec in wave_blocks.items():
@@ -622,20 +649,7 @@ class BlockReader:
                 blocks[key] = fut.result()
             except Exception as exc:  # noqa: BLE001 - reported to the requests that need this block
                 blocks[key] = exc
-        for i, pieces, start, end, extents in wave:
-            try:
-                if len(pieces) == 1 and pieces[0][2] - pieces[0][1] == end - start:  # most small files
-                    rec, lo, hi = pieces[0]
-                    view = memoryview(_ok(blocks[(rec.chunk, rec.idx)]))[lo:hi]
-                    results[i] = view.toreadonly() if views else view.tobytes()
-                elif sum(hi - lo for _, lo, hi in pieces) == end - start:
-                    results[i] = b"".join(memoryview(_ok(blocks[(r.chunk, r.idx)]))[lo:hi] for r, lo, hi in pieces)
-                else:  # a sparse file (truncated past its end): holes read as zeros
-                    out = bytearray(end - start)
-                    self._fill(out, blocks, extents, start, end)
-                    results[i] = bytes(out)
-            except Exception as exc:  # noqa: BLE001 - reported per request
-                results[i] = exc
+        return blocks
 
     def native_block_file(self, rec: BlockRecord, sealed: bool = False) -> str | None:
         """The block file of `rec`'s first copy when native code may read it directly (the block

@@ -194,6 +194,10 @@ class Meta(Protocol):
     def lookup_files(self, parent: int, names: list[str]) -> dict[str, tuple[Inode, list[Extent]]]:
         """name -> (inode, extents in file order) of those `names` that exist in `parent`: the batched read path."""
 
+    def lookup_files_at(self, pairs: Sequence[tuple[int, str]]) -> dict[tuple[int, str], tuple[Inode, list[Extent]]]:
+        """(directory, name) -> (inode, extents in file order) of those pairs that exist: lookup_files over
+        many directories in one query (per few hundred pairs), for batches that span a whole tree."""
+
     def resolve(self, parent: int, names: Sequence[str]) -> Inode | None:
         """The inode reached by walking `names` (each inside the previous) down from directory `parent`, or
         None if a name is missing or a non-directory is on the way: a whole path in one round trip (JuiceFS's
