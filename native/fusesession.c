@@ -1431,18 +1431,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 static void read_python(fuse_req_t req, uint64_t ino, size_t size, off_t off) {
     PyGILState_STATE g = gil();
     PyObject *r = call("read", "(KKn)", (unsigned long long)ino, (unsigned long long)off, (Py_ssize_t)size);
-    int err = err_of(r);
-    if (err) {
-        fuse_reply_err(req, err);
-    } else if (!PyBytes_Check(r) || (size_t)PyBytes_GET_SIZE(r) > size) {
-        fuse_reply_err(req, EIO);
-    } else {
-        char *data = PyBytes_AS_STRING(r);
-        size_t n = (size_t)PyBytes_GET_SIZE(r);
-        Py_BEGIN_ALLOW_THREADS
-        fuse_reply_buf(req, data, n);
-        Py_END_ALLOW_THREADS
-    }
+    if (reply_read(req, size, r))
+        fuse_reply_err(req, EIO); /* None: this read always answers bytes or an errno */
     Py_XDECREF(r);
     PyGILState_Release(g);
 }
