@@ -588,21 +588,13 @@ static int relist_shared(uint64_t ino) {
     }
 }
 
+static int took_node(PyObject *r, struct stat *st, int entry, uint64_t parent);
+
 /* Fetch one inode through Python: provider.<method>(args) -> (gen, attrs, pieces); 0 or an errno. */
 static int fetch(struct stat *st, const char *method, const char *fmt, unsigned long long a, const char *name) {
     PyGILState_STATE g = gil();
     PyObject *r = name ? call(method, fmt, a, name) : call(method, fmt, a);
-    int err = err_of(r);
-    if (!err) {
-        long long gen;
-        PyObject *attrs, *pieces;
-        pthread_mutex_lock(&S->lock);
-        if (!PyArg_ParseTuple(r, "LOO", &gen, &attrs, &pieces) || install(attrs, pieces, gen, st) != 0) {
-            PyErr_WriteUnraisable(S->provider);
-            err = EIO;
-        }
-        pthread_mutex_unlock(&S->lock);
-    }
+    int err = took_node(r, st, 0, 0);
     Py_XDECREF(r);
     PyGILState_Release(g);
     return err;
@@ -1108,6 +1100,14 @@ static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
     fuse_reply_none(req);
 }
 
+/* A GETATTR's or SETATTR's reply: the attributes, or the errno when err is not 0. */
+static void reply_attr(fuse_req_t req, int err, const struct stat *st) {
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_attr(req, st, S->attr_timeout);
+}
+
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)fi;
     struct stat st;
@@ -1131,17 +1131,11 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         }
         Py_XDECREF(r);
         PyGILState_Release(g);
-        if (err)
-            fuse_reply_err(req, err);
-        else
-            fuse_reply_attr(req, &st, S->attr_timeout);
+        reply_attr(req, err, &st);
         return;
     }
     int err = fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL);
-    if (err)
-        fuse_reply_err(req, err);
-    else
-        fuse_reply_attr(req, &st, S->attr_timeout);
+    reply_attr(req, err, &st);
 }
 
 /* -- files with Python handles -------------------------------------------------------------------
@@ -1798,10 +1792,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     int err = took_node(r, &st, 0, 0);
     Py_XDECREF(r);
     PyGILState_Release(g);
-    if (err)
-        fuse_reply_err(req, err);
-    else
-        fuse_reply_attr(req, &st, S->attr_timeout);
+    reply_attr(req, err, &st);
 }
 
 /* CREATE: provider.create(ctx, parent, name, mode, flags) -> ((gen, attrs, pieces), fh, keep_cache). */
@@ -2061,51 +2052,48 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
-/* is_open(ino): whether the serving session has `ino` open (the provider hides such a file when its
- * last name goes, as libfuse's high-level API does). */
-static PyObject *py_is_open(PyObject *self, PyObject *arg) {
-    (void)self;
+enum node_call { NODE_IS_OPEN, NODE_HIDE, NODE_STALE };
+
+/* The provider's calls about one inode of the serving session (argument: the inode number). */
+static PyObject *node_call(PyObject *arg, enum node_call what) {
     unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
     if (ino == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     int open = 0;
     if (S != NULL) {
         pthread_mutex_lock(&S->lock);
-        node_t *n = find(ino);
-        open = n != NULL && n->opens > 0;
+        if (what == NODE_STALE) {
+            stale(ino);
+        } else {
+            node_t *n = find(ino);
+            open = n != NULL && n->opens > 0;
+            if (open && what == NODE_HIDE)
+                n->hidden = 1;
+        }
         pthread_mutex_unlock(&S->lock);
     }
-    return PyBool_FromLong(open);
+    if (what == NODE_IS_OPEN)
+        return PyBool_FromLong(open);
+    Py_RETURN_NONE;
+}
+
+/* is_open(ino): whether the serving session has `ino` open (the provider hides such a file when its
+ * last name goes, as libfuse's high-level API does). */
+static PyObject *py_is_open(PyObject *self, PyObject *arg) {
+    (void)self;
+    return node_call(arg, NODE_IS_OPEN);
 }
 
 /* hidden(ino): the provider renamed open file `ino` to a hidden name; unlink it at its last close. */
 static PyObject *py_hidden(PyObject *self, PyObject *arg) {
     (void)self;
-    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
-    if (ino == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if (S != NULL) {
-        pthread_mutex_lock(&S->lock);
-        node_t *n = find(ino);
-        if (n != NULL && n->opens > 0)
-            n->hidden = 1;
-        pthread_mutex_unlock(&S->lock);
-    }
-    Py_RETURN_NONE;
+    return node_call(arg, NODE_HIDE);
 }
 
 /* stale(ino): what the table holds of `ino` is out of date (its atime moved): read it again when asked. */
 static PyObject *py_stale(PyObject *self, PyObject *arg) {
     (void)self;
-    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
-    if (ino == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if (S != NULL) {
-        pthread_mutex_lock(&S->lock);
-        stale(ino);
-        pthread_mutex_unlock(&S->lock);
-    }
-    Py_RETURN_NONE;
+    return node_call(arg, NODE_STALE);
 }
 
 static PyMethodDef methods[] = {
