@@ -8,8 +8,9 @@
  * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
  * without the GIL. Python is entered only to fill the table, to read the metadata's generation
  * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
- * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants nor
- * audited reads the counter is read here instead, through libsqlite3, without the GIL), for a read the native path cannot serve
+ * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants,
+ * audited reads nor access times to move (read-only or --noatime) the counter is read here instead,
+ * through libsqlite3, without the GIL), for a read the native path cannot serve
  * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
  * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds

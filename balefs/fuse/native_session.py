@@ -243,9 +243,10 @@ class NativeProvider:
 
     @_answer
     def opens_checked(self) -> bool:
-        """Whether each open must come to `opened`: the volume has grants to check, or opens are
-        drawn for the audit trail (the C session asks again every second)."""
-        return self._grants_apply() or bool(self.client.read_audit.rate)
+        """Whether each open must come to `opened`: the volume has grants to check, opens are
+        drawn for the audit trail, or reads move access times (relatime, a read-write mount
+        without --noatime); the C session asks again every second."""
+        return self._grants_apply() or bool(self.client.read_audit.rate) or self.ops.atimes.enabled
 
     def _grants_apply(self) -> bool:
         """Whether the volume has any grant (re-read every GRANTS_REFRESH seconds)."""
