@@ -305,12 +305,7 @@ class DiskBlockCache:
         need = len(head) + len(data)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-            try:
-                fd = os.open(tmp, flags, self._file_mode)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), mode=self._dir_mode, exist_ok=True)
-                fd = os.open(tmp, flags, self._file_mode)
+            fd = self._open_creating(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
             with os.fdopen(fd, "wb") as f:
                 f.write(head)
                 f.write(data)
@@ -330,6 +325,14 @@ class DiskBlockCache:
                 self._index[key] = need
                 self._size += need
         self.counters.writes.add()
+
+    def _open_creating(self, path: str, flags: int) -> int:
+        """os.open with this cache's file mode, making the parent directory (its mode) when missing."""
+        try:
+            return os.open(path, flags, self._file_mode)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=self._dir_mode, exist_ok=True)
+            return os.open(path, flags, self._file_mode)
 
     def _make_room(self, host: HostUsage, need: int, limit: int | None = None) -> bool:
         """Under the host's lock: when `need` more bytes do not fit the bound, remove the least
@@ -398,10 +401,7 @@ class DiskBlockCache:
         if self._host is not None:
             stripe = os.path.join(self.base, FILL_DIR, f"{hash(key) % FILL_STRIPES:03x}")
             try:
-                fd = os.open(stripe, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._file_mode)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(stripe), mode=self._dir_mode, exist_ok=True)
-                fd = os.open(stripe, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._file_mode)
+                fd = self._open_creating(stripe, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
             except OSError:
                 fd = -1
         try:
