@@ -217,10 +217,7 @@ class DiskBlockCache:
             else:  # written by another process sharing the directory, or before a restart
                 self._index[key] = len(blob)
                 self._size += len(blob)
-        try:
-            os.utime(path)  # the LRU order survives restarts
-        except OSError:
-            pass
+        _stamp(path)  # the LRU order survives restarts
         self.counters.hits.add()
         return data.toreadonly() if mapped else data
 
@@ -309,6 +306,7 @@ class DiskBlockCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(head)
                 f.write(data)
+            _stamp(tmp)
             with self._host.held() as host:
                 if not self._make_room(host, need):
                     self.counters.dropped.add()
@@ -385,10 +383,7 @@ class DiskBlockCache:
             else:  # written by another process sharing the directory
                 self._index[key] = size
                 self._size += size
-        try:
-            os.utime(path)
-        except OSError:
-            pass
+        _stamp(path)
         return True
 
     @contextmanager
@@ -489,6 +484,24 @@ def _abandoned(name: str, st: os.stat_result) -> bool:
     except PermissionError:
         return False
     return False
+
+
+_last_stamp = 0
+_stamp_lock = threading.Lock()
+
+
+def _stamp(path: str) -> None:
+    """Set an entry's mtime to now, strictly after every stamp this process gave before: the kernel's
+    own timestamps tick only every few milliseconds, and entries written or read within one tick
+    would tie, leaving the eviction order to their names."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        now = _last_stamp
+    try:
+        os.utime(path, ns=(now, now))
+    except OSError:
+        pass
 
 
 def _unlink(path: str) -> None:
