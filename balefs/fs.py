@@ -13,6 +13,7 @@ import threading
 from itertools import repeat
 from typing import Any
 
+import fsspec
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.transaction import Transaction
 
@@ -474,3 +475,8 @@ class BaleFile(AbstractBufferedFile):
     def discard(self) -> None:
         if self._writer is not None:
             self._writer.abort()
+
+
+# The package's entry point names this class for fsspec; registering it at import as well lets
+# `bale://` work where the package runs from a source tree without being installed.
+fsspec.register_implementation("bale", BaleFileSystem, clobber=True)

@@ -215,7 +215,7 @@ def test_balefs_sync_of_a_path_that_is_no_mount_is_one_clear_line(tmp_path: Path
 
 def test_df_counts_the_blocks_not_yet_synced(volume, open_client) -> None:
     """`balefs df` says how many blocks were booked before their sync, and none once synced."""
-    w = open_client(volume.name, default_sync_close=False)
+    w = open_client(volume.name, default_sync_close=False, sync_interval=3600)  # no background sync while df starts
     w.write_file("f", payload(1000, 1))
     out = run_cli("df", volume.name, "--no-scan").stdout.decode()
     assert "blocks not yet synced: 1 " in out, out
