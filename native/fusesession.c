@@ -8,9 +8,10 @@
  * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
  * without the GIL. Python is entered only to fill the table, to read the metadata's generation
  * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
- * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants,
- * audited reads nor access times to move (read-only or --noatime) the counter is read here instead,
- * through libsqlite3, without the GIL), for a read the native path cannot serve
+ * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants
+ * nor audited reads the counter is read here instead, through libsqlite3, without the GIL), to move
+ * an access time that relatime says an open moves (the rule is applied here: at most once a day per
+ * file, so most opens of a read-write mount stay here), for a read the native path cannot serve
  * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
  * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
@@ -156,6 +157,7 @@ typedef struct {
     pthread_mutex_t policy_lock;
     double policy_at;  /* when the provider last said whether opens need it */
     int opens_checked; /* they do: grants to check, or reads drawn for the audit trail */
+    int relatime;      /* opens for reading move access times (a read-write mount without noatime) */
     int policy_busy;   /* a thread is asking */
     uint64_t listing[LISTING_SLOTS]; /* directories a LOOKUP is listing now (0: a free slot; lock) */
     pthread_cond_t listed;           /* one of them is done */
@@ -693,6 +695,21 @@ static int opens_checked(void) {
  * newest generation seen, within the metadata TTL (a stat may be that old, as on the Python path). */
 static int fresh(long long gen, double at) { return gen == S->seen_gen && now_s() - at < S->meta_ttl; }
 
+/* -- access times (relatime) ---------------------------------------------------------------------- */
+
+#define DAY_NS (86400LL * 1000000000LL)
+
+static long long ns_of(const struct timespec *ts) { return (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec; }
+
+/* Whether a read now moves the access time of a file with these attributes: relatime's rule, as
+ * balefs/storage/atime.py's relatime_due (not newer than its mtime or ctime, or a day old). */
+static int atime_due(const struct stat *st) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    long long at = ns_of(&st->st_atim);
+    return at <= ns_of(&st->st_mtim) || at <= ns_of(&st->st_ctim) || ns_of(&now) - at >= DAY_NS;
+}
+
 /* -- blocks ------------------------------------------------------------------------------------- */
 
 static void block_unref(block_t *b) {
@@ -976,6 +993,9 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
         conn->congestion_threshold = 96;
     PyGILState_STATE g = gil();
     PyObject *r = call("ready", "()");
+    Py_XDECREF(r);
+    r = call("relatime", "()");
+    S->relatime = r == Py_True;
     Py_XDECREF(r);
     /* generation_source() -> (file bytes, query bytes) or None */
     PyObject *src = call("generation_source", "()");
@@ -1365,6 +1385,26 @@ static long long generation(uint64_t ino, uid_t uid) {
 
 static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 
+/* An open for reading of `ino`, whose attributes the table holds as of now: if relatime moves its
+ * access time, Python moves it (kept in memory, written in batches) and the table and the kernel
+ * take the new one. Whether the open goes on (else it was answered with the error). */
+static int move_atime(uint64_t ino, fuse_req_t req) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    int due = n != NULL && S_ISREG(n->st.st_mode) && atime_due(&n->st);
+    pthread_mutex_unlock(&S->lock);
+    if (!due)
+        return 1;
+    struct stat st;
+    int err = fetch(&st, "accessed", "(K)", (unsigned long long)ino, NULL);
+    if (err) {
+        fuse_reply_err(req, err == ENOENT ? ESTALE : err);
+        return 0;
+    }
+    fuse_lowlevel_notify_inval_inode(S->se, ino, -1, 0); /* its attributes only: a stat shows the new atime */
+    return 1;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) || has_python_handles(ino)) {
         open_python(req, ino, fi);
@@ -1391,6 +1431,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
             return;
         }
     }
+    if (S->relatime && !move_atime(ino, req))
+        return;
     openfile_t *of = calloc(1, sizeof *of);
     if (of == NULL) {
         fuse_reply_err(req, ENOMEM);
@@ -2053,7 +2095,7 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
-enum node_call { NODE_IS_OPEN, NODE_HIDE, NODE_STALE };
+enum node_call { NODE_IS_OPEN, NODE_HIDE };
 
 /* The provider's calls about one inode of the serving session (argument: the inode number). */
 static PyObject *node_call(PyObject *arg, enum node_call what) {
@@ -2063,14 +2105,10 @@ static PyObject *node_call(PyObject *arg, enum node_call what) {
     int open = 0;
     if (S != NULL) {
         pthread_mutex_lock(&S->lock);
-        if (what == NODE_STALE) {
-            stale(ino);
-        } else {
-            node_t *n = find(ino);
-            open = n != NULL && n->opens > 0;
-            if (open && what == NODE_HIDE)
-                n->hidden = 1;
-        }
+        node_t *n = find(ino);
+        open = n != NULL && n->opens > 0;
+        if (open && what == NODE_HIDE)
+            n->hidden = 1;
         pthread_mutex_unlock(&S->lock);
     }
     if (what == NODE_IS_OPEN)
@@ -2091,14 +2129,7 @@ static PyObject *py_hidden(PyObject *self, PyObject *arg) {
     return node_call(arg, NODE_HIDE);
 }
 
-/* stale(ino): what the table holds of `ino` is out of date (its atime moved): read it again when asked. */
-static PyObject *py_stale(PyObject *self, PyObject *arg) {
-    (void)self;
-    return node_call(arg, NODE_STALE);
-}
-
 static PyMethodDef methods[] = {
-    {"stale", py_stale, METH_O, "stale(ino): the session reads the inode's attributes again when next asked."},
     {"is_open", py_is_open, METH_O, "is_open(ino): whether the serving session has the file open."},
     {"hidden", py_hidden, METH_O, "hidden(ino): an open file renamed to a hidden name, unlinked at its last close."},
     {"serve", py_serve, METH_VARARGS,

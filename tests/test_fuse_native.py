@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from balefs.fuse.mount import _read_state
+from balefs.fuse.native_session import NativeProvider
+from balefs.fuse.ops import BaleOperations
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from balefs.storage.grants import OWNER, current_user
@@ -157,6 +159,28 @@ def test_native_read_write_mount_sees_its_own_changes_at_once(volume, mount_volu
     with Client.open(volume.name) as c:  # what the mount left is what the volume holds
         assert [n for n, _ in c.listdir("d")] == ["moved.txt"]
         assert c.read_file("d/moved.txt") == b"x" * 10
+
+
+def test_opens_of_a_read_write_mount_come_to_python_only_to_move_an_access_time(volume) -> None:
+    """The provider's side of relatime on the native session: without grants or audited reads no
+    open needs Python (`opens_checked`), the C session applies relatime's rule itself (`relatime`:
+    read-write, not --noatime) and calls `accessed` for a move, which answers the moved atime."""
+    old = 1_000_000_000 * 10**9
+    with Client.open(volume.name) as c:
+        c.write_file("f", b"data")
+        c.setattr("f", atime_ns=old)
+        ino = c.stat("f").ino
+        for options, relatime in (({}, True), ({"noatime": True}, False), ({"read_only": True}, False)):
+            ops = BaleOperations(c, **options)
+            provider = NativeProvider(ops)
+            assert provider.opens_checked() is False and provider.relatime() is relatime
+            ops.atimes.close()
+        ops = BaleOperations(c)
+        gen, attrs, pieces = NativeProvider(ops).accessed(ino)
+        assert gen == c.meta.generation() and attrs[0] == ino and pieces
+        assert attrs[8] > c.stat("f").mtime_ns  # moved: newer than the mtime, so the next open leaves it
+        ops.atimes.close()
+        assert c.meta.getattr(ino).atime_ns == attrs[8]  # written (at the latest when the mount ends)
 
 
 def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount_volume) -> None:
