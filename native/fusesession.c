@@ -1181,7 +1181,7 @@ static int has_python_handles(uint64_t ino) {
     return py;
 }
 
-/* The generation a forwarded change left (>= 0), or -errno; GIL held. */
+/* A provider's non-negative number (a generation, bytes written, an atime), or -errno; GIL held. */
 static long long gen_of(PyObject *r) {
     if (r == NULL || !PyLong_Check(r))
         return -EIO;
@@ -1395,12 +1395,22 @@ static int move_atime(uint64_t ino, fuse_req_t req) {
     pthread_mutex_unlock(&S->lock);
     if (!due)
         return 1;
-    struct stat st;
-    int err = fetch(&st, "accessed", "(K)", (unsigned long long)ino, NULL);
+    PyGILState_STATE g = gil();
+    PyObject *r = call("accessed", "(K)", (unsigned long long)ino);
+    long long at = gen_of(r); /* the new atime, or -errno */
+    int err = at < 0 ? (int)-at : 0;
+    Py_XDECREF(r);
+    PyGILState_Release(g);
     if (err) {
         fuse_reply_err(req, err == ENOENT ? ESTALE : err);
         return 0;
     }
+    pthread_mutex_lock(&S->lock);
+    if ((n = find(ino)) != NULL && at > ns_of(&n->st.st_atim)) {
+        n->st.st_atim.tv_sec = at / 1000000000;
+        n->st.st_atim.tv_nsec = at % 1000000000;
+    }
+    pthread_mutex_unlock(&S->lock);
     fuse_lowlevel_notify_inval_inode(S->se, ino, -1, 0); /* its attributes only: a stat shows the new atime */
     return 1;
 }

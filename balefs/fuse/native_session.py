@@ -236,13 +236,14 @@ class NativeProvider:
         return self.ops.atimes.enabled
 
     @_answer
-    def accessed(self, ino: int) -> tuple[int, Attrs, list[Piece] | None]:
-        """A file opened for reading whose atime relatime moves: moved (kept in memory, written in
-        the background), and (gen, attrs, pieces) with the new atime, as `getattr`."""
-        gen = self.meta.generation()
-        node = self.meta.getattr(ino) or _missing()
+    def accessed(self, ino: int) -> int:
+        """A file opened for reading whose atime relatime moves (the C session applied the rule):
+        moved (kept in memory, written in batches in the background); its atime now, which the C
+        session puts in its table. No query when the file was listed at this generation."""
+        hit = self._known.get(ino)
+        node = hit[0] if hit is not None else self.meta.getattr(ino) or _missing()
         self.ops.atimes.accessed(node)
-        return (gen, *self._one(node, gen))
+        return self.ops.atimes.atime(node)
 
     @_answer
     def generation_source(self) -> tuple[bytes, bytes] | None:
