@@ -88,6 +88,7 @@ typedef struct node {
     pieces_t *pieces;
     uint64_t stamp;     /* this version of the content */
     uint64_t opened;    /* the version the last open saw; 0: none */
+    uint64_t given;     /* the version whose attributes the kernel was last given (entry, attr reply); 0: none */
     dent_t *kids;       /* a directory's entries, sorted by name (strcmp) */
     size_t nkids;
     int opens;          /* files open on it, native and Python handles */
@@ -100,6 +101,8 @@ typedef struct node {
 } node_t;
 
 #define NBUCKETS (1u << 16)
+/* Seconds the kernel keeps the attributes of a file with a Python handle open (unflushed size and times). */
+#define PY_ATTR_TIMEOUT 1.0
 /* Nodes the table holds before it drops those the kernel holds no reference to (they are read
  * again when asked for): a bound on its memory, a few hundred bytes per node. */
 #define MAX_NODES (1u << 20)
@@ -270,11 +273,13 @@ static void trim(void) {
     }
 }
 
-/* The kernel took a reference to `ino` (an entry replied; lock held). */
+/* The kernel took a reference to `ino` (an entry replied, with its attributes; lock held). */
 static void referenced(uint64_t ino) {
     node_t *n = find(ino);
-    if (n != NULL)
+    if (n != NULL) {
         n->nlookup++;
+        n->given = n->stamp;
+    }
 }
 
 /* -- calls into Python ------------------------------------------------------------------------------ */
@@ -1060,6 +1065,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
             if (n != NULL && !(files_hold && S_ISDIR(n->st.st_mode))) {
                 st = n->st;
                 n->nlookup++;
+                n->given = n->stamp;
                 pthread_mutex_unlock(&S->lock);
                 reply_entry(req, &st);
                 return;
@@ -1129,19 +1135,49 @@ static void reply_attr(fuse_req_t req, int err, const struct stat *st) {
         fuse_reply_attr(req, st, S->attr_timeout);
 }
 
+/* Attributes of `ino` handed to the kernel (lock taken here): the version it now holds. */
+static void gave_attrs(uint64_t ino) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    if (n != NULL)
+        n->given = n->stamp;
+    pthread_mutex_unlock(&S->lock);
+}
+
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)fi;
     struct stat st;
-    pthread_mutex_lock(&S->lock);
-    node_t *n = find(ino);
-    int py = n != NULL && n->py > 0;
-    if (n != NULL && fresh(n->gen, n->at) && !py) {
-        st = n->st;
+    int py = 0;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        py = n != NULL && n->py > 0;
+        if (py) {
+            pthread_mutex_unlock(&S->lock);
+            break;
+        }
+        /* past the TTL a file's attributes still hold while the counter has not moved (they change
+         * only with it, access times aside), as a listing's files do for LOOKUP */
+        if (n != NULL && (fresh(n->gen, n->at) || (attempt == 1 && S_ISREG(n->st.st_mode) && n->gen == S->seen_gen))) {
+            st = n->st;
+            n->given = n->stamp;
+            pthread_mutex_unlock(&S->lock);
+            fuse_reply_attr(req, &st, S->attr_timeout);
+            return;
+        }
+        int may_hold = attempt == 0 && n != NULL && S_ISREG(n->st.st_mode) && n->gen == S->seen_gen;
+        long long had = may_hold ? n->gen : 0;
         pthread_mutex_unlock(&S->lock);
-        fuse_reply_attr(req, &st, S->attr_timeout);
-        return;
+        if (!may_hold)
+            break;
+        long long gen = counter_now();
+        pthread_mutex_lock(&S->lock);
+        if (gen > S->seen_gen)
+            S->seen_gen = gen;
+        pthread_mutex_unlock(&S->lock);
+        if (gen < 0 || gen != had) /* moved (or not readable here: PostgreSQL): read it again */
+            break;
     }
-    pthread_mutex_unlock(&S->lock);
     if (py) { /* its size and times may be unflushed ones: from Python, not kept */
         PyGILState_STATE g = gil();
         PyObject *r = call("attrs", "(K)", (unsigned long long)ino);
@@ -1152,10 +1188,15 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         }
         Py_XDECREF(r);
         PyGILState_Release(g);
-        reply_attr(req, err, &st);
+        if (err)
+            fuse_reply_err(req, err);
+        else /* the kernel keeps them no longer than a read-write mount's default: the writer goes on */
+            fuse_reply_attr(req, &st, S->attr_timeout < PY_ATTR_TIMEOUT ? S->attr_timeout : PY_ATTR_TIMEOUT);
         return;
     }
     int err = fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL);
+    if (!err)
+        gave_attrs(ino);
     reply_attr(req, err, &st);
 }
 
@@ -1225,17 +1266,27 @@ static int took_change(PyObject *r) {
         PyErr_WriteUnraisable(S->provider);
         return EIO;
     }
+    Py_ssize_t n = PyTuple_GET_SIZE(inos);
+    uint64_t touched[8];
+    size_t k = 0;
     pthread_mutex_lock(&S->lock);
     if (gen > S->seen_gen)
         S->seen_gen = gen;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inos); i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long ino = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(inos, i));
-        if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        if (ino == (unsigned long long)-1 && PyErr_Occurred()) {
             PyErr_WriteUnraisable(S->provider);
-        else
-            stale(ino);
+            continue;
+        }
+        stale(ino);
+        if (k < sizeof touched / sizeof *touched)
+            touched[k++] = ino;
     }
     pthread_mutex_unlock(&S->lock);
+    /* the kernel keeps attributes long on a read-write mount too: it drops its copy of what changed
+     * (times, link counts a change it did not ask for moved: a hidden rename, a commit at close) */
+    for (size_t i = 0; i < k; i++)
+        fuse_lowlevel_notify_inval_inode(S->se, touched[i], -1, 0);
     return 0;
 }
 
@@ -1464,7 +1515,14 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     fi->keep_cache = n->opened == n->stamp;
     n->opened = n->stamp;
     n->opens++;
+    /* and its attributes while they are the version open found (its size bounds reads): changed
+     * elsewhere since it was given them, it drops them and asks again (close-to-open for the size too) */
+    int drop_attrs = n->given != 0 && n->given != n->stamp;
+    if (drop_attrs)
+        n->given = 0;
     pthread_mutex_unlock(&S->lock);
+    if (drop_attrs)
+        fuse_lowlevel_notify_inval_inode(S->se, ino, -1, 0);
     fi->fh = (uint64_t)(uintptr_t)of;
     fi->noflush = 1; /* nothing to commit at close */
     if (fuse_reply_open(req, fi) != 0) {
@@ -1640,8 +1698,10 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
         }
         size_t want = plus ? fuse_add_direntry_plus(req, buf + pos, size - pos, name, &e, (off_t)(i + 1))
                            : fuse_add_direntry(req, buf + pos, size - pos, name, &e.attr, (off_t)(i + 1));
-        if (want <= size - pos && plus && n != NULL)
+        if (want <= size - pos && plus && n != NULL) {
             n->nlookup++; /* the kernel counts an entry of READDIRPLUS as a lookup */
+            n->given = n->stamp;
+        }
         pthread_mutex_unlock(&S->lock);
         if (want > size - pos)
             break; /* the kernel's buffer is full: it asks again from this entry */
@@ -1845,6 +1905,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     int err = took_node(r, &st, 0, 0);
     Py_XDECREF(r);
     PyGILState_Release(g);
+    if (!err)
+        gave_attrs(ino);
     reply_attr(req, err, &st);
 }
 

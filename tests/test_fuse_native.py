@@ -228,6 +228,42 @@ def test_close_to_open_from_a_writer_mount_to_a_native_reader(make_volume, meta_
     assert (r / "f.bin").read_bytes() == b"x"
 
 
+def test_a_read_write_native_mount_keeps_attributes_long_and_exact_at_open(make_volume, meta_engine,
+                                                                        mount_volume) -> None:
+    """A read-write native mount lets the kernel keep attributes and names 60 s, yet each open sees
+    the version committed elsewhere before it, its size included (the kernel's copy is dropped at
+    the open that finds a newer version): a file grown, shrunk, and replaced under its name; and
+    its own changes at once (a chmod, an xattr, a file written and closed)."""
+    volume = make_volume(meta=meta_engine)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", payload(1000, seed=1))
+    mp = mount_volume(volume.name, "--session", "native", "--noatime")  # (a moved atime drops them too)
+    f = mp / "f.bin"
+    assert os.stat(f).st_size == 1000 and f.read_bytes() == payload(1000, seed=1)  # the kernel holds size 1000
+    for n, seed in ((3 * BLOCK + 5, 2), (10, 3)):  # grown past the cached size, then shrunk below it
+        with Client.open(volume.name) as c:
+            c.write_file("f.bin", payload(n, seed=seed))
+        with open(f, "rb") as fh:
+            assert os.fstat(fh.fileno()).st_size == n
+            assert fh.read() == payload(n, seed=seed)
+        assert os.stat(f).st_size == n
+    with Client.open(volume.name) as c:  # another inode behind the name
+        c.unlink("f.bin")
+        c.write_file("f.bin", b"new inode")
+    assert f.read_bytes() == b"new inode" and os.stat(f).st_size == 9
+    before = os.stat(f).st_ctime_ns
+    os.chmod(f, 0o600)
+    os.setxattr(f, "user.k", b"v")
+    st = os.stat(f)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_ctime_ns >= before
+    with open(mp / "w.bin", "wb") as w:
+        w.write(b"y" * 7000)
+    assert os.stat(mp / "w.bin").st_size == 7000 and (mp / "w.bin").read_bytes() == b"y" * 7000
+    with open(mp / "w.bin", "ab") as w:
+        w.write(b"z")
+    assert os.stat(mp / "w.bin").st_size == 7001
+
+
 def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(volume, mount_volume) -> None:
     """Past meta_cache_ttl a LOOKUP reads the generation counter (natively, on SQLite) instead of
     listing the directory again: unmoved, the listing's files are served as listed; what moves
