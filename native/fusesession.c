@@ -24,8 +24,9 @@
  * A listing past the metadata TTL whose generation counter has not moved (read natively) still
  * answers LOOKUPs of its files (their attributes change only with the counter, access times aside).
  *
- * Cold reads: a burst of LOOKUPs in a directory not listed yet makes one listing (the others wait
- * for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
+ * Cold reads: the first open of a small file's version hands its bytes to the kernel's page cache
+ * (notify_store), so the file costs LOOKUP, OPEN and RELEASE, no READ; a burst of LOOKUPs in a
+ * directory not listed yet makes one listing (the others wait for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
  * next RA_BLOCKS blocks read ahead by a thread of its own, from the block files the pieces named.
  *
  * Provider methods return their result, or a negative errno (never raise).
@@ -135,6 +136,10 @@ typedef struct bfile {
 #define MAX_BFILES (1u << 20) /* block files remembered; past it the list starts again */
 #define RA_BLOCKS 2           /* blocks read ahead of a reader going through a chunk in order */
 #define RA_QUEUE 64
+/* A file this small (in this many pieces) has its bytes handed to the kernel's page cache at its open:
+ * its reads then need no READ request */
+#define STORE_MAX ((uint64_t)256 << 10)
+#define STORE_PIECES 8
 #define LISTING_SLOTS 64
 #define BUFFER_PREFAULT ((size_t)256 << 10) /* block buffers this large have their pages made at once */
 
@@ -164,6 +169,7 @@ typedef struct {
     int policy_busy;   /* a thread is asking */
     uint64_t listing[LISTING_SLOTS]; /* directories a LOOKUP is listing now (0: a free slot; lock) */
     pthread_cond_t listed;           /* one of them is done */
+    pthread_mutex_t store_lock; /* one store into the kernel's page cache at a time (store_at_open) */
     pthread_mutex_t ra_lock; /* the block files and the readahead queue (a leaf lock) */
     pthread_cond_t ra_wake;
     bfile_t *fbuckets[FBUCKETS];
@@ -1436,6 +1442,50 @@ static long long generation(uint64_t ino, uid_t uid) {
 
 static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 
+/* At the first open of a small file's version, hand the kernel its whole content (notify_store into
+ * its page cache, before the open is answered) so that reading it needs no READ request: a cold file
+ * costs LOOKUP, OPEN and RELEASE. Whether every byte was stored: then the open keeps the cache. Stores
+ * go one at a time and only while the table still holds the version opened (`stamp`), so an open of
+ * an older version never stores its bytes over a newer one's. */
+static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
+    const pieces_t *p = of->pieces;
+    if (p == NULL || of->size == 0 || of->size > STORE_MAX || p->n == 0 || p->n > STORE_PIECES)
+        return 0;
+    for (size_t i = 0, end = 0; i < p->n; end = p->p[i].file_off + p->p[i].len, i++)
+        if (p->p[i].file_off != end) /* a hole (reads as zeros): left to READ */
+            return 0;
+    if (p->p[p->n - 1].file_off + p->p[p->n - 1].len != of->size)
+        return 0;
+    block_t *held[STORE_PIECES] = {NULL};
+    struct {
+        struct fuse_bufvec v;
+        struct fuse_buf more[STORE_PIECES - 1];
+    } bufs;
+    memset(&bufs, 0, sizeof bufs);
+    size_t k = 0;
+    for (; k < p->n; k++) {
+        const piece_t *pc = &p->p[k];
+        if ((held[k] = get_block(pc, 0)) == NULL)
+            break;
+        bufs.v.buf[k].mem = held[k]->data + pc->block_lo;
+        bufs.v.buf[k].size = (size_t)pc->len;
+    }
+    int stored = 0;
+    if (k == p->n) {
+        bufs.v.count = k;
+        pthread_mutex_lock(&S->store_lock);
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        int current = n != NULL && n->stamp == stamp;
+        pthread_mutex_unlock(&S->lock);
+        stored = current && fuse_lowlevel_notify_store(S->se, ino, 0, &bufs.v, 0) == 0;
+        pthread_mutex_unlock(&S->store_lock);
+    }
+    while (k > 0)
+        block_unref(held[--k]);
+    return stored;
+}
+
 /* An open for reading of `ino`, whose attributes the table holds as of now: if relatime moves its
  * access time, Python moves it (kept in memory, written in batches) and the table and the kernel
  * take the new one. Whether the open goes on (else it was answered with the error). */
@@ -1520,9 +1570,12 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     int drop_attrs = n->given != 0 && n->given != n->stamp;
     if (drop_attrs)
         n->given = 0;
+    uint64_t stamp = n->stamp;
     pthread_mutex_unlock(&S->lock);
     if (drop_attrs)
         fuse_lowlevel_notify_inval_inode(S->se, ino, -1, 0);
+    if (!fi->keep_cache && !(fi->flags & O_DIRECT) && store_at_open(ino, of, stamp))
+        fi->keep_cache = 1;
     fi->fh = (uint64_t)(uintptr_t)of;
     fi->noflush = 1; /* nothing to commit at close */
     if (fuse_reply_open(req, fi) != 0) {
@@ -2056,6 +2109,7 @@ static void free_session(void) {
     free(S->gen_sql);
     forget_block_files();
     pthread_mutex_destroy(&S->ra_lock);
+    pthread_mutex_destroy(&S->store_lock);
     pthread_cond_destroy(&S->listed);
     pthread_cond_destroy(&S->ra_wake);
     pthread_mutex_destroy(&S->policy_lock);
@@ -2122,6 +2176,7 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     S->policy_at = -1e9;
     pthread_mutex_init(&S->policy_lock, NULL);
     pthread_mutex_init(&S->ra_lock, NULL);
+    pthread_mutex_init(&S->store_lock, NULL);
     pthread_cond_init(&S->listed, NULL);
     pthread_cond_init(&S->ra_wake, NULL);
     pthread_key_create(&S->gen_key, gen_conn_free);

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from balefs.fuse.mount import _read_state
+from balefs.fuse.mount import _read_state, log_path
 from balefs.fuse.native_session import NativeProvider
 from balefs.fuse.ops import BaleOperations
 from balefs.storage.client import Client
@@ -262,6 +262,31 @@ def test_a_read_write_native_mount_keeps_attributes_long_and_exact_at_open(make_
     with open(mp / "w.bin", "ab") as w:
         w.write(b"z")
     assert os.stat(mp / "w.bin").st_size == 7001
+
+
+def test_a_small_file_is_handed_to_the_kernel_at_its_open(volume, mount_volume) -> None:
+    """The first open of a small file's version stores its bytes in the kernel's page cache, so
+    reading it sends no READ (LOOKUP, OPEN, RELEASE per cold file); a version committed elsewhere
+    is stored at its next open, and a large file is still read with READs."""
+    small = {f"s{i}": payload(100 + 997 * i, seed=i) for i in range(20)}
+    with Client.open(volume.name) as c:
+        for name, data in small.items():
+            c.write_file(name, data)
+        c.write_file("big.bin", payload(1 << 20, seed=99))  # past what is stored at open (256 KiB)
+    mp = mount_volume(volume.name, "--session", "native", "--debug")
+
+    def reads() -> int:
+        with open(log_path(str(mp)), errors="replace") as f:
+            return f.read().count("opcode: READ (")
+
+    for name, data in small.items():
+        assert (mp / name).read_bytes() == data
+    assert reads() == 0
+    with Client.open(volume.name) as c:
+        c.write_file("s3", b"the next version")
+    assert (mp / "s3").read_bytes() == b"the next version"
+    assert (mp / "big.bin").read_bytes() == payload(1 << 20, seed=99)
+    assert reads() > 0
 
 
 def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(volume, mount_volume) -> None:
