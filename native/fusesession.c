@@ -8,9 +8,10 @@
  * block cache, blocks read, checked and lz4-decoded with the block engine's code (blockcodec.h),
  * without the GIL. Python is entered only to fill the table, to read the metadata's generation
  * counter at each OPEN (close-to-open: a file whose entry is older than the counter is fetched
- * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants,
- * audited reads nor access times to move (read-only or --noatime) the counter is read here instead,
- * through libsqlite3, without the GIL), for a read the native path cannot serve
+ * again; and the volume's grants checked, if it has any; on an SQLite volume with neither grants
+ * nor audited reads the counter is read here instead, through libsqlite3, without the GIL), to move
+ * an access time that relatime says an open moves (the rule is applied here: at most once a day per
+ * file, so most opens of a read-write mount stay here), for a read the native path cannot serve
  * (a block on a remote node, a corrupt or missing copy: the Python reader then tries the other
  * copies, repairs and logs, or answers EIO), and for the rare calls (STATFS, READLINK, xattrs).
  * A node leaves the table when the kernel forgets it, or, past MAX_NODES, when the kernel holds
@@ -23,8 +24,9 @@
  * A listing past the metadata TTL whose generation counter has not moved (read natively) still
  * answers LOOKUPs of its files (their attributes change only with the counter, access times aside).
  *
- * Cold reads: a burst of LOOKUPs in a directory not listed yet makes one listing (the others wait
- * for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
+ * Cold reads: the first open of a small file's version hands its bytes to the kernel's page cache
+ * (notify_store), so the file costs LOOKUP, OPEN and RELEASE, no READ; a burst of LOOKUPs in a
+ * directory not listed yet makes one listing (the others wait for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
  * next RA_BLOCKS blocks read ahead by a thread of its own, from the block files the pieces named.
  *
  * Provider methods return their result, or a negative errno (never raise).
@@ -87,6 +89,7 @@ typedef struct node {
     pieces_t *pieces;
     uint64_t stamp;     /* this version of the content */
     uint64_t opened;    /* the version the last open saw; 0: none */
+    uint64_t given;     /* the version whose attributes the kernel was last given (entry, attr reply); 0: none */
     dent_t *kids;       /* a directory's entries, sorted by name (strcmp) */
     size_t nkids;
     int opens;          /* files open on it, native and Python handles */
@@ -99,6 +102,8 @@ typedef struct node {
 } node_t;
 
 #define NBUCKETS (1u << 16)
+/* Seconds the kernel keeps the attributes of a file with a Python handle open (unflushed size and times). */
+#define PY_ATTR_TIMEOUT 1.0
 /* Nodes the table holds before it drops those the kernel holds no reference to (they are read
  * again when asked for): a bound on its memory, a few hundred bytes per node. */
 #define MAX_NODES (1u << 20)
@@ -131,6 +136,10 @@ typedef struct bfile {
 #define MAX_BFILES (1u << 20) /* block files remembered; past it the list starts again */
 #define RA_BLOCKS 2           /* blocks read ahead of a reader going through a chunk in order */
 #define RA_QUEUE 64
+/* A file this small (in this many pieces) has its bytes handed to the kernel's page cache at its open:
+ * its reads then need no READ request */
+#define STORE_MAX ((uint64_t)256 << 10)
+#define STORE_PIECES 8
 #define LISTING_SLOTS 64
 #define BUFFER_PREFAULT ((size_t)256 << 10) /* block buffers this large have their pages made at once */
 
@@ -156,9 +165,11 @@ typedef struct {
     pthread_mutex_t policy_lock;
     double policy_at;  /* when the provider last said whether opens need it */
     int opens_checked; /* they do: grants to check, or reads drawn for the audit trail */
+    int relatime;      /* opens for reading move access times (a read-write mount without noatime) */
     int policy_busy;   /* a thread is asking */
     uint64_t listing[LISTING_SLOTS]; /* directories a LOOKUP is listing now (0: a free slot; lock) */
     pthread_cond_t listed;           /* one of them is done */
+    pthread_mutex_t store_lock; /* one store into the kernel's page cache at a time (store_at_open) */
     pthread_mutex_t ra_lock; /* the block files and the readahead queue (a leaf lock) */
     pthread_cond_t ra_wake;
     bfile_t *fbuckets[FBUCKETS];
@@ -268,11 +279,13 @@ static void trim(void) {
     }
 }
 
-/* The kernel took a reference to `ino` (an entry replied; lock held). */
+/* The kernel took a reference to `ino` (an entry replied, with its attributes; lock held). */
 static void referenced(uint64_t ino) {
     node_t *n = find(ino);
-    if (n != NULL)
+    if (n != NULL) {
         n->nlookup++;
+        n->given = n->stamp;
+    }
 }
 
 /* -- calls into Python ------------------------------------------------------------------------------ */
@@ -693,6 +706,21 @@ static int opens_checked(void) {
  * newest generation seen, within the metadata TTL (a stat may be that old, as on the Python path). */
 static int fresh(long long gen, double at) { return gen == S->seen_gen && now_s() - at < S->meta_ttl; }
 
+/* -- access times (relatime) ---------------------------------------------------------------------- */
+
+#define DAY_NS (86400LL * 1000000000LL)
+
+static long long ns_of(const struct timespec *ts) { return (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec; }
+
+/* Whether a read now moves the access time of a file with these attributes: relatime's rule, as
+ * balefs/storage/atime.py's relatime_due (not newer than its mtime or ctime, or a day old). */
+static int atime_due(const struct stat *st) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    long long at = ns_of(&st->st_atim);
+    return at <= ns_of(&st->st_mtim) || at <= ns_of(&st->st_ctim) || ns_of(&now) - at >= DAY_NS;
+}
+
 /* -- blocks ------------------------------------------------------------------------------------- */
 
 static void block_unref(block_t *b) {
@@ -977,6 +1005,9 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     PyGILState_STATE g = gil();
     PyObject *r = call("ready", "()");
     Py_XDECREF(r);
+    r = call("relatime", "()");
+    S->relatime = r == Py_True;
+    Py_XDECREF(r);
     /* generation_source() -> (file bytes, query bytes) or None */
     PyObject *src = call("generation_source", "()");
     const char *path, *sql;
@@ -1040,6 +1071,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
             if (n != NULL && !(files_hold && S_ISDIR(n->st.st_mode))) {
                 st = n->st;
                 n->nlookup++;
+                n->given = n->stamp;
                 pthread_mutex_unlock(&S->lock);
                 reply_entry(req, &st);
                 return;
@@ -1109,19 +1141,49 @@ static void reply_attr(fuse_req_t req, int err, const struct stat *st) {
         fuse_reply_attr(req, st, S->attr_timeout);
 }
 
+/* Attributes of `ino` handed to the kernel (lock taken here): the version it now holds. */
+static void gave_attrs(uint64_t ino) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    if (n != NULL)
+        n->given = n->stamp;
+    pthread_mutex_unlock(&S->lock);
+}
+
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     (void)fi;
     struct stat st;
-    pthread_mutex_lock(&S->lock);
-    node_t *n = find(ino);
-    int py = n != NULL && n->py > 0;
-    if (n != NULL && fresh(n->gen, n->at) && !py) {
-        st = n->st;
+    int py = 0;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        py = n != NULL && n->py > 0;
+        if (py) {
+            pthread_mutex_unlock(&S->lock);
+            break;
+        }
+        /* past the TTL a file's attributes still hold while the counter has not moved (they change
+         * only with it, access times aside), as a listing's files do for LOOKUP */
+        if (n != NULL && (fresh(n->gen, n->at) || (attempt == 1 && S_ISREG(n->st.st_mode) && n->gen == S->seen_gen))) {
+            st = n->st;
+            n->given = n->stamp;
+            pthread_mutex_unlock(&S->lock);
+            fuse_reply_attr(req, &st, S->attr_timeout);
+            return;
+        }
+        int may_hold = attempt == 0 && n != NULL && S_ISREG(n->st.st_mode) && n->gen == S->seen_gen;
+        long long had = may_hold ? n->gen : 0;
         pthread_mutex_unlock(&S->lock);
-        fuse_reply_attr(req, &st, S->attr_timeout);
-        return;
+        if (!may_hold)
+            break;
+        long long gen = counter_now();
+        pthread_mutex_lock(&S->lock);
+        if (gen > S->seen_gen)
+            S->seen_gen = gen;
+        pthread_mutex_unlock(&S->lock);
+        if (gen < 0 || gen != had) /* moved (or not readable here: PostgreSQL): read it again */
+            break;
     }
-    pthread_mutex_unlock(&S->lock);
     if (py) { /* its size and times may be unflushed ones: from Python, not kept */
         PyGILState_STATE g = gil();
         PyObject *r = call("attrs", "(K)", (unsigned long long)ino);
@@ -1132,10 +1194,15 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         }
         Py_XDECREF(r);
         PyGILState_Release(g);
-        reply_attr(req, err, &st);
+        if (err)
+            fuse_reply_err(req, err);
+        else /* the kernel keeps them no longer than a read-write mount's default: the writer goes on */
+            fuse_reply_attr(req, &st, S->attr_timeout < PY_ATTR_TIMEOUT ? S->attr_timeout : PY_ATTR_TIMEOUT);
         return;
     }
     int err = fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL);
+    if (!err)
+        gave_attrs(ino);
     reply_attr(req, err, &st);
 }
 
@@ -1161,7 +1228,7 @@ static int has_python_handles(uint64_t ino) {
     return py;
 }
 
-/* The generation a forwarded change left (>= 0), or -errno; GIL held. */
+/* A provider's non-negative number (a generation, bytes written, an atime), or -errno; GIL held. */
 static long long gen_of(PyObject *r) {
     if (r == NULL || !PyLong_Check(r))
         return -EIO;
@@ -1205,17 +1272,27 @@ static int took_change(PyObject *r) {
         PyErr_WriteUnraisable(S->provider);
         return EIO;
     }
+    Py_ssize_t n = PyTuple_GET_SIZE(inos);
+    uint64_t touched[8];
+    size_t k = 0;
     pthread_mutex_lock(&S->lock);
     if (gen > S->seen_gen)
         S->seen_gen = gen;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inos); i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long ino = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(inos, i));
-        if (ino == (unsigned long long)-1 && PyErr_Occurred())
+        if (ino == (unsigned long long)-1 && PyErr_Occurred()) {
             PyErr_WriteUnraisable(S->provider);
-        else
-            stale(ino);
+            continue;
+        }
+        stale(ino);
+        if (k < sizeof touched / sizeof *touched)
+            touched[k++] = ino;
     }
     pthread_mutex_unlock(&S->lock);
+    /* the kernel keeps attributes long on a read-write mount too: it drops its copy of what changed
+     * (times, link counts a change it did not ask for moved: a hidden rename, a commit at close) */
+    for (size_t i = 0; i < k; i++)
+        fuse_lowlevel_notify_inval_inode(S->se, touched[i], -1, 0);
     return 0;
 }
 
@@ -1365,6 +1442,80 @@ static long long generation(uint64_t ino, uid_t uid) {
 
 static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 
+/* At the first open of a small file's version, hand the kernel its whole content (notify_store into
+ * its page cache, before the open is answered) so that reading it needs no READ request: a cold file
+ * costs LOOKUP, OPEN and RELEASE. Whether every byte was stored: then the open keeps the cache. Stores
+ * go one at a time and only while the table still holds the version opened (`stamp`), so an open of
+ * an older version never stores its bytes over a newer one's. */
+static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
+    const pieces_t *p = of->pieces;
+    if (p == NULL || of->size == 0 || of->size > STORE_MAX || p->n == 0 || p->n > STORE_PIECES)
+        return 0;
+    for (size_t i = 0, end = 0; i < p->n; end = p->p[i].file_off + p->p[i].len, i++)
+        if (p->p[i].file_off != end) /* a hole (reads as zeros): left to READ */
+            return 0;
+    if (p->p[p->n - 1].file_off + p->p[p->n - 1].len != of->size)
+        return 0;
+    block_t *held[STORE_PIECES] = {NULL};
+    struct {
+        struct fuse_bufvec v;
+        struct fuse_buf more[STORE_PIECES - 1];
+    } bufs;
+    memset(&bufs, 0, sizeof bufs);
+    size_t k = 0;
+    for (; k < p->n; k++) {
+        const piece_t *pc = &p->p[k];
+        if ((held[k] = get_block(pc, 0)) == NULL)
+            break;
+        bufs.v.buf[k].mem = held[k]->data + pc->block_lo;
+        bufs.v.buf[k].size = (size_t)pc->len;
+    }
+    int stored = 0;
+    if (k == p->n) {
+        bufs.v.count = k;
+        pthread_mutex_lock(&S->store_lock);
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        int current = n != NULL && n->stamp == stamp;
+        pthread_mutex_unlock(&S->lock);
+        stored = current && fuse_lowlevel_notify_store(S->se, ino, 0, &bufs.v, 0) == 0;
+        pthread_mutex_unlock(&S->store_lock);
+    }
+    while (k > 0)
+        block_unref(held[--k]);
+    return stored;
+}
+
+/* An open for reading of `ino`, whose attributes the table holds as of now: if relatime moves its
+ * access time, Python moves it (kept in memory, written in batches) and the table and the kernel
+ * take the new one. Whether the open goes on (else it was answered with the error). */
+static int move_atime(uint64_t ino, fuse_req_t req) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(ino);
+    int due = n != NULL && S_ISREG(n->st.st_mode) && atime_due(&n->st);
+    pthread_mutex_unlock(&S->lock);
+    if (!due)
+        return 1;
+    PyGILState_STATE g = gil();
+    PyObject *r = call("accessed", "(K)", (unsigned long long)ino);
+    long long at = gen_of(r); /* the new atime, or -errno */
+    int err = at < 0 ? (int)-at : 0;
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err) {
+        fuse_reply_err(req, err == ENOENT ? ESTALE : err);
+        return 0;
+    }
+    pthread_mutex_lock(&S->lock);
+    if ((n = find(ino)) != NULL && at > ns_of(&n->st.st_atim)) {
+        n->st.st_atim.tv_sec = at / 1000000000;
+        n->st.st_atim.tv_nsec = at % 1000000000;
+    }
+    pthread_mutex_unlock(&S->lock);
+    fuse_lowlevel_notify_inval_inode(S->se, ino, -1, 0); /* its attributes only: a stat shows the new atime */
+    return 1;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) || has_python_handles(ino)) {
         open_python(req, ino, fi);
@@ -1391,6 +1542,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
             return;
         }
     }
+    if (S->relatime && !move_atime(ino, req))
+        return;
     openfile_t *of = calloc(1, sizeof *of);
     if (of == NULL) {
         fuse_reply_err(req, ENOMEM);
@@ -1412,7 +1565,17 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     fi->keep_cache = n->opened == n->stamp;
     n->opened = n->stamp;
     n->opens++;
+    /* and its attributes while they are the version open found (its size bounds reads): changed
+     * elsewhere since it was given them, it drops them and asks again (close-to-open for the size too) */
+    int drop_attrs = n->given != 0 && n->given != n->stamp;
+    if (drop_attrs)
+        n->given = 0;
+    uint64_t stamp = n->stamp;
     pthread_mutex_unlock(&S->lock);
+    if (drop_attrs)
+        fuse_lowlevel_notify_inval_inode(S->se, ino, -1, 0);
+    if (!fi->keep_cache && !(fi->flags & O_DIRECT) && store_at_open(ino, of, stamp))
+        fi->keep_cache = 1;
     fi->fh = (uint64_t)(uintptr_t)of;
     fi->noflush = 1; /* nothing to commit at close */
     if (fuse_reply_open(req, fi) != 0) {
@@ -1588,8 +1751,10 @@ static void readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
         }
         size_t want = plus ? fuse_add_direntry_plus(req, buf + pos, size - pos, name, &e, (off_t)(i + 1))
                            : fuse_add_direntry(req, buf + pos, size - pos, name, &e.attr, (off_t)(i + 1));
-        if (want <= size - pos && plus && n != NULL)
+        if (want <= size - pos && plus && n != NULL) {
             n->nlookup++; /* the kernel counts an entry of READDIRPLUS as a lookup */
+            n->given = n->stamp;
+        }
         pthread_mutex_unlock(&S->lock);
         if (want > size - pos)
             break; /* the kernel's buffer is full: it asks again from this entry */
@@ -1793,6 +1958,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     int err = took_node(r, &st, 0, 0);
     Py_XDECREF(r);
     PyGILState_Release(g);
+    if (!err)
+        gave_attrs(ino);
     reply_attr(req, err, &st);
 }
 
@@ -1942,6 +2109,7 @@ static void free_session(void) {
     free(S->gen_sql);
     forget_block_files();
     pthread_mutex_destroy(&S->ra_lock);
+    pthread_mutex_destroy(&S->store_lock);
     pthread_cond_destroy(&S->listed);
     pthread_cond_destroy(&S->ra_wake);
     pthread_mutex_destroy(&S->policy_lock);
@@ -2008,6 +2176,7 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     S->policy_at = -1e9;
     pthread_mutex_init(&S->policy_lock, NULL);
     pthread_mutex_init(&S->ra_lock, NULL);
+    pthread_mutex_init(&S->store_lock, NULL);
     pthread_cond_init(&S->listed, NULL);
     pthread_cond_init(&S->ra_wake, NULL);
     pthread_key_create(&S->gen_key, gen_conn_free);
@@ -2053,7 +2222,7 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
-enum node_call { NODE_IS_OPEN, NODE_HIDE, NODE_STALE };
+enum node_call { NODE_IS_OPEN, NODE_HIDE };
 
 /* The provider's calls about one inode of the serving session (argument: the inode number). */
 static PyObject *node_call(PyObject *arg, enum node_call what) {
@@ -2063,14 +2232,10 @@ static PyObject *node_call(PyObject *arg, enum node_call what) {
     int open = 0;
     if (S != NULL) {
         pthread_mutex_lock(&S->lock);
-        if (what == NODE_STALE) {
-            stale(ino);
-        } else {
-            node_t *n = find(ino);
-            open = n != NULL && n->opens > 0;
-            if (open && what == NODE_HIDE)
-                n->hidden = 1;
-        }
+        node_t *n = find(ino);
+        open = n != NULL && n->opens > 0;
+        if (open && what == NODE_HIDE)
+            n->hidden = 1;
         pthread_mutex_unlock(&S->lock);
     }
     if (what == NODE_IS_OPEN)
@@ -2091,14 +2256,7 @@ static PyObject *py_hidden(PyObject *self, PyObject *arg) {
     return node_call(arg, NODE_HIDE);
 }
 
-/* stale(ino): what the table holds of `ino` is out of date (its atime moved): read it again when asked. */
-static PyObject *py_stale(PyObject *self, PyObject *arg) {
-    (void)self;
-    return node_call(arg, NODE_STALE);
-}
-
 static PyMethodDef methods[] = {
-    {"stale", py_stale, METH_O, "stale(ino): the session reads the inode's attributes again when next asked."},
     {"is_open", py_is_open, METH_O, "is_open(ino): whether the serving session has the file open."},
     {"hidden", py_hidden, METH_O, "hidden(ino): an open file renamed to a hidden name, unlinked at its last close."},
     {"serve", py_serve, METH_VARARGS,

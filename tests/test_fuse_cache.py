@@ -8,7 +8,7 @@ import os
 import re
 import stat
 
-from balefs.fuse.mount import ATTR_TIMEOUT, RO_ATTR_TIMEOUT, default_timeouts, log_path
+from balefs.fuse.mount import ATTR_TIMEOUT, NATIVE_RW_ATTR_TIMEOUT, RO_ATTR_TIMEOUT, default_timeouts, log_path
 from balefs.storage.client import Client
 from fuse_support import mount_volume, needs_fuse  # noqa: F401 - fixtures
 from helpers import BLOCK, payload
@@ -19,6 +19,9 @@ def test_default_timeouts() -> None:  # no mount: runs without FUSE too
     assert default_timeouts(True) == (RO_ATTR_TIMEOUT, RO_ATTR_TIMEOUT, RO_ATTR_TIMEOUT)
     assert default_timeouts(True, 5) == (5, 5, 5)
     assert default_timeouts(False, 0) == (0, 0, 0.0)
+    assert default_timeouts(False, native=True) == (NATIVE_RW_ATTR_TIMEOUT, NATIVE_RW_ATTR_TIMEOUT, 0.0)
+    assert default_timeouts(True, native=True) == default_timeouts(True)
+    assert default_timeouts(False, 1, native=True) == (1, 1, 0.0)
 
 
 @needs_fuse

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from balefs.fuse.mount import _read_state
+from balefs.fuse.mount import _read_state, log_path
+from balefs.fuse.native_session import NativeProvider
+from balefs.fuse.ops import BaleOperations
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from balefs.storage.grants import OWNER, current_user
@@ -159,6 +161,27 @@ def test_native_read_write_mount_sees_its_own_changes_at_once(volume, mount_volu
         assert c.read_file("d/moved.txt") == b"x" * 10
 
 
+def test_opens_of_a_read_write_mount_come_to_python_only_to_move_an_access_time(volume) -> None:
+    """The provider's side of relatime on the native session: without grants or audited reads no
+    open needs Python (`opens_checked`), the C session applies relatime's rule itself (`relatime`:
+    read-write, not --noatime) and calls `accessed` for a move, which answers the moved atime."""
+    old = 1_000_000_000 * 10**9
+    with Client.open(volume.name) as c:
+        c.write_file("f", b"data")
+        c.setattr("f", atime_ns=old)
+        ino = c.stat("f").ino
+        for options, relatime in (({}, True), ({"noatime": True}, False), ({"read_only": True}, False)):
+            ops = BaleOperations(c, **options)
+            provider = NativeProvider(ops)
+            assert provider.opens_checked() is False and provider.relatime() is relatime
+            ops.atimes.close()
+        ops = BaleOperations(c)
+        moved = NativeProvider(ops).accessed(ino)
+        assert moved > c.stat("f").mtime_ns  # newer than the mtime: the next open leaves it
+        ops.atimes.close()
+        assert c.meta.getattr(ino).atime_ns == moved  # written (at the latest when the mount ends)
+
+
 def test_a_large_directory_is_listed_whole_across_readdir_requests(volume, mount_volume) -> None:
     n = 1500
     with Client.open(volume.name) as c:
@@ -203,6 +226,67 @@ def test_close_to_open_from_a_writer_mount_to_a_native_reader(make_volume, meta_
     assert (r / "f.bin").read_bytes() == old
     os.rename(w / "other.bin", w / "f.bin")
     assert (r / "f.bin").read_bytes() == b"x"
+
+
+def test_a_read_write_native_mount_keeps_attributes_long_and_exact_at_open(make_volume, meta_engine,
+                                                                        mount_volume) -> None:
+    """A read-write native mount lets the kernel keep attributes and names 60 s, yet each open sees
+    the version committed elsewhere before it, its size included (the kernel's copy is dropped at
+    the open that finds a newer version): a file grown, shrunk, and replaced under its name; and
+    its own changes at once (a chmod, an xattr, a file written and closed)."""
+    volume = make_volume(meta=meta_engine)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", payload(1000, seed=1))
+    mp = mount_volume(volume.name, "--session", "native", "--noatime")  # (a moved atime drops them too)
+    f = mp / "f.bin"
+    assert os.stat(f).st_size == 1000 and f.read_bytes() == payload(1000, seed=1)  # the kernel holds size 1000
+    for n, seed in ((3 * BLOCK + 5, 2), (10, 3)):  # grown past the cached size, then shrunk below it
+        with Client.open(volume.name) as c:
+            c.write_file("f.bin", payload(n, seed=seed))
+        with open(f, "rb") as fh:
+            assert os.fstat(fh.fileno()).st_size == n
+            assert fh.read() == payload(n, seed=seed)
+        assert os.stat(f).st_size == n
+    with Client.open(volume.name) as c:  # another inode behind the name
+        c.unlink("f.bin")
+        c.write_file("f.bin", b"new inode")
+    assert f.read_bytes() == b"new inode" and os.stat(f).st_size == 9
+    before = os.stat(f).st_ctime_ns
+    os.chmod(f, 0o600)
+    os.setxattr(f, "user.k", b"v")
+    st = os.stat(f)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_ctime_ns >= before
+    with open(mp / "w.bin", "wb") as w:
+        w.write(b"y" * 7000)
+    assert os.stat(mp / "w.bin").st_size == 7000 and (mp / "w.bin").read_bytes() == b"y" * 7000
+    with open(mp / "w.bin", "ab") as w:
+        w.write(b"z")
+    assert os.stat(mp / "w.bin").st_size == 7001
+
+
+def test_a_small_file_is_handed_to_the_kernel_at_its_open(volume, mount_volume) -> None:
+    """The first open of a small file's version stores its bytes in the kernel's page cache, so
+    reading it sends no READ (LOOKUP, OPEN, RELEASE per cold file); a version committed elsewhere
+    is stored at its next open, and a large file is still read with READs."""
+    small = {f"s{i}": payload(100 + 997 * i, seed=i) for i in range(20)}
+    with Client.open(volume.name) as c:
+        for name, data in small.items():
+            c.write_file(name, data)
+        c.write_file("big.bin", payload(1 << 20, seed=99))  # past what is stored at open (256 KiB)
+    mp = mount_volume(volume.name, "--session", "native", "--debug")
+
+    def reads() -> int:
+        with open(log_path(str(mp)), errors="replace") as f:
+            return f.read().count("opcode: READ (")
+
+    for name, data in small.items():
+        assert (mp / name).read_bytes() == data
+    assert reads() == 0
+    with Client.open(volume.name) as c:
+        c.write_file("s3", b"the next version")
+    assert (mp / "s3").read_bytes() == b"the next version"
+    assert (mp / "big.bin").read_bytes() == payload(1 << 20, seed=99)
+    assert reads() > 0
 
 
 def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(volume, mount_volume) -> None:

@@ -58,9 +58,11 @@ class MountOptions:
 
 ATTR_TIMEOUT = 1.0      # read-write mounts: a file closed on another mount shows its new size within 1 s
 RO_ATTR_TIMEOUT = 60.0  # read-only mounts (datasets): repeat stats and walks are served by the kernel
+NATIVE_RW_ATTR_TIMEOUT = 60.0  # read-write native mounts: the session drops the kernel's copies itself (below)
 
 
-def default_timeouts(read_only: bool, attr_timeout: float | None = None) -> tuple[float, float, float]:
+def default_timeouts(read_only: bool, attr_timeout: float | None = None,
+                     native: bool = False) -> tuple[float, float, float]:
     """(attr, entry, negative) timeouts of the kernel's caches, in seconds.
 
     Read-write: 1 s for attributes and names, no caching of absent names, so a file created
@@ -74,9 +76,18 @@ def default_timeouts(read_only: bool, attr_timeout: float | None = None) -> tupl
     the daemon), so a read never mixes versions; only its size may be up to 60 s old (and reads stop at it).
     The same as gcsfuse's and Mountpoint for S3's metadata caching defaults (60 s).
 
+    Read-write on the native session (`native`): 60 s for attributes and names, none for absent
+    names. The session knows what changes: each change made through the mount names the inodes it
+    touched and the session drops the kernel's copy of their attributes; an open that finds a
+    version newer than the attributes the kernel was given (changed on another mount) drops them
+    too, so close-to-open holds for the size as well as the bytes; a name removed or replaced on
+    another mount answers ESTALE at open and the kernel looks it up again. What a stat of a file
+    changed elsewhere shows without an open (or a listing, which hands over fresh attributes) may be
+    up to 60 s old, as on a read-only mount; --attr-timeout 1 gives the Python session's 1 s.
+
     An explicit --attr-timeout sets attr and entry (and, read-only, negative) timeouts."""
     if attr_timeout is None:
-        attr_timeout = RO_ATTR_TIMEOUT if read_only else ATTR_TIMEOUT
+        attr_timeout = RO_ATTR_TIMEOUT if read_only else NATIVE_RW_ATTR_TIMEOUT if native else ATTR_TIMEOUT
     return attr_timeout, attr_timeout, attr_timeout if read_only else 0.0
 
 
@@ -243,7 +254,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
                          noatime=opts.noatime)
     if exposed:
         _watch_metrics(volume, client, ops)
-    attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout)
+    attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout,
+                                                                     native=opts.session == "native")
     fuse_options: dict[str, Any] = {
         "foreground": True,
         "nothreads": False,          # one thread per request in flight

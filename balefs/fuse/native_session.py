@@ -6,7 +6,8 @@ GETATTR, READDIR(PLUS), OPEN, READ and RELEASE from them without the GIL. Native
 what it asks Python for, in batches: a whole directory at once (every entry's attributes and,
 for files, the block pieces that hold its bytes), the metadata's generation counter at each open
 (close-to-open, as on the Python session: a file changed since it was read is read again; on an
-SQLite volume without grants or audited reads the C session reads the counter itself), a
+SQLite volume without grants or audited reads the C session reads the counter itself), an
+access time that relatime moves (the C session applies the rule; Python keeps the moves), a
 read the native path cannot serve (a block on a remote node, a bad or missing copy: the Python
 reader tries the other copies, repairs and logs, or answers EIO), and STATFS, READLINK and
 xattrs. Attributes come from BaleOperations._attrs, so both sessions report the same stat.
@@ -216,7 +217,7 @@ class NativeProvider:
     def opened(self, ino: int, uid: int) -> int:
         """The generation counter as a file is opened (close-to-open); on a volume with grants,
         EACCES unless one lets the caller read the file (as BaleOperations.open checks); drawn for
-        the audit trail at the audit_reads rate."""
+        the audit trail at the audit_reads rate. (Access times are the C session's: see `accessed`.)"""
         gen = self.meta.generation()
         grants, audit = self._grants_apply(), self.client.read_audit
         if grants or audit.rate:
@@ -225,14 +226,24 @@ class NativeProvider:
             if grants:
                 self.client.allow(path, write=False, uid=caller)
             audit.opened(path, None, caller)
-        if self.ops.atimes.enabled:  # relatime, on a read-write mount
-            hit = self._known.get(ino)
-            node = hit[0] if hit is not None else self.meta.getattr(ino) or _missing()
-            before = self.ops.atimes.atime(node)
-            self.ops.atimes.accessed(node)
-            if self.ops.atimes.atime(node) != before:
-                self.native.stale(ino)  # the table's attributes have the old atime
         return gen
+
+    @_answer
+    def relatime(self) -> bool:
+        """Whether opens for reading move access times (relatime: a read-write mount without
+        --noatime). The C session applies the rule itself at each open and calls `accessed`
+        only for a file whose atime it moves (at most once a day per file)."""
+        return self.ops.atimes.enabled
+
+    @_answer
+    def accessed(self, ino: int) -> int:
+        """A file opened for reading whose atime relatime moves (the C session applied the rule):
+        moved (kept in memory, written in batches in the background); its atime now, which the C
+        session puts in its table. No query when the file was listed at this generation."""
+        hit = self._known.get(ino)
+        node = hit[0] if hit is not None else self.meta.getattr(ino) or _missing()
+        self.ops.atimes.accessed(node)
+        return self.ops.atimes.atime(node)
 
     @_answer
     def generation_source(self) -> tuple[bytes, bytes] | None:
@@ -243,10 +254,9 @@ class NativeProvider:
 
     @_answer
     def opens_checked(self) -> bool:
-        """Whether each open must come to `opened`: the volume has grants to check, opens are
-        drawn for the audit trail, or reads move access times (relatime, a read-write mount
-        without --noatime); the C session asks again every second."""
-        return self._grants_apply() or bool(self.client.read_audit.rate) or self.ops.atimes.enabled
+        """Whether each open must come to `opened`: the volume has grants to check, or opens are
+        drawn for the audit trail; the C session asks again every second."""
+        return self._grants_apply() or bool(self.client.read_audit.rate)
 
     def _grants_apply(self) -> bool:
         """Whether the volume has any grant (re-read every GRANTS_REFRESH seconds)."""
