@@ -74,13 +74,17 @@ class BaleFileSystem(AbstractFileSystem):
         return "/".join(p for p in path.split("/") if p and p != ".")
 
     @classmethod
-    def _strip_many(cls, paths: list) -> list[str]:
-        """_strip_protocol of many paths; a batch of plain volume paths (the common case) is checked
-        once, on their join (each pattern that makes a path not plain is found in it)."""
+    def _strip_many(cls, paths: list, no_glob: bool = False) -> list[str] | None:
+        """_strip_protocol of many paths (None when `no_glob` and one holds a glob character); a
+        batch of plain volume paths (the common case) is checked once, on their join (each pattern
+        that makes a path not plain, or a glob, is found in it)."""
         try:
             joined = "\n" + "\n".join(paths) + "\n"
         except TypeError:  # not all strings
-            return [cls._strip_protocol(p) for p in paths]
+            paths = [str(p) for p in paths]
+            joined = "\n" + "\n".join(paths) + "\n"
+        if no_glob and _has_glob(joined):
+            return None
         if any(mark in joined for mark in ("//", "::", "./", "\n/", "/\n", ".\n")):
             return [cls._strip_protocol(p) for p in paths]
         return list(paths)
@@ -216,10 +220,11 @@ class BaleFileSystem(AbstractFileSystem):
                     results[i] = data
         return results
 
-    def _cat_whole(self, paths: list, on_error: str) -> list:
-        """Whole files of many paths, each volume's in one Client.cat_files call; an error per path
-        (on_error "raise": the first one raised)."""
-        paths = self._strip_many(paths)
+    def _cat_whole(self, paths: list, on_error: str, stripped: bool = False) -> list:
+        """Whole files of many paths (`stripped`: already volume paths), each volume's in one
+        Client.cat_files call; an error per path (on_error "raise": the first one raised)."""
+        if not stripped:
+            paths = self._strip_many(paths)
         prefix = paths[0].partition("/")[0] + "/" if paths else ""
         if paths and sum(map(str.startswith, paths, repeat(prefix))) == len(paths):  # one volume: no per-path split
             cut = len(prefix)
@@ -243,13 +248,12 @@ class BaleFileSystem(AbstractFileSystem):
             files: list[str] = []
             for p in self.expand_path(path):
                 files.extend(self.find(p) if self.isdir(p) else [p])
-        elif isinstance(path, list) and not _has_glob("".join(map(str, path))):
-            files = self._strip_many(path)  # as given: no glob, no sort
         else:
-            files = self.expand_path(path)
+            listed = self._strip_many(path, no_glob=True) if isinstance(path, list) else None
+            files = listed if listed is not None else self.expand_path(path)  # a list without globs: as given, no sort
         if len(files) == 1 and isinstance(path, str) and not recursive and files[0] == self._strip_protocol(path):
             return self.cat_file(files[0])
-        got = self._cat_whole(files, "return")
+        got = self._cat_whole(files, "return", stripped=True)
         if not any(map(isinstance, got, repeat(Exception))):
             return dict(zip(files, got))
         out = {}

@@ -56,6 +56,27 @@ def test_cat_of_many_paths_mixed_with_missing_ones_and_directories(block_engine,
         assert client.reader.native_reads > 0
 
 
+def test_a_list_with_a_glob_is_expanded_and_one_without_is_kept_as_given(make_volume) -> None:
+    fs = _filled(make_volume)
+    assert fs.cat(["vol/d1/sub1/f*"]) == {p: FILES[p[4:]] for p in sorted(f"vol/{q}" for q in FILES if q.startswith("d1/sub1/f"))}
+    assert list(fs.cat(["vol/d2/sub2/f2", "bale://vol/d1/sub1/f1"])) == ["vol/d2/sub2/f2", "vol/d1/sub1/f1"]
+
+
+def test_a_batch_looks_its_blocks_up_in_the_memory_cache_at_once(make_volume) -> None:
+    fs = _filled(make_volume)
+    paths = [f"vol/{p}" for p in FILES if p.startswith("d")]
+    fs.cat(paths)
+    cache = fs.client("vol").cache
+    hits, misses = cache.hits, cache.misses
+    assert fs.cat(paths) == {p: FILES[p[4:]] for p in paths}
+    assert cache.hits > hits and cache.misses == misses  # warm: every block from memory, counted
+    keys = list(cache._items)
+    got = cache.get_many([keys[0], ("no", "such"), keys[1]])
+    assert got[0] is cache._items[keys[0]] and got[1] is None
+    assert list(cache._items)[-2:] == [keys[0], keys[1]]  # the blocks found are now the most recently used
+    assert cache.misses == misses + 1
+
+
 def test_many_volumes_in_one_cat(make_volume) -> None:
     fs = _filled(make_volume, "va")
     _filled(make_volume, "vb")

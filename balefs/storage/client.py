@@ -641,15 +641,19 @@ class Client:
         keep_freed_memory()
         with collector_paused():
             self.revalidate()
-            if self._read_audit.rate or not (self._grants is None or self._grants.unrestricted()):
+            if self._read_audit.rate or not self._reads_unrestricted():
                 # each open drawn for the audit trail, or checked against the grants, as read_ranges does
                 return self._read_ranges([(p, 0, None) for p in paths])
             return self._whole.read(paths)
 
+    def _reads_unrestricted(self) -> bool:
+        """Whether this process may read every path without a grant check (no grants, or its user owns the volume)."""
+        return self._grants is None or self._grants.unrestricted()
+
     def _refused(self, paths: Iterable[str]) -> dict[str, Exception]:
         """The paths the volume's grants refuse this process to read, with their PermissionErrors (audited)."""
         refused: dict[str, Exception] = {}
-        if self._grants is None or self._grants.unrestricted():
+        if self._reads_unrestricted():
             return refused
         for p in set(paths):
             try:

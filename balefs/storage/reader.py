@@ -164,10 +164,12 @@ class BlockReader:
     def _cached(self, rec: BlockRecord) -> bytes | memoryview | None:
         """The block's bytes from the memory cache, if there and long enough: a block that grows in
         place (not durable) may be cached as it was before it grew."""
-        data = self.cache.get((rec.chunk, rec.idx))
-        if data is not None and len(data) < rec.length:
-            return None
-        return data
+        return self._cached_many((rec,))[0]
+
+    def _cached_many(self, recs: Sequence[BlockRecord]) -> list[bytes | memoryview | None]:
+        """_cached of many blocks, with one lookup of the memory cache."""
+        got = self.cache.get_many([(rec.chunk, rec.idx) for rec in recs])
+        return [None if data is not None and len(data) < rec.length else data for data, rec in zip(got, recs)]
 
     def fetch(self, rec: BlockRecord) -> Future:
         """A future of the raw bytes of a block; concurrent fetches of one block share one read."""
@@ -631,8 +633,7 @@ class BlockReader:
         blocks: dict[tuple[int, int], Any] = {}
         futures: dict[tuple[int, int], Future] = {}
         missing: dict[tuple[int, int], BlockRecord] = {}
-        for key, rec in wave_blocks.items():
-            data = self._cached(rec)
+        for (key, rec), data in zip(wave_blocks.items(), self._cached_many(list(wave_blocks.values()))):
             if data is None:
                 missing[key] = rec
             else:
