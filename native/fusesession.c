@@ -969,6 +969,10 @@ static void read_ahead(long long chunk, long long idx) {
     pthread_mutex_unlock(&S->ra_lock);
 }
 
+/* Whether an open file is a large one: more than a block, in more than one piece (a small file
+ * across a block's end is not: its blocks are shared with other files, read the usual way). */
+static int large_file(const openfile_t *of) { return of->pieces->n > 1 && of->size > S->block_limit; }
+
 /* A reader going through a large file in order (READ at `start`, piece i): queue the blocks of the
  * next pieces, up to RA_FILE_BLOCKS blocks past piece i's, across chunk ends, each block once per
  * open file; the kernel's READs of one file come on several threads at once, so "in order" is a
@@ -977,8 +981,8 @@ static int read_ahead_file(openfile_t *of, size_t i, uint64_t start, uint64_t en
     const pieces_t *p = of->pieces;
     uint64_t last = __atomic_exchange_n(&of->next_off, end, __ATOMIC_RELAXED);
     uint64_t slack = 4 * (uint64_t)MAX_READ;
-    if (p->n < 2 || (start + slack < last || start > last + slack))
-        return 0; /* a file of one piece (a small file: chunk order reads ahead), or a random read */
+    if (!large_file(of) || start + slack < last || start > last + slack)
+        return 0; /* a small file (chunk order reads ahead), or a random read */
     size_t upto = __atomic_load_n(&of->ra_upto, __ATOMIC_RELAXED), j = i + 1, blocks = 0;
     long long chunk = p->p[i].chunk, idx = p->p[i].idx;
     pthread_mutex_lock(&S->ra_lock);
@@ -1651,7 +1655,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     }
     const pieces_t *p = of->pieces;
     size_t i = first_piece(p, start);
-    int big = p->n > 1; /* a large file's blocks are read past the page cache */
+    int big = large_file(of); /* a large file's blocks are read past the page cache */
     int in_order = i < p->n && read_ahead_file(of, i, start, end);
     /* most small files, and most reads of a big one: one block holds the whole range */
     if (i < p->n && p->p[i].file_off <= start && p->p[i].file_off + p->p[i].len >= end) {
