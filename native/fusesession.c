@@ -113,7 +113,10 @@ typedef struct node {
 typedef struct block {
     long long chunk, idx;
     uint8_t *data;
+    uint8_t *base;   /* the allocation data lies in (freed with the block) */
+    int pooled;      /* base is a POOL_CAP buffer of the pool: it goes back there */
     size_t len;
+    size_t served;   /* bytes of it a large file's in-order reader was given (atomic): all of them, it goes */
     int refs;        /* the cache's (while in it) and each reader's */
     int loading;     /* being read by one thread: the others wait for it (cache lock, `loaded`) */
     int failed;      /* its read failed: the waiters go the Python way too */
@@ -135,11 +138,16 @@ typedef struct bfile {
 #define FBUCKETS (1u << 14)
 #define MAX_BFILES (1u << 20) /* block files remembered; past it the list starts again */
 #define RA_BLOCKS 2           /* blocks read ahead of a reader going through a chunk in order */
+#define RA_FILE_BLOCKS 8      /* blocks read ahead of a reader going through a large file in order */
+#define RA_THREADS 4          /* readahead threads: that many block reads in flight (the disk's queue) */
 #define RA_QUEUE 64
 /* A file this small (in this many pieces) has its bytes handed to the kernel's page cache at its open:
  * its reads then need no READ request */
 #define STORE_MAX ((uint64_t)256 << 10)
 #define STORE_PIECES 8
+#define DIRECT_MIN ((size_t)1 << 20) /* a large file's block files this large are read with O_DIRECT */
+#define PAGE_BYTES ((size_t)4096)
+#define POOL_MAX 16 /* spare O_DIRECT buffers kept, their pages made: a large file read makes none */
 #define LISTING_SLOTS 64
 #define BUFFER_PREFAULT ((size_t)256 << 10) /* block buffers this large have their pages made at once */
 
@@ -176,9 +184,13 @@ typedef struct {
     size_t nbfiles;
     struct {
         long long chunk, idx;
+        int direct; /* a large file's block: read past the page cache */
     } ra_queue[RA_QUEUE];
     size_t ra_head, ra_len;
     int ra_stop;
+    pthread_mutex_t pool_lock; /* the spare buffers (a leaf lock) */
+    void *pool[POOL_MAX];
+    size_t pool_n, pool_cap;   /* pool_cap: their size, a block file of the volume's largest (0: no pool) */
 } session_t;
 
 static session_t *S; /* one session per process */
@@ -188,6 +200,8 @@ typedef struct {
     uint64_t size;
     pieces_t *pieces; /* NULL: read through Python */
     uint64_t pyfh;    /* a Python handle (writes, or a file with unflushed data): every call forwarded; 0: native */
+    uint64_t next_off; /* where the last READ ended (atomic; READs of one file come on several threads) */
+    size_t ra_upto;    /* pieces before this one are queued for readahead already (atomic) */
 } openfile_t;
 
 typedef struct {
@@ -723,9 +737,34 @@ static int atime_due(const struct stat *st) {
 
 /* -- blocks ------------------------------------------------------------------------------------- */
 
+/* A POOL_CAP-sized, page-aligned buffer whose pages are made: a spare one, else a new one. */
+static uint8_t *pool_take(void) {
+    void *p = NULL;
+    pthread_mutex_lock(&S->pool_lock);
+    if (S->pool_n > 0)
+        p = S->pool[--S->pool_n];
+    pthread_mutex_unlock(&S->pool_lock);
+    if (p == NULL && posix_memalign(&p, PAGE_BYTES, S->pool_cap) == 0)
+        madvise(p, S->pool_cap, MADV_POPULATE_WRITE); /* (advice: one call instead of a fault per page) */
+    return p;
+}
+
+static void pool_give(void *p) {
+    pthread_mutex_lock(&S->pool_lock);
+    if (S->pool_n < POOL_MAX) {
+        S->pool[S->pool_n++] = p;
+        p = NULL;
+    }
+    pthread_mutex_unlock(&S->pool_lock);
+    free(p);
+}
+
 static void block_unref(block_t *b) {
     if (b != NULL && __atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) {
-        free(b->data);
+        if (b->pooled)
+            pool_give(b->base);
+        else
+            free(b->base);
         free(b);
     }
 }
@@ -783,12 +822,52 @@ static uint8_t *block_buffer(size_t len) {
     return p;
 }
 
-/* Read, check and decode the block file of piece pc into *data (malloc'd, *len bytes); 0, or -1
- * with msg. The same checks as the block engine's, in the same order. */
-static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg) {
+/* A block file (at most pool_cap bytes) read whole into a pool buffer with O_DIRECT, straight
+ * from the disk into it (no page-cache copy, no page-cache pages to make and reclaim): *buf (the
+ * pool's), *got bytes; 0, or -1 with errno. EINVAL (a filesystem without O_DIRECT, tmpfs): -1,
+ * errno EINVAL, nothing taken, for the caller to read it buffered. */
+static int read_direct(const char *path, uint8_t **buf, size_t *got) {
+    size_t cap = S->pool_cap;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
+    if (fd < 0)
+        return -1;
+    void *p = pool_take();
+    if (p == NULL) {
+        close(fd);
+        errno = ENOMEM;
+        return -1;
+    }
+    /* whole pages at page offsets; the file's end reads short (a file that grew since: `cap` bytes of it) */
+    size_t done = 0;
+    while (done < cap) {
+        ssize_t n = pread(fd, (uint8_t *)p + done, cap - done, (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            int err = errno;
+            close(fd);
+            pool_give(p);
+            errno = err;
+            return -1;
+        }
+        done += (size_t)n;
+        if (n == 0 || done % PAGE_BYTES)
+            break;
+    }
+    close(fd);
+    *buf = p;
+    *got = done;
+    return 0;
+}
+
+/* Read, check and decode the block file of piece pc into *data (its allocation *base, *out
+ * bytes); 0, or -1 with msg. The same checks as the block engine's, in the same order. `direct`:
+ * a large file's block, read with O_DIRECT where its filesystem allows (whole, in one read). */
+static int load_block(const piece_t *pc, int direct, uint8_t **data, uint8_t **base, int *pooled, size_t *out,
+                      char *msg) {
     header_t hd;
     struct stat st;
-    uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL;
+    uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL, *whole = NULL;
     size_t got, len, out_len;
     int rc = -1;
     int fd = open(pc->path, O_RDONLY | O_CLOEXEC);
@@ -796,7 +875,54 @@ static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg)
         snprintf(msg, MSG_LEN, "open: %s", strerror(errno));
         return -1;
     }
-    if (fstat(fd, &st) != 0 || read_all(fd, head, HEADER_SIZE, 0, &got) != 0) {
+    if (fstat(fd, &st) != 0) {
+        snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
+        goto done;
+    }
+    *pooled = 0;
+    if (direct && (size_t)st.st_size >= DIRECT_MIN && (size_t)st.st_size <= S->pool_cap) {
+        size_t whole_len = 0;
+        if (read_direct(pc->path, &whole, &whole_len) != 0) {
+            if (errno != EINVAL) {
+                snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
+                goto done;
+            }
+            whole = NULL; /* no O_DIRECT here: read it buffered below */
+        } else {
+            got = whole_len < HEADER_SIZE ? whole_len : HEADER_SIZE;
+            memcpy(head, whole, got);
+            size_t size = whole_len;
+            if (parse_header(head, got, &hd, msg) || payload_length(&hd, size - HEADER_SIZE, &len, msg) ||
+                output_length(&hd, S->block_limit, &out_len, msg))
+                goto done;
+            if (len > whole_len - HEADER_SIZE) {
+                snprintf(msg, MSG_LEN, "truncated payload (%zu of %u bytes)", whole_len - HEADER_SIZE, hd.stored_len);
+                goto done;
+            }
+            uint8_t *src = whole + HEADER_SIZE;
+            if (hd.flags & FLAG_LZ4) {
+                if ((raw = block_buffer(out_len)) == NULL) {
+                    snprintf(msg, MSG_LEN, "out of memory");
+                    goto done;
+                }
+                if (finish_block(&hd, src, len, raw, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
+                    goto done;
+                *data = *base = raw;
+                raw = NULL;
+            } else {
+                if (finish_block(&hd, src, len, src, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
+                    goto done;
+                *data = src;
+                *base = whole;
+                *pooled = 1;
+                whole = NULL;
+            }
+            *out = out_len;
+            rc = 0;
+            goto done;
+        }
+    }
+    if (read_all(fd, head, HEADER_SIZE, 0, &got) != 0) {
         snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
         goto done;
     }
@@ -819,7 +945,7 @@ static int load_block(const piece_t *pc, uint8_t **data, size_t *out, char *msg)
     }
     if (finish_block(&hd, dst, len, raw, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
         goto done;
-    *data = raw;
+    *data = *base = raw;
     *out = out_len;
     raw = NULL;
     rc = 0;
@@ -827,6 +953,8 @@ done:
     close(fd);
     free(payload);
     free(raw);
+    if (whole != NULL)
+        pool_give(whole);
     return rc;
 }
 
@@ -838,27 +966,79 @@ static int cached(long long chunk, long long idx) {
     return 0;
 }
 
-/* Queue the RA_BLOCKS blocks after (chunk, idx) whose files are known for the readahead thread
- * (a full queue drops them: readers then read them themselves). */
+/* Queue block (chunk, k) for the readahead threads when its file is known and it is not queued
+ * yet (ra_lock held; a full queue drops it: readers then read it themselves). */
+static void queue_ahead(long long chunk, long long k, int direct) {
+    if (S->ra_len >= RA_QUEUE)
+        return;
+    const bfile_t *f = S->fbuckets[bfile_hash(chunk, k)];
+    while (f && (f->chunk != chunk || f->idx != k))
+        f = f->next;
+    if (f == NULL) /* unknown: past the chunk's end, or a block no listed file has bytes in */
+        return;
+    for (size_t i = 0; i < S->ra_len; i++) {
+        size_t j = (S->ra_head + i) % RA_QUEUE;
+        if (S->ra_queue[j].chunk == chunk && S->ra_queue[j].idx == k)
+            return;
+    }
+    size_t tail = (S->ra_head + S->ra_len++) % RA_QUEUE;
+    S->ra_queue[tail].chunk = chunk;
+    S->ra_queue[tail].idx = k;
+    S->ra_queue[tail].direct = direct;
+}
+
+/* Queue the RA_BLOCKS blocks after (chunk, idx) for the readahead threads (a reader going through
+ * a chunk's small files in order). */
 static void read_ahead(long long chunk, long long idx) {
     pthread_mutex_lock(&S->ra_lock);
-    for (long long k = idx + 1; k <= idx + RA_BLOCKS && S->ra_len < RA_QUEUE; k++) {
-        const bfile_t *f = S->fbuckets[bfile_hash(chunk, k)];
-        while (f && (f->chunk != chunk || f->idx != k))
-            f = f->next;
-        int queued = f == NULL; /* unknown: past the chunk's end, or a block no listed file has bytes in */
-        for (size_t i = 0; i < S->ra_len && !queued; i++) {
-            size_t j = (S->ra_head + i) % RA_QUEUE;
-            queued = S->ra_queue[j].chunk == chunk && S->ra_queue[j].idx == k;
-        }
-        if (queued)
-            continue;
-        size_t tail = (S->ra_head + S->ra_len++) % RA_QUEUE;
-        S->ra_queue[tail].chunk = chunk;
-        S->ra_queue[tail].idx = k;
-    }
-    pthread_cond_signal(&S->ra_wake);
+    for (long long k = idx + 1; k <= idx + RA_BLOCKS; k++)
+        queue_ahead(chunk, k, 0);
+    pthread_cond_broadcast(&S->ra_wake);
     pthread_mutex_unlock(&S->ra_lock);
+}
+
+/* Whether an open file is a large one: more than a block, in more than one piece (a small file
+ * across a block's end is not: its blocks are shared with other files, read the usual way). */
+static int large_file(const openfile_t *of) { return of->pieces->n > 1 && of->size > S->block_limit; }
+
+/* A reader going through a large file in order (READ at `start`, piece i): queue the blocks of the
+ * next pieces, up to RA_FILE_BLOCKS blocks past piece i's, across chunk ends, each block once per
+ * open file; the kernel's READs of one file come on several threads at once, so "in order" is a
+ * READ starting within a few of them of where the last one ended. */
+static int read_ahead_file(openfile_t *of, size_t i, uint64_t start, uint64_t end) {
+    const pieces_t *p = of->pieces;
+    uint64_t last = __atomic_exchange_n(&of->next_off, end, __ATOMIC_RELAXED);
+    uint64_t slack = 4 * (uint64_t)MAX_READ;
+    if (!large_file(of) || start + slack < last || start > last + slack)
+        return 0; /* a small file (chunk order reads ahead), or a random read */
+    size_t upto = __atomic_load_n(&of->ra_upto, __ATOMIC_RELAXED), j = i + 1, blocks = 0;
+    long long chunk = p->p[i].chunk, idx = p->p[i].idx;
+    pthread_mutex_lock(&S->ra_lock);
+    for (; j < p->n && blocks < RA_FILE_BLOCKS; j++) {
+        if (p->p[j].chunk == chunk && p->p[j].idx == idx)
+            continue; /* the same block as the piece before */
+        chunk = p->p[j].chunk;
+        idx = p->p[j].idx;
+        blocks++;
+        if (j >= upto)
+            queue_ahead(chunk, idx, 1);
+    }
+    pthread_cond_broadcast(&S->ra_wake);
+    pthread_mutex_unlock(&S->ra_lock);
+    while (upto < j && !__atomic_compare_exchange_n(&of->ra_upto, &upto, j, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+    return 1;
+}
+
+/* `n` more bytes of block b given to a large file's in-order reader: once all of it was, it leaves
+ * the cache (the kernel's page cache holds those bytes now), its buffer back to the pool for the
+ * blocks ahead. */
+static void served(block_t *b, size_t n) {
+    if (__atomic_add_fetch(&b->served, n, __ATOMIC_RELAXED) < b->len)
+        return;
+    pthread_mutex_lock(&S->cache_lock);
+    evict(b);
+    pthread_mutex_unlock(&S->cache_lock);
 }
 
 /* The block holding piece pc, long enough for it, with a reference for the caller; NULL if the
@@ -866,7 +1046,7 @@ static void read_ahead(long long chunk, long long idx) {
  * while the others asking for it wait (a sequential read's readahead asks for one block many
  * times at once). A block that grows in place may be cached shorter than a later piece needs:
  * then it is read again. */
-static block_t *get_block(const piece_t *pc, int ahead) {
+static block_t *get_block(const piece_t *pc, int ahead, int direct) {
     uint64_t h = block_hash(pc->chunk, pc->idx);
     size_t need = pc->block_lo + pc->len;
     pthread_mutex_lock(&S->cache_lock);
@@ -885,7 +1065,7 @@ static block_t *get_block(const piece_t *pc, int ahead) {
             if (first_use)
                 b->ahead = 0;
             pthread_mutex_unlock(&S->cache_lock);
-            if (first_use)
+            if (first_use && !direct) /* (a large file's reader reads ahead in file order: read_ahead_file) */
                 read_ahead(pc->chunk, pc->idx);
             return b;
         }
@@ -913,9 +1093,10 @@ static block_t *get_block(const piece_t *pc, int ahead) {
     S->cbuckets[h] = b;
     pthread_mutex_unlock(&S->cache_lock);
     char msg[MSG_LEN];
-    uint8_t *data = NULL;
+    uint8_t *data = NULL, *base = NULL;
     size_t len = 0;
-    int bad = load_block(pc, &data, &len, msg);
+    int pooled = 0;
+    int bad = load_block(pc, direct, &data, &base, &pooled, &len, msg);
     if (bad && !ahead) /* (a readahead's failure is the reader's to report, when it reads the block itself) */
         fprintf(stderr, "balefs native session: chunk %lld block %lld (%s): %s; reading it the Python way\n", pc->chunk,
                 pc->idx, pc->path, msg);
@@ -926,6 +1107,8 @@ static block_t *get_block(const piece_t *pc, int ahead) {
         evict(b);
     } else {
         b->data = data;
+        b->base = base;
+        b->pooled = pooled;
         b->len = len;
         S->cache_bytes += len;
         lru_push(b);
@@ -933,7 +1116,7 @@ static block_t *get_block(const piece_t *pc, int ahead) {
             evict(S->lru_tail); /* (this block too, if it alone is more than the cache holds) */
     }
     /* a reader going through the chunk in order (its previous block is here): read ahead of it */
-    int sequential = !bad && !ahead && pc->idx > 0 && cached(pc->chunk, pc->idx - 1);
+    int sequential = !bad && !ahead && !direct && pc->idx > 0 && cached(pc->chunk, pc->idx - 1);
     pthread_cond_broadcast(&S->loaded);
     pthread_mutex_unlock(&S->cache_lock);
     if (sequential)
@@ -945,7 +1128,7 @@ static block_t *get_block(const piece_t *pc, int ahead) {
     return b;
 }
 
-/* The readahead thread: reads the queued blocks into the cache, one at a time, until told to stop. */
+/* A readahead thread (RA_THREADS of them): reads queued blocks into the cache until told to stop. */
 static void *readahead_main(void *arg) {
     (void)arg;
     char path[4096 + 1];
@@ -958,6 +1141,7 @@ static void *readahead_main(void *arg) {
             return NULL;
         }
         piece_t pc = {.chunk = S->ra_queue[S->ra_head].chunk, .idx = S->ra_queue[S->ra_head].idx, .path = path};
+        int direct = S->ra_queue[S->ra_head].direct;
         S->ra_head = (S->ra_head + 1) % RA_QUEUE;
         S->ra_len--;
         const bfile_t *f = S->fbuckets[bfile_hash(pc.chunk, pc.idx)];
@@ -968,7 +1152,7 @@ static void *readahead_main(void *arg) {
             strcpy(path, f->path);
         pthread_mutex_unlock(&S->ra_lock);
         if (known)
-            block_unref(get_block(&pc, 1)); /* (one already cached or being read: nothing to do) */
+            block_unref(get_block(&pc, 1, direct)); /* (one already cached or being read: nothing to do) */
     }
 }
 
@@ -1465,7 +1649,7 @@ static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
     size_t k = 0;
     for (; k < p->n; k++) {
         const piece_t *pc = &p->p[k];
-        if ((held[k] = get_block(pc, 0)) == NULL)
+        if ((held[k] = get_block(pc, 0, 0)) == NULL)
             break;
         bufs.v.buf[k].mem = held[k]->data + pc->block_lo;
         bufs.v.buf[k].size = (size_t)pc->len;
@@ -1634,15 +1818,19 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     }
     const pieces_t *p = of->pieces;
     size_t i = first_piece(p, start);
+    int big = large_file(of); /* a large file's blocks are read past the page cache */
+    int in_order = i < p->n && read_ahead_file(of, i, start, end);
     /* most small files, and most reads of a big one: one block holds the whole range */
     if (i < p->n && p->p[i].file_off <= start && p->p[i].file_off + p->p[i].len >= end) {
         const piece_t *pc = &p->p[i];
-        block_t *b = get_block(pc, 0);
+        block_t *b = get_block(pc, 0, big);
         if (b == NULL) {
             read_python(req, ino, (size_t)(end - start), off);
             return;
         }
         fuse_reply_buf(req, (const char *)b->data + pc->block_lo + (start - pc->file_off), (size_t)(end - start));
+        if (in_order && b->pooled)
+            served(b, (size_t)(end - start));
         block_unref(b);
         return;
     }
@@ -1655,13 +1843,15 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         const piece_t *pc = &p->p[i];
         uint64_t lo = pc->file_off > start ? pc->file_off : start;
         uint64_t hi = pc->file_off + pc->len < end ? pc->file_off + pc->len : end;
-        block_t *b = get_block(pc, 0);
+        block_t *b = get_block(pc, 0, big);
         if (b == NULL) {
             free(buf);
             read_python(req, ino, (size_t)(end - start), off);
             return;
         }
         memcpy(buf + (lo - start), b->data + pc->block_lo + (lo - pc->file_off), (size_t)(hi - lo));
+        if (in_order && b->pooled)
+            served(b, (size_t)(hi - lo));
         block_unref(b);
     }
     fuse_reply_buf(req, (const char *)buf, (size_t)(end - start));
@@ -2103,6 +2293,8 @@ static void free_session(void) {
     }
     while (S->lru_head)
         evict(S->lru_head);
+    while (S->pool_n > 0)
+        free(S->pool[--S->pool_n]);
     gen_conn_free(pthread_getspecific(S->gen_key)); /* this thread's; the workers' went with them */
     pthread_key_delete(S->gen_key);
     free(S->gen_path);
@@ -2115,6 +2307,7 @@ static void free_session(void) {
     pthread_mutex_destroy(&S->policy_lock);
     pthread_mutex_destroy(&S->lock);
     pthread_mutex_destroy(&S->cache_lock);
+    pthread_mutex_destroy(&S->pool_lock);
     pthread_cond_destroy(&S->loaded);
     Py_XDECREF(S->provider);
     free(S->volume);
@@ -2177,6 +2370,8 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     pthread_mutex_init(&S->policy_lock, NULL);
     pthread_mutex_init(&S->ra_lock, NULL);
     pthread_mutex_init(&S->store_lock, NULL);
+    pthread_mutex_init(&S->pool_lock, NULL);
+    S->pool_cap = S->block_limit ? (S->block_limit + HEADER_SIZE + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES : 0;
     pthread_cond_init(&S->listed, NULL);
     pthread_cond_init(&S->ra_wake, NULL);
     pthread_key_create(&S->gen_key, gen_conn_free);
@@ -2192,21 +2387,22 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
         if (fuse_set_signal_handlers(se) == 0) {
             if (fuse_session_mount(se, mountpoint) == 0) {
                 struct fuse_loop_config *cfg = fuse_loop_cfg_create();
-                pthread_t ra;
-                int ra_up = pthread_create(&ra, NULL, readahead_main, NULL) == 0;
+                pthread_t ra[RA_THREADS];
+                int ra_up = 0;
+                while (ra_up < RA_THREADS && pthread_create(&ra[ra_up], NULL, readahead_main, NULL) == 0)
+                    ra_up++;
                 if (cfg != NULL) {
                     fuse_loop_cfg_set_max_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
                     fuse_loop_cfg_set_idle_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
                     rc = fuse_session_loop_mt(se, cfg);
                     fuse_loop_cfg_destroy(cfg);
                 }
-                if (ra_up) {
-                    pthread_mutex_lock(&S->ra_lock);
-                    S->ra_stop = 1;
-                    pthread_cond_signal(&S->ra_wake);
-                    pthread_mutex_unlock(&S->ra_lock);
-                    pthread_join(ra, NULL);
-                }
+                pthread_mutex_lock(&S->ra_lock);
+                S->ra_stop = 1;
+                pthread_cond_broadcast(&S->ra_wake);
+                pthread_mutex_unlock(&S->ra_lock);
+                while (ra_up > 0)
+                    pthread_join(ra[--ra_up], NULL);
                 fuse_session_unmount(se);
             }
             fuse_remove_signal_handlers(se);
