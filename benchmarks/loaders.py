@@ -308,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-zero", action="store_true", help="skip the passes with num_workers=0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--publish-ahead", type=int,
-                   help="blocks a balefs reader serves before their host-cache entries are written (A/B; 0: written first)")
     args = p.parse_args(argv)
 
     import tv_stub
@@ -320,10 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from balefs.loaders.torch import BaleDataset, BaleIterableDataset
     from balefs.storage.diskcache import evict_entries
-    from balefs.storage.reader import BlockReader
-
-    if args.publish_ahead is not None:  # the workers fork from here and inherit it
-        BlockReader.publish_ahead = args.publish_ahead
 
     args.workdir = os.path.abspath(args.workdir)
     os.makedirs(args.workdir, exist_ok=True)

@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections import deque
-from contextlib import ExitStack
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Sequence
 
@@ -59,8 +58,6 @@ class BlockReader:
     erasure: ErasureCode | None = None  # the volume's erasure code (None: replicas)
     _DECODE = -1  # in a race of copies: "decode the block from its stripe" instead of a node id
     native_threads = 8  # threads the native block engine reads one batch of blocks with
-    publish_ahead = 16  # blocks read into the shared tier that may be served before their entries are written
-    publish_threads = 2  # threads writing those entries
 
     def __init__(self, blocks_of: Callable[[Iterable[int]], dict[int, list[BlockRecord]]], nodes: dict[int, Node],
                  cache: BlockCache, pool: ThreadPoolExecutor, codec: BlockCodec, wave_bytes: int = 512 << 20) -> None:
@@ -77,8 +74,6 @@ class BlockReader:
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
         self._parity: dict[int, list[BlockRecord]] = {}  # erasure-coded chunk -> its parity blocks
         self._shard_pool: ThreadPoolExecutor | None = None  # reads of a stripe's blocks for a decode
-        self._publisher: ThreadPoolExecutor | None = None  # writes shared-tier entries of blocks served already
-        self._unpublished = 0  # blocks served whose entries are still being written
         self.counters = CounterGroup("hedged", "repaired", "decoded", "unrepaired", "native")
         #: per node id: seconds of each block copy read (get or read_into), copies that failed, bytes read
         self.node_get_seconds: Keyed[Histogram] = Keyed(Histogram)
@@ -196,69 +191,28 @@ class BlockReader:
         with self._lock:
             self._inflight.pop(key, None)
 
-    def _load(self, rec: BlockRecord, publish_now: bool = False) -> bytes:
+    def _load(self, rec: BlockRecord) -> bytes:
         key = (rec.chunk, rec.idx)
         shared = self.shared_cache if rec.durable else None  # a block still growing is read from its nodes
-        if shared is not None:
-            return self._load_shared(rec, shared, publish_now)
-        data = self._load_below(rec, None)[0]
+        data = self._load_shared(rec, shared) if shared is not None else self._load_below(rec, None)[0]
         self.cache.put(key, data)
         return data
 
-    def _load_shared(self, rec: BlockRecord, shared: Any, publish_now: bool) -> bytes | memoryview:
-        """A block through the host's shared tier (into the memory cache): its entry mapped, else read
-        below it and served at once while its entry is published in the background (at most
-        publish_ahead blocks held so; beyond that, or with publish_now, published first and served mapped)."""
+    def _load_shared(self, rec: BlockRecord, shared: Any) -> bytes | memoryview:
+        """A block through the host's shared tier: its entry mapped, else read below it and published."""
         key = (rec.chunk, rec.idx)
         data = shared.get(key, rec.length, mapped=True)
-        with ExitStack() as fill:
-            if data is None:
-                fill.enter_context(shared.filling(key))  # another process fetching it: wait for its entry instead
-                data = shared.get(key, rec.length, mapped=True) if shared.contains(key) else None
+        if data is not None:
+            return data
+        with shared.filling(key):  # another process fetching it: wait for its entry instead
+            data = shared.get(key, rec.length, mapped=True) if shared.contains(key) else None
             if data is None:
                 data, spill = self._load_below(rec, shared)
-                if not publish_now and self._reserve_publish():
-                    self.cache.put(key, data)
-                    self._publisher.submit(self._publish_later, key, data, shared, spill, fill.pop_all())
-                    return data
-                data = self._publish(key, data, shared, spill)
-        self.cache.put(key, data)
+                kept = shared.keep(key, data)  # the host's one copy, instead of this process's own
+                if kept is None and spill is not None:  # not kept in memory: cached (sealed) on disk after all
+                    spill.put(key, data)
+                data = data if kept is None else kept
         return data
-
-    @staticmethod
-    def _publish(key: tuple[int, int], data: bytes | memoryview, shared: Any, spill: Any) -> bytes | memoryview:
-        """Write the block's entry into the shared tier: the entry mapped (the host's one copy), or `data`
-        where it is not kept there (then cached, sealed, on the disk tier after all)."""
-        kept = shared.keep(key, data)
-        if kept is None and spill is not None:
-            spill.put(key, data)
-        return data if kept is None else kept
-
-    def _reserve_publish(self) -> bool:
-        """Whether a block just read may be served before its entry is written (fewer than publish_ahead
-        wait privately): a cold shuffled first batch waited ~35 ms per block for those writes."""
-        with self._lock:
-            if self._unpublished >= self.publish_ahead:
-                return False
-            self._unpublished += 1
-            if self._publisher is None:  # its own threads: they never wait for a fill lock, so they always finish
-                self._publisher = ThreadPoolExecutor(self.publish_threads, thread_name_prefix="bale-publish")
-            return True
-
-    def _publish_later(self, key: tuple[int, int], data: bytes | memoryview, shared: Any, spill: Any,
-                       fill: ExitStack) -> None:
-        """Publish a block served already, then release its fill lock and swap this process's copy
-        in the memory cache for the mapped entry."""
-        try:
-            with fill:
-                kept = self._publish(key, data, shared, spill)
-            if kept is not data and self.cache.get(key) is data:
-                self.cache.put(key, kept)
-        except Exception:  # noqa: BLE001 - the block was served; only its entry is lost
-            log.exception("shared cache: publishing a block failed")
-        finally:
-            with self._lock:
-                self._unpublished -= 1
 
     def _load_below(self, rec: BlockRecord, shared: Any) -> tuple[bytes | memoryview, Any]:
         """(the block, None) from the disk tier (unless it is the shared tier, just missed); else
@@ -293,8 +247,7 @@ class BlockReader:
             if disk.touch(key, rec.length):  # cached: now the most recently used, spared by evictions
                 continue
             held = self._cached(rec)  # in memory here, evicted from disk since: published again from memory
-            # published before the future is done: a worker may exit once its warming futures are
-            out.append(self._pool.submit(self._load, rec, True) if held is None else self._pool.submit(disk.keep, key, held))
+            out.append(self._pool.submit(self._load, rec) if held is None else self._pool.submit(disk.keep, key, held))
         return out
 
     def fetch_from_nodes(self, rec: BlockRecord) -> bytes | memoryview:
@@ -584,13 +537,10 @@ class BlockReader:
         return self.fetch(rec).result()
 
     def close(self) -> None:
-        """Stop the remote-read threads (reads abandoned by a hedge finish in the background) and
-        finish publishing the blocks served already."""
+        """Stop the remote-read threads (reads abandoned by a hedge finish in the background)."""
         for pool in (self._node_pool, self._shard_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        if self._publisher is not None:
-            self._publisher.shutdown(wait=True)
 
     def prefetch(self, recs: Iterable[BlockRecord]) -> None:
         for rec in recs:
