@@ -151,7 +151,10 @@ def consume(loader, ds: sf.DataSet, chk: sf.Checker) -> tuple[sf.Result, list[in
     nbytes = bad = 0
     digest = 0
     cpu, t = sf._cpu(), time.perf_counter()
+    first = None
     for batch in loader:
+        if first is None:
+            first = time.perf_counter() - t  # workers started, the first batch read and handed over
         for data, _label in unpack(batch):
             i = index_of(data)
             digest ^= xxhash.xxh3_64_intdigest(data)
@@ -164,7 +167,7 @@ def consume(loader, ds: sf.DataSet, chk: sf.Checker) -> tuple[sf.Result, list[in
             order.append(i)
     dt, cpu = time.perf_counter() - t, sf._cpu() - cpu
     chk.bad_sizes = bad
-    return sf.Result(len(order), nbytes, dt, cpu), order
+    return sf.Result(len(order), nbytes, dt, cpu, {"first_batch_s": first or 0.0}), order
 
 
 def shuffle_quality(order: list[int], storage_pos: np.ndarray, batch: int, group: int = 1000) -> tuple[float, float, float]:
@@ -409,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if w:
             memory[which] = tuple(max(a, b) for a, b in zip(memory.get(which, (0, 0, 0)), (mem.rss, mem.uss, mem.anon)))
         sf.log(f"{names[which]:32s} {temp} w={w}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
+               f"(first batch {r.extra['first_batch_s']:.2f}s) "
                f"worker rss {mem.rss / 2**30:.2f} GiB uss {mem.uss / 2**30:.2f} GiB private anon {mem.anon / 2**30:.2f} GiB"
                f"{'' if cold else ' (NOT cold)'}")
         if temp == "cold" and which not in quality:
@@ -481,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                        "worker_memory": {k: {"rss": v[0], "uss": v[1], "anon": v[2]} for k, v in memory.items()},
                        "quality": {k: {"spread": v[0], "gap": v[1], "rho": v[2]} for k, v in quality.items()},
                        "rows": [{"loader": which, "pass": kind, "files": r.files, "nbytes": r.nbytes,
-                                 "seconds": r.seconds, "cpu": r.cpu} for (which, kind), r in results.items()]}, f, indent=1)
+                                 "seconds": r.seconds, "cpu": r.cpu, "first_batch_s": r.extra["first_batch_s"]}
+                                for (which, kind), r in results.items()]}, f, indent=1)
     if not args.keep:
         for name in ("src_a", "shards_a", "vol_loaders", "home", "litdata_a", "mds_a", "host_cache"):
             shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)

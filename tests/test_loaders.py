@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from balefs.loaders.device import DevicePrefetcher, _to
-from balefs.loaders.order import epoch_order
-from balefs.loaders.packed import PackedBatch
+from balefs.loaders.order import epoch_order, ramp
+from balefs.loaders.packed import PackedBatch, pack
 from balefs.loaders.source import SampleError
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset, _dist_rank_world, _Prefetcher
 from balefs.storage.client import Client
@@ -224,6 +224,39 @@ def test_packed_batches_hold_the_same_samples_as_collated_ones(tree):
     assert unlabelled.labels is None and len(unlabelled.offsets) == 6
     with pytest.raises(ValueError, match="decode=None"):
         BaleIterableDataset(URL, batch_size=8, decode=bytes)
+
+
+def test_packed_batch_crosses_processes_as_one_shared_tensor():
+    """A PackedBatch pickled by a DataLoader worker's queue carries one tensor (the bytes, in shared
+    memory); offsets and labels travel inline and come back as int64 tensors with the same values."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions with ForkingPickler
+
+    for labels in ([3, 1], ["a", "b"], None):
+        batch = pack([b"abc", b"de"], labels)
+        buf = io.BytesIO()
+        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(batch)
+        tensors = [obj for obj in pickle.loads(pickle.dumps(batch)) if isinstance(obj, torch.Tensor)]
+        back = pickle.loads(buf.getvalue())
+        assert isinstance(back, PackedBatch) and [bytes(s) for s in back.samples()] == [b"abc", b"de"]
+        assert back.offsets.dtype == torch.int64 and back.offsets.tolist() == [0, 3, 5]
+        assert (back.labels.tolist() if isinstance(back.labels, torch.Tensor) else back.labels) == labels
+        assert len(tensors) == (3 if isinstance(back.labels, torch.Tensor) else 2)  # rebuilt as tensors
+        _, parts = batch.__reduce__()
+        assert [type(x) for x in parts if isinstance(x, torch.Tensor)] == [torch.Tensor]  # one shared storage crosses
+
+
+def test_first_read_units_ramp_up():
+    """An iteration's first units are cut to double from the first batch's size up to a whole unit:
+    the same samples in the same order, the first batch waiting for few blocks."""
+    units = [np.arange(0, 1024), np.arange(1024, 2048), np.arange(2048, 2100)]
+    cut = ramp(units, 64)
+    assert [len(u) for u in cut] == [64, 128, 256, 512, 64, 1024, 52]
+    assert np.array_equal(np.concatenate(cut), np.arange(2100))
+    assert [len(u) for u in ramp([np.arange(50)], 64)] == [50] and ramp([], 64) == []
 
 
 def test_packed_batches_resume_exactly(tree):

@@ -67,6 +67,21 @@ def pieces(positions: np.ndarray, bounds: np.ndarray, most: int) -> list[np.ndar
     return out
 
 
+def ramp(units: list[np.ndarray], first: int) -> list[np.ndarray]:
+    """The same units, the leading ones cut into parts that double from `first` samples (first, 2 x
+    first, ...) until a part is a whole unit: the first batch waits for the blocks of `first`
+    samples, not of a whole unit (under a wide shuffle, nearly every block of the window), and the
+    consumer starts while the rest is read."""
+    out: list[np.ndarray] = []
+    size = max(1, first)
+    for unit in units:
+        while size < len(unit):
+            out.append(unit[:size])
+            unit, size = unit[size:], size * 2
+        out.append(unit)
+    return out
+
+
 def merge(intervals: Intervals) -> Intervals:
     """Sorted, non-overlapping, non-adjacent [start, end) intervals covering the same positions."""
     out: Intervals = []

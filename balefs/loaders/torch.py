@@ -18,12 +18,13 @@ import torch
 import torch.utils.data as tud
 
 from .. import metrics
-from .order import Intervals, Part, epoch_order, merge, pieces, remaining, seen_by_workers, share_len, split
+from .order import Intervals, Part, epoch_order, merge, pieces, ramp, remaining, seen_by_workers, share_len, split
 from .packed import PackedBatch, pack
 from .source import BaleSource, Label, SampleError, SharedCells, SlotCounter, samples
 
 STATE_VERSION = 1
 WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the next epoch (then leaves it)
+FIRST_UNIT = 64  # samples of an iteration's first read unit (then doubling up to `piece`; see order.ramp)
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), the order of
 # a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled), its seed, rank and world
@@ -137,7 +138,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
     shuffle_buffer x chunk size). Default (`BaleSource.default_window`): as many chunks as fill 3/4 of
     cache_size and half of the host cache (at least 8), so a tree that fits is shuffled as a whole
     (a full shuffle) and a larger one window by window. prefetch: read units (at most `piece`
-    samples of one window) read ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
+    samples of one window; an iteration's first ones 64 samples, or batch_size, doubling: `order.ramp`)
+    read ahead in a background thread. warm_next: samples of the next epoch's share (its seeded order is
     known) whose blocks are fetched into the host's cache once this share's last unit is read, so the
     next epoch starts on cached chunks (0: off). drop_last: every consumer gets
     floor(N / consumers) samples instead of the default ceil (short ones repeat a sample).
@@ -259,7 +261,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         order, bounds = self._order()
         part = split(remaining(len(order), base), consumers, consumer, self.drop_last)
         self._live, self._taken = (base, part, consumer, consumers), taken
-        units = pieces(part.positions[taken:], bounds, self.piece)
+        units = ramp(pieces(part.positions[taken:], bounds, self.piece), self.batch_size or FIRST_UNIT)
         last: list = []
         after = (lambda: self._warm_next(consumer, consumers)) if self.warm_next > 0 else None
         reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy or views, after)
