@@ -200,3 +200,27 @@ def test_status_says_where_plaintext_is(enc, open_client, tmp_path) -> None:
     line = next(l for l in out.splitlines() if l.startswith("host cache:"))
     assert os.environ["BALEFS_MEMORY_CACHE_DIR"] in line and "plaintext shared in memory" in line
     assert " 0 blocks" not in line and "the disk tier holds ciphertext" in line
+
+
+def test_loader_window_fits_what_the_memory_tier_keeps(make_volume, open_client, tmpfs, monkeypatch) -> None:
+    """An encrypted volume's loaders size their default shuffle window from the plaintext tier's bound
+    (half of it, as the disk tier's for a plain volume), not from disk_cache_size: a window larger than
+    the tier would evict its own blocks before their samples are read."""
+    from balefs.loaders.source import WINDOW_HOST_SHARE, WINDOW_MIN, BaleSource
+
+    make_volume("win", encrypt=True, replicas=1, chunk_size=64 << 10, block_size=16 << 10)
+    c = open_client("win")
+    with c.batch():
+        for i in range(60):
+            c.write_file(f"t/c{i % 3}/f{i:03d}", payload(20_000, i))
+    monkeypatch.setenv("BALEFS_MEMORY_CACHE_DIR", str(tmpfs("4m")))
+    source = BaleSource("bale://win/t", disk_cache_size=1 << 30)
+    bound = source.host_cache_bound
+    assert bound is not None and 0 < bound <= 2 << 20  # at most half the tmpfs, far under disk_cache_size
+    window = source.default_window()
+    assert window == source.chunks_fitting(int(bound * WINDOW_HOST_SHARE)) > WINDOW_MIN
+    assert window < source.chunks_fitting(int(source.cfg.disk_cache_size * WINDOW_HOST_SHARE))
+    plain = BaleSource("bale://win/t", disk_cache_size=1 << 30, host_cache=False)
+    assert plain.host_cache_bound is None and plain.default_window() > window  # the memory cache alone
+    source.close()
+    plain.close()

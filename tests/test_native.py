@@ -356,3 +356,56 @@ def test_read_files_into_scatters_natively_and_falls_back_on_a_bad_copy(make_vol
     c.read_files_into(list(zip(readers, bufs)), threads=3, on_file_done=done.append)
     assert [bytes(b) for b in bufs] == list(big.values()) and sorted(done) == [0, 1, 2]
     assert c.reader.native_reads >= 3 and c.reader.repaired == 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload_=st.one_of(st.binary(max_size=3000), st.integers(16000, 70000).map(lambda n: payload(n, n))),
+       aad=st.binary(max_size=200), flip=st.one_of(st.none(), st.integers(0, 1 << 20)), into=st.booleans())
+def test_engine_aead_is_the_cryptography_aead(payload_: bytes, aad: bytes, flip: int | None, into: bool) -> None:
+    """The engine's seal and open (crypto.Keyring's when it is built) give and take exactly the bytes of
+    `cryptography`'s AESGCM, small payloads (GIL held) and large (GIL released), into a buffer or not;
+    any flipped bit of nonce, ciphertext or tag fails with InvalidTag, as AESGCM's does."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, nonce = os.urandom(32), os.urandom(12)
+    want = nonce + AESGCM(key).encrypt(nonce, payload_, aad)
+    if into:
+        out = bytearray(len(want) + 7)
+        assert native.seal(key, nonce, aad, memoryview(payload_), memoryview(out)) == len(want)
+        assert bytes(out[:len(want)]) == want
+    else:
+        assert native.seal(key, nonce, aad, payload_) == want
+    sealed = bytearray(want)
+    if flip is not None:
+        sealed[flip % len(sealed)] ^= 1 << (flip % 8)
+    dst = bytearray(len(payload_))
+    try:
+        got = native.open_sealed(key, bytes(sealed), aad, dst) if into else native.open_sealed(key, bytes(sealed), aad)
+    except InvalidTag:
+        assert flip is not None
+        return
+    assert flip is None and (bytes(dst) if into else got) == payload_
+
+
+def test_engine_aead_refuses_bad_sizes_and_overlapping_buffers() -> None:
+    """A key or nonce of the wrong size, an output too small or overlapping its input: ValueError, nothing
+    sealed (OpenSSL works in place only on the very same bytes); a sealed blob shorter than nonce and tag
+    does not authenticate."""
+    from cryptography.exceptions import InvalidTag
+
+    key, nonce, data = os.urandom(32), os.urandom(12), payload(40000, 1)
+    for bad in [(key[:16], nonce, b"", data), (key, nonce[:8], b"", data)]:
+        with pytest.raises(ValueError):
+            native.seal(*bad)
+    with pytest.raises(ValueError):
+        native.seal(key, nonce, b"", data, bytearray(len(data) + 27))
+    shared = bytearray(len(data) + 64)
+    shared[:len(data)] = data
+    with pytest.raises(ValueError):
+        native.seal(key, nonce, b"", memoryview(shared)[:len(data)], memoryview(shared)[8:])
+    sealed = native.seal(key, nonce, b"a", data)
+    with pytest.raises(ValueError):
+        native.open_sealed(key, sealed, b"a", bytearray(len(data) + 1))
+    with pytest.raises(InvalidTag):
+        native.open_sealed(key, sealed[:27], b"a")

@@ -45,6 +45,7 @@ class BaleSource:
         with Client(self.cfg) as client:
             snap = client.open_snapshot(self.tree, rebuild=rebuild)
             self.identity = client.identity  # workers open their clients from it: no metadata store
+            self.host_cache_bound = client.shared_cache_bound  # the shared tier's bytes (default_window)
         self.fingerprint, self.classes, self.location = snap.fingerprint, snap.classes, snap.location
         self.local_path = snap.local_path
         self.blocks = snap.blocks
@@ -116,11 +117,12 @@ class BaleSource:
     def default_window(self) -> int:
         """Every loader's default shuffle window (chunks whose samples mix): the chunks that fit in
         3/4 of the memory cache (the window's blocks stay mapped there: a block mapped again is
-        checked again, all of it) and, with the host cache, in half of its bound (shared with other
-        jobs and the next epoch's warming); at least 8."""
+        checked again, all of it) and, with the host cache, in half of its shared tier's bound (shared
+        with other jobs and the next epoch's warming; on an encrypted volume the plaintext tier in
+        memory, Client.shared_cache_bound, which may keep far less than disk_cache_size); at least 8."""
         budget = self.cfg.cache_size * WINDOW_CACHE_SHARE
-        if self.cfg.host_cache:
-            budget = min(budget, self.cfg.disk_cache_size * WINDOW_HOST_SHARE)
+        if self.host_cache_bound is not None:
+            budget = min(budget, self.host_cache_bound * WINDOW_HOST_SHARE)
         return max(WINDOW_MIN, self.chunks_fitting(int(budget)))
 
     def name(self, row: int) -> str:

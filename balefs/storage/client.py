@@ -324,6 +324,13 @@ class Client:
                     self._meta = meta
         return self._meta
 
+    @property
+    def shared_cache_bound(self) -> int | None:
+        """Bytes the host cache's shared tier keeps (on an encrypted volume the plaintext tier in
+        memory, else the disk tier); None without a host cache. What a loader's window must fit."""
+        shared = self.reader.shared_cache
+        return None if shared is None else shared.capacity
+
     @classmethod
     def open(cls, name: str, default_sync_close: bool = True, **options: object) -> "Client":
         """Open volume `name` from its config, with options overriding the config. default_sync_close:
