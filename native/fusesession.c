@@ -1641,30 +1641,27 @@ static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
     if (p->p[p->n - 1].file_off + p->p[p->n - 1].len != of->size)
         return 0;
     block_t *held[STORE_PIECES] = {NULL};
-    struct {
-        struct fuse_bufvec v;
-        struct fuse_buf more[STORE_PIECES - 1];
-    } bufs;
-    memset(&bufs, 0, sizeof bufs);
     size_t k = 0;
-    for (; k < p->n; k++) {
-        const piece_t *pc = &p->p[k];
-        if ((held[k] = get_block(pc, 0, 0)) == NULL)
+    for (; k < p->n; k++)
+        if ((held[k] = get_block(&p->p[k], 0, 0)) == NULL)
             break;
-        bufs.v.buf[k].mem = held[k]->data + pc->block_lo;
-        bufs.v.buf[k].size = (size_t)pc->len;
-    }
     int stored = 0;
-    if (k == p->n) {
-        bufs.v.count = k;
+    uint8_t *joined = NULL; /* a file of several pieces is stored as one buffer of its bytes in order */
+    if (k == p->n && p->n > 1 && (joined = malloc((size_t)of->size)) != NULL)
+        for (size_t i = 0; i < p->n; i++)
+            memcpy(joined + p->p[i].file_off, held[i]->data + p->p[i].block_lo, (size_t)p->p[i].len);
+    if (k == p->n && (p->n == 1 || joined != NULL)) {
+        struct fuse_bufvec v = FUSE_BUFVEC_INIT((size_t)of->size);
+        v.buf[0].mem = joined != NULL ? joined : held[0]->data + p->p[0].block_lo;
         pthread_mutex_lock(&S->store_lock);
         pthread_mutex_lock(&S->lock);
         node_t *n = find(ino);
         int current = n != NULL && n->stamp == stamp;
         pthread_mutex_unlock(&S->lock);
-        stored = current && fuse_lowlevel_notify_store(S->se, ino, 0, &bufs.v, 0) == 0;
+        stored = current && fuse_lowlevel_notify_store(S->se, ino, 0, &v, 0) == 0;
         pthread_mutex_unlock(&S->store_lock);
     }
+    free(joined);
     while (k > 0)
         block_unref(held[--k]);
     return stored;
