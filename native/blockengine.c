@@ -736,6 +736,39 @@ static int overlap(const void *a, size_t an, const void *b, size_t bn) {
     return an && bn && x < y + bn && y < x + an;
 }
 
+/* aead() called from Python: with the GIL released when the payload is large enough to be worth it. */
+static int aead_py(int encrypt, const uint8_t *key, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                   const uint8_t *in, size_t len, uint8_t *out, uint8_t *tag) {
+    if (len < AEAD_UNLOCKED)
+        return aead(encrypt, key, nonce, aad, aad_len, in, len, out, tag);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = aead(encrypt, key, nonce, aad, aad_len, in, len, out, tag);
+    Py_END_ALLOW_THREADS
+    return ok;
+}
+
+/* Where seal/open write `need` bytes: the caller's `out_obj` (taken into *out, *have_out set; it must
+ * be writable, at least `need` bytes, exactly `need` when `exact`, and not overlap [in, in + in_len)),
+ * else a new bytes object put in *result. NULL with an exception set (`what` names the rule broken). */
+static uint8_t *destination(PyObject *out_obj, Py_buffer *out, int *have_out, PyObject **result, size_t need,
+                            int exact, const void *in, size_t in_len, const char *what) {
+    if (out_obj == Py_None) {
+        if ((*result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)need)) == NULL)
+            return NULL;
+        return (uint8_t *)PyBytes_AS_STRING(*result);
+    }
+    if (PyObject_GetBuffer(out_obj, out, PyBUF_WRITABLE) != 0)
+        return NULL;
+    *have_out = 1;
+    if ((size_t)out->len < need || (exact && (size_t)out->len != need) || overlap(out->buf, need, in, in_len)) {
+        PyErr_SetString(PyExc_ValueError, what);
+        return NULL;
+    }
+    return out->buf;
+}
+
+
 /* seal(key, nonce, aad, payload[, out]): nonce + ciphertext + tag of payload (crypto.Keyring.seal's
  * layout, the nonce given by the caller, who draws it); with out (a writable buffer of at least
  * len(payload) + 28 bytes, not overlapping payload) written there and its length returned, else a
@@ -753,30 +786,12 @@ static PyObject *py_seal(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "seal: a 32-byte key, a 12-byte nonce and under 2 GiB of payload");
         goto done;
     }
-    if (out_obj != Py_None) {
-        if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE) != 0)
-            goto done;
-        have_out = 1;
-        if ((size_t)out.len < need || overlap(out.buf, need, in.buf, (size_t)in.len)) {
-            PyErr_SetString(PyExc_ValueError, "seal: out must hold len(payload) + 28 bytes and not overlap payload");
-            goto done;
-        }
-        dst = out.buf;
-    } else {
-        if ((result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)need)) == NULL)
-            goto done;
-        dst = (uint8_t *)PyBytes_AS_STRING(result);
-    }
-    int ok;
+    if ((dst = destination(out_obj, &out, &have_out, &result, need, 0, in.buf, (size_t)in.len,
+                           "seal: out must hold len(payload) + 28 bytes and not overlap payload")) == NULL)
+        goto done;
     memcpy(dst, nonce.buf, NONCE_BYTES);
-    if (in.len >= AEAD_UNLOCKED) {
-        Py_BEGIN_ALLOW_THREADS
-        ok = aead(1, key.buf, nonce.buf, aad.buf, (size_t)aad.len, in.buf, (size_t)in.len, dst + NONCE_BYTES,
-                  dst + NONCE_BYTES + in.len);
-        Py_END_ALLOW_THREADS
-    } else
-        ok = aead(1, key.buf, nonce.buf, aad.buf, (size_t)aad.len, in.buf, (size_t)in.len, dst + NONCE_BYTES,
-                  dst + NONCE_BYTES + in.len);
+    int ok = aead_py(1, key.buf, nonce.buf, aad.buf, (size_t)aad.len, in.buf, (size_t)in.len, dst + NONCE_BYTES,
+                     dst + NONCE_BYTES + in.len);
     if (!ok) {
         Py_CLEAR(result);
         PyErr_SetString(PyExc_RuntimeError, "seal: OpenSSL's AES-256-GCM failed");
@@ -813,28 +828,11 @@ static PyObject *py_open(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t len = (size_t)sealed.len - NONCE_BYTES - TAG_BYTES;
-    if (out_obj != Py_None) {
-        if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE) != 0)
-            goto done;
-        have_out = 1;
-        if ((size_t)out.len != len || overlap(out.buf, len, sealed.buf, (size_t)sealed.len)) {
-            PyErr_SetString(PyExc_ValueError, "open: out must be exactly len(sealed) - 28 bytes and not overlap sealed");
-            goto done;
-        }
-        dst = out.buf;
-    } else {
-        if ((result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len)) == NULL)
-            goto done;
-        dst = (uint8_t *)PyBytes_AS_STRING(result);
-    }
+    if ((dst = destination(out_obj, &out, &have_out, &result, len, 1, sealed.buf, (size_t)sealed.len,
+                           "open: out must be exactly len(sealed) - 28 bytes and not overlap sealed")) == NULL)
+        goto done;
     const uint8_t *s = sealed.buf;
-    int ok;
-    if (len >= AEAD_UNLOCKED) {
-        Py_BEGIN_ALLOW_THREADS
-        ok = aead(0, key.buf, s, aad.buf, (size_t)aad.len, s + NONCE_BYTES, len, dst, (uint8_t *)(s + NONCE_BYTES + len));
-        Py_END_ALLOW_THREADS
-    } else
-        ok = aead(0, key.buf, s, aad.buf, (size_t)aad.len, s + NONCE_BYTES, len, dst, (uint8_t *)(s + NONCE_BYTES + len));
+    int ok = aead_py(0, key.buf, s, aad.buf, (size_t)aad.len, s + NONCE_BYTES, len, dst, (uint8_t *)(s + NONCE_BYTES + len));
     if (have_out)
         result = Py_NewRef(ok ? Py_True : Py_False);
     else if (!ok) {
