@@ -273,6 +273,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                 self._taken += counted
                 yield sample
         wait(reading.started, timeout=WARM_WAIT_S)  # a worker may exit after this: let the warming land
+        if self.warm_next > 0:  # this epoch's last writes to the host cache may have evicted some: ask once more
+            wait(self._warm_next(consumer, consumers), timeout=WARM_WAIT_S)  # (those still cached only touched)
 
     # -- state -----------------------------------------------------------------------------
 
