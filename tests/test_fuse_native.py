@@ -281,6 +281,9 @@ def test_a_small_file_is_handed_to_the_kernel_at_its_open(volume, mount_volume) 
 
     for name, data in small.items():
         assert (mp / name).read_bytes() == data
+    if os.environ.get("BALEFS_TEST_ENCRYPT") == "1":  # sealed blocks are opened by Python, read by READs
+        assert reads() == len(small)
+        return
     assert reads() == 0
     with Client.open(volume.name) as c:
         c.write_file("s3", b"the next version")
