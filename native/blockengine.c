@@ -275,6 +275,29 @@ static int sealed_header(job_t *j, const header_t *hd) {
     return -1;
 }
 
+/* AES-256-GCM of len bytes of in into out (encrypt: tag written to tag; decrypt: tag checked);
+ * 1 when done (decrypt: authentic), 0 otherwise (out then holds nothing to use). */
+static int aead(int encrypt, const uint8_t *key, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                const uint8_t *in, size_t len, uint8_t *out, uint8_t *tag) {
+    int n = 0, tail = 0, ok = 0;
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx == NULL)
+        return 0;
+    if (encrypt)
+        ok = EVP_EncryptInit_ex(ctx, aes_gcm, NULL, key, nonce) == 1 &&
+             EVP_EncryptUpdate(ctx, NULL, &n, aad, (int)aad_len) == 1 &&
+             EVP_EncryptUpdate(ctx, out, &n, in, (int)len) == 1 && EVP_EncryptFinal_ex(ctx, out + n, &tail) == 1 &&
+             (size_t)(n + tail) == len && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, tag) == 1;
+    else
+        ok = EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, nonce) == 1 &&
+             EVP_DecryptUpdate(ctx, NULL, &n, aad, (int)aad_len) == 1 &&
+             EVP_DecryptUpdate(ctx, out, &n, in, (int)len) == 1 &&
+             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, tag) == 1 &&
+             EVP_DecryptFinal_ex(ctx, out + n, &tail) == 1 && (size_t)(n + tail) == len;
+    EVP_CIPHER_CTX_free(ctx);
+    return ok;
+}
+
 /* Check a sealed payload (nonce, ciphertext, tag: len bytes) against its seeded xxh3, then
  * authenticate and decrypt its ciphertext into out (len - NONCE - TAG bytes; payload + NONCE for in
  * place); 0, or -1 with the job failed (out then holds nothing to use). */
@@ -293,16 +316,10 @@ static int open_sealed(job_t *j, const header_t *hd, const uint8_t *payload, siz
         fail_corrupt(j);
         return -1;
     }
-    int which = (hd->flags & FLAG_LZ4) ? 1 : 0, n = 0, tail = 0, ok = 0;
-    int clen = (int)(len - NONCE_BYTES - TAG_BYTES);
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    if (ctx != NULL)
-        ok = EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, payload) == 1 &&
-             EVP_DecryptUpdate(ctx, NULL, &n, j->aad[which], (int)j->aad_len[which]) == 1 &&
-             EVP_DecryptUpdate(ctx, out, &n, payload + NONCE_BYTES, clen) == 1 &&
-             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, (void *)(payload + NONCE_BYTES + clen)) == 1 &&
-             EVP_DecryptFinal_ex(ctx, out + n, &tail) == 1 && n + tail == clen;
-    EVP_CIPHER_CTX_free(ctx);
+    int which = (hd->flags & FLAG_LZ4) ? 1 : 0;
+    size_t clen = len - NONCE_BYTES - TAG_BYTES;
+    int ok = aead(0, key, payload, j->aad[which], (size_t)j->aad_len[which], payload + NONCE_BYTES, clen, out,
+                  (uint8_t *)(payload + NONCE_BYTES + clen));
     if (!ok) {
         snprintf(j->msg, MSG_LEN, "authentication failed (damaged ciphertext, or a block of another chunk, index or volume)");
         fail_corrupt(j);
@@ -707,28 +724,6 @@ fail:
 /* Larger payloads are sealed and opened with the GIL released; a small one is quicker done holding it. */
 #define AEAD_UNLOCKED 16384
 
-/* AES-256-GCM of len bytes of in into out (encrypt: tag written to tag; decrypt: tag checked);
- * 1 when done (decrypt: authentic), 0 otherwise (out then holds nothing to use). */
-static int aead(int encrypt, const uint8_t *key, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
-                const uint8_t *in, size_t len, uint8_t *out, uint8_t *tag) {
-    int n = 0, tail = 0, ok = 0;
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    if (ctx == NULL)
-        return 0;
-    if (encrypt)
-        ok = EVP_EncryptInit_ex(ctx, aes_gcm, NULL, key, nonce) == 1 &&
-             EVP_EncryptUpdate(ctx, NULL, &n, aad, (int)aad_len) == 1 &&
-             EVP_EncryptUpdate(ctx, out, &n, in, (int)len) == 1 && EVP_EncryptFinal_ex(ctx, out + n, &tail) == 1 &&
-             (size_t)(n + tail) == len && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, tag) == 1;
-    else
-        ok = EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, nonce) == 1 &&
-             EVP_DecryptUpdate(ctx, NULL, &n, aad, (int)aad_len) == 1 &&
-             EVP_DecryptUpdate(ctx, out, &n, in, (int)len) == 1 &&
-             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, tag) == 1 &&
-             EVP_DecryptFinal_ex(ctx, out + n, &tail) == 1 && (size_t)(n + tail) == len;
-    EVP_CIPHER_CTX_free(ctx);
-    return ok;
-}
 
 /* Whether [a, a + an) and [b, b + bn) share a byte (OpenSSL works in place only on the very same bytes). */
 static int overlap(const void *a, size_t an, const void *b, size_t bn) {
