@@ -31,8 +31,10 @@
  *   cut(blocks, which, starts, lengths, threads) -> list[bytes]   many files out of blocks in memory
  *       blocks: objects with the buffer protocol (cached blocks); which, starts, lengths: int64
  *       buffers of one entry per file (its block's index in blocks, where it starts, how long it is).
- *       Every bytes object is made first, with the GIL; the copies then run without it, on up to
- *       `threads` threads. A piece outside its block is a ValueError, before anything is copied.
+ *       Every bytes object is made first, with the GIL; the copies then run without it, on the
+ *       caller's thread and up to `threads` - 1 helpers kept between calls, which take files as they
+ *       come free (the caller never waits for a helper that has not started). A piece outside its
+ *       block is a ValueError, before anything is copied.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -845,18 +847,103 @@ done:
 
 /* -- cut(blocks, which, starts, lengths, threads) ------------------------------------------------ */
 
+/* One call's copies. Files are claimed CLAIM at a time from `next`, by the caller and by any crew
+ * helper that joins while there is work left; `active` counts the helpers inside (under the
+ * crew's lock), which are the only ones the caller ever waits for. */
+#define CLAIM 8
+
 typedef struct {
     char **dst;
     const char **src;
     const int64_t *lengths;
-    Py_ssize_t from, to;
-} cut_part_t;
+    Py_ssize_t n;
+    Py_ssize_t next;
+    int active;
+} cut_batch_t;
 
-static void *cut_worker(void *arg) {
-    cut_part_t *p = arg;
-    for (Py_ssize_t i = p->from; i < p->to; i++)
-        memcpy(p->dst[i], p->src[i], (size_t)p->lengths[i]);
+/* Helper threads kept between calls. A helper that is not running when a batch opens never
+ * delays it: the caller copies whatever nobody claimed, closes the batch and then waits only
+ * for helpers already inside it, each at most one claim from its end. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, left;
+    cut_batch_t *batch; /* the open batch, or NULL */
+    unsigned long generation;
+    int helpers;
+} crew = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0};
+
+static void cut_claims(cut_batch_t *b) {
+    for (;;) {
+        Py_ssize_t from = __atomic_fetch_add(&b->next, CLAIM, __ATOMIC_RELAXED);
+        if (from >= b->n)
+            return;
+        Py_ssize_t to = from + CLAIM < b->n ? from + CLAIM : b->n;
+        for (Py_ssize_t i = from; i < to; i++)
+            memcpy(b->dst[i], b->src[i], (size_t)b->lengths[i]);
+    }
+}
+
+static void *crew_helper(void *arg) {
+    (void)arg;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&crew.lock);
+    for (;;) {
+        while (crew.batch == NULL || crew.generation == seen)
+            pthread_cond_wait(&crew.wake, &crew.lock);
+        cut_batch_t *b = crew.batch;
+        seen = crew.generation;
+        b->active++;
+        pthread_mutex_unlock(&crew.lock);
+        cut_claims(b);
+        pthread_mutex_lock(&crew.lock);
+        if (--b->active == 0)
+            pthread_cond_signal(&crew.left);
+    }
     return NULL;
+}
+
+/* A forked child has none of the parent's threads (a loader's workers fork): start afresh. */
+static void crew_before_fork(void) { pthread_mutex_lock(&crew.lock); }
+static void crew_after_fork_parent(void) { pthread_mutex_unlock(&crew.lock); }
+static void crew_after_fork_child(void) {
+    pthread_mutex_init(&crew.lock, NULL);
+    pthread_cond_init(&crew.wake, NULL);
+    pthread_cond_init(&crew.left, NULL);
+    crew.batch = NULL;
+    crew.helpers = 0;
+}
+
+/* Copy every file of `b`, with up to `helpers` crew threads joining; called without the GIL. */
+static void cut_copy(cut_batch_t *b, int helpers) {
+    pthread_mutex_lock(&crew.lock);
+    if (helpers < 1 || crew.batch != NULL) { /* one thread asked, or another call holds the crew */
+        pthread_mutex_unlock(&crew.lock);
+        cut_claims(b);
+        return;
+    }
+    while (crew.helpers < helpers) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        int made = pthread_attr_init(&attr) == 0;
+        if (made) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            made = pthread_create(&tid, &attr, crew_helper, NULL) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (!made)
+            break; /* fewer helpers: the caller copies the rest */
+        crew.helpers++;
+    }
+    crew.batch = b;
+    crew.generation++;
+    pthread_cond_broadcast(&crew.wake);
+    pthread_mutex_unlock(&crew.lock);
+    cut_claims(b);
+    pthread_mutex_lock(&crew.lock);
+    crew.batch = NULL;
+    while (b->active > 0)
+        pthread_cond_wait(&crew.left, &crew.lock);
+    pthread_mutex_unlock(&crew.lock);
 }
 
 /* An int64 column of n entries, as a read-only buffer (a numpy array, an array.array('q')...). */
@@ -934,37 +1021,15 @@ static PyObject *py_cut(PyObject *self, PyObject *args) {
         dst[i] = PyBytes_AS_STRING(b);
         PyList_SET_ITEM(out, i, b);
     }
-    /* Below 1 MiB a thread costs more than the copy it would take on. */
+    /* Below 1 MiB a helper costs more than the copy it would take on. */
     int64_t per_thread = 1 << 20;
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     if (threads > total / per_thread)
         threads = (int)(total / per_thread);
-    if (threads < 1)
-        threads = 1;
+    cut_batch_t batch = {dst, src, len, n, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    cut_part_t parts[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    /* Each thread takes a run of files holding about an equal share of the bytes. */
-    Py_ssize_t i = 0;
-    int64_t acc = 0;
-    for (int t = 0; t < threads; t++) {
-        int64_t goal = t == threads - 1 ? INT64_MAX : total * (t + 1) / threads;
-        parts[t] = (cut_part_t){dst, src, len, i, i};
-        while (i < n && acc < goal)
-            acc += len[i++];
-        parts[t].to = t == threads - 1 ? n : i;
-    }
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&tids[t], NULL, cut_worker, &parts[t]) == 0;
-    cut_worker(&parts[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(tids[t], NULL);
-        else
-            cut_worker(&parts[t]); /* no thread: this one copies that share too */
-    }
+    cut_copy(&batch, threads - 1);
     Py_END_ALLOW_THREADS
 done:
     free(dst);
@@ -1007,7 +1072,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyErr_SetString(PyExc_ImportError, "OpenSSL offers no AES-256-GCM");
         return NULL;
     }
-    if (pthread_key_create(&scratch_key, scratch_free) != 0) {
+    if (pthread_key_create(&scratch_key, scratch_free) != 0 ||
+        pthread_atfork(crew_before_fork, crew_after_fork_parent, crew_after_fork_child) != 0) {
         Py_DECREF(m);
         return PyErr_NoMemory();
     }

@@ -3,6 +3,9 @@ their block pieces and cut out of the blocks natively, with read_ranges' answers
 from __future__ import annotations
 
 import errno
+import hashlib
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -207,14 +210,40 @@ def test_cut_agrees_with_python_and_refuses_pieces_outside_their_block(monkeypat
 
 
 def test_cut_copies_large_batches_on_threads() -> None:
-    blocks = [payload(4 << 20, k) for k in range(3)]
-    n = 600
-    rng = np.random.default_rng(0)
+    args, want = _cut_case(0)
+    assert native.cut(*args, 4) == want
+
+
+def _cut_case(seed: int, n: int = 600):
+    """Blocks and a batch of pieces of them, and the bytes a cut must return."""
+    blocks = [payload(4 << 20, seed * 10 + k) for k in range(3)]
+    rng = np.random.default_rng(seed)
     which = rng.integers(0, 3, n).astype(np.int64)
     lengths = rng.integers(0, 64 << 10, n).astype(np.int64)
     starts = rng.integers(0, (4 << 20) - (64 << 10), n).astype(np.int64)
-    got = native.cut(blocks, which, starts, lengths, 4)
-    assert got == [blocks[w][s:s + k] for w, s, k in zip(which.tolist(), starts.tolist(), lengths.tolist())]
+    want = [blocks[w][s:s + k] for w, s, k in zip(which.tolist(), starts.tolist(), lengths.tolist())]
+    return (blocks, which, starts, lengths), want
+
+
+def test_cuts_from_many_threads_at_once_share_the_copy_helpers_exactly() -> None:
+    cases = [_cut_case(seed) for seed in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda case: native.cut(*case[0], 2), cases))
+            assert all(g == case[1] for g, case in zip(got, cases))
+
+
+def test_a_forked_child_cuts_without_the_parents_copy_helpers() -> None:
+    case = _cut_case(7)
+    assert native.cut(*case[0], 2) == case[1]  # the helpers exist in this process now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_cut_digest, (case[0],)).get(timeout=60)
+    assert got == hashlib.sha256(b"".join(case[1])).hexdigest()
+
+
+def _cut_digest(args) -> str:
+    return hashlib.sha256(b"".join(native.cut(*args, 2))).hexdigest()
 
 
 def test_a_volume_root_or_no_volume_is_refused(make_volume) -> None:
