@@ -4,8 +4,6 @@ Also: a file whose content hash the caller computed is not hashed again, and rec
 from __future__ import annotations
 
 
-import time
-
 import pytest
 import xxhash
 
@@ -13,7 +11,6 @@ from balefs.errors import NodeError
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE, BlockCodec
 from balefs.storage.localnode import LocalNode
-from balefs.storage import writer
 from balefs.storage.node import NodeWrapper
 
 from helpers import BLOCK, payload
@@ -111,58 +108,6 @@ def test_a_failed_sync_commits_nothing_and_poisons_the_files(client: Client, ope
     for nid, node in client.nodes.items():
         node.sync = LocalNode.sync.__get__(node)
     fw.close()
-    fresh = open_client("vol")
-    with pytest.raises(FileNotFoundError):
-        fresh.stat("f")
-    assert fresh.read_file("g") == payload(10, 2)
-
-
-def wait_for(cond, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def test_blocks_are_synced_ahead_while_a_large_file_is_written(client: Client, open_client) -> None:
-    """Stored blocks are synced in the background before the file is closed, so the commit's own
-    sync finds few left; every block the commit books is still synced first."""
-    log = counting(client)
-    fw = client.open_write("ahead")
-    data = payload(12 * BLOCK, 5)
-    fw.write(data)
-    assert wait_for(lambda: any(e[0] == "sync" for e in log["events"]))  # the file is still open
-    ahead = {k for e in log["events"] if e[0] == "sync" for k in e[2]}
-    assert len(ahead) >= writer.SYNC_AHEAD_BLOCKS
-    stored_before = [e[2] for e in log["events"] if e[0] == "put"]
-    assert ahead <= set(stored_before)  # only blocks already stored are synced
-    fw.close()
-    synced = {k for e in log["events"] if e[0] == "sync" for k in e[2]}
-    assert {e[2] for e in log["events"] if e[0] == "put"} <= synced
-    assert open_client("vol").read_file("ahead") == data
-
-
-def test_a_sync_ahead_that_failed_fails_the_file_though_a_retry_succeeds(client: Client, open_client) -> None:
-    """A background sync that fails fails the files with bytes in its blocks even if the commit's
-    sync of the same blocks then succeeds: the kernel reports a lost writeback once, so a later
-    fsync that passes proves nothing, and nothing of the file is booked."""
-    failed = []
-    for node in client.nodes.values():
-        def flaky(keys, real=node.sync):
-            keys = list(keys)
-            if not failed:
-                failed.append(keys)
-                raise NodeError("node /x: cannot make block durable (Input/output error)")
-            real(keys)
-        node.sync = flaky
-    fw = client.open_write("f")
-    fw.write(payload(8 * BLOCK, 1))
-    assert wait_for(lambda: bool(failed))
-    with pytest.raises(NodeError, match="durable"):
-        fw.close()
-    client.write_file("g", payload(10, 2))  # a later file, in a fresh generation, commits
     fresh = open_client("vol")
     with pytest.raises(FileNotFoundError):
         fresh.stat("f")

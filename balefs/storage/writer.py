@@ -16,10 +16,7 @@ Durability in batches: on nodes with DeferredDurability (put_deferred/sync: loca
 written without waiting for the disk (its writeback starts at once), and take() makes every
 block it returns durable first (the files' data in parallel, then their directories), so a
 commit never books a block that a crash could lose, and one flush serves all the blocks of a
-commit instead of an fsync (and a directory fsync) per block. While a large file is written,
-stored blocks are synced ahead in batches by one background thread (SYNC_AHEAD_BLOCKS), so
-the commit's take() finds only the last few left to sync; a block synced ahead counts as
-durable from then on, and a failed sync ahead fails its files as a failed take would. Block buffers are page-aligned
+commit instead of an fsync (and a directory fsync) per block. Block buffers are page-aligned
 memory, reused from block to block, with room for the block's header in front of its bytes:
 an uncompressed block goes to the node as one buffer, never copied (a local node writes it
 with O_DIRECT).
@@ -68,10 +65,6 @@ from .placement import Placement
 from .stripes import OpenStripe, StripeCutter
 
 
-#: stored blocks not yet synced that start a background sync of them (see ChunkWriter._sync_ahead)
-SYNC_AHEAD_BLOCKS = 4
-
-
 def _submit(pool: ThreadPoolExecutor, fn: Callable, *args: object) -> Future:
     """pool.submit, or the call made here when the pool takes no more work (the interpreter is
     exiting: the last sync, at exit, still seals and syncs what was closed)."""
@@ -118,11 +111,6 @@ class ChunkWriter:
         self._free_max = max(2, min(inflight, (64 << 20) // max(1, block_size)))
         self._unsynced: list[tuple[int, int, int, tuple[int, ...]]] = []  # (chunk, idx, gen, nodes) not yet synced
         self._sync_pool: ThreadPoolExecutor | None = None
-        self._syncing: list[tuple[int, int, int, tuple[int, ...]]] = []  # being synced ahead now (_unsynced's form)
-        self._ahead: ThreadPoolExecutor | None = None  # the one thread that syncs ahead (made on first use)
-        self._ahead_running = False
-        self._takers = 0  # synced takes waiting for the batch synced ahead: no new one starts meanwhile
-        self._ahead_done = threading.Condition(self._lock)
         self._inflight: set[Future] = set()
         #: per node id: seconds of each block copy stored (put, put_deferred, a grow in place), copies that failed
         self.node_put_seconds: Keyed[Histogram] = Keyed(Histogram)
@@ -331,7 +319,6 @@ class ChunkWriter:
         with self._lock:
             if deferred:
                 self._unsynced.append((rec.chunk, rec.idx, gen, deferred))
-                self._start_sync_ahead()
             if stripe is None:
                 self._done.append(rec)
                 self._advance(rec)
@@ -585,16 +572,10 @@ class ChunkWriter:
             sizes, self._sizes = self._sizes, {}
             marks = dict(self._watermark)
             if not sync:
-                deferred = {(c, i) for c, i, _, _ in self._unsynced + self._syncing}
+                deferred = {(c, i) for c, i, _, _ in self._unsynced}
                 blocks = [b._replace(durable=False) if (b.chunk, b.idx) in deferred else b for b in blocks]
                 self._lazy.update({(b.chunk, b.idx): b for b in blocks if not b.durable})
                 return blocks, sizes, marks
-            self._takers += 1
-            try:
-                while self._syncing:  # a batch synced ahead: its blocks are durable (or failed) once it ends
-                    self._ahead_done.wait()
-            finally:
-                self._takers -= 1
             unsynced, self._unsynced = self._unsynced, []
             lazy, self._lazy = self._lazy, {}
         if unsynced:
@@ -602,60 +583,17 @@ class ChunkWriter:
                 self._sync(unsynced)
             except BaseException as exc:
                 with self._lock:
-                    self._sync_failed(unsynced, exc)
+                    for _, _, gen, _ in unsynced:
+                        self._failed.setdefault(gen, exc)
+                        if gen == self.generation:
+                            self._abandon()
+                    self._unsynced[:0] = unsynced  # still to be synced: a later take tries again
                     self._lazy = {**lazy, **self._lazy}
                 self.untake([], sizes)
                 raise
         newer = {(b.chunk, b.idx) for b in blocks}
         blocks = [b for k, b in lazy.items() if k not in newer] + blocks  # every one of them synced now
         return [b if b.durable else b._replace(durable=True) for b in blocks], sizes, marks
-
-    def _sync_failed(self, unsynced: list[tuple[int, int, int, tuple[int, ...]]], exc: BaseException) -> None:
-        """A sync of these blocks failed (lock held): the files with bytes in them fail (a later
-        sync that succeeds proves nothing: the kernel reports a lost writeback once), and the
-        blocks stay to be synced, so a later take tries again."""
-        for _, _, gen, _ in unsynced:
-            self._failed.setdefault(gen, exc)
-            if gen == self.generation:
-                self._abandon()
-        self._unsynced[:0] = unsynced
-
-    def _start_sync_ahead(self) -> None:
-        """Sync stored blocks in the background while more are written (lock held), so that a
-        synced take finds few left to sync: a commit waits for one journal commit of the last
-        blocks, not for those of the whole file."""
-        if self._ahead_running or self._takers or len(self._unsynced) < SYNC_AHEAD_BLOCKS:
-            return
-        if self._ahead is None:
-            self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bale-syncahead")
-        try:
-            self._ahead.submit(self._sync_ahead)
-        except RuntimeError:  # the pool is shut down (closing, or the interpreter exiting): take() syncs them
-            return
-        self._ahead_running = True
-
-    def _sync_ahead(self) -> None:
-        """Sync batches of stored blocks until fewer than SYNC_AHEAD_BLOCKS wait or a synced take
-        wants them; blocks it synced are booked durable by the next take, synced or not."""
-        while True:
-            with self._lock:
-                if self._takers or len(self._unsynced) < SYNC_AHEAD_BLOCKS:
-                    self._ahead_running = False
-                    return
-                batch, self._unsynced = self._unsynced, []
-                self._syncing = batch
-            try:
-                self._sync(batch)
-            except BaseException as exc:  # noqa: BLE001 - the files fail, as at a take's sync
-                with self._lock:
-                    self._sync_failed(batch, exc)
-                    self._syncing = []
-                    self._ahead_running = False
-                    self._ahead_done.notify_all()
-                return
-            with self._lock:
-                self._syncing = []
-                self._ahead_done.notify_all()
 
     def _sync(self, unsynced: list[tuple[int, int, int, tuple[int, ...]]]) -> None:
         """Make blocks stored with put_deferred durable: each node's in a few parallel batches."""
@@ -685,8 +623,6 @@ class ChunkWriter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=True)
         if self._copies is not None:
             self._copies.shutdown(wait=True)
         if self._sync_pool is not None:
