@@ -316,7 +316,7 @@ class SqlMeta:
         across processes and hosts. Committed lazily: a writer waits for no disk flush per chunk
         (64 MiB of a large file), and the first commit that books a block of the chunk is synced
         after it, which makes it durable (a host crash before that loses the id with the blocks'
-        bookings; their files are orphans that gc and `balefs reclaim` treat as any others)."""
+        bookings; their files are orphan blocks, which gc deletes as any others)."""
         with self._write(lazy=True) as db:
             return int(db.execute("INSERT INTO chunks(writer, state, created_ns, redundancy, copies, codec, key_id) "
                                   "VALUES(?, 'open', ?, ?, ?, ?, ?) RETURNING id",
