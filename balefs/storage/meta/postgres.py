@@ -118,14 +118,14 @@ class PostgresMeta(SqlMeta):
             yield _PgDb(conn)
 
     @contextmanager
-    def _write(self, sync: bool = False) -> Iterator[_PgDb]:
+    def _write(self, sync: bool = False, lazy: bool = False) -> Iterator[_PgDb]:
         if self._in_transaction():
             raise RuntimeError("a metadata write cannot start inside another transaction of the same thread")
         with self._pool.connection() as conn:
             db = self._local.db = _PgDb(conn)
             try:
                 conn.execute("BEGIN")
-                if self.lazy_commits and not sync:  # committed without waiting for the WAL flush
+                if (self.lazy_commits or lazy) and not sync:  # committed without waiting for the WAL flush
                     conn.execute("SET LOCAL synchronous_commit = off")
                 try:
                     yield db

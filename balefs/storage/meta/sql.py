@@ -222,9 +222,10 @@ class SqlMeta:
         """Context manager yielding a Db for reads (the thread's transaction, if one is open)."""
         raise NotImplementedError
 
-    def _write(self, sync: bool = False) -> Any:
+    def _write(self, sync: bool = False, lazy: bool = False) -> Any:
         """Context manager yielding a Db inside one write transaction (committed on exit; durable
-        when it returns unless lazy_commits, or with sync)."""
+        when it returns unless lazy_commits or `lazy`, or with sync). `lazy`: a transaction that
+        needs no durability of its own (a later synced commit that depends on it makes it durable)."""
         raise NotImplementedError
 
     def snapshot(self) -> Any:
@@ -312,8 +313,11 @@ class SqlMeta:
     @retrying
     def new_chunk(self, writer: str, layout: ChunkLayout) -> int:
         """Allocate a chunk id for one writer, recording the chunk's layout; ids never collide
-        across processes and hosts."""
-        with self._write() as db:
+        across processes and hosts. Committed lazily: a writer waits for no disk flush per chunk
+        (64 MiB of a large file), and the first commit that books a block of the chunk is synced
+        after it, which makes it durable (a host crash before that loses the id with the blocks'
+        bookings; their files are orphan blocks, which gc deletes as any others)."""
+        with self._write(lazy=True) as db:
             return int(db.execute("INSERT INTO chunks(writer, state, created_ns, redundancy, copies, codec, key_id) "
                                   "VALUES(?, 'open', ?, ?, ?, ?, ?) RETURNING id",
                                   (writer, time.time_ns(), *layout)).fetchone()[0])

@@ -97,11 +97,11 @@ class SqliteMeta(SqlMeta):
         yield self._conn()
 
     @contextmanager
-    def _write(self, sync: bool = False) -> Iterator[sqlite3.Connection]:
+    def _write(self, sync: bool = False, lazy: bool = False) -> Iterator[sqlite3.Connection]:
         db = self._conn()
         # WAL with synchronous=NORMAL commits without an fsync; FULL fsyncs the WAL, which makes
         # this transaction and every earlier one durable
-        level = "NORMAL" if self.lazy_commits and not sync else "FULL"
+        level = "NORMAL" if (self.lazy_commits or lazy) and not sync else "FULL"
         if getattr(self._local, "level", "FULL") != level:
             db.execute(f"PRAGMA synchronous={level}")
             self._local.level = level
