@@ -22,8 +22,8 @@ from .codec import HEADER_SIZE, BlockCodec
 from .layout import block_key
 from .meta.types import BlockRecord
 from .node import BlockFiles, Node, supports, up_first
+from .reader import Piece
 
-Piece = tuple[BlockRecord, int, int]  # a block, and start and end within its raw bytes
 # a whole file: its pieces in order, and its xxh3-128 hex digest (None or "" where it has none)
 CheckedRange = tuple[Sequence[Piece], "str | None"]
 
