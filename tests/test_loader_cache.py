@@ -221,7 +221,7 @@ def test_map_style_warms_the_next_epoch_before_it_starts(tree):
         names = [name_of(s) for b in loader for s in b]
         assert names == [ds.source.paths[r] for r in ds.epoch_rows(0, True, 3)]  # exactly once, the sampler's order
         rows = ds.epoch_rows(1, True, 3)[:8]
-        probe = DiskBlockCache(str(host_cache()), bound, ds.source.client.codec.volume)
+        probe = DiskBlockCache(str(host_cache()), bound, ds.source.client.codec.volume, memory_only=ENCRYPTED)
         keys = _keys_of_rows(ds, rows)
         got[ahead] = sum(probe.contains(k) for k in keys), len(keys)
         if ahead:

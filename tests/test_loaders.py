@@ -362,9 +362,13 @@ def test_corrupt_block_names_the_file_or_is_skipped(tree):
         list(BaleIterableDataset(URL, shuffle=False))
     assert str(err.value).split(": ")[0][len("bale://vol/data/"):] in victims
     skip = BaleIterableDataset(URL, shuffle=False, on_error="skip")
-    names = [name_of(s) for s in skip]
-    assert len(names) == N_FILES and skip.skipped == len(victims)  # each replaced by a repeat
-    assert set(tree) - set(names) == victims
+    got = list(skip)
+    names = [name_of(s) for s in got]
+    # each lost file replaced by a repeat; read by checked ranges (an iteration's first samples), a
+    # file of a damaged block whose own bytes still match its content hash is served, exact
+    assert len(names) == N_FILES and 1 <= skip.skipped == len(set(tree) - set(names)) <= len(victims)
+    assert set(tree) - set(names) <= victims
+    assert all(bytes(s) == tree[n] for s, n in zip(got, names))
     m = BaleDataset(URL, on_error="skip")
     assert len(m.__getitems__([0, 100])) == 2 and m.skipped == 1
 
@@ -447,8 +451,8 @@ def test_skips_in_dataloader_workers_are_counted_in_the_main_process(tree):
     victims = _corrupt(BaleIterableDataset(URL, shuffle=False).source.paths[100])
     ds = BaleIterableDataset(URL, seed=1, on_error="skip")
     names = [n for b in collect(ds, num_workers=2) for n in b]
-    assert len(names) == N_FILES and set(tree) - set(names) == victims
-    assert ds.skipped == len(victims)
+    lost = set(tree) - set(names)  # read by checked ranges, a file whose own bytes match is served
+    assert len(names) == N_FILES and lost <= victims and 1 <= ds.skipped == len(lost)
     m = BaleDataset(URL, on_error="skip")
     loader = DataLoader(m, batch_size=10, num_workers=2, collate_fn=names_of)
     assert sum(len(b) for b in loader) == N_FILES and m.skipped == len(victims)
@@ -459,9 +463,9 @@ def test_prefetcher_reads_ahead_and_stays_bounded(tree):
     source = BaleIterableDataset(URL, shuffle=False).source
     reads, read = [], source.read
 
-    def counted(rows, views=False):
+    def counted(rows, views=False, ranged=False):
         reads.append(rows[0])
-        return read(rows, views)
+        return read(rows, views, ranged=ranged)
 
     source.read = counted
     units, depth = [np.arange(i, i + 10) for i in range(0, N_FILES, 10)], 2
@@ -480,7 +484,7 @@ def test_prefetcher_reads_ahead_and_stays_bounded(tree):
     next(it)
     it.close()
     assert not pre._thread.is_alive()
-    source.read = lambda rows, views=False: (_ for _ in ()).throw(OSError("node down"))
+    source.read = lambda rows, views=False, ranged=False: (_ for _ in ()).throw(OSError("node down"))
     with pytest.raises(OSError, match="node down"):
         list(_Prefetcher(source, units, depth, False))
 

@@ -52,13 +52,14 @@ class BaleSource:
         self._snap: Snapshot | None = snap
         self._cols: dict[str, np.ndarray] = {}
         self._paths: list[str] | None = None
+        self._hashes: list[str] | None = None
         self._index: tuple[list[BlockRecord], np.ndarray, np.ndarray] | None = None  # see _block_index
         self._client: Client | None = None
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_snap=None, _cols={}, _paths=None, _index=None, _client=None, _pid=-1)
+        state.update(_snap=None, _cols={}, _paths=None, _hashes=None, _index=None, _client=None, _pid=-1)
         return state
 
     # -- per process -----------------------------------------------------------------------
@@ -97,6 +98,13 @@ class BaleSource:
         if self._paths is None:
             self._paths = self.snapshot.paths()
         return self._paths
+
+    @property
+    def hashes(self) -> list[str]:
+        """Each row's content hash (snapshot.hashes), loaded once per process."""
+        if self._hashes is None:
+            self._hashes = self.snapshot.hashes()
+        return self._hashes
 
     def close(self) -> None:
         if self._client is not None and self._pid == os.getpid():
@@ -165,11 +173,15 @@ class BaleSource:
             self._index = (blocks, where.astype(np.int32), lo.astype(np.int32))  # within a block (at most 1 GiB)
         return self._index
 
-    def read(self, rows: Sequence[int], views: bool = False, strict: bool = False) -> list[bytes | memoryview | Exception]:
+    def read(self, rows: Sequence[int], views: bool = False, strict: bool = False,
+             ranged: bool = False) -> list[bytes | memoryview | Exception]:
         """The bytes of the files at `rows` (one batched read: each block fetched once); an error
         per sample names its file (strict: the first one is raised). Bytes moved since the snapshot
         (gc) are read by path instead. With views, a file held in one block is a read-only view
-        into it (no copy)."""
+        into it (no copy). ranged: files whose blocks no cache holds are read by a ranged read of
+        just their bytes, checked against their content hashes (Client.read_checked_ranges): a cold
+        first batch waits for its samples' bytes, not for a whole block per sample (the caller
+        then fetches the whole blocks into the caches with `prefetch`)."""
         rows = np.asarray(rows, dtype=np.int64)
         blocks, where, lo = self._block_index()
         at = where[rows]
@@ -177,13 +189,31 @@ class BaleSource:
         whole = np.flatnonzero(at >= 0)
         if len(whole):  # the usual case: mapped to their pieces at once, no per-sample lookups
             first = lo[rows[whole]]
-            pieces = [[(blocks[b], s, s + n)] for b, s, n in
+            pieces = [(blocks[b], s, s + n) for b, s, n in
                       zip(at[whole].tolist(), first.tolist(), self.column("size")[rows[whole]].tolist())]
-            for k, d in zip(whole.tolist(), self.client.read_planned(pieces, views=views)):
+            if ranged:
+                hashes = self.hashes
+                got = self.client.read_checked_ranges([([p], hashes[r]) for p, r in zip(pieces, rows[whole].tolist())])
+                for k, d in zip(whole.tolist(), got):
+                    if d is not None:
+                        out[k] = memoryview(d) if views else d
+                left = [i for i, d in enumerate(got) if d is None]
+                whole, pieces = whole[left], [pieces[i] for i in left]
+            for k, d in zip(whole.tolist(), self.client.read_planned([[p] for p in pieces], views=views)):
                 out[k] = d
         other = np.flatnonzero(at < 0)
+        sizes = self.column("size")
+        if len(other) and ranged:  # files over several blocks: ranged reads of their pieces, checked likewise
+            planned = self.client.plan_pieces([(self._extents(int(rows[k])), 0, int(sizes[rows[k]])) for k in other.tolist()])
+            hashes, ok = self.hashes, [k for k, p in zip(other.tolist(), planned) if not isinstance(p, Exception)]
+            got = self.client.read_checked_ranges([(p, hashes[rows[k]]) for k, p in zip(other.tolist(), planned)
+                                                   if not isinstance(p, Exception)])
+            for k, d in zip(ok, got):
+                if d is not None:
+                    out[k] = memoryview(d) if views else d
+            other = np.asarray([k for k, d in zip(ok, got) if d is None] +
+                               [k for k, p in zip(other.tolist(), planned) if isinstance(p, Exception)], dtype=np.int64)
         if len(other):
-            sizes = self.column("size")
             reqs = [(self._extents(int(rows[k])), 0, int(sizes[rows[k]])) for k in other.tolist()]
             for k, d in zip(other.tolist(), self.client.read_extents(reqs, views=views)):
                 out[k] = d

@@ -25,6 +25,9 @@ from .source import BaleSource, Label, SampleError, SharedCells, SlotCounter, sa
 STATE_VERSION = 1
 WARM_WAIT_S = 120.0  # how long an iteration's end waits for its warming of the next epoch (then leaves it)
 FIRST_UNIT = 64  # samples of an iteration's first read unit (then doubling up to `piece`; see order.ramp)
+# an iteration's first samples (the read units that begin among them) are read by ranged reads where
+# their blocks are not cached yet, while those blocks are fetched whole behind (BaleSource.read's ranged)
+RANGED_SAMPLES = 1024
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), the order of
 # a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled), its seed, rank and world
@@ -56,9 +59,10 @@ class _Prefetcher:
     most `depth` read pieces queued plus the one being read (memory: about depth + 2 pieces)."""
 
     def __init__(self, source: BaleSource, units: list[np.ndarray], depth: int, views: bool,
-                 after: Callable[[], list[Future]] | None = None) -> None:
-        self._views, self._after = views, after
+                 after: Callable[[], list[Future]] | None = None, ranged: int = 0) -> None:
+        self._source, self._views, self._after, self._ranged = source, views, after, ranged  # ranged: the leading units read so
         self.started: list[Future] = []  # what `after` started once the last unit was read
+        self.fetching: list[Future] = []  # the whole blocks of ranged units, fetched once each was consumed
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source, units), daemon=True, name="bale-prefetch")
@@ -75,8 +79,9 @@ class _Prefetcher:
 
     def _run(self, source: BaleSource, units: list[np.ndarray]) -> None:
         try:
-            for rows in units:
-                if not self._put((rows, source.read(rows.tolist(), self._views))):
+            for i, rows in enumerate(units):
+                ranged = i < self._ranged
+                if not self._put((rows, source.read(rows.tolist(), self._views, ranged=ranged), ranged)):
                     return
             if self._after is not None:
                 self.started = self._after()
@@ -86,11 +91,16 @@ class _Prefetcher:
         self._put(None)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, list]]:
+        asked = None
         try:
             while (item := self._q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                rows, data, ranged = item
+                yield rows, data
+                if ranged:  # consumed (its batch sent): now its whole blocks are fetched into the caches behind
+                    asked = self._source.ask_mask() if asked is None else asked
+                    self.fetching += self._source.prefetch(rows, asked)
         finally:
             self._stop.set()
             self._thread.join()
@@ -264,7 +274,8 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         units = ramp(pieces(part.positions[taken:], bounds, self.piece), self.batch_size or FIRST_UNIT)
         last: list = []
         after = (lambda: self._warm_next(consumer, consumers)) if self.warm_next > 0 else None
-        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy or views, after)
+        ranged = int(np.searchsorted(np.cumsum([0] + [len(u) for u in units]), RANGED_SAMPLES))
+        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy or views, after, ranged)
         for positions, data in reading:
             if task is not None:
                 task.read_bytes.inc(sum(len(d) for d in data if not isinstance(d, Exception)))
@@ -272,7 +283,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                                   self._counter, last):
                 self._taken += counted
                 yield sample
-        wait(reading.started, timeout=WARM_WAIT_S)  # a worker may exit after this: let the warming land
+        wait(reading.started + reading.fetching, timeout=WARM_WAIT_S)  # a worker may exit after this: let them land
         if self.warm_next > 0:  # this epoch's last writes to the host cache may have evicted some: ask once more
             wait(self._warm_next(consumer, consumers), timeout=WARM_WAIT_S)  # (those still cached only touched)
 
@@ -396,13 +407,21 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         if len(bad):
             raise IndexError(f"index {indices[bad[0]]} out of range for {n} samples")
         listed = rows.tolist()
-        out = list(samples(self.source, listed, self.source.read(rows, self.zero_copy), self.decode, self.label,
-                           self.on_error, self._counter, []))
+        ours = self.ahead > 0 and len(rows) and self._shared.cells[ORDER] >= 0  # the sampler's batches: read ahead
+        ranged = bool(ours) and 0 <= self._position(rows) < RANGED_SAMPLES  # an epoch's first: see RANGED_SAMPLES
+        out = list(samples(self.source, listed, self.source.read(rows, self.zero_copy, ranged=ranged), self.decode,
+                           self.label, self.on_error, self._counter, []))
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
-        if self.ahead > 0 and len(rows) and self._shared.cells[ORDER] >= 0:
-            self._read_ahead(rows)
+        if ours:
+            self._read_ahead(rows, ranged)
         return out
+
+    def _position(self, rows: np.ndarray) -> int:
+        """Where this batch begins in the sampler's order of the epoch (-1: not a batch of it)."""
+        order, at, _ = self._order_of(int(self._shared.cells[EPOCH]))
+        p = int(at[rows[0]])
+        return p if p >= 0 and np.array_equal(order[p:p + len(rows)], rows) else -1
 
     def _order_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(order, position of each row in it, mask of the blocks asked for ahead) of the sampler's
@@ -418,17 +437,18 @@ class BaleDataset(_BaleSamples, tud.Dataset):
             del self._orders[old]
         return self._orders[key]
 
-    def _read_ahead(self, rows: np.ndarray) -> None:
+    def _read_ahead(self, rows: np.ndarray, ranged: bool = False) -> None:
         """Start fetching the blocks of the `ahead` batches after `rows` in the sampler's order (into
-        the next epoch's first batches where this one ends), each block once per epoch and process."""
+        the next epoch's first batches where this one ends), each block once per epoch and process;
+        ranged: `rows` were read by ranged reads, so their own blocks too."""
         epoch = int(self._shared.cells[EPOCH])
         order, at, asked = self._order_of(epoch)
         n, size = len(order), len(rows)
-        p = int(at[rows[0]])
-        if p < 0 or not np.array_equal(order[p:p + size], rows):  # not a batch of the sampler's (another sampler)
+        p = self._position(rows)
+        if p < 0:  # not a batch of the sampler's (another sampler)
             return
         end = p + size * (1 + self.ahead)
-        started = self.source.prefetch(order[p + size:end], asked)
+        started = self.source.prefetch(order[p if ranged else p + size:end], asked)
         if end > n:
             following, _, asked_next = self._order_of(epoch + 1)
             started += self.source.prefetch(following[:end - n], asked_next)

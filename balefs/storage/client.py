@@ -46,6 +46,7 @@ from .volume_format import VolumeFormat, stored_format
 from .writer import ChunkWriter
 from .counters import CounterGroup, CounterRegistry, Histogram, HistogramSnapshot
 from .meta import AuditRow, BlockRecord  # with Inode and Extent: value types of the public API, re-exported for adapters
+from .rangeread import CheckedRange, read_checked
 from .readinto import read_files_into
 from .wholefiles import WholeFiles
 from .piecemap import whole_block_pieces  # re-exported: a loader maps its batches to block pieces with it
@@ -730,6 +731,31 @@ class Client:
         """read_extents for requests already mapped to (block record, start, end) pieces of the
         blocks this client's reader knows (e.g. adopted snapshot maps): no per-request planning."""
         return self.reader.read_planned(requests, views=views)
+
+    def plan_pieces(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[list[Piece] | Exception]:
+        """The block pieces of each (extents, start, end) read (an error per request), for read_planned
+        and read_checked_ranges."""
+        self.reader.load_maps({e[1] for ext, _, _ in requests for e in ext})
+        out: list[list[Piece] | Exception] = []
+        for ext, start, end in requests:
+            try:
+                out.append(self.reader.plan(ext, start, end))
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                out.append(exc)
+        return out
+
+    def read_checked_ranges(self, requests: Sequence[CheckedRange]) -> list[bytes | None]:
+        """Whole small files, given as (their block pieces, their content hash), read by ranged reads of
+        just their bytes from the block files of blocks no cache holds, each file checked against its
+        content hash (storage/rangeread.py); None for the rest, to read with read_planned. A loader's
+        cold first batches read so while the whole blocks fill the caches behind."""
+        tiers = [t for t in (self.reader.shared_cache, self.disk_cache) if t is not None]
+
+        def cached(rec: BlockRecord) -> bool:
+            key = (rec.chunk, rec.idx)
+            return key in self.cache or any(t.contains(key) for t in tiers)
+
+        return read_checked(requests, self.nodes, self.codec, cached)
 
     def prefetch_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[Future]:
         """Start fetching, in the background, the blocks of these reads that no cache holds (with

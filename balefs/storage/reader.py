@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from . import native
 log = logging.getLogger(__name__)
 
 Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's raw bytes
+PAGE = mmap.PAGESIZE
 
 
 class BlockReader:
@@ -70,6 +72,7 @@ class BlockReader:
         self._maps: dict[int, tuple[list[int], list[BlockRecord]]] = {}
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # per reading thread: the buffer a block bound for the shared tier is read into
         self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
         self._parity: dict[int, list[BlockRecord]] = {}  # erasure-coded chunk -> its parity blocks
@@ -211,9 +214,12 @@ class BlockReader:
             if data is None:
                 data, spill = self._load_below(rec, shared)
                 kept = shared.keep(key, data)  # the host's one copy, instead of this process's own
-                if kept is None and spill is not None:  # not kept in memory: cached (sealed) on disk after all
-                    spill.put(key, data)
-                data = data if kept is None else kept
+                if kept is None:
+                    data = bytes(data)  # it may lie in this thread's scratch buffer, which its next read reuses
+                    if spill is not None:  # not kept in memory: cached (sealed) on disk after all
+                        spill.put(key, data)
+                else:
+                    data = kept
         return data
 
     def _load_below(self, rec: BlockRecord, shared: Any) -> tuple[bytes | memoryview, Any]:
@@ -228,11 +234,25 @@ class BlockReader:
             data = disk.get(key, rec.length)
             if data is not None:
                 return data, None
-        data = self.fetch_from_nodes(rec)
+        data = self._read_scratch(rec) if shared is not None else None
+        if data is None:
+            data = self.fetch_from_nodes(rec)
         if disk is not None and shared is None:
             disk.put(key, data)
             return data, None
         return data, disk
+
+    def _read_scratch(self, rec: BlockRecord) -> memoryview | None:
+        """A durable block bound for the shared tier, verified, read into this thread's reused
+        page-aligned buffer (O_DIRECT on local disks: the node's file is not copied through the page
+        cache, and no fresh buffer is faulted in per block); valid until this thread's next call.
+        None where no copy reads that way: the caller fetches it as usual (replicas, repair, decode)."""
+        need = -(-rec.stored // PAGE) * PAGE
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) < need:
+            buf = self._scratch.buf = mmap.mmap(-1, need)
+        data = self.read_direct(rec, buf)
+        return data if data is None or isinstance(data, memoryview) else memoryview(data)
 
     def prefetch_to_disk(self, recs: Iterable[BlockRecord]) -> list[Future]:
         """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any

@@ -108,6 +108,10 @@ class Snapshot:
     def paths(self) -> list[str]:
         return self.table.column("path").to_pylist()
 
+    def hashes(self) -> list[str]:
+        """Each file's xxh3-128 content hash (hex; "" where it has none): what a ranged read is checked against."""
+        return self.table.column("hash").to_pylist()
+
     def chunks(self) -> set[int]:
         """Every chunk holding bytes of the tree."""
         import pyarrow.compute as pc

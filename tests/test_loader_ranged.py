@@ -1,0 +1,119 @@
+"""Ranged reads of a loader's cold first units (storage/rangeread.py, BaleSource.read(ranged=True)):
+just a file's bytes from its block file, every file checked against its content hash; anything that
+cannot be checked, or does not match, is read whole the usual way. Real volumes, real block files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from balefs.errors import CorruptBlockError
+from balefs.loaders.source import SampleError
+from balefs.loaders.torch import RANGED_SAMPLES, BaleIterableDataset
+from balefs.storage.codec import HEADER_SIZE
+from balefs.storage.layout import block_key
+from helpers import KiB, payload
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+URL = "bale://vol/data"
+N_FILES = 200
+ENCRYPTED = os.environ.get("BALEFS_TEST_ENCRYPT") == "1"
+
+
+def _content(i: int) -> bytes:
+    return f"f{i:04d}|".encode() + payload(1 * KiB + (i * 37) % (5 * KiB), seed=i)
+
+
+@pytest.fixture
+def tree(make_volume, open_client) -> dict[str, bytes]:
+    """200 files of 1-6 KiB in chunks of 64 KiB, blocks of 16 KiB (some files span two blocks)."""
+    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB, replicas=1)
+    client = open_client("vol")
+    files = {f"c{i % 4}/f{i:04d}.bin": _content(i) for i in range(N_FILES)}
+    with client.batch():
+        for rel, data in files.items():
+            client.write_file(f"data/{rel}", data)
+    return files
+
+
+def _block_file(ds: BaleIterableDataset, row: int) -> tuple[Path, int]:
+    """The block file holding the first byte of `row`'s file, and where in the file that byte lies."""
+    blocks, where, lo = ds.source._block_index()
+    rec = blocks[where[row]]
+    path = Path(ds.source.client.nodes[rec.nodes[0]].block_path(block_key(rec.chunk, rec.idx)))
+    assert path.is_file()
+    return path, HEADER_SIZE + int(lo[row])
+
+
+def test_cold_rows_are_read_by_checked_ranges_and_match(tree):
+    """Every file, whole in one block or over two, comes back exact from ranged reads of a cold volume,
+    without a block entering the host's cache; the same read warm comes from the cache."""
+    ds = BaleIterableDataset(URL, seed=0)
+    src = ds.source
+    rows = list(range(len(src)))
+    before = src.client.counters()
+    got = src.read(rows, ranged=True)
+    assert [bytes(d) for d in got] == [tree[p] for p in src.paths]
+    _, where, _ = src._block_index()
+    assert (where < 0).any() and (where >= 0).any()  # both kinds were read
+    after = src.client.counters()
+    writes = "memory_tier.writes" if ENCRYPTED else "disk_cache.writes"
+    if not ENCRYPTED:  # plain blocks: nothing was read whole, so nothing was cached
+        assert after.get(writes, 0) == before.get(writes, 0)
+    else:  # sealed blocks cannot be read by range: read whole, through the host's cache
+        assert after.get(writes, 0) > before.get(writes, 0)
+    src.prefetch(rows)  # fill the cache; then a ranged read serves from it
+    src.client.close()
+    src._client = None
+    assert [bytes(d) for d in src.read(rows, ranged=True)] == [tree[p] for p in src.paths]
+
+
+def test_a_damaged_range_is_never_returned(tree):
+    """A byte flipped inside a file's range fails its content hash (a sealed block: it is not read by
+    range at all): the ranged read gives nothing for it and the whole block's read reports the damage
+    (one replica); a file of another block still comes back."""
+    ds = BaleIterableDataset(URL, seed=0)
+    src = ds.source
+    _, where, _ = src._block_index()
+    row = int(np.flatnonzero(where >= 0)[5])
+    path, at = _block_file(ds, row)
+    raw = bytearray(path.read_bytes())
+    raw[at + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    blocks, _, lo = src._block_index()
+    piece = (blocks[where[row]], int(lo[row]), int(lo[row]) + len(tree[src.paths[row]]))
+    assert src.client.read_checked_ranges([([piece], src.hashes[row])]) == [None]
+    other = int(np.flatnonzero((where >= 0) & (where != where[row]))[-1])
+    got = src.read([row, other], ranged=True)
+    assert isinstance(got[0], SampleError) and isinstance(got[0].__cause__, CorruptBlockError)
+    assert bytes(got[1]) == tree[src.paths[other]]
+
+
+def test_files_without_a_content_hash_are_read_whole(tree):
+    """A ranged read is only ever returned checked: no hash, no ranged read."""
+    ds = BaleIterableDataset(URL, seed=0)
+    src = ds.source
+    blocks, where, lo = src._block_index()
+    row = int(np.flatnonzero(where >= 0)[0])
+    piece = (blocks[where[row]], int(lo[row]), int(lo[row]) + len(tree[src.paths[row]]))
+    assert src.client.read_checked_ranges([([piece], ""), ([piece], None)]) == [None, None]
+    expect = None if ENCRYPTED else tree[src.paths[row]]
+    assert src.client.read_checked_ranges([([piece], src.hashes[row])]) == [expect]
+
+
+def test_an_epoch_with_ranged_first_units_is_exact_and_warms_the_cache(tree):
+    """With workers, each worker's first RANGED_SAMPLES samples come from ranged reads; every sample
+    comes once and exact, and the blocks of those samples were fetched whole into the host's cache."""
+    assert RANGED_SAMPLES >= 64
+    ds = BaleIterableDataset(URL, seed=3, warm_next=0)
+    got = [s for batch in DataLoader(ds, batch_size=16, num_workers=2, collate_fn=list) for s in batch]
+    names = [bytes(s).split(b"|")[0].decode() for s in got]
+    assert sorted(names) == sorted(f"f{i:04d}" for i in range(N_FILES))
+    by_name = {d.split(b"|")[0].decode(): d for d in tree.values()}
+    assert all(bytes(s) == by_name[n] for s, n in zip(got, names))
+    entries = [p for p in Path(os.environ["BALEFS_MEMORY_CACHE_DIR" if ENCRYPTED else "BALEFS_CACHE_DIR"]).glob("*/*/*")
+               if p.is_file() and ".tmp" not in p.name]
+    assert len(entries) == sum(len(recs) for recs in ds.source.blocks.values())  # each block, once
