@@ -32,7 +32,7 @@ ReadRanges = Callable[[list[tuple[str, int, None]]], list[Any]]  # Client._read_
 GENERAL = 0  # row of every file read the general way
 EMPTY = 1  # row of every empty file
 LIMIT = 1 << 20  # paths kept; past it the table starts again (a lookup each is the cost)
-COPY_THREADS = 1  # threads the engine copies a batch's bytes with: on a busy 2-core box a second one only made the batch wait for it (benchmarks/RESULTS.md, issue 15)
+COPY_THREADS = 2  # the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
 class _Table:
