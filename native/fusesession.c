@@ -141,6 +141,7 @@ typedef struct bfile {
 #define RA_FILE_BLOCKS 8      /* blocks read ahead of a reader going through a large file in order */
 #define RA_THREADS 4          /* readahead threads: that many block reads in flight (the disk's queue) */
 #define RA_QUEUE 64
+#define RA_LIST_BLOCKS 16     /* blocks of a directory's small files read ahead when it is listed */
 /* A file this small (in this many pieces) has its bytes handed to the kernel's page cache at its open:
  * its reads then need no READ request */
 #define STORE_MAX ((uint64_t)256 << 10)
@@ -528,8 +529,30 @@ static int cmp_dent(const void *a, const void *b) { return strcmp(((const dent_t
 
 /* List directory `ino` through Python into the table: provider.listdir(ino) -> (gen, [(name
  * bytes, attrs, pieces)]). 0, or an errno. GIL not held on entry. */
+static void read_ahead_listed(const long long (*blocks)[2], size_t n);
+
+/* The first RA_LIST_BLOCKS blocks (chunk, index) holding small files of a listing, in its order,
+ * each once, added to `blocks` (n of them so far); table lock held. */
+static size_t listed_blocks(const node_t *f, long long (*blocks)[2], size_t n) {
+    if (f == NULL || f->pieces == NULL || (uint64_t)f->st.st_size > STORE_MAX)
+        return n;
+    for (size_t i = 0; i < f->pieces->n && n < RA_LIST_BLOCKS; i++) {
+        const piece_t *pc = &f->pieces->p[i];
+        size_t j = 0;
+        while (j < n && (blocks[j][0] != pc->chunk || blocks[j][1] != pc->idx))
+            j++;
+        if (j == n) {
+            blocks[n][0] = pc->chunk;
+            blocks[n++][1] = pc->idx;
+        }
+    }
+    return n;
+}
+
 static int relist(uint64_t ino) {
     PyGILState_STATE g = gil();
+    long long blocks[RA_LIST_BLOCKS][2];
+    size_t nblocks = 0;
     int err = 0;
     dent_t *kids = NULL;
     PyObject *r = call("listdir", "(K)", (unsigned long long)ino), *seq = NULL;
@@ -563,6 +586,8 @@ static int relist(uint64_t ino) {
             continue;
         kids[k].mode = st.st_mode;
         kids[k++].ino = st.st_ino;
+        if (S_ISREG(st.st_mode) && nblocks < RA_LIST_BLOCKS)
+            nblocks = listed_blocks(find(st.st_ino), blocks, nblocks);
     }
     qsort(kids, (size_t)k, sizeof *kids, cmp_dent);
     node_t *d = find_or_add(ino);
@@ -587,6 +612,7 @@ out:
     Py_XDECREF(seq);
     Py_XDECREF(r);
     PyGILState_Release(g);
+    read_ahead_listed((const long long (*)[2])blocks, nblocks);
     return err;
 }
 
@@ -1051,6 +1077,34 @@ static void read_ahead(long long chunk, long long idx) {
     pthread_mutex_lock(&S->ra_lock);
     for (long long k = idx + 1; k <= idx + RA_BLOCKS; k++)
         queue_ahead(chunk, k, 0);
+    pthread_cond_broadcast(&S->ra_wake);
+    pthread_mutex_unlock(&S->ra_lock);
+}
+
+/* A directory was listed: queue the blocks holding its small files (not cached yet) for the
+ * readahead threads, which read them while its first files are looked up and opened. Files of a
+ * directory are mostly read together (a pass in directory order, a class folder), and they lie
+ * in a few chunks written side by side, so going block after block within one chunk (read_ahead)
+ * would find few of them in time; a random-order pass, touching every directory early, has every
+ * block read once early, RA_THREADS at a time. Only while the cache has room for them. */
+static void read_ahead_listed(const long long (*blocks)[2], size_t n) {
+    int fresh_block[RA_LIST_BLOCKS] = {0};
+    int any = 0;
+    pthread_mutex_lock(&S->cache_lock);
+    /* only into room the cache has: a listing's guess never evicts blocks readers use */
+    size_t room = S->cache_bytes < S->cache_cap ? S->cache_cap - S->cache_bytes : 0;
+    for (size_t i = 0; i < n && room >= S->block_limit; i++)
+        if (!cached(blocks[i][0], blocks[i][1])) {
+            any = fresh_block[i] = 1;
+            room -= S->block_limit;
+        }
+    pthread_mutex_unlock(&S->cache_lock);
+    if (!any)
+        return;
+    pthread_mutex_lock(&S->ra_lock);
+    for (size_t i = 0; i < n; i++)
+        if (fresh_block[i])
+            queue_ahead(blocks[i][0], blocks[i][1], 0);
     pthread_cond_broadcast(&S->ra_wake);
     pthread_mutex_unlock(&S->ra_lock);
 }
