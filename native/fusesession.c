@@ -527,8 +527,6 @@ static int install(PyObject *attrs, PyObject *pieces_obj, long long gen, struct 
 
 static int cmp_dent(const void *a, const void *b) { return strcmp(((const dent_t *)a)->name, ((const dent_t *)b)->name); }
 
-/* List directory `ino` through Python into the table: provider.listdir(ino) -> (gen, [(name
- * bytes, attrs, pieces)]). 0, or an errno. GIL not held on entry. */
 static void read_ahead_listed(const long long (*blocks)[2], size_t n);
 
 /* The first RA_LIST_BLOCKS blocks (chunk, index) holding small files of a listing, in its order,
@@ -549,6 +547,8 @@ static size_t listed_blocks(const node_t *f, long long (*blocks)[2], size_t n) {
     return n;
 }
 
+/* List directory `ino` through Python into the table: provider.listdir(ino) -> (gen, [(name
+ * bytes, attrs, pieces)]). 0, or an errno. GIL not held on entry. */
 static int relist(uint64_t ino) {
     PyGILState_STATE g = gil();
     long long blocks[RA_LIST_BLOCKS][2];
@@ -754,14 +754,12 @@ static long long gen_native(void) {
         }
         S->shm_tried = 1;
     }
-    pthread_mutex_unlock(&S->memo_lock);
     if (have && gen >= 0) {
-        pthread_mutex_lock(&S->memo_lock);
         memcpy(S->memo_header, before, WAL_HEADER);
         S->memo_gen = gen;
         S->memo_valid = 1;
-        pthread_mutex_unlock(&S->memo_lock);
     }
+    pthread_mutex_unlock(&S->memo_lock);
     return gen;
 }
 
