@@ -228,6 +228,27 @@ def test_close_to_open_from_a_writer_mount_to_a_native_reader(make_volume, meta_
     assert (r / "f.bin").read_bytes() == b"x"
 
 
+def test_each_open_sees_the_commit_made_just_before_it(make_volume, meta_engine, mount_volume) -> None:
+    """The C session answers an open from the counter it read last while the metadata's WAL index
+    has not moved since (SQLite): opens of unchanged files between commits are answered so, and
+    each open right after a commit elsewhere (the same file rewritten at the same size, so only
+    the counter tells) still sees that commit, round after round; so does a first open after a
+    commit that touched another file."""
+    volume = make_volume(meta=meta_engine)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", payload(5000, seed=0))
+        c.write_file("g.bin", payload(5000, seed=100))
+        mp = mount_volume(volume.name, "--session", "native", "--noatime")
+        assert (mp / "f.bin").read_bytes() == payload(5000, seed=0)
+        for i in range(1, 25):
+            c.write_file("f.bin", payload(5000, seed=i))
+            assert (mp / "f.bin").read_bytes() == payload(5000, seed=i)
+            assert (mp / "f.bin").read_bytes() == payload(5000, seed=i)  # nothing committed since: same answer
+            if i % 5 == 0:
+                c.write_file("g.bin", payload(5000, seed=100 + i))
+                assert (mp / "g.bin").read_bytes() == payload(5000, seed=100 + i)
+
+
 def test_a_read_write_native_mount_keeps_attributes_long_and_exact_at_open(make_volume, meta_engine,
                                                                         mount_volume) -> None:
     """A read-write native mount lets the kernel keep attributes and names 60 s, yet each open sees
