@@ -226,8 +226,9 @@ class BlockReader:
         (scratchpool.py: read direct, opened into a reused buffer, no block-sized allocation) and
         returned mapped from its entry (copied, and sealed on disk, when the tier cannot keep it);
         None where this does not apply (a plain volume, a sealed tier, a block the disk tier holds,
-        no node that reads into buffers) or the read fails: the caller then reads the usual way (other replicas,
-        repair, errors)."""
+        no node that reads into buffers) or the read fails: the caller then reads the usual way
+        (other replicas, repair, errors). A pair is waited for inside the block's fetch lock:
+        holders of pairs take no fetch lock, so this cannot deadlock."""
         key = (rec.chunk, rec.idx)
         below = self.disk_cache if self.disk_cache is not shared else None
         if (self._codec.keyring is None or shared.sealer is not None or (below is not None and below.contains(key))
@@ -240,7 +241,7 @@ class BlockReader:
             kept = shared.keep(key, raw)
             if kept is not None:
                 return kept
-            data = bytes(raw)  # the tier could not keep it: this process's own copy, sealed on disk as _load_shared does
+            data = bytes(raw)  # the tier cannot keep it: a copy of our own (the pair is reused), sealed below
         if below is not None:
             below.put(key, data)
         return data
