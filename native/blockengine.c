@@ -18,9 +18,10 @@
  *       filesystem allows (a bulk load's one-off read); one without reads into its result buffered.
  *       An encrypted volume's job adds keys, [(data key number, the chunk's derived 32-byte key)], and
  *       aads, (the associated data of the block stored plain, of it lz4-compressed): its block must
- *       be sealed (FLAG_AESGCM), whole (not growing) and of exactly `limit` raw bytes; the payload's
- *       seeded xxh3 is checked, then AES-256-GCM (OpenSSL) authenticates and decrypts it before any
- *       byte is used. Anything else (a plain block, a key not given, a bad tag) fails the job, and
+ *       be sealed (FLAG_AESGCM), whole (not growing) and of exactly `limit` raw bytes; AES-256-GCM
+ *       (OpenSSL) authenticates and decrypts it before any byte is used (the payload's seeded xxh3,
+ *       which the tag makes redundant, is read only to word a failure, or first when the block is
+ *       decrypted in place). Anything else (a plain block, a key not given, a bad tag) fails the job, and
  *       the Python codec reads the block, reports and repairs.
  *   seal(key, nonce, aad, payload[, out]), open(key, sealed, aad[, out])
  *       AES-256-GCM of one payload with the system's OpenSSL (the engine's, which opens a 4 MiB
@@ -300,29 +301,42 @@ static int aead(int encrypt, const uint8_t *key, const uint8_t *nonce, const uin
     return ok;
 }
 
-/* Check a sealed payload (nonce, ciphertext, tag: len bytes) against its seeded xxh3, then
- * authenticate and decrypt its ciphertext into out (len - NONCE - TAG bytes; payload + NONCE for in
- * place); 0, or -1 with the job failed (out then holds nothing to use). */
+/* Whether a sealed payload's seeded xxh3 differs from its header's: 1 (the job failed, saying so) or 0. */
+static int sealed_digest_differs(job_t *j, const header_t *hd, const uint8_t *payload, size_t len, uint64_t seed) {
+    if (XXH3_64bits_withSeed(payload, len, seed) == hd->digest)
+        return 0;
+    snprintf(j->msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
+    fail_corrupt(j);
+    return 1;
+}
+
+/* Authenticate and decrypt a sealed payload (nonce, ciphertext, tag: len bytes) into out (len - NONCE -
+ * TAG bytes; payload + NONCE for in place); 0, or -1 with the job failed (out then holds nothing to use).
+ * The tag covers every byte and the block's identity, so the payload's xxh3 (a pass as long as the
+ * AES's) is read only to word a failure as the Python codec does, or first where decrypting in place
+ * would overwrite the ciphertext it covers. */
 static int open_sealed(job_t *j, const header_t *hd, const uint8_t *payload, size_t len, uint8_t *out, uint64_t seed) {
-    if (XXH3_64bits_withSeed(payload, len, seed) != hd->digest) {
-        snprintf(j->msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
-        fail_corrupt(j);
+    size_t clen = len - NONCE_BYTES - TAG_BYTES;
+    int in_place = out == payload + NONCE_BYTES;
+    if (in_place && sealed_digest_differs(j, hd, payload, len, seed))
         return -1;
-    }
     const uint8_t *key = NULL;
     for (Py_ssize_t k = 0; k < j->nkeys; k++)
         if (j->key_nos[k] == hd->key_no)
             key = j->keys[k];
     if (key == NULL) {
+        if (!in_place && sealed_digest_differs(j, hd, payload, len, seed))
+            return -1;
         snprintf(j->msg, MSG_LEN, "sealed under data key %u, not given to the engine", hd->key_no);
         fail_corrupt(j);
         return -1;
     }
     int which = (hd->flags & FLAG_LZ4) ? 1 : 0;
-    size_t clen = len - NONCE_BYTES - TAG_BYTES;
     int ok = aead(0, key, payload, j->aad[which], (size_t)j->aad_len[which], payload + NONCE_BYTES, clen, out,
                   (uint8_t *)(payload + NONCE_BYTES + clen));
     if (!ok) {
+        if (!in_place && sealed_digest_differs(j, hd, payload, len, seed))
+            return -1;
         snprintf(j->msg, MSG_LEN, "authentication failed (damaged ciphertext, or a block of another chunk, index or volume)");
         fail_corrupt(j);
         return -1;

@@ -97,6 +97,33 @@ def test_a_block_the_memory_tier_cannot_keep_goes_sealed_to_disk(enc, open_clien
     assert _with_marker(tmp_path) == []
 
 
+def test_sealed_blocks_reach_the_tier_through_a_few_reused_buffers(make_volume, open_client, tmp_path) -> None:
+    """Incompressible sealed blocks a host-cache reader fetches are opened into the reader's scratch
+    pairs (a few, reused, however many threads read) and published: the right bytes, one entry per
+    block; a damaged first copy is read from the other replica the usual way and repaired."""
+    from balefs.storage.codec import HEADER_SIZE
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import block_paths, blocks_of_file, flip_bit, written_volume
+
+    data = {f"d/f{i}": payload(300_000, i) for i in range(24)}
+    writer = written_volume(make_volume, open_client, "rawsealed", data, encrypt=True, compression="none",
+                            replicas=2, block_size="256KiB")
+    recs = {(r.chunk, r.idx): r for p in data for r in blocks_of_file(writer, p)}
+    assert len(recs) >= 8
+    bad = blocks_of_file(writer, "d/f5")[0]
+    flip_bit(block_paths(writer, bad)[0], HEADER_SIZE + 100)
+    reader = open_client("rawsealed", cache_dir=str(tmp_path / "hostcache"), host_cache=True)
+    assert reader.reader.shared_cache is reader.memory_tier
+    with ThreadPoolExecutor(12) as pool:
+        got = dict(zip(data, pool.map(reader.read_file, data)))
+    assert got == data
+    pool_ = reader.reader._scratch
+    assert 1 <= pool_._made <= pool_._limit < 12 and len(pool_._free) == pool_._made  # all returned
+    assert reader.reader.repaired == 1
+    assert reader.counters()["memory_tier.writes"] == len(recs)
+
+
 def test_two_processes_share_one_entry(enc, open_client, tmp_path) -> None:
     """A second process finds the blocks the first one decrypted: it reads with every node and the
     disk tier gone, maps the same entries (same inodes) and publishes none of its own."""

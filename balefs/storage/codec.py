@@ -19,7 +19,9 @@ AES-256-GCM under its chunk's key (crypto.py: nonce + ciphertext + tag), FLAG_AE
 data key's number in the header's spare field. The associated data is the block's identity
 (volume, chunk, index, block format) and its header's sizes and flags, so a ciphertext moved,
 swapped or taken from another volume fails like a damaged one; the header's xxh3 is then of
-the stored ciphertext (no fingerprint of the plaintext is left on the node). Such a codec
+the stored ciphertext (no fingerprint of the plaintext is left on the node), read only to word
+a failure: the tag already covers every byte (decode runs one pass over a sealed block, the
+AES). Such a codec
 refuses a block that is not encrypted. A growing block of an encrypted volume is a series of
 sealed records (growing_record), one per publish, each with its raw offset in its associated
 data, so records cannot be reordered; the header names the raw and stored bytes valid so far.
@@ -177,15 +179,15 @@ class BlockCodec:
 
     def _open(self, payload: memoryview, chunk: int, idx: int, flags: int, key_no: int, raw_len: int, digest: int,
               into: memoryview | None = None) -> bytes | memoryview:
-        """The sealed payload opened: checked against its xxh3, then authenticated and decrypted
-        (into `into` when it can hold exactly the raw bytes, see decode)."""
+        """The sealed payload authenticated and decrypted (into `into` when it can hold exactly the raw
+        bytes, see decode). The tag covers every byte and the block's identity, so the payload's xxh3
+        (a pass as long as the AES's) is read only to word a failure: damaged or misplaced bytes."""
         if not flags & FLAG_AESGCM:
             raise CorruptBlockError("not encrypted, on an encrypted volume (a block put there from elsewhere)")
         if self.keyring is None:
             raise CorruptBlockError("encrypted, and this client holds no key of the volume")
-        if xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx)) != digest:
-            raise CorruptBlockError("checksum mismatch (damaged bytes, or a block of another chunk, index or volume)")
         if key_no not in self.keyring.keys:
+            self._check_sealed_digest(payload, chunk, idx, digest)  # a damaged block says so before a missing key
             if key_no in self.keyring.key_domains:
                 raise KeyWithheld(self.keyring.key_domains[key_no], f"chunk {chunk} block {idx}")
             raise CorruptBlockError(f"sealed under data key {key_no}, which this volume does not hold")
@@ -198,10 +200,16 @@ class BlockCodec:
             else:
                 raw = self.keyring.open(key_no, chunk, payload, self._aad(chunk, idx, flags, raw_len))
         except (InvalidTag, ValueError):
+            self._check_sealed_digest(payload, chunk, idx, digest)
             raise CorruptBlockError("authentication failed (damaged ciphertext, or a block of another chunk, "
                                     "index or volume)") from None
         self.keyring.opened(chunk, key_no)
         return raw
+
+    def _check_sealed_digest(self, payload: memoryview, chunk: int, idx: int, digest: int) -> None:
+        """Raise CorruptBlockError when a sealed payload's seeded xxh3 is not its header's."""
+        if xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx)) != digest:
+            raise CorruptBlockError("checksum mismatch (damaged bytes, or a block of another chunk, index or volume)")
 
     def _open_records(self, payload: memoryview, chunk: int, idx: int, key_no: int) -> bytes:
         """The raw bytes of a growing encrypted block: its records opened in turn (growing_record)."""

@@ -29,12 +29,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
-from .codec import FLAG_AESGCM, FLAG_LZ4, BlockCodec
+from .codec import FLAG_AESGCM, FLAG_LZ4, HEADER_SIZE, BlockCodec
 from .counters import Counter, CounterGroup, Histogram, Keyed
 from .meta.types import BlockRecord, Extent
 from .erasure import ErasureCode
 from .layout import block_key, parity_position
 from .node import BlockFiles, MultiPath, Node, ReadInto, node_is_up, supports, up_first
+from .scratchpool import ScratchPool
 from .stripes import Stripe, stripe_holding
 from . import native
 
@@ -69,6 +70,7 @@ class BlockReader:
         self.cache = cache
         self._pool = pool
         self._wave_bytes = wave_bytes
+        self._scratch = ScratchPool()  # sealed blocks opened on their way to the plaintext tier
         self._maps: dict[int, tuple[list[int], list[BlockRecord]]] = {}
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
@@ -212,6 +214,9 @@ class BlockReader:
         with shared.filling(key):  # another process fetching it: wait for its entry instead
             data = shared.get(key, rec.length, mapped=True) if shared.contains(key) else None
             if data is None:
+                kept = self._open_to_tier(rec, shared)
+                if kept is not None:
+                    return kept
                 data, spill = self._load_below(rec, shared)
                 kept = shared.keep(key, data)  # the host's one copy, instead of this process's own
                 if kept is None:
@@ -220,6 +225,31 @@ class BlockReader:
                         spill.put(key, data)
                 else:
                     data = kept
+        return data
+
+    def _open_to_tier(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
+        """A sealed block published in the host's plaintext tier straight from a scratch pair
+        (scratchpool.py: read direct, opened into a reused buffer, no block-sized allocation) and
+        returned mapped from its entry (copied, and sealed on disk, when the tier cannot keep it);
+        None where this does not apply (a plain volume, a sealed tier, a block the disk tier holds,
+        no node that reads into buffers) or the read fails: the caller then reads the usual way
+        (other replicas, repair, errors). A pair is waited for inside the block's fetch lock:
+        holders of pairs take no fetch lock, so this cannot deadlock."""
+        key = (rec.chunk, rec.idx)
+        below = self.disk_cache if self.disk_cache is not shared else None
+        if (self._codec.keyring is None or shared.sealer is not None or (below is not None and below.contains(key))
+                or not any(supports(self._nodes.get(n), ReadInto) for n in rec.nodes)):
+            return None
+        with self._scratch.lend(HEADER_SIZE + rec.stored, rec.length) as (buf, out):
+            raw = self.read_direct(rec, buf, out)
+            if raw is None:
+                return None
+            kept = shared.keep(key, raw)
+            if kept is not None:
+                return kept
+            data = bytes(raw)  # the tier cannot keep it: a copy of our own (the pair is reused), sealed below
+        if below is not None:
+            below.put(key, data)
         return data
 
     def _load_below(self, rec: BlockRecord, shared: Any) -> tuple[bytes | memoryview, Any]:

@@ -1,0 +1,53 @@
+"""ScratchPool: a few reusable buffer pairs for reading a sealed block and opening it.
+
+A block of an encrypted volume that the host's plaintext tier (memroot.py) keeps is needed in
+this process only until its entry is written: reading its ciphertext into a fresh buffer and
+opening it into another would fault in and free two blocks' worth of memory per block, which a
+loader's worker paid on every block (the plain volume's block is one buffer, the node's bytes).
+A pair is a page-aligned read buffer (so a local node reads it with O_DIRECT: the ciphertext
+does not take page cache beside the plaintext entry) and an output buffer of one block. At most
+`limit` pairs are made; a caller that finds none free waits for one (the local reads they serve
+keep a disk busy with a few at a time).
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+PAGE = 4096
+
+
+class ScratchPool:
+    """Up to `limit` (read buffer, output buffer) pairs, lent one at a time (see the module doc)."""
+
+    def __init__(self, limit: int = 4) -> None:
+        self._free: list[tuple[mmap.mmap, bytearray]] = []
+        self._made = 0
+        self._limit = limit
+        self._returned = threading.Condition()
+
+    @contextmanager
+    def lend(self, stored: int, length: int) -> Iterator[tuple[mmap.mmap, memoryview]]:
+        """A pair able to read `stored` bytes and hold `length` (the output a view of exactly that
+        length), waited for when all are lent; returned to the pool afterwards."""
+        need = -(-stored // PAGE) * PAGE + PAGE  # a page more: a block grown since is seen short, not cut
+        with self._returned:
+            while not self._free and self._made >= self._limit:
+                self._returned.wait()
+            if self._free:
+                buf, out = self._free.pop()
+            else:
+                self._made += 1
+                buf, out = mmap.mmap(-1, need), bytearray(length)
+        if len(buf) < need:
+            buf = mmap.mmap(-1, need)  # the smaller one is freed with its last view
+        if len(out) < length:
+            out = bytearray(length)
+        try:
+            yield buf, memoryview(out)[:length]
+        finally:
+            with self._returned:
+                self._free.append((buf, out))
+                self._returned.notify()
