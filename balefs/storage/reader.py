@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import mmap
 import threading
 import time
 from collections import deque
@@ -42,7 +41,6 @@ from . import native
 log = logging.getLogger(__name__)
 
 Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's raw bytes
-PAGE = mmap.PAGESIZE
 
 
 class BlockReader:
@@ -70,11 +68,10 @@ class BlockReader:
         self.cache = cache
         self._pool = pool
         self._wave_bytes = wave_bytes
-        self._scratch = ScratchPool()  # sealed blocks opened on their way to the plaintext tier
+        self._scratch = ScratchPool()  # buffers of blocks on their way to the host's shared tier
         self._maps: dict[int, tuple[list[int], list[BlockRecord]]] = {}
         self._inflight: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
-        self._scratch = threading.local()  # per reading thread: the buffer a block bound for the shared tier is read into
         self._latency: dict[int, deque[float]] = {}  # node id -> seconds of its recent block reads
         self._node_pool: ThreadPoolExecutor | None = None  # remote reads, so that a slow one can be raced
         self._parity: dict[int, list[BlockRecord]] = {}  # erasure-coded chunk -> its parity blocks
@@ -214,40 +211,39 @@ class BlockReader:
         with shared.filling(key):  # another process fetching it: wait for its entry instead
             data = shared.get(key, rec.length, mapped=True) if shared.contains(key) else None
             if data is None:
-                kept = self._open_to_tier(rec, shared)
+                kept = self._publish_from_scratch(rec, shared)
                 if kept is not None:
                     return kept
                 data, spill = self._load_below(rec, shared)
                 kept = shared.keep(key, data)  # the host's one copy, instead of this process's own
-                if kept is None:
-                    data = bytes(data)  # it may lie in this thread's scratch buffer, which its next read reuses
-                    if spill is not None:  # not kept in memory: cached (sealed) on disk after all
-                        spill.put(key, data)
-                else:
-                    data = kept
+                if kept is None and spill is not None:  # not kept in memory: cached (sealed) on disk after all
+                    spill.put(key, data)
+                data = data if kept is None else kept
         return data
 
-    def _open_to_tier(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
-        """A sealed block published in the host's plaintext tier straight from a scratch pair
-        (scratchpool.py: read direct, opened into a reused buffer, no block-sized allocation) and
-        returned mapped from its entry (copied, and sealed on disk, when the tier cannot keep it);
-        None where this does not apply (a plain volume, a sealed tier, a block the disk tier holds,
-        no node that reads into buffers) or the read fails: the caller then reads the usual way
-        (other replicas, repair, errors). A pair is waited for inside the block's fetch lock:
-        holders of pairs take no fetch lock, so this cannot deadlock."""
+    def _publish_from_scratch(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
+        """A block published in the host's shared tier straight from a scratch buffer (scratchpool.py:
+        read with O_DIRECT on local disks, so the node's file is not copied through the page cache,
+        a sealed block opened into a reused buffer: no block-sized allocation per block) and returned
+        from its entry (a copy of our own, and sealed on disk below, when the tier cannot keep it).
+        None where this does not apply (a block the disk tier below holds, no node that reads into
+        buffers) or the read fails: the caller then reads the usual way (other replicas, repair,
+        errors). A buffer is waited for inside the block's fetch lock: holders of buffers take no
+        fetch lock, so this cannot deadlock."""
         key = (rec.chunk, rec.idx)
         below = self.disk_cache if self.disk_cache is not shared else None
-        if (self._codec.keyring is None or shared.sealer is not None or (below is not None and below.contains(key))
+        if ((below is not None and below.contains(key))
                 or not any(supports(self._nodes.get(n), ReadInto) for n in rec.nodes)):
             return None
-        with self._scratch.lend(HEADER_SIZE + rec.stored, rec.length) as (buf, out):
-            raw = self.read_direct(rec, buf, out)
+        sealed = self._codec.keyring is not None
+        with self._scratch.lend(HEADER_SIZE + rec.stored, rec.length if sealed else 0) as (buf, out):
+            raw = self.read_direct(rec, buf, out if sealed else None)
             if raw is None:
                 return None
             kept = shared.keep(key, raw)
             if kept is not None:
                 return kept
-            data = bytes(raw)  # the tier cannot keep it: a copy of our own (the pair is reused), sealed below
+            data = bytes(raw)  # the tier cannot keep it: a copy of our own (the buffers are reused)
         if below is not None:
             below.put(key, data)
         return data
@@ -264,25 +260,11 @@ class BlockReader:
             data = disk.get(key, rec.length)
             if data is not None:
                 return data, None
-        data = self._read_scratch(rec) if shared is not None else None
-        if data is None:
-            data = self.fetch_from_nodes(rec)
+        data = self.fetch_from_nodes(rec)
         if disk is not None and shared is None:
             disk.put(key, data)
             return data, None
         return data, disk
-
-    def _read_scratch(self, rec: BlockRecord) -> memoryview | None:
-        """A durable block bound for the shared tier, verified, read into this thread's reused
-        page-aligned buffer (O_DIRECT on local disks: the node's file is not copied through the page
-        cache, and no fresh buffer is faulted in per block); valid until this thread's next call.
-        None where no copy reads that way: the caller fetches it as usual (replicas, repair, decode)."""
-        need = -(-rec.stored // PAGE) * PAGE
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None or len(buf) < need:
-            buf = self._scratch.buf = mmap.mmap(-1, need)
-        data = self.read_direct(rec, buf)
-        return data if data is None or isinstance(data, memoryview) else memoryview(data)
 
     def prefetch_to_disk(self, recs: Iterable[BlockRecord]) -> list[Future]:
         """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any

@@ -1,13 +1,13 @@
-"""ScratchPool: a few reusable buffer pairs for reading a sealed block and opening it.
+"""ScratchPool: a few reusable buffers for reading blocks on their way to the host's shared tier.
 
-A block of an encrypted volume that the host's plaintext tier (memroot.py) keeps is needed in
-this process only until its entry is written: reading its ciphertext into a fresh buffer and
-opening it into another would fault in and free two blocks' worth of memory per block, which a
-loader's worker paid on every block (the plain volume's block is one buffer, the node's bytes).
-A pair is a page-aligned read buffer (so a local node reads it with O_DIRECT: the ciphertext
-does not take page cache beside the plaintext entry) and an output buffer of one block. At most
-`limit` pairs are made; a caller that finds none free waits for one (the local reads they serve
-keep a disk busy with a few at a time).
+A block that the host's shared tier (diskcache.py, memroot.py) keeps is needed in this process
+only until its entry is written: reading it into a fresh buffer (and, sealed, opening it into
+another) would fault in and free a block's worth of memory or two per block, which a loader's
+worker paid on every block. A lent buffer is page-aligned (so a local node reads it with
+O_DIRECT: the node's file does not take page cache beside the cache entry), with an output
+buffer of one block beside it when asked for (a sealed block is opened into it). At most
+`limit` are made; a caller that finds none free waits for one (the local reads they serve keep a
+disk busy with a few at a time).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ PAGE = 4096
 
 
 class ScratchPool:
-    """Up to `limit` (read buffer, output buffer) pairs, lent one at a time (see the module doc)."""
+    """Up to `limit` (read buffer, output buffer) pairs, lent one at a time (see the module doc); the output buffer is made the first time a length is asked for."""
 
-    def __init__(self, limit: int = 4) -> None:
+    def __init__(self, limit: int = 8) -> None:
         self._free: list[tuple[mmap.mmap, bytearray]] = []
         self._made = 0
         self._limit = limit
