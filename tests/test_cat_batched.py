@@ -13,7 +13,7 @@ import pytest
 
 from balefs.errors import CorruptBlockError
 from balefs.fs import BaleFileSystem
-from balefs.storage import native
+from balefs.storage import native, wholefiles
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 
@@ -26,6 +26,15 @@ FILES["big/two_blocks"] = payload(2 * BLOCK + 123, 99)
 FILES["d0/empty"] = b""
 
 
+@pytest.fixture(params=["one step", "overlapped"])
+def lookup_steps(request, monkeypatch) -> str:
+    """A batch's paths resolved in one step, or a few at a time while the blocks of those resolved
+    are read ahead on another thread (wholefiles.PART, small enough for these 122 files)."""
+    if request.param == "overlapped":
+        monkeypatch.setattr(wholefiles, "PART", 16)
+    return request.param
+
+
 def _filled(make_volume, name: str = "vol", **settings: object) -> BaleFileSystem:
     make_volume(name, **settings)
     fs = fsspec.filesystem("bale")
@@ -33,8 +42,11 @@ def _filled(make_volume, name: str = "vol", **settings: object) -> BaleFileSyste
     return fs
 
 
-def test_cat_of_many_paths_mixed_with_missing_ones_and_directories(block_engine, make_volume) -> None:
+def test_cat_of_many_paths_mixed_with_missing_ones_and_directories(block_engine, make_volume, lookup_steps) -> None:
     fs = _filled(make_volume)
+    reader = fs.client("vol").reader
+    ahead, read_ahead = [], reader.read_ahead_natively
+    reader.read_ahead_natively = lambda recs: (ahead.append(len(recs)), read_ahead(recs))
     paths = [f"vol/{p}" for p in FILES]
     missing = ["vol/d1/nope", "vol/nodir/x", "vol/d0/sub0/f0/under_a_file"]
     ask = paths[:40] + missing + paths[40:] + ["vol/d3"]
@@ -57,6 +69,8 @@ def test_cat_of_many_paths_mixed_with_missing_ones_and_directories(block_engine,
     client = fs.client("vol")
     if native.engine is not None and not client.codec.encrypted:
         assert client.reader.native_reads > 0
+        # overlapped: blocks of the first parts were read ahead, while later parts were looked up
+        assert (sum(ahead) > 0) == (lookup_steps == "overlapped" and reader.reads_natively)
 
 
 def test_a_list_with_a_glob_is_expanded_and_one_without_is_kept_as_given(make_volume) -> None:
@@ -126,7 +140,7 @@ def test_a_file_with_uncommitted_data_reads_its_committed_version(make_volume) -
                                                        "vol/d6/new": b"new, not committed"}
 
 
-def test_one_bad_block_copy_is_read_from_the_other_and_repaired(block_engine, make_volume) -> None:
+def test_one_bad_block_copy_is_read_from_the_other_and_repaired(block_engine, make_volume, lookup_steps) -> None:
     fs = _filled(make_volume, replicas=2)
     client = fs.client("vol")
     client.sync()  # a block booked before it was synced is never repaired
@@ -142,7 +156,7 @@ def test_one_bad_block_copy_is_read_from_the_other_and_repaired(block_engine, ma
     assert fs.cat(paths) == {p: FILES[p[4:]] for p in paths} and client.reader.repaired == 1  # rewritten
 
 
-def test_a_block_bad_on_every_copy_fails_only_its_files(make_volume) -> None:
+def test_a_block_bad_on_every_copy_fails_only_its_files(make_volume, lookup_steps) -> None:
     fs = _filled(make_volume)
     client = fs.client("vol")
     client.sync()

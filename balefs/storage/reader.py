@@ -739,6 +739,20 @@ class BlockReader:
         self.counters.native.add(len(out))
         return out
 
+    @property
+    def reads_natively(self) -> bool:
+        """Whether the native engine may read this volume's blocks straight from their nodes (see native_block_file)."""
+        return (native.engine is not None and type(self._codec) is BlockCodec
+                and self.disk_cache is None and self.shared_cache is None)
+
+    def read_ahead_natively(self, recs: dict[tuple[int, int], BlockRecord]) -> None:
+        """Read these blocks into the memory cache with the native engine, for a batch about to need
+        them; a block it does not read is left to the batch (the Python way reports and repairs)."""
+        try:
+            self._read_native(recs)
+        except Exception:  # noqa: BLE001 - the batch reads the block again and reports what went wrong
+            log.debug("reading blocks ahead failed", exc_info=True)
+
     def read_native_into(self, rec: BlockRecord, targets: list[tuple[Any, int, int, int]]) -> bool:
         """Read a durable block with the native engine (O_DIRECT, without the GIL) and copy pieces of
         it into writable buffers, targets [(buffer, offset in it, start, end in the block)]: a bulk

@@ -32,6 +32,7 @@ ReadRanges = Callable[[list[tuple[str, int, None]]], list[Any]]  # Client._read_
 GENERAL = 0  # row of every file read the general way
 EMPTY = 1  # row of every empty file
 LIMIT = 1 << 20  # paths kept; past it the table starts again (a lookup each is the cost)
+PART = 500  # paths resolved per step of a batch whose blocks are read meanwhile
 COPY_THREADS = 2  # the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
@@ -102,8 +103,36 @@ class WholeFiles:
         rows = np.fromiter(map(table.rows.get, paths, repeat(-1)), dtype=np.int64, count=len(paths))
         miss = np.flatnonzero(rows < 0)
         if len(miss):
-            rows[miss] = self._resolve(table, [paths[k] for k in miss.tolist()])
+            rows[miss] = self._resolve_overlapped(table, [paths[k] for k in miss.tolist()])
         return self._serve(table, paths, rows)
+
+    def _resolve_overlapped(self, table: _Table, paths: list[str]) -> np.ndarray:
+        """Rows for paths not in the table, resolved PART at a time while the blocks of the parts
+        already resolved are read by the native engine on a thread of their own (the GIL released):
+        a cold batch's lookups and block reads overlap instead of following each other. Blocks read
+        ahead are those no cache holds, up to the reader's wave of bytes; _serve reads the rest."""
+        if len(paths) <= PART or not self._reader.reads_natively:
+            return self._resolve(table, paths)
+        rows = np.empty(len(paths), dtype=np.int64)
+        budget = self._reader.wave_bytes
+        readers: list[threading.Thread] = []
+        for lo in range(0, len(paths), PART):
+            rows[lo:lo + PART] = part = self._resolve(table, paths[lo:lo + PART])
+            if lo + PART >= len(paths) or budget <= 0:
+                continue  # the last part's blocks: _serve reads them now
+            recs: dict[tuple[int, int], BlockRecord] = {}
+            for s in np.unique(table.slot[part]).tolist():
+                rec = table.recs[s] if s >= 0 else None
+                if rec is not None and (rec.chunk, rec.idx) not in self._reader.cache and budget > 0:
+                    recs[(rec.chunk, rec.idx)] = rec
+                    budget -= rec.length
+            if recs:
+                t = threading.Thread(target=self._reader.read_ahead_natively, args=(recs,), daemon=True)
+                t.start()
+                readers.append(t)
+        for t in readers:
+            t.join()
+        return rows
 
     def _resolve(self, table: _Table, paths: list[str]) -> np.ndarray:
         """Rows for paths not in the table: looked up in batches (one query per directory), the
