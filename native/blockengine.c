@@ -882,9 +882,10 @@ static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake, left;
     cut_batch_t *batch; /* the open batch, or NULL */
+    int busy;           /* a call holds the crew, from opening its batch until every helper left it */
     unsigned long generation;
     int helpers;
-} crew = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0};
+} crew = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0};
 
 static void cut_claims(cut_batch_t *b) {
     for (;;) {
@@ -911,7 +912,7 @@ static void *crew_helper(void *arg) {
         cut_claims(b);
         pthread_mutex_lock(&crew.lock);
         if (--b->active == 0)
-            pthread_cond_signal(&crew.left);
+            pthread_cond_broadcast(&crew.left);
     }
     return NULL;
 }
@@ -924,13 +925,14 @@ static void crew_after_fork_child(void) {
     pthread_cond_init(&crew.wake, NULL);
     pthread_cond_init(&crew.left, NULL);
     crew.batch = NULL;
+    crew.busy = 0;
     crew.helpers = 0;
 }
 
 /* Copy every file of `b`, with up to `helpers` crew threads joining; called without the GIL. */
 static void cut_copy(cut_batch_t *b, int helpers) {
     pthread_mutex_lock(&crew.lock);
-    if (helpers < 1 || crew.batch != NULL) { /* one thread asked, or another call holds the crew */
+    if (helpers < 1 || crew.busy) { /* one thread asked, or another call holds the crew */
         pthread_mutex_unlock(&crew.lock);
         cut_claims(b);
         return;
@@ -949,6 +951,7 @@ static void cut_copy(cut_batch_t *b, int helpers) {
         crew.helpers++;
     }
     crew.batch = b;
+    crew.busy = 1;
     crew.generation++;
     pthread_cond_broadcast(&crew.wake);
     pthread_mutex_unlock(&crew.lock);
@@ -957,6 +960,7 @@ static void cut_copy(cut_batch_t *b, int helpers) {
     crew.batch = NULL;
     while (b->active > 0)
         pthread_cond_wait(&crew.left, &crew.lock);
+    crew.busy = 0;
     pthread_mutex_unlock(&crew.lock);
 }
 
