@@ -173,7 +173,7 @@ def test_interrupted_and_resumed(filled, open_client) -> None:
 def test_ctrl_c_then_resume(filled) -> None:
     filled.close()
     state = Path(state_path("vol"))
-    proc = subprocess.Popen([*cli_cmd(), "fsck", "vol", "--rate", "512KB/s"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*cli_cmd(), "fsck", "vol", "--rate", "1MB/s"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         wait_until(state.exists, timeout=30)
