@@ -186,12 +186,11 @@ class BaleSource:
         blocks, where, lo = self._block_index()
         at = where[rows]
         out: list = [None] * len(rows)
-        sizes = self.column("size")
         whole = np.flatnonzero(at >= 0)
         if len(whole):  # the usual case: mapped to their pieces at once, no per-sample lookups
             first = lo[rows[whole]]
             pieces = [(blocks[b], s, s + n) for b, s, n in
-                      zip(at[whole].tolist(), first.tolist(), sizes[rows[whole]].tolist())]
+                      zip(at[whole].tolist(), first.tolist(), self.column("size")[rows[whole]].tolist())]
             if ranged:
                 hashes = self.hashes
                 got = self.client.read_checked_ranges([([p], hashes[r]) for p, r in zip(pieces, rows[whole].tolist())])
@@ -203,14 +202,17 @@ class BaleSource:
             for k, d in zip(whole.tolist(), self.client.read_planned([[p] for p in pieces], views=views)):
                 out[k] = d
         other = np.flatnonzero(at < 0)
+        sizes = self.column("size")
         if len(other) and ranged:  # files over several blocks: ranged reads of their pieces, checked likewise
             planned = self.client.plan_pieces([(self._extents(int(rows[k])), 0, int(sizes[rows[k]])) for k in other.tolist()])
-            ok = [(k, p) for k, p in zip(other.tolist(), planned) if not isinstance(p, Exception)]
-            hashes = self.hashes
-            for (k, _), d in zip(ok, self.client.read_checked_ranges([(p, hashes[rows[k]]) for k, p in ok])):
+            hashes, ok = self.hashes, [k for k, p in zip(other.tolist(), planned) if not isinstance(p, Exception)]
+            got = self.client.read_checked_ranges([(p, hashes[rows[k]]) for k, p in zip(other.tolist(), planned)
+                                                   if not isinstance(p, Exception)])
+            for k, d in zip(ok, got):
                 if d is not None:
                     out[k] = memoryview(d) if views else d
-            other = np.asarray([k for k in other.tolist() if out[k] is None], dtype=np.int64)
+            other = np.asarray([k for k, d in zip(ok, got) if d is None] +
+                               [k for k, p in zip(other.tolist(), planned) if isinstance(p, Exception)], dtype=np.int64)
         if len(other):
             reqs = [(self._extents(int(rows[k])), 0, int(sizes[rows[k]])) for k in other.tolist()]
             for k, d in zip(other.tolist(), self.client.read_extents(reqs, views=views)):
