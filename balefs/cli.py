@@ -1108,7 +1108,8 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
 @click.option("--session", type=click.Choice(["python", "native"]), default="python", show_default=True,
               help="Who serves the kernel: python (every operation), or native (C, libfuse's low-level API: "
-                   "lookups, stats, listings and reads without Python; read-only mounts only).")
+                   "lookups, stats, listings, opens and reads without Python; changes and files open for writing go "
+                   "to the Python operations; read-only or read-write).")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="FUSE requests served at once. On few cores more threads only contend for Python's lock.")
 @click.option("--sync-close", is_flag=True, default=None,
