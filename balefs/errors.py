@@ -74,5 +74,11 @@ class MetaFileError(BaleError, OSError):
     missing directory). Raised on open, before anything is changed."""
 
 
+class MetaFullError(MetaFileError):
+    """The disk holding the SQLite metadata file has no room for a change (SQLite's "database or
+    disk is full"): the change was not made, nothing committed before is lost (a POSIX caller
+    sees ENOSPC, as for a full node)."""
+
+
 class RayConnectError(BaleError, ConnectionError):
     """The Ray cluster named by --ray-address (or RAY_ADDRESS) does not answer."""

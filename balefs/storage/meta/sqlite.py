@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from ...errors import ConfigError, MetaFileError
+from ...errors import ConfigError, MetaFileError, MetaFullError
 from .sql import GENERATION_QUERY, Db, SqlMeta
 
 
@@ -108,11 +108,11 @@ class SqliteMeta(SqlMeta):
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
             db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # (SQLite has rolled back already after some errors: a full disk)
+                db.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -128,6 +128,14 @@ class SqliteMeta(SqlMeta):
         finally:
             if db.in_transaction:
                 db.execute("COMMIT")
+
+    def _translate(self, exc: Exception) -> Exception:
+        """A full disk under the metadata file as MetaFullError (ENOSPC to a POSIX caller): the
+        transaction was rolled back, nothing is half-written."""
+        if isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return MetaFullError(f"metadata file {self.path}: its disk is full ({exc}); the change was not made: "
+                                 "free space there and try again")
+        return exc
 
     def _table_exists(self, db: Db, table: str) -> bool:
         return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
