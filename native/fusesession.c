@@ -146,12 +146,11 @@ typedef struct bfile {
  * its reads then need no READ request */
 #define STORE_MAX ((uint64_t)256 << 10)
 #define STORE_PIECES 8
-#define DIRECT_MIN ((size_t)1 << 20) /* a large file's block files this large are read with O_DIRECT */
 #define PAGE_BYTES ((size_t)4096)
 /* SQLite's WAL-index header (the -shm file's first bytes, stored twice, the copies equal when no
  * commit is half-written): its change counter, frame count, salts and checksums move at every commit. */
 #define WAL_HEADER 48
-#define POOL_MAX 16 /* spare O_DIRECT buffers kept, their pages made: a large file read makes none */
+#define POOL_MAX 16 /* spare block buffers kept, their pages made: a large file read makes none */
 #define LISTING_SLOTS 64
 #define BUFFER_PREFAULT ((size_t)256 << 10) /* block buffers this large have their pages made at once */
 
@@ -194,7 +193,7 @@ typedef struct {
     size_t nbfiles;
     struct {
         long long chunk, idx;
-        int direct; /* a large file's block: read past the page cache */
+        int large; /* a large file's block (read ahead in file order, not chunk order) */
     } ra_queue[RA_QUEUE];
     size_t ra_head, ra_len;
     int ra_stop;
@@ -904,52 +903,15 @@ static uint8_t *block_buffer(size_t len) {
     return p;
 }
 
-/* A block file (at most pool_cap bytes) read whole into a pool buffer with O_DIRECT, straight
- * from the disk into it (no page-cache copy, no page-cache pages to make and reclaim): *buf (the
- * pool's), *got bytes; 0, or -1 with errno. EINVAL (a filesystem without O_DIRECT, tmpfs): -1,
- * errno EINVAL, nothing taken, for the caller to read it buffered. */
-static int read_direct(const char *path, uint8_t **buf, size_t *got) {
-    size_t cap = S->pool_cap;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
-    if (fd < 0)
-        return -1;
-    void *p = pool_take();
-    if (p == NULL) {
-        close(fd);
-        errno = ENOMEM;
-        return -1;
-    }
-    /* whole pages at page offsets; the file's end reads short (a file that grew since: `cap` bytes of it) */
-    size_t done = 0;
-    while (done < cap) {
-        ssize_t n = pread(fd, (uint8_t *)p + done, cap - done, (off_t)done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            int err = errno;
-            close(fd);
-            pool_give(p);
-            errno = err;
-            return -1;
-        }
-        done += (size_t)n;
-        if (n == 0 || done % PAGE_BYTES)
-            break;
-    }
-    close(fd);
-    *buf = p;
-    *got = done;
-    return 0;
-}
-
 /* Read, check and decode the block file of piece pc into *data (its allocation *base, *out
- * bytes); 0, or -1 with msg. The same checks as the block engine's, in the same order. `direct`:
- * a large file's block, read with O_DIRECT where its filesystem allows (whole, in one read). */
-static int load_block(const piece_t *pc, int direct, uint8_t **data, uint8_t **base, int *pooled, size_t *out,
-                      char *msg) {
+ * bytes); 0, or -1 with msg. The same checks as the block engine's, in the same order. Read
+ * buffered, the header first and then the payload: on this project's machines (virtio disks)
+ * that reads a large file's 4 MiB blocks about twice as fast as one O_DIRECT read each
+ * (benchmarks/RESULTS.md, "One large file through the native session"). */
+static int load_block(const piece_t *pc, uint8_t **data, uint8_t **base, int *pooled, size_t *out, char *msg) {
     header_t hd;
     struct stat st;
-    uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL, *whole = NULL;
+    uint8_t head[HEADER_SIZE], *payload = NULL, *raw = NULL;
     size_t got, len, out_len;
     int rc = -1, raw_pooled = 0; /* raw is a pool buffer */
     int fd = open(pc->path, O_RDONLY | O_CLOEXEC);
@@ -962,48 +924,6 @@ static int load_block(const piece_t *pc, int direct, uint8_t **data, uint8_t **b
         goto done;
     }
     *pooled = 0;
-    if (direct && (size_t)st.st_size >= DIRECT_MIN && (size_t)st.st_size <= S->pool_cap) {
-        size_t whole_len = 0;
-        if (read_direct(pc->path, &whole, &whole_len) != 0) {
-            if (errno != EINVAL) {
-                snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
-                goto done;
-            }
-            whole = NULL; /* no O_DIRECT here: read it buffered below */
-        } else {
-            got = whole_len < HEADER_SIZE ? whole_len : HEADER_SIZE;
-            memcpy(head, whole, got);
-            size_t size = whole_len;
-            if (parse_header(head, got, &hd, msg) || payload_length(&hd, size - HEADER_SIZE, &len, msg) ||
-                output_length(&hd, S->block_limit, &out_len, msg))
-                goto done;
-            if (len > whole_len - HEADER_SIZE) {
-                snprintf(msg, MSG_LEN, "truncated payload (%zu of %u bytes)", whole_len - HEADER_SIZE, hd.stored_len);
-                goto done;
-            }
-            uint8_t *src = whole + HEADER_SIZE;
-            if (hd.flags & FLAG_LZ4) {
-                if ((raw = block_buffer(out_len)) == NULL) {
-                    snprintf(msg, MSG_LEN, "out of memory");
-                    goto done;
-                }
-                if (finish_block(&hd, src, len, raw, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
-                    goto done;
-                *data = *base = raw;
-                raw = NULL;
-            } else {
-                if (finish_block(&hd, src, len, src, out_len, block_seed(S->volume, pc->chunk, pc->idx), msg))
-                    goto done;
-                *data = src;
-                *base = whole;
-                *pooled = 1;
-                whole = NULL;
-            }
-            *out = out_len;
-            rc = 0;
-            goto done;
-        }
-    }
     if (read_all(fd, head, HEADER_SIZE, 0, &got) != 0) {
         snprintf(msg, MSG_LEN, "read: %s", strerror(errno ? errno : EIO));
         goto done;
@@ -1044,8 +964,6 @@ done:
         pool_give(raw);
     else
         free(raw);
-    if (whole != NULL)
-        pool_give(whole);
     return rc;
 }
 
@@ -1059,7 +977,7 @@ static int cached(long long chunk, long long idx) {
 
 /* Queue block (chunk, k) for the readahead threads when its file is known and it is not queued
  * yet (ra_lock held; a full queue drops it: readers then read it themselves). */
-static void queue_ahead(long long chunk, long long k, int direct) {
+static void queue_ahead(long long chunk, long long k, int large) {
     if (S->ra_len >= RA_QUEUE)
         return;
     const bfile_t *f = S->fbuckets[bfile_hash(chunk, k)];
@@ -1075,7 +993,7 @@ static void queue_ahead(long long chunk, long long k, int direct) {
     size_t tail = (S->ra_head + S->ra_len++) % RA_QUEUE;
     S->ra_queue[tail].chunk = chunk;
     S->ra_queue[tail].idx = k;
-    S->ra_queue[tail].direct = direct;
+    S->ra_queue[tail].large = large;
 }
 
 /* Queue the RA_BLOCKS blocks after (chunk, idx) for the readahead threads (a reader going through
@@ -1165,7 +1083,7 @@ static void served(block_t *b, size_t n) {
  * while the others asking for it wait (a sequential read's readahead asks for one block many
  * times at once). A block that grows in place may be cached shorter than a later piece needs:
  * then it is read again. */
-static block_t *get_block(const piece_t *pc, int ahead, int direct) {
+static block_t *get_block(const piece_t *pc, int ahead, int large) {
     uint64_t h = block_hash(pc->chunk, pc->idx);
     size_t need = pc->block_lo + pc->len;
     pthread_mutex_lock(&S->cache_lock);
@@ -1184,7 +1102,7 @@ static block_t *get_block(const piece_t *pc, int ahead, int direct) {
             if (first_use)
                 b->ahead = 0;
             pthread_mutex_unlock(&S->cache_lock);
-            if (first_use && !direct) /* (a large file's reader reads ahead in file order: read_ahead_file) */
+            if (first_use && !large) /* (a large file's reader reads ahead in file order: read_ahead_file) */
                 read_ahead(pc->chunk, pc->idx);
             return b;
         }
@@ -1215,7 +1133,7 @@ static block_t *get_block(const piece_t *pc, int ahead, int direct) {
     uint8_t *data = NULL, *base = NULL;
     size_t len = 0;
     int pooled = 0;
-    int bad = load_block(pc, direct, &data, &base, &pooled, &len, msg);
+    int bad = load_block(pc, &data, &base, &pooled, &len, msg);
     if (bad && !ahead) /* (a readahead's failure is the reader's to report, when it reads the block itself) */
         fprintf(stderr, "balefs native session: chunk %lld block %lld (%s): %s; reading it the Python way\n", pc->chunk,
                 pc->idx, pc->path, msg);
@@ -1235,7 +1153,7 @@ static block_t *get_block(const piece_t *pc, int ahead, int direct) {
             evict(S->lru_tail); /* (this block too, if it alone is more than the cache holds) */
     }
     /* a reader going through the chunk in order (its previous block is here): read ahead of it */
-    int sequential = !bad && !ahead && !direct && pc->idx > 0 && cached(pc->chunk, pc->idx - 1);
+    int sequential = !bad && !ahead && !large && pc->idx > 0 && cached(pc->chunk, pc->idx - 1);
     pthread_cond_broadcast(&S->loaded);
     pthread_mutex_unlock(&S->cache_lock);
     if (sequential)
@@ -1260,7 +1178,7 @@ static void *readahead_main(void *arg) {
             return NULL;
         }
         piece_t pc = {.chunk = S->ra_queue[S->ra_head].chunk, .idx = S->ra_queue[S->ra_head].idx, .path = path};
-        int direct = S->ra_queue[S->ra_head].direct;
+        int large = S->ra_queue[S->ra_head].large;
         S->ra_head = (S->ra_head + 1) % RA_QUEUE;
         S->ra_len--;
         const bfile_t *f = S->fbuckets[bfile_hash(pc.chunk, pc.idx)];
@@ -1271,7 +1189,7 @@ static void *readahead_main(void *arg) {
             strcpy(path, f->path);
         pthread_mutex_unlock(&S->ra_lock);
         if (known)
-            block_unref(get_block(&pc, 1, direct)); /* (one already cached or being read: nothing to do) */
+            block_unref(get_block(&pc, 1, large)); /* (one already cached or being read: nothing to do) */
     }
 }
 
@@ -1934,7 +1852,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     }
     const pieces_t *p = of->pieces;
     size_t i = first_piece(p, start);
-    int big = large_file(of); /* a large file's blocks are read past the page cache */
+    int big = large_file(of); /* a large file's blocks are read ahead in file order */
     int in_order = i < p->n && read_ahead_file(of, i, start, end);
     /* most small files, and most reads of a big one: one block holds the whole range */
     if (i < p->n && p->p[i].file_off <= start && p->p[i].file_off + p->p[i].len >= end) {

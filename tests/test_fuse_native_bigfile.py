@@ -1,9 +1,9 @@
 """One large file through the native FUSE session (`balefs mount --session native`): written
 with writes of odd sizes and offsets, read back byte-exact, sequentially (the file-order
-readahead over several threads, block files read with O_DIRECT, across chunk ends) and at random
+readahead over several threads into reused pool buffers, across chunk ends) and at random
 offsets; a damaged block of it is EIO while the rest reads; a kill -9 in the middle of a write
-loses nothing committed before it. Blocks of 1 MiB here, so block files are large enough for
-the session's O_DIRECT path (the other tests' 64 KiB blocks are read buffered)."""
+loses nothing committed before it. Blocks of 1 MiB here, so a block fills a pool buffer (the
+other tests' 64 KiB blocks are read into buffers of their own size)."""
 from __future__ import annotations
 
 import errno
