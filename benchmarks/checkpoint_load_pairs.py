@@ -25,10 +25,16 @@ from small_files import drop_caches, log, make_volume  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=4.0, help="state size in GiB (default 4)")
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--pairs", type=int, default=3, help="torch.load / Checkpointer.load pairs (default 3)")
+    ap.add_argument("--workdir", default="/var/tmp", help="where the scratch directory goes (made if missing)")
     args = ap.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="bale-ckload-", dir=args.workdir)
+    if args.size <= 0 or args.pairs < 1:
+        ap.error("--size must be above 0 and --pairs at least 1")
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+        work = tempfile.mkdtemp(prefix="bale-ckload-", dir=args.workdir)
+    except OSError as exc:
+        ap.error(f"--workdir {args.workdir}: {exc.strerror}")
     os.environ["BALEFS_HOME"] = os.path.join(work, "home")
     from balefs.checkpoint import Checkpointer
 
