@@ -223,7 +223,7 @@ class BlockReader:
 
     def _publish_from_scratch(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
         """A block published in the host's shared tier straight from a scratch buffer (scratchpool.py:
-        read with O_DIRECT on local disks, so the node's file is not copied through the page cache,
+        read so that the node's file leaves no pages in the page cache (LocalNode.read_into),
         a sealed block opened into a reused buffer: no block-sized allocation per block) and returned
         from its entry (a copy of our own, and sealed on disk below, when the tier cannot keep it).
         None where this does not apply (a block the disk tier below holds, no node that reads into
@@ -341,7 +341,7 @@ class BlockReader:
 
     def read_direct(self, rec: BlockRecord, buf: Any, into: memoryview | None = None) -> bytes | memoryview | None:
         """The verified raw bytes of a block, read into `buf` (page-aligned, reused by the caller) from
-        the first up copy whose node reads into buffers (O_DIRECT on local disks): for one-off bulk
+        the first up copy whose node reads into buffers (LocalNode.read_into): for one-off bulk
         reads that would only churn the caches. None where no copy can or that read fails; the
         caller then reads through get() (other replicas, moved blocks, repair, clear errors).
         `into`: the block's destination, which the codec may decode straight into (returned then)."""
@@ -754,8 +754,8 @@ class BlockReader:
             log.debug("reading blocks ahead failed", exc_info=True)
 
     def read_native_into(self, rec: BlockRecord, targets: list[tuple[Any, int, int, int]]) -> bool:
-        """Read a durable block with the native engine (O_DIRECT, without the GIL) and copy pieces of
-        it into writable buffers, targets [(buffer, offset in it, start, end in the block)]: a bulk
+        """Read a durable block with the native engine (without the GIL, its pages dropped after) and
+        copy pieces of it into writable buffers, targets [(buffer, offset in it, start, end in the block)]: a bulk
         load's read. False where the engine does not read it or the read fails; the caller then
         reads it the Python way (other replicas, moved blocks, repair, clear errors)."""
         job = self._native_job(rec, targets) if rec.durable else None
