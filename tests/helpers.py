@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -54,6 +55,14 @@ def cli_cmd() -> list[str]:
     if os.path.exists(script):
         return [script]
     return [sys.executable, "-m", "balefs.cli"]
+
+
+def interruptible_cli(*args: str) -> subprocess.Popen:
+    """`balefs ARGS` started with SIGINT at its default, for a test that sends it a Ctrl-C: a test run
+    started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt (the command would run to its end)."""
+    return subprocess.Popen([*cli_cmd(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

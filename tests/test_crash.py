@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import xxhash
 from balefs.storage.client import Client
 from balefs.storage.layout import parse_block_key
 
-from helpers import cli_cmd, make_tree, run_cli
+from helpers import interruptible_cli, make_tree, run_cli
 
 VOLUME = "cv"
 
@@ -46,11 +45,7 @@ def interrupted_put(tmp_path: Path, sig: int) -> tuple[int, str, Path, str, dict
         src = tmp_path / f"src{attempt}"
         files = make_tree(src, n_files, 500, 3000, seed=attempt, fanout=16)
         dest = f"data{attempt}"
-        # SIGINT back to its default in the child: a test run started in the background by a
-        # non-interactive shell inherits it ignored, and Python then never raises KeyboardInterrupt
-        proc = subprocess.Popen([*cli_cmd(), "put", str(src), f"bale://{VOLUME}/{dest}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = interruptible_cli("put", str(src), f"bale://{VOLUME}/{dest}")
         with Client.open(VOLUME) as watcher:
             deadline = time.monotonic() + 60
             while proc.poll() is None and time.monotonic() < deadline:
