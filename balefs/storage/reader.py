@@ -690,8 +690,7 @@ class BlockReader:
         Python way reads it: no engine, a disk cache, an encrypted volume (unless `sealed`: the
         engine given the chunk's keys, which then takes only sealed blocks), a codec of another
         kind, or a first copy elsewhere."""
-        if (native.engine is None or type(self._codec) is not BlockCodec or self._codec.encrypted != sealed
-                or self.disk_cache is not None or self.shared_cache is not None):
+        if not self.reads_natively or self._codec.encrypted != sealed:
             return None
         order = up_first(rec.nodes, self._nodes)
         node = self._nodes.get(order[0]) if order else None
@@ -741,7 +740,8 @@ class BlockReader:
 
     @property
     def reads_natively(self) -> bool:
-        """Whether the native engine may read this volume's blocks straight from their nodes (see native_block_file)."""
+        """Whether the native engine may read this volume's blocks straight from their nodes: an engine,
+        the plain codec's format, no disk or shared cache tier (native_block_file then picks the file)."""
         return (native.engine is not None and type(self._codec) is BlockCodec
                 and self.disk_cache is None and self.shared_cache is None)
 
