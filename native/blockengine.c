@@ -227,21 +227,14 @@ static uint8_t *read_whole(job_t *j, size_t *got) {
         return NULL;
     }
     /* the header's page alone, then the rest: measured faster than one read of the whole file */
-    *got = 0;
-    while (*got < cap) {
-        size_t want = *got == 0 ? PAGE : cap - *got;
-        ssize_t n = pread(fd, (uint8_t *)buf + *got, want, (off_t)*got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            fail_errno(j, "read");
-            close(fd);
-            return NULL;
-        }
-        if (n == 0)
-            break;
-        *got += (size_t)n;
+    size_t rest = 0;
+    if (read_all(fd, buf, PAGE, 0, got) != 0 ||
+        (*got == PAGE && read_all(fd, (uint8_t *)buf + PAGE, cap - PAGE, PAGE, &rest) != 0)) {
+        fail_errno(j, "read");
+        close(fd);
+        return NULL;
     }
+    *got += rest;
     posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     close(fd);
     return buf;
