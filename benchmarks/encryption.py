@@ -318,27 +318,30 @@ def main(argv: list[str] | None = None) -> int:
                 ("checkpoint load cold (MB/s)", "load_s", ckpt_bytes / MB, "")]
         print("| figure | plain | encrypted | encrypted / plain (best of each side) | median of the pairs | each pair |\n"
               "|---|---|---|---|---|---|")
+        def paired(key: str) -> tuple[float, str]:
+            """The median of figure `key`'s pair ratios (plain time / encrypted time), and the table's cells for it and each pair."""
+            pairs = [p / q for p, q in zip(runs["plain"][key], runs["sealed"][key])]
+            median = statistics.median(pairs)
+            return median, f"{median:.2f} | " + " / ".join(f"{x:.2f}" for x in pairs)
+
         ratios, medians = {}, {}
         for label, key_, amount, kind in [r for r in rows if r[1] in figures["sealed"]]:
             a, b = figures["plain"][key_], figures["sealed"][key_]
             ratio = a / b  # the same amount in less time is better: plain time / encrypted time
-            pairs = [p / q for p, q in zip(runs["plain"][key_], runs["sealed"][key_])]
+            median, cells = paired(key_)
             shown = (f"{a:.3f} | {b:.3f}" if kind == "time" else f"{amount / a:,.0f} | {amount / b:,.0f}")
-            print(f"| {label} | {shown} | {ratio:.2f} | {statistics.median(pairs):.2f} | "
-                  + " / ".join(f"{x:.2f}" for x in pairs) + " |")
-            ratios[key_], medians[key_] = round(ratio, 2), round(statistics.median(pairs), 2)
+            print(f"| {label} | {shown} | {ratio:.2f} | {cells} |")
+            ratios[key_], medians[key_] = round(ratio, 2), round(median, 2)
         print(f"| AES-256-GCM of this CPU, one thread (seal / open MB/s) | - | {seal:,.0f} / {open_:,.0f} | - | - | - |")
         if "loader_cpu_s" in figures["sealed"]:
             lc = {side: figures[side]["loader_cpu_s"] for side in ("plain", "sealed")}
-            pairs = [p / q for p, q in zip(runs["plain"]["loader_cpu_s"], runs["sealed"]["loader_cpu_s"])]
+            median, cells = paired("loader_cpu_s")
             print(f"| loader, CPU of the epoch's processes (s, user + sys; not in the bar) | {lc['plain']:.2f} "
-                  f"| {lc['sealed']:.2f} | {lc['plain'] / lc['sealed']:.2f} | {statistics.median(pairs):.2f} | "
-                  + " / ".join(f"{x:.2f}" for x in pairs) + " |")
-            medians["loader_cpu_s"] = round(statistics.median(pairs), 2)
+                  f"| {lc['sealed']:.2f} | {lc['plain'] / lc['sealed']:.2f} | {cells} |")
+            medians["loader_cpu_s"] = round(median, 2)
         cpu = {side: figures[side]["put_cpu_s"] for side in figures}
-        pairs = [p / q for p, q in zip(runs["plain"]["put_cpu_s"], runs["sealed"]["put_cpu_s"])]
         print(f"| put, CPU of the `balefs put` process (s, user + sys; not in the bar) | {cpu['plain']:.2f} | {cpu['sealed']:.2f} "
-              f"| {cpu['plain'] / cpu['sealed']:.2f} | {statistics.median(pairs):.2f} | " + " / ".join(f"{x:.2f}" for x in pairs) + " |")
+              f"| {cpu['plain'] / cpu['sealed']:.2f} | {paired('put_cpu_s')[1]} |")
         audit_ratio = figures["plain"]["put_s"] / figures["audited"]["put_s"]
         print(f"| put on a plain volume with --audit only (files/s; not in the bar) | {args.files / figures['plain']['put_s']:,.0f} "
               f"| {args.files / figures['audited']['put_s']:,.0f} (audited plain) | {audit_ratio:.2f} | - | - |")
