@@ -340,7 +340,7 @@ class BlockReader:
         return raw  # a view into the node's buffer: no copy of the block
 
     def read_direct(self, rec: BlockRecord, buf: Any, into: memoryview | None = None) -> bytes | memoryview | None:
-        """The verified raw bytes of a block, read into `buf` (page-aligned, reused by the caller) from
+        """The verified raw bytes of a block, read into `buf` (reused by the caller) from
         the first up copy whose node reads into buffers (LocalNode.read_into): for one-off bulk
         reads that would only churn the caches. None where no copy can or that read fails; the
         caller then reads through get() (other replicas, moved blocks, repair, clear errors).

@@ -3,9 +3,9 @@
 A block that the host's shared tier (diskcache.py, memroot.py) keeps is needed in this process
 only until its entry is written: reading it into a fresh buffer (and, sealed, opening it into
 another) would fault in and free a block's worth of memory or two per block, which a loader's
-worker paid on every block. A lent buffer is page-aligned (a local node reads into it and drops
-the file's pages after: they do not stay in the page cache beside the cache entry), with an output
-buffer of one block beside it when asked for (a sealed block is opened into it). At most
+worker paid on every block. A local node reads a block into a lent buffer and drops the file's
+pages after (they do not stay in the page cache beside the cache entry); an output buffer of one
+block lies beside it when asked for (a sealed block is opened into it). At most
 `limit` are made; a caller that finds none free waits for one (the local reads they serve keep a
 disk busy with a few at a time).
 """
