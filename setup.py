@@ -1,7 +1,7 @@
 """The native block engine (native/blockengine.c) as the optional extension balefs._native, and the
 native FUSE session (native/fusesession.c, libfuse 3's low-level API) as balefs._fusenative.
 
-Optional: where it cannot be built (no compiler, no liblz4-dev/libxxhash-dev/libssl-dev headers) the
+Optional: where it cannot be built (no compiler, no liblz4-dev/libxxhash-dev/libipsec-mb-dev headers) the
 package installs without them and reads through the pure-Python codec (`balefs --version` says
 which path runs; without libfuse3-dev or libsqlite3-dev only the session is left out: `balefs mount --session native`
 says so). BALEFS_SANITIZE=1 builds it with AddressSanitizer and UBSan (tox -e sanitize).
@@ -17,7 +17,7 @@ if os.environ.get("BALEFS_SANITIZE") == "1":
     flags, link = flags + san, san
 
 setup(ext_modules=[
-    Extension("balefs._native", ["native/blockengine.c"], depends=["native/blockcodec.h"], libraries=["lz4", "crypto"],
+    Extension("balefs._native", ["native/blockengine.c"], depends=["native/blockcodec.h"], libraries=["lz4", "IPSec_MB"],
               extra_compile_args=flags, extra_link_args=link, optional=True),
     Extension("balefs._fusenative", ["native/fusesession.c"], depends=["native/blockcodec.h"],
               include_dirs=["/usr/include/fuse3"], libraries=["fuse3", "lz4", "sqlite3", "pthread"],

@@ -48,7 +48,7 @@ WARM_PASSES = 3  # warm cats per round, the best kept
 
 def aes_rate(seconds: float = 1.5) -> tuple[float, float]:
     """AES-256-GCM seal and open MB/s of this CPU, one thread, 4 MiB buffers, the way balefs seals
-    (crypto.Keyring: the native engine's OpenSSL where it is built, else `cryptography`'s)."""
+    (crypto.Keyring: the native engine's libipsec-mb where it is built, else `cryptography`'s OpenSSL)."""
     from balefs.storage.crypto import Keyring
 
     ring = Keyring("bench", {1: os.urandom(32)}, 1)

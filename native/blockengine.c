@@ -20,15 +20,16 @@
  *       An encrypted volume's job adds keys, [(data key number, the chunk's derived 32-byte key)], and
  *       aads, (the associated data of the block stored plain, of it lz4-compressed): its block must
  *       be sealed (FLAG_AESGCM), whole (not growing) and of exactly `limit` raw bytes; AES-256-GCM
- *       (OpenSSL) authenticates and decrypts it before any byte is used (the payload's seeded xxh3,
+ *       (libipsec-mb) authenticates and decrypts it before any byte is used (the payload's seeded xxh3,
  *       which the tag makes redundant, is read only to word a failure, or first when the block is
  *       decrypted in place). Anything else (a plain block, a key not given, a bad tag) fails the job, and
  *       the Python codec reads the block, reports and repairs.
  *   seal(key, nonce, aad, payload[, out]), open(key, sealed, aad[, out])
- *       AES-256-GCM of one payload with the system's OpenSSL (the engine's, which opens a 4 MiB
- *       payload in about 3/4 of the CPU time the `cryptography` wheel's OpenSSL takes here, and
- *       seals it in about the same), into a new bytes or a caller's buffer, the GIL released for all
- *       but small payloads: crypto.Keyring seals and opens through them when the engine is built
+ *       AES-256-GCM of one payload with Intel's libipsec-mb (VAES/AVX-512 code where the CPU has it: a
+ *       4 MiB payload sealed or opened at 16-18 GB/s per thread here, against 4 GB/s for the system's
+ *       OpenSSL 3.0 and 10 GB/s for the OpenSSL the `cryptography` wheel bundles), into a new bytes or
+ *       a caller's buffer, the GIL released for all but small payloads: crypto.Keyring seals and
+ *       opens through them when the engine is built
  *       (nonces stay drawn in Python, by the Keyring).
  *   cut(blocks, which, starts, lengths, threads) -> list[bytes]   many files out of blocks in memory
  *       blocks: objects with the buffer protocol (cached blocks); which, starts, lengths: int64
@@ -52,7 +53,7 @@
 #include <unistd.h>
 
 #include <limits.h>
-#include <openssl/evp.h>
+#include <intel-ipsec-mb.h>
 
 #include "blockcodec.h"
 
@@ -60,7 +61,10 @@
 #define TAG_BYTES 16
 #define KEY_BYTES 32
 
-static EVP_CIPHER *aes_gcm; /* fetched once at import: a fetch per block would cost a lookup each */
+/* Intel's multi-buffer crypto library (libipsec-mb): its manager, set up once at import, holds the
+ * AES-256-GCM code for this CPU (VAES and AVX-512 where present: 4x the system OpenSSL 3.0's rate
+ * here). The direct GCM calls keep no state in it, so every thread shares it. */
+static IMB_MGR *gcm_mgr;
 
 #define MAX_THREADS 64
 
@@ -258,26 +262,30 @@ static int sealed_header(job_t *j, const header_t *hd) {
     return -1;
 }
 
-/* AES-256-GCM of len bytes of in into out (encrypt: tag written to tag; decrypt: tag checked);
- * 1 when done (decrypt: authentic), 0 otherwise (out then holds nothing to use). */
+/* Whether two tags are equal, in time that does not depend on where they differ. */
+static int tags_equal(const uint8_t *a, const uint8_t *b) {
+    uint8_t diff = 0;
+    for (int i = 0; i < TAG_BYTES; i++)
+        diff |= a[i] ^ b[i];
+    return diff == 0;
+}
+
+/* AES-256-GCM of len bytes of in into out (in == out allowed; encrypt: tag written to tag; decrypt:
+ * tag checked); 1 when done (decrypt: authentic), 0 otherwise (out then holds nothing to use). The
+ * expanded key and the GHASH state are wiped before returning. */
 static int aead(int encrypt, const uint8_t *key, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
                 const uint8_t *in, size_t len, uint8_t *out, uint8_t *tag) {
-    int n = 0, tail = 0, ok = 0;
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    if (ctx == NULL)
-        return 0;
+    struct gcm_key_data kd __attribute__((aligned(64)));
+    struct gcm_context_data ctx;
+    uint8_t got[TAG_BYTES];
+    IMB_AES256_GCM_PRE(gcm_mgr, key, &kd);
     if (encrypt)
-        ok = EVP_EncryptInit_ex(ctx, aes_gcm, NULL, key, nonce) == 1 &&
-             EVP_EncryptUpdate(ctx, NULL, &n, aad, (int)aad_len) == 1 &&
-             EVP_EncryptUpdate(ctx, out, &n, in, (int)len) == 1 && EVP_EncryptFinal_ex(ctx, out + n, &tail) == 1 &&
-             (size_t)(n + tail) == len && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_BYTES, tag) == 1;
+        IMB_AES256_GCM_ENC(gcm_mgr, &kd, &ctx, out, in, len, nonce, aad, aad_len, tag, TAG_BYTES);
     else
-        ok = EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, nonce) == 1 &&
-             EVP_DecryptUpdate(ctx, NULL, &n, aad, (int)aad_len) == 1 &&
-             EVP_DecryptUpdate(ctx, out, &n, in, (int)len) == 1 &&
-             EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_BYTES, tag) == 1 &&
-             EVP_DecryptFinal_ex(ctx, out + n, &tail) == 1 && (size_t)(n + tail) == len;
-    EVP_CIPHER_CTX_free(ctx);
+        IMB_AES256_GCM_DEC(gcm_mgr, &kd, &ctx, out, in, len, nonce, aad, aad_len, got, TAG_BYTES);
+    int ok = encrypt || tags_equal(got, tag);
+    explicit_bzero(&kd, sizeof kd);
+    explicit_bzero(&ctx, sizeof ctx);
     return ok;
 }
 
@@ -721,7 +729,7 @@ fail:
 #define AEAD_UNLOCKED 16384
 
 
-/* Whether [a, a + an) and [b, b + bn) share a byte (OpenSSL works in place only on the very same bytes). */
+/* Whether [a, a + an) and [b, b + bn) share a byte (AES-GCM works in place only on the very same bytes). */
 static int overlap(const void *a, size_t an, const void *b, size_t bn) {
     const uint8_t *x = a, *y = b;
     return an && bn && x < y + bn && y < x + an;
@@ -785,7 +793,7 @@ static PyObject *py_seal(PyObject *self, PyObject *args) {
                      dst + NONCE_BYTES + in.len);
     if (!ok) {
         Py_CLEAR(result);
-        PyErr_SetString(PyExc_RuntimeError, "seal: OpenSSL's AES-256-GCM failed");
+        PyErr_SetString(PyExc_RuntimeError, "seal: AES-256-GCM failed");
     } else if (have_out)
         result = PyLong_FromSize_t(need);
 done:
@@ -1065,9 +1073,14 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if ((aes_gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL)) == NULL) {
+    if ((gcm_mgr = alloc_mb_mgr(0)) == NULL) {
         Py_DECREF(m);
-        PyErr_SetString(PyExc_ImportError, "OpenSSL offers no AES-256-GCM");
+        return PyErr_NoMemory();
+    }
+    init_mb_mgr_auto(gcm_mgr, NULL);
+    if (imb_get_errno(gcm_mgr) != 0) {
+        Py_DECREF(m);
+        PyErr_Format(PyExc_ImportError, "libipsec-mb could not set up AES-256-GCM: %s", imb_get_strerror(imb_get_errno(gcm_mgr)));
         return NULL;
     }
     if (pthread_key_create(&scratch_key, scratch_free) != 0 ||

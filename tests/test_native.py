@@ -390,7 +390,7 @@ def test_engine_aead_is_the_cryptography_aead(payload_: bytes, aad: bytes, flip:
 
 def test_engine_aead_refuses_bad_sizes_and_overlapping_buffers() -> None:
     """A key or nonce of the wrong size, an output too small or overlapping its input: ValueError, nothing
-    sealed (OpenSSL works in place only on the very same bytes); a sealed blob shorter than nonce and tag
+    sealed (AES-GCM works in place only on the very same bytes); a sealed blob shorter than nonce and tag
     does not authenticate."""
     from cryptography.exceptions import InvalidTag
 
