@@ -464,6 +464,8 @@ def warm_pairs(ds: sf.DataSet, root: str, order: list[int], chk: Checker, args: 
     (which goes first alternating). A warm pass lasts about a second here, and the loose one ran
     minutes before: one descheduling moved that ratio by 20%."""
     ratios = []
+    read_pass(ds, ds.root, order, chk, args)  # the loose tree warm again (the side's cold passes dropped it)
+    chk.finish(f"{what} pair/loose warm-up")
     for k in range(args.warm_pairs):
         def loose() -> Result:
             r = read_pass(ds, ds.root, order, chk, args)
