@@ -25,10 +25,7 @@
  * answers LOOKUPs of its files (their attributes change only with the counter, access times aside).
  *
  * Cold reads: the first open of a small file's version hands its bytes to the kernel's page cache
- * (notify_store), so the file costs LOOKUP, OPEN and RELEASE, no READ; a small file held whole in one
- * plain block not cached yet is read by its own bytes, checked against its content hash, while its
- * block is read ahead for the files beside it (a cold open in random order waits for its bytes, not a
- * whole block); a burst of LOOKUPs in a
+ * (notify_store), so the file costs LOOKUP, OPEN and RELEASE, no READ; a burst of LOOKUPs in a
  * directory not listed yet makes one listing (the others wait for it); a reader going through a chunk's blocks in order (its previous block is cached) has the
  * next RA_BLOCKS blocks read ahead by a thread of its own, from the block files the pieces named.
  *
@@ -72,8 +69,6 @@ typedef struct {
 
 typedef struct {
     int refs; /* the node and every open file holding it */
-    int hashed; /* a file held whole in one plain, durable block: `hash` is its xxh3-128 (canonical) */
-    uint8_t hash[16];
     size_t n;
     piece_t p[]; /* then the path strings */
 } pieces_t;
@@ -386,10 +381,8 @@ static int parse_attrs(PyObject *t, struct stat *st) {
     return 0;
 }
 
-/* pieces: None, or [(file_off, len, path bytes, chunk, idx, block_lo)] in file order; a file's one
- * piece may carry a seventh item, the file's 16-byte xxh3-128 content hash (its block stored plain
- * and durable: store_at_open may read just its bytes). NULL with *bad set on a malformed list; NULL
- * with *bad clear for None. */
+/* pieces: None, or [(file_off, len, path bytes, chunk, idx, block_lo)] in file order. NULL with
+ * *bad set on a malformed list; NULL with *bad clear for None. */
 static pieces_t *parse_pieces(PyObject *list, int *bad) {
     *bad = 0;
     if (list == Py_None)
@@ -403,9 +396,8 @@ static pieces_t *parse_pieces(PyObject *list, int *bad) {
     size_t strings = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *t = PySequence_Fast_GET_ITEM(seq, i), *path;
-        Py_ssize_t items = PyTuple_Check(t) ? PyTuple_GET_SIZE(t) : 0;
-        if ((items != 6 && (items != 7 || n != 1)) || !PyBytes_Check(path = PyTuple_GET_ITEM(t, 2))) {
-            PyErr_SetString(PyExc_TypeError, "a piece is (file_off, len, path bytes, chunk, idx, block_lo[, 16-byte hash of a file's one piece])");
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 6 || !PyBytes_Check(path = PyTuple_GET_ITEM(t, 2))) {
+            PyErr_SetString(PyExc_TypeError, "a piece is (file_off, len, path bytes, chunk, idx, block_lo)");
             goto bad;
         }
         strings += (size_t)PyBytes_GET_SIZE(path) + 1;
@@ -416,7 +408,6 @@ static pieces_t *parse_pieces(PyObject *list, int *bad) {
         goto bad;
     }
     p->refs = 1;
-    p->hashed = 0;
     p->n = (size_t)n;
     char *str = (char *)&p->p[n];
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -424,21 +415,10 @@ static pieces_t *parse_pieces(PyObject *list, int *bad) {
         const char *path;
         Py_ssize_t plen;
         unsigned long long off, len, lo;
-        const char *hash = NULL;
-        Py_ssize_t hlen = 0;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKy#LLK|y#", &off, &len, &path, &plen, &pc->chunk,
-                              &pc->idx, &lo, &hash, &hlen)) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKy#LLK", &off, &len, &path, &plen, &pc->chunk,
+                              &pc->idx, &lo)) {
             free(p);
             goto bad;
-        }
-        if (hash != NULL) {
-            if (hlen != (Py_ssize_t)sizeof p->hash) {
-                PyErr_SetString(PyExc_ValueError, "a file's content hash is 16 bytes");
-                free(p);
-                goto bad;
-            }
-            memcpy(p->hash, hash, sizeof p->hash);
-            p->hashed = 1;
         }
         pc->file_off = off;
         pc->len = len;
@@ -1683,69 +1663,11 @@ static long long generation(uint64_t ino, uid_t uid) {
 
 static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 
-/* Hand the kernel `size` bytes as the whole content of `ino` (notify_store into its page cache), one
- * store at a time and only while the table still holds the version opened (`stamp`), so an open of an
- * older version never stores its bytes over a newer one's. Whether they were stored. */
-static int store_bytes(uint64_t ino, uint64_t stamp, uint8_t *bytes, uint64_t size) {
-    struct fuse_bufvec v = FUSE_BUFVEC_INIT((size_t)size);
-    v.buf[0].mem = bytes;
-    pthread_mutex_lock(&S->store_lock);
-    pthread_mutex_lock(&S->lock);
-    node_t *n = find(ino);
-    int current = n != NULL && n->stamp == stamp;
-    pthread_mutex_unlock(&S->lock);
-    int stored = current && fuse_lowlevel_notify_store(S->se, ino, 0, &v, 0) == 0;
-    pthread_mutex_unlock(&S->store_lock);
-    return stored;
-}
-
-/* Whether the block a piece lies in is cached, read and long enough (no wait: one being read is not). */
-static int block_ready(const piece_t *pc) {
-    int ready = 0;
-    pthread_mutex_lock(&S->cache_lock);
-    for (block_t *b = S->cbuckets[block_hash(pc->chunk, pc->idx)]; b; b = b->next)
-        if (b->chunk == pc->chunk && b->idx == pc->idx) {
-            ready = !b->loading && !b->failed && b->len >= pc->block_lo + pc->len;
-            break;
-        }
-    pthread_mutex_unlock(&S->cache_lock);
-    return ready;
-}
-
-/* The bytes of a small file held whole in one plain block, read by one pread of just them from the
- * block file and checked against the file's content hash (storage/rangeread.py's rule: the block's
- * own xxh3 covers the whole block and cannot check a range): a malloc'd buffer, or NULL when they
- * cannot be read or do not match (the whole block is then read and checked the usual way, which
- * reports the damage and reads other copies). */
-static uint8_t *read_checked_range(const pieces_t *p) {
-    const piece_t *pc = &p->p[0];
-    if (pc->block_lo > (uint64_t)INT64_MAX - HEADER_SIZE - pc->len)
-        return NULL;
-    uint8_t *buf = malloc(pc->len ? (size_t)pc->len : 1);
-    if (buf == NULL)
-        return NULL;
-    size_t got = 0;
-    int fd = open(pc->path, O_RDONLY | O_CLOEXEC);
-    int ok = fd >= 0 && read_all(fd, buf, (size_t)pc->len, HEADER_SIZE + (size_t)pc->block_lo, &got) == 0 && got == pc->len;
-    if (fd >= 0)
-        close(fd);
-    if (ok) {
-        XXH128_canonical_t c;
-        XXH128_canonicalFromHash(&c, XXH3_128bits(buf, (size_t)pc->len));
-        ok = memcmp(c.digest, p->hash, sizeof p->hash) == 0;
-    }
-    if (!ok) {
-        free(buf);
-        return NULL;
-    }
-    return buf;
-}
-
-/* At the first open of a small file's version, hand the kernel its whole content (store_bytes) so
- * that reading it needs no READ request: a cold file costs LOOKUP, OPEN and RELEASE. A file held whole
- * in one plain block not cached yet is read by its own bytes (read_checked_range), its block queued for
- * the readahead threads for the files beside it: a cold open in random order waits for its bytes, not
- * for a whole block. Whether every byte was stored: then the open keeps the cache. */
+/* At the first open of a small file's version, hand the kernel its whole content (notify_store into
+ * its page cache, before the open is answered) so that reading it needs no READ request: a cold file
+ * costs LOOKUP, OPEN and RELEASE. Whether every byte was stored: then the open keeps the cache. Stores
+ * go one at a time and only while the table still holds the version opened (`stamp`), so an open of
+ * an older version never stores its bytes over a newer one's. */
 static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
     const pieces_t *p = of->pieces;
     if (p == NULL || of->size == 0 || of->size > STORE_MAX || p->n == 0 || p->n > STORE_PIECES)
@@ -1755,18 +1677,6 @@ static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
             return 0;
     if (p->p[p->n - 1].file_off + p->p[p->n - 1].len != of->size)
         return 0;
-    if (p->hashed && p->n == 1 && !block_ready(&p->p[0])) {
-        uint8_t *own = read_checked_range(p);
-        if (own != NULL) {
-            int stored = store_bytes(ino, stamp, own, of->size);
-            free(own);
-            pthread_mutex_lock(&S->ra_lock);
-            queue_ahead(p->p[0].chunk, p->p[0].idx, 0);
-            pthread_cond_broadcast(&S->ra_wake);
-            pthread_mutex_unlock(&S->ra_lock);
-            return stored;
-        }
-    }
     block_t *held[STORE_PIECES] = {NULL};
     size_t k = 0;
     for (; k < p->n; k++)
@@ -1777,8 +1687,17 @@ static int store_at_open(uint64_t ino, const openfile_t *of, uint64_t stamp) {
     if (k == p->n && p->n > 1 && (joined = malloc((size_t)of->size)) != NULL)
         for (size_t i = 0; i < p->n; i++)
             memcpy(joined + p->p[i].file_off, held[i]->data + p->p[i].block_lo, (size_t)p->p[i].len);
-    if (k == p->n && (p->n == 1 || joined != NULL))
-        stored = store_bytes(ino, stamp, joined != NULL ? joined : held[0]->data + p->p[0].block_lo, of->size);
+    if (k == p->n && (p->n == 1 || joined != NULL)) {
+        struct fuse_bufvec v = FUSE_BUFVEC_INIT((size_t)of->size);
+        v.buf[0].mem = joined != NULL ? joined : held[0]->data + p->p[0].block_lo;
+        pthread_mutex_lock(&S->store_lock);
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        int current = n != NULL && n->stamp == stamp;
+        pthread_mutex_unlock(&S->lock);
+        stored = current && fuse_lowlevel_notify_store(S->se, ino, 0, &v, 0) == 0;
+        pthread_mutex_unlock(&S->store_lock);
+    }
     free(joined);
     while (k > 0)
         block_unref(held[--k]);

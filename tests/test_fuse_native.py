@@ -22,9 +22,8 @@ from balefs.fuse.ops import BaleOperations
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from balefs.storage.grants import OWNER, current_user
-from balefs.storage.ingest import ingest_local
 from fuse_support import is_mounted, mount_volume, native_session  # noqa: F401 - fixtures
-from helpers import BLOCK, block_paths, blocks_of_file, payload, run_cli, user_error, wait_gone, write_with_bad_block
+from helpers import BLOCK, block_paths, payload, run_cli, user_error, wait_gone, write_with_bad_block
 
 pytestmark = pytest.mark.usefixtures("native_session")
 
@@ -380,37 +379,6 @@ def test_corrupt_block_is_eio_and_the_native_mount_stays_up(volume, mount_volume
     assert sorted(os.listdir(mp)) == ["bad.bin", "good.bin"]
     log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
     assert "checksum" in log and "truncated payload" in log
-
-
-def test_a_cold_small_file_is_read_by_its_own_bytes_checked_by_its_hash(volume, mount_volume, balefs_home,
-                                                                         tmp_path: Path) -> None:
-    """A small file held whole in one plain block not cached yet is read by one pread of just its
-    bytes, checked against its content hash: damage to another file's bytes in the same block (on
-    every copy) does not stop it, while the damaged file is EIO (its range does not match, and the
-    whole block, read the usual way, fails its checksum). A sealed block has no such reads: it is
-    opened whole or not at all, so there both files are EIO."""
-    files = {f"f{i}": payload(3000 + 1111 * i, seed=40 + i) for i in range(6)}
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    with Client.open(volume.name) as c:
-        ingest_local(c, [(str(tmp_path / name), name) for name in files])
-        (rec,) = blocks_of_file(c, "f2")
-        assert all(blocks_of_file(c, name) == [rec] for name in files)  # baled together into one block
-        sealed = c.codec.keyring is not None
-        for path in block_paths(c, rec):
-            blob = bytearray(path.read_bytes())
-            at = len(blob) // 2 if sealed else blob.index(files["f2"]) + 100  # inside f2's bytes
-            blob[at] ^= 0x40
-            path.write_bytes(bytes(blob))
-    mp = mount_volume(volume.name, *NATIVE)
-    assert errno_of((mp / "f2").read_bytes) == errno.EIO
-    for name in ("f0", "f5"):
-        if sealed:
-            assert errno_of((mp / name).read_bytes) == errno.EIO
-        else:
-            assert (mp / name).read_bytes() == files[name]
-    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
-    assert "checksum mismatch" in log  # the whole block, read the usual way, names the damage
 
 
 def test_kill_9_of_the_native_daemon(volume, mount_volume) -> None:
