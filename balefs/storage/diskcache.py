@@ -42,7 +42,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Protocol
 
 import xxhash
@@ -368,22 +368,25 @@ class DiskBlockCache:
     def touch(self, key: Key, length: int) -> bool:
         """Whether an entry of a block of `length` bytes is on disk (by its size: a damaged one is
         still caught when read); if so it becomes the most recently used, so that a warmup's
-        evictions spare it."""
+        evictions spare it. Under the host's lock: an eviction running in another thread or process
+        (which orders the entries by their stamps first) could otherwise remove an entry between our
+        finding it and stamping it, and the caller would count a block as cached that is gone."""
         path = self._path(key)
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            self._forget(key)
-            return False
-        if size != self.entry_size(length):
-            return False
+        with self._host.held() if self._host is not None else nullcontext():
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                self._forget(key)
+                return False
+            if size != self.entry_size(length):
+                return False
+            _stamp(path)
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
             else:  # written by another process sharing the directory
                 self._index[key] = size
                 self._size += size
-        _stamp(path)
         return True
 
     @contextmanager
