@@ -1110,6 +1110,10 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
               help="Who serves the kernel: python (every operation), or native (C, libfuse's low-level API: "
                    "lookups, stats, listings, opens and reads without Python; changes and files open for writing go "
                    "to the Python operations; read-only or read-write).")
+@click.option("--cached-opens", is_flag=True,
+              help="With --read-only --session native: the kernel opens files without asking the daemon, so a warm "
+                   "read costs it nothing; a file changed by another mount is then seen once the kernel reads its "
+                   "attributes again (--attr-timeout, 60 s), not at its next open. For datasets that do not change.")
 @click.option("--threads", type=click.IntRange(1, 256), default=4, show_default=True,
               help="FUSE requests served at once. On few cores more threads only contend for Python's lock.")
 @click.option("--sync-close", is_flag=True, default=None,
@@ -1132,7 +1136,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
               cache_dir: str | None, disk_cache_size: str | None, allow_other: bool, uid: int | None, gid: int | None,
               attr_timeout: float | None, noatime: bool, readahead: str, threads: int, sync_close: bool | None,
               sync_interval: float | None, scrub_rate: str | None, audit_reads: float | None, debug: bool,
-              metrics_at: str | None, ready_fd: int | None, session: str) -> None:
+              metrics_at: str | None, ready_fd: int | None, session: str, cached_opens: bool) -> None:
     """Mount VOLUME at MOUNTPOINT as a POSIX filesystem (FUSE).
 
     Returns once the mount works; files written and closed there are packed into chunks
@@ -1145,7 +1149,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
                         readahead=None if readahead in ("0", "") else readahead, threads=threads, debug=debug,
                         sync_close=True if sync_close else None, sync_interval=sync_interval,
                         scrub_rate=None if scrub_rate is None else parse_rate(scrub_rate, "--scrub-rate"),
-                        audit_reads=audit_reads, metrics=metrics_at, session=session)
+                        audit_reads=audit_reads, metrics=metrics_at, session=session, cached_opens=cached_opens)
     if metrics_at:
         from .metrics import parse_endpoint
 

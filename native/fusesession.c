@@ -96,6 +96,9 @@ typedef struct node {
     int py;             /* Python handles among them: its reads, size and times may be unflushed ones */
     int hidden;         /* unlinked while open: kept under a hidden name until its last close */
     int listed;
+    uint64_t ra_next_off;     /* with no OPEN (no_open): a large file's readahead state, for its version */
+    size_t ra_upto;
+    const pieces_t *ra_pieces; /* the version they are of (compared, never dereferenced) */
     long long listed_gen;
     double listed_at;
     struct node *next;
@@ -183,7 +186,10 @@ typedef struct {
     double policy_at;  /* when the provider last said whether opens need it */
     int opens_checked; /* they do: grants to check, or reads drawn for the audit trail */
     int relatime;      /* opens for reading move access times (a read-write mount without noatime) */
+    int no_open;       /* a read-only mount whose opens check nothing: OPEN answered ENOSYS, so the kernel
+                        * sends no OPEN, FLUSH or RELEASE again and READs come by inode (fh 0) */
     int policy_busy;   /* a thread is asking */
+    int policy_late;   /* no_open, and opens came to need checking after the mount started (atomic) */
     uint64_t listing[LISTING_SLOTS]; /* directories a LOOKUP is listing now (0: a free slot; lock) */
     pthread_cond_t listed;           /* one of them is done */
     pthread_mutex_t store_lock; /* one store into the kernel's page cache at a time (store_at_open) */
@@ -1166,6 +1172,29 @@ static block_t *get_block(const piece_t *pc, int ahead, int large) {
 }
 
 /* A readahead thread (RA_THREADS of them): reads queued blocks into the cache until told to stop. */
+static void policy_came_late(void);
+
+/* With no OPEN, nothing asks whether opens need checking while every read hits the kernel's cache:
+ * this thread asks every POLICY_TTL seconds until the session ends (or the answer is yes). */
+static void *policy_main(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&S->ra_lock);
+    while (!S->ra_stop) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)POLICY_TTL;
+        pthread_cond_timedwait(&S->ra_wake, &S->ra_lock, &until);
+        if (S->ra_stop || !S->no_open || __atomic_load_n(&S->policy_late, __ATOMIC_ACQUIRE))
+            continue;
+        pthread_mutex_unlock(&S->ra_lock);
+        if (opens_checked())
+            policy_came_late();
+        pthread_mutex_lock(&S->ra_lock);
+    }
+    pthread_mutex_unlock(&S->ra_lock);
+    return NULL;
+}
+
 static void *readahead_main(void *arg) {
     (void)arg;
     char path[4096 + 1];
@@ -1246,6 +1275,12 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
         }
     }
     Py_XDECREF(src);
+    /* no OPEN only where the session reads the counter itself (SQLite): a PostgreSQL volume's opens
+     * ask Python for it anyway, and its grants are the store's to enforce at each one */
+    r = S->gen_path != NULL ? call("skips_opens", "()") : NULL;
+    S->no_open = r == Py_True;
+    Py_XDECREF(r);
+    PyErr_Clear();
     PyGILState_Release(g);
 }
 
@@ -1735,6 +1770,10 @@ static int move_atime(uint64_t ino, fuse_req_t req) {
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    if (S->no_open) { /* from now on the kernel opens, flushes and closes files of this mount alone */
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) || has_python_handles(ino)) {
         open_python(req, ino, fi);
         return;
@@ -1826,8 +1865,7 @@ static size_t first_piece(const pieces_t *p, uint64_t off) {
     return lo;
 }
 
-static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
-    openfile_t *of = (openfile_t *)(uintptr_t)fi->fh;
+static void read_open(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, openfile_t *of) {
     if (off < 0) {
         fuse_reply_err(req, EINVAL);
         return;
@@ -1890,6 +1928,112 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     }
     fuse_reply_buf(req, (const char *)buf, (size_t)(end - start));
     free(buf);
+}
+
+/* Drop the kernel's cached pages of every file the table holds. */
+static void drop_all_pages(void) {
+    size_t n = 0, cap = 0;
+    uint64_t *inos = NULL;
+    pthread_mutex_lock(&S->lock);
+    for (size_t b = 0; b < NBUCKETS; b++)
+        for (node_t *nd = S->buckets[b]; nd; nd = nd->next) {
+            if (!S_ISREG(nd->st.st_mode))
+                continue;
+            if (n == cap) {
+                uint64_t *more = realloc(inos, (cap = cap ? 2 * cap : 1024) * sizeof *inos);
+                if (more == NULL)
+                    break;
+                inos = more;
+            }
+            inos[n++] = nd->ino;
+        }
+    pthread_mutex_unlock(&S->lock);
+    for (size_t i = 0; i < n; i++)
+        fuse_lowlevel_notify_inval_inode(S->se, inos[i], 0, 0);
+    free(inos);
+}
+
+/* With no OPEN (no_open), opens came to need checking (a grant, a read audit set up after the mount
+ * started): from now on each READ is checked as an open would be, and, once, the kernel's pages of
+ * every file are dropped so that what it cached before is read, and checked, again. Files it caches
+ * after are served from its cache unchecked: the log says to mount again. */
+static void policy_came_late(void) {
+    if (__atomic_exchange_n(&S->policy_late, 1, __ATOMIC_ACQ_REL))
+        return;
+    fprintf(stderr, "balefs native session: grants or a read audit were set up after this read-only mount "
+                    "started (--cached-opens); its reads are checked from now on, but only a new mount checks "
+                    "every open\n");
+    drop_all_pages();
+}
+
+/* Whether the caller of a READ with no OPEN behind it may read `ino` (policy_came_late). 0: answered. */
+static int read_allowed(fuse_req_t req, uint64_t ino) {
+    if (!opens_checked())
+        return 1;
+    policy_came_late();
+    long long gen = generation(ino, fuse_req_ctx(req)->uid);
+    if (gen < 0) {
+        fuse_reply_err(req, gen == -ENOENT ? ESTALE : (int)-gen);
+        return 0;
+    }
+    return 1;
+}
+
+/* A READ with no open file behind it (no_open): the node's current version as an open file of the
+ * caller's, with the node's readahead state. 0: answered with an error. */
+static int node_file(fuse_req_t req, uint64_t ino, openfile_t *of) {
+    if (!read_allowed(req, ino))
+        return 0;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        pthread_mutex_lock(&S->lock);
+        node_t *n = find(ino);
+        if (n != NULL && n->has_pieces) {
+            memset(of, 0, sizeof *of);
+            of->ino = ino;
+            of->size = (uint64_t)n->st.st_size;
+            of->pieces = pieces_ref(n->pieces);
+            if (n->ra_pieces == n->pieces) {
+                of->next_off = n->ra_next_off;
+                of->ra_upto = n->ra_upto;
+            }
+            pthread_mutex_unlock(&S->lock);
+            return 1;
+        }
+        pthread_mutex_unlock(&S->lock);
+        struct stat st;
+        int err = attempt == 0 ? fetch(&st, "getattr", "(K)", (unsigned long long)ino, NULL) : EIO;
+        if (err) {
+            fuse_reply_err(req, err == ENOENT ? ESTALE : err);
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* Keep what a READ by inode learned of the reader's order for the next READ of the same version. */
+static void node_file_done(const openfile_t *of) {
+    pthread_mutex_lock(&S->lock);
+    node_t *n = find(of->ino);
+    if (n != NULL && n->pieces == of->pieces) {
+        if (n->ra_pieces != of->pieces || of->ra_upto > n->ra_upto)
+            n->ra_upto = of->ra_upto;
+        n->ra_pieces = of->pieces;
+        n->ra_next_off = of->next_off;
+    }
+    pthread_mutex_unlock(&S->lock);
+    pieces_unref(of->pieces);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+    openfile_t *of = (openfile_t *)(uintptr_t)fi->fh, local;
+    if (of != NULL) {
+        read_open(req, ino, size, off, of);
+        return;
+    }
+    if (!node_file(req, ino, &local))
+        return;
+    read_open(req, ino, size, off, &local);
+    node_file_done(&local);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
@@ -2246,6 +2390,10 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    if (S->no_open && fi->fh == 0) { /* the kernel sends no FLUSH again */
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
     uint64_t fh = python_fh(fi);
     if (fh == 0) { /* a native handle: nothing to commit */
         fuse_reply_err(req, 0);
@@ -2430,6 +2578,8 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
                 int ra_up = 0;
                 while (ra_up < RA_THREADS && pthread_create(&ra[ra_up], NULL, readahead_main, NULL) == 0)
                     ra_up++;
+                pthread_t watch;
+                int watching = pthread_create(&watch, NULL, policy_main, NULL) == 0;
                 if (cfg != NULL) {
                     fuse_loop_cfg_set_max_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
                     fuse_loop_cfg_set_idle_threads(cfg, (unsigned)(threads > 0 ? threads : 1));
@@ -2442,6 +2592,8 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
                 pthread_mutex_unlock(&S->ra_lock);
                 while (ra_up > 0)
                     pthread_join(ra[--ra_up], NULL);
+                if (watching)
+                    pthread_join(watch, NULL);
                 fuse_session_unmount(se);
             }
             fuse_remove_signal_handlers(se);

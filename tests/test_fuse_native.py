@@ -313,6 +313,87 @@ def test_a_small_file_is_handed_to_the_kernel_at_its_open(volume, mount_volume) 
     assert reads() > 0
 
 
+CACHED = (*NATIVE, "--cached-opens")
+
+
+def _requests(mp: Path, opcode: str) -> int:
+    """How many `opcode` requests the kernel has sent a --debug mount so far."""
+    with open(log_path(str(mp)), errors="replace") as f:
+        return f.read().count(f"opcode: {opcode} (")
+
+
+def test_cached_opens_send_the_daemon_nothing_for_a_warm_file(volume, mount_volume) -> None:
+    """With --cached-opens the kernel opens files without asking: the first OPEN is answered
+    ENOSYS and no OPEN, RELEASE or second FLUSH follows; reads come by inode and give the same bytes
+    at any offset (small files, a file across blocks, holes); a warm pass sends no request at all."""
+    files = _tree(volume.name)
+    mp = mount_volume(volume.name, *CACHED, "--debug")
+    for path, data in files.items():
+        assert (mp / path).read_bytes() == data, path
+    assert (mp / "deep" / "link").read_bytes() == b"utf-8"
+    assert _requests(mp, "OPEN") == 1 and _requests(mp, "RELEASE") == 0 and _requests(mp, "FLUSH") <= 1
+    reads = _requests(mp, "READ")
+    assert reads >= len([d for d in files.values() if d])
+    for path, data in files.items():
+        assert (mp / path).read_bytes() == data, path
+    assert (_requests(mp, "OPEN"), _requests(mp, "READ")) == (1, reads)
+    rng = random.Random(5)
+    big, sparse = files["big.bin"], files["sparse.bin"]
+    with open(mp / "big.bin", "rb", buffering=0) as f, open(mp / "sparse.bin", "rb", buffering=0) as g:
+        for _ in range(100):
+            off, n = rng.randrange(0, len(big) + 10), rng.randrange(0, 3 * BLOCK)
+            assert os.pread(f.fileno(), n, off) == big[off:off + n]
+            off = rng.randrange(0, len(sparse) + 10)
+            assert os.pread(g.fileno(), n, off) == sparse[off:off + n]
+    assert _requests(mp, "OPEN") == 1
+
+
+def test_cached_opens_see_a_change_made_elsewhere_once_attributes_are_read_again(make_volume, mount_volume) -> None:
+    """The trade --cached-opens makes: an open no longer sees a file rewritten on another mount
+    (the same inode, the same size) while the kernel trusts its attributes; once they lapse, the
+    next open sees the new bytes whole, and a file removed and made again too."""
+    volume = make_volume()
+    old, new = payload(3 * BLOCK, seed=10), payload(3 * BLOCK, seed=11)
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", old)
+    w = mount_volume(volume.name)
+    r = mount_volume(volume.name, *CACHED, "--attr-timeout", "3")
+    assert (r / "f.bin").read_bytes() == old
+    read_at = time.monotonic()
+    (w / "f.bin").write_bytes(new)
+    seen = (r / "f.bin").read_bytes()
+    if time.monotonic() - read_at < 2.5:  # (a machine too slow to get here in time proves nothing either way)
+        assert seen == old
+    time.sleep(max(0.0, read_at + 3.5 - time.monotonic()))
+    assert (r / "f.bin").read_bytes() == new
+    os.unlink(w / "f.bin")
+    (w / "f.bin").write_bytes(b"made again")
+    time.sleep(3.5)
+    assert (r / "f.bin").read_bytes() == b"made again"
+
+
+def test_a_grant_made_while_a_cached_opens_mount_runs_binds_its_reads(make_volume, mount_volume, balefs_home) -> None:
+    """--cached-opens on a volume with no grant: the kernel opens alone. A grant made later is seen
+    by the session within its refresh: the kernel's cached pages are dropped, so a file read before
+    is refused now, one inside the grant still reads, and the log says to mount again."""
+    volume = make_volume()
+    with Client.open(volume.name) as c:
+        c.write_file("open/a", b"A")
+        c.write_file("shut/b", b"B")
+        assert c.meta.swap_setting(OWNER, c.meta.read_setting(OWNER), "someone-else")  # grants bind this user
+    mp = mount_volume(volume.name, *CACHED)
+    assert (mp / "shut" / "b").read_bytes() == b"B"  # no grant: open to whoever opens it, now in the page cache
+    with Client.open(volume.name) as c:
+        c.meta.add_grant(current_user()[0], "open", "read", "", 0)
+    deadline = time.monotonic() + 30
+    while errno_of_or_none((mp / "shut" / "b").read_bytes) != errno.EACCES:
+        assert time.monotonic() < deadline, "a grant made while mounted never bound the reads of a --cached-opens mount"
+        time.sleep(0.5)
+    assert (mp / "open" / "a").read_bytes() == b"A"
+    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
+    assert "only a new mount checks every open" in log
+
+
 def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(volume, mount_volume) -> None:
     """Past meta_cache_ttl a LOOKUP reads the generation counter (natively, on SQLite) instead of
     listing the directory again: unmoved, the listing's files are served as listed; what moves
@@ -426,3 +507,6 @@ def test_session_option_errors_are_one_line(volume, tmp_path: Path) -> None:
     line = user_error("mount", volume.name, str(mp), "--session", "rust", "--read-only")
     assert "rust" in line
     assert not is_mounted(mp)
+    for args in (("--session", "native", "--cached-opens"), ("--read-only", "--cached-opens")):
+        assert "--cached-opens needs --read-only --session native" in user_error("mount", volume.name, str(mp), *args)
+        assert not is_mounted(mp)

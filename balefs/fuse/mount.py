@@ -54,6 +54,7 @@ class MountOptions:
     metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
     session: str = "python"                   # "native": the C low-level session (native_session.py)
+    cached_opens: bool = False                # read-only native: the kernel opens files without asking (no OPEN)
 
 
 ATTR_TIMEOUT = 1.0      # read-write mounts: a file closed on another mount shows its new size within 1 s
@@ -307,6 +308,9 @@ def check_session(opts: MountOptions) -> None:
     """MountError (one line) for a --session this mount cannot have."""
     if opts.session not in ("python", "native"):
         raise MountError(f"unknown --session {opts.session!r}: python or native")
+    if opts.cached_opens and not (opts.read_only and opts.session == "native"):
+        raise MountError("--cached-opens needs --read-only --session native: a read-write mount sees changes at "
+                         "each open, which it must be asked for")
     if opts.session == "native":
         from .native_session import native_module
         try:
@@ -324,7 +328,7 @@ def _serve_native(ops: Any, mp: str, volume: str, opts: MountOptions, fuse_optio
     kernel = [f"fsname=balefs:{volume}", f"subtype={SUBTYPE}", "default_permissions", f"max_read={native_module().MAX_READ}"]
     kernel += [flag for flag in ("ro", "noatime", "allow_other") if fuse_options.get(flag)]
     timeouts = (fuse_options["attr_timeout"], fuse_options["entry_timeout"], fuse_options["negative_timeout"])
-    code = serve_native(ops, mp, kernel, timeouts, opts.threads, debug=opts.debug)
+    code = serve_native(ops, mp, kernel, timeouts, opts.threads, debug=opts.debug, cached_opens=opts.cached_opens)
     if code != 0 and not started:
         raise RuntimeError(code)
 
@@ -429,6 +433,8 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         cmd.append("--debug")
     if opts.session != "python":
         cmd += ["--session", opts.session]
+    if opts.cached_opens:
+        cmd.append("--cached-opens")
     r, w = os.pipe()
     cmd += ["--ready-fd", str(w)]
     logfile = log_path(mp)

@@ -123,8 +123,9 @@ def _name(raw: bytes) -> str:
 class NativeProvider:
     """The Python side of the native session: fills its table from the metadata, by inode."""
 
-    def __init__(self, ops: BaleOperations) -> None:
+    def __init__(self, ops: BaleOperations, cached_opens: bool = False) -> None:
         self.ops = ops
+        self.cached_opens = cached_opens
         self.client = ops.client
         self.meta = ops.client.meta
         self.reader = ops.client.reader
@@ -227,6 +228,14 @@ class NativeProvider:
                 self.client.allow(path, write=False, uid=caller)
             audit.opened(path, None, caller)
         return gen
+
+    @_answer
+    def skips_opens(self) -> bool:
+        """Whether the kernel opens files of this mount without asking (FUSE's no-open mode, asked
+        once as the session starts): --cached-opens on a read-only mount whose opens check nothing
+        (no grant, no read audit). Its reads then come by inode, and a file changed elsewhere is seen
+        once the kernel reads its attributes again (the attribute timeout), not at its next open."""
+        return self.cached_opens and self.ops.read_only and not self.opens_checked()
 
     @_answer
     def relatime(self) -> bool:
@@ -563,12 +572,13 @@ class NativeProvider:
 
 
 def serve_native(ops: BaleOperations, mountpoint: str, kernel_options: list[str],
-                 timeouts: tuple[float, float, float], threads: int, debug: bool = False) -> int:
+                 timeouts: tuple[float, float, float], threads: int, debug: bool = False,
+                 cached_opens: bool = False) -> int:
     """Mount and serve `ops`' volume at `mountpoint` from the native session until
     unmounted; libfuse's return code (0: unmounted cleanly)."""
     module = native_module()
     client = ops.client
     attr_timeout, entry_timeout, negative_timeout = timeouts
     args = ["balefs", "-o", ",".join(kernel_options)] + (["-d"] if debug else [])
-    return module.serve(NativeProvider(ops), mountpoint, args, client.codec.volume, entry_timeout, attr_timeout, negative_timeout, client.cfg.meta_cache_ttl,
+    return module.serve(NativeProvider(ops, cached_opens), mountpoint, args, client.codec.volume, entry_timeout, attr_timeout, negative_timeout, client.cfg.meta_cache_ttl,
                         client.cfg.cache_size, client.cfg.block_size, max(threads, NATIVE_MIN_THREADS))
