@@ -21,6 +21,11 @@
  * the Python operations through the provider (see "files with Python handles" and "forwarded
  * operations" below); the GIL is taken only for those.
  *
+ * A read-only mount with --cached-opens (and nothing to check at an open) puts the kernel in FUSE's
+ * no-open mode: the first OPEN is answered ENOSYS, after which the kernel opens, flushes and closes
+ * files alone and READs come by inode (node_file), so a warm file costs this session nothing; a change
+ * made elsewhere is then seen when the kernel reads the file's attributes again, not at its open.
+ *
  * A listing past the metadata TTL whose generation counter has not moved (read natively) still
  * answers LOOKUPs of its files (their attributes change only with the counter, access times aside).
  *
