@@ -781,12 +781,10 @@ static long long counter_now(void) {
     return gen_native();
 }
 
-/* Whether an open must ask the provider (grants to check, reads drawn for the audit trail, or no
- * file to read the counter from): its answer, asked again every POLICY_TTL seconds by one thread
- * (the others keep the last answer; "yes" until the first one comes). */
-static int opens_checked(void) {
-    if (S->gen_path == NULL || __atomic_load_n(&S->gen_broken, __ATOMIC_RELAXED))
-        return 1;
+/* Whether the volume's policy checks opens (grants, reads drawn for the audit trail): the provider's
+ * answer, asked again every POLICY_TTL seconds by one thread (the others keep the last answer; "yes"
+ * until the first one comes, and for an error). */
+static int policy_checks(void) {
     double now = now_s();
     pthread_mutex_lock(&S->policy_lock);
     int ask = !S->policy_busy && now - S->policy_at >= POLICY_TTL;
@@ -806,6 +804,14 @@ static int opens_checked(void) {
     S->policy_busy = 0;
     pthread_mutex_unlock(&S->policy_lock);
     return checked;
+}
+
+/* Whether an open must ask the provider: the policy checks opens, or there is no file to read the
+ * counter from. */
+static int opens_checked(void) {
+    if (S->gen_path == NULL || __atomic_load_n(&S->gen_broken, __ATOMIC_RELAXED))
+        return 1;
+    return policy_checks();
 }
 
 /* Whether what the table holds for a node may still answer LOOKUP/GETATTR (lock held): read at the
@@ -1179,21 +1185,33 @@ static block_t *get_block(const piece_t *pc, int ahead, int large) {
 /* A readahead thread (RA_THREADS of them): reads queued blocks into the cache until told to stop. */
 static void policy_came_late(void);
 
+static void drop_all_pages(void);
+
 /* With no OPEN, nothing asks whether opens need checking while every read hits the kernel's cache:
- * this thread asks every POLICY_TTL seconds until the session ends (or the answer is yes). */
+ * this thread asks every POLICY_TTL seconds until the session ends or the answer is yes, and then
+ * drops the kernel's pages of every file, once. Only this thread drops them: a READ handler that did
+ * would wait for the pages its own reply is to fill. */
 static void *policy_main(void *arg) {
     (void)arg;
+    int dropped = 0;
     pthread_mutex_lock(&S->ra_lock);
-    while (!S->ra_stop) {
+    while (!S->ra_stop && !dropped) {
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += (time_t)POLICY_TTL;
         pthread_cond_timedwait(&S->ra_wake, &S->ra_lock, &until);
-        if (S->ra_stop || !S->no_open || __atomic_load_n(&S->policy_late, __ATOMIC_ACQUIRE))
+        if (S->ra_stop || !S->no_open)
             continue;
         pthread_mutex_unlock(&S->ra_lock);
-        if (opens_checked())
+        if (!__atomic_load_n(&S->policy_late, __ATOMIC_ACQUIRE) && policy_checks())
             policy_came_late();
+        if (__atomic_load_n(&S->policy_late, __ATOMIC_ACQUIRE)) {
+            fprintf(stderr, "balefs native session: grants or a read audit were set up after this read-only mount "
+                            "started (--cached-opens); its reads are checked from now on, but only a new mount "
+                            "checks every open\n");
+            drop_all_pages();
+            dropped = 1;
+        }
         pthread_mutex_lock(&S->ra_lock);
     }
     pthread_mutex_unlock(&S->ra_lock);
@@ -1286,6 +1304,12 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
     S->no_open = r == Py_True;
     Py_XDECREF(r);
     PyErr_Clear();
+    if (S->no_open) { /* which says the policy checks nothing now */
+        pthread_mutex_lock(&S->policy_lock);
+        S->opens_checked = 0;
+        S->policy_at = now_s();
+        pthread_mutex_unlock(&S->policy_lock);
+    }
     PyGILState_Release(g);
 }
 
@@ -1959,21 +1983,20 @@ static void drop_all_pages(void) {
 }
 
 /* With no OPEN (no_open), opens came to need checking (a grant, a read audit set up after the mount
- * started): from now on each READ is checked as an open would be, and, once, the kernel's pages of
- * every file are dropped so that what it cached before is read, and checked, again. Files it caches
- * after are served from its cache unchecked: the log says to mount again. */
+ * started): from now on each READ is checked as an open would be, and the watcher (policy_main) drops
+ * the kernel's pages of every file once, so that what it cached before is read, and checked, again.
+ * Files it caches after are served from its cache unchecked: the log says to mount again. */
 static void policy_came_late(void) {
     if (__atomic_exchange_n(&S->policy_late, 1, __ATOMIC_ACQ_REL))
         return;
-    fprintf(stderr, "balefs native session: grants or a read audit were set up after this read-only mount "
-                    "started (--cached-opens); its reads are checked from now on, but only a new mount checks "
-                    "every open\n");
-    drop_all_pages();
+    pthread_mutex_lock(&S->ra_lock);
+    pthread_cond_broadcast(&S->ra_wake);
+    pthread_mutex_unlock(&S->ra_lock);
 }
 
 /* Whether the caller of a READ with no OPEN behind it may read `ino` (policy_came_late). 0: answered. */
 static int read_allowed(fuse_req_t req, uint64_t ino) {
-    if (!opens_checked())
+    if (!policy_checks())
         return 1;
     policy_came_late();
     long long gen = generation(ino, fuse_req_ctx(req)->uid);

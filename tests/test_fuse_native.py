@@ -12,6 +12,7 @@ import random
 import signal
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -346,6 +347,26 @@ def test_cached_opens_send_the_daemon_nothing_for_a_warm_file(volume, mount_volu
             off = rng.randrange(0, len(sparse) + 10)
             assert os.pread(g.fileno(), n, off) == sparse[off:off + n]
     assert _requests(mp, "OPEN") == 1
+
+
+def test_cached_opens_under_a_burst_of_cold_reads_check_nothing(volume, mount_volume, balefs_home) -> None:
+    """Sixteen threads reading cold files the moment a --cached-opens mount is up (READs by inode on
+    every worker thread, the policy still being asked) get every byte right, and the session never
+    takes its volume for one whose opens need checking (which would drop the kernel's pages and
+    check every READ)."""
+    files = {f"d{i % 8}/f{i:04d}": payload(random.Random(i).randrange(1, 70_000), seed=i) for i in range(400)}
+    with Client.open(volume.name) as c:
+        with c.batch():
+            for path, data in files.items():
+                c.write_file(path, data)
+    mp = mount_volume(volume.name, *CACHED)
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(2):
+            got = pool.map(lambda p: (mp / p).read_bytes(), files)
+            assert list(got) == list(files.values())
+    time.sleep(1.5)  # the watcher asks again meanwhile
+    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
+    assert "set up after this read-only mount started" not in log
 
 
 def test_cached_opens_see_a_change_made_elsewhere_once_attributes_are_read_again(make_volume, mount_volume) -> None:
