@@ -84,6 +84,12 @@ typedef struct {
     mode_t mode; /* its type, for a listing whose node has left the table */
 } dent_t;
 
+/* Where a file's reader is, for readahead: READs of one file come on several threads (atomics). */
+typedef struct {
+    uint64_t next_off; /* where the last READ ended */
+    size_t ra_upto;    /* pieces before this one are queued for readahead already */
+} ra_state_t;
+
 typedef struct node {
     uint64_t ino;
     uint64_t nlookup;   /* the kernel's references (entries replied, minus FORGETs) */
@@ -101,9 +107,8 @@ typedef struct node {
     int py;             /* Python handles among them: its reads, size and times may be unflushed ones */
     int hidden;         /* unlinked while open: kept under a hidden name until its last close */
     int listed;
-    uint64_t ra_next_off;     /* with no OPEN (no_open): a large file's readahead state, for its version */
-    size_t ra_upto;
-    const pieces_t *ra_pieces; /* the version they are of (compared, never dereferenced) */
+    ra_state_t ra;      /* with no OPEN (no_open): the readahead state of the node's readers */
+    const pieces_t *ra_pieces; /* the version it is of (compared, never dereferenced) */
     long long listed_gen;
     double listed_at;
     struct node *next;
@@ -220,8 +225,9 @@ typedef struct {
     uint64_t size;
     pieces_t *pieces; /* NULL: read through Python */
     uint64_t pyfh;    /* a Python handle (writes, or a file with unflushed data): every call forwarded; 0: native */
-    uint64_t next_off; /* where the last READ ended (atomic; READs of one file come on several threads) */
-    size_t ra_upto;    /* pieces before this one are queued for readahead already (atomic) */
+    ra_state_t own;
+    ra_state_t *ra;    /* &own; with no OPEN, the node's (its readers share it: it lives while the kernel
+                        * holds the inode, which it does while a READ of it is in flight) */
 } openfile_t;
 
 typedef struct {
@@ -1061,11 +1067,11 @@ static int large_file(const openfile_t *of) { return of->pieces->n > 1 && of->si
  * READ starting within a few of them of where the last one ended. */
 static int read_ahead_file(openfile_t *of, size_t i, uint64_t start, uint64_t end) {
     const pieces_t *p = of->pieces;
-    uint64_t last = __atomic_exchange_n(&of->next_off, end, __ATOMIC_RELAXED);
+    uint64_t last = __atomic_exchange_n(&of->ra->next_off, end, __ATOMIC_RELAXED);
     uint64_t slack = 4 * (uint64_t)MAX_READ;
     if (!large_file(of) || start + slack < last || start > last + slack)
         return 0; /* a small file (chunk order reads ahead), or a random read */
-    size_t upto = __atomic_load_n(&of->ra_upto, __ATOMIC_RELAXED), j = i + 1, blocks = 0;
+    size_t upto = __atomic_load_n(&of->ra->ra_upto, __ATOMIC_RELAXED), j = i + 1, blocks = 0;
     long long chunk = p->p[i].chunk, idx = p->p[i].idx;
     pthread_mutex_lock(&S->ra_lock);
     for (; j < p->n && blocks < RA_FILE_BLOCKS; j++) {
@@ -1079,7 +1085,7 @@ static int read_ahead_file(openfile_t *of, size_t i, uint64_t start, uint64_t en
     }
     pthread_cond_broadcast(&S->ra_wake);
     pthread_mutex_unlock(&S->ra_lock);
-    while (upto < j && !__atomic_compare_exchange_n(&of->ra_upto, &upto, j, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    while (upto < j && !__atomic_compare_exchange_n(&of->ra->ra_upto, &upto, j, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
         ;
     return 1;
 }
@@ -1628,6 +1634,7 @@ static openfile_t *python_file(uint64_t ino, uint64_t fh) {
     if (of != NULL) {
         of->ino = ino;
         of->pyfh = fh;
+        of->ra = &of->own;
     }
     return of;
 }
@@ -1835,6 +1842,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         fuse_reply_err(req, ENOMEM);
         return;
     }
+    of->ra = &of->own;
     pthread_mutex_lock(&S->lock);
     n = find(ino);
     if (n == NULL || !S_ISREG(n->st.st_mode)) {
@@ -2020,10 +2028,12 @@ static int node_file(fuse_req_t req, uint64_t ino, openfile_t *of) {
             of->ino = ino;
             of->size = (uint64_t)n->st.st_size;
             of->pieces = pieces_ref(n->pieces);
-            if (n->ra_pieces == n->pieces) {
-                of->next_off = n->ra_next_off;
-                of->ra_upto = n->ra_upto;
+            if (n->ra_pieces != n->pieces) { /* a new version: its readers start afresh */
+                __atomic_store_n(&n->ra.next_off, 0, __ATOMIC_RELAXED);
+                __atomic_store_n(&n->ra.ra_upto, 0, __ATOMIC_RELAXED);
+                n->ra_pieces = n->pieces;
             }
+            of->ra = &n->ra;
             pthread_mutex_unlock(&S->lock);
             return 1;
         }
@@ -2038,19 +2048,8 @@ static int node_file(fuse_req_t req, uint64_t ino, openfile_t *of) {
     return 0;
 }
 
-/* Keep what a READ by inode learned of the reader's order for the next READ of the same version. */
-static void node_file_done(const openfile_t *of) {
-    pthread_mutex_lock(&S->lock);
-    node_t *n = find(of->ino);
-    if (n != NULL && n->pieces == of->pieces) {
-        if (n->ra_pieces != of->pieces || of->ra_upto > n->ra_upto)
-            n->ra_upto = of->ra_upto;
-        n->ra_pieces = of->pieces;
-        n->ra_next_off = of->next_off;
-    }
-    pthread_mutex_unlock(&S->lock);
-    pieces_unref(of->pieces);
-}
+/* The end of a READ by inode (node_file). */
+static void node_file_done(const openfile_t *of) { pieces_unref(of->pieces); }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     openfile_t *of = (openfile_t *)(uintptr_t)fi->fh, local;
