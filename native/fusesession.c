@@ -74,6 +74,8 @@ typedef struct {
 
 typedef struct {
     int refs; /* the node and every open file holding it */
+    int hashed; /* a file held whole in one plain, durable block: `hash` is its xxh3-128 (canonical) */
+    uint8_t hash[16];
     size_t n;
     piece_t p[]; /* then the path strings */
 } pieces_t;
@@ -378,6 +380,10 @@ static int err_of(PyObject *r) {
 static int parse_attrs(PyObject *t, struct stat *st) {
     unsigned long long ino, mode, nlink, uid, gid, size, blocks, blksize;
     long long at, mt, ct;
+    if (!PyTuple_Check(t)) {
+        PyErr_Format(PyExc_TypeError, "attributes are a tuple of 11 integers, not %.100s", Py_TYPE(t)->tp_name);
+        return -1;
+    }
     if (!PyArg_ParseTuple(t, "KKKKKKKKLLL", &ino, &mode, &nlink, &uid, &gid, &size, &blocks, &blksize, &at, &mt, &ct))
         return -1;
     memset(st, 0, sizeof *st);
@@ -398,8 +404,10 @@ static int parse_attrs(PyObject *t, struct stat *st) {
     return 0;
 }
 
-/* pieces: None, or [(file_off, len, path bytes, chunk, idx, block_lo)] in file order. NULL with
- * *bad set on a malformed list; NULL with *bad clear for None. */
+/* pieces: None, or [(file_off, len, path bytes, chunk, idx, block_lo)] in file order; a file's one
+ * piece may carry a seventh item, the file's 16-byte xxh3-128 content hash (its block stored plain
+ * and durable: a READ by inode may read just its bytes). NULL with *bad set on a malformed list; NULL
+ * with *bad clear for None. */
 static pieces_t *parse_pieces(PyObject *list, int *bad) {
     *bad = 0;
     if (list == Py_None)
@@ -413,8 +421,10 @@ static pieces_t *parse_pieces(PyObject *list, int *bad) {
     size_t strings = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *t = PySequence_Fast_GET_ITEM(seq, i), *path;
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 6 || !PyBytes_Check(path = PyTuple_GET_ITEM(t, 2))) {
-            PyErr_SetString(PyExc_TypeError, "a piece is (file_off, len, path bytes, chunk, idx, block_lo)");
+        Py_ssize_t items = PyTuple_Check(t) ? PyTuple_GET_SIZE(t) : 0;
+        if ((items != 6 && (items != 7 || n != 1)) || !PyBytes_Check(path = PyTuple_GET_ITEM(t, 2))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "a piece is (file_off, len, path bytes, chunk, idx, block_lo[, 16-byte hash of a file's one piece])");
             goto bad;
         }
         strings += (size_t)PyBytes_GET_SIZE(path) + 1;
@@ -425,6 +435,7 @@ static pieces_t *parse_pieces(PyObject *list, int *bad) {
         goto bad;
     }
     p->refs = 1;
+    p->hashed = 0;
     p->n = (size_t)n;
     char *str = (char *)&p->p[n];
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -432,10 +443,21 @@ static pieces_t *parse_pieces(PyObject *list, int *bad) {
         const char *path;
         Py_ssize_t plen;
         unsigned long long off, len, lo;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKy#LLK", &off, &len, &path, &plen, &pc->chunk,
-                              &pc->idx, &lo)) {
+        const char *hash = NULL;
+        Py_ssize_t hlen = 0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKy#LLK|y#", &off, &len, &path, &plen, &pc->chunk,
+                              &pc->idx, &lo, &hash, &hlen)) {
             free(p);
             goto bad;
+        }
+        if (hash != NULL) {
+            if (hlen != (Py_ssize_t)sizeof p->hash) {
+                PyErr_SetString(PyExc_ValueError, "a file's content hash is 16 bytes");
+                free(p);
+                goto bad;
+            }
+            memcpy(p->hash, hash, sizeof p->hash);
+            p->hashed = 1;
         }
         pc->file_off = off;
         pc->len = len;
@@ -504,6 +526,28 @@ static void learn_block_files(const pieces_t *p) {
         S->nbfiles++;
     }
     pthread_mutex_unlock(&S->ra_lock);
+}
+
+/* A Python error met with the table's lock held, kept (the first one) to be reported once the lock is
+ * let go: reporting writes to stderr, which lets go of the GIL, which a thread waiting for the lock
+ * may be holding (GIL, then lock: the order every caller takes them in). */
+typedef struct {
+    PyObject *type, *value, *tb;
+} late_err_t;
+
+static void err_keep(late_err_t *e) {
+    if (e->type == NULL)
+        PyErr_Fetch(&e->type, &e->value, &e->tb);
+    else
+        PyErr_Clear();
+}
+
+static void err_report(late_err_t *e) {
+    if (e->type == NULL)
+        return;
+    PyErr_Restore(e->type, e->value, e->tb);
+    PyErr_WriteUnraisable(S->provider);
+    e->type = e->value = e->tb = NULL;
 }
 
 /* Take (attrs, pieces) read at generation `gen` into the table (lock held); 0 or -1. */
@@ -586,6 +630,7 @@ static int relist(uint64_t ino) {
         err = ENOMEM;
         goto out;
     }
+    late_err_t bad = {NULL, NULL, NULL};
     pthread_mutex_lock(&S->lock);
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -595,7 +640,7 @@ static int relist(uint64_t ino) {
         PyObject *attrs, *pieces;
         struct stat st;
         if (!PyArg_ParseTuple(e, "y#OO", &name, &nlen, &attrs, &pieces) || install(attrs, pieces, gen, &st) != 0) {
-            PyErr_WriteUnraisable(S->provider);
+            err_keep(&bad); /* the entry is left out */
             continue;
         }
         if ((kids[k].name = strndup(name, (size_t)nlen)) == NULL)
@@ -622,6 +667,7 @@ static int relist(uint64_t ino) {
         err = ENOMEM;
     }
     pthread_mutex_unlock(&S->lock);
+    err_report(&bad);
     if (kids != NULL)
         free_kids(kids, (size_t)k);
 out:
@@ -1566,13 +1612,14 @@ static int took_change(PyObject *r) {
     Py_ssize_t n = PyTuple_GET_SIZE(inos);
     uint64_t touched[8];
     size_t k = 0;
+    late_err_t bad = {NULL, NULL, NULL};
     pthread_mutex_lock(&S->lock);
     if (gen > S->seen_gen)
         S->seen_gen = gen;
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long ino = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(inos, i));
         if (ino == (unsigned long long)-1 && PyErr_Occurred()) {
-            PyErr_WriteUnraisable(S->provider);
+            err_keep(&bad);
             continue;
         }
         stale(ino);
@@ -1580,6 +1627,7 @@ static int took_change(PyObject *r) {
             touched[k++] = ino;
     }
     pthread_mutex_unlock(&S->lock);
+    err_report(&bad);
     /* the kernel keeps attributes long on a read-write mount too: it drops its copy of what changed
      * (times, link counts a change it did not ask for moved: a hidden rename, a commit at close) */
     for (size_t i = 0; i < k; i++)
@@ -1902,6 +1950,48 @@ static size_t first_piece(const pieces_t *p, uint64_t off) {
     return lo;
 }
 
+/* Whether the block a piece lies in is cached, read and long enough (no wait: one being read is not). */
+static int block_ready(const piece_t *pc) {
+    int ready = 0;
+    pthread_mutex_lock(&S->cache_lock);
+    for (block_t *b = S->cbuckets[block_hash(pc->chunk, pc->idx)]; b; b = b->next)
+        if (b->chunk == pc->chunk && b->idx == pc->idx) {
+            ready = !b->loading && !b->failed && b->len >= pc->block_lo + pc->len;
+            break;
+        }
+    pthread_mutex_unlock(&S->cache_lock);
+    return ready;
+}
+
+/* The bytes of a small file held whole in one plain block, read by one pread of just them from the
+ * block file and checked against the file's content hash (storage/rangeread.py's rule: the block's
+ * own xxh3 covers the whole block and cannot check a range): a malloc'd buffer, or NULL when they
+ * cannot be read or do not match (the whole block is then read and checked the usual way, which
+ * reports the damage and reads other copies). */
+static uint8_t *read_checked_range(const pieces_t *p) {
+    const piece_t *pc = &p->p[0];
+    if (pc->block_lo > (uint64_t)INT64_MAX - HEADER_SIZE - pc->len)
+        return NULL;
+    uint8_t *buf = malloc(pc->len ? (size_t)pc->len : 1);
+    if (buf == NULL)
+        return NULL;
+    size_t got = 0;
+    int fd = open(pc->path, O_RDONLY | O_CLOEXEC);
+    int ok = fd >= 0 && read_all(fd, buf, (size_t)pc->len, HEADER_SIZE + (size_t)pc->block_lo, &got) == 0 && got == pc->len;
+    if (fd >= 0)
+        close(fd);
+    if (ok) {
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits(buf, (size_t)pc->len));
+        ok = memcmp(c.digest, p->hash, sizeof p->hash) == 0;
+    }
+    if (!ok) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
 static void read_open(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, openfile_t *of) {
     if (off < 0) {
         fuse_reply_err(req, EINVAL);
@@ -1926,6 +2016,18 @@ static void read_open(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, op
         return;
     }
     const pieces_t *p = of->pieces;
+    if (S->no_open && p->hashed && start == 0 && end == of->size && p->p[0].file_off == 0 && p->p[0].len == of->size &&
+        !block_ready(&p->p[0])) {
+        /* with no OPEN, the kernel keeps a small file's pages: a cold one whose block is not here yet
+         * is read by its own bytes, its block left on the disk (a random order touches each block for
+         * a file or two; a directory's listing still reads its blocks ahead) */
+        uint8_t *own = read_checked_range(p);
+        if (own != NULL) {
+            fuse_reply_buf(req, (const char *)own, (size_t)(end - start));
+            free(own);
+            return;
+        }
+    }
     size_t i = first_piece(p, start);
     int big = large_file(of); /* a large file's blocks are read ahead in file order */
     int in_order = i < p->n && read_ahead_file(of, i, start, end);
@@ -2262,15 +2364,17 @@ static int took_node(PyObject *r, struct stat *st, int entry, uint64_t parent) {
         return err;
     long long gen;
     PyObject *attrs, *pieces;
+    late_err_t bad = {NULL, NULL, NULL};
     pthread_mutex_lock(&S->lock);
     if (!PyArg_ParseTuple(r, "LOO", &gen, &attrs, &pieces) || install(attrs, pieces, gen, st) != 0) {
-        PyErr_WriteUnraisable(S->provider);
+        err_keep(&bad);
         err = EIO;
     } else if (entry) {
         referenced(st->st_ino);
         stale(parent);
     }
     pthread_mutex_unlock(&S->lock);
+    err_report(&bad);
     return err;
 }
 

@@ -23,8 +23,9 @@ from balefs.fuse.ops import BaleOperations
 from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from balefs.storage.grants import OWNER, current_user
+from balefs.storage.ingest import ingest_local
 from fuse_support import is_mounted, mount_volume, native_session  # noqa: F401 - fixtures
-from helpers import BLOCK, block_paths, payload, run_cli, user_error, wait_gone, write_with_bad_block
+from helpers import BLOCK, block_paths, blocks_of_file, payload, run_cli, user_error, wait_gone, write_with_bad_block
 
 pytestmark = pytest.mark.usefixtures("native_session")
 
@@ -369,6 +370,37 @@ def test_cached_opens_under_a_burst_of_cold_reads_check_nothing(volume, mount_vo
     assert "set up after this read-only mount started" not in log
 
 
+def test_cached_opens_read_a_cold_small_file_by_its_own_bytes_checked_by_its_hash(volume, mount_volume, balefs_home,
+                                                                                     tmp_path: Path) -> None:
+    """With --cached-opens a small file held whole in one plain block not cached yet is read by one
+    pread of just its bytes, checked against its content hash: damage to another file's bytes in the
+    same block (on every copy) does not stop it, while the damaged file is EIO (its range does not
+    match, and the whole block, read the usual way, fails its checksum). A sealed block has no such
+    reads: it is opened whole or not at all, so there every file of it is EIO."""
+    files = {f"f{i}": payload(3000 + 1111 * i, seed=40 + i) for i in range(6)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with Client.open(volume.name) as c:
+        ingest_local(c, [(str(tmp_path / name), name) for name in files])
+        (rec,) = blocks_of_file(c, "f2")
+        assert all(blocks_of_file(c, name) == [rec] for name in files)  # baled together into one block
+        sealed = c.codec.keyring is not None
+        for path in block_paths(c, rec):
+            blob = bytearray(path.read_bytes())
+            at = len(blob) // 2 if sealed else blob.index(files["f2"]) + 100  # inside f2's bytes
+            blob[at] ^= 0x40
+            path.write_bytes(bytes(blob))
+    mp = mount_volume(volume.name, *CACHED)
+    for name in ("f0", "f5"):
+        if sealed:
+            assert errno_of((mp / name).read_bytes) == errno.EIO
+        else:
+            assert (mp / name).read_bytes() == files[name]
+    assert errno_of((mp / "f2").read_bytes) == errno.EIO
+    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
+    assert "checksum mismatch" in log  # the whole block, read the usual way, names the damage
+
+
 def test_cached_opens_see_a_change_made_elsewhere_once_attributes_are_read_again(make_volume, mount_volume) -> None:
     """The trade --cached-opens makes: an open no longer sees a file rewritten on another mount
     (the same inode, the same size) while the kernel trusts its attributes; once they lapse, the
@@ -481,6 +513,55 @@ def test_corrupt_block_is_eio_and_the_native_mount_stays_up(volume, mount_volume
     assert sorted(os.listdir(mp)) == ["bad.bin", "good.bin"]
     log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
     assert "checksum" in log and "truncated payload" in log
+
+
+_BAD_ENTRY = """
+from balefs.fuse import native_session
+
+_listdir = native_session.NativeProvider.listdir
+
+
+def listdir(self, ino):
+    gen, entries = _listdir(self, ino)
+    return gen, [(name, "not attributes", pieces) if name.startswith(b"bad") else (name, attrs, pieces)
+                 for name, attrs, pieces in entries]
+
+
+native_session.NativeProvider.listdir = listdir
+"""
+
+
+def test_a_malformed_entry_from_python_is_left_out_and_the_mount_stays_up(volume, mount_volume, balefs_home,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    """A listing whose provider answers entries the C session cannot take (here: attributes that
+    are not a tuple, 150 in every directory, listed by 16 threads at once) leaves them out and
+    reports it once the table's lock is let go (reporting lets go of the GIL, which a thread waiting
+    for the lock may hold: reported under the lock, the two waited for each other for ever)."""
+    files = {f"d{i}/f{j:02d}": payload(100 + j, seed=i * 100 + j) for i in range(12) for j in range(30)}
+    with Client.open(volume.name) as c:
+        with c.batch():
+            for path, data in files.items():
+                c.write_file(path, data)
+            for i in range(12):
+                for j in range(150):
+                    c.write_file(f"d{i}/bad{j}", b"left out")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_BAD_ENTRY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    mp = mount_volume(volume.name, *NATIVE)
+    order = sorted(files, key=lambda p: p[::-1])  # f00 of every directory first: listings run at once
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit((mp / p).read_bytes) for p in order]
+        try:
+            got = [f.result(timeout=120) for f in futures]
+        except TimeoutError:
+            os.kill(int(_read_state(str(mp))["pid"]), signal.SIGKILL)  # the readers get ENOTCONN, the pool ends
+            pytest.fail("the native session stopped answering: a lock and the GIL waited for each other")
+    assert got == [files[p] for p in order]
+    assert sorted(os.listdir(mp / "d3")) == sorted(f"f{j:02d}" for j in range(30))
+    log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
+    assert "TypeError: attributes are a tuple of 11 integers, not str" in log
 
 
 def test_kill_9_of_the_native_daemon(volume, mount_volume) -> None:

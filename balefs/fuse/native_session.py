@@ -35,8 +35,9 @@ import itertools
 
 from ..storage import orphans
 from ..storage.client import FileReader
-from ..storage.meta.types import ROOT, Extent, Inode, split_path
+from ..storage.meta.types import ROOT, Extent, Inode, content_hash, split_path
 from ..storage.orphans import PREFIX as ORPHAN_XATTR
+from ..storage.rangeread import plain_blocks
 from .ops import HIDDEN, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, BaleOperations, _caller, _op
 
 log = logging.getLogger("balefs.fuse")
@@ -149,12 +150,16 @@ class NativeProvider:
         return (node.ino, a["st_mode"], nlink, a["st_uid"], a["st_gid"], a["st_size"], a["st_blocks"],
                 a["st_blksize"], a["st_atime"], a["st_mtime"], a["st_ctime"])
 
-    def _pieces(self, extents: Sequence[Extent], files: dict[tuple[int, int], bytes]) -> list[Piece] | None:
+    def _pieces(self, extents: Sequence[Extent], files: dict[tuple[int, int], bytes], node: Inode) -> list[Piece] | None:
         """Where each byte range of a file lives: (file offset, length, block file, chunk, index,
         offset in the block), in file order; None when a block is not a local file native code may
         read (then every read of the file goes the Python way). `files`: the block files found so
-        far in this listing (hundreds of small files share a block)."""
-        out: list[Piece] = []
+        far in this listing (hundreds of small files share a block). A file held whole in one
+        durable block of a volume that stores blocks plain has its xxh3-128 content hash (16 bytes)
+        as a seventh item of that piece: the session may then read just its bytes from the block
+        file, checked against it, instead of the whole block (storage/rangeread.py's rule)."""
+        out: list = []
+        durable = True
         for ext in extents:
             pos = ext.off
             for rec, lo, hi in self.reader.plan([ext], ext.off, ext.off + ext.length):
@@ -165,7 +170,11 @@ class NativeProvider:
                         return None
                     path = files[rec.chunk, rec.idx] = found.encode()
                 out.append((pos, hi - lo, path, rec.chunk, rec.idx, lo))
+                durable = durable and rec.durable
                 pos += hi - lo
+        digest = content_hash(node)
+        if len(out) == 1 and durable and digest and plain_blocks(self.client.codec):
+            out[0] += (bytes.fromhex(digest),)
         return out
 
     def _entries(self, nodes: Sequence[Inode], gen: int) -> dict[int, list[Piece] | None]:
@@ -188,7 +197,7 @@ class NativeProvider:
             self.reader.load_maps({e.chunk for exts in extents.values() for e in exts})
             block_files: dict[tuple[int, int], bytes] = {}
             for n in files:
-                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []), block_files)
+                out[n.ino] = pieces = self._pieces(extents.get(n.ino, []), block_files, n)
                 if self._pieces_gen == gen:
                     known[n.ino] = (n, pieces)
         return out
