@@ -87,11 +87,16 @@ def test_native_session_shows_what_the_python_session_shows(volume, mount_volume
     assert os.listdir(nat / "emptydir") == []
     s1, s2 = os.statvfs(py), os.statvfs(nat)
     assert (s1.f_bsize, s1.f_blocks, s1.f_namemax) == (s2.f_bsize, s2.f_blocks, s2.f_namemax)
-    # reads at any offset and length, across block boundaries and holes, give the same bytes
-    rng = random.Random(3)
+    _random_reads(nat, files, 200, seed=3)
+
+
+def _random_reads(mp: Path, files: dict[str, bytes], rounds: int, seed: int) -> None:
+    """Reads of _tree's big and sparse files at any offset and length, across block boundaries and
+    holes, give the same bytes."""
+    rng = random.Random(seed)
     big, sparse = files["big.bin"], files["sparse.bin"]
-    with open(nat / "big.bin", "rb", buffering=0) as f, open(nat / "sparse.bin", "rb", buffering=0) as g:
-        for _ in range(200):
+    with open(mp / "big.bin", "rb", buffering=0) as f, open(mp / "sparse.bin", "rb", buffering=0) as g:
+        for _ in range(rounds):
             off, n = rng.randrange(0, len(big) + 10), rng.randrange(0, 3 * BLOCK)
             assert os.pread(f.fileno(), n, off) == big[off:off + n]
             off = rng.randrange(0, len(sparse) + 10)
@@ -339,14 +344,7 @@ def test_cached_opens_send_the_daemon_nothing_for_a_warm_file(volume, mount_volu
     for path, data in files.items():
         assert (mp / path).read_bytes() == data, path
     assert (_requests(mp, "OPEN"), _requests(mp, "READ")) == (1, reads)
-    rng = random.Random(5)
-    big, sparse = files["big.bin"], files["sparse.bin"]
-    with open(mp / "big.bin", "rb", buffering=0) as f, open(mp / "sparse.bin", "rb", buffering=0) as g:
-        for _ in range(100):
-            off, n = rng.randrange(0, len(big) + 10), rng.randrange(0, 3 * BLOCK)
-            assert os.pread(f.fileno(), n, off) == big[off:off + n]
-            off = rng.randrange(0, len(sparse) + 10)
-            assert os.pread(g.fileno(), n, off) == sparse[off:off + n]
+    _random_reads(mp, files, 100, seed=5)
     assert _requests(mp, "OPEN") == 1
 
 
@@ -429,20 +427,7 @@ def test_a_grant_made_while_a_cached_opens_mount_runs_binds_its_reads(make_volum
     """--cached-opens on a volume with no grant: the kernel opens alone. A grant made later is seen
     by the session within its refresh: the kernel's cached pages are dropped, so a file read before
     is refused now, one inside the grant still reads, and the log says to mount again."""
-    volume = make_volume()
-    with Client.open(volume.name) as c:
-        c.write_file("open/a", b"A")
-        c.write_file("shut/b", b"B")
-        assert c.meta.swap_setting(OWNER, c.meta.read_setting(OWNER), "someone-else")  # grants bind this user
-    mp = mount_volume(volume.name, *CACHED)
-    assert (mp / "shut" / "b").read_bytes() == b"B"  # no grant: open to whoever opens it, now in the page cache
-    with Client.open(volume.name) as c:
-        c.meta.add_grant(current_user()[0], "open", "read", "", 0)
-    deadline = time.monotonic() + 30
-    while errno_of_or_none((mp / "shut" / "b").read_bytes) != errno.EACCES:
-        assert time.monotonic() < deadline, "a grant made while mounted never bound the reads of a --cached-opens mount"
-        time.sleep(0.5)
-    assert (mp / "open" / "a").read_bytes() == b"A"
+    _grant_made_while_mounted_binds(make_volume, mount_volume, CACHED)
     log = "".join(p.read_text() for p in (balefs_home / "run").glob("*.log"))
     assert "only a new mount checks every open" in log
 
@@ -472,18 +457,24 @@ def test_a_listing_past_the_ttl_serves_its_files_while_the_counter_stands_still(
 def test_a_grant_made_while_mounted_is_checked_at_each_open(make_volume, mount_volume) -> None:
     """Opens skip Python while the volume has no grant; once one exists (seen within the grant
     refresh), every open asks Python again, which refuses a file outside it."""
+    _grant_made_while_mounted_binds(make_volume, mount_volume, NATIVE)
+
+
+def _grant_made_while_mounted_binds(make_volume, mount_volume, options: tuple[str, ...]) -> None:
+    """A file read before a grant exists is refused once one is made that leaves it out (within
+    the refresh), and a file inside the grant still reads."""
     volume = make_volume()
     with Client.open(volume.name) as c:
         c.write_file("open/a", b"A")
         c.write_file("shut/b", b"B")
         assert c.meta.swap_setting(OWNER, c.meta.read_setting(OWNER), "someone-else")  # grants bind this user
-    mp = mount_volume(volume.name, *NATIVE)
-    assert (mp / "shut" / "b").read_bytes() == b"B"  # no grant: open to whoever opens it
+    mp = mount_volume(volume.name, *options)
+    assert (mp / "shut" / "b").read_bytes() == b"B"  # no grant: open to whoever opens it (now in the page cache)
     with Client.open(volume.name) as c:
         c.meta.add_grant(current_user()[0], "open", "read", "", 0)
     deadline = time.monotonic() + 30
     while errno_of_or_none((mp / "shut" / "b").read_bytes) != errno.EACCES:
-        assert time.monotonic() < deadline, "a grant made while mounted never bound the native session's opens"
+        assert time.monotonic() < deadline, f"a grant made while mounted never bound the reads of a mount with {options}"
         time.sleep(0.5)
     assert (mp / "open" / "a").read_bytes() == b"A"
 
