@@ -2150,9 +2150,6 @@ static int node_file(fuse_req_t req, uint64_t ino, openfile_t *of) {
     return 0;
 }
 
-/* The end of a READ by inode (node_file). */
-static void node_file_done(const openfile_t *of) { pieces_unref(of->pieces); }
-
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
     openfile_t *of = (openfile_t *)(uintptr_t)fi->fh, local;
     if (of != NULL) {
@@ -2162,7 +2159,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     if (!node_file(req, ino, &local))
         return;
     read_open(req, ino, size, off, &local);
-    node_file_done(&local);
+    pieces_unref(local.pieces);
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
