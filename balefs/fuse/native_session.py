@@ -49,7 +49,8 @@ MAX_READERS = 4096  # files read the Python way whose readers are kept
 GRANTS_REFRESH = 5.0  # seconds: how old the "does this volume have grants" answer may be  # requests served at once: without the GIL more threads keep more reads in flight
 
 Attrs = tuple[int, int, int, int, int, int, int, int, int, int, int]
-Piece = tuple[int, int, bytes, int, int, int]  # file offset, length, block file, chunk, index, offset in the block
+# file offset, length, block file, chunk, index, offset in the block[, the file's xxh3-128 when this is its one piece]
+Piece = tuple[int, int, bytes, int, int, int] | tuple[int, int, bytes, int, int, int, bytes]
 Changed = tuple[int, tuple[int, ...]]  # a forwarded change: the generation after it, the inodes it touched
 
 
@@ -158,7 +159,7 @@ class NativeProvider:
         durable block of a volume that stores blocks plain has its xxh3-128 content hash (16 bytes)
         as a seventh item of that piece: the session may then read just its bytes from the block
         file, checked against it, instead of the whole block (storage/rangeread.py's rule)."""
-        out: list = []
+        out: list[Piece] = []
         durable = True
         for ext in extents:
             pos = ext.off
