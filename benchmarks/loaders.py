@@ -21,10 +21,11 @@ checks that every sample comes exactly once per epoch):
 Passes: cold (page cache dropped, balefs's host cache emptied, fresh worker processes) and warm
 (the next pass of the same loader, right after its cold pass: page cache and host cache as that
 pass left them; fresh workers again), with --workers workers and with 0; the loaders take turns
-(every loader's cold and warm pass with workers, then with 0). During each pass with workers a thread samples every worker's
-memory: RSS, and USS (the worker's private pages: what each extra worker costs the host; pages
-of the kernel's page cache that it maps are in RSS, and in USS while no other process maps
-them), and private anonymous memory (its own heap, stacks and buffers: neither the pages it
+(every loader's cold and warm pass with workers, then with 0). Then, untimed, each loader's cold
+and warm pass with workers once more while a thread samples every worker's memory (reading the
+workers' smaps takes the consumer's GIL, so it never runs during a timed pass): RSS, and USS
+(the worker's private pages: what each extra worker costs the host; pages of the kernel's page
+cache that it maps are in RSS, and in USS while no other process maps them), and private anonymous memory (its own heap, stacks and buffers: neither the pages it
 shares with the main process since fork nor the page-cache pages of files it maps).
 
 Shuffle quality of a cold epoch's order against storage order, both 1.0 for a full shuffle:
@@ -49,6 +50,7 @@ the newer ones). Install them into a benchmark environment as:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import shutil
@@ -396,27 +398,38 @@ def main(argv: list[str] | None = None) -> int:
     # each loader's warm pass right after its own cold pass: a later loader's cold pass drops the
     # page cache, so a warm pass after it would read from the disk again (unlike every later epoch)
     passes = [(temp, w, which) for w in dict.fromkeys(w for _, w in kinds) for which in only for temp in ("cold", "warm")]
-    for temp, w, which in passes:
+
+    def run(temp: str, w: int, which: str, watch: bool) -> tuple[sf.Result, list[int], MemoryWatch | None, bool]:
+        """One checked epoch of a loader; watch: with the workers' memory sampled (an untimed pass)."""
         if temp == "cold":
             shutil.rmtree(host_cache, ignore_errors=True)
             cold = sf.drop_caches()
         else:
             cold = True
-        with MemoryWatch() as mem:
+        mem = MemoryWatch() if watch else None
+        with mem or contextlib.nullcontext():
             r, order = consume(loader(which, w), ds, chk)
-        chk.finish(f"{which}/{temp}/{w}")
+        chk.finish(f"{which}/{temp}/{w}{'/memory' if watch else ''}")
         if len(order) != ds.n:
             raise SystemExit(f"VERIFY FAILED {which}/{temp}/{w}: {len(order)} samples in an epoch of {ds.n}")
+        return r, order, mem, cold
+
+    for temp, w, which in passes:
+        r, order, _, cold = run(temp, w, which, watch=False)
         kind = f"{temp}{w}"
         results[(which, kind)] = r
-        if w:
-            memory[which] = tuple(max(a, b) for a, b in zip(memory.get(which, (0, 0, 0)), (mem.rss, mem.uss, mem.anon)))
         sf.log(f"{names[which]:32s} {temp} w={w}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
-               f"(first batch {r.extra['first_batch_s']:.2f}s) "
-               f"worker rss {mem.rss / 2**30:.2f} GiB uss {mem.uss / 2**30:.2f} GiB private anon {mem.anon / 2**30:.2f} GiB"
-               f"{'' if cold else ' (NOT cold)'}")
+               f"(first batch {r.extra['first_batch_s']:.2f}s){'' if cold else ' (NOT cold)'}")
         if temp == "cold" and which not in quality:
             quality[which] = shuffle_quality(order, storage[which], b)
+    # The workers' memory, in passes of their own (untimed): sampling it reads each worker's smaps
+    # in this process, whose GIL the consumer needs (it cost (c) a fifth of its warm w=2 rate).
+    for which in (only if args.workers else []):
+        for temp in ("cold", "warm"):
+            _, _, mem, _ = run(temp, args.workers, which, watch=True)
+            memory[which] = tuple(max(a, b) for a, b in zip(memory.get(which, (0, 0, 0)), (mem.rss, mem.uss, mem.anon)))
+            sf.log(f"{names[which]:32s} {temp} w={args.workers} (memory pass): worker rss {mem.rss / 2**30:.2f} GiB "
+                   f"uss {mem.uss / 2**30:.2f} GiB private anon {mem.anon / 2**30:.2f} GiB")
 
     print()
     print(f"machine: {sf.machine()}")

@@ -43,7 +43,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import xxhash
 
@@ -60,6 +60,7 @@ _TOTAL = struct.Struct("<q")
 USAGE_FILE = ".usage"
 EVICT_SLACK = 32  # an eviction frees 1/32 of the bound beyond what the write needs
 FILL_DIR, FILL_STRIPES = ".fill", 1024  # lock files of blocks being fetched, by stripe (hash of the key)
+TOUCH_BATCH = 256  # blocks stamped per hold of the host's lock (touch): a publish in another process waits for no more
 
 
 class HostUsage:
@@ -365,29 +366,39 @@ class DiskBlockCache:
         """Bytes on disk of the entry of a block of `length` bytes."""
         return length + HEAD_SIZE + self._overhead
 
-    def touch(self, key: Key, length: int) -> bool:
-        """Whether an entry of a block of `length` bytes is on disk (by its size: a damaged one is
-        still caught when read); if so it becomes the most recently used, so that a warmup's
-        evictions spare it. Under the host's lock: an eviction running in another thread or process
-        (which orders the entries by their stamps first) could otherwise remove an entry between our
-        finding it and stamping it, and the caller would count a block as cached that is gone."""
-        path = self._path(key)
-        with self._host.held() if self._host is not None else nullcontext():
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                self._forget(key)
-                return False
-            if size != self.entry_size(length):
-                return False
-            _stamp(path)
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-            else:  # written by another process sharing the directory
-                self._index[key] = size
-                self._size += size
-        return True
+    def touch(self, blocks: Sequence[tuple[Key, int]]) -> list[bool]:
+        """For each (key, length of the block), whether its entry is on disk (by its size: a damaged
+        one is still caught when read); those that are become the most recently used, so that a
+        warmup's evictions spare them. Under the host's lock, taken once per TOUCH_BATCH blocks: an
+        eviction running in another thread or process (which orders the entries by their stamps
+        first) could otherwise remove an entry between our finding it and stamping it, and the
+        caller would count a block as cached that is gone."""
+        found: list[bool] = []
+        for at in range(0, len(blocks), TOUCH_BATCH):
+            part = blocks[at:at + TOUCH_BATCH]
+            sizes: list[int | None] = []  # None: no entry
+            with self._host.held() if self._host is not None else nullcontext():
+                for key, length in part:
+                    path = self._path(key)
+                    try:
+                        size = os.stat(path).st_size
+                    except OSError:
+                        size = None
+                    if size is not None and size == self.entry_size(length):
+                        _stamp(path)
+                    sizes.append(size)
+            for (key, length), size in zip(part, sizes):
+                found.append(size == self.entry_size(length))
+                if size is None:
+                    self._forget(key)
+                elif found[-1]:
+                    with self._lock:
+                        if key in self._index:
+                            self._index.move_to_end(key)
+                        else:  # written by another process sharing the directory
+                            self._index[key] = size
+                            self._size += size
+        return found
 
     @contextmanager
     def filling(self, key: Key) -> Iterator[None]:

@@ -272,13 +272,17 @@ class BlockReader:
         started. Without a disk tier, those the memory cache lacks; with the host's shared tier, those it lacks."""
         disk = self.shared_cache if self.shared_cache is not None else self.disk_cache
         out = []
+        recs = list(recs)
+        on_disk = [r for r in recs if disk is not None and r.durable]
+        # those cached are now the most recently used, spared by evictions
+        cached = iter(disk.touch([((r.chunk, r.idx), r.length) for r in on_disk]) if on_disk else [])
         for rec in recs:
             key = (rec.chunk, rec.idx)
             if disk is None or not rec.durable:
                 if key not in self.cache:
                     out.append(self.fetch(rec))
                 continue
-            if disk.touch(key, rec.length):  # cached: now the most recently used, spared by evictions
+            if next(cached):
                 continue
             held = self._cached(rec)  # in memory here, evicted from disk since: published again from memory
             out.append(self._pool.submit(self._load, rec) if held is None else self._pool.submit(disk.keep, key, held))

@@ -83,11 +83,10 @@ def plan_warmup(client: Client, tree: str) -> WarmupPlan:
             for rec, _, _ in client.reader.plan(ext, 0, end):
                 blocks.setdefault((rec.chunk, rec.idx), rec)
     missing: list[BlockRecord] = []
-    for key in sorted(blocks):
-        rec = blocks[key]
-        if not rec.durable:
-            plan.unsynced += 1
-        elif disk.touch(key, rec.length):
+    durable = [blocks[key] for key in sorted(blocks) if blocks[key].durable]
+    plan.unsynced = len(blocks) - len(durable)
+    for rec, cached in zip(durable, disk.touch([((r.chunk, r.idx), r.length) for r in durable])):
+        if cached:
             plan.cached += 1
             plan.cached_bytes += rec.length
         else:
