@@ -31,7 +31,8 @@
  *       a caller's buffer, the GIL released for all but small payloads: crypto.Keyring seals and
  *       opens through them when the engine is built
  *       (nonces stay drawn in Python, by the Keyring).
- *   cut(blocks, which, starts, lengths, threads) -> list[bytes]   many files out of blocks in memory
+ *   cut(blocks, which, starts, lengths, threads[, into]) -> list[bytes] | None   many files out of blocks in memory
+ *                                                        (into: a writable buffer they fill one after another)
  *       blocks: objects with the buffer protocol (cached blocks); which, starts, lengths: int64
  *       buffers of one entry per file (its block's index in blocks, where it starts, how long it is).
  *       Every bytes object is made first, with the GIL; the copies then run without it, on the
@@ -964,9 +965,9 @@ static int int64_column(PyObject *obj, Py_buffer *view, Py_ssize_t n, const char
 
 static PyObject *py_cut(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *blocks_in, *which_in, *starts_in, *lengths_in;
+    PyObject *blocks_in, *which_in, *starts_in, *lengths_in, *into = Py_None;
     int threads;
-    if (!PyArg_ParseTuple(args, "OOOOi", &blocks_in, &which_in, &starts_in, &lengths_in, &threads))
+    if (!PyArg_ParseTuple(args, "OOOOi|O", &blocks_in, &which_in, &starts_in, &lengths_in, &threads, &into))
         return NULL;
     PyObject *seq = PySequence_Fast(blocks_in, "blocks must be a list");
     if (seq == NULL)
@@ -976,8 +977,8 @@ static PyObject *py_cut(PyObject *self, PyObject *args) {
     PyObject *out = NULL;
     Py_buffer *bufs = calloc((size_t)(nb ? nb : 1), sizeof(Py_buffer));
     Py_ssize_t held = 0;
-    Py_buffer which = {0}, starts = {0}, lengths = {0};
-    int columns = 0;
+    Py_buffer which = {0}, starts = {0}, lengths = {0}, dest = {0};
+    int columns = 0, packed = 0;
     char **dst = NULL;
     const char **src = NULL;
     if (n < 0 || bufs == NULL) {
@@ -1014,16 +1015,29 @@ static PyObject *py_cut(PyObject *self, PyObject *args) {
         src[i] = (const char *)bufs[w[i]].buf + s[i];
         total += len[i];
     }
-    if ((out = PyList_New(n)) == NULL)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len[i]);
-        if (b == NULL) {
-            Py_CLEAR(out);
+    if (into != Py_None) { /* every file, one after another, into the caller's buffer */
+        if (PyObject_GetBuffer(into, &dest, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0)
+            goto done;
+        packed = 1;
+        if (dest.len != total) {
+            PyErr_Format(PyExc_ValueError, "cut: into holds %zd bytes, the files %lld", dest.len, (long long)total);
             goto done;
         }
-        dst[i] = PyBytes_AS_STRING(b);
-        PyList_SET_ITEM(out, i, b);
+        for (Py_ssize_t i = 0, at = 0; i < n; at += (Py_ssize_t)len[i], i++)
+            dst[i] = (char *)dest.buf + at;
+        out = Py_NewRef(Py_None);
+    } else {
+        if ((out = PyList_New(n)) == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len[i]);
+            if (b == NULL) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            dst[i] = PyBytes_AS_STRING(b);
+            PyList_SET_ITEM(out, i, b);
+        }
     }
     /* Below 1 MiB a helper costs more than the copy it would take on. */
     int64_t per_thread = 1 << 20;
@@ -1038,6 +1052,8 @@ static PyObject *py_cut(PyObject *self, PyObject *args) {
 done:
     free(dst);
     free(src);
+    if (packed)
+        PyBuffer_Release(&dest);
     if (columns > 2)
         PyBuffer_Release(&lengths);
     if (columns > 1)
@@ -1060,7 +1076,7 @@ static PyMethodDef methods[] = {
     {"open", py_open, METH_VARARGS,
      "open(key, sealed, aad[, out]): the payload seal() sealed, as bytes or written into out (True); None/False if it does not authenticate."},
     {"cut", py_cut, METH_VARARGS,
-     "cut(blocks, which, starts, lengths, threads): the bytes of many files cut out of blocks in memory, copied without the GIL."},
+     "cut(blocks, which, starts, lengths, threads[, into]): the bytes of many files cut out of blocks in memory, copied without the GIL (into: a writable buffer of their total size that they fill one after another; returns None)."},
     {NULL, NULL, 0, NULL},
 };
 

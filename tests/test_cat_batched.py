@@ -213,14 +213,28 @@ def test_cut_agrees_with_python_and_refuses_pieces_outside_their_block(monkeypat
     starts = np.array([10, 0, 3, 4999, 300], dtype=np.int64)
     lengths = np.array([100, 300, 7, 1, 0], dtype=np.int64)
     want = [bytes(blocks[w][s:s + n]) for w, s, n in zip(which, starts, lengths)]
-    assert native.cut(blocks, which, starts, lengths, 2) == want
+
+    def agrees() -> None:
+        assert native.cut(blocks, which, starts, lengths, 2) == want
+        into = bytearray(sum(map(len, want)))  # or one after another into a buffer of their total size
+        assert native.cut(blocks, which, starts, lengths, 1, into=into) is None and bytes(into) == b"".join(want)
+        for size in (len(into) - 1, len(into) + 1):
+            with pytest.raises(ValueError, match="into holds"):
+                native.cut(blocks, which, starts, lengths, 1, into=bytearray(size))
+        with pytest.raises(ValueError):
+            native.cut(blocks, which, starts, lengths + 1, 2)
+
+    agrees()
     for bad in ([0, 1, 2, 0, 1], [5000, 0, 3, 4999, 300]), ([3, 1, 2, 0, 1], [10, 0, 3, 4999, 300]):
         with pytest.raises(ValueError):
             native.cut(blocks, np.array(bad[0], dtype=np.int64), np.array(bad[1], dtype=np.int64), lengths, 2)
+        with pytest.raises(ValueError):  # before a byte is copied into the buffer
+            native.cut(blocks, np.array(bad[0], dtype=np.int64), np.array(bad[1], dtype=np.int64), lengths, 1,
+                       into=bytearray(int(lengths.sum())))
+    with pytest.raises(BufferError):
+        native.cut(blocks, which, starts, lengths, 1, into=bytes(int(lengths.sum())))
     monkeypatch.setattr(native, "engine", None)
-    assert native.cut(blocks, which, starts, lengths, 2) == want
-    with pytest.raises(ValueError):
-        native.cut(blocks, which, starts, lengths + 1, 2)
+    agrees()
 
 
 def test_cut_copies_large_batches_on_threads() -> None:

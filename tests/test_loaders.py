@@ -373,6 +373,22 @@ def test_corrupt_block_names_the_file_or_is_skipped(tree):
     assert len(m.__getitems__([0, 100])) == 2 and m.skipped == 1
 
 
+def test_corrupt_block_in_packed_batches_is_named_or_skipped(tree):
+    """Packed batches take a read unit whole when all its samples came, and go sample by sample
+    through one with an error: named under on_error='raise'; under 'skip', every batch still full,
+    each lost file replaced by a repeat of a good one, and the good ones exact."""
+    victims = _corrupt(BaleIterableDataset(URL, shuffle=False).source.paths[150])
+    with pytest.raises(SampleError, match=r"bale://vol/data/c\d/f\d+\.bin: corrupt chunk \d+ block"):
+        list(BaleIterableDataset(URL, shuffle=False, batch_size=16))
+    skip = BaleIterableDataset(URL, shuffle=False, label="dir", batch_size=16, on_error="skip")
+    got = list(skip)
+    assert [len(b.samples()) for b in got] == [16] * (N_FILES // 16) + ([N_FILES % 16] if N_FILES % 16 else [])
+    names = [name_of(s) for b in got for s in b.samples()]
+    assert 1 <= skip.skipped == len(set(tree) - set(names)) and set(tree) - set(names) <= victims
+    assert all(bytes(s) == tree[name_of(s)] for b in got for s in b.samples())
+    assert all(skip.classes[int(y)] == name_of(s).split("/")[0] for b in got for s, y in zip(b.samples(), b.labels))
+
+
 def test_decode_error_names_the_sample(tree):
     def decode(b: bytes):
         if name_of(b).endswith("0007.bin"):

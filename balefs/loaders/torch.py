@@ -237,28 +237,51 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         return self._batches(None) if task is None else task.timed(self._batches(task), count=_batch_len)
 
     def _batches(self, task: metrics.TaskMetrics | None) -> Iterator[PackedBatch]:
-        """The samples packed batch_size at a time (the last one short)."""
+        """The samples packed batch_size at a time (the last one short). Without decode, a read unit
+        whose samples all came is taken whole (no per-sample step) and each batch copied into its
+        tensor in one call without the GIL; a unit with an error goes sample by sample (on_error)."""
         items: list = []
         labels: list | None = [] if self.label is not None else None
-        for sample in self._samples(task, views=True, counted=False):
-            if labels is None:
-                items.append(sample)
+        last: list = []
+        size = self.batch_size
+        for rows, data in self._units(task, views=True):
+            if self.decode is None and not any(isinstance(d, Exception) for d in data):
+                items += data
+                if labels is not None:
+                    labels += self.source.labels(rows, self.label)
+                if data:
+                    last[:] = [data[-1] if labels is None else (data[-1], labels[-1])]
             else:
-                items.append(sample[0])
-                labels.append(sample[1])
-            if len(items) == self.batch_size:
-                batch = pack(items, labels)
-                items, labels = [], [] if labels is not None else None
-                self._taken += self.batch_size  # delivered once yielded
+                for sample in samples(self.source, rows, data, self.decode, self.label, self.on_error, self._counter, last):
+                    if labels is None:
+                        items.append(sample)
+                    else:
+                        items.append(sample[0])
+                        labels.append(sample[1])
+            while len(items) >= size:
+                batch = pack(items[:size], None if labels is None else labels[:size])
+                del items[:size]
+                if labels is not None:
+                    del labels[:size]
+                self._taken += size  # delivered once yielded
                 yield batch
         if items:
             batch = pack(items, labels)
             self._taken += len(items)
             yield batch
 
-    def _samples(self, task: metrics.TaskMetrics | None, views: bool = False, counted: bool = True) -> Iterator[Any]:
-        """This consumer's samples of the epoch (views: read-only views into the cached blocks;
-        counted: each one counts as delivered in the progress once yielded)."""
+    def _samples(self, task: metrics.TaskMetrics | None) -> Iterator[Any]:
+        """This consumer's samples of the epoch, each counted as delivered in the progress once yielded."""
+        last: list = []
+        for rows, data in self._units(task, views=self.zero_copy):
+            for sample in samples(self.source, rows, data, self.decode, self.label, self.on_error, self._counter, last):
+                self._taken += 1
+                yield sample
+
+    def _units(self, task: metrics.TaskMetrics | None, views: bool) -> Iterator[tuple[list[int], list]]:
+        """This consumer's read units of the epoch, in order: (rows, each row's bytes or error; views:
+        read-only views into the cached blocks), read ahead in a background thread; at the end the
+        next epoch's first blocks are warmed."""
         consumer, consumers = self._consumers()
         in_worker = tud.get_worker_info() is not None
         if in_worker:  # a copy of the dataset, made when the worker started (persistent: epochs ago)
@@ -272,17 +295,13 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         part = split(remaining(len(order), base), consumers, consumer, self.drop_last)
         self._live, self._taken = (base, part, consumer, consumers), taken
         units = ramp(pieces(part.positions[taken:], bounds, self.piece), self.batch_size or FIRST_UNIT)
-        last: list = []
         after = (lambda: self._warm_next(consumer, consumers)) if self.warm_next > 0 else None
         ranged = int(np.searchsorted(np.cumsum([0] + [len(u) for u in units]), RANGED_SAMPLES))
-        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, self.zero_copy or views, after, ranged)
+        reading = _Prefetcher(self.source, [order[u] for u in units], self.prefetch, views, after, ranged)
         for positions, data in reading:
             if task is not None:
                 task.read_bytes.inc(sum(len(d) for d in data if not isinstance(d, Exception)))
-            for sample in samples(self.source, positions.tolist(), data, self.decode, self.label, self.on_error,
-                                  self._counter, last):
-                self._taken += counted
-                yield sample
+            yield positions.tolist(), data
         wait(reading.started + reading.fetching, timeout=WARM_WAIT_S)  # a worker may exit after this: let them land
         if self.warm_next > 0:  # this epoch's last writes to the host cache may have evicted some: ask once more
             wait(self._warm_next(consumer, consumers), timeout=WARM_WAIT_S)  # (those still cached only touched)

@@ -79,19 +79,30 @@ def read_blocks(jobs: Sequence[Job], volume: str, threads: int) -> list[bytes | 
     return out
 
 
-def cut(blocks: Sequence[Any], which: Any, starts: Any, lengths: Any, threads: int = 2) -> list[bytes]:
+def cut(blocks: Sequence[Any], which: Any, starts: Any, lengths: Any, threads: int = 2, into: Any = None) -> list[bytes] | None:
     """The bytes of many files cut out of blocks in memory: file i is lengths[i] bytes of
     blocks[which[i]] from starts[i] (int64 numpy arrays). The engine makes every bytes object first
-    and copies without the GIL; without it, the same in Python. ValueError for a piece outside its block."""
+    and copies without the GIL; without it, the same in Python. into: a writable buffer of exactly
+    their total size, which they fill one after another (None returned). ValueError for a piece
+    outside its block, or an `into` of another size."""
     if engine is not None:
-        return engine.cut(blocks, which, starts, lengths, threads)
+        return engine.cut(blocks, which, starts, lengths, threads) if into is None else engine.cut(blocks, which, starts, lengths, threads, into)
     views = [memoryview(b).cast("B") for b in blocks]
     out = []
     for w, s, n in zip(which.tolist(), starts.tolist(), lengths.tolist()):
         if not 0 <= w < len(views) or s < 0 or n < 0 or s + n > len(views[w]):
             raise ValueError(f"cut: a file lies outside its block ({w}, {s}, {n})")
-        out.append(views[w][s:s + n].tobytes())
-    return out
+        out.append(views[w][s:s + n])
+    if into is None:
+        return [v.tobytes() for v in out]
+    dest = memoryview(into).cast("B")
+    if len(dest) != sum(len(v) for v in out):
+        raise ValueError(f"cut: into holds {len(dest)} bytes, the files {sum(len(v) for v in out)}")
+    at = 0
+    for v in out:
+        dest[at:at + len(v)] = v
+        at += len(v)
+    return None
 
 
 def seal(key: bytes, nonce: bytes, aad: bytes, payload: Any, out: Any = None) -> bytes | int:
