@@ -334,6 +334,23 @@ def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
     cache.close()
 
 
+def test_keep_maps_its_own_entry_and_checks_one_found_there(tmp_path):
+    """keep() maps the entry it has just published (its bytes), while an entry it finds already
+    there (another process's) is checked like any read: a damaged one is dropped, never returned."""
+    cache = DiskBlockCache(str(tmp_path / "cache"), 1 << 30, "v")
+    data = payload(256 * KiB, 7)
+    kept = cache.keep((1, 0), data)
+    assert kept is not None and bytes(kept) == data
+    path = cache._path((2, 0))
+    cache.keep((2, 0), data)
+    with open(path, "r+b") as f:  # damage it in place, as a bad disk would under another process
+        f.seek(HEAD_SIZE + 1000)
+        f.write(b"\xff" * 8)
+    assert cache.keep((2, 0), data) is None and not os.path.exists(path)
+    assert bytes(cache.keep((2, 0), data)) == data  # written again, whole
+    cache.close()
+
+
 def test_host_cache_is_the_default_and_can_be_turned_off(tree):
     from balefs.errors import ConfigError
 

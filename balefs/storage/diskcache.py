@@ -179,10 +179,11 @@ class DiskBlockCache:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def get(self, key: Key, length: int, mapped: bool = False) -> memoryview | None:
+    def get(self, key: Key, length: int, mapped: bool = False, verify: bool = True) -> memoryview | None:
         """The raw bytes of a block if cached and intact, else None (never raises). mapped: a
         read-only view of the entry's file mapped into memory (the page cache's copy, shared by
-        every process of the host; valid after the entry is evicted, whose file is only unlinked)."""
+        every process of the host; valid after the entry is evicted, whose file is only unlinked).
+        verify=False skips the hash of the bytes (keep: an entry this process has just written)."""
         if self.capacity <= 0:
             return None
         path = self._path(key)
@@ -199,7 +200,7 @@ class DiskBlockCache:
         try:
             magic, n, digest = _HEAD.unpack_from(blob)
             data = memoryview(blob)[HEAD_SIZE:]
-            ok = magic == MAGIC and n == length == len(data) - self._overhead and xxhash.xxh3_64_intdigest(data) == digest
+            ok = magic == MAGIC and n == length == len(data) - self._overhead and (not verify or xxhash.xxh3_64_intdigest(data) == digest)
             if ok and self.sealer is not None:
                 opened = self.sealer.unseal(key, data)
                 ok = opened is not None
@@ -251,11 +252,14 @@ class DiskBlockCache:
         if self.capacity <= 0 or len(data) + HEAD_SIZE > self.capacity or time.monotonic() < self._paused_until:
             return None
         try:
-            self._write(key, data, background=False)
+            ours = self._write(key, data, background=False)
         except Exception:  # noqa: BLE001 - the cache must never take a reader down
             log.exception("disk cache: writing an entry failed")
             return None
-        return self.get(key, len(data), mapped=True) if self.sealer is None else None
+        # an entry this call published holds the bytes just hashed into its header: mapped, not hashed
+        # again (entries never change; one evicted and published anew by another process within this
+        # instant would be mapped unhashed too, written by a process that had just checked its bytes)
+        return self.get(key, len(data), mapped=True, verify=not ours) if self.sealer is None else None
 
     def _drain(self) -> None:
         while True:
@@ -269,11 +273,12 @@ class DiskBlockCache:
             finally:
                 self._queue.task_done()
 
-    def _write(self, key: Key, data: bytes | memoryview, background: bool = True) -> None:
+    def _write(self, key: Key, data: bytes | memoryview, background: bool = True) -> bool:
+        """Write an entry (see _write_entry); a failing disk pauses the cache. Whether this call published it."""
         if time.monotonic() < self._paused_until:
-            return
+            return False
         try:
-            self._write_entry(key, data)
+            return self._write_entry(key, data)
         except OSError as exc:
             self.counters.errors.add()
             self._paused_until = time.monotonic() + self.pause_s
@@ -290,12 +295,13 @@ class DiskBlockCache:
             raise ValueError(f"disk cache {self.root}: a block of {len(data)} bytes exceeds its bound of {self.capacity}")
         self._write_entry(key, data)
 
-    def _write_entry(self, key: Key, data: bytes | memoryview) -> None:
+    def _write_entry(self, key: Key, data: bytes | memoryview) -> bool:
         """Write one entry to a temp file, then, under the host's lock, evict for room and publish it
-        by a hard link (never over another process's copy) and count it; raises OSError."""
+        by a hard link (never over another process's copy) and count it: whether this call published
+        it (False: cached already, or no room); raises OSError."""
         path = self._path(key)
         if os.path.exists(path) or self._host is None:
-            return
+            return False
         length = len(data)
         if self.sealer is not None:
             data = self.sealer.seal(key, data)
@@ -311,11 +317,11 @@ class DiskBlockCache:
             with self._host.held() as host:
                 if not self._make_room(host, need):
                     self.counters.dropped.add()
-                    return
+                    return False
                 try:
                     os.link(tmp, path)
                 except FileExistsError:  # another process published it meanwhile: theirs is as good
-                    return
+                    return False
                 host.total += need
         finally:
             _unlink(tmp)
@@ -324,6 +330,7 @@ class DiskBlockCache:
                 self._index[key] = need
                 self._size += need
         self.counters.writes.add()
+        return True
 
     def _open_creating(self, path: str, flags: int) -> int:
         """os.open with this cache's file mode, making the parent directory (its mode) when missing."""
