@@ -187,19 +187,18 @@ class BaleSource:
         at = where[rows]
         out: list = [None] * len(rows)
         whole = np.flatnonzero(at >= 0)
-        if len(whole):  # the usual case: mapped to their pieces at once, no per-sample lookups
-            first = lo[rows[whole]]
-            pieces = [(blocks[b], s, s + n) for b, s, n in
-                      zip(at[whole].tolist(), first.tolist(), self.column("size")[rows[whole]].tolist())]
-            if ranged:
-                hashes = self.hashes
-                got = self.client.read_checked_ranges([([p], hashes[r]) for p, r in zip(pieces, rows[whole].tolist())])
-                for k, d in zip(whole.tolist(), got):
-                    if d is not None:
-                        out[k] = memoryview(d) if views else d
-                left = [i for i, d in enumerate(got) if d is None]
-                whole, pieces = whole[left], [pieces[i] for i in left]
-            for k, d in zip(whole.tolist(), self.client.read_planned([[p] for p in pieces], views=views)):
+        if len(whole) and ranged:
+            first, size = lo[rows[whole]], self.column("size")[rows[whole]]
+            hashes = self.hashes
+            got = self.client.read_checked_ranges([([(blocks[b], s, s + n)], hashes[r]) for b, s, n, r in
+                                                   zip(at[whole].tolist(), first.tolist(), size.tolist(), rows[whole].tolist())])
+            for k, d in zip(whole.tolist(), got):
+                if d is not None:
+                    out[k] = memoryview(d) if views else d
+            whole = whole[[i for i, d in enumerate(got) if d is None]]
+        if len(whole):  # the usual case: cut out of their blocks at once, no per-sample lookups
+            got = self.client.reader.cut(blocks, at[whole], lo[rows[whole]], self.column("size")[rows[whole]], views=views)
+            for k, d in zip(whole.tolist(), got):
                 out[k] = d
         other = np.flatnonzero(at < 0)
         sizes = self.column("size")

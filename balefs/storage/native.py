@@ -96,6 +96,8 @@ def cut(blocks: Sequence[Any], which: Any, starts: Any, lengths: Any, threads: i
     if into is None:
         return [v.tobytes() for v in out]
     dest = memoryview(into).cast("B")
+    if dest.readonly:
+        raise BufferError("cut: into is not writable")
     if len(dest) != sum(len(v) for v in out):
         raise ValueError(f"cut: into holds {len(dest)} bytes, the files {sum(len(v) for v in out)}")
     at = 0

@@ -26,6 +26,8 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from ..errors import BlockNotFoundError, CorruptBlockError, NodeError
 from .cache import BlockCache
 from .codec import FLAG_AESGCM, FLAG_LZ4, HEADER_SIZE, BlockCodec
@@ -41,6 +43,7 @@ from . import native
 log = logging.getLogger(__name__)
 
 Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's raw bytes
+COPY_THREADS = 2  # cut: the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
 class BlockReader:
@@ -661,6 +664,39 @@ class BlockReader:
                     results[i] = bytes(out)
             except Exception as exc:  # noqa: BLE001 - reported per request
                 results[i] = exc
+
+    def cut(self, recs: Sequence[BlockRecord], which: np.ndarray, start: np.ndarray, length: np.ndarray,
+            views: bool = False) -> list:
+        """Many files cut out of their blocks at once: file i is length[i] bytes of block
+        recs[which[i]] from start[i] (numpy int arrays). The blocks are gathered (cached, native, or the
+        Python way), the files halved until their uncached blocks fit a wave; the copies made by the
+        engine without the GIL (views: read-only views into the blocks, no copy). Each file's bytes,
+        or the error that ended its block's read."""
+        if not len(which):
+            return []
+        used, inv = np.unique(which, return_inverse=True)
+        part = [recs[u] for u in used.tolist()]
+        uncached = sum(r.length for r in part if (r.chunk, r.idx) not in self.cache)
+        if uncached > self._wave_bytes and len(which) > 1:  # too many blocks to hold at once: halves
+            half = len(which) // 2
+            return (self.cut(recs, which[:half], start[:half], length[:half], views) +
+                    self.cut(recs, which[half:], start[half:], length[half:], views))
+        got = self.gather({(r.chunk, r.idx): r for r in part})
+        blocks = [got[(r.chunk, r.idx)] for r in part]
+        if views:
+            mv = [b if isinstance(b, Exception) else memoryview(b).toreadonly() for b in blocks]
+            return [m if isinstance(m, Exception) else m[s:s + n]
+                    for m, s, n in zip([mv[w] for w in inv.tolist()], start.tolist(), length.tolist())]
+        failed = [k for k, b in enumerate(blocks) if isinstance(b, Exception)]
+        if failed:
+            bad = np.isin(inv, failed)
+            start, length = np.where(bad, 0, start), np.where(bad, 0, length)
+            blocks = [b"" if isinstance(b, Exception) else b for b in blocks]
+        out: list = native.cut(blocks, inv.astype(np.int64), start.astype(np.int64), length.astype(np.int64), COPY_THREADS)
+        for k in np.flatnonzero(bad).tolist() if failed else ():
+            rec = part[int(inv[k])]
+            out[k] = got[(rec.chunk, rec.idx)]  # the error that ended its block's read
+        return out
 
     def gather(self, wave_blocks: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], Any]:
         """The raw bytes of these blocks (or the error that ended a block's read): from the memory

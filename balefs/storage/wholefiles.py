@@ -21,7 +21,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import native
 from .meta.types import BlockRecord
 from .piecemap import whole_block_pieces
 from .reader import BlockReader
@@ -33,7 +32,6 @@ GENERAL = 0  # row of every file read the general way
 EMPTY = 1  # row of every empty file
 LIMIT = 1 << 20  # paths kept; past it the table starts again (a lookup each is the cost)
 PART = 500  # paths resolved per step of a batch whose blocks are read meanwhile
-COPY_THREADS = 2  # the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
 class _Table:
@@ -182,38 +180,13 @@ class WholeFiles:
         fast = np.flatnonzero(slot >= 0)
         n = len(paths)
         if len(fast) == n:
-            out: list = self._cut(table, slot, start, length)
+            out: list = self._reader.cut(table.recs, slot, start, length)
         else:
             out = [b""] * n
-            for k, data in zip(fast.tolist(), self._cut(table, slot[fast], start[fast], length[fast])):
+            for k, data in zip(fast.tolist(), self._reader.cut(table.recs, slot[fast], start[fast], length[fast])):
                 out[k] = data
             general = np.flatnonzero(slot == -1).tolist()
             if general:
                 for k, data in zip(general, self._read_ranges([(paths[k], 0, None) for k in general])):
                     out[k] = data
-        return out
-
-    def _cut(self, table: _Table, slot: np.ndarray, start: np.ndarray, length: np.ndarray) -> list:
-        """Each file's bytes cut out of its block (blocks gathered: cached, native, or the Python way), or its block's error."""
-        if not len(slot):
-            return []
-        used, which = np.unique(slot, return_inverse=True)
-        recs = [table.recs[s] for s in used.tolist()]
-        reader = self._reader
-        uncached = sum(r.length for r in recs if (r.chunk, r.idx) not in reader.cache)
-        if uncached > reader.wave_bytes and len(slot) > 1:  # too many blocks to hold at once: halves
-            half = len(slot) // 2
-            return (self._cut(table, slot[:half], start[:half], length[:half]) +
-                    self._cut(table, slot[half:], start[half:], length[half:]))
-        got = reader.gather({(r.chunk, r.idx): r for r in recs})
-        blocks = [got[(r.chunk, r.idx)] for r in recs]
-        failed = [k for k, b in enumerate(blocks) if isinstance(b, Exception)]
-        if failed:
-            bad = np.isin(which, failed)
-            start, length = np.where(bad, 0, start), np.where(bad, 0, length)
-            blocks = [b"" if isinstance(b, Exception) else b for b in blocks]
-        out: list = native.cut(blocks, which.astype(np.int64), start, length, COPY_THREADS)
-        for k in np.flatnonzero(bad).tolist() if failed else ():
-            rec = recs[int(which[k])]
-            out[k] = got[(rec.chunk, rec.idx)]  # the error that ended its block's read
         return out
