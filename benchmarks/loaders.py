@@ -54,6 +54,7 @@ import contextlib
 import io
 import os
 import shutil
+import statistics
 import sys
 import tarfile
 import time
@@ -309,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="a,b,c,d,e,f,g", help="loaders to run (default a,b,c,d,e,f,g)")
     p.add_argument("--no-zero", action="store_true", help="skip the passes with num_workers=0")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every timed pass this many times, round after round; figures are medians (default 1)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be 1 or more")
 
     import tv_stub
 
@@ -319,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import DataLoader
 
     from balefs.loaders.torch import BaleDataset, BaleIterableDataset
-    from balefs.storage.diskcache import evict_entries
 
     args.workdir = os.path.abspath(args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {"a": "(a) loose files", "b": "(b) WebDataset", "c": "(c) BaleIterableDataset",
              "d": "(d) BaleDataset+sampler()", "e": "(e) LitData", "f": "(f) MosaicML Streaming",
              "g": "(g) BaleIterableDataset batch_size"}
-    results: dict[tuple[str, str], sf.Result] = {}
+    results: dict[tuple[str, str], list[sf.Result]] = {}  # one per round
     memory: dict[str, tuple[int, int]] = {}
     quality: dict[str, tuple[float, float, float]] = {}
     row_of = np.empty(ds.n, dtype=np.int64)
@@ -414,11 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"VERIFY FAILED {which}/{temp}/{w}: {len(order)} samples in an epoch of {ds.n}")
         return r, order, mem, cold
 
-    for temp, w, which in passes:
+    for rnd, (temp, w, which) in [(rnd, p) for rnd in range(args.rounds) for p in passes]:
         r, order, _, cold = run(temp, w, which, watch=False)
         kind = f"{temp}{w}"
-        results[(which, kind)] = r
-        sf.log(f"{names[which]:32s} {temp} w={w}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
+        results.setdefault((which, kind), []).append(r)
+        sf.log(f"{names[which]:32s} {temp} w={w}{f' round {rnd + 1}' if args.rounds > 1 else ''}: {r.fps:9.0f} samples/s {r.mbps:6.0f} MB/s {r.seconds:6.1f}s "
                f"(first batch {r.extra['first_batch_s']:.2f}s){'' if cold else ' (NOT cold)'}")
         if temp == "cold" and which not in quality:
             quality[which] = shuffle_quality(order, storage[which], b)
@@ -435,11 +439,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {sf.machine()}")
     print(f"balefs: {sf.balefs_build()}; torchvision: {tv}")
     print(f"set: {ds.n} files, {ds.total / 1e9:.2f} GB, {args.classes} classes; DataLoader workers {args.workers} and 0, "
-          f"batch {b}; WebDataset {len(urls)} shards, buffer {args.wds_buffer}; every epoch checked exactly once")
+          f"batch {b}; WebDataset {len(urls)} shards, buffer {args.wds_buffer}; every epoch checked exactly once; "
+          f"{args.rounds} round(s): samples/s and ratios are medians over the rounds (each ratio taken within a round)")
     if sf._can_drop is False:
         print("WARNING: the page cache could not be dropped: cold passes were not cold")
     print()
     cols = [k for _, k in [(t, f"{t}{w}") for t, w in kinds]]
+
+    def rate(which: str, kind: str) -> float:
+        """A loader's samples/s in a pass: the median over the rounds."""
+        return statistics.median(r.fps for r in results[(which, kind)])
+
+    def ratio(a: str, b: str, kind: str) -> float:
+        """a's samples/s over b's in a pass: each round's ratio (side by side), the median over the rounds."""
+        return statistics.median(x.fps / y.fps for x, y in zip(results[(a, kind)], results[(b, kind)]))
+
     print("| loader | " + " | ".join(f"{k[:4]} w={k[4:]} samples/s" for k in cols)
           + " | worker RSS GiB | worker USS GiB | worker private anon GiB | ingest files/s | spread | gap | abs(rho) |")
     print("|---|" + "---|" * (len(cols) + 7))
@@ -447,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         rss, uss, anon = memory.get(which, (0, 0, 0))
         sp, gp, rho = quality[which]
         ing = f"{ingest[which]:,.0f}" if ingest.get(which) else "-"
-        print(f"| {names[which]} | " + " | ".join(f"{results[(which, k)].fps:,.0f}" for k in cols)
+        print(f"| {names[which]} | " + " | ".join(f"{rate(which, k):,.0f}" for k in cols)
               + f" | {rss / 2**30:.2f} | {uss / 2**30:.2f} | {anon / 2**30:.2f} | {ing} | {sp:.3f} | {gp:.3f} | {rho:.3f} |")
     print()
     ratios: dict[str, float] = {}
@@ -457,13 +471,13 @@ def main(argv: list[str] | None = None) -> int:
             if which in "cdg":
                 continue
             for k in cols:
-                ratios[f"{m}/{which}/{k}"] = results[(m, k)].fps / results[(which, k)].fps
+                ratios[f"{m}/{which}/{k}"] = ratio(m, which, k)
             print(f"({m}) balefs vs {names[which]}: " + ", ".join(f"{k}: {ratios[f'{m}/{which}/{k}']:.2f}x" for k in cols))
     if "c" in only:
         for which in ("d", "g"):
             if which in only:
                 for k in cols:
-                    ratios[f"{which}/c/{k}"] = results[(which, k)].fps / results[("c", k)].fps
+                    ratios[f"{which}/c/{k}"] = ratio(which, "c", k)
                 print(f"{names[which]} vs (c): " + ", ".join(f"{k}: {ratios[f'{which}/c/{k}']:.2f}x" for k in cols))
     bars = []
     for m in mine:
@@ -497,9 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"machine": sf.machine(), "torchvision": tv, "ingest_files_per_s": ingest,
                        "worker_memory": {k: {"rss": v[0], "uss": v[1], "anon": v[2]} for k, v in memory.items()},
                        "quality": {k: {"spread": v[0], "gap": v[1], "rho": v[2]} for k, v in quality.items()},
-                       "rows": [{"loader": which, "pass": kind, "files": r.files, "nbytes": r.nbytes,
+                       "rounds": args.rounds, "ratios": ratios,
+                       "rows": [{"loader": which, "pass": kind, "round": i, "files": r.files, "nbytes": r.nbytes,
                                  "seconds": r.seconds, "cpu": r.cpu, "first_batch_s": r.extra["first_batch_s"]}
-                                for (which, kind), r in results.items()]}, f, indent=1)
+                                for (which, kind), rs in results.items() for i, r in enumerate(rs)]}, f, indent=1)
     if not args.keep:
         for name in ("src_a", "shards_a", "vol_loaders", "home", "litdata_a", "mds_a", "host_cache"):
             shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
