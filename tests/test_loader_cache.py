@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset
 from balefs.storage.diskcache import HEAD_SIZE, USAGE_FILE, DiskBlockCache
-from helpers import KiB, payload, wait_until
+from balefs.storage.codec import HEADER_SIZE
+from helpers import KiB, flip_bit, payload, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 URL = "bale://vol/data"
@@ -38,8 +39,10 @@ def name_of(sample) -> str:
 
 @pytest.fixture
 def tree(make_volume, open_client) -> dict[str, bytes]:
-    """240 files in ~14 chunks of 64 KiB (blocks of 16 KiB)."""
-    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB)
+    """240 files in ~14 chunks of 64 KiB (blocks of 16 KiB), on nodes whose blocks go through the
+    host cache (map_local_blocks off, as for node directories on a network filesystem; local block
+    files served mapped: test_local_blocks_are_served_as_mappings_of_their_files)."""
+    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB, map_local_blocks=False)
     client = open_client("vol")
     files = {f"c{i % 4}/f{i:04d}.bin": b"" for i in range(N_FILES)}
     with client.batch():
@@ -332,6 +335,43 @@ def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
     assert cache.host_usage() == sum(q.stat().st_size for q in published)
     assert (root / USAGE_FILE).exists()
     cache.close()
+
+
+def test_local_blocks_are_served_as_mappings_of_their_files(make_volume, open_client):
+    """On a volume of local node directories (the default), a loader serves each durable plain block
+    as a mapping of the node's own block file: with 2 DataLoader workers every sample comes once and
+    exact, and nothing is copied into the host cache. A damaged copy is never served: the block is
+    read from its other copy. lz4-compressed blocks still go through the host cache."""
+    make_volume("loc", chunk_size=64 * KiB, block_size=16 * KiB, replicas=2)
+    make_volume("lz", chunk_size=64 * KiB, block_size=16 * KiB, compression="lz4")
+    files = {f"c{i % 4}/f{i:04d}.bin": _content(f"c{i % 4}/f{i:04d}.bin", i) for i in range(N_FILES)}
+    packed = {rel: f"{rel}|".encode() * 300 for rel in files}  # compresses: stored lz4
+    for name, tree in (("loc", files), ("lz", packed)):
+        client = open_client(name)
+        with client.batch():
+            for rel, data in tree.items():
+                client.write_file(f"data/{rel}", data)
+    ds = BaleIterableDataset("bale://loc/data", seed=1)
+    reader = ds.source.client.reader
+    rec = next(r for recs in ds.source.blocks.values() for r in recs if r.idx >= 0)
+    path = reader.local_block_file(rec)
+    got = [s for batch in DataLoader(ds, batch_size=16, num_workers=2, collate_fn=list) for s in batch]
+    assert sorted(name_of(s) for s in got) == sorted(files) and all(bytes(s) == files[name_of(s)] for s in got)
+    if ENCRYPTED:  # sealed blocks cannot be mapped: the host's plaintext tier shares them
+        assert path is None and entries(host_cache())
+        return
+    assert path is not None and not entries(host_cache())  # not one block copied
+    with open(path, "rb") as f:
+        assert bytes(reader.map_local(rec)) == f.read()[HEADER_SIZE:]
+    flip_bit(Path(path), HEADER_SIZE + 10)
+    assert reader.map_local(rec) is None  # a damaged copy does not map
+    fresh = BaleIterableDataset("bale://loc/data", seed=1)
+    again = {name_of(s): bytes(s) for s in fresh}
+    assert again == files  # its samples read from the other copy
+    lz = BaleIterableDataset("bale://lz/data", seed=1)
+    data_blocks = [r for recs in lz.source.blocks.values() for r in recs if r.idx >= 0]
+    assert data_blocks and all(lz.source.client.reader.local_block_file(r) is None for r in data_blocks)
+    assert {name_of(s): bytes(s) for s in lz} == packed and entries(host_cache())
 
 
 def test_keep_maps_its_own_entry_and_checks_one_found_there(tmp_path):

@@ -30,7 +30,7 @@ def _content(i: int) -> bytes:
 @pytest.fixture
 def tree(make_volume, open_client) -> dict[str, bytes]:
     """200 files of 1-6 KiB in chunks of 64 KiB, blocks of 16 KiB (some files span two blocks)."""
-    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB, replicas=1)
+    make_volume("vol", chunk_size=64 * KiB, block_size=16 * KiB, replicas=1, map_local_blocks=False)  # through the host cache
     client = open_client("vol")
     files = {f"c{i % 4}/f{i:04d}.bin": _content(i) for i in range(N_FILES)}
     with client.batch():

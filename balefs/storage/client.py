@@ -297,6 +297,7 @@ class Client:
             if self.disk_cache is not None and self.disk_cache.sealer is not None:
                 self.memory_tier = open_memory_tier(self.codec.volume, cfg.disk_cache_size)
             self.reader.shared_cache = self.memory_tier if self.memory_tier is not None else self.disk_cache
+            self.reader.map_local_blocks = cfg.map_local_blocks
         self._writer: ChunkWriter | None = None
         self._writer_lock = threading.Lock()
         self._commit_lock = threading.Lock()

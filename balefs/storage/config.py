@@ -99,6 +99,11 @@ class VolumeConfig:
     # the nodes are published there at once and every block is served mapped from its entry, so the
     # memory cache holds views of the kernel's page cache, one copy for every process of the host
     host_cache: bool = False
+    # with host_cache: a durable plain block whose first copy is a local block file is served as a
+    # mapping of that file (the node's own page-cache copy, shared by every process of the host)
+    # rather than copied into the host cache; off for nodes whose directory is slower than the cache's
+    # disk (a network filesystem mounted as a local node)
+    map_local_blocks: bool = True
     # whether close() makes a file durable (fsync of its blocks and of the metadata) or only
     # visible, durable at the next sync (fsync, the client's close, or every sync_interval
     # seconds); None: the interface's default (synced for the Python API and `put`, not for
@@ -160,8 +165,9 @@ class VolumeConfig:
             raise ConfigError(f"compression {fmt.compression!r}: use 'none' or 'lz4'")
         if self.sync_close is not None and not isinstance(self.sync_close, bool):
             raise ConfigError(f"sync_close must be true or false, not {self.sync_close!r}")
-        if not isinstance(self.host_cache, bool):
-            raise ConfigError(f"host_cache must be true or false, not {self.host_cache!r}")
+        for name in ("host_cache", "map_local_blocks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if isinstance(self.sync_interval, bool) or not isinstance(self.sync_interval, (int, float)) or self.sync_interval <= 0:
             raise ConfigError(f"sync_interval must be a positive number of seconds, not {self.sync_interval!r}")
         if isinstance(self.audit_reads, bool) or not isinstance(self.audit_reads, (int, float)) or not 0 <= self.audit_reads <= 1:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
+import os
 import threading
 import time
 from collections import deque
@@ -43,6 +45,7 @@ from . import native
 log = logging.getLogger(__name__)
 
 Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's raw bytes
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11's mmap does not name it
 COPY_THREADS = 2  # cut: the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
@@ -53,6 +56,7 @@ class BlockReader:
     # the host's shared tier (VolumeConfig.host_cache): blocks go through it at once and are served mapped
     # from it. The disk tier itself, or on an encrypted volume a plaintext one in memory above the sealed disk tier
     shared_cache = None
+    map_local_blocks = False  # with the shared tier: serve durable plain blocks of local nodes mapped (map_local)
     hedge_factor = 4.0  # a remote read slower than this many times the node's typical latency is raced
     hedge_min = 0.05  # seconds: never hedge sooner than this
     # seconds: the hedge delay before a node's latency is known; a 4 MiB block queued on a busy 50 MB/s
@@ -206,8 +210,12 @@ class BlockReader:
         return data
 
     def _load_shared(self, rec: BlockRecord, shared: Any) -> bytes | memoryview:
-        """A block through the host's shared tier: its entry mapped, else read below it and published."""
+        """A block through the host's shared tier: its local block file or its entry mapped, else read
+        below it and published."""
         key = (rec.chunk, rec.idx)
+        data = self.map_local(rec)
+        if data is not None:
+            return data
         data = shared.get(key, rec.length, mapped=True)
         if data is not None:
             return data
@@ -223,6 +231,37 @@ class BlockReader:
                     spill.put(key, data)
                 data = data if kept is None else kept
         return data
+
+    def local_block_file(self, rec: BlockRecord) -> str | None:
+        """The block file to map for `rec` (map_local): its first up copy's, on a node of local block
+        files, for a durable block stored plain (neither compressed nor sealed); else None."""
+        if not self.map_local_blocks or self._codec.encrypted or not rec.durable or rec.stored != HEADER_SIZE + rec.length:
+            return None
+        order = up_first(rec.nodes, self._nodes)
+        node = self._nodes.get(order[0]) if order else None
+        return node.block_path(block_key(rec.chunk, rec.idx)) if supports(node, BlockFiles) else None
+
+    def map_local(self, rec: BlockRecord) -> memoryview | None:
+        """A block served as a read-only mapping of its local block file, checked whole (header and
+        checksum) once per mapping: every process of the host reads the node's own page-cache copy, and
+        none is written to the host cache. None where local_block_file does not apply or the file does
+        not map and check: the caller reads the usual way (other copies, repair, clear errors)."""
+        path = self.local_block_file(rec)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb", buffering=0) as f:
+                blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:  # its pages mapped in one call, read ahead by the kernel, not faulted in one by one
+                blob.madvise(MADV_POPULATE_READ)
+            except OSError:  # a kernel before 5.14
+                blob.madvise(mmap.MADV_WILLNEED)
+            raw = self._codec.decode(blob, rec.chunk, rec.idx)
+        except (OSError, ValueError, CorruptBlockError):  # ValueError: an empty file does not map
+            return None
+        if not isinstance(raw, memoryview) or len(raw) != rec.length:
+            return None
+        return raw.toreadonly()
 
     def _publish_from_scratch(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
         """A block published in the host's shared tier straight from a scratch buffer (scratchpool.py:
@@ -272,10 +311,17 @@ class BlockReader:
     def prefetch_to_disk(self, recs: Iterable[BlockRecord]) -> list[Future]:
         """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any
         process of the host counts, and becomes the most recently used): the futures of the fetches
-        started. Without a disk tier, those the memory cache lacks; with the host's shared tier, those it lacks."""
+        started. Without a disk tier, those the memory cache lacks; with the host's shared tier, those it
+        lacks, except blocks served mapped from their local files (map_local), which the kernel is only
+        asked to read ahead."""
         disk = self.shared_cache if self.shared_cache is not None else self.disk_cache
         out = []
         recs = list(recs)
+        if self.shared_cache is not None:  # blocks served mapped from local files: only read into the page cache
+            paths = [self.local_block_file(r) for r in recs]
+            for path in filter(None, paths):
+                _read_ahead_file(path)
+            recs = [r for r, path in zip(recs, paths) if path is None]
         on_disk = [r for r in recs if disk is not None and r.durable]
         # those cached are now the most recently used, spared by evictions
         cached = iter(disk.touch([((r.chunk, r.idx), r.length) for r in on_disk]) if on_disk else [])
@@ -837,6 +883,20 @@ class BlockReader:
                 data = blocks.get((rec.chunk, rec.idx))
                 out[pos:pos + bhi - blo] = memoryview(self.get(rec) if data is None else _ok(data))[blo:bhi]
                 pos += bhi - blo
+
+
+def _read_ahead_file(path: str) -> None:
+    """Have the kernel read a file into the page cache in the background (never raises)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _ok(data):
