@@ -154,8 +154,8 @@ def test_default_shuffle_buffer_fills_the_memory_cache(tree):
 
 def test_batch_read_maps_whole_samples_to_their_blocks_at_once(tree):
     """BaleSource.read maps the samples held whole in one block to their pieces with the snapshot's
-    maps (Client.read_planned) and reads the others (across two blocks) the general way: every
-    sample's bytes, in the order asked; a piece of a block that is gone fails its own request only."""
+    maps (Client.cut) and reads the others (across two blocks) the general way: every sample's
+    bytes, in the order asked; a file of a block that is gone fails on its own."""
     source = BaleIterableDataset(URL).source
     blocks, where, lo = source._block_index()
     rows = np.random.default_rng(0).permutation(N_FILES).tolist()
@@ -167,9 +167,11 @@ def test_batch_read_maps_whole_samples_to_their_blocks_at_once(tree):
     r = rows[int(np.flatnonzero(whole)[0])]
     rec, start, size = blocks[where[r]], int(lo[r]), int(source.column("size")[r])
     gone = rec._replace(chunk=10**9)
-    out = source.client.read_planned([[(rec, start, start + size)], [(gone, 0, 10)],
-                                      [(rec, start, start + 3), (rec, start + 3, start + size)]])
-    assert out[0] == tree[source.paths[r]] == out[2] and isinstance(out[1], Exception)
+    for views in (False, True):
+        out = source.client.cut([rec, gone], np.array([0, 1, 0]), np.array([start, 0, start + 3]),
+                                np.array([size, 10, size - 3]), views=views)
+        assert bytes(out[0]) == tree[source.paths[r]] and bytes(out[2]) == tree[source.paths[r]][3:]
+        assert isinstance(out[1], Exception) and isinstance(out[0], memoryview) == views
 
 
 def test_resume_with_other_workers_and_world_size(tree):

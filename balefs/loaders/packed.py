@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 
-from ..storage import native
+from ..storage.client import copy_into
 
 
 class PackedBatch(NamedTuple):
@@ -55,8 +55,7 @@ def pack(items: Sequence[bytes | memoryview], labels: list | None) -> PackedBatc
     else:
         data = torch.empty(total, dtype=torch.uint8)
     if total:  # one call: each sample's bytes copied without the GIL
-        n = len(items)
-        native.cut(items, np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64), sizes, threads=1, into=data.numpy())
+        copy_into(items, data.numpy())
     if labels is not None and all(isinstance(y, int) for y in labels):
         labels = torch.tensor(labels, dtype=torch.int64)
     return PackedBatch(data, torch.from_numpy(offsets), labels)

@@ -197,7 +197,7 @@ class BaleSource:
                     out[k] = memoryview(d) if views else d
             whole = whole[[i for i, d in enumerate(got) if d is None]]
         if len(whole):  # the usual case: cut out of their blocks at once, no per-sample lookups
-            got = self.client.reader.cut(blocks, at[whole], lo[rows[whole]], self.column("size")[rows[whole]], views=views)
+            got = self.client.cut(blocks, at[whole], lo[rows[whole]], self.column("size")[rows[whole]], views=views)
             for k, d in zip(whole.tolist(), got):
                 out[k] = d
         other = np.flatnonzero(at < 0)

@@ -14,8 +14,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
+import numpy as np
 import xxhash
 
 from .config import VolumeConfig, config_path, host_cache_dir, load_config, save_config
@@ -53,12 +54,13 @@ from .piecemap import whole_block_pieces  # re-exported: a loader maps its batch
 from .allocator import keep_freed_memory
 from .snapshot import Snapshot, local_copy, open_snapshot
 from .syncer import BackgroundSync
+from . import native
 
 
 # The public API, and the value types it takes and returns: adapters import these from here,
 # and nothing else from the storage core but its config (tests/test_layering.py).
 __all__ = ["Client", "FileReader", "FileWriter", "VolumeIdentity", "Inode", "Extent", "BlockRecord", "AuditRow", "Snapshot",
-           "MAX_FILE_SIZE", "whole_block_pieces"]
+           "MAX_FILE_SIZE", "whole_block_pieces", "copy_into"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,14 @@ def _parent(path: str) -> tuple[str, str]:
         return "", ""
     return "/".join(parts[:-1]), parts[-1]
 
+
+
+def copy_into(parts: Sequence[Any], into: Any) -> None:
+    """Copy buffers one after another into `into` (a writable buffer of exactly their total size),
+    without the GIL where the native engine is built: a loader packing a batch of samples."""
+    n = len(parts)
+    native.cut(parts, np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+               np.fromiter(map(len, parts), dtype=np.int64, count=n), threads=1, into=into)
 
 class FileReader:
     """Reads one committed file by byte range, with readahead on sequential access."""
@@ -728,14 +738,17 @@ class Client:
         held in one block is a read-only view into the cached block (no copy)."""
         return self.reader.read_many(requests, views=views)
 
-    def read_planned(self, requests: Sequence[Sequence[Piece]], views: bool = False) -> list[bytes | memoryview | Exception]:
-        """read_extents for requests already mapped to (block record, start, end) pieces of the
-        blocks this client's reader knows (e.g. adopted snapshot maps): no per-request planning."""
-        return self.reader.read_planned(requests, views=views)
+    def cut(self, blocks: Sequence[BlockRecord], which: np.ndarray, start: np.ndarray, length: np.ndarray,
+            views: bool = False) -> list[bytes | memoryview | Exception]:
+        """Many files cut out of blocks this client's reader knows (e.g. adopted snapshot maps), with
+        no per-file planning: file i is length[i] bytes of blocks[which[i]] from start[i] (numpy int
+        arrays); each block fetched once; each file's bytes (views: read-only views into the cached
+        blocks) or the error that ended its block's read (BlockReader.cut)."""
+        return self.reader.cut(blocks, which, start, length, views=views)
 
     def plan_pieces(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[list[Piece] | Exception]:
-        """The block pieces of each (extents, start, end) read (an error per request), for read_planned
-        and read_checked_ranges."""
+        """The block pieces of each (extents, start, end) read (an error per request), for
+        read_checked_ranges."""
         self.reader.load_maps({e[1] for ext, _, _ in requests for e in ext})
         out: list[list[Piece] | Exception] = []
         for ext, start, end in requests:
@@ -748,7 +761,7 @@ class Client:
     def read_checked_ranges(self, requests: Sequence[CheckedRange]) -> list[bytes | None]:
         """Whole small files, given as (their block pieces, their content hash), read by ranged reads of
         just their bytes from the block files of blocks no cache holds, each file checked against its
-        content hash (storage/rangeread.py); None for the rest, to read with read_planned. A loader's
+        content hash (storage/rangeread.py); None for the rest, to read whole (cut). A loader's
         cold first batches read so while the whole blocks fill the caches behind."""
         tiers = [t for t in (self.reader.shared_cache, self.disk_cache) if t is not None]
 

@@ -662,14 +662,6 @@ class BlockReader:
         self._read_waves(planned, results, views)
         return results
 
-    def read_planned(self, requests: Sequence[Sequence[Piece]], views: bool = False) -> list[bytes | memoryview | Exception]:
-        """read_many for requests already mapped to block pieces (a loader maps a whole batch of
-        samples with its snapshot's block maps at once): each request is the bytes of its pieces,
-        in order; each block fetched once, an error per request."""
-        results: list[bytes | memoryview | Exception] = [b""] * len(requests)
-        self._read_waves([(i, p, 0, sum(hi - lo for _, lo, hi in p), ()) for i, p in enumerate(requests)], results, views)
-        return results
-
     def _read_waves(self, planned: Sequence[tuple[int, Sequence[Piece], int, int, Sequence[Extent]]],
                     results: list, views: bool) -> None:
         """Serve planned requests (index, pieces, start, end, extents) in waves bounded in block bytes."""
