@@ -183,7 +183,7 @@ HELP = {
     "balefs_disk_cache_misses": "block lookups the disk cache could not serve",
     "balefs_reader_hedged": "block reads raced against another replica or path",
     "balefs_reader_repaired": "bad block copies rewritten from a good one",
-    "balefs_node_get_seconds": "seconds to read one block copy from a node",
+    "balefs_node_get_seconds": "seconds of one read from a node: a block copy (or a mapping of its file), or a file's range of one",
     "balefs_node_put_seconds": "seconds to store one block copy on a node (or grow it in place)",
     "balefs_node_get_errors": "block copy reads that failed or came back corrupt, per node",
     "balefs_node_put_errors": "block copy stores that failed, per node",

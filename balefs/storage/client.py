@@ -20,7 +20,7 @@ import numpy as np
 import xxhash
 
 from .config import VolumeConfig, config_path, host_cache_dir, load_config, save_config
-from ..errors import ConfigError, NodeError, NodeUnreachableError, VolumeExistsError, node_error
+from ..errors import ConfigError, NodeUnreachableError, VolumeExistsError, node_error
 from .baling import baling_figures
 from .cache import BlockCache
 from .diskcache import DiskBlockCache, open_memory_tier
@@ -769,7 +769,8 @@ class Client:
             key = (rec.chunk, rec.idx)
             return key in self.cache or any(t.contains(key) for t in tiers)
 
-        return read_checked(requests, self.nodes, self.codec, cached)
+        return read_checked(requests, self.nodes, self.codec, cached,
+                            lambda nid, took, n: self.reader.book_read(nid, took, n, whole=False))
 
     def prefetch_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[Future]:
         """Start fetching, in the background, the blocks of these reads that no cache holds (with

@@ -262,3 +262,12 @@ def up_first(ids: Iterable[int], nodes: dict[int, Node]) -> list[int]:
     ids = list(ids)
     up = [n for n in ids if n in nodes and node_is_up(nodes[n])]
     return up + [n for n in ids if n not in up]
+
+
+def first_block_file(ids: Iterable[int], key: str, nodes: dict[int, Node]) -> tuple[int, str] | None:
+    """(node id, path) of block `key`'s file on the first up node of `ids`, where that node is a
+    directory of block files (BlockFiles): what native code, mappings and ranged reads open
+    directly; None where the first copy lives elsewhere."""
+    order = up_first(ids, nodes)
+    node = nodes.get(order[0]) if order else None
+    return (order[0], node.block_path(key)) if supports(node, BlockFiles) else None

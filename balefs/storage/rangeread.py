@@ -14,6 +14,7 @@ way, which also reports, repairs and serves other replicas.
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Sequence
 
 import xxhash
@@ -21,7 +22,7 @@ import xxhash
 from .codec import HEADER_SIZE, BlockCodec
 from .layout import block_key
 from .meta.types import BlockRecord
-from .node import BlockFiles, Node, supports, up_first
+from .node import Node, first_block_file
 from .reader import Piece
 
 # a whole file: its pieces in order, and its xxh3-128 hex digest (None or "" where it has none)
@@ -34,56 +35,57 @@ def plain_blocks(codec: BlockCodec) -> bool:
 
 
 def read_checked(requests: Sequence[CheckedRange], nodes: dict[int, Node], codec: BlockCodec,
-                 cached: Callable[[BlockRecord], bool]) -> list[bytes | None]:
+                 cached: Callable[[BlockRecord], bool],
+                 on_read: Callable[[int, float, int], None] | None = None) -> list[bytes | None]:
     """The bytes of each request read by preads from its blocks' first up block files and matched
     against its content hash; None where that cannot be done or the bytes do not match (see the
     module's docstring). cached(rec): whether a cache holds the block (then it is read from there).
-    Every range is handed to the kernel's readahead first, so the disk serves them all at once."""
+    on_read(node id, seconds, bytes) books each pread. Every range is handed to the kernel's
+    readahead first, so the disk serves them all at once."""
     out: list[bytes | None] = [None] * len(requests)
     if not plain_blocks(codec):
         return out
-    fds: dict[tuple[int, int], int | None] = {}
-    todo: list[tuple[int, list[tuple[int, int, int]]]] = []  # (request, [(fd, offset in the file, length)])
+    fds: dict[tuple[int, int], tuple[int, int] | None] = {}  # block -> (fd, node id)
+    todo: list[tuple[int, list[tuple[int, int, int, int]]]] = []  # (request, [(fd, node, offset in the file, length)])
     try:
         for i, (pieces, digest) in enumerate(requests):
             reads = []
             for rec, lo, hi in pieces:
                 key = (rec.chunk, rec.idx)
                 if key not in fds:
-                    fds[key] = None if not rec.durable or cached(rec) else _open(_block_file(rec, nodes))
-                fd = fds[key]
-                if fd is None or hi <= lo:
+                    fds[key] = None if not rec.durable or cached(rec) else _open(first_block_file(rec.nodes, block_key(*key), nodes))
+                got = fds[key]
+                if got is None or hi <= lo:
                     break
-                reads.append((fd, HEADER_SIZE + lo, hi - lo))
+                reads.append((got[0], got[1], HEADER_SIZE + lo, hi - lo))
             if not digest or not pieces or len(reads) != len(pieces):
                 continue
-            for fd, offset, length in reads:
+            for fd, _, offset, length in reads:
                 os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
             todo.append((i, reads))
         for i, reads in todo:
-            parts = [_pread(fd, offset, length) for fd, offset, length in reads]
+            parts = []
+            for fd, nid, offset, length in reads:
+                started = time.monotonic()
+                parts.append(_pread(fd, offset, length))
+                if on_read is not None:
+                    on_read(nid, time.monotonic() - started, length)
             if any(p is None for p in parts):
                 continue
             data = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
             if xxhash.xxh3_128_hexdigest(data) == requests[i][1]:
                 out[i] = data
     finally:
-        for fd in fds.values():
-            if fd is not None:
-                os.close(fd)
+        for got in fds.values():
+            if got is not None:
+                os.close(got[0])
     return out
 
 
-def _block_file(rec: BlockRecord, nodes: dict[int, Node]) -> str | None:
-    """The path of the block's first up copy when that node is a directory of block files."""
-    order = up_first(rec.nodes, nodes)
-    node = nodes.get(order[0]) if order else None
-    return node.block_path(block_key(rec.chunk, rec.idx)) if supports(node, BlockFiles) else None
-
-
-def _open(path: str | None) -> int | None:
+def _open(found: tuple[int, str] | None) -> tuple[int, int] | None:
+    """(fd, node id) of a block file found by first_block_file, or None."""
     try:
-        return None if path is None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return None if found is None else (os.open(found[1], os.O_RDONLY | os.O_CLOEXEC), found[0])
     except OSError:
         return None
 

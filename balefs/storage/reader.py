@@ -37,7 +37,7 @@ from .counters import Counter, CounterGroup, Histogram, Keyed
 from .meta.types import BlockRecord, Extent
 from .erasure import ErasureCode
 from .layout import block_key, parity_position
-from .node import BlockFiles, MultiPath, Node, ReadInto, node_is_up, supports, up_first
+from .node import MultiPath, Node, ReadInto, first_block_file, node_is_up, supports, up_first
 from .scratchpool import ScratchPool
 from .stripes import Stripe, stripe_holding
 from . import native
@@ -213,10 +213,9 @@ class BlockReader:
         """A block through the host's shared tier: its local block file or its entry mapped, else read
         below it and published."""
         key = (rec.chunk, rec.idx)
-        data = self.map_local(rec)
-        if data is not None:
-            return data
-        data = shared.get(key, rec.length, mapped=True)
+        data = shared.get(key, rec.length, mapped=True)  # first: an entry warmup or another process put there
+        if data is None:
+            data = self.map_local(rec)
         if data is not None:
             return data
         with shared.filling(key):  # another process fetching it: wait for its entry instead
@@ -235,20 +234,25 @@ class BlockReader:
     def local_block_file(self, rec: BlockRecord) -> str | None:
         """The block file to map for `rec` (map_local): its first up copy's, on a node of local block
         files, for a durable block stored plain (neither compressed nor sealed); else None."""
+        local = self._local_copy(rec)
+        return None if local is None else local[1]
+
+    def _local_copy(self, rec: BlockRecord) -> tuple[int, str] | None:
+        """(node id, block file) of local_block_file."""
         if not self.map_local_blocks or self._codec.encrypted or not rec.durable or rec.stored != HEADER_SIZE + rec.length:
             return None
-        order = up_first(rec.nodes, self._nodes)
-        node = self._nodes.get(order[0]) if order else None
-        return node.block_path(block_key(rec.chunk, rec.idx)) if supports(node, BlockFiles) else None
+        return first_block_file(rec.nodes, block_key(rec.chunk, rec.idx), self._nodes)
 
     def map_local(self, rec: BlockRecord) -> memoryview | None:
         """A block served as a read-only mapping of its local block file, checked whole (header and
         checksum) once per mapping: every process of the host reads the node's own page-cache copy, and
         none is written to the host cache. None where local_block_file does not apply or the file does
         not map and check: the caller reads the usual way (other copies, repair, clear errors)."""
-        path = self.local_block_file(rec)
-        if path is None:
+        local = self._local_copy(rec)
+        if local is None:
             return None
+        nid, path = local
+        started = time.monotonic()
         try:
             with open(path, "rb", buffering=0) as f:
                 blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -261,6 +265,7 @@ class BlockReader:
             return None
         if not isinstance(raw, memoryview) or len(raw) != rec.length:
             return None
+        self.book_read(nid, time.monotonic() - started, len(blob))  # a read of that node's copy
         return raw.toreadonly()
 
     def _publish_from_scratch(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
@@ -419,10 +424,7 @@ class BlockReader:
         except Exception:
             self.node_get_errors[nid].add()
             raise
-        took = time.monotonic() - started
-        self._latency.setdefault(nid, deque(maxlen=32)).append(took)
-        self.node_get_seconds[nid].observe(took)
-        self.node_read_bytes[nid].add(len(blob))
+        self.book_read(nid, time.monotonic() - started, len(blob))
         try:
             raw = self._codec.decode(blob, rec.chunk, rec.idx, into)
         except CorruptBlockError as exc:
@@ -431,6 +433,15 @@ class BlockReader:
         if len(raw) != rec.length and (rec.durable or len(raw) < rec.length):  # a growing block may have grown
             raise CorruptBlockError(f"holds {len(raw)} bytes, metadata says {rec.length}", rec.chunk, rec.idx, node.url)
         return raw, blob
+
+    def book_read(self, nid: int, seconds: float, nbytes: int, whole: bool = True) -> None:
+        """One read from node `nid` (a block copy, a mapping of its file, or with whole=False a
+        file's range of it), in its latency and byte counters; whole blocks' reads only set when
+        a read counts as slow (_hedge_after)."""
+        if whole:
+            self._latency.setdefault(nid, deque(maxlen=32)).append(seconds)
+        self.node_get_seconds[nid].observe(seconds)
+        self.node_read_bytes[nid].add(nbytes)
 
     @staticmethod
     def _book(nid: int, exc: Exception, errors: list[Exception], bad: list[int]) -> None:
@@ -770,11 +781,8 @@ class BlockReader:
         kind, or a first copy elsewhere."""
         if not self.reads_natively or self._codec.encrypted != sealed:
             return None
-        order = up_first(rec.nodes, self._nodes)
-        node = self._nodes.get(order[0]) if order else None
-        if not supports(node, BlockFiles):
-            return None
-        return node.block_path(block_key(rec.chunk, rec.idx))
+        found = first_block_file(rec.nodes, block_key(rec.chunk, rec.idx), self._nodes)
+        return None if found is None else found[1]
 
     def _native_job(self, rec: BlockRecord, targets: Any = None) -> native.Job | None:
         """The native engine's job for a block it may read (native_block_file), else None. On an
