@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import logging
 import mmap
+import os
 import threading
 import time
 from collections import deque
@@ -255,10 +256,6 @@ class BlockReader:
         try:
             with open(path, "rb", buffering=0) as f:
                 blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            try:  # pages read from the disk now come in 2 MiB folios, mapped whole: fewer faults and TLB misses
-                blob.madvise(mmap.MADV_HUGEPAGE)
-            except (OSError, AttributeError):  # no transparent huge pages here
-                pass
             try:  # its pages mapped in one call, read ahead by the kernel, not faulted in one by one
                 blob.madvise(MADV_POPULATE_READ)
             except OSError:  # a kernel before 5.14
@@ -320,16 +317,16 @@ class BlockReader:
         """Start fetching the blocks, of these, that the disk tier lacks (an entry published by any
         process of the host counts, and becomes the most recently used): the futures of the fetches
         started. Without a disk tier, those the memory cache lacks; with the host's shared tier, those it
-        lacks, except blocks served mapped from their local files (map_local), which are mapped in the
-        background here if this process's memory cache lacks them (read from the disk in large folios
-        where it must: see map_local; the kernel's own read-ahead would bring them in small pages)."""
+        lacks, except blocks served mapped from their local files (map_local), which the kernel is only
+        asked to read ahead."""
         disk = self.shared_cache if self.shared_cache is not None else self.disk_cache
         out = []
         recs = list(recs)
-        if self.shared_cache is not None:
-            local = [self.local_block_file(r) is not None for r in recs]
-            out += [self.fetch(r) for r, m in zip(recs, local) if m and (r.chunk, r.idx) not in self.cache]
-            recs = [r for r, m in zip(recs, local) if not m]
+        if self.shared_cache is not None:  # blocks served mapped from local files: only read into the page cache
+            paths = [self.local_block_file(r) for r in recs]
+            for path in filter(None, paths):
+                _read_ahead_file(path)
+            recs = [r for r, path in zip(recs, paths) if path is None]
         on_disk = [r for r in recs if disk is not None and r.durable]
         # those cached are now the most recently used, spared by evictions
         cached = iter(disk.touch([((r.chunk, r.idx), r.length) for r in on_disk]) if on_disk else [])
@@ -886,6 +883,20 @@ class BlockReader:
                 data = blocks.get((rec.chunk, rec.idx))
                 out[pos:pos + bhi - blo] = memoryview(self.get(rec) if data is None else _ok(data))[blo:bhi]
                 pos += bhi - blo
+
+
+def _read_ahead_file(path: str) -> None:
+    """Have the kernel read a file into the page cache in the background (never raises)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _ok(data):
