@@ -2,10 +2,12 @@
 
 A DataLoader worker copies each sample once, from the host cache's mapping straight into one
 uint8 tensor in shared memory, which crosses to the training process as a handle: no per-sample
-Python objects on either side and no collate. Used with DataLoader(batch_size=None).
+Python objects on either side and no collate. The shared memory is one of the worker's own
+segments, reused batch after batch (batchslots.py). Used with DataLoader(batch_size=None).
 """
 from __future__ import annotations
 
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 import torch.utils.data as tud
 
 from ..storage.client import copy_into
+from .batchslots import received, sent_slot, worker_slots
 
 
 class PackedBatch(NamedTuple):
@@ -43,6 +46,26 @@ def _rebuild(data: torch.Tensor, offsets: np.ndarray, labels: Any) -> PackedBatc
     return PackedBatch(data, torch.from_numpy(offsets), labels)
 
 
+def _rebuild_received(fd: Any, nbytes: int, offsets: np.ndarray, labels: Any) -> PackedBatch:
+    """A PackedBatch whose bytes are in a worker's segment (batchslots.received)."""
+    return _rebuild(torch.from_numpy(received(fd, nbytes)), offsets, labels)
+
+
+def _reduce_to_queue(batch: PackedBatch) -> tuple:
+    """How a worker's DataLoader queue pickles a batch (multiprocessing's pickler only; a plain
+    pickle carries the bytes): one packed into a segment of the worker's crosses as that segment's
+    descriptor, any other one as PackedBatch.__reduce__ says."""
+    data = batch.data
+    fd = sent_slot(data.data_ptr(), data.numel()) if data.dtype == torch.uint8 and data.is_contiguous() else None
+    if fd is None:
+        return batch.__reduce__()
+    labels = batch.labels.numpy() if isinstance(batch.labels, torch.Tensor) else batch.labels
+    return _rebuild_received, (fd, data.numel(), batch.offsets.numpy(), labels)
+
+
+ForkingPickler.register(PackedBatch, _reduce_to_queue)
+
+
 def pack(items: Sequence[bytes | memoryview], labels: list | None) -> PackedBatch:
     """One PackedBatch of these samples' bytes: one copy of each, into shared memory when in a
     DataLoader worker (what default_collate does for a tensor it makes there)."""
@@ -50,7 +73,10 @@ def pack(items: Sequence[bytes | memoryview], labels: list | None) -> PackedBatc
     offsets = np.zeros(len(items) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     total = int(offsets[-1])
-    if tud.get_worker_info() is not None and total:
+    slot = worker_slots().take(total) if tud.get_worker_info() is not None and total else None
+    if slot is not None:
+        data = torch.from_numpy(slot)
+    elif tud.get_worker_info() is not None and total:  # every segment of the worker's held
         data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
     else:
         data = torch.empty(total, dtype=torch.uint8)
