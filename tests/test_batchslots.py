@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from balefs.errors import BaleError
 from balefs.loaders import batchslots
 from balefs.loaders.batchslots import BatchSlots, received
 from balefs.loaders.packed import PackedBatch
@@ -99,13 +100,15 @@ def test_a_received_batch_passed_on_is_copied_out_of_the_segment(tree):
 
 def test_segments_in_one_process():
     """take / ticket / received: a segment is held from take until the receiving side's last view
-    goes; then taken again (the same memory); a larger batch than it holds makes it again; with
-    every segment held, take says None. A plain pickle of a batch carries its bytes."""
+    goes, then taken again (the same memory); its descriptor crosses with its first batch only; a
+    larger batch than it holds makes it again; with every segment held, take says None. A plain
+    pickle of a batch carries its bytes."""
     slots = BatchSlots(most=2)
     a = slots.take(1000)
     a[:] = 7
-    got = received(slots.ticket(a.ctypes.data, 1000), 1000)
-    assert bytes(got) == bytes([7]) * 1000
+    first = slots.ticket(a.ctypes.data, 1000)
+    got = received(first)
+    assert bytes(got) == bytes([7]) * 1000 and first.fd is not None
     b = slots.take(1000)
     assert b.ctypes.data != a.ctypes.data and slots.take(10) is None  # both held
     assert slots.ticket(a.ctypes.data, 1000) is None  # sent once
@@ -117,10 +120,42 @@ def test_segments_in_one_process():
     gc.collect()
     again = slots.take(1000)
     assert again is not None and again.ctypes.data == a.ctypes.data
-    received(slots.ticket(again.ctypes.data, 1000), 1000)  # let go at once
+    again[:] = 9
+    second = slots.ticket(again.ctypes.data, 1000)
+    assert second.fd is None and second.gen == first.gen  # the segment is known on the receiving side
+    assert bytes(received(second)) == bytes([9]) * 1000  # let go at once
     gc.collect()
     big = slots.take(4 << 20)
     assert big is not None and len(big) == 4 << 20
     batch = PackedBatch(torch.from_numpy(np.frombuffer(b"xyz", dtype=np.uint8).copy()), torch.tensor([0, 1, 3]), None)
     back = pickle.loads(pickle.dumps(batch))
     assert [bytes(s) for s in back.samples()] == [b"x", b"yz"]
+
+
+def test_a_segment_not_seen_before_is_reopened_or_named():
+    """A receiving process that missed a segment's first batch reopens it through /proc, checked to be
+    the same memfd; one that is gone is a clear error, not someone else's bytes."""
+    slots = BatchSlots(most=1)
+    a = slots.take(100)
+    a[:] = 5
+    received(slots.ticket(a.ctypes.data, 100))
+    gc.collect()
+    batchslots._mapped.clear()  # as if another process had received the first batch
+    b = slots.take(100)
+    b[:] = 6
+    ticket = slots.ticket(b.ctypes.data, 100)
+    assert ticket.fd is None and bytes(received(ticket)) == bytes([6]) * 100
+    batchslots._mapped.clear()
+    with pytest.raises(BaleError, match="gone"):
+        received(ticket._replace(inode=ticket.inode + 1))
+
+
+def test_mappings_of_exited_workers_are_dropped(tree):
+    """Each epoch's new workers replace the last epoch's mappings in the training process."""
+    pids = []
+    for _ in range(2):
+        loader = DataLoader(BaleIterableDataset(URL, seed=4, batch_size=BATCH), batch_size=None, num_workers=2)
+        it = iter(loader)
+        pids.append({w.pid for w in it._workers})
+        assert sum(len(b.samples()) for b in it) == N_FILES
+    assert {token[0] for token in batchslots._mapped} - {os.getpid()} == pids[1]  # (in-process tests: this pid)

@@ -2,19 +2,21 @@
 the training process has let go of the batch it held.
 
 A batch made in a worker crosses to the training process in shared memory. torch makes a fresh
-segment per batch: allocated, zeroed and mapped page by page, then freed again, which costs ~2.4 ms
-of a 2 MiB batch on a 2-core VM against ~0.3 ms for the copy itself. Here each worker keeps a few
-segments (memfd), sends a batch as a duplicate of its segment's descriptor, and writes the next
-batch into a segment only after the training process has dropped every view of the last one.
+segment per batch: allocated, zeroed and mapped page by page, then freed again, and its descriptor
+passed over a socket with a handshake; on a 2-core VM that is ~2.4 ms of a 2 MiB batch against
+~0.3 ms for the copy itself. Here each worker keeps a few segments (memfd). A segment's descriptor
+crosses once, with the first batch in it; the training process keeps it mapped, and later batches
+in it cross as the segment's name, offsets and labels only.
 
 The first byte of each segment says who holds it: BUSY from when the worker fills it until the
-training process has unmapped its copy of the mapping (the finalizer of the array the batch's
-tensor is made from) and written FREE with a system call, so no read of the old batch can race
-the next one. The training process's tensor does not live in torch's shared memory: passing it on
-to a third process makes torch copy it into a segment of its own, so a segment reused here is never
-seen by a process that cannot release it. A worker that dies leaves the training process's mapping
-valid; a training process that dies leaves the segments BUSY, and the worker falls back to torch's
-segments once all of its own are held.
+training process has let go of the array its batch was made from (with every tensor and view of
+it) and written FREE through the descriptor (a system call, so the write is ordered after every
+read of the batch). The tensor the training process gets does not live in torch's shared memory:
+passing it on to another process makes torch copy it into a segment of its own, so a reused segment
+is never read by a process that cannot release it. (A process forked from the training process
+while it holds a batch inherits a view it cannot release: read batches there only after copying.)
+A worker that dies leaves the training process's mappings valid; a training process that dies
+leaves the segments BUSY, and the worker falls back to torch's segments once all of its own are held.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ import os
 import threading
 import weakref
 from multiprocessing.reduction import DupFd
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from ..errors import BaleError
 
 HEAD = 64  # the flag byte, and the data aligned after it
 FREE, BUSY = b"\x00", b"\x01"
@@ -34,10 +38,11 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Py
 
 
 class _Segment:
-    """One memfd: a flag byte, then room for `capacity` bytes of batch."""
+    """One memfd: a flag byte, then room for `capacity` bytes of batch. `gen` names this memfd among
+    the ones a slot had (a slot made again, larger, is a new one); `sent`: its descriptor crossed."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int, gen: int) -> None:
+        self.capacity, self.gen, self.sent = capacity, gen, False
         self.fd = os.memfd_create("balefs-batch", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, HEAD + capacity)
@@ -66,6 +71,8 @@ class BatchSlots:
 
     def __init__(self, most: int = MOST) -> None:
         self.most = most
+        self.token = (os.getpid(), os.urandom(8))  # names this worker's segments in the training process
+        self._gens = 0
         self._segments: list[_Segment] = []
         self._lent: dict[int, tuple[_Segment, int]] = {}  # data address -> (segment, bytes) of batches not sent yet
         self._lock = threading.Lock()  # the DataLoader's feeder thread sends while the worker packs
@@ -82,27 +89,41 @@ class BatchSlots:
                     self._segments.remove(free[0])
                 elif len(self._segments) >= self.most:
                     return None
-                seg = _Segment(_capacity(nbytes))
+                self._gens += 1
+                seg = _Segment(_capacity(nbytes), self._gens)
                 self._segments.append(seg)
             seg.map[0:1] = BUSY
             out = np.frombuffer(seg.map, dtype=np.uint8, count=nbytes, offset=HEAD)
             self._lent[out.ctypes.data] = (seg, nbytes)
             return out
 
-    def ticket(self, address: int, nbytes: int) -> Any:
-        """What the training process needs to map the batch at `address`: (a duplicate of its
-        segment's descriptor, its bytes); None if the batch is not in a segment of ours."""
+    def ticket(self, address: int, nbytes: int) -> Ticket | None:
+        """What the training process needs to find the batch at `address`; None if the batch is not
+        in a segment of ours. The segment's descriptor goes with the first batch in it only."""
         with self._lock:
             lent = self._lent.pop(address, None)
-        if lent is None or lent[1] != nbytes:
-            return None
-        return DupFd(lent[0].fd)
+            if lent is None or lent[1] != nbytes:
+                return None
+            seg = lent[0]
+            fd, seg.sent = (None if seg.sent else DupFd(seg.fd)), True
+        return Ticket(self.token, seg.gen, seg.fd, os.fstat(seg.fd).st_ino, nbytes, fd)
 
 
 def _capacity(nbytes: int) -> int:
     """A segment's room for a batch of `nbytes`: a quarter more (batches of one size vary), in 64 KiB."""
     want = max(nbytes + nbytes // 4, 1 << 20)
     return -(-want // (64 << 10)) * (64 << 10)
+
+
+class Ticket(NamedTuple):
+    """A batch in a worker's segment, as it crosses to the training process."""
+
+    token: tuple[int, bytes]  # the worker's BatchSlots (its pid first)
+    gen: int  # the segment
+    fdno: int  # the segment's descriptor number in the worker, and its inode: reopened through
+    inode: int  # /proc when the training process has not seen the segment's first batch
+    nbytes: int
+    fd: Any  # DupFd, with the first batch in the segment; else None
 
 
 _slots: tuple[int, BatchSlots] | None = None
@@ -121,24 +142,71 @@ def sent_slot(address: int, nbytes: int) -> Any:
     return None if _slots is None or _slots[0] != os.getpid() else _slots[1].ticket(address, nbytes)
 
 
-def received(fd: DupFd, nbytes: int) -> np.ndarray:
+class _Mapped:
+    """A worker's segment mapped in the training process, for as long as the worker lives."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        try:
+            self.map = mmap.mmap(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def release(self) -> None:
+        """The training process let go of the batch in it: FREE, by a system call (see the module doc)."""
+        os.pwrite(self.fd, FREE, 0)
+
+    def __del__(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a batch still viewed: unmapped when it goes
+            pass
+        os.close(self.fd)
+
+
+_mapped: dict[tuple[int, bytes], dict[int, _Mapped]] = {}  # the training process's: token -> gen -> mapping
+_mapped_lock = threading.Lock()
+
+
+def received(ticket: Ticket) -> np.ndarray:
     """In the training process: the batch's bytes, a read-write view of the worker's segment. When the
-    array is let go (with every tensor made from it), the mapping is closed and the segment marked FREE."""
-    handle = fd.detach()
-    try:
-        view = mmap.mmap(handle, HEAD + nbytes)
-    except BaseException:
-        os.close(handle)
-        raise
-    weakref.finalize(view, _release, handle)  # called once the mapping is gone: after the array
-    return np.frombuffer(view, dtype=np.uint8, count=nbytes, offset=HEAD)
+    array is let go (with every tensor and view made from it), the segment is marked FREE."""
+    fd = ticket.fd.detach() if ticket.fd is not None else None
+    with _mapped_lock:
+        segs = _mapped.get(ticket.token)
+        if segs is None:
+            _forget_dead_workers()
+            segs = _mapped[ticket.token] = {}
+        seg = segs.get(ticket.gen)
+        if seg is None or fd is not None:
+            seg = segs[ticket.gen] = _Mapped(fd if fd is not None else _reopen(ticket))
+    out = np.frombuffer(seg.map, dtype=np.uint8, count=ticket.nbytes, offset=HEAD)
+    weakref.finalize(out, seg.release)  # the array goes when its last tensor or view goes
+    return out
 
 
-def _release(handle: int) -> None:
-    """The training process is done with a segment: its mapping is gone (an mmap object unmaps
-    before its weak references are called), so it is marked FREE by a write through the descriptor
-    (a system call: ordered after every read of the mapping)."""
+def _reopen(ticket: Ticket) -> int:
+    """A descriptor of a segment whose first batch this process did not receive: the worker's own,
+    reopened through /proc and checked to be the same memfd."""
+    path = f"/proc/{ticket.token[0]}/fd/{ticket.fdno}"
     try:
-        os.pwrite(handle, FREE, 0)
-    finally:
-        os.close(handle)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BaleError(f"a packed batch's shared memory cannot be opened ({path}: {exc.strerror}); "
+                        "batches of a DataLoader worker are received by one process") from None
+    if os.fstat(fd).st_ino != ticket.inode:
+        os.close(fd)
+        raise BaleError(f"a packed batch's shared memory is gone ({path}: the worker closed it)")
+    return fd
+
+
+def _forget_dead_workers() -> None:
+    """Drop the mappings of workers that have exited (a DataLoader starts new ones every epoch)."""
+    for token in list(_mapped):
+        try:
+            os.kill(token[0], 0)
+        except ProcessLookupError:
+            del _mapped[token]
+        except PermissionError:  # alive, someone else's
+            pass

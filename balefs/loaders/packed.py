@@ -15,7 +15,7 @@ import torch
 import torch.utils.data as tud
 
 from ..storage.client import copy_into
-from .batchslots import received, sent_slot, worker_slots
+from .batchslots import Ticket, received, sent_slot, worker_slots
 
 
 class PackedBatch(NamedTuple):
@@ -46,21 +46,21 @@ def _rebuild(data: torch.Tensor, offsets: np.ndarray, labels: Any) -> PackedBatc
     return PackedBatch(data, torch.from_numpy(offsets), labels)
 
 
-def _rebuild_received(fd: Any, nbytes: int, offsets: np.ndarray, labels: Any) -> PackedBatch:
+def _rebuild_received(ticket: Ticket, offsets: np.ndarray, labels: Any) -> PackedBatch:
     """A PackedBatch whose bytes are in a worker's segment (batchslots.received)."""
-    return _rebuild(torch.from_numpy(received(fd, nbytes)), offsets, labels)
+    return _rebuild(torch.from_numpy(received(ticket)), offsets, labels)
 
 
 def _reduce_to_queue(batch: PackedBatch) -> tuple:
     """How a worker's DataLoader queue pickles a batch (multiprocessing's pickler only; a plain
-    pickle carries the bytes): one packed into a segment of the worker's crosses as that segment's
-    descriptor, any other one as PackedBatch.__reduce__ says."""
+    pickle carries the bytes): one packed into a segment of the worker's crosses as a Ticket naming
+    that segment, any other one as PackedBatch.__reduce__ says."""
     data = batch.data
-    fd = sent_slot(data.data_ptr(), data.numel()) if data.dtype == torch.uint8 and data.is_contiguous() else None
-    if fd is None:
+    ticket = sent_slot(data.data_ptr(), data.numel()) if data.dtype == torch.uint8 and data.is_contiguous() else None
+    if ticket is None:
         return batch.__reduce__()
     labels = batch.labels.numpy() if isinstance(batch.labels, torch.Tensor) else batch.labels
-    return _rebuild_received, (fd, data.numel(), batch.offsets.numpy(), labels)
+    return _rebuild_received, (ticket, batch.offsets.numpy(), labels)
 
 
 ForkingPickler.register(PackedBatch, _reduce_to_queue)
