@@ -15,7 +15,7 @@ from balefs.loaders.source import SampleError
 from balefs.loaders.torch import RANGED_SAMPLES, BaleIterableDataset
 from balefs.storage.codec import HEADER_SIZE
 from balefs.storage.layout import block_key
-from helpers import KiB, payload
+from helpers import KiB, evict_block_files, payload
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 URL = "bale://vol/data"
@@ -36,6 +36,7 @@ def tree(make_volume, open_client) -> dict[str, bytes]:
     with client.batch():
         for rel, data in files.items():
             client.write_file(f"data/{rel}", data)
+    evict_block_files(client)  # cold: a block file the page cache holds is read whole, not by ranges
     return files
 
 
@@ -55,10 +56,12 @@ def test_cold_rows_are_read_by_checked_ranges_and_match(tree):
     src = ds.source
     rows = list(range(len(src)))
     before = src.client.counters()
-    got = src.read(rows, ranged=True)
-    assert [bytes(d) for d in got] == [tree[p] for p in src.paths]
     _, where, _ = src._block_index()
-    assert (where < 0).any() and (where >= 0).any()  # both kinds were read
+    assert (where < 0).any() and (where >= 0).any()  # both kinds are read
+    for part in (np.flatnonzero(where >= 0), np.flatnonzero(where < 0)):
+        evict_block_files(src.client)  # the first part's reads brought whole small blocks in (readahead)
+        got = src.read(part, ranged=True)
+        assert [bytes(d) for d in got] == [tree[src.paths[r]] for r in part]
     after = src.client.counters()
     writes = "memory_tier.writes" if ENCRYPTED else "disk_cache.writes"
     if not ENCRYPTED:  # plain blocks: nothing was read whole, so nothing was cached
@@ -90,6 +93,23 @@ def test_a_damaged_range_is_never_returned(tree):
     got = src.read([row, other], ranged=True)
     assert isinstance(got[0], SampleError) and isinstance(got[0].__cause__, CorruptBlockError)
     assert bytes(got[1]) == tree[src.paths[other]]
+
+
+def test_a_block_file_in_the_page_cache_is_read_whole_not_by_ranges(tree):
+    """A block file the kernel's page cache holds (here: just read) is mapped and cut whole, not read
+    by ranges: a checked ranged read per file would cost more than its share of the mapped block.
+    Out of the page cache again, the same files come by ranges."""
+    ds = BaleIterableDataset(URL, seed=0)
+    src = ds.source
+    blocks, where, lo = src._block_index()
+    rows = [int(r) for r in np.flatnonzero(where >= 0)[:20]]
+    pieces = [([(blocks[where[r]], int(lo[r]), int(lo[r]) + len(tree[src.paths[r]]))], src.hashes[r]) for r in rows]
+    for r in rows:
+        _block_file(ds, r)[0].read_bytes()
+    assert src.client.read_checked_ranges(pieces) == [None] * len(rows)
+    evict_block_files(src.client)
+    expect = [None] * len(rows) if ENCRYPTED else [tree[src.paths[r]] for r in rows]
+    assert src.client.read_checked_ranges(pieces) == expect
 
 
 def test_files_without_a_content_hash_are_read_whole(tree):
