@@ -83,5 +83,5 @@ def pack(items: Sequence[bytes | memoryview], labels: list | None) -> PackedBatc
     if total:  # one call: each sample's bytes copied without the GIL
         copy_into(items, data.numpy())
     if labels is not None and all(isinstance(y, int) for y in labels):
-        labels = torch.tensor(labels, dtype=torch.int64)
+        labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # (torch.tensor of a list: 0.1 ms)
     return PackedBatch(data, torch.from_numpy(offsets), labels)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future, wait
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -28,6 +29,7 @@ FIRST_UNIT = 64  # samples of an iteration's first read unit (then doubling up t
 # an iteration's first samples (the read units that begin among them) are read by ranged reads where
 # their blocks are not cached yet, while those blocks are fetched whole behind (BaleSource.read's ranged)
 RANGED_SAMPLES = 1024
+PACK_AHEAD = 2  # packed batches copied ahead of the training loop, outside DataLoader workers
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), the order of
 # a map-style dataset's BaleSampler (-1: none, 0: storage order, 1: shuffled), its seed, rank and world
@@ -237,9 +239,40 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         return self._batches(None) if task is None else task.timed(self._batches(task), count=_batch_len)
 
     def _batches(self, task: metrics.TaskMetrics | None) -> Iterator[PackedBatch]:
-        """The samples packed batch_size at a time (the last one short). Without decode, a read unit
-        whose samples all came is taken whole (no per-sample step) and each batch copied into its
-        tensor in one call without the GIL; a unit with an error goes sample by sample (on_error)."""
+        """The samples packed batch_size at a time (the last one short), each batch counted as
+        delivered once yielded. Outside DataLoader workers the copies are made by a thread of their
+        own, a batch ahead (they run without the GIL, beside the training loop); a worker packs
+        in its own thread, into its reused segments (packed.py), its cores busy anyway."""
+        parts = self._batch_parts(task)
+        if tud.get_worker_info() is not None:
+            for items, labels in parts:
+                batch = pack(items, labels)
+                self._taken += len(items)
+                yield batch
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="bale-pack") as packer:
+            ahead: deque[tuple[int, Future]] = deque()
+            try:
+                for items, labels in parts:
+                    ahead.append((len(items), packer.submit(pack, items, labels)))
+                    if len(ahead) > PACK_AHEAD:
+                        n, done = ahead.popleft()
+                        batch = done.result()
+                        self._taken += n
+                        yield batch
+                while ahead:
+                    n, done = ahead.popleft()
+                    batch = done.result()
+                    self._taken += n
+                    yield batch
+            finally:
+                for _, done in ahead:
+                    done.cancel()
+
+    def _batch_parts(self, task: metrics.TaskMetrics | None) -> Iterator[tuple[list, list | None]]:
+        """(samples, labels) of each batch, in order. Without decode, a read unit whose samples all
+        came is taken whole (no per-sample step); a unit with an error goes sample by sample
+        (on_error)."""
         items: list = []
         labels: list | None = [] if self.label is not None else None
         last: list = []
@@ -259,16 +292,12 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                         items.append(sample[0])
                         labels.append(sample[1])
             while len(items) >= size:
-                batch = pack(items[:size], None if labels is None else labels[:size])
+                yield items[:size], None if labels is None else labels[:size]
                 del items[:size]
                 if labels is not None:
                     del labels[:size]
-                self._taken += size  # delivered once yielded
-                yield batch
         if items:
-            batch = pack(items, labels)
-            self._taken += len(items)
-            yield batch
+            yield items, labels
 
     def _samples(self, task: metrics.TaskMetrics | None) -> Iterator[Any]:
         """This consumer's samples of the epoch, each counted as delivered in the progress once yielded."""

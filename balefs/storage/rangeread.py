@@ -8,14 +8,13 @@ block can be read by one pread of just its bytes. The block's own xxh3 covers th
 and cannot check a range; each range read here is checked against its file's xxh3-128 content
 hash instead (`Inode.hash`, recorded when the file was written, carried by snapshots). A range
 that does not match, a file with no content hash, a block some cache holds (the kernel's page
-cache included: a warm block file is mapped whole more cheaply than read by ranges) or one no
+cache included, pagecache.cached: a warm block file is mapped whole more cheaply than read by
+ranges, and its whole block is fetched after the ranged reads anyway) or one no
 local block file serves is not read here (None): the caller reads its whole block, checked, the
 usual way, which also reports, repairs and serves other replicas.
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import time
 from typing import Callable, Sequence
@@ -26,9 +25,9 @@ from .codec import HEADER_SIZE, BlockCodec
 from .layout import block_key
 from .meta.types import BlockRecord
 from .node import Node, first_block_file
+from . import pagecache
 from .reader import Piece
 
-PAGE = mmap.PAGESIZE
 # a whole file: its pieces in order, and its xxh3-128 hex digest (None or "" where it has none)
 CheckedRange = tuple[Sequence[Piece], "str | None"]
 
@@ -58,7 +57,7 @@ def read_checked(requests: Sequence[CheckedRange], nodes: dict[int, Node], codec
                 key = (rec.chunk, rec.idx)
                 if key not in fds:
                     fds[key] = None if not rec.durable or cached(rec) else _open(first_block_file(rec.nodes, block_key(*key), nodes))
-                    if fds[key] is not None and _in_page_cache(fds[key][0], HEADER_SIZE + rec.stored):
+                    if fds[key] is not None and pagecache.cached(fds[key][0], HEADER_SIZE + rec.stored):
                         os.close(fds[key][0])  # warm: the whole block is mapped with no disk read, and cut
                         fds[key] = None
                 got = fds[key]
@@ -95,30 +94,6 @@ def _open(found: tuple[int, str] | None) -> tuple[int, int] | None:
         return None if found is None else (os.open(found[1], os.O_RDONLY | os.O_CLOEXEC), found[0])
     except OSError:
         return None
-
-
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _CacheStat(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
-
-
-_CACHESTAT = 451  # Linux 6.5, the same number on every architecture
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _in_page_cache(fd: int, length: int) -> bool:
-    """Whether the kernel's page cache holds every page of the file's first `length` bytes
-    (cachestat(2): it reads nothing and starts no readahead; False on a kernel before 6.5). Such a
-    block is not read by ranges: the caller maps it whole with no disk read, which costs less than
-    a checked ranged read per file (and the whole block is fetched after those anyway)."""
-    pages = -(-length // PAGE)
-    span, stat = _Range(0, pages * PAGE), _CacheStat()
-    if _libc.syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
-        return False
-    return stat.cache >= pages
 
 
 def _pread(fd: int, offset: int, length: int) -> bytes | None:

@@ -38,6 +38,7 @@ from .meta.types import BlockRecord, Extent
 from .erasure import ErasureCode
 from .layout import block_key, parity_position
 from .node import MultiPath, Node, ReadInto, first_block_file, node_is_up, supports, up_first
+from .pagecache import populate
 from .scratchpool import ScratchPool
 from .stripes import Stripe, stripe_holding
 from . import native
@@ -45,7 +46,6 @@ from . import native
 log = logging.getLogger(__name__)
 
 Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's raw bytes
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11's mmap does not name it
 COPY_THREADS = 2  # cut: the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
@@ -256,10 +256,7 @@ class BlockReader:
         try:
             with open(path, "rb", buffering=0) as f:
                 blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            try:  # its pages mapped in one call, read ahead by the kernel, not faulted in one by one
-                blob.madvise(MADV_POPULATE_READ)
-            except OSError:  # a kernel before 5.14
-                blob.madvise(mmap.MADV_WILLNEED)
+            populate(blob)  # its pages mapped in one call, not faulted in one by one
             raw = self._codec.decode(blob, rec.chunk, rec.idx)
         except (OSError, ValueError, CorruptBlockError):  # ValueError: an empty file does not map
             return None
