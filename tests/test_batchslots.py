@@ -161,3 +161,23 @@ def test_mappings_of_exited_workers_are_dropped(tree):
         pids.append({w.pid for w in it._workers})
         assert sum(len(b.samples()) for b in it) == N_FILES
     assert {token[0] for token in batchslots._mapped} - {os.getpid()} == pids[1]  # (in-process tests: this pid)
+
+
+def test_a_forked_child_dropping_a_batch_does_not_free_its_segment():
+    """A child forked while the parent holds a batch gets a copy of it; the child letting go of its
+    copy must not mark the parent's segment FREE (the worker would write over the parent's batch)."""
+    slots = BatchSlots(most=1)
+    a = slots.take(100)
+    a[:] = 3
+    held = received(slots.ticket(a.ctypes.data, 100))
+    pid = os.fork()
+    if pid == 0:  # the child: drop its copy of the batch, then leave at once
+        del held
+        gc.collect()
+        os._exit(0 if not batchslots._mapped else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # the child let go of the parent's mappings
+    assert slots.take(100) is None and bytes(held) == bytes([3]) * 100  # still held by the parent
+    del held
+    gc.collect()
+    assert slots.take(100) is not None

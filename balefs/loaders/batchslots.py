@@ -13,8 +13,10 @@ training process has let go of the array its batch was made from (with every ten
 it) and written FREE through the descriptor (a system call, so the write is ordered after every
 read of the batch). The tensor the training process gets does not live in torch's shared memory:
 passing it on to another process makes torch copy it into a segment of its own, so a reused segment
-is never read by a process that cannot release it. (A process forked from the training process
-while it holds a batch inherits a view it cannot release: read batches there only after copying.)
+is never read by a process that cannot release it. A process forked from the training process
+drops the parent's mappings and never marks a segment FREE (its copy of a batch going says
+nothing of the parent's); a batch it inherited may be written over once the parent lets go of it,
+so a child that reads one should get a copy.
 A worker that dies leaves the training process's mappings valid; a training process that dies
 leaves the segments BUSY, and the worker falls back to torch's segments once all of its own are held.
 """
@@ -146,7 +148,7 @@ class _Mapped:
     """A worker's segment mapped in the training process, for as long as the worker lives."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        self.fd, self.pid = fd, os.getpid()
         try:
             self.map = mmap.mmap(fd, 0)
         except BaseException:
@@ -154,8 +156,10 @@ class _Mapped:
             raise
 
     def release(self) -> None:
-        """The training process let go of the batch in it: FREE, by a system call (see the module doc)."""
-        os.pwrite(self.fd, FREE, 0)
+        """The training process let go of the batch in it: FREE, by a system call (see the module doc).
+        Never from a forked child: its copy of a batch going says nothing of the parent's."""
+        if os.getpid() == self.pid:
+            os.pwrite(self.fd, FREE, 0)
 
     def __del__(self) -> None:
         try:
@@ -199,6 +203,16 @@ def _reopen(ticket: Ticket) -> int:
         os.close(fd)
         raise BaleError(f"a packed batch's shared memory is gone ({path}: the worker closed it)")
     return fd
+
+
+def _forget_parent_segments() -> None:
+    """In a forked child (a DataLoader worker): the parent's segment mappings are not its own."""
+    global _mapped_lock
+    _mapped_lock = threading.Lock()  # another thread of the parent may have held it
+    _mapped.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_segments)
 
 
 def _forget_dead_workers() -> None:
