@@ -335,6 +335,27 @@ def test_map_style_with_random_sampler(tree):
 # -- faults --------------------------------------------------------------------------------
 
 
+def test_a_dropped_dataset_closes_its_client_at_once(tree):
+    """A dataset made per epoch and dropped takes its client with it (threads, block mappings), not
+    at some later garbage collection of the client's reference cycles."""
+    import gc
+    import threading
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = threading.active_count()
+        for _ in range(3):
+            ds = BaleIterableDataset(URL, seed=1)
+            assert sum(1 for _ in ds) == N_FILES
+            cache = ds.source.client.cache
+            assert threading.active_count() > before and len(cache)  # its reader's threads and blocks
+            del ds
+            assert threading.active_count() == before and len(cache) == 0
+    finally:
+        gc.enable()
+
+
 def test_missing_or_empty_path(volume, client):
     with pytest.raises(FileNotFoundError, match="nope"):
         BaleIterableDataset("bale://vol/nope")

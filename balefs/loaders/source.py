@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 
 Label = None | str | Callable[[str], Any]
 WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see BaleSource.default_window
+
+
+def _close_in(client: Client, pid: int) -> None:
+    """Close a source's client, in the process that opened it only (a forked child has a copy)."""
+    if os.getpid() == pid:
+        client.close()
 
 
 class SampleError(BaleError):
@@ -55,11 +62,12 @@ class BaleSource:
         self._hashes: list[str] | None = None
         self._index: tuple[list[BlockRecord], np.ndarray, np.ndarray] | None = None  # see _block_index
         self._client: Client | None = None
+        self._closing: weakref.finalize | None = None  # closes the client when this source goes
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_snap=None, _cols={}, _paths=None, _hashes=None, _index=None, _client=None, _pid=-1)
+        state.update(_snap=None, _cols={}, _paths=None, _hashes=None, _index=None, _client=None, _closing=None, _pid=-1)
         return state
 
     # -- per process -----------------------------------------------------------------------
@@ -72,6 +80,9 @@ class BaleSource:
             if self.cfg.host_cache and self._pid != os.getpid():  # a worker process (never the user's own)
                 _map_large_buffers()
             self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
+            # closed with this source, not when a garbage collection finds the client's own reference
+            # cycles: until then its threads and block mappings stay (a dataset made per epoch)
+            self._closing = weakref.finalize(self, _close_in, self._client, self._pid)
             self._client.adopt_block_maps(self.blocks)
             if metrics.serve_from_env() is not None:
                 metrics.watch(self._client, self.volume)  # its caches and nodes; the volume's figures are a mount's
@@ -107,9 +118,9 @@ class BaleSource:
         return self._hashes
 
     def close(self) -> None:
-        if self._client is not None and self._pid == os.getpid():
-            self._client.close()
-        self._client = None
+        if self._closing is not None:
+            self._closing()  # the client closed once, here or by the finalizer; never another process's
+        self._client, self._closing = None, None
 
     # -- samples ---------------------------------------------------------------------------
 

@@ -54,6 +54,12 @@ class BlockCache:
                 _, evicted = self._items.popitem(last=False)
                 self._size -= len(evicted)
 
+    def clear(self) -> None:
+        """Drop every block (a closed client's: mappings among them are let go)."""
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
     def discard(self, key: Hashable) -> None:
         with self._lock:
             old = self._items.pop(key, None)

@@ -433,6 +433,7 @@ class Client:
             self._writer.close()
         self._pool.shutdown(wait=True)
         self.reader.close()
+        self.cache.clear()  # its blocks (mappings of block files among them) go now, not with the client
         for node in self.nodes.values():
             if supports(node, Closable):
                 node.close()
