@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import shutil
@@ -113,6 +114,24 @@ def wds_dataset(urls: list[str], buffer: int, seed: int):
 
     return (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, nodesplitter=wds.single_node_only, empty_check=False)
             .shuffle(buffer, seed=seed).to_tuple("jpeg", "cls").map_tuple(None, lambda b: int(b)))
+
+
+def still_cached(root: str) -> int:
+    """How many of the block files under `root` the page cache still holds whole (after a drop:
+    pages some process maps cannot be dropped, and a 'cold' pass would find them)."""
+    from balefs.storage.pagecache import cached
+
+    held = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(top, name), os.O_RDONLY)
+            try:
+                held += cached(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+    if held:
+        sf.log(f"WARNING: {held} block files of {root} still in the page cache after dropping it")
+    return held
 
 
 def index_of(data: bytes) -> int:
@@ -407,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         """One checked epoch of a loader; watch: with the workers' memory sampled (an untimed pass)."""
         if temp == "cold":
             shutil.rmtree(host_cache, ignore_errors=True)
-            cold = sf.drop_caches()
+            gc.collect()  # earlier passes' loaders, with any mappings that would keep their pages cached
+            cold = sf.drop_caches() and still_cached(vol_dir) == 0
         else:
             cold = True
         mem = MemoryWatch() if watch else None
