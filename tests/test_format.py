@@ -219,3 +219,13 @@ def test_a_volume_of_the_previous_release_on_postgresql(tmp_path: Path, monkeypa
     with Client.open("legacy") as c:
         check_legacy_volume(c)
         assert c.read_file("after") == payload(40 * KiB, 4)
+
+
+def test_a_record_leaves_out_settings_at_their_old_defaults():
+    """A replicated plain volume's stored format names neither `ec` nor `encryption` (a release from
+    before them reads it); one that uses them names both; either comes back as it was."""
+    plain = VolumeFormat()
+    assert "ec" not in plain.to_record() and "encryption" not in plain.to_record()
+    sealed = VolumeFormat(ec="4+2", encryption="aes-256-gcm")
+    assert sealed.to_record()["ec"] == "4+2" and sealed.to_record()["encryption"] == "aes-256-gcm"
+    assert [VolumeFormat.from_record(f.to_record()) for f in (plain, sealed)] == [plain, sealed]

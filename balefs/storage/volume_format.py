@@ -45,12 +45,6 @@ class VolumeFormat:
                               "is newer than this balefs: upgrade balefs")
         return fmt
 
-    def to_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        if self.encryption == "none":
-            del record["encryption"]  # a plain volume's record stays readable by the previous release
-        return record
-
     def settings(self) -> dict[str, Any]:
         """The settings of FORMAT_KEYS, as a config names them."""
         return {k: getattr(self, k) for k in FORMAT_KEYS}
@@ -62,7 +56,11 @@ class VolumeFormat:
         return ChunkLayout("replicas", self.replicas, self.block_format, None)
 
     def to_record(self) -> dict[str, Any]:
+        """The format as stored in the metadata: a setting at its old default is left out, so a
+        release from before that setting can still read the volume's record."""
         record = asdict(self)
+        if self.encryption == "none":
+            del record["encryption"]  # a plain volume's record stays readable by the previous release
         if not self.ec:
             del record["ec"]  # a replicated volume's format stays readable by a release without erasure codes
         return record
