@@ -73,10 +73,11 @@ def pack(items: Sequence[bytes | memoryview], labels: list | None) -> PackedBatc
     offsets = np.zeros(len(items) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     total = int(offsets[-1])
-    slot = worker_slots().take(total) if tud.get_worker_info() is not None and total else None
+    in_worker = tud.get_worker_info() is not None and total > 0
+    slot = worker_slots().take(total) if in_worker else None
     if slot is not None:
         data = torch.from_numpy(slot)
-    elif tud.get_worker_info() is not None and total:  # every segment of the worker's held
+    elif in_worker:  # every segment of the worker's held
         data = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
     else:
         data = torch.empty(total, dtype=torch.uint8)

@@ -246,9 +246,7 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
         parts = self._batch_parts(task)
         if tud.get_worker_info() is not None:
             for items, labels in parts:
-                batch = pack(items, labels)
-                self._taken += len(items)
-                yield batch
+                yield self._delivered(len(items), pack(items, labels))
             return
         with ThreadPoolExecutor(1, thread_name_prefix="bale-pack") as packer:
             ahead: deque[tuple[int, Future]] = deque()
@@ -257,17 +255,18 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
                     ahead.append((len(items), packer.submit(pack, items, labels)))
                     if len(ahead) > PACK_AHEAD:
                         n, done = ahead.popleft()
-                        batch = done.result()
-                        self._taken += n
-                        yield batch
+                        yield self._delivered(n, done.result())
                 while ahead:
                     n, done = ahead.popleft()
-                    batch = done.result()
-                    self._taken += n
-                    yield batch
+                    yield self._delivered(n, done.result())
             finally:
                 for _, done in ahead:
                     done.cancel()
+
+    def _delivered(self, n: int, batch: PackedBatch) -> PackedBatch:
+        """A batch of n samples about to be yielded, counted in the progress."""
+        self._taken += n
+        return batch
 
     def _batch_parts(self, task: metrics.TaskMetrics | None) -> Iterator[tuple[list, list | None]]:
         """(samples, labels) of each batch, in order. Without decode, a read unit whose samples all
