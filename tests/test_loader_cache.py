@@ -3,7 +3,7 @@ the map-style dataset's batched reads, and the warming of the next epoch: real D
 workers, real processes, real kills."""
 from __future__ import annotations
 
-import collections
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from balefs.loaders import torch as torch_loaders
+from balefs.loaders.source import BaleSource
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset
 from balefs.storage.diskcache import HEAD_SIZE, USAGE_FILE, DiskBlockCache
 from balefs.storage.codec import HEADER_SIZE
@@ -188,6 +190,56 @@ def test_map_style_sampler_reads_the_next_batches_ahead(tree):
     got = [name_of(s) for b in DataLoader(plain, batch_size=8, sampler=RandomSampler(plain), collate_fn=list) for s in b]
     assert sorted(got) == sorted(tree) and plain.prefetched == 0
     plain.source.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_style_sampler_reads_its_batches_a_unit_at_a_time(tree, monkeypatch, workers):
+    """Past an epoch's first (ranged) batches, the sampler's batches are read several at once, the
+    units growing to UNIT_SAMPLES: far fewer reads than batches, counted in every process. With
+    DataLoader workers each one reads only the batches it will be handed (every num_workers-th), so
+    every sample is read once. Every batch exact, in the sampler's order."""
+    monkeypatch.setattr(torch_loaders, "RANGED_SAMPLES", 16)
+    monkeypatch.setattr(torch_loaders, "UNIT_SAMPLES", 64)
+    reads, rows_read = (multiprocessing.get_context("fork").Value("i", 0) for _ in range(2))  # the workers fork: shared
+    real = BaleSource.read
+
+    def counted(self, rows, *args, **kwargs):
+        with reads.get_lock():
+            reads.value += 1
+            rows_read.value += len(rows)
+        return real(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(BaleSource, "read", counted)
+    ds = BaleDataset(URL, label="dir")
+    loader = DataLoader(ds, batch_size=8, sampler=ds.sampler(seed=4), num_workers=workers, collate_fn=list)
+    got = [(name_of(s), bytes(s)) for b in loader for s, _ in b]
+    assert [n for n, _ in got] == [ds.source.paths[r] for r in ds.epoch_rows(0, True, 4)]
+    assert all(tree[n] == data for n, data in got)
+    assert reads.value <= (N_FILES // 8) // 2, reads.value  # 30 batches: 7 reads without workers, 10 with 2
+    assert rows_read.value == N_FILES  # no batch read for a process that is not handed it
+    ds.source.close()
+
+
+def test_map_style_batches_asked_out_of_turn_are_right(tree, monkeypatch):
+    """Batches of the sampler's order asked in any order, some twice, and batches of no order in
+    between: each gets its own samples' bytes (a batch held from a unit's read is used only for the
+    very rows it was read for)."""
+    monkeypatch.setattr(torch_loaders, "RANGED_SAMPLES", 16)
+    ds = BaleDataset(URL)
+    sampler = ds.sampler(seed=6)
+    list(iter(sampler))  # sets the order the dataset reads ahead in
+    order = ds.epoch_rows(0, True, 6)
+    starts = [64, 80, 72, 80, 200, 64, 232, 96, 16, 24]
+    for k, p in enumerate(starts):
+        rows = order[p:p + 8].tolist() if k != 5 else order[p + 1:p + 9].tolist()  # one batch shifted by a sample
+        got = ds.__getitems__(rows)
+        assert [bytes(s) for s in got] == [tree[ds.source.paths[r]] for r in rows]
+    ds.__getitems__(order[64:72].tolist())  # holds the batches at 72, 80, ... of epoch 0
+    sampler.set_epoch(1)
+    list(iter(sampler))
+    rows = ds.epoch_rows(1, True, 6)[72:80].tolist()  # epoch 1's batch at a position held for epoch 0
+    assert [bytes(s) for s in ds.__getitems__(rows)] == [tree[ds.source.paths[r]] for r in rows]
+    ds.source.close()
 
 
 def test_map_style_sampler_splits_ranks_and_reads_ahead_in_each(tree):

@@ -8,6 +8,7 @@ described in balefs.loaders.order; reading in balefs.loaders.source.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -29,6 +30,7 @@ FIRST_UNIT = 64  # samples of an iteration's first read unit (then doubling up t
 # an iteration's first samples (the read units that begin among them) are read by ranged reads where
 # their blocks are not cached yet, while those blocks are fetched whole behind (BaleSource.read's ranged)
 RANGED_SAMPLES = 1024
+UNIT_SAMPLES = 1024  # the most samples of a map-style dataset's batches read at once (BaleDataset._read_unit)
 PACK_AHEAD = 2  # packed batches copied ahead of the training loop, outside DataLoader workers
 # cells shared with DataLoader workers: the last epoch that workers iterated (-1: none since set_epoch),
 # the epoch set in the main process (persistent workers read it when an iteration starts), the order of
@@ -419,9 +421,10 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         self.ahead = ahead
         self._pending: list[Future] = []  # fetches started ahead, awaited where the epoch ends
         self._orders: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _order_of
+        self._held: tuple[int, dict[int, tuple[np.ndarray, list]]] = (0, {})  # (pid, position -> batch read ahead)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pending": [], "_orders": {}}  # per process: fetches and orders of its own
+    def __getstate__(self) -> dict:  # per process: fetches, orders and the batch read ahead of its own
+        return {**self.__dict__, "_pending": [], "_orders": {}, "_held": (0, {})}
 
     def __len__(self) -> int:
         return len(self.source)
@@ -455,14 +458,52 @@ class BaleDataset(_BaleSamples, tud.Dataset):
             raise IndexError(f"index {indices[bad[0]]} out of range for {n} samples")
         listed = rows.tolist()
         ours = self.ahead > 0 and len(rows) and self._shared.cells[ORDER] >= 0  # the sampler's batches: read ahead
-        ranged = bool(ours) and 0 <= self._position(rows) < RANGED_SAMPLES  # an epoch's first: see RANGED_SAMPLES
-        out = list(samples(self.source, listed, self.source.read(rows, self.zero_copy, ranged=ranged), self.decode,
-                           self.label, self.on_error, self._counter, []))
+        p = self._position(rows) if ours else -1
+        data = self._take_held(p, rows) if p >= 0 else None
+        if data is None:
+            data = self._read_unit(rows, p) if p >= 0 else self.source.read(rows, self.zero_copy)
+        if p >= 0 and p + self._step(len(rows)) >= len(self._order_of(int(self._shared.cells[EPOCH]))[0]):
+            wait(self._pending, timeout=WARM_WAIT_S)  # this process's last batch of the epoch: a worker may exit
+            self._pending = []  # after it, so every fetch started ahead lands first
+        out = list(samples(self.source, listed, data, self.decode, self.label, self.on_error, self._counter, []))
         if len(out) != len(rows):
             raise SampleError(f"{self.url}: every sample of a batch failed ({len(rows)} samples)")
-        if ours:
-            self._read_ahead(rows, ranged)
         return out
+
+    @staticmethod
+    def _step(size: int) -> int:
+        """How far apart in the sampler's order this process's batches of `size` are: DataLoader
+        workers take the batches in turn."""
+        info = tud.get_worker_info()
+        return size * (1 if info is None else info.num_workers)
+
+    def _take_held(self, p: int, rows: np.ndarray) -> list | None:
+        """The bytes of the batch at p read ahead by _read_unit in this process, or None."""
+        pid, held = self._held
+        got = held.pop(p, None) if pid == os.getpid() else None
+        return got[1] if got is not None and np.array_equal(got[0], rows) else None
+
+    def _read_unit(self, rows: np.ndarray, p: int) -> list:
+        """Read the batch at p of the sampler's order, and with it the batches this process is likely
+        asked for next (the following ones; with DataLoader workers, which take batches in turn, each
+        num_workers-th), held for those calls: one read of up to UNIT_SAMPLES samples costs far less
+        per sample than a read per batch. The units grow from one batch as the epoch goes on; an
+        epoch's first RANGED_SAMPLES are read a batch at a time by ranged reads. Each read also starts
+        fetching the blocks of the unit after it (_read_ahead)."""
+        size = len(rows)
+        step = self._step(size)
+        if p < RANGED_SAMPLES:
+            data = self.source.read(rows, self.zero_copy, ranged=True)
+            self._read_ahead(p, size, size * self.ahead, True)
+            return data
+        order, _, _ = self._order_of(int(self._shared.cells[EPOCH]))
+        count = max(1, min(p // step, UNIT_SAMPLES // size))
+        starts = [q for q in range(p, p + count * step, step) if q + size <= len(order)] or [p]
+        parts = [rows] + [order[q:q + size] for q in starts[1:]]
+        data = self.source.read(np.concatenate(parts), self.zero_copy)
+        self._held = (os.getpid(), {q: (part, data[k * size:(k + 1) * size]) for k, (q, part) in enumerate(zip(starts, parts)) if k})
+        self._read_ahead(starts[-1] + size, 0, max(size * self.ahead, starts[-1] + size - p))
+        return data[:size]
 
     def _position(self, rows: np.ndarray) -> int:
         """Where this batch begins in the sampler's order of the epoch (-1: not a batch of it)."""
@@ -484,26 +525,20 @@ class BaleDataset(_BaleSamples, tud.Dataset):
             del self._orders[old]
         return self._orders[key]
 
-    def _read_ahead(self, rows: np.ndarray, ranged: bool = False) -> None:
-        """Start fetching the blocks of the `ahead` batches after `rows` in the sampler's order (into
-        the next epoch's first batches where this one ends), each block once per epoch and process;
-        ranged: `rows` were read by ranged reads, so their own blocks too."""
+    def _read_ahead(self, p: int, size: int, span: int, ranged: bool = False) -> None:
+        """Start fetching the blocks of the `span` samples after the `size` at p in the sampler's order
+        (into the next epoch's first ones where this one ends), each block once per epoch and process;
+        ranged: those `size` were read by ranged reads, so their own blocks too."""
         epoch = int(self._shared.cells[EPOCH])
-        order, at, asked = self._order_of(epoch)
-        n, size = len(order), len(rows)
-        p = self._position(rows)
-        if p < 0:  # not a batch of the sampler's (another sampler)
-            return
-        end = p + size * (1 + self.ahead)
+        order, _, asked = self._order_of(epoch)
+        n = len(order)
+        end = p + size + span
         started = self.source.prefetch(order[p if ranged else p + size:end], asked)
         if end > n:
             following, _, asked_next = self._order_of(epoch + 1)
             started += self.source.prefetch(following[:end - n], asked_next)
         self._prefetched.add(len(started))
         self._pending = [f for f in self._pending if not f.done()] + started
-        if p + 2 * size > n:  # the epoch's last whole batch: a worker may exit after it, let every fetch land
-            wait(self._pending, timeout=WARM_WAIT_S)
-            self._pending = []
 
 
 class BaleSampler(tud.Sampler[int]):
