@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import threading
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from balefs.loaders.device import DevicePrefetcher, _to
 from balefs.loaders.order import epoch_order, ramp
 from balefs.loaders.packed import PackedBatch, pack
-from balefs.loaders.source import SampleError
+from balefs.loaders.source import BaleSource, SampleError
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset, _dist_rank_world, _Prefetcher
 from balefs.storage.client import Client
 
@@ -226,6 +227,36 @@ def test_packed_batches_hold_the_same_samples_as_collated_ones(tree):
     assert unlabelled.labels is None and len(unlabelled.offsets) == 6
     with pytest.raises(ValueError, match="decode=None"):
         BaleIterableDataset(URL, batch_size=8, decode=bytes)
+
+
+def test_packed_first_batch_without_workers_does_not_wait_for_later_reads(tree, monkeypatch):
+    """Without workers, batches are packed ahead by a thread, and each is handed over once packed:
+    the first batch comes while the read of the second unit is still held up (it used to wait for
+    the reads of the batches packed behind it)."""
+    release, reads = threading.Event(), []
+    real = BaleSource.read
+
+    def held_after_first(self, rows, *args, **kwargs):
+        reads.append(len(rows))
+        if len(reads) > 1:
+            assert release.wait(30)
+        return real(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(BaleSource, "read", held_after_first)
+    ds = BaleIterableDataset(URL, seed=2, label="dir", batch_size=8)
+    it = iter(DataLoader(ds, batch_size=None))
+    got: list = []
+    taker = threading.Thread(target=lambda: got.append(next(it)), daemon=True)
+    taker.start()
+    taker.join(10)
+    try:
+        assert got and len(got[0].offsets) == 9, "the first batch waited for a later read"
+        assert reads[0] == 8 and len(reads) == 2  # the first unit is one batch; the second read is held
+    finally:
+        release.set()
+    rest = list(it)
+    names = [name_of(s) for b in got + rest for s in b.samples()]
+    assert sorted(names) == sorted(tree)
 
 
 def test_packed_batch_crosses_processes_as_one_shared_tensor():
@@ -522,7 +553,7 @@ def test_prefetcher_reads_ahead_and_stays_bounded(tree):
     it = iter(pre)
     next(it)
     it.close()
-    assert not pre._thread.is_alive()
+    assert not pre._reading._thread.is_alive()
     source.read = lambda rows, views=False, ranged=False: (_ for _ in ()).throw(OSError("node down"))
     with pytest.raises(OSError, match="node down"):
         list(_Prefetcher(source, units, depth, False))

@@ -9,10 +9,7 @@ described in balefs.loaders.order; reading in balefs.loaders.source.
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -20,6 +17,7 @@ import torch
 import torch.utils.data as tud
 
 from .. import metrics
+from .ahead import ThreadAhead
 from .order import Intervals, Part, epoch_order, merge, pieces, ramp, remaining, seen_by_workers, share_len, split
 from .packed import PackedBatch, pack
 from .source import BaleSource, Label, SampleError, SharedCells, SlotCounter, samples
@@ -67,47 +65,22 @@ class _Prefetcher:
         self._source, self._views, self._after, self._ranged = source, views, after, ranged  # ranged: the leading units read so
         self.started: list[Future] = []  # what `after` started once the last unit was read
         self.fetching: list[Future] = []  # the whole blocks of ranged units, fetched once each was consumed
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source, units), daemon=True, name="bale-prefetch")
-        self._thread.start()
+        self._reading = ThreadAhead(lambda: self._read(source, units), depth, "bale-prefetch")
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, source: BaleSource, units: list[np.ndarray]) -> None:
-        try:
-            for i, rows in enumerate(units):
-                ranged = i < self._ranged
-                if not self._put((rows, source.read(rows.tolist(), self._views, ranged=ranged), ranged)):
-                    return
-            if self._after is not None:
-                self.started = self._after()
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put(exc)
-            return
-        self._put(None)
+    def _read(self, source: BaleSource, units: list[np.ndarray]) -> Iterator[tuple[np.ndarray, list, bool]]:
+        for i, rows in enumerate(units):
+            ranged = i < self._ranged
+            yield rows, source.read(rows.tolist(), self._views, ranged=ranged), ranged
+        if self._after is not None:
+            self.started = self._after()
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, list]]:
         asked = None
-        try:
-            while (item := self._q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                rows, data, ranged = item
-                yield rows, data
-                if ranged:  # consumed (its batch sent): now its whole blocks are fetched into the caches behind
-                    asked = self._source.ask_mask() if asked is None else asked
-                    self.fetching += self._source.prefetch(rows, asked)
-        finally:
-            self._stop.set()
-            self._thread.join()
+        for rows, data, ranged in self._reading:
+            yield rows, data
+            if ranged:  # consumed (its batch sent): now its whole blocks are fetched into the caches behind
+                asked = self._source.ask_mask() if asked is None else asked
+                self.fetching += self._source.prefetch(rows, asked)
 
 
 class _BaleSamples:
@@ -242,28 +215,25 @@ class BaleIterableDataset(_BaleSamples, tud.IterableDataset):
 
     def _batches(self, task: metrics.TaskMetrics | None) -> Iterator[PackedBatch]:
         """The samples packed batch_size at a time (the last one short), each batch counted as
-        delivered once yielded. Outside DataLoader workers the copies are made by a thread of their
-        own, a batch ahead (they run without the GIL, beside the training loop); a worker packs
-        in its own thread, into its reused segments (packed.py), its cores busy anyway."""
-        parts = self._batch_parts(task)
+        delivered once yielded. Outside DataLoader workers the batches are cut and packed by a
+        thread of their own, PACK_AHEAD ahead, each handed over once packed (the copies run without
+        the GIL, beside the training loop; decode too runs there); a worker packs in its own
+        thread, into its reused segments (packed.py), its cores busy anyway."""
         if tud.get_worker_info() is not None:
-            for items, labels in parts:
+            for items, labels in self._batch_parts(task):
                 yield self._delivered(len(items), pack(items, labels))
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="bale-pack") as packer:
-            ahead: deque[tuple[int, Future]] = deque()
-            try:
-                for items, labels in parts:
-                    ahead.append((len(items), packer.submit(pack, items, labels)))
-                    if len(ahead) > PACK_AHEAD:
-                        n, done = ahead.popleft()
-                        yield self._delivered(n, done.result())
-                while ahead:
-                    n, done = ahead.popleft()
-                    yield self._delivered(n, done.result())
-            finally:
-                for _, done in ahead:
-                    done.cancel()
+        for n, batch in ThreadAhead(lambda: self._packed(task), PACK_AHEAD, "bale-pack"):
+            yield self._delivered(n, batch)
+
+    def _packed(self, task: metrics.TaskMetrics | None) -> Iterator[tuple[int, PackedBatch]]:
+        """(samples, packed batch) of each batch, in order."""
+        parts = self._batch_parts(task)
+        try:
+            for items, labels in parts:
+                yield len(items), pack(items, labels)
+        finally:
+            parts.close()
 
     def _delivered(self, n: int, batch: PackedBatch) -> PackedBatch:
         """A batch of n samples about to be yielded, counted in the progress."""
