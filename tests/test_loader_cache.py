@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import wait
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -21,7 +24,7 @@ from balefs.loaders.source import BaleSource
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset
 from balefs.storage.diskcache import HEAD_SIZE, USAGE_FILE, DiskBlockCache
 from balefs.storage.codec import HEADER_SIZE
-from helpers import KiB, flip_bit, payload, wait_until
+from helpers import KiB, evict_block_files, flip_bit, payload, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 URL = "bale://vol/data"
@@ -387,6 +390,46 @@ def test_a_writer_killed_mid_write_leaves_no_usable_partial_entry(tmp_path):
     assert cache.host_usage() == sum(q.stat().st_size for q in published)
     assert (root / USAGE_FILE).exists()
     cache.close()
+
+
+def test_mapped_blocks_are_read_ahead_from_the_pool(make_volume, open_client, monkeypatch):
+    """Prefetching blocks served mapped from local block files only asks the kernel to read them
+    into the page cache, and those asks (each may wait for the disk's queue) run in the reader's
+    pool, never in the caller's thread (a map-style batch or a training loop); the prefetch hands
+    back their futures, and once they are done every block file is in the page cache."""
+    from balefs.storage import pagecache, reader as reader_module
+    make_volume("loc", chunk_size=64 * KiB, block_size=16 * KiB)
+    client = open_client("loc")
+    with client.batch():
+        for i in range(60):
+            client.write_file(f"data/f{i:03d}", _content(f"f{i:03d}", i))
+    evict_block_files(client)
+    asked_from: list[str] = []
+    real = os.posix_fadvise
+
+    def noted(fd: int, offset: int, length: int, advice: int) -> None:
+        asked_from.append(threading.current_thread().name)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(reader_module.os, "posix_fadvise", noted)
+    ds = BaleDataset("bale://loc/data")
+    recs = [r for recs in ds.source.blocks.values() for r in recs if r.idx >= 0]
+    started = ds.source.prefetch(np.arange(len(ds)))
+    wait(started, timeout=30)
+    assert all(f.done() and f.exception() is None for f in started)
+    assert threading.current_thread().name not in asked_from
+    if ENCRYPTED:  # sealed blocks are never mapped: they are fetched into the host's plaintext tier
+        assert started
+        return
+    paths = [ds.source.client.reader.local_block_file(r) for r in recs]
+    assert all(paths) and len(started) == len(recs) == len(asked_from)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert pagecache.cached(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    ds.source.close()
 
 
 def test_local_blocks_are_served_as_mappings_of_their_files(make_volume, open_client):

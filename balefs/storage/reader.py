@@ -315,14 +315,14 @@ class BlockReader:
         process of the host counts, and becomes the most recently used): the futures of the fetches
         started. Without a disk tier, those the memory cache lacks; with the host's shared tier, those it
         lacks, except blocks served mapped from their local files (map_local), which the kernel is only
-        asked to read ahead."""
+        asked to read ahead, from the pool's threads (asking may wait for the disk's queue: ms per
+        block)."""
         disk = self.shared_cache if self.shared_cache is not None else self.disk_cache
-        out = []
+        out: list[Future] = []
         recs = list(recs)
         if self.shared_cache is not None:  # blocks served mapped from local files: only read into the page cache
             paths = [self.local_block_file(r) for r in recs]
-            for path in filter(None, paths):
-                _read_ahead_file(path)
+            out += [self._pool.submit(_read_ahead_file, path) for path in paths if path is not None]
             recs = [r for r, path in zip(recs, paths) if path is None]
         on_disk = [r for r in recs if disk is not None and r.durable]
         # those cached are now the most recently used, spared by evictions
