@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from balefs.errors import CorruptBlockError
 from balefs.loaders.source import SampleError
 from balefs.loaders.torch import RANGED_SAMPLES, BaleIterableDataset
+from balefs.storage.client import Client
 from balefs.storage.codec import HEADER_SIZE
 from balefs.storage.layout import block_key
 from helpers import KiB, evict_block_files, payload
@@ -107,9 +108,30 @@ def test_a_block_file_in_the_page_cache_is_read_whole_not_by_ranges(tree):
     for r in rows:
         _block_file(ds, r)[0].read_bytes()
     assert src.client.read_checked_ranges(pieces) == [None] * len(rows)
-    evict_block_files(src.client)
     expect = [None] * len(rows) if ENCRYPTED else [tree[src.paths[r]] for r in rows]
+    assert src.client.read_checked_ranges(pieces, page_cached=True) == expect  # a first batch's: by ranges still
+    evict_block_files(src.client)
     assert src.client.read_checked_ranges(pieces) == expect
+
+
+def test_only_an_iterations_first_unit_reads_page_cached_blocks_by_ranges(tree, monkeypatch):
+    """The first batch waits for its unit's read: that one unit is read by ranges even from block
+    files the page cache holds (a pread per file, not a whole block mapped and checked per file);
+    the ranged units after it map the warm block files whole."""
+    calls: list[tuple[int, bool]] = []
+    real = Client.read_checked_ranges
+
+    def noted(self, requests, page_cached=False):
+        calls.append((len(requests), page_cached))
+        return real(self, requests, page_cached)
+
+    monkeypatch.setattr(Client, "read_checked_ranges", noted)
+    ds = BaleIterableDataset(URL, seed=1, batch_size=8)
+    got = [s for batch in DataLoader(ds, batch_size=None) for s in batch.samples()]
+    assert sorted(bytes(s) for s in got) == sorted(tree.values())
+    firsts = [n for n, flag in calls if flag]  # the first unit's files held in one block, then those over two
+    assert calls[:len(firsts)] == [(n, True) for n in firsts] and sum(firsts) == 8
+    assert len(calls) > len(firsts)  # later ranged units, which map warm block files whole
 
 
 def test_files_without_a_content_hash_are_read_whole(tree):

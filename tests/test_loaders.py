@@ -533,9 +533,9 @@ def test_prefetcher_reads_ahead_and_stays_bounded(tree):
     source = BaleIterableDataset(URL, shuffle=False).source
     reads, read = [], source.read
 
-    def counted(rows, views=False, ranged=False):
+    def counted(rows, views=False, ranged=False, first=False):
         reads.append(rows[0])
-        return read(rows, views, ranged=ranged)
+        return read(rows, views, ranged=ranged, first=first)
 
     source.read = counted
     units, depth = [np.arange(i, i + 10) for i in range(0, N_FILES, 10)], 2
@@ -554,7 +554,7 @@ def test_prefetcher_reads_ahead_and_stays_bounded(tree):
     next(it)
     it.close()
     assert not pre._reading._thread.is_alive()
-    source.read = lambda rows, views=False, ranged=False: (_ for _ in ()).throw(OSError("node down"))
+    source.read = lambda rows, views=False, ranged=False, first=False: (_ for _ in ()).throw(OSError("node down"))
     with pytest.raises(OSError, match="node down"):
         list(_Prefetcher(source, units, depth, False))
 

@@ -185,24 +185,25 @@ class BaleSource:
         return self._index
 
     def read(self, rows: Sequence[int], views: bool = False, strict: bool = False,
-             ranged: bool = False) -> list[bytes | memoryview | Exception]:
+             ranged: bool = False, first: bool = False) -> list[bytes | memoryview | Exception]:
         """The bytes of the files at `rows` (one batched read: each block fetched once); an error
         per sample names its file (strict: the first one is raised). Bytes moved since the snapshot
         (gc) are read by path instead. With views, a file held in one block is a read-only view
         into it (no copy). ranged: files whose blocks no cache holds are read by a ranged read of
         just their bytes, checked against their content hashes (Client.read_checked_ranges): a cold
         first batch waits for its samples' bytes, not for a whole block per sample (the caller
-        then fetches the whole blocks into the caches with `prefetch`)."""
+        then fetches the whole blocks into the caches with `prefetch`). first (with ranged): an
+        iteration's first unit, read by ranges even from block files the page cache holds."""
         rows = np.asarray(rows, dtype=np.int64)
         blocks, where, lo = self._block_index()
         at = where[rows]
         out: list = [None] * len(rows)
         whole = np.flatnonzero(at >= 0)
         if len(whole) and ranged:
-            first, size = lo[rows[whole]], self.column("size")[rows[whole]]
+            starts, size = lo[rows[whole]], self.column("size")[rows[whole]]
             hashes = self.hashes
             got = self.client.read_checked_ranges([([(blocks[b], s, s + n)], hashes[r]) for b, s, n, r in
-                                                   zip(at[whole].tolist(), first.tolist(), size.tolist(), rows[whole].tolist())])
+                                                   zip(at[whole].tolist(), starts.tolist(), size.tolist(), rows[whole].tolist())], first)
             for k, d in zip(whole.tolist(), got):
                 if d is not None:
                     out[k] = memoryview(d) if views else d
@@ -217,7 +218,7 @@ class BaleSource:
             planned = self.client.plan_pieces([(self._extents(int(rows[k])), 0, int(sizes[rows[k]])) for k in other.tolist()])
             hashes, ok = self.hashes, [k for k, p in zip(other.tolist(), planned) if not isinstance(p, Exception)]
             got = self.client.read_checked_ranges([(p, hashes[rows[k]]) for k, p in zip(other.tolist(), planned)
-                                                   if not isinstance(p, Exception)])
+                                                   if not isinstance(p, Exception)], first)
             for k, d in zip(ok, got):
                 if d is not None:
                     out[k] = memoryview(d) if views else d

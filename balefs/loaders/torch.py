@@ -70,7 +70,7 @@ class _Prefetcher:
     def _read(self, source: BaleSource, units: list[np.ndarray]) -> Iterator[tuple[np.ndarray, list, bool]]:
         for i, rows in enumerate(units):
             ranged = i < self._ranged
-            yield rows, source.read(rows.tolist(), self._views, ranged=ranged), ranged
+            yield rows, source.read(rows.tolist(), self._views, ranged=ranged, first=i == 0), ranged
         if self._after is not None:
             self.started = self._after()
 
@@ -463,7 +463,7 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         size = len(rows)
         step = self._step(size)
         if p < RANGED_SAMPLES:
-            data = self.source.read(rows, self.zero_copy, ranged=True)
+            data = self.source.read(rows, self.zero_copy, ranged=True, first=p == 0)
             self._read_ahead(p, size, size * self.ahead, True)
             return data
         order, _, _ = self._order_of(int(self._shared.cells[EPOCH]))

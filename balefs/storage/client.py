@@ -759,11 +759,12 @@ class Client:
                 out.append(exc)
         return out
 
-    def read_checked_ranges(self, requests: Sequence[CheckedRange]) -> list[bytes | None]:
+    def read_checked_ranges(self, requests: Sequence[CheckedRange], page_cached: bool = False) -> list[bytes | None]:
         """Whole small files, given as (their block pieces, their content hash), read by ranged reads of
         just their bytes from the block files of blocks no cache holds, each file checked against its
         content hash (storage/rangeread.py); None for the rest, to read whole (cut). A loader's
-        cold first batches read so while the whole blocks fill the caches behind."""
+        cold first batches read so while the whole blocks fill the caches behind. page_cached: also
+        from block files the kernel's page cache holds (see rangeread.read_checked)."""
         tiers = [t for t in (self.reader.shared_cache, self.disk_cache) if t is not None]
 
         def cached(rec: BlockRecord) -> bool:
@@ -771,7 +772,7 @@ class Client:
             return key in self.cache or any(t.contains(key) for t in tiers)
 
         return read_checked(requests, self.nodes, self.codec, cached,
-                            lambda nid, took, n: self.reader.book_read(nid, took, n, whole=False))
+                            lambda nid, took, n: self.reader.book_read(nid, took, n, whole=False), page_cached)
 
     def prefetch_extents(self, requests: Sequence[tuple[Sequence[Extent], int, int]]) -> list[Future]:
         """Start fetching, in the background, the blocks of these reads that no cache holds (with

@@ -39,12 +39,15 @@ def plain_blocks(codec: BlockCodec) -> bool:
 
 def read_checked(requests: Sequence[CheckedRange], nodes: dict[int, Node], codec: BlockCodec,
                  cached: Callable[[BlockRecord], bool],
-                 on_read: Callable[[int, float, int], None] | None = None) -> list[bytes | None]:
+                 on_read: Callable[[int, float, int], None] | None = None,
+                 page_cached: bool = False) -> list[bytes | None]:
     """The bytes of each request read by preads from its blocks' first up block files and matched
     against its content hash; None where that cannot be done or the bytes do not match (see the
     module's docstring). cached(rec): whether a cache holds the block (then it is read from there).
     on_read(node id, seconds, bytes) books each pread. Every range is handed to the kernel's
-    readahead first, so the disk serves them all at once."""
+    readahead first, so the disk serves them all at once. page_cached: block files the page cache
+    holds are read by ranges too (for a first batch: a pread per file is far quicker than mapping
+    and checking a whole block per file, however cheaply the rest of the block is used later)."""
     out: list[bytes | None] = [None] * len(requests)
     if not plain_blocks(codec):
         return out
@@ -57,7 +60,7 @@ def read_checked(requests: Sequence[CheckedRange], nodes: dict[int, Node], codec
                 key = (rec.chunk, rec.idx)
                 if key not in fds:
                     fds[key] = None if not rec.durable or cached(rec) else _open(first_block_file(rec.nodes, block_key(*key), nodes))
-                    if fds[key] is not None and pagecache.cached(fds[key][0], HEADER_SIZE + rec.stored):
+                    if fds[key] is not None and not page_cached and pagecache.cached(fds[key][0], HEADER_SIZE + rec.stored):
                         os.close(fds[key][0])  # warm: the whole block is mapped with no disk read, and cut
                         fds[key] = None
                 got = fds[key]
