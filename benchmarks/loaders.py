@@ -11,8 +11,10 @@ checks that every sample comes exactly once per epoch):
   (a) loose     map-style dataset over the files on the local disk, shuffle=True
   (b) wds       WebDataset 1.0 over tar shards of the same files (shard shuffle + sample buffer)
   (c) bale-iter BaleIterableDataset (chunk-aware shuffle; zero_copy), at its defaults
-  (d) bale-map  BaleDataset with its own seeded random sampler (ds.sampler(): one batched read per
-                batch, the next batches' blocks fetched ahead; zero_copy), defaults
+  (d) bale-map  BaleDataset with its own seeded random sampler (ds.sampler(): its batches read a
+                unit at a time, the next ones' blocks fetched ahead; zero_copy), defaults
+  (h) bale-map  BaleDataset with torch's RandomSampler (one batched read per batch, nothing read
+                ahead: the dataset cannot know the order; zero_copy), defaults
   (g) bale-packed BaleIterableDataset(batch_size=B) through DataLoader(batch_size=None): each batch
                 packed in the worker (PackedBatch, the same three tensors the collate makes)
   (e) litdata   LitData: litdata.optimize + StreamingDataset (shuffle=True) + StreamingDataLoader
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--workdir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the files, shards and volume")
-    p.add_argument("--only", default="a,b,c,d,e,f,g", help="loaders to run (default a,b,c,d,e,f,g)")
+    p.add_argument("--only", default="a,b,c,d,e,f,g,h", help="loaders to run (default a,b,c,d,e,f,g,h)")
     p.add_argument("--no-zero", action="store_true", help="skip the passes with num_workers=0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1,
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tv = tv_stub.install()
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler
 
     from balefs.loaders.torch import BaleDataset, BaleIterableDataset
 
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     sf.log(sf.machine())
     sf.log(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}; torchvision: {tv}")
     only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only) - set("abcdefgh"))
+    if unknown:
+        p.error(f"--only: unknown loader {', '.join(unknown)} (choose from a, b, c, d, e, f, g, h)")
     ds = sf.plan_set("a", args.files, os.path.join(args.workdir, "src_a"), args.classes, args.seed)
     sf.generate(ds, args.keep)
     chk = sf.Checker(ds, 0.01, args.seed)
@@ -393,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         if which == "d":
             bale_map = BaleDataset(url, label="dir", zero_copy=True)
             return DataLoader(bale_map, sampler=bale_map.sampler(seed=args.seed), **dl)
+        if which == "h":
+            bale_map = BaleDataset(url, label="dir", zero_copy=True)
+            return DataLoader(bale_map, sampler=RandomSampler(bale_map, generator=gen), **dl)
         if which == "g":
             packed = BaleIterableDataset(url, shuffle=True, seed=args.seed, label="dir", batch_size=b)
             return DataLoader(packed, **{**dl, "batch_size": None, "collate_fn": None})
@@ -410,13 +418,13 @@ def main(argv: list[str] | None = None) -> int:
 
     names = {"a": "(a) loose files", "b": "(b) WebDataset", "c": "(c) BaleIterableDataset",
              "d": "(d) BaleDataset+sampler()", "e": "(e) LitData", "f": "(f) MosaicML Streaming",
-             "g": "(g) BaleIterableDataset batch_size"}
+             "g": "(g) BaleIterableDataset batch_size", "h": "(h) BaleDataset+RandomSampler"}
     results: dict[tuple[str, str], list[sf.Result]] = {}  # one per round
     memory: dict[str, tuple[int, int]] = {}
     quality: dict[str, tuple[float, float, float]] = {}
     row_of = np.empty(ds.n, dtype=np.int64)
     row_of[[int(p.rsplit("_", 1)[1].split(".")[0]) for p in bale_rows.paths]] = np.arange(len(bale_rows))
-    storage = {k: row_of if k in "cdg" else np.arange(ds.n) for k in names}
+    storage = {k: row_of if k in "cdgh" else np.arange(ds.n) for k in names}
     kinds = [(temp, w) for w in ([args.workers] + ([] if args.no_zero else [0])) for temp in ("cold", "warm")]
     # each loader's warm pass right after its own cold pass: a later loader's cold pass drops the
     # page cache, so a warm pass after it would read from the disk again (unlike every later epoch)
@@ -488,13 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     mine = [m for m in ("c", "g") if m in only]  # the iterable dataset, per sample and packed
     for m in mine:
         for which in only:
-            if which in "cdg":
+            if which in "cdgh":
                 continue
             for k in cols:
                 ratios[f"{m}/{which}/{k}"] = ratio(m, which, k)
             print(f"({m}) balefs vs {names[which]}: " + ", ".join(f"{k}: {ratios[f'{m}/{which}/{k}']:.2f}x" for k in cols))
     if "c" in only:
-        for which in ("d", "g"):
+        for which in ("d", "h", "g"):
             if which in only:
                 for k in cols:
                     ratios[f"{which}/c/{k}"] = ratio(which, "c", k)
@@ -508,10 +516,11 @@ def main(argv: list[str] | None = None) -> int:
                 worst = min(ratios[f"{m}/{peer}/{k}"] for k in cols)
                 bars.append(f"({m}) >= {bar}x {names[peer]} in every pass: {each}; worst {worst:.2f}x "
                             f"{'PASS' if worst >= bar else 'MISS'}")
-    if "d" in only and "c" in only:
-        worst = min(ratios[f"d/c/{k}"] for k in cols)
-        bars.append(f"(d) >= 0.8x (c) in every pass: worst {worst:.2f}x {'PASS' if worst >= 0.8 else 'MISS'}")
-    for which in ("c", "d", "g"):
+    for which in ("d", "h"):  # the map-style dataset, with its own sampler and with torch's
+        if which in only and "c" in only:
+            worst = min(ratios[f"{which}/c/{k}"] for k in cols)
+            bars.append(f"({which}) >= 0.8x (c) in every pass: worst {worst:.2f}x {'PASS' if worst >= 0.8 else 'MISS'}")
+    for which in ("c", "d", "h", "g"):
         if which in memory:
             rss, uss, anon = (v / 2**30 for v in memory[which])
             bars.append(f"{names[which]} worker memory <= 0.3 GiB: private anonymous {anon:.2f} GiB "

@@ -328,8 +328,14 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
             label: Label, on_error: str, counter: SlotCounter, last: list) -> Iterator[Any]:
     """Decode and label read samples. With on_error='skip' a bad sample is counted and replaced by
     a repeat of a good one (the last good one, or the next), so every consumer keeps its length."""
-    pending = 0
     labels = source.labels(rows, label) if label is not None else [None] * len(rows)
+    if decode is None and not any(isinstance(d, Exception) for d in data):  # all read, nothing to decode
+        out = data if label is None else list(zip(data, labels))
+        if out:
+            last[:] = [out[-1]]
+        yield from out
+        return
+    pending = 0
     for row, d, y in zip(rows, data, labels):
         try:
             if isinstance(d, Exception):
