@@ -380,9 +380,10 @@ class BaleDataset(_BaleSamples, tud.Dataset):
     is read with one batched read (__getitems__).
 
     With the dataset's own sampler (`sampler()`, a seeded random order every process can compute)
-    each batch read also starts fetching, in the background, the blocks of the `ahead` batches
-    after it into the host's cache (the blocks of the next epoch's first batches when the epoch
-    ends), so a batch's read rarely waits for the nodes. Other samplers get the batched reads only."""
+    its batches are read a unit at a time (the batch asked for and the next ones this process will
+    be handed, _read_unit), and each read starts fetching, in the background, the blocks of those
+    after them into the host's cache (the next epoch's first batches' near the epoch's end), so a
+    batch's read rarely waits for the nodes. Other samplers get the batched reads only."""
 
     def __init__(self, url: str, decode: Callable[[bytes], Any] | None = None, label: Label = None,
                  on_error: str = "raise", zero_copy: bool = False, rebuild: bool = False, ahead: int = 4,
