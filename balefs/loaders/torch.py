@@ -429,11 +429,12 @@ class BaleDataset(_BaleSamples, tud.Dataset):
             raise IndexError(f"index {indices[bad[0]]} out of range for {n} samples")
         listed = rows.tolist()
         ours = self.ahead > 0 and len(rows) and self._shared.cells[ORDER] >= 0  # the sampler's batches: read ahead
-        p = self._position(rows) if ours else -1
+        order, at, _ = self._order_of(int(self._shared.cells[EPOCH])) if ours else (None, None, None)
+        p = self._position(rows, order, at) if ours else -1
         data = self._take_held(p, rows) if p >= 0 else None
         if data is None:
-            data = self._read_unit(rows, p) if p >= 0 else self.source.read(rows, self.zero_copy)
-        if p >= 0 and p + self._step(len(rows)) >= len(self._order_of(int(self._shared.cells[EPOCH]))[0]):
+            data = self._read_unit(rows, p, order) if p >= 0 else self.source.read(rows, self.zero_copy)
+        if p >= 0 and p + self._step(len(rows)) >= len(order):
             wait(self._pending, timeout=WARM_WAIT_S)  # this process's last batch of the epoch: a worker may exit
             self._pending = []  # after it, so every fetch started ahead lands first
         out = list(samples(self.source, listed, data, self.decode, self.label, self.on_error, self._counter, []))
@@ -454,8 +455,8 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         got = held.pop(p, None) if pid == os.getpid() else None
         return got[1] if got is not None and np.array_equal(got[0], rows) else None
 
-    def _read_unit(self, rows: np.ndarray, p: int) -> list:
-        """Read the batch at p of the sampler's order, and with it the batches this process is likely
+    def _read_unit(self, rows: np.ndarray, p: int, order: np.ndarray) -> list:
+        """Read the batch at p of the sampler's `order`, and with it the batches this process is likely
         asked for next (the following ones; with DataLoader workers, which take batches in turn, each
         num_workers-th), held for those calls: one read of up to UNIT_SAMPLES samples costs far less
         per sample than a read per batch. The units grow from one batch as the epoch goes on; an
@@ -467,7 +468,6 @@ class BaleDataset(_BaleSamples, tud.Dataset):
             data = self.source.read(rows, self.zero_copy, ranged=True, first=p == 0)
             self._read_ahead(p, size, size * self.ahead, True)
             return data
-        order, _, _ = self._order_of(int(self._shared.cells[EPOCH]))
         count = max(1, min(p // step, UNIT_SAMPLES // size))
         starts = [q for q in range(p, p + count * step, step) if q + size <= len(order)] or [p]
         parts = [rows] + [order[q:q + size] for q in starts[1:]]
@@ -476,9 +476,10 @@ class BaleDataset(_BaleSamples, tud.Dataset):
         self._read_ahead(starts[-1] + size, 0, max(size * self.ahead, starts[-1] + size - p))
         return data[:size]
 
-    def _position(self, rows: np.ndarray) -> int:
-        """Where this batch begins in the sampler's order of the epoch (-1: not a batch of it)."""
-        order, at, _ = self._order_of(int(self._shared.cells[EPOCH]))
+    @staticmethod
+    def _position(rows: np.ndarray, order: np.ndarray, at: np.ndarray) -> int:
+        """Where this batch begins in the sampler's `order` of the epoch (at: each row's position in
+        it; -1: not a batch of it)."""
         p = int(at[rows[0]])
         return p if p >= 0 and np.array_equal(order[p:p + len(rows)], rows) else -1
 
