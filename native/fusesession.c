@@ -36,8 +36,11 @@
  *
  * Provider methods return their result, or a negative errno (never raise).
  *
+ * Large writes in order are gathered here and handed to Python 8 MiB at a time, each WRITE answered
+ * once copied (see "gathered writes").
+ *
  * Entry point: serve(provider, mountpoint, args, volume, entry_timeout, attr_timeout,
- *                    negative_timeout, meta_ttl, cache_bytes, block_limit, threads) -> int
+ *                    negative_timeout, meta_ttl, cache_bytes, block_limit, threads, max_file_size) -> int
  */
 #define FUSE_USE_VERSION 312
 #define PY_SSIZE_T_CLEAN
@@ -168,6 +171,25 @@ typedef struct bfile {
 #define POOL_MAX 16 /* spare block buffers kept, their pages made: a large file read makes none */
 #define LISTING_SLOTS 64
 #define BUFFER_PREFAULT ((size_t)256 << 10) /* block buffers this large have their pages made at once */
+#define GATHER_BYTES ((size_t)8 << 20) /* each of a gathering handle's two buffers */
+#define GATHER_AFTER ((uint64_t)1 << 20) /* bytes a handle writes in order before its WRITEs are gathered */
+#define GATHER_MAX 8                    /* handles gathering at once (2 x GATHER_BYTES each) */
+
+/* A Python handle's WRITEs gathered in order here (see "gathered writes"). */
+typedef struct gather {
+    uint64_t ino, pyfh;
+    pthread_mutex_t lock;
+    pthread_cond_t idle; /* a handover ended */
+    char *buf[2];        /* NULL: not made yet, or given up (a view of it outlived a handover) */
+    int cur;             /* the buffer being filled */
+    size_t fill;
+    uint64_t start;      /* the file offset of buf[cur]'s first byte */
+    int busy;            /* the other buffer is being handed to Python */
+    int err;             /* a handover failed: the handle has failed (in Python too) */
+    int stopped;         /* Python answered a call on the handle with an error: its WRITEs go there again */
+    int refs;            /* the handle's, and each settle in progress (gathers_lock) */
+    struct gather *next;
+} gather_t;
 
 typedef struct {
     PyObject *provider;
@@ -218,9 +240,15 @@ typedef struct {
     pthread_mutex_t pool_lock; /* the spare buffers (a leaf lock) */
     void *pool[POOL_MAX];
     size_t pool_n, pool_cap;   /* pool_cap: their size, a block file of the volume's largest (0: no pool) */
+    pthread_mutex_t gathers_lock; /* the list of gathering handles and their refs (a leaf lock) */
+    gather_t *gathers;
+    int ngathers;       /* (atomic) while 0, nothing is gathered: no call needs to settle */
+    uint64_t max_file;  /* a volume's largest file: a WRITE that would pass it goes to Python (EFBIG at once) */
 } session_t;
 
 static session_t *S; /* one session per process */
+
+static void settle_ino(uint64_t ino);
 
 typedef struct {
     uint64_t ino;
@@ -230,6 +258,8 @@ typedef struct {
     ra_state_t own;
     ra_state_t *ra;    /* &own; with no OPEN, the node's (its readers share it: it lives while the kernel
                         * holds the inode, which it does while a READ of it is in flight) */
+    uint64_t wnext, wrun; /* a Python handle: where its last WRITE ended, and the bytes written in order to there */
+    gather_t *gather;     /* its WRITEs are gathered (atomic; set once, cleared at RELEASE) */
 } openfile_t;
 
 typedef struct {
@@ -1522,6 +1552,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
             break;
     }
     if (py) { /* its size and times may be unflushed ones: from Python, not kept */
+        settle_ino(ino);
         PyGILState_STATE g = gil();
         PyObject *r = call("attrs", "(K)", (unsigned long long)ino);
         int err = err_of(r);
@@ -1575,6 +1606,238 @@ static long long gen_of(PyObject *r) {
         return -EIO;
     }
     return v;
+}
+
+/* -- gathered writes -----------------------------------------------------------------------------
+ * The kernel sends the pieces of one write() (up to 1 MiB each) one after another, each only after
+ * the reply to the last, so a large write waited for Python at every MiB. A Python handle that has
+ * written GATHER_AFTER bytes in order has its next in-order WRITEs copied into a buffer here and
+ * answered at once. A full buffer (GATHER_BYTES) is handed to Python (fh_write, one call) by the
+ * thread that filled it, after its reply, while the kernel's next pieces fill the handle's other
+ * buffer: the copy from the kernel and Python's work on the bytes overlap.
+ *
+ * Every other call that reaches Python about the inode first hands over what its handles gathered
+ * (settle_ino): GETATTR (the size), SETATTR, OPEN, LINK, a READ of unflushed data, a WRITE out of
+ * order or through another handle, FLUSH, FSYNC, RELEASE. So Python sees the writes in the order
+ * they were answered, and nothing is committed without them. A handover that fails (ENOSPC, EIO)
+ * fails the handle in Python (fh_fail): like any failed write it is never committed, the file keeps
+ * its committed version, and its next WRITE, FLUSH, FSYNC and close answer the error, as a buffered
+ * write's error comes back from a later call. Once Python answers any call on the handle with an
+ * error, its WRITEs go to Python one by one again (stop_gather), each with Python's own answer.
+ * Bytes gathered and not yet committed are lost with the daemon, as unflushed bytes in Python are:
+ * a commit (FLUSH, FSYNC) always settles first. */
+
+static void gather_unref(gather_t *g) {
+    pthread_mutex_lock(&S->gathers_lock);
+    int last = --g->refs == 0;
+    pthread_mutex_unlock(&S->gathers_lock);
+    if (!last)
+        return;
+    free(g->buf[0]);
+    free(g->buf[1]);
+    pthread_mutex_destroy(&g->lock);
+    pthread_cond_destroy(&g->idle);
+    free(g);
+}
+
+/* Hand `len` bytes of buffer `i` (file offset `at`) to Python as a view of it, then mark the
+ * handover done; on an error the handle is failed in Python as well. No lock held. */
+static void hand_over(gather_t *g, int i, size_t len, uint64_t at) {
+    PyGILState_STATE st = gil();
+    PyObject *view = PyMemoryView_FromMemory(g->buf[i], (Py_ssize_t)len, PyBUF_READ);
+    if (view == NULL)
+        PyErr_WriteUnraisable(S->provider);
+    PyObject *r = view ? call("fh_write", "(KKOL)", (unsigned long long)g->ino, (unsigned long long)g->pyfh, view,
+                              (long long)at)
+                       : NULL;
+    long long n = gen_of(r);
+    Py_XDECREF(r);
+    int err = n < 0 ? (int)-n : (size_t)n != len ? EIO : 0;
+    int kept = 0;
+    if (view != NULL) {
+        PyObject *done = PyObject_CallMethod(view, "release", NULL);
+        if (done == NULL) { /* Python holds a view of the buffer still: it is never written again */
+            PyErr_WriteUnraisable(S->provider);
+            kept = 1;
+        }
+        Py_XDECREF(done);
+        Py_DECREF(view);
+    }
+    if (err) {
+        PyObject *f = call("fh_fail", "(KKi)", (unsigned long long)g->ino, (unsigned long long)g->pyfh, err);
+        Py_XDECREF(f);
+    }
+    PyGILState_Release(st);
+    pthread_mutex_lock(&g->lock);
+    if (kept)
+        g->buf[i] = NULL; /* (left allocated on purpose) */
+    if (err && !g->err)
+        g->err = err;
+    g->busy = 0;
+    pthread_cond_broadcast(&g->idle);
+    pthread_mutex_unlock(&g->lock);
+}
+
+/* Hand over everything `g` gathered before this call; its error, 0 if none. No lock held. */
+static int settle(gather_t *g) {
+    pthread_mutex_lock(&g->lock);
+    while (g->busy)
+        pthread_cond_wait(&g->idle, &g->lock);
+    size_t len = g->fill;
+    int i = g->cur;
+    uint64_t at = g->start;
+    if (len) {
+        g->fill = 0;
+        g->start += len;
+        g->cur ^= 1;
+        g->busy = !g->err; /* a failed handle's bytes are dropped: they are never committed */
+    }
+    int handing = g->busy;
+    pthread_mutex_unlock(&g->lock);
+    if (handing)
+        hand_over(g, i, len, at);
+    pthread_mutex_lock(&g->lock);
+    int err = g->err;
+    pthread_mutex_unlock(&g->lock);
+    return err;
+}
+
+/* Settle every gathering handle of `ino` (a call about the inode is on its way to Python). */
+static void settle_ino(uint64_t ino) {
+    if (__atomic_load_n(&S->ngathers, __ATOMIC_ACQUIRE) == 0)
+        return;
+    gather_t *found[GATHER_MAX];
+    size_t k = 0;
+    pthread_mutex_lock(&S->gathers_lock);
+    for (gather_t *g = S->gathers; g != NULL && k < GATHER_MAX; g = g->next)
+        if (g->ino == ino) {
+            g->refs++;
+            found[k++] = g;
+        }
+    pthread_mutex_unlock(&S->gathers_lock);
+    for (size_t i = 0; i < k; i++) {
+        settle(found[i]);
+        gather_unref(found[i]);
+    }
+}
+
+/* Start gathering the WRITEs of `of` from file offset `at`: its gather, or NULL (GATHER_MAX handles
+ * gather already, or no memory: its WRITEs go to Python one by one). */
+static gather_t *start_gather(openfile_t *of, uint64_t at) {
+    gather_t *g = calloc(1, sizeof *g);
+    if (g == NULL)
+        return NULL;
+    g->ino = of->ino;
+    g->pyfh = of->pyfh;
+    g->start = at;
+    g->refs = 1;
+    pthread_mutex_init(&g->lock, NULL);
+    pthread_cond_init(&g->idle, NULL);
+    pthread_mutex_lock(&S->gathers_lock);
+    gather_t *had = __atomic_load_n(&of->gather, __ATOMIC_ACQUIRE);
+    if (had == NULL && S->ngathers < GATHER_MAX) {
+        g->next = S->gathers;
+        S->gathers = g;
+        __atomic_add_fetch(&S->ngathers, 1, __ATOMIC_ACQ_REL);
+        __atomic_store_n(&of->gather, g, __ATOMIC_RELEASE);
+        had = g;
+        g = NULL;
+    }
+    pthread_mutex_unlock(&S->gathers_lock);
+    if (g != NULL)
+        gather_unref(g);
+    return had;
+}
+
+/* RELEASE of a gathering handle: hand over what it gathered and stop gathering; its error or 0. */
+static int end_gather(openfile_t *of) {
+    gather_t *g = of->gather;
+    if (g == NULL)
+        return 0;
+    int err = settle(g);
+    pthread_mutex_lock(&S->gathers_lock);
+    for (gather_t **pp = &S->gathers; *pp != NULL; pp = &(*pp)->next)
+        if (*pp == g) {
+            *pp = g->next;
+            __atomic_sub_fetch(&S->ngathers, 1, __ATOMIC_ACQ_REL);
+            break;
+        }
+    pthread_mutex_unlock(&S->gathers_lock);
+    of->gather = NULL;
+    gather_unref(g);
+    return err;
+}
+
+/* Python answered a call on handle `of` with an error (it may have failed the handle): its next
+ * WRITEs go to Python one by one, so that each gets Python's answer, not a deferred one. */
+static void stop_gather(openfile_t *of) {
+    gather_t *g = __atomic_load_n(&of->gather, __ATOMIC_ACQUIRE);
+    if (g != NULL) {
+        pthread_mutex_lock(&g->lock);
+        g->stopped = 1;
+        pthread_mutex_unlock(&g->lock);
+    }
+}
+
+/* A WRITE of Python handle `of`, gathered here if it may be: whether it was (and answered). */
+static int write_gathered(fuse_req_t req, openfile_t *of, const char *data, size_t size, uint64_t off) {
+    gather_t *g = __atomic_load_n(&of->gather, __ATOMIC_ACQUIRE);
+    if (size == 0 || size > GATHER_BYTES || off + size > S->max_file || off + size < off)
+        return 0;
+    if (g == NULL) {
+        if (off != of->wnext || of->wrun < GATHER_AFTER || (g = start_gather(of, off)) == NULL)
+            return 0;
+    }
+    pthread_mutex_lock(&g->lock);
+    if (g->stopped && !g->err) {
+        pthread_mutex_unlock(&g->lock);
+        settle(g);
+        return 0;
+    }
+    if (!g->err && off == g->start + g->fill && g->fill + size > GATHER_BYTES) {
+        while (g->busy) /* the other buffer is still with Python: the kernel waits */
+            pthread_cond_wait(&g->idle, &g->lock);
+    }
+    int give = -1;
+    size_t glen = 0;
+    uint64_t gat = 0;
+    if (!g->err && off == g->start + g->fill && g->fill + size > GATHER_BYTES) {
+        if (g->buf[g->cur ^ 1] == NULL && (g->buf[g->cur ^ 1] = malloc(GATHER_BYTES)) == NULL) {
+            pthread_mutex_unlock(&g->lock);
+            settle(g);
+            return 0;
+        }
+        give = g->cur;
+        glen = g->fill;
+        gat = g->start;
+        g->busy = 1;
+        g->cur ^= 1;
+        g->start += glen;
+        g->fill = 0;
+    }
+    int err = g->err;
+    int fits = !err && off == g->start + g->fill;
+    if (fits && g->buf[g->cur] == NULL && (g->buf[g->cur] = malloc(GATHER_BYTES)) == NULL)
+        fits = 0;
+    if (fits) {
+        memcpy(g->buf[g->cur] + g->fill, data, size);
+        g->fill += size;
+        of->wnext = off + size;
+    }
+    pthread_mutex_unlock(&g->lock);
+    if (fits || err) {
+        if (err)
+            fuse_reply_err(req, err);
+        else
+            fuse_reply_write(req, size);
+        if (give >= 0)
+            hand_over(g, give, glen, gat);
+        return 1;
+    }
+    if (give >= 0)
+        hand_over(g, give, glen, gat);
+    settle(g); /* out of order (or no memory): what came before goes first, then this one to Python */
+    return 0;
 }
 
 /* A change made through this mount left the metadata at generation `gen`: every entry of the table
@@ -1742,6 +2005,7 @@ static int reply_read(fuse_req_t req, size_t size, PyObject *r) {
  * unflushed writes in this session (fh 0: the provider answers None when it has none). Whether it
  * replied. */
 static int read_unflushed(fuse_req_t req, uint64_t ino, uint64_t fh, size_t size, off_t off) {
+    settle_ino(ino);
     PyGILState_STATE g = gil();
     PyObject *r = call("fh_read", "(KKKn)", (unsigned long long)ino, (unsigned long long)fh, (unsigned long long)off,
                        (Py_ssize_t)size);
@@ -1754,6 +2018,8 @@ static int read_unflushed(fuse_req_t req, uint64_t ino, uint64_t fh, size_t size
 /* RELEASE of a Python handle: provider.fh_release(ino, fh) commits what is unflushed (req NULL:
  * the kernel never got the handle). */
 static void release_python(fuse_req_t req, uint64_t ino, openfile_t *of) {
+    end_gather(of);
+    settle_ino(ino);
     PyGILState_STATE g = gil();
     PyObject *r = call("fh_release", "(KK)", (unsigned long long)ino, (unsigned long long)of->pyfh);
     took_change(r);
@@ -1859,6 +2125,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         return;
     }
     if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) || has_python_handles(ino)) {
+        settle_ino(ino);
         open_python(req, ino, fi);
         return;
     }
@@ -2404,6 +2671,7 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
 }
 
 static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname) {
+    settle_ino(ino);
     PyGILState_STATE g = gil();
     reply_made(req, newparent, call("link", "(" CTX_FMT "KKy)", CTX(req), (unsigned long long)ino, (unsigned long long)newparent, newname), g);
 }
@@ -2446,6 +2714,7 @@ static long long time_arg(int to_set, int bit, int now_bit, const struct timespe
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi) {
     long long at = time_arg(to_set, FUSE_SET_ATTR_ATIME, FUSE_SET_ATTR_ATIME_NOW, &attr->st_atim);
     long long mt = time_arg(to_set, FUSE_SET_ATTR_MTIME, FUSE_SET_ATTR_MTIME_NOW, &attr->st_mtim);
+    settle_ino(ino);
     PyGILState_STATE g = gil();
     PyObject *r = call("setattr", "(" CTX_FMT "KiKKKLLLK)", CTX(req), (unsigned long long)ino, to_set,
                        (unsigned long long)attr->st_mode, (unsigned long long)attr->st_uid, (unsigned long long)attr->st_gid,
@@ -2505,12 +2774,22 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         fuse_reply_err(req, EBADF);
         return;
     }
+    openfile_t *of = (openfile_t *)(uintptr_t)fi->fh;
+    if (off >= 0 && write_gathered(req, of, buf, size, (uint64_t)off))
+        return;
+    settle_ino(ino); /* another handle's gathered writes go first */
     PyGILState_STATE g = gil();
     PyObject *r = call("fh_write", "(KKy#L)", (unsigned long long)ino, (unsigned long long)fh, buf, (Py_ssize_t)size,
                        (long long)off);
     long long n = gen_of(r); /* bytes written, or -errno */
+    if (n > 0) { /* (the GIL orders the handle's WRITEs that come here) */
+        of->wrun = (uint64_t)off == of->wnext ? of->wrun + (uint64_t)n : (uint64_t)n;
+        of->wnext = (uint64_t)off + (uint64_t)n;
+    }
     Py_XDECREF(r);
     PyGILState_Release(g);
+    if (n < 0)
+        stop_gather(of);
     if (n < 0)
         fuse_reply_err(req, (int)-n);
     else
@@ -2527,14 +2806,28 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) 
         fuse_reply_err(req, 0);
         return;
     }
+    settle_ino(ino);
     PyGILState_STATE g = gil();
-    reply_change(req, call("fh_flush", "(KK)", (unsigned long long)ino, (unsigned long long)fh), g);
+    PyObject *r = call("fh_flush", "(KK)", (unsigned long long)ino, (unsigned long long)fh);
+    int err = took_change(r);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err)
+        stop_gather((openfile_t *)(uintptr_t)fi->fh);
+    fuse_reply_err(req, err);
 }
 
 /* FSYNC of any handle (a native one: everything closed before is made durable, as on the Python session). */
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
+    settle_ino(ino);
     PyGILState_STATE g = gil();
-    reply_change(req, call("fh_fsync", "(KKi)", (unsigned long long)ino, (unsigned long long)python_fh(fi), datasync), g);
+    PyObject *r = call("fh_fsync", "(KKi)", (unsigned long long)ino, (unsigned long long)python_fh(fi), datasync);
+    int err = took_change(r);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err && python_fh(fi) != 0)
+        stop_gather((openfile_t *)(uintptr_t)fi->fh);
+    fuse_reply_err(req, err);
 }
 
 static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
@@ -2621,6 +2914,12 @@ static void free_session(void) {
     pthread_mutex_destroy(&S->lock);
     pthread_mutex_destroy(&S->cache_lock);
     pthread_mutex_destroy(&S->pool_lock);
+    while (S->gathers != NULL) { /* handles never released (the daemon stopped): dropped, as Python drops theirs */
+        gather_t *g = S->gathers;
+        S->gathers = g->next;
+        gather_unref(g);
+    }
+    pthread_mutex_destroy(&S->gathers_lock);
     pthread_cond_destroy(&S->loaded);
     Py_XDECREF(S->provider);
     free(S->volume);
@@ -2634,9 +2933,10 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     const char *mountpoint, *volume;
     double entry_t, attr_t, neg_t, ttl;
     Py_ssize_t cache_bytes, block_limit;
+    long long max_file;
     int threads;
-    if (!PyArg_ParseTuple(args, "OsOsddddnni", &provider, &mountpoint, &argl, &volume, &entry_t, &attr_t, &neg_t, &ttl,
-                          &cache_bytes, &block_limit, &threads))
+    if (!PyArg_ParseTuple(args, "OsOsddddnniL", &provider, &mountpoint, &argl, &volume, &entry_t, &attr_t, &neg_t, &ttl,
+                          &cache_bytes, &block_limit, &threads, &max_file))
         return NULL;
     if (S != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a native session is already serving in this process");
@@ -2684,6 +2984,8 @@ static PyObject *py_serve(PyObject *self, PyObject *args) {
     pthread_mutex_init(&S->ra_lock, NULL);
     pthread_mutex_init(&S->store_lock, NULL);
     pthread_mutex_init(&S->pool_lock, NULL);
+    pthread_mutex_init(&S->gathers_lock, NULL);
+    S->max_file = max_file > 0 ? (uint64_t)max_file : 0;
     S->pool_cap = S->block_limit ? (S->block_limit + HEADER_SIZE + PAGE_BYTES - 1) / PAGE_BYTES * PAGE_BYTES : 0;
     pthread_cond_init(&S->listed, NULL);
     pthread_cond_init(&S->ra_wake, NULL);
@@ -2776,7 +3078,7 @@ static PyMethodDef methods[] = {
     {"hidden", py_hidden, METH_O, "hidden(ino): an open file renamed to a hidden name, unlinked at its last close."},
     {"serve", py_serve, METH_VARARGS,
      "serve(provider, mountpoint, args, volume, entry_timeout, attr_timeout, negative_timeout, meta_ttl, cache_bytes, "
-     "block_limit, threads): mount and serve a low-level FUSE session until unmounted; libfuse's code."},
+     "block_limit, threads, max_file_size): mount and serve a low-level FUSE session until unmounted; libfuse's code."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,7 +3,12 @@ with writes of odd sizes and offsets, read back byte-exact, sequentially (the fi
 readahead over several threads into reused pool buffers, across chunk ends) and at random
 offsets; a damaged block of it is EIO while the rest reads; a kill -9 in the middle of a write
 loses nothing committed before it. Blocks of 1 MiB here, so a block fills a pool buffer (the
-other tests' 64 KiB blocks are read into buffers of their own size)."""
+other tests' 64 KiB blocks are read into buffers of their own size).
+
+Large writes in order are gathered by the session and handed to Python 8 MiB at a time, each
+WRITE answered once copied: every call that reaches Python about the file (FSYNC, FLUSH, SETATTR,
+OPEN, a READ of unflushed bytes) sees every byte written before it, and a write that fails on its
+way (a full node disk) fails the handle: never a committed file with bytes missing."""
 from __future__ import annotations
 
 import errno
@@ -149,3 +154,84 @@ def test_kill_9_in_the_middle_of_a_large_write_loses_nothing_committed(make_volu
         assert (again / "half.bin").read_bytes() == b""
     with Client.open(vol.name) as c:
         assert c.read_file("done.bin") == done
+
+
+def _write_in_order(fd: int, data: bytes, piece: int) -> None:
+    """All of `data` at fd's offset, in writes of `piece` bytes (each split by the kernel into WRITEs of at most 1 MiB)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:piece]):]
+
+
+def test_large_writes_in_order_are_seen_by_fsync_truncate_and_other_handles(make_volume, mount_volume) -> None:
+    vol = make_volume("big", block_size=BIG_BLOCK, chunk_size=BIG_CHUNK)
+    mp = mount_volume(vol.name, *NATIVE_RW)
+    data = payload(30 * MiB + 11, seed=41)
+    fd = os.open(mp / "g.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_in_order(fd, data[:20 * MiB], 3 * MiB + 5)  # past 1 MiB in order: gathered from there on
+        os.fsync(fd)  # a commit: every byte written so far, the gathered ones included
+        with Client.open(vol.name) as c:
+            assert c.read_file("g.bin") == data[:20 * MiB]
+        _write_in_order(fd, data[20 * MiB:26 * MiB], 999_999)
+        r = os.open(mp / "g.bin", os.O_RDONLY | os.O_DIRECT)  # its READs pass the page cache: the session answers them
+        try:
+            assert os.pread(r, 5000, 26 * MiB - 5000) == data[26 * MiB - 5000:26 * MiB]
+            _write_in_order(fd, data[26 * MiB:27 * MiB + 3], 999_999)  # gathered after the reader's open
+            assert os.pread(r, 5000, 27 * MiB + 3 - 5000) == data[27 * MiB + 3 - 5000:27 * MiB + 3]
+            assert os.fstat(r).st_size == 27 * MiB + 3
+        finally:
+            os.close(r)
+        _write_in_order(fd, data[27 * MiB + 3:], MiB)
+        cut = 22 * MiB + 5
+        os.ftruncate(fd, cut)  # after the gathered bytes up to 30 MiB, not before them
+        assert os.fstat(fd).st_size == cut
+        os.lseek(fd, cut, os.SEEK_SET)
+        tail = payload(2 * MiB + 3, seed=42)
+        _write_in_order(fd, tail, 2 * MiB + 3)
+    finally:
+        os.close(fd)
+    want = data[:cut] + tail
+    assert os.stat(mp / "g.bin").st_size == len(want)
+    with Client.open(vol.name) as c:
+        assert c.read_file("g.bin") == want
+    fresh = mount_volume(vol.name, *NATIVE_RW)
+    assert _read_sequentially(fresh / "g.bin", 8 * MiB) == want
+
+
+def test_a_node_disk_filling_under_a_large_write_fails_it_and_commits_nothing(tmpfs, mount_volume) -> None:
+    disk = tmpfs("14m")
+    (disk / "node").mkdir()
+    ballast = disk / "ballast"
+    ballast.write_bytes(bytes(5 * MiB))
+    Client.init("full", [str(disk / "node")], block_size=BIG_BLOCK, chunk_size=BIG_CHUNK)
+    mp = mount_volume("full", *NATIVE_RW)
+    kept = payload(2 * MiB + 9, seed=51)
+    (mp / "kept.bin").write_bytes(kept)
+    fd = os.open(mp / "big.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    failed = None
+    try:
+        data = payload(64 * MiB, seed=52)  # eight times what the disk has free
+        try:
+            _write_in_order(fd, data, 4 * MiB)
+            os.fsync(fd)
+        except OSError as exc:
+            failed = exc.errno
+        assert failed == errno.ENOSPC
+        with pytest.raises(OSError) as later:  # the handle stays failed
+            os.write(fd, b"x" * 10)
+        assert later.value.errno == errno.ENOSPC
+    finally:
+        with pytest.raises(OSError) as closing:
+            os.close(fd)
+        assert closing.value.errno == errno.ENOSPC
+    assert (mp / "big.bin").read_bytes() == b""  # as created, never partly written
+    assert (mp / "kept.bin").read_bytes() == kept
+    with Client.open("full") as c:
+        assert c.read_file("big.bin") == b""
+        assert c.read_file("kept.bin") == kept
+    (mp / "big.bin").unlink()
+    ballast.unlink()
+    again = payload(3 * MiB + 1, seed=53)
+    (mp / "again.bin").write_bytes(again)  # once there is space again, large writes work again
+    assert (mp / "again.bin").read_bytes() == again

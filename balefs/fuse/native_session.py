@@ -35,7 +35,7 @@ import itertools
 
 from ..storage import orphans
 from ..storage.client import FileReader
-from ..storage.meta.types import ROOT, Extent, Inode, content_hash, split_path
+from ..storage.meta.types import MAX_FILE_SIZE, ROOT, Extent, Inode, content_hash, split_path
 from ..storage.orphans import PREFIX as ORPHAN_XATTR
 from ..storage.rangeread import plain_blocks
 from .ops import HIDDEN, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, BaleOperations, _caller, _op
@@ -550,8 +550,17 @@ class NativeProvider:
         return None if of is None else bytes(of.read(offset, size))
 
     @_answer
-    def fh_write(self, ino: int, fh: int, data: bytes, offset: int) -> int:
+    def fh_write(self, ino: int, fh: int, data: bytes | memoryview, offset: int) -> int:
+        """Bytes written through handle `fh`: one WRITE's, or many the session gathered (a view of
+        its buffer, valid during this call only: copied, never kept)."""
         return self.ops.write(None, data, offset, _FileInfo(fh=fh))
+
+    def fh_fail(self, ino: int, fh: int, code: int) -> None:
+        """Gathered writes of handle `fh` could not be handed over (errno `code`): the handle has
+        failed, so it is never committed; its later calls answer the error."""
+        of = self.ops.files.find(fh)
+        if of is not None:
+            of.fail(OSError(code, os.strerror(code)))
 
     @_answer
     def fh_flush(self, ino: int, fh: int) -> Changed:
@@ -591,4 +600,4 @@ def serve_native(ops: BaleOperations, mountpoint: str, kernel_options: list[str]
     attr_timeout, entry_timeout, negative_timeout = timeouts
     args = ["balefs", "-o", ",".join(kernel_options)] + (["-d"] if debug else [])
     return module.serve(NativeProvider(ops, cached_opens), mountpoint, args, client.codec.volume, entry_timeout, attr_timeout, negative_timeout, client.cfg.meta_cache_ttl,
-                        client.cfg.cache_size, client.cfg.block_size, max(threads, NATIVE_MIN_THREADS))
+                        client.cfg.cache_size, client.cfg.block_size, max(threads, NATIVE_MIN_THREADS), MAX_FILE_SIZE)

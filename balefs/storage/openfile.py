@@ -108,6 +108,11 @@ class OpenFile:
             self.error = exc
         self.files._clear_dirty(self)
 
+    def fail(self, exc: BaseException) -> None:
+        """Fail the open file from outside (bytes written to it were lost on their way): see _fail."""
+        with self.lock:
+            self._fail(exc)
+
     @contextmanager
     def _failing(self) -> Iterator[None]:
         """A change of the file's content: if it raises, the open file fails (see _fail)."""
