@@ -1939,6 +1939,12 @@ static void opened_python(uint64_t ino) {
     pthread_mutex_unlock(&S->lock);
 }
 
+/* Whether a handle is opened write-only: its WRITEs then come straight from the writer's pages
+ * (direct_io), not through the kernel's page cache: one copy of every byte less, and no cache filled
+ * with bytes nobody reads through it. Reads of the file on other handles come here and see them (as
+ * unflushed writes); after the commit, the next open drops the cached pages of the old version. */
+static int write_only(const struct fuse_file_info *fi) { return (fi->flags & O_ACCMODE) == O_WRONLY; }
+
 /* A new openfile_t for Python handle `fh` (kept by the kernel in fi->fh), or NULL. */
 static openfile_t *python_file(uint64_t ino, uint64_t fh) {
     openfile_t *of = calloc(1, sizeof *of);
@@ -1976,7 +1982,7 @@ static void open_python(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *f
     opened_python(ino);
     fi->fh = (uint64_t)(uintptr_t)of;
     fi->keep_cache = keep;
-    fi->direct_io = 0;
+    fi->direct_io = write_only(fi);
     if (fuse_reply_open(req, fi) != 0)
         release_python(NULL, ino, of);
 }
@@ -2570,6 +2576,10 @@ static void reply_bytes(fuse_req_t req, const char *method, fuse_ino_t ino, cons
 static void op_readlink(fuse_req_t req, fuse_ino_t ino) { reply_bytes(req, "readlink", ino, NULL, 0, 0); }
 
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    if (strcmp(name, "security.capability") == 0) { /* asked before buffered writes; never stored (setxattr refuses it) */
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
     reply_bytes(req, "getxattr", ino, name, 1, size);
 }
 
@@ -2763,7 +2773,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     e.entry_timeout = S->entry_timeout;
     fi->fh = (uint64_t)(uintptr_t)of;
     fi->keep_cache = keep;
-    fi->direct_io = 0;
+    fi->direct_io = write_only(fi);
     if (fuse_reply_create(req, &e, fi) != 0)
         release_python(NULL, st.st_ino, of);
 }

@@ -1,7 +1,8 @@
 """What the mount lets the kernel cache, on real mounts: attributes handed over by
 READDIRPLUS, the read-only mount's long timeouts, open's reuse of its last lookup
-under the close-to-open rule (generation counter), and how many requests the kernel
-may keep in flight (INIT)."""
+under the close-to-open rule (generation counter), how many requests the kernel
+may keep in flight (INIT), and pages cached before a write-only handle wrote (the native
+session has such handles' writes bypass the page cache)."""
 from __future__ import annotations
 
 import os
@@ -135,3 +136,28 @@ def test_init_lets_the_kernel_keep_128_background_requests_in_flight(volume, mou
     congestion = int(re.search(r"congestion_threshold=(\d+)", reply).group(1))
     assert background >= 128
     assert background // 2 < congestion < background
+
+
+@needs_fuse
+def test_pages_cached_before_a_write_only_handle_wrote_are_not_served_after_it(volume, mount_volume) -> None:
+    with Client.open(volume.name) as c:
+        c.write_file("f.bin", b"a" * 100_000)
+    mp = mount_volume(volume.name)
+    path = mp / "f.bin"
+    r = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(r, 100_000, 0) == b"a" * 100_000  # every page of it in the kernel's cache
+        w = os.open(path, os.O_WRONLY)
+        os.pwrite(w, b"B" * 4, 0)
+        os.pwrite(w, b"C" * 30_000, 40_000)
+        want = b"B" * 4 + b"a" * 39_996 + b"C" * 30_000 + b"a" * 30_000
+        assert os.pread(r, 100_000, 0) == want  # the mount's handles read its unflushed writes
+        other = os.open(path, os.O_RDONLY)
+        assert os.pread(other, 100_000, 0) == want
+        os.close(other)
+        os.close(w)  # committed
+    finally:
+        os.close(r)
+    assert path.read_bytes() == want  # a new open: the new version, no page of the old one
+    with Client.open(volume.name) as c:
+        assert c.read_file("f.bin") == want

@@ -294,6 +294,10 @@ def test_extended_attributes(mnt: Path) -> None:
     assert errno_of(os.getxattr, p, "user.label") == errno.ENODATA
     assert errno_of(os.removexattr, p, "user.label") == errno.ENODATA
     assert os.listxattr(p) == ["user.empty"]
+    # file capabilities are never stored (the kernel asks for them before writes)
+    # (the kernel checks the value's format first: EINVAL; one it lets through, the mount refuses)
+    assert errno_of(os.setxattr, p, "security.capability", b"\x01" * 20) in (errno.EINVAL, errno.ENOTSUP)
+    assert errno_of(os.getxattr, p, "security.capability") == errno.ENODATA
     # attributes belong to the inode: they survive a rewrite and a rename
     p.write_bytes(b"new content")
     os.rename(p, mnt / "y")

@@ -340,8 +340,7 @@ class NativeProvider:
 
     @_answer
     def getxattr(self, ino: int, raw: bytes) -> bytes:
-        name = _name(raw)
-        value = None if name == "security.capability" else self.meta.getxattr(ino, name)
+        value = self.meta.getxattr(ino, _name(raw))  # (security.capability is answered in C)
         if value is None:
             raise FuseOSError(errno.ENODATA)
         return bytes(value)
