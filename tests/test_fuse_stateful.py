@@ -25,6 +25,8 @@ PATHS = NAMES + ["a/a", "a/b", "a/c", "b/a", "c/b"]  # few names: operations col
 paths = st.sampled_from(PATHS)
 sizes = st.one_of(st.integers(0, 3000), st.sampled_from([BLOCK - 1, BLOCK + 1, 2 * BLOCK + 100]))
 modes = st.sampled_from([0o600, 0o644, 0o640, 0o755, 0o700, 0o444])
+STREAM_MIN, STREAM_MAX = (1 << 20) + 1, 3 << 20  # a large write in order: past the 1 MiB the native session gathers after
+STREAM_PIECES = [65_536, 131_073, 1 << 20, 1_500_001]
 
 
 def outcome(fn):
@@ -148,6 +150,42 @@ def make_machine(mount_root: Path, local_root: Path, counter=itertools.count()):
                     os.ftruncate(fd, length)
                     os.pwrite(fd, payload(size, seed), offset)
                     return os.fstat(fd).st_size, os.pread(fd, 3 * BLOCK + 2000, 0)
+                finally:
+                    os.close(fd)
+            self.both(op)
+
+        @rule(path=paths, size=st.integers(STREAM_MIN, STREAM_MAX), piece=st.sampled_from(STREAM_PIECES),
+              at=st.floats(0.3, 0.9), between=st.sampled_from(["fstat", "read", "truncate", "fsync", "write_before"]),
+              flags=st.sampled_from([os.O_WRONLY | os.O_CREAT | os.O_TRUNC, os.O_RDWR | os.O_CREAT]),
+              seed=st.integers(0, 99))
+        def stream(self, path, size, piece, at, between, flags, seed):
+            """Past 1 MiB written in order (the native session gathers such writes in C), then a
+            call about the file, then more in order: every call sees every byte written before it."""
+            data = payload(size, seed)
+
+            def op(root):
+                fd = os.open(root / path, flags, 0o644)
+                try:
+                    cut = int(size * at)
+                    for lo in range(0, cut, piece):
+                        os.write(fd, data[lo:min(cut, lo + piece)])
+                    seen = None
+                    if between == "fstat":
+                        seen = os.fstat(fd).st_size
+                    elif between == "read":  # another handle, opened now
+                        with open(root / path, "rb") as f:
+                            f.seek(max(0, cut - 5000))
+                            seen = f.read(5000)
+                    elif between == "truncate":  # the gathered bytes first, then the cut (the offset stays: a hole)
+                        os.ftruncate(fd, cut // 2)
+                        seen = os.fstat(fd).st_size
+                    elif between == "fsync":
+                        os.fsync(fd)
+                    else:  # out of order, back at the start
+                        os.pwrite(fd, b"early", 0)
+                    for lo in range(cut, size, piece):
+                        os.write(fd, data[lo:min(size, lo + piece)])
+                    return seen
                 finally:
                     os.close(fd)
             self.both(op)
