@@ -63,6 +63,72 @@
 
 #include "blockcodec.h"
 
+/* -- operation metrics ----------------------------------------------------------------------------
+ * With metrics on (op_stats_enable, before serve), each request type's handling time is counted
+ * into a latency histogram (the Python session's bounds, given by Python) and its error answers
+ * (ENOENT and ENODATA aside: normal outcomes of a lookup) into a counter; op_stats() reads them for
+ * the metrics exporter (balefs_fuse_op_seconds, balefs_fuse_op_errors, as on the Python session). */
+
+#define OP_MAX_BOUNDS 32
+enum op_kind {
+    K_LOOKUP, K_GETATTR, K_OPEN, K_READ, K_RELEASE, K_OPENDIR, K_READDIR, K_READDIRPLUS, K_RELEASEDIR,
+    K_READLINK, K_GETXATTR, K_LISTXATTR, K_STATFS, K_MKNOD, K_MKDIR, K_SYMLINK, K_LINK, K_UNLINK, K_RMDIR,
+    K_RENAME, K_SETATTR, K_CREATE, K_WRITE, K_FLUSH, K_FSYNC, K_FSYNCDIR, K_SETXATTR, K_REMOVEXATTR, K_OPS
+};
+static const char *const op_names[K_OPS] = {
+    "lookup", "getattr", "open", "read", "release", "opendir", "readdir", "readdirplus", "releasedir",
+    "readlink", "getxattr", "listxattr", "statfs", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir",
+    "rename", "setattr", "create", "write", "flush", "fsync", "fsyncdir", "setxattr", "removexattr"};
+
+typedef struct {
+    uint64_t buckets[OP_MAX_BOUNDS + 1]; /* the last: above every bound */
+    uint64_t sum_ns, errors;
+} opstat_t;
+
+static opstat_t opstats[K_OPS];
+static double op_bounds[OP_MAX_BOUNDS];
+static int op_nbounds;
+static int op_counting; /* set once before serving */
+static __thread int t_err; /* the errno the handler running on this thread answered last (0: none) */
+
+/* fuse_reply_err, noting the errno for the operation's metrics (the macro below routes every call here). */
+static int reply_err_counted(fuse_req_t req, int err) {
+    t_err = err;
+    return fuse_reply_err(req, err);
+}
+#define fuse_reply_err reply_err_counted
+
+static long long mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void count_op(enum op_kind kind, long long ns, int err) {
+    double seconds = (double)ns / 1e9;
+    int i = 0;
+    while (i < op_nbounds && op_bounds[i] < seconds) /* bisect_left, as Python's Histogram */
+        i++;
+    opstat_t *o = &opstats[kind];
+    __atomic_add_fetch(&o->buckets[i], 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&o->sum_ns, (uint64_t)(ns > 0 ? ns : 0), __ATOMIC_RELAXED);
+    if (err != 0 && err != ENOENT && err != ENODATA)
+        __atomic_add_fetch(&o->errors, 1, __ATOMIC_RELAXED);
+}
+
+/* timed_<op>: the handler op_<op>, counted when metrics are on. */
+#define TIMED(kind, name, params, args)                      \
+    static void timed_##name params {                        \
+        if (!op_counting) {                                  \
+            op_##name args;                                  \
+            return;                                          \
+        }                                                    \
+        t_err = 0;                                           \
+        long long t0 = mono_ns();                            \
+        op_##name args;                                      \
+        count_op(kind, mono_ns() - t0, t_err);               \
+    }
+
 #define NAME_MAX_BYTES 255
 #define MAX_READ (1u << 20) /* the kernel's largest READ; the max_read mount option must say the same */
 #define HIDDEN_PREFIX ".fuse_hidden"
@@ -2859,38 +2925,77 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) {
     reply_change(req, call("removexattr", "(" CTX_FMT "Ky)", CTX(req), (unsigned long long)ino, name), g);
 }
 
+TIMED(K_LOOKUP, lookup, (fuse_req_t req, fuse_ino_t parent, const char *name), (req, parent, name))
+TIMED(K_GETATTR, getattr, (fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi), (req, ino, fi))
+TIMED(K_OPEN, open, (fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi), (req, ino, fi))
+TIMED(K_READ, read, (fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi),
+      (req, ino, size, off, fi))
+TIMED(K_RELEASE, release, (fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi), (req, ino, fi))
+TIMED(K_OPENDIR, opendir, (fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi), (req, ino, fi))
+TIMED(K_READDIR, readdir, (fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi),
+      (req, ino, size, off, fi))
+TIMED(K_READDIRPLUS, readdirplus, (fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi),
+      (req, ino, size, off, fi))
+TIMED(K_RELEASEDIR, releasedir, (fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi), (req, ino, fi))
+TIMED(K_READLINK, readlink, (fuse_req_t req, fuse_ino_t ino), (req, ino))
+TIMED(K_GETXATTR, getxattr, (fuse_req_t req, fuse_ino_t ino, const char *name, size_t size), (req, ino, name, size))
+TIMED(K_LISTXATTR, listxattr, (fuse_req_t req, fuse_ino_t ino, size_t size), (req, ino, size))
+TIMED(K_STATFS, statfs, (fuse_req_t req, fuse_ino_t ino), (req, ino))
+TIMED(K_MKNOD, mknod, (fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev),
+      (req, parent, name, mode, rdev))
+TIMED(K_MKDIR, mkdir, (fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode), (req, parent, name, mode))
+TIMED(K_SYMLINK, symlink, (fuse_req_t req, const char *link, fuse_ino_t parent, const char *name), (req, link, parent, name))
+TIMED(K_LINK, link, (fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname), (req, ino, newparent, newname))
+TIMED(K_UNLINK, unlink, (fuse_req_t req, fuse_ino_t parent, const char *name), (req, parent, name))
+TIMED(K_RMDIR, rmdir, (fuse_req_t req, fuse_ino_t parent, const char *name), (req, parent, name))
+TIMED(K_RENAME, rename,
+      (fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent, const char *newname, unsigned int flags),
+      (req, parent, name, newparent, newname, flags))
+TIMED(K_SETATTR, setattr, (fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi),
+      (req, ino, attr, to_set, fi))
+TIMED(K_CREATE, create, (fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi),
+      (req, parent, name, mode, fi))
+TIMED(K_WRITE, write, (fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi),
+      (req, ino, buf, size, off, fi))
+TIMED(K_FLUSH, flush, (fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi), (req, ino, fi))
+TIMED(K_FSYNC, fsync, (fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi), (req, ino, datasync, fi))
+TIMED(K_FSYNCDIR, fsyncdir, (fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi), (req, ino, datasync, fi))
+TIMED(K_SETXATTR, setxattr, (fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size, int flags),
+      (req, ino, name, value, size, flags))
+TIMED(K_REMOVEXATTR, removexattr, (fuse_req_t req, fuse_ino_t ino, const char *name), (req, ino, name))
+
 static const struct fuse_lowlevel_ops ops = {
     .init = op_init,
-    .lookup = op_lookup,
+    .lookup = timed_lookup,
     .forget = op_forget,
     .forget_multi = op_forget_multi,
-    .getattr = op_getattr,
-    .open = op_open,
-    .read = op_read,
-    .release = op_release,
-    .opendir = op_opendir,
-    .readdir = op_readdir,
-    .readdirplus = op_readdirplus,
-    .releasedir = op_releasedir,
-    .readlink = op_readlink,
-    .getxattr = op_getxattr,
-    .listxattr = op_listxattr,
-    .statfs = op_statfs,
-    .mknod = op_mknod,
-    .mkdir = op_mkdir,
-    .symlink = op_symlink,
-    .link = op_link,
-    .unlink = op_unlink,
-    .rmdir = op_rmdir,
-    .rename = op_rename,
-    .setattr = op_setattr,
-    .create = op_create,
-    .write = op_write,
-    .flush = op_flush,
-    .fsync = op_fsync,
-    .fsyncdir = op_fsyncdir,
-    .setxattr = op_setxattr,
-    .removexattr = op_removexattr,
+    .getattr = timed_getattr,
+    .open = timed_open,
+    .read = timed_read,
+    .release = timed_release,
+    .opendir = timed_opendir,
+    .readdir = timed_readdir,
+    .readdirplus = timed_readdirplus,
+    .releasedir = timed_releasedir,
+    .readlink = timed_readlink,
+    .getxattr = timed_getxattr,
+    .listxattr = timed_listxattr,
+    .statfs = timed_statfs,
+    .mknod = timed_mknod,
+    .mkdir = timed_mkdir,
+    .symlink = timed_symlink,
+    .link = timed_link,
+    .unlink = timed_unlink,
+    .rmdir = timed_rmdir,
+    .rename = timed_rename,
+    .setattr = timed_setattr,
+    .create = timed_create,
+    .write = timed_write,
+    .flush = timed_flush,
+    .fsync = timed_fsync,
+    .fsyncdir = timed_fsyncdir,
+    .setxattr = timed_setxattr,
+    .removexattr = timed_removexattr,
 };
 
 /* -- serve() ------------------------------------------------------------------------------------- */
@@ -3083,7 +3188,74 @@ static PyObject *py_hidden(PyObject *self, PyObject *arg) {
     return node_call(arg, NODE_HIDE);
 }
 
+/* op_stats_enable(bounds): count every request's handling time into histograms with these bounds
+ * (ascending seconds) and its error answers, from now on (before serve). */
+static PyObject *py_op_stats_enable(PyObject *self, PyObject *arg) {
+    (void)self;
+    PyObject *seq = PySequence_Fast(arg, "bounds must be a sequence of seconds");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > OP_MAX_BOUNDS) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "at most %d bounds", OP_MAX_BOUNDS);
+    }
+    double b[OP_MAX_BOUNDS];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        b[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (b[i] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (i > 0 && !(b[i] > b[i - 1])) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError, "bounds must ascend");
+        }
+    }
+    Py_DECREF(seq);
+    memcpy(op_bounds, b, sizeof(double) * (size_t)n);
+    op_nbounds = (int)n;
+    memset(opstats, 0, sizeof opstats);
+    op_counting = 1;
+    Py_RETURN_NONE;
+}
+
+/* op_stats() -> {op: (buckets, seconds, errors)} for every request type counted at least once. */
+static PyObject *py_op_stats(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    PyObject *out = PyDict_New();
+    for (int k = 0; out != NULL && k < K_OPS; k++) {
+        uint64_t total = 0;
+        PyObject *buckets = PyTuple_New(op_nbounds + 1);
+        if (buckets == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        for (int i = 0; i <= op_nbounds; i++) {
+            uint64_t v = __atomic_load_n(&opstats[k].buckets[i], __ATOMIC_RELAXED);
+            total += v;
+            PyTuple_SET_ITEM(buckets, i, PyLong_FromUnsignedLongLong(v));
+        }
+        PyObject *row = total ? Py_BuildValue("(NdK)", buckets,
+                                              (double)__atomic_load_n(&opstats[k].sum_ns, __ATOMIC_RELAXED) / 1e9,
+                                              (unsigned long long)__atomic_load_n(&opstats[k].errors, __ATOMIC_RELAXED))
+                              : NULL;
+        if (!total) {
+            Py_DECREF(buckets);
+            continue;
+        }
+        if (row == NULL || PyDict_SetItemString(out, op_names[k], row) != 0)
+            Py_CLEAR(out);
+        Py_XDECREF(row);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"op_stats_enable", py_op_stats_enable, METH_O,
+     "op_stats_enable(bounds): count each request type's handling time (histogram bounds in seconds) and errors."},
+    {"op_stats", py_op_stats, METH_NOARGS, "op_stats() -> {op: (buckets, seconds, errors)} of the request types counted."},
     {"is_open", py_is_open, METH_O, "is_open(ino): whether the serving session has the file open."},
     {"hidden", py_hidden, METH_O, "hidden(ino): an open file renamed to a hidden name, unlinked at its last close."},
     {"serve", py_serve, METH_VARARGS,

@@ -3,6 +3,7 @@ rules, a trainer's task metrics from BALEFS_METRICS, `balefs stats` on live proc
 Grafana dashboard's queries against what live processes export."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -75,6 +76,12 @@ def test_a_mount_scraped_under_load_counts_the_work_done(volume, mount_volume, m
     buckets = [(float(dict(lb)["le"]), v) for (n, lb), v in after.values.items()
                if n == "balefs_fuse_op_seconds_bucket" and dict(lb)["op"] == "write"]
     assert 0 < histogram_quantile(buckets, 0.5) < 10
+    with pytest.raises(OSError) as failed:
+        os.rmdir(mp / "d")
+    assert failed.value.errno == errno.ENOTEMPTY  # an error answer: counted
+    assert not (mp / "d" / "missing").exists()  # ENOENT, a lookup's normal outcome: not counted
+    errors = scrape(url).by("balefs_fuse_op_errors_total", "op")
+    assert {op: n for op, n in errors.items() if n} == {"rmdir": 1}
 
 
 @needs_fuse

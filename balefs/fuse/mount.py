@@ -253,8 +253,8 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         scrub = BackgroundScrub(client, opts.scrub_rate, repair=not opts.read_only).start()
     ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready,
                          noatime=opts.noatime)
-    if exposed:
-        _watch_metrics(volume, client, ops)
+    # (the exporter holds the operations' figures by weak reference: this keeps them while the mount serves)
+    op_stats = _watch_metrics(volume, client, ops, native=opts.session == "native") if exposed else None  # noqa: F841
     attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout,
                                                                      native=opts.session == "native")
     fuse_options: dict[str, Any] = {
@@ -344,14 +344,21 @@ def _expose_metrics(where: str | None) -> bool:
     return ep is not None
 
 
-def _watch_metrics(volume: str, client: Any, ops: Any) -> None:
-    """Export the mount's client, its volume's figures and its FUSE operations (counted from now on)."""
+def _watch_metrics(volume: str, client: Any, ops: Any, native: bool = False) -> Any:
+    """Export the mount's client, its volume's figures and its FUSE operations (counted from now on:
+    by the Python operations, or on the native session by its C side); returns the operations'
+    figures, which the exporter holds by weak reference only."""
     from .. import metrics
-    from .opstats import FuseOpStats
+    from .opstats import FuseOpStats, NativeOpStats
 
-    ops.op_stats = FuseOpStats()
+    if native:
+        from .native_session import native_module
+        stats: Any = NativeOpStats(native_module())
+    else:
+        stats = ops.op_stats = FuseOpStats()
     metrics.watch(client, volume, figures=True)
-    metrics.watch(ops.op_stats, volume)
+    metrics.watch(stats, volume)
+    return stats
 
 
 def _tune_readahead(mp: str, nbytes: int) -> None:

@@ -1,10 +1,13 @@
 """FuseOpStats: count, latency and errors of the mount's FUSE operations, by type, kept when
-the mount exposes metrics (balefs/metrics exports them; nothing is kept otherwise)."""
+the mount exposes metrics (balefs/metrics exports them; nothing is kept otherwise).
+NativeOpStats: the same figures of the native session, counted by its C side."""
 from __future__ import annotations
 
 import errno
 
-from ..storage.counters import Counter, Histogram, HistogramSnapshot, Keyed
+from typing import Any
+
+from ..storage.counters import LATENCY_BOUNDS, Counter, Histogram, HistogramSnapshot, Keyed
 
 #: answers that are a normal outcome of a lookup, not a fault
 NOT_FAULTS = (-errno.ENOENT, -errno.ENODATA)
@@ -32,6 +35,25 @@ class FuseOpStats:
 
     def histograms(self) -> dict[str, HistogramSnapshot]:
         return {f"fuse.{op}.op_seconds": h.snapshot() for op, h in self.seconds.items()}
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+
+class NativeOpStats:
+    """FuseOpStats' counters and histograms for a mount served by the native session: its C side
+    times every request (module.op_stats_enable, from before it serves) and is read at each scrape."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+        module.op_stats_enable(LATENCY_BOUNDS)
+
+    def counters(self) -> dict[str, int]:
+        return {f"fuse.{op}.op_errors": errors for op, (_, _, errors) in self._module.op_stats().items()}
+
+    def histograms(self) -> dict[str, HistogramSnapshot]:
+        return {f"fuse.{op}.op_seconds": HistogramSnapshot(LATENCY_BOUNDS, tuple(buckets), seconds)
+                for op, (buckets, seconds, _) in self._module.op_stats().items()}
 
     def gauges(self) -> dict[str, float]:
         return {}
