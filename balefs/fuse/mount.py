@@ -253,8 +253,7 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         scrub = BackgroundScrub(client, opts.scrub_rate, repair=not opts.read_only).start()
     ops = BaleOperations(client, read_only=opts.read_only, uid=opts.uid, gid=opts.gid, spool_dir=spool, on_ready=ready,
                          noatime=opts.noatime)
-    # (the exporter holds the operations' figures by weak reference: this keeps them while the mount serves)
-    op_stats = _watch_metrics(volume, client, ops, native=opts.session == "native") if exposed else None  # noqa: F841
+    op_stats = _watch_metrics(volume, client, ops, native=opts.session == "native") if exposed else None
     attr_timeout, entry_timeout, negative_timeout = default_timeouts(opts.read_only, opts.attr_timeout,
                                                                      native=opts.session == "native")
     fuse_options: dict[str, Any] = {
@@ -295,6 +294,7 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         raise MountError(f"libfuse could not mount {mp} (code {exc}); its reason is in {log_path(mp)} "
                          "or on stderr with --foreground") from None
     finally:
+        del op_stats  # (the exporter held the operations' figures by weak reference: kept until here)
         try:
             if scrub is not None:
                 scrub.stop()
