@@ -194,7 +194,7 @@ def _mount_sessions() -> str:
     """Which mount sessions this build has (`mount --session`): for --version and status."""
     if importlib.util.find_spec("balefs._fusenative") is None:
         return "python (the native session is not built)"
-    return "python, native"
+    return "native (the default), python"
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -1100,16 +1100,18 @@ def migrate_meta_cmd(volume: str, to_url: str) -> None:
 @click.option("--uid", type=int, default=None, help="Report every file and directory as owned by this user id.")
 @click.option("--gid", type=int, default=None, help="Report every file and directory as owned by this group id.")
 @click.option("--attr-timeout", type=float, default=None,
-              help="Seconds the kernel caches attributes and names (and, read-only, absent names); a change made by "
-                   "another mount is seen after at most this. Default 1, or 60 with --read-only.")
+              help="Seconds the kernel caches attributes and names (and, read-only, absent names); a stat of a file "
+                   "changed by another mount is seen after at most this. Default 60 (a read-write native session still "
+                   "sees such a change at each open), or 1 read-write on --session python.")
 @click.option("--noatime", is_flag=True, help="Reads leave access times alone (default: relatime, as Linux: a read "
               "moves a file's atime when it is older than its mtime or ctime, or a day old).")
 @click.option("--readahead", default="4MiB", show_default=True,
               help="Kernel readahead window for sequential reads of the mount (set when run as root; 0 leaves the kernel's).")
-@click.option("--session", type=click.Choice(["python", "native"]), default="python", show_default=True,
-              help="Who serves the kernel: python (every operation), or native (C, libfuse's low-level API: "
-                   "lookups, stats, listings, opens and reads without Python; changes and files open for writing go "
-                   "to the Python operations; read-only or read-write).")
+@click.option("--session", type=click.Choice(["auto", "native", "python"]), default="auto", show_default=True,
+              help="Who serves the kernel: native (C, libfuse's low-level API: lookups, stats, listings, opens and "
+                   "reads without Python, large writes gathered; changes go to the Python operations; read-only or "
+                   "read-write), python (every operation in Python), or auto: native where this build has it "
+                   "(`balefs --version` says), else python.")
 @click.option("--cached-opens", is_flag=True,
               help="With --read-only --session native: the kernel opens files without asking the daemon, so a warm "
                    "read costs it nothing; a file changed by another mount is then seen once the kernel reads its "

@@ -3,10 +3,10 @@ filesystem on the same disk, made durable, then read back cold; with how each st
 
 Sides, one after another in the same run (each one's copy removed before the next starts):
   local      `cp -r` to a directory of the same disk, then `sync`
-  balefs     `cp -r` into `balefs mount` of a fresh volume, then `sync` + fsync of the mount's
-             root directory (what `balefs sync MOUNTPOINT` does); the whole is timed
-  native     the same as balefs, on a mount with `--session native` (writes forwarded to the
-             Python operations; left out with --no-native or where balefs._fusenative is not built)
+  balefs     `cp -r` into `balefs mount --session python` of a fresh volume, then `sync` + fsync of
+             the mount's root directory (what `balefs sync MOUNTPOINT` does); the whole is timed
+  native     the same as balefs, on a mount with `--session native` (the mount's default where it is
+             built; left out with --no-native or where balefs._fusenative is not built)
   put        `balefs put` of the tree into another fresh volume (the CLI, durable when it returns)
   JuiceFS    `cp -r` into `juicefs mount` (SQLite metadata, --storage file), then `sync`
   SeaweedFS  `cp -r` into `weed mount` of `weed server -filer` on loopback, then `sync`
@@ -160,7 +160,7 @@ def copy_into_mount(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: 
 
 def run_balefs(ds: sf.DataSet, chk: Checker, args: argparse.Namespace, wd: str) -> tuple[Side, Side]:
     """balefs: cp -r into a mount of a fresh volume, and `balefs put` into another; both read back cold."""
-    opts = _mount_options(args)
+    opts = _mount_options(args, *([] if "--session" in args.copy_mount_options else ["--session", "python"]))
     copied = copy_into_mount(ds, chk, args, wd, "copybench", opts, "balefs mount cp -r + sync"
                              + (f" ({args.copy_mount_options})" if args.copy_mount_options else ""))
     put = Side("balefs put (CLI, with its start-up)")

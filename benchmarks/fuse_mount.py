@@ -5,7 +5,8 @@ the same files loose on the local disk, side by side in the same run, reported a
 Data: set A of benchmarks/small_files.py (N files of 4-64 KiB in an ImageNet-like tree of
 class directories, each file's bytes recomputable for verification), written loose under
 --workdir and packed with ingest_local into a volume over 4 node directories on the same
-disk, which `balefs mount` then serves at --workdir/mnt.
+disk, which `balefs mount --session python` then serves at --workdir/mnt (the "mount" columns;
+the native session, the mount's default where it is built, has columns of its own below).
 
 Passes (loose first, then the mount; "cold" = `sync; echo 3 > /proc/sys/vm/drop_caches`,
 and for the mount also a fresh mount, so the daemon's block cache is empty too):
@@ -253,13 +254,13 @@ def run(args: argparse.Namespace, ds: sf.DataSet, small: bool = True) -> tuple[l
 
     mp, ro_mp = os.path.join(wd, "mnt"), os.path.join(wd, "mnt-ro")
     opts = ["--cache-size", args.cache_size] if args.cache_size else []
-    mount = Mount(volume, mp, opts)
+    mount = Mount(volume, mp, opts + ["--session", "python"])  # the "mount" and "ro" sides: the Python session
     # the other sides, each after the read-write mount's passes, one mount up at a time: the same
     # volume mounted --read-only (its default: 60 s attribute/entry/negative timeouts) by the
     # Python session ("ro") and by the native one ("native"), and the tree copied into JuiceFS
     others: list[tuple[str, object, str]] = []
     if args.read_only:
-        others.append(("ro", Mount(volume, ro_mp, opts + ["--read-only"]), ro_mp))
+        others.append(("ro", Mount(volume, ro_mp, opts + ["--read-only", "--session", "python"]), ro_mp))
     if args.native:
         nat_mp = os.path.join(wd, "mnt-native")
         others.append(("native", Mount(volume, nat_mp, opts + ["--read-only", "--session", "native"]), nat_mp))

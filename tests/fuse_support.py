@@ -60,14 +60,15 @@ def native_session(fuse: None) -> None:
 needs_fuse = pytest.mark.usefixtures("fuse")
 
 
-# BALEFS_FUSE_SESSION=native: every mount the tests make (with `balefs mount`, unless a test names
-# its --session) is served by the native session
-SESSION = os.environ.get("BALEFS_FUSE_SESSION", "python")
+# BALEFS_FUSE_SESSION=python (or native): every mount the tests make (with `balefs mount`, unless a
+# test names its --session) is served by that session; unset, by `balefs mount`'s default (auto:
+# native where it is built)
+SESSION = os.environ.get("BALEFS_FUSE_SESSION")
 
 
 def session_options(options: tuple[str, ...] = ()) -> tuple[str, ...]:
     """`balefs mount` options with the session BALEFS_FUSE_SESSION asks for, unless they name one."""
-    return options + ("--session", SESSION) if SESSION != "python" and "--session" not in options else options
+    return options + ("--session", SESSION) if SESSION and "--session" not in options else options
 
 
 def is_mounted(mp: Path) -> bool:

@@ -2,8 +2,9 @@
 it must show exactly what the Python session shows (names, stat, bytes, links, xattrs, statfs),
 keep close-to-open across a writer mount, answer EIO for a corrupt block and stay up, die cleanly
 under kill -9, and turn bad names into errors; read-write, the changes it forwards to the Python
-operations are seen at once through its own native read path. (With BALEFS_FUSE_SESSION=native,
-every other FUSE test file runs on it too.)"""
+operations are seen at once through its own native read path. (It is `balefs mount`'s default
+where built, so every other FUSE test file runs on it too; BALEFS_FUSE_SESSION=python runs them
+on the Python session.)"""
 from __future__ import annotations
 
 import errno
@@ -600,6 +601,6 @@ def test_session_option_errors_are_one_line(volume, tmp_path: Path) -> None:
     line = user_error("mount", volume.name, str(mp), "--session", "rust", "--read-only")
     assert "rust" in line
     assert not is_mounted(mp)
-    for args in (("--session", "native", "--cached-opens"), ("--read-only", "--cached-opens")):
+    for args in (("--session", "native", "--cached-opens"), ("--session", "python", "--read-only", "--cached-opens")):
         assert "--cached-opens needs --read-only --session native" in user_error("mount", volume.name, str(mp), *args)
         assert not is_mounted(mp)

@@ -338,7 +338,7 @@ def test_version_and_status_say_which_engine_runs(make_volume) -> None:
     off = run_cli("status", "eng", "--no-probe", env=dict(os.environ, BALEFS_NATIVE="0"))
     assert off.stdout.decode().startswith("block engine: python (BALEFS_NATIVE=0)\n")
     assert run_cli("status", "eng", "--no-probe").stdout.decode().startswith("block engine: native\n")
-    sessions = "python, native" if importlib.util.find_spec("balefs._fusenative") else "python (the native"
+    sessions = "native (the default), python" if importlib.util.find_spec("balefs._fusenative") else "python (the native"
     assert f"mount sessions: {sessions}" in run_cli("--version").stdout.decode()
     assert f"\nmount sessions: {sessions}" in run_cli("status", "eng", "--no-probe").stdout.decode()
 

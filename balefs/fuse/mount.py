@@ -53,7 +53,8 @@ class MountOptions:
     audit_reads: float | None = None          # share of opens for reading recorded in the audit table (None: the config's)
     metrics: str | None = None                # HOST:PORT of the Prometheus endpoint (None: BALEFS_METRICS, else off)
     debug: bool = False
-    session: str = "python"                   # "native": the C low-level session (native_session.py)
+    session: str = "auto"                     # "native": the C low-level session (native_session.py); "python";
+                                              # "auto": native where this build has it (check_session decides)
     cached_opens: bool = False                # read-only native: the kernel opens files without asking (no OPEN)
 
 
@@ -304,19 +305,33 @@ def serve(volume: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
             _clear_state(mp)
 
 
+def native_session_missing() -> str | None:
+    """Why this build has no native session (balefs._fusenative), or None when it has one."""
+    from .native_session import native_module
+    try:
+        native_module()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def check_session(opts: MountOptions) -> None:
-    """MountError (one line) for a --session this mount cannot have."""
-    if opts.session not in ("python", "native"):
-        raise MountError(f"unknown --session {opts.session!r}: python or native")
+    """Settle `opts.session` (auto: native where this build has it, else python) or raise
+    MountError (one line) for a --session this mount cannot have."""
+    if opts.session not in ("auto", "python", "native"):
+        raise MountError(f"unknown --session {opts.session!r}: auto, python or native")
+    if opts.session == "auto":
+        missing = native_session_missing()
+        if missing is not None:
+            log.info("the native session is not built (%s): the Python session serves", missing)
+        opts.session = "python" if missing else "native"
     if opts.cached_opens and not (opts.read_only and opts.session == "native"):
         raise MountError("--cached-opens needs --read-only --session native: a read-write mount sees changes at "
                          "each open, which it must be asked for")
     if opts.session == "native":
-        from .native_session import native_module
-        try:
-            native_module()
-        except ImportError as exc:
-            raise MountError(str(exc)) from None
+        missing = native_session_missing()
+        if missing is not None:
+            raise MountError(missing)
 
 
 def _serve_native(ops: Any, mp: str, volume: str, opts: MountOptions, fuse_options: dict[str, Any],
