@@ -8,6 +8,7 @@ on the Python session.)"""
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import random
 import signal
@@ -593,6 +594,21 @@ def test_bad_names_are_errors(volume, mount_volume) -> None:
     with pytest.raises(ValueError):
         os.stat(str(mp / "d") + "/a\0b")
     assert (mp / "d" / LONG).read_bytes() == b"255 bytes of name"  # still serving
+
+
+def test_the_default_session_is_native_where_built_and_python_where_not(monkeypatch) -> None:  # no mount
+    mount_module = importlib.import_module("balefs.fuse.mount")  # (balefs.fuse.mount is also a function's name)
+
+    opts = mount_module.MountOptions()
+    assert opts.session == "auto"
+    mount_module.check_session(opts)
+    assert opts.session == ("native" if mount_module.native_session_missing() is None else "python")
+    monkeypatch.setattr(mount_module, "native_session_missing", lambda: "balefs._fusenative is not built here")
+    opts = mount_module.MountOptions()
+    mount_module.check_session(opts)
+    assert opts.session == "python"
+    with pytest.raises(mount_module.MountError, match="not built here"):
+        mount_module.check_session(mount_module.MountOptions(session="native"))
 
 
 def test_session_option_errors_are_one_line(volume, tmp_path: Path) -> None:
