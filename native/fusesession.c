@@ -98,20 +98,13 @@ static int reply_err_counted(fuse_req_t req, int err) {
 }
 #define fuse_reply_err reply_err_counted
 
-static long long mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static void count_op(enum op_kind kind, long long ns, int err) {
-    double seconds = (double)ns / 1e9;
+static void count_op(enum op_kind kind, double seconds, int err) {
     int i = 0;
     while (i < op_nbounds && op_bounds[i] < seconds) /* bisect_left, as Python's Histogram */
         i++;
     opstat_t *o = &opstats[kind];
     __atomic_add_fetch(&o->buckets[i], 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&o->sum_ns, (uint64_t)(ns > 0 ? ns : 0), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&o->sum_ns, (uint64_t)(seconds > 0 ? seconds * 1e9 : 0), __ATOMIC_RELAXED);
     if (err != 0 && err != ENOENT && err != ENODATA)
         __atomic_add_fetch(&o->errors, 1, __ATOMIC_RELAXED);
 }
@@ -124,9 +117,9 @@ static void count_op(enum op_kind kind, long long ns, int err) {
             return;                                          \
         }                                                    \
         t_err = 0;                                           \
-        long long t0 = mono_ns();                            \
+        double t0 = now_s();                                 \
         op_##name args;                                      \
-        count_op(kind, mono_ns() - t0, t_err);               \
+        count_op(kind, now_s() - t0, t_err);                 \
     }
 
 #define NAME_MAX_BYTES 255
@@ -1845,6 +1838,12 @@ static void stop_gather(openfile_t *of) {
     }
 }
 
+/* Whether WRITE (off, size) continues `g`'s writes in order but does not fit its buffer: the buffer is
+ * handed over first (lock held). */
+static int fills_up(const gather_t *g, uint64_t off, size_t size) {
+    return !g->err && off == g->start + g->fill && g->fill + size > GATHER_BYTES;
+}
+
 /* A WRITE of Python handle `of`, gathered here if it may be: whether it was (and answered). */
 static int write_gathered(fuse_req_t req, openfile_t *of, const char *data, size_t size, uint64_t off) {
     gather_t *g = __atomic_load_n(&of->gather, __ATOMIC_ACQUIRE);
@@ -1860,14 +1859,12 @@ static int write_gathered(fuse_req_t req, openfile_t *of, const char *data, size
         settle(g);
         return 0;
     }
-    if (!g->err && off == g->start + g->fill && g->fill + size > GATHER_BYTES) {
-        while (g->busy) /* the other buffer is still with Python: the kernel waits */
-            pthread_cond_wait(&g->idle, &g->lock);
-    }
+    while (fills_up(g, off, size) && g->busy) /* the other buffer is still with Python: the kernel waits */
+        pthread_cond_wait(&g->idle, &g->lock);
     int give = -1;
     size_t glen = 0;
     uint64_t gat = 0;
-    if (!g->err && off == g->start + g->fill && g->fill + size > GATHER_BYTES) {
+    if (fills_up(g, off, size)) {
         if (g->buf[g->cur ^ 1] == NULL && (g->buf[g->cur ^ 1] = malloc(GATHER_BYTES)) == NULL) {
             pthread_mutex_unlock(&g->lock);
             settle(g);
@@ -1891,17 +1888,14 @@ static int write_gathered(fuse_req_t req, openfile_t *of, const char *data, size
         of->wnext = off + size;
     }
     pthread_mutex_unlock(&g->lock);
-    if (fits || err) {
-        if (err)
-            fuse_reply_err(req, err);
-        else
-            fuse_reply_write(req, size);
-        if (give >= 0)
-            hand_over(g, give, glen, gat);
-        return 1;
-    }
+    if (fits)
+        fuse_reply_write(req, size);
+    else if (err)
+        fuse_reply_err(req, err);
     if (give >= 0)
         hand_over(g, give, glen, gat);
+    if (fits || err)
+        return 1;
     settle(g); /* out of order (or no memory): what came before goes first, then this one to Python */
     return 0;
 }

@@ -320,18 +320,16 @@ def check_session(opts: MountOptions) -> None:
     MountError (one line) for a --session this mount cannot have."""
     if opts.session not in ("auto", "python", "native"):
         raise MountError(f"unknown --session {opts.session!r}: auto, python or native")
+    missing = native_session_missing() if opts.session != "python" else None
     if opts.session == "auto":
-        missing = native_session_missing()
         if missing is not None:
             log.info("the native session is not built (%s): the Python session serves", missing)
         opts.session = "python" if missing else "native"
     if opts.cached_opens and not (opts.read_only and opts.session == "native"):
         raise MountError("--cached-opens needs --read-only --session native: a read-write mount sees changes at "
                          "each open, which it must be asked for")
-    if opts.session == "native":
-        missing = native_session_missing()
-        if missing is not None:
-            raise MountError(missing)
+    if opts.session == "native" and missing is not None:
+        raise MountError(missing)
 
 
 def _serve_native(ops: Any, mp: str, volume: str, opts: MountOptions, fuse_options: dict[str, Any],
