@@ -39,6 +39,10 @@
  *       caller's thread and up to `threads` - 1 helpers kept between calls, which take files as they
  *       come free (the caller never waits for a helper that has not started). A piece outside its
  *       block is a ValueError, before anything is copied.
+ *   Digest(bits, seed=0), copy_digest(dst, at, src, digests)      the write side's hashing
+ *       A running xxh3 (64 bits seeded: a block's checksum; 128: a file's content hash), and a copy
+ *       into a block buffer that feeds the digests each piece while it is still in cache: the chunk
+ *       writer's one pass over a large write's bytes, without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
