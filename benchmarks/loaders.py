@@ -5,8 +5,8 @@ The set is set A of benchmarks/small_files.py (N files of 4-64 KiB in class dire
 labels from the directories), made and checked with its helpers. Loaders, side by side and
 interleaved (every loader's pass of one kind before the next kind), each through a torch
 DataLoader with the same workers, batch size and collate (the batch's bytes packed into one
-uint8 tensor; the consumer hashes every byte of every sample with xxh3, checks its size, and
-checks that every sample comes exactly once per epoch):
+uint8 tensor; the consumer hashes every byte of each batch with xxh3, checks every sample's
+size and tag, and that every sample comes exactly once per epoch, with numpy over the batch):
 
   (a) loose     map-style dataset over the files on the local disk, shuffle=True
   (b) wds       WebDataset 1.0 over tar shards of the same files (shard shuffle + sample buffer)
@@ -193,6 +193,8 @@ def consume(loader, ds: sf.DataSet, chk: sf.Checker) -> tuple[sf.Result, list[in
         arr, o = blob.numpy(), offs.numpy()
         digest ^= xxhash.xxh3_64_intdigest(arr)
         starts, lens = o[:-1], np.diff(o)
+        if (lens < 11).any():
+            raise SystemExit(f"VERIFY FAILED: {int((lens < 11).sum())} samples of a batch are shorter than a file's tag")
         idx = indices_of(arr, starts)
         if (idx < 0).any() or (idx >= ds.n).any():
             raise SystemExit(f"VERIFY FAILED: {int(((idx < 0) | (idx >= ds.n)).sum())} samples of a batch are no file of the set")
