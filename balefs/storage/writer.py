@@ -52,10 +52,9 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import node_error
-from . import native
 from .codec import HEADER_SIZE, BlockCodec
 from .counters import Counter, Histogram, Keyed
 from .crypto import OVERHEAD as SEAL_OVERHEAD
@@ -108,7 +107,6 @@ class ChunkWriter:
         self._block_start = 0
         self._buf: mmap.mmap | None = None  # the block being filled: header room, then block_size bytes
         self._fill = 0  # bytes of it filled
-        self._digest: Any = None  # running seeded xxh3 of its bytes, when the codec can take it (not encrypted)
         self._free: list[mmap.mmap] = []  # uploaded block buffers, ready for reuse (no page faults)
         self._free_max = max(2, min(inflight, (64 << 20) // max(1, block_size)))
         self._unsynced: list[tuple[int, int, int, tuple[int, ...]]] = []  # (chunk, idx, gen, nodes) not yet synced
@@ -168,12 +166,10 @@ class ChunkWriter:
 
     # -- appending -----------------------------------------------------------------------
 
-    def append(self, data: bytes | memoryview, domain: str = "", digest: Any = None) -> tuple[int, list[tuple[int, int, int]]]:
+    def append(self, data: bytes | memoryview, domain: str = "") -> tuple[int, list[tuple[int, int, int]]]:
         """Append bytes of a file of key domain `domain` (an encrypted volume's path prefix with a data
         key of its own; "" the volume's); return (generation, [(chunk, chunk_off, length), ...]) where
-        they landed. Bytes of another domain than the open chunk's end that chunk and open a new one.
-        `digest` (native.stream_digest, the file's content hash) is fed the bytes in the same pass
-        that copies them into the block buffer and hashes the block."""
+        they landed. Bytes of another domain than the open chunk's end that chunk and open a new one."""
         view = memoryview(data).cast("B")
         pieces: list[tuple[int, int, int]] = []
         with self._lock:
@@ -186,10 +182,8 @@ class ChunkWriter:
                 n = min(len(view), self.block_size - self._fill, self.chunk_size - self._chunk_off)
                 if self._buf is None:
                     self._buf = self._free.pop() if self._free else mmap.mmap(-1, HEADER_SIZE + self.block_size)
-                if not self._fill:
-                    self._digest = None if self._codec.encrypted else self._codec.running_digest(self._chunk, self._block_idx)
-                feed = [d for d in (self._digest, digest) if d is not None]
-                native.copy_digest(self._buf, HEADER_SIZE + self._fill, view[:n], feed)
+                at = HEADER_SIZE + self._fill
+                self._buf[at:at + n] = view[:n]
                 self._fill += n
                 pieces.append((self._chunk, self._chunk_off, n))
                 self._chunk_off += n
@@ -220,8 +214,7 @@ class ChunkWriter:
             return
         chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
         buf, fill = self._buf, self._fill  # handed over whole: the writer takes it back once uploaded
-        digest = self._digest.intdigest() if self._digest is not None else None
-        self._buf, self._fill, self._digest = None, 0, None
+        self._buf, self._fill = None, 0
         self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
         self._block_idx += 1
         self._block_start = self._chunk_off
@@ -239,7 +232,7 @@ class ChunkWriter:
         full = stripe is not None and (pos + 1 == self._stripes.k or sealed)
         if full:  # closed before the lock is let go below: no other thread's block joins it
             self._stripes.close()
-        self._start(self._upload, chunk, idx, off, buf, fill, gen, stripe, pos, digest)
+        self._start(self._upload, chunk, idx, off, buf, fill, gen, stripe, pos)
         if full:
             self._write_parity(stripe)
 
@@ -266,10 +259,9 @@ class ChunkWriter:
             self._start(self._upload_parity, stripe, j)
 
     def _upload(self, chunk: int, idx: int, off: int, buf: mmap.mmap, fill: int, gen: int,
-                stripe: OpenStripe | None = None, pos: int = 0, digest: int | None = None) -> BlockRecord:
+                stripe: OpenStripe | None = None, pos: int = 0) -> BlockRecord:
         """Encode and store one block on its nodes (or, erasure coded, on its stripe's node for
-        position `pos`); book the result before the future completes. `digest`: the block's seeded
-        xxh3, hashed as it was appended (None: hashed here)."""
+        position `pos`); book the result before the future completes."""
         whole = memoryview(buf)
         raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
@@ -277,7 +269,7 @@ class ChunkWriter:
                 sealed = memoryview(self._scratch())
                 parts = (sealed[:self._codec.encode_sealed_into(raw, chunk, idx, sealed)],)
             else:
-                parts = self._codec.encode_parts(raw, chunk, idx, digest)
+                parts = self._codec.encode_parts(raw, chunk, idx)
             if parts[1:] and parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
                 whole[:HEADER_SIZE] = parts[0]
                 parts = (whole[:HEADER_SIZE + fill],)
@@ -397,7 +389,7 @@ class ChunkWriter:
         """After a lost block (lock held): later files start in a fresh chunk of a new generation."""
         self.generation += 1
         self._chunk = None
-        self._fill, self._digest = 0, None
+        self._fill = 0
         if self._stripes is not None:
             self._stripes.drop()
         self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
@@ -436,7 +428,7 @@ class ChunkWriter:
                 if not all(supports(self._nodes[n], GrowInPlace) for n in targets):
                     return None
                 self._grow_nodes = tuple(targets)
-                self._grow_digest = self._codec.running_digest(chunk, idx)
+                self._grow_digest = self._codec.growing_digest(chunk, idx)
             lo, hi = self._published, max(self._published, min(self._fill, upto - self._block_start))
             if hi > lo:
                 key = block_key(chunk, idx)
@@ -455,7 +447,7 @@ class ChunkWriter:
                         self.node_put_seconds[nid].observe(time.monotonic() - started)
                 except BaseException as exc:
                     self._failed[self.generation] = exc
-                    self._fill, self._digest = lo, None  # cut back: the running digest no longer matches
+                    self._fill = lo
                     if lo:
                         self._submit_block()  # the closed files' bytes: sealed and synced like any block
                     self._abandon()
