@@ -237,12 +237,15 @@ class ChunkWriter:
             self._write_parity(stripe)
 
     def _start(self, fn: Callable, *args: object) -> None:
-        """Run an upload in the pool once a slot is free (called with the lock held)."""
-        try:  # the release inside the try: a Ctrl-C raised as it returns still gets the lock taken back
-            self._lock.release()
-            self._slots.acquire()
-        finally:
-            self._lock.acquire()
+        """Run an upload in the pool once a slot is free (called with the lock held). The lock is
+        let go only to wait for a slot: in that window the block is out of the buffer and not yet
+        in flight, so a commit that takes the lock there (take) does not wait for it."""
+        if not self._slots.acquire(blocking=False):
+            try:  # the release inside the try: a Ctrl-C raised as it returns still gets the lock taken back
+                self._lock.release()
+                self._slots.acquire()
+            finally:
+                self._lock.acquire()
         fut = _submit(self._pool, fn, *args)
         self._inflight.add(fut)
         fut.add_done_callback(self._retire)
