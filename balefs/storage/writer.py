@@ -237,18 +237,35 @@ class ChunkWriter:
             self._write_parity(stripe)
 
     def _start(self, fn: Callable, *args: object) -> None:
-        """Run an upload in the pool once a slot is free (called with the lock held). The lock is
-        let go only to wait for a slot: in that window the block is out of the buffer and not yet
-        in flight, so a commit that takes the lock there (take) does not wait for it."""
+        """Run an upload in the pool once a slot is free (called with the lock held). While every
+        slot is busy the lock is let go to wait for one; a stand-in future is in flight for the
+        block meanwhile, resolved once its upload has finished (or never started), so a commit
+        that takes the lock in that window (take) waits for the block instead of booking its
+        files without it."""
+        stand_in: Future | None = None
         if not self._slots.acquire(blocking=False):
+            stand_in = Future()
+            self._inflight.add(stand_in)
+            stand_in.add_done_callback(self._retire)
             try:  # the release inside the try: a Ctrl-C raised as it returns still gets the lock taken back
                 self._lock.release()
                 self._slots.acquire()
+            except BaseException:
+                stand_in.set_result(None)
+                raise
             finally:
                 self._lock.acquire()
-        fut = _submit(self._pool, fn, *args)
+        try:
+            fut = _submit(self._pool, fn, *args)
+        except BaseException:  # never handed over (a Ctrl-C in submit): nothing waits for it
+            self._slots.release()
+            if stand_in is not None:
+                stand_in.set_result(None)
+            raise
         self._inflight.add(fut)
         fut.add_done_callback(self._retire)
+        if stand_in is not None:
+            fut.add_done_callback(lambda _: stand_in.set_result(None))
 
     def _close_stripe(self) -> None:
         """Close the open stripe and write its parity blocks (called with the lock held)."""
