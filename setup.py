@@ -17,9 +17,9 @@ if os.environ.get("BALEFS_SANITIZE") == "1":
     flags, link = flags + san, san
 
 setup(ext_modules=[
-    Extension("balefs._native", ["native/blockengine.c"], depends=["native/blockcodec.h"], libraries=["lz4", "IPSec_MB"],
+    Extension("balefs._native", ["native/blockengine.c"], depends=["native/blockcodec.h"], libraries=["lz4", "xxhash", "IPSec_MB"],
               extra_compile_args=flags, extra_link_args=link, optional=True),
     Extension("balefs._fusenative", ["native/fusesession.c"], depends=["native/blockcodec.h"],
-              include_dirs=["/usr/include/fuse3"], libraries=["fuse3", "lz4", "sqlite3", "pthread"],
+              include_dirs=["/usr/include/fuse3"], libraries=["fuse3", "lz4", "xxhash", "sqlite3", "pthread"],
               extra_compile_args=flags, extra_link_args=link, optional=True),
 ])

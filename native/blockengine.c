@@ -39,6 +39,10 @@
  *       caller's thread and up to `threads` - 1 helpers kept between calls, which take files as they
  *       come free (the caller never waits for a helper that has not started). A piece outside its
  *       block is a ValueError, before anything is copied.
+ *   Digest(bits, seed=0), copy_digest(dst, at, src, digests)      the write side's hashing
+ *       A running xxh3 (64 bits seeded: a block's checksum; 128: a file's content hash), and a copy
+ *       into a block buffer that feeds the digests each piece while it is still in cache: the chunk
+ *       writer's one pass over a large write's bytes, without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -293,7 +297,7 @@ static int aead(int encrypt, const uint8_t *key, const uint8_t *nonce, const uin
 
 /* Whether a sealed payload's seeded xxh3 differs from its header's: 1 (the job failed, saying so) or 0. */
 static int sealed_digest_differs(job_t *j, const header_t *hd, const uint8_t *payload, size_t len, uint64_t seed) {
-    if (XXH3_64bits_withSeed(payload, len, seed) == hd->digest)
+    if (bulk_xxh3_seeded(payload, len, seed) == hd->digest)
         return 0;
     snprintf(j->msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
     fail_corrupt(j);
@@ -1067,6 +1071,222 @@ done:
     return out;
 }
 
+/* -- running digests ---------------------------------------------------------------------------- */
+
+/* balefs._native.Digest(bits, seed=0): a running xxh3, 64 bits seeded or 128, as xxhash's objects
+ * (update, intdigest, hexdigest: the same values), that copy_digest can feed in the same pass as a
+ * copy. `busy` (set with the GIL held) refuses a second thread feeding it while one runs without
+ * the GIL: two updates at once would scramble the state. */
+typedef struct {
+    PyObject_HEAD XXH3_state_t *st;
+    int bits, busy;
+} DigestObject;
+
+static PyTypeObject DigestType;
+
+static int digest_init(DigestObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"bits", "seed", NULL};
+    int bits;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|K", names, &bits, &seed))
+        return -1;
+    if (bits != 64 && bits != 128) {
+        PyErr_SetString(PyExc_ValueError, "Digest: bits must be 64 or 128");
+        return -1;
+    }
+    if (bits == 128 && seed != 0) {
+        PyErr_SetString(PyExc_ValueError, "Digest: a 128-bit digest takes no seed");
+        return -1;
+    }
+    if (self->st == NULL && (self->st = XXH3_createState()) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Digest: reset while another thread feeds it");
+        return -1;
+    }
+    self->bits = bits;
+    if (bits == 64)
+        XXH3_64bits_reset_withSeed(self->st, seed);
+    else
+        XXH3_128bits_reset(self->st);
+    return 0;
+}
+
+static void digest_dealloc(DigestObject *self) {
+    XXH3_freeState(self->st);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static void digest_feed(DigestObject *d, const void *p, size_t n) {
+    if (d->bits == 64)
+        bulk_xxh3_64_update(d->st, p, n);
+    else
+        bulk_xxh3_128_update(d->st, p, n);
+}
+
+/* Take a digest for feeding without the GIL: 0, or -1 with an exception set. */
+static int digest_take(PyObject *o) {
+    if (!PyObject_TypeCheck(o, &DigestType)) {
+        PyErr_SetString(PyExc_TypeError, "expected balefs._native.Digest objects");
+        return -1;
+    }
+    DigestObject *d = (DigestObject *)o;
+    if (d->st == NULL || d->busy) {
+        PyErr_SetString(PyExc_RuntimeError, d->st == NULL ? "Digest: not initialised" : "Digest: fed by two threads at once");
+        return -1;
+    }
+    d->busy = 1;
+    return 0;
+}
+
+/* Inputs below this are hashed with the GIL held: letting it go costs more. */
+#define DIGEST_NOGIL ((Py_ssize_t)256 << 10)
+
+static PyObject *digest_update(DigestObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_C_CONTIGUOUS) != 0)
+        return NULL;
+    if (digest_take((PyObject *)self) != 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    if (b.len >= DIGEST_NOGIL) {
+        Py_BEGIN_ALLOW_THREADS
+        digest_feed(self, b.buf, (size_t)b.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        digest_feed(self, b.buf, (size_t)b.len);
+    }
+    self->busy = 0;
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+static PyObject *digest_intdigest(DigestObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->st == NULL || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Digest: not initialised, or being fed");
+        return NULL;
+    }
+    if (self->bits == 64)
+        return PyLong_FromUnsignedLongLong(XXH3_64bits_digest(self->st));
+    XXH128_hash_t h = XXH3_128bits_digest(self->st);
+    PyObject *hi = PyLong_FromUnsignedLongLong(h.high64), *lo = PyLong_FromUnsignedLongLong(h.low64), *out = NULL;
+    PyObject *shift = PyLong_FromLong(64), *up = NULL;
+    if (hi != NULL && lo != NULL && shift != NULL && (up = PyNumber_Lshift(hi, shift)) != NULL)
+        out = PyNumber_Or(up, lo);
+    Py_XDECREF(hi);
+    Py_XDECREF(lo);
+    Py_XDECREF(shift);
+    Py_XDECREF(up);
+    return out;
+}
+
+static PyObject *digest_hexdigest(DigestObject *self, PyObject *unused) {
+    (void)unused;
+    if (self->st == NULL || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Digest: not initialised, or being fed");
+        return NULL;
+    }
+    unsigned char raw[16];
+    size_t n;
+    if (self->bits == 64) {
+        XXH64_canonical_t c;
+        XXH64_canonicalFromHash(&c, XXH3_64bits_digest(self->st));
+        memcpy(raw, c.digest, n = sizeof c.digest);
+    } else {
+        XXH128_canonical_t c;
+        XXH128_canonicalFromHash(&c, XXH3_128bits_digest(self->st));
+        memcpy(raw, c.digest, n = sizeof c.digest);
+    }
+    char hex[33];
+    for (size_t i = 0; i < n; i++)
+        snprintf(hex + 2 * i, 3, "%02x", raw[i]);
+    return PyUnicode_FromStringAndSize(hex, (Py_ssize_t)(2 * n));
+}
+
+static PyMethodDef digest_methods[] = {
+    {"update", (PyCFunction)digest_update, METH_O, "update(data): feed bytes (the GIL let go for large ones)."},
+    {"intdigest", (PyCFunction)digest_intdigest, METH_NOARGS, "intdigest(): the digest so far, as an int."},
+    {"hexdigest", (PyCFunction)digest_hexdigest, METH_NOARGS, "hexdigest(): the digest so far, in hex (big-endian)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject DigestType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "balefs._native.Digest",
+    .tp_basicsize = sizeof(DigestObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Digest(bits, seed=0): a running xxh3 (64 bits seeded, or 128), as xxhash.xxh3_64/xxh3_128.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)digest_init,
+    .tp_dealloc = (destructor)digest_dealloc,
+    .tp_methods = digest_methods,
+};
+
+/* copy_digest(dst, at, src, digests): src copied into dst[at:at + len(src)] and fed to every digest,
+ * one piece at a time while the piece is still in the CPU's cache (one pass over the bytes where a
+ * copy and then each hash would read them from memory once each), the GIL let go for large ones. */
+#define COPY_PIECE ((size_t)64 << 10)
+
+static PyObject *py_copy_digest(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *dst_in, *src_in, *digests_in;
+    Py_ssize_t at;
+    if (!PyArg_ParseTuple(args, "OnOO", &dst_in, &at, &src_in, &digests_in))
+        return NULL;
+    PyObject *seq = PySequence_Fast(digests_in, "copy_digest: digests must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t nd = PySequence_Fast_GET_SIZE(seq), taken = 0;
+    Py_buffer dst = {0}, src = {0};
+    int have_dst = 0, have_src = 0;
+    PyObject *out = NULL;
+    DigestObject *ds[4];
+    if (nd > 4) {
+        PyErr_SetString(PyExc_ValueError, "copy_digest: at most 4 digests");
+        goto done;
+    }
+    if (PyObject_GetBuffer(dst_in, &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0)
+        goto done;
+    have_dst = 1;
+    if (PyObject_GetBuffer(src_in, &src, PyBUF_C_CONTIGUOUS) != 0)
+        goto done;
+    have_src = 1;
+    if (at < 0 || at > dst.len || src.len > dst.len - at) {
+        PyErr_Format(PyExc_ValueError, "copy_digest: %zd bytes at %zd do not fit a buffer of %zd", src.len, at, dst.len);
+        goto done;
+    }
+    for (; taken < nd; taken++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, taken);
+        if (digest_take(o) != 0)
+            goto done;
+        ds[taken] = (DigestObject *)o;
+    }
+    char *to = (char *)dst.buf + at;
+    const char *from = src.buf;
+    size_t len = (size_t)src.len;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t pos = 0; pos < len; pos += COPY_PIECE) {
+        size_t n = len - pos < COPY_PIECE ? len - pos : COPY_PIECE;
+        memmove(to + pos, from + pos, n);
+        for (Py_ssize_t k = 0; k < nd; k++)
+            digest_feed(ds[k], to + pos, n);
+    }
+    Py_END_ALLOW_THREADS
+    out = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t k = 0; k < taken; k++)
+        ds[k]->busy = 0;
+    if (have_src)
+        PyBuffer_Release(&src);
+    if (have_dst)
+        PyBuffer_Release(&dst);
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, "decode(blob, volume, chunk, idx, limit): the verified raw bytes of one block."},
     {"read_blocks", py_read_blocks, METH_VARARGS,
@@ -1077,6 +1297,8 @@ static PyMethodDef methods[] = {
      "open(key, sealed, aad[, out]): the payload seal() sealed, as bytes or written into out (True); None/False if it does not authenticate."},
     {"cut", py_cut, METH_VARARGS,
      "cut(blocks, which, starts, lengths, threads[, into]): the bytes of many files cut out of blocks in memory, copied without the GIL (into: a writable buffer of their total size that they fill one after another; returns None)."},
+    {"copy_digest", py_copy_digest, METH_VARARGS,
+     "copy_digest(dst, at, src, digests): src copied into dst at `at` and fed to each Digest, in one pass without the GIL."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1104,7 +1326,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     }
     DecodeError = PyErr_NewException("balefs._native.DecodeError", PyExc_ValueError, NULL);
     if (DecodeError == NULL || PyModule_AddObjectRef(m, "DecodeError", DecodeError) != 0 ||
-        PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) != 0) {
+        PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) != 0 || PyType_Ready(&DigestType) != 0 ||
+        PyModule_AddObjectRef(m, "Digest", (PyObject *)&DigestType) != 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balefs.errors import CorruptBlockError
+from balefs.storage import native
 from balefs.storage.codec import FLAG_LZ4, HEADER_SIZE, MAGIC, BlockCodec
 from balefs.storage.crypto import Keyring
 
@@ -199,3 +200,69 @@ def test_block_decoded_into_a_buffer_under_the_wrong_key_is_refused() -> None:
     blob = _sealing().encode(RANDOM, *AT)
     with pytest.raises(CorruptBlockError, match="authentication failed"):
         _sealing(key=bytes(32)).decode(blob, *AT, memoryview(bytearray(len(RANDOM))))
+
+
+engines = [pytest.param(True, id="engine"), pytest.param(False, id="python")]
+
+
+def engine_or_skip(monkeypatch: pytest.MonkeyPatch, use_engine: bool) -> None:
+    """The native engine's digests and copies, or (engine set aside) the xxhash fallback."""
+    if use_engine and native.engine is None:
+        pytest.skip("the native block engine is not built (its fallback is the other case)")
+    if not use_engine:
+        monkeypatch.setattr(native, "engine", None)
+
+
+@pytest.mark.parametrize("use_engine", engines)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_copy_digest_copies_and_hashes_like_xxhash(use_engine: bool, data: st.DataObject) -> None:
+    """copy_digest's bytes and digests are exactly a copy and xxhash's, fed in any pieces (across the
+    engine's 64 KiB steps and the size it lets the GIL go at), 64 bits seeded and 128."""
+    with pytest.MonkeyPatch.context() as mp:
+        engine_or_skip(mp, use_engine)
+        size = data.draw(st.sampled_from([0, 1, 65535, 65536, 65537, 300_000, 700_001]))
+        raw = payload(size, data.draw(st.integers(0, 1000)))
+        seed = data.draw(st.integers(0, (1 << 64) - 1))
+        cuts = sorted(data.draw(st.lists(st.integers(0, size), max_size=4)))
+        lead = data.draw(st.integers(0, 4096))
+        dst = bytearray(lead + size + 3)
+        d64, d128 = native.stream_digest(64, seed), native.stream_digest(128)
+        for lo, hi in zip([0] + cuts, cuts + [size]):
+            native.copy_digest(dst, lead + lo, memoryview(raw)[lo:hi], [d64, d128])
+        assert bytes(dst[lead:lead + size]) == raw and dst[:lead] == bytearray(lead)
+        assert d64.intdigest() == xxhash.xxh3_64_intdigest(raw, seed)
+        assert d128.hexdigest() == xxhash.xxh3_128_hexdigest(raw) and d128.intdigest() == xxhash.xxh3_128_intdigest(raw)
+
+
+def test_copy_digest_refuses_what_does_not_fit() -> None:
+    """A copy past the end of its destination, or before its start, into a read-only buffer, or fed to
+    something that is not a digest: an error, and nothing copied."""
+    if native.engine is None:
+        pytest.skip("the native block engine is not built")
+    dst = bytearray(10)
+    for at, src in [(8, b"abc"), (-1, b"a"), (11, b"")]:
+        with pytest.raises(ValueError):
+            native.copy_digest(dst, at, src, [])
+    with pytest.raises(BufferError):
+        native.copy_digest(b"0123456789", 0, b"a", [])
+    with pytest.raises(TypeError):
+        native.copy_digest(dst, 0, b"a", [xxhash.xxh3_64()])
+    with pytest.raises(ValueError):
+        native.stream_digest(128, 5)
+    assert dst == bytearray(10)
+
+
+def test_blocks_hashed_as_appended_carry_the_right_checksum() -> None:
+    """A block whose seeded xxh3 was fed as its bytes were appended (ChunkWriter's running digest)
+    encodes to what hashing it whole gives, and a wrong one is caught on decode."""
+    codec = BlockCodec("none", "vol")
+    raw = payload(200_000, 3)
+    d = codec.running_digest(4, 2)
+    dst = bytearray(len(raw))
+    native.copy_digest(dst, 0, raw[:70_000], [d])
+    native.copy_digest(dst, 70_000, raw[70_000:], [d])
+    assert codec.encode_parts(raw, 4, 2, d.intdigest()) == codec.encode_parts(raw, 4, 2)
+    head, body = codec.encode_parts(raw, 4, 2, d.intdigest() ^ 1)
+    with pytest.raises(CorruptBlockError):
+        codec.decode(head + bytes(body), 4, 2)

@@ -92,7 +92,7 @@ def test_growing_blocks_agree(raw: bytes, valid: int, extra: bytes) -> None:
     """A growing block's header names the bytes valid so far; what follows them is ignored alike."""
     codec = BlockCodec("none", VOLUME)
     valid = min(valid, len(raw))
-    digest = codec.growing_digest(7, 3)
+    digest = codec.running_digest(7, 3)
     digest.update(raw[:valid])
     blob = codec.growing_header(valid, digest) + raw + extra
     assert native_outcome(blob, 7, 3) == python_outcome(blob, 7, 3, codec) == raw[:valid]

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-import xxhash
 
 from .config import VolumeConfig, config_path, host_cache_dir, load_config, save_config
 from ..errors import ConfigError, NodeUnreachableError, VolumeExistsError, node_error
@@ -142,7 +141,7 @@ class FileWriter:
     sparse: bool = False  # the content has a hole: no content hash (see meta.types.SPARSE), nothing hashed
 
     def __post_init__(self) -> None:
-        self._hash = xxhash.xxh3_128()
+        self._hash = native.stream_digest(128)
         self._held: list[int] = []  # the chunks this file has written bytes into (ChunkWriter.hold)
         self.domain = self.client.key_domain(self.path)  # its bytes go into chunks of this key domain only
 
@@ -155,12 +154,11 @@ class FileWriter:
         check_size(self.path, self.size + n)
         if self.known_hash is not None and self.content_hash is None and not self.sparse:
             self._hash_existing()  # the new bytes follow shared ones: the hash must cover both
-        gen, pieces = self.client.writer.append(data, self.domain)
+        hashing = self.content_hash is None and not self.sparse
+        gen, pieces = self.client.writer.append(data, self.domain, self._hash if hashing else None)
         if self.first_gen < 0:
             self.first_gen = gen
         self.last_gen = gen
-        if self.content_hash is None and not self.sparse:
-            self._hash.update(data)
         for chunk, coff, length in pieces:
             if chunk not in self._held:  # committed or dropped, this file lets go of its chunks
                 self._held.append(chunk)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import lz4.frame
 import xxhash
@@ -37,6 +38,7 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 
 from ..errors import CorruptBlockError
+from . import native
 from .crypto import OVERHEAD, Keyring, KeyWithheld
 
 MAGIC = b"BALE"
@@ -67,10 +69,12 @@ class BlockCodec:
         """Return header + payload for `raw`, block `idx` of `chunk`."""
         return b"".join(self.encode_parts(raw, chunk, idx))
 
-    def encode_parts(self, raw: bytes | memoryview, chunk: int, idx: int) -> tuple[bytes, bytes | memoryview]:
+    def encode_parts(self, raw: bytes | memoryview, chunk: int, idx: int,
+                     digest: int | None = None) -> tuple[bytes, bytes | memoryview]:
         """(header, payload) of the encoded block, without joining them: the payload is `raw`
         itself when it is stored uncompressed, so a node that writes both parts at once
-        (os.writev) never copies the block in memory."""
+        (os.writev) never copies the block in memory. `digest`: the seeded xxh3 of `raw`
+        (running_digest's), when the caller has it; ignored on an encrypted volume."""
         flags = 0
         payload: bytes | memoryview = raw
         if self.compression == "lz4" and len(raw) > 64:
@@ -83,7 +87,7 @@ class BlockCodec:
             key_no = self.keyring.sealing_key(chunk)
             payload = self.keyring.seal(key_no, chunk, payload, self._aad(chunk, idx, flags, len(raw)))
             digest = xxhash.xxh3_64_intdigest(payload, self._seed(chunk, idx))
-        else:
+        elif digest is None:
             digest = xxhash.xxh3_64_intdigest(raw, self._seed(chunk, idx))
         head = _HEAD.pack(MAGIC, VERSION, flags, key_no, len(raw), len(payload), digest)
         return head + _HEAD_SUM.pack(xxhash.xxh3_64_intdigest(head)), payload
@@ -116,11 +120,13 @@ class BlockCodec:
     def _seed(self, chunk: int, idx: int) -> int:
         return xxhash.xxh3_64_intdigest(f"{self.volume}/{chunk}/{idx}".encode())
 
-    def growing_digest(self, chunk: int, idx: int) -> "xxhash.xxh3_64":
-        """A running xxh3 of a growing block's raw bytes: fed as the block grows, read by growing_header."""
-        return xxhash.xxh3_64(seed=self._seed(chunk, idx))
+    def running_digest(self, chunk: int, idx: int) -> Any:
+        """A running seeded xxh3 of block `idx` of `chunk` (native.stream_digest): of a growing block's
+        stored bytes, read by growing_header, or of a plain block's raw bytes as they are appended,
+        handed to encode_parts so the block is not hashed again."""
+        return native.stream_digest(64, self._seed(chunk, idx))
 
-    def growing_header(self, length: int, digest: "xxhash.xxh3_64", stored: int | None = None, chunk: int = -1) -> bytes:
+    def growing_header(self, length: int, digest: Any, stored: int | None = None, chunk: int = -1) -> bytes:
         """The header of a growing block of `chunk` whose first `length` raw bytes are valid, stored in its
         first `stored` bytes after the header (default `length`; digest: of those stored bytes)."""
         flags, key_no = FLAG_GROWING, 0

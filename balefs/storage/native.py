@@ -21,6 +21,7 @@ import os
 from types import ModuleType
 from typing import Any, Sequence
 
+import xxhash
 from cryptography.exceptions import InvalidTag
 
 from ..errors import CorruptBlockError, NodeError
@@ -105,6 +106,26 @@ def cut(blocks: Sequence[Any], which: Any, starts: Any, lengths: Any, threads: i
         dest[at:at + len(v)] = v
         at += len(v)
     return None
+
+
+def stream_digest(bits: int, seed: int = 0) -> Any:
+    """A running xxh3 (64 bits seeded, or 128): the engine's, which copy_digest feeds in the same
+    pass as a copy, else xxhash's; both have update, intdigest and hexdigest, with the same values."""
+    if engine is not None:
+        return engine.Digest(bits, seed)
+    return xxhash.xxh3_64(seed=seed) if bits == 64 else xxhash.xxh3_128()
+
+
+def copy_digest(dst: Any, at: int, src: Any, digests: Sequence[Any]) -> None:
+    """Copy `src` into the writable buffer `dst` at offset `at` and feed it to each of `digests`
+    (from stream_digest). The engine does it in one pass over the bytes, hashing each piece while
+    it is still in the CPU's cache, without the GIL; without it, a copy and then each hash."""
+    if engine is not None:
+        engine.copy_digest(dst, at, src, digests)
+        return
+    memoryview(dst)[at:at + len(src)] = src
+    for d in digests:
+        d.update(src)
 
 
 def seal(key: bytes, nonce: bytes, aad: bytes, payload: Any, out: Any = None) -> bytes | int:

@@ -52,9 +52,10 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import node_error
+from . import native
 from .codec import HEADER_SIZE, BlockCodec
 from .counters import Counter, Histogram, Keyed
 from .crypto import OVERHEAD as SEAL_OVERHEAD
@@ -107,6 +108,7 @@ class ChunkWriter:
         self._block_start = 0
         self._buf: mmap.mmap | None = None  # the block being filled: header room, then block_size bytes
         self._fill = 0  # bytes of it filled
+        self._digest: Any = None  # running seeded xxh3 of its bytes, when the codec can take it (not encrypted)
         self._free: list[mmap.mmap] = []  # uploaded block buffers, ready for reuse (no page faults)
         self._free_max = max(2, min(inflight, (64 << 20) // max(1, block_size)))
         self._unsynced: list[tuple[int, int, int, tuple[int, ...]]] = []  # (chunk, idx, gen, nodes) not yet synced
@@ -166,10 +168,12 @@ class ChunkWriter:
 
     # -- appending -----------------------------------------------------------------------
 
-    def append(self, data: bytes | memoryview, domain: str = "") -> tuple[int, list[tuple[int, int, int]]]:
+    def append(self, data: bytes | memoryview, domain: str = "", digest: Any = None) -> tuple[int, list[tuple[int, int, int]]]:
         """Append bytes of a file of key domain `domain` (an encrypted volume's path prefix with a data
         key of its own; "" the volume's); return (generation, [(chunk, chunk_off, length), ...]) where
-        they landed. Bytes of another domain than the open chunk's end that chunk and open a new one."""
+        they landed. Bytes of another domain than the open chunk's end that chunk and open a new one.
+        `digest` (native.stream_digest, the file's content hash) is fed the bytes in the same pass
+        that copies them into the block buffer and hashes the block."""
         view = memoryview(data).cast("B")
         pieces: list[tuple[int, int, int]] = []
         with self._lock:
@@ -182,8 +186,10 @@ class ChunkWriter:
                 n = min(len(view), self.block_size - self._fill, self.chunk_size - self._chunk_off)
                 if self._buf is None:
                     self._buf = self._free.pop() if self._free else mmap.mmap(-1, HEADER_SIZE + self.block_size)
-                at = HEADER_SIZE + self._fill
-                self._buf[at:at + n] = view[:n]
+                if not self._fill:
+                    self._digest = None if self._codec.encrypted else self._codec.running_digest(self._chunk, self._block_idx)
+                feed = [d for d in (self._digest, digest) if d is not None]
+                native.copy_digest(self._buf, HEADER_SIZE + self._fill, view[:n], feed)
                 self._fill += n
                 pieces.append((self._chunk, self._chunk_off, n))
                 self._chunk_off += n
@@ -214,7 +220,8 @@ class ChunkWriter:
             return
         chunk, idx, off, gen = self._chunk, self._block_idx, self._block_start, self.generation
         buf, fill = self._buf, self._fill  # handed over whole: the writer takes it back once uploaded
-        self._buf, self._fill = None, 0
+        digest = self._digest.intdigest() if self._digest is not None else None
+        self._buf, self._fill, self._digest = None, 0, None
         self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
         self._block_idx += 1
         self._block_start = self._chunk_off
@@ -232,7 +239,7 @@ class ChunkWriter:
         full = stripe is not None and (pos + 1 == self._stripes.k or sealed)
         if full:  # closed before the lock is let go below: no other thread's block joins it
             self._stripes.close()
-        self._start(self._upload, chunk, idx, off, buf, fill, gen, stripe, pos)
+        self._start(self._upload, chunk, idx, off, buf, fill, gen, stripe, pos, digest)
         if full:
             self._write_parity(stripe)
 
@@ -279,9 +286,10 @@ class ChunkWriter:
             self._start(self._upload_parity, stripe, j)
 
     def _upload(self, chunk: int, idx: int, off: int, buf: mmap.mmap, fill: int, gen: int,
-                stripe: OpenStripe | None = None, pos: int = 0) -> BlockRecord:
+                stripe: OpenStripe | None = None, pos: int = 0, digest: int | None = None) -> BlockRecord:
         """Encode and store one block on its nodes (or, erasure coded, on its stripe's node for
-        position `pos`); book the result before the future completes."""
+        position `pos`); book the result before the future completes. `digest`: the block's seeded
+        xxh3, hashed as it was appended (None: hashed here)."""
         whole = memoryview(buf)
         raw = whole[HEADER_SIZE:HEADER_SIZE + fill]
         try:
@@ -289,7 +297,7 @@ class ChunkWriter:
                 sealed = memoryview(self._scratch())
                 parts = (sealed[:self._codec.encode_sealed_into(raw, chunk, idx, sealed)],)
             else:
-                parts = self._codec.encode_parts(raw, chunk, idx)
+                parts = self._codec.encode_parts(raw, chunk, idx, digest)
             if parts[1:] and parts[1] is raw:  # stored as is: the header goes in front, one page-aligned buffer
                 whole[:HEADER_SIZE] = parts[0]
                 parts = (whole[:HEADER_SIZE + fill],)
@@ -409,7 +417,7 @@ class ChunkWriter:
         """After a lost block (lock held): later files start in a fresh chunk of a new generation."""
         self.generation += 1
         self._chunk = None
-        self._fill = 0
+        self._fill, self._digest = 0, None
         if self._stripes is not None:
             self._stripes.drop()
         self._published, self._grow_nodes, self._grow_digest, self._grow_stored = 0, None, None, 0
@@ -448,7 +456,7 @@ class ChunkWriter:
                 if not all(supports(self._nodes[n], GrowInPlace) for n in targets):
                     return None
                 self._grow_nodes = tuple(targets)
-                self._grow_digest = self._codec.growing_digest(chunk, idx)
+                self._grow_digest = self._codec.running_digest(chunk, idx)
             lo, hi = self._published, max(self._published, min(self._fill, upto - self._block_start))
             if hi > lo:
                 key = block_key(chunk, idx)
@@ -467,7 +475,7 @@ class ChunkWriter:
                         self.node_put_seconds[nid].observe(time.monotonic() - started)
                 except BaseException as exc:
                     self._failed[self.generation] = exc
-                    self._fill = lo
+                    self._fill, self._digest = lo, None  # cut back: the running digest no longer matches
                     if lo:
                         self._submit_block()  # the closed files' bytes: sealed and synced like any block
                     self._abandon()
