@@ -1165,7 +1165,7 @@ def mount_cmd(volume: str, mountpoint: str, foreground: bool, read_only: bool, c
         return
     pid = mount(volume, mountpoint, opts, foreground=foreground)
     if not foreground:
-        click.echo(f"mounted {volume} at {os.path.abspath(mountpoint)} (daemon pid {pid}); "
+        click.echo(f"mounted {volume} at {os.path.abspath(mountpoint)} ({opts.session} session, daemon pid {pid}); "
                    f"unmount with: balefs umount {mountpoint}", err=True)
         if metrics_at:
             from .metrics import endpoint_of

@@ -76,7 +76,7 @@ def _view(root: Path) -> dict[str, tuple]:
 
 def test_native_session_shows_what_the_python_session_shows(volume, mount_volume) -> None:
     files = _tree(volume.name)
-    py = mount_volume(volume.name, "--read-only")
+    py = mount_volume(volume.name, "--read-only", "--session", "python")
     nat = mount_volume(volume.name, *NATIVE)
     assert _view(nat) == _view(py)
     assert len(_view(nat)) > len(files)
@@ -609,6 +609,29 @@ def test_the_default_session_is_native_where_built_and_python_where_not(monkeypa
     assert opts.session == "python"
     with pytest.raises(mount_module.MountError, match="not built here"):
         mount_module.check_session(mount_module.MountOptions(session="native"))
+
+
+def _daemon_of(mp: Path) -> int:
+    """The pid of the daemon serving mountpoint `mp` (its command line names it, in the foreground)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(mp).encode() in argv and b"--foreground" in argv:
+            return int(pid)
+    raise AssertionError(f"no daemon serves {mp}")
+
+
+def test_the_session_asked_for_is_the_one_that_serves(volume, mount_volume) -> None:
+    """`--session python` on a build that has the native session (whose daemon default is auto,
+    native) still gets the Python session: the background daemon is told which one."""
+    for session in ("python", "native"):
+        mp = mount_volume(volume.name, "--session", session)
+        (mp / f"by-{session}").write_bytes(session.encode())
+        maps = Path(f"/proc/{_daemon_of(mp)}/maps").read_text()
+        assert ("_fusenative" in maps) == (session == "native"), session
+        assert (mp / f"by-{session}").read_bytes() == session.encode()
 
 
 def test_session_option_errors_are_one_line(volume, tmp_path: Path) -> None:

@@ -451,8 +451,7 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
         cmd += ["--metrics", opts.metrics]
     if opts.debug:
         cmd.append("--debug")
-    if opts.session != "python":
-        cmd += ["--session", opts.session]
+    cmd += ["--session", opts.session]  # settled above: the daemon's own default (auto) may differ
     if opts.cached_opens:
         cmd.append("--cached-opens")
     r, w = os.pipe()
