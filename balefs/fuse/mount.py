@@ -414,16 +414,9 @@ def _clear_state(mp: str) -> None:
             pass
 
 
-def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = False, timeout: float = 60.0) -> int:
-    """Mount VOLUME at MOUNTPOINT; in the background, return the daemon's pid once the mount works."""
-    mp = check_can_mount(volume, mountpoint)
-    check_session(opts)
-    if foreground:
-        logging.basicConfig(level=logging.DEBUG if opts.debug else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        serve(volume, mp, opts)
-        return os.getpid()
-    os.makedirs(run_dir(), exist_ok=True)
+def daemon_argv(volume: str, mp: str, opts: MountOptions) -> list[str]:
+    """The command line of the background daemon serving `opts` (settled by check_session): every
+    option the daemon's own default could differ from is passed."""
     cmd = [sys.executable, "-m", "balefs.cli", "mount", volume, mp, "--foreground"]
     if opts.read_only:
         cmd.append("--read-only")
@@ -454,6 +447,20 @@ def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = F
     cmd += ["--session", opts.session]  # settled above: the daemon's own default (auto) may differ
     if opts.cached_opens:
         cmd.append("--cached-opens")
+    return cmd
+
+
+def mount(volume: str, mountpoint: str, opts: MountOptions, foreground: bool = False, timeout: float = 60.0) -> int:
+    """Mount VOLUME at MOUNTPOINT; in the background, return the daemon's pid once the mount works."""
+    mp = check_can_mount(volume, mountpoint)
+    check_session(opts)
+    if foreground:
+        logging.basicConfig(level=logging.DEBUG if opts.debug else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serve(volume, mp, opts)
+        return os.getpid()
+    os.makedirs(run_dir(), exist_ok=True)
+    cmd = daemon_argv(volume, mp, opts)
     r, w = os.pipe()
     cmd += ["--ready-fd", str(w)]
     logfile = log_path(mp)
