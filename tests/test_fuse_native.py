@@ -611,25 +611,13 @@ def test_the_default_session_is_native_where_built_and_python_where_not(monkeypa
         mount_module.check_session(mount_module.MountOptions(session="native"))
 
 
-def _daemon_of(mp: Path) -> int:
-    """The pid of the daemon serving mountpoint `mp` (its command line names it, in the foreground)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(mp).encode() in argv and b"--foreground" in argv:
-            return int(pid)
-    raise AssertionError(f"no daemon serves {mp}")
-
-
 def test_the_session_asked_for_is_the_one_that_serves(volume, mount_volume) -> None:
     """`--session python` on a build that has the native session (whose daemon default is auto,
     native) still gets the Python session: the background daemon is told which one."""
     for session in ("python", "native"):
         mp = mount_volume(volume.name, "--session", session)
         (mp / f"by-{session}").write_bytes(session.encode())
-        maps = Path(f"/proc/{_daemon_of(mp)}/maps").read_text()
+        maps = Path(f"/proc/{int(_read_state(str(mp))['pid'])}/maps").read_text()
         assert ("_fusenative" in maps) == (session == "native"), session
         assert (mp / f"by-{session}").read_bytes() == session.encode()
 
