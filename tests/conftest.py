@@ -3,8 +3,10 @@ small blocks (64 KiB) and chunks (1 MiB) so that multi-block and multi-chunk pat
 little data."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import sys
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,6 +22,16 @@ from balefs.storage.crypto import write_key_file
 
 from helpers import BLOCK, CHUNK, skip_or_fail
 from pg_server import meta_engine, pg_server, pg_url  # noqa: F401 - fixtures: a real PostgreSQL for the metadata tests
+
+
+EXIT_GRACE_S = 300
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run is over: if the process has not exited EXIT_GRACE_S later (a thread or an exit hook of
+    something a test left behind blocks the interpreter's exit), print every thread's stack and exit
+    with an error, instead of hanging the run that started it (pytest-timeout covers the tests)."""
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True, file=sys.__stderr__)
 
 
 # The native engine reads plain volumes' blocks only (an encrypted volume's are the Python codec's):
