@@ -108,13 +108,15 @@ def block_paths(client: Client, rec: BlockRecord) -> list[Path]:
 
 def evict_block_files(client: Client) -> None:
     """Out of the kernel's page cache: every block file of the client's local nodes (written back
-    first), as after a reboot; reads of them then go to the disk."""
-    os.sync()
+    first), as after a reboot; reads of them then go to the disk. Each file is flushed on its own,
+    not with a machine-wide sync, which would also wait on every other filesystem mounted here
+    (another test's FUSE mount among them)."""
     for node in client.nodes.values():
         for top, _, names in os.walk(LocalNode(node.url).root):
             for name in names:
                 fd = os.open(os.path.join(top, name), os.O_RDONLY)
                 try:
+                    os.fdatasync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:
                     os.close(fd)
