@@ -101,7 +101,13 @@ def test_concurrent_readers_and_writers_in_several_processes(volume, mount_volum
     script.write_text(WORKER)
     procs = [subprocess.Popen([sys.executable, str(script), "writer", str(i), str(mp), "25"]) for i in range(4)]
     procs += [subprocess.Popen([sys.executable, str(script), "reader", str(i), str(mp), "6"]) for i in range(4)]
-    codes = [p.wait(timeout=120) for p in procs]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:  # none left running on the mount after a failure (it could not be unmounted)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert codes == [0] * 8
     for w in range(4):
         names = sorted(os.listdir(mp / f"w{w}"))
