@@ -93,6 +93,19 @@ def force_unmount(mp: Path) -> None:
             pass
 
 
+def unmount(mp: Path) -> None:
+    """A test's cleanup: `balefs umount` whatever is still mounted at mp; where that fails or
+    does not answer within 60 s, force_unmount (the daemon is killed: nothing is left serving)."""
+    if not is_mounted(mp):
+        return
+    try:
+        ok = run_cli("umount", mp, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    if not ok or is_mounted(mp):
+        force_unmount(mp)
+
+
 @pytest.fixture
 def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
     """mount_volume(name="vol", *options) mounts a volume with `balefs mount` at a fresh
@@ -110,10 +123,7 @@ def mount_volume(tmp_path: Path, balefs_home: Path) -> Callable[..., Path]:
 
     yield mount
     for mp in mounts:
-        if is_mounted(mp):
-            res = run_cli("umount", mp, timeout=60)
-            if res.returncode != 0 or is_mounted(mp):
-                force_unmount(mp)
+        unmount(mp)
 
 
 @pytest.fixture
@@ -153,10 +163,7 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory):
         try:
             yield SharedMount(home, "vol", nodes, root)
         finally:
-            if is_mounted(root):
-                res = run_cli("umount", root, timeout=60)
-                if res.returncode != 0 or is_mounted(root):
-                    force_unmount(root)
+            unmount(root)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from balefs.fuse.mount import _read_state
 from balefs.storage.client import Client
-from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse  # noqa: F401 - fixtures
+from fuse_support import force_unmount, is_mounted, mount_volume, needs_fuse, unmount  # noqa: F401 - fixtures
 from helpers import BLOCK, payload, run_cli, wait_gone, wait_until, write_with_bad_block
 
 pytestmark = needs_fuse
@@ -133,9 +133,7 @@ def test_permission_bits_are_enforced_for_other_users(volume, mount_volume) -> N
         assert (mp / "shared" / "mine").read_bytes() == b"nobody's"
         assert (mp / "secret").read_bytes() == b"root only"  # unchanged
     finally:
-        if is_mounted(base / "mnt"):
-            run_cli("umount", base / "mnt")
-            force_unmount(base / "mnt")
+        unmount(base / "mnt")
         for p in sorted(base.rglob("*"), reverse=True):
             p.rmdir() if p.is_dir() else p.unlink()
         base.rmdir()
