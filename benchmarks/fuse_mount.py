@@ -519,30 +519,30 @@ def disk_pairs(args: argparse.Namespace, sides: list, fio_path: str, turn, big_o
                 for name in ("seq-write", "seq-read-cold"):
                     if name not in bars:
                         continue
-                    fresh: list[float] = []
 
-                    def fio() -> float:
-                        rate = fio_rate(fio_path, size, "write" if name == "seq-write" else "read")
-                        if name == "seq-write":  # and the like-for-like: fio writing new data
-                            fresh.append(fio_rate(fio_path, size, "write", new_data=True))
+                    def fio() -> tuple[float, float | None]:
+                        """fio's rate of this kind, and for a write also fio writing new data (the like-for-like)."""
+                        writes = name == "seq-write"
+                        rate = fio_rate(fio_path, size, "write" if writes else "read")
+                        new = fio_rate(fio_path, size, "write", new_data=True) if writes else None
                         os.unlink(fio_path)
-                        return rate
+                        return rate, new
 
                     def mine() -> Result:
                         m.fresh()
                         sf.drop_caches()
                         return write_big(path, size) if name == "seq-write" else read_big(path)
                     if k % 2 == 0:
-                        ref, r = fio(), mine()
+                        (ref, new), r = fio(), mine()
                     else:
-                        r, ref = mine(), fio()
+                        r, (ref, new) = mine(), fio()
                     if name == "seq-read-cold" and r.nbytes != size:
                         raise SystemExit(f"VERIFY FAILED: big file read {r.nbytes} bytes through {side}")
                     got[name].append(r.mbps / ref)
                     also = ""
-                    if fresh:
-                        got.setdefault(NEW_DATA, []).append(r.mbps / fresh[-1])
-                        also = f"; fio new data {fresh[-1]:.0f} MB/s: {r.mbps / fresh[-1]:.2f}"
+                    if new is not None:
+                        got.setdefault(NEW_DATA, []).append(r.mbps / new)
+                        also = f"; fio new data {new:.0f} MB/s: {r.mbps / new:.2f}"
                     log(f"pair {k + 1}/{args.disk_pairs} {name:13s} {side}: {r.mbps:.0f} MB/s, fio {ref:.0f} MB/s: {r.mbps / ref:.2f}{also}")
             if side in WRITING_SIDES and os.path.exists(path):
                 os.unlink(path)
