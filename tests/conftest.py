@@ -6,8 +6,8 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
