@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -16,6 +19,7 @@ from balefs.loaders.order import epoch_order, ramp
 from balefs.loaders.packed import PackedBatch, pack
 from balefs.loaders.source import BaleSource, SampleError
 from balefs.loaders.torch import BaleDataset, BaleIterableDataset, _dist_rank_world, _Prefetcher
+from balefs.storage import closer
 from balefs.storage.client import Client
 
 from helpers import KiB, block_paths, blocks_of_file, flip_bit, payload, wait_until
@@ -368,12 +372,13 @@ def test_map_style_with_random_sampler(tree):
 
 def test_a_dropped_dataset_closes_its_client_at_once(tree):
     """A dataset made per epoch and dropped takes its client with it (threads, block mappings), not
-    at some later garbage collection of the client's reference cycles."""
+    at some later garbage collection of the client's reference cycles: closed by the closing thread
+    as soon as the dataset goes (storage/closer.py)."""
     import gc
-    import threading
 
     gc.collect()
     gc.disable()
+    closer.start()  # the one thread that stays: it closes what finalizers let go
     try:
         before = threading.active_count()
         for _ in range(3):
@@ -382,9 +387,57 @@ def test_a_dropped_dataset_closes_its_client_at_once(tree):
             cache = ds.source.client.cache
             assert threading.active_count() > before and len(cache)  # its reader's threads and blocks
             del ds
+            assert closer.flush(timeout=60)
             assert threading.active_count() == before and len(cache) == 0
     finally:
         gc.enable()
+
+
+def test_a_dataset_collected_inside_threadings_own_bookkeeping_does_not_hang_a_thread_start(tree):
+    """A finalizer runs in whichever thread's allocation started the garbage collection, with that
+    thread's locks held. A new thread registering itself holds the lock every Thread.join takes; a
+    client closed right there (its pools joined) deadlocked that thread, and Thread.start, waiting
+    for it, hung for good. Here the collection is made to happen at exactly that point, in a process
+    of its own (a deadlock would stay in this one): the thread starts, and the client is closed on
+    the closing thread instead."""
+    code = f"""
+        import gc, sys, threading
+        from balefs.loaders.torch import BaleIterableDataset
+        from balefs.storage import closer
+        from balefs.storage.client import Client
+
+        closed_on = []
+        real_close = Client.close
+        def close(self):
+            closed_on.append(threading.current_thread().name)
+            real_close(self)
+        Client.close = close
+
+        gc.disable()
+        ds = BaleIterableDataset({URL!r}, seed=1)
+        assert sum(1 for _ in ds) == {N_FILES}
+        ds.source.cycle = ds.source  # only a collection frees it
+        closed_on.clear()  # (the source's own short-lived client, which read the snapshot)
+        del ds
+        real = threading._maintain_shutdown_locks  # called with threading's shutdown lock held
+        def maintain():
+            gc.collect()  # stands for an allocation here that starts a collection
+            real()
+        threading._maintain_shutdown_locks = maintain
+        started = threading.Thread(target=lambda: None)
+        starter = threading.Thread(target=started.start, daemon=True)
+        starter.start()
+        starter.join(30)
+        threading._maintain_shutdown_locks = real
+        if starter.is_alive():
+            print("Thread.start hung", flush=True)
+            import os; os._exit(3)
+        assert closer.flush(timeout=60)
+        print(closed_on)
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == "['bale-closer']"
 
 
 def test_missing_or_empty_path(volume, client):

@@ -31,12 +31,6 @@ Label = None | str | Callable[[str], Any]
 WINDOW_CACHE_SHARE, WINDOW_HOST_SHARE, WINDOW_MIN = 0.75, 0.5, 8  # see BaleSource.default_window
 
 
-def _close_in(client: Client, pid: int) -> None:
-    """Close a source's client, in the process that opened it only (a forked child has a copy)."""
-    if os.getpid() == pid:
-        client.close()
-
-
 class SampleError(BaleError):
     """A sample could not be read or decoded; the message names it."""
 
@@ -82,7 +76,7 @@ class BaleSource:
             self._client, self._pid = Client(self.cfg, identity=self.identity), os.getpid()
             # closed with this source, not when a garbage collection finds the client's own reference
             # cycles: until then its threads and block mappings stay (a dataset made per epoch)
-            self._closing = weakref.finalize(self, _close_in, self._client, self._pid)
+            self._closing = self._client.close_with(self)
             self._client.adopt_block_maps(self.blocks)
             if metrics.serve_from_env() is not None:
                 metrics.watch(self._client, self.volume)  # its caches and nodes; the volume's figures are a mount's
@@ -118,8 +112,9 @@ class BaleSource:
         return self._hashes
 
     def close(self) -> None:
-        if self._closing is not None:
-            self._closing()  # the client closed once, here or by the finalizer; never another process's
+        """Close this process's client now (never another process's: a forked child has a copy)."""
+        if self._closing is not None and self._closing.detach() is not None and self._pid == os.getpid():
+            self._client.close()  # here, not by the finalizer: it was detached, so it closes once
         self._client, self._closing = None, None
 
     # -- samples ---------------------------------------------------------------------------

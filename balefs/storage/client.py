@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from . import closer
 from .config import VolumeConfig, config_path, host_cache_dir, load_config, save_config
 from ..errors import ConfigError, NodeUnreachableError, VolumeExistsError, node_error
 from .baling import baling_figures
@@ -242,6 +244,11 @@ class VolumeIdentity(NamedTuple):
     keyring: Keyring | None = None  # an encrypted volume's data keys, unwrapped at open (handed to a loader's workers)
 
 
+def _close_later_in(client: "Client", pid: int) -> None:
+    if os.getpid() == pid:
+        closer.close_later(client)
+
+
 class Client:
     """An open volume."""
 
@@ -424,6 +431,13 @@ class Client:
                 self.nodes[nid].check(writable=writable)
             except NodeUnreachableError as exc:
                 log.warning("volume %s: %s", self.cfg.name, exc)
+
+    def close_with(self, owner: object) -> weakref.finalize:
+        """Close this client once `owner` goes, in this process only (a forked child's copy of the
+        owner going says nothing of it), on the closing thread of storage/closer.py: a finalizer's
+        own thread may hold the locks a close takes. Returns the finalizer (detach it to close here)."""
+        closer.start()
+        return weakref.finalize(owner, _close_later_in, self, os.getpid())
 
     def close(self) -> None:
         self._syncer.stop()  # what was closed and not synced becomes durable first
