@@ -246,7 +246,7 @@ class VolumeIdentity(NamedTuple):
 
 def _close_later_in(client: "Client", pid: int) -> None:
     if os.getpid() == pid:
-        closer.close_later(client)
+        closer.close_later(client.close)
 
 
 class Client:

@@ -16,20 +16,12 @@ import logging
 import os
 import queue
 import threading
-from typing import Protocol
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
-
-class Closable(Protocol):
-    """Anything with a close() to call once (a Client)."""
-
-    def close(self) -> None: ...
-
-
-_queue: "queue.SimpleQueue[Closable | threading.Event | None]" = queue.SimpleQueue()
-_thread: threading.Thread | None = None
-_pid = os.getpid()
+_queue: "queue.SimpleQueue[Callable[[], None] | threading.Event | None]" = queue.SimpleQueue()
+_thread: threading.Thread | None = None  # this process's: a forked child starts with none (_after_fork_in_child)
 _exiting = False
 _start_lock = threading.Lock()
 
@@ -44,30 +36,31 @@ def start() -> None:
             _thread.start()
 
 
-def close_later(obj: Closable) -> None:
-    """Close `obj` on the closing thread; safe inside a finalizer. Where that thread does not run
-    (never started in this process, or the interpreter is exiting) it is closed here."""
-    if _thread is not None and _pid == os.getpid() and not _exiting:  # no is_alive(): it can take threading's locks
-        _queue.put(obj)
+def close_later(close: Callable[[], None]) -> None:
+    """Call `close` (an object's close method) on the closing thread; safe inside a finalizer. Where
+    that thread does not run (never started in this process, or the interpreter is exiting) it is
+    called here."""
+    if _thread is not None and not _exiting:  # no is_alive(): it can take threading's locks
+        _queue.put(close)
     else:
-        _close(obj)
+        _close(close)
 
 
 def flush(timeout: float | None = None) -> bool:
     """Wait until everything handed over before this call is closed; False if `timeout` passed first."""
     t = _thread
-    if t is None or not t.is_alive() or _pid != os.getpid():
+    if t is None or not t.is_alive():
         return True
     done = threading.Event()
     _queue.put(done)
     return done.wait(timeout)
 
 
-def _close(obj: Closable) -> None:
+def _close(close: Callable[[], None]) -> None:
     try:
-        obj.close()
+        close()
     except Exception:  # noqa: BLE001 - a failed close must not stop the closes after it
-        log.exception("closing %r after it was let go failed", obj)
+        log.exception("%r after its object was let go failed", close)
 
 
 def _run() -> None:
@@ -86,15 +79,15 @@ def _at_exit() -> None:
     global _exiting
     _exiting = True
     t = _thread
-    if t is not None and t.is_alive() and _pid == os.getpid():
+    if t is not None and t.is_alive():
         _queue.put(None)
         t.join(timeout=60)
 
 
 def _after_fork_in_child() -> None:
     """A forked child has none of its parent's threads, and a queue it must not share."""
-    global _queue, _thread, _pid, _start_lock
-    _queue, _thread, _pid, _start_lock = queue.SimpleQueue(), None, os.getpid(), threading.Lock()
+    global _queue, _thread, _start_lock
+    _queue, _thread, _start_lock = queue.SimpleQueue(), None, threading.Lock()
 
 
 atexit.register(_at_exit)
