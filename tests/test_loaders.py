@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import collections
+import gc
 import multiprocessing
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from balefs.errors import CorruptBlockError
 from balefs.loaders.device import DevicePrefetcher, _to
 from balefs.loaders.order import epoch_order, ramp
 from balefs.loaders.packed import PackedBatch, pack
@@ -494,6 +497,30 @@ def test_corrupt_block_in_packed_batches_is_named_or_skipped(tree):
     assert 1 <= skip.skipped == len(set(tree) - set(names)) and set(tree) - set(names) <= victims
     assert all(bytes(s) == tree[name_of(s)] for b in got for s in b.samples())
     assert all(skip.classes[int(y)] == name_of(s).split("/")[0] for b in got for s, y in zip(b.samples(), b.labels))
+
+
+def test_a_read_error_kept_as_a_value_does_not_keep_its_source_alive(tree):
+    """A damaged sample's SampleError, kept by the caller (read()) or skipped in an iteration, holds
+    no frames of the read path: the source, and so its client, go with their last reference, not at
+    some later garbage collection (which runs in whichever thread allocates, threading's locks held)."""
+    _corrupt(BaleIterableDataset(URL, shuffle=False).source.paths[100])
+    gc.collect()
+    gc.disable()
+    try:
+        src = BaleSource(URL)
+        got = src.read(list(range(len(src))))
+        kept = [d for d in got if isinstance(d, SampleError)]
+        assert kept and all(isinstance(e.__cause__, CorruptBlockError) and "corrupt chunk" in str(e) for e in kept)
+        gone = weakref.ref(src)
+        del src, got
+        assert gone() is None, "the source outlived its last reference (a reference cycle through a kept error)"
+        skip = BaleIterableDataset(URL, shuffle=False, on_error="skip")
+        assert len(list(skip)) == N_FILES and skip.skipped >= 1
+        gone = weakref.ref(skip.source)
+        del skip
+        assert gone() is None, "a skipping iteration left its source in a reference cycle"
+    finally:
+        gc.enable()
 
 
 def test_decode_error_names_the_sample(tree):

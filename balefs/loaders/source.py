@@ -35,6 +35,22 @@ class SampleError(BaleError):
     """A sample could not be read or decoded; the message names it."""
 
 
+def without_frames(exc: BaseException) -> BaseException:
+    """exc, and the exceptions chained to it, with their tracebacks dropped (their messages stay).
+
+    A read error is handed back as a value, in a list a caller keeps; its traceback holds the
+    frames it passed through, and each frame its caller's, up to the one holding that list (and
+    this source): a reference cycle that would keep the source and its client open until the next
+    garbage collection, which runs whenever and in whichever thread allocates next."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
+
+
 class BaleSource:
     """The files of one snapshotted tree, readable from any process."""
 
@@ -232,7 +248,7 @@ class BaleSource:
         for i, d in enumerate(out):
             if isinstance(d, Exception):
                 err = SampleError(f"{self.name(rows[i])}: {d}")
-                err.__cause__ = d
+                err.__cause__ = without_frames(d)
                 if strict:
                     raise err
                 out[i] = err
@@ -332,24 +348,24 @@ def samples(source: BaleSource, rows: Sequence[int], data: list[bytes | Exceptio
         return
     pending = 0
     for row, d, y in zip(rows, data, labels):
-        try:
-            if isinstance(d, Exception):
-                raise d
+        err = d if isinstance(d, Exception) else None  # a read's error: raised only if on_error says so
+        if err is None:
             try:
                 item = decode(d) if decode is not None else d
             except Exception as exc:
-                raise SampleError(f"{source.name(row)}: decode failed: {exc!r}") from exc
-            sample = item if label is None else (item, y)
-        except SampleError as exc:
+                err = SampleError(f"{source.name(row)}: decode failed: {exc!r}")
+                err.__cause__ = exc  # its traceback: where the decode failed
+        if err is not None:
             if on_error == "raise":
-                raise
+                raise err
             counter.add()
-            log.warning("skipping sample: %s", exc)
+            log.warning("skipping sample: %s", err)
             if last:
                 yield last[0]
             else:
                 pending += 1
             continue
+        sample = item if label is None else (item, y)
         last[:] = [sample]
         for _ in range(pending + 1):
             yield sample
