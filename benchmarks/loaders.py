@@ -446,12 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     row_of = np.empty(ds.n, dtype=np.int64)
     row_of[[int(p.rsplit("_", 1)[1].split(".")[0]) for p in bale_rows.paths]] = np.arange(len(bale_rows))
     storage = {k: row_of if k in "cdgh" else np.arange(ds.n) for k in names}
-    kinds = [(temp, w) for w in ([args.workers] + ([] if args.no_zero else [0])) for temp in ("cold", "warm")]
+    kinds = [(temp, w) for w in dict.fromkeys([args.workers] + ([] if args.no_zero else [0])) for temp in ("cold", "warm")]
     # each loader's warm pass right after its own cold pass: a later loader's cold pass drops the
     # page cache, so a warm pass after it would read from the disk again (unlike every later epoch)
     passes = [(temp, w, which) for w in dict.fromkeys(w for _, w in kinds) for which in only
               for temp in ("cold", "warm") + (("steady",) if w == 0 else ())]
-    if not args.no_zero:  # reported beside the bars' passes, not one of them
+    if ("warm", 0) in kinds:  # reported beside the bars' passes, not one of them
         kinds.append(("steady", 0))
 
     def run(temp: str, w: int, which: str, watch: bool) -> tuple[sf.Result, list[int], MemoryWatch | None, bool]:
