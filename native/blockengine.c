@@ -54,6 +54,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1287,8 +1288,145 @@ done:
     return out;
 }
 
+/* -- check_mapped(blobs, volume, keys, threads) -------------------------------------------------- */
+
+/* One mapped block file: its bytes, and what its record says (chunk, index, raw length). */
+typedef struct {
+    Py_buffer view;
+    long long chunk, idx;
+    size_t length;
+    int bad;
+    char msg[MSG_LEN];
+} mapped_t;
+
+typedef struct {
+    mapped_t *m;
+    Py_ssize_t n;
+    const char *volume;
+    Py_ssize_t next;
+    pthread_mutex_t lock;
+} mapped_batch_t;
+
+/* Populate one mapping's pages and check it as a plain block of its record, in place; no GIL. */
+static void check_one(mapped_t *m, const char *volume) {
+    const uint8_t *data = m->view.buf;
+    size_t have = (size_t)m->view.len, len = 0;
+    uintptr_t lo = (uintptr_t)data & ~(uintptr_t)(PAGE - 1);
+    if (have > 0) /* (advice: one call instead of a fault per page; an older kernel's EINVAL is harmless) */
+        madvise((void *)lo, have + ((uintptr_t)data - lo), MADV_POPULATE_READ);
+    header_t hd;
+    if (parse_header(data, have, &hd, m->msg) || payload_length(&hd, have - HEADER_SIZE, &len, m->msg)) {
+        m->bad = 1;
+        return;
+    }
+    if (hd.flags & FLAG_LZ4) {
+        snprintf(m->msg, MSG_LEN, "compressed: not a plain block");
+        m->bad = 1;
+    } else if (hd.raw_len != hd.stored_len || hd.raw_len != m->length) {
+        snprintf(m->msg, MSG_LEN, "holds %u bytes (%u stored), metadata says %zu", hd.raw_len, hd.stored_len, m->length);
+        m->bad = 1;
+    } else if (bulk_xxh3_seeded(data + HEADER_SIZE, len, hd.version == UNSEEDED ? 0 : block_seed(volume, m->chunk, m->idx)) !=
+               hd.digest) {
+        snprintf(m->msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
+        m->bad = 1;
+    }
+}
+
+static void *mapped_worker(void *arg) {
+    mapped_batch_t *b = arg;
+    for (;;) {
+        pthread_mutex_lock(&b->lock);
+        Py_ssize_t i = b->next++;
+        pthread_mutex_unlock(&b->lock);
+        if (i >= b->n)
+            return NULL;
+        check_one(&b->m[i], b->volume);
+    }
+}
+
+/* check_mapped(blobs, volume, keys, threads): each blob (a read-only mapping of a block file) has
+ * its pages populated and is checked in place as a plain block of key (chunk, idx, raw length):
+ * header, lengths and the seeded xxh3 of its payload, on up to `threads` threads without the GIL.
+ * Per blob None, or the message of what is wrong with it. */
+static PyObject *py_check_mapped(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *blobs_in, *keys_in, *out = NULL;
+    const char *volume;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OsOi", &blobs_in, &volume, &keys_in, &threads))
+        return NULL;
+    PyObject *blobs = PySequence_Fast(blobs_in, "check_mapped: blobs must be a sequence");
+    PyObject *keys = blobs ? PySequence_Fast(keys_in, "check_mapped: keys must be a sequence") : NULL;
+    if (keys == NULL) {
+        Py_XDECREF(blobs);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(blobs), held = 0;
+    mapped_t *m = NULL;
+    if (PySequence_Fast_GET_SIZE(keys) != n) {
+        PyErr_SetString(PyExc_ValueError, "check_mapped: one key per blob");
+        goto done;
+    }
+    if ((m = calloc(n > 0 ? (size_t)n : 1, sizeof *m)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < n; held++) {
+        mapped_t *x = &m[held];
+        Py_ssize_t length;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(keys, held), "LLn;check_mapped: a key is (chunk, idx, length)",
+                              &x->chunk, &x->idx, &length))
+            goto done;
+        if (length < 0) {
+            PyErr_SetString(PyExc_ValueError, "check_mapped: a negative length");
+            goto done;
+        }
+        x->length = (size_t)length;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(blobs, held), &x->view, PyBUF_SIMPLE) != 0)
+            goto done;
+    }
+    if (threads < 1)
+        threads = 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > n)
+        threads = n > 0 ? (int)n : 1;
+    mapped_batch_t b = {m, n, volume, 0, PTHREAD_MUTEX_INITIALIZER};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_t tids[MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[started], NULL, mapped_worker, &b) != 0)
+            break; /* fewer threads: the rest still run, on those that started */
+        started++;
+    }
+    mapped_worker(&b);
+    for (int t = 0; t < started; t++)
+        pthread_join(tids[t], NULL);
+    Py_END_ALLOW_THREADS
+    if ((out = PyList_New(n)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = m[i].bad ? PyUnicode_FromString(m[i].msg) : Py_NewRef(Py_None);
+        if (item == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+done:
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&m[i].view);
+    free(m);
+    Py_DECREF(keys);
+    Py_DECREF(blobs);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, "decode(blob, volume, chunk, idx, limit): the verified raw bytes of one block."},
+    {"check_mapped", py_check_mapped, METH_VARARGS,
+     "check_mapped(blobs, volume, keys, threads): per mapped block file None, or what is wrong with it as a plain block of key (chunk, idx, length); checked in place without the GIL."},
     {"read_blocks", py_read_blocks, METH_VARARGS,
      "read_blocks(jobs, volume, threads): read, verify and decode many block files in parallel, without the GIL."},
     {"seal", py_seal, METH_VARARGS,

@@ -469,6 +469,34 @@ def test_local_blocks_are_served_as_mappings_of_their_files(make_volume, open_cl
     assert {name_of(s): bytes(s) for s in lz} == packed and entries(host_cache())
 
 
+def test_a_batchs_local_blocks_are_mapped_and_checked_at_once(make_volume, open_client):
+    """A batch's local block files are mapped and checked in one native call (map_local_many): every
+    sound block is served as a mapping of its file, exact; a damaged copy among them is left out, and
+    the batch's read then serves its block from the other copy, as a fetch does."""
+    make_volume("loc", chunk_size=64 * KiB, block_size=16 * KiB, replicas=2)
+    files = {f"c{i % 4}/f{i:04d}.bin": _content(f"c{i % 4}/f{i:04d}.bin", i) for i in range(N_FILES)}
+    client = open_client("loc")
+    with client.batch():
+        for rel, data in files.items():
+            client.write_file(f"data/{rel}", data)
+    ds = BaleIterableDataset("bale://loc/data", seed=1)
+    reader = ds.source.client.reader
+    recs = {(r.chunk, r.idx): r for rs in ds.source.blocks.values() for r in rs if r.idx >= 0}
+    if ENCRYPTED:  # sealed blocks are never mapped: all of them go through the host's plaintext tier
+        assert reader.map_local_many(recs) == {}
+        assert {name_of(s): bytes(s) for s in ds} == files
+        return
+    bad_key, bad = next(iter(recs.items()))
+    flip_bit(Path(reader.local_block_file(bad)), HEADER_SIZE + 10)
+    got = reader.map_local_many(recs)
+    assert set(got) == set(recs) - {bad_key}
+    for key, raw in got.items():
+        with open(reader.local_block_file(recs[key]), "rb") as f:
+            assert bytes(raw) == f.read()[HEADER_SIZE:]
+    assert {name_of(s): bytes(s) for s in ds} == files  # the damaged block's samples from the other copy
+    assert len(entries(host_cache())) <= 1  # only the damaged block, read from its other copy, is kept there
+
+
 def test_keep_maps_its_own_entry_and_checks_one_found_there(tmp_path):
     """keep() maps the entry it has just published (its bytes), while an entry it finds already
     there (another process's) is checked like any read: a damaged one is dropped, never returned."""

@@ -86,6 +86,90 @@ def test_native_decode_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, 
     assert native_outcome(bytes(blob), *at) == python_outcome(bytes(blob), *at, codec)
 
 
+def mapped_outcome(blob: bytes, chunk: int, idx: int, length: int) -> bool:
+    """Whether check_mapped takes the blob as a sound plain block of (chunk, idx, length)."""
+    got = native.check_mapped([blob], VOLUME, [(chunk, idx, length)], 2)
+    assert len(got) == 1 and (got[0] is None or isinstance(got[0], str) and got[0])
+    return got[0] is None
+
+
+def map_local_outcome(blob: bytes, chunk: int, idx: int, length: int, codec: BlockCodec) -> bool:
+    """BlockReader.map_local's rule: the codec decodes it in place (a plain block) to `length` bytes."""
+    try:
+        raw = codec.decode(blob, chunk, idx)
+    except CorruptBlockError:
+        return False
+    return isinstance(raw, memoryview) and len(raw) == length
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=raws, lz4=st.booleans(), chunk=st.integers(0, 1 << 40), idx=st.integers(0, 1 << 20),
+       mutate=mutations, fix_sum=st.booleans(), other_block=st.booleans(), wrong_length=st.booleans())
+def test_check_mapped_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, idx: int, mutate, fix_sum: bool,
+                                            other_block: bool, wrong_length: bool) -> None:
+    """check_mapped (a batch of mapped block files checked in place, without the GIL) takes exactly
+    the blobs map_local would serve: damaged, truncated, extended, compressed, rewritten headers,
+    another block's bytes and a length other than the record's are all refused with a message."""
+    codec = BlockCodec("lz4" if lz4 else "none", VOLUME)
+    blob = bytearray(codec.encode(raw, chunk, idx))
+    for op, pos, val in mutate:
+        if op == "flip" and blob:
+            blob[pos % len(blob)] ^= 1 << (val % 8)
+        elif op == "set" and blob:
+            blob[pos % len(blob)] = val
+        elif op == "truncate":
+            del blob[pos % (len(blob) + 1):]
+        elif op == "extend":
+            blob += bytes([val]) * (pos % 64)
+        elif op == "field" and len(blob) >= HEADER_SIZE:
+            field = val % 4
+            if field == 0:
+                blob[5] = pos & 0xFF
+            elif field == 1:
+                blob[8:12] = struct.pack("<I", pos * 997 % (1 << 32))
+            elif field == 2:
+                blob[12:16] = struct.pack("<I", pos % (len(blob) + 8))
+            else:
+                blob[4] = pos % 4
+        if fix_sum and len(blob) >= HEADER_SIZE:
+            with_header_sum(blob)
+    at = (chunk + 1, idx) if other_block else (chunk, idx)
+    length = len(raw) + (1 if wrong_length else 0)
+    assert mapped_outcome(bytes(blob), *at, length) == map_local_outcome(bytes(blob), *at, length, codec)
+
+
+def test_check_mapped_checks_each_of_many_and_refuses_bad_arguments(tmp_path: Path) -> None:
+    """Many mappings on few threads: each gets its own verdict; bad arguments are Python errors."""
+    import mmap
+
+    codec = BlockCodec("none", VOLUME)
+    blobs, keys = [], []
+    for i in range(40):
+        raw = payload(1000 + 97 * i, i)
+        enc = bytearray(codec.encode(raw, 5, i))
+        if i % 7 == 3:
+            enc[HEADER_SIZE + 17] ^= 0x40  # damaged payload
+        path = tmp_path / f"b{i}"
+        path.write_bytes(bytes(enc))
+        with open(path, "rb") as f:
+            blobs.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        keys.append((5, i, len(raw)))
+    got = native.check_mapped(blobs, VOLUME, keys, 3)
+    assert [g is None for g in got] == [i % 7 != 3 for i in range(40)]
+    assert all("checksum mismatch" in g for g in got if g is not None)
+    with pytest.raises(ValueError, match="one key per blob"):
+        native.check_mapped(blobs, VOLUME, keys[:-1], 2)
+    with pytest.raises(TypeError):
+        native.check_mapped([object()], VOLUME, [(1, 2, 3)], 2)
+    with pytest.raises(TypeError, match=r"\(chunk, idx, length\)"):
+        native.check_mapped(blobs[:1], VOLUME, [(1, 2)], 2)
+    with pytest.raises(ValueError, match="negative"):
+        native.check_mapped(blobs[:1], VOLUME, [(1, 2, -1)], 2)
+    assert native.check_mapped([], VOLUME, [], 4) == []
+    for b in blobs:
+        b.close()
+
+
 @settings(max_examples=150, deadline=None)
 @given(raw=st.binary(max_size=2000), valid=st.integers(0, 2000), extra=st.binary(max_size=100))
 def test_growing_blocks_agree(raw: bytes, valid: int, extra: bytes) -> None:

@@ -64,6 +64,13 @@ def decode(blob: bytes | memoryview, volume: str, chunk: int, idx: int, limit: i
         raise CorruptBlockError(str(exc)) from None
 
 
+def check_mapped(blobs: Sequence[Any], volume: str, keys: Sequence[tuple[int, int, int]], threads: int) -> list[str | None]:
+    """Populate and check many mapped block files in place, without the GIL: per blob None when it
+    is a sound plain block of its key (chunk, idx, raw length), else what is wrong with it."""
+    assert engine is not None, "the native block engine is not loaded"
+    return engine.check_mapped(blobs, volume, keys, threads)
+
+
 def read_blocks(jobs: Sequence[Job], volume: str, threads: int) -> list[bytes | None | Exception]:
     """Read, verify and decode many block files at once: per job the raw bytes (exactly the job's
     length, else an error: a growing block that grew past its record is the Python path's), or None when the job

@@ -265,6 +265,45 @@ class BlockReader:
         self.book_read(nid, time.monotonic() - started, len(blob))  # a read of that node's copy
         return raw.toreadonly()
 
+    def map_local_many(self, recs: dict[tuple[int, int], BlockRecord]) -> dict[tuple[int, int], memoryview]:
+        """map_local of many blocks at once, cached: each local block file mapped here and all of them
+        populated and checked in one native call, without the GIL and on the engine's threads (a pool
+        task per block spends most of its time in Python, waiting for the GIL). A block with a fetch
+        in flight, one map_local does not apply to, or one that does not map or check is left out:
+        the caller fetches it the usual way (other copies, repair, clear errors). As for a fetch, only
+        with the host's shared tier, and a block it holds is left to the fetch, which serves it there."""
+        shared = self.shared_cache
+        if native.engine is None or shared is None or not recs:
+            return {}
+        with self._lock:
+            inflight = set(self._inflight)
+        maps: list[tuple[tuple[int, int], BlockRecord, int, mmap.mmap]] = []
+        for key, rec in recs.items():
+            local = self._local_copy(rec) if key not in inflight and not shared.contains(key) else None
+            if local is None:
+                continue
+            try:
+                with open(local[1], "rb", buffering=0) as f:
+                    maps.append((key, rec, local[0], mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)))
+            except (OSError, ValueError):  # ValueError: an empty file does not map
+                continue
+        if not maps:
+            return {}
+        started = time.monotonic()
+        wrong = native.check_mapped([m[3] for m in maps], self._codec.volume,
+                                    [(rec.chunk, rec.idx, rec.length) for _, rec, _, _ in maps], self.native_threads)
+        each = (time.monotonic() - started) / len(maps)
+        out: dict[tuple[int, int], memoryview] = {}
+        for (key, rec, nid, blob), why in zip(maps, wrong):
+            if why is not None:
+                blob.close()
+                continue
+            raw = memoryview(blob)[HEADER_SIZE:HEADER_SIZE + rec.length].toreadonly()
+            self.book_read(nid, each, len(blob))
+            self.cache.put(key, raw)
+            out[key] = raw
+        return out
+
     def _publish_from_scratch(self, rec: BlockRecord, shared: Any) -> bytes | memoryview | None:
         """A block published in the host's shared tier straight from a scratch buffer (scratchpool.py:
         read so that the node's file leaves no pages in the page cache (LocalNode.read_into),
@@ -758,6 +797,7 @@ class BlockReader:
                 blocks[key] = data
         if missing:
             blocks.update(self._read_native(missing))
+            blocks.update(self.map_local_many({k: r for k, r in missing.items() if k not in blocks}))
         for key, rec in missing.items():
             if key not in blocks:
                 futures[key] = self.fetch(rec)
