@@ -147,12 +147,48 @@ typedef struct {
     char msg[MSG_LEN];
 } job_t;
 
+/* n items, each done by `each(ctx, i)`, on up to `threads` threads (the caller's among them):
+ * called without the GIL. Fewer threads when some cannot start; the items still all run. */
+typedef struct {
+    void (*each)(void *ctx, Py_ssize_t i);
+    void *ctx;
+    Py_ssize_t n, next;
+    pthread_mutex_t lock;
+} parallel_t;
+
+static void *parallel_worker(void *arg) {
+    parallel_t *p = arg;
+    for (;;) {
+        pthread_mutex_lock(&p->lock);
+        Py_ssize_t i = p->next++;
+        pthread_mutex_unlock(&p->lock);
+        if (i >= p->n)
+            return NULL;
+        p->each(p->ctx, i);
+    }
+}
+
+static void run_parallel(Py_ssize_t n, int threads, void (*each)(void *, Py_ssize_t), void *ctx) {
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > n)
+        threads = (int)n;
+    parallel_t p = {each, ctx, n, 0, PTHREAD_MUTEX_INITIALIZER};
+    pthread_t tids[MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[started], NULL, parallel_worker, &p) != 0)
+            break;
+        started++;
+    }
+    parallel_worker(&p);
+    for (int t = 0; t < started; t++)
+        pthread_join(tids[t], NULL);
+}
+
 typedef struct {
     job_t *jobs;
-    Py_ssize_t n;
     const char *volume;
-    Py_ssize_t next;
-    pthread_mutex_t lock;
 } batch_t;
 
 static void fail_errno(job_t *j, const char *what) {
@@ -523,16 +559,9 @@ done:
     close(fd);
 }
 
-static void *worker(void *arg) {
-    batch_t *b = arg;
-    for (;;) {
-        pthread_mutex_lock(&b->lock);
-        Py_ssize_t i = b->next++;
-        pthread_mutex_unlock(&b->lock);
-        if (i >= b->n)
-            return NULL;
-        run_job(&b->jobs[i], b->volume);
-    }
+static void job_at(void *ctx, Py_ssize_t i) {
+    batch_t *b = ctx;
+    run_job(&b->jobs[i], b->volume);
 }
 
 static void free_jobs(job_t *jobs, Py_ssize_t n) {
@@ -683,24 +712,9 @@ static PyObject *py_read_blocks(PyObject *self, PyObject *args) {
         if (jobs[i].ntargets == 0 && (jobs[i].bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)jobs[i].limit)) == NULL)
             goto fail;
     }
-    if (threads < 1)
-        threads = 1;
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads > n)
-        threads = (int)n;
-    batch_t b = {jobs, n, vol, 0, PTHREAD_MUTEX_INITIALIZER};
+    batch_t b = {jobs, vol};
     Py_BEGIN_ALLOW_THREADS
-    pthread_t tids[MAX_THREADS];
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[started], NULL, worker, &b) != 0)
-            break; /* fewer threads: the rest of the jobs still run, on those that started */
-        started++;
-    }
-    worker(&b);
-    for (int t = 0; t < started; t++)
-        pthread_join(tids[t], NULL);
+    run_parallel(n, threads, job_at, &b);
     Py_END_ALLOW_THREADS
     out = PyList_New(n);
     if (out == NULL)
@@ -1301,10 +1315,7 @@ typedef struct {
 
 typedef struct {
     mapped_t *m;
-    Py_ssize_t n;
     const char *volume;
-    Py_ssize_t next;
-    pthread_mutex_t lock;
 } mapped_batch_t;
 
 /* Populate one mapping's pages and check it as a plain block of its record, in place; no GIL. */
@@ -1332,16 +1343,9 @@ static void check_one(mapped_t *m, const char *volume) {
     }
 }
 
-static void *mapped_worker(void *arg) {
-    mapped_batch_t *b = arg;
-    for (;;) {
-        pthread_mutex_lock(&b->lock);
-        Py_ssize_t i = b->next++;
-        pthread_mutex_unlock(&b->lock);
-        if (i >= b->n)
-            return NULL;
-        check_one(&b->m[i], b->volume);
-    }
+static void mapped_at(void *ctx, Py_ssize_t i) {
+    mapped_batch_t *b = ctx;
+    check_one(&b->m[i], b->volume);
 }
 
 /* check_mapped(blobs, volume, keys, threads): each blob (a read-only mapping of a block file) has
@@ -1385,24 +1389,9 @@ static PyObject *py_check_mapped(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(blobs, held), &x->view, PyBUF_SIMPLE) != 0)
             goto done;
     }
-    if (threads < 1)
-        threads = 1;
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads > n)
-        threads = n > 0 ? (int)n : 1;
-    mapped_batch_t b = {m, n, volume, 0, PTHREAD_MUTEX_INITIALIZER};
+    mapped_batch_t b = {m, volume};
     Py_BEGIN_ALLOW_THREADS
-    pthread_t tids[MAX_THREADS];
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[started], NULL, mapped_worker, &b) != 0)
-            break; /* fewer threads: the rest still run, on those that started */
-        started++;
-    }
-    mapped_worker(&b);
-    for (int t = 0; t < started; t++)
-        pthread_join(tids[t], NULL);
+    run_parallel(n, threads, mapped_at, &b);
     Py_END_ALLOW_THREADS
     if ((out = PyList_New(n)) == NULL)
         goto done;

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from balefs.errors import BlockNotFoundError, CorruptBlockError, NodeError
 from balefs.storage import native
-from balefs.storage.codec import FLAG_AESGCM, FLAG_GROWING, FLAG_LZ4, HEADER_SIZE, BlockCodec
+from balefs.storage.codec import FLAG_AESGCM, FLAG_LZ4, HEADER_SIZE, BlockCodec
 from balefs.storage.crypto import Keyring, new_key
 
 from helpers import BLOCK, block_paths, blocks_of_file, flip_bit, payload, run_cli, written_volume
@@ -54,13 +54,9 @@ mutations = st.lists(st.tuples(st.sampled_from(["flip", "set", "truncate", "exte
                                st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=raws, lz4=st.booleans(), chunk=st.integers(0, 1 << 40), idx=st.integers(0, 1 << 20),
-       mutate=mutations, fix_sum=st.booleans(), other_block=st.booleans())
-def test_native_decode_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, idx: int, mutate, fix_sum: bool,
-                                             other_block: bool) -> None:
-    codec = BlockCodec("lz4" if lz4 else "none", VOLUME)
-    blob = bytearray(codec.encode(raw, chunk, idx))
+def mutated(blob: bytearray, mutate, fix_sum: bool) -> bytearray:
+    """blob with the drawn mutations applied: bits flipped, bytes set, cut short, extended, header
+    fields rewritten (flags, lengths, version); fix_sum: the header's checksum made right after each."""
     for op, pos, val in mutate:
         if op == "flip" and blob:
             blob[pos % len(blob)] ^= 1 << (val % 8)
@@ -70,7 +66,7 @@ def test_native_decode_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, 
             del blob[pos % (len(blob) + 1):]
         elif op == "extend":
             blob += bytes([val]) * (pos % 64)
-        elif op == "field" and len(blob) >= HEADER_SIZE:  # a header field rewritten: flags, lengths, version
+        elif op == "field" and len(blob) >= HEADER_SIZE:
             field = val % 4
             if field == 0:
                 blob[5] = pos & 0xFF  # flags, FLAG_GROWING and unknown bits included
@@ -82,6 +78,17 @@ def test_native_decode_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, 
                 blob[4] = pos % 4  # version
         if fix_sum and len(blob) >= HEADER_SIZE:
             with_header_sum(blob)
+    return blob
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=raws, lz4=st.booleans(), chunk=st.integers(0, 1 << 40), idx=st.integers(0, 1 << 20),
+       mutate=mutations, fix_sum=st.booleans(), other_block=st.booleans())
+def test_native_decode_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, idx: int, mutate, fix_sum: bool,
+                                             other_block: bool) -> None:
+    codec = BlockCodec("lz4" if lz4 else "none", VOLUME)
+    blob = bytearray(codec.encode(raw, chunk, idx))
+    blob = mutated(blob, mutate, fix_sum)
     at = (chunk + 1, idx) if other_block else (chunk, idx)
     assert native_outcome(bytes(blob), *at) == python_outcome(bytes(blob), *at, codec)
 
@@ -112,27 +119,7 @@ def test_check_mapped_agrees_with_the_codec(raw: bytes, lz4: bool, chunk: int, i
     another block's bytes and a length other than the record's are all refused with a message."""
     codec = BlockCodec("lz4" if lz4 else "none", VOLUME)
     blob = bytearray(codec.encode(raw, chunk, idx))
-    for op, pos, val in mutate:
-        if op == "flip" and blob:
-            blob[pos % len(blob)] ^= 1 << (val % 8)
-        elif op == "set" and blob:
-            blob[pos % len(blob)] = val
-        elif op == "truncate":
-            del blob[pos % (len(blob) + 1):]
-        elif op == "extend":
-            blob += bytes([val]) * (pos % 64)
-        elif op == "field" and len(blob) >= HEADER_SIZE:
-            field = val % 4
-            if field == 0:
-                blob[5] = pos & 0xFF
-            elif field == 1:
-                blob[8:12] = struct.pack("<I", pos * 997 % (1 << 32))
-            elif field == 2:
-                blob[12:16] = struct.pack("<I", pos % (len(blob) + 8))
-            else:
-                blob[4] = pos % 4
-        if fix_sum and len(blob) >= HEADER_SIZE:
-            with_header_sum(blob)
+    blob = mutated(blob, mutate, fix_sum)
     at = (chunk + 1, idx) if other_block else (chunk, idx)
     length = len(raw) + (1 if wrong_length else 0)
     assert mapped_outcome(bytes(blob), *at, length) == map_local_outcome(bytes(blob), *at, length, codec)
