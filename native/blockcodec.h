@@ -179,17 +179,22 @@ static inline int lz4_block(const header_t *hd, const uint8_t *payload, size_t l
     return 0;
 }
 
+/* Verify a block's raw (decoded) bytes against its header's seeded xxh3; 0 or -1 with msg. */
+static inline int verify_raw(const header_t *hd, const uint8_t *raw, size_t len, uint64_t seed, char *msg) {
+    if (bulk_xxh3_seeded(raw, len, hd->version == UNSEEDED ? 0 : seed) != hd->digest) {
+        snprintf(msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
+        return -1;
+    }
+    return 0;
+}
+
 /* Decode `payload` (len bytes) into out (out_len bytes, already sized by output_length) and
  * verify the checksum; 0 or -1 with msg. Uncompressed payloads must already be in out. */
 static inline int finish_block(const header_t *hd, const uint8_t *payload, size_t len, uint8_t *out, size_t out_len,
                         uint64_t seed, char *msg) {
     if (lz4_block(hd, payload, len, out, out_len, msg))
         return -1;
-    if (bulk_xxh3_seeded(out, out_len, hd->version == UNSEEDED ? 0 : seed) != hd->digest) {
-        snprintf(msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
-        return -1;
-    }
-    return 0;
+    return verify_raw(hd, out, out_len, seed, msg);
 }
 
 /* pread `len` bytes at `off` (fewer at the end of the file: *got says); 0, or -1 with errno. */

@@ -1326,20 +1326,19 @@ static void check_one(mapped_t *m, const char *volume) {
     if (have > 0) /* (advice: one call instead of a fault per page; an older kernel's EINVAL is harmless) */
         madvise((void *)lo, have + ((uintptr_t)data - lo), MADV_POPULATE_READ);
     header_t hd;
+    size_t raw_len = 0;
     if (parse_header(data, have, &hd, m->msg) || payload_length(&hd, have - HEADER_SIZE, &len, m->msg)) {
         m->bad = 1;
-        return;
-    }
-    if (hd.flags & FLAG_LZ4) {
+    } else if (hd.flags & FLAG_LZ4) {
         snprintf(m->msg, MSG_LEN, "compressed: not a plain block");
         m->bad = 1;
-    } else if (hd.raw_len != hd.stored_len || hd.raw_len != m->length) {
-        snprintf(m->msg, MSG_LEN, "holds %u bytes (%u stored), metadata says %zu", hd.raw_len, hd.stored_len, m->length);
+    } else if (output_length(&hd, len, &raw_len, m->msg)) {
         m->bad = 1;
-    } else if (bulk_xxh3_seeded(data + HEADER_SIZE, len, hd.version == UNSEEDED ? 0 : block_seed(volume, m->chunk, m->idx)) !=
-               hd.digest) {
-        snprintf(m->msg, MSG_LEN, "checksum mismatch (damaged bytes, or a block of another chunk, index or volume)");
+    } else if (raw_len != m->length) {
+        snprintf(m->msg, MSG_LEN, "holds %zu bytes, metadata says %zu", raw_len, m->length);
         m->bad = 1;
+    } else {
+        m->bad = verify_raw(&hd, data + HEADER_SIZE, len, block_seed(volume, m->chunk, m->idx), m->msg) != 0;
     }
 }
 

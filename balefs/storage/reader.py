@@ -49,6 +49,17 @@ Piece = tuple[BlockRecord, int, int]  # block, start and end within the block's 
 COPY_THREADS = 2  # cut: the caller and one kept helper, which takes files as they come free and is never waited for unless mid-copy (benchmarks/RESULTS.md, issue 15)
 
 
+
+def _mapped(path: str) -> mmap.mmap | None:
+    """A read-only mapping of the whole file at path; None when it does not open or map (an empty
+    file does not map)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+
+
 class BlockReader:
     """Fetches, verifies and caches blocks; assembles byte ranges of files from them."""
 
@@ -253,12 +264,13 @@ class BlockReader:
             return None
         nid, path = local
         started = time.monotonic()
+        blob = _mapped(path)
+        if blob is None:
+            return None
         try:
-            with open(path, "rb", buffering=0) as f:
-                blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             populate(blob)  # its pages mapped in one call, not faulted in one by one
             raw = self._codec.decode(blob, rec.chunk, rec.idx)
-        except (OSError, ValueError, CorruptBlockError):  # ValueError: an empty file does not map
+        except (OSError, ValueError, CorruptBlockError):
             return None
         if not isinstance(raw, memoryview) or len(raw) != rec.length:
             return None
@@ -280,13 +292,9 @@ class BlockReader:
         maps: list[tuple[tuple[int, int], BlockRecord, int, mmap.mmap]] = []
         for key, rec in recs.items():
             local = self._local_copy(rec) if key not in inflight and not shared.contains(key) else None
-            if local is None:
-                continue
-            try:
-                with open(local[1], "rb", buffering=0) as f:
-                    maps.append((key, rec, local[0], mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)))
-            except (OSError, ValueError):  # ValueError: an empty file does not map
-                continue
+            blob = _mapped(local[1]) if local is not None else None
+            if blob is not None:
+                maps.append((key, rec, local[0], blob))
         if not maps:
             return {}
         started = time.monotonic()
